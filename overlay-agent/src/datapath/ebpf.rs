@@ -1,0 +1,1 @@
+//! The eBPF datapath: TC egress encapsulation, XDP/TC ingress decapsulation.

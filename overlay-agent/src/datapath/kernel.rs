@@ -1,0 +1,1 @@
+//! The kernel-vxlan datapath: `flannel.<VNI>` programmed exactly as flanneld does.

@@ -1,0 +1,110 @@
+//! One interface, two datapaths.
+//!
+//! Both implementations create `flannel.<VNI>` exactly as flannel does so that
+//! routing selects it; they differ in who moves the packets: the kernel's vxlan
+//! driver ([`kernel::KernelDatapath`]) or our TC/XDP programs
+//! ([`ebpf::EbpfDatapath`]). The reconciler (and the tests) drive either through
+//! [`Datapath`] with the same calls.
+
+use std::net::Ipv4Addr;
+
+use ipnet::Ipv4Net;
+
+use crate::mac::MacAddr;
+
+pub mod ebpf;
+pub mod kernel;
+
+/// What a node needs to bring its side of the overlay up.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeSpec {
+    /// VXLAN network identifier (`Backend.VNI`).
+    pub vni: u32,
+    /// UDP destination port (`Backend.Port`, 8472 when 0).
+    pub port: u16,
+    /// The address peers send to (flannel's `PublicIP`).
+    pub public_ip: Ipv4Addr,
+    /// The underlay interface that holds `public_ip`.
+    pub underlay: String,
+    /// This node's lease, e.g. 10.5.52.0/24.
+    pub subnet: Ipv4Net,
+    /// `Backend.MTU` when set; otherwise the underlay's MTU. The device gets this minus 50.
+    pub mtu: Option<u32>,
+    /// Use this VTEP MAC instead of the stable derived one (e.g. the MAC in an existing lease).
+    pub vtep_mac: Option<MacAddr>,
+}
+
+/// What `setup` created, for the lease and for subnet.env.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeState {
+    /// `flannel.<VNI>`.
+    pub device: String,
+    pub ifindex: u32,
+    /// The device's MAC, published as `VtepMAC`.
+    pub vtep_mac: MacAddr,
+    /// The device's MTU (FLANNEL_MTU).
+    pub mtu: u32,
+}
+
+/// Another node's lease as the datapath needs it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Peer {
+    pub subnet: Ipv4Net,
+    pub public_ip: Ipv4Addr,
+    pub vtep_mac: MacAddr,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Ebpf,
+    Kernel,
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Mode::Ebpf => "ebpf",
+            Mode::Kernel => "kernel",
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("netlink: {what}: {source}")]
+    Netlink {
+        what: String,
+        #[source]
+        source: rtnetlink::Error,
+    },
+    #[error("interface {0} not found")]
+    NoSuchInterface(String),
+    #[error("eBPF: {what}: {source}")]
+    Ebpf {
+        what: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("{0}")]
+    Other(String),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// The calls both datapaths answer. The reconciler drives them with the same
+/// sequence: `setup`, then `add_peer`/`remove_peer` as leases come and go, and
+/// `teardown` only when the operator asks for everything to be removed.
+#[allow(async_fn_in_trait)]
+pub trait Datapath {
+    fn mode(&self) -> Mode;
+    /// Create (or adopt) `flannel.<VNI>` and whatever the datapath needs.
+    async fn setup(&mut self, node: &NodeSpec) -> Result<NodeState, DatapathError>;
+    /// Program the route to a peer's subnet. Idempotent; replaces a changed peer.
+    async fn add_peer(&mut self, peer: &Peer) -> Result<(), DatapathError>;
+    /// Forget a peer. Idempotent.
+    async fn remove_peer(&mut self, peer: &Peer) -> Result<(), DatapathError>;
+    /// The peers currently programmed (read back from the kernel or the maps).
+    async fn peers(&mut self) -> Result<Vec<Peer>, DatapathError>;
+    /// Remove everything `setup` and `add_peer` created.
+    async fn teardown(&mut self) -> Result<(), DatapathError>;
+}

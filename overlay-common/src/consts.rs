@@ -1,0 +1,37 @@
+//! Wire and configuration constants.
+
+/// IANA's VXLAN port is 4789, but the Linux kernel (and so flannel) defaults to 8472.
+pub const DEFAULT_VXLAN_PORT: u16 = 8472;
+/// flannel's default VNI.
+pub const DEFAULT_VNI: u32 = 1;
+/// Outer Ethernet (14) is reused; what is added in front of the inner frame:
+/// outer IPv4 (20) + UDP (8) + VXLAN (8) + inner Ethernet (14).
+pub const VXLAN_ENCAP_LEN: u32 = 20 + 8 + 8 + 14;
+/// What flannel subtracts from the underlay MTU for the `flannel.<VNI>` device.
+pub const VXLAN_MTU_OVERHEAD: u32 = 50;
+
+pub const ETH_HDR_LEN: usize = 14;
+pub const IPV4_HDR_LEN: usize = 20;
+pub const UDP_HDR_LEN: usize = 8;
+pub const VXLAN_HDR_LEN: usize = 8;
+
+pub const ETH_P_IP: u16 = 0x0800;
+pub const IPPROTO_UDP: u8 = 17;
+/// VXLAN flags byte with only the I (valid VNI) bit set.
+pub const VXLAN_FLAG_I: u8 = 0x08;
+
+/// Map names as the eBPF object defines them; userspace opens them by these names
+/// and they are the file names under the pin directory.
+pub const MAP_REMOTE_SUBNETS: &str = "REMOTE_SUBNETS";
+pub const MAP_KNOWN_VTEPS: &str = "KNOWN_VTEPS";
+pub const MAP_NODE_CONFIG: &str = "NODE_CONFIG";
+pub const MAP_COUNTERS: &str = "COUNTERS";
+
+/// Program names as the eBPF object defines them.
+pub const PROG_EGRESS: &str = "vxlan_egress";
+pub const PROG_INGRESS_XDP: &str = "vxlan_ingress_xdp";
+pub const PROG_INGRESS_TC: &str = "vxlan_ingress_tc";
+
+/// Capacity of the remote-subnet and known-VTEP maps (flannel clusters of a few
+/// thousand nodes fit comfortably).
+pub const MAX_PEERS: u32 = 16384;

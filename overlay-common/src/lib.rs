@@ -1,0 +1,12 @@
+//! Types and packet logic shared by the eBPF programs (`overlay-ebpf`) and the
+//! agent (`overlay-agent`).
+//!
+//! Everything here is `no_std` and free of eBPF helpers so that the header
+//! building, parsing, checksum and flow-hash logic can be unit-tested on the
+//! host. The eBPF programs copy a fixed-size header window out of the packet,
+//! call into this crate, and apply the resulting decision.
+#![no_std]
+
+pub mod consts;
+pub mod counters;
+pub mod maps;

@@ -1,0 +1,69 @@
+//! Map keys and values. All `#[repr(C)]` with explicit padding so the kernel,
+//! the agent and `bpftool` (through BTF) agree on every byte.
+//!
+//! IPv4 addresses are stored as `[u8; 4]` in network order (as on the wire), so
+//! no side byte-swaps and `bpftool` prints them as four octets.
+
+/// Value of the remote-subnet LPM trie (key: IPv4 prefix in network order):
+/// where to send packets for that subnet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RemoteVtep {
+    /// The peer's `flannel.<VNI>` MAC (its lease's `VtepMAC`): the inner destination MAC.
+    pub vtep_mac: [u8; 6],
+    pub _pad: [u8; 2],
+    /// The peer's `PublicIP`: the outer destination address.
+    pub public_ip: [u8; 4],
+}
+
+/// Value of the known-VTEP hash (key: a peer's public IPv4, network order).
+/// Presence is what matters for ingress filtering.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KnownVtep {
+    /// The peer's VTEP MAC (the inner source MAC it sends with).
+    pub vtep_mac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+
+/// The single entry of the node-settings array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NodeConfig {
+    /// VXLAN network identifier (24 bits used).
+    pub vni: u32,
+    /// This node's public IPv4 (network order): outer source, ingress destination.
+    pub local_ip: [u8; 4],
+    /// ifindex of the underlay NIC (where encapsulated packets leave and arrive).
+    pub underlay_ifindex: u32,
+    /// ifindex of `flannel.<VNI>` (where decapsulated packets are delivered).
+    pub vxlan_ifindex: u32,
+    /// MTU of the underlay NIC, for the too-big check on egress.
+    pub underlay_mtu: u32,
+    /// This node's VTEP MAC (`flannel.<VNI>`'s address): the inner source MAC.
+    pub vtep_mac: [u8; 6],
+    /// UDP destination port, host order.
+    pub port: u16,
+    /// Non-zero once the agent has filled this entry in.
+    pub configured: u32,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    unsafe impl aya::Pod for super::RemoteVtep {}
+    unsafe impl aya::Pod for super::KnownVtep {}
+    unsafe impl aya::Pod for super::NodeConfig {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn layouts_have_no_hidden_padding() {
+        assert_eq!(size_of::<RemoteVtep>(), 12);
+        assert_eq!(size_of::<KnownVtep>(), 8);
+        assert_eq!(size_of::<NodeConfig>(), 32);
+    }
+}

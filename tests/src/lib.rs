@@ -1,0 +1,1 @@
+//! The lab harness shared by the end-to-end tests.
