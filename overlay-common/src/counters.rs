@@ -33,8 +33,8 @@ pub enum Reason {
     DropMalformed = 10,
     /// Ingress: the inner frame is not addressed to our VTEP MAC.
     DropWrongInnerMac = 11,
-    /// Ingress: the inner frame is not IPv4.
-    DropInnerNotIpv4 = 12,
+    /// Ingress: the inner frame is not IPv4 (e.g. ARP); the kernel's vxlan device gets it as under flannel.
+    PassInnerNotIpv4 = 12,
     /// The node settings map is not filled in yet.
     DropNotConfigured = 13,
     /// A helper that resizes or rewrites the packet failed.
@@ -60,7 +60,7 @@ impl Reason {
         Reason::DropWrongVni,
         Reason::DropMalformed,
         Reason::DropWrongInnerMac,
-        Reason::DropInnerNotIpv4,
+        Reason::PassInnerNotIpv4,
         Reason::DropNotConfigured,
         Reason::DropAdjustFailed,
         Reason::DropRedirectFailed,
@@ -81,7 +81,7 @@ impl Reason {
             Reason::DropWrongVni => "drop_wrong_vni",
             Reason::DropMalformed => "drop_malformed",
             Reason::DropWrongInnerMac => "drop_wrong_inner_mac",
-            Reason::DropInnerNotIpv4 => "drop_inner_not_ipv4",
+            Reason::PassInnerNotIpv4 => "pass_inner_not_ipv4",
             Reason::DropNotConfigured => "drop_not_configured",
             Reason::DropAdjustFailed => "drop_adjust_failed",
             Reason::DropRedirectFailed => "drop_redirect_failed",
