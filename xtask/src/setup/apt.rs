@@ -1,0 +1,113 @@
+//! Debian packages: which are missing (one `dpkg-query` for all), and
+//! installing them non-interactively.
+
+use std::process::Command;
+
+use anyhow::Result;
+
+use crate::run;
+
+/// What the build, the tests, the lab and the benchmark run, and why.
+pub const PACKAGES: &[(&str, &str)] = &[
+    (
+        "llvm-22-dev",
+        "libLLVM 22 for bpf-linker (must match the pinned nightly's LLVM)",
+    ),
+    ("etcd-server", "etcd, the control plane's store"),
+    ("etcd-client", "etcdctl"),
+    ("bpftool", "inspecting programs and maps"),
+    (
+        "iproute2",
+        "ip, bridge, tc: the lab and the flannel-like kernel peer",
+    ),
+    ("iputils-ping", "ping across the overlay"),
+    ("iperf3", "TCP/UDP transfers and the benchmark"),
+    ("sockperf", "request/response latency in the benchmark"),
+    ("tcpdump", "underlay captures"),
+    ("tshark", "decoding captures as VXLAN"),
+    ("ethtool", "offload settings and NIC statistics"),
+    ("iptables", "the -i flannel.<VNI> rule test"),
+    ("procps", "sysctl"),
+];
+
+/// Packages from `wanted` that are not fully installed.
+pub fn missing(wanted: &[&str]) -> Result<Vec<String>> {
+    // dpkg-query exits 1 when any name is unknown and still prints the known ones,
+    // so the exit status is not the answer; the printed states are.
+    let mut cmd = Command::new("dpkg-query");
+    cmd.arg("-W")
+        .arg("-f=${Package}\t${db:Status-Abbrev}\n")
+        .args(wanted);
+    let out = cmd
+        .output()
+        .map_err(|e| anyhow::anyhow!("cannot run dpkg-query (is this Debian?): {e}"))?;
+    Ok(missing_from_query(
+        wanted,
+        &String::from_utf8_lossy(&out.stdout),
+    ))
+}
+
+/// Parses `dpkg-query -W -f='${Package}\t${db:Status-Abbrev}\n'` output: a
+/// package counts as present only in state `ii` (desired install, installed).
+pub fn missing_from_query(wanted: &[&str], query_output: &str) -> Vec<String> {
+    let installed: Vec<&str> = query_output
+        .lines()
+        .filter_map(|l| {
+            let (name, status) = l.split_once('\t')?;
+            // Multi-arch packages print `name:arch`.
+            let name = name.split(':').next().unwrap_or(name);
+            status.trim_end().starts_with("ii").then_some(name)
+        })
+        .collect();
+    wanted
+        .iter()
+        .filter(|w| !installed.contains(w))
+        .map(|w| (*w).to_owned())
+        .collect()
+}
+
+pub fn install(packages: &[String]) -> Result<()> {
+    let apt = |args: &[&str]| {
+        let mut cmd = Command::new("apt-get");
+        cmd.env("DEBIAN_FRONTEND", "noninteractive")
+            // Another apt run (unattended upgrades, a colleague) holds the lock for a while.
+            .args(["-o", "DPkg::Lock::Timeout=600"])
+            .args(args);
+        cmd
+    };
+    run::status(&mut apt(&["update", "-q"]))?;
+    let mut install = apt(&["install", "-y", "-q"]);
+    install.args(packages);
+    run::status(&mut install)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_ii_counts_as_installed() {
+        let out = "iperf3\tii \nbpftool\trc \ntshark\tiU \nlibc6:amd64\tii \n";
+        let wanted = ["iperf3", "bpftool", "tshark", "libc6", "sockperf"];
+        assert_eq!(
+            missing_from_query(&wanted, out),
+            ["bpftool", "tshark", "sockperf"]
+        );
+    }
+
+    #[test]
+    fn real_dpkg_query_reports_a_fake_package_missing() {
+        // dpkg itself is always installed on Debian; the other name cannot exist.
+        let got = missing(&["dpkg", "no-such-package-xtask-probe"]).unwrap();
+        assert_eq!(got, ["no-such-package-xtask-probe"]);
+    }
+
+    #[test]
+    fn package_list_has_no_duplicates() {
+        let mut names: Vec<_> = PACKAGES.iter().map(|(n, _)| *n).collect();
+        names.sort_unstable();
+        let before = names.len();
+        names.dedup();
+        assert_eq!(before, names.len());
+    }
+}

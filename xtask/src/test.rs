@@ -1,0 +1,223 @@
+//! `cargo xtask test`: formatting, lints (host crates, and the eBPF crate for
+//! its real target), then every test including the root-only end-to-end ones.
+//!
+//! All steps run even when an earlier one fails, so one CI log shows every
+//! problem; the command fails if any step failed or if no test ran.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+
+use anyhow::{Context, Result, bail};
+
+use crate::run;
+use crate::setup::NIGHTLY;
+
+/// The crate that only builds for BPF; the host steps leave it out and a
+/// separate clippy run checks it with the pinned nightly.
+const EBPF_CRATE: &str = "overlay-ebpf";
+
+pub fn run(filters: &[String]) -> Result<()> {
+    let mut failed = Vec::new();
+    let mut step = |name: &str, result: Result<()>| {
+        if let Err(e) = result {
+            eprintln!("xtask test: step `{name}` failed: {e:#}");
+            failed.push(name.to_owned());
+        }
+    };
+
+    step(
+        "fmt",
+        run::status(run::cargo().args(["fmt", "--all", "--check"])),
+    );
+    step(
+        "clippy (host)",
+        run::status(run::cargo().args([
+            "clippy",
+            "--workspace",
+            "--exclude",
+            EBPF_CRATE,
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ])),
+    );
+    step("clippy (bpf)", run::status(&mut clippy_bpf()));
+    let totals = cargo_test(filters);
+    let totals = match totals {
+        Ok(t) => t,
+        Err(e) => {
+            step("cargo test", Err(e));
+            Totals::default()
+        }
+    };
+
+    eprintln!();
+    if failed.is_empty() {
+        eprintln!("xtask test: fmt, clippy (host, bpf) and tests all passed");
+    } else {
+        eprintln!("xtask test: failed steps: {}", failed.join(", "));
+    }
+    // The plain closing line CI reads: the sum over every test binary.
+    println!(
+        "total: {} passed, {} failed, {} skipped",
+        totals.passed, totals.failed, totals.ignored
+    );
+    if !failed.is_empty() {
+        bail!("{} step(s) failed: {}", failed.len(), failed.join(", "));
+    }
+    if totals.passed == 0 {
+        bail!("no test ran");
+    }
+    Ok(())
+}
+
+/// Lints the eBPF crate as it is really compiled: for bpfel with core built
+/// from source by the pinned nightly (what aya-build does, minus linking).
+fn clippy_bpf() -> Command {
+    let mut cmd = run::rustup_run(NIGHTLY, "cargo");
+    cmd.args([
+        "clippy",
+        "--package",
+        EBPF_CRATE,
+        "--target",
+        "bpfel-unknown-none",
+        "-Z",
+        "build-std=core",
+        "--",
+        "-D",
+        "warnings",
+    ]);
+    cmd
+}
+
+/// Runs `cargo test` over the workspace with the ignored (root-only) tests
+/// included, one test at a time because the end-to-end tests share kernel
+/// state (namespaces, bpffs, XDP on shared devices). Output is passed through
+/// unchanged; the `test result:` lines are summed.
+fn cargo_test(filters: &[String]) -> Result<Totals> {
+    let mut cmd = run::cargo();
+    cmd.args([
+        "test",
+        "--workspace",
+        "--exclude",
+        EBPF_CRATE,
+        "--no-fail-fast",
+        "--",
+        "--include-ignored",
+        "--test-threads=1",
+    ])
+    .args(filters);
+    if std::env::var_os("RUST_BACKTRACE").is_none() {
+        cmd.env("RUST_BACKTRACE", "1");
+    }
+    let line = run::display(&cmd);
+    eprintln!("$ {line}");
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot start `{line}`"))?;
+    let mut totals = Totals::default();
+    let stdout = child.stdout.take().expect("piped");
+    for l in BufReader::new(stdout).lines() {
+        let l = l?;
+        println!("{l}");
+        if let Some(t) = Totals::parse(&l) {
+            totals.add(t);
+        }
+    }
+    let st = child.wait()?;
+    if !st.success() {
+        bail!("`{line}` failed ({st}); {} test(s) failed", totals.failed);
+    }
+    Ok(totals)
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Totals {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+}
+
+impl Totals {
+    /// Parses libtest's `test result: ok. 3 passed; 0 failed; 1 ignored; ...`.
+    fn parse(line: &str) -> Option<Self> {
+        let rest = line.trim().strip_prefix("test result: ")?;
+        let (_verdict, counts) = rest.split_once(". ")?;
+        let mut t = Self::default();
+        for part in counts.split(';') {
+            let mut words = part.split_whitespace();
+            let (Some(n), Some(what)) = (words.next(), words.next()) else {
+                continue;
+            };
+            let Ok(n) = n.parse::<u64>() else { continue };
+            match what {
+                "passed" => t.passed = n,
+                "failed" => t.failed = n,
+                "ignored" => t.ignored = n,
+                _ => {}
+            }
+        }
+        Some(t)
+    }
+
+    fn add(&mut self, o: Self) {
+        self.passed += o.passed;
+        self.failed += o.failed;
+        self.ignored += o.ignored;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_libtest_summaries() {
+        let ok = "test result: ok. 12 passed; 0 failed; 3 ignored; 0 measured; 0 filtered out; finished in 0.01s";
+        assert_eq!(
+            Totals::parse(ok),
+            Some(Totals {
+                passed: 12,
+                failed: 0,
+                ignored: 3
+            })
+        );
+        let bad = "test result: FAILED. 4 passed; 2 failed; 0 ignored; 0 measured; 1 filtered out; finished in 9.90s";
+        assert_eq!(
+            Totals::parse(bad),
+            Some(Totals {
+                passed: 4,
+                failed: 2,
+                ignored: 0
+            })
+        );
+        assert_eq!(Totals::parse("test foo ... ok"), None);
+        assert_eq!(Totals::parse("running 3 tests"), None);
+    }
+
+    #[test]
+    fn sums_over_binaries() {
+        let mut t = Totals::default();
+        t.add(Totals {
+            passed: 1,
+            failed: 2,
+            ignored: 3,
+        });
+        t.add(Totals {
+            passed: 10,
+            failed: 0,
+            ignored: 1,
+        });
+        assert_eq!(
+            t,
+            Totals {
+                passed: 11,
+                failed: 2,
+                ignored: 4
+            }
+        );
+    }
+}
