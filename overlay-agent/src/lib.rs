@@ -1,5 +1,10 @@
 //! The overlay agent as a library: the datapaths behind one interface, and
 //! (later) the control plane that drives them from etcd.
 
+pub mod alloc;
+pub mod config;
 pub mod datapath;
+pub mod gojson;
+pub mod lease;
 pub mod mac;
+pub mod subnet_env;

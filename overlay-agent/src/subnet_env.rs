@@ -1,0 +1,243 @@
+//! `/run/flannel/subnet.env`: what docker (`--bip=${FLANNEL_SUBNET}
+//! --mtu=${FLANNEL_MTU}`) and flannel's CNI plugin read, written exactly as
+//! flanneld writes it, and read back on start to remember our subnet.
+
+use std::{
+    collections::HashMap,
+    fs,
+    io::{self, Write},
+    os::unix::fs::{OpenOptionsExt, PermissionsExt},
+    path::{Path, PathBuf},
+};
+
+use ipnet::Ipv4Net;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SubnetEnv {
+    /// FLANNEL_NETWORK.
+    pub network: Ipv4Net,
+    /// Our lease; written as its first host address (10.0.13.0/24 -> 10.0.13.1/24).
+    pub subnet: Ipv4Net,
+    /// FLANNEL_MTU: the `flannel.<VNI>` device's MTU.
+    pub mtu: u32,
+    /// FLANNEL_IPMASQ.
+    pub ip_masq: bool,
+}
+
+impl SubnetEnv {
+    /// The file's contents, byte for byte as flanneld writes them (IPv4 only).
+    pub fn render(&self) -> String {
+        let first = Ipv4Net::new(
+            u32::from(self.subnet.network()).wrapping_add(1).into(),
+            self.subnet.prefix_len(),
+        )
+        .expect("same prefix length");
+        format!(
+            "FLANNEL_NETWORK={}\nFLANNEL_SUBNET={first}\nFLANNEL_MTU={}\nFLANNEL_IPMASQ={}\n",
+            self.network, self.mtu, self.ip_masq
+        )
+    }
+
+    /// Write atomically: a reader sees the old file or the new one, never a
+    /// torn one (temp file in the same directory, fsync, rename, fsync dir).
+    pub fn write(&self, path: &Path) -> io::Result<()> {
+        write_atomic(path, self.render().as_bytes(), 0o644)
+    }
+}
+
+pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    fs::create_dir_all(&dir)?;
+    let name = path
+        .file_name()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp.{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let result = (|| {
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&tmp)?;
+        // The umask must not narrow what consumers may read.
+        f.set_permissions(fs::Permissions::from_mode(mode))?;
+        f.write_all(data)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)?;
+        fs::File::open(&dir)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// The variables of an env file, read as flanneld's `godotenv` does for the
+/// cases that occur in practice: `KEY=value`, optional `export `, optional
+/// quotes, `#` comments, blank lines.
+pub fn parse_env(text: &str) -> HashMap<String, String> {
+    let mut out = HashMap::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let line = line.strip_prefix("export ").unwrap_or(line);
+        let Some((k, v)) = line.split_once('=') else {
+            continue;
+        };
+        let v = v.trim();
+        let v = if v.len() >= 2
+            && ((v.starts_with('"') && v.ends_with('"'))
+                || (v.starts_with('\'') && v.ends_with('\'')))
+        {
+            &v[1..v.len() - 1]
+        } else {
+            // An unquoted value ends at an inline comment.
+            v.split(" #").next().unwrap_or(v).trim()
+        };
+        out.insert(k.trim().to_owned(), v.to_owned());
+    }
+    out
+}
+
+/// The subnet remembered in a previous subnet.env (FLANNEL_SUBNET with host
+/// bits cleared), or `None` if the file is missing or holds no single valid
+/// IPv4 CIDR there, as in flanneld (which logs and carries on).
+pub fn read_previous_subnet(path: &Path) -> Option<Ipv4Net> {
+    let text = match fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return None,
+        Err(e) => {
+            log::warn!("cannot read previous subnet from {}: {e}", path.display());
+            return None;
+        }
+    };
+    let vars = parse_env(&text);
+    let value = vars.get("FLANNEL_SUBNET")?;
+    if value.contains(',') {
+        log::warn!(
+            "{}: FLANNEL_SUBNET={value} has more than one entry; ignoring it",
+            path.display()
+        );
+        return None;
+    }
+    match value.parse::<Ipv4Net>() {
+        Ok(n) => Some(n.trunc()),
+        Err(_) => {
+            log::warn!(
+                "{}: FLANNEL_SUBNET={value} is not an IPv4 CIDR; ignoring it",
+                path.display()
+            );
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmpdir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!(
+            "overlay-agent-subnet-env-{tag}-{}",
+            std::process::id()
+        ));
+        let _ = fs::remove_dir_all(&d);
+        d
+    }
+
+    #[test]
+    fn renders_like_seed_004() {
+        let env = SubnetEnv {
+            network: "10.0.0.0/16".parse().unwrap(),
+            subnet: "10.0.13.0/24".parse().unwrap(),
+            mtu: 1450,
+            ip_masq: true,
+        };
+        assert_eq!(
+            env.render(),
+            "FLANNEL_NETWORK=10.0.0.0/16\nFLANNEL_SUBNET=10.0.13.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n"
+        );
+        let env = SubnetEnv {
+            network: "10.0.0.0/8".parse().unwrap(),
+            subnet: "10.15.64.0/20".parse().unwrap(),
+            mtu: 1450,
+            ip_masq: false,
+        };
+        assert!(env.render().contains("FLANNEL_SUBNET=10.15.64.1/20\n"));
+        assert!(env.render().ends_with("FLANNEL_IPMASQ=false\n"));
+    }
+
+    #[test]
+    fn write_is_atomic_and_reads_back() {
+        let dir = tmpdir("rw");
+        let path = dir.join("run/flannel/subnet.env");
+        assert_eq!(read_previous_subnet(&path), None);
+        let env = SubnetEnv {
+            network: "10.0.0.0/16".parse().unwrap(),
+            subnet: "10.0.14.0/24".parse().unwrap(),
+            mtu: 1450,
+            ip_masq: true,
+        };
+        env.write(&path).unwrap();
+        assert_eq!(fs::read_to_string(&path).unwrap(), env.render());
+        assert_eq!(
+            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o644
+        );
+        assert_eq!(
+            read_previous_subnet(&path),
+            Some("10.0.14.0/24".parse().unwrap())
+        );
+        // Overwrite leaves no temp file behind.
+        SubnetEnv {
+            subnet: "10.0.15.0/24".parse().unwrap(),
+            ..env
+        }
+        .write(&path)
+        .unwrap();
+        let names: Vec<_> = fs::read_dir(path.parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("subnet.env")]);
+        assert_eq!(
+            read_previous_subnet(&path),
+            Some("10.0.15.0/24".parse().unwrap())
+        );
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn reads_what_flanneld_and_people_write() {
+        let dir = tmpdir("read");
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("subnet.env");
+        for (text, want) in [
+            ("FLANNEL_SUBNET=10.0.13.1/24\n", Some("10.0.13.0/24")),
+            (
+                "# c\nexport FLANNEL_SUBNET=\"10.15.64.1/20\"\n",
+                Some("10.15.64.0/20"),
+            ),
+            ("FLANNEL_SUBNET=10.0.13.1/24,10.0.14.1/24\n", None),
+            ("FLANNEL_SUBNET=garbage\n", None),
+            ("FLANNEL_NETWORK=10.0.0.0/16\n", None),
+        ] {
+            fs::write(&path, text).unwrap();
+            assert_eq!(
+                read_previous_subnet(&path),
+                want.map(|w| w.parse().unwrap()),
+                "{text}"
+            );
+        }
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}
