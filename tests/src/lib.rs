@@ -1,1 +1,24 @@
-//! The lab harness shared by the end-to-end tests.
+//! The lab harness shared by the end-to-end tests (and the `lab`/`bench` binaries).
+//!
+//! - [`lab`]: hosts, containers and the underlay switch as network namespaces,
+//!   removed on drop;
+//! - [`netns`]: run Rust code (sync or on a tokio runtime) inside a namespace;
+//! - [`cmd`]: run tools inside a namespace, background processes killed on drop;
+//! - [`reference`]: a host programmed exactly as flanneld does, with iproute2;
+//! - [`node`]: one of our datapaths driven as a library on a thread in a host;
+//! - [`overlay`]: members (eBPF, kernel fallback, reference) and the full mesh;
+//! - [`scenario`]: the ping/TCP/UDP workload every pair must carry;
+//! - [`traffic`]: ping, TCP with SHA-256 on both ends, paced UDP bursts;
+//! - [`capture`]: tcpdump on the underlay and tshark's view of the VXLAN;
+//! - [`stats`]: device statistics and attached BPF programs.
+
+pub mod capture;
+pub mod cmd;
+pub mod lab;
+pub mod netns;
+pub mod node;
+pub mod overlay;
+pub mod reference;
+pub mod scenario;
+pub mod stats;
+pub mod traffic;

@@ -1,0 +1,401 @@
+//! The lab: hosts as network namespaces on a shared underlay, each with a
+//! docker-style bridge and one container, wired as in the seed documents.
+//!
+//! ```text
+//!  [c1] eth0 10.5.1.2/24            [c2] eth0 10.5.2.2/24
+//!        |  veth, MTU 1450                 |
+//!  [h1] vethc -- cni0 10.5.1.1/24    [h2] vethc -- cni0 10.5.2.1/24
+//!       eth0 192.168.64.1/24              eth0 192.168.64.2/24
+//!        |                                 |
+//!  [sw]  h1 --------- br0 ---------------- h2 ---- x (optional outsider,
+//!                                                     eth0 192.168.64.100/24)
+//! ```
+//!
+//! Every namespace is named `ov<short>-<pid>-<role>` so concurrent labs (other
+//! tests, other people) never collide, and everything is removed when the
+//! [`Lab`] is dropped, also while a failing test unwinds.
+
+use std::net::Ipv4Addr;
+
+use anyhow::{Context, Result, bail, ensure};
+use ipnet::Ipv4Net;
+
+use crate::{cmd, netns};
+
+/// The underlay interface name inside every host (and the outsider).
+pub const UNDERLAY_DEV: &str = "eth0";
+/// The docker-style bridge on every host.
+pub const BRIDGE_DEV: &str = "cni0";
+/// The host end of the container's veth.
+pub const CONTAINER_VETH: &str = "vethc";
+/// The underlay bridge inside the switch namespace.
+pub const SWITCH_BRIDGE: &str = "br0";
+/// What flannel's subnet.env gives containers: underlay MTU (1500) - 50.
+pub const CONTAINER_MTU: u32 = 1450;
+
+/// What to build.
+#[derive(Clone, Debug)]
+pub struct LabSpec {
+    /// Short name of the test (a few letters); part of every namespace name.
+    pub name: String,
+    /// Number of hosts (1..=99).
+    pub hosts: u8,
+    /// Also build an underlay-only namespace (no overlay, no container).
+    pub outsider: bool,
+}
+
+impl LabSpec {
+    pub fn new(name: &str, hosts: u8) -> LabSpec {
+        LabSpec {
+            name: name.to_owned(),
+            hosts,
+            outsider: false,
+        }
+    }
+
+    pub fn with_outsider(mut self) -> LabSpec {
+        self.outsider = true;
+        self
+    }
+}
+
+/// One host of the lab.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Host {
+    /// 1-based; also the third octet of the subnet and the last of the underlay address.
+    pub index: u8,
+    /// The host's network namespace.
+    pub ns: String,
+    /// The namespace of the host's one container.
+    pub container_ns: String,
+    /// `eth0`, holding `underlay_ip`.
+    pub underlay_dev: String,
+    /// 192.168.64.<index>: the host's public IP.
+    pub underlay_ip: Ipv4Addr,
+    /// Name of the host's port on the switch bridge (inside the switch namespace).
+    pub switch_port: String,
+    /// The host's lease: 10.5.<index>.0/24.
+    pub subnet: Ipv4Net,
+    /// 10.5.<index>.1 on `cni0`.
+    pub gateway: Ipv4Addr,
+    /// 10.5.<index>.2 on the container's `eth0`.
+    pub container_ip: Ipv4Addr,
+}
+
+impl Host {
+    /// The subnet's network address (`10.5.<index>.0`), which flannel puts on
+    /// `flannel.<VNI>` as a /32.
+    pub fn subnet_addr(&self) -> Ipv4Addr {
+        self.subnet.network()
+    }
+}
+
+/// The optional underlay-only namespace (a would-be attacker on the same L2).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Outsider {
+    pub ns: String,
+    pub underlay_dev: String,
+    pub underlay_ip: Ipv4Addr,
+    pub switch_port: String,
+}
+
+/// A built lab. Dropping it deletes every namespace it created (and so every
+/// veth, bridge and vxlan device in them) after killing processes left inside.
+pub struct Lab {
+    prefix: String,
+    switch_ns: String,
+    hosts: Vec<Host>,
+    outsider: Option<Outsider>,
+    /// Namespaces created so far, in creation order (removed in reverse).
+    created: Vec<String>,
+}
+
+/// The namespace prefix for a test name in this process: `ov<short>-<pid>-`.
+pub fn prefix_for(name: &str) -> String {
+    format!("ov{name}-{}-", std::process::id())
+}
+
+/// Namespaces whose name starts with `prefix` (normally none once a lab is gone).
+pub fn namespaces_with_prefix(prefix: &str) -> Result<Vec<String>> {
+    let out = cmd::run(None, &["ip", "netns", "list"])?;
+    Ok(out
+        .lines()
+        // `ip netns list` prints "name (id: N)" for namespaces with an id.
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| n.starts_with(prefix))
+        .map(str::to_owned)
+        .collect())
+}
+
+impl Lab {
+    /// Builds the lab described by `spec`. On error, whatever was created is removed.
+    pub fn build(spec: &LabSpec) -> Result<Lab> {
+        ensure!(
+            (1..=99).contains(&spec.hosts),
+            "a lab has 1..=99 hosts, not {}",
+            spec.hosts
+        );
+        ensure!(
+            !spec.name.is_empty()
+                && spec.name.len() <= 8
+                && spec.name.chars().all(|c| c.is_ascii_alphanumeric()),
+            "lab name {:?} must be 1-8 ASCII letters/digits",
+            spec.name
+        );
+        let prefix = prefix_for(&spec.name);
+        let leftovers = namespaces_with_prefix(&prefix)?;
+        ensure!(
+            leftovers.is_empty(),
+            "namespaces {leftovers:?} already exist: another lab named {:?} is alive in this process",
+            spec.name
+        );
+        let mut lab = Lab {
+            switch_ns: format!("{prefix}sw"),
+            prefix,
+            hosts: Vec::new(),
+            outsider: None,
+            created: Vec::new(),
+        };
+        lab.build_switch()?;
+        for index in 1..=spec.hosts {
+            let host = lab.build_host(index)?;
+            lab.hosts.push(host);
+        }
+        if spec.outsider {
+            let outsider = lab.build_outsider()?;
+            lab.outsider = Some(outsider);
+        }
+        Ok(lab)
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    pub fn switch_ns(&self) -> &str {
+        &self.switch_ns
+    }
+
+    pub fn hosts(&self) -> &[Host] {
+        &self.hosts
+    }
+
+    /// Host by 1-based index.
+    pub fn host(&self, index: u8) -> &Host {
+        self.hosts
+            .iter()
+            .find(|h| h.index == index)
+            .unwrap_or_else(|| panic!("lab has no host {index}"))
+    }
+
+    pub fn outsider(&self) -> Option<&Outsider> {
+        self.outsider.as_ref()
+    }
+
+    /// Every namespace this lab created.
+    pub fn namespaces(&self) -> &[String] {
+        &self.created
+    }
+
+    fn add_netns(&mut self, name: String) -> Result<String> {
+        cmd::run(None, &["ip", "netns", "add", &name])?;
+        self.created.push(name.clone());
+        // No IPv6 anywhere, so no router/neighbour solicitations or MLD reports
+        // show up on the vxlan device and its statistics count only our traffic.
+        netns::sysctl(
+            &name,
+            &[
+                ("net.ipv6.conf.all.disable_ipv6", "1"),
+                ("net.ipv6.conf.default.disable_ipv6", "1"),
+            ],
+        )?;
+        cmd::ip(&name, &["link", "set", "lo", "up"])?;
+        Ok(name)
+    }
+
+    fn build_switch(&mut self) -> Result<()> {
+        let sw = self.add_netns(self.switch_ns.clone())?;
+        cmd::ip(&sw, &["link", "add", SWITCH_BRIDGE, "type", "bridge"])?;
+        cmd::ip(&sw, &["link", "set", SWITCH_BRIDGE, "up"])?;
+        Ok(())
+    }
+
+    /// Creates `eth0` in `ns` with its peer `port` on the switch bridge.
+    fn plug_into_switch(&self, ns: &str, port: &str, addr: Ipv4Addr) -> Result<()> {
+        let sw = self.switch_ns.as_str();
+        cmd::ip(
+            ns,
+            &[
+                "link",
+                "add",
+                UNDERLAY_DEV,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                port,
+                "netns",
+                sw,
+            ],
+        )?;
+        cmd::ip(sw, &["link", "set", port, "master", SWITCH_BRIDGE])?;
+        cmd::ip(sw, &["link", "set", port, "up"])?;
+        cmd::ip(ns, &["addr", "add", &format!("{addr}/24"), "dev", UNDERLAY_DEV])?;
+        cmd::ip(ns, &["link", "set", UNDERLAY_DEV, "up"])?;
+        Ok(())
+    }
+
+    fn build_host(&mut self, index: u8) -> Result<Host> {
+        let host = Host {
+            index,
+            ns: format!("{}h{index}", self.prefix),
+            container_ns: format!("{}c{index}", self.prefix),
+            underlay_dev: UNDERLAY_DEV.to_owned(),
+            underlay_ip: Ipv4Addr::new(192, 168, 64, index),
+            switch_port: format!("h{index}"),
+            subnet: Ipv4Net::new(Ipv4Addr::new(10, 5, index, 0), 24)?,
+            gateway: Ipv4Addr::new(10, 5, index, 1),
+            container_ip: Ipv4Addr::new(10, 5, index, 2),
+        };
+        let h = self.add_netns(host.ns.clone())?;
+        netns::sysctl(
+            &h,
+            &[
+                ("net.ipv4.ip_forward", "1"),
+                ("net.ipv4.conf.all.rp_filter", "1"),
+                ("net.ipv4.conf.default.rp_filter", "1"),
+            ],
+        )?;
+        self.plug_into_switch(&h, &host.switch_port, host.underlay_ip)?;
+
+        cmd::ip(&h, &["link", "add", BRIDGE_DEV, "type", "bridge"])?;
+        cmd::ip(
+            &h,
+            &["addr", "add", &format!("{}/24", host.gateway), "dev", BRIDGE_DEV],
+        )?;
+        cmd::ip(&h, &["link", "set", BRIDGE_DEV, "up"])?;
+
+        let c = self.add_netns(host.container_ns.clone())?;
+        let mtu = CONTAINER_MTU.to_string();
+        cmd::ip(
+            &c,
+            &[
+                "link",
+                "add",
+                "eth0",
+                "mtu",
+                &mtu,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                CONTAINER_VETH,
+                "mtu",
+                &mtu,
+                "netns",
+                &h,
+            ],
+        )?;
+        cmd::ip(&h, &["link", "set", CONTAINER_VETH, "master", BRIDGE_DEV])?;
+        cmd::ip(&h, &["link", "set", CONTAINER_VETH, "up"])?;
+        cmd::ip(
+            &c,
+            &["addr", "add", &format!("{}/24", host.container_ip), "dev", "eth0"],
+        )?;
+        cmd::ip(&c, &["link", "set", "eth0", "up"])?;
+        cmd::ip(
+            &c,
+            &["route", "add", "default", "via", &host.gateway.to_string()],
+        )?;
+
+        // Strict reverse-path filtering on every device, as on a hardened host:
+        // decapsulated packets must be seen arriving on flannel.<VNI> to pass.
+        let per_dev: Vec<String> = [UNDERLAY_DEV, BRIDGE_DEV, CONTAINER_VETH, "lo"]
+            .iter()
+            .map(|d| format!("net/ipv4/conf/{d}/rp_filter"))
+            .collect();
+        let settings: Vec<(&str, &str)> = per_dev.iter().map(|k| (k.as_str(), "1")).collect();
+        netns::sysctl(&h, &settings)?;
+        Ok(host)
+    }
+
+    fn build_outsider(&mut self) -> Result<Outsider> {
+        let outsider = Outsider {
+            ns: format!("{}x", self.prefix),
+            underlay_dev: UNDERLAY_DEV.to_owned(),
+            underlay_ip: Ipv4Addr::new(192, 168, 64, 100),
+            switch_port: "x".to_owned(),
+        };
+        let x = self.add_netns(outsider.ns.clone())?;
+        self.plug_into_switch(&x, &outsider.switch_port, outsider.underlay_ip)?;
+        Ok(outsider)
+    }
+
+    /// Plain routing between the hosts' subnets over the underlay (no overlay):
+    /// the ceiling the benchmark compares against.
+    pub fn route_plain(&self) -> Result<()> {
+        for h in &self.hosts {
+            for other in self.hosts.iter().filter(|o| o.index != h.index) {
+                cmd::ip(
+                    &h.ns,
+                    &[
+                        "route",
+                        "replace",
+                        &other.subnet.to_string(),
+                        "via",
+                        &other.underlay_ip.to_string(),
+                        "dev",
+                        UNDERLAY_DEV,
+                    ],
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes everything now (also done on drop). Returns what could not be removed.
+    pub fn destroy(mut self) -> Result<()> {
+        let failures = self.cleanup();
+        if failures.is_empty() {
+            Ok(())
+        } else {
+            bail!("lab cleanup failed: {}", failures.join("; "))
+        }
+    }
+
+    fn cleanup(&mut self) -> Vec<String> {
+        let mut failures = Vec::new();
+        while let Some(ns) = self.created.pop() {
+            if let Err(e) = kill_processes_in(&ns) {
+                failures.push(format!("{ns}: {e:#}"));
+            }
+            if let Err(e) = cmd::run(None, &["ip", "netns", "del", &ns]) {
+                failures.push(format!("{ns}: {e:#}"));
+            }
+        }
+        failures
+    }
+}
+
+/// Kills processes whose network namespace is `ns` (e.g. a capture or a
+/// traffic tool a panicking test did not stop), never this process itself.
+fn kill_processes_in(ns: &str) -> Result<()> {
+    let out = cmd::run(None, &["ip", "netns", "pids", ns]).context("listing pids")?;
+    let me = std::process::id();
+    for pid in out.split_whitespace().filter_map(|p| p.parse::<u32>().ok()) {
+        if pid == me {
+            continue;
+        }
+        // SAFETY: kill(2) on a pid that lives in a namespace this lab created.
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+    }
+    Ok(())
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for failure in self.cleanup() {
+            eprintln!("lab cleanup: {failure}");
+        }
+    }
+}

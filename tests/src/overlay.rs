@@ -1,0 +1,173 @@
+//! Overlay members: a lab host running one of our datapaths or the iproute2
+//! reference peer, behind one small interface, so a test (or the lab and bench
+//! binaries) can build any mix and connect it as a full mesh.
+
+use std::fmt;
+
+use anyhow::Result;
+use overlay_agent::{
+    datapath::{
+        NodeSpec, Peer,
+        ebpf::{Counters, EbpfOptions, IngressMode},
+    },
+    mac::MacAddr,
+};
+use overlay_common::consts::{DEFAULT_VNI, DEFAULT_VXLAN_PORT};
+
+use crate::{
+    lab::Host,
+    node::{Flavor, Node},
+    reference::ReferencePeer,
+};
+
+/// The overlay's settings (flannel's `Backend.VNI` and `Backend.Port`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Overlay {
+    pub vni: u32,
+    pub port: u16,
+}
+
+impl Default for Overlay {
+    fn default() -> Self {
+        Overlay {
+            vni: DEFAULT_VNI,
+            port: DEFAULT_VXLAN_PORT,
+        }
+    }
+}
+
+impl Overlay {
+    /// `flannel.<VNI>`.
+    pub fn device(&self) -> String {
+        format!("flannel.{}", self.vni)
+    }
+}
+
+/// What moves a member's packets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// Our eBPF datapath with the given ingress mode.
+    Ebpf(IngressMode),
+    /// Our kernel-vxlan fallback (rtnetlink, nothing attached).
+    Kernel,
+    /// flannel's behaviour replayed with iproute2 (no code of ours).
+    Reference,
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Kind::Ebpf(mode) => write!(f, "ebpf({mode})"),
+            Kind::Kernel => f.write_str("kernel-fallback"),
+            Kind::Reference => f.write_str("iproute2-reference"),
+        }
+    }
+}
+
+enum Backend {
+    Node(Node),
+    Reference(ReferencePeer),
+}
+
+/// A host that has joined the overlay.
+pub struct Member {
+    pub host: Host,
+    pub kind: Kind,
+    pub overlay: Overlay,
+    /// This member's lease as its peers program it (subnet, public IP, VTEP MAC).
+    pub lease: Peer,
+    /// `flannel.<VNI>`.
+    pub device: String,
+    backend: Backend,
+}
+
+impl Member {
+    /// Sets `host` up as a member of `overlay` with the given kind.
+    pub fn join(host: &Host, kind: Kind, overlay: Overlay) -> Result<Member> {
+        let (backend, lease, device) = match kind {
+            Kind::Reference => {
+                let r = ReferencePeer::setup(host, overlay.vni, overlay.port)?;
+                let lease = r.as_peer();
+                let device = r.device.clone();
+                (Backend::Reference(r), lease, device)
+            }
+            Kind::Ebpf(_) | Kind::Kernel => {
+                let flavor = match kind {
+                    Kind::Ebpf(ingress) => Flavor::Ebpf(EbpfOptions {
+                        ingress,
+                        ..EbpfOptions::default()
+                    }),
+                    _ => Flavor::Kernel,
+                };
+                let node = Node::start(&host.ns, flavor)?;
+                let state = node.setup(&NodeSpec {
+                    vni: overlay.vni,
+                    port: overlay.port,
+                    public_ip: host.underlay_ip,
+                    underlay: host.underlay_dev.clone(),
+                    subnet: host.subnet,
+                    mtu: None,
+                    vtep_mac: None,
+                })?;
+                let lease = Peer {
+                    subnet: host.subnet,
+                    public_ip: host.underlay_ip,
+                    vtep_mac: state.vtep_mac,
+                };
+                (Backend::Node(node), lease, state.device)
+            }
+        };
+        Ok(Member {
+            host: host.clone(),
+            kind,
+            overlay,
+            lease,
+            device,
+            backend,
+        })
+    }
+
+    pub fn vtep_mac(&self) -> MacAddr {
+        self.lease.vtep_mac
+    }
+
+    /// The datapath handle (None for the reference peer).
+    pub fn node(&self) -> Option<&Node> {
+        match &self.backend {
+            Backend::Node(n) => Some(n),
+            Backend::Reference(_) => None,
+        }
+    }
+
+    pub fn add_peer(&self, peer: &Peer) -> Result<()> {
+        match &self.backend {
+            Backend::Node(n) => n.add_peer(peer),
+            Backend::Reference(r) => r.add_peer(peer),
+        }
+    }
+
+    pub fn remove_peer(&self, peer: &Peer) -> Result<()> {
+        match &self.backend {
+            Backend::Node(n) => n.remove_peer(peer),
+            Backend::Reference(r) => r.remove_peer(peer),
+        }
+    }
+
+    /// eBPF counters (None unless this member runs the eBPF datapath).
+    pub fn counters(&self) -> Result<Option<Counters>> {
+        match &self.backend {
+            Backend::Node(n) => n.counters(),
+            Backend::Reference(_) => Ok(None),
+        }
+    }
+}
+
+/// Programs every member with every other member's lease.
+pub fn mesh(members: &[&Member]) -> Result<()> {
+    for m in members {
+        for other in members.iter().filter(|o| o.host.index != m.host.index) {
+            m.add_peer(&other.lease)?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,139 @@
+//! What the kernel says about a host: a device's own packet statistics, and
+//! which BPF programs are attached to which interface (XDP, TCX, legacy tc).
+
+use std::collections::BTreeMap;
+
+use anyhow::{Context, Result};
+use aya::programs::{SchedClassifier, TcAttachType};
+
+use crate::{cmd, netns};
+
+/// `/sys/class/net/<dev>/statistics/*` of one device.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DevStats {
+    pub rx_packets: u64,
+    pub tx_packets: u64,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+}
+
+impl DevStats {
+    /// Counts added since `earlier`.
+    pub fn since(&self, earlier: &DevStats) -> DevStats {
+        DevStats {
+            rx_packets: self.rx_packets - earlier.rx_packets,
+            tx_packets: self.tx_packets - earlier.tx_packets,
+            rx_bytes: self.rx_bytes - earlier.rx_bytes,
+            tx_bytes: self.tx_bytes - earlier.tx_bytes,
+        }
+    }
+}
+
+/// Reads a device's statistics inside namespace `ns`. `ip netns exec` remounts
+/// /sys for the namespace, which a setns() thread would not see.
+pub fn dev_stats(ns: &str, dev: &str) -> Result<DevStats> {
+    let files: Vec<String> = ["rx_packets", "tx_packets", "rx_bytes", "tx_bytes"]
+        .iter()
+        .map(|f| format!("/sys/class/net/{dev}/statistics/{f}"))
+        .collect();
+    let mut args = vec!["cat"];
+    args.extend(files.iter().map(String::as_str));
+    let out = cmd::run_in(ns, &args)?;
+    let v: Vec<u64> = out
+        .split_whitespace()
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("parsing statistics of {dev}: {out:?}"))?;
+    anyhow::ensure!(v.len() == 4, "statistics of {dev}: {out:?}");
+    Ok(DevStats {
+        rx_packets: v[0],
+        tx_packets: v[1],
+        rx_bytes: v[2],
+        tx_bytes: v[3],
+    })
+}
+
+/// Which BPF programs are attached in a namespace, per interface.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Attachments {
+    /// Interface -> XDP program id (from `ip -j -d link`).
+    pub xdp: BTreeMap<String, u64>,
+    /// (interface, "ingress"/"egress") -> names of TCX programs (BPF_PROG_QUERY).
+    pub tcx: BTreeMap<(String, &'static str), Vec<String>>,
+    /// `bpftool -j net show` entries for classic tc (clsact) filters and XDP.
+    pub bpftool_tc: Vec<serde_json::Value>,
+    pub bpftool_xdp: Vec<serde_json::Value>,
+}
+
+impl Attachments {
+    /// True when nothing at all is attached anywhere in the namespace.
+    pub fn is_empty(&self) -> bool {
+        self.xdp.is_empty()
+            && self.tcx.values().all(Vec::is_empty)
+            && self.bpftool_tc.is_empty()
+            && self.bpftool_xdp.is_empty()
+    }
+
+    /// Names of TCX programs on `dev` in `direction` ("ingress"/"egress").
+    pub fn tcx_on(&self, dev: &str, direction: &str) -> Vec<String> {
+        self.tcx
+            .iter()
+            .filter(|((d, dir), _)| d == dev && *dir == direction)
+            .flat_map(|(_, v)| v.iter().cloned())
+            .collect()
+    }
+}
+
+/// Everything attached in namespace `ns`, by three independent views: iproute2
+/// (XDP), the kernel's TCX query (what `bpftool net` of this bpftool version
+/// cannot show) and bpftool (classic tc and XDP).
+pub fn attachments(ns: &str) -> Result<Attachments> {
+    let links: serde_json::Value =
+        serde_json::from_str(&cmd::ip(ns, &["-j", "-d", "link", "show"])?)
+            .context("parsing `ip -j -d link show`")?;
+    let mut out = Attachments::default();
+    let mut names = Vec::new();
+    for link in links.as_array().into_iter().flatten() {
+        let Some(name) = link["ifname"].as_str() else {
+            continue;
+        };
+        names.push(name.to_owned());
+        let xdp = &link["xdp"];
+        if !xdp.is_null() {
+            let id = xdp["prog"]["id"]
+                .as_u64()
+                .or_else(|| xdp["attached"][0]["prog"]["id"].as_u64())
+                .unwrap_or(0);
+            out.xdp.insert(name.to_owned(), id);
+        }
+    }
+    let tcx = netns::run_in(ns, move || {
+        let mut tcx = BTreeMap::new();
+        for name in names {
+            for (dir, attach) in [
+                ("ingress", TcAttachType::Ingress),
+                ("egress", TcAttachType::Egress),
+            ] {
+                let (_, progs) = SchedClassifier::query_tcx(&name, attach)
+                    .with_context(|| format!("TCX query on {name} {dir}"))?;
+                let progs: Vec<String> = progs
+                    .iter()
+                    .map(|p| p.name_as_str().unwrap_or("?").to_owned())
+                    .collect();
+                tcx.insert((name.clone(), dir), progs);
+            }
+        }
+        Ok(tcx)
+    })?;
+    out.tcx = tcx;
+    let net: serde_json::Value =
+        serde_json::from_str(&cmd::run_in(ns, &["bpftool", "-j", "net", "show"])?)
+            .context("parsing `bpftool -j net show`")?;
+    for entry in net.as_array().into_iter().flatten() {
+        out.bpftool_tc
+            .extend(entry["tc"].as_array().into_iter().flatten().cloned());
+        out.bpftool_xdp
+            .extend(entry["xdp"].as_array().into_iter().flatten().cloned());
+    }
+    Ok(out)
+}
