@@ -7,4 +7,6 @@ pub mod datapath;
 pub mod gojson;
 pub mod lease;
 pub mod mac;
+pub mod netlink;
+pub mod netns;
 pub mod subnet_env;

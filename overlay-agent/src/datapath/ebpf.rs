@@ -1,1 +1,781 @@
 //! The eBPF datapath: TC egress encapsulation, XDP/TC ingress decapsulation.
+//!
+//! It keeps everything the kernel datapath programs (`flannel.<VNI>`, its
+//! address, and per peer the neighbour, FDB entry and route: routing must still
+//! select the device, and what the programs pass to the kernel must still
+//! work), then fills the maps and attaches the programs:
+//! `vxlan_egress` on TCX egress of `flannel.<VNI>`, `vxlan_ingress_tc` on TCX
+//! ingress of the underlay and, in [`IngressMode::XdpAndTc`],
+//! `vxlan_ingress_xdp` on the underlay.
+//!
+//! The links live as long as this value: dropping it (or [`Datapath::teardown`])
+//! detaches the programs.
+
+use std::{fmt, net::Ipv4Addr};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, MapData, MapError, PerCpuArray, lpm_trie::Key, lpm_trie::LpmTrie},
+    programs::{ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode},
+};
+use ipnet::Ipv4Net;
+use log::{info, warn};
+use overlay_common::{
+    consts::{
+        MAP_COUNTERS, MAP_KNOWN_VTEPS, MAP_NODE_CONFIG, MAP_REMOTE_SUBNETS, PROG_EGRESS,
+        PROG_INGRESS_TC, PROG_INGRESS_XDP,
+    },
+    counters::{Counter, Reason},
+    maps::{KnownVtep, NodeConfig, RemoteVtep},
+};
+
+use super::{Datapath, DatapathError, Mode, NodeSpec, NodeState, Peer, kernel::KernelDatapath};
+use crate::{mac::MacAddr, netlink::VxlanDevice};
+
+/// The eBPF object built by `build.rs` from `overlay-ebpf`, embedded so the
+/// agent binary is self-contained.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/overlay"));
+
+/// Where ingress decapsulation happens.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum IngressMode {
+    /// `vxlan_ingress_tc` alone on TCX ingress of the underlay.
+    #[default]
+    Tc,
+    /// `vxlan_ingress_xdp` on the underlay decapsulates and marks, and
+    /// `vxlan_ingress_tc` redirects the marked frames into `flannel.<VNI>`.
+    /// On a veth, XDP disables GSO on its peer.
+    XdpAndTc,
+}
+
+impl fmt::Display for IngressMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            IngressMode::Tc => "tc",
+            IngressMode::XdpAndTc => "xdp+tc",
+        })
+    }
+}
+
+/// How to run the eBPF datapath.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct EbpfOptions {
+    pub ingress: IngressMode,
+    /// XDP attach mode for [`IngressMode::XdpAndTc`]; the default lets the
+    /// kernel use the driver's native XDP when it has one.
+    pub xdp_mode: XdpMode,
+}
+
+/// The attach point of a program, for error messages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hook {
+    TcxEgress,
+    TcxIngress,
+    Xdp,
+}
+
+impl fmt::Display for Hook {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Hook::TcxEgress => "TCX egress",
+            Hook::TcxIngress => "TCX ingress",
+            Hook::Xdp => "XDP",
+        })
+    }
+}
+
+/// The broad class of an eBPF failure, for the fallback decision and its log line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EbpfFailure {
+    /// The object could not be parsed, or lacks a program or map.
+    Load,
+    /// The kernel refused a program (`BPF_PROG_LOAD`).
+    Verifier,
+    /// Attaching a program to an interface failed.
+    Attach,
+    /// Reading or writing a map failed.
+    Map,
+}
+
+/// Why the eBPF datapath could not be set up or updated. `Display` is one line,
+/// suitable as the reason the agent gives when it falls back to the kernel datapath.
+#[derive(Debug, thiserror::Error)]
+pub enum EbpfError {
+    #[error("eBPF: loading the object failed: {0}")]
+    Object(#[source] aya::EbpfError),
+    #[error("eBPF: the object has no program {0}")]
+    MissingProgram(&'static str),
+    #[error("eBPF: the object has no map {0}")]
+    MissingMap(&'static str),
+    /// The full verifier log is in `source` (`ProgramError::LoadError`).
+    #[error("eBPF: the kernel rejected {program}: {summary}")]
+    Verifier {
+        program: &'static str,
+        summary: String,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("eBPF: preparing {program} failed: {source}")]
+    Program {
+        program: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("eBPF: attaching {program} to {interface} ({hook}) failed: {source}")]
+    Attach {
+        program: &'static str,
+        interface: String,
+        hook: Hook,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("eBPF: map {map}: {op} failed: {source}")]
+    Map {
+        map: &'static str,
+        op: String,
+        #[source]
+        source: MapError,
+    },
+}
+
+impl EbpfError {
+    pub fn failure(&self) -> EbpfFailure {
+        match self {
+            EbpfError::Object(_) | EbpfError::MissingProgram(_) | EbpfError::MissingMap(_) => {
+                EbpfFailure::Load
+            }
+            EbpfError::Verifier { .. } | EbpfError::Program { .. } => EbpfFailure::Verifier,
+            EbpfError::Attach { .. } => EbpfFailure::Attach,
+            EbpfError::Map { .. } => EbpfFailure::Map,
+        }
+    }
+
+    fn map(map: &'static str, op: impl Into<String>, source: MapError) -> Self {
+        EbpfError::Map {
+            map,
+            op: op.into(),
+            source,
+        }
+    }
+
+    fn load(program: &'static str, source: ProgramError) -> Self {
+        match &source {
+            ProgramError::LoadError {
+                io_error,
+                verifier_log,
+            } => EbpfError::Verifier {
+                program,
+                summary: verifier_summary(io_error, &verifier_log.to_string()),
+                source,
+            },
+            _ => EbpfError::Program { program, source },
+        }
+    }
+}
+
+/// The errno and the verifier's last words (its final non-empty log line
+/// usually names the offending instruction or the limit hit).
+fn verifier_summary(io_error: &std::io::Error, log: &str) -> String {
+    let last = log
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| !l.is_empty() && !l.starts_with("processed "))
+        .unwrap_or("no verifier log");
+    format!("{io_error}; verifier: {last}")
+}
+
+/// Program ids, for `bpftool prog show id <id>` and for tests that check what
+/// is attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProgramIds {
+    pub egress: u32,
+    pub ingress_tc: u32,
+    pub ingress_xdp: Option<u32>,
+}
+
+/// Counter totals over all CPUs, per [`Reason`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    totals: Vec<(Reason, Counter)>,
+}
+
+impl Counters {
+    pub fn get(&self, reason: Reason) -> Counter {
+        self.totals
+            .iter()
+            .find(|(r, _)| *r == reason)
+            .map(|(_, c)| *c)
+            .unwrap_or_default()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (Reason, Counter)> + '_ {
+        self.totals.iter().copied()
+    }
+
+    /// The reasons that counted anything, for logs and failure messages.
+    pub fn nonzero(&self) -> Vec<(Reason, Counter)> {
+        self.iter().filter(|(_, c)| c.packets != 0).collect()
+    }
+}
+
+impl fmt::Display for Counters {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let parts: Vec<String> = self
+            .nonzero()
+            .iter()
+            .map(|(r, c)| format!("{}={}p/{}B", r.name(), c.packets, c.bytes))
+            .collect();
+        if parts.is_empty() {
+            f.write_str("(all zero)")
+        } else {
+            f.write_str(&parts.join(" "))
+        }
+    }
+}
+
+/// Sums one reason's per-CPU values.
+pub fn sum_per_cpu(values: &[Counter]) -> Counter {
+    values.iter().fold(Counter::default(), |acc, c| Counter {
+        packets: acc.packets.wrapping_add(c.packets),
+        bytes: acc.bytes.wrapping_add(c.bytes),
+    })
+}
+
+/// The NODE_CONFIG entry for a device (all fields, `configured = 1`).
+pub fn node_config(device: &VxlanDevice) -> NodeConfig {
+    NodeConfig {
+        vni: device.vni,
+        local_ip: device.local.octets(),
+        underlay_ifindex: device.underlay_ifindex,
+        vxlan_ifindex: device.ifindex,
+        underlay_mtu: device.underlay_mtu,
+        vtep_mac: device.mac.0,
+        port: device.port,
+        configured: 1,
+    }
+}
+
+/// The REMOTE_SUBNETS key for a subnet: its prefix, network order.
+pub fn subnet_key(subnet: Ipv4Net) -> Key<[u8; 4]> {
+    Key::new(u32::from(subnet.prefix_len()), subnet.network().octets())
+}
+
+pub fn remote_vtep(peer: &Peer) -> RemoteVtep {
+    RemoteVtep {
+        vtep_mac: peer.vtep_mac.0,
+        _pad: [0; 2],
+        public_ip: peer.public_ip.octets(),
+    }
+}
+
+pub fn known_vtep(peer: &Peer) -> KnownVtep {
+    KnownVtep {
+        vtep_mac: peer.vtep_mac.0,
+        _pad: [0; 2],
+    }
+}
+
+fn peer_from_entry(key: &Key<[u8; 4]>, value: &RemoteVtep) -> Option<Peer> {
+    let prefix = u8::try_from(key.prefix_len()).ok()?;
+    Some(Peer {
+        subnet: Ipv4Net::new(Ipv4Addr::from(key.data()), prefix).ok()?,
+        public_ip: Ipv4Addr::from(value.public_ip),
+        vtep_mac: MacAddr(value.vtep_mac),
+    })
+}
+
+/// The eBPF datapath. Like [`KernelDatapath`], create it anywhere and call
+/// [`Datapath::setup`] on a thread inside the node's network namespace, within
+/// a tokio runtime; keep it alive as long as the programs should stay attached.
+#[derive(Debug)]
+pub struct EbpfDatapath {
+    options: EbpfOptions,
+    kernel: KernelDatapath,
+    loaded: Option<Loaded>,
+}
+
+#[derive(Debug)]
+struct Loaded {
+    ebpf: Ebpf,
+    ids: ProgramIds,
+}
+
+impl EbpfDatapath {
+    pub fn new(options: EbpfOptions) -> Self {
+        Self {
+            options,
+            kernel: KernelDatapath::new(),
+            loaded: None,
+        }
+    }
+
+    pub fn options(&self) -> EbpfOptions {
+        self.options
+    }
+
+    /// The device as set up.
+    pub fn device(&self) -> Option<&VxlanDevice> {
+        self.kernel.device()
+    }
+
+    /// Ids of the loaded and attached programs.
+    pub fn program_ids(&self) -> Option<ProgramIds> {
+        self.loaded.as_ref().map(|l| l.ids)
+    }
+
+    /// COUNTERS summed over all CPUs, for every [`Reason`].
+    pub fn counters(&self) -> Result<Counters, DatapathError> {
+        let loaded = self.loaded()?;
+        let map = loaded
+            .ebpf
+            .map(MAP_COUNTERS)
+            .ok_or(EbpfError::MissingMap(MAP_COUNTERS))?;
+        let counters: PerCpuArray<&MapData, Counter> =
+            PerCpuArray::try_from(map).map_err(|e| EbpfError::map(MAP_COUNTERS, "open", e))?;
+        let mut totals = Vec::with_capacity(Reason::ALL.len());
+        for reason in Reason::ALL {
+            let values = counters
+                .get(&reason.index(), 0)
+                .map_err(|e| EbpfError::map(MAP_COUNTERS, format!("read {}", reason.name()), e))?;
+            totals.push((reason, sum_per_cpu(&values)));
+        }
+        Ok(Counters { totals })
+    }
+
+    /// The peers in REMOTE_SUBNETS, sorted by subnet.
+    pub fn map_peers(&self) -> Result<Vec<Peer>, DatapathError> {
+        let loaded = self.loaded()?;
+        let map = loaded
+            .ebpf
+            .map(MAP_REMOTE_SUBNETS)
+            .ok_or(EbpfError::MissingMap(MAP_REMOTE_SUBNETS))?;
+        let trie: LpmTrie<&MapData, [u8; 4], RemoteVtep> =
+            LpmTrie::try_from(map).map_err(|e| EbpfError::map(MAP_REMOTE_SUBNETS, "open", e))?;
+        let mut peers = Vec::new();
+        for entry in trie.iter() {
+            let (key, value) =
+                entry.map_err(|e| EbpfError::map(MAP_REMOTE_SUBNETS, "iterate", e))?;
+            peers.extend(peer_from_entry(&key, &value));
+        }
+        peers.sort_by_key(|p| (p.subnet.network(), p.subnet.prefix_len()));
+        Ok(peers)
+    }
+
+    /// Whether KNOWN_VTEPS holds `ip`.
+    pub fn knows_vtep(&self, ip: Ipv4Addr) -> Result<bool, DatapathError> {
+        let loaded = self.loaded()?;
+        let map = loaded
+            .ebpf
+            .map(MAP_KNOWN_VTEPS)
+            .ok_or(EbpfError::MissingMap(MAP_KNOWN_VTEPS))?;
+        let vteps: HashMap<&MapData, [u8; 4], KnownVtep> =
+            HashMap::try_from(map).map_err(|e| EbpfError::map(MAP_KNOWN_VTEPS, "open", e))?;
+        match vteps.get(&ip.octets(), 0) {
+            Ok(_) => Ok(true),
+            Err(MapError::KeyNotFound) => Ok(false),
+            Err(e) => Err(EbpfError::map(MAP_KNOWN_VTEPS, format!("look up {ip}"), e).into()),
+        }
+    }
+
+    fn loaded(&self) -> Result<&Loaded, DatapathError> {
+        self.loaded.as_ref().ok_or(DatapathError::NotSetUp)
+    }
+
+    fn loaded_mut(&mut self) -> Result<&mut Loaded, DatapathError> {
+        self.loaded.as_mut().ok_or(DatapathError::NotSetUp)
+    }
+}
+
+impl Loaded {
+    /// Parses the object, fills the maps, loads every program, and only then
+    /// attaches them (ingress first), so a verifier rejection attaches nothing.
+    fn start(
+        options: EbpfOptions,
+        device: &VxlanDevice,
+        peers: &[Peer],
+    ) -> Result<Self, EbpfError> {
+        let mut ebpf = EbpfLoader::new()
+            .load(EBPF_OBJECT)
+            .map_err(EbpfError::Object)?;
+        {
+            let map = ebpf
+                .map_mut(MAP_NODE_CONFIG)
+                .ok_or(EbpfError::MissingMap(MAP_NODE_CONFIG))?;
+            let mut config: Array<&mut MapData, NodeConfig> =
+                Array::try_from(map).map_err(|e| EbpfError::map(MAP_NODE_CONFIG, "open", e))?;
+            config
+                .set(0, node_config(device), 0)
+                .map_err(|e| EbpfError::map(MAP_NODE_CONFIG, "set entry 0", e))?;
+        }
+        for peer in peers {
+            insert_peer(&mut ebpf, peer)?;
+        }
+
+        classifier(&mut ebpf, PROG_EGRESS)?
+            .load()
+            .map_err(|e| EbpfError::load(PROG_EGRESS, e))?;
+        classifier(&mut ebpf, PROG_INGRESS_TC)?
+            .load()
+            .map_err(|e| EbpfError::load(PROG_INGRESS_TC, e))?;
+        if options.ingress == IngressMode::XdpAndTc {
+            xdp(&mut ebpf)?
+                .load()
+                .map_err(|e| EbpfError::load(PROG_INGRESS_XDP, e))?;
+        }
+
+        let attach_err = |program, interface: &str, hook, source| EbpfError::Attach {
+            program,
+            interface: interface.to_owned(),
+            hook,
+            source,
+        };
+        let ingress_tc = classifier(&mut ebpf, PROG_INGRESS_TC)?;
+        ingress_tc
+            .attach(&device.underlay, TcAttachType::Ingress)
+            .map_err(|e| attach_err(PROG_INGRESS_TC, &device.underlay, Hook::TcxIngress, e))?;
+        let ingress_tc = program_id(ingress_tc.info(), PROG_INGRESS_TC)?;
+        let ingress_xdp = if options.ingress == IngressMode::XdpAndTc {
+            let prog = xdp(&mut ebpf)?;
+            prog.attach_to_if_index(device.underlay_ifindex, options.xdp_mode)
+                .map_err(|e| attach_err(PROG_INGRESS_XDP, &device.underlay, Hook::Xdp, e))?;
+            Some(program_id(prog.info(), PROG_INGRESS_XDP)?)
+        } else {
+            None
+        };
+        let egress = classifier(&mut ebpf, PROG_EGRESS)?;
+        egress
+            .attach(&device.name, TcAttachType::Egress)
+            .map_err(|e| attach_err(PROG_EGRESS, &device.name, Hook::TcxEgress, e))?;
+        let egress = program_id(egress.info(), PROG_EGRESS)?;
+
+        Ok(Self {
+            ebpf,
+            ids: ProgramIds {
+                egress,
+                ingress_tc,
+                ingress_xdp,
+            },
+        })
+    }
+}
+
+fn classifier<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut SchedClassifier, EbpfError> {
+    ebpf.program_mut(name)
+        .ok_or(EbpfError::MissingProgram(name))?
+        .try_into()
+        .map_err(|source| EbpfError::Program {
+            program: name,
+            source,
+        })
+}
+
+fn xdp(ebpf: &mut Ebpf) -> Result<&mut Xdp, EbpfError> {
+    ebpf.program_mut(PROG_INGRESS_XDP)
+        .ok_or(EbpfError::MissingProgram(PROG_INGRESS_XDP))?
+        .try_into()
+        .map_err(|source| EbpfError::Program {
+            program: PROG_INGRESS_XDP,
+            source,
+        })
+}
+
+fn program_id(
+    info: Result<aya::programs::ProgramInfo, ProgramError>,
+    program: &'static str,
+) -> Result<u32, EbpfError> {
+    info.map(|i| i.id())
+        .map_err(|source| EbpfError::Program { program, source })
+}
+
+fn remote_subnets(
+    ebpf: &mut Ebpf,
+) -> Result<LpmTrie<&mut MapData, [u8; 4], RemoteVtep>, EbpfError> {
+    let map = ebpf
+        .map_mut(MAP_REMOTE_SUBNETS)
+        .ok_or(EbpfError::MissingMap(MAP_REMOTE_SUBNETS))?;
+    LpmTrie::try_from(map).map_err(|e| EbpfError::map(MAP_REMOTE_SUBNETS, "open", e))
+}
+
+fn known_vteps(ebpf: &mut Ebpf) -> Result<HashMap<&mut MapData, [u8; 4], KnownVtep>, EbpfError> {
+    let map = ebpf
+        .map_mut(MAP_KNOWN_VTEPS)
+        .ok_or(EbpfError::MissingMap(MAP_KNOWN_VTEPS))?;
+    HashMap::try_from(map).map_err(|e| EbpfError::map(MAP_KNOWN_VTEPS, "open", e))
+}
+
+/// Public IPs still used by some REMOTE_SUBNETS entry.
+fn public_ips_in_use(ebpf: &mut Ebpf) -> Result<Vec<[u8; 4]>, EbpfError> {
+    let trie = remote_subnets(ebpf)?;
+    trie.iter()
+        .map(|entry| {
+            entry
+                .map(|(_, v)| v.public_ip)
+                .map_err(|e| EbpfError::map(MAP_REMOTE_SUBNETS, "iterate", e))
+        })
+        .collect()
+}
+
+/// Inserts (or updates) a peer in REMOTE_SUBNETS and KNOWN_VTEPS. KNOWN_VTEPS
+/// goes first so ingress accepts the peer by the time egress sends to it; a
+/// public IP the update leaves unused is dropped from KNOWN_VTEPS.
+fn insert_peer(ebpf: &mut Ebpf, peer: &Peer) -> Result<(), EbpfError> {
+    let key = subnet_key(peer.subnet);
+    let previous = match remote_subnets(ebpf)?.get(&key, 0) {
+        Ok(v) => Some(v.public_ip),
+        Err(MapError::KeyNotFound) => None,
+        Err(e) => {
+            return Err(EbpfError::map(
+                MAP_REMOTE_SUBNETS,
+                format!("look up {}", peer.subnet),
+                e,
+            ));
+        }
+    };
+    known_vteps(ebpf)?
+        .insert(peer.public_ip.octets(), known_vtep(peer), 0)
+        .map_err(|e| EbpfError::map(MAP_KNOWN_VTEPS, format!("insert {}", peer.public_ip), e))?;
+    remote_subnets(ebpf)?
+        .insert(&key, remote_vtep(peer), 0)
+        .map_err(|e| EbpfError::map(MAP_REMOTE_SUBNETS, format!("insert {}", peer.subnet), e))?;
+    if let Some(old) = previous.filter(|old| *old != peer.public_ip.octets()) {
+        forget_vtep_if_unused(ebpf, old)?;
+    }
+    Ok(())
+}
+
+fn remove_peer_entries(ebpf: &mut Ebpf, peer: &Peer) -> Result<(), EbpfError> {
+    let key = subnet_key(peer.subnet);
+    let stored = match remote_subnets(ebpf)?.get(&key, 0) {
+        Ok(v) => Some(v.public_ip),
+        Err(MapError::KeyNotFound) => None,
+        Err(e) => {
+            return Err(EbpfError::map(
+                MAP_REMOTE_SUBNETS,
+                format!("look up {}", peer.subnet),
+                e,
+            ));
+        }
+    };
+    if stored.is_some() {
+        match remote_subnets(ebpf)?.remove(&key) {
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(e) => {
+                return Err(EbpfError::map(
+                    MAP_REMOTE_SUBNETS,
+                    format!("remove {}", peer.subnet),
+                    e,
+                ));
+            }
+        }
+    }
+    for ip in [Some(peer.public_ip.octets()), stored]
+        .into_iter()
+        .flatten()
+    {
+        forget_vtep_if_unused(ebpf, ip)?;
+    }
+    Ok(())
+}
+
+fn forget_vtep_if_unused(ebpf: &mut Ebpf, ip: [u8; 4]) -> Result<(), EbpfError> {
+    if public_ips_in_use(ebpf)?.contains(&ip) {
+        return Ok(());
+    }
+    match known_vteps(ebpf)?.remove(&ip) {
+        Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+        Err(e) => Err(EbpfError::map(
+            MAP_KNOWN_VTEPS,
+            format!("remove {}", Ipv4Addr::from(ip)),
+            e,
+        )),
+    }
+}
+
+impl Datapath for EbpfDatapath {
+    fn mode(&self) -> Mode {
+        Mode::Ebpf
+    }
+
+    /// Sets up the device as the kernel datapath does, then loads the object,
+    /// fills NODE_CONFIG and the peer maps from the peers already programmed in
+    /// the kernel (an adopted device keeps its peers), and attaches. On error
+    /// nothing stays attached, and the device and its entries remain for the
+    /// kernel datapath to adopt.
+    async fn setup(&mut self, node: &NodeSpec) -> Result<NodeState, DatapathError> {
+        // Detach a previous instance before the device may be re-created.
+        self.loaded = None;
+        let state = self.kernel.setup(node).await?;
+        let peers = self.kernel.peers().await?;
+        let device = self.kernel.device().ok_or(DatapathError::NotSetUp)?;
+        let loaded = Loaded::start(self.options, device, &peers)?;
+        info!(
+            "eBPF datapath on {} (ingress {} on {}): programs {:?}, {} peers in the maps",
+            device.name,
+            self.options.ingress,
+            device.underlay,
+            loaded.ids,
+            peers.len()
+        );
+        self.loaded = Some(loaded);
+        Ok(state)
+    }
+
+    async fn add_peer(&mut self, peer: &Peer) -> Result<(), DatapathError> {
+        self.loaded()?;
+        self.kernel.add_peer(peer).await?;
+        insert_peer(&mut self.loaded_mut()?.ebpf, peer)?;
+        Ok(())
+    }
+
+    /// Removes the peer from the maps first (so egress stops encapsulating to
+    /// it), then its kernel entries.
+    async fn remove_peer(&mut self, peer: &Peer) -> Result<(), DatapathError> {
+        remove_peer_entries(&mut self.loaded_mut()?.ebpf, peer)?;
+        self.kernel.remove_peer(peer).await
+    }
+
+    /// Peers whose kernel entries are complete and whose map entries agree.
+    async fn peers(&mut self) -> Result<Vec<Peer>, DatapathError> {
+        let in_maps = self.map_peers()?;
+        let in_kernel = self.kernel.peers().await?;
+        let mut agreed = Vec::with_capacity(in_kernel.len());
+        for peer in in_kernel {
+            if in_maps.contains(&peer) && self.knows_vtep(peer.public_ip)? {
+                agreed.push(peer);
+            } else {
+                warn!(
+                    "peer {} is in the kernel but not (or differently) in the maps",
+                    peer.subnet
+                );
+            }
+        }
+        Ok(agreed)
+    }
+
+    /// Detaches the programs (dropping their links), then deletes the device.
+    async fn teardown(&mut self) -> Result<(), DatapathError> {
+        self.loaded = None;
+        self.kernel.teardown().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::netlink::vxlan_device::DeviceOrigin;
+
+    fn device() -> VxlanDevice {
+        VxlanDevice {
+            name: "flannel.1".into(),
+            ifindex: 7,
+            mac: "02:11:22:33:44:55".parse().unwrap(),
+            mtu: 1450,
+            vni: 1,
+            port: 8472,
+            local: "192.168.64.3".parse().unwrap(),
+            address: "10.5.52.0".parse().unwrap(),
+            underlay: "eth0".into(),
+            underlay_ifindex: 2,
+            underlay_mtu: 1500,
+            origin: DeviceOrigin::Created,
+        }
+    }
+
+    fn peer() -> Peer {
+        Peer {
+            subnet: "10.5.53.0/24".parse().unwrap(),
+            public_ip: "192.168.64.4".parse().unwrap(),
+            vtep_mac: "c6:d2:32:6f:8f:44".parse().unwrap(),
+        }
+    }
+
+    #[test]
+    fn node_config_has_every_field() {
+        assert_eq!(
+            node_config(&device()),
+            NodeConfig {
+                vni: 1,
+                local_ip: [192, 168, 64, 3],
+                underlay_ifindex: 2,
+                vxlan_ifindex: 7,
+                underlay_mtu: 1500,
+                vtep_mac: [0x02, 0x11, 0x22, 0x33, 0x44, 0x55],
+                port: 8472,
+                configured: 1,
+            }
+        );
+    }
+
+    #[test]
+    fn peer_map_entries_are_in_network_order() {
+        let key = subnet_key("10.5.53.9/24".parse().unwrap());
+        assert_eq!(key.prefix_len(), 24);
+        assert_eq!(key.data(), [10, 5, 53, 0]);
+        let v = remote_vtep(&peer());
+        assert_eq!(v.public_ip, [192, 168, 64, 4]);
+        assert_eq!(v.vtep_mac, [0xc6, 0xd2, 0x32, 0x6f, 0x8f, 0x44]);
+        assert_eq!(known_vtep(&peer()).vtep_mac, v.vtep_mac);
+        assert_eq!(
+            peer_from_entry(&subnet_key(peer().subnet), &v),
+            Some(peer())
+        );
+    }
+
+    #[test]
+    fn per_cpu_counters_are_summed() {
+        let per_cpu = [
+            Counter {
+                packets: 3,
+                bytes: 300,
+            },
+            Counter {
+                packets: 0,
+                bytes: 0,
+            },
+            Counter {
+                packets: 4,
+                bytes: 1000,
+            },
+        ];
+        assert_eq!(
+            sum_per_cpu(&per_cpu),
+            Counter {
+                packets: 7,
+                bytes: 1300
+            }
+        );
+        let counters = Counters {
+            totals: vec![
+                (Reason::Encapsulated, sum_per_cpu(&per_cpu)),
+                (Reason::Decapsulated, Counter::default()),
+            ],
+        };
+        assert_eq!(counters.get(Reason::Encapsulated).packets, 7);
+        assert_eq!(counters.get(Reason::DropWrongVni), Counter::default());
+        assert_eq!(counters.to_string(), "encapsulated=7p/1300B");
+    }
+
+    #[test]
+    fn verifier_summary_is_one_line_with_the_last_words() {
+        let err = std::io::Error::from_raw_os_error(libc::EACCES);
+        let log = "0: (bf) r6 = r1\n1: (61) r2 = *(u32 *)(r6 +76)\ninvalid access to packet, off=0 size=4\nprocessed 12 insns (limit 1000000)\n\n";
+        let s = verifier_summary(&err, log);
+        assert!(!s.contains('\n'));
+        assert!(
+            s.ends_with("verifier: invalid access to packet, off=0 size=4"),
+            "{s}"
+        );
+        assert!(verifier_summary(&err, "").ends_with("no verifier log"));
+    }
+
+    #[test]
+    fn the_datapath_can_move_between_threads() {
+        fn assert_send<T: Send>() {}
+        assert_send::<EbpfDatapath>();
+        assert_send::<KernelDatapath>();
+    }
+}

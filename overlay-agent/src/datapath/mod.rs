@@ -69,26 +69,35 @@ impl std::fmt::Display for Mode {
     }
 }
 
+/// What went wrong, naming the failed step. The eBPF variants carry the reason
+/// the agent reports when it falls back to the kernel datapath.
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
-    #[error("netlink: {what}: {source}")]
-    Netlink {
-        what: String,
-        #[source]
-        source: rtnetlink::Error,
-    },
+    /// An rtnetlink request failed (the message names the operation).
+    #[error(transparent)]
+    Netlink(#[from] crate::netlink::NetlinkError),
     #[error("interface {0} not found")]
     NoSuchInterface(String),
-    #[error("eBPF: {what}: {source}")]
-    Ebpf {
+    #[error("invalid node spec: {0}")]
+    InvalidSpec(String),
+    #[error("the datapath is not set up (call setup first)")]
+    NotSetUp,
+    /// Loading, verifying or attaching the programs, or a map operation.
+    #[error(transparent)]
+    Ebpf(Box<ebpf::EbpfError>),
+    #[error("{what}: {source}")]
+    Io {
         what: String,
         #[source]
-        source: Box<dyn std::error::Error + Send + Sync>,
+        source: std::io::Error,
     },
-    #[error("{0}")]
-    Other(String),
-    #[error(transparent)]
-    Io(#[from] std::io::Error),
+}
+
+impl From<ebpf::EbpfError> for DatapathError {
+    fn from(e: ebpf::EbpfError) -> Self {
+        // Boxed: the aya errors inside are large, and every Result carries them.
+        DatapathError::Ebpf(Box::new(e))
+    }
 }
 
 /// The calls both datapaths answer. The reconciler drives them with the same

@@ -1,0 +1,592 @@
+//! Per-peer kernel entries, in flannel's order:
+//! 1. neighbour `<subnet .0> lladdr <VtepMAC> dev flannel.<VNI> nud permanent`
+//! 2. FDB `<VtepMAC> dev flannel.<VNI> dst <PublicIP> self permanent`
+//! 3. route `<subnet> via <subnet .0> dev flannel.<VNI> onlink`
+//!
+//! The route comes last because the kernel would otherwise ARP for the gateway.
+
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, Ipv4Addr},
+};
+
+use ipnet::Ipv4Net;
+use log::{info, warn};
+use rtnetlink::{
+    RouteMessageBuilder,
+    packet_route::{
+        AddressFamily,
+        neighbour::{
+            NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
+        },
+        route::{
+            RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope,
+            RouteType,
+        },
+    },
+};
+
+use super::{Netlink, NetlinkError};
+use crate::{
+    datapath::{DatapathError, Peer},
+    mac::MacAddr,
+};
+
+/// The next hop flannel routes a peer's subnet through: its network address,
+/// which is also the address on the peer's `flannel.<VNI>`.
+pub fn peer_gateway(subnet: Ipv4Net) -> Ipv4Addr {
+    subnet.network()
+}
+
+/// A peer route found on the device, with whatever neighbour and FDB entry
+/// back it. `vtep_mac`/`public_ip` are `None` when that entry is missing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProgrammedPeer {
+    pub subnet: Ipv4Net,
+    pub gateway: Ipv4Addr,
+    pub vtep_mac: Option<MacAddr>,
+    pub public_ip: Option<Ipv4Addr>,
+}
+
+impl ProgrammedPeer {
+    /// The peer, if all three entries are there and the route is flannel's.
+    pub fn peer(&self) -> Option<Peer> {
+        if self.gateway != peer_gateway(self.subnet) {
+            return None;
+        }
+        Some(Peer {
+            subnet: self.subnet,
+            public_ip: self.public_ip?,
+            vtep_mac: self.vtep_mac?,
+        })
+    }
+}
+
+/// Joins routes (subnet via gateway), neighbours (IP -> MAC) and FDB entries
+/// (MAC -> public IP) of one device into peers, sorted by subnet.
+pub fn join_entries(
+    routes: &[(Ipv4Net, Ipv4Addr)],
+    neighbours: &[(Ipv4Addr, MacAddr)],
+    fdb: &[(MacAddr, Ipv4Addr)],
+) -> Vec<ProgrammedPeer> {
+    let mut peers: Vec<ProgrammedPeer> = routes
+        .iter()
+        .map(|&(subnet, gateway)| {
+            let vtep_mac = neighbours
+                .iter()
+                .find(|(ip, _)| *ip == gateway)
+                .map(|(_, mac)| *mac);
+            let public_ip =
+                vtep_mac.and_then(|mac| fdb.iter().find(|(m, _)| *m == mac).map(|(_, ip)| *ip));
+            ProgrammedPeer {
+                subnet,
+                gateway,
+                vtep_mac,
+                public_ip,
+            }
+        })
+        .collect();
+    peers.sort_by_key(|p| (p.subnet.network(), p.subnet.prefix_len()));
+    peers
+}
+
+/// FDB entries that replacing `peer` leaves behind: those for the MAC the
+/// peer's neighbour had before (`old_mac`) or pointing at the peer's public IP,
+/// under another MAC than the new one, that no neighbour on the device still
+/// uses. flannel leaves them (a known source of stale entries when a peer's
+/// MAC changes); we remove them.
+pub fn stale_fdb_macs(
+    peer: &Peer,
+    old_mac: Option<MacAddr>,
+    neighbours_after: &[(Ipv4Addr, MacAddr)],
+    fdb: &[(MacAddr, Ipv4Addr)],
+) -> BTreeSet<MacAddr> {
+    fdb.iter()
+        .filter(|(mac, dst)| Some(*mac) == old_mac || *dst == peer.public_ip)
+        .map(|(mac, _)| *mac)
+        .filter(|mac| *mac != peer.vtep_mac)
+        .filter(|mac| !neighbours_after.iter().any(|(_, m)| m == mac))
+        .collect()
+}
+
+/// The device the entries live on.
+#[derive(Clone, Copy, Debug)]
+pub struct Device<'a> {
+    pub ifindex: u32,
+    pub name: &'a str,
+}
+
+impl Netlink {
+    /// Programs (or updates) a peer: neighbour, FDB entry, route, all with
+    /// replace semantics, then removes FDB entries the update made stale. When
+    /// a step fails, the entries made by the earlier steps are removed again,
+    /// as flannel does.
+    pub async fn replace_peer(&self, dev: Device<'_>, peer: &Peer) -> Result<(), DatapathError> {
+        let gateway = peer_gateway(peer.subnet);
+        let neighbours_before = self.neighbours(dev).await?;
+        let old_mac = neighbours_before
+            .iter()
+            .find(|(ip, _)| *ip == gateway)
+            .map(|(_, mac)| *mac);
+
+        self.replace_neighbour(dev, gateway, peer.vtep_mac).await?;
+        if let Err(e) = self.replace_fdb(dev, peer.vtep_mac, peer.public_ip).await {
+            self.cleanup(self.delete_neighbour(dev, gateway).await);
+            return Err(e.into());
+        }
+        if let Err(e) = self.replace_route(dev, peer.subnet, gateway).await {
+            self.cleanup(self.delete_neighbour(dev, gateway).await);
+            self.cleanup(
+                self.delete_fdb(dev, peer.vtep_mac, Some(peer.public_ip))
+                    .await,
+            );
+            return Err(e.into());
+        }
+
+        let neighbours_after: Vec<_> = neighbours_before
+            .into_iter()
+            .filter(|(ip, _)| *ip != gateway)
+            .chain([(gateway, peer.vtep_mac)])
+            .collect();
+        let fdb = self.fdb_entries(dev).await?;
+        for mac in stale_fdb_macs(peer, old_mac, &neighbours_after, &fdb) {
+            info!(
+                "{}: removing stale FDB entry {mac} (peer {} now uses {})",
+                dev.name, peer.subnet, peer.vtep_mac
+            );
+            self.delete_fdb(dev, mac, None).await?;
+        }
+        Ok(())
+    }
+
+    /// Removes a peer's neighbour, FDB entry and route. Missing entries are not
+    /// an error; every removal is attempted and the first failure is returned.
+    /// The FDB entry is removed for the peer's MAC and for the MAC the kernel's
+    /// neighbour actually held, unless another neighbour still uses it.
+    pub async fn remove_peer(&self, dev: Device<'_>, peer: &Peer) -> Result<(), DatapathError> {
+        let gateway = peer_gateway(peer.subnet);
+        let neighbours = self.neighbours(dev).await?;
+        let kernel_mac = neighbours
+            .iter()
+            .find(|(ip, _)| *ip == gateway)
+            .map(|(_, mac)| *mac);
+        let in_use_elsewhere =
+            |mac: MacAddr| neighbours.iter().any(|(ip, m)| *ip != gateway && *m == mac);
+
+        let mut results = vec![self.delete_neighbour(dev, gateway).await];
+        let macs: BTreeSet<MacAddr> = [Some(peer.vtep_mac), kernel_mac]
+            .into_iter()
+            .flatten()
+            .collect();
+        for mac in macs {
+            if !in_use_elsewhere(mac) {
+                results.push(self.delete_fdb(dev, mac, None).await);
+            }
+        }
+        results.push(self.delete_route(dev, peer.subnet).await);
+        results
+            .into_iter()
+            .collect::<Result<(), _>>()
+            .map_err(Into::into)
+    }
+
+    /// Peers as the kernel has them: every route through the device with a
+    /// gateway, joined with the device's permanent neighbours and FDB entries.
+    pub async fn programmed_peers(
+        &self,
+        dev: Device<'_>,
+    ) -> Result<Vec<ProgrammedPeer>, DatapathError> {
+        let routes = self.peer_routes(dev).await?;
+        let neighbours = self.neighbours(dev).await?;
+        let fdb = self.fdb_entries(dev).await?;
+        Ok(join_entries(&routes, &neighbours, &fdb))
+    }
+
+    fn cleanup(&self, result: Result<(), NetlinkError>) {
+        if let Err(e) = result {
+            warn!("cleanup after a failed peer update: {e}");
+        }
+    }
+
+    /// `ip neigh replace <ip> lladdr <mac> dev <dev> nud permanent`.
+    pub async fn replace_neighbour(
+        &self,
+        dev: Device<'_>,
+        ip: Ipv4Addr,
+        mac: MacAddr,
+    ) -> Result<(), NetlinkError> {
+        self.handle
+            .neighbours()
+            .add(dev.ifindex, IpAddr::V4(ip))
+            .kind(RouteType::Unicast)
+            .state(NeighbourState::Permanent)
+            .link_layer_address(&mac.0)
+            .replace()
+            .execute()
+            .await
+            .map_err(|e| {
+                NetlinkError::new(
+                    format!("replace neighbour {ip} lladdr {mac} dev {}", dev.name),
+                    e,
+                )
+            })
+    }
+
+    /// `bridge fdb replace <mac> dev <dev> dst <ip> self permanent`. For a MAC
+    /// already in the FDB, replace changes its destination (the vxlan driver
+    /// replaces the entry's first remote).
+    pub async fn replace_fdb(
+        &self,
+        dev: Device<'_>,
+        mac: MacAddr,
+        dst: Ipv4Addr,
+    ) -> Result<(), NetlinkError> {
+        self.handle
+            .neighbours()
+            .add_bridge(dev.ifindex, &mac.0)
+            .flags(NeighbourFlags::Own)
+            .state(NeighbourState::Permanent)
+            .destination(IpAddr::V4(dst))
+            .replace()
+            .execute()
+            .await
+            .map_err(|e| {
+                NetlinkError::new(
+                    format!("replace FDB entry {mac} dst {dst} dev {}", dev.name),
+                    e,
+                )
+            })
+    }
+
+    /// `ip route replace <subnet> via <gateway> dev <dev> onlink` (protocol
+    /// `boot`, as flannel's netlink library sends it).
+    pub async fn replace_route(
+        &self,
+        dev: Device<'_>,
+        subnet: Ipv4Net,
+        gateway: Ipv4Addr,
+    ) -> Result<(), NetlinkError> {
+        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(subnet.network(), subnet.prefix_len())
+            .gateway(gateway)
+            .output_interface(dev.ifindex)
+            .onlink()
+            .protocol(RouteProtocol::Boot)
+            .scope(RouteScope::Universe)
+            .build();
+        self.handle
+            .route()
+            .add(msg)
+            .replace()
+            .execute()
+            .await
+            .map_err(|e| {
+                NetlinkError::new(
+                    format!(
+                        "replace route {} via {gateway} dev {} onlink",
+                        subnet.trunc(),
+                        dev.name
+                    ),
+                    e,
+                )
+            })
+    }
+
+    /// `ip neigh del <ip> dev <dev>`; absent is fine.
+    pub async fn delete_neighbour(
+        &self,
+        dev: Device<'_>,
+        ip: Ipv4Addr,
+    ) -> Result<(), NetlinkError> {
+        let mut msg = NeighbourMessage::default();
+        msg.header.family = AddressFamily::Inet;
+        msg.header.ifindex = dev.ifindex;
+        msg.attributes
+            .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)));
+        ignore_not_found(
+            self.handle
+                .neighbours()
+                .del(msg)
+                .execute()
+                .await
+                .map_err(|e| {
+                    NetlinkError::new(format!("delete neighbour {ip} dev {}", dev.name), e)
+                }),
+        )
+    }
+
+    /// `bridge fdb del <mac> dev <dev> [dst <ip>] self`; without `dst` the whole
+    /// entry for the MAC goes. Absent is fine.
+    pub async fn delete_fdb(
+        &self,
+        dev: Device<'_>,
+        mac: MacAddr,
+        dst: Option<Ipv4Addr>,
+    ) -> Result<(), NetlinkError> {
+        let mut msg = NeighbourMessage::default();
+        msg.header.family = AddressFamily::Bridge;
+        msg.header.ifindex = dev.ifindex;
+        msg.header.flags = NeighbourFlags::Own;
+        msg.attributes
+            .push(NeighbourAttribute::LinkLayerAddress(mac.0.to_vec()));
+        if let Some(dst) = dst {
+            msg.attributes
+                .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(dst)));
+        }
+        let shown = dst.map_or_else(String::new, |d| format!(" dst {d}"));
+        ignore_not_found(
+            self.handle
+                .neighbours()
+                .del(msg)
+                .execute()
+                .await
+                .map_err(|e| {
+                    NetlinkError::new(format!("delete FDB entry {mac}{shown} dev {}", dev.name), e)
+                }),
+        )
+    }
+
+    /// `ip route del <subnet> dev <dev>`; absent is fine.
+    pub async fn delete_route(&self, dev: Device<'_>, subnet: Ipv4Net) -> Result<(), NetlinkError> {
+        // Scope "nowhere" and protocol 0 match any route for the prefix on the device.
+        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(subnet.network(), subnet.prefix_len())
+            .output_interface(dev.ifindex)
+            .protocol(RouteProtocol::Unspec)
+            .scope(RouteScope::NoWhere)
+            .build();
+        ignore_not_found(self.handle.route().del(msg).execute().await.map_err(|e| {
+            NetlinkError::new(
+                format!("delete route {} dev {}", subnet.trunc(), dev.name),
+                e,
+            )
+        }))
+    }
+
+    /// Permanent IPv4 neighbours on the device.
+    pub async fn neighbours(
+        &self,
+        dev: Device<'_>,
+    ) -> Result<Vec<(Ipv4Addr, MacAddr)>, NetlinkError> {
+        let req = self
+            .handle
+            .neighbours()
+            .get()
+            .set_address_family(AddressFamily::Inet);
+        let all: Vec<NeighbourMessage> =
+            Netlink::collect(req.execute(), || format!("list neighbours of {}", dev.name)).await?;
+        Ok(all
+            .iter()
+            .filter(|n| {
+                n.header.ifindex == dev.ifindex && n.header.state == NeighbourState::Permanent
+            })
+            .filter_map(|n| Some((neighbour_ip(n)?, neighbour_mac(n)?)))
+            .collect())
+    }
+
+    /// Unicast FDB entries with a destination on the device (MAC -> dst).
+    pub async fn fdb_entries(
+        &self,
+        dev: Device<'_>,
+    ) -> Result<Vec<(MacAddr, Ipv4Addr)>, NetlinkError> {
+        let req = self
+            .handle
+            .neighbours()
+            .get()
+            .set_address_family(AddressFamily::Bridge);
+        let all: Vec<NeighbourMessage> =
+            Netlink::collect(req.execute(), || format!("list FDB of {}", dev.name)).await?;
+        Ok(all
+            .iter()
+            .filter(|n| n.header.ifindex == dev.ifindex)
+            .filter_map(|n| Some((neighbour_mac(n)?, neighbour_ip(n)?)))
+            .filter(|(mac, _)| mac.0 != [0; 6] && mac.0[0] & 1 == 0)
+            .collect())
+    }
+
+    /// Routes in the main table leaving through the device via a gateway.
+    pub async fn peer_routes(
+        &self,
+        dev: Device<'_>,
+    ) -> Result<Vec<(Ipv4Net, Ipv4Addr)>, NetlinkError> {
+        let req = self
+            .handle
+            .route()
+            .get(RouteMessageBuilder::<Ipv4Addr>::new().build());
+        let all: Vec<RouteMessage> =
+            Netlink::collect(req.execute(), || format!("list routes of {}", dev.name)).await?;
+        Ok(all
+            .iter()
+            .filter_map(|r| route_via(r, dev.ifindex))
+            .collect())
+    }
+}
+
+fn ignore_not_found(result: Result<(), NetlinkError>) -> Result<(), NetlinkError> {
+    match result {
+        Err(e) if e.is_not_found() => Ok(()),
+        other => other,
+    }
+}
+
+fn neighbour_ip(n: &NeighbourMessage) -> Option<Ipv4Addr> {
+    n.attributes.iter().find_map(|a| match a {
+        NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => Some(*ip),
+        // The FDB (AF_BRIDGE) reports its IPv4 destination as raw bytes.
+        NeighbourAttribute::Destination(NeighbourAddress::Other(bytes)) => {
+            <[u8; 4]>::try_from(&bytes[..]).ok().map(Ipv4Addr::from)
+        }
+        _ => None,
+    })
+}
+
+fn neighbour_mac(n: &NeighbourMessage) -> Option<MacAddr> {
+    n.attributes.iter().find_map(|a| match a {
+        NeighbourAttribute::LinkLayerAddress(bytes) => {
+            <[u8; 6]>::try_from(&bytes[..]).ok().map(MacAddr)
+        }
+        _ => None,
+    })
+}
+
+fn route_via(r: &RouteMessage, ifindex: u32) -> Option<(Ipv4Net, Ipv4Addr)> {
+    let table = r
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Table(t) => Some(*t),
+            _ => None,
+        })
+        .unwrap_or(u32::from(r.header.table));
+    if table != u32::from(RouteHeader::RT_TABLE_MAIN) || r.header.kind != RouteType::Unicast {
+        return None;
+    }
+    let mut oif = None;
+    let mut dst = Ipv4Addr::UNSPECIFIED;
+    let mut gateway = None;
+    for a in &r.attributes {
+        match a {
+            RouteAttribute::Oif(i) => oif = Some(*i),
+            RouteAttribute::Destination(RouteAddress::Inet(ip)) => dst = *ip,
+            RouteAttribute::Gateway(RouteAddress::Inet(ip)) => gateway = Some(*ip),
+            _ => {}
+        }
+    }
+    if oif != Some(ifindex) {
+        return None;
+    }
+    let subnet = Ipv4Net::new(dst, r.header.destination_prefix_length).ok()?;
+    Some((subnet, gateway?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mac(last: u8) -> MacAddr {
+        MacAddr([0x02, 0, 0, 0, 0, last])
+    }
+    fn ip(s: &str) -> Ipv4Addr {
+        s.parse().unwrap()
+    }
+    fn net(s: &str) -> Ipv4Net {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn gateway_is_the_subnet_network_address() {
+        assert_eq!(peer_gateway(net("10.5.52.0/24")), ip("10.5.52.0"));
+        assert_eq!(peer_gateway(net("10.5.52.9/24")), ip("10.5.52.0"));
+    }
+
+    #[test]
+    fn joins_complete_and_partial_peers() {
+        let routes = [
+            (net("10.5.53.0/24"), ip("10.5.53.0")),
+            (net("10.5.52.0/24"), ip("10.5.52.0")),
+            (net("10.5.54.0/24"), ip("10.5.54.0")),
+            (net("10.5.55.0/24"), ip("10.5.55.0")),
+        ];
+        let neighbours = [
+            (ip("10.5.52.0"), mac(2)),
+            (ip("10.5.53.0"), mac(3)),
+            (ip("10.5.54.0"), mac(4)),
+        ];
+        let fdb = [(mac(2), ip("192.168.1.2")), (mac(3), ip("192.168.1.3"))];
+        let peers = join_entries(&routes, &neighbours, &fdb);
+        let subnets: Vec<_> = peers.iter().map(|p| p.subnet).collect();
+        assert_eq!(
+            subnets,
+            [
+                net("10.5.52.0/24"),
+                net("10.5.53.0/24"),
+                net("10.5.54.0/24"),
+                net("10.5.55.0/24")
+            ]
+        );
+        assert_eq!(
+            peers[0].peer(),
+            Some(Peer {
+                subnet: net("10.5.52.0/24"),
+                public_ip: ip("192.168.1.2"),
+                vtep_mac: mac(2)
+            })
+        );
+        assert!(peers[1].peer().is_some());
+        // No FDB entry for the neighbour's MAC, no neighbour at all.
+        assert_eq!(peers[2].vtep_mac, Some(mac(4)));
+        assert_eq!(peers[2].public_ip, None);
+        assert_eq!(peers[2].peer(), None);
+        assert_eq!(peers[3].vtep_mac, None);
+        assert_eq!(peers[3].peer(), None);
+    }
+
+    #[test]
+    fn a_route_via_another_gateway_is_not_a_flannel_peer() {
+        let p = ProgrammedPeer {
+            subnet: net("10.5.52.0/24"),
+            gateway: ip("10.5.52.1"),
+            vtep_mac: Some(mac(2)),
+            public_ip: Some(ip("192.168.1.2")),
+        };
+        assert_eq!(p.peer(), None);
+    }
+
+    #[test]
+    fn stale_fdb_after_mac_change() {
+        let peer = Peer {
+            subnet: net("10.5.52.0/24"),
+            public_ip: ip("192.168.1.2"),
+            vtep_mac: mac(9),
+        };
+        let neighbours_after = [(ip("10.5.52.0"), mac(9)), (ip("10.5.53.0"), mac(3))];
+        let fdb = [
+            (mac(2), ip("192.168.1.2")), // the old MAC: stale
+            (mac(9), ip("192.168.1.2")), // the new one
+            (mac(3), ip("192.168.1.3")), // another peer
+            (mac(7), ip("192.168.1.2")), // left by a crash, same public IP, unused: stale
+        ];
+        let stale = stale_fdb_macs(&peer, Some(mac(2)), &neighbours_after, &fdb);
+        assert_eq!(stale.into_iter().collect::<Vec<_>>(), [mac(2), mac(7)]);
+    }
+
+    #[test]
+    fn nothing_is_stale_when_the_mac_is_unchanged_or_shared() {
+        let peer = Peer {
+            subnet: net("10.5.52.0/24"),
+            public_ip: ip("192.168.1.2"),
+            vtep_mac: mac(2),
+        };
+        let fdb = [(mac(2), ip("192.168.1.2")), (mac(3), ip("192.168.1.3"))];
+        let neighbours = [(ip("10.5.52.0"), mac(2)), (ip("10.5.53.0"), mac(3))];
+        assert!(stale_fdb_macs(&peer, Some(mac(2)), &neighbours, &fdb).is_empty());
+        // The old MAC is still another peer's: keep its FDB entry.
+        let moved = Peer {
+            vtep_mac: mac(9),
+            ..peer
+        };
+        let neighbours = [(ip("10.5.52.0"), mac(9)), (ip("10.5.53.0"), mac(3))];
+        let fdb = [(mac(9), ip("192.168.1.2")), (mac(3), ip("192.168.1.3"))];
+        assert!(stale_fdb_macs(&moved, Some(mac(3)), &neighbours, &fdb).is_empty());
+    }
+}

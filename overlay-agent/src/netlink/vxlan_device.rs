@@ -1,0 +1,661 @@
+//! The `flannel.<VNI>` vxlan device, created (or adopted) as flanneld does:
+//! `ip link add flannel.<VNI> type vxlan id <VNI> local <PublicIP> dev <underlay>
+//! dstport <port> nolearning`, MTU = underlay MTU - 50, address
+//! `<subnet network address>/32`, up.
+
+use std::net::Ipv4Addr;
+
+use ipnet::Ipv4Net;
+use log::{info, warn};
+use overlay_common::consts::{DEFAULT_VXLAN_PORT, VXLAN_MTU_OVERHEAD};
+use rtnetlink::{
+    LinkUnspec, LinkVxlan,
+    packet_route::{
+        AddressFamily,
+        address::{AddressAttribute, AddressMessage},
+        link::{InfoData, InfoVxlan, LinkAttribute, LinkInfo, LinkMessage},
+    },
+};
+
+use super::{LinkSummary, Netlink, NetlinkError, peer_entries::Device};
+use crate::{
+    datapath::{DatapathError, NodeSpec},
+    mac::MacAddr,
+};
+
+/// Linux interface names hold at most IFNAMSIZ - 1 bytes.
+const MAX_IFNAME_LEN: usize = 15;
+/// The smallest MTU an IPv4 interface may have (RFC 791).
+const MIN_IPV4_MTU: u32 = 68;
+/// VNIs are 24 bits on the wire.
+const MAX_VNI: u32 = (1 << 24) - 1;
+
+/// flannel's device name for a VNI.
+pub fn device_name(vni: u32) -> String {
+    format!("flannel.{vni}")
+}
+
+/// The device MTU: `Backend.MTU` when configured, else the underlay's, minus
+/// the VXLAN overhead (50), as flannel computes it.
+pub fn device_mtu(configured: Option<u32>, underlay_mtu: u32) -> Result<u32, DatapathError> {
+    let base = configured.unwrap_or(underlay_mtu);
+    base.checked_sub(VXLAN_MTU_OVERHEAD)
+        .filter(|mtu| *mtu >= MIN_IPV4_MTU)
+        .ok_or_else(|| {
+            DatapathError::InvalidSpec(format!(
+                "MTU {base} leaves less than {MIN_IPV4_MTU} bytes after the {VXLAN_MTU_OVERHEAD}-byte VXLAN overhead"
+            ))
+        })
+}
+
+/// The address flannel puts on the device: the lease's network address as a /32
+/// (`10.5.52.0/32` for `10.5.52.0/24`), so no broadcast or subnet route appears.
+pub fn device_address(subnet: Ipv4Net) -> Ipv4Addr {
+    subnet.network()
+}
+
+/// The UDP port the device uses: flannel's `Port` 0 means the kernel default, 8472.
+pub fn effective_port(port: u16) -> u16 {
+    if port == 0 { DEFAULT_VXLAN_PORT } else { port }
+}
+
+/// Everything the device must look like, computed from the node spec and the
+/// underlay interface (pure, so it is unit-tested).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VxlanDeviceConfig {
+    pub name: String,
+    pub vni: u32,
+    /// `local`: the node's public IP.
+    pub local: Ipv4Addr,
+    /// `dev`: the underlay interface.
+    pub underlay_ifindex: u32,
+    pub underlay_mtu: u32,
+    /// `dstport`.
+    pub port: u16,
+    pub mtu: u32,
+    /// The MAC a newly created device gets.
+    pub mac: MacAddr,
+    /// The spec named the MAC, so an adopted device must be changed to it;
+    /// otherwise an adopted device keeps the MAC it has (its lease publishes it).
+    pub mac_required: bool,
+    /// `<subnet network address>/32`.
+    pub address: Ipv4Addr,
+}
+
+impl VxlanDeviceConfig {
+    pub fn new(spec: &NodeSpec, underlay: &LinkSummary) -> Result<Self, DatapathError> {
+        let NodeSpec {
+            vni,
+            port,
+            public_ip,
+            underlay: _,
+            subnet,
+            mtu,
+            vtep_mac,
+        } = spec;
+        if *vni > MAX_VNI {
+            return Err(DatapathError::InvalidSpec(format!(
+                "VNI {vni} does not fit in 24 bits"
+            )));
+        }
+        let name = device_name(*vni);
+        if name.len() > MAX_IFNAME_LEN {
+            return Err(DatapathError::InvalidSpec(format!(
+                "device name {name} is longer than {MAX_IFNAME_LEN} bytes (VNI too large)"
+            )));
+        }
+        Ok(Self {
+            name,
+            vni: *vni,
+            local: *public_ip,
+            underlay_ifindex: underlay.ifindex,
+            underlay_mtu: underlay.mtu,
+            port: effective_port(*port),
+            mtu: device_mtu(*mtu, underlay.mtu)?,
+            mac: vtep_mac.unwrap_or_else(|| MacAddr::stable_for(*public_ip, *vni)),
+            mac_required: vtep_mac.is_some(),
+            address: device_address(*subnet),
+        })
+    }
+
+    /// Why an existing link called [`Self::name`] cannot be kept, or `None`
+    /// when it can. Follows flannel's `vxlanLinksIncompat` (type, VNI, dev,
+    /// local, l2miss, port, GBP) but is stricter in two ways: a missing
+    /// `local`/`dev` counts as different (flannel only compares when both are
+    /// set), and `learning` must be off, since this device is always `nolearning`.
+    pub fn incompatibility(&self, existing: &VxlanLinkAttrs) -> Option<String> {
+        if existing.kind.as_deref() != Some("vxlan") {
+            return Some(format!(
+                "link type: {} vs vxlan",
+                existing.kind.as_deref().unwrap_or("(none)")
+            ));
+        }
+        if existing.vni != Some(self.vni) {
+            return Some(format!("vni: {} vs {}", opt(existing.vni), self.vni));
+        }
+        if existing.underlay_ifindex != Some(self.underlay_ifindex) {
+            return Some(format!(
+                "vtep (external) interface: {} vs {}",
+                opt(existing.underlay_ifindex),
+                self.underlay_ifindex
+            ));
+        }
+        if existing.local != Some(self.local) {
+            return Some(format!(
+                "vtep (external) IP: {} vs {}",
+                opt(existing.local),
+                self.local
+            ));
+        }
+        if existing.port != Some(self.port) {
+            return Some(format!("port: {} vs {}", opt(existing.port), self.port));
+        }
+        if existing.l2miss {
+            return Some("l2miss: true vs false".into());
+        }
+        if existing.gbp {
+            return Some("gbp: true vs false".into());
+        }
+        if existing.learning {
+            return Some("learning: true vs false".into());
+        }
+        None
+    }
+}
+
+fn opt<T: std::fmt::Display>(v: Option<T>) -> String {
+    v.map_or_else(|| "(none)".into(), |v| v.to_string())
+}
+
+/// The vxlan-relevant parts of an existing link, as the kernel reports them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct VxlanLinkAttrs {
+    /// `IFLA_INFO_KIND` (`vxlan`, `dummy`, ...), `None` for links without one.
+    pub kind: Option<String>,
+    pub vni: Option<u32>,
+    pub local: Option<Ipv4Addr>,
+    pub underlay_ifindex: Option<u32>,
+    pub port: Option<u16>,
+    pub learning: bool,
+    pub l2miss: bool,
+    pub gbp: bool,
+}
+
+impl VxlanLinkAttrs {
+    pub fn from_message(msg: &LinkMessage) -> Self {
+        let mut attrs = Self::default();
+        let infos = msg.attributes.iter().find_map(|a| match a {
+            LinkAttribute::LinkInfo(infos) => Some(infos),
+            _ => None,
+        });
+        for info in infos.into_iter().flatten() {
+            match info {
+                LinkInfo::Kind(kind) => attrs.kind = Some(kind.to_string()),
+                LinkInfo::Data(InfoData::Vxlan(data)) => {
+                    for item in data {
+                        match item {
+                            InfoVxlan::Id(id) => attrs.vni = Some(*id),
+                            InfoVxlan::Local(ip) => attrs.local = Some(*ip),
+                            InfoVxlan::Link(ifindex) => attrs.underlay_ifindex = Some(*ifindex),
+                            InfoVxlan::Port(port) => attrs.port = Some(*port),
+                            InfoVxlan::Learning(on) => attrs.learning = *on,
+                            InfoVxlan::L2Miss(on) => attrs.l2miss = *on,
+                            InfoVxlan::Gbp => attrs.gbp = true,
+                            _ => {}
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        attrs
+    }
+}
+
+/// How [`Netlink::ensure_vxlan_device`] got the device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DeviceOrigin {
+    Created,
+    /// An existing compatible device was kept (its ifindex, MAC and entries survive).
+    Adopted,
+    /// An existing device was incompatible, so it was deleted and created anew.
+    Recreated {
+        reason: String,
+    },
+}
+
+/// The device as it is in the kernel after setup.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VxlanDevice {
+    pub name: String,
+    pub ifindex: u32,
+    pub mac: MacAddr,
+    pub mtu: u32,
+    pub vni: u32,
+    pub port: u16,
+    pub local: Ipv4Addr,
+    pub address: Ipv4Addr,
+    pub underlay: String,
+    pub underlay_ifindex: u32,
+    pub underlay_mtu: u32,
+    pub origin: DeviceOrigin,
+}
+
+impl Netlink {
+    /// Looks up the underlay named in the spec.
+    pub async fn underlay(&self, name: &str) -> Result<LinkSummary, DatapathError> {
+        let msg = self
+            .link_by_name(name)
+            .await?
+            .ok_or_else(|| DatapathError::NoSuchInterface(name.to_owned()))?;
+        Ok(LinkSummary::from_message(&msg))
+    }
+
+    /// Creates `flannel.<VNI>` as flanneld does, or adopts a compatible existing
+    /// one (keeping its ifindex, MAC and entries), or deletes and re-creates an
+    /// incompatible one; then ensures its MTU, its /32 address and that it is up.
+    pub async fn ensure_vxlan_device(&self, spec: &NodeSpec) -> Result<VxlanDevice, DatapathError> {
+        let underlay = self.underlay(&spec.underlay).await?;
+        let cfg = VxlanDeviceConfig::new(spec, &underlay)?;
+
+        let origin = match self.link_by_name(&cfg.name).await? {
+            None => {
+                self.create_vxlan(&cfg).await?;
+                DeviceOrigin::Created
+            }
+            Some(existing) => {
+                let attrs = VxlanLinkAttrs::from_message(&existing);
+                match cfg.incompatibility(&attrs) {
+                    None => {
+                        self.adjust_adopted(&cfg, &LinkSummary::from_message(&existing))
+                            .await?;
+                        DeviceOrigin::Adopted
+                    }
+                    Some(reason) => {
+                        warn!(
+                            "{} already exists with incompatible configuration: {reason}; recreating device",
+                            cfg.name
+                        );
+                        self.handle
+                            .link()
+                            .del(existing.header.index)
+                            .execute()
+                            .await
+                            .map_err(|e| {
+                                NetlinkError::new(format!("delete link {}", cfg.name), e)
+                            })?;
+                        self.create_vxlan(&cfg).await?;
+                        DeviceOrigin::Recreated { reason }
+                    }
+                }
+            }
+        };
+
+        let link = self
+            .link_by_name(&cfg.name)
+            .await?
+            .ok_or_else(|| DatapathError::NoSuchInterface(cfg.name.clone()))?;
+        let ifindex = link.header.index;
+        self.ensure_only_address(ifindex, &cfg.name, cfg.address)
+            .await?;
+        self.set_link_up(ifindex).await?;
+        disable_accept_ra(&cfg.name);
+
+        let summary = LinkSummary::from_message(&link);
+        info!(
+            "{} ({origin:?}): ifindex {ifindex}, vni {}, local {}, dev {}, dstport {}, mtu {}",
+            cfg.name, cfg.vni, cfg.local, spec.underlay, cfg.port, summary.mtu
+        );
+        Ok(VxlanDevice {
+            name: cfg.name,
+            ifindex,
+            mac: MacAddr(summary.mac.unwrap_or(cfg.mac.0)),
+            mtu: summary.mtu,
+            vni: cfg.vni,
+            port: cfg.port,
+            local: cfg.local,
+            address: cfg.address,
+            underlay: spec.underlay.clone(),
+            underlay_ifindex: underlay.ifindex,
+            underlay_mtu: underlay.mtu,
+            origin,
+        })
+    }
+
+    async fn create_vxlan(&self, cfg: &VxlanDeviceConfig) -> Result<(), DatapathError> {
+        let msg = LinkVxlan::new(&cfg.name, cfg.vni)
+            .dev(cfg.underlay_ifindex)
+            .local(cfg.local)
+            .port(cfg.port)
+            .learning(false)
+            .mtu(cfg.mtu)
+            .address(cfg.mac.0.to_vec())
+            .build();
+        self.handle.link().add(msg).execute().await.map_err(|e| {
+            NetlinkError::new(
+                format!(
+                    "create {} (vxlan id {} local {} dev #{} dstport {} mtu {} address {})",
+                    cfg.name, cfg.vni, cfg.local, cfg.underlay_ifindex, cfg.port, cfg.mtu, cfg.mac
+                ),
+                e,
+            )
+            .into()
+        })
+    }
+
+    /// An adopted device keeps its MAC unless the spec names one, but always
+    /// gets the MTU the spec implies (the underlay MTU may have changed).
+    async fn adjust_adopted(
+        &self,
+        cfg: &VxlanDeviceConfig,
+        link: &LinkSummary,
+    ) -> Result<(), DatapathError> {
+        let mut change = LinkUnspec::new_with_index(link.ifindex);
+        let mut what = Vec::new();
+        if link.mtu != cfg.mtu {
+            change = change.mtu(cfg.mtu);
+            what.push(format!("mtu {} -> {}", link.mtu, cfg.mtu));
+        }
+        if cfg.mac_required && link.mac != Some(cfg.mac.0) {
+            change = change.address(cfg.mac.0.to_vec());
+            what.push(format!("address -> {}", cfg.mac));
+        }
+        if what.is_empty() {
+            return Ok(());
+        }
+        let what = what.join(", ");
+        info!("{}: adopting existing device, changing {what}", cfg.name);
+        // A new MAC makes the kernel flush the device's neighbours, permanent
+        // ones included (neigh_changeaddr): keep them to put them back.
+        let dev = Device {
+            ifindex: link.ifindex,
+            name: &cfg.name,
+        };
+        let neighbours = self.neighbours(dev).await?;
+        self.handle
+            .link()
+            .change(change.build())
+            .execute()
+            .await
+            .map_err(|e| NetlinkError::new(format!("set {} {what}", cfg.name), e))?;
+        for (ip, mac) in neighbours {
+            self.replace_neighbour(dev, ip, mac).await?;
+        }
+        Ok(())
+    }
+
+    /// Leaves exactly one IPv4 address on the device: `address/32`. flannel
+    /// removes the other addresses inside the cluster network; the device is
+    /// ours alone, so every other IPv4 address goes.
+    async fn ensure_only_address(
+        &self,
+        ifindex: u32,
+        name: &str,
+        address: Ipv4Addr,
+    ) -> Result<(), DatapathError> {
+        let mut req = self.handle.address().get().set_link_index_filter(ifindex);
+        req.message_mut().header.family = AddressFamily::Inet;
+        let existing: Vec<AddressMessage> =
+            Netlink::collect(req.execute(), || format!("list addresses of {name}")).await?;
+        let mut present = false;
+        for msg in existing {
+            let local = msg.attributes.iter().find_map(|a| match a {
+                AddressAttribute::Local(std::net::IpAddr::V4(ip)) => Some(*ip),
+                _ => None,
+            });
+            if local == Some(address) && msg.header.prefix_len == 32 {
+                present = true;
+                continue;
+            }
+            let shown = format!("{}/{}", opt(local), msg.header.prefix_len);
+            info!("{name}: removing address {shown}");
+            if let Err(e) = self.handle.address().del(msg).execute().await {
+                let err = NetlinkError::new(format!("delete address {shown} from {name}"), e);
+                if !err.is_not_found() {
+                    return Err(err.into());
+                }
+            }
+        }
+        if !present {
+            self.handle
+                .address()
+                .add(ifindex, address.into(), 32)
+                .execute()
+                .await
+                .map_err(|e| NetlinkError::new(format!("add address {address}/32 to {name}"), e))?;
+        }
+        Ok(())
+    }
+}
+
+/// flannel turns router advertisements off on its device; failure (no IPv6)
+/// does not matter, as for flannel.
+fn disable_accept_ra(name: &str) {
+    let path = format!("/proc/sys/net/ipv6/conf/{name}/accept_ra");
+    if let Err(e) = std::fs::write(&path, "0") {
+        log::debug!("{path}: {e} (ignored)");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rtnetlink::packet_route::link::InfoKind;
+
+    use super::*;
+
+    fn spec() -> NodeSpec {
+        NodeSpec {
+            vni: 1,
+            port: 0,
+            public_ip: "192.168.64.3".parse().unwrap(),
+            underlay: "eth0".into(),
+            subnet: "10.5.52.0/24".parse().unwrap(),
+            mtu: None,
+            vtep_mac: None,
+        }
+    }
+
+    fn underlay() -> LinkSummary {
+        LinkSummary {
+            name: "eth0".into(),
+            ifindex: 2,
+            mtu: 1500,
+            mac: None,
+            up: true,
+        }
+    }
+
+    fn matching_attrs() -> VxlanLinkAttrs {
+        VxlanLinkAttrs {
+            kind: Some("vxlan".into()),
+            vni: Some(1),
+            local: Some("192.168.64.3".parse().unwrap()),
+            underlay_ifindex: Some(2),
+            port: Some(8472),
+            learning: false,
+            l2miss: false,
+            gbp: false,
+        }
+    }
+
+    #[test]
+    fn config_follows_flannel_defaults() {
+        let cfg = VxlanDeviceConfig::new(&spec(), &underlay()).unwrap();
+        assert_eq!(cfg.name, "flannel.1");
+        assert_eq!(cfg.port, 8472);
+        assert_eq!(cfg.mtu, 1450);
+        assert_eq!(cfg.address, "10.5.52.0".parse::<Ipv4Addr>().unwrap());
+        assert_eq!(
+            cfg.mac,
+            MacAddr::stable_for("192.168.64.3".parse().unwrap(), 1)
+        );
+        assert!(!cfg.mac_required);
+        assert_eq!(cfg.underlay_ifindex, 2);
+    }
+
+    #[test]
+    fn config_honours_spec_overrides() {
+        let mac: MacAddr = "c6:d2:32:6f:8f:44".parse().unwrap();
+        let s = NodeSpec {
+            vni: 4096,
+            port: 4789,
+            mtu: Some(9000),
+            vtep_mac: Some(mac),
+            // Host bits in the lease do not leak into the device address.
+            subnet: "10.5.52.7/24".parse().unwrap(),
+            ..spec()
+        };
+        let cfg = VxlanDeviceConfig::new(&s, &underlay()).unwrap();
+        assert_eq!(cfg.name, "flannel.4096");
+        assert_eq!(cfg.port, 4789);
+        assert_eq!(cfg.mtu, 8950);
+        assert_eq!(cfg.mac, mac);
+        assert!(cfg.mac_required);
+        assert_eq!(cfg.address, "10.5.52.0".parse::<Ipv4Addr>().unwrap());
+    }
+
+    #[test]
+    fn mtu_is_configured_or_underlay_minus_overhead() {
+        assert_eq!(device_mtu(None, 1500).unwrap(), 1450);
+        assert_eq!(device_mtu(Some(1400), 1500).unwrap(), 1350);
+        assert_eq!(device_mtu(None, 118).unwrap(), 68);
+        assert!(device_mtu(None, 117).is_err());
+        assert!(device_mtu(Some(10), 1500).is_err());
+    }
+
+    #[test]
+    fn rejects_vnis_that_do_not_fit() {
+        let too_big = NodeSpec {
+            vni: 1 << 24,
+            ..spec()
+        };
+        assert!(VxlanDeviceConfig::new(&too_big, &underlay()).is_err());
+        // 8 digits make a 16-byte interface name.
+        let too_long = NodeSpec {
+            vni: 16_000_000,
+            ..spec()
+        };
+        assert!(VxlanDeviceConfig::new(&too_long, &underlay()).is_err());
+        let fits = NodeSpec {
+            vni: 9_999_999,
+            ..spec()
+        };
+        assert_eq!(
+            VxlanDeviceConfig::new(&fits, &underlay()).unwrap().name,
+            "flannel.9999999"
+        );
+    }
+
+    #[test]
+    fn identical_device_is_compatible_whatever_its_mac_and_mtu() {
+        let cfg = VxlanDeviceConfig::new(&spec(), &underlay()).unwrap();
+        assert_eq!(cfg.incompatibility(&matching_attrs()), None);
+    }
+
+    #[test]
+    fn each_incompatibility_is_named() {
+        let cfg = VxlanDeviceConfig::new(&spec(), &underlay()).unwrap();
+        let cases: Vec<(VxlanLinkAttrs, &str)> = vec![
+            (
+                VxlanLinkAttrs {
+                    kind: Some("dummy".into()),
+                    ..matching_attrs()
+                },
+                "link type: dummy vs vxlan",
+            ),
+            (
+                VxlanLinkAttrs {
+                    kind: None,
+                    ..matching_attrs()
+                },
+                "link type: (none) vs vxlan",
+            ),
+            (
+                VxlanLinkAttrs {
+                    vni: Some(2),
+                    ..matching_attrs()
+                },
+                "vni: 2 vs 1",
+            ),
+            (
+                VxlanLinkAttrs {
+                    underlay_ifindex: Some(3),
+                    ..matching_attrs()
+                },
+                "vtep (external) interface: 3 vs 2",
+            ),
+            (
+                VxlanLinkAttrs {
+                    underlay_ifindex: None,
+                    ..matching_attrs()
+                },
+                "vtep (external) interface: (none) vs 2",
+            ),
+            (
+                VxlanLinkAttrs {
+                    local: Some("192.168.64.4".parse().unwrap()),
+                    ..matching_attrs()
+                },
+                "vtep (external) IP: 192.168.64.4 vs 192.168.64.3",
+            ),
+            (
+                VxlanLinkAttrs {
+                    port: Some(4789),
+                    ..matching_attrs()
+                },
+                "port: 4789 vs 8472",
+            ),
+            (
+                VxlanLinkAttrs {
+                    l2miss: true,
+                    ..matching_attrs()
+                },
+                "l2miss: true vs false",
+            ),
+            (
+                VxlanLinkAttrs {
+                    gbp: true,
+                    ..matching_attrs()
+                },
+                "gbp: true vs false",
+            ),
+            (
+                VxlanLinkAttrs {
+                    learning: true,
+                    ..matching_attrs()
+                },
+                "learning: true vs false",
+            ),
+        ];
+        for (attrs, want) in cases {
+            assert_eq!(
+                cfg.incompatibility(&attrs).as_deref(),
+                Some(want),
+                "{attrs:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn parses_vxlan_attributes_from_a_link_message() {
+        let msg = LinkVxlan::new("flannel.1", 1)
+            .dev(2)
+            .local("192.168.64.3".parse().unwrap())
+            .port(8472)
+            .learning(false)
+            .l2miss(false)
+            .build();
+        let attrs = VxlanLinkAttrs::from_message(&msg);
+        assert_eq!(attrs, matching_attrs());
+
+        let mut plain = LinkMessage::default();
+        plain
+            .attributes
+            .push(LinkAttribute::LinkInfo(vec![LinkInfo::Kind(
+                InfoKind::Dummy,
+            )]));
+        let attrs = VxlanLinkAttrs::from_message(&plain);
+        assert_eq!(attrs.kind.as_deref(), Some("dummy"));
+        assert_eq!(attrs.vni, None);
+    }
+}

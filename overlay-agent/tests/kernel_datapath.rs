@@ -1,0 +1,283 @@
+//! The kernel datapath in two network namespaces joined by a veth pair, each
+//! with a container namespace behind it: what it programs, read back with
+//! iproute2, and traffic across it. Also adoption and re-creation of an
+//! existing device, and peer updates (MAC / public IP changes) and removal.
+
+mod common;
+
+use anyhow::{Context, Result, ensure};
+use common::{Lab, Node, cmd, cmd_fails, ping};
+use overlay_agent::{
+    datapath::{Datapath, NodeSpec, Peer, kernel::KernelDatapath},
+    mac::MacAddr,
+    netlink::vxlan_device::DeviceOrigin,
+};
+
+#[test]
+#[ignore = "needs root, network namespaces and eBPF: run `cargo xtask test`"]
+fn kernel_datapath_programs_flannel_entries_and_carries_traffic() -> Result<()> {
+    let lab = Lab::new("k")?;
+    let a = &lab.nodes[0];
+    let b = &lab.nodes[1];
+
+    // B starts with a leftover of another type under the device's name: replaced.
+    cmd(&format!("ip -n {} link add flannel.1 type bridge", b.ns))?;
+    let wa = a.worker(KernelDatapath::new)?;
+    let wb = b.worker(KernelDatapath::new)?;
+    let (state_a, origin_a) = setup(&wa, a.spec())?;
+    let (state_b, origin_b) = setup(&wb, b.spec())?;
+    ensure!(origin_a == DeviceOrigin::Created, "{origin_a:?}");
+    ensure!(
+        origin_b
+            == DeviceOrigin::Recreated {
+                reason: "link type: bridge vs vxlan".into()
+            },
+        "{origin_b:?}"
+    );
+    ensure!(
+        state_a.device == "flannel.1" && state_a.mtu == 1450,
+        "{state_a:?}"
+    );
+    ensure!(state_a.vtep_mac == MacAddr::stable_for(a.public_ip.parse()?, 1));
+
+    let peer_a = a.peer(state_a.vtep_mac)?;
+    let peer_b = b.peer(state_b.vtep_mac)?;
+    add(&wa, peer_b)?;
+    add(&wb, peer_a)?;
+
+    let link = cmd(&format!("ip -n {} -d link show flannel.1", a.ns))?;
+    eprintln!("[{}] ip -d link show flannel.1\n{link}", a.ns);
+    for want in [
+        "mtu 1450",
+        "UP",
+        &format!("link/ether {}", state_a.vtep_mac),
+        "vxlan id 1 local 192.168.77.1 dev ua",
+        "dstport 8472",
+        "nolearning",
+    ] {
+        ensure!(link.contains(want), "`{want}` missing from:\n{link}");
+    }
+    expect_peer_entries(a, &peer_b)?;
+    expect_peer_entries(b, &peer_a)?;
+    let addr = cmd(&format!("ip -n {} -4 addr show dev flannel.1", a.ns))?;
+    ensure!(addr.contains("inet 10.77.1.0/32"), "{addr}");
+    ensure!(peers(&wa)? == vec![peer_b], "read back: {:?}", peers(&wa)?);
+
+    ping(&a.ns, "10.77.2.0")?;
+    ping(&a.container, "10.77.2.2")?;
+    ping(&b.container, "10.77.1.2")?;
+    let stats = cmd(&format!("ip -n {} -s link show flannel.1", a.ns))?;
+    eprintln!(
+        "[{}] ip -s link show flannel.1 (the kernel vxlan device carried it)\n{stats}",
+        a.ns
+    );
+
+    // Re-adding is idempotent.
+    add(&wa, peer_b)?;
+    expect_peer_entries(a, &peer_b)?;
+
+    // The peer's MAC changes: neighbour and FDB follow, the old FDB entry goes.
+    let moved_mac = Peer {
+        vtep_mac: "02:42:00:00:00:99".parse()?,
+        ..peer_b
+    };
+    add(&wa, moved_mac)?;
+    expect_peer_entries(a, &moved_mac)?;
+    let fdb = cmd(&format!("bridge -n {} fdb show dev flannel.1", a.ns))?;
+    ensure!(
+        !fdb.contains(&peer_b.vtep_mac.to_string()),
+        "stale FDB entry left:\n{fdb}"
+    );
+    ensure!(peers(&wa)? == vec![moved_mac]);
+
+    // The peer's public IP changes: the FDB entry's destination follows.
+    let moved_ip = Peer {
+        public_ip: "192.168.77.3".parse()?,
+        ..peer_b
+    };
+    add(&wa, moved_ip)?;
+    expect_peer_entries(a, &moved_ip)?;
+    ensure!(peers(&wa)? == vec![moved_ip]);
+    add(&wa, peer_b)?;
+    ping(&a.container, "10.77.2.2")?;
+
+    // Setting up again adopts the device: same ifindex, entries kept.
+    let (again, origin) = setup(&wa, a.spec())?;
+    ensure!(origin == DeviceOrigin::Adopted, "{origin:?}");
+    ensure!(again == state_a, "{again:?} vs {state_a:?}");
+    ensure!(peers(&wa)? == vec![peer_b]);
+    ping(&a.container, "10.77.2.2")?;
+
+    // A MAC demanded by the spec is applied to the adopted device; the peer
+    // learns it through add_peer (replace), and traffic flows again.
+    let demanded: MacAddr = "02:42:00:00:00:aa".parse()?;
+    let (with_mac, origin) = setup(
+        &wa,
+        NodeSpec {
+            vtep_mac: Some(demanded),
+            ..a.spec()
+        },
+    )?;
+    ensure!(origin == DeviceOrigin::Adopted && with_mac.ifindex == state_a.ifindex);
+    ensure!(with_mac.vtep_mac == demanded, "{with_mac:?}");
+    let peer_a_new = a.peer(demanded)?;
+    add(&wb, peer_a_new)?;
+    expect_peer_entries(b, &peer_a_new)?;
+    ping(&a.container, "10.77.2.2")?;
+
+    // Another port is incompatible: the device is deleted and created anew
+    // (with the stable MAC again, since the spec no longer demands one).
+    let (other_port, origin) = setup(
+        &wa,
+        NodeSpec {
+            port: 4789,
+            ..a.spec()
+        },
+    )?;
+    ensure!(
+        origin
+            == DeviceOrigin::Recreated {
+                reason: "port: 8472 vs 4789".into()
+            },
+        "{origin:?}"
+    );
+    ensure!(other_port.ifindex != state_a.ifindex);
+    let link = cmd(&format!("ip -n {} -d link show flannel.1", a.ns))?;
+    ensure!(link.contains("dstport 4789"), "{link}");
+    ensure!(peers(&wa)?.is_empty(), "a new device has no entries");
+    let (back, origin) = setup(&wa, a.spec())?;
+    ensure!(matches!(origin, DeviceOrigin::Recreated { .. }));
+    ensure!(back.vtep_mac == state_a.vtep_mac);
+    add(&wa, peer_b)?;
+    add(&wb, peer_a)?;
+    ping(&a.container, "10.77.2.2")?;
+
+    // Removal deletes all three entries; traffic stops.
+    remove(&wa, peer_b)?;
+    let neigh = cmd(&format!("ip -n {} neigh show dev flannel.1", a.ns))?;
+    let fdb = cmd(&format!("bridge -n {} fdb show dev flannel.1", a.ns))?;
+    let routes = cmd(&format!("ip -n {} route", a.ns))?;
+    ensure!(!neigh.contains("10.77.2.0"), "{neigh}");
+    ensure!(!fdb.contains(&peer_b.vtep_mac.to_string()), "{fdb}");
+    ensure!(!routes.contains("10.77.2.0/24"), "{routes}");
+    ensure!(peers(&wa)?.is_empty());
+    cmd_fails(&format!(
+        "ip netns exec {} ping -c 1 -W 1 10.77.2.2",
+        a.container
+    ))?;
+    remove(&wa, peer_b)?; // idempotent
+
+    wa.run(|dp, rt| rt.block_on(dp.teardown()))?;
+    wb.run(|dp, rt| rt.block_on(dp.teardown()))?;
+    cmd_fails(&format!("ip -n {} link show flannel.1", a.ns))?;
+    cmd_fails(&format!("ip -n {} link show flannel.1", b.ns))?;
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs root, network namespaces and eBPF: run `cargo xtask test`"]
+fn kernel_datapath_adopts_a_device_flanneld_created() -> Result<()> {
+    let lab = Lab::new("f")?;
+    let a = &lab.nodes[0];
+    // What flanneld leaves behind: its device with a random MAC and a peer.
+    let flanneld_mac = "0e:1f:2a:3b:4c:5d";
+    cmd(&format!(
+        "ip -n {} link add flannel.1 address {flanneld_mac} mtu 1450 type vxlan id 1 local 192.168.77.1 dev ua dstport 8472 nolearning",
+        a.ns
+    ))?;
+    cmd(&format!(
+        "ip -n {} addr add 10.77.1.0/32 dev flannel.1",
+        a.ns
+    ))?;
+    cmd(&format!("ip -n {} link set flannel.1 up", a.ns))?;
+    cmd(&format!(
+        "ip -n {} neigh add 10.77.2.0 lladdr 02:42:00:00:00:02 dev flannel.1 nud permanent",
+        a.ns
+    ))?;
+    cmd(&format!(
+        "bridge -n {} fdb add 02:42:00:00:00:02 dev flannel.1 dst 192.168.77.2 self permanent",
+        a.ns
+    ))?;
+    cmd(&format!(
+        "ip -n {} route add 10.77.2.0/24 via 10.77.2.0 dev flannel.1 onlink",
+        a.ns
+    ))?;
+    let ifindex = ifindex(&a.ns, "flannel.1")?;
+
+    let wa = a.worker(KernelDatapath::new)?;
+    let (state, origin) = setup(&wa, a.spec())?;
+    ensure!(origin == DeviceOrigin::Adopted, "{origin:?}");
+    ensure!(state.ifindex == ifindex);
+    ensure!(
+        state.vtep_mac.to_string() == flanneld_mac,
+        "the lease's MAC must survive: {state:?}"
+    );
+    let expected = Peer {
+        subnet: "10.77.2.0/24".parse()?,
+        public_ip: "192.168.77.2".parse()?,
+        vtep_mac: "02:42:00:00:00:02".parse()?,
+    };
+    ensure!(peers(&wa)? == vec![expected], "{:?}", peers(&wa)?);
+    wa.run(|dp, rt| rt.block_on(dp.teardown()))?;
+    Ok(())
+}
+
+fn setup(
+    w: &Node<KernelDatapath>,
+    spec: NodeSpec,
+) -> Result<(overlay_agent::datapath::NodeState, DeviceOrigin)> {
+    w.run(move |dp, rt| {
+        let state = rt.block_on(dp.setup(&spec))?;
+        let origin = dp.device().context("device after setup")?.origin.clone();
+        Ok((state, origin))
+    })
+}
+
+fn add(w: &Node<KernelDatapath>, peer: Peer) -> Result<()> {
+    Ok(w.run(move |dp, rt| rt.block_on(dp.add_peer(&peer)))?)
+}
+
+fn remove(w: &Node<KernelDatapath>, peer: Peer) -> Result<()> {
+    Ok(w.run(move |dp, rt| rt.block_on(dp.remove_peer(&peer)))?)
+}
+
+fn peers(w: &Node<KernelDatapath>) -> Result<Vec<Peer>> {
+    Ok(w.run(|dp, rt| rt.block_on(dp.peers()))?)
+}
+
+fn ifindex(ns: &str, dev: &str) -> Result<u32> {
+    let out = cmd(&format!("ip -n {ns} -o link show {dev}"))?;
+    Ok(out.split(':').next().context("ifindex")?.trim().parse()?)
+}
+
+/// The three entries flannel programs for `peer`, as iproute2 shows them.
+fn expect_peer_entries(node: &common::LabNode, peer: &Peer) -> Result<()> {
+    let gw = peer.subnet.network();
+    let neigh = cmd(&format!("ip -n {} neigh show dev flannel.1", node.ns))?;
+    let fdb = cmd(&format!("bridge -n {} fdb show dev flannel.1", node.ns))?;
+    let routes = cmd(&format!("ip -n {} route", node.ns))?;
+    eprintln!(
+        "[{}] ip neigh show dev flannel.1\n{neigh}[{0}] bridge fdb show dev flannel.1\n{fdb}[{0}] ip route\n{routes}",
+        node.ns
+    );
+    let want_neigh = format!("{gw} lladdr {} PERMANENT", peer.vtep_mac);
+    let want_fdb = format!("{} dst {} self permanent", peer.vtep_mac, peer.public_ip);
+    let want_route = format!("{} via {gw} dev flannel.1 onlink", peer.subnet);
+    ensure!(
+        neigh.lines().any(|l| l.trim() == want_neigh),
+        "`{want_neigh}` missing:\n{neigh}"
+    );
+    ensure!(
+        fdb.lines().any(|l| l.trim() == want_fdb),
+        "`{want_fdb}` missing:\n{fdb}"
+    );
+    ensure!(
+        routes.lines().any(|l| l.trim() == want_route),
+        "`{want_route}` missing:\n{routes}"
+    );
+    ensure!(
+        fdb.lines().filter(|l| l.contains(" dst ")).count() == 1,
+        "exactly one unicast FDB entry expected:\n{fdb}"
+    );
+    Ok(())
+}
