@@ -4,6 +4,7 @@
 pub mod alloc;
 pub mod config;
 pub mod datapath;
+pub mod etcd;
 pub mod gojson;
 pub mod lease;
 pub mod mac;

@@ -14,6 +14,7 @@
 
 pub mod capture;
 pub mod cmd;
+pub mod etcd;
 pub mod lab;
 pub mod netns;
 pub mod node;

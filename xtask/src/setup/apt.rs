@@ -15,6 +15,10 @@ pub const PACKAGES: &[(&str, &str)] = &[
     ),
     ("etcd-server", "etcd, the control plane's store"),
     ("etcd-client", "etcdctl"),
+    (
+        "protobuf-compiler",
+        "protoc, which etcd-client's build script needs (overlay-agent)",
+    ),
     ("bpftool", "inspecting programs and maps"),
     (
         "iproute2",

@@ -1,0 +1,342 @@
+//! This node's own lease: acquire it as flannel does (but retry lost races
+//! instead of failing), renew it at the margin, notice when it is gone.
+//!
+//! Reservations (keys without an etcd lease) stay reservations: they are
+//! overwritten without a lease on acquisition and never given one on renewal
+//! (flannel turns them into 24 h leases, its issue #1329).
+
+use std::{
+    net::Ipv4Addr,
+    time::{Duration, Instant},
+};
+
+use ipnet::Ipv4Net;
+
+use super::{Entry, EtcdError, Registry};
+use crate::{
+    alloc::{self, AllocError, Choice, Existing},
+    config::NetworkConfig,
+    lease::{self, Backend},
+    mac::MacAddr,
+};
+
+/// flannel's `subnetTTL`.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 3600);
+/// flanneld's `--subnet-lease-renew-margin` default (60 minutes).
+pub const DEFAULT_RENEW_MARGIN: Duration = Duration::from_secs(3600);
+/// After this many lost creation races in a row, something else is wrong.
+const MAX_RACES: usize = 64;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LeaseTiming {
+    pub ttl: Duration,
+    /// Renew this long before expiry.
+    pub renew_margin: Duration,
+    /// Wait before retrying a failed renewal (flannel: one minute).
+    pub retry: Duration,
+}
+
+impl Default for LeaseTiming {
+    fn default() -> Self {
+        LeaseTiming {
+            ttl: DEFAULT_TTL,
+            renew_margin: DEFAULT_RENEW_MARGIN,
+            retry: Duration::from_secs(60),
+        }
+    }
+}
+
+/// What this node publishes in its lease.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NodeIdentity {
+    pub public_ip: Ipv4Addr,
+    pub vni: u32,
+    /// The MAC to publish when we have no lease to take one from.
+    pub vtep_mac: MacAddr,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OwnLease {
+    pub subnet: Ipv4Net,
+    pub public_ip: Ipv4Addr,
+    pub vni: u32,
+    /// Published; taken over from the lease we reused so that peers'
+    /// neighbour/FDB entries stay valid across restarts.
+    pub vtep_mac: MacAddr,
+    /// The exact value in etcd.
+    pub value: String,
+    /// The etcd lease attached to the key; 0 for a reservation.
+    pub lease_id: i64,
+    /// The key's mod revision after our last write.
+    pub mod_revision: i64,
+    /// `None` for a reservation.
+    pub expires: Option<Instant>,
+    /// How the subnet was chosen.
+    pub choice: Choice,
+}
+
+impl OwnLease {
+    pub fn is_reservation(&self) -> bool {
+        self.lease_id == 0
+    }
+
+    /// When to renew: `margin` before expiry (at once if that is past).
+    /// A reservation is checked on the same schedule as a fresh lease.
+    pub fn renew_at(&self, timing: &LeaseTiming) -> Instant {
+        let expires = self.expires.unwrap_or_else(|| Instant::now() + timing.ttl);
+        expires
+            .checked_sub(timing.renew_margin)
+            .unwrap_or_else(Instant::now)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AcquireError {
+    #[error(transparent)]
+    Etcd(#[from] EtcdError),
+    #[error(transparent)]
+    Alloc(#[from] AllocError),
+    #[error("lost {0} subnet creation races in a row; giving up")]
+    TooManyRaces(usize),
+}
+
+/// Acquire a subnet: reuse our PublicIP's lease if it fits, else the
+/// subnet from the previous subnet.env, else a random free one; each
+/// creation is `If(Version(key) == 0) Then(Put(key, value, lease))`, and a
+/// lost race is retried with another subnet.
+pub async fn acquire(
+    reg: &Registry,
+    config: &NetworkConfig,
+    node: &NodeIdentity,
+    previous: Option<Ipv4Net>,
+    timing: &LeaseTiming,
+) -> Result<OwnLease, AcquireError> {
+    let mut avoid: Vec<Ipv4Net> = Vec::new();
+    let mut races = 0;
+    loop {
+        let snapshot = reg.list().await?;
+        let existing: Vec<Existing> = snapshot
+            .entries
+            .iter()
+            .filter_map(|e| {
+                let subnet = e.subnet()?;
+                let public_ip = lease::decode(&e.key, &e.value).ok().map(|l| l.public_ip);
+                Some(Existing {
+                    subnet,
+                    public_ip,
+                    reservation: e.is_reservation(),
+                })
+            })
+            .collect();
+        let plan = alloc::plan(
+            config,
+            &existing,
+            node.public_ip,
+            previous,
+            &avoid,
+            &mut rand::rng(),
+        )?;
+        let entry_for =
+            |subnet: Ipv4Net| snapshot.entries.iter().find(|e| e.subnet() == Some(subnet));
+        for stale in &plan.stale {
+            if let Some(e) = entry_for(*stale) {
+                log::info!(
+                    "deleting our old lease {} (PublicIP {}): it no longer fits the network config",
+                    e.key,
+                    node.public_ip
+                );
+                reg.delete_if_unchanged(*stale, e.mod_revision).await?;
+            }
+        }
+
+        let subnet = plan.choice.subnet();
+        match plan.choice {
+            Choice::Reuse { reservation, .. } => {
+                let Some(e) = entry_for(subnet) else {
+                    continue;
+                };
+                // Keep the MAC peers already know.
+                let vtep_mac = match lease::decode(&e.key, &e.value) {
+                    Ok(lease::Lease {
+                        backend: Backend::Vxlan { vtep_mac, .. },
+                        ..
+                    }) => vtep_mac,
+                    _ => node.vtep_mac,
+                };
+                let value = lease::encode_vxlan(node.public_ip, node.vni, vtep_mac);
+                let (lease_id, expires) = if reservation {
+                    (0, None)
+                } else {
+                    let (id, ttl) = reg.grant(timing.ttl).await?;
+                    (id, Some(Instant::now() + ttl))
+                };
+                if reg
+                    .replace(subnet, e.mod_revision, &value, lease_id)
+                    .await?
+                {
+                    let mod_revision = current_mod_revision(reg, subnet).await?;
+                    log::info!(
+                        "reusing {} lease {subnet} for PublicIP {}",
+                        if reservation { "reserved" } else { "our" },
+                        node.public_ip
+                    );
+                    return Ok(OwnLease {
+                        subnet,
+                        public_ip: node.public_ip,
+                        vni: node.vni,
+                        vtep_mac,
+                        value,
+                        lease_id,
+                        mod_revision,
+                        expires,
+                        choice: plan.choice,
+                    });
+                }
+                // Changed under us: read again.
+                reg.revoke(lease_id).await;
+            }
+            Choice::Previous(_) | Choice::Random(_) => {
+                let value = lease::encode_vxlan(node.public_ip, node.vni, node.vtep_mac);
+                let (lease_id, ttl) = reg.grant(timing.ttl).await?;
+                let expires = Instant::now() + ttl;
+                if reg.create(subnet, &value, lease_id).await? {
+                    let mod_revision = current_mod_revision(reg, subnet).await?;
+                    log::info!(
+                        "allocated lease {subnet} ({}) for PublicIP {}",
+                        if matches!(plan.choice, Choice::Previous(_)) {
+                            "remembered in subnet.env"
+                        } else {
+                            "picked at random"
+                        },
+                        node.public_ip
+                    );
+                    return Ok(OwnLease {
+                        subnet,
+                        public_ip: node.public_ip,
+                        vni: node.vni,
+                        vtep_mac: node.vtep_mac,
+                        value,
+                        lease_id,
+                        mod_revision,
+                        expires: Some(expires),
+                        choice: plan.choice,
+                    });
+                }
+                reg.revoke(lease_id).await;
+                races += 1;
+                log::info!("another node took {subnet} first; trying another subnet");
+                avoid.push(subnet);
+                if races >= MAX_RACES {
+                    return Err(AcquireError::TooManyRaces(races));
+                }
+            }
+        }
+    }
+}
+
+async fn current_mod_revision(reg: &Registry, subnet: Ipv4Net) -> Result<i64, EtcdError> {
+    Ok(reg.get_lease(subnet).await?.map_or(0, |e| e.mod_revision))
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Renewal {
+    Renewed,
+    /// The key is gone, or holds someone else's value now.
+    Lost(String),
+}
+
+/// Renew our lease: a fresh etcd lease of `ttl` and a put guarded by the
+/// key's mod revision (so we never overwrite a subnet someone else took
+/// after ours was deleted). A reservation is only checked, never given a
+/// lease.
+pub async fn renew(
+    reg: &Registry,
+    own: &mut OwnLease,
+    timing: &LeaseTiming,
+) -> Result<Renewal, EtcdError> {
+    for _ in 0..8 {
+        let Some(e) = reg.get_lease(own.subnet).await? else {
+            return Ok(Renewal::Lost(format!(
+                "{} was deleted",
+                reg.lease_key(own.subnet)
+            )));
+        };
+        if e.value != own.value.as_bytes() {
+            return Ok(Renewal::Lost(format!(
+                "{} now holds {}",
+                e.key,
+                String::from_utf8_lossy(&e.value)
+            )));
+        }
+        if e.is_reservation() {
+            if !own.is_reservation() {
+                log::info!("{} was made a reservation; keeping it one", e.key);
+            }
+            own.lease_id = 0;
+            own.expires = None;
+            own.mod_revision = e.mod_revision;
+            return Ok(Renewal::Renewed);
+        }
+        let (id, ttl) = reg.grant(timing.ttl).await?;
+        let expires = Instant::now() + ttl;
+        if reg
+            .replace(own.subnet, e.mod_revision, &own.value, id)
+            .await?
+        {
+            if e.lease_id != id {
+                reg.revoke(e.lease_id).await;
+            }
+            own.lease_id = id;
+            own.expires = Some(expires);
+            own.mod_revision = current_mod_revision(reg, own.subnet).await?;
+            return Ok(Renewal::Renewed);
+        }
+        reg.revoke(id).await;
+    }
+    Err(EtcdError::Options(format!(
+        "{} keeps changing while we renew it",
+        reg.lease_key(own.subnet)
+    )))
+}
+
+/// Publish a new VTEP MAC in our lease (after the datapath reported a
+/// different one than the lease holds), keeping lease or reservation.
+pub async fn update_mac(
+    reg: &Registry,
+    own: &mut OwnLease,
+    vtep_mac: MacAddr,
+) -> Result<Renewal, EtcdError> {
+    let value = lease::encode_vxlan(own.public_ip, own.vni, vtep_mac);
+    let Some(e) = reg.get_lease(own.subnet).await? else {
+        return Ok(Renewal::Lost(format!(
+            "{} was deleted",
+            reg.lease_key(own.subnet)
+        )));
+    };
+    if e.value != own.value.as_bytes() {
+        return Ok(Renewal::Lost(format!(
+            "{} now holds {}",
+            e.key,
+            String::from_utf8_lossy(&e.value)
+        )));
+    }
+    if !reg
+        .replace(own.subnet, e.mod_revision, &value, e.lease_id)
+        .await?
+    {
+        return Ok(Renewal::Lost(format!(
+            "{} changed while we updated it",
+            e.key
+        )));
+    }
+    own.value = value;
+    own.vtep_mac = vtep_mac;
+    own.lease_id = e.lease_id;
+    own.mod_revision = current_mod_revision(reg, own.subnet).await?;
+    Ok(Renewal::Renewed)
+}
+
+/// Whether a watched entry is our own key still holding our value.
+pub fn is_ours(own: &OwnLease, entry: &Entry) -> bool {
+    entry.subnet() == Some(own.subnet) && entry.value == own.value.as_bytes()
+}

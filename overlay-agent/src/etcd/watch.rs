@@ -1,0 +1,218 @@
+//! Following `<prefix>/subnets/`: a snapshot, then a watch from the next
+//! revision. The watcher never gives up: a broken stream is re-opened from the
+//! last revision seen, with bounded exponential backoff, across whatever
+//! endpoints the client balances over; a watch that fell behind compaction
+//! re-lists and hands the caller a fresh snapshot to diff against.
+
+use std::time::Duration;
+
+use etcd_client::{EventType, WatchOptions, WatchStream};
+
+use super::{Entry, Registry, Snapshot, error_chain};
+
+/// What changed under `<prefix>/subnets/`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WatchEvent {
+    /// Everything there is now (after a compaction or on request): diff
+    /// against what you know.
+    Reset(Snapshot),
+    /// A key was created or changed.
+    Put(Entry),
+    /// A key was deleted or its etcd lease expired.
+    Delete { key: String },
+}
+
+/// Exponential backoff between `min` and `max`.
+#[derive(Clone, Debug)]
+pub struct Backoff {
+    min: Duration,
+    max: Duration,
+    cur: Duration,
+}
+
+impl Backoff {
+    pub fn new(min: Duration, max: Duration) -> Backoff {
+        Backoff { min, max, cur: min }
+    }
+    /// The delay to wait now; the next one doubles, up to `max`.
+    pub fn next_delay(&mut self) -> Duration {
+        let d = self.cur;
+        self.cur = (self.cur * 2).min(self.max);
+        d
+    }
+    pub fn reset(&mut self) {
+        self.cur = self.min;
+    }
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff::new(Duration::from_millis(100), Duration::from_secs(5))
+    }
+}
+
+pub struct LeaseWatcher {
+    reg: Registry,
+    /// The revision to (re)start the watch from.
+    next_revision: i64,
+    stream: Option<WatchStream>,
+    backoff: Backoff,
+    /// Whether the last failure was already logged at warning level.
+    failing: bool,
+}
+
+impl LeaseWatcher {
+    /// Watch from just after `snapshot_revision` (the revision of the list
+    /// the caller started from).
+    pub fn new(reg: Registry, snapshot_revision: i64) -> LeaseWatcher {
+        LeaseWatcher {
+            reg,
+            next_revision: snapshot_revision + 1,
+            stream: None,
+            backoff: Backoff::default(),
+            failing: false,
+        }
+    }
+
+    /// The revision the watch resumes from.
+    pub fn next_revision(&self) -> i64 {
+        self.next_revision
+    }
+
+    /// Wait for the next changes. Never fails: trouble with etcd is logged
+    /// and retried, and the caller simply sees no events meanwhile (so the
+    /// datapath keeps its last state). Cancel-safe: dropping the future
+    /// loses nothing that a later call would not redo.
+    pub async fn next(&mut self) -> Vec<WatchEvent> {
+        loop {
+            if self.stream.is_none() {
+                match self.open().await {
+                    Ok(s) => self.stream = Some(s),
+                    Err(problem) => {
+                        self.trouble(&format!("cannot open the watch: {problem}"));
+                        tokio::time::sleep(self.backoff.next_delay()).await;
+                        continue;
+                    }
+                }
+            }
+            let stream = self.stream.as_mut().expect("opened above");
+            let resp = match stream.message().await {
+                Ok(Some(r)) => r,
+                Ok(None) => {
+                    self.stream = None;
+                    self.trouble("the watch stream ended");
+                    tokio::time::sleep(self.backoff.next_delay()).await;
+                    continue;
+                }
+                Err(e) => {
+                    self.stream = None;
+                    self.trouble(&format!("the watch broke: {}", error_chain(&e)));
+                    tokio::time::sleep(self.backoff.next_delay()).await;
+                    continue;
+                }
+            };
+            if resp.compact_revision() > 0 {
+                self.stream = None;
+                log::warn!(
+                    "etcd compacted past revision {} (compact revision {}): re-listing {}",
+                    self.next_revision,
+                    resp.compact_revision(),
+                    self.reg.subnets_prefix()
+                );
+                match self.reg.list().await {
+                    Ok(snapshot) => {
+                        self.next_revision = snapshot.revision + 1;
+                        self.recovered();
+                        return vec![WatchEvent::Reset(snapshot)];
+                    }
+                    Err(e) => {
+                        self.trouble(&format!("re-list after compaction failed: {e}"));
+                        tokio::time::sleep(self.backoff.next_delay()).await;
+                        continue;
+                    }
+                }
+            }
+            if resp.canceled() {
+                self.stream = None;
+                self.trouble(&format!(
+                    "etcd cancelled the watch: {}",
+                    resp.cancel_reason()
+                ));
+                tokio::time::sleep(self.backoff.next_delay()).await;
+                continue;
+            }
+            self.recovered();
+            let mut out = Vec::with_capacity(resp.events().len());
+            for ev in resp.events() {
+                let Some(kv) = ev.kv() else { continue };
+                // Resume after the last event seen, not after the header's
+                // revision: a catching-up watch delivers history in chunks.
+                self.next_revision = self.next_revision.max(kv.mod_revision() + 1);
+                let key = String::from_utf8_lossy(kv.key()).into_owned();
+                out.push(match ev.event_type() {
+                    EventType::Put => WatchEvent::Put(Entry {
+                        key,
+                        value: kv.value().to_vec(),
+                        lease_id: kv.lease(),
+                        mod_revision: kv.mod_revision(),
+                    }),
+                    EventType::Delete => WatchEvent::Delete { key },
+                });
+            }
+            if !out.is_empty() {
+                return out;
+            }
+        }
+    }
+
+    async fn open(&self) -> Result<WatchStream, String> {
+        let mut c = self.reg.client();
+        let prefix = self.reg.subnets_prefix();
+        let opts = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(self.next_revision);
+        match tokio::time::timeout(self.reg.timeout, c.watch(prefix, Some(opts))).await {
+            Ok(Ok(s)) => Ok(s),
+            Ok(Err(e)) => Err(error_chain(&e)),
+            Err(_) => Err(format!("no answer within {:?}", self.reg.timeout)),
+        }
+    }
+
+    fn trouble(&mut self, what: &str) {
+        if self.failing {
+            log::debug!("etcd watch: {what}; retrying");
+        } else {
+            log::warn!(
+                "etcd watch of {}: {what}; retrying with backoff, the datapath keeps its state",
+                self.reg.subnets_prefix()
+            );
+            self.failing = true;
+        }
+    }
+
+    fn recovered(&mut self) {
+        if self.failing {
+            log::info!(
+                "etcd watch of {} resumed at revision {}",
+                self.reg.subnets_prefix(),
+                self.next_revision
+            );
+            self.failing = false;
+        }
+        self.backoff.reset();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_bound_and_resets() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(700));
+        let got: Vec<u128> = (0..6).map(|_| b.next_delay().as_millis()).collect();
+        assert_eq!(got, vec![100, 200, 400, 700, 700, 700]);
+        b.reset();
+        assert_eq!(b.next_delay(), Duration::from_millis(100));
+    }
+}
