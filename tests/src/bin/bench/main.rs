@@ -1,0 +1,361 @@
+//! `cargo xtask bench`: the same two-host lab in every mode (plain routing,
+//! kernel vxlan, eBPF with TC or XDP+TC ingress), measured interleaved and
+//! repeated; medians, ratios, a markdown report, an SVG chart and `--json`.
+
+mod modes;
+mod report;
+mod svg;
+mod tools;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use anyhow::{Context as _, Result, bail};
+
+use modes::{Mode, ModeLab};
+use report::{Context, Metric, Results};
+
+const USAGE: &str = "\
+usage: bench [--quick] [--repeats N] [--duration SECS] [--modes LIST] [--out DIR] [--json]
+
+  --repeats N      rounds over all modes (default 3)
+  --duration SECS  length of each measurement (default 4)
+  --modes LIST     comma-separated: plain,kernel,ebpf-tc,ebpf-xdp (default all)
+  --quick          smoke run: 1 repeat of 1 s; writes to target/bench-quick/ unless --out
+  --out DIR        where benchmark.md and benchmark.svg go (default docs/, which also
+                   updates the table in README.md)
+  --json           print the results as JSON on stdout";
+
+struct Args {
+    repeats: u32,
+    secs: u32,
+    modes: Vec<Mode>,
+    out: PathBuf,
+    update_readme: bool,
+    json: bool,
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn parse_args(args: &[String]) -> Result<Option<Args>> {
+    let mut a = Args {
+        repeats: 3,
+        secs: 4,
+        modes: Mode::ALL.to_vec(),
+        out: workspace_root().join("docs"),
+        update_readme: true,
+        json: false,
+    };
+    let mut out = None;
+    let mut quick = false;
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        let mut value = || it.next().with_context(|| format!("{arg} needs a value"));
+        match arg.as_str() {
+            "-h" | "--help" => return Ok(None),
+            "--quick" => quick = true,
+            "--json" => a.json = true,
+            "--repeats" => a.repeats = value()?.parse().context("--repeats")?,
+            "--duration" => a.secs = value()?.parse().context("--duration")?,
+            "--out" => out = Some(PathBuf::from(value()?)),
+            "--modes" => {
+                a.modes = value()?
+                    .split(',')
+                    .map(Mode::parse)
+                    .collect::<Result<_>>()?;
+            }
+            other => bail!("unknown argument {other:?}\n{USAGE}"),
+        }
+    }
+    if quick {
+        a.repeats = 1;
+        a.secs = 1;
+    }
+    match out {
+        Some(dir) => {
+            a.update_readme = false;
+            a.out = dir;
+        }
+        None if quick => {
+            a.update_readme = false;
+            a.out = workspace_root().join("target/bench-quick");
+        }
+        None => {}
+    }
+    if a.repeats == 0 || a.secs == 0 || a.modes.is_empty() {
+        bail!("repeats, duration and modes must be non-zero");
+    }
+    a.modes.sort();
+    a.modes.dedup();
+    Ok(Some(a))
+}
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// Ctrl-C or SIGTERM ends the measuring loop; the labs are still torn down.
+fn catch_signals() {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
+    }
+}
+
+fn main() -> Result<()> {
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let Some(args) = parse_args(&argv)? else {
+        println!("{USAGE}");
+        return Ok(());
+    };
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!(
+            "the benchmark builds network namespaces and loads eBPF: run it as root (cargo xtask bench)"
+        );
+    }
+    catch_signals();
+    let started = Instant::now();
+    let per_round = 4 * args.secs + 4;
+    eprintln!(
+        "bench: modes {}; {} repeats x {} figures x {} s: about {} s of measuring",
+        args.modes
+            .iter()
+            .map(|m| m.name())
+            .collect::<Vec<_>>()
+            .join(", "),
+        args.repeats,
+        4,
+        args.secs,
+        per_round as usize * args.modes.len() * args.repeats as usize
+    );
+    let load_before = loadavg();
+
+    let mut results = Results::default();
+    let mut labs = Vec::new();
+    for mode in &args.modes {
+        eprintln!("bench: building the {} lab", mode.name());
+        match ModeLab::build(*mode) {
+            Ok(l) => labs.push(l),
+            Err(e) => {
+                eprintln!("bench: {} lab failed: {e:#}", mode.name());
+                results.errors.push((*mode, format!("lab setup: {e:#}")));
+            }
+        }
+    }
+
+    'rounds: for round in 0..args.repeats {
+        // Rotate the order so no mode always runs first (or right after another).
+        for i in 0..labs.len() {
+            if INTERRUPTED.load(Ordering::SeqCst) {
+                break 'rounds;
+            }
+            let lab = &labs[(i + round as usize) % labs.len()];
+            if let Err(e) = measure(lab, args.secs, &mut results) {
+                eprintln!("bench: {} round {}: {e:#}", lab.mode.name(), round + 1);
+                results
+                    .errors
+                    .push((lab.mode, format!("round {}: {e:#}", round + 1)));
+            }
+        }
+    }
+    let interrupted = INTERRUPTED.load(Ordering::SeqCst);
+
+    for lab in labs {
+        if lab.mode.is_ebpf() {
+            for r in lab.reports() {
+                results.counters.push((lab.mode, r));
+            }
+        }
+        if let Err(e) = lab.destroy() {
+            eprintln!("bench: {e:#}");
+        }
+    }
+    if interrupted {
+        bail!("interrupted; labs torn down, nothing written");
+    }
+
+    let ctx = context(&args, load_before, started.elapsed().as_secs_f64());
+    let md = report::markdown(&results, &ctx);
+    let chart = svg::chart(
+        &results,
+        &format!(
+            "Two-host lab, {} (medians of {} runs)",
+            ctx.date, ctx.repeats
+        ),
+    );
+    std::fs::create_dir_all(&args.out)?;
+    std::fs::write(args.out.join("benchmark.md"), &md)?;
+    std::fs::write(args.out.join("benchmark.svg"), &chart)?;
+    if args.update_readme {
+        update_readme(&results, &ctx)?;
+    }
+    eprintln!(
+        "\n{}\n{}",
+        report::table(&results),
+        report::targets(&results)
+    );
+    eprintln!(
+        "bench: wrote {} and benchmark.svg{} in {:.0} s",
+        args.out.join("benchmark.md").display(),
+        if args.update_readme {
+            ", and the table in README.md"
+        } else {
+            ""
+        },
+        ctx.wall_secs
+    );
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report::json(&results, &ctx))?
+        );
+    }
+    if results.samples.is_empty() {
+        bail!("nothing was measured");
+    }
+    Ok(())
+}
+
+fn measure(lab: &ModeLab, secs: u32, results: &mut Results) -> Result<()> {
+    let (c1, h2) = (&lab.lab.host(1).container_ns, lab.lab.host(2));
+    let dst = h2.container_ip;
+    let name = lab.mode.name();
+    let tcp1 = tools::tcp_gbps(c1, dst, 1, secs)?;
+    results.push(lab.mode, Metric::Tcp1, tcp1);
+    let tcp4 = tools::tcp_gbps(c1, dst, 4, secs)?;
+    results.push(lab.mode, Metric::Tcp4, tcp4);
+    let pps = tools::udp_pps(c1, dst, secs)?;
+    results.push(lab.mode, Metric::Udp64, pps / 1e3);
+    let rtt = tools::rtt(c1, dst, secs)?;
+    results.push(lab.mode, Metric::RttP50, rtt.p50_us);
+    results.push(lab.mode, Metric::RttP99, rtt.p99_us);
+    eprintln!(
+        "bench: {name:9} tcp1 {tcp1:6.2} Gbit/s  tcp4 {tcp4:6.2} Gbit/s  udp64 {:7.0} kpps  rtt p50 {:6.1} µs p99 {:6.1} µs",
+        pps / 1e3,
+        rtt.p50_us,
+        rtt.p99_us
+    );
+    Ok(())
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+fn first_line(program: &str, args: &[&str]) -> String {
+    std::process::Command::new(program)
+        .args(args)
+        .output()
+        .map(|o| {
+            let text = String::from_utf8_lossy(&o.stdout).into_owned()
+                + &String::from_utf8_lossy(&o.stderr);
+            text.lines()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("")
+                .trim()
+                .to_owned()
+        })
+        .unwrap_or_default()
+}
+
+fn context(args: &Args, load_before: String, wall_secs: f64) -> Context {
+    let root = workspace_root();
+    let root = root.to_string_lossy();
+    let mut commit = first_line("git", &["-C", &root, "rev-parse", "--short", "HEAD"]);
+    if !first_line(
+        "git",
+        &["-C", &root, "status", "--porcelain", "--untracked-files=no"],
+    )
+    .is_empty()
+    {
+        commit.push_str(" + uncommitted changes");
+    }
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    let sockperf = first_line("sockperf", &["--version"]);
+    Context {
+        date: first_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
+        commit,
+        kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+            .to_owned(),
+        cpu,
+        cores: std::thread::available_parallelism().map_or(0, |n| n.get()),
+        load_before,
+        load_after: loadavg(),
+        repeats: args.repeats,
+        secs: args.secs,
+        tools: format!(
+            "{}, {}",
+            first_line("iperf3", &["--version"]),
+            sockperf.trim_start_matches("sockperf: ")
+        ),
+        wall_secs,
+    }
+}
+
+const README_START: &str = "<!-- bench:start -->";
+const README_END: &str = "<!-- bench:end -->";
+
+/// Replaces the benchmark section of README.md with this run's table.
+fn update_readme(results: &Results, ctx: &Context) -> Result<()> {
+    let path = workspace_root().join("README.md");
+    let readme = std::fs::read_to_string(&path).context("reading README.md")?;
+    let (Some(a), Some(b)) = (readme.find(README_START), readme.find(README_END)) else {
+        bail!("README.md has no {README_START} ... {README_END} section");
+    };
+    let body = format!(
+        "{README_START}\nMeasured {} on {} ({} cores, kernel {}), commit {}, medians of {} interleaved runs of {} s; details in [docs/benchmark.md](docs/benchmark.md).\n\n{}{README_END}",
+        ctx.date,
+        ctx.cpu,
+        ctx.cores,
+        ctx.kernel,
+        ctx.commit,
+        ctx.repeats,
+        ctx.secs,
+        report::table(results)
+    );
+    let updated = format!("{}{body}{}", &readme[..a], &readme[b + README_END.len()..]);
+    std::fs::write(&path, updated).context("writing README.md")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(s: &str) -> Result<Option<Args>> {
+        parse_args(&s.split_whitespace().map(String::from).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn quick_is_short_and_does_not_touch_docs() {
+        let a = args("--quick").unwrap().unwrap();
+        assert_eq!((a.repeats, a.secs, a.update_readme), (1, 1, false));
+        assert!(a.out.ends_with("target/bench-quick"));
+        let a = args("--modes kernel,plain,kernel --repeats 5")
+            .unwrap()
+            .unwrap();
+        assert_eq!(a.modes, [Mode::Plain, Mode::Kernel]);
+        assert_eq!((a.repeats, a.secs, a.update_readme), (5, 4, true));
+        assert!(args("--modes ebpf").is_err());
+        assert!(args("--repeats").is_err());
+        assert!(args("--bogus").is_err());
+        assert!(args("--help").unwrap().is_none());
+    }
+}

@@ -1,0 +1,133 @@
+//! The same two-host lab in each mode the benchmark compares: plain routing
+//! (no overlay: the ceiling), our kernel-vxlan datapath (what flannel users
+//! have), and our eBPF datapath with TC-only or XDP+TC ingress.
+
+use anyhow::{Result, bail};
+use overlay_agent::datapath::ebpf::IngressMode;
+use overlay_tests::{
+    lab::{Lab, LabSpec},
+    overlay::{self, Kind, Member, Overlay},
+    traffic,
+};
+
+use crate::tools::Servers;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Mode {
+    Plain,
+    Kernel,
+    EbpfTc,
+    EbpfXdp,
+}
+
+impl Mode {
+    pub const ALL: [Mode; 4] = [Mode::Plain, Mode::Kernel, Mode::EbpfTc, Mode::EbpfXdp];
+
+    /// The name used on the command line and in JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Plain => "plain",
+            Mode::Kernel => "kernel",
+            Mode::EbpfTc => "ebpf-tc",
+            Mode::EbpfXdp => "ebpf-xdp",
+        }
+    }
+
+    /// The column heading in the report.
+    pub fn label(self) -> &'static str {
+        match self {
+            Mode::Plain => "plain routing",
+            Mode::Kernel => "kernel vxlan",
+            Mode::EbpfTc => "eBPF (TC ingress)",
+            Mode::EbpfXdp => "eBPF (XDP+TC ingress)",
+        }
+    }
+
+    pub fn is_ebpf(self) -> bool {
+        matches!(self, Mode::EbpfTc | Mode::EbpfXdp)
+    }
+
+    pub fn parse(s: &str) -> Result<Mode> {
+        match s {
+            "ebpf" => bail!("say ebpf-tc or ebpf-xdp"),
+            _ => Mode::ALL
+                .into_iter()
+                .find(|m| m.name() == s)
+                .ok_or_else(|| {
+                    anyhow::anyhow!("unknown mode {s:?} (plain, kernel, ebpf-tc, ebpf-xdp)")
+                }),
+        }
+    }
+
+    /// Lab names are part of namespace names: at most 8 letters/digits.
+    fn lab_name(self) -> &'static str {
+        match self {
+            Mode::Plain => "bplain",
+            Mode::Kernel => "bkernel",
+            Mode::EbpfTc => "bebpftc",
+            Mode::EbpfXdp => "bebpfxdp",
+        }
+    }
+}
+
+/// A lab brought up in one mode, with the servers running in host 2's container.
+/// Fields drop in order: servers, then the datapaths, then the namespaces.
+pub struct ModeLab {
+    pub mode: Mode,
+    servers: Option<Servers>,
+    members: Vec<Member>,
+    pub lab: Lab,
+}
+
+impl ModeLab {
+    pub fn build(mode: Mode) -> Result<ModeLab> {
+        let lab = Lab::build(&LabSpec::new(mode.lab_name(), 2))?;
+        let mut ml = ModeLab {
+            mode,
+            servers: None,
+            members: Vec::new(),
+            lab,
+        };
+        let (h1, h2) = (ml.lab.host(1).clone(), ml.lab.host(2).clone());
+        let kind = match mode {
+            Mode::Plain => None,
+            Mode::Kernel => Some(Kind::Kernel),
+            Mode::EbpfTc => Some(Kind::Ebpf(IngressMode::Tc)),
+            Mode::EbpfXdp => Some(Kind::Ebpf(IngressMode::XdpAndTc)),
+        };
+        match kind {
+            None => ml.lab.route_plain()?,
+            Some(kind) => {
+                for h in [&h1, &h2] {
+                    ml.members.push(Member::join(h, kind, Overlay::default())?);
+                }
+                overlay::mesh(&ml.members.iter().collect::<Vec<_>>())?;
+            }
+        }
+        // Resolves neighbours and proves the path before anything is timed.
+        traffic::ping(&h1.container_ns, h2.container_ip, 3)?;
+        ml.servers = Some(Servers::start(&h2.container_ns, h2.container_ip)?);
+        Ok(ml)
+    }
+
+    /// The eBPF counters per host (nothing for plain routing and kernel vxlan).
+    pub fn reports(&self) -> Vec<String> {
+        self.members
+            .iter()
+            .filter_map(|m| match m.counters() {
+                Ok(Some(c)) => Some(format!("host {}: {c}", m.host.index)),
+                Ok(None) => None,
+                Err(e) => Some(format!("host {}: no counters: {e:#}", m.host.index)),
+            })
+            .collect()
+    }
+
+    pub fn destroy(mut self) -> Result<()> {
+        self.servers = None;
+        // Dropping a member tears its datapath down on its own thread.
+        self.members.clear();
+        self.lab
+            .destroy()
+            .map_err(|e| e.context(format!("tearing down the {} lab", self.mode.name())))
+    }
+}
