@@ -35,3 +35,22 @@ pub const PROG_INGRESS_TC: &str = "vxlan_ingress_tc";
 /// Capacity of the remote-subnet and known-VTEP maps (flannel clusters of a few
 /// thousand nodes fit comfortably).
 pub const MAX_PEERS: u32 = 16384;
+
+/// Outer TTL: the kernel vxlan device flannel creates has no `ttl` set and so
+/// uses the route's hop limit, which is the default 64.
+pub const OUTER_TTL: u8 = 64;
+
+/// The UDP source port range of the kernel vxlan device when no `srcport` is
+/// configured (flannel configures none): the netns' default
+/// `ip_local_port_range` (32768 60999), used as the half-open `[min, max)`
+/// by `udp_flow_src_port`, so the largest port ever chosen is 60998.
+pub const VXLAN_SRC_PORT_MIN: u16 = 32768;
+pub const VXLAN_SRC_PORT_MAX: u16 = 60999;
+
+/// XDP metadata word (native endian) that `vxlan_ingress_xdp` writes in front of
+/// a frame it has decapsulated, so that `vxlan_ingress_tc` on the same device
+/// only has to redirect it into `flannel.<VNI>`. Only XDP can write metadata,
+/// so a peer cannot forge it.
+pub const XDP_META_DECAPSULATED: u32 = 0x7678_6c6e;
+/// Length of the XDP metadata area `vxlan_ingress_xdp` reserves.
+pub const XDP_META_LEN: usize = 4;

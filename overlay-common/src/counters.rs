@@ -35,19 +35,29 @@ pub enum Reason {
     DropWrongInnerMac = 11,
     /// Ingress: the inner frame is not IPv4 (e.g. ARP); the kernel's vxlan device gets it as under flannel.
     PassInnerNotIpv4 = 12,
-    /// The node settings map is not filled in yet.
+    /// Reserved: the programs pass (see [`Reason::PassNotConfigured`]) rather than
+    /// drop while unconfigured. Kept so that the indices after it stay stable.
     DropNotConfigured = 13,
-    /// A helper that resizes or rewrites the packet failed.
+    /// A helper that rewrites the packet failed after it had been changed, so
+    /// neither the kernel nor the peer could make sense of it any more.
     DropAdjustFailed = 14,
     /// The redirect to the underlay NIC or to `flannel.<VNI>` failed.
     DropRedirectFailed = 15,
+    /// The node settings map is not filled in yet, so nothing can be classified
+    /// as ours: the packet continues on the kernel path untouched (dropping would
+    /// cut the underlay off while the agent starts).
+    PassNotConfigured = 16,
+    /// `bpf_skb_adjust_room` refused the packet before changing it (e.g. egress
+    /// of a packet a pod already encapsulated itself); the kernel's vxlan
+    /// device handles it.
+    PassAdjustRefused = 17,
 }
 
 impl Reason {
     /// Number of slots in the counter array (room left to append reasons).
     pub const SLOTS: u32 = 32;
 
-    pub const ALL: [Reason; 16] = [
+    pub const ALL: [Reason; 18] = [
         Reason::Encapsulated,
         Reason::Decapsulated,
         Reason::PassNotIpv4,
@@ -64,6 +74,8 @@ impl Reason {
         Reason::DropNotConfigured,
         Reason::DropAdjustFailed,
         Reason::DropRedirectFailed,
+        Reason::PassNotConfigured,
+        Reason::PassAdjustRefused,
     ];
 
     /// Stable snake_case name used in logs, `status` output and metrics labels.
@@ -85,11 +97,27 @@ impl Reason {
             Reason::DropNotConfigured => "drop_not_configured",
             Reason::DropAdjustFailed => "drop_adjust_failed",
             Reason::DropRedirectFailed => "drop_redirect_failed",
+            Reason::PassNotConfigured => "pass_not_configured",
+            Reason::PassAdjustRefused => "pass_adjust_refused",
         }
     }
 
     pub const fn index(self) -> u32 {
         self as u32
+    }
+
+    /// True for the reasons under which a program drops the packet.
+    pub const fn is_drop(self) -> bool {
+        matches!(
+            self,
+            Reason::DropUnknownVtep
+                | Reason::DropWrongVni
+                | Reason::DropMalformed
+                | Reason::DropWrongInnerMac
+                | Reason::DropNotConfigured
+                | Reason::DropAdjustFailed
+                | Reason::DropRedirectFailed
+        )
     }
 }
 
@@ -103,3 +131,31 @@ pub struct Counter {
 
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for Counter {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn all_lists_every_slot_in_index_order() {
+        for (i, reason) in Reason::ALL.iter().enumerate() {
+            assert_eq!(reason.index() as usize, i);
+        }
+        assert!(Reason::ALL.len() as u32 <= Reason::SLOTS);
+    }
+
+    #[test]
+    fn names_are_unique_and_prefixed_by_the_verdict() {
+        for (i, a) in Reason::ALL.iter().enumerate() {
+            for b in &Reason::ALL[i + 1..] {
+                assert_ne!(a.name(), b.name());
+            }
+            let name = a.name();
+            if a.is_drop() {
+                assert!(name.starts_with("drop_"), "{name}");
+            } else {
+                assert!(!name.starts_with("drop_"), "{name}");
+            }
+        }
+    }
+}

@@ -7,6 +7,11 @@
 //! call into this crate, and apply the resulting decision.
 #![no_std]
 
+pub mod checksum;
 pub mod consts;
 pub mod counters;
+pub mod egress;
+pub mod encap;
+pub mod flow;
+pub mod ingress;
 pub mod maps;

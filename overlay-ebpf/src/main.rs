@@ -1,19 +1,26 @@
+//! The overlay's TC and XDP programs. Each entry point copies a fixed header
+//! window out of the packet, lets `overlay_common` decide, applies the
+//! decision and counts it; see `overlay_common::{egress, ingress, encap}`.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
 #[cfg(target_arch = "bpf")]
-mod progs {
-    use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+mod count;
+#[cfg(target_arch = "bpf")]
+mod egress;
+#[cfg(target_arch = "bpf")]
+mod ingress_tc;
+#[cfg(target_arch = "bpf")]
+mod ingress_xdp;
+#[cfg(target_arch = "bpf")]
+mod maps;
+#[cfg(target_arch = "bpf")]
+mod skb;
 
-    #[xdp]
-    pub fn vxlan_ingress_xdp(_ctx: XdpContext) -> u32 {
-        xdp_action::XDP_PASS
-    }
-
-    #[panic_handler]
-    fn panic(_info: &core::panic::PanicInfo) -> ! {
-        loop {}
-    }
+#[cfg(target_arch = "bpf")]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
 }
 
 #[cfg(not(target_arch = "bpf"))]

@@ -1,0 +1,163 @@
+//! `vxlan_ingress_tc`: TC ingress on the underlay NIC. Delivers what
+//! `vxlan_ingress_xdp` decapsulated into `flannel.<VNI>`, and classifies and
+//! decapsulates by itself everything XDP left alone (no XDP attached, frames
+//! XDP does not look at, GSO aggregates built after XDP).
+
+use aya_ebpf::{
+    bindings::{
+        BPF_CSUM_LEVEL_DEC, BPF_F_ADJ_ROOM_FIXED_GSO, BPF_F_INGRESS, TC_ACT_OK, TC_ACT_REDIRECT,
+        TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+    },
+    helpers::generated::{bpf_csum_level, bpf_redirect},
+    macros::classifier,
+    programs::TcContext,
+};
+use overlay_common::{
+    consts::{ETH_HDR_LEN, UDP_HDR_LEN, XDP_META_DECAPSULATED, XDP_META_LEN},
+    counters::Reason,
+    ingress::{
+        DECAP_LEN, INGRESS_TAIL_OFFSET, INGRESS_WINDOW_LEN, IngressPacket, IngressVerdict,
+        IngressWindow, UDP_OFFSET, classify_ingress, outer_l4_offset,
+    },
+    maps::NodeConfig,
+};
+
+use crate::{
+    count::count,
+    maps::{KNOWN_VTEPS, NODE_CONFIG},
+    skb,
+};
+
+/// Whether `bpf_skb_adjust_room(-50, MAC, FIXED_GSO)` leaves a GSO UDP-tunnel
+/// aggregate in a state the stack delivers correctly on this kernel (measured
+/// on 6.18; see the report in the repository history).
+const DECAP_GSO: bool = false;
+
+#[classifier]
+pub fn vxlan_ingress_tc(ctx: TcContext) -> i32 {
+    let len = ctx.len();
+    let Some(cfg) = NODE_CONFIG.get(0) else {
+        count(Reason::PassNotConfigured, len);
+        return TC_ACT_OK;
+    };
+    if decapsulated_by_xdp(&ctx) {
+        // XDP counted it as decapsulated; only a failure is left to count.
+        return deliver(cfg, len, None);
+    }
+
+    let Some(window) = load_window(&ctx, len) else {
+        count(Reason::DropMalformed, len);
+        return TC_ACT_SHOT;
+    };
+    let pkt = IngressPacket {
+        len,
+        gso: skb::is_gso(&ctx),
+    };
+    let verdict = classify_ingress(&window, pkt, cfg, DECAP_GSO, |ip| {
+        KNOWN_VTEPS.get_ptr(ip).is_some()
+    });
+    match verdict {
+        IngressVerdict::Pass(reason) => {
+            count(reason, len);
+            TC_ACT_OK
+        }
+        IngressVerdict::Drop(reason) => {
+            count(reason, len);
+            TC_ACT_SHOT
+        }
+        IngressVerdict::Decap { inner_eth } => {
+            // FIXED_GSO: a GSO packet keeps its gso_size (the inner MSS).
+            if ctx
+                .adjust_room(
+                    -(DECAP_LEN as i32),
+                    BPF_ADJ_ROOM_MAC,
+                    BPF_F_ADJ_ROOM_FIXED_GSO as u64,
+                )
+                .is_err()
+            {
+                count(Reason::PassAdjustRefused, len);
+                return TC_ACT_OK;
+            }
+            // The outer Ethernet header stayed in front: make it the inner one,
+            // so flannel.<VNI> sees a frame addressed to its own MAC.
+            if ctx.store(0, &inner_eth, 0).is_err() {
+                count(Reason::DropAdjustFailed, len);
+                return TC_ACT_SHOT;
+            }
+            // A checksum the NIC validated was the outer one (or none, as UDP
+            // checksum 0): it says nothing about the inner packet any more.
+            unsafe { bpf_csum_level(ctx.skb.skb, BPF_CSUM_LEVEL_DEC as u64) };
+            deliver(cfg, len, Some(Reason::Decapsulated))
+        }
+    }
+}
+
+/// Hands the (decapsulated) frame to `flannel.<VNI>`'s receive path, so the
+/// stack sees it arriving there: rp_filter, conntrack and `iptables -i
+/// flannel.<VNI>` behave as under flannel.
+#[inline(always)]
+fn deliver(cfg: &NodeConfig, len: u32, success: Option<Reason>) -> i32 {
+    let ret = if cfg.vxlan_ifindex == 0 {
+        i64::from(TC_ACT_SHOT)
+    } else {
+        unsafe { bpf_redirect(cfg.vxlan_ifindex, BPF_F_INGRESS as u64) }
+    };
+    if ret != i64::from(TC_ACT_REDIRECT) {
+        count(Reason::DropRedirectFailed, len);
+        return TC_ACT_SHOT;
+    }
+    if let Some(reason) = success {
+        count(reason, len);
+    }
+    TC_ACT_REDIRECT
+}
+
+/// True if `vxlan_ingress_xdp` left its mark in the XDP metadata.
+#[inline(always)]
+fn decapsulated_by_xdp(ctx: &TcContext) -> bool {
+    let meta = unsafe { (*ctx.skb.skb).data_meta } as usize;
+    let data = ctx.data();
+    if meta + XDP_META_LEN > data {
+        return false;
+    }
+    let mark = unsafe { core::ptr::read_unaligned(meta as *const u32) };
+    mark == XDP_META_DECAPSULATED
+}
+
+/// Copies the classification window: Ethernet and the fixed IPv4 header from
+/// the start, UDP/VXLAN/inner Ethernet from where the IPv4 header really ends.
+/// Bytes a short frame does not have are zero (the classifier checks lengths
+/// first). `None` only if the kernel refused a copy within `len`.
+#[inline(always)]
+fn load_window(ctx: &TcContext, len: u32) -> Option<IngressWindow> {
+    let len = len as usize;
+    let mut w = if len >= INGRESS_WINDOW_LEN {
+        skb::load_head::<INGRESS_WINDOW_LEN>(ctx)?
+    } else {
+        let mut w = [0u8; INGRESS_WINDOW_LEN];
+        if len >= INGRESS_TAIL_OFFSET {
+            if !skb::load::<INGRESS_TAIL_OFFSET, INGRESS_WINDOW_LEN>(ctx, 0, &mut w, 0) {
+                return None;
+            }
+        } else {
+            if len >= ETH_HDR_LEN
+                && !skb::load::<ETH_HDR_LEN, INGRESS_WINDOW_LEN>(ctx, 0, &mut w, 0)
+            {
+                return None;
+            }
+            return Some(w);
+        }
+        w
+    };
+    let l4 = outer_l4_offset(w[14]);
+    // With IPv4 options only the UDP header matters (to drop strangers): such
+    // frames are never decapsulated here.
+    let tail_missing = l4 != INGRESS_TAIL_OFFSET || len < INGRESS_WINDOW_LEN;
+    if tail_missing
+        && l4 + UDP_HDR_LEN <= len
+        && !skb::load::<UDP_HDR_LEN, INGRESS_WINDOW_LEN>(ctx, l4, &mut w, UDP_OFFSET)
+    {
+        return None;
+    }
+    Some(w)
+}
