@@ -28,10 +28,15 @@ use crate::{
     skb,
 };
 
-/// Whether `bpf_skb_adjust_room(-50, MAC, FIXED_GSO)` leaves a GSO UDP-tunnel
-/// aggregate in a state the stack delivers correctly on this kernel (measured
-/// on 6.18; see the report in the repository history).
-const DECAP_GSO: bool = false;
+/// GSO UDP-tunnel aggregates (a peer's TSO packet that crossed a veth whole,
+/// or what GRO merged) are decapsulated here too. Measured on 6.18:
+/// `bpf_skb_adjust_room(-50, MAC, FIXED_GSO)` keeps them deliverable (local TCP,
+/// bridge + veth forwarding, forced software segmentation: byte-exact streams).
+/// The skb keeps `encapsulation` and `SKB_GSO_UDP_TUNNEL` (no helper clears
+/// them before the DECAP_L4 flags of newer kernels), which the stack ignores
+/// once the outer protocol is TCP. Passing them to the kernel instead would
+/// send all bulk TCP through the vxlan device.
+const DECAP_GSO: bool = true;
 
 #[classifier]
 pub fn vxlan_ingress_tc(ctx: TcContext) -> i32 {
