@@ -43,8 +43,18 @@ enum Cmd {
     },
 }
 
-fn main() -> Result<()> {
-    match Cli::parse().cmd {
+fn main() {
+    // Errors are reported in one line (with their causes), not with the
+    // backtrace anyhow would add under RUST_BACKTRACE: the failing command's
+    // own output above it is what matters.
+    if let Err(e) = dispatch(Cli::parse().cmd) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn dispatch(cmd: Cmd) -> Result<()> {
+    match cmd {
         Cmd::Setup => setup::ensure(),
         Cmd::Build => {
             setup::ensure()?;

@@ -43,14 +43,8 @@ pub fn run(filters: &[String]) -> Result<()> {
         ])),
     );
     step("clippy (bpf)", run::status(&mut clippy_bpf()));
-    let totals = cargo_test(filters);
-    let totals = match totals {
-        Ok(t) => t,
-        Err(e) => {
-            step("cargo test", Err(e));
-            Totals::default()
-        }
-    };
+    let (totals, tested) = cargo_test(filters);
+    step("cargo test", tested);
 
     eprintln!();
     if failed.is_empty() {
@@ -94,8 +88,14 @@ fn clippy_bpf() -> Command {
 /// Runs `cargo test` over the workspace with the ignored (root-only) tests
 /// included, one test at a time because the end-to-end tests share kernel
 /// state (namespaces, bpffs, XDP on shared devices). Output is passed through
-/// unchanged; the `test result:` lines are summed.
-fn cargo_test(filters: &[String]) -> Result<Totals> {
+/// unchanged; the `test result:` lines are summed, also when some failed.
+fn cargo_test(filters: &[String]) -> (Totals, Result<()>) {
+    let mut totals = Totals::default();
+    let result = run_cargo_test(filters, &mut totals);
+    (totals, result)
+}
+
+fn run_cargo_test(filters: &[String], totals: &mut Totals) -> Result<()> {
     let mut cmd = run::cargo();
     cmd.args([
         "test",
@@ -118,7 +118,6 @@ fn cargo_test(filters: &[String]) -> Result<Totals> {
         .stdout(Stdio::piped())
         .spawn()
         .with_context(|| format!("cannot start `{line}`"))?;
-    let mut totals = Totals::default();
     let stdout = child.stdout.take().expect("piped");
     for l in BufReader::new(stdout).lines() {
         let l = l?;
@@ -131,7 +130,7 @@ fn cargo_test(filters: &[String]) -> Result<Totals> {
     if !st.success() {
         bail!("`{line}` failed ({st}); {} test(s) failed", totals.failed);
     }
-    Ok(totals)
+    Ok(())
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
