@@ -6,7 +6,7 @@
 mod common;
 
 use anyhow::{Context, Result, ensure};
-use common::{Lab, Node, cmd, cmd_fails, ping};
+use common::{Lab, Node, cmd, cmd_fails, expect_peer_entries, ping};
 use overlay_agent::{
     datapath::{Datapath, NodeSpec, Peer, kernel::KernelDatapath},
     mac::MacAddr,
@@ -248,36 +248,4 @@ fn peers(w: &Node<KernelDatapath>) -> Result<Vec<Peer>> {
 fn ifindex(ns: &str, dev: &str) -> Result<u32> {
     let out = cmd(&format!("ip -n {ns} -o link show {dev}"))?;
     Ok(out.split(':').next().context("ifindex")?.trim().parse()?)
-}
-
-/// The three entries flannel programs for `peer`, as iproute2 shows them.
-fn expect_peer_entries(node: &common::LabNode, peer: &Peer) -> Result<()> {
-    let gw = peer.subnet.network();
-    let neigh = cmd(&format!("ip -n {} neigh show dev flannel.1", node.ns))?;
-    let fdb = cmd(&format!("bridge -n {} fdb show dev flannel.1", node.ns))?;
-    let routes = cmd(&format!("ip -n {} route", node.ns))?;
-    eprintln!(
-        "[{}] ip neigh show dev flannel.1\n{neigh}[{0}] bridge fdb show dev flannel.1\n{fdb}[{0}] ip route\n{routes}",
-        node.ns
-    );
-    let want_neigh = format!("{gw} lladdr {} PERMANENT", peer.vtep_mac);
-    let want_fdb = format!("{} dst {} self permanent", peer.vtep_mac, peer.public_ip);
-    let want_route = format!("{} via {gw} dev flannel.1 onlink", peer.subnet);
-    ensure!(
-        neigh.lines().any(|l| l.trim() == want_neigh),
-        "`{want_neigh}` missing:\n{neigh}"
-    );
-    ensure!(
-        fdb.lines().any(|l| l.trim() == want_fdb),
-        "`{want_fdb}` missing:\n{fdb}"
-    );
-    ensure!(
-        routes.lines().any(|l| l.trim() == want_route),
-        "`{want_route}` missing:\n{routes}"
-    );
-    ensure!(
-        fdb.lines().filter(|l| l.contains(" dst ")).count() == 1,
-        "exactly one unicast FDB entry expected:\n{fdb}"
-    );
-    Ok(())
 }

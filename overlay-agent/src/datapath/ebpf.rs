@@ -373,7 +373,7 @@ impl EbpfDatapath {
             HashMap::try_from(map).map_err(|e| EbpfError::map(MAP_KNOWN_VTEPS, "open", e))?;
         match vteps.get(&ip.octets(), 0) {
             Ok(_) => Ok(true),
-            Err(MapError::KeyNotFound) => Ok(false),
+            Err(e) if is_missing(&e) => Ok(false),
             Err(e) => Err(EbpfError::map(MAP_KNOWN_VTEPS, format!("look up {ip}"), e).into()),
         }
     }
@@ -526,7 +526,7 @@ fn insert_peer(ebpf: &mut Ebpf, peer: &Peer) -> Result<(), EbpfError> {
     let key = subnet_key(peer.subnet);
     let previous = match remote_subnets(ebpf)?.get(&key, 0) {
         Ok(v) => Some(v.public_ip),
-        Err(MapError::KeyNotFound) => None,
+        Err(e) if is_missing(&e) => None,
         Err(e) => {
             return Err(EbpfError::map(
                 MAP_REMOTE_SUBNETS,
@@ -551,31 +551,22 @@ fn remove_peer_entries(ebpf: &mut Ebpf, peer: &Peer) -> Result<(), EbpfError> {
     let key = subnet_key(peer.subnet);
     let stored = match remote_subnets(ebpf)?.get(&key, 0) {
         Ok(v) => Some(v.public_ip),
-        Err(MapError::KeyNotFound) => None,
+        Err(e) if is_missing(&e) => None,
         Err(e) => {
-            return Err(EbpfError::map(
-                MAP_REMOTE_SUBNETS,
-                format!("look up {}", peer.subnet),
-                e,
-            ));
+            let op = format!("look up {}", peer.subnet);
+            return Err(EbpfError::map(MAP_REMOTE_SUBNETS, op, e));
         }
     };
-    if stored.is_some() {
-        match remote_subnets(ebpf)?.remove(&key) {
-            Ok(()) | Err(MapError::KeyNotFound) => {}
-            Err(e) => {
-                return Err(EbpfError::map(
-                    MAP_REMOTE_SUBNETS,
-                    format!("remove {}", peer.subnet),
-                    e,
-                ));
-            }
-        }
-    }
-    for ip in [Some(peer.public_ip.octets()), stored]
-        .into_iter()
-        .flatten()
+    if stored.is_some()
+        && let Err(e) = remote_subnets(ebpf)?.remove(&key)
+        && !is_missing(&e)
     {
+        let op = format!("remove {}", peer.subnet);
+        return Err(EbpfError::map(MAP_REMOTE_SUBNETS, op, e));
+    }
+    let mut ips = vec![peer.public_ip.octets()];
+    ips.extend(stored.filter(|ip| *ip != peer.public_ip.octets()));
+    for ip in ips {
         forget_vtep_if_unused(ebpf, ip)?;
     }
     Ok(())
@@ -586,12 +577,21 @@ fn forget_vtep_if_unused(ebpf: &mut Ebpf, ip: [u8; 4]) -> Result<(), EbpfError> 
         return Ok(());
     }
     match known_vteps(ebpf)?.remove(&ip) {
-        Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-        Err(e) => Err(EbpfError::map(
-            MAP_KNOWN_VTEPS,
-            format!("remove {}", Ipv4Addr::from(ip)),
-            e,
-        )),
+        Err(e) if !is_missing(&e) => {
+            let op = format!("remove {}", Ipv4Addr::from(ip));
+            Err(EbpfError::map(MAP_KNOWN_VTEPS, op, e))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// aya reports a missing key as `KeyNotFound` on lookups but as a plain
+/// syscall error (ENOENT) on deletes.
+fn is_missing(e: &MapError) -> bool {
+    match e {
+        MapError::KeyNotFound => true,
+        MapError::SyscallError(e) => e.io_error.raw_os_error() == Some(libc::ENOENT),
+        _ => false,
     }
 }
 

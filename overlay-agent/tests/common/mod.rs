@@ -7,7 +7,7 @@
 
 use std::process::Command;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use overlay_agent::{
     datapath::{NodeSpec, Peer},
     mac::MacAddr,
@@ -167,5 +167,37 @@ pub fn ping(ns: &str, dst: &str) -> Result<()> {
     if !summary.contains(" 0% packet loss") {
         bail!("ping {dst} from {ns} lost packets:\n{out}");
     }
+    Ok(())
+}
+
+/// The three entries flannel programs for `peer`, as iproute2 shows them.
+pub fn expect_peer_entries(node: &LabNode, peer: &Peer) -> Result<()> {
+    let gw = peer.subnet.network();
+    let neigh = cmd(&format!("ip -n {} neigh show dev flannel.1", node.ns))?;
+    let fdb = cmd(&format!("bridge -n {} fdb show dev flannel.1", node.ns))?;
+    let routes = cmd(&format!("ip -n {} route", node.ns))?;
+    eprintln!(
+        "[{}] ip neigh show dev flannel.1\n{neigh}[{0}] bridge fdb show dev flannel.1\n{fdb}[{0}] ip route\n{routes}",
+        node.ns
+    );
+    let want_neigh = format!("{gw} lladdr {} PERMANENT", peer.vtep_mac);
+    let want_fdb = format!("{} dst {} self permanent", peer.vtep_mac, peer.public_ip);
+    let want_route = format!("{} via {gw} dev flannel.1 onlink", peer.subnet);
+    ensure!(
+        neigh.lines().any(|l| l.trim() == want_neigh),
+        "`{want_neigh}` missing:\n{neigh}"
+    );
+    ensure!(
+        fdb.lines().any(|l| l.trim() == want_fdb),
+        "`{want_fdb}` missing:\n{fdb}"
+    );
+    ensure!(
+        routes.lines().any(|l| l.trim() == want_route),
+        "`{want_route}` missing:\n{routes}"
+    );
+    ensure!(
+        fdb.lines().filter(|l| l.contains(" dst ")).count() == 1,
+        "exactly one unicast FDB entry expected:\n{fdb}"
+    );
     Ok(())
 }
