@@ -19,6 +19,10 @@ pub const PACKAGES: &[(&str, &str)] = &[
         "protobuf-compiler",
         "protoc, which etcd-client's build script needs (overlay-agent)",
     ),
+    (
+        "libprotobuf-dev",
+        "the well-known .proto files that protoc includes",
+    ),
     ("bpftool", "inspecting programs and maps"),
     (
         "iproute2",
@@ -32,6 +36,7 @@ pub const PACKAGES: &[(&str, &str)] = &[
     ("ethtool", "offload settings and NIC statistics"),
     ("iptables", "the -i flannel.<VNI> rule test"),
     ("procps", "sysctl"),
+    ("openssl", "certificates for the etcd TLS tests"),
 ];
 
 /// Packages from `wanted` that are not fully installed.
