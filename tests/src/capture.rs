@@ -159,7 +159,10 @@ pub fn vxlan_frames(pcap: &Path, port: u16) -> Result<Vec<VxlanFrame>> {
     let mut frames = Vec::new();
     for line in out.lines().filter(|l| !l.trim().is_empty()) {
         let cols: Vec<&str> = line.split('\t').collect();
-        ensure!(cols.len() == FIELDS.len(), "unexpected tshark line {line:?}");
+        ensure!(
+            cols.len() == FIELDS.len(),
+            "unexpected tshark line {line:?}"
+        );
         // First occurrence = outer header, second = inner.
         let nth = |col: usize, i: usize| cols[col].split(',').nth(i).unwrap_or("");
         let inner_ip = |col: usize| nth(col, 1).parse::<Ipv4Addr>().ok();

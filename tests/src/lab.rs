@@ -240,7 +240,10 @@ impl Lab {
         )?;
         cmd::ip(sw, &["link", "set", port, "master", SWITCH_BRIDGE])?;
         cmd::ip(sw, &["link", "set", port, "up"])?;
-        cmd::ip(ns, &["addr", "add", &format!("{addr}/24"), "dev", UNDERLAY_DEV])?;
+        cmd::ip(
+            ns,
+            &["addr", "add", &format!("{addr}/24"), "dev", UNDERLAY_DEV],
+        )?;
         cmd::ip(ns, &["link", "set", UNDERLAY_DEV, "up"])?;
         Ok(())
     }
@@ -271,7 +274,13 @@ impl Lab {
         cmd::ip(&h, &["link", "add", BRIDGE_DEV, "type", "bridge"])?;
         cmd::ip(
             &h,
-            &["addr", "add", &format!("{}/24", host.gateway), "dev", BRIDGE_DEV],
+            &[
+                "addr",
+                "add",
+                &format!("{}/24", host.gateway),
+                "dev",
+                BRIDGE_DEV,
+            ],
         )?;
         cmd::ip(&h, &["link", "set", BRIDGE_DEV, "up"])?;
 
@@ -300,7 +309,13 @@ impl Lab {
         cmd::ip(&h, &["link", "set", CONTAINER_VETH, "up"])?;
         cmd::ip(
             &c,
-            &["addr", "add", &format!("{}/24", host.container_ip), "dev", "eth0"],
+            &[
+                "addr",
+                "add",
+                &format!("{}/24", host.container_ip),
+                "dev",
+                "eth0",
+            ],
         )?;
         cmd::ip(&c, &["link", "set", "eth0", "up"])?;
         cmd::ip(
@@ -353,14 +368,16 @@ impl Lab {
         Ok(())
     }
 
-    /// Deletes everything now (also done on drop). Returns what could not be removed.
+    /// Deletes everything now (also done on drop) and checks that no namespace
+    /// with this lab's prefix is left.
     pub fn destroy(mut self) -> Result<()> {
         let failures = self.cleanup();
-        if failures.is_empty() {
-            Ok(())
-        } else {
-            bail!("lab cleanup failed: {}", failures.join("; "))
+        if !failures.is_empty() {
+            bail!("lab cleanup failed: {}", failures.join("; "));
         }
+        let left = namespaces_with_prefix(&self.prefix)?;
+        ensure!(left.is_empty(), "namespaces left after cleanup: {left:?}");
+        Ok(())
     }
 
     fn cleanup(&mut self) -> Vec<String> {

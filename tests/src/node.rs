@@ -261,10 +261,8 @@ async fn serve(flavor: Flavor, mut rx: mpsc::UnboundedReceiver<Command>) {
     }
     // The handle was dropped: remove what we created (the namespace may be
     // deleted right after, but BPF objects and links must not outlive the test).
-    if set_up {
-        if let Err(e) = dp.teardown().await {
-            eprintln!("node teardown on drop: {}", chain(&e));
-        }
+    if set_up && let Err(e) = dp.teardown().await {
+        eprintln!("node teardown on drop: {}", chain(&e));
     }
     drop(dp);
 }
@@ -274,16 +272,19 @@ impl Drop for Node {
         // Closing the channel ends `serve`, which tears down and returns.
         self.commands = None;
         let deadline = Instant::now() + CALL_TIMEOUT;
-        match self.done.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+        match self
+            .done
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
             Ok(()) | Err(std_mpsc::RecvTimeoutError::Disconnected) => {
-                if let Some(t) = self.thread.take() {
-                    if let Err(panic) = t.join() {
-                        eprintln!(
-                            "node thread for {} panicked: {}",
-                            self.ns,
-                            netns::panic_message(&panic)
-                        );
-                    }
+                if let Some(t) = self.thread.take()
+                    && let Err(panic) = t.join()
+                {
+                    eprintln!(
+                        "node thread for {} panicked: {}",
+                        self.ns,
+                        netns::panic_message(&panic)
+                    );
                 }
             }
             Err(std_mpsc::RecvTimeoutError::Timeout) => {

@@ -78,7 +78,10 @@ impl ReferencePeer {
                 "nolearning",
             ],
         )?;
-        cmd::ip(ns, &["link", "set", &device, "address", &vtep_mac.to_string()])?;
+        cmd::ip(
+            ns,
+            &["link", "set", &device, "address", &vtep_mac.to_string()],
+        )?;
         cmd::ip(ns, &["link", "set", &device, "mtu", &mtu.to_string()])?;
         cmd::ip(
             ns,

@@ -53,6 +53,23 @@ pub fn dev_stats(ns: &str, dev: &str) -> Result<DevStats> {
     })
 }
 
+/// A program as the kernel reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AttachedProgram {
+    pub id: u32,
+    /// The kernel keeps at most 15 characters of a program's name.
+    pub name: String,
+}
+
+impl AttachedProgram {
+    /// Whether this is the program called `full_name` in the object (the
+    /// kernel truncates names to 15 characters).
+    pub fn is(&self, full_name: &str) -> bool {
+        let n = full_name.len().min(15);
+        self.name == full_name[..n]
+    }
+}
+
 /// Which BPF programs are attached in a namespace, per interface.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Attachments {
@@ -60,6 +77,8 @@ pub struct Attachments {
     pub xdp: BTreeMap<String, u64>,
     /// (interface, "ingress"/"egress") -> names of TCX programs (BPF_PROG_QUERY).
     pub tcx: BTreeMap<(String, &'static str), Vec<String>>,
+    /// The same TCX programs with their ids.
+    pub tcx_programs: BTreeMap<(String, &'static str), Vec<AttachedProgram>>,
     /// `bpftool -j net show` entries for classic tc (clsact) filters and XDP.
     pub bpftool_tc: Vec<serde_json::Value>,
     pub bpftool_xdp: Vec<serde_json::Value>,
@@ -74,9 +93,9 @@ impl Attachments {
             && self.bpftool_xdp.is_empty()
     }
 
-    /// Names of TCX programs on `dev` in `direction` ("ingress"/"egress").
-    pub fn tcx_on(&self, dev: &str, direction: &str) -> Vec<String> {
-        self.tcx
+    /// TCX programs on `dev` in `direction` ("ingress"/"egress").
+    pub fn tcx_on(&self, dev: &str, direction: &str) -> Vec<AttachedProgram> {
+        self.tcx_programs
             .iter()
             .filter(|((d, dir), _)| d == dev && *dir == direction)
             .flat_map(|(_, v)| v.iter().cloned())
@@ -116,16 +135,23 @@ pub fn attachments(ns: &str) -> Result<Attachments> {
             ] {
                 let (_, progs) = SchedClassifier::query_tcx(&name, attach)
                     .with_context(|| format!("TCX query on {name} {dir}"))?;
-                let progs: Vec<String> = progs
+                let progs: Vec<AttachedProgram> = progs
                     .iter()
-                    .map(|p| p.name_as_str().unwrap_or("?").to_owned())
+                    .map(|p| AttachedProgram {
+                        id: p.id(),
+                        name: p.name_as_str().unwrap_or("?").to_owned(),
+                    })
                     .collect();
                 tcx.insert((name.clone(), dir), progs);
             }
         }
         Ok(tcx)
     })?;
-    out.tcx = tcx;
+    out.tcx = tcx
+        .iter()
+        .map(|(k, progs)| (k.clone(), progs.iter().map(|p| p.name.clone()).collect()))
+        .collect();
+    out.tcx_programs = tcx;
     let net: serde_json::Value =
         serde_json::from_str(&cmd::run_in(ns, &["bpftool", "-j", "net", "show"])?)
             .context("parsing `bpftool -j net show`")?;

@@ -76,9 +76,7 @@ pub struct PayloadStream {
 
 impl PayloadStream {
     pub fn new(seed: u64) -> PayloadStream {
-        PayloadStream {
-            state: seed | 1,
-        }
+        PayloadStream { state: seed | 1 }
     }
 
     pub fn fill(&mut self, buf: &mut [u8]) {
@@ -194,8 +192,7 @@ pub fn tcp_transfer(
         elapsed: started.elapsed(),
     };
     ensure!(
-        report.bytes_received == report.bytes_sent
-            && report.received_sha256 == report.sent_sha256,
+        report.bytes_received == report.bytes_sent && report.received_sha256 == report.sent_sha256,
         "TCP {src_ns} -> {dst}:{port}: sent {} bytes sha256 {}, received {} bytes sha256 {}",
         report.bytes_sent,
         report.sent_sha256,
@@ -405,6 +402,82 @@ pub fn udp_burst(
         &report.missing[..report.missing.len().min(20)]
     );
     Ok(report)
+}
+
+/// A UDP socket in a namespace counting whatever arrives, until [`finish`](UdpListener::finish).
+pub struct UdpListener {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Result<Vec<SocketAddr>>>>,
+}
+
+impl UdpListener {
+    /// Binds `ip:port` in namespace `ns` and starts counting.
+    pub fn start(ns: &str, ip: Ipv4Addr, port: u16) -> Result<UdpListener> {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let (ready_tx, ready_rx) = mpsc::channel::<()>();
+        let thread = netns::spawn_in(ns, move || {
+            let sock = UdpSocket::bind(SocketAddrV4::new(ip, port))
+                .with_context(|| format!("binding {ip}:{port}"))?;
+            sock.set_read_timeout(Some(Duration::from_millis(50)))?;
+            let _ = ready_tx.send(());
+            let mut from = Vec::new();
+            let mut buf = vec![0u8; 65536];
+            while !flag.load(std::sync::atomic::Ordering::SeqCst) {
+                match sock.recv_from(&mut buf) {
+                    Ok((_, addr)) => from.push(addr),
+                    Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                    Err(e) => return Err(e).context("recv_from"),
+                }
+            }
+            Ok(from)
+        })?;
+        if ready_rx.recv_timeout(Duration::from_secs(10)).is_err() {
+            netns::join(thread)?;
+            bail!("UDP listener on {ip}:{port} never became ready");
+        }
+        Ok(UdpListener {
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops listening and returns the source of every datagram received.
+    pub fn finish(mut self) -> Result<Vec<SocketAddr>> {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        netns::join(self.thread.take().context("listener already finished")?)
+    }
+}
+
+impl Drop for UdpListener {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Sends `count` small datagrams from namespace `ns` to `dst:port`, one every
+/// `gap`, from source address `src` when given (it must be assigned there).
+pub fn udp_send(
+    ns: &str,
+    src: Option<Ipv4Addr>,
+    dst: Ipv4Addr,
+    port: u16,
+    count: u32,
+    gap: Duration,
+) -> Result<()> {
+    netns::run_in(ns, move || {
+        let bind = SocketAddrV4::new(src.unwrap_or(Ipv4Addr::UNSPECIFIED), 0);
+        let sock = UdpSocket::bind(bind).with_context(|| format!("binding {bind}"))?;
+        for seq in 0..count {
+            sock.send_to(&datagram(seq, 64), SocketAddrV4::new(dst, port))
+                .with_context(|| format!("sending datagram {seq} to {dst}:{port}"))?;
+            std::thread::sleep(gap);
+        }
+        Ok(())
+    })
 }
 
 #[cfg(test)]
