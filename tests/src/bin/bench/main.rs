@@ -230,14 +230,15 @@ fn measure(lab: &ModeLab, secs: u32, results: &mut Results) -> Result<()> {
     results.push(lab.mode, Metric::Tcp1, tcp1);
     let tcp4 = tools::tcp_gbps(c1, dst, 4, secs)?;
     results.push(lab.mode, Metric::Tcp4, tcp4);
-    let pps = tools::udp_pps(c1, dst, secs)?;
+    let (pps, sent_pps) = tools::udp_pps(c1, dst, secs)?;
     results.push(lab.mode, Metric::Udp64, pps / 1e3);
     let rtt = tools::rtt(c1, dst, secs)?;
     results.push(lab.mode, Metric::RttP50, rtt.p50_us);
     results.push(lab.mode, Metric::RttP99, rtt.p99_us);
     eprintln!(
-        "bench: {name:9} tcp1 {tcp1:6.2} Gbit/s  tcp4 {tcp4:6.2} Gbit/s  udp64 {:7.0} kpps  rtt p50 {:6.1} µs p99 {:6.1} µs",
+        "bench: {name:9} tcp1 {tcp1:6.2} Gbit/s  tcp4 {tcp4:6.2} Gbit/s  udp64 {:5.0}/{:5.0} kpps rx/tx  rtt p50 {:6.1} µs p99 {:6.1} µs",
         pps / 1e3,
+        sent_pps / 1e3,
         rtt.p50_us,
         rtt.p99_us
     );

@@ -73,7 +73,8 @@ pub fn tcp_gbps(client_ns: &str, server: Ipv4Addr, streams: u32, secs: u32) -> R
 
 /// 64-byte UDP datagrams per second that reached the receiving socket, with
 /// the sender unthrottled (`-b 0`): what the datapath delivers under overload.
-pub fn udp_pps(client_ns: &str, server: Ipv4Addr, secs: u32) -> Result<f64> {
+/// Returns (received, sent) per second.
+pub fn udp_pps(client_ns: &str, server: Ipv4Addr, secs: u32) -> Result<(f64, f64)> {
     let json = iperf_client(
         client_ns,
         server,
@@ -87,7 +88,7 @@ pub fn udp_pps(client_ns: &str, server: Ipv4Addr, secs: u32) -> Result<f64> {
             &secs.to_string(),
         ],
     )?;
-    parse_udp_pps(&json)
+    Ok((parse_udp_pps(&json)?, parse_udp_sent_pps(&json)?))
 }
 
 fn iperf_client(ns: &str, server: Ipv4Addr, extra: &[&str]) -> Result<serde_json::Value> {
@@ -123,6 +124,14 @@ pub fn parse_tcp_gbps(json: &serde_json::Value) -> Result<f64> {
         .as_f64()
         .context("iperf3 JSON has no end.sum_received.bits_per_second")?;
     Ok(bps / 1e9)
+}
+
+pub fn parse_udp_sent_pps(json: &serde_json::Value) -> Result<f64> {
+    let s = &json["end"]["sum_sent"];
+    let packets = s["packets"].as_f64().context("no end.sum_sent.packets")?;
+    let secs = s["seconds"].as_f64().context("no end.sum_sent.seconds")?;
+    ensure!(secs > 0.0, "iperf3 sent for {secs} s");
+    Ok(packets / secs)
 }
 
 pub fn parse_udp_pps(json: &serde_json::Value) -> Result<f64> {
@@ -199,9 +208,11 @@ mod tests {
     fn reads_iperf_receiver_side() {
         let tcp = serde_json::json!({"end": {"sum_received": {"bits_per_second": 12.5e9}}});
         assert_eq!(parse_tcp_gbps(&tcp).unwrap(), 12.5);
-        let udp = serde_json::json!({"end": {"sum_received": {
-            "seconds": 2.0, "packets": 280160, "lost_packets": 18040, "bytes": 0}}});
+        let udp = serde_json::json!({"end": {
+            "sum_received": {"seconds": 2.0, "packets": 280160, "lost_packets": 18040},
+            "sum_sent": {"seconds": 1.0, "packets": 280160}}});
         assert_eq!(parse_udp_pps(&udp).unwrap(), 131060.0);
+        assert_eq!(parse_udp_sent_pps(&udp).unwrap(), 280160.0);
         assert!(parse_tcp_gbps(&serde_json::json!({"end": {}})).is_err());
     }
 
