@@ -325,3 +325,66 @@ fn link_packets(ns: &str, dev: &str) -> Result<(u64, u64)> {
 fn kernel_name(name: &str) -> String {
     name.chars().take(15).collect()
 }
+
+/// An attach failure (hardware-offloaded XDP on a veth) is typed as such,
+/// leaves nothing attached, and leaves the device and its entries for the
+/// kernel datapath, which adopts them and carries the traffic: the agent's
+/// fallback.
+#[test]
+#[ignore = "needs root, network namespaces and eBPF: run `cargo xtask test`"]
+fn ebpf_attach_failure_leaves_nothing_attached_and_the_kernel_datapath_takes_over() -> Result<()> {
+    use overlay_agent::datapath::{DatapathError, ebpf::EbpfFailure, kernel::KernelDatapath};
+
+    let lab = Lab::new("x")?;
+    let a = &lab.nodes[0];
+    let b = &lab.nodes[1];
+    let offload = EbpfOptions {
+        ingress: IngressMode::XdpAndTc,
+        xdp_mode: aya::programs::XdpMode::Hardware,
+    };
+    let wa = a.worker(move || EbpfDatapath::new(offload))?;
+    let spec = a.spec();
+    let (failure, reason) = wa.run(move |dp, rt| match rt.block_on(dp.setup(&spec)) {
+        Ok(state) => Err(anyhow::anyhow!(
+            "setup with hardware XDP on a veth succeeded: {state:?}"
+        )),
+        Err(e @ DatapathError::Ebpf(_)) => Ok((e.ebpf_failure(), e.reason())),
+        Err(other) => Err(anyhow::anyhow!("not an eBPF error: {other}")),
+    })?;
+    eprintln!("[{}] fallback reason: {reason}", a.ns);
+    ensure!(
+        failure == Some(EbpfFailure::Attach),
+        "{failure:?}: {reason}"
+    );
+    ensure!(
+        reason.contains("vxlan_ingress_xdp") && !reason.contains('\n'),
+        "{reason}"
+    );
+    ensure!(wa.run(|dp, _| dp.program_ids()).is_none());
+    let att = attached(&a.ns)?;
+    ensure!(
+        att == Attached::default(),
+        "left attached after a failed setup: {att:?}"
+    );
+
+    drop(wa);
+    let ka = a.worker(KernelDatapath::new)?;
+    let kb = b.worker(KernelDatapath::new)?;
+    let spec = a.spec();
+    let state_a = ka.run(move |dp, rt| rt.block_on(dp.setup(&spec)))?;
+    let spec = b.spec();
+    let state_b = kb.run(move |dp, rt| rt.block_on(dp.setup(&spec)))?;
+    let origin = ka.run(|dp, _| dp.device().map(|d| d.origin.clone()));
+    ensure!(
+        origin == Some(overlay_agent::netlink::vxlan_device::DeviceOrigin::Adopted),
+        "{origin:?}"
+    );
+    let peer_a = a.peer(state_a.vtep_mac)?;
+    let peer_b = b.peer(state_b.vtep_mac)?;
+    ka.run(move |dp, rt| rt.block_on(dp.add_peer(&peer_b)))?;
+    kb.run(move |dp, rt| rt.block_on(dp.add_peer(&peer_a)))?;
+    ping(&a.container, "10.77.2.2")?;
+    ka.run(|dp, rt| rt.block_on(dp.teardown()))?;
+    kb.run(|dp, rt| rt.block_on(dp.teardown()))?;
+    Ok(())
+}

@@ -87,9 +87,11 @@ impl fmt::Display for Hook {
 /// The broad class of an eBPF failure, for the fallback decision and its log line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EbpfFailure {
-    /// The object could not be parsed, or lacks a program or map.
+    /// The object could not be parsed, lacks a program or map, or a program
+    /// could not be prepared for loading.
     Load,
-    /// The kernel refused a program (`BPF_PROG_LOAD`).
+    /// The kernel refused a program (`BPF_PROG_LOAD` failed; the verifier
+    /// log is kept in the error).
     Verifier,
     /// Attaching a program to an interface failed.
     Attach,
@@ -97,17 +99,20 @@ pub enum EbpfFailure {
     Map,
 }
 
-/// Why the eBPF datapath could not be set up or updated. `Display` is one line,
-/// suitable as the reason the agent gives when it falls back to the kernel datapath.
+/// Why the eBPF datapath could not be set up or updated. `Display` names the
+/// failed step; the cause is the `source`. [`DatapathError::reason`] renders
+/// both on one line, the reason the agent gives when it falls back to the
+/// kernel datapath.
 #[derive(Debug, thiserror::Error)]
 pub enum EbpfError {
-    #[error("eBPF: loading the object failed: {0}")]
+    #[error("eBPF: loading the object failed")]
     Object(#[source] aya::EbpfError),
     #[error("eBPF: the object has no program {0}")]
     MissingProgram(&'static str),
     #[error("eBPF: the object has no map {0}")]
     MissingMap(&'static str),
-    /// The full verifier log is in `source` (`ProgramError::LoadError`).
+    /// The full verifier log is in `source` (`ProgramError::LoadError`);
+    /// `summary` holds the errno and the log's last line.
     #[error("eBPF: the kernel rejected {program}: {summary}")]
     Verifier {
         program: &'static str,
@@ -115,13 +120,13 @@ pub enum EbpfError {
         #[source]
         source: ProgramError,
     },
-    #[error("eBPF: preparing {program} failed: {source}")]
+    #[error("eBPF: preparing {program} failed")]
     Program {
         program: &'static str,
         #[source]
         source: ProgramError,
     },
-    #[error("eBPF: attaching {program} to {interface} ({hook}) failed: {source}")]
+    #[error("eBPF: attaching {program} to {interface} ({hook}) failed")]
     Attach {
         program: &'static str,
         interface: String,
@@ -129,7 +134,7 @@ pub enum EbpfError {
         #[source]
         source: ProgramError,
     },
-    #[error("eBPF: map {map}: {op} failed: {source}")]
+    #[error("eBPF: map {map}: {op} failed")]
     Map {
         map: &'static str,
         op: String,
@@ -141,10 +146,11 @@ pub enum EbpfError {
 impl EbpfError {
     pub fn failure(&self) -> EbpfFailure {
         match self {
-            EbpfError::Object(_) | EbpfError::MissingProgram(_) | EbpfError::MissingMap(_) => {
-                EbpfFailure::Load
-            }
-            EbpfError::Verifier { .. } | EbpfError::Program { .. } => EbpfFailure::Verifier,
+            EbpfError::Object(_)
+            | EbpfError::MissingProgram(_)
+            | EbpfError::MissingMap(_)
+            | EbpfError::Program { .. } => EbpfFailure::Load,
+            EbpfError::Verifier { .. } => EbpfFailure::Verifier,
             EbpfError::Attach { .. } => EbpfFailure::Attach,
             EbpfError::Map { .. } => EbpfFailure::Map,
         }
@@ -770,6 +776,38 @@ mod tests {
             "{s}"
         );
         assert!(verifier_summary(&err, "").ends_with("no verifier log"));
+    }
+
+    #[test]
+    fn errors_are_classified_and_one_line() {
+        let missing = EbpfError::MissingProgram(PROG_EGRESS);
+        assert_eq!(missing.failure(), EbpfFailure::Load);
+        assert_eq!(
+            missing.to_string(),
+            "eBPF: the object has no program vxlan_egress"
+        );
+        let attach = EbpfError::Attach {
+            program: PROG_INGRESS_XDP,
+            interface: "eth0".into(),
+            hook: Hook::Xdp,
+            source: ProgramError::UnknownInterface {
+                name: "eth0".into(),
+            },
+        };
+        assert_eq!(attach.failure(), EbpfFailure::Attach);
+        assert_eq!(
+            attach.to_string(),
+            "eBPF: attaching vxlan_ingress_xdp to eth0 (XDP) failed"
+        );
+        let as_datapath: DatapathError = attach.into();
+        assert_eq!(as_datapath.ebpf_failure(), Some(EbpfFailure::Attach));
+        assert_eq!(
+            as_datapath.reason(),
+            "eBPF: attaching vxlan_ingress_xdp to eth0 (XDP) failed: unknown network interface eth0"
+        );
+        let not_ebpf = DatapathError::NoSuchInterface("eth9".into());
+        assert_eq!(not_ebpf.ebpf_failure(), None);
+        assert_eq!(not_ebpf.reason(), "interface eth9 not found");
     }
 
     #[test]

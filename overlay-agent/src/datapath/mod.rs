@@ -100,6 +100,38 @@ impl From<ebpf::EbpfError> for DatapathError {
     }
 }
 
+impl DatapathError {
+    /// This error and its causes on one line (`a: b: c`), for logs and for the
+    /// reason given when falling back to the kernel datapath. A verifier log is
+    /// left out: its last line is already in [`ebpf::EbpfError::Verifier`].
+    pub fn reason(&self) -> String {
+        let mut parts = vec![self.to_string()];
+        let verifier = matches!(self, DatapathError::Ebpf(e) if matches!(**e, ebpf::EbpfError::Verifier { .. }));
+        let mut cause = if verifier {
+            None
+        } else {
+            std::error::Error::source(self)
+        };
+        while let Some(e) = cause {
+            let text = e.to_string();
+            // Transparent wrappers repeat their inner error's text.
+            if parts.last().is_none_or(|last| !last.ends_with(&text)) {
+                parts.push(text);
+            }
+            cause = e.source();
+        }
+        parts.join(": ").replace('\n', " ")
+    }
+
+    /// The eBPF failure class, when this is an eBPF error.
+    pub fn ebpf_failure(&self) -> Option<ebpf::EbpfFailure> {
+        match self {
+            DatapathError::Ebpf(e) => Some(e.failure()),
+            _ => None,
+        }
+    }
+}
+
 /// The calls both datapaths answer. The reconciler drives them with the same
 /// sequence: `setup`, then `add_peer`/`remove_peer` as leases come and go, and
 /// `teardown` only when the operator asks for everything to be removed.

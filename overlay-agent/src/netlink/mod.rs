@@ -24,14 +24,15 @@ use rtnetlink::{
 pub use peer_entries::ProgrammedPeer;
 pub use vxlan_device::{VxlanDevice, VxlanDeviceConfig, VxlanLinkAttrs};
 
-/// A failed rtnetlink request, naming the operation (e.g. `add FDB entry
-/// 02:..:01 dst 192.168.1.2 on ifindex 7`) and carrying the kernel's answer.
+/// A failed rtnetlink request, naming the operation (e.g. `replace FDB entry
+/// 02:..:01 dst 192.168.1.2 dev flannel.1`) and the kernel's answer. The
+/// rtnetlink error is kept as a field, not as a `source`: its text would only
+/// repeat the errno already in the message.
 #[derive(Debug, thiserror::Error)]
-#[error("netlink: {op}: {}", describe(.source))]
+#[error("netlink: {op}: {}", describe(.error))]
 pub struct NetlinkError {
     pub op: String,
-    #[source]
-    pub source: rtnetlink::Error,
+    pub error: rtnetlink::Error,
 }
 
 fn describe(err: &rtnetlink::Error) -> String {
@@ -44,16 +45,16 @@ fn describe(err: &rtnetlink::Error) -> String {
 }
 
 impl NetlinkError {
-    pub(crate) fn new(op: impl Into<String>, source: rtnetlink::Error) -> Self {
+    pub(crate) fn new(op: impl Into<String>, error: rtnetlink::Error) -> Self {
         Self {
             op: op.into(),
-            source,
+            error,
         }
     }
 
     /// The positive errno the kernel answered with, if it answered with one.
     pub fn errno(&self) -> Option<i32> {
-        match &self.source {
+        match &self.error {
             rtnetlink::Error::NetlinkError(msg) => msg.code.map(|c| -c.get()),
             _ => None,
         }
