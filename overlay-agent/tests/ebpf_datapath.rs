@@ -61,6 +61,7 @@ fn ebpf_datapath_attaches_fills_maps_and_carries_traffic() -> Result<()> {
 
     let ids = program_ids(&wa)?;
     expect_attached(a, ids)?;
+    expect_maps_dump(ids, &peer_b)?;
 
     expect_programs_carry(
         a,
@@ -386,5 +387,58 @@ fn ebpf_attach_failure_leaves_nothing_attached_and_the_kernel_datapath_takes_ove
     ping(&a.container, "10.77.2.2")?;
     ka.run(|dp, rt| rt.block_on(dp.teardown()))?;
     kb.run(|dp, rt| rt.block_on(dp.teardown()))?;
+    Ok(())
+}
+
+/// `bpftool map dump` of the maps the egress program uses prints structured
+/// keys and values (BTF), and shows the node config and the peer we added.
+fn expect_maps_dump(ids: ProgramIds, peer: &Peer) -> Result<()> {
+    let prog: serde_json::Value =
+        serde_json::from_str(&cmd(&format!("bpftool -j prog show id {}", ids.egress))?)?;
+    let map_ids: Vec<u64> = prog["map_ids"]
+        .as_array()
+        .context("map_ids")?
+        .iter()
+        .filter_map(serde_json::Value::as_u64)
+        .collect();
+    let mut seen = Vec::new();
+    for id in map_ids {
+        let info: serde_json::Value =
+            serde_json::from_str(&cmd(&format!("bpftool -j map show id {id}"))?)?;
+        let name = info["name"].as_str().unwrap_or_default().to_owned();
+        if !["REMOTE_SUBNETS", "NODE_CONFIG"].contains(&name.as_str()) {
+            continue;
+        }
+        let dump = cmd(&format!("bpftool map dump id {id}"))?;
+        eprintln!("bpftool map dump id {id} ({name}):\n{dump}");
+        let want: &[&str] = if name == "NODE_CONFIG" {
+            &[
+                "\"vni\": 1",
+                "\"port\": 8472",
+                "\"configured\": 1",
+                "\"vtep_mac\"",
+            ]
+        } else {
+            &["\"vtep_mac\"", "\"public_ip\""]
+        };
+        for w in want {
+            ensure!(dump.contains(w), "{name} dump lacks {w}:\n{dump}");
+        }
+        if name == "REMOTE_SUBNETS" {
+            let [a, b, c, d] = peer.public_ip.octets();
+            let ip = format!("[{a},{b},{c},{d}");
+            ensure!(
+                dump.contains(&ip),
+                "REMOTE_SUBNETS dump lacks {}:\n{dump}",
+                peer.public_ip
+            );
+        }
+        seen.push(name);
+    }
+    seen.sort();
+    ensure!(
+        seen == ["NODE_CONFIG", "REMOTE_SUBNETS"],
+        "maps found: {seen:?}"
+    );
     Ok(())
 }
