@@ -124,8 +124,10 @@ pub fn build_encap_header(
     let udp = EncapHeader::UDP;
     b[udp..udp + 4]
         .copy_from_slice(&(u32::from(src_port) << 16 | u32::from(cfg.port)).to_be_bytes());
-    // Checksum 0, as flannel's device sends (udpcsum off); the inner packet
-    // carries its own checksums.
+    // Checksum 0, as RFC 7348 recommends over IPv4 and every VXLAN receiver
+    // (Linux's included) accepts. The kernel device flannel creates fills one
+    // in (`udpcsum` is the kernel's default); doing that here would mean
+    // summing the whole inner frame, which carries its own checksums.
     b[udp + 4..udp + 8].copy_from_slice(&(u32::from(udp_len) << 16).to_be_bytes());
 
     // Flags (I), 24 reserved bits, VNI, 8 reserved bits.
