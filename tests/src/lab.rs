@@ -142,6 +142,7 @@ impl Lab {
             "lab name {:?} must be 1-8 ASCII letters/digits",
             spec.name
         );
+        reap_stale(&spec.name);
         let prefix = prefix_for(&spec.name);
         let leftovers = namespaces_with_prefix(&prefix)?;
         ensure!(
@@ -391,6 +392,31 @@ impl Lab {
             }
         }
         failures
+    }
+}
+
+/// Removes namespaces of a lab with the same name whose process is gone (a
+/// test run that was killed before it could clean up), so they do not pile up.
+/// Namespaces of live processes are never touched.
+fn reap_stale(name: &str) {
+    let head = format!("ov{name}-");
+    let Ok(all) = namespaces_with_prefix(&head) else {
+        return;
+    };
+    for ns in all {
+        let Some(pid) = ns[head.len()..]
+            .split('-')
+            .next()
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == std::process::id() || std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        eprintln!("lab: removing {ns}, left by process {pid} which no longer runs");
+        let _ = kill_processes_in(&ns);
+        let _ = cmd::run(None, &["ip", "netns", "del", &ns]);
     }
 }
 
