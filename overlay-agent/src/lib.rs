@@ -10,4 +10,5 @@ pub mod lease;
 pub mod mac;
 pub mod netlink;
 pub mod netns;
+pub mod reconcile;
 pub mod subnet_env;

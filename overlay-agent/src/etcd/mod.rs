@@ -277,23 +277,40 @@ impl Registry {
     }
 
     /// Run one request with the timeout, naming the op and key on failure.
+    /// A request that could not even be sent because the endpoint it was
+    /// balanced to refuses connections (a dead cluster member) is sent again,
+    /// so that it lands on a live member; nothing else is retried here.
     async fn call<T, F, Fut>(&self, op: &'static str, key: &str, f: F) -> Result<T, EtcdError>
     where
-        F: FnOnce(Client) -> Fut,
+        F: Fn(Client) -> Fut,
         Fut: Future<Output = Result<T, etcd_client::Error>>,
     {
-        match tokio::time::timeout(self.timeout, f(self.client.clone())).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(source)) => Err(EtcdError::Request {
-                op,
-                key: key.to_owned(),
-                source,
-            }),
-            Err(_) => Err(EtcdError::Timeout {
-                op,
-                key: key.to_owned(),
-                after: self.timeout,
-            }),
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            match tokio::time::timeout_at(deadline, f(self.client.clone())).await {
+                Ok(Ok(v)) => return Ok(v),
+                Ok(Err(source)) if attempt < 8 && not_sent(&source) => {
+                    log::debug!("etcd {op} {key}: {source}; sending it again");
+                    tokio::time::sleep(std::time::Duration::from_millis(20 * u64::from(attempt)))
+                        .await;
+                }
+                Ok(Err(source)) => {
+                    return Err(EtcdError::Request {
+                        op,
+                        key: key.to_owned(),
+                        source,
+                    });
+                }
+                Err(_) => {
+                    return Err(EtcdError::Timeout {
+                        op,
+                        key: key.to_owned(),
+                        after: self.timeout,
+                    });
+                }
+            }
         }
     }
 
@@ -426,7 +443,10 @@ impl Registry {
             .when([Compare::version(key.clone(), CompareOp::Equal, 0)])
             .and_then([TxnOp::put(key.clone(), value, put_options(lease_id))]);
         let resp = self
-            .call("create", &key, |mut c| async move { c.txn(txn).await })
+            .call("create", &key, |mut c| {
+                let txn = txn.clone();
+                async move { c.txn(txn).await }
+            })
             .await?;
         Ok(resp.succeeded())
     }
@@ -450,7 +470,10 @@ impl Registry {
             )])
             .and_then([TxnOp::put(key.clone(), value, put_options(lease_id))]);
         let resp = self
-            .call("replace", &key, |mut c| async move { c.txn(txn).await })
+            .call("replace", &key, |mut c| {
+                let txn = txn.clone();
+                async move { c.txn(txn).await }
+            })
             .await?;
         Ok(resp.succeeded())
     }
@@ -470,9 +493,25 @@ impl Registry {
             )])
             .and_then([TxnOp::delete(key.clone(), None)]);
         let resp = self
-            .call("delete", &key, |mut c| async move { c.txn(txn).await })
+            .call("delete", &key, |mut c| {
+                let txn = txn.clone();
+                async move { c.txn(txn).await }
+            })
             .await?;
         Ok(resp.succeeded())
+    }
+}
+
+/// Whether the request never left this host: the connection to the member
+/// it was balanced to was refused or could not be made.
+fn not_sent(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::GRpcStatus(s) => {
+            // gRPC's UNAVAILABLE is 14 (etcd-client does not re-export tonic's Code).
+            s.code() as i32 == 14 && s.message().contains("connect error")
+        }
+        etcd_client::Error::TransportError(_) => true,
+        _ => false,
     }
 }
 

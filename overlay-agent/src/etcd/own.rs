@@ -340,3 +340,121 @@ pub async fn update_mac(
 pub fn is_ours(own: &OwnLease, entry: &Entry) -> bool {
     entry.subnet() == Some(own.subnet) && entry.value == own.value.as_bytes()
 }
+
+/// Keeps our lease: renews it at the margin (retrying failed renewals every
+/// `timing.retry`), and when our key disappears or is taken over, logs it
+/// loudly and re-acquires, the same subnet when it is still free. Every new
+/// or changed lease is published on `tx` so the agent can re-point the
+/// datapath and rewrite subnet.env.
+pub struct Keeper {
+    pub reg: Registry,
+    pub config: NetworkConfig,
+    pub node: NodeIdentity,
+    pub timing: LeaseTiming,
+}
+
+impl Keeper {
+    /// Runs until re-acquisition fails for good (e.g. no subnet left) or
+    /// every receiver of `tx` is gone.
+    pub async fn run(
+        &self,
+        mut own: OwnLease,
+        tx: tokio::sync::watch::Sender<OwnLease>,
+    ) -> Result<(), AcquireError> {
+        let start_rev = self.reg.list().await.map_or(0, |s| s.revision);
+        let mut watcher = super::watch::LeaseWatcher::new(self.reg.clone(), start_rev);
+        let mut next_renewal = own.renew_at(&self.timing);
+        loop {
+            let lost = tokio::select! {
+                _ = tx.closed() => return Ok(()),
+                _ = tokio::time::sleep_until(next_renewal.into()) => {
+                    match renew(&self.reg, &mut own, &self.timing).await {
+                        Ok(Renewal::Renewed) => {
+                            log::info!(
+                                "renewed lease {} ({})",
+                                own.subnet,
+                                match own.expires {
+                                    Some(e) => format!("expires in {:?}", e.saturating_duration_since(Instant::now())),
+                                    None => "reservation, no expiry".into(),
+                                }
+                            );
+                            next_renewal = own.renew_at(&self.timing);
+                            tx.send_replace(own.clone());
+                            None
+                        }
+                        Ok(Renewal::Lost(why)) => Some(why),
+                        Err(e) => {
+                            log::error!("renewing lease {} failed (retrying in {:?}): {e}", own.subnet, self.timing.retry);
+                            next_renewal = Instant::now() + self.timing.retry;
+                            None
+                        }
+                    }
+                }
+                events = watcher.next() => own_key_lost(&self.reg, &own, &events),
+            };
+            let Some(why) = lost else { continue };
+            log::error!(
+                "LOST OUR LEASE {}: {why}; re-acquiring (the same subnet if it is still free)",
+                own.subnet
+            );
+            own = loop {
+                match acquire(
+                    &self.reg,
+                    &self.config,
+                    &NodeIdentity {
+                        vtep_mac: own.vtep_mac,
+                        ..self.node
+                    },
+                    Some(own.subnet),
+                    &self.timing,
+                )
+                .await
+                {
+                    Ok(l) => break l,
+                    Err(AcquireError::Etcd(e)) if !e.is_permanent() => {
+                        log::warn!("re-acquiring a lease failed, retrying: {e}");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                    Err(e) => return Err(e),
+                }
+            };
+            log::warn!("re-acquired lease {} after losing ours", own.subnet);
+            next_renewal = own.renew_at(&self.timing);
+            tx.send_replace(own.clone());
+        }
+    }
+}
+
+/// Whether a batch of watch events says our key is gone or not ours anymore.
+fn own_key_lost(
+    reg: &Registry,
+    own: &OwnLease,
+    events: &[super::watch::WatchEvent],
+) -> Option<String> {
+    use super::watch::WatchEvent;
+    let key = reg.lease_key(own.subnet);
+    let mut verdict = None;
+    for ev in events {
+        match ev {
+            WatchEvent::Delete { key: k } if *k == key => {
+                verdict = Some(format!("{key} was deleted (or its etcd lease expired)"));
+            }
+            WatchEvent::Put(e) if e.key == key => {
+                verdict = (!is_ours(own, e))
+                    .then(|| format!("{key} now holds {}", String::from_utf8_lossy(&e.value)));
+            }
+            WatchEvent::Reset(s) => {
+                verdict = match s.entries.iter().find(|e| e.key == key) {
+                    Some(e) if is_ours(own, e) => None,
+                    Some(e) => Some(format!(
+                        "{key} now holds {}",
+                        String::from_utf8_lossy(&e.value)
+                    )),
+                    None => Some(format!("{key} is gone")),
+                };
+            }
+            _ => {}
+        }
+    }
+    verdict
+}

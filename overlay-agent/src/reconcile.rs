@@ -1,0 +1,545 @@
+//! One reconciler, for either datapath: etcd's leases say which peers should
+//! exist, the datapath says which do, and [`Reconciler::converge`] issues the
+//! `add_peer`/`remove_peer` calls that make the second match the first.
+//!
+//! On start it reads what is already programmed (`Datapath::peers`, from the
+//! maps or the kernel's entries), so whatever etcd no longer holds (a peer
+//! that left while we were down) is removed. Calls that fail leave the
+//! "programmed" view unchanged, so the next `converge` retries them.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
+
+use ipnet::Ipv4Net;
+
+use crate::{
+    datapath::{Datapath, DatapathError, Peer},
+    etcd::{Entry, Snapshot, watch::WatchEvent},
+    lease::{self, Backend},
+};
+
+/// This node, whose own lease is never a peer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Own {
+    pub subnet: Ipv4Net,
+    pub public_ip: Ipv4Addr,
+    pub vni: u32,
+}
+
+pub struct Reconciler<D: Datapath> {
+    dp: D,
+    own: Own,
+    /// Every VXLAN lease in etcd, ours included, by subnet.
+    leases: BTreeMap<Ipv4Net, Peer>,
+    /// What the datapath holds, as far as we know.
+    programmed: BTreeMap<Ipv4Net, Peer>,
+    /// Keys already reported as malformed or of another VNI (no log spam on re-lists).
+    reported: BTreeSet<String>,
+}
+
+impl<D: Datapath> Reconciler<D> {
+    /// Read what the datapath already holds, take the snapshot as the
+    /// desired state, and converge (errors in single calls are logged and
+    /// retried by later `converge` calls; only failing to read the
+    /// datapath's peers is an error).
+    pub async fn start(mut dp: D, own: Own, snapshot: &Snapshot) -> Result<Self, DatapathError> {
+        let programmed = dp
+            .peers()
+            .await?
+            .into_iter()
+            .map(|p| (p.subnet, p))
+            .collect::<BTreeMap<_, _>>();
+        if !programmed.is_empty() {
+            log::info!(
+                "the {} datapath already holds {} peer(s); reconciling them with etcd",
+                dp.mode(),
+                programmed.len()
+            );
+        }
+        let mut r = Reconciler {
+            dp,
+            own,
+            leases: BTreeMap::new(),
+            programmed,
+            reported: BTreeSet::new(),
+        };
+        r.apply(&[WatchEvent::Reset(snapshot.clone())]);
+        r.converge().await;
+        Ok(r)
+    }
+
+    pub fn datapath(&mut self) -> &mut D {
+        &mut self.dp
+    }
+
+    pub fn into_datapath(self) -> D {
+        self.dp
+    }
+
+    pub fn own(&self) -> Own {
+        self.own
+    }
+
+    /// Our lease moved (re-acquired elsewhere): the old subnet may now be a
+    /// peer's, the new one must not be programmed as a peer.
+    pub fn set_own(&mut self, own: Own) {
+        self.own = own;
+    }
+
+    /// The peers etcd says should be programmed.
+    pub fn desired(&self) -> BTreeMap<Ipv4Net, Peer> {
+        self.leases
+            .iter()
+            .filter(|(s, p)| **s != self.own.subnet && p.public_ip != self.own.public_ip)
+            .map(|(s, p)| (*s, *p))
+            .collect()
+    }
+
+    /// What we believe the datapath holds.
+    pub fn programmed(&self) -> &BTreeMap<Ipv4Net, Peer> {
+        &self.programmed
+    }
+
+    pub fn is_converged(&self) -> bool {
+        self.desired() == self.programmed
+    }
+
+    /// Fold watch events into the desired state (no datapath calls).
+    pub fn apply(&mut self, events: &[WatchEvent]) {
+        for ev in events {
+            match ev {
+                WatchEvent::Put(e) => self.put(e),
+                WatchEvent::Delete { key } => match lease::parse_subnet_key(key) {
+                    Ok((subnet, _)) => {
+                        self.leases.remove(&subnet);
+                        self.reported.remove(key);
+                    }
+                    Err(why) => log::debug!("ignoring deletion of {key}: {why}"),
+                },
+                WatchEvent::Reset(snapshot) => {
+                    let mut fresh = BTreeMap::new();
+                    for e in &snapshot.entries {
+                        match self.decode(e) {
+                            Decoded::Peer(p) => {
+                                fresh.insert(p.subnet, p);
+                            }
+                            Decoded::NotVxlan(_) => {}
+                            // Skipped: keep what we had for that subnet.
+                            Decoded::Malformed(Some(subnet)) => {
+                                if let Some(p) = self.leases.get(&subnet) {
+                                    fresh.insert(subnet, *p);
+                                }
+                            }
+                            Decoded::Malformed(None) => {}
+                        }
+                    }
+                    self.leases = fresh;
+                }
+            }
+        }
+    }
+
+    fn put(&mut self, e: &Entry) {
+        match self.decode(e) {
+            Decoded::Peer(p) => {
+                self.leases.insert(p.subnet, p);
+            }
+            // The subnet is no longer a VXLAN peer.
+            Decoded::NotVxlan(subnet) => {
+                self.leases.remove(&subnet);
+            }
+            Decoded::Malformed(_) => {}
+        }
+    }
+
+    fn decode(&mut self, e: &Entry) -> Decoded {
+        match lease::decode(&e.key, &e.value) {
+            Ok(l) => match l.backend {
+                Backend::Vxlan { vni, vtep_mac } => {
+                    if let Some(v) = vni
+                        && v != self.own.vni
+                        && l.subnet != self.own.subnet
+                        && self.reported.insert(e.key.clone())
+                    {
+                        // flanneld ignores the VNI in leases; so do we, loudly.
+                        log::warn!(
+                            "lease {} announces VNI {v} but ours is {}; programming it anyway, as flanneld does",
+                            e.key,
+                            self.own.vni
+                        );
+                    }
+                    Decoded::Peer(Peer {
+                        subnet: l.subnet,
+                        public_ip: l.public_ip,
+                        vtep_mac,
+                    })
+                }
+                Backend::Other(t) => {
+                    log::debug!("ignoring lease {} of backend type {t:?}", e.key);
+                    Decoded::NotVxlan(l.subnet)
+                }
+            },
+            Err(err) => {
+                if self.reported.insert(e.key.clone()) {
+                    log::warn!("skipping malformed lease: {err}");
+                }
+                Decoded::Malformed(lease::parse_subnet_key(&e.key).ok().map(|(s, _)| s))
+            }
+        }
+    }
+
+    /// Make the datapath match etcd: removals first, then additions and
+    /// changes. Returns whether everything succeeded.
+    pub async fn converge(&mut self) -> bool {
+        let desired = self.desired();
+        let mut ok = true;
+        let stale: Vec<Peer> = self
+            .programmed
+            .values()
+            .filter(|p| !desired.contains_key(&p.subnet))
+            .copied()
+            .collect();
+        for p in stale {
+            match self.dp.remove_peer(&p).await {
+                Ok(()) => {
+                    log::info!("removed peer {} (PublicIP {})", p.subnet, p.public_ip);
+                    self.programmed.remove(&p.subnet);
+                }
+                Err(e) => {
+                    ok = false;
+                    log::error!("removing peer {} failed (will retry): {e}", p.subnet);
+                }
+            }
+        }
+        for (subnet, p) in desired {
+            if self.programmed.get(&subnet) == Some(&p) {
+                continue;
+            }
+            match self.dp.add_peer(&p).await {
+                Ok(()) => {
+                    log::info!(
+                        "programmed peer {subnet} via {} (VtepMAC {})",
+                        p.public_ip,
+                        p.vtep_mac
+                    );
+                    self.programmed.insert(subnet, p);
+                }
+                Err(e) => {
+                    ok = false;
+                    log::error!("programming peer {subnet} failed (will retry): {e}");
+                }
+            }
+        }
+        ok
+    }
+}
+
+enum Decoded {
+    Peer(Peer),
+    NotVxlan(Ipv4Net),
+    Malformed(Option<Ipv4Net>),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        datapath::{Mode, NodeSpec, NodeState},
+        lease::encode_vxlan,
+        mac::MacAddr,
+    };
+
+    /// An in-memory datapath that records calls and can be told to fail.
+    #[derive(Default)]
+    struct FakeDp {
+        peers: BTreeMap<Ipv4Net, Peer>,
+        fail: BTreeSet<Ipv4Net>,
+        calls: Vec<String>,
+    }
+
+    impl Datapath for FakeDp {
+        fn mode(&self) -> Mode {
+            Mode::Kernel
+        }
+        async fn setup(&mut self, _: &NodeSpec) -> Result<NodeState, DatapathError> {
+            unreachable!("the reconciler never sets up")
+        }
+        async fn add_peer(&mut self, p: &Peer) -> Result<(), DatapathError> {
+            self.calls.push(format!("add {}", p.subnet));
+            if self.fail.contains(&p.subnet) {
+                return Err(DatapathError::InvalidSpec("injected".into()));
+            }
+            self.peers.insert(p.subnet, *p);
+            Ok(())
+        }
+        async fn remove_peer(&mut self, p: &Peer) -> Result<(), DatapathError> {
+            self.calls.push(format!("remove {}", p.subnet));
+            if self.fail.contains(&p.subnet) {
+                return Err(DatapathError::InvalidSpec("injected".into()));
+            }
+            self.peers.remove(&p.subnet);
+            Ok(())
+        }
+        async fn peers(&mut self) -> Result<Vec<Peer>, DatapathError> {
+            Ok(self.peers.values().copied().collect())
+        }
+        async fn teardown(&mut self) -> Result<(), DatapathError> {
+            self.peers.clear();
+            Ok(())
+        }
+    }
+
+    const P: &str = "/coreos.com/network";
+
+    fn net(s: &str) -> Ipv4Net {
+        s.parse().unwrap()
+    }
+    fn mac(i: u8) -> MacAddr {
+        MacAddr([2, 0, 0, 0, 0, i])
+    }
+    fn peer(subnet: &str, i: u8) -> Peer {
+        Peer {
+            subnet: net(subnet),
+            public_ip: Ipv4Addr::new(192, 168, 0, i),
+            vtep_mac: mac(i),
+        }
+    }
+    fn entry(p: &Peer) -> Entry {
+        Entry {
+            key: lease::lease_key(P, p.subnet),
+            value: encode_vxlan(p.public_ip, 1, p.vtep_mac).into_bytes(),
+            lease_id: 7,
+            mod_revision: 1,
+        }
+    }
+    fn raw(subnet: &str, value: &str) -> Entry {
+        Entry {
+            key: lease::lease_key(P, net(subnet)),
+            value: value.as_bytes().to_vec(),
+            lease_id: 7,
+            mod_revision: 1,
+        }
+    }
+    fn own() -> Own {
+        Own {
+            subnet: net("10.0.1.0/24"),
+            public_ip: Ipv4Addr::new(192, 168, 0, 1),
+            vni: 1,
+        }
+    }
+    fn snap(entries: Vec<Entry>) -> Snapshot {
+        Snapshot {
+            revision: 10,
+            entries,
+        }
+    }
+    fn held(r: &mut Reconciler<FakeDp>) -> Vec<Peer> {
+        r.datapath().peers.values().copied().collect()
+    }
+
+    fn block_on<F: std::future::Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(f)
+    }
+
+    #[test]
+    fn start_removes_what_etcd_no_longer_holds_and_adds_the_rest() {
+        block_on(async {
+            let mut dp = FakeDp::default();
+            // Left over from before a restart: one still in etcd, one gone.
+            dp.peers.insert(net("10.0.2.0/24"), peer("10.0.2.0/24", 2));
+            dp.peers.insert(net("10.0.9.0/24"), peer("10.0.9.0/24", 9));
+            let s = snap(vec![
+                entry(&peer("10.0.1.0/24", 1)), // our own lease
+                entry(&peer("10.0.2.0/24", 2)),
+                entry(&peer("10.0.3.0/24", 3)),
+            ]);
+            let mut r = Reconciler::start(dp, own(), &s).await.unwrap();
+            assert_eq!(
+                held(&mut r),
+                vec![peer("10.0.2.0/24", 2), peer("10.0.3.0/24", 3)]
+            );
+            // The unchanged peer was not touched; the own lease never programmed.
+            assert_eq!(
+                r.datapath().calls,
+                vec!["remove 10.0.9.0/24", "add 10.0.3.0/24"]
+            );
+            assert!(r.is_converged());
+        });
+    }
+
+    #[test]
+    fn put_and_delete_events() {
+        block_on(async {
+            let mut r = Reconciler::start(FakeDp::default(), own(), &snap(vec![]))
+                .await
+                .unwrap();
+            r.apply(&[WatchEvent::Put(entry(&peer("10.0.4.0/24", 4)))]);
+            assert!(r.converge().await);
+            assert_eq!(held(&mut r), vec![peer("10.0.4.0/24", 4)]);
+            // A changed VtepMAC replaces the peer.
+            let mut changed = peer("10.0.4.0/24", 4);
+            changed.vtep_mac = mac(44);
+            r.apply(&[WatchEvent::Put(entry(&changed))]);
+            assert!(r.converge().await);
+            assert_eq!(held(&mut r), vec![changed]);
+            // A renewal (same value) costs no datapath call.
+            let calls = r.datapath().calls.len();
+            r.apply(&[WatchEvent::Put(entry(&changed))]);
+            assert!(r.converge().await);
+            assert_eq!(r.datapath().calls.len(), calls);
+            r.apply(&[WatchEvent::Delete {
+                key: lease::lease_key(P, net("10.0.4.0/24")),
+            }]);
+            assert!(r.converge().await);
+            assert!(held(&mut r).is_empty());
+        });
+    }
+
+    #[test]
+    fn ignores_other_backends_our_own_lease_and_skips_malformed() {
+        block_on(async {
+            let s = snap(vec![
+                raw(
+                    "10.0.5.0/24",
+                    r#"{"PublicIP":"192.168.0.5","BackendType":"host-gw"}"#,
+                ),
+                raw(
+                    "10.0.6.0/24",
+                    r#"{"PublicIP":"192.168.0.6","BackendType":"vxlan"}"#,
+                ),
+                entry(&peer("10.0.7.0/24", 7)),
+                // Ours, even if re-published with another MAC.
+                raw(
+                    "10.0.1.0/24",
+                    &encode_vxlan(Ipv4Addr::new(192, 168, 0, 1), 1, mac(99)),
+                ),
+                Entry {
+                    key: format!("{P}/subnets/not-a-subnet"),
+                    value: b"{}".to_vec(),
+                    lease_id: 0,
+                    mod_revision: 1,
+                },
+            ]);
+            let mut r = Reconciler::start(FakeDp::default(), own(), &s)
+                .await
+                .unwrap();
+            assert_eq!(held(&mut r), vec![peer("10.0.7.0/24", 7)]);
+
+            // A peer whose lease turns malformed keeps working; one that
+            // switches to another backend is removed.
+            r.apply(&[
+                WatchEvent::Put(raw("10.0.7.0/24", "{garbage")),
+                WatchEvent::Put(entry(&peer("10.0.8.0/24", 8))),
+            ]);
+            assert!(r.converge().await);
+            assert_eq!(
+                held(&mut r),
+                vec![peer("10.0.7.0/24", 7), peer("10.0.8.0/24", 8)]
+            );
+            r.apply(&[WatchEvent::Reset(snap(vec![
+                raw("10.0.7.0/24", "{garbage"),
+                raw(
+                    "10.0.8.0/24",
+                    r#"{"PublicIP":"192.168.0.8","BackendType":"udp"}"#,
+                ),
+            ]))]);
+            assert!(r.converge().await);
+            assert_eq!(held(&mut r), vec![peer("10.0.7.0/24", 7)]);
+        });
+    }
+
+    #[test]
+    fn reset_diffs_against_known_state() {
+        block_on(async {
+            let s = snap(vec![
+                entry(&peer("10.0.2.0/24", 2)),
+                entry(&peer("10.0.3.0/24", 3)),
+            ]);
+            let mut r = Reconciler::start(FakeDp::default(), own(), &s)
+                .await
+                .unwrap();
+            r.datapath().calls.clear();
+            // After a compaction: 10.0.2.0 left, 10.0.4.0 joined, 10.0.3.0 unchanged.
+            r.apply(&[WatchEvent::Reset(snap(vec![
+                entry(&peer("10.0.3.0/24", 3)),
+                entry(&peer("10.0.4.0/24", 4)),
+            ]))]);
+            assert!(r.converge().await);
+            assert_eq!(
+                r.datapath().calls,
+                vec!["remove 10.0.2.0/24", "add 10.0.4.0/24"]
+            );
+        });
+    }
+
+    #[test]
+    fn failed_calls_are_retried_by_the_next_converge() {
+        block_on(async {
+            let mut dp = FakeDp::default();
+            dp.fail.insert(net("10.0.2.0/24"));
+            let s = snap(vec![
+                entry(&peer("10.0.2.0/24", 2)),
+                entry(&peer("10.0.3.0/24", 3)),
+            ]);
+            let mut r = Reconciler::start(dp, own(), &s).await.unwrap();
+            assert!(!r.is_converged());
+            assert_eq!(held(&mut r), vec![peer("10.0.3.0/24", 3)]);
+            assert!(!r.converge().await);
+            r.datapath().fail.clear();
+            assert!(r.converge().await);
+            assert!(r.is_converged());
+            assert_eq!(
+                held(&mut r),
+                vec![peer("10.0.2.0/24", 2), peer("10.0.3.0/24", 3)]
+            );
+        });
+    }
+
+    #[test]
+    fn moving_our_own_subnet() {
+        block_on(async {
+            let s = snap(vec![entry(&peer("10.0.2.0/24", 2))]);
+            let mut r = Reconciler::start(FakeDp::default(), own(), &s)
+                .await
+                .unwrap();
+            // We lost 10.0.1.0/24 and re-acquired 10.0.5.0/24; another node
+            // now holds 10.0.1.0/24.
+            r.set_own(Own {
+                subnet: net("10.0.5.0/24"),
+                ..own()
+            });
+            r.apply(&[
+                WatchEvent::Put(entry(&peer("10.0.1.0/24", 50))),
+                WatchEvent::Put(raw(
+                    "10.0.5.0/24",
+                    &encode_vxlan(Ipv4Addr::new(192, 168, 0, 1), 1, mac(1)),
+                )),
+            ]);
+            assert!(r.converge().await);
+            assert_eq!(
+                held(&mut r),
+                vec![peer("10.0.1.0/24", 50), peer("10.0.2.0/24", 2)]
+            );
+        });
+    }
+
+    #[test]
+    fn stale_lease_with_our_public_ip_is_not_a_peer() {
+        block_on(async {
+            // Our previous lease, not yet expired, on another subnet.
+            let s = snap(vec![raw(
+                "10.0.9.0/24",
+                &encode_vxlan(Ipv4Addr::new(192, 168, 0, 1), 1, mac(1)),
+            )]);
+            let mut r = Reconciler::start(FakeDp::default(), own(), &s)
+                .await
+                .unwrap();
+            assert!(held(&mut r).is_empty());
+        });
+    }
+}
