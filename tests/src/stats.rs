@@ -163,3 +163,35 @@ pub fn attachments(ns: &str) -> Result<Attachments> {
     }
     Ok(out)
 }
+
+/// Installs two FORWARD rules in namespace `ns` that count what the host
+/// routes in from `dev` (`-i dev`) and out to it (`-o dev`): what a user's
+/// iptables rules on `flannel.<VNI>` see. They only count (ACCEPT is the default).
+pub fn count_forwarding(ns: &str, dev: &str) -> Result<()> {
+    for dir in ["-i", "-o"] {
+        cmd::run_in(
+            ns,
+            &["iptables", "-w", "-A", "FORWARD", dir, dev, "-j", "ACCEPT"],
+        )?;
+    }
+    Ok(())
+}
+
+/// Packets counted by the rules of [`count_forwarding`]: (in from `dev`, out to `dev`).
+pub fn forwarding_counts(ns: &str, dev: &str) -> Result<(u64, u64)> {
+    let out = cmd::run_in(ns, &["iptables-save", "-c", "-t", "filter"])?;
+    let count = |dir: &str| -> Result<u64> {
+        let rule = format!("-A FORWARD {dir} {dev} -j ACCEPT");
+        let line = out
+            .lines()
+            .find(|l| l.ends_with(&rule))
+            .with_context(|| format!("no rule {rule:?} in iptables-save: {out}"))?;
+        // "[packets:bytes] -A FORWARD ..."
+        line.trim_start_matches('[')
+            .split(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .with_context(|| format!("parsing counters of {line:?}"))
+    };
+    Ok((count("-i")?, count("-o")?))
+}

@@ -5,6 +5,9 @@
 //! vxlan device's own tx/rx statistics stay flat (the packets went around it).
 //! Kernel fallback: nothing at all is attached in the host, and the vxlan
 //! device's statistics rise. After teardown nothing stays attached.
+//! In every mode, strict rp_filter is on for the device and iptables rules
+//! matching `-i flannel.<VNI>` / `-o flannel.<VNI>` see the traffic, as under
+//! flannel.
 
 use anyhow::ensure;
 use overlay_agent::datapath::ebpf::IngressMode;
@@ -12,9 +15,10 @@ use overlay_common::consts::{PROG_EGRESS, PROG_INGRESS_TC};
 use overlay_common::counters::Reason;
 use overlay_tests::{
     lab::{Lab, LabSpec},
+    netns::sysctl_get,
     overlay::{Kind, Member, Overlay, mesh},
     scenario::{MIB, Workload, both_ways},
-    stats::{attachments, dev_stats},
+    stats::{attachments, count_forwarding, dev_stats, forwarding_counts},
     traffic::UdpBurst,
 };
 
@@ -39,6 +43,30 @@ const DROPS: [Reason; 7] = [
     Reason::DropAdjustFailed,
     Reason::DropRedirectFailed,
 ];
+
+/// The host is as strict as the lab promises, also for the device the
+/// datapath created, and counts what it forwards from and to that device.
+fn prepare_host(ns: &str, dev: &str) -> anyhow::Result<()> {
+    for key in [
+        format!("net/ipv4/conf/{dev}/rp_filter"),
+        "net/ipv4/conf/all/rp_filter".to_owned(),
+        format!("net/ipv6/conf/{dev}/disable_ipv6"),
+    ] {
+        ensure!(sysctl_get(ns, &key)? == "1", "{key} is not 1 in {ns}");
+    }
+    count_forwarding(ns, dev)
+}
+
+/// Both iptables rules on the device (`-i`, `-o`) saw at least `min` packets.
+fn check_forwarding(ns: &str, dev: &str, min: u64) -> anyhow::Result<()> {
+    let (inbound, outbound) = forwarding_counts(ns, dev)?;
+    eprintln!("iptables FORWARD -i {dev}: {inbound} packets, -o {dev}: {outbound} packets");
+    ensure!(
+        inbound >= min && outbound >= min,
+        "iptables rules on {dev} counted {inbound} in / {outbound} out, expected at least {min} each"
+    );
+    Ok(())
+}
 
 fn ingress_mode_has_xdp(mode: IngressMode) -> bool {
     mode == IngressMode::XdpAndTc
@@ -101,6 +129,7 @@ fn ebpf_path(name: &str, ingress_mode: IngressMode) -> anyhow::Result<()> {
         ids.ingress_xdp
     );
 
+    prepare_host(&h1.ns, &dev)?;
     let work = workload();
     let before_dev = dev_stats(&h1.ns, &dev)?;
     let before_nic = dev_stats(&h1.ns, &h1.underlay_dev)?;
@@ -147,6 +176,18 @@ fn ebpf_path(name: &str, ingress_mode: IngressMode) -> anyhow::Result<()> {
         h1.underlay_dev
     );
 
+    check_forwarding(&h1.ns, &dev, min_each_way)?;
+    // All of the workload is container to container: every packet the programs
+    // decapsulated must have been forwarded as arriving on the device (so strict
+    // rp_filter let it through), and every one they encapsulated was routed to it.
+    let (inbound, outbound) = forwarding_counts(&h1.ns, &dev)?;
+    ensure!(
+        inbound == delta(Reason::Decapsulated) && outbound == delta(Reason::Encapsulated),
+        "iptables saw {inbound} in / {outbound} out on {dev}, the programs decapsulated {} and encapsulated {}",
+        delta(Reason::Decapsulated),
+        delta(Reason::Encapsulated)
+    );
+
     ours.node().unwrap().teardown()?;
     let att = attachments(&h1.ns)?;
     ensure!(att.is_empty(), "still attached after teardown: {att:?}");
@@ -187,6 +228,7 @@ fn kernel_fallback_attaches_nothing_and_uses_the_vxlan_device() -> anyhow::Resul
         "kernel fallback reports eBPF counters"
     );
 
+    prepare_host(&h1.ns, &dev)?;
     let work = workload();
     let before = dev_stats(&h1.ns, &dev)?;
     both_ways(&ours.host, &peer.host, &work)?;
@@ -197,6 +239,7 @@ fn kernel_fallback_attaches_nothing_and_uses_the_vxlan_device() -> anyhow::Resul
         delta.tx_packets >= min_each_way && delta.rx_packets >= min_each_way,
         "{dev} statistics {delta:?}: expected at least {min_each_way} each way through the vxlan driver"
     );
+    check_forwarding(&h1.ns, &dev, min_each_way)?;
     drop((ours, peer));
     lab.destroy()
 }
