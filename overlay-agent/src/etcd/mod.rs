@@ -82,12 +82,14 @@ pub enum EtcdError {
     Options(String),
     #[error("etcd at {endpoints}: {problem}")]
     Connect { endpoints: String, problem: String },
-    #[error("etcd {op} {key}: {source}")]
+    #[error("etcd {op} {key}: {source}{hint}")]
     Request {
         op: &'static str,
         key: String,
         #[source]
         source: etcd_client::Error,
+        /// Empty, or a likely cause the error itself does not name.
+        hint: &'static str,
     },
     #[error("etcd {op} {key}: no answer within {after:?}")]
     Timeout {
@@ -179,6 +181,9 @@ pub struct Registry {
     prefix: String,
     endpoints: String,
     timeout: Duration,
+    /// TLS without a client certificate: a server that wants one just
+    /// drops the connection, which deserves a hint.
+    tls_without_identity: bool,
 }
 
 impl Registry {
@@ -211,7 +216,9 @@ impl Registry {
             }
             _ => {}
         }
-        if let Some(tls) = tls_options(opts)? {
+        let tls = tls_options(opts)?;
+        let tls_without_identity = tls.is_some() && opts.cert_file.is_none();
+        if let Some(tls) = tls {
             co = co.with_tls(tls);
         }
         let connect = Client::connect(opts.endpoints.clone(), Some(co));
@@ -235,6 +242,7 @@ impl Registry {
             prefix: opts.prefix.trim_end_matches('/').to_owned(),
             endpoints,
             timeout,
+            tls_without_identity,
         };
         Ok(reg)
     }
@@ -297,10 +305,17 @@ impl Registry {
                         .await;
                 }
                 Ok(Err(source)) => {
+                    let hint = if self.tls_without_identity && connection_dropped(&source) {
+                        " (the server closed the TLS connection: does it require a client \
+                         certificate? see --etcd-certfile and --etcd-keyfile)"
+                    } else {
+                        ""
+                    };
                     return Err(EtcdError::Request {
                         op,
                         key: key.to_owned(),
                         source,
+                        hint,
                     });
                 }
                 Err(_) => {
@@ -513,6 +528,11 @@ fn not_sent(e: &etcd_client::Error) -> bool {
         etcd_client::Error::TransportError(_) => true,
         _ => false,
     }
+}
+
+fn connection_dropped(e: &etcd_client::Error) -> bool {
+    let text = error_chain(e).to_ascii_lowercase();
+    text.contains("connection closed") || text.contains("connection reset")
 }
 
 fn put_options(lease_id: i64) -> Option<PutOptions> {
