@@ -944,11 +944,11 @@ fn tc_ingress_never_delivers_truncated_or_garbage_frames() {
 
 #[test]
 #[ignore = "needs root and eBPF: run `cargo xtask test`"]
-fn tc_ingress_hands_a_refused_gso_decapsulation_to_the_kernel() {
+fn tc_ingress_hands_gso_aggregates_to_the_kernel_vxlan_device() {
     let p = Programs::load();
-    // A test-run skb with gso_size but no GSO type: bpf_skb_adjust_room
-    // refuses it (a real aggregate carries SKB_GSO_TCPV4 and is
-    // decapsulated; see the lab tests). Refused means unchanged, to the kernel.
+    // A GSO aggregate from a peer goes to the kernel's vxlan device unchanged:
+    // decapsulated by TC it would keep skb->encapsulation and be segmented in
+    // software by the pod bridge (see DECAP_GSO in overlay-ebpf).
     let inner = inner_frame_to_us(&reply_packets()[0].1);
     let frame = from_underlay(PEER_IP, VNI, &inner);
     let (verdict, out) = p.tc(PROG_INGRESS_TC, &frame, Some((500, 2)));
@@ -962,7 +962,7 @@ fn tc_ingress_hands_a_refused_gso_decapsulation_to_the_kernel() {
         &p,
         &[
             (Reason::DropUnknownVtep, 1, stranger.len() as u64),
-            (Reason::PassAdjustRefused, 1, frame.len() as u64),
+            (Reason::PassGsoTunnel, 1, frame.len() as u64),
         ],
     );
 }
