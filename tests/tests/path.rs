@@ -2,7 +2,10 @@
 //!
 //! eBPF mode: the programs are attached where the design says, their encap and
 //! decap counters rise with the traffic, no drop reason counts, and the kernel
-//! vxlan device's own tx/rx statistics stay flat (the packets went around it).
+//! vxlan device's own tx/rx statistics stay flat (the packets went around it);
+//! the one exception is by design and accounted for: with TC-only ingress, a
+//! peer's GSO aggregates (bulk TCP) go to the vxlan driver, and its rx count
+//! must equal the programs' `pass_gso_tunnel` count exactly.
 //! Kernel fallback: nothing at all is attached in the host, and the vxlan
 //! device's statistics rise. After teardown nothing stays attached.
 //! In every mode, strict rp_filter is on for the device and iptables rules
@@ -10,7 +13,7 @@
 //! flannel.
 
 use anyhow::ensure;
-use overlay_agent::datapath::ebpf::IngressMode;
+use overlay_agent::datapath::ebpf::{Counters, IngressMode};
 use overlay_common::consts::{PROG_EGRESS, PROG_INGRESS_TC};
 use overlay_common::counters::Reason;
 use overlay_tests::{
@@ -18,8 +21,8 @@ use overlay_tests::{
     netns::sysctl_get,
     overlay::{Kind, Member, Overlay, mesh},
     scenario::{MIB, Workload, both_ways},
-    stats::{attachments, count_forwarding, dev_stats, forwarding_counts},
-    traffic::UdpBurst,
+    stats::{DevStats, attachments, count_forwarding, dev_stats, forwarding_counts},
+    traffic::{self, UdpBurst},
 };
 
 /// Enough traffic for clear deltas, small enough to be quick.
@@ -66,6 +69,76 @@ fn check_forwarding(ns: &str, dev: &str, min: u64) -> anyhow::Result<()> {
         "iptables rules on {dev} counted {inbound} in / {outbound} out, expected at least {min} each"
     );
     Ok(())
+}
+
+/// What the host and the programs counted at one moment.
+struct Snapshot {
+    counters: Counters,
+    dev: DevStats,
+    nic: DevStats,
+    /// iptables FORWARD packets (-i dev, -o dev).
+    forwarded: (u64, u64),
+}
+
+/// The difference between two snapshots.
+struct Delta {
+    counters: Vec<(Reason, u64)>,
+    dev: DevStats,
+    nic: DevStats,
+    forwarded: (u64, u64),
+}
+
+impl Snapshot {
+    fn since(&self, before: &Snapshot) -> Delta {
+        Delta {
+            counters: Reason::ALL
+                .iter()
+                .map(|&r| {
+                    (
+                        r,
+                        self.counters.get(r).packets - before.counters.get(r).packets,
+                    )
+                })
+                .collect(),
+            dev: self.dev.since(&before.dev),
+            nic: self.nic.since(&before.nic),
+            forwarded: (
+                self.forwarded.0 - before.forwarded.0,
+                self.forwarded.1 - before.forwarded.1,
+            ),
+        }
+    }
+}
+
+impl Delta {
+    fn of(&self, reason: Reason) -> u64 {
+        self.counters
+            .iter()
+            .find(|(r, _)| *r == reason)
+            .map_or(0, |(_, n)| *n)
+    }
+}
+
+impl std::fmt::Display for Delta {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let counters: Vec<String> = self
+            .counters
+            .iter()
+            .filter(|(_, n)| *n != 0)
+            .map(|(r, n)| format!("{}+{n}", r.name()))
+            .collect();
+        write!(
+            f,
+            "counters [{}], vxlan device rx+{} tx+{}, underlay rx+{} tx+{}, iptables in+{} out+{}",
+            counters.join(" "),
+            self.dev.rx_packets,
+            self.dev.tx_packets,
+            self.nic.rx_packets,
+            self.nic.tx_packets,
+            self.forwarded.0,
+            self.forwarded.1
+        )
+    }
 }
 
 fn ingress_mode_has_xdp(mode: IngressMode) -> bool {
@@ -131,62 +204,110 @@ fn ebpf_path(name: &str, ingress_mode: IngressMode) -> anyhow::Result<()> {
 
     prepare_host(&h1.ns, &dev)?;
     let work = workload();
-    let before_dev = dev_stats(&h1.ns, &dev)?;
-    let before_nic = dev_stats(&h1.ns, &h1.underlay_dev)?;
-    let before = ours.counters()?.expect("eBPF counters");
-    both_ways(&ours.host, &peer.host, &work)?;
-    let after = ours.counters()?.expect("eBPF counters");
-    let dev_delta = dev_stats(&h1.ns, &dev)?.since(&before_dev);
-    let nic_delta = dev_stats(&h1.ns, &h1.underlay_dev)?.since(&before_nic);
-    let delta = |r: Reason| after.get(r).packets - before.get(r).packets;
-    eprintln!("counters after: {after}");
-    eprintln!(
-        "{dev} delta {dev_delta:?}, {} delta {nic_delta:?}",
-        h1.underlay_dev
-    );
+    let observe = || -> anyhow::Result<Snapshot> {
+        Ok(Snapshot {
+            counters: ours.counters()?.expect("eBPF counters"),
+            dev: dev_stats(&h1.ns, &dev)?,
+            nic: dev_stats(&h1.ns, &h1.underlay_dev)?,
+            forwarded: forwarding_counts(&h1.ns, &dev)?,
+        })
+    };
 
-    // Each direction sends at least `pings` echo packets and every UDP datagram
-    // one way, plus the TCP segments (GSO may merge them, so not counted here).
+    // Phase 1, packets that no one aggregates (ping, UDP): everything goes
+    // through the programs and nothing through the vxlan driver.
+    let start = observe()?;
+    for (src, dst) in [(&ours.host, &peer.host), (&peer.host, &ours.host)] {
+        let port = 31000 + u16::from(src.index);
+        traffic::ping(&src.container_ns, dst.container_ip, work.pings)?;
+        traffic::udp_burst(
+            &src.container_ns,
+            &dst.container_ns,
+            dst.container_ip,
+            port,
+            work.udp,
+        )?;
+    }
+    let mid = observe()?;
+    let d = mid.since(&start);
+    eprintln!("ping+UDP: {d}");
     let min_each_way = u64::from(work.pings + work.udp.count);
     ensure!(
-        delta(Reason::Encapsulated) >= min_each_way,
-        "encapsulated rose by {} (< {min_each_way}); counters: {after}",
-        delta(Reason::Encapsulated)
+        d.of(Reason::Encapsulated) >= min_each_way && d.of(Reason::Decapsulated) >= min_each_way,
+        "ping+UDP: encap/decap counters rose by less than {min_each_way}: {d}"
     );
     ensure!(
-        delta(Reason::Decapsulated) >= min_each_way,
-        "decapsulated rose by {} (< {min_each_way}); counters: {after}",
-        delta(Reason::Decapsulated)
+        d.dev.tx_packets == 0 && d.dev.rx_packets == 0,
+        "ping+UDP: {dev} statistics moved, packets went through the kernel's vxlan driver: {d}"
     );
-    for r in DROPS {
+    ensure!(
+        d.nic.tx_packets >= min_each_way && d.nic.rx_packets >= min_each_way,
+        "ping+UDP: the traffic did not cross {}: {d}",
+        h1.underlay_dev
+    );
+    // Container to container only: every packet the programs decapsulated was
+    // forwarded as arriving on the device (so strict rp_filter let it through),
+    // and every one they encapsulated had been routed to it.
+    ensure!(
+        d.forwarded == (d.of(Reason::Decapsulated), d.of(Reason::Encapsulated)),
+        "ping+UDP: iptables -i/-o {dev} counted {:?}, the programs decapsulated/encapsulated {:?}",
+        d.forwarded,
+        (d.of(Reason::Decapsulated), d.of(Reason::Encapsulated))
+    );
+
+    // Phase 2, bulk TCP: the peer's TSO aggregates cross the veth whole. XDP
+    // sees them segmented (XDP on a veth turns GSO off on its peer) and
+    // decapsulates all; TC-only ingress hands aggregates to the vxlan driver on
+    // purpose (see DECAP_GSO in overlay-ebpf), each counted pass_gso_tunnel.
+    // Either way, egress never uses the driver, and every packet the driver
+    // received is one the programs counted as handed to it.
+    for (src, dst) in [(&ours.host, &peer.host), (&peer.host, &ours.host)] {
+        let port = 32000 + u16::from(src.index);
+        traffic::tcp_transfer(
+            &src.container_ns,
+            &dst.container_ns,
+            dst.container_ip,
+            port,
+            work.tcp_bytes,
+        )?;
+    }
+    let end = observe()?;
+    let d = end.since(&mid);
+    eprintln!("TCP: {d}");
+    ensure!(
+        d.of(Reason::Encapsulated) > 0 && d.of(Reason::Decapsulated) > 0,
+        "TCP: the programs moved nothing: {d}"
+    );
+    ensure!(
+        d.dev.tx_packets == 0,
+        "TCP: the vxlan driver transmitted: {d}"
+    );
+    ensure!(
+        d.dev.rx_packets == d.of(Reason::PassGsoTunnel),
+        "TCP: the vxlan driver received {} packets, the programs handed it {} (pass_gso_tunnel): {d}",
+        d.dev.rx_packets,
+        d.of(Reason::PassGsoTunnel)
+    );
+    if ingress_mode_has_xdp(ingress_mode) {
         ensure!(
-            delta(r) == 0,
-            "{} rose by {} during legitimate traffic",
-            r.name(),
-            delta(r)
+            d.dev.rx_packets == 0,
+            "TCP with XDP: aggregates reached the vxlan driver: {d}"
         );
     }
     ensure!(
-        dev_delta.tx_packets == 0 && dev_delta.rx_packets == 0,
-        "{dev} statistics moved ({dev_delta:?}): packets went through the kernel's vxlan driver"
+        d.forwarded.0 == d.of(Reason::Decapsulated) + d.of(Reason::PassGsoTunnel)
+            && d.forwarded.1 == d.of(Reason::Encapsulated),
+        "TCP: iptables -i/-o {dev} counted {:?}: {d}",
+        d.forwarded
     );
-    ensure!(
-        nic_delta.tx_packets >= min_each_way && nic_delta.rx_packets >= min_each_way,
-        "{} statistics {nic_delta:?}: the traffic did not cross the underlay",
-        h1.underlay_dev
-    );
-
-    check_forwarding(&h1.ns, &dev, min_each_way)?;
-    // All of the workload is container to container: every packet the programs
-    // decapsulated must have been forwarded as arriving on the device (so strict
-    // rp_filter let it through), and every one they encapsulated was routed to it.
-    let (inbound, outbound) = forwarding_counts(&h1.ns, &dev)?;
-    ensure!(
-        inbound == delta(Reason::Decapsulated) && outbound == delta(Reason::Encapsulated),
-        "iptables saw {inbound} in / {outbound} out on {dev}, the programs decapsulated {} and encapsulated {}",
-        delta(Reason::Decapsulated),
-        delta(Reason::Encapsulated)
-    );
+    let total = end.since(&start);
+    for r in DROPS {
+        ensure!(
+            total.of(r) == 0,
+            "{} rose by {} during legitimate traffic: {total}",
+            r.name(),
+            total.of(r)
+        );
+    }
 
     ours.node().unwrap().teardown()?;
     let att = attachments(&h1.ns)?;
@@ -197,7 +318,7 @@ fn ebpf_path(name: &str, ingress_mode: IngressMode) -> anyhow::Result<()> {
 
 #[test]
 #[ignore = "needs root, network namespaces and eBPF: run `cargo xtask test`"]
-fn ebpf_tc_moves_packets_around_the_vxlan_device() -> anyhow::Result<()> {
+fn ebpf_tc_bypasses_the_vxlan_device_except_counted_gso_aggregates() -> anyhow::Result<()> {
     ebpf_path("ptc", IngressMode::Tc)
 }
 
