@@ -2,10 +2,12 @@
 //! (later) the control plane that drives them from etcd.
 
 pub mod alloc;
+pub mod cli;
 pub mod config;
 pub mod datapath;
 pub mod etcd;
 pub mod gojson;
+pub mod iface;
 pub mod lease;
 pub mod mac;
 pub mod netlink;

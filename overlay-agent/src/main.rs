@@ -1,4 +1,490 @@
-fn main() -> anyhow::Result<()> {
-    env_logger::init();
-    anyhow::bail!("the command line arrives with the control plane")
+//! `overlay-agent`: a drop-in for `flanneld` with the VXLAN backend and the
+//! etcd subnet manager.
+//!
+//! Order matters: everything that can fail without touching the host (flags,
+//! etcd, the network config, the interface) is checked first, so a bad
+//! config leaves nothing half-configured. Then: lease, datapath, subnet.env,
+//! and the loop that keeps the lease and follows the peers.
+
+use std::{path::Path, process::ExitCode, time::Duration};
+
+use anyhow::{Context, Result, anyhow};
+use overlay_agent::{
+    cli::{Cli, DatapathChoice, IngressChoice},
+    config::NetworkConfig,
+    datapath::{
+        Datapath, DatapathError, Mode, NodeSpec, NodeState, Peer,
+        ebpf::{EbpfDatapath, EbpfOptions, IngressMode},
+        kernel::KernelDatapath,
+    },
+    etcd::{
+        EtcdError, Registry,
+        own::{self, AcquireError, Keeper, NodeIdentity, OwnLease, Renewal},
+        watch::LeaseWatcher,
+    },
+    iface::{self, ExternalInterface},
+    mac::MacAddr,
+    netlink::Netlink,
+    reconcile::{Own, Reconciler},
+    subnet_env::{self, SubnetEnv},
+};
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let cli = match Cli::parse_from_go(std::env::args()) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    if let Err(e) = cli.validate() {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Either datapath behind one type, so one reconciler serves both.
+enum AnyDatapath {
+    Ebpf(EbpfDatapath),
+    Kernel(KernelDatapath),
+}
+
+impl Datapath for AnyDatapath {
+    fn mode(&self) -> Mode {
+        match self {
+            AnyDatapath::Ebpf(d) => d.mode(),
+            AnyDatapath::Kernel(d) => d.mode(),
+        }
+    }
+    async fn setup(&mut self, node: &NodeSpec) -> Result<NodeState, DatapathError> {
+        match self {
+            AnyDatapath::Ebpf(d) => d.setup(node).await,
+            AnyDatapath::Kernel(d) => d.setup(node).await,
+        }
+    }
+    async fn add_peer(&mut self, peer: &Peer) -> Result<(), DatapathError> {
+        match self {
+            AnyDatapath::Ebpf(d) => d.add_peer(peer).await,
+            AnyDatapath::Kernel(d) => d.add_peer(peer).await,
+        }
+    }
+    async fn remove_peer(&mut self, peer: &Peer) -> Result<(), DatapathError> {
+        match self {
+            AnyDatapath::Ebpf(d) => d.remove_peer(peer).await,
+            AnyDatapath::Kernel(d) => d.remove_peer(peer).await,
+        }
+    }
+    async fn peers(&mut self) -> Result<Vec<Peer>, DatapathError> {
+        match self {
+            AnyDatapath::Ebpf(d) => d.peers().await,
+            AnyDatapath::Kernel(d) => d.peers().await,
+        }
+    }
+    async fn teardown(&mut self) -> Result<(), DatapathError> {
+        match self {
+            AnyDatapath::Ebpf(d) => d.teardown().await,
+            AnyDatapath::Kernel(d) => d.teardown().await,
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    log::info!(
+        "overlay-agent {}: etcd {} prefix {}, datapath {:?}",
+        env!("CARGO_PKG_VERSION"),
+        cli.etcd_endpoints.join(","),
+        cli.etcd_prefix,
+        cli.datapath
+    );
+    if cli.healthz_port > 0 {
+        spawn_healthz(&cli).await?;
+    }
+
+    // 1. etcd and the network config: nothing on the host is touched yet.
+    let reg = connect(&cli).await?;
+    let config = wait_config(&reg).await?;
+    log::info!(
+        "network config: Network {} SubnetLen {} [{} .. {}], VXLAN VNI {} port {} MTU {}",
+        config.network,
+        config.subnet_len,
+        config.subnet_min,
+        config.subnet_max,
+        config.backend.vni,
+        config.backend.dst_port(),
+        config
+            .backend
+            .mtu
+            .map_or("from the interface".to_owned(), |m| m.to_string())
+    );
+    if config.backend.gbp || config.backend.direct_routing || config.backend.learning {
+        log::warn!(
+            "Backend GBP/DirectRouting/Learning are read but not applied by this version \
+             (GBP {}, DirectRouting {}, Learning {})",
+            config.backend.gbp,
+            config.backend.direct_routing,
+            config.backend.learning
+        );
+    }
+    if cli.ip_masq {
+        log::warn!(
+            "--ip-masq: FLANNEL_IPMASQ=true is written to the subnet file, but this version \
+             installs no masquerade rules"
+        );
+    }
+
+    let nl = Netlink::connect().context("opening a netlink socket")?;
+    let ext = iface::find(&nl, &cli.iface_selector())
+        .await
+        .context("choosing the external interface")?;
+    log::info!(
+        "using interface {} ({}), PublicIP {}, MTU {}",
+        ext.name,
+        ext.ip,
+        ext.public_ip,
+        ext.mtu
+    );
+
+    // 2. Our lease.
+    let timing = cli.lease_timing();
+    let previous = subnet_env::read_previous_subnet(&cli.subnet_file);
+    let node = NodeIdentity {
+        public_ip: ext.public_ip,
+        vni: config.backend.vni,
+        vtep_mac: MacAddr::stable_for(ext.public_ip, config.backend.vni),
+    };
+    let mut lease = retry_etcd("acquiring a subnet lease", || {
+        own::acquire(&reg, &config, &node, previous, &timing)
+    })
+    .await?;
+
+    // 3. The datapath.
+    let spec = node_spec(&config, &ext, &lease);
+    let (mut dp, state) = start_datapath(&cli, &spec).await?;
+    if state.vtep_mac != lease.vtep_mac {
+        log::info!(
+            "{} has MAC {}; publishing it in lease {}",
+            state.device,
+            state.vtep_mac,
+            lease.subnet
+        );
+        match own::update_mac(&reg, &mut lease, state.vtep_mac).await? {
+            Renewal::Renewed => {}
+            Renewal::Lost(why) => log::warn!("could not publish the MAC yet: {why}"),
+        }
+    }
+    write_subnet_env(&cli.subnet_file, &config, &lease, state.mtu, cli.ip_masq)?;
+
+    // 4. Keep the lease, follow the peers.
+    let (tx, mut own_rx) = tokio::sync::watch::channel(lease.clone());
+    let keeper = Keeper {
+        reg: reg.clone(),
+        config: config.clone(),
+        node,
+        timing,
+    };
+    let first = lease.clone();
+    let mut keeper_task = tokio::spawn(async move { keeper.run(first, tx).await });
+
+    let snapshot = retry_etcd("listing leases", || reg.list()).await?;
+    let own_of = |l: &OwnLease| Own {
+        subnet: l.subnet,
+        public_ip: l.public_ip,
+        vni: l.vni,
+    };
+    let dp_mode = dp.mode();
+    let mut rec = Reconciler::start(dp, own_of(&lease), &snapshot)
+        .await
+        .map_err(|e| {
+            anyhow!(
+                "reading the peers the {dp_mode} datapath holds: {}",
+                e.reason()
+            )
+        })?;
+    let mut watcher = LeaseWatcher::new(reg.clone(), snapshot.revision);
+    log::info!(
+        "running: lease {} on {} ({} datapath), {} peer(s) programmed",
+        lease.subnet,
+        state.device,
+        dp_mode,
+        rec.programmed().len()
+    );
+
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    let mut retry = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = sigterm.recv() => break,
+            events = watcher.next() => {
+                rec.apply(&events);
+                rec.converge().await;
+            }
+            changed = own_rx.changed() => {
+                if changed.is_err() {
+                    // The keeper stopped: its result says why.
+                    break;
+                }
+                let new = own_rx.borrow_and_update().clone();
+                if new.subnet != lease.subnet {
+                    log::warn!("our subnet moved from {} to {}: re-pointing the datapath", lease.subnet, new.subnet);
+                    dp = rec.into_datapath();
+                    let spec = node_spec(&config, &ext, &new);
+                    let state = dp.setup(&spec).await.map_err(|e| anyhow!("re-pointing the datapath to {}: {}", new.subnet, e.reason()))?;
+                    write_subnet_env(&cli.subnet_file, &config, &new, state.mtu, cli.ip_masq)?;
+                    let snapshot = retry_etcd("listing leases", || reg.list()).await?;
+                    rec = Reconciler::start(dp, own_of(&new), &snapshot)
+                        .await
+                        .map_err(|e| anyhow!("reading the datapath's peers: {}", e.reason()))?;
+                    watcher = LeaseWatcher::new(reg.clone(), snapshot.revision);
+                }
+                lease = new;
+            }
+            _ = retry.tick(), if !rec.is_converged() => {
+                rec.converge().await;
+            }
+            res = &mut keeper_task => {
+                return match res {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(e)) => Err(anyhow!("lost our lease and could not get another: {e}")),
+                    Err(e) => Err(anyhow!("the lease keeper crashed: {e}")),
+                };
+            }
+        }
+    }
+    log::info!(
+        "stopping; lease {} and {} stay in place, as with flanneld",
+        lease.subnet,
+        state.device
+    );
+    keeper_task.abort();
+    Ok(())
+}
+
+async fn connect(cli: &Cli) -> Result<Registry> {
+    let opts = cli.etcd_options();
+    loop {
+        match Registry::connect(&opts).await {
+            Ok(r) => return Ok(r),
+            Err(e) if e.is_permanent() => return Err(e.into()),
+            Err(e) => {
+                log::warn!("{e}; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+async fn wait_config(reg: &Registry) -> Result<NetworkConfig> {
+    reg.wait_config(Duration::from_secs(1))
+        .await
+        .map_err(|e| match e {
+            EtcdError::Config { .. } => anyhow!("{e}; nothing on this host was changed"),
+            e => anyhow!(e),
+        })
+}
+
+/// Retry an etcd operation while etcd is unreachable; give up on permanent errors.
+async fn retry_etcd<T, E, F, Fut>(what: &str, mut f: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+    E: Into<RetryClass>,
+{
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match f().await {
+            Ok(v) => return Ok(v),
+            Err(e) => match e.into() {
+                RetryClass::Retry(msg) => {
+                    log::warn!("{what}: {msg}; retrying in {delay:?}");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+                RetryClass::Fatal(e) => return Err(e.context(what.to_owned())),
+            },
+        }
+    }
+}
+
+enum RetryClass {
+    Retry(String),
+    Fatal(anyhow::Error),
+}
+
+impl From<EtcdError> for RetryClass {
+    fn from(e: EtcdError) -> Self {
+        if e.is_permanent() {
+            RetryClass::Fatal(e.into())
+        } else {
+            RetryClass::Retry(e.to_string())
+        }
+    }
+}
+
+impl From<AcquireError> for RetryClass {
+    fn from(e: AcquireError) -> Self {
+        match e {
+            AcquireError::Etcd(e) => e.into(),
+            e => RetryClass::Fatal(e.into()),
+        }
+    }
+}
+
+fn node_spec(config: &NetworkConfig, ext: &ExternalInterface, lease: &OwnLease) -> NodeSpec {
+    NodeSpec {
+        vni: config.backend.vni,
+        port: config.backend.dst_port(),
+        // As flanneld: with --public-ip the device's local address is the public IP.
+        public_ip: ext.public_ip,
+        underlay: ext.name.clone(),
+        subnet: lease.subnet,
+        mtu: config.backend.mtu,
+        vtep_mac: Some(lease.vtep_mac),
+    }
+}
+
+fn write_subnet_env(
+    path: &Path,
+    config: &NetworkConfig,
+    lease: &OwnLease,
+    mtu: u32,
+    ip_masq: bool,
+) -> Result<()> {
+    SubnetEnv {
+        network: config.network,
+        subnet: lease.subnet,
+        mtu,
+        ip_masq,
+    }
+    .write(path)
+    .with_context(|| format!("writing {}", path.display()))?;
+    log::info!("wrote {}", path.display());
+    Ok(())
+}
+
+/// bpffs's `statfs` magic.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// The pin directory must be on bpffs (created if missing).
+fn check_pin_dir(dir: &Path) -> Result<(), String> {
+    if let Err(e) = std::fs::create_dir_all(dir) {
+        return Err(format!(
+            "cannot create pin directory {}: {e}",
+            dir.display()
+        ));
+    }
+    let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
+        .map_err(|_| format!("pin directory {} has a NUL byte", dir.display()))?;
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a valid NUL-terminated path and `st` a writable statfs.
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(format!(
+            "cannot statfs pin directory {}: {}",
+            dir.display(),
+            std::io::Error::last_os_error()
+        ));
+    }
+    #[allow(clippy::unnecessary_cast)]
+    if st.f_type as i64 != BPF_FS_MAGIC {
+        return Err(format!(
+            "pin directory {} is not on bpffs (mount -t bpf bpf /sys/fs/bpf)",
+            dir.display()
+        ));
+    }
+    Ok(())
+}
+
+async fn start_datapath(cli: &Cli, spec: &NodeSpec) -> Result<(AnyDatapath, NodeState)> {
+    let options = EbpfOptions {
+        ingress: match cli.ebpf_ingress {
+            IngressChoice::Tc => IngressMode::Tc,
+            IngressChoice::XdpTc => IngressMode::XdpAndTc,
+        },
+        ..EbpfOptions::default()
+    };
+    let try_ebpf = || async {
+        if let Some(dir) = &cli.bpf_pin_dir {
+            check_pin_dir(dir)?;
+        }
+        let mut dp = EbpfDatapath::new(options);
+        match dp.setup(spec).await {
+            Ok(state) => Ok((AnyDatapath::Ebpf(dp), state)),
+            Err(e) => Err(e.reason()),
+        }
+    };
+    match cli.datapath {
+        DatapathChoice::Ebpf => try_ebpf()
+            .await
+            .map_err(|why| anyhow!("eBPF datapath (--datapath ebpf): {why}")),
+        DatapathChoice::Kernel => kernel_datapath(spec).await,
+        DatapathChoice::Auto => match try_ebpf().await {
+            Ok(v) => Ok(v),
+            Err(why) => {
+                log::warn!("eBPF datapath unavailable, falling back to the kernel datapath: {why}");
+                kernel_datapath(spec).await
+            }
+        },
+    }
+}
+
+async fn kernel_datapath(spec: &NodeSpec) -> Result<(AnyDatapath, NodeState)> {
+    let mut dp = KernelDatapath::new();
+    let state = dp
+        .setup(spec)
+        .await
+        .map_err(|e| anyhow!("kernel datapath: {}", e.reason()))?;
+    Ok((AnyDatapath::Kernel(dp), state))
+}
+
+/// flanneld's healthz: `GET /healthz` answers 200.
+async fn spawn_healthz(cli: &Cli) -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = (cli.healthz_ip, cli.healthz_port);
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
+        format!(
+            "--healthz-ip/--healthz-port: cannot listen on {}:{}",
+            addr.0, addr.1
+        )
+    })?;
+    log::info!("healthz on http://{}:{}/healthz", addr.0, addr.1);
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                let n = s.read(&mut buf).await.unwrap_or(0);
+                let req = String::from_utf8_lossy(&buf[..n]);
+                let (status, body) = if req.starts_with("GET /healthz") {
+                    ("200 OK", "flanneld is running")
+                } else {
+                    ("404 Not Found", "not found")
+                };
+                let resp = format!(
+                    "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = s.write_all(resp.as_bytes()).await;
+            });
+        }
+    });
+    Ok(())
 }

@@ -204,7 +204,7 @@ pub async fn acquire(
                     log::info!(
                         "allocated lease {subnet} ({}) for PublicIP {}",
                         if matches!(plan.choice, Choice::Previous(_)) {
-                            "remembered in subnet.env"
+                            "the subnet we held before"
                         } else {
                             "picked at random"
                         },

@@ -1,0 +1,453 @@
+//! The command line: flanneld's flags with the same names, defaults and
+//! `FLANNELD_<NAME>` environment fallbacks (a flag on the command line wins),
+//! plus ours (`--datapath`, `--bpf-pin-dir`, ...). Go's single-dash spelling
+//! (`-iface=...`, as in flanneld's own docs) is accepted too.
+
+use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
+
+use clap::{ArgAction, Parser, ValueEnum};
+
+use crate::etcd::own::LeaseTiming;
+
+const ETCD: &str = "etcd (the subnet store)";
+const NETWORK: &str = "Network and interface";
+const LEASE: &str = "Subnet lease";
+const HEALTH: &str = "Health";
+const DATAPATH: &str = "Datapath (overlay-agent)";
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum DatapathChoice {
+    /// eBPF when it loads and attaches, otherwise the kernel's vxlan device.
+    #[default]
+    Auto,
+    /// eBPF only: failing to load or attach is an error.
+    Ebpf,
+    /// The kernel's vxlan device only, exactly as flanneld programs it.
+    Kernel,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum IngressChoice {
+    /// A TC program on the underlay decapsulates.
+    #[default]
+    Tc,
+    /// XDP decapsulates, TC hands the packet to flannel.<VNI>.
+    #[value(name = "xdp+tc")]
+    XdpTc,
+}
+
+/// flanneld-compatible VXLAN overlay agent with an eBPF datapath.
+#[derive(Clone, Debug, Parser, PartialEq, Eq)]
+#[command(
+    name = "overlay-agent",
+    version,
+    about = "flannel-compatible VXLAN overlay agent (etcd subnet manager) with an eBPF datapath \
+             and a kernel vxlan fallback",
+    long_about = None,
+    after_help = "Every flag can also be set with FLANNELD_<FLAG> in the environment \
+                  (e.g. FLANNELD_ETCD_ENDPOINTS, FLANNELD_IFACE); the command line wins. \
+                  Go's single-dash form (-iface=eth0) is accepted."
+)]
+pub struct Cli {
+    /// A comma-delimited list of etcd endpoints.
+    #[arg(long, env = "FLANNELD_ETCD_ENDPOINTS", default_value = "http://127.0.0.1:2379",
+          value_delimiter = ',', help_heading = ETCD)]
+    pub etcd_endpoints: Vec<String>,
+
+    /// etcd prefix.
+    #[arg(long, env = "FLANNELD_ETCD_PREFIX", default_value = "/coreos.com/network",
+          help_heading = ETCD)]
+    pub etcd_prefix: String,
+
+    /// SSL key file used to secure etcd communication.
+    #[arg(long, env = "FLANNELD_ETCD_KEYFILE", help_heading = ETCD)]
+    pub etcd_keyfile: Option<PathBuf>,
+
+    /// SSL certification file used to secure etcd communication.
+    #[arg(long, env = "FLANNELD_ETCD_CERTFILE", help_heading = ETCD)]
+    pub etcd_certfile: Option<PathBuf>,
+
+    /// SSL Certificate Authority file used to secure etcd communication.
+    #[arg(long, env = "FLANNELD_ETCD_CAFILE", help_heading = ETCD)]
+    pub etcd_cafile: Option<PathBuf>,
+
+    /// Username for BasicAuth to etcd.
+    #[arg(long, env = "FLANNELD_ETCD_USERNAME", help_heading = ETCD)]
+    pub etcd_username: Option<String>,
+
+    /// Password for BasicAuth to etcd.
+    #[arg(long, env = "FLANNELD_ETCD_PASSWORD", hide_env_values = true, help_heading = ETCD)]
+    pub etcd_password: Option<String>,
+
+    /// Interface to use (IP or name) for inter-host communication. Can be
+    /// specified multiple times to check each option in order. Returns the
+    /// first match found.
+    #[arg(long, env = "FLANNELD_IFACE", value_delimiter = ',', action = ArgAction::Append,
+          help_heading = NETWORK)]
+    pub iface: Vec<String>,
+
+    /// Regex expression to match the first interface to use (IP or name) for
+    /// inter-host communication. Can be specified multiple times; checked
+    /// after --iface.
+    #[arg(long, env = "FLANNELD_IFACE_REGEX", action = ArgAction::Append, help_heading = NETWORK)]
+    pub iface_regex: Vec<String>,
+
+    /// IP accessible by other nodes for inter-host communication.
+    #[arg(long, env = "FLANNELD_PUBLIC_IP", help_heading = NETWORK)]
+    pub public_ip: Option<Ipv4Addr>,
+
+    /// Filename where env variables (subnet, MTU, ...) will be written to.
+    #[arg(long, env = "FLANNELD_SUBNET_FILE", default_value = "/run/flannel/subnet.env",
+          help_heading = NETWORK)]
+    pub subnet_file: PathBuf,
+
+    /// Setup IP masquerade rule for traffic destined outside of overlay network.
+    #[arg(long, env = "FLANNELD_IP_MASQ", default_value = "false", num_args = 0..=1,
+          default_missing_value = "true", require_equals = true, value_parser = parse_go_bool,
+          help_heading = NETWORK)]
+    pub ip_masq: bool,
+
+    /// Subnet lease renewal margin, in minutes, ranging from 1 to 1439 (or a
+    /// duration with a unit, e.g. 30s, for tests).
+    #[arg(long, env = "FLANNELD_SUBNET_LEASE_RENEW_MARGIN", default_value = "60",
+          value_parser = parse_minutes, help_heading = LEASE)]
+    pub subnet_lease_renew_margin: HumanDuration,
+
+    /// Lifetime of the etcd lease on our subnet key (flannel: 24h fixed).
+    #[arg(long, env = "FLANNELD_SUBNET_LEASE_TTL", default_value = "24h",
+          value_parser = parse_duration, help_heading = LEASE)]
+    pub subnet_lease_ttl: HumanDuration,
+
+    /// The IP address for healthz server to listen.
+    #[arg(long, env = "FLANNELD_HEALTHZ_IP", default_value = "0.0.0.0", help_heading = HEALTH)]
+    pub healthz_ip: Ipv4Addr,
+
+    /// The port for healthz server to listen (0 to disable).
+    #[arg(long, env = "FLANNELD_HEALTHZ_PORT", default_value = "0", help_heading = HEALTH)]
+    pub healthz_port: u16,
+
+    /// Which datapath moves the packets.
+    #[arg(long, env = "FLANNELD_DATAPATH", value_enum, default_value = "auto",
+          help_heading = DATAPATH)]
+    pub datapath: DatapathChoice,
+
+    /// Where the eBPF datapath decapsulates (eBPF datapath only).
+    #[arg(long, env = "FLANNELD_EBPF_INGRESS", value_enum, default_value = "tc",
+          help_heading = DATAPATH)]
+    pub ebpf_ingress: IngressChoice,
+
+    /// bpffs directory for this agent's eBPF objects, one per agent when
+    /// several run on one machine in different network namespaces. The
+    /// programs are held by the agent's links and nothing is pinned yet; when
+    /// given, the directory (created if missing) must be on bpffs or the eBPF
+    /// datapath is not used (--datapath auto then falls back to the kernel).
+    #[arg(long, env = "FLANNELD_BPF_PIN_DIR", help_heading = DATAPATH)]
+    pub bpf_pin_dir: Option<PathBuf>,
+}
+
+/// A `Duration` that prints like the flag took it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+/// Go's `strconv.ParseBool`.
+pub fn parse_go_bool(s: &str) -> Result<bool, String> {
+    match s {
+        "1" | "t" | "T" | "true" | "TRUE" | "True" => Ok(true),
+        "0" | "f" | "F" | "false" | "FALSE" | "False" => Ok(false),
+        _ => Err(format!("expected true or false, got {s:?}")),
+    }
+}
+
+/// A duration: digits with a unit (`ms`, `s`, `m`, `h`), e.g. `24h`, `90s`.
+pub fn parse_duration(s: &str) -> Result<HumanDuration, String> {
+    let bad = || format!("expected a duration such as 30s, 10m or 24h, got {s:?}");
+    let split = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n.parse().map_err(|_| bad())?;
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n * 60),
+        "h" => Duration::from_secs(n * 3600),
+        _ => return Err(bad()),
+    };
+    if d.is_zero() {
+        return Err(format!("{s:?} must be more than zero"));
+    }
+    Ok(HumanDuration(d))
+}
+
+/// flanneld's minutes (1..=1439), or a duration with a unit.
+pub fn parse_minutes(s: &str) -> Result<HumanDuration, String> {
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+        let m: u64 = s.parse().map_err(|e| format!("{s:?}: {e}"))?;
+        if !(1..=1439).contains(&m) {
+            return Err(format!("must be between 1 and 1439 minutes, got {m}"));
+        }
+        return Ok(HumanDuration(Duration::from_secs(m * 60)));
+    }
+    parse_duration(s)
+}
+
+impl Cli {
+    /// Parse `args` (with the program name first), accepting Go's `-flag`.
+    pub fn parse_from_go<I, S>(args: I) -> Result<Cli, clap::Error>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        Cli::try_parse_from(normalize_go_flags(args.into_iter().map(Into::into)))
+    }
+
+    /// Checks across flags that clap cannot express.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.subnet_lease_renew_margin.0 >= self.subnet_lease_ttl.0 {
+            return Err(format!(
+                "--subnet-lease-renew-margin ({:?}) must be shorter than --subnet-lease-ttl ({:?})",
+                self.subnet_lease_renew_margin.0, self.subnet_lease_ttl.0
+            ));
+        }
+        if self.etcd_certfile.is_some() != self.etcd_keyfile.is_some() {
+            return Err("--etcd-certfile and --etcd-keyfile must be given together".into());
+        }
+        Ok(())
+    }
+
+    pub fn lease_timing(&self) -> LeaseTiming {
+        LeaseTiming {
+            ttl: self.subnet_lease_ttl.0,
+            renew_margin: self.subnet_lease_renew_margin.0,
+            // flannel retries every minute; never longer than the margin allows.
+            retry: Duration::from_secs(60).min(self.subnet_lease_renew_margin.0 / 4),
+        }
+    }
+
+    pub fn etcd_options(&self) -> crate::etcd::EtcdOptions {
+        let mut o = crate::etcd::EtcdOptions::new(
+            self.etcd_endpoints
+                .iter()
+                .map(|e| e.trim().to_owned())
+                .collect(),
+            self.etcd_prefix.clone(),
+        );
+        o.ca_file = self.etcd_cafile.clone();
+        o.cert_file = self.etcd_certfile.clone();
+        o.key_file = self.etcd_keyfile.clone();
+        o.username = self.etcd_username.clone().filter(|s| !s.is_empty());
+        o.password = self.etcd_password.clone().filter(|s| !s.is_empty());
+        o
+    }
+
+    pub fn iface_selector(&self) -> crate::iface::Selector {
+        crate::iface::Selector {
+            ifaces: self.iface.clone(),
+            regexes: self.iface_regex.clone(),
+            public_ip: self.public_ip,
+        }
+    }
+}
+
+/// The long flags, for rewriting Go's single-dash spelling.
+fn long_flags() -> Vec<String> {
+    use clap::CommandFactory;
+    Cli::command()
+        .get_arguments()
+        .filter_map(|a| a.get_long().map(str::to_owned))
+        .chain(["help".to_owned(), "version".to_owned()])
+        .collect()
+}
+
+/// `-iface=eth0` -> `--iface=eth0`, `-ip-masq` -> `--ip-masq`, for known flags only.
+pub fn normalize_go_flags(args: impl Iterator<Item = String>) -> Vec<String> {
+    let longs = long_flags();
+    args.enumerate()
+        .map(|(i, a)| {
+            if i > 0
+                && a.starts_with('-')
+                && !a.starts_with("--")
+                && a.len() > 2
+                && longs
+                    .iter()
+                    .any(|l| a[1..].split('=').next() == Some(l.as_str()))
+            {
+                format!("-{a}")
+            } else {
+                a
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Cli {
+        let mut v = vec!["overlay-agent"];
+        v.extend_from_slice(args);
+        Cli::parse_from_go(v).unwrap_or_else(|e| panic!("{args:?}: {e}"))
+    }
+
+    fn parse_err(args: &[&str]) -> String {
+        let mut v = vec!["overlay-agent"];
+        v.extend_from_slice(args);
+        Cli::parse_from_go(v).unwrap_err().to_string()
+    }
+
+    // Env vars are process-wide: every test that reads them holds this lock.
+    static ENV: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    #[test]
+    fn defaults_match_flanneld() {
+        let _g = ENV.lock().unwrap_or_else(|e| e.into_inner());
+        let c = parse(&[]);
+        assert_eq!(c.etcd_endpoints, vec!["http://127.0.0.1:2379"]);
+        assert_eq!(c.etcd_prefix, "/coreos.com/network");
+        assert_eq!(c.subnet_file, PathBuf::from("/run/flannel/subnet.env"));
+        assert_eq!(c.subnet_lease_renew_margin.0, Duration::from_secs(3600));
+        assert_eq!(c.subnet_lease_ttl.0, Duration::from_secs(86400));
+        assert!(!c.ip_masq);
+        assert_eq!(c.healthz_ip, Ipv4Addr::UNSPECIFIED);
+        assert_eq!(c.healthz_port, 0);
+        assert_eq!(c.datapath, DatapathChoice::Auto);
+        assert!(c.iface.is_empty());
+        assert!(c.validate().is_ok());
+    }
+
+    #[test]
+    fn seed_004_systemd_unit_flags() {
+        let _g = ENV.lock().unwrap_or_else(|e| e.into_inner());
+        let c = parse(&[
+            "--etcd-endpoints=http://10.211.55.10:2379,http://10.211.55.11:2379",
+            "--iface=10.211.55.10",
+            "--ip-masq=true",
+            "--etcd-prefix=/coreos.com/network",
+        ]);
+        assert_eq!(
+            c.etcd_endpoints,
+            vec!["http://10.211.55.10:2379", "http://10.211.55.11:2379"]
+        );
+        assert_eq!(c.iface, vec!["10.211.55.10"]);
+        assert!(c.ip_masq);
+    }
+
+    #[test]
+    fn go_single_dash_flags_as_in_seed_001() {
+        let _g = ENV.lock().unwrap_or_else(|e| e.into_inner());
+        let c = parse(&["-iface=192.168.205.10", "-ip-masq", "-etcd-prefix", "/x"]);
+        assert_eq!(c.iface, vec!["192.168.205.10"]);
+        assert!(c.ip_masq);
+        assert_eq!(c.etcd_prefix, "/x");
+        // Unknown single-dash flags are left for clap to reject.
+        let e = parse_err(&["-bogus=1"]);
+        assert!(e.contains("unexpected argument"), "{e}");
+    }
+
+    #[test]
+    fn repeatable_iface_and_bools() {
+        let _g = ENV.lock().unwrap_or_else(|e| e.into_inner());
+        let c = parse(&[
+            "--iface",
+            "eth1",
+            "--iface=10.0.0.1",
+            "--iface-regex",
+            "^enp",
+        ]);
+        assert_eq!(c.iface, vec!["eth1", "10.0.0.1"]);
+        assert_eq!(c.iface_regex, vec!["^enp"]);
+        assert!(!parse(&["--ip-masq=false"]).ip_masq);
+        assert!(parse(&["--ip-masq=1"]).ip_masq);
+        assert!(parse_err(&["--ip-masq=yes"]).contains("ip-masq"));
+    }
+
+    #[test]
+    fn durations_and_their_errors() {
+        let _g = ENV.lock().unwrap_or_else(|e| e.into_inner());
+        let c = parse(&["--subnet-lease-renew-margin=10", "--subnet-lease-ttl=30m"]);
+        assert_eq!(c.subnet_lease_renew_margin.0, Duration::from_secs(600));
+        assert_eq!(c.subnet_lease_ttl.0, Duration::from_secs(1800));
+        let c = parse(&["--subnet-lease-renew-margin=5s", "--subnet-lease-ttl=20s"]);
+        assert_eq!(c.lease_timing().renew_margin, Duration::from_secs(5));
+        assert!(c.validate().is_ok());
+        assert!(parse_err(&["--subnet-lease-renew-margin=0"]).contains("1439"));
+        assert!(parse_err(&["--subnet-lease-renew-margin=1440"]).contains("1439"));
+        assert!(parse_err(&["--subnet-lease-ttl=soon"]).contains("--subnet-lease-ttl"));
+        let c = parse(&["--subnet-lease-renew-margin=30", "--subnet-lease-ttl=20m"]);
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .contains("--subnet-lease-renew-margin")
+        );
+    }
+
+    #[test]
+    fn errors_name_the_flag_and_expectation() {
+        let _g = ENV.lock().unwrap_or_else(|e| e.into_inner());
+        let e = parse_err(&["--datapath=fast"]);
+        assert!(e.contains("--datapath") && e.contains("auto"), "{e}");
+        let e = parse_err(&["--public-ip=300.1.1.1"]);
+        assert!(e.contains("--public-ip"), "{e}");
+        let e = parse_err(&["--healthz-port=70000"]);
+        assert!(e.contains("--healthz-port"), "{e}");
+        let c = parse(&["--etcd-certfile=/a"]);
+        assert!(c.validate().unwrap_err().contains("--etcd-keyfile"));
+    }
+
+    #[test]
+    fn environment_fallbacks_and_command_line_precedence() {
+        let _g = ENV.lock().unwrap_or_else(|e| e.into_inner());
+        // SAFETY: the ENV lock serialises every test in this module that
+        // reads the environment; nothing else in the crate's tests reads these.
+        unsafe {
+            std::env::set_var(
+                "FLANNELD_ETCD_ENDPOINTS",
+                "http://192.0.2.1:2379,http://192.0.2.2:2379",
+            );
+            std::env::set_var("FLANNELD_IFACE", "eth9");
+            std::env::set_var("FLANNELD_IP_MASQ", "true");
+            std::env::set_var("FLANNELD_SUBNET_LEASE_RENEW_MARGIN", "15");
+            std::env::set_var("FLANNELD_DATAPATH", "kernel");
+        }
+        let c = parse(&[]);
+        let c2 = parse(&["--iface=eth1", "--datapath=ebpf"]);
+        unsafe {
+            for v in [
+                "FLANNELD_ETCD_ENDPOINTS",
+                "FLANNELD_IFACE",
+                "FLANNELD_IP_MASQ",
+                "FLANNELD_SUBNET_LEASE_RENEW_MARGIN",
+                "FLANNELD_DATAPATH",
+            ] {
+                std::env::remove_var(v);
+            }
+        }
+        assert_eq!(c.etcd_endpoints.len(), 2);
+        assert_eq!(c.iface, vec!["eth9"]);
+        assert!(c.ip_masq);
+        assert_eq!(c.subnet_lease_renew_margin.0, Duration::from_secs(900));
+        assert_eq!(c.datapath, DatapathChoice::Kernel);
+        assert_eq!(c2.iface, vec!["eth1"]);
+        assert_eq!(c2.datapath, DatapathChoice::Ebpf);
+    }
+
+    #[test]
+    fn help_is_grouped_with_defaults() {
+        let _g = ENV.lock().unwrap_or_else(|e| e.into_inner());
+        let help = parse_err(&["--help"]);
+        for needle in [
+            "etcd (the subnet store):",
+            "Network and interface:",
+            "Subnet lease:",
+            "Datapath (overlay-agent):",
+            "[default: http://127.0.0.1:2379]",
+            "[default: /coreos.com/network]",
+            "[default: /run/flannel/subnet.env]",
+            "[env: FLANNELD_ETCD_ENDPOINTS=]",
+            "--subnet-lease-renew-margin",
+            "--healthz-port",
+            "[default: auto]",
+        ] {
+            assert!(help.contains(needle), "help lacks {needle:?}:\n{help}");
+        }
+    }
+}
