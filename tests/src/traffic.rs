@@ -480,6 +480,68 @@ pub fn udp_send(
     })
 }
 
+/// `UDP_SEGMENT` from linux/udp.h (not exported by libc for glibc targets).
+const UDP_SEGMENT: libc::c_int = 103;
+
+/// UDP GSO sends: `sends` buffers of `segments` datagrams of `segment_size`
+/// bytes each, numbered from `first_seq`.
+#[derive(Clone, Copy, Debug)]
+pub struct GsoSends {
+    pub first_seq: u32,
+    pub sends: u32,
+    pub segments: u32,
+    pub segment_size: u16,
+}
+
+/// Like [`udp_send`], but each send is one UDP GSO buffer (`UDP_SEGMENT`):
+/// the kernel keeps it as a single aggregate as far as the devices allow, so
+/// a receiver's ingress sees GSO super-packets.
+pub fn udp_send_gso(
+    ns: &str,
+    src: Option<Ipv4Addr>,
+    dst: Ipv4Addr,
+    port: u16,
+    gso: GsoSends,
+) -> Result<()> {
+    let GsoSends {
+        first_seq,
+        sends,
+        segments,
+        segment_size,
+    } = gso;
+    netns::run_in(ns, move || {
+        let bind = SocketAddrV4::new(src.unwrap_or(Ipv4Addr::UNSPECIFIED), 0);
+        let sock = UdpSocket::bind(bind).with_context(|| format!("binding {bind}"))?;
+        sock.connect(SocketAddrV4::new(dst, port))?;
+        let size = libc::c_int::from(segment_size);
+        // SAFETY: setsockopt on an open socket with a properly sized int.
+        let rc = unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_UDP,
+                UDP_SEGMENT,
+                (&raw const size).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        ensure!(rc == 0, "UDP_SEGMENT: {}", std::io::Error::last_os_error());
+        let mut seq = first_seq;
+        for _ in 0..sends {
+            let mut buf = Vec::with_capacity(segments as usize * usize::from(segment_size));
+            for _ in 0..segments {
+                buf.extend_from_slice(&datagram(seq, usize::from(segment_size)));
+                seq += 1;
+            }
+            let n = sock
+                .send(&buf)
+                .with_context(|| format!("sending a {} byte GSO buffer", buf.len()))?;
+            ensure!(n == buf.len(), "short GSO send: {n} of {}", buf.len());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

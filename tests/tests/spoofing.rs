@@ -17,11 +17,17 @@ use overlay_tests::{
     cmd,
     lab::{Lab, LabSpec, Outsider},
     overlay::{Kind, Member, Overlay, mesh},
-    traffic::{self, UdpBurst, UdpListener},
+    traffic::{self, GsoSends, UdpBurst, UdpListener},
 };
 
 const ATTACK_PORT: u16 = 7777;
+/// Plain spoofed datagrams.
 const ATTACK_COUNT: u32 = 50;
+/// Then this many UDP GSO sends of `GSO_SEGMENTS` datagrams each.
+const GSO_SENDS: u32 = 10;
+const GSO_SEGMENTS: u32 = 16;
+/// Every spoofed datagram sent.
+const ATTACK_TOTAL: u32 = ATTACK_COUNT + GSO_SENDS * GSO_SEGMENTS;
 
 /// Turns the outsider into a rogue VTEP aimed at `victim`, impersonating
 /// `impersonated`'s container address.
@@ -141,6 +147,20 @@ fn attack(name: &str, kind: Kind) -> anyhow::Result<(usize, Option<u64>)> {
                 ATTACK_PORT,
                 ATTACK_COUNT,
                 Duration::from_millis(10),
+            )?;
+            // Then GSO buffers, which can reach the victim's ingress as
+            // UDP-tunnel aggregates: the filter must hold for those too.
+            traffic::udp_send_gso(
+                &ns,
+                Some(spoofed),
+                dst,
+                ATTACK_PORT,
+                GsoSends {
+                    first_seq: ATTACK_COUNT,
+                    sends: GSO_SENDS,
+                    segments: GSO_SEGMENTS,
+                    segment_size: 1000,
+                },
             )
         })
     };
@@ -168,7 +188,7 @@ fn attack(name: &str, kind: Kind) -> anyhow::Result<(usize, Option<u64>)> {
         .map(|c| c.get(Reason::DropUnknownVtep).packets);
     let drops = drops_before.zip(drops_after).map(|(b, a)| a - b);
     eprintln!(
-        "victim {kind}: {} of {ATTACK_COUNT} spoofed datagrams reached the container (from {:?}), drop_unknown_vtep +{drops:?}",
+        "victim {kind}: {} of {ATTACK_TOTAL} spoofed datagrams reached the container (from {:?}), drop_unknown_vtep +{drops:?}",
         received.len(),
         received.first()
     );
@@ -183,8 +203,8 @@ fn spoofed_vxlan_reaches_a_flannel_host() -> anyhow::Result<()> {
     // The control: without our filtering, the attack is delivered in full.
     let (received, _) = attack("sref", Kind::Reference)?;
     ensure!(
-        received == ATTACK_COUNT as usize,
-        "only {received}/{ATTACK_COUNT} spoofed datagrams reached a flannel host: the attack setup is broken"
+        received == ATTACK_TOTAL as usize,
+        "only {received}/{ATTACK_TOTAL} spoofed datagrams reached a flannel host: the attack setup is broken"
     );
     Ok(())
 }
@@ -196,9 +216,12 @@ fn ebpf_drops(name: &str, ingress: IngressMode) -> anyhow::Result<()> {
         "{received} spoofed datagrams reached the eBPF host's container"
     );
     let drops = drops.context("eBPF victim has no counters")?;
+    // One count per plain datagram, and at least one per GSO send (an
+    // aggregate is one packet to the program).
+    let min = u64::from(ATTACK_COUNT + GSO_SENDS);
     ensure!(
-        drops >= u64::from(ATTACK_COUNT),
-        "drop_unknown_vtep rose by {drops}, expected at least {ATTACK_COUNT}"
+        drops >= min,
+        "drop_unknown_vtep rose by {drops}, expected at least {min}"
     );
     Ok(())
 }
