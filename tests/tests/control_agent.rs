@@ -1,0 +1,386 @@
+//! The `overlay-agent` binary end to end: three hosts (network namespaces on
+//! one bridge), etcd in the first, an agent on each (kernel datapath, `auto`
+//! forced to fall back, eBPF), the full mesh pinging, peers added and removed
+//! in etcd programmed everywhere within a second, and a malformed config that
+//! stops the agent before it touches the host.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use overlay_tests::etcd::{Etcd, EtcdSpec};
+
+const PREFIX: &str = "/coreos.com/network";
+const CONFIG: &str = r#"{"Network": "10.0.0.0/16", "SubnetLen": 24, "SubnetMin": "10.0.1.0","SubnetMax": "10.0.20.0", "Backend": {"Type": "vxlan"}}"#;
+
+fn sh(args: &[&str]) -> Result<String> {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("spawning {}", args.join(" ")))?;
+    if !out.status.success() {
+        bail!(
+            "`{}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Hosts `<tag>-h<i>` with `eth0` = 10.98.0.<i>/24 on a bridge in `<tag>-sw`.
+struct Hosts {
+    tag: String,
+    n: usize,
+}
+
+impl Hosts {
+    /// `test` tells the namespaces of tests running in parallel apart.
+    fn new(test: &str, n: usize) -> Result<Hosts> {
+        let tag = format!("h3ctl{test}{}", std::process::id() % 100_000);
+        let h = Hosts { tag, n };
+        let sw = h.sw();
+        sh(&["ip", "netns", "add", &sw])?;
+        sh(&["ip", "-n", &sw, "link", "add", "br0", "type", "bridge"])?;
+        sh(&["ip", "-n", &sw, "link", "set", "br0", "up"])?;
+        for i in 1..=n {
+            let ns = h.ns(i);
+            sh(&["ip", "netns", "add", &ns])?;
+            let port = format!("p{i}");
+            sh(&[
+                "ip", "-n", &sw, "link", "add", &port, "type", "veth", "peer", "name", "eth0",
+                "netns", &ns,
+            ])?;
+            sh(&["ip", "-n", &sw, "link", "set", &port, "master", "br0", "up"])?;
+            sh(&[
+                "ip",
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{}/24", h.ip(i)),
+                "dev",
+                "eth0",
+            ])?;
+            sh(&["ip", "-n", &ns, "link", "set", "eth0", "up"])?;
+            sh(&["ip", "-n", &ns, "link", "set", "lo", "up"])?;
+        }
+        Ok(h)
+    }
+    fn sw(&self) -> String {
+        format!("{}-sw", self.tag)
+    }
+    fn ns(&self, i: usize) -> String {
+        format!("{}-h{i}", self.tag)
+    }
+    fn ip(&self, i: usize) -> String {
+        format!("10.98.0.{i}")
+    }
+    fn routes(&self, i: usize) -> String {
+        sh(&["ip", "-n", &self.ns(i), "route"]).unwrap_or_default()
+    }
+    fn ping(&self, i: usize, dst: &str) -> bool {
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &self.ns(i),
+            "ping",
+            "-c",
+            "1",
+            "-W",
+            "1",
+            dst,
+        ])
+        .is_ok()
+    }
+}
+
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        for i in 1..=self.n {
+            let _ = sh(&["ip", "netns", "del", &self.ns(i)]);
+        }
+        let _ = sh(&["ip", "netns", "del", &self.sw()]);
+    }
+}
+
+/// The agent binary, built on demand (a test crate does not get other
+/// packages' binaries built for it).
+fn agent_binary() -> Result<PathBuf> {
+    let target = std::env::current_exe()?
+        .parent()
+        .and_then(Path::parent)
+        .context("locating the target directory")?
+        .to_path_buf();
+    let bin = target.join("overlay-agent");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
+    let mut cmd = Command::new(cargo);
+    cmd.args([
+        "build",
+        "-p",
+        "overlay-agent",
+        "--bin",
+        "overlay-agent",
+        "--manifest-path",
+    ])
+    .arg(&manifest);
+    if target.ends_with("release") {
+        cmd.arg("--release");
+    }
+    let st = cmd.status().context("building overlay-agent")?;
+    if !st.success() {
+        bail!("building overlay-agent failed");
+    }
+    Ok(bin)
+}
+
+struct Agent {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Agent {
+    /// Start the agent in `ns` (with bpffs mounted in its mount namespace).
+    fn start(dir: &Path, name: &str, ns: &str, bin: &Path, args: &[String]) -> Result<Agent> {
+        let log = dir.join(format!("{name}.log"));
+        let f = fs::File::create(&log)?;
+        let script = format!(
+            "mount -t bpf bpf /sys/fs/bpf 2>/dev/null; exec {} \"$@\"",
+            bin.display()
+        );
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns, "sh", "-c", &script, "agent"])
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(f.try_clone()?)
+            .stderr(f)
+            .spawn()?;
+        Ok(Agent { child, log })
+    }
+    fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+    fn wait_for(&mut self, needle: &str, limit: Duration) -> Result<()> {
+        let t0 = Instant::now();
+        loop {
+            if self.log().contains(needle) {
+                return Ok(());
+            }
+            if let Some(st) = self.child.try_wait()? {
+                bail!("agent exited ({st}) before {needle:?}:\n{}", self.log());
+            }
+            if t0.elapsed() > limit {
+                bail!("no {needle:?} after {limit:?}:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Wait until `f` holds, or fail after `limit` with `what`.
+fn within(limit: Duration, what: &str, mut f: impl FnMut() -> bool) -> Result<Duration> {
+    let t0 = Instant::now();
+    loop {
+        if f() {
+            return Ok(t0.elapsed());
+        }
+        if t0.elapsed() > limit {
+            bail!("{what}: not within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn subnet_of(env: &Path) -> Result<String> {
+    let text = fs::read_to_string(env)?;
+    let line = text
+        .lines()
+        .find_map(|l| l.strip_prefix("FLANNEL_SUBNET="))
+        .context("no FLANNEL_SUBNET")?;
+    // 10.0.13.1/24 -> 10.0.13.0
+    let ip = line.split('/').next().unwrap();
+    let mut parts: Vec<&str> = ip.split('.').collect();
+    parts[3] = "0";
+    Ok(parts.join("."))
+}
+
+#[test]
+#[ignore = "needs root, network namespaces and eBPF: run `cargo xtask test`"]
+fn three_agents_kernel_fallback_and_ebpf_full_mesh() -> Result<()> {
+    let bin = agent_binary()?;
+    let hosts = Hosts::new("m", 3)?;
+    let etcd = Etcd::start_with(EtcdSpec {
+        netns: Some(hosts.ns(1)),
+        listen_ip: Some(hosts.ip(1)),
+        ..EtcdSpec::default()
+    })?;
+    etcd.put(&format!("{PREFIX}/config"), CONFIG)?;
+    let dir = etcd.dir().to_path_buf();
+    let not_bpffs = dir.join("not-bpffs");
+    let common = |i: usize| -> Vec<String> {
+        vec![
+            format!("--etcd-endpoints={}", etcd.endpoints()),
+            format!("-iface={}", hosts.ip(i)),
+            format!("--subnet-file={}", dir.join(format!("h{i}.env")).display()),
+        ]
+    };
+    let mut a1 = common(1);
+    a1.push("--datapath=kernel".into());
+    let mut a2 = common(2);
+    a2.push("--datapath=auto".into());
+    a2.push(format!("--bpf-pin-dir={}", not_bpffs.display()));
+    let mut a3 = common(3);
+    a3.push("--datapath=ebpf".into());
+    let mut agents = vec![
+        Agent::start(&dir, "h1", &hosts.ns(1), &bin, &a1)?,
+        Agent::start(&dir, "h2", &hosts.ns(2), &bin, &a2)?,
+        Agent::start(&dir, "h3", &hosts.ns(3), &bin, &a3)?,
+    ];
+    for a in &mut agents {
+        a.wait_for("running: lease", Duration::from_secs(20))?;
+    }
+    assert!(agents[0].log().contains("(kernel datapath)"));
+    assert!(
+        agents[2].log().contains("(ebpf datapath)"),
+        "{}",
+        agents[2].log()
+    );
+    // `auto` fell back, in one line naming the reason.
+    let log2 = agents[1].log();
+    let fallback: Vec<&str> = log2
+        .lines()
+        .filter(|l| l.contains("falling back to the kernel datapath"))
+        .collect();
+    assert_eq!(fallback.len(), 1, "{log2}");
+    assert!(fallback[0].contains("not on bpffs"), "{}", fallback[0]);
+    assert!(log2.contains("(kernel datapath)"));
+
+    // subnet.env as flanneld writes it, distinct subnets.
+    let subnets: Vec<String> = (1..=3)
+        .map(|i| subnet_of(&dir.join(format!("h{i}.env"))))
+        .collect::<Result<_>>()?;
+    let env1 = fs::read_to_string(dir.join("h1.env"))?;
+    assert!(
+        env1.starts_with("FLANNEL_NETWORK=10.0.0.0/16\nFLANNEL_SUBNET=10.0."),
+        "{env1}"
+    );
+    assert!(
+        env1.ends_with("/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n"),
+        "{env1}"
+    );
+    assert_eq!(
+        subnets
+            .iter()
+            .collect::<std::collections::BTreeSet<_>>()
+            .len(),
+        3
+    );
+
+    // Full mesh, both directions, host to host over the overlay.
+    for i in 1..=3 {
+        for (j, dst) in subnets.iter().enumerate() {
+            if j + 1 == i {
+                continue;
+            }
+            within(Duration::from_secs(5), &format!("h{i} -> {dst}"), || {
+                hosts.ping(i, dst)
+            })?;
+        }
+    }
+
+    // A fourth node's lease appears: programmed on every host within a second.
+    let key = format!("{PREFIX}/subnets/10.0.19.0-24");
+    etcd.put(
+        &key,
+        r#"{"PublicIP":"10.98.0.4","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"02:00:00:00:00:04"}}"#,
+    )?;
+    for i in 1..=3 {
+        let took = within(Duration::from_secs(1), &format!("route on h{i}"), || {
+            hosts
+                .routes(i)
+                .contains("10.0.19.0/24 via 10.0.19.0 dev flannel.1 onlink")
+        })?;
+        eprintln!("h{i}: added in {took:?}");
+    }
+    etcd.delete(&key)?;
+    for i in 1..=3 {
+        let took = within(
+            Duration::from_secs(1),
+            &format!("route gone on h{i}"),
+            || !hosts.routes(i).contains("10.0.19.0/24"),
+        )?;
+        eprintln!("h{i}: removed in {took:?}");
+    }
+    // The mesh still works.
+    assert!(hosts.ping(1, &subnets[2]));
+    assert!(hosts.ping(3, &subnets[1]));
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs root, network namespaces and eBPF: run `cargo xtask test`"]
+fn malformed_config_stops_the_agent_before_it_touches_the_host() -> Result<()> {
+    let bin = agent_binary()?;
+    let hosts = Hosts::new("c", 1)?;
+    let etcd = Etcd::start_with(EtcdSpec {
+        netns: Some(hosts.ns(1)),
+        listen_ip: Some(hosts.ip(1)),
+        ..EtcdSpec::default()
+    })?;
+    etcd.put(
+        &format!("{PREFIX}/config"),
+        r#"{"Network":"10.0.0.0/16","SubnetLen":31,"Backend":{"Type":"vxlan"}}"#,
+    )?;
+    let dir = etcd.dir().to_path_buf();
+    let env = dir.join("h1.env");
+    let args = vec![
+        format!("--etcd-endpoints={}", etcd.endpoints()),
+        format!("--iface={}", hosts.ip(1)),
+        format!("--subnet-file={}", env.display()),
+    ];
+    let mut agent = Agent::start(&dir, "h1", &hosts.ns(1), &bin, &args)?;
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(st) = agent.child.try_wait()? {
+            break st;
+        }
+        if t0.elapsed() > Duration::from_secs(10) {
+            bail!("agent still running:\n{}", agent.log());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(!status.success());
+    let log = agent.log();
+    assert!(log.contains("/coreos.com/network/config"), "{log}");
+    assert!(log.contains("SubnetLen"), "{log}");
+    assert!(log.contains("nothing on this host was changed"), "{log}");
+    // Nothing half-configured: no device, no lease, no subnet file.
+    assert!(!sh(&["ip", "-n", &hosts.ns(1), "link"])?.contains("flannel"));
+    assert!(
+        etcd.etcdctl(&[
+            "get",
+            "--prefix",
+            "--keys-only",
+            &format!("{PREFIX}/subnets/")
+        ])?
+        .trim()
+        .is_empty()
+    );
+    assert!(!env.exists());
+    Ok(())
+}
