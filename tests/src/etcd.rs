@@ -34,6 +34,8 @@ pub struct EtcdSpec {
     /// `listen_ip` instead of 127.0.0.1.
     pub netns: Option<String>,
     pub listen_ip: Option<String>,
+    /// More `etcd` flags (e.g. `--auth-token-ttl=1`).
+    pub extra_args: Vec<String>,
 }
 
 /// Certificates made for one test cluster.
@@ -166,6 +168,7 @@ impl Etcd {
             "--election-timeout".into(),
             "500".into(),
         ];
+        args.extend(self.spec.extra_args.iter().cloned());
         if let Some(t) = &self.tls {
             for (flag, path) in [
                 ("--cert-file", &t.server_cert),

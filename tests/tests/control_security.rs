@@ -114,3 +114,21 @@ async fn tls_and_auth_together() {
     let etcd = start(true, true);
     assert_eq!(read_config(&etcd.options(PREFIX)).await.unwrap(), 24);
 }
+
+#[tokio::test]
+async fn expired_auth_token_is_renewed() {
+    // Tokens that expire after one idle second.
+    let etcd = Etcd::start_with(EtcdSpec {
+        user: Some(("flannel".to_owned(), "s3cret".to_owned())),
+        extra_args: vec!["--auth-token-ttl=1".into()],
+        ..EtcdSpec::default()
+    })
+    .unwrap();
+    etcd.put(&format!("{PREFIX}/config"), CONFIG).unwrap();
+    let reg = Registry::connect(&etcd.options(PREFIX)).await.unwrap();
+    assert!(reg.get_config().await.unwrap().is_some());
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    let again = reg.get_config().await;
+    assert!(again.is_ok(), "after the token expired: {:?}", again.err());
+    assert!(reg.list().await.is_ok());
+}

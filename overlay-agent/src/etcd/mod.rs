@@ -122,7 +122,6 @@ fn is_permanent_text(s: &str) -> bool {
     let s = s.to_ascii_lowercase();
     [
         "authentication failed",
-        "invalid auth token",
         "permission denied",
         "user name is empty",
         "certificate",
@@ -207,7 +206,11 @@ impl Registry {
             .with_require_leader(true);
         match (&opts.username, &opts.password) {
             (Some(u), p) if !u.is_empty() => {
-                co = co.with_user(u.clone(), p.clone().unwrap_or_default());
+                // etcd's simple tokens expire (5 minutes idle by default);
+                // a long-running agent must log in again rather than fail.
+                co = co
+                    .with_user(u.clone(), p.clone().unwrap_or_default())
+                    .with_auto_token_refresh(true);
             }
             (_, Some(p)) if !p.is_empty() => {
                 return Err(EtcdError::Options(
@@ -306,7 +309,7 @@ impl Registry {
                 }
                 Ok(Err(source)) => {
                     let hint = if self.tls_without_identity && connection_dropped(&source) {
-                        " (the server closed the TLS connection: does it require a client \
+                        " (the server ended the TLS connection: does it require a client \
                          certificate? see --etcd-certfile and --etcd-keyfile)"
                     } else {
                         ""
@@ -532,7 +535,15 @@ fn not_sent(e: &etcd_client::Error) -> bool {
 
 fn connection_dropped(e: &etcd_client::Error) -> bool {
     let text = error_chain(e).to_ascii_lowercase();
-    text.contains("connection closed") || text.contains("connection reset")
+    [
+        "connection closed",
+        "connection reset",
+        "broken pipe",
+        "stream closed",
+        "fatal alert",
+    ]
+    .iter()
+    .any(|p| text.contains(p))
 }
 
 fn put_options(lease_id: i64) -> Option<PutOptions> {
