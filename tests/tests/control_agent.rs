@@ -384,3 +384,99 @@ fn malformed_config_stops_the_agent_before_it_touches_the_host() -> Result<()> {
     assert!(!env.exists());
     Ok(())
 }
+
+#[test]
+#[ignore = "needs root, network namespaces and eBPF: run `cargo xtask test`"]
+fn etcd_down_for_30_s_loses_no_packet_and_the_agents_resume() -> Result<()> {
+    let bin = agent_binary()?;
+    let hosts = Hosts::new("o", 3)?;
+    let mut etcd = Etcd::start_with(EtcdSpec {
+        netns: Some(hosts.ns(1)),
+        listen_ip: Some(hosts.ip(1)),
+        ..EtcdSpec::default()
+    })?;
+    etcd.put(&format!("{PREFIX}/config"), CONFIG)?;
+    let dir = etcd.dir().to_path_buf();
+    let args = |i: usize, dp: &str| -> Vec<String> {
+        vec![
+            format!("--etcd-endpoints={}", etcd.endpoints()),
+            format!("--iface={}", hosts.ip(i)),
+            format!("--subnet-file={}", dir.join(format!("h{i}.env")).display()),
+            format!("--datapath={dp}"),
+        ]
+    };
+    let mut agents = vec![
+        Agent::start(&dir, "h2", &hosts.ns(2), &bin, &args(2, "kernel"))?,
+        Agent::start(&dir, "h3", &hosts.ns(3), &bin, &args(3, "ebpf"))?,
+    ];
+    for a in &mut agents {
+        a.wait_for("running: lease", Duration::from_secs(20))?;
+    }
+    let s2 = subnet_of(&dir.join("h2.env"))?;
+    let s3 = subnet_of(&dir.join("h3.env"))?;
+    within(Duration::from_secs(5), "h2 -> h3", || hosts.ping(2, &s3))?;
+
+    // 40 s of pings (5 per second) both ways while etcd is away for 30 s.
+    let ping = |from: usize, dst: &str| {
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &hosts.ns(from),
+                "ping",
+                "-i",
+                "0.2",
+                "-c",
+                "200",
+                "-W",
+                "1",
+                dst,
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+    };
+    let p23 = ping(2, &s3)?;
+    let p32 = ping(3, &s2)?;
+    std::thread::sleep(Duration::from_secs(3));
+    etcd.stop()?;
+    std::thread::sleep(Duration::from_secs(30));
+    etcd.start_again()?;
+    for (p, what) in [(p23, "h2 -> h3"), (p32, "h3 -> h2")] {
+        let out = p.wait_with_output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let summary = text
+            .lines()
+            .find(|l| l.contains("packets transmitted"))
+            .unwrap_or("no summary")
+            .to_owned();
+        eprintln!("{what}: {summary}");
+        assert!(
+            summary.contains("200 packets transmitted, 200 received"),
+            "{what} lost packets while etcd was down: {summary}"
+        );
+    }
+
+    // Both agents saw the trouble and resumed watching.
+    for a in &mut agents {
+        a.wait_for("resumed at revision", Duration::from_secs(10))?;
+    }
+    let key = format!("{PREFIX}/subnets/10.0.19.0-24");
+    etcd.put(
+        &key,
+        r#"{"PublicIP":"10.98.0.4","BackendType":"vxlan","BackendData":{"VtepMAC":"02:00:00:00:00:04"}}"#,
+    )?;
+    for i in 2..=3 {
+        within(
+            Duration::from_secs(1),
+            &format!("new peer on h{i} after the outage"),
+            || {
+                hosts
+                    .routes(i)
+                    .contains("10.0.19.0/24 via 10.0.19.0 dev flannel.1 onlink")
+            },
+        )?;
+    }
+    Ok(())
+}
