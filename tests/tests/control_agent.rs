@@ -480,3 +480,69 @@ fn etcd_down_for_30_s_loses_no_packet_and_the_agents_resume() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+#[ignore = "needs root, network namespaces and eBPF: run `cargo xtask test`"]
+fn lease_taken_over_moves_the_agent_and_its_datapath() -> Result<()> {
+    let bin = agent_binary()?;
+    let hosts = Hosts::new("t", 3)?;
+    let etcd = Etcd::start_with(EtcdSpec {
+        netns: Some(hosts.ns(1)),
+        listen_ip: Some(hosts.ip(1)),
+        ..EtcdSpec::default()
+    })?;
+    etcd.put(&format!("{PREFIX}/config"), CONFIG)?;
+    let dir = etcd.dir().to_path_buf();
+    let env2 = dir.join("h2.env");
+    let args = |i: usize, dp: &str| -> Vec<String> {
+        vec![
+            format!("--etcd-endpoints={}", etcd.endpoints()),
+            format!("--iface={}", hosts.ip(i)),
+            format!("--subnet-file={}", dir.join(format!("h{i}.env")).display()),
+            format!("--datapath={dp}"),
+        ]
+    };
+    let mut a2 = Agent::start(&dir, "h2", &hosts.ns(2), &bin, &args(2, "ebpf"))?;
+    let mut a3 = Agent::start(&dir, "h3", &hosts.ns(3), &bin, &args(3, "kernel"))?;
+    a2.wait_for("running: lease", Duration::from_secs(20))?;
+    a3.wait_for("running: lease", Duration::from_secs(20))?;
+    let old = subnet_of(&env2)?;
+    let s3 = subnet_of(&dir.join("h3.env"))?;
+    within(Duration::from_secs(5), "h3 -> h2", || hosts.ping(3, &old))?;
+
+    // Another node's value is written over h2's key: h2 must stop using
+    // that subnet, take another, re-point flannel.1 and subnet.env, and the
+    // other agent must route the old subnet to the new owner.
+    let key = format!("{PREFIX}/subnets/{old}-24");
+    etcd.put(
+        &key,
+        r#"{"PublicIP":"10.98.0.9","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"02:00:00:00:00:09"}}"#,
+    )?;
+    a2.wait_for("our subnet moved from", Duration::from_secs(5))?;
+    within(Duration::from_secs(2), "subnet.env rewritten", || {
+        subnet_of(&env2).is_ok_and(|s| s != old)
+    })?;
+    let new = subnet_of(&env2)?;
+    let addrs = sh(&["ip", "-n", &hosts.ns(2), "-4", "addr", "show", "flannel.1"])?;
+    assert!(addrs.contains(&format!("inet {new}/32")), "{addrs}");
+    assert!(!addrs.contains(&format!("inet {old}/32")), "{addrs}");
+    // The old subnet is the new owner's now, on both hosts.
+    let via_owner = format!("{old}/24 via {old} dev flannel.1 onlink");
+    within(
+        Duration::from_secs(2),
+        "old subnet routed to its new owner on h2",
+        || hosts.routes(2).contains(&via_owner),
+    )?;
+    within(Duration::from_secs(2), "h3 follows", || {
+        hosts
+            .routes(3)
+            .contains(&format!("{new}/24 via {new} dev flannel.1 onlink"))
+    })?;
+    within(Duration::from_secs(5), "h3 -> h2 at its new subnet", || {
+        hosts.ping(3, &new)
+    })?;
+    assert!(hosts.ping(2, &s3));
+    // The other node's key was left alone.
+    assert!(etcd.get(&key)?.unwrap().contains("10.98.0.9"));
+    Ok(())
+}
