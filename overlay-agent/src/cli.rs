@@ -107,6 +107,23 @@ pub struct Cli {
           help_heading = NETWORK)]
     pub ip_masq: bool,
 
+    /// Disable fully-random mode for MASQUERADE.
+    #[arg(long, env = "FLANNELD_IP_MASQ_FULLY_RANDOM_DISABLE", default_value = "false",
+          num_args = 0..=1, default_missing_value = "true", require_equals = true,
+          value_parser = parse_go_bool, help_heading = NETWORK)]
+    pub ip_masq_fully_random_disable: bool,
+
+    /// Add default accept rules to FORWARD chain in iptables.
+    #[arg(long, env = "FLANNELD_IPTABLES_FORWARD_RULES", default_value = "true",
+          num_args = 0..=1, default_missing_value = "true", require_equals = true,
+          value_parser = parse_go_bool, help_heading = NETWORK)]
+    pub iptables_forward_rules: bool,
+
+    /// Resync period for iptables rules, in seconds.
+    #[arg(long, env = "FLANNELD_IPTABLES_RESYNC", default_value = "5",
+          value_parser = clap::value_parser!(u64).range(1..), help_heading = NETWORK)]
+    pub iptables_resync: u64,
+
     /// Subnet lease renewal margin, in minutes, ranging from 1 to 1439 (or a
     /// duration with a unit, e.g. 30s, for tests).
     #[arg(long, env = "FLANNELD_SUBNET_LEASE_RENEW_MARGIN", default_value = "60",
@@ -307,6 +324,8 @@ mod tests {
         assert_eq!(c.subnet_lease_renew_margin.0, Duration::from_secs(3600));
         assert_eq!(c.subnet_lease_ttl.0, Duration::from_secs(86400));
         assert!(!c.ip_masq);
+        assert!(c.iptables_forward_rules);
+        assert_eq!(c.iptables_resync, 5);
         assert_eq!(c.healthz_ip, Ipv4Addr::UNSPECIFIED);
         assert_eq!(c.healthz_port, 0);
         assert_eq!(c.datapath, DatapathChoice::Auto);
@@ -356,6 +375,7 @@ mod tests {
         assert_eq!(c.iface, vec!["eth1", "10.0.0.1"]);
         assert_eq!(c.iface_regex, vec!["^enp"]);
         assert!(!parse(&["--ip-masq=false"]).ip_masq);
+        assert!(!parse(&["--iptables-forward-rules=false"]).iptables_forward_rules);
         assert!(parse(&["--ip-masq=1"]).ip_masq);
         assert!(parse_err(&["--ip-masq=yes"]).contains("ip-masq"));
     }

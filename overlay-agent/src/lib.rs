@@ -8,6 +8,7 @@ pub mod datapath;
 pub mod etcd;
 pub mod gojson;
 pub mod iface;
+pub mod ipmasq;
 pub mod lease;
 pub mod mac;
 pub mod netlink;

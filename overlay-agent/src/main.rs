@@ -23,6 +23,7 @@ use overlay_agent::{
         watch::LeaseWatcher,
     },
     iface::{self, ExternalInterface},
+    ipmasq::{self, Rule},
     mac::MacAddr,
     netlink::Netlink,
     reconcile::{Own, Reconciler},
@@ -141,12 +142,6 @@ async fn run(cli: Cli) -> Result<()> {
             config.backend.learning
         );
     }
-    if cli.ip_masq {
-        log::warn!(
-            "--ip-masq: FLANNEL_IPMASQ=true is written to the subnet file, but this version \
-             installs no masquerade rules"
-        );
-    }
 
     let nl = Netlink::connect().context("opening a netlink socket")?;
     let ext = iface::find(&nl, &cli.iface_selector())
@@ -189,6 +184,9 @@ async fn run(cli: Cli) -> Result<()> {
         }
     }
     write_subnet_env(&cli.subnet_file, &config, &lease, state.mtu, cli.ip_masq)?;
+    let random_fully = !cli.ip_masq_fully_random_disable && ipmasq::supports_random_fully();
+    let mut rules = iptables_rules(&cli, &config, lease.subnet, random_fully);
+    ensure_rules(&rules, true);
 
     // 4. Keep the lease, follow the peers.
     let (tx, mut own_rx) = tokio::sync::watch::channel(lease.clone());
@@ -228,6 +226,7 @@ async fn run(cli: Cli) -> Result<()> {
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
     let mut retry = tokio::time::interval(Duration::from_secs(5));
+    let mut iptables_resync = tokio::time::interval(Duration::from_secs(cli.iptables_resync));
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
@@ -253,11 +252,20 @@ async fn run(cli: Cli) -> Result<()> {
                         .await
                         .map_err(|e| anyhow!("reading the datapath's peers: {}", e.reason()))?;
                     watcher = LeaseWatcher::new(reg.clone(), snapshot.revision);
+                    let next = iptables_rules(&cli, &config, new.subnet, random_fully);
+                    if let Err(e) = ipmasq::remove(&rules) {
+                        log::error!("removing the iptables rules for {}: {e}", lease.subnet);
+                    }
+                    rules = next;
+                    ensure_rules(&rules, true);
                 }
                 lease = new;
             }
             _ = retry.tick(), if !rec.is_converged() => {
                 rec.converge().await;
+            }
+            _ = iptables_resync.tick(), if !rules.is_empty() => {
+                ensure_rules(&rules, false);
             }
             res = &mut keeper_task => {
                 return match res {
@@ -377,6 +385,37 @@ fn write_subnet_env(
     .with_context(|| format!("writing {}", path.display()))?;
     log::info!("wrote {}", path.display());
     Ok(())
+}
+
+/// flanneld's rules for this lease: masquerading with `--ip-masq`, FORWARD
+/// accepts with `--iptables-forward-rules`.
+fn iptables_rules(
+    cli: &Cli,
+    config: &NetworkConfig,
+    subnet: ipnet::Ipv4Net,
+    random_fully: bool,
+) -> Vec<Rule> {
+    let mut rules = Vec::new();
+    if cli.ip_masq {
+        rules.extend(ipmasq::masq_rules(config.network, subnet, random_fully));
+    }
+    if cli.iptables_forward_rules {
+        rules.extend(ipmasq::forward_rules(config.network));
+    }
+    rules
+}
+
+/// Install or repair the rules; failures are logged and retried at the next resync.
+fn ensure_rules(rules: &[Rule], first: bool) {
+    if rules.is_empty() {
+        return;
+    }
+    match ipmasq::ensure(rules) {
+        Ok(true) if first => log::info!("installed {} iptables rules", rules.len()),
+        Ok(true) => log::warn!("iptables rules were missing or out of order; rebuilt them"),
+        Ok(false) => {}
+        Err(e) => log::error!("iptables: {e} (retrying at the next resync)"),
+    }
 }
 
 /// bpffs's `statfs` magic.

@@ -241,6 +241,8 @@ fn three_agents_kernel_fallback_and_ebpf_full_mesh() -> Result<()> {
     };
     let mut a1 = common(1);
     a1.push("--datapath=kernel".into());
+    a1.push("--ip-masq".into());
+    a1.push("--iptables-resync=1".into());
     let mut a2 = common(2);
     a2.push("--datapath=auto".into());
     a2.push(format!("--bpf-pin-dir={}", not_bpffs.display()));
@@ -280,7 +282,7 @@ fn three_agents_kernel_fallback_and_ebpf_full_mesh() -> Result<()> {
         "{env1}"
     );
     assert!(
-        env1.ends_with("/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n"),
+        env1.ends_with("/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n"),
         "{env1}"
     );
     assert_eq!(
@@ -290,6 +292,100 @@ fn three_agents_kernel_fallback_and_ebpf_full_mesh() -> Result<()> {
             .len(),
         3
     );
+
+    // flanneld's iptables rules: masquerading on h1 (--ip-masq), FORWARD
+    // accepts everywhere (on by default); a deleted rule comes back.
+    let nat = sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &hosts.ns(1),
+        "iptables",
+        "-t",
+        "nat",
+        "-S",
+    ])?;
+    let pod = format!("{}/24", subnets[0]);
+    for want in [
+        "-A POSTROUTING -m comment --comment \"flanneld masq\" -j FLANNEL-POSTRTG".to_owned(),
+        "-A FLANNEL-POSTRTG -m mark --mark 0x4000/0x4000 -m comment --comment \"flanneld masq\" -j RETURN".to_owned(),
+        format!("-A FLANNEL-POSTRTG -s {pod} -d 10.0.0.0/16 -m comment --comment \"flanneld masq\" -j RETURN"),
+        format!("-A FLANNEL-POSTRTG ! -s 10.0.0.0/16 -d {pod} -m comment --comment \"flanneld masq\" -j RETURN"),
+        "-A FLANNEL-POSTRTG -s 10.0.0.0/16 ! -d 224.0.0.0/4 -m comment --comment \"flanneld masq\" -j MASQUERADE --random-fully".to_owned(),
+    ] {
+        assert!(nat.contains(&want), "missing {want:?} in:\n{nat}");
+    }
+    assert_eq!(
+        nat.lines()
+            .filter(|l| l.starts_with("-A FLANNEL-POSTRTG "))
+            .count(),
+        6,
+        "{nat}"
+    );
+    for i in 1..=3 {
+        let filter = sh(&["ip", "netns", "exec", &hosts.ns(i), "iptables", "-S"])?;
+        assert!(
+            filter.contains(
+                "-A FLANNEL-FWD -s 10.0.0.0/16 -m comment --comment \"flanneld forward\" -j ACCEPT"
+            ),
+            "{filter}"
+        );
+        assert!(
+            filter.contains("-A FORWARD -m comment --comment \"flanneld forward\" -j FLANNEL-FWD"),
+            "{filter}"
+        );
+    }
+    for i in 2..=3 {
+        let nat = sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &hosts.ns(i),
+            "iptables",
+            "-t",
+            "nat",
+            "-S",
+        ])?;
+        assert!(
+            !nat.contains("FLANNEL-POSTRTG"),
+            "no --ip-masq on h{i}: {nat}"
+        );
+    }
+    sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &hosts.ns(1),
+        "iptables",
+        "-t",
+        "nat",
+        "-D",
+        "FLANNEL-POSTRTG",
+        "-m",
+        "mark",
+        "--mark",
+        "0x4000/0x4000",
+        "-m",
+        "comment",
+        "--comment",
+        "flanneld masq",
+        "-j",
+        "RETURN",
+    ])?;
+    within(Duration::from_secs(3), "masquerade rule restored", || {
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &hosts.ns(1),
+            "iptables",
+            "-t",
+            "nat",
+            "-S",
+            "FLANNEL-POSTRTG",
+        ])
+        .is_ok_and(|t| t.contains("0x4000/0x4000"))
+    })?;
 
     // Full mesh, both directions, host to host over the overlay.
     for i in 1..=3 {
