@@ -19,8 +19,8 @@ use report::{Context, Metric, Results};
 const USAGE: &str = "\
 usage: bench [--quick] [--repeats N] [--duration SECS] [--modes LIST] [--out DIR] [--json]
 
-  --repeats N      rounds over all modes (default 3)
-  --duration SECS  length of each measurement (default 4)
+  --repeats N      rounds over all modes (default 5)
+  --duration SECS  length of each measurement (default 3)
   --modes LIST     comma-separated: plain,kernel,ebpf-tc,ebpf-xdp (default all)
   --quick          smoke run: 1 repeat of 1 s; writes to target/bench-quick/ unless --out
   --out DIR        where benchmark.md and benchmark.svg go (default docs/, which also
@@ -42,8 +42,8 @@ fn workspace_root() -> PathBuf {
 
 fn parse_args(args: &[String]) -> Result<Option<Args>> {
     let mut a = Args {
-        repeats: 3,
-        secs: 4,
+        repeats: 5,
+        secs: 3,
         modes: Mode::ALL.to_vec(),
         out: workspace_root().join("docs"),
         update_readme: true,
@@ -353,7 +353,7 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(a.modes, [Mode::Plain, Mode::Kernel]);
-        assert_eq!((a.repeats, a.secs, a.update_readme), (5, 4, true));
+        assert_eq!((a.repeats, a.secs, a.update_readme), (5, 3, true));
         assert!(args("--modes ebpf").is_err());
         assert!(args("--repeats").is_err());
         assert!(args("--bogus").is_err());

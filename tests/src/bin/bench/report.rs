@@ -301,7 +301,10 @@ pub fn markdown(results: &Results, ctx: &Context) -> String {
            different mode each repeat, so slow drifts of the machine spread over all modes.\n\
          - Traffic goes from host 1's container to host 2's container. TCP: `iperf3 -c … -P 1|4 -t {secs}`, \
            receiver-side goodput. UDP: `iperf3 -u -l 64 -b 0 -t {secs}` (sender unthrottled), datagrams \
-           that reached the receiving socket per second (`sum_received.packets - lost_packets`). \
+           that reached the receiving socket per second (`sum_received.packets - lost_packets`); \
+           the sending CPU does the whole path in softirq (veth, bridge, routing, datapath, underlay, \
+           the other host), so this figure is bound by the sender and rises as the per-packet cost of \
+           the path falls (the run's log prints sent and received rates). \
            Latency: `sockperf ping-pong -m 64 -t {secs} --full-rtt` (UDP), round-trip percentiles.\n\
          - Ratios are of medians; for RTT lower is better, so a ratio below 1 means eBPF is faster.\n\
          - Everything (both hosts, both containers, senders, receivers and softirq work) shares one \
