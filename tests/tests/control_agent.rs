@@ -642,3 +642,119 @@ fn lease_taken_over_moves_the_agent_and_its_datapath() -> Result<()> {
     assert!(etcd.get(&key)?.unwrap().contains("10.98.0.9"));
     Ok(())
 }
+
+const PEER_X: &str = r#"{"PublicIP":"10.98.0.7","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"02:00:00:00:00:07"}}"#;
+const PEER_Y: &str = r#"{"PublicIP":"10.98.0.8","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"02:00:00:00:00:08"}}"#;
+
+#[test]
+#[ignore = "needs root, network namespaces and eBPF: run `cargo xtask test`"]
+fn compaction_while_cut_off_makes_the_agent_relist_and_converge() -> Result<()> {
+    let bin = agent_binary()?;
+    let hosts = Hosts::new("k", 2)?;
+    let etcd = Etcd::start_with(EtcdSpec {
+        netns: Some(hosts.ns(1)),
+        listen_ip: Some(hosts.ip(1)),
+        ..EtcdSpec::default()
+    })?;
+    etcd.put(&format!("{PREFIX}/config"), CONFIG)?;
+    let dir = etcd.dir().to_path_buf();
+    let args = vec![
+        format!("--etcd-endpoints={}", etcd.endpoints()),
+        format!("--iface={}", hosts.ip(2)),
+        format!("--subnet-file={}", dir.join("h2.env").display()),
+        "--datapath=kernel".to_owned(),
+    ];
+    let mut agent = Agent::start(&dir, "h2", &hosts.ns(2), &bin, &args)?;
+    agent.wait_for("running: lease", Duration::from_secs(20))?;
+    let x = format!("{PREFIX}/subnets/10.0.17.0-24");
+    let y = format!("{PREFIX}/subnets/10.0.18.0-24");
+    etcd.put(&x, PEER_X)?;
+    within(Duration::from_secs(1), "peer X programmed", || {
+        hosts.routes(2).contains("10.0.17.0/24")
+    })?;
+
+    // Cut h2 off from etcd long enough for its keepalives to give up.
+    let port = etcd.endpoints().rsplit(':').next().unwrap().to_owned();
+    let ns2 = hosts.ns(2);
+    let rule = |op: &str, chain: &str, dir: &str| {
+        sh(&[
+            "ip", "netns", "exec", &ns2, "iptables", "-w", op, chain, "-p", "tcp", dir, &port,
+            "-j", "DROP",
+        ])
+    };
+    rule("-I", "OUTPUT", "--dport")?;
+    rule("-I", "INPUT", "--sport")?;
+    // Meanwhile X leaves, Y joins, and etcd compacts its history.
+    etcd.delete(&x)?;
+    etcd.put(&y, PEER_Y)?;
+    let status = etcd.etcdctl(&["endpoint", "status", "--write-out=json"])?;
+    let rev: i64 = status
+        .split("\"revision\":")
+        .nth(1)
+        .and_then(|s| s.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|s| s.parse().ok())
+        .context("revision in endpoint status")?;
+    etcd.etcdctl(&["compact", &rev.to_string()])?;
+    std::thread::sleep(Duration::from_secs(12));
+    assert!(
+        hosts.routes(2).contains("10.0.17.0/24"),
+        "state kept while cut off"
+    );
+    rule("-D", "OUTPUT", "--dport")?;
+    rule("-D", "INPUT", "--sport")?;
+
+    within(
+        Duration::from_secs(15),
+        "converged after the re-list",
+        || {
+            let r = hosts.routes(2);
+            !r.contains("10.0.17.0/24")
+                && r.contains("10.0.18.0/24 via 10.0.18.0 dev flannel.1 onlink")
+        },
+    )?;
+    assert!(agent.log().contains("re-listing"), "{}", agent.log());
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs root, network namespaces and eBPF: run `cargo xtask test`"]
+fn agent_carries_on_through_the_other_members_of_a_cluster() -> Result<()> {
+    let bin = agent_binary()?;
+    let hosts = Hosts::new("q", 2)?;
+    let mut etcd = Etcd::start_with(EtcdSpec {
+        members: 3,
+        netns: Some(hosts.ns(1)),
+        listen_ip: Some(hosts.ip(1)),
+        ..EtcdSpec::default()
+    })?;
+    etcd.put(&format!("{PREFIX}/config"), CONFIG)?;
+    let dir = etcd.dir().to_path_buf();
+    let args = vec![
+        format!("--etcd-endpoints={}", etcd.endpoints()),
+        format!("--iface={}", hosts.ip(2)),
+        format!("--subnet-file={}", dir.join("h2.env").display()),
+        "--datapath=kernel".to_owned(),
+    ];
+    let mut agent = Agent::start(&dir, "h2", &hosts.ns(2), &bin, &args)?;
+    agent.wait_for("running: lease", Duration::from_secs(20))?;
+    for i in 0..3 {
+        etcd.kill_member(i)?;
+        let key = format!("{PREFIX}/subnets/10.0.{}.0-24", 17 + i);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while let Err(e) = etcd.put(&key, PEER_X) {
+            if Instant::now() > deadline {
+                bail!("cluster unusable with member {i} down: {e}");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let route = format!("10.0.{}.0/24 via", 17 + i);
+        let took = within(
+            Duration::from_secs(10),
+            &format!("peer with member {i} down"),
+            || hosts.routes(2).contains(&route),
+        )?;
+        eprintln!("member {i} down: programmed in {took:?}");
+        etcd.restart_member(i)?;
+    }
+    Ok(())
+}
