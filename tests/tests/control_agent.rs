@@ -758,3 +758,79 @@ fn agent_carries_on_through_the_other_members_of_a_cluster() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+#[ignore = "needs root, network namespaces and eBPF: run `cargo xtask test`"]
+fn agents_interoperate_with_a_flanneld_stand_in() -> Result<()> {
+    use overlay_agent::lease;
+    use overlay_tests::{lab::Host, reference::ReferencePeer};
+
+    let bin = agent_binary()?;
+    let hosts = Hosts::new("f", 3)?;
+    let etcd = Etcd::start_with(EtcdSpec {
+        netns: Some(hosts.ns(1)),
+        listen_ip: Some(hosts.ip(1)),
+        ..EtcdSpec::default()
+    })?;
+    etcd.put(&format!("{PREFIX}/config"), CONFIG)?;
+    let dir = etcd.dir().to_path_buf();
+
+    // h1 runs "flanneld": flannel.1 made with iproute2, its lease written in
+    // the older form seed 001 shows (no VNI, no PublicIPv6).
+    let stand_in_host = Host {
+        index: 1,
+        ns: hosts.ns(1),
+        container_ns: String::new(),
+        underlay_dev: "eth0".into(),
+        underlay_ip: hosts.ip(1).parse()?,
+        switch_port: "p1".into(),
+        subnet: "10.0.5.0/24".parse()?,
+        gateway: "10.0.5.1".parse()?,
+        container_ip: "10.0.5.2".parse()?,
+    };
+    let flanneld = ReferencePeer::setup(&stand_in_host, 1, 8472)?;
+    etcd.put(
+        &format!("{PREFIX}/subnets/10.0.5.0-24"),
+        &format!(
+            r#"{{"PublicIP":"{}","BackendType":"vxlan","BackendData":{{"VtepMAC":"{}"}}}}"#,
+            hosts.ip(1),
+            flanneld.vtep_mac
+        ),
+    )?;
+
+    let args = |i: usize, dp: &str| -> Vec<String> {
+        vec![
+            format!("--etcd-endpoints={}", etcd.endpoints()),
+            format!("--iface={}", hosts.ip(i)),
+            format!("--subnet-file={}", dir.join(format!("h{i}.env")).display()),
+            format!("--datapath={dp}"),
+        ]
+    };
+    let mut agents = vec![
+        Agent::start(&dir, "h2", &hosts.ns(2), &bin, &args(2, "kernel"))?,
+        Agent::start(&dir, "h3", &hosts.ns(3), &bin, &args(3, "ebpf"))?,
+    ];
+    for a in &mut agents {
+        a.wait_for("running: lease", Duration::from_secs(20))?;
+    }
+    // "flanneld" programs the agents' leases as it would any node's.
+    for i in 2..=3 {
+        let subnet = subnet_of(&dir.join(format!("h{i}.env")))?;
+        let key = format!("{PREFIX}/subnets/{subnet}-24");
+        let value = etcd.get(&key)?.context("agent lease")?;
+        let peer = lease::decode(&key, value.as_bytes())?
+            .peer()
+            .context("a vxlan lease")?;
+        flanneld.add_peer(&peer)?;
+    }
+    for i in 2..=3 {
+        let mine = subnet_of(&dir.join(format!("h{i}.env")))?;
+        within(Duration::from_secs(5), &format!("h{i} -> flanneld"), || {
+            hosts.ping(i, "10.0.5.0")
+        })?;
+        within(Duration::from_secs(5), &format!("flanneld -> h{i}"), || {
+            hosts.ping(1, &mine)
+        })?;
+    }
+    Ok(())
+}
