@@ -185,8 +185,10 @@ fn main() -> Result<()> {
     let chart = svg::chart(
         &results,
         &format!(
-            "Two-host lab, {} (medians of {} runs)",
-            ctx.date, ctx.repeats
+            "Two-host lab, {} (medians of {} run{})",
+            ctx.date,
+            ctx.repeats,
+            if ctx.repeats == 1 { "" } else { "s" }
         ),
     );
     std::fs::create_dir_all(&args.out)?;
