@@ -494,7 +494,6 @@ async fn kernel_datapath(spec: &NodeSpec) -> Result<(AnyDatapath, NodeState)> {
 
 /// flanneld's healthz: `GET /healthz` answers 200.
 async fn spawn_healthz(cli: &Cli) -> Result<()> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let addr = (cli.healthz_ip, cli.healthz_port);
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
         format!(
@@ -503,27 +502,65 @@ async fn spawn_healthz(cli: &Cli) -> Result<()> {
         )
     })?;
     log::info!("healthz on http://{}:{}/healthz", addr.0, addr.1);
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut s, _)) = listener.accept().await else {
-                continue;
-            };
-            tokio::spawn(async move {
-                let mut buf = [0u8; 1024];
-                let n = s.read(&mut buf).await.unwrap_or(0);
-                let req = String::from_utf8_lossy(&buf[..n]);
-                let (status, body) = if req.starts_with("GET /healthz") {
-                    ("200 OK", "flanneld is running")
-                } else {
-                    ("404 Not Found", "not found")
-                };
-                let resp = format!(
-                    "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = s.write_all(resp.as_bytes()).await;
-            });
-        }
-    });
+    tokio::spawn(serve_healthz(listener));
     Ok(())
+}
+
+async fn serve_healthz(listener: tokio::net::TcpListener) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    loop {
+        let Ok((mut s, _)) = listener.accept().await else {
+            continue;
+        };
+        tokio::spawn(async move {
+            let mut buf = [0u8; 1024];
+            let n = s.read(&mut buf).await.unwrap_or(0);
+            let req = String::from_utf8_lossy(&buf[..n]);
+            let (status, body) = if req.starts_with("GET /healthz") {
+                ("200 OK", "flanneld is running")
+            } else {
+                ("404 Not Found", "not found")
+            };
+            let resp = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = s.write_all(resp.as_bytes()).await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn get(addr: std::net::SocketAddr, path: &str) -> String {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    }
+
+    #[tokio::test]
+    async fn healthz_answers_like_flanneld() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(serve_healthz(l));
+        let ok = get(addr, "/healthz").await;
+        assert!(ok.starts_with("HTTP/1.1 200 OK\r\n"), "{ok}");
+        assert!(ok.ends_with("\r\n\r\nflanneld is running"), "{ok}");
+        assert!(get(addr, "/other").await.starts_with("HTTP/1.1 404"));
+    }
+
+    #[test]
+    fn pin_dir_must_be_on_bpffs() {
+        let dir = std::env::temp_dir().join(format!("overlay-agent-pin-{}", std::process::id()));
+        let e = check_pin_dir(&dir).unwrap_err();
+        assert!(e.contains("not on bpffs"), "{e}");
+        let _ = std::fs::remove_dir(&dir);
+    }
 }
