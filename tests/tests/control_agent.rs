@@ -834,3 +834,70 @@ fn agents_interoperate_with_a_flanneld_stand_in() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+#[ignore = "needs root, network namespaces and eBPF: run `cargo xtask test`"]
+fn restart_keeps_subnet_and_mac_and_prunes_peers_that_left() -> Result<()> {
+    let bin = agent_binary()?;
+    let hosts = Hosts::new("r", 2)?;
+    let etcd = Etcd::start_with(EtcdSpec {
+        netns: Some(hosts.ns(1)),
+        listen_ip: Some(hosts.ip(1)),
+        ..EtcdSpec::default()
+    })?;
+    etcd.put(&format!("{PREFIX}/config"), CONFIG)?;
+    let dir = etcd.dir().to_path_buf();
+    let env = dir.join("h2.env");
+    let args = vec![
+        format!("--etcd-endpoints={}", etcd.endpoints()),
+        format!("--iface={}", hosts.ip(2)),
+        format!("--subnet-file={}", env.display()),
+        "--datapath=ebpf".to_owned(),
+    ];
+    let mac_of = || -> Result<String> {
+        let link = sh(&["ip", "-n", &hosts.ns(2), "link", "show", "flannel.1"])?;
+        Ok(link
+            .split("link/ether ")
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+            .context("flannel.1 MAC")?
+            .to_owned())
+    };
+    let x = format!("{PREFIX}/subnets/10.0.17.0-24");
+    etcd.put(&x, PEER_X)?;
+    let mut agent = Agent::start(&dir, "h2", &hosts.ns(2), &bin, &args)?;
+    agent.wait_for("running: lease", Duration::from_secs(20))?;
+    let subnet = subnet_of(&env)?;
+    let mac = mac_of()?;
+    let value = etcd
+        .get(&format!("{PREFIX}/subnets/{subnet}-24"))?
+        .context("our lease")?;
+    assert!(
+        value.contains(&mac),
+        "lease {value} publishes flannel.1's MAC {mac}"
+    );
+    assert!(hosts.routes(2).contains("10.0.17.0/24"));
+
+    // Stop the agent (as with flanneld, everything stays), let X leave.
+    drop(agent);
+    etcd.delete(&x)?;
+    assert!(
+        hosts.routes(2).contains("10.0.17.0/24"),
+        "left in place while down"
+    );
+
+    let mut agent = Agent::start(&dir, "h2b", &hosts.ns(2), &bin, &args)?;
+    agent.wait_for("running: lease", Duration::from_secs(20))?;
+    let log = agent.log();
+    assert!(
+        log.contains(&format!("reusing our lease {subnet}/24")),
+        "{log}"
+    );
+    assert!(log.contains("(Adopted)"), "{log}");
+    assert_eq!(subnet_of(&env)?, subnet);
+    assert_eq!(mac_of()?, mac, "VTEP MAC kept across the restart");
+    within(Duration::from_secs(1), "departed peer pruned", || {
+        !hosts.routes(2).contains("10.0.17.0/24")
+    })?;
+    Ok(())
+}
