@@ -17,20 +17,23 @@ use modes::{Mode, ModeLab};
 use report::{Context, Metric, Results};
 
 const USAGE: &str = "\
-usage: bench [--quick] [--repeats N] [--duration SECS] [--modes LIST] [--out DIR] [--json]
+usage: bench [--quick] [--repeats N] [--duration SECS] [--modes LIST] [--figures LIST] [--out DIR] [--json]
 
   --repeats N      rounds over all modes (default 5)
   --duration SECS  length of each measurement (default 3)
   --modes LIST     comma-separated: plain,kernel,ebpf-tc,ebpf-xdp (default all)
-  --quick          smoke run: 1 repeat of 1 s; writes to target/bench-quick/ unless --out
-  --out DIR        where benchmark.md and benchmark.svg go (default docs/, which also
-                   updates the table in README.md)
+  --figures LIST   comma-separated: tcp1,tcp4,udp,rtt (default all); e.g. one figure
+                   for a long run under `perf record`
+  --quick          smoke run: 1 repeat of 1 s; writes to target/bench-partial/ unless --out
+  --out DIR        where benchmark.md and benchmark.svg go (default: docs/ and the table in
+                   README.md for a full run, target/bench-partial/ for a quick or partial one)
   --json           print the results as JSON on stdout";
 
 struct Args {
     repeats: u32,
     secs: u32,
     modes: Vec<Mode>,
+    figures: Vec<Figure>,
     out: PathBuf,
     update_readme: bool,
     json: bool,
@@ -45,6 +48,7 @@ fn parse_args(args: &[String]) -> Result<Option<Args>> {
         repeats: 5,
         secs: 3,
         modes: Mode::ALL.to_vec(),
+        figures: Figure::ALL.to_vec(),
         out: workspace_root().join("docs"),
         update_readme: true,
         json: false,
@@ -61,6 +65,12 @@ fn parse_args(args: &[String]) -> Result<Option<Args>> {
             "--repeats" => a.repeats = value()?.parse().context("--repeats")?,
             "--duration" => a.secs = value()?.parse().context("--duration")?,
             "--out" => out = Some(PathBuf::from(value()?)),
+            "--figures" => {
+                a.figures = value()?
+                    .split(',')
+                    .map(Figure::parse)
+                    .collect::<Result<_>>()?;
+            }
             "--modes" => {
                 a.modes = value()?
                     .split(',')
@@ -74,23 +84,51 @@ fn parse_args(args: &[String]) -> Result<Option<Args>> {
         a.repeats = 1;
         a.secs = 1;
     }
+    a.modes.sort();
+    a.modes.dedup();
+    a.figures.sort();
+    a.figures.dedup();
+    // Only a full run (every mode and figure, normal length) may replace the
+    // published report and the README table.
+    let partial = a.modes.len() < Mode::ALL.len() || a.figures.len() < Figure::ALL.len();
     match out {
         Some(dir) => {
             a.update_readme = false;
             a.out = dir;
         }
-        None if quick => {
+        None if quick || partial => {
             a.update_readme = false;
-            a.out = workspace_root().join("target/bench-quick");
+            a.out = workspace_root().join("target/bench-partial");
         }
         None => {}
     }
-    if a.repeats == 0 || a.secs == 0 || a.modes.is_empty() {
-        bail!("repeats, duration and modes must be non-zero");
+    if a.repeats == 0 || a.secs == 0 || a.modes.is_empty() || a.figures.is_empty() {
+        bail!("repeats, duration, modes and figures must be non-zero");
     }
-    a.modes.sort();
-    a.modes.dedup();
     Ok(Some(a))
+}
+
+/// What one measurement step runs (the RTT step yields two figures).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Figure {
+    Tcp1,
+    Tcp4,
+    Udp,
+    Rtt,
+}
+
+impl Figure {
+    const ALL: [Figure; 4] = [Figure::Tcp1, Figure::Tcp4, Figure::Udp, Figure::Rtt];
+
+    fn parse(s: &str) -> Result<Figure> {
+        Ok(match s {
+            "tcp1" => Figure::Tcp1,
+            "tcp4" => Figure::Tcp4,
+            "udp" => Figure::Udp,
+            "rtt" => Figure::Rtt,
+            _ => bail!("unknown figure {s:?} (tcp1, tcp4, udp, rtt)"),
+        })
+    }
 }
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -121,7 +159,9 @@ fn main() -> Result<()> {
     }
     catch_signals();
     let started = Instant::now();
-    let per_round = 4 * args.secs + 4;
+    let steps = args.figures.len() as u32;
+    // Each step also spends about a second starting its tool.
+    let per_round = steps * (args.secs + 1);
     eprintln!(
         "bench: modes {}; {} repeats x {} figures x {} s: about {} s of measuring",
         args.modes
@@ -130,7 +170,7 @@ fn main() -> Result<()> {
             .collect::<Vec<_>>()
             .join(", "),
         args.repeats,
-        4,
+        steps,
         args.secs,
         per_round as usize * args.modes.len() * args.repeats as usize
     );
@@ -156,7 +196,7 @@ fn main() -> Result<()> {
                 break 'rounds;
             }
             let lab = &labs[(i + round as usize) % labs.len()];
-            if let Err(e) = measure(lab, args.secs, &mut results) {
+            if let Err(e) = measure(lab, &args.figures, args.secs, &mut results) {
                 eprintln!("bench: {} round {}: {e:#}", lab.mode.name(), round + 1);
                 results
                     .errors
@@ -224,26 +264,40 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-fn measure(lab: &ModeLab, secs: u32, results: &mut Results) -> Result<()> {
+fn measure(lab: &ModeLab, figures: &[Figure], secs: u32, results: &mut Results) -> Result<()> {
     let (c1, h2) = (&lab.lab.host(1).container_ns, lab.lab.host(2));
     let dst = h2.container_ip;
-    let name = lab.mode.name();
-    let tcp1 = tools::tcp_gbps(c1, dst, 1, secs)?;
-    results.push(lab.mode, Metric::Tcp1, tcp1);
-    let tcp4 = tools::tcp_gbps(c1, dst, 4, secs)?;
-    results.push(lab.mode, Metric::Tcp4, tcp4);
-    let (pps, sent_pps) = tools::udp_pps(c1, dst, secs)?;
-    results.push(lab.mode, Metric::Udp64, pps / 1e3);
-    let rtt = tools::rtt(c1, dst, secs)?;
-    results.push(lab.mode, Metric::RttP50, rtt.p50_us);
-    results.push(lab.mode, Metric::RttP99, rtt.p99_us);
-    eprintln!(
-        "bench: {name:9} tcp1 {tcp1:6.2} Gbit/s  tcp4 {tcp4:6.2} Gbit/s  udp64 {:5.0}/{:5.0} kpps rx/tx  rtt p50 {:6.1} µs p99 {:6.1} µs",
-        pps / 1e3,
-        sent_pps / 1e3,
-        rtt.p50_us,
-        rtt.p99_us
-    );
+    let mut line = format!("bench: {:9}", lab.mode.name());
+    for figure in figures {
+        match figure {
+            Figure::Tcp1 | Figure::Tcp4 => {
+                let (streams, metric) = if *figure == Figure::Tcp1 {
+                    (1, Metric::Tcp1)
+                } else {
+                    (4, Metric::Tcp4)
+                };
+                let gbps = tools::tcp_gbps(c1, dst, streams, secs)?;
+                results.push(lab.mode, metric, gbps);
+                line += &format!("  tcp{streams} {gbps:6.2} Gbit/s");
+            }
+            Figure::Udp => {
+                let (pps, sent_pps) = tools::udp_pps(c1, dst, secs)?;
+                results.push(lab.mode, Metric::Udp64, pps / 1e3);
+                line += &format!(
+                    "  udp64 {:5.0}/{:5.0} kpps rx/tx",
+                    pps / 1e3,
+                    sent_pps / 1e3
+                );
+            }
+            Figure::Rtt => {
+                let rtt = tools::rtt(c1, dst, secs)?;
+                results.push(lab.mode, Metric::RttP50, rtt.p50_us);
+                results.push(lab.mode, Metric::RttP99, rtt.p99_us);
+                line += &format!("  rtt p50 {:6.1} µs p99 {:6.1} µs", rtt.p50_us, rtt.p99_us);
+            }
+        }
+    }
+    eprintln!("{line}");
     Ok(())
 }
 
@@ -350,15 +404,28 @@ mod tests {
     fn quick_is_short_and_does_not_touch_docs() {
         let a = args("--quick").unwrap().unwrap();
         assert_eq!((a.repeats, a.secs, a.update_readme), (1, 1, false));
-        assert!(a.out.ends_with("target/bench-quick"));
-        let a = args("--modes kernel,plain,kernel --repeats 5")
-            .unwrap()
-            .unwrap();
-        assert_eq!(a.modes, [Mode::Plain, Mode::Kernel]);
-        assert_eq!((a.repeats, a.secs, a.update_readme), (5, 3, true));
+        assert!(a.out.ends_with("target/bench-partial"));
+        let a = args("--repeats 7").unwrap().unwrap();
+        assert_eq!((a.repeats, a.secs, a.update_readme), (7, 3, true));
+        assert!(a.out.ends_with("docs"));
         assert!(args("--modes ebpf").is_err());
         assert!(args("--repeats").is_err());
         assert!(args("--bogus").is_err());
         assert!(args("--help").unwrap().is_none());
+    }
+
+    #[test]
+    fn partial_runs_do_not_touch_docs() {
+        let a = args("--modes kernel,plain,kernel,ebpf-tc")
+            .unwrap()
+            .unwrap();
+        assert_eq!(a.modes, [Mode::Plain, Mode::Kernel, Mode::EbpfTc]);
+        assert!(!a.update_readme && a.out.ends_with("target/bench-partial"));
+        let a = args("--figures rtt,udp,rtt").unwrap().unwrap();
+        assert_eq!(a.figures, [Figure::Udp, Figure::Rtt]);
+        assert!(!a.update_readme);
+        assert!(args("--figures pps").is_err());
+        let a = args("--figures rtt --out /tmp/x").unwrap().unwrap();
+        assert!(!a.update_readme && a.out.ends_with("/tmp/x"));
     }
 }
