@@ -901,3 +901,60 @@ fn restart_keeps_subnet_and_mac_and_prunes_peers_that_left() -> Result<()> {
     })?;
     Ok(())
 }
+
+#[test]
+#[ignore = "needs root, network namespaces and eBPF: run `cargo xtask test`"]
+fn agent_with_tls_and_auth_flags_and_a_wrong_password() -> Result<()> {
+    let bin = agent_binary()?;
+    let hosts = Hosts::new("s", 2)?;
+    let etcd = Etcd::start_with(EtcdSpec {
+        tls: true,
+        user: Some(("flannel".into(), "s3cret".into())),
+        netns: Some(hosts.ns(1)),
+        listen_ip: Some(hosts.ip(1)),
+        ..EtcdSpec::default()
+    })?;
+    etcd.put(&format!("{PREFIX}/config"), CONFIG)?;
+    let dir = etcd.dir().to_path_buf();
+    let mut args = etcd.agent_flags();
+    assert!(args[0].contains("https://"));
+    args.push(format!("--iface={}", hosts.ip(2)));
+    args.push(format!("--subnet-file={}", dir.join("h2.env").display()));
+    args.push("--datapath=kernel".into());
+    let mut agent = Agent::start(&dir, "h2", &hosts.ns(2), &bin, &args)?;
+    agent.wait_for("running: lease", Duration::from_secs(20))?;
+    drop(agent);
+
+    let wrong: Vec<String> = args
+        .iter()
+        .map(|a| {
+            if a.starts_with("--etcd-password=") {
+                "--etcd-password=wrong".to_owned()
+            } else {
+                a.clone()
+            }
+        })
+        .collect();
+    let mut agent = Agent::start(&dir, "h2-wrong", &hosts.ns(2), &bin, &wrong)?;
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(st) = agent.child.try_wait()? {
+            break st;
+        }
+        if t0.elapsed() > Duration::from_secs(10) {
+            bail!(
+                "agent with a wrong password still running:\n{}",
+                agent.log()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(!status.success());
+    let log = agent.log();
+    assert!(log.contains("authentication failed"), "{log}");
+    assert!(
+        !log.contains("s3cret") && !log.contains("=wrong"),
+        "no password in the log: {log}"
+    );
+    Ok(())
+}
