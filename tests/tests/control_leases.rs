@@ -304,3 +304,30 @@ async fn own_key_deleted_is_reacquired_within_a_second() {
     assert!(etcd.get(&key).unwrap().unwrap().contains("192.168.205.99"));
     task.abort();
 }
+
+#[tokio::test]
+async fn keeper_notices_a_deletion_from_before_it_started() {
+    let (etcd, reg, cfg) = setup(r#"{"Network":"10.0.0.0/16","Backend":{"Type":"vxlan"}}"#).await;
+    let timing = LeaseTiming::default();
+    let l = own::acquire(&reg, &cfg, &node(0), None, &timing)
+        .await
+        .unwrap();
+    let subnet = l.subnet;
+    // Deleted while the agent was still setting up its datapath.
+    etcd.delete(&lease::lease_key(PREFIX, subnet)).unwrap();
+    let (tx, mut rx) = tokio::sync::watch::channel(l.clone());
+    let keeper = Keeper {
+        reg: reg.clone(),
+        config: cfg.clone(),
+        node: node(0),
+        timing,
+    };
+    let task = tokio::spawn(async move { keeper.run(l, tx).await });
+    tokio::time::timeout(Duration::from_secs(2), rx.changed())
+        .await
+        .expect("re-acquired")
+        .unwrap();
+    assert_eq!(rx.borrow().subnet, subnet);
+    assert!(reg.get_lease(subnet).await.unwrap().is_some());
+    task.abort();
+}

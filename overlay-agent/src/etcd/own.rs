@@ -361,7 +361,13 @@ impl Keeper {
         mut own: OwnLease,
         tx: tokio::sync::watch::Sender<OwnLease>,
     ) -> Result<(), AcquireError> {
-        let start_rev = self.reg.list().await.map_or(0, |s| s.revision);
+        // Watch from just after our own last write, so a deletion between
+        // acquisition and this call is not missed.
+        let start_rev = if own.mod_revision > 0 {
+            own.mod_revision
+        } else {
+            self.reg.list().await.map_or(0, |s| s.revision)
+        };
         let mut watcher = super::watch::LeaseWatcher::new(self.reg.clone(), start_rev);
         let mut next_renewal = own.renew_at(&self.timing);
         loop {
