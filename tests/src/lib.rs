@@ -10,8 +10,10 @@
 //! - [`scenario`]: the ping/TCP/UDP workload every pair must carry;
 //! - [`traffic`]: ping, TCP with SHA-256 on both ends, paced UDP bursts;
 //! - [`capture`]: tcpdump on the underlay and tshark's view of the VXLAN;
+//! - [`binaries`]: the agent binary, built on demand for tests that run it;
 //! - [`stats`]: device statistics and attached BPF programs.
 
+pub mod binaries;
 pub mod capture;
 pub mod cmd;
 pub mod etcd;

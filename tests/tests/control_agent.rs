@@ -110,37 +110,6 @@ impl Drop for Hosts {
     }
 }
 
-/// The agent binary, built on demand (a test crate does not get other
-/// packages' binaries built for it).
-fn agent_binary() -> Result<PathBuf> {
-    let target = std::env::current_exe()?
-        .parent()
-        .and_then(Path::parent)
-        .context("locating the target directory")?
-        .to_path_buf();
-    let bin = target.join("overlay-agent");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
-    let mut cmd = Command::new(cargo);
-    cmd.args([
-        "build",
-        "-p",
-        "overlay-agent",
-        "--bin",
-        "overlay-agent",
-        "--manifest-path",
-    ])
-    .arg(&manifest);
-    if target.ends_with("release") {
-        cmd.arg("--release");
-    }
-    let st = cmd.status().context("building overlay-agent")?;
-    if !st.success() {
-        bail!("building overlay-agent failed");
-    }
-    Ok(bin)
-}
-
 struct Agent {
     child: Child,
     log: PathBuf,
@@ -222,7 +191,7 @@ fn subnet_of(env: &Path) -> Result<String> {
 #[test]
 #[ignore = "needs root, network namespaces and eBPF: run `cargo xtask test`"]
 fn three_agents_kernel_fallback_and_ebpf_full_mesh() -> Result<()> {
-    let bin = agent_binary()?;
+    let bin = overlay_tests::binaries::agent()?;
     let hosts = Hosts::new("m", 3)?;
     let etcd = Etcd::start_with(EtcdSpec {
         netns: Some(hosts.ns(1)),
@@ -431,7 +400,7 @@ fn three_agents_kernel_fallback_and_ebpf_full_mesh() -> Result<()> {
 #[test]
 #[ignore = "needs root, network namespaces and eBPF: run `cargo xtask test`"]
 fn malformed_config_stops_the_agent_before_it_touches_the_host() -> Result<()> {
-    let bin = agent_binary()?;
+    let bin = overlay_tests::binaries::agent()?;
     let hosts = Hosts::new("c", 1)?;
     let etcd = Etcd::start_with(EtcdSpec {
         netns: Some(hosts.ns(1)),
@@ -484,7 +453,7 @@ fn malformed_config_stops_the_agent_before_it_touches_the_host() -> Result<()> {
 #[test]
 #[ignore = "needs root, network namespaces and eBPF: run `cargo xtask test`"]
 fn etcd_down_for_30_s_loses_no_packet_and_the_agents_resume() -> Result<()> {
-    let bin = agent_binary()?;
+    let bin = overlay_tests::binaries::agent()?;
     let hosts = Hosts::new("o", 3)?;
     let mut etcd = Etcd::start_with(EtcdSpec {
         netns: Some(hosts.ns(1)),
@@ -580,7 +549,7 @@ fn etcd_down_for_30_s_loses_no_packet_and_the_agents_resume() -> Result<()> {
 #[test]
 #[ignore = "needs root, network namespaces and eBPF: run `cargo xtask test`"]
 fn lease_taken_over_moves_the_agent_and_its_datapath() -> Result<()> {
-    let bin = agent_binary()?;
+    let bin = overlay_tests::binaries::agent()?;
     let hosts = Hosts::new("t", 3)?;
     let etcd = Etcd::start_with(EtcdSpec {
         netns: Some(hosts.ns(1)),
@@ -649,7 +618,7 @@ const PEER_Y: &str = r#"{"PublicIP":"10.98.0.8","PublicIPv6":null,"BackendType":
 #[test]
 #[ignore = "needs root, network namespaces and eBPF: run `cargo xtask test`"]
 fn compaction_while_cut_off_makes_the_agent_relist_and_converge() -> Result<()> {
-    let bin = agent_binary()?;
+    let bin = overlay_tests::binaries::agent()?;
     let hosts = Hosts::new("k", 2)?;
     let etcd = Etcd::start_with(EtcdSpec {
         netns: Some(hosts.ns(1)),
@@ -719,7 +688,7 @@ fn compaction_while_cut_off_makes_the_agent_relist_and_converge() -> Result<()> 
 #[test]
 #[ignore = "needs root, network namespaces and eBPF: run `cargo xtask test`"]
 fn agent_carries_on_through_the_other_members_of_a_cluster() -> Result<()> {
-    let bin = agent_binary()?;
+    let bin = overlay_tests::binaries::agent()?;
     let hosts = Hosts::new("q", 2)?;
     let mut etcd = Etcd::start_with(EtcdSpec {
         members: 3,
@@ -765,7 +734,7 @@ fn agents_interoperate_with_a_flanneld_stand_in() -> Result<()> {
     use overlay_agent::lease;
     use overlay_tests::{lab::Host, reference::ReferencePeer};
 
-    let bin = agent_binary()?;
+    let bin = overlay_tests::binaries::agent()?;
     let hosts = Hosts::new("f", 3)?;
     let etcd = Etcd::start_with(EtcdSpec {
         netns: Some(hosts.ns(1)),
@@ -838,7 +807,7 @@ fn agents_interoperate_with_a_flanneld_stand_in() -> Result<()> {
 #[test]
 #[ignore = "needs root, network namespaces and eBPF: run `cargo xtask test`"]
 fn restart_keeps_subnet_and_mac_and_prunes_peers_that_left() -> Result<()> {
-    let bin = agent_binary()?;
+    let bin = overlay_tests::binaries::agent()?;
     let hosts = Hosts::new("r", 2)?;
     let etcd = Etcd::start_with(EtcdSpec {
         netns: Some(hosts.ns(1)),
@@ -905,7 +874,7 @@ fn restart_keeps_subnet_and_mac_and_prunes_peers_that_left() -> Result<()> {
 #[test]
 #[ignore = "needs root, network namespaces and eBPF: run `cargo xtask test`"]
 fn agent_with_tls_and_auth_flags_and_a_wrong_password() -> Result<()> {
-    let bin = agent_binary()?;
+    let bin = overlay_tests::binaries::agent()?;
     let hosts = Hosts::new("s", 2)?;
     let etcd = Etcd::start_with(EtcdSpec {
         tls: true,

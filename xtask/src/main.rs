@@ -29,9 +29,21 @@ enum Cmd {
         /// Only run tests whose names contain one of these (passed to the test binaries).
         filters: Vec<String>,
     },
-    /// Set up if needed, build, and run the lab: two hosts over the eBPF datapath, pinged across.
+    /// Set up if needed, build the release agent, and run the agent on this host as root
+    /// with the given flags (the test-VM workflow), e.g.
+    /// `cargo xtask run -- --etcd-endpoints=http://10.0.0.1:2379 --iface=eth0`.
+    Run {
+        /// Flags for overlay-agent (see `cargo xtask run -- --help`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// The lab: etcd, two agents (eBPF, kernel) and a flanneld stand-in in namespaces.
+    ///
+    /// `lab [up]` builds it, prints the leases and the ping matrix and stays up until
+    /// Ctrl-C; `lab up --once` exits non-zero unless every pair pings; `lab status`
+    /// and `lab down` work from another terminal (see `cargo xtask lab -- --help`).
     Lab {
-        /// Arguments for the lab binary (see `cargo xtask lab -- --help`).
+        /// `up [--once] [--ingress tc|xdp]`, `status` or `down` (default: up).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
@@ -65,17 +77,41 @@ fn dispatch(cmd: Cmd) -> Result<()> {
             setup::ensure()?;
             test::run(&filters)
         }
-        Cmd::Lab { args } => run_tool("lab", &args),
+        Cmd::Run { args } => run_agent(&args),
+        Cmd::Lab { args } => {
+            // `status` and `down` use the agent `up` started; `down` must work
+            // even when the sources do not build.
+            let needs_agent = !matches!(
+                args.first().map(String::as_str),
+                Some("status" | "down" | "-h" | "--help")
+            );
+            exec_tool("lab", &args, needs_agent)
+        }
         Cmd::Bench { args } => run_tool("bench", &args),
     }
 }
 
-fn build() -> Result<()> {
-    run::status(run::cargo().args(["build", "--release", "--package", "overlay-agent"]))?;
+fn release_agent() -> std::path::PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| run::workspace_root().join("target"));
-    let bin = target.join("release/overlay-agent");
+    target.join("release/overlay-agent")
+}
+
+/// Replaces xtask with the release agent, so signals (Ctrl-C, systemd's
+/// SIGTERM) reach the agent itself and its exit status is ours.
+fn run_agent(args: &[String]) -> Result<()> {
+    run::require_root("`cargo xtask run` (the agent programs the host's network)")?;
+    setup::ensure()?;
+    build()?;
+    let mut cmd = std::process::Command::new(release_agent());
+    cmd.args(args);
+    Err(run::exec(&mut cmd))
+}
+
+fn build() -> Result<()> {
+    run::status(run::cargo().args(["build", "--release", "--package", "overlay-agent"]))?;
+    let bin = release_agent();
     if let Ok(meta) = std::fs::metadata(&bin) {
         eprintln!(
             "built {} ({:.1} MiB)",
@@ -84,6 +120,30 @@ fn build() -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Replaces xtask with one of overlay-tests' binaries (release build, root), so
+/// Ctrl-C and SIGTERM reach the tool (the lab tears down on them) and not a
+/// parent that would exit and leave it running. `cargo run` execs the binary too.
+fn exec_tool(bin: &str, args: &[String], build_agent: bool) -> Result<()> {
+    run::require_root(&format!("`cargo xtask {bin}`"))?;
+    setup::ensure()?;
+    if build_agent {
+        build()?;
+    }
+    let mut cmd = run::cargo();
+    cmd.args([
+        "run",
+        "--quiet",
+        "--release",
+        "--package",
+        "overlay-tests",
+        "--bin",
+        bin,
+        "--",
+    ])
+    .args(args);
+    Err(run::exec(&mut cmd))
 }
 
 /// Runs one of overlay-tests' binaries (release build, root).

@@ -38,6 +38,15 @@ pub fn status(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// Replaces this process with `cmd` (echoed first); returns only if that fails.
+pub fn exec(cmd: &mut Command) -> anyhow::Error {
+    use std::os::unix::process::CommandExt;
+    let line = display(cmd);
+    eprintln!("$ {line}");
+    let err = cmd.exec();
+    anyhow::Error::new(err).context(format!("cannot exec `{line}`"))
+}
+
 /// Runs a probe quietly and returns its output; `None` when the program is absent.
 /// Probes are cheap checks whose exit status the caller interprets.
 pub fn probe<I, S>(program: &str, args: I) -> Option<Output>

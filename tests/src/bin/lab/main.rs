@@ -1,147 +1,302 @@
-//! `cargo xtask lab`: brings up two hosts joined by our eBPF datapath, pings
-//! container to container both ways, shows what was set up and what the
-//! programs counted, and tears everything down.
+//! `cargo xtask lab`: seed 001's two-host flannel walkthrough, one machine,
+//! three hosts: a real etcd holding seed 001's network config, the release
+//! `overlay-agent` on two hosts (eBPF and kernel datapath) and a flanneld
+//! stand-in on the third, each with a bridge and a container addressed from
+//! the host's lease. `up` prints the leases and the ping matrix and stays up
+//! until interrupted; `status` and `down` work from another terminal.
 
-use anyhow::{Context, Result, bail, ensure};
-use overlay_agent::datapath::ebpf::IngressMode;
-use overlay_tests::{
-    lab::{Lab, LabSpec, namespaces_with_prefix},
-    overlay::{self, Kind, Member, Overlay},
-    stats, traffic,
+mod nodes;
+mod report;
+mod topo;
+
+use std::{
+    path::PathBuf,
+    process::Child,
+    sync::atomic::{AtomicBool, Ordering},
+    time::Duration,
 };
 
+use anyhow::{Context, Result, bail, ensure};
+
 const USAGE: &str = "\
-usage: lab [--ingress tc|xdp] [--pings N]
+usage: lab [up [--once] [--ingress tc|xdp] [--agent PATH]] | status | down
 
-Builds a two-host lab (network namespaces), runs our eBPF datapath on both hosts,
-pings container to container in both directions, prints the set-up and the eBPF
-counters, and removes everything.
+  up       (default) build the lab, print the leases and the ping matrix, and
+           stay up until Ctrl-C or SIGTERM, then tear everything down
+    --once           print, then tear down; exit 1 unless all 6 pairs pass
+    --ingress tc|xdp the eBPF agent's --ebpf-ingress (tc, or xdp+tc)
+    --agent PATH     the overlay-agent binary (default: next to this binary)
+  status   the leases, each node's mode and subnet, and the ping matrix
+  down     remove everything the lab made (processes, namespaces ovlab-*,
+           /run/overlay-lab), also after a crash
 
-  --ingress tc|xdp  decapsulate in TC alone (default) or in XDP with a TC redirect
-  --pings N         pings per direction (default 5)";
+State lives in /run/overlay-lab; namespaces are ovlab-{sw,etcd,h1..3,c1..3}.";
 
-fn main() -> Result<()> {
-    let mut ingress = IngressMode::Tc;
-    let mut pings = 5u32;
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+struct UpArgs {
+    once: bool,
+    ingress: String,
+    agent: PathBuf,
+}
+
+fn main() {
+    if let Err(e) = dispatch() {
+        eprintln!("lab: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn dispatch() -> Result<()> {
     let argv: Vec<String> = std::env::args().skip(1).collect();
-    let mut it = argv.iter();
-    while let Some(arg) = it.next() {
-        match arg.as_str() {
-            "-h" | "--help" => {
-                println!("{USAGE}");
-                return Ok(());
-            }
-            "--ingress" => {
-                ingress = match it.next().map(String::as_str) {
-                    Some("tc") => IngressMode::Tc,
-                    Some("xdp") => IngressMode::XdpAndTc,
-                    other => bail!("--ingress takes tc or xdp, not {other:?}"),
-                }
-            }
-            "--pings" => {
-                pings = it
-                    .next()
-                    .context("--pings needs a number")?
-                    .parse()
-                    .context("--pings")?;
-            }
-            other => bail!("unknown argument {other:?}\n{USAGE}"),
-        }
+    if argv.iter().any(|a| a == "-h" || a == "--help") {
+        println!("{USAGE}");
+        return Ok(());
     }
     // SAFETY: geteuid cannot fail.
     ensure!(
         unsafe { libc::geteuid() } == 0,
         "the lab creates network namespaces and loads eBPF: run it as root (cargo xtask lab)"
     );
-
-    let lab = Lab::build(&LabSpec::new("lab", 2))?;
-    let prefix = lab.prefix().to_owned();
-    let result = run(&lab, ingress, pings);
-    // Members are gone (dropped inside `run`); now the namespaces.
-    let cleanup = lab.destroy();
-    let left = namespaces_with_prefix(&prefix)?;
-    match (&result, &cleanup) {
-        (_, Err(e)) => eprintln!("lab: cleanup: {e:#}"),
-        _ if left.is_empty() => println!("\ntorn down: no namespace named {prefix}* is left"),
-        _ => println!("\nleft behind: {left:?}"),
+    let (cmd, rest) = match argv.split_first() {
+        Some((c, rest)) if !c.starts_with('-') => (c.as_str(), rest),
+        _ => ("up", &argv[..]),
+    };
+    match cmd {
+        "up" => up(parse_up(rest)?),
+        "status" if rest.is_empty() => status(),
+        "down" if rest.is_empty() => down(),
+        _ => bail!("unexpected arguments {argv:?}\n{USAGE}"),
     }
+}
+
+fn parse_up(args: &[String]) -> Result<UpArgs> {
+    let mut up = UpArgs {
+        once: false,
+        ingress: "tc".into(),
+        agent: std::env::current_exe()?
+            .parent()
+            .context("locating this binary's directory")?
+            .join("overlay-agent"),
+    };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--once" => up.once = true,
+            "--ingress" => {
+                up.ingress = match it.next().map(String::as_str) {
+                    Some("tc") => "tc".into(),
+                    Some("xdp") => "xdp+tc".into(),
+                    other => bail!("--ingress takes tc or xdp, not {other:?}"),
+                }
+            }
+            "--agent" => up.agent = it.next().context("--agent needs a path")?.into(),
+            other => bail!("unknown argument {other:?}\n{USAGE}"),
+        }
+    }
+    Ok(up)
+}
+
+fn up(args: UpArgs) -> Result<()> {
+    ensure!(
+        args.agent.is_file(),
+        "no agent binary at {} (`cargo xtask lab` builds it; or pass --agent)",
+        args.agent.display()
+    );
+    let existing = topo::existing_namespaces()?;
+    ensure!(
+        existing.is_empty() && !topo::state_dir().exists(),
+        "a lab is already up, or a crashed one left {existing:?} / {}: run `cargo xtask lab down` first",
+        topo::STATE_DIR
+    );
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic (async-signal-safe).
+        unsafe {
+            libc::signal(
+                sig,
+                on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t,
+            )
+        };
+    }
+    std::fs::create_dir_all(topo::state_dir())?;
+    std::fs::write(
+        topo::state_dir().join("up.pid"),
+        std::process::id().to_string(),
+    )?;
+
+    let mut children = Vec::new();
+    let result = bring_up(&args, &mut children).and_then(|()| {
+        if args.once {
+            return Ok(());
+        }
+        println!(
+            "\nthe lab is up. From another terminal: `cargo xtask lab status`, `cargo xtask lab down`.\n\
+             Ctrl-C (or SIGTERM) tears it down."
+        );
+        while !STOP.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(200));
+            // `down` from another terminal removed the lab under us.
+            if !topo::state_dir().exists() {
+                println!("the lab was taken down from elsewhere");
+                break;
+            }
+        }
+        Ok(())
+    });
+    if let Err(e) = &result {
+        eprintln!("lab: {e:#}");
+    }
+    println!("\ntearing down");
+    let cleanup = teardown(children);
     result.and(cleanup)
 }
 
-fn run(lab: &Lab, ingress: IngressMode, pings: u32) -> Result<()> {
-    let overlay = Overlay::default();
-    let (h1, h2) = (lab.host(1), lab.host(2));
+fn bring_up(args: &UpArgs, children: &mut Vec<Child>) -> Result<()> {
+    let interrupted = || -> Result<()> {
+        ensure!(!STOP.load(Ordering::SeqCst), "interrupted");
+        Ok(())
+    };
+    topo::build_underlay()?;
+    children.push(nodes::start_etcd()?);
+    let config_key = format!("{}/config", topo::ETCD_PREFIX);
+    nodes::etcdctl(&["put", &config_key, topo::NETWORK_CONFIG])?;
     println!(
-        "lab: 2 hosts on underlay 192.168.64.0/24 (switch namespace {}), VNI {}, UDP port {}, eBPF ingress {ingress}",
-        lab.switch_ns(),
-        overlay.vni,
-        overlay.port
+        "etcd up at {} (namespace {}); {config_key} = seed 001's config",
+        topo::ETCD_URL,
+        topo::ETCD_NS
     );
-    let members = [
-        Member::join(h1, Kind::Ebpf(ingress), overlay)?,
-        Member::join(h2, Kind::Ebpf(ingress), overlay)?,
-    ];
-    overlay::mesh(&members.iter().collect::<Vec<_>>())?;
+    interrupted()?;
 
-    for m in &members {
-        let h = &m.host;
-        println!("\nhost {} (namespace {})", h.index, h.ns);
+    // The stand-in takes its lease first (as seed 001's first flanneld did),
+    // so the agents must allocate around it.
+    let stand_in_node = topo::NODES[2];
+    let stand_in = nodes::start_stand_in(&stand_in_node)?;
+    println!(
+        "h3: flanneld stand-in: flannel.{} {} (MTU {}), lease {}",
+        topo::VNI,
+        stand_in.vtep_mac,
+        stand_in.mtu,
+        stand_in.subnet
+    );
+    for node in &topo::NODES[..2] {
+        let mut child = nodes::start_agent(node, &args.agent, &args.ingress)?;
+        let env = nodes::wait_for_lease(node, &mut child);
+        children.push(child);
+        let env = env?;
         println!(
-            "  underlay {} {}   lease {}   {} VTEP MAC {}",
-            h.underlay_dev,
-            h.underlay_ip,
-            h.subnet,
-            m.device,
-            m.vtep_mac()
+            "h{}: {}: lease {} ({})",
+            node.index,
+            node.role.describe(),
+            env.subnet(),
+            node.subnet_file().display()
         );
-        println!(
-            "  container {} (namespace {}) behind cni0 {}",
-            h.container_ip, h.container_ns, h.gateway
-        );
-        let att = stats::attachments(&h.ns)?;
-        for (dev, id) in &att.xdp {
-            println!("  XDP on {dev}: program id {id}");
-        }
-        for ((dev, dir), progs) in att.tcx.iter().filter(|(_, p)| !p.is_empty()) {
-            println!("  TCX {dir} on {dev}: {}", progs.join(", "));
-        }
-        let routes = overlay_tests::cmd::ip(&h.ns, &["route", "show", "dev", &m.device])?;
-        for r in routes.lines() {
-            println!("  route: {r}");
-        }
+        interrupted()?;
     }
+    for node in topo::NODES {
+        let env = topo::SubnetEnv::read(&node)?;
+        topo::add_container(&node, &env)?;
+    }
+    let programmed = nodes::program_stand_in(&stand_in)?;
+    println!("h3: flanneld stand-in programmed {programmed} remote lease(s) with iproute2");
+    interrupted()?;
 
-    let before: Vec<_> = members
-        .iter()
-        .map(|m| stats::dev_stats(&m.host.ns, &m.device))
-        .collect::<Result<_>>()?;
+    let matrix = report::matrix_within(Duration::from_secs(15));
     println!();
-    for (src, dst) in [(h1, h2), (h2, h1)] {
-        traffic::ping(&src.container_ns, dst.container_ip, pings)?;
-        println!(
-            "ping {} -> {}: {pings}/{pings} replies",
-            src.container_ip, dst.container_ip
-        );
-    }
-
+    report::print_leases()?;
     println!();
-    let mut encap_total = 0;
-    for (m, before) in members.iter().zip(&before) {
-        let counters = m.counters()?.context("an eBPF member has counters")?;
-        let dev = stats::dev_stats(&m.host.ns, &m.device)?.since(before);
-        println!("host {} eBPF counters: {counters}", m.host.index);
-        println!(
-            "host {} {} own statistics during the pings: tx {} rx {} packets",
-            m.host.index, m.device, dev.tx_packets, dev.rx_packets
-        );
-        encap_total += counters
-            .get(overlay_common::counters::Reason::Encapsulated)
-            .packets;
-    }
+    report::print_nodes()?;
+    println!();
+    report::print_matrix(&matrix);
     ensure!(
-        encap_total >= u64::from(2 * pings),
-        "the eBPF programs encapsulated {encap_total} packets for {} pings: the traffic did not take the eBPF path",
-        2 * pings
+        matrix.all_pass() || !args.once,
+        "{} of {} directed pairs fail",
+        matrix.failures(),
+        matrix.cells.len()
     );
+    Ok(())
+}
+
+/// Stops our own children (so they are reaped, not left as zombies), then
+/// removes whatever is left by name.
+fn teardown(children: Vec<Child>) -> Result<()> {
+    for mut c in children {
+        // SAFETY: kill(2) on a child we have not reaped.
+        unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGTERM) };
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while c.try_wait()?.is_none() {
+            if std::time::Instant::now() > deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let removed = topo::remove_everything(Duration::from_secs(3))?;
+    println!(
+        "removed {}; no {}* namespace or process is left",
+        if removed.is_empty() {
+            "nothing (already gone)".to_owned()
+        } else {
+            removed.join(", ")
+        },
+        topo::PREFIX
+    );
+    Ok(())
+}
+
+fn status() -> Result<()> {
+    let namespaces = topo::existing_namespaces()?;
+    if namespaces.is_empty() && !topo::state_dir().exists() {
+        println!("no lab is up (`cargo xtask lab up` starts one)");
+        return Ok(());
+    }
+    let up_pid = std::fs::read_to_string(topo::state_dir().join("up.pid")).unwrap_or_default();
+    let up_pid = up_pid.trim();
+    match up_pid.parse::<i32>() {
+        Ok(pid) if topo::alive(pid) => {
+            println!("lab up (process {pid}); namespaces {namespaces:?}")
+        }
+        _ => println!(
+            "the process that brought the lab up is gone (pid {up_pid:?}): `cargo xtask lab down` cleans up; namespaces {namespaces:?}"
+        ),
+    }
+    println!();
+    if let Err(e) = report::print_leases() {
+        println!("  cannot read the leases: {e:#}");
+    }
+    println!();
+    report::print_nodes()?;
+    println!();
+    report::print_matrix(&report::matrix());
+    Ok(())
+}
+
+fn down() -> Result<()> {
+    // A live `up` tears down itself (and reaps its children) when asked.
+    let up_pid = std::fs::read_to_string(topo::state_dir().join("up.pid"))
+        .ok()
+        .and_then(|p| p.trim().parse::<i32>().ok())
+        .filter(|&p| p != std::process::id() as i32 && topo::alive(p));
+    if let Some(pid) = up_pid {
+        println!("asking the lab's process {pid} to tear down (SIGTERM)");
+        // SAFETY: kill(2) on the pid `up` recorded, which is still running.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while topo::alive(pid) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    let removed = topo::remove_everything(Duration::from_secs(3))?;
+    if removed.is_empty() {
+        println!("nothing left to remove");
+    } else {
+        println!("removed {}", removed.join(", "));
+    }
+    println!("no {}* namespace or process is left", topo::PREFIX);
     Ok(())
 }

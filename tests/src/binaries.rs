@@ -1,0 +1,39 @@
+//! The binaries the end-to-end tests run as separate processes.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context, Result, bail};
+
+/// The `overlay-agent` binary of this build profile, built on demand: a test
+/// crate does not get another package's binaries built for it.
+pub fn agent() -> Result<PathBuf> {
+    let target = std::env::current_exe()?
+        .parent()
+        .and_then(Path::parent)
+        .context("locating the target directory")?
+        .to_path_buf();
+    let bin = target.join("overlay-agent");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
+    let mut cmd = Command::new(cargo);
+    cmd.args([
+        "build",
+        "-p",
+        "overlay-agent",
+        "--bin",
+        "overlay-agent",
+        "--manifest-path",
+    ])
+    .arg(&manifest);
+    if target.ends_with("release") {
+        cmd.arg("--release");
+    }
+    let st = cmd.status().context("building overlay-agent")?;
+    if !st.success() {
+        bail!("building overlay-agent failed");
+    }
+    Ok(bin)
+}
