@@ -129,10 +129,8 @@ fn up(args: UpArgs) -> Result<()> {
     )?;
 
     let mut children = Vec::new();
-    let result = bring_up(&args, &mut children).and_then(|()| {
-        if args.once {
-            return Ok(());
-        }
+    let result = bring_up(&args, &mut children);
+    if result.is_ok() && !args.once {
         println!(
             "\nthe lab is up. From another terminal: `cargo xtask lab status`, `cargo xtask lab down`.\n\
              Ctrl-C (or SIGTERM) tears it down."
@@ -145,8 +143,7 @@ fn up(args: UpArgs) -> Result<()> {
                 break;
             }
         }
-        Ok(())
-    });
+    }
     if let Err(e) = &result {
         eprintln!("lab: {e:#}");
     }
