@@ -10,9 +10,11 @@
 //! - [`scenario`]: the ping/TCP/UDP workload every pair must carry;
 //! - [`traffic`]: ping, TCP with SHA-256 on both ends, paced UDP bursts;
 //! - [`capture`]: tcpdump on the underlay and tshark's view of the VXLAN;
+//! - [`agent`]: hosts on one bridge and `overlay-agent` processes in them;
 //! - [`binaries`]: the agent binary, built on demand for tests that run it;
 //! - [`stats`]: device statistics and attached BPF programs.
 
+pub mod agent;
 pub mod binaries;
 pub mod capture;
 pub mod cmd;

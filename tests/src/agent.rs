@@ -1,0 +1,185 @@
+//! Agents as separate processes on hosts made of network namespaces: the
+//! fixture of the tests that run the `overlay-agent` binary (control plane,
+//! restarts, health, deployments).
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+
+/// Runs a command to completion; its stdout, or an error with its stderr.
+pub fn sh(args: &[&str]) -> Result<String> {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("spawning {}", args.join(" ")))?;
+    if !out.status.success() {
+        bail!(
+            "`{}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Hosts `<tag>-h<i>` with `eth0` = 10.98.0.<i>/24 on a bridge in `<tag>-sw`.
+pub struct Hosts {
+    tag: String,
+    n: usize,
+}
+
+impl Hosts {
+    /// `test` tells the namespaces of tests running in parallel apart.
+    pub fn new(test: &str, n: usize) -> Result<Hosts> {
+        let tag = format!("h3ctl{test}{}", std::process::id() % 100_000);
+        let h = Hosts { tag, n };
+        let sw = h.sw();
+        sh(&["ip", "netns", "add", &sw])?;
+        sh(&["ip", "-n", &sw, "link", "add", "br0", "type", "bridge"])?;
+        sh(&["ip", "-n", &sw, "link", "set", "br0", "up"])?;
+        for i in 1..=n {
+            let ns = h.ns(i);
+            sh(&["ip", "netns", "add", &ns])?;
+            let port = format!("p{i}");
+            sh(&[
+                "ip", "-n", &sw, "link", "add", &port, "type", "veth", "peer", "name", "eth0",
+                "netns", &ns,
+            ])?;
+            sh(&["ip", "-n", &sw, "link", "set", &port, "master", "br0", "up"])?;
+            sh(&[
+                "ip",
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{}/24", h.ip(i)),
+                "dev",
+                "eth0",
+            ])?;
+            sh(&["ip", "-n", &ns, "link", "set", "eth0", "up"])?;
+            sh(&["ip", "-n", &ns, "link", "set", "lo", "up"])?;
+        }
+        Ok(h)
+    }
+    pub fn sw(&self) -> String {
+        format!("{}-sw", self.tag)
+    }
+    pub fn ns(&self, i: usize) -> String {
+        format!("{}-h{i}", self.tag)
+    }
+    pub fn ip(&self, i: usize) -> String {
+        format!("10.98.0.{i}")
+    }
+    pub fn routes(&self, i: usize) -> String {
+        sh(&["ip", "-n", &self.ns(i), "route"]).unwrap_or_default()
+    }
+    pub fn ping(&self, i: usize, dst: &str) -> bool {
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &self.ns(i),
+            "ping",
+            "-c",
+            "1",
+            "-W",
+            "1",
+            dst,
+        ])
+        .is_ok()
+    }
+}
+
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        for i in 1..=self.n {
+            let _ = sh(&["ip", "netns", "del", &self.ns(i)]);
+        }
+        let _ = sh(&["ip", "netns", "del", &self.sw()]);
+    }
+}
+
+pub struct Agent {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Agent {
+    /// Start the agent in `ns` (with bpffs mounted in its mount namespace).
+    pub fn start(dir: &Path, name: &str, ns: &str, bin: &Path, args: &[String]) -> Result<Agent> {
+        let log = dir.join(format!("{name}.log"));
+        let f = fs::File::create(&log)?;
+        let script = format!(
+            "mount -t bpf bpf /sys/fs/bpf 2>/dev/null; exec {} \"$@\"",
+            bin.display()
+        );
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns, "sh", "-c", &script, "agent"])
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(f.try_clone()?)
+            .stderr(f)
+            .spawn()?;
+        Ok(Agent { child, log })
+    }
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+    pub fn wait_for(&mut self, needle: &str, limit: Duration) -> Result<()> {
+        let t0 = Instant::now();
+        loop {
+            if self.log().contains(needle) {
+                return Ok(());
+            }
+            if let Some(st) = self.child.try_wait()? {
+                bail!("agent exited ({st}) before {needle:?}:\n{}", self.log());
+            }
+            if t0.elapsed() > limit {
+                bail!("no {needle:?} after {limit:?}:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Wait until `f` holds, or fail after `limit` with `what`.
+pub fn within(limit: Duration, what: &str, mut f: impl FnMut() -> bool) -> Result<Duration> {
+    let t0 = Instant::now();
+    loop {
+        if f() {
+            return Ok(t0.elapsed());
+        }
+        if t0.elapsed() > limit {
+            bail!("{what}: not within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn subnet_of(env: &Path) -> Result<String> {
+    let text = fs::read_to_string(env)?;
+    let line = text
+        .lines()
+        .find_map(|l| l.strip_prefix("FLANNEL_SUBNET="))
+        .context("no FLANNEL_SUBNET")?;
+    // 10.0.13.1/24 -> 10.0.13.0
+    let ip = line.split('/').next().unwrap();
+    let mut parts: Vec<&str> = ip.split('.').collect();
+    parts[3] = "0";
+    Ok(parts.join("."))
+}
+
