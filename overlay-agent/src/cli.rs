@@ -153,13 +153,35 @@ pub struct Cli {
           help_heading = DATAPATH)]
     pub ebpf_ingress: IngressChoice,
 
-    /// bpffs directory for this agent's eBPF objects, one per agent when
-    /// several run on one machine in different network namespaces. The
-    /// programs are held by the agent's links and nothing is pinned yet; when
-    /// given, the directory (created if missing) must be on bpffs or the eBPF
-    /// datapath is not used (--datapath auto then falls back to the kernel).
+    /// bpffs directory where the eBPF datapath pins its maps and links, so
+    /// they outlive the agent (restarts and upgrades without loss); one per
+    /// agent when several run on one machine [default: /sys/fs/bpf/overlay,
+    /// used unpinned with a warning if that is not on bpffs]. When given, it
+    /// (created if missing) must be on bpffs or the eBPF datapath is not used
+    /// (--datapath auto then falls back to the kernel).
     #[arg(long, env = "FLANNELD_BPF_PIN_DIR", help_heading = DATAPATH)]
     pub bpf_pin_dir: Option<PathBuf>,
+
+    /// Load this eBPF object instead of the one built into the agent.
+    #[arg(long, env = "FLANNELD_BPF_OBJECT", hide = true)]
+    pub bpf_object: Option<PathBuf>,
+
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// What to do instead of running the agent (the flags above still say where
+/// etcd and the pins are).
+#[derive(Clone, Debug, PartialEq, Eq, clap::Subcommand)]
+pub enum Command {
+    /// Print this node's lease, datapath, peers with their traffic, and the
+    /// counters by reason, from the pinned maps and etcd; works whether the
+    /// agent runs or not.
+    Status,
+    /// Remove everything the agent created on this host: pinned programs
+    /// and maps, flannel.<VNI> with its routes, neighbour and FDB entries,
+    /// and the masquerading rules. The lease and subnet.env stay.
+    Cleanup,
 }
 
 /// A `Duration` that prints like the flag took it.

@@ -205,6 +205,39 @@ pub fn remove(rules: &[Rule]) -> Result<(), IptablesError> {
     Ok(())
 }
 
+/// Removes every rule and chain flanneld's (and our) masquerading and
+/// forwarding add, whatever Network they were made for: the jumps from
+/// POSTROUTING and FORWARD, then our chains. Returns what it removed.
+pub fn remove_all() -> Result<Vec<String>, IptablesError> {
+    let any: Ipv4Net = "0.0.0.0/0".parse().expect("a valid prefix");
+    let jumps = [
+        masq_rules(any, any, false).remove(0),
+        forward_rules(any).remove(0),
+    ];
+    let mut removed = Vec::new();
+    for jump in &jumps {
+        // The jump carries no address, so one spec matches every copy.
+        while exists(jump)? {
+            let mut a = vec!["-D", jump.chain, "-t", jump.table];
+            a.extend(jump.spec.iter().map(String::as_str));
+            iptables(&a)?;
+            removed.push(format!(
+                "iptables -t {} {} jump to {}",
+                jump.table,
+                jump.chain,
+                jump.spec.last().map_or("", String::as_str)
+            ));
+        }
+    }
+    for (table, chain) in [("nat", MASQ_CHAIN), ("filter", FORWARD_CHAIN)] {
+        if iptables(&["-t", table, "-F", chain]).is_ok() {
+            iptables(&["-t", table, "-X", chain])?;
+            removed.push(format!("iptables -t {table} chain {chain}"));
+        }
+    }
+    Ok(removed)
+}
+
 fn is_ours(chain: &str) -> bool {
     chain == MASQ_CHAIN || chain == FORWARD_CHAIN
 }

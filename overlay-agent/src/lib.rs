@@ -2,12 +2,14 @@
 //! (later) the control plane that drives them from etcd.
 
 pub mod alloc;
+pub mod cleanup;
 pub mod cli;
 pub mod config;
 pub mod datapath;
 pub mod etcd;
 pub mod gojson;
 pub mod iface;
+pub mod inspect;
 pub mod ipmasq;
 pub mod lease;
 pub mod mac;

@@ -10,12 +10,13 @@ use std::{path::Path, process::ExitCode, time::Duration};
 
 use anyhow::{Context, Result, anyhow};
 use overlay_agent::{
-    cli::{Cli, DatapathChoice, IngressChoice},
+    cli::{Cli, Command, DatapathChoice, IngressChoice},
     config::NetworkConfig,
     datapath::{
         Datapath, DatapathError, Mode, NodeSpec, NodeState, Peer,
         ebpf::{EbpfDatapath, EbpfOptions, IngressMode},
         kernel::KernelDatapath,
+        pins::{DEFAULT_PIN_DIR, PinLayout},
     },
     etcd::{
         EtcdError, Registry,
@@ -51,7 +52,12 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(cli)) {
+    let result = match cli.command {
+        Some(Command::Status) => rt.block_on(status(cli)),
+        Some(Command::Cleanup) => rt.block_on(cleanup(cli)),
+        None => rt.block_on(run(cli)),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             log::error!("{e:#}");
@@ -459,8 +465,26 @@ async fn start_datapath(cli: &Cli, spec: &NodeSpec) -> Result<(AnyDatapath, Node
         ..EbpfOptions::default()
     };
     let try_ebpf = || async {
-        if let Some(dir) = &cli.bpf_pin_dir {
-            check_pin_dir(dir)?;
+        let mut options = options.clone();
+        options.object.clone_from(&cli.bpf_object);
+        options.pins = match &cli.bpf_pin_dir {
+            Some(dir) => {
+                check_pin_dir(dir)?;
+                Some(PinLayout::new(dir))
+            }
+            None => match check_pin_dir(Path::new(DEFAULT_PIN_DIR)) {
+                Ok(()) => Some(PinLayout::new(DEFAULT_PIN_DIR)),
+                Err(why) => {
+                    log::warn!(
+                        "{why}: running unpinned, so the programs detach when the agent stops \
+                         (restarts are not hitless); mount bpffs or pass --bpf-pin-dir"
+                    );
+                    None
+                }
+            },
+        };
+        if let Some(pins) = &options.pins {
+            log::info!("eBPF state pinned under {}", pins.root().display());
         }
         let mut dp = EbpfDatapath::new(options);
         match dp.setup(spec).await {
@@ -490,6 +514,110 @@ async fn kernel_datapath(spec: &NodeSpec) -> Result<(AnyDatapath, NodeState)> {
         .await
         .map_err(|e| anyhow!("kernel datapath: {}", e.reason()))?;
     Ok((AnyDatapath::Kernel(dp), state))
+}
+
+/// The pin directory `status` and `cleanup` look at.
+fn pin_layout(cli: &Cli) -> PinLayout {
+    PinLayout::new(
+        cli.bpf_pin_dir
+            .clone()
+            .unwrap_or_else(|| DEFAULT_PIN_DIR.into()),
+    )
+}
+
+/// The node's public IP: the pinned NODE_CONFIG's, else the interface flags'.
+async fn node_public_ip(
+    cli: &Cli,
+    state: Option<&overlay_agent::inspect::PinnedState>,
+) -> Option<std::net::Ipv4Addr> {
+    if let Some(st) = state {
+        return Some(std::net::Ipv4Addr::from(st.node.local_ip));
+    }
+    let nl = Netlink::connect().ok()?;
+    iface::find(&nl, &cli.iface_selector())
+        .await
+        .ok()
+        .map(|e| e.public_ip)
+}
+
+/// `overlay-agent status`.
+async fn status(cli: Cli) -> Result<()> {
+    use overlay_agent::inspect::{self, LeaseStatus};
+    let layout = pin_layout(&cli);
+    let state = inspect::read(&layout).context("reading the pinned maps")?;
+    let public_ip = node_public_ip(&cli, state.as_ref()).await;
+    let lease = async {
+        let mut opts = cli.etcd_options();
+        opts.request_timeout = Duration::from_secs(3);
+        let reg = tokio::time::timeout(Duration::from_secs(5), Registry::connect(&opts))
+            .await
+            .map_err(|_| "etcd did not answer within 5 s".to_owned())?
+            .map_err(|e| e.to_string())?;
+        let Some(ip) = public_ip else {
+            return Err("cannot tell this node's public IP".to_owned());
+        };
+        let snapshot = tokio::time::timeout(Duration::from_secs(5), reg.list())
+            .await
+            .map_err(|_| "etcd did not answer within 5 s".to_owned())?
+            .map_err(|e| e.to_string())?;
+        for entry in snapshot.entries {
+            let Ok(l) = overlay_agent::lease::decode(&entry.key, &entry.value) else {
+                continue;
+            };
+            if l.public_ip != ip {
+                continue;
+            }
+            let ttl_seconds = if entry.lease_id == 0 {
+                None
+            } else {
+                let ttl = reg
+                    .client()
+                    .lease_time_to_live(entry.lease_id, None)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Some(ttl.ttl())
+            };
+            return Ok(Some(LeaseStatus {
+                key: entry.key,
+                subnet: l.subnet.to_string(),
+                ttl_seconds,
+            }));
+        }
+        Ok(None)
+    }
+    .await;
+    print!("{}", inspect::render(&layout, state.as_ref(), lease));
+    Ok(())
+}
+
+/// `overlay-agent cleanup`.
+async fn cleanup(cli: Cli) -> Result<()> {
+    let layout = pin_layout(&cli);
+    // The VNI names the device when no pins say it: ask etcd, briefly.
+    let vni = async {
+        let mut opts = cli.etcd_options();
+        opts.request_timeout = Duration::from_secs(3);
+        let reg = tokio::time::timeout(Duration::from_secs(5), Registry::connect(&opts))
+            .await
+            .ok()?
+            .ok()?;
+        let config = tokio::time::timeout(Duration::from_secs(5), reg.get_config())
+            .await
+            .ok()?
+            .ok()??;
+        Some(config.backend.vni)
+    }
+    .await;
+    let removed = overlay_agent::cleanup::run(&layout, vni)
+        .await
+        .context("cleaning up")?;
+    if removed.is_empty() {
+        println!("nothing to remove");
+    }
+    for r in &removed {
+        println!("removed {r}");
+    }
+    Ok(())
 }
 
 /// flanneld's healthz: `GET /healthz` answers 200.

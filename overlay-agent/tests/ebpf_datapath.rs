@@ -32,8 +32,9 @@ fn ebpf_datapath_attaches_fills_maps_and_carries_traffic() -> Result<()> {
         ingress: IngressMode::Tc,
         ..EbpfOptions::default()
     };
+    let tc_b = tc.clone();
     let wa = a.worker(move || EbpfDatapath::new(tc))?;
-    let wb = b.worker(move || EbpfDatapath::new(tc))?;
+    let wb = b.worker(move || EbpfDatapath::new(tc_b))?;
     let state_a = setup(&wa, a)?;
     let state_b = setup(&wb, b)?;
     ensure!(
@@ -342,6 +343,7 @@ fn ebpf_attach_failure_leaves_nothing_attached_and_the_kernel_datapath_takes_ove
     let offload = EbpfOptions {
         ingress: IngressMode::XdpAndTc,
         xdp_mode: aya::programs::XdpMode::Hardware,
+        ..EbpfOptions::default()
     };
     let wa = a.worker(move || EbpfDatapath::new(offload))?;
     let spec = a.spec();

@@ -26,6 +26,7 @@ pub const MAP_REMOTE_SUBNETS: &str = "REMOTE_SUBNETS";
 pub const MAP_KNOWN_VTEPS: &str = "KNOWN_VTEPS";
 pub const MAP_NODE_CONFIG: &str = "NODE_CONFIG";
 pub const MAP_COUNTERS: &str = "COUNTERS";
+pub const MAP_PEER_STATS: &str = "PEER_STATS";
 
 /// Program names as the eBPF object defines them.
 pub const PROG_EGRESS: &str = "vxlan_egress";

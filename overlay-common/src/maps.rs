@@ -48,8 +48,41 @@ pub struct NodeConfig {
     pub configured: u32,
 }
 
+/// Value of the per-peer traffic map (key: the peer's public IPv4, network
+/// order), one per CPU. The agent creates the entry when it learns the peer
+/// and removes it when the peer leaves; the programs only add to it, so a
+/// peer unknown to the agent is never counted here.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeerTraffic {
+    /// Packets and bytes `vxlan_egress` encapsulated to this peer (inner
+    /// frame length, as the other counters).
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    /// VXLAN packets and bytes received from this peer and accepted: the
+    /// ones decapsulated in XDP or TC, and the GSO aggregates handed to the
+    /// kernel device (`pass_gso_tunnel`). Outer frame length.
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+}
+
+impl PeerTraffic {
+    /// Sums per-CPU values (wrapping, like the kernel's counters).
+    pub fn sum<'a>(values: impl IntoIterator<Item = &'a PeerTraffic>) -> PeerTraffic {
+        values
+            .into_iter()
+            .fold(PeerTraffic::default(), |a, v| PeerTraffic {
+                tx_packets: a.tx_packets.wrapping_add(v.tx_packets),
+                tx_bytes: a.tx_bytes.wrapping_add(v.tx_bytes),
+                rx_packets: a.rx_packets.wrapping_add(v.rx_packets),
+                rx_bytes: a.rx_bytes.wrapping_add(v.rx_bytes),
+            })
+    }
+}
+
 #[cfg(feature = "user")]
 mod pod {
+    unsafe impl aya::Pod for super::PeerTraffic {}
     unsafe impl aya::Pod for super::RemoteVtep {}
     unsafe impl aya::Pod for super::KnownVtep {}
     unsafe impl aya::Pod for super::NodeConfig {}
@@ -65,5 +98,27 @@ mod tests {
         assert_eq!(size_of::<RemoteVtep>(), 12);
         assert_eq!(size_of::<KnownVtep>(), 8);
         assert_eq!(size_of::<NodeConfig>(), 32);
+        assert_eq!(size_of::<PeerTraffic>(), 32);
+    }
+
+    #[test]
+    fn per_cpu_peer_traffic_is_summed() {
+        let a = PeerTraffic {
+            tx_packets: 1,
+            tx_bytes: 100,
+            rx_packets: 2,
+            rx_bytes: 200,
+        };
+        let b = PeerTraffic {
+            tx_packets: u64::MAX,
+            tx_bytes: 1,
+            rx_packets: 0,
+            rx_bytes: 5,
+        };
+        let s = PeerTraffic::sum([&a, &b]);
+        assert_eq!(
+            (s.tx_packets, s.tx_bytes, s.rx_packets, s.rx_bytes),
+            (0, 101, 2, 205)
+        );
     }
 }

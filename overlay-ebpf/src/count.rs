@@ -2,7 +2,7 @@
 
 use overlay_common::counters::Reason;
 
-use crate::maps::COUNTERS;
+use crate::maps::{COUNTERS, PEER_STATS};
 
 #[inline(always)]
 pub fn count(reason: Reason, bytes: u32) {
@@ -11,6 +11,29 @@ pub fn count(reason: Reason, bytes: u32) {
         unsafe {
             (*counter).packets += 1;
             (*counter).bytes += u64::from(bytes);
+        }
+    }
+}
+
+/// Adds an encapsulated packet to the peer's entry, if the agent created one.
+#[inline(always)]
+pub fn count_peer_tx(public_ip: [u8; 4], bytes: u32) {
+    if let Some(t) = PEER_STATS.get_ptr_mut(public_ip) {
+        // Per-CPU value, as above.
+        unsafe {
+            (*t).tx_packets += 1;
+            (*t).tx_bytes += u64::from(bytes);
+        }
+    }
+}
+
+/// Adds an accepted VXLAN packet from the peer to its entry.
+#[inline(always)]
+pub fn count_peer_rx(public_ip: [u8; 4], bytes: u32) {
+    if let Some(t) = PEER_STATS.get_ptr_mut(public_ip) {
+        unsafe {
+            (*t).rx_packets += 1;
+            (*t).rx_bytes += u64::from(bytes);
         }
     }
 }

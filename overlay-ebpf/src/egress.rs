@@ -23,7 +23,7 @@ use overlay_common::{
 };
 
 use crate::{
-    count::count,
+    count::{count, count_peer_tx},
     maps::{NODE_CONFIG, REMOTE_SUBNETS},
     skb,
 };
@@ -109,5 +109,6 @@ fn encapsulate(ctx: &TcContext, cfg: &NodeConfig, plan: &EncapPlan, len: u32) ->
         return TC_ACT_SHOT;
     }
     count(Reason::Encapsulated, len);
+    count_peer_tx(plan.remote.public_ip, len);
     TC_ACT_REDIRECT
 }

@@ -23,7 +23,7 @@ use overlay_common::{
 };
 
 use crate::{
-    count::count,
+    count::{count, count_peer_rx},
     maps::{KNOWN_VTEPS, NODE_CONFIG},
     skb,
 };
@@ -65,6 +65,11 @@ pub fn vxlan_ingress_tc(ctx: TcContext) -> i32 {
     match verdict {
         IngressVerdict::Pass(reason) => {
             count(reason, len);
+            if reason == Reason::PassGsoTunnel {
+                // From a known VTEP (checked first): the kernel device
+                // decapsulates it, but it is still this peer's traffic.
+                count_peer_rx(outer_source(&window), len);
+            }
             TC_ACT_OK
         }
         IngressVerdict::Drop(reason) => {
@@ -93,7 +98,11 @@ pub fn vxlan_ingress_tc(ctx: TcContext) -> i32 {
             // A checksum the NIC validated was the outer one (or none, as UDP
             // checksum 0): it says nothing about the inner packet any more.
             unsafe { bpf_csum_level(ctx.skb.skb, BPF_CSUM_LEVEL_DEC as u64) };
-            deliver(cfg, len, Some(Reason::Decapsulated))
+            let verdict = deliver(cfg, len, Some(Reason::Decapsulated));
+            if verdict == TC_ACT_REDIRECT {
+                count_peer_rx(outer_source(&window), len);
+            }
+            verdict
         }
     }
 }
@@ -116,6 +125,12 @@ fn deliver(cfg: &NodeConfig, len: u32, success: Option<Reason>) -> i32 {
         count(reason, len);
     }
     TC_ACT_REDIRECT
+}
+
+/// The outer IPv4 source (the sending VTEP) in the classification window.
+#[inline(always)]
+fn outer_source(w: &IngressWindow) -> [u8; 4] {
+    [w[26], w[27], w[28], w[29]]
 }
 
 /// True if `vxlan_ingress_xdp` left its mark in the XDP metadata.

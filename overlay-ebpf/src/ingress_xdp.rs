@@ -21,7 +21,7 @@ use overlay_common::{
 };
 
 use crate::{
-    count::count,
+    count::{count, count_peer_rx},
     maps::{KNOWN_VTEPS, NODE_CONFIG},
 };
 
@@ -54,12 +54,16 @@ pub fn vxlan_ingress_xdp(ctx: XdpContext) -> u32 {
             count(reason, len);
             XDP_DROP
         }
-        IngressVerdict::Decap { .. } => decapsulate(&ctx, len),
+        IngressVerdict::Decap { .. } => {
+            // Read before the head moves: the outer header is gone after.
+            let source = [window[26], window[27], window[28], window[29]];
+            decapsulate(&ctx, len, source)
+        }
     }
 }
 
 #[inline(always)]
-fn decapsulate(ctx: &XdpContext, len: u32) -> u32 {
+fn decapsulate(ctx: &XdpContext, len: u32, source: [u8; 4]) -> u32 {
     // Reserve the mark's room first: if the driver has no metadata support,
     // nothing has changed and TC decapsulates the frame itself.
     if unsafe { bpf_xdp_adjust_meta(ctx.ctx, -(XDP_META_LEN as i32)) } != 0 {
@@ -79,6 +83,7 @@ fn decapsulate(ctx: &XdpContext, len: u32) -> u32 {
         return XDP_DROP;
     }
     count(Reason::Decapsulated, len);
+    count_peer_rx(source, len);
     XDP_PASS
 }
 

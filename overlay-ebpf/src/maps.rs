@@ -2,13 +2,13 @@
 //! map's name). BTF-defined so `bpftool map dump` shows fields.
 
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LpmTrie, PerCpuArray},
+    btf_maps::{Array, HashMap, LpmTrie, PerCpuArray, PerCpuHashMap},
     macros::btf_map,
 };
 use overlay_common::{
     consts::MAX_PEERS,
     counters::{Counter, Reason},
-    maps::{KnownVtep, NodeConfig, RemoteVtep},
+    maps::{KnownVtep, NodeConfig, PeerTraffic, RemoteVtep},
 };
 
 /// Remote pod subnet (IPv4 prefix, network order) -> the VTEP that serves it.
@@ -26,3 +26,9 @@ pub static NODE_CONFIG: Array<NodeConfig, 1> = Array::new();
 /// Packets and bytes per `Reason`, per CPU.
 #[btf_map]
 pub static COUNTERS: PerCpuArray<Counter, { Reason::SLOTS as usize }> = PerCpuArray::new();
+
+/// Packets and bytes each way per peer (public IPv4, network order), per CPU.
+/// Entries are created and removed by the agent with KNOWN_VTEPS.
+#[btf_map]
+pub static PEER_STATS: PerCpuHashMap<[u8; 4], PeerTraffic, { MAX_PEERS as usize }> =
+    PerCpuHashMap::new();

@@ -182,4 +182,3 @@ pub fn subnet_of(env: &Path) -> Result<String> {
     parts[3] = "0";
     Ok(parts.join("."))
 }
-

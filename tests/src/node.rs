@@ -24,7 +24,7 @@ use tokio::sync::mpsc;
 use crate::netns;
 
 /// Which of our datapaths a node runs.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub enum Flavor {
     Ebpf(EbpfOptions),
     Kernel,
@@ -124,6 +124,7 @@ impl Node {
         let (done_tx, done) = std_mpsc::channel::<()>();
         let (ready_tx, ready_rx) = std_mpsc::channel::<Result<(), String>>();
         let name = ns.to_owned();
+        let for_thread = flavor.clone();
         let thread = thread::Builder::new()
             .name(format!("node:{ns}"))
             .spawn(move || {
@@ -136,7 +137,7 @@ impl Node {
                 match started {
                     Ok(rt) => {
                         let _ = ready_tx.send(Ok(()));
-                        rt.block_on(serve(flavor, rx));
+                        rt.block_on(serve(for_thread, rx));
                     }
                     Err(e) => {
                         let _ = ready_tx.send(Err(format!("{e:#}")));
@@ -163,7 +164,7 @@ impl Node {
     }
 
     pub fn flavor(&self) -> Flavor {
-        self.flavor
+        self.flavor.clone()
     }
 
     fn call<T>(&self, what: &str, make: impl FnOnce(Reply<T>) -> Command) -> Result<T> {

@@ -8,28 +8,43 @@
 //! ingress of the underlay and, in [`IngressMode::XdpAndTc`],
 //! `vxlan_ingress_xdp` on the underlay.
 //!
-//! The links live as long as this value: dropping it (or [`Datapath::teardown`])
-//! detaches the programs.
+//! Without a pin directory the links live as long as this value: dropping it
+//! detaches the programs. With one ([`EbpfOptions::pins`], see [`super::pins`])
+//! maps and links are pinned and outlive the agent; a later `setup` reopens
+//! them and swaps new programs in atomically; [`Datapath::teardown`] removes
+//! the pins and so detaches.
 
-use std::{fmt, net::Ipv4Addr};
+use std::{fmt, net::Ipv4Addr, path::PathBuf};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, MapError, PerCpuArray, lpm_trie::Key, lpm_trie::LpmTrie},
-    programs::{ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode},
+    maps::{
+        Array, HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues, lpm_trie::Key,
+        lpm_trie::LpmTrie,
+    },
+    programs::{
+        ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        links::{FdLink, LinkError, PinnedLink},
+        tc::SchedClassifierLink,
+        xdp::XdpLink,
+    },
 };
 use ipnet::Ipv4Net;
 use log::{info, warn};
 use overlay_common::{
     consts::{
-        MAP_COUNTERS, MAP_KNOWN_VTEPS, MAP_NODE_CONFIG, MAP_REMOTE_SUBNETS, PROG_EGRESS,
-        PROG_INGRESS_TC, PROG_INGRESS_XDP,
+        MAP_COUNTERS, MAP_KNOWN_VTEPS, MAP_NODE_CONFIG, MAP_PEER_STATS, MAP_REMOTE_SUBNETS,
+        PROG_EGRESS, PROG_INGRESS_TC, PROG_INGRESS_XDP,
     },
     counters::{Counter, Reason},
-    maps::{KnownVtep, NodeConfig, RemoteVtep},
+    maps::{KnownVtep, NodeConfig, PeerTraffic, RemoteVtep},
 };
 
-use super::{Datapath, DatapathError, Mode, NodeSpec, NodeState, Peer, kernel::KernelDatapath};
+use super::{
+    Datapath, DatapathError, Mode, NodeSpec, NodeState, Peer,
+    kernel::KernelDatapath,
+    pins::{MAPS, PinLayout},
+};
 use crate::{mac::MacAddr, netlink::VxlanDevice};
 
 /// The eBPF object built by `build.rs` from `overlay-ebpf`, embedded so the
@@ -58,12 +73,18 @@ impl fmt::Display for IngressMode {
 }
 
 /// How to run the eBPF datapath.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct EbpfOptions {
     pub ingress: IngressMode,
     /// XDP attach mode for [`IngressMode::XdpAndTc`]; the default lets the
     /// kernel use the driver's native XDP when it has one.
     pub xdp_mode: XdpMode,
+    /// Pin maps and links here so they outlive this process (hitless
+    /// restarts); `None` ties them to this value's lifetime.
+    pub pins: Option<PinLayout>,
+    /// Load this eBPF object instead of the embedded one (an upgrade test, or
+    /// an operator trying a rebuilt program without rebuilding the agent).
+    pub object: Option<PathBuf>,
 }
 
 /// The attach point of a program, for error messages.
@@ -141,6 +162,26 @@ pub enum EbpfError {
         #[source]
         source: MapError,
     },
+    #[error("eBPF: pin {path}: {op} failed")]
+    Pin {
+        path: PathBuf,
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("eBPF: pinned link {path}: {op} failed")]
+    Link {
+        path: PathBuf,
+        op: &'static str,
+        #[source]
+        source: LinkError,
+    },
+    #[error("eBPF: reading the object {path} failed")]
+    ReadObject {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl EbpfError {
@@ -149,10 +190,13 @@ impl EbpfError {
             EbpfError::Object(_)
             | EbpfError::MissingProgram(_)
             | EbpfError::MissingMap(_)
-            | EbpfError::Program { .. } => EbpfFailure::Load,
+            | EbpfError::Program { .. }
+            | EbpfError::ReadObject { .. } => EbpfFailure::Load,
             EbpfError::Verifier { .. } => EbpfFailure::Verifier,
             EbpfError::Attach { .. } => EbpfFailure::Attach,
-            EbpfError::Map { .. } => EbpfFailure::Map,
+            EbpfError::Map { .. } | EbpfError::Pin { .. } | EbpfError::Link { .. } => {
+                EbpfFailure::Map
+            }
         }
     }
 
@@ -316,8 +360,8 @@ impl EbpfDatapath {
         }
     }
 
-    pub fn options(&self) -> EbpfOptions {
-        self.options
+    pub fn options(&self) -> &EbpfOptions {
+        &self.options
     }
 
     /// The device as set up.
@@ -337,16 +381,17 @@ impl EbpfDatapath {
             .ebpf
             .map(MAP_COUNTERS)
             .ok_or(EbpfError::MissingMap(MAP_COUNTERS))?;
-        let counters: PerCpuArray<&MapData, Counter> =
-            PerCpuArray::try_from(map).map_err(|e| EbpfError::map(MAP_COUNTERS, "open", e))?;
-        let mut totals = Vec::with_capacity(Reason::ALL.len());
-        for reason in Reason::ALL {
-            let values = counters
-                .get(&reason.index(), 0)
-                .map_err(|e| EbpfError::map(MAP_COUNTERS, format!("read {}", reason.name()), e))?;
-            totals.push((reason, sum_per_cpu(&values)));
-        }
-        Ok(Counters { totals })
+        Ok(read_counters(map)?)
+    }
+
+    /// PEER_STATS summed over all CPUs, sorted by public IP.
+    pub fn peer_counters(&self) -> Result<Vec<PeerCounters>, DatapathError> {
+        let loaded = self.loaded()?;
+        let map = loaded
+            .ebpf
+            .map(MAP_PEER_STATS)
+            .ok_or(EbpfError::MissingMap(MAP_PEER_STATS))?;
+        Ok(read_peer_counters(map)?)
     }
 
     /// The peers in REMOTE_SUBNETS, sorted by subnet.
@@ -356,16 +401,7 @@ impl EbpfDatapath {
             .ebpf
             .map(MAP_REMOTE_SUBNETS)
             .ok_or(EbpfError::MissingMap(MAP_REMOTE_SUBNETS))?;
-        let trie: LpmTrie<&MapData, [u8; 4], RemoteVtep> =
-            LpmTrie::try_from(map).map_err(|e| EbpfError::map(MAP_REMOTE_SUBNETS, "open", e))?;
-        let mut peers = Vec::new();
-        for entry in trie.iter() {
-            let (key, value) =
-                entry.map_err(|e| EbpfError::map(MAP_REMOTE_SUBNETS, "iterate", e))?;
-            peers.extend(peer_from_entry(&key, &value));
-        }
-        peers.sort_by_key(|p| (p.subnet.network(), p.subnet.prefix_len()));
-        Ok(peers)
+        Ok(read_remote_subnets(map)?)
     }
 
     /// Whether KNOWN_VTEPS holds `ip`.
@@ -393,17 +429,120 @@ impl EbpfDatapath {
     }
 }
 
+/// One peer's traffic, summed over CPUs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerCounters {
+    pub public_ip: Ipv4Addr,
+    pub tx: Counter,
+    pub rx: Counter,
+}
+
+/// Reads COUNTERS (an open map: ours, or one reopened from its pin).
+pub fn read_counters(map: &aya::maps::Map) -> Result<Counters, EbpfError> {
+    let counters: PerCpuArray<&MapData, Counter> =
+        PerCpuArray::try_from(map).map_err(|e| EbpfError::map(MAP_COUNTERS, "open", e))?;
+    let mut totals = Vec::with_capacity(Reason::ALL.len());
+    for reason in Reason::ALL {
+        let values = counters
+            .get(&reason.index(), 0)
+            .map_err(|e| EbpfError::map(MAP_COUNTERS, format!("read {}", reason.name()), e))?;
+        totals.push((reason, sum_per_cpu(&values)));
+    }
+    Ok(Counters { totals })
+}
+
+/// Reads REMOTE_SUBNETS as peers, sorted by subnet.
+pub fn read_remote_subnets(map: &aya::maps::Map) -> Result<Vec<Peer>, EbpfError> {
+    let trie: LpmTrie<&MapData, [u8; 4], RemoteVtep> =
+        LpmTrie::try_from(map).map_err(|e| EbpfError::map(MAP_REMOTE_SUBNETS, "open", e))?;
+    let mut peers = Vec::new();
+    for entry in trie.iter() {
+        let (key, value) = entry.map_err(|e| EbpfError::map(MAP_REMOTE_SUBNETS, "iterate", e))?;
+        peers.extend(peer_from_entry(&key, &value));
+    }
+    peers.sort_by_key(|p| (p.subnet.network(), p.subnet.prefix_len()));
+    Ok(peers)
+}
+
+/// Reads NODE_CONFIG's entry.
+pub fn read_node_config(map: &aya::maps::Map) -> Result<NodeConfig, EbpfError> {
+    let config: Array<&MapData, NodeConfig> =
+        Array::try_from(map).map_err(|e| EbpfError::map(MAP_NODE_CONFIG, "open", e))?;
+    config
+        .get(&0, 0)
+        .map_err(|e| EbpfError::map(MAP_NODE_CONFIG, "read entry 0", e))
+}
+
+/// Reads PEER_STATS (an open map: ours, or one reopened from its pin).
+pub fn read_peer_counters(map: &aya::maps::Map) -> Result<Vec<PeerCounters>, EbpfError> {
+    let stats: PerCpuHashMap<&MapData, [u8; 4], PeerTraffic> =
+        PerCpuHashMap::try_from(map).map_err(|e| EbpfError::map(MAP_PEER_STATS, "open", e))?;
+    let mut out = Vec::new();
+    for entry in stats.iter() {
+        let (ip, values) = entry.map_err(|e| EbpfError::map(MAP_PEER_STATS, "iterate", e))?;
+        let t = PeerTraffic::sum(values.iter());
+        out.push(PeerCounters {
+            public_ip: Ipv4Addr::from(ip),
+            tx: Counter {
+                packets: t.tx_packets,
+                bytes: t.tx_bytes,
+            },
+            rx: Counter {
+                packets: t.rx_packets,
+                bytes: t.rx_bytes,
+            },
+        });
+    }
+    out.sort_by_key(|p| p.public_ip);
+    Ok(out)
+}
+
+fn pin_err(path: PathBuf, op: &'static str) -> impl FnOnce(std::io::Error) -> EbpfError {
+    move |source| EbpfError::Pin { path, op, source }
+}
+
+fn link_err(path: PathBuf, op: &'static str) -> impl FnOnce(LinkError) -> EbpfError {
+    move |source| EbpfError::Link { path, op, source }
+}
+
 impl Loaded {
-    /// Parses the object, fills the maps, loads every program, and only then
-    /// attaches them (ingress first), so a verifier rejection attaches nothing.
+    /// Parses the object (reopening pinned maps), fills the maps, loads every
+    /// program, and only then attaches them (ingress first), so a verifier
+    /// rejection attaches nothing and leaves pinned links on the old programs.
     fn start(
-        options: EbpfOptions,
+        options: &EbpfOptions,
         device: &VxlanDevice,
         peers: &[Peer],
     ) -> Result<Self, EbpfError> {
-        let mut ebpf = EbpfLoader::new()
-            .load(EBPF_OBJECT)
-            .map_err(EbpfError::Object)?;
+        let owned_object;
+        let object: &[u8] = match &options.object {
+            Some(path) => {
+                owned_object = std::fs::read(path).map_err(|source| EbpfError::ReadObject {
+                    path: path.clone(),
+                    source,
+                })?;
+                &owned_object
+            }
+            None => EBPF_OBJECT,
+        };
+        let mut loader = EbpfLoader::new();
+        let pins = options.pins.as_ref();
+        let mut pin_paths = Vec::new();
+        if let Some(pins) = pins {
+            let replaced = pins
+                .prepare()
+                .map_err(pin_err(pins.root().to_owned(), "prepare"))?;
+            if !replaced.is_empty() {
+                info!("pinned maps {replaced:?} had another layout: created anew");
+            }
+            for (name, ..) in MAPS {
+                pin_paths.push((name, pins.map(name)));
+            }
+        }
+        for (name, path) in &pin_paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(object).map_err(EbpfError::Object)?;
         {
             let map = ebpf
                 .map_mut(MAP_NODE_CONFIG)
@@ -417,6 +556,8 @@ impl Loaded {
         for peer in peers {
             insert_peer(&mut ebpf, peer)?;
         }
+        // Reopened maps may hold peers that left while no agent ran.
+        prune_maps(&mut ebpf, peers)?;
 
         classifier(&mut ebpf, PROG_EGRESS)?
             .load()
@@ -430,30 +571,27 @@ impl Loaded {
                 .map_err(|e| EbpfError::load(PROG_INGRESS_XDP, e))?;
         }
 
-        let attach_err = |program, interface: &str, hook, source| EbpfError::Attach {
-            program,
-            interface: interface.to_owned(),
-            hook,
-            source,
-        };
-        let ingress_tc = classifier(&mut ebpf, PROG_INGRESS_TC)?;
-        ingress_tc
-            .attach(&device.underlay, TcAttachType::Ingress)
-            .map_err(|e| attach_err(PROG_INGRESS_TC, &device.underlay, Hook::TcxIngress, e))?;
-        let ingress_tc = program_id(ingress_tc.info(), PROG_INGRESS_TC)?;
+        let ingress_tc = attach_tc(
+            &mut ebpf,
+            PROG_INGRESS_TC,
+            &device.underlay,
+            device.underlay_ifindex,
+            TcAttachType::Ingress,
+            pins,
+        )?;
         let ingress_xdp = if options.ingress == IngressMode::XdpAndTc {
-            let prog = xdp(&mut ebpf)?;
-            prog.attach_to_if_index(device.underlay_ifindex, options.xdp_mode)
-                .map_err(|e| attach_err(PROG_INGRESS_XDP, &device.underlay, Hook::Xdp, e))?;
-            Some(program_id(prog.info(), PROG_INGRESS_XDP)?)
+            Some(attach_xdp(&mut ebpf, device, options.xdp_mode, pins)?)
         } else {
             None
         };
-        let egress = classifier(&mut ebpf, PROG_EGRESS)?;
-        egress
-            .attach(&device.name, TcAttachType::Egress)
-            .map_err(|e| attach_err(PROG_EGRESS, &device.name, Hook::TcxEgress, e))?;
-        let egress = program_id(egress.info(), PROG_EGRESS)?;
+        let egress = attach_tc(
+            &mut ebpf,
+            PROG_EGRESS,
+            &device.name,
+            device.ifindex,
+            TcAttachType::Egress,
+            pins,
+        )?;
 
         Ok(Self {
             ebpf,
@@ -464,6 +602,106 @@ impl Loaded {
             },
         })
     }
+}
+
+/// Attaches a TC program on TCX. With pins: swaps it into the pinned link
+/// still attached to `ifindex` (`BPF_LINK_UPDATE`, atomic), or attaches and
+/// pins a new link. Returns the program id.
+fn attach_tc(
+    ebpf: &mut Ebpf,
+    program: &'static str,
+    interface: &str,
+    ifindex: u32,
+    hook: TcAttachType,
+    pins: Option<&PinLayout>,
+) -> Result<u32, EbpfError> {
+    let prog = classifier(ebpf, program)?;
+    let attach_err = |source| EbpfError::Attach {
+        program,
+        interface: interface.to_owned(),
+        hook: if hook == TcAttachType::Egress {
+            Hook::TcxEgress
+        } else {
+            Hook::TcxIngress
+        },
+        source,
+    };
+    match pins {
+        None => {
+            prog.attach(interface, hook).map_err(attach_err)?;
+        }
+        Some(pins) => {
+            let path = pins.link(program);
+            if let Some(live) = pins
+                .live_link(program, ifindex)
+                .map_err(pin_err(path.clone(), "inspect"))?
+            {
+                let pinned = PinnedLink::from_pin(&live).map_err(link_err(live.clone(), "open"))?;
+                let link = SchedClassifierLink::try_from(FdLink::from(pinned))
+                    .map_err(link_err(live.clone(), "open as TCX"))?;
+                prog.attach_to_link(link).map_err(attach_err)?;
+                info!("{program}: swapped into the pinned link {}", live.display());
+            } else {
+                let id = prog.attach(interface, hook).map_err(attach_err)?;
+                let link = prog.take_link(id).map_err(attach_err)?;
+                let fd_link = FdLink::try_from(link).map_err(link_err(path.clone(), "convert"))?;
+                fd_link.pin(&path).map_err(|e| EbpfError::Pin {
+                    path: path.clone(),
+                    op: "pin",
+                    source: std::io::Error::other(e),
+                })?;
+            }
+        }
+    }
+    program_id(prog.info(), program)
+}
+
+/// Attaches `vxlan_ingress_xdp` to the underlay, as [`attach_tc`] does.
+fn attach_xdp(
+    ebpf: &mut Ebpf,
+    device: &VxlanDevice,
+    mode: XdpMode,
+    pins: Option<&PinLayout>,
+) -> Result<u32, EbpfError> {
+    let prog = xdp(ebpf)?;
+    let attach_err = |source| EbpfError::Attach {
+        program: PROG_INGRESS_XDP,
+        interface: device.underlay.clone(),
+        hook: Hook::Xdp,
+        source,
+    };
+    let ifindex = device.underlay_ifindex;
+    match pins {
+        None => {
+            prog.attach_to_if_index(ifindex, mode).map_err(attach_err)?;
+        }
+        Some(pins) => {
+            let path = pins.link(PROG_INGRESS_XDP);
+            if let Some(live) = pins
+                .live_link(PROG_INGRESS_XDP, ifindex)
+                .map_err(pin_err(path.clone(), "inspect"))?
+            {
+                let pinned = PinnedLink::from_pin(&live).map_err(link_err(live.clone(), "open"))?;
+                let link = XdpLink::try_from(FdLink::from(pinned))
+                    .map_err(link_err(live.clone(), "open as XDP"))?;
+                prog.attach_to_link(link).map_err(attach_err)?;
+                info!(
+                    "{PROG_INGRESS_XDP}: swapped into the pinned link {}",
+                    live.display()
+                );
+            } else {
+                let id = prog.attach_to_if_index(ifindex, mode).map_err(attach_err)?;
+                let link = prog.take_link(id).map_err(attach_err)?;
+                let fd_link = FdLink::try_from(link).map_err(link_err(path.clone(), "convert"))?;
+                fd_link.pin(&path).map_err(|e| EbpfError::Pin {
+                    path: path.clone(),
+                    op: "pin",
+                    source: std::io::Error::other(e),
+                })?;
+            }
+        }
+    }
+    program_id(prog.info(), PROG_INGRESS_XDP)
 }
 
 fn classifier<'a>(
@@ -544,6 +782,7 @@ fn insert_peer(ebpf: &mut Ebpf, peer: &Peer) -> Result<(), EbpfError> {
     known_vteps(ebpf)?
         .insert(peer.public_ip.octets(), known_vtep(peer), 0)
         .map_err(|e| EbpfError::map(MAP_KNOWN_VTEPS, format!("insert {}", peer.public_ip), e))?;
+    start_peer_stats(ebpf, peer.public_ip.octets())?;
     remote_subnets(ebpf)?
         .insert(&key, remote_vtep(peer), 0)
         .map_err(|e| EbpfError::map(MAP_REMOTE_SUBNETS, format!("insert {}", peer.subnet), e))?;
@@ -585,10 +824,86 @@ fn forget_vtep_if_unused(ebpf: &mut Ebpf, ip: [u8; 4]) -> Result<(), EbpfError> 
     match known_vteps(ebpf)?.remove(&ip) {
         Err(e) if !is_missing(&e) => {
             let op = format!("remove {}", Ipv4Addr::from(ip));
-            Err(EbpfError::map(MAP_KNOWN_VTEPS, op, e))
+            return Err(EbpfError::map(MAP_KNOWN_VTEPS, op, e));
+        }
+        _ => {}
+    }
+    match peer_stats(ebpf)?.remove(&ip) {
+        Err(e) if !is_missing(&e) => {
+            let op = format!("remove {}", Ipv4Addr::from(ip));
+            Err(EbpfError::map(MAP_PEER_STATS, op, e))
         }
         _ => Ok(()),
     }
+}
+
+fn peer_stats(
+    ebpf: &mut Ebpf,
+) -> Result<PerCpuHashMap<&mut MapData, [u8; 4], PeerTraffic>, EbpfError> {
+    let map = ebpf
+        .map_mut(MAP_PEER_STATS)
+        .ok_or(EbpfError::MissingMap(MAP_PEER_STATS))?;
+    PerCpuHashMap::try_from(map).map_err(|e| EbpfError::map(MAP_PEER_STATS, "open", e))
+}
+
+/// Creates a zeroed PEER_STATS entry unless one exists (a restart keeps the
+/// counts the pinned map holds).
+fn start_peer_stats(ebpf: &mut Ebpf, ip: [u8; 4]) -> Result<(), EbpfError> {
+    const BPF_NOEXIST: u64 = 1;
+    let cpus = aya::util::nr_cpus().map_err(|(_, e)| EbpfError::Pin {
+        path: "/sys/devices/system/cpu/possible".into(),
+        op: "read",
+        source: e,
+    })?;
+    let zeros =
+        PerCpuValues::try_from(vec![PeerTraffic::default(); cpus]).map_err(|e| EbpfError::Pin {
+            path: "/sys/devices/system/cpu/possible".into(),
+            op: "size per-CPU values",
+            source: e,
+        })?;
+    match peer_stats(ebpf)?.insert(ip, zeros, BPF_NOEXIST) {
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => Ok(()),
+        Err(e) => Err(EbpfError::map(
+            MAP_PEER_STATS,
+            format!("insert {}", Ipv4Addr::from(ip)),
+            e,
+        )),
+        Ok(()) => Ok(()),
+    }
+}
+
+/// Removes map entries of peers not in `peers` (left while no agent ran).
+fn prune_maps(ebpf: &mut Ebpf, peers: &[Peer]) -> Result<(), EbpfError> {
+    let stale: Vec<Peer> = {
+        let trie = remote_subnets(ebpf)?;
+        let mut stale = Vec::new();
+        for entry in trie.iter() {
+            let (key, value) =
+                entry.map_err(|e| EbpfError::map(MAP_REMOTE_SUBNETS, "iterate", e))?;
+            if let Some(p) = peer_from_entry(&key, &value)
+                && !peers.contains(&p)
+            {
+                stale.push(p);
+            }
+        }
+        stale
+    };
+    for p in &stale {
+        info!(
+            "pinned maps: removing {} ({}), no longer programmed",
+            p.subnet, p.public_ip
+        );
+        remove_peer_entries(ebpf, p)?;
+    }
+    let keep: Vec<[u8; 4]> = peers.iter().map(|p| p.public_ip.octets()).collect();
+    let vteps: Vec<[u8; 4]> = known_vteps(ebpf)?.keys().filter_map(Result::ok).collect();
+    let stats: Vec<[u8; 4]> = peer_stats(ebpf)?.keys().filter_map(Result::ok).collect();
+    for ip in vteps.into_iter().chain(stats) {
+        if !keep.contains(&ip) {
+            forget_vtep_if_unused(ebpf, ip)?;
+        }
+    }
+    Ok(())
 }
 
 /// aya reports a missing key as `KeyNotFound` on lookups but as a plain
@@ -617,7 +932,7 @@ impl Datapath for EbpfDatapath {
         let state = self.kernel.setup(node).await?;
         let peers = self.kernel.peers().await?;
         let device = self.kernel.device().ok_or(DatapathError::NotSetUp)?;
-        let loaded = Loaded::start(self.options, device, &peers)?;
+        let loaded = Loaded::start(&self.options, device, &peers)?;
         info!(
             "eBPF datapath on {} (ingress {} on {}): programs {:?}, {} peers in the maps",
             device.name,
@@ -662,9 +977,14 @@ impl Datapath for EbpfDatapath {
         Ok(agreed)
     }
 
-    /// Detaches the programs (dropping their links), then deletes the device.
+    /// Detaches the programs (dropping their links and removing their pins),
+    /// removes the pinned maps, then deletes the device.
     async fn teardown(&mut self) -> Result<(), DatapathError> {
         self.loaded = None;
+        if let Some(pins) = &self.options.pins {
+            pins.remove_all()
+                .map_err(pin_err(pins.root().to_owned(), "remove"))?;
+        }
         self.kernel.teardown().await
     }
 }

@@ -14,6 +14,7 @@ use crate::mac::MacAddr;
 
 pub mod ebpf;
 pub mod kernel;
+pub mod pins;
 
 /// What a node needs to bring its side of the overlay up.
 #[derive(Clone, Debug, PartialEq, Eq)]

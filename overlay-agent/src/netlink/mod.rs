@@ -156,6 +156,13 @@ impl Netlink {
         }
     }
 
+    /// Every interface in this namespace.
+    pub async fn links(&self) -> Result<Vec<LinkSummary>, NetlinkError> {
+        let msgs =
+            Self::collect(self.handle.link().get().execute(), || "list links".into()).await?;
+        Ok(msgs.iter().map(LinkSummary::from_message).collect())
+    }
+
     /// Deletes interface `name`; returns whether it existed.
     pub async fn delete_link_by_name(&self, name: &str) -> Result<bool, NetlinkError> {
         let Some(link) = self.link_by_name(name).await? else {

@@ -1,0 +1,216 @@
+//! `overlay-agent status`: what the eBPF datapath holds, read from its pins,
+//! so it answers the same whether the agent runs or has stopped.
+
+use std::{fmt::Write as _, net::Ipv4Addr, path::PathBuf};
+
+use aya::maps::{Map, MapData};
+use overlay_common::{
+    consts::{
+        MAP_COUNTERS, MAP_NODE_CONFIG, MAP_PEER_STATS, MAP_REMOTE_SUBNETS, PROG_EGRESS,
+        PROG_INGRESS_TC, PROG_INGRESS_XDP,
+    },
+    maps::NodeConfig,
+};
+
+use crate::{
+    datapath::{
+        Peer,
+        ebpf::{
+            Counters, EbpfError, PeerCounters, read_counters, read_node_config, read_peer_counters,
+            read_remote_subnets,
+        },
+        pins::{LinkInfo, PinLayout, link_info, obj_get},
+    },
+    mac::MacAddr,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum InspectError {
+    #[error("opening pinned map {path}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: Box<aya::maps::MapError>,
+    },
+    #[error("reading pinned link {path}")]
+    Link {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Read(Box<EbpfError>),
+}
+
+impl From<EbpfError> for InspectError {
+    fn from(e: EbpfError) -> Self {
+        InspectError::Read(Box::new(e))
+    }
+}
+
+/// Everything the pins hold.
+#[derive(Debug)]
+pub struct PinnedState {
+    pub node: NodeConfig,
+    /// (program, link) for each pinned link.
+    pub links: Vec<(&'static str, LinkInfo)>,
+    pub peers: Vec<Peer>,
+    pub traffic: Vec<PeerCounters>,
+    pub counters: Counters,
+}
+
+fn open(layout: &PinLayout, name: &str) -> Result<Map, InspectError> {
+    let path = layout.map(name);
+    MapData::from_pin(&path)
+        .and_then(Map::from_map_data)
+        .map_err(|source| InspectError::Open {
+            path,
+            source: Box::new(source),
+        })
+}
+
+/// Reads the pins; `None` when there are none (kernel datapath, or never run).
+pub fn read(layout: &PinLayout) -> Result<Option<PinnedState>, InspectError> {
+    if !layout.map(MAP_NODE_CONFIG).exists() {
+        return Ok(None);
+    }
+    let node = read_node_config(&open(layout, MAP_NODE_CONFIG)?)?;
+    let mut links = Vec::new();
+    for program in [PROG_EGRESS, PROG_INGRESS_TC, PROG_INGRESS_XDP] {
+        let path = layout.link(program);
+        if !path.exists() {
+            continue;
+        }
+        let info = obj_get(&path)
+            .and_then(|fd| link_info(&fd))
+            .map_err(|source| InspectError::Link { path, source })?;
+        links.push((program, info));
+    }
+    Ok(Some(PinnedState {
+        node,
+        links,
+        peers: read_remote_subnets(&open(layout, MAP_REMOTE_SUBNETS)?)?,
+        traffic: read_peer_counters(&open(layout, MAP_PEER_STATS)?)?,
+        counters: read_counters(&open(layout, MAP_COUNTERS)?)?,
+    }))
+}
+
+/// This node's lease as etcd holds it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeaseStatus {
+    pub key: String,
+    pub subnet: String,
+    /// Seconds left; `None` for a reservation (no etcd lease).
+    pub ttl_seconds: Option<i64>,
+}
+
+/// The report `overlay-agent status` prints.
+pub fn render(
+    layout: &PinLayout,
+    state: Option<&PinnedState>,
+    lease: Result<Option<LeaseStatus>, String>,
+) -> String {
+    let mut out = String::new();
+    match &lease {
+        Ok(Some(l)) => {
+            let expiry = match l.ttl_seconds {
+                Some(t) => format!("expires in {t} s"),
+                None => "reservation (no expiry)".to_owned(),
+            };
+            let _ = writeln!(out, "lease:     {} ({}), {expiry}", l.subnet, l.key);
+        }
+        Ok(None) => {
+            let _ = writeln!(out, "lease:     none in etcd for this node");
+        }
+        Err(e) => {
+            let _ = writeln!(out, "lease:     unknown ({e})");
+        }
+    }
+    let Some(st) = state else {
+        let _ = writeln!(
+            out,
+            "datapath:  no pinned eBPF state under {} (kernel datapath, or the agent never ran with eBPF here)",
+            layout.root().display()
+        );
+        return out;
+    };
+    let n = &st.node;
+    let _ = writeln!(
+        out,
+        "datapath:  ebpf (pins in {}), VNI {} port {}, local {} (ifindex {}), flannel ifindex {}, VTEP MAC {}",
+        layout.root().display(),
+        n.vni,
+        n.port,
+        Ipv4Addr::from(n.local_ip),
+        n.underlay_ifindex,
+        n.vxlan_ifindex,
+        MacAddr(n.vtep_mac)
+    );
+    for (program, link) in &st.links {
+        let attached = if link.ifindex == 0 {
+            "DETACHED (device gone)".to_owned()
+        } else {
+            format!("ifindex {}", link.ifindex)
+        };
+        let _ = writeln!(
+            out,
+            "program:   {program:<18} prog id {:<6} link id {:<6} {attached}",
+            link.prog_id, link.id
+        );
+    }
+    let _ = writeln!(out, "\npeers ({}):", st.peers.len());
+    let _ = writeln!(
+        out,
+        "  {:<18} {:<17} {:<15} {:>12} {:>14} {:>12} {:>14}",
+        "subnet", "vtep mac", "public ip", "tx packets", "tx bytes", "rx packets", "rx bytes"
+    );
+    for p in &st.peers {
+        let t = st.traffic.iter().find(|t| t.public_ip == p.public_ip);
+        let (tp, tb, rp, rb) = t.map_or((0, 0, 0, 0), |t| {
+            (t.tx.packets, t.tx.bytes, t.rx.packets, t.rx.bytes)
+        });
+        let _ = writeln!(
+            out,
+            "  {:<18} {:<17} {:<15} {tp:>12} {tb:>14} {rp:>12} {rb:>14}",
+            p.subnet.to_string(),
+            p.vtep_mac.to_string(),
+            p.public_ip.to_string()
+        );
+    }
+    let _ = writeln!(out, "\ncounters by reason (packets / bytes):");
+    for (reason, c) in st.counters.iter() {
+        let _ = writeln!(
+            out,
+            "  {:<22} {:>12} {:>16}",
+            reason.name(),
+            c.packets,
+            c.bytes
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn without_pins_says_so_and_still_shows_the_lease() {
+        let layout = PinLayout::new("/sys/fs/bpf/nowhere");
+        let text = render(
+            &layout,
+            None,
+            Ok(Some(LeaseStatus {
+                key: "/coreos.com/network/subnets/10.5.52.0-24".into(),
+                subnet: "10.5.52.0/24".into(),
+                ttl_seconds: Some(86_000),
+            })),
+        );
+        assert!(text.starts_with(
+            "lease:     10.5.52.0/24 (/coreos.com/network/subnets/10.5.52.0-24), expires in 86000 s\n"
+        ));
+        assert!(text.contains("no pinned eBPF state under /sys/fs/bpf/nowhere"));
+        let text = render(&layout, None, Err("etcd unreachable".into()));
+        assert!(text.contains("lease:     unknown (etcd unreachable)"));
+    }
+}

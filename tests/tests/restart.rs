@@ -1,0 +1,487 @@
+//! Operating the eBPF datapath: pinned state survives the agent, a `kill -9`
+//! and a restart (and a restart that swaps in a freshly loaded program) lose
+//! no packet between containers, `status` and `bpftool` read the pins while
+//! the agent runs and after it stopped, SIGTERM leaves traffic flowing, and
+//! `cleanup` removes everything the agent created.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail, ensure};
+use overlay_tests::{
+    agent::{Agent, Hosts, sh},
+    etcd::{Etcd, EtcdSpec},
+};
+
+const PREFIX: &str = "/coreos.com/network";
+const CONFIG: &str = r#"{"Network": "10.0.0.0/16", "SubnetLen": 24, "SubnetMin": "10.0.1.0","SubnetMax": "10.0.20.0", "Backend": {"Type": "vxlan"}}"#;
+
+/// A bpffs mounted in the root mount namespace, so pins outlive the agent's
+/// own mount namespace (`ip netns exec` makes one per process); unmounted on drop.
+struct Bpffs(PathBuf);
+
+impl Bpffs {
+    fn mount(dir: PathBuf) -> Result<Bpffs> {
+        fs::create_dir_all(&dir)?;
+        sh(&["mount", "-t", "bpf", "bpf", dir.to_str().unwrap()])?;
+        Ok(Bpffs(dir))
+    }
+}
+
+impl Drop for Bpffs {
+    fn drop(&mut self) {
+        let _ = sh(&["umount", "-l", self.0.to_str().unwrap()]);
+        let _ = fs::remove_dir(&self.0);
+    }
+}
+
+/// Container `c<i>` behind `cni0` on host `i`, addressed from its lease.
+fn add_container(hosts: &Hosts, i: usize, env: &Path) -> Result<(String, String)> {
+    let text = fs::read_to_string(env)?;
+    let gw = text
+        .lines()
+        .find_map(|l| l.strip_prefix("FLANNEL_SUBNET="))
+        .context("no FLANNEL_SUBNET")?
+        .to_owned(); // 10.0.X.1/24
+    let mtu = text
+        .lines()
+        .find_map(|l| l.strip_prefix("FLANNEL_MTU="))
+        .context("no FLANNEL_MTU")?
+        .to_owned();
+    let (gw_ip, len) = gw.split_once('/').context("FLANNEL_SUBNET")?;
+    let mut octets: Vec<&str> = gw_ip.split('.').collect();
+    octets[3] = "2";
+    let ip = octets.join(".");
+    let host = hosts.ns(i);
+    let c = format!("{host}-c");
+    sh(&["ip", "netns", "add", &c])?;
+    sh(&["ip", "-n", &host, "link", "add", "cni0", "type", "bridge"])?;
+    sh(&["ip", "-n", &host, "addr", "add", &gw, "dev", "cni0"])?;
+    sh(&["ip", "-n", &host, "link", "set", "cni0", "up"])?;
+    sh(&[
+        "ip", "-n", &host, "link", "add", "vc", "mtu", &mtu, "type", "veth", "peer", "name",
+        "eth0", "netns", &c,
+    ])?;
+    sh(&[
+        "ip", "-n", &host, "link", "set", "vc", "master", "cni0", "up",
+    ])?;
+    sh(&[
+        "ip",
+        "-n",
+        &c,
+        "addr",
+        "add",
+        &format!("{ip}/{len}"),
+        "dev",
+        "eth0",
+    ])?;
+    sh(&["ip", "-n", &c, "link", "set", "eth0", "mtu", &mtu, "up"])?;
+    sh(&["ip", "-n", &c, "link", "set", "lo", "up"])?;
+    sh(&["ip", "-n", &c, "route", "add", "default", "via", gw_ip])?;
+    sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &host,
+        "sysctl",
+        "-qw",
+        "net.ipv4.ip_forward=1",
+    ])?;
+    Ok((c, ip))
+}
+
+struct Containers(Vec<String>);
+
+impl Drop for Containers {
+    fn drop(&mut self) {
+        for c in &self.0 {
+            let _ = sh(&["ip", "netns", "del", c]);
+        }
+    }
+}
+
+/// A process killed on drop unless waited for.
+struct Background(Option<Child>);
+
+impl Background {
+    fn wait_output(mut self, limit: Duration) -> Result<String> {
+        let mut child = self.0.take().context("already waited")?;
+        let out = wait_output(&mut child, limit);
+        self.0 = Some(child);
+        out
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn spawn_in(ns: &str, args: &[&str]) -> Result<Child> {
+    Command::new("ip")
+        .args(["netns", "exec", ns])
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {args:?} in {ns}"))
+}
+
+fn prog_of_link(pin: &Path) -> Result<u64> {
+    let out = sh(&[
+        "bpftool",
+        "-j",
+        "link",
+        "show",
+        "pinned",
+        pin.to_str().unwrap(),
+    ])?;
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    v["prog_id"]
+        .as_u64()
+        .with_context(|| format!("no prog_id in {out}"))
+}
+
+fn agent_args(etcd: &Etcd, hosts: &Hosts, i: usize, dir: &Path, pins: &Path) -> Vec<String> {
+    vec![
+        format!("--etcd-endpoints={}", etcd.endpoints()),
+        format!("-iface={}", hosts.ip(i)),
+        format!("--subnet-file={}", dir.join(format!("h{i}.env")).display()),
+        "--datapath=ebpf".into(),
+        "--ip-masq".into(),
+        format!("--bpf-pin-dir={}", pins.display()),
+    ]
+}
+
+fn kill9(agent: &mut Agent) -> Result<()> {
+    // SAFETY: kill(2) on our child, not yet reaped.
+    unsafe { libc::kill(agent.child.id() as i32, libc::SIGKILL) };
+    agent.child.wait()?;
+    Ok(())
+}
+
+/// The object the agent embeds, as built for this profile: the "rebuilt
+/// program" an upgrade swaps in (loaded anew, so it gets new program ids).
+fn built_object() -> Result<PathBuf> {
+    let target = std::env::current_exe()?
+        .parent()
+        .and_then(Path::parent)
+        .context("target directory")?
+        .to_path_buf();
+    let build = target.join("build");
+    let mut found = Vec::new();
+    for entry in fs::read_dir(&build)? {
+        let p = entry?.path().join("out/overlay");
+        let is_ours = p
+            .parent()
+            .and_then(Path::parent)
+            .and_then(Path::file_name)
+            .is_some_and(|n| n.to_string_lossy().starts_with("overlay-agent-"));
+        if is_ours && p.is_file() {
+            found.push((fs::metadata(&p)?.modified()?, p));
+        }
+    }
+    found.sort();
+    found
+        .pop()
+        .map(|(_, p)| p)
+        .context("no overlay-agent build output with the eBPF object")
+}
+
+#[test]
+#[ignore = "needs root, network namespaces, etcd and eBPF: run `cargo xtask test`"]
+fn kill_9_restart_and_upgrade_lose_no_packet_then_cleanup_removes_everything() -> Result<()> {
+    let bin = overlay_tests::binaries::agent()?;
+    let hosts = Hosts::new("rs", 2)?;
+    let etcd = Etcd::start_with(EtcdSpec {
+        netns: Some(hosts.ns(1)),
+        listen_ip: Some(hosts.ip(1)),
+        ..EtcdSpec::default()
+    })?;
+    etcd.put(&format!("{PREFIX}/config"), CONFIG)?;
+    let dir = etcd.dir().to_path_buf();
+    let bpf1 = Bpffs::mount(dir.join("bpf1"))?;
+    let bpf2 = Bpffs::mount(dir.join("bpf2"))?;
+    let pins1 = bpf1.0.join("overlay");
+    let pins2 = bpf2.0.join("overlay");
+    let args1 = agent_args(&etcd, &hosts, 1, &dir, &pins1);
+    let args2 = agent_args(&etcd, &hosts, 2, &dir, &pins2);
+    let mut a1 = Agent::start(&dir, "h1", &hosts.ns(1), &bin, &args1)?;
+    let mut a2 = Agent::start(&dir, "h2", &hosts.ns(2), &bin, &args2)?;
+    a1.wait_for("running: lease", Duration::from_secs(20))?;
+    a2.wait_for("running: lease", Duration::from_secs(20))?;
+    a1.wait_for("1 peer(s) programmed", Duration::from_secs(5))
+        .or_else(|_| a1.wait_for("programmed", Duration::from_secs(1)))?;
+    let (c1, _) = add_container(&hosts, 1, &dir.join("h1.env"))?;
+    let mut containers = Containers(vec![c1.clone()]);
+    let (c2, ip2) = add_container(&hosts, 2, &dir.join("h2.env"))?;
+    containers.0.push(c2.clone());
+    overlay_tests::agent::within(Duration::from_secs(5), "c1 reaches c2", || {
+        sh(&["ip", "netns", "exec", &c1, "ping", "-c1", "-W1", &ip2]).is_ok()
+    })?;
+
+    let egress_pin = pins1.join("links/vxlan_egress");
+    let ingress_pin = pins1.join("links/vxlan_ingress_tc");
+    let first = (prog_of_link(&egress_pin)?, prog_of_link(&ingress_pin)?);
+
+    // 100 pings/s for 24 s and a TCP stream for 20 s, across everything below.
+    let ping = Background(Some(spawn_in(
+        &c1,
+        &["ping", "-q", "-i", "0.01", "-c", "2400", "-W", "2", &ip2],
+    )?));
+    let server = Background(Some(spawn_in(&c2, &["iperf3", "-s", "-1", "-B", &ip2])?));
+    std::thread::sleep(Duration::from_millis(300));
+    let client = Background(Some(spawn_in(
+        &c1,
+        &[
+            "iperf3", "-c", &ip2, "-t", "20", "-i", "1", "-J", "-b", "200M",
+        ],
+    )?));
+
+    // 1. kill -9 and restart: the programs stay attached through the pins.
+    std::thread::sleep(Duration::from_secs(3));
+    kill9(&mut a1)?;
+    ensure!(
+        prog_of_link(&egress_pin)? == first.0,
+        "the pinned egress link lost its program when the agent died"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let mut a1 = Agent::start(&dir, "h1-restarted", &hosts.ns(1), &bin, &args1)?;
+    a1.wait_for("running: lease", Duration::from_secs(20))?;
+    ensure!(
+        a1.log()
+            .contains("vxlan_egress: swapped into the pinned link"),
+        "the restarted agent did not take over the pinned links:\n{}",
+        a1.log()
+    );
+    let second = (prog_of_link(&egress_pin)?, prog_of_link(&ingress_pin)?);
+    ensure!(
+        second.0 != first.0 && second.1 != first.1,
+        "the links still run the old programs: {first:?} -> {second:?}"
+    );
+
+    // 2. An upgrade: kill -9 again, start with the rebuilt object.
+    std::thread::sleep(Duration::from_secs(3));
+    kill9(&mut a1)?;
+    let object = built_object()?;
+    let mut upgrade_args = args1.clone();
+    upgrade_args.push(format!("--bpf-object={}", object.display()));
+    let mut a1 = Agent::start(&dir, "h1-upgraded", &hosts.ns(1), &bin, &upgrade_args)?;
+    a1.wait_for("running: lease", Duration::from_secs(20))?;
+    let third = (prog_of_link(&egress_pin)?, prog_of_link(&ingress_pin)?);
+    ensure!(third.0 != second.0, "the upgrade did not swap the program");
+    // 3. The other side restarts too.
+    std::thread::sleep(Duration::from_secs(2));
+    kill9(&mut a2)?;
+    let mut a2 = Agent::start(&dir, "h2-restarted", &hosts.ns(2), &bin, &args2)?;
+    a2.wait_for("running: lease", Duration::from_secs(20))?;
+
+    let ping_out = ping.wait_output(Duration::from_secs(40))?;
+    let sent_received = ping_out
+        .lines()
+        .find(|l| l.contains("packets transmitted"))
+        .with_context(|| format!("no ping summary:\n{ping_out}"))?
+        .to_owned();
+    let nums: Vec<u64> = sent_received
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|s| !s.is_empty())
+        .take(2)
+        .map(|s| s.parse().unwrap())
+        .collect();
+    ensure!(
+        nums == [2400, 2400],
+        "pings lost across the restarts: {sent_received}"
+    );
+    let iperf = client.wait_output(Duration::from_secs(30))?;
+    drop(server);
+    let report: serde_json::Value =
+        serde_json::from_str(&iperf).with_context(|| format!("iperf3 -J output:\n{iperf}"))?;
+    let intervals = report["intervals"].as_array().context("no intervals")?;
+    ensure!(intervals.len() >= 19, "the stream stopped early: {iperf}");
+    for (k, iv) in intervals.iter().enumerate() {
+        let bytes = iv["sum"]["bytes"].as_u64().unwrap_or(0);
+        ensure!(bytes > 0, "second {k} of the TCP stream carried nothing");
+    }
+    eprintln!(
+        "no loss: {sent_received}; TCP {} bytes in {} one-second intervals; programs {first:?} -> {second:?} -> {third:?}",
+        report["end"]["sum_received"]["bytes"],
+        intervals.len()
+    );
+
+    // 4. status and bpftool read the pins while the agent runs...
+    let status = |what: &str| -> Result<String> {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &hosts.ns(1)])
+            .arg(&bin)
+            .args([
+                format!("--etcd-endpoints={}", etcd.endpoints()),
+                format!("-iface={}", hosts.ip(1)),
+                format!("--bpf-pin-dir={}", pins1.display()),
+                "status".into(),
+            ])
+            .output()?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        ensure!(
+            out.status.success(),
+            "status ({what}) failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(text)
+    };
+    let running = status("agent running")?;
+    let subnet2 = overlay_tests::agent::subnet_of(&dir.join("h2.env"))?;
+    let peer_line = running
+        .lines()
+        .find(|l| l.trim_start().starts_with(&format!("{subnet2}/24")))
+        .with_context(|| format!("no peer {subnet2}/24 in status:\n{running}"))?;
+    let cols: Vec<&str> = peer_line.split_whitespace().collect();
+    let tx: u64 = cols[3].parse()?;
+    let rx: u64 = cols[5].parse()?;
+    ensure!(
+        tx >= 2400 && rx >= 2400,
+        "per-peer counters did not count the pings: {peer_line}"
+    );
+    ensure!(running.contains("expires in"), "{running}");
+    ensure!(running.contains("vxlan_egress"), "{running}");
+    let dump = sh(&[
+        "bpftool",
+        "-j",
+        "map",
+        "dump",
+        "pinned",
+        pins1.join("REMOTE_SUBNETS").to_str().unwrap(),
+    ])?;
+    let entries: serde_json::Value = serde_json::from_str(&dump)?;
+    let entry = &entries[0]["formatted"];
+    ensure!(
+        entry["value"]["public_ip"].is_array() && entry["value"]["vtep_mac"].is_array(),
+        "bpftool shows no named fields: {dump}"
+    );
+    // The README's other inspection commands.
+    let stats = sh(&[
+        "bpftool",
+        "-j",
+        "map",
+        "dump",
+        "pinned",
+        pins1.join("PEER_STATS").to_str().unwrap(),
+    ])?;
+    let stats: serde_json::Value = serde_json::from_str(&stats)?;
+    let per_cpu = stats[0]["formatted"]["values"]
+        .as_array()
+        .context("PEER_STATS has no per-CPU values")?;
+    let tx_total: u64 = per_cpu
+        .iter()
+        .map(|v| v["value"]["tx_packets"].as_u64().unwrap_or(0))
+        .sum();
+    ensure!(tx_total >= 2400, "bpftool's PEER_STATS: {stats}");
+    let link = sh(&[
+        "bpftool",
+        "-j",
+        "link",
+        "show",
+        "pinned",
+        egress_pin.to_str().unwrap(),
+    ])?;
+    ensure!(link.contains("\"type\":\"tcx\""), "{link}");
+
+    // 5. SIGTERM leaves the datapath in place: traffic still flows.
+    // SAFETY: kill(2) on our child.
+    unsafe { libc::kill(a1.child.id() as i32, libc::SIGTERM) };
+    a1.child.wait()?;
+    let after_stop = sh(&[
+        "ip", "netns", "exec", &c1, "ping", "-c", "20", "-i", "0.05", "-W", "1", &ip2,
+    ])?;
+    ensure!(
+        after_stop.contains("20 received"),
+        "traffic stopped with the agent:\n{after_stop}"
+    );
+    let stopped = status("agent stopped")?;
+    ensure!(stopped.contains(&format!("{subnet2}/24")), "{stopped}");
+
+    // 6. cleanup removes programs, pins, device, routes and rules.
+    let out = Command::new("ip")
+        .args(["netns", "exec", &hosts.ns(1)])
+        .arg(&bin)
+        .args([
+            format!("--etcd-endpoints={}", etcd.endpoints()),
+            format!("--bpf-pin-dir={}", pins1.display()),
+            "cleanup".into(),
+        ])
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "cleanup failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let h1 = hosts.ns(1);
+    let left_links = sh(&["ip", "-n", &h1, "-d", "link"])?;
+    ensure!(!left_links.contains("flannel.1"), "{left_links}");
+    ensure!(!left_links.contains("vxlan"), "{left_links}");
+    let routes = sh(&["ip", "-n", &h1, "route"])?;
+    ensure!(!routes.contains("flannel"), "{routes}");
+    let neigh = sh(&["ip", "-n", &h1, "neigh", "show", "nud", "permanent"])?;
+    ensure!(neigh.trim().is_empty(), "neighbour entries left: {neigh}");
+    let fdb = sh(&["ip", "netns", "exec", &h1, "bridge", "fdb", "show"])?;
+    ensure!(!fdb.contains("flannel"), "{fdb}");
+    // progs.debug and maps.debug are the kernel's own (bpf_preload).
+    let left: Vec<PathBuf> = fs::read_dir(&bpf1.0)?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<std::io::Result<Vec<_>>>()?
+        .into_iter()
+        .filter(|p| p.extension().is_none_or(|e| e != "debug"))
+        .collect();
+    ensure!(
+        left.is_empty(),
+        "pins left: {left:?}; cleanup said:\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    for id in [third.0, third.1] {
+        ensure!(
+            sh(&["bpftool", "prog", "show", "id", &id.to_string()]).is_err(),
+            "program {id} is still loaded"
+        );
+    }
+    let eth0 = sh(&[
+        "ip", "netns", "exec", &h1, "bpftool", "net", "show", "dev", "eth0",
+    ])?;
+    ensure!(!eth0.contains("vxlan_"), "{eth0}");
+    let nat = sh(&["ip", "netns", "exec", &h1, "iptables", "-t", "nat", "-S"])?;
+    let filter = sh(&["ip", "netns", "exec", &h1, "iptables", "-S"])?;
+    ensure!(
+        !nat.contains("FLANNEL") && !filter.contains("FLANNEL"),
+        "rules left:\n{nat}\n{filter}"
+    );
+    drop(a2);
+    drop(containers);
+    Ok(())
+}
+
+/// Waits for a child's exit within `limit`; its stdout.
+fn wait_output(child: &mut Child, limit: Duration) -> Result<String> {
+    use std::io::Read;
+    let t0 = std::time::Instant::now();
+    loop {
+        if child.try_wait()?.is_some() {
+            let mut out = String::new();
+            if let Some(mut s) = child.stdout.take() {
+                s.read_to_string(&mut out)?;
+            }
+            return Ok(out);
+        }
+        if t0.elapsed() > limit {
+            let _ = child.kill();
+            bail!("still running after {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
