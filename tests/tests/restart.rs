@@ -392,7 +392,13 @@ fn kill_9_restart_and_upgrade_lose_no_packet_then_cleanup_removes_everything() -
         "pinned",
         egress_pin.to_str().unwrap(),
     ])?;
-    ensure!(link.contains("\"type\":\"tcx\""), "{link}");
+    // This bpftool prints BPF_LINK_TYPE_TCX as its number, newer ones as "tcx".
+    let link: serde_json::Value = serde_json::from_str(&link)?;
+    ensure!(
+        link["type"] == "tcx" || link["type"] == 11,
+        "not a TCX link: {link}"
+    );
+    ensure!(link["prog_id"] == third.0, "{link}");
 
     // 5. SIGTERM leaves the datapath in place: traffic still flows.
     // SAFETY: kill(2) on our child.
