@@ -79,6 +79,23 @@ impl Hosts {
     pub fn routes(&self, i: usize) -> String {
         sh(&["ip", "-n", &self.ns(i), "route"]).unwrap_or_default()
     }
+    /// One ping with a 200 ms wait, for measuring how soon a peer answers.
+    pub fn ping_once_fast(&self, i: usize, dst: &str) -> bool {
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &self.ns(i),
+            "ping",
+            "-c",
+            "1",
+            "-W",
+            "0.2",
+            dst,
+        ])
+        .is_ok()
+    }
+
     pub fn ping(&self, i: usize, dst: &str) -> bool {
         sh(&[
             "ip",
@@ -181,4 +198,24 @@ pub fn subnet_of(env: &Path) -> Result<String> {
     let mut parts: Vec<&str> = ip.split('.').collect();
     parts[3] = "0";
     Ok(parts.join("."))
+}
+
+/// A bpffs mounted in the root mount namespace, so an agent's pins outlive its
+/// own mount namespace (`ip netns exec` makes one per process) and other
+/// processes (`overlay-agent status`, bpftool) can read them. Unmounted on drop.
+pub struct Bpffs(pub PathBuf);
+
+impl Bpffs {
+    pub fn mount(dir: PathBuf) -> Result<Bpffs> {
+        fs::create_dir_all(&dir)?;
+        sh(&["mount", "-t", "bpf", "bpf", &dir.to_string_lossy()])?;
+        Ok(Bpffs(dir))
+    }
+}
+
+impl Drop for Bpffs {
+    fn drop(&mut self) {
+        let _ = sh(&["umount", "-l", &self.0.to_string_lossy()]);
+        let _ = fs::remove_dir(&self.0);
+    }
 }

@@ -12,7 +12,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use overlay_tests::{
-    agent::{Agent, Hosts, sh, subnet_of, within},
+    agent::{Agent, Bpffs, Hosts, sh, subnet_of, within},
     etcd::{Etcd, EtcdSpec},
 };
 
@@ -23,7 +23,7 @@ const CONFIG: &str = r#"{"Network": "10.0.0.0/16", "SubnetLen": 24, "SubnetMin":
 #[ignore = "needs root, network namespaces and eBPF: run `cargo xtask test`"]
 fn three_agents_kernel_fallback_and_ebpf_full_mesh() -> Result<()> {
     let bin = overlay_tests::binaries::agent()?;
-    let hosts = Hosts::new("m", 3)?;
+    let hosts = Hosts::new("m", 4)?;
     let etcd = Etcd::start_with(EtcdSpec {
         netns: Some(hosts.ns(1)),
         listen_ip: Some(hosts.ip(1)),
@@ -48,6 +48,10 @@ fn three_agents_kernel_fallback_and_ebpf_full_mesh() -> Result<()> {
     a2.push(format!("--bpf-pin-dir={}", not_bpffs.display()));
     let mut a3 = common(3);
     a3.push("--datapath=ebpf".into());
+    // Pins where `overlay-agent status` can read them from outside.
+    let bpf3 = Bpffs::mount(dir.join("bpf3"))?;
+    let pins3 = bpf3.0.join("overlay");
+    a3.push(format!("--bpf-pin-dir={}", pins3.display()));
     let mut agents = vec![
         Agent::start(&dir, "h1", &hosts.ns(1), &bin, &a1)?,
         Agent::start(&dir, "h2", &hosts.ns(2), &bin, &a2)?,
@@ -199,29 +203,50 @@ fn three_agents_kernel_fallback_and_ebpf_full_mesh() -> Result<()> {
         }
     }
 
-    // A fourth node's lease appears: programmed on every host within a second.
-    let key = format!("{PREFIX}/subnets/10.0.19.0-24");
-    etcd.put(
-        &key,
-        r#"{"PublicIP":"10.98.0.4","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"02:00:00:00:00:04"}}"#,
-    )?;
+    // A fourth node joins: from the moment its agent has written subnet.env
+    // (lease taken, datapath up), every host reaches it within a second.
+    let mut a4 = common(4);
+    a4.push("--datapath=ebpf".into());
+    let mut agent4 = Agent::start(&dir, "h4", &hosts.ns(4), &bin, &a4)?;
+    let env4 = dir.join("h4.env");
+    within(Duration::from_secs(20), "h4's subnet.env", || env4.exists())?;
+    let subnet4 = subnet_of(&env4)?;
     for i in 1..=3 {
-        let took = within(Duration::from_secs(1), &format!("route on h{i}"), || {
-            hosts
-                .routes(i)
-                .contains("10.0.19.0/24 via 10.0.19.0 dev flannel.1 onlink")
+        let took = within(Duration::from_secs(1), &format!("h{i} reaches h4"), || {
+            hosts.ping_once_fast(i, &subnet4)
         })?;
-        eprintln!("h{i}: added in {took:?}");
+        eprintln!("h{i}: reached the new node {took:?} after its subnet.env");
     }
+    assert!(hosts.ping(4, &subnets[0]) && hosts.ping(4, &subnets[2]));
+
+    // It leaves: its agent dies and its lease is deleted; routes and the
+    // eBPF host's map entries go everywhere within a second.
+    let key = format!("{PREFIX}/subnets/{subnet4}-24");
+    agent4.child.kill()?;
+    agent4.child.wait()?;
     etcd.delete(&key)?;
+    let status3 = || -> String {
+        Command::new("ip")
+            .args(["netns", "exec", &hosts.ns(3)])
+            .arg(&bin)
+            .arg(format!("--bpf-pin-dir={}", pins3.display()))
+            .arg(format!("--etcd-endpoints={}", etcd.endpoints()))
+            .arg("status")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    };
     for i in 1..=3 {
         let took = within(
             Duration::from_secs(1),
             &format!("route gone on h{i}"),
-            || !hosts.routes(i).contains("10.0.19.0/24"),
+            || !hosts.routes(i).contains(&format!("{subnet4}/24")),
         )?;
         eprintln!("h{i}: removed in {took:?}");
     }
+    let in_maps = status3();
+    assert!(in_maps.contains("peers (2)"), "{in_maps}");
+    assert!(!in_maps.contains(&format!("{subnet4}/24")), "{in_maps}");
     // The mesh still works.
     assert!(hosts.ping(1, &subnets[2]));
     assert!(hosts.ping(3, &subnets[1]));

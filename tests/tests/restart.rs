@@ -13,31 +13,12 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 use overlay_tests::{
-    agent::{Agent, Hosts, sh},
+    agent::{Agent, Bpffs, Hosts, sh},
     etcd::{Etcd, EtcdSpec},
 };
 
 const PREFIX: &str = "/coreos.com/network";
 const CONFIG: &str = r#"{"Network": "10.0.0.0/16", "SubnetLen": 24, "SubnetMin": "10.0.1.0","SubnetMax": "10.0.20.0", "Backend": {"Type": "vxlan"}}"#;
-
-/// A bpffs mounted in the root mount namespace, so pins outlive the agent's
-/// own mount namespace (`ip netns exec` makes one per process); unmounted on drop.
-struct Bpffs(PathBuf);
-
-impl Bpffs {
-    fn mount(dir: PathBuf) -> Result<Bpffs> {
-        fs::create_dir_all(&dir)?;
-        sh(&["mount", "-t", "bpf", "bpf", dir.to_str().unwrap()])?;
-        Ok(Bpffs(dir))
-    }
-}
-
-impl Drop for Bpffs {
-    fn drop(&mut self) {
-        let _ = sh(&["umount", "-l", self.0.to_str().unwrap()]);
-        let _ = fs::remove_dir(&self.0);
-    }
-}
 
 /// Container `c<i>` behind `cni0` on host `i`, addressed from its lease.
 fn add_container(hosts: &Hosts, i: usize, env: &Path) -> Result<(String, String)> {
