@@ -11,6 +11,8 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
+use crate::etcd::{Etcd, EtcdSpec};
+
 /// Runs a command to completion; its stdout, or an error with its stderr.
 pub fn sh(args: &[&str]) -> Result<String> {
     let out = Command::new(args[0])
@@ -97,17 +99,13 @@ impl Hosts {
     }
 
     pub fn ping(&self, i: usize, dst: &str) -> bool {
+        self.ping_within(i, dst, "1")
+    }
+
+    /// One ping from host `i`, waiting `wait` seconds for the answer.
+    fn ping_within(&self, i: usize, dst: &str, wait: &str) -> bool {
         sh(&[
-            "ip",
-            "netns",
-            "exec",
-            &self.ns(i),
-            "ping",
-            "-c",
-            "1",
-            "-W",
-            "1",
-            dst,
+            "ip", "netns", "exec", &self.ns(i), "ping", "-c", "1", "-W", wait, dst,
         ])
         .is_ok()
     }
@@ -217,5 +215,29 @@ impl Drop for Bpffs {
     fn drop(&mut self) {
         let _ = sh(&["umount", "-l", &self.0.to_string_lossy()]);
         let _ = fs::remove_dir(&self.0);
+    }
+}
+
+/// The usual set-up of the agent tests: `n` hosts on one bridge, a real etcd
+/// listening on host 1's address (in its namespace), the network config put
+/// under the default prefix, and the agent binary. Destructure it: the
+/// bindings drop in reverse order, so etcd stops before the hosts go.
+pub struct Cluster {
+    pub hosts: Hosts,
+    pub etcd: Etcd,
+    pub bin: PathBuf,
+}
+
+impl Cluster {
+    pub fn start(tag: &str, n: usize, config: &str) -> Result<Cluster> {
+        let bin = crate::binaries::agent()?;
+        let hosts = Hosts::new(tag, n)?;
+        let etcd = Etcd::start_with(EtcdSpec {
+            netns: Some(hosts.ns(1)),
+            listen_ip: Some(hosts.ip(1)),
+            ..EtcdSpec::default()
+        })?;
+        etcd.put("/coreos.com/network/config", config)?;
+        Ok(Cluster { hosts, etcd, bin })
     }
 }

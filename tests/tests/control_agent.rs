@@ -12,7 +12,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use overlay_tests::{
-    agent::{Agent, Bpffs, Hosts, sh, subnet_of, within},
+    agent::{Agent, Bpffs, Cluster, Hosts, sh, subnet_of, within},
     etcd::{Etcd, EtcdSpec},
 };
 
@@ -22,14 +22,7 @@ const CONFIG: &str = r#"{"Network": "10.0.0.0/16", "SubnetLen": 24, "SubnetMin":
 #[test]
 #[ignore = "needs root, network namespaces and eBPF: run `cargo xtask test`"]
 fn three_agents_kernel_fallback_and_ebpf_full_mesh() -> Result<()> {
-    let bin = overlay_tests::binaries::agent()?;
-    let hosts = Hosts::new("m", 4)?;
-    let etcd = Etcd::start_with(EtcdSpec {
-        netns: Some(hosts.ns(1)),
-        listen_ip: Some(hosts.ip(1)),
-        ..EtcdSpec::default()
-    })?;
-    etcd.put(&format!("{PREFIX}/config"), CONFIG)?;
+    let Cluster { hosts, etcd, bin } = Cluster::start("m", 4, CONFIG)?;
     let dir = etcd.dir().to_path_buf();
     let not_bpffs = dir.join("not-bpffs");
     let common = |i: usize| -> Vec<String> {
@@ -309,14 +302,7 @@ fn malformed_config_stops_the_agent_before_it_touches_the_host() -> Result<()> {
 #[test]
 #[ignore = "needs root, network namespaces and eBPF: run `cargo xtask test`"]
 fn etcd_down_for_30_s_loses_no_packet_and_the_agents_resume() -> Result<()> {
-    let bin = overlay_tests::binaries::agent()?;
-    let hosts = Hosts::new("o", 3)?;
-    let mut etcd = Etcd::start_with(EtcdSpec {
-        netns: Some(hosts.ns(1)),
-        listen_ip: Some(hosts.ip(1)),
-        ..EtcdSpec::default()
-    })?;
-    etcd.put(&format!("{PREFIX}/config"), CONFIG)?;
+    let Cluster { hosts, mut etcd, bin } = Cluster::start("o", 3, CONFIG)?;
     let dir = etcd.dir().to_path_buf();
     let args = |i: usize, dp: &str| -> Vec<String> {
         vec![
@@ -405,14 +391,7 @@ fn etcd_down_for_30_s_loses_no_packet_and_the_agents_resume() -> Result<()> {
 #[test]
 #[ignore = "needs root, network namespaces and eBPF: run `cargo xtask test`"]
 fn lease_taken_over_moves_the_agent_and_its_datapath() -> Result<()> {
-    let bin = overlay_tests::binaries::agent()?;
-    let hosts = Hosts::new("t", 3)?;
-    let etcd = Etcd::start_with(EtcdSpec {
-        netns: Some(hosts.ns(1)),
-        listen_ip: Some(hosts.ip(1)),
-        ..EtcdSpec::default()
-    })?;
-    etcd.put(&format!("{PREFIX}/config"), CONFIG)?;
+    let Cluster { hosts, etcd, bin } = Cluster::start("t", 3, CONFIG)?;
     let dir = etcd.dir().to_path_buf();
     let env2 = dir.join("h2.env");
     let args = |i: usize, dp: &str| -> Vec<String> {
@@ -474,14 +453,7 @@ const PEER_Y: &str = r#"{"PublicIP":"10.98.0.8","PublicIPv6":null,"BackendType":
 #[test]
 #[ignore = "needs root, network namespaces and eBPF: run `cargo xtask test`"]
 fn compaction_while_cut_off_makes_the_agent_relist_and_converge() -> Result<()> {
-    let bin = overlay_tests::binaries::agent()?;
-    let hosts = Hosts::new("k", 2)?;
-    let etcd = Etcd::start_with(EtcdSpec {
-        netns: Some(hosts.ns(1)),
-        listen_ip: Some(hosts.ip(1)),
-        ..EtcdSpec::default()
-    })?;
-    etcd.put(&format!("{PREFIX}/config"), CONFIG)?;
+    let Cluster { hosts, etcd, bin } = Cluster::start("k", 2, CONFIG)?;
     let dir = etcd.dir().to_path_buf();
     let args = vec![
         format!("--etcd-endpoints={}", etcd.endpoints()),
@@ -590,14 +562,7 @@ fn agents_interoperate_with_a_flanneld_stand_in() -> Result<()> {
     use overlay_agent::lease;
     use overlay_tests::{lab::Host, reference::ReferencePeer};
 
-    let bin = overlay_tests::binaries::agent()?;
-    let hosts = Hosts::new("f", 3)?;
-    let etcd = Etcd::start_with(EtcdSpec {
-        netns: Some(hosts.ns(1)),
-        listen_ip: Some(hosts.ip(1)),
-        ..EtcdSpec::default()
-    })?;
-    etcd.put(&format!("{PREFIX}/config"), CONFIG)?;
+    let Cluster { hosts, etcd, bin } = Cluster::start("f", 3, CONFIG)?;
     let dir = etcd.dir().to_path_buf();
 
     // h1 runs "flanneld": flannel.1 made with iproute2, its lease written in
@@ -663,14 +628,7 @@ fn agents_interoperate_with_a_flanneld_stand_in() -> Result<()> {
 #[test]
 #[ignore = "needs root, network namespaces and eBPF: run `cargo xtask test`"]
 fn restart_keeps_subnet_and_mac_and_prunes_peers_that_left() -> Result<()> {
-    let bin = overlay_tests::binaries::agent()?;
-    let hosts = Hosts::new("r", 2)?;
-    let etcd = Etcd::start_with(EtcdSpec {
-        netns: Some(hosts.ns(1)),
-        listen_ip: Some(hosts.ip(1)),
-        ..EtcdSpec::default()
-    })?;
-    etcd.put(&format!("{PREFIX}/config"), CONFIG)?;
+    let Cluster { hosts, etcd, bin } = Cluster::start("r", 2, CONFIG)?;
     let dir = etcd.dir().to_path_buf();
     let env = dir.join("h2.env");
     let args = vec![

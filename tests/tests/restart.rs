@@ -13,7 +13,7 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 use overlay_tests::{
-    agent::{Agent, Bpffs, Hosts, sh},
+    agent::{Agent, Bpffs, Cluster, Hosts, sh},
     etcd::{Etcd, EtcdSpec},
 };
 
@@ -181,14 +181,7 @@ fn built_object() -> Result<PathBuf> {
 #[test]
 #[ignore = "needs root, network namespaces, etcd and eBPF: run `cargo xtask test`"]
 fn kill_9_restart_and_upgrade_lose_no_packet_then_cleanup_removes_everything() -> Result<()> {
-    let bin = overlay_tests::binaries::agent()?;
-    let hosts = Hosts::new("rs", 2)?;
-    let etcd = Etcd::start_with(EtcdSpec {
-        netns: Some(hosts.ns(1)),
-        listen_ip: Some(hosts.ip(1)),
-        ..EtcdSpec::default()
-    })?;
-    etcd.put(&format!("{PREFIX}/config"), CONFIG)?;
+    let Cluster { hosts, etcd, bin } = Cluster::start("rs", 2, CONFIG)?;
     let dir = etcd.dir().to_path_buf();
     let bpf1 = Bpffs::mount(dir.join("bpf1"))?;
     let bpf2 = Bpffs::mount(dir.join("bpf2"))?;

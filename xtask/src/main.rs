@@ -87,7 +87,7 @@ fn dispatch(cmd: Cmd) -> Result<()> {
             );
             exec_tool("lab", &args, needs_agent)
         }
-        Cmd::Bench { args } => run_tool("bench", &args),
+        Cmd::Bench { args } => exec_tool("bench", &args, true),
     }
 }
 
@@ -144,25 +144,4 @@ fn exec_tool(bin: &str, args: &[String], build_agent: bool) -> Result<()> {
     ])
     .args(args);
     Err(run::exec(&mut cmd))
-}
-
-/// Runs one of overlay-tests' binaries (release build, root).
-fn run_tool(bin: &str, args: &[String]) -> Result<()> {
-    run::require_root(&format!("`cargo xtask {bin}`"))?;
-    setup::ensure()?;
-    build()?;
-    run::status(
-        run::cargo()
-            .args([
-                "run",
-                "--quiet",
-                "--release",
-                "--package",
-                "overlay-tests",
-                "--bin",
-                bin,
-                "--",
-            ])
-            .args(args),
-    )
 }

@@ -604,9 +604,113 @@ impl Loaded {
     }
 }
 
-/// Attaches a TC program on TCX. With pins: swaps it into the pinned link
-/// still attached to `ifindex` (`BPF_LINK_UPDATE`, atomic), or attaches and
-/// pins a new link. Returns the program id.
+/// A program and where it attaches, as [`attach`] needs it.
+trait Hookable {
+    type Link: TryFrom<FdLink, Error = LinkError>;
+    /// Attaches anew, the link kept by aya (detached when the object drops).
+    fn attach_kept(&mut self) -> Result<(), ProgramError>;
+    /// Attaches anew; the link, taken out of aya's keeping so it can be pinned.
+    fn attach_new(&mut self) -> Result<Self::Link, ProgramError>;
+    /// Swaps this program into `link` (`BPF_LINK_UPDATE`).
+    fn swap_into(&mut self, link: Self::Link) -> Result<(), ProgramError>;
+    fn info(&self) -> Result<aya::programs::ProgramInfo, ProgramError>;
+}
+
+struct TcxHook<'a> {
+    prog: &'a mut SchedClassifier,
+    interface: &'a str,
+    hook: TcAttachType,
+}
+
+impl Hookable for TcxHook<'_> {
+    type Link = SchedClassifierLink;
+    fn attach_kept(&mut self) -> Result<(), ProgramError> {
+        self.prog.attach(self.interface, self.hook).map(drop)
+    }
+    fn attach_new(&mut self) -> Result<Self::Link, ProgramError> {
+        let id = self.prog.attach(self.interface, self.hook)?;
+        self.prog.take_link(id)
+    }
+    fn swap_into(&mut self, link: Self::Link) -> Result<(), ProgramError> {
+        self.prog.attach_to_link(link).map(drop)
+    }
+    fn info(&self) -> Result<aya::programs::ProgramInfo, ProgramError> {
+        self.prog.info()
+    }
+}
+
+struct XdpHook<'a> {
+    prog: &'a mut Xdp,
+    ifindex: u32,
+    mode: XdpMode,
+}
+
+impl Hookable for XdpHook<'_> {
+    type Link = XdpLink;
+    fn attach_kept(&mut self) -> Result<(), ProgramError> {
+        self.prog
+            .attach_to_if_index(self.ifindex, self.mode)
+            .map(drop)
+    }
+    fn attach_new(&mut self) -> Result<Self::Link, ProgramError> {
+        let id = self.prog.attach_to_if_index(self.ifindex, self.mode)?;
+        self.prog.take_link(id)
+    }
+    fn swap_into(&mut self, link: Self::Link) -> Result<(), ProgramError> {
+        self.prog.attach_to_link(link).map(drop)
+    }
+    fn info(&self) -> Result<aya::programs::ProgramInfo, ProgramError> {
+        self.prog.info()
+    }
+}
+
+/// Attaches `program` at its hook on `ifindex`. Without pins, aya keeps the
+/// link (it goes with this process). With pins: swaps the program into the
+/// pinned link still attached to `ifindex` (atomic), or attaches a new link
+/// and pins it. Returns the program id.
+fn attach<H: Hookable>(
+    mut hook: H,
+    program: &'static str,
+    ifindex: u32,
+    pins: Option<&PinLayout>,
+    attach_err: impl Fn(ProgramError) -> EbpfError,
+) -> Result<u32, EbpfError>
+where
+    FdLink: TryFrom<H::Link, Error = LinkError>,
+{
+    match pins {
+        None => hook.attach_kept().map_err(&attach_err)?,
+        Some(pins) => {
+            let path = pins.link(program);
+            match pins
+                .live_link(program, ifindex)
+                .map_err(pin_err(path.clone(), "inspect"))?
+            {
+                Some(live) => {
+                    let pinned =
+                        PinnedLink::from_pin(&live).map_err(link_err(live.clone(), "open"))?;
+                    let link = H::Link::try_from(FdLink::from(pinned))
+                        .map_err(link_err(live.clone(), "open as this program's link type"))?;
+                    hook.swap_into(link).map_err(&attach_err)?;
+                    info!("{program}: swapped into the pinned link {}", live.display());
+                }
+                None => {
+                    let link = hook.attach_new().map_err(&attach_err)?;
+                    let fd_link =
+                        FdLink::try_from(link).map_err(link_err(path.clone(), "convert"))?;
+                    fd_link.pin(&path).map_err(|e| EbpfError::Pin {
+                        path: path.clone(),
+                        op: "pin",
+                        source: std::io::Error::other(e),
+                    })?;
+                }
+            }
+        }
+    }
+    program_id(hook.info(), program)
+}
+
+/// Attaches a TC program on TCX; see [`attach`].
 fn attach_tc(
     ebpf: &mut Ebpf,
     program: &'static str,
@@ -626,37 +730,15 @@ fn attach_tc(
         },
         source,
     };
-    match pins {
-        None => {
-            prog.attach(interface, hook).map_err(attach_err)?;
-        }
-        Some(pins) => {
-            let path = pins.link(program);
-            if let Some(live) = pins
-                .live_link(program, ifindex)
-                .map_err(pin_err(path.clone(), "inspect"))?
-            {
-                let pinned = PinnedLink::from_pin(&live).map_err(link_err(live.clone(), "open"))?;
-                let link = SchedClassifierLink::try_from(FdLink::from(pinned))
-                    .map_err(link_err(live.clone(), "open as TCX"))?;
-                prog.attach_to_link(link).map_err(attach_err)?;
-                info!("{program}: swapped into the pinned link {}", live.display());
-            } else {
-                let id = prog.attach(interface, hook).map_err(attach_err)?;
-                let link = prog.take_link(id).map_err(attach_err)?;
-                let fd_link = FdLink::try_from(link).map_err(link_err(path.clone(), "convert"))?;
-                fd_link.pin(&path).map_err(|e| EbpfError::Pin {
-                    path: path.clone(),
-                    op: "pin",
-                    source: std::io::Error::other(e),
-                })?;
-            }
-        }
-    }
-    program_id(prog.info(), program)
+    let tcx = TcxHook {
+        prog,
+        interface,
+        hook,
+    };
+    attach(tcx, program, ifindex, pins, attach_err)
 }
 
-/// Attaches `vxlan_ingress_xdp` to the underlay, as [`attach_tc`] does.
+/// Attaches `vxlan_ingress_xdp` to the underlay; see [`attach`].
 fn attach_xdp(
     ebpf: &mut Ebpf,
     device: &VxlanDevice,
@@ -671,37 +753,12 @@ fn attach_xdp(
         source,
     };
     let ifindex = device.underlay_ifindex;
-    match pins {
-        None => {
-            prog.attach_to_if_index(ifindex, mode).map_err(attach_err)?;
-        }
-        Some(pins) => {
-            let path = pins.link(PROG_INGRESS_XDP);
-            if let Some(live) = pins
-                .live_link(PROG_INGRESS_XDP, ifindex)
-                .map_err(pin_err(path.clone(), "inspect"))?
-            {
-                let pinned = PinnedLink::from_pin(&live).map_err(link_err(live.clone(), "open"))?;
-                let link = XdpLink::try_from(FdLink::from(pinned))
-                    .map_err(link_err(live.clone(), "open as XDP"))?;
-                prog.attach_to_link(link).map_err(attach_err)?;
-                info!(
-                    "{PROG_INGRESS_XDP}: swapped into the pinned link {}",
-                    live.display()
-                );
-            } else {
-                let id = prog.attach_to_if_index(ifindex, mode).map_err(attach_err)?;
-                let link = prog.take_link(id).map_err(attach_err)?;
-                let fd_link = FdLink::try_from(link).map_err(link_err(path.clone(), "convert"))?;
-                fd_link.pin(&path).map_err(|e| EbpfError::Pin {
-                    path: path.clone(),
-                    op: "pin",
-                    source: std::io::Error::other(e),
-                })?;
-            }
-        }
-    }
-    program_id(prog.info(), PROG_INGRESS_XDP)
+    let hook = XdpHook {
+        prog,
+        ifindex,
+        mode,
+    };
+    attach(hook, PROG_INGRESS_XDP, ifindex, pins, attach_err)
 }
 
 fn classifier<'a>(
