@@ -105,7 +105,16 @@ impl Hosts {
     /// One ping from host `i`, waiting `wait` seconds for the answer.
     fn ping_within(&self, i: usize, dst: &str, wait: &str) -> bool {
         sh(&[
-            "ip", "netns", "exec", &self.ns(i), "ping", "-c", "1", "-W", wait, dst,
+            "ip",
+            "netns",
+            "exec",
+            &self.ns(i),
+            "ping",
+            "-c",
+            "1",
+            "-W",
+            wait,
+            dst,
         ])
         .is_ok()
     }

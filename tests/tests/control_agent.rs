@@ -302,7 +302,11 @@ fn malformed_config_stops_the_agent_before_it_touches_the_host() -> Result<()> {
 #[test]
 #[ignore = "needs root, network namespaces and eBPF: run `cargo xtask test`"]
 fn etcd_down_for_30_s_loses_no_packet_and_the_agents_resume() -> Result<()> {
-    let Cluster { hosts, mut etcd, bin } = Cluster::start("o", 3, CONFIG)?;
+    let Cluster {
+        hosts,
+        mut etcd,
+        bin,
+    } = Cluster::start("o", 3, CONFIG)?;
     let dir = etcd.dir().to_path_buf();
     let args = |i: usize, dp: &str| -> Vec<String> {
         vec![

@@ -14,10 +14,9 @@ use std::{
 use anyhow::{Context, Result, bail, ensure};
 use overlay_tests::{
     agent::{Agent, Bpffs, Cluster, Hosts, sh},
-    etcd::{Etcd, EtcdSpec},
+    etcd::Etcd,
 };
 
-const PREFIX: &str = "/coreos.com/network";
 const CONFIG: &str = r#"{"Network": "10.0.0.0/16", "SubnetLen": 24, "SubnetMin": "10.0.1.0","SubnetMax": "10.0.20.0", "Backend": {"Type": "vxlan"}}"#;
 
 /// Container `c<i>` behind `cni0` on host `i`, addressed from its lease.
