@@ -444,3 +444,114 @@ fn expect_maps_dump(ids: ProgramIds, peer: &Peer) -> Result<()> {
     );
     Ok(())
 }
+
+/// Pinned state outlives the datapath value, a new value swaps its programs
+/// into the same links (TCX and XDP), a pinned map with another layout is
+/// replaced, and teardown removes the pins and detaches.
+#[test]
+#[ignore = "needs root, network namespaces, bpffs and eBPF: run `cargo xtask test`"]
+fn pinned_links_outlive_the_datapath_and_take_new_programs() -> Result<()> {
+    use overlay_agent::datapath::pins::{PinLayout, link_info, obj_get};
+
+    let lab = Lab::new("pn")?;
+    let a = &lab.nodes[0];
+    let b = &lab.nodes[1];
+    let bpffs = std::env::temp_dir().join(format!("overlay-pin-test-{}", std::process::id()));
+    std::fs::create_dir_all(&bpffs)?;
+    cmd(&format!("mount -t bpf bpf {}", bpffs.display()))?;
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = cmd(&format!("umount -l {}", self.0.display()));
+            let _ = std::fs::remove_dir(&self.0);
+        }
+    }
+    let _unmount = Unmount(bpffs.clone());
+    let layout = PinLayout::new(bpffs.join("overlay"));
+    let options = EbpfOptions {
+        ingress: IngressMode::XdpAndTc,
+        pins: Some(layout.clone()),
+        ..EbpfOptions::default()
+    };
+
+    // An older build's PEER_STATS with another value size: replaced on setup.
+    std::fs::create_dir_all(layout.root())?;
+    cmd(&format!(
+        "bpftool map create {} type hash key 4 value 8 entries 4 name PEER_STATS",
+        layout.map("PEER_STATS").display()
+    ))?;
+
+    let first_options = options.clone();
+    let wa = a.worker(move || EbpfDatapath::new(first_options))?;
+    let wb = b.worker(|| EbpfDatapath::new(EbpfOptions::default()))?;
+    let state_a = setup(&wa, a)?;
+    let state_b = setup(&wb, b)?;
+    add(&wa, b.peer(state_b.vtep_mac)?)?;
+    add(&wb, a.peer(state_a.vtep_mac)?)?;
+    let first = program_ids(&wa)?;
+    let value_size = cmd(&format!(
+        "bpftool -j map show pinned {}",
+        layout.map("PEER_STATS").display()
+    ))?;
+    let value_size: serde_json::Value = serde_json::from_str(&value_size)?;
+    ensure!(
+        value_size["bytes_value"] == 32,
+        "PEER_STATS not replaced: {value_size}"
+    );
+    let link_of = |program: &str| -> Result<(u32, u32)> {
+        let info = link_info(&obj_get(&layout.link(program))?)?;
+        Ok((info.id, info.prog_id))
+    };
+    let links = [PROG_EGRESS, PROG_INGRESS_TC, PROG_INGRESS_XDP];
+    let before: Vec<(u32, u32)> = links.iter().map(|p| link_of(p)).collect::<Result<_>>()?;
+
+    // The value goes (as when the agent exits): everything stays attached
+    // and traffic still flows through the programs.
+    drop(wa);
+    expect_attached(a, first)?;
+    let sent_before = counters_from_pins(&layout)?;
+    ping(&a.container, "10.77.2.2")?;
+    ensure!(
+        counters_from_pins(&layout)? > sent_before,
+        "nothing encapsulated while no datapath value existed"
+    );
+
+    // A new value reopens the maps and swaps new programs into the same links.
+    let wa = a.worker(move || EbpfDatapath::new(options))?;
+    let again = setup(&wa, a)?;
+    ensure!(again == state_a, "{again:?}");
+    let second = program_ids(&wa)?;
+    ensure!(
+        second.egress != first.egress
+            && second.ingress_tc != first.ingress_tc
+            && second.ingress_xdp != first.ingress_xdp,
+        "{first:?} -> {second:?}"
+    );
+    expect_attached(a, second)?;
+    let after: Vec<(u32, u32)> = links.iter().map(|p| link_of(p)).collect::<Result<_>>()?;
+    for ((link0, prog0), (link1, prog1)) in before.iter().zip(&after) {
+        ensure!(
+            link0 == link1 && prog0 != prog1,
+            "expected the same link with a new program: {before:?} -> {after:?}"
+        );
+    }
+    ensure!(peers(&wa)?.len() == 1, "the reopened maps lost the peer");
+    ping(&a.container, "10.77.2.2")?;
+
+    wa.run(|dp, rt| rt.block_on(dp.teardown()))?;
+    let att = attached(&a.ns)?;
+    ensure!(att == Attached::default(), "left attached: {att:?}");
+    ensure!(
+        !layout.root().exists(),
+        "pins left in {}",
+        layout.root().display()
+    );
+    wb.run(|dp, rt| rt.block_on(dp.teardown()))?;
+    Ok(())
+}
+
+/// Packets encapsulated so far, read from the pinned COUNTERS map.
+fn counters_from_pins(layout: &overlay_agent::datapath::pins::PinLayout) -> Result<u64> {
+    let state = overlay_agent::inspect::read(layout)?.context("no pins")?;
+    Ok(state.counters.get(Reason::Encapsulated).packets)
+}
