@@ -13,7 +13,7 @@ use overlay_agent::{
     cli::{Cli, Command, DatapathChoice, IngressChoice},
     config::NetworkConfig,
     datapath::{
-        Datapath, DatapathError, Mode, NodeSpec, NodeState, Peer,
+        AnyDatapath, Datapath, NodeSpec, NodeState,
         ebpf::{EbpfDatapath, EbpfOptions, IngressMode},
         kernel::KernelDatapath,
         pins::{DEFAULT_PIN_DIR, PinLayout},
@@ -62,51 +62,6 @@ fn main() -> ExitCode {
         Err(e) => {
             log::error!("{e:#}");
             ExitCode::FAILURE
-        }
-    }
-}
-
-/// Either datapath behind one type, so one reconciler serves both.
-enum AnyDatapath {
-    Ebpf(EbpfDatapath),
-    Kernel(KernelDatapath),
-}
-
-impl Datapath for AnyDatapath {
-    fn mode(&self) -> Mode {
-        match self {
-            AnyDatapath::Ebpf(d) => d.mode(),
-            AnyDatapath::Kernel(d) => d.mode(),
-        }
-    }
-    async fn setup(&mut self, node: &NodeSpec) -> Result<NodeState, DatapathError> {
-        match self {
-            AnyDatapath::Ebpf(d) => d.setup(node).await,
-            AnyDatapath::Kernel(d) => d.setup(node).await,
-        }
-    }
-    async fn add_peer(&mut self, peer: &Peer) -> Result<(), DatapathError> {
-        match self {
-            AnyDatapath::Ebpf(d) => d.add_peer(peer).await,
-            AnyDatapath::Kernel(d) => d.add_peer(peer).await,
-        }
-    }
-    async fn remove_peer(&mut self, peer: &Peer) -> Result<(), DatapathError> {
-        match self {
-            AnyDatapath::Ebpf(d) => d.remove_peer(peer).await,
-            AnyDatapath::Kernel(d) => d.remove_peer(peer).await,
-        }
-    }
-    async fn peers(&mut self) -> Result<Vec<Peer>, DatapathError> {
-        match self {
-            AnyDatapath::Ebpf(d) => d.peers().await,
-            AnyDatapath::Kernel(d) => d.peers().await,
-        }
-    }
-    async fn teardown(&mut self) -> Result<(), DatapathError> {
-        match self {
-            AnyDatapath::Ebpf(d) => d.teardown().await,
-            AnyDatapath::Kernel(d) => d.teardown().await,
         }
     }
 }

@@ -15,7 +15,7 @@ use std::{
 
 use anyhow::{Context, Result, anyhow, bail};
 use overlay_agent::datapath::{
-    Datapath, DatapathError, Mode, NodeSpec, NodeState, Peer,
+    AnyDatapath, Datapath, DatapathError, Mode, NodeSpec, NodeState, Peer,
     ebpf::{Counters, EbpfDatapath, EbpfOptions, ProgramIds},
     kernel::KernelDatapath,
 };
@@ -35,44 +35,6 @@ impl Flavor {
         match self {
             Flavor::Ebpf(_) => Mode::Ebpf,
             Flavor::Kernel => Mode::Kernel,
-        }
-    }
-}
-
-enum AnyDatapath {
-    Ebpf(EbpfDatapath),
-    Kernel(KernelDatapath),
-}
-
-impl AnyDatapath {
-    async fn setup(&mut self, spec: &NodeSpec) -> Result<NodeState, DatapathError> {
-        match self {
-            AnyDatapath::Ebpf(d) => d.setup(spec).await,
-            AnyDatapath::Kernel(d) => d.setup(spec).await,
-        }
-    }
-    async fn add_peer(&mut self, peer: &Peer) -> Result<(), DatapathError> {
-        match self {
-            AnyDatapath::Ebpf(d) => d.add_peer(peer).await,
-            AnyDatapath::Kernel(d) => d.add_peer(peer).await,
-        }
-    }
-    async fn remove_peer(&mut self, peer: &Peer) -> Result<(), DatapathError> {
-        match self {
-            AnyDatapath::Ebpf(d) => d.remove_peer(peer).await,
-            AnyDatapath::Kernel(d) => d.remove_peer(peer).await,
-        }
-    }
-    async fn peers(&mut self) -> Result<Vec<Peer>, DatapathError> {
-        match self {
-            AnyDatapath::Ebpf(d) => d.peers().await,
-            AnyDatapath::Kernel(d) => d.peers().await,
-        }
-    }
-    async fn teardown(&mut self) -> Result<(), DatapathError> {
-        match self {
-            AnyDatapath::Ebpf(d) => d.teardown().await,
-            AnyDatapath::Kernel(d) => d.teardown().await,
         }
     }
 }

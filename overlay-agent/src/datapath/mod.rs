@@ -150,3 +150,61 @@ pub trait Datapath {
     /// Remove everything `setup` and `add_peer` created.
     async fn teardown(&mut self) -> Result<(), DatapathError>;
 }
+
+/// Either datapath behind one type, chosen at run time (the agent's
+/// `--datapath auto` decides only when eBPF has loaded or failed), so one
+/// reconciler serves both.
+#[derive(Debug)]
+pub enum AnyDatapath {
+    Ebpf(ebpf::EbpfDatapath),
+    Kernel(kernel::KernelDatapath),
+}
+
+impl AnyDatapath {
+    /// The eBPF datapath, when that is the one running.
+    pub fn as_ebpf(&self) -> Option<&ebpf::EbpfDatapath> {
+        match self {
+            AnyDatapath::Ebpf(d) => Some(d),
+            AnyDatapath::Kernel(_) => None,
+        }
+    }
+}
+
+impl Datapath for AnyDatapath {
+    fn mode(&self) -> Mode {
+        match self {
+            AnyDatapath::Ebpf(d) => d.mode(),
+            AnyDatapath::Kernel(d) => d.mode(),
+        }
+    }
+    async fn setup(&mut self, node: &NodeSpec) -> Result<NodeState, DatapathError> {
+        match self {
+            AnyDatapath::Ebpf(d) => d.setup(node).await,
+            AnyDatapath::Kernel(d) => d.setup(node).await,
+        }
+    }
+    async fn add_peer(&mut self, peer: &Peer) -> Result<(), DatapathError> {
+        match self {
+            AnyDatapath::Ebpf(d) => d.add_peer(peer).await,
+            AnyDatapath::Kernel(d) => d.add_peer(peer).await,
+        }
+    }
+    async fn remove_peer(&mut self, peer: &Peer) -> Result<(), DatapathError> {
+        match self {
+            AnyDatapath::Ebpf(d) => d.remove_peer(peer).await,
+            AnyDatapath::Kernel(d) => d.remove_peer(peer).await,
+        }
+    }
+    async fn peers(&mut self) -> Result<Vec<Peer>, DatapathError> {
+        match self {
+            AnyDatapath::Ebpf(d) => d.peers().await,
+            AnyDatapath::Kernel(d) => d.peers().await,
+        }
+    }
+    async fn teardown(&mut self) -> Result<(), DatapathError> {
+        match self {
+            AnyDatapath::Ebpf(d) => d.teardown().await,
+            AnyDatapath::Kernel(d) => d.teardown().await,
+        }
+    }
+}
