@@ -23,6 +23,7 @@ use overlay_agent::{
         own::{self, AcquireError, Keeper, NodeIdentity, OwnLease, Renewal},
         watch::LeaseWatcher,
     },
+    health::{self, Health, PeerTrafficMetric, Phase},
     iface::{self, ExternalInterface},
     ipmasq::{self, Rule},
     mac::MacAddr,
@@ -74,8 +75,9 @@ async fn run(cli: Cli) -> Result<()> {
         cli.etcd_prefix,
         cli.datapath
     );
+    let health = Health::new();
     if cli.healthz_port > 0 {
-        spawn_healthz(&cli).await?;
+        spawn_healthz(&cli, health.clone()).await?;
     }
 
     // 1. etcd and the network config: nothing on the host is touched yet.
@@ -117,6 +119,7 @@ async fn run(cli: Cli) -> Result<()> {
     );
 
     // 2. Our lease.
+    health.set_phase(Phase::AcquiringLease);
     let timing = cli.lease_timing();
     let previous = subnet_env::read_previous_subnet(&cli.subnet_file);
     let node = NodeIdentity {
@@ -130,6 +133,7 @@ async fn run(cli: Cli) -> Result<()> {
     .await?;
 
     // 3. The datapath.
+    health.set_phase(Phase::ProgrammingDatapath);
     let spec = node_spec(&config, &ext, &lease);
     let (mut dp, state) = start_datapath(&cli, &spec).await?;
     if state.vtep_mac != lease.vtep_mac {
@@ -176,6 +180,8 @@ async fn run(cli: Cli) -> Result<()> {
             )
         })?;
     let mut watcher = LeaseWatcher::new(reg.clone(), snapshot.revision);
+    refresh_health(&health, &mut rec, &lease, &watcher);
+    health.set_phase(Phase::Running);
     log::info!(
         "running: lease {} on {} ({} datapath), {} peer(s) programmed",
         lease.subnet,
@@ -183,18 +189,33 @@ async fn run(cli: Cli) -> Result<()> {
         dp_mode,
         rec.programmed().len()
     );
+    let status_line = format!(
+        "lease {} on {} ({} datapath)",
+        lease.subnet, state.device, dp_mode
+    );
+    match overlay_agent::notify::ready(&status_line) {
+        Ok(true) => log::info!("told systemd we are ready"),
+        Ok(false) => {}
+        Err(e) => log::warn!("{e}: {}", e.source),
+    }
 
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
     let mut retry = tokio::time::interval(Duration::from_secs(5));
     let mut iptables_resync = tokio::time::interval(Duration::from_secs(cli.iptables_resync));
+    let mut health_tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
             _ = sigterm.recv() => break,
             events = watcher.next() => {
+                let t0 = std::time::Instant::now();
                 rec.apply(&events);
                 rec.converge().await;
+                health.lock().reconcile.observe(t0.elapsed());
+            }
+            _ = health_tick.tick() => {
+                refresh_health(&health, &mut rec, &lease, &watcher);
             }
             changed = own_rx.changed() => {
                 if changed.is_err() {
@@ -204,6 +225,7 @@ async fn run(cli: Cli) -> Result<()> {
                 let new = own_rx.borrow_and_update().clone();
                 if new.subnet != lease.subnet {
                     log::warn!("our subnet moved from {} to {}: re-pointing the datapath", lease.subnet, new.subnet);
+                    health.set_phase(Phase::ProgrammingDatapath);
                     dp = rec.into_datapath();
                     let spec = node_spec(&config, &ext, &new);
                     let state = dp.setup(&spec).await.map_err(|e| anyhow!("re-pointing the datapath to {}: {}", new.subnet, e.reason()))?;
@@ -219,6 +241,7 @@ async fn run(cli: Cli) -> Result<()> {
                     }
                     rules = next;
                     ensure_rules(&rules, true);
+                    health.set_phase(Phase::Running);
                 }
                 lease = new;
             }
@@ -575,8 +598,8 @@ async fn cleanup(cli: Cli) -> Result<()> {
     Ok(())
 }
 
-/// flanneld's healthz: `GET /healthz` answers 200.
-async fn spawn_healthz(cli: &Cli) -> Result<()> {
+/// `/healthz`, `/readyz` and `/metrics` (see `overlay_agent::health`).
+async fn spawn_healthz(cli: &Cli, health: Health) -> Result<()> {
     let addr = (cli.healthz_ip, cli.healthz_port);
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
         format!(
@@ -584,60 +607,63 @@ async fn spawn_healthz(cli: &Cli) -> Result<()> {
             addr.0, addr.1
         )
     })?;
-    log::info!("healthz on http://{}:{}/healthz", addr.0, addr.1);
-    tokio::spawn(serve_healthz(listener));
+    log::info!(
+        "health on http://{}:{}/healthz, /readyz and /metrics",
+        addr.0,
+        addr.1
+    );
+    tokio::spawn(health::serve(listener, health));
     Ok(())
 }
 
-async fn serve_healthz(listener: tokio::net::TcpListener) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    loop {
-        let Ok((mut s, _)) = listener.accept().await else {
-            continue;
-        };
-        tokio::spawn(async move {
-            let mut buf = [0u8; 1024];
-            let n = s.read(&mut buf).await.unwrap_or(0);
-            let req = String::from_utf8_lossy(&buf[..n]);
-            let (status, body) = if req.starts_with("GET /healthz") {
-                ("200 OK", "flanneld is running")
-            } else {
-                ("404 Not Found", "not found")
-            };
-            let resp = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = s.write_all(resp.as_bytes()).await;
-        });
-    }
+/// Refreshes what `/metrics` reports from the loop's state.
+fn refresh_health(
+    health: &Health,
+    rec: &mut Reconciler<AnyDatapath>,
+    lease: &OwnLease,
+    watcher: &LeaseWatcher,
+) {
+    let programmed: Vec<_> = rec.programmed().values().copied().collect();
+    let dp = rec.datapath();
+    let (counters, traffic) = match dp.as_ebpf() {
+        Some(e) => (e.counters().ok(), e.peer_counters().unwrap_or_default()),
+        None => (None, Vec::new()),
+    };
+    let peers = programmed
+        .iter()
+        .map(|p| PeerTrafficMetric {
+            subnet: p.subnet,
+            public_ip: p.public_ip,
+            traffic: traffic
+                .iter()
+                .find(|t| t.public_ip == p.public_ip)
+                .copied()
+                .unwrap_or(overlay_agent::datapath::ebpf::PeerCounters {
+                    public_ip: p.public_ip,
+                    tx: Default::default(),
+                    rx: Default::default(),
+                }),
+        })
+        .collect();
+    let expiry = lease.expires.map(|at| {
+        let left = at.saturating_duration_since(std::time::Instant::now());
+        (std::time::SystemTime::now() + left)
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+    });
+    let mut h = health.lock();
+    h.mode = Some(dp.mode());
+    h.peers_programmed = programmed.len();
+    h.counters = counters;
+    h.peers = peers;
+    h.lease_expiry_unix = expiry;
+    h.reservation = lease.is_reservation();
+    h.etcd_connected = !watcher.is_failing();
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-    async fn get(addr: std::net::SocketAddr, path: &str) -> String {
-        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
-            .await
-            .unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).await.unwrap();
-        out
-    }
-
-    #[tokio::test]
-    async fn healthz_answers_like_flanneld() {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        tokio::spawn(serve_healthz(l));
-        let ok = get(addr, "/healthz").await;
-        assert!(ok.starts_with("HTTP/1.1 200 OK\r\n"), "{ok}");
-        assert!(ok.ends_with("\r\n\r\nflanneld is running"), "{ok}");
-        assert!(get(addr, "/other").await.starts_with("HTTP/1.1 404"));
-    }
 
     #[test]
     fn pin_dir_must_be_on_bpffs() {

@@ -137,6 +137,18 @@ pub struct Agent {
 impl Agent {
     /// Start the agent in `ns` (with bpffs mounted in its mount namespace).
     pub fn start(dir: &Path, name: &str, ns: &str, bin: &Path, args: &[String]) -> Result<Agent> {
+        Self::start_with_env(dir, name, ns, bin, args, &[])
+    }
+
+    /// [`Agent::start`] with extra environment variables.
+    pub fn start_with_env(
+        dir: &Path,
+        name: &str,
+        ns: &str,
+        bin: &Path,
+        args: &[String],
+        env: &[(&str, &str)],
+    ) -> Result<Agent> {
         let log = dir.join(format!("{name}.log"));
         let f = fs::File::create(&log)?;
         let script = format!(
@@ -147,6 +159,7 @@ impl Agent {
             .args(["netns", "exec", ns, "sh", "-c", &script, "agent"])
             .args(args)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(f.try_clone()?)
             .stderr(f)
@@ -239,6 +252,13 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn start(tag: &str, n: usize, config: &str) -> Result<Cluster> {
+        let c = Self::without_config(tag, n)?;
+        c.etcd.put("/coreos.com/network/config", config)?;
+        Ok(c)
+    }
+
+    /// Hosts and etcd, with no network config in etcd yet.
+    pub fn without_config(tag: &str, n: usize) -> Result<Cluster> {
         let bin = crate::binaries::agent()?;
         let hosts = Hosts::new(tag, n)?;
         let etcd = Etcd::start_with(EtcdSpec {
@@ -246,7 +266,6 @@ impl Cluster {
             listen_ip: Some(hosts.ip(1)),
             ..EtcdSpec::default()
         })?;
-        etcd.put("/coreos.com/network/config", config)?;
         Ok(Cluster { hosts, etcd, bin })
     }
 }

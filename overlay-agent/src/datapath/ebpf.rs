@@ -251,6 +251,11 @@ pub struct Counters {
 }
 
 impl Counters {
+    /// Counters with these totals (reasons not listed count zero).
+    pub fn from_totals(totals: Vec<(Reason, Counter)>) -> Self {
+        Counters { totals }
+    }
+
     pub fn get(&self, reason: Reason) -> Counter {
         self.totals
             .iter()

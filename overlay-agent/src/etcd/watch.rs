@@ -74,6 +74,12 @@ impl LeaseWatcher {
         }
     }
 
+    /// Whether the watch has failed since it last worked (etcd unreachable,
+    /// or the stream broke and is being re-opened).
+    pub fn is_failing(&self) -> bool {
+        self.failing
+    }
+
     /// The revision the watch resumes from.
     pub fn next_revision(&self) -> i64 {
         self.next_revision

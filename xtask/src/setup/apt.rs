@@ -36,6 +36,10 @@ pub const PACKAGES: &[(&str, &str)] = &[
     ("ethtool", "offload settings and NIC statistics"),
     ("iptables", "the -i flannel.<VNI> rule test"),
     ("procps", "sysctl"),
+    (
+        "curl",
+        "scraping /healthz, /readyz and /metrics in the tests",
+    ),
     ("openssl", "certificates for the etcd TLS tests"),
 ];
 

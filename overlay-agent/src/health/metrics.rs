@@ -1,0 +1,293 @@
+//! `/metrics` in the Prometheus text exposition format (0.0.4).
+
+use std::fmt::Write as _;
+
+use overlay_common::counters::Reason;
+
+use super::state::{HealthState, RECONCILE_BUCKETS};
+use crate::datapath::Mode;
+
+/// Reads one per-peer series' value.
+type PeerValue = fn(&super::state::PeerTrafficMetric) -> u64;
+
+/// Escapes a label value (backslash, double quote, newline).
+pub fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+/// Renders every metric. Metrics that do not apply (eBPF counters on the
+/// kernel datapath, the expiry of a reservation) are left out, not zero.
+pub fn render(s: &HealthState, version: &str) -> String {
+    let mut out = String::new();
+    header(
+        &mut out,
+        "overlay_build_info",
+        "gauge",
+        "The agent's version.",
+    );
+    let _ = writeln!(
+        out,
+        "overlay_build_info{{version=\"{}\"}} 1",
+        escape(version)
+    );
+
+    header(
+        &mut out,
+        "overlay_ready",
+        "gauge",
+        "1 when the lease is held and the datapath programmed (/readyz).",
+    );
+    let _ = writeln!(
+        out,
+        "overlay_ready {}",
+        u8::from(s.phase.not_ready_reason().is_none())
+    );
+
+    header(
+        &mut out,
+        "overlay_datapath_mode",
+        "gauge",
+        "The datapath moving the packets: 1 for the one in use.",
+    );
+    for mode in [Mode::Ebpf, Mode::Kernel] {
+        let _ = writeln!(
+            out,
+            "overlay_datapath_mode{{mode=\"{mode}\"}} {}",
+            u8::from(s.mode == Some(mode))
+        );
+    }
+
+    header(
+        &mut out,
+        "overlay_etcd_connected",
+        "gauge",
+        "1 while the watch of the subnet leases in etcd works.",
+    );
+    let _ = writeln!(out, "overlay_etcd_connected {}", u8::from(s.etcd_connected));
+
+    header(
+        &mut out,
+        "overlay_lease_reservation",
+        "gauge",
+        "1 when this node's subnet is a reservation (no expiry).",
+    );
+    let _ = writeln!(out, "overlay_lease_reservation {}", u8::from(s.reservation));
+    if let Some(t) = s.lease_expiry_unix {
+        header(
+            &mut out,
+            "overlay_lease_expiry_timestamp_seconds",
+            "gauge",
+            "When this node's subnet lease expires unless renewed (Unix time).",
+        );
+        let _ = writeln!(out, "overlay_lease_expiry_timestamp_seconds {t}");
+    }
+
+    header(
+        &mut out,
+        "overlay_peers_programmed",
+        "gauge",
+        "Other nodes' subnets programmed in the datapath.",
+    );
+    let _ = writeln!(out, "overlay_peers_programmed {}", s.peers_programmed);
+
+    if let Some(c) = &s.counters {
+        header(
+            &mut out,
+            "overlay_datapath_packets_total",
+            "counter",
+            "Packets the eBPF programs handled, by verdict reason.",
+        );
+        for reason in Reason::ALL {
+            let _ = writeln!(
+                out,
+                "overlay_datapath_packets_total{{reason=\"{}\"}} {}",
+                reason.name(),
+                c.get(reason).packets
+            );
+        }
+        header(
+            &mut out,
+            "overlay_datapath_bytes_total",
+            "counter",
+            "Bytes the eBPF programs handled, by verdict reason.",
+        );
+        for reason in Reason::ALL {
+            let _ = writeln!(
+                out,
+                "overlay_datapath_bytes_total{{reason=\"{}\"}} {}",
+                reason.name(),
+                c.get(reason).bytes
+            );
+        }
+    }
+
+    if s.mode == Some(Mode::Ebpf) {
+        let series: [(&str, &str, PeerValue); 4] = [
+            (
+                "overlay_peer_tx_packets_total",
+                "Packets encapsulated to the peer.",
+                |p| p.traffic.tx.packets,
+            ),
+            (
+                "overlay_peer_tx_bytes_total",
+                "Bytes encapsulated to the peer (inner frames).",
+                |p| p.traffic.tx.bytes,
+            ),
+            (
+                "overlay_peer_rx_packets_total",
+                "VXLAN packets from the peer accepted by the programs.",
+                |p| p.traffic.rx.packets,
+            ),
+            (
+                "overlay_peer_rx_bytes_total",
+                "Bytes of VXLAN packets from the peer accepted (outer frames).",
+                |p| p.traffic.rx.bytes,
+            ),
+        ];
+        for (name, help, value) in series {
+            header(&mut out, name, "counter", help);
+            for p in &s.peers {
+                let _ = writeln!(
+                    out,
+                    "{name}{{subnet=\"{}\",public_ip=\"{}\"}} {}",
+                    escape(&p.subnet.to_string()),
+                    p.public_ip,
+                    value(p)
+                );
+            }
+        }
+    }
+
+    let name = "overlay_reconcile_duration_seconds";
+    header(
+        &mut out,
+        name,
+        "histogram",
+        "Time to apply a batch of lease changes from etcd to the datapath.",
+    );
+    let h = &s.reconcile;
+    for (bound, n) in RECONCILE_BUCKETS.iter().zip(h.buckets.iter()) {
+        let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {n}");
+    }
+    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", h.count);
+    let _ = writeln!(out, "{name}_sum {}", h.sum_seconds);
+    let _ = writeln!(out, "{name}_count {}", h.count);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use overlay_common::counters::Counter;
+
+    use super::*;
+    use crate::{
+        datapath::ebpf::{Counters, PeerCounters},
+        health::state::{PeerTrafficMetric, Phase},
+    };
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(escape(r#"a"b\c"#), r#"a\"b\\c"#);
+        assert_eq!(escape("x\ny"), "x\\ny");
+    }
+
+    #[test]
+    fn kernel_datapath_before_the_lease() {
+        let s = HealthState {
+            phase: Phase::AcquiringLease,
+            mode: None,
+            ..HealthState::default()
+        };
+        let text = render(&s, "0.1.0");
+        assert!(text.starts_with(
+            "# HELP overlay_build_info The agent's version.\n# TYPE overlay_build_info gauge\noverlay_build_info{version=\"0.1.0\"} 1\n"
+        ));
+        assert!(text.contains("\noverlay_ready 0\n"));
+        assert!(text.contains(
+            "\noverlay_datapath_mode{mode=\"ebpf\"} 0\noverlay_datapath_mode{mode=\"kernel\"} 0\n"
+        ));
+        assert!(!text.contains("overlay_datapath_packets_total"));
+        assert!(!text.contains("overlay_lease_expiry_timestamp_seconds"));
+        assert!(text.ends_with(
+            "overlay_reconcile_duration_seconds_bucket{le=\"+Inf\"} 0\noverlay_reconcile_duration_seconds_sum 0\noverlay_reconcile_duration_seconds_count 0\n"
+        ));
+    }
+
+    #[test]
+    fn ebpf_datapath_running() {
+        let mut s = HealthState {
+            phase: Phase::Running,
+            mode: Some(Mode::Ebpf),
+            lease_expiry_unix: Some(1_800_000_000),
+            etcd_connected: true,
+            peers_programmed: 1,
+            counters: Some(Counters::from_totals(vec![(
+                Reason::Encapsulated,
+                Counter {
+                    packets: 5,
+                    bytes: 500,
+                },
+            )])),
+            peers: vec![PeerTrafficMetric {
+                subnet: "10.5.53.0/24".parse().unwrap(),
+                public_ip: "192.168.64.4".parse().unwrap(),
+                traffic: PeerCounters {
+                    public_ip: "192.168.64.4".parse().unwrap(),
+                    tx: Counter {
+                        packets: 5,
+                        bytes: 500,
+                    },
+                    rx: Counter {
+                        packets: 3,
+                        bytes: 450,
+                    },
+                },
+            }],
+            ..HealthState::default()
+        };
+        s.reconcile.observe(Duration::from_millis(3));
+        let text = render(&s, "0.1.0");
+        for line in [
+            "overlay_ready 1",
+            "overlay_datapath_mode{mode=\"ebpf\"} 1",
+            "overlay_etcd_connected 1",
+            "overlay_lease_expiry_timestamp_seconds 1800000000",
+            "overlay_peers_programmed 1",
+            "overlay_datapath_packets_total{reason=\"encapsulated\"} 5",
+            "overlay_datapath_bytes_total{reason=\"encapsulated\"} 500",
+            "overlay_datapath_packets_total{reason=\"drop_unknown_vtep\"} 0",
+            "overlay_peer_tx_packets_total{subnet=\"10.5.53.0/24\",public_ip=\"192.168.64.4\"} 5",
+            "overlay_peer_rx_bytes_total{subnet=\"10.5.53.0/24\",public_ip=\"192.168.64.4\"} 450",
+            "overlay_reconcile_duration_seconds_bucket{le=\"0.0025\"} 0",
+            "overlay_reconcile_duration_seconds_bucket{le=\"0.005\"} 1",
+            "overlay_reconcile_duration_seconds_count 1",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
+        }
+        // Every sample line belongs to a family announced by # TYPE.
+        let mut typed = Vec::new();
+        for l in text.lines() {
+            if let Some(rest) = l.strip_prefix("# TYPE ") {
+                typed.push(rest.split(' ').next().unwrap().to_owned());
+            } else if !l.starts_with('#') {
+                let name = l.split(['{', ' ']).next().unwrap();
+                assert!(
+                    typed.iter().any(|t| name.starts_with(t.as_str())),
+                    "untyped sample {l}"
+                );
+            }
+        }
+    }
+}

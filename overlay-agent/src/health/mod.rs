@@ -1,0 +1,101 @@
+//! The health endpoints on `--healthz-ip:--healthz-port`: `/healthz` as
+//! flanneld answers it (alive), `/readyz` (lease held and datapath
+//! programmed) and `/metrics` (Prometheus text format). A small HTTP/1.1
+//! responder: one request per connection, GET only.
+
+pub mod metrics;
+pub mod state;
+
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpListener,
+};
+
+pub use state::{Health, HealthState, PeerTrafficMetric, Phase};
+
+/// Status line, content type and body for a request line.
+pub fn respond(request: &str, health: &Health) -> (&'static str, &'static str, String) {
+    let path = request
+        .strip_prefix("GET ")
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or("");
+    let path = path.split('?').next().unwrap_or(path);
+    const TEXT: &str = "text/plain; charset=utf-8";
+    match path {
+        "/healthz" => ("200 OK", TEXT, "flanneld is running".to_owned()),
+        "/readyz" => match health.lock().phase.not_ready_reason() {
+            None => ("200 OK", TEXT, "ready".to_owned()),
+            Some(why) => ("503 Service Unavailable", TEXT, format!("not ready: {why}")),
+        },
+        "/metrics" => {
+            let state = health.lock().clone();
+            (
+                "200 OK",
+                "text/plain; version=0.0.4; charset=utf-8",
+                metrics::render(&state, env!("CARGO_PKG_VERSION")),
+            )
+        }
+        _ => ("404 Not Found", TEXT, "not found".to_owned()),
+    }
+}
+
+/// Serves until the runtime stops.
+pub async fn serve(listener: TcpListener, health: Health) {
+    loop {
+        let Ok((mut s, _)) = listener.accept().await else {
+            continue;
+        };
+        let health = health.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 1024];
+            let n = s.read(&mut buf).await.unwrap_or(0);
+            let req = String::from_utf8_lossy(&buf[..n]);
+            let (status, content_type, body) = respond(&req, &health);
+            let resp = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = s.write_all(resp.as_bytes()).await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn get(addr: std::net::SocketAddr, path: &str) -> String {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    }
+
+    #[tokio::test]
+    async fn routes_like_flanneld_plus_readiness_and_metrics() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let health = Health::new();
+        tokio::spawn(serve(l, health.clone()));
+        let ok = get(addr, "/healthz").await;
+        assert!(ok.starts_with("HTTP/1.1 200 OK\r\n"), "{ok}");
+        assert!(ok.ends_with("\r\n\r\nflanneld is running"), "{ok}");
+        let not_ready = get(addr, "/readyz").await;
+        assert!(not_ready.starts_with("HTTP/1.1 503 "), "{not_ready}");
+        assert!(
+            not_ready.ends_with("not ready: waiting for the network config in etcd"),
+            "{not_ready}"
+        );
+        health.set_phase(Phase::Running);
+        assert!(get(addr, "/readyz").await.starts_with("HTTP/1.1 200 OK"));
+        let m = get(addr, "/metrics").await;
+        assert!(m.contains("Content-Type: text/plain; version=0.0.4"), "{m}");
+        assert!(m.contains("\r\n\r\n# HELP overlay_build_info"), "{m}");
+        assert!(m.contains("\noverlay_ready 1\n"), "{m}");
+        assert!(get(addr, "/other").await.starts_with("HTTP/1.1 404"));
+        assert!(get(addr, "/metrics?x=1").await.contains("overlay_ready 1"));
+    }
+}

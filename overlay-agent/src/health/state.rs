@@ -1,0 +1,126 @@
+//! What the health endpoints report, updated by the agent's main loop.
+
+use std::{
+    net::Ipv4Addr,
+    sync::{Arc, Mutex, MutexGuard},
+    time::Duration,
+};
+
+use ipnet::Ipv4Net;
+
+use crate::datapath::{
+    Mode,
+    ebpf::{Counters, PeerCounters},
+};
+
+/// Where start-up is; the agent is ready only in [`Phase::Running`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Phase {
+    #[default]
+    WaitingForConfig,
+    AcquiringLease,
+    ProgrammingDatapath,
+    Running,
+}
+
+impl Phase {
+    /// Why `/readyz` says no.
+    pub fn not_ready_reason(self) -> Option<&'static str> {
+        match self {
+            Phase::WaitingForConfig => Some("waiting for the network config in etcd"),
+            Phase::AcquiringLease => Some("acquiring a subnet lease"),
+            Phase::ProgrammingDatapath => Some("programming the datapath"),
+            Phase::Running => None,
+        }
+    }
+}
+
+/// One peer's line in the metrics.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerTrafficMetric {
+    pub subnet: Ipv4Net,
+    pub public_ip: Ipv4Addr,
+    pub traffic: PeerCounters,
+}
+
+/// Upper bounds (seconds) of the reconcile-latency histogram.
+pub const RECONCILE_BUCKETS: [f64; 8] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.5, 1.0];
+
+/// A Prometheus histogram: cumulative counts per bound, then +Inf = count.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Histogram {
+    pub buckets: [u64; RECONCILE_BUCKETS.len()],
+    pub count: u64,
+    pub sum_seconds: f64,
+}
+
+impl Histogram {
+    pub fn observe(&mut self, d: Duration) {
+        let s = d.as_secs_f64();
+        for (bound, n) in RECONCILE_BUCKETS.iter().zip(self.buckets.iter_mut()) {
+            if s <= *bound {
+                *n += 1;
+            }
+        }
+        self.count += 1;
+        self.sum_seconds += s;
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct HealthState {
+    pub phase: Phase,
+    pub mode: Option<Mode>,
+    /// Our lease's expiry as a Unix time; `None` with no lease or a reservation.
+    pub lease_expiry_unix: Option<u64>,
+    pub reservation: bool,
+    /// The lease watch on etcd works (it has not failed since it last succeeded).
+    pub etcd_connected: bool,
+    pub peers_programmed: usize,
+    /// eBPF datapath only.
+    pub counters: Option<Counters>,
+    pub peers: Vec<PeerTrafficMetric>,
+    pub reconcile: Histogram,
+}
+
+/// Shared between the main loop (writer) and the HTTP server (reader).
+#[derive(Clone, Debug, Default)]
+pub struct Health(Arc<Mutex<HealthState>>);
+
+impl Health {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The state to read or change; a poisoned lock (a panic elsewhere) still
+    /// yields the data, since every field is valid on its own.
+    pub fn lock(&self) -> MutexGuard<'_, HealthState> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn set_phase(&self, phase: Phase) {
+        self.lock().phase = phase;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_cumulative() {
+        let mut h = Histogram::default();
+        h.observe(Duration::from_micros(800));
+        h.observe(Duration::from_millis(7));
+        h.observe(Duration::from_secs(2));
+        assert_eq!(h.buckets, [1, 1, 1, 2, 2, 2, 2, 2]);
+        assert_eq!(h.count, 3);
+        assert!((h.sum_seconds - 2.0078).abs() < 1e-9);
+    }
+
+    #[test]
+    fn only_running_is_ready() {
+        assert_eq!(Phase::Running.not_ready_reason(), None);
+        assert!(Phase::AcquiringLease.not_ready_reason().is_some());
+    }
+}
