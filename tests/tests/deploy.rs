@@ -1,0 +1,298 @@
+//! The deployment files in `deploy/` carry what the agent needs: the
+//! DaemonSet (host network, capabilities, bpffs and flannel's directories,
+//! probes on the health endpoints the agent serves, a config the agent
+//! accepts, rolling updates), the systemd unit (Type=notify, restart on
+//! failure) and the image (multi-stage, the binary where the manifest runs it).
+//! The agent's side of `Type=notify` is tested in `health.rs`.
+
+use std::{collections::BTreeMap, path::PathBuf};
+
+use anyhow::{Context, Result, ensure};
+use serde_yaml::Value;
+
+fn deploy(path: &str) -> Result<String> {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy")
+        .join(path);
+    std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))
+}
+
+fn manifests() -> Result<Vec<Value>> {
+    let text = deploy("kubernetes/kube-overlay.yml")?;
+    let mut docs = Vec::new();
+    for doc in serde_yaml::Deserializer::from_str(&text) {
+        let v = <Value as serde::Deserialize>::deserialize(doc)?;
+        if !v.is_null() {
+            docs.push(v);
+        }
+    }
+    Ok(docs)
+}
+
+fn kind<'a>(docs: &'a [Value], kind: &str) -> Result<&'a Value> {
+    docs.iter()
+        .find(|d| d["kind"] == kind)
+        .with_context(|| format!("no {kind} in kube-overlay.yml"))
+}
+
+fn strs(v: &Value) -> Vec<String> {
+    v.as_sequence()
+        .map(|s| {
+            s.iter()
+                .filter_map(|x| x.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn daemonset_has_host_network_capabilities_mounts_and_probes() -> Result<()> {
+    let docs = manifests()?;
+    let ds = kind(&docs, "DaemonSet")?;
+    let pod = &ds["spec"]["template"]["spec"];
+    ensure!(pod["hostNetwork"] == true, "hostNetwork");
+    ensure!(pod["priorityClassName"] == "system-node-critical");
+    let agent = pod["containers"]
+        .as_sequence()
+        .and_then(|c| c.iter().find(|c| c["name"] == "overlay-agent"))
+        .context("no overlay-agent container")?;
+
+    let caps = strs(&agent["securityContext"]["capabilities"]["add"]);
+    let privileged = agent["securityContext"]["privileged"] == true;
+    for cap in ["NET_ADMIN", "NET_RAW", "BPF", "PERFMON"] {
+        ensure!(
+            privileged || caps.iter().any(|c| c == cap),
+            "capability {cap} missing: {caps:?}"
+        );
+    }
+
+    // Each volume mount resolves to the host path it must be.
+    let volumes: BTreeMap<String, &Value> = pod["volumes"]
+        .as_sequence()
+        .context("volumes")?
+        .iter()
+        .map(|v| (v["name"].as_str().unwrap_or("").to_owned(), v))
+        .collect();
+    let host_path_of = |mount_path: &str| -> Option<String> {
+        let m = agent["volumeMounts"]
+            .as_sequence()?
+            .iter()
+            .find(|m| m["mountPath"] == mount_path)?;
+        let vol = volumes.get(m["name"].as_str()?)?;
+        vol["hostPath"]["path"].as_str().map(str::to_owned)
+    };
+    for (mount, host) in [
+        ("/sys/fs/bpf", "/sys/fs/bpf"),
+        ("/run/flannel", "/run/flannel"),
+        ("/run/xtables.lock", "/run/xtables.lock"),
+        ("/lib/modules", "/lib/modules"),
+    ] {
+        ensure!(
+            host_path_of(mount).as_deref() == Some(host),
+            "{mount} is not the host's {host}"
+        );
+    }
+    // The CNI directory is written by the install-cni init container.
+    let inits = pod["initContainers"]
+        .as_sequence()
+        .context("initContainers")?;
+    let cni = inits
+        .iter()
+        .find(|c| c["name"] == "install-cni")
+        .context("install-cni")?;
+    let cni_vol = cni["volumeMounts"]
+        .as_sequence()
+        .and_then(|m| m.iter().find(|m| m["mountPath"] == "/etc/cni/net.d"))
+        .context("install-cni mounts no /etc/cni/net.d")?;
+    ensure!(volumes[cni_vol["name"].as_str().unwrap()]["hostPath"]["path"] == "/etc/cni/net.d");
+    ensure!(strs(&cni["args"]).contains(&"/etc/cni/net.d/10-flannel.conflist".to_owned()));
+
+    // Probes hit the endpoints the agent serves, on the port it is told.
+    let args = strs(&agent["args"]);
+    let port: u64 = args
+        .iter()
+        .find_map(|a| a.strip_prefix("--healthz-port="))
+        .context("no --healthz-port")?
+        .parse()?;
+    ensure!(
+        args.contains(&"--healthz-ip=0.0.0.0".to_owned()),
+        "{args:?}"
+    );
+    ensure!(agent["livenessProbe"]["httpGet"]["path"] == "/healthz");
+    ensure!(agent["livenessProbe"]["httpGet"]["port"].as_u64() == Some(port));
+    ensure!(agent["readinessProbe"]["httpGet"]["path"] == "/readyz");
+    ensure!(agent["readinessProbe"]["httpGet"]["port"].as_u64() == Some(port));
+    ensure!(
+        args.iter()
+            .any(|a| a == "--bpf-pin-dir=/sys/fs/bpf/overlay"),
+        "pins must live on the host's bpffs for hitless pod replacement: {args:?}"
+    );
+    // Every flag given is one the agent accepts.
+    let mut argv = vec!["overlay-agent".to_owned()];
+    argv.extend(args.iter().map(|a| a.replace("$(POD_IP)", "10.0.0.5")));
+    overlay_agent::cli::Cli::parse_from_go(argv).map_err(|e| anyhow::anyhow!("{e}"))?;
+
+    let strategy = &ds["spec"]["updateStrategy"];
+    ensure!(strategy["type"] == "RollingUpdate");
+    ensure!(strategy["rollingUpdate"]["maxUnavailable"].as_u64() == Some(1));
+    Ok(())
+}
+
+#[test]
+fn configmap_holds_a_network_config_the_agent_accepts_and_a_flannel_cni_config() -> Result<()> {
+    let docs = manifests()?;
+    let cm = kind(&docs, "ConfigMap")?;
+    let net = cm["data"]["net-conf.json"]
+        .as_str()
+        .context("net-conf.json")?;
+    let config = overlay_agent::config::NetworkConfig::parse(net.as_bytes())
+        .map_err(|e| anyhow::anyhow!("net-conf.json: {e}"))?;
+    ensure!(config.network.to_string() == "10.244.0.0/16");
+    let cni: serde_json::Value = serde_json::from_str(
+        cm["data"]["cni-conf.json"]
+            .as_str()
+            .context("cni-conf.json")?,
+    )?;
+    ensure!(cni["plugins"][0]["type"] == "flannel", "{cni}");
+    // The init container puts it in etcd only when absent.
+    let ds = kind(&docs, "DaemonSet")?;
+    let put = ds["spec"]["template"]["spec"]["initContainers"]
+        .as_sequence()
+        .and_then(|c| c.iter().find(|c| c["name"] == "put-network-config"))
+        .context("put-network-config")?;
+    let script = strs(&put["command"]).join(" ");
+    ensure!(
+        script.contains("etcdctl") && script.contains("create(") && script.contains("= \"0\""),
+        "{script}"
+    );
+    Ok(())
+}
+
+#[test]
+fn systemd_unit_is_type_notify_and_restarts_on_failure() -> Result<()> {
+    let unit = deploy("systemd/overlay-agent.service")?;
+    let mut section = String::new();
+    let mut keys: BTreeMap<(String, String), String> = BTreeMap::new();
+    for line in unit.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        if let Some(s) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            section = s.to_owned();
+        } else if let Some((k, v)) = line.split_once('=') {
+            keys.insert((section.clone(), k.to_owned()), v.to_owned());
+        }
+    }
+    let get = |s: &str, k: &str| keys.get(&(s.to_owned(), k.to_owned())).cloned();
+    ensure!(get("Service", "Type").as_deref() == Some("notify"));
+    ensure!(get("Service", "Restart").as_deref() == Some("on-failure"));
+    ensure!(
+        get("Service", "ExecStart").is_some_and(|e| e.starts_with("/opt/bin/overlay-agent")),
+        "ExecStart"
+    );
+    ensure!(get("Service", "EnvironmentFile").is_some());
+    ensure!(get("Unit", "After").is_some_and(|a| a.contains("network-online.target")));
+    ensure!(get("Install", "WantedBy").as_deref() == Some("multi-user.target"));
+    // The example environment uses only variables the agent reads.
+    for line in deploy("systemd/overlay-agent.env")?.lines() {
+        let Some((k, _)) = line.split_once('=') else {
+            continue;
+        };
+        if k.starts_with('#') || k == "FLANNEL_OPTIONS" {
+            continue;
+        }
+        let flag = format!(
+            "--{}",
+            k.strip_prefix("FLANNELD_")
+                .context(k.to_owned())?
+                .to_lowercase()
+                .replace('_', "-")
+        );
+        let help = overlay_agent::cli::Cli::parse_from_go(["overlay-agent", "--help"])
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        ensure!(help.contains(&flag), "{k}: the agent has no {flag}");
+    }
+    Ok(())
+}
+
+#[test]
+fn image_is_multi_stage_and_ships_the_binary_where_the_manifest_runs_it() -> Result<()> {
+    let dockerfile = deploy("Dockerfile")?;
+    let froms: Vec<&str> = dockerfile
+        .lines()
+        .filter(|l| l.starts_with("FROM "))
+        .collect();
+    ensure!(froms.len() >= 2, "not multi-stage: {froms:?}");
+    ensure!(
+        dockerfile.contains("cargo build --release --locked -p overlay-agent"),
+        "the image does not build the agent"
+    );
+    ensure!(dockerfile.contains("nightly-2026-07-20") && dockerfile.contains("bpf-linker"));
+    let copy = dockerfile
+        .lines()
+        .find(|l| l.starts_with("COPY --from="))
+        .context("no COPY from the build stage")?;
+    ensure!(copy.ends_with(" /opt/bin/overlay-agent"), "{copy}");
+    let docs = manifests()?;
+    let ds = kind(&docs, "DaemonSet")?;
+    let command = strs(&ds["spec"]["template"]["spec"]["containers"][0]["command"]);
+    ensure!(command == ["/opt/bin/overlay-agent"], "{command:?}");
+    Ok(())
+}
+
+/// The put-network-config init container's script, run for real against
+/// etcd: it writes net-conf.json when `<prefix>/config` is absent and leaves
+/// an existing config alone.
+#[test]
+#[ignore = "needs etcd (started by the test): run `cargo xtask test`"]
+fn network_config_init_script_puts_only_when_absent() -> Result<()> {
+    let docs = manifests()?;
+    let ds = kind(&docs, "DaemonSet")?;
+    let init = ds["spec"]["template"]["spec"]["initContainers"]
+        .as_sequence()
+        .and_then(|c| c.iter().find(|c| c["name"] == "put-network-config"))
+        .context("put-network-config")?;
+    let command = strs(&init["command"]);
+    let script = command.last().context("script")?;
+    let cm = kind(&docs, "ConfigMap")?;
+    let net_conf = cm["data"]["net-conf.json"]
+        .as_str()
+        .context("net-conf.json")?;
+
+    let etcd = overlay_tests::etcd::Etcd::start()?;
+    let file = etcd.dir().join("net-conf.json");
+    std::fs::write(&file, net_conf)?;
+    let script = script.replace("/etc/kube-overlay/net-conf.json", file.to_str().unwrap());
+    let run = || -> Result<String> {
+        let out = std::process::Command::new("sh")
+            .args(["-c", &script])
+            .env("ETCDCTL_API", "3")
+            .env("FLANNELD_ETCD_ENDPOINTS", etcd.endpoints())
+            .env("FLANNELD_ETCD_PREFIX", "/coreos.com/network")
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "init script failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    ensure!(run()?.starts_with("SUCCESS"));
+    let stored = etcd
+        .get("/coreos.com/network/config")?
+        .context("no config")?;
+    let parsed = overlay_agent::config::NetworkConfig::parse(stored.as_bytes())
+        .map_err(|e| anyhow::anyhow!("stored config: {e}"))?;
+    ensure!(parsed.network.to_string() == "10.244.0.0/16", "{stored}");
+    etcd.put("/coreos.com/network/config", r#"{"Network":"10.9.0.0/16"}"#)?;
+    ensure!(
+        run()?.starts_with("FAILURE"),
+        "the script overwrote a config"
+    );
+    ensure!(
+        etcd.get("/coreos.com/network/config")?.as_deref() == Some(r#"{"Network":"10.9.0.0/16"}"#)
+    );
+    Ok(())
+}
