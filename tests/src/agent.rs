@@ -269,3 +269,69 @@ impl Cluster {
         Ok(Cluster { hosts, etcd, bin })
     }
 }
+
+/// Container `c<i>` behind `cni0` on host `i`, addressed from its lease.
+pub fn add_container(hosts: &Hosts, i: usize, env: &Path) -> Result<(String, String)> {
+    let text = fs::read_to_string(env)?;
+    let gw = text
+        .lines()
+        .find_map(|l| l.strip_prefix("FLANNEL_SUBNET="))
+        .context("no FLANNEL_SUBNET")?
+        .to_owned(); // 10.0.X.1/24
+    let mtu = text
+        .lines()
+        .find_map(|l| l.strip_prefix("FLANNEL_MTU="))
+        .context("no FLANNEL_MTU")?
+        .to_owned();
+    let (gw_ip, len) = gw.split_once('/').context("FLANNEL_SUBNET")?;
+    let mut octets: Vec<&str> = gw_ip.split('.').collect();
+    octets[3] = "2";
+    let ip = octets.join(".");
+    let host = hosts.ns(i);
+    let c = format!("{host}-c");
+    sh(&["ip", "netns", "add", &c])?;
+    sh(&["ip", "-n", &host, "link", "add", "cni0", "type", "bridge"])?;
+    sh(&["ip", "-n", &host, "addr", "add", &gw, "dev", "cni0"])?;
+    sh(&["ip", "-n", &host, "link", "set", "cni0", "up"])?;
+    sh(&[
+        "ip", "-n", &host, "link", "add", "vc", "mtu", &mtu, "type", "veth", "peer", "name",
+        "eth0", "netns", &c,
+    ])?;
+    sh(&[
+        "ip", "-n", &host, "link", "set", "vc", "master", "cni0", "up",
+    ])?;
+    sh(&[
+        "ip",
+        "-n",
+        &c,
+        "addr",
+        "add",
+        &format!("{ip}/{len}"),
+        "dev",
+        "eth0",
+    ])?;
+    sh(&["ip", "-n", &c, "link", "set", "eth0", "mtu", &mtu, "up"])?;
+    sh(&["ip", "-n", &c, "link", "set", "lo", "up"])?;
+    sh(&["ip", "-n", &c, "route", "add", "default", "via", gw_ip])?;
+    sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &host,
+        "sysctl",
+        "-qw",
+        "net.ipv4.ip_forward=1",
+    ])?;
+    Ok((c, ip))
+}
+
+/// Container namespaces, deleted on drop.
+pub struct Containers(pub Vec<String>);
+
+impl Drop for Containers {
+    fn drop(&mut self) {
+        for c in &self.0 {
+            let _ = sh(&["ip", "netns", "del", c]);
+        }
+    }
+}

@@ -13,76 +13,11 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 use overlay_tests::{
-    agent::{Agent, Bpffs, Cluster, Hosts, sh},
+    agent::{Agent, Bpffs, Cluster, Containers, Hosts, add_container, sh},
     etcd::Etcd,
 };
 
 const CONFIG: &str = r#"{"Network": "10.0.0.0/16", "SubnetLen": 24, "SubnetMin": "10.0.1.0","SubnetMax": "10.0.20.0", "Backend": {"Type": "vxlan"}}"#;
-
-/// Container `c<i>` behind `cni0` on host `i`, addressed from its lease.
-fn add_container(hosts: &Hosts, i: usize, env: &Path) -> Result<(String, String)> {
-    let text = fs::read_to_string(env)?;
-    let gw = text
-        .lines()
-        .find_map(|l| l.strip_prefix("FLANNEL_SUBNET="))
-        .context("no FLANNEL_SUBNET")?
-        .to_owned(); // 10.0.X.1/24
-    let mtu = text
-        .lines()
-        .find_map(|l| l.strip_prefix("FLANNEL_MTU="))
-        .context("no FLANNEL_MTU")?
-        .to_owned();
-    let (gw_ip, len) = gw.split_once('/').context("FLANNEL_SUBNET")?;
-    let mut octets: Vec<&str> = gw_ip.split('.').collect();
-    octets[3] = "2";
-    let ip = octets.join(".");
-    let host = hosts.ns(i);
-    let c = format!("{host}-c");
-    sh(&["ip", "netns", "add", &c])?;
-    sh(&["ip", "-n", &host, "link", "add", "cni0", "type", "bridge"])?;
-    sh(&["ip", "-n", &host, "addr", "add", &gw, "dev", "cni0"])?;
-    sh(&["ip", "-n", &host, "link", "set", "cni0", "up"])?;
-    sh(&[
-        "ip", "-n", &host, "link", "add", "vc", "mtu", &mtu, "type", "veth", "peer", "name",
-        "eth0", "netns", &c,
-    ])?;
-    sh(&[
-        "ip", "-n", &host, "link", "set", "vc", "master", "cni0", "up",
-    ])?;
-    sh(&[
-        "ip",
-        "-n",
-        &c,
-        "addr",
-        "add",
-        &format!("{ip}/{len}"),
-        "dev",
-        "eth0",
-    ])?;
-    sh(&["ip", "-n", &c, "link", "set", "eth0", "mtu", &mtu, "up"])?;
-    sh(&["ip", "-n", &c, "link", "set", "lo", "up"])?;
-    sh(&["ip", "-n", &c, "route", "add", "default", "via", gw_ip])?;
-    sh(&[
-        "ip",
-        "netns",
-        "exec",
-        &host,
-        "sysctl",
-        "-qw",
-        "net.ipv4.ip_forward=1",
-    ])?;
-    Ok((c, ip))
-}
-
-struct Containers(Vec<String>);
-
-impl Drop for Containers {
-    fn drop(&mut self) {
-        for c in &self.0 {
-            let _ = sh(&["ip", "netns", "del", c]);
-        }
-    }
-}
 
 /// A process killed on drop unless waited for.
 struct Background(Option<Child>);
