@@ -59,28 +59,28 @@ fn sample(m: &BTreeMap<String, f64>, name: &str) -> Result<f64> {
 #[test]
 #[ignore = "needs root, network namespaces, etcd and eBPF: run `cargo xtask test`"]
 fn readiness_notification_and_metrics_follow_the_agent() -> Result<()> {
-    let Cluster { hosts, etcd, bin } = Cluster::without_config("hm", 2)?;
-    let dir = etcd.dir().to_path_buf();
+    let cluster = Cluster::without_config("hm", 2)?;
+    let dir = cluster.etcd.dir().to_path_buf();
     let notify_path = dir.join("notify.sock");
     let notify = UnixDatagram::bind(&notify_path)?;
     notify.set_read_timeout(Some(Duration::from_secs(30)))?;
     let args = |i: usize, datapath: &str| -> Vec<String> {
-        vec![
-            format!("--etcd-endpoints={}", etcd.endpoints()),
-            format!("-iface={}", hosts.ip(i)),
-            format!("--subnet-file={}", dir.join(format!("h{i}.env")).display()),
+        let health = [
             format!("--datapath={datapath}"),
-            format!("--healthz-ip={}", hosts.ip(i)),
+            format!("--healthz-ip={}", cluster.hosts.ip(i)),
             format!("--healthz-port={PORT}"),
-        ]
+        ];
+        cluster.args(i, &health.iter().map(String::as_str).collect::<Vec<_>>())
     };
+    let (args1, args2) = (args(1, "ebpf"), args(2, "kernel"));
+    let Cluster { hosts, etcd, bin } = cluster;
     let (h1, ip1) = (hosts.ns(1), hosts.ip(1));
     let mut a1 = Agent::start_with_env(
         &dir,
         "h1",
         &h1,
         &bin,
-        &args(1, "ebpf"),
+        &args1,
         &[("NOTIFY_SOCKET", notify_path.to_str().unwrap())],
     )?;
     a1.wait_for("waiting", Duration::from_secs(20))?;
@@ -116,7 +116,7 @@ fn readiness_notification_and_metrics_follow_the_agent() -> Result<()> {
     ensure!(code == 200 && body == "ready", "/readyz: {code} {body}");
 
     // A second node (no NOTIFY_SOCKET: it just runs).
-    let mut a2 = Agent::start(&dir, "h2", &hosts.ns(2), &bin, &args(2, "kernel"))?;
+    let mut a2 = Agent::start(&dir, "h2", &hosts.ns(2), &bin, &args2)?;
     a2.wait_for("running: lease", Duration::from_secs(20))?;
     within(Duration::from_secs(5), "h1 programs its peer", || {
         scrape(&h1, &ip1)

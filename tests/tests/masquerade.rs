@@ -67,25 +67,17 @@ impl Drop for Capture {
 #[test]
 #[ignore = "needs root, network namespaces, etcd and eBPF: run `cargo xtask test`"]
 fn masquerades_to_the_internet_but_not_across_the_overlay() -> Result<()> {
-    let Cluster { hosts, etcd, bin } = Cluster::start("mq", 2, CONFIG)?;
+    let cluster = Cluster::start("mq", 2, CONFIG)?;
+    let args = |i: usize| cluster.args(i, &["--datapath=ebpf", "--ip-masq", "--iptables-resync=1"]);
+    let Cluster { hosts, etcd, bin } = &cluster;
     let dir = etcd.dir().to_path_buf();
-    let args = |i: usize| -> Vec<String> {
-        vec![
-            format!("--etcd-endpoints={}", etcd.endpoints()),
-            format!("-iface={}", hosts.ip(i)),
-            format!("--subnet-file={}", dir.join(format!("h{i}.env")).display()),
-            "--datapath=ebpf".into(),
-            "--ip-masq".into(),
-            "--iptables-resync=1".into(),
-        ]
-    };
-    let mut a1 = Agent::start(&dir, "h1", &hosts.ns(1), &bin, &args(1))?;
-    let mut a2 = Agent::start(&dir, "h2", &hosts.ns(2), &bin, &args(2))?;
+    let mut a1 = Agent::start(&dir, "h1", &hosts.ns(1), bin, &args(1))?;
+    let mut a2 = Agent::start(&dir, "h2", &hosts.ns(2), bin, &args(2))?;
     a1.wait_for("running: lease", Duration::from_secs(20))?;
     a2.wait_for("running: lease", Duration::from_secs(20))?;
-    let (c1, ip1) = add_container(&hosts, 1, &dir.join("h1.env"))?;
+    let (c1, ip1) = add_container(hosts, 1, &dir.join("h1.env"))?;
     let mut containers = Containers(vec![c1.clone()]);
-    let (c2, ip2) = add_container(&hosts, 2, &dir.join("h2.env"))?;
+    let (c2, ip2) = add_container(hosts, 2, &dir.join("h2.env"))?;
     containers.0.push(c2.clone());
 
     // The internet: a namespace behind host 1's second interface.

@@ -66,17 +66,6 @@ fn prog_of_link(pin: &Path) -> Result<u64> {
         .with_context(|| format!("no prog_id in {out}"))
 }
 
-fn agent_args(etcd: &Etcd, hosts: &Hosts, i: usize, dir: &Path, pins: &Path) -> Vec<String> {
-    vec![
-        format!("--etcd-endpoints={}", etcd.endpoints()),
-        format!("-iface={}", hosts.ip(i)),
-        format!("--subnet-file={}", dir.join(format!("h{i}.env")).display()),
-        "--datapath=ebpf".into(),
-        "--ip-masq".into(),
-        format!("--bpf-pin-dir={}", pins.display()),
-    ]
-}
-
 fn kill9(agent: &mut Agent) -> Result<()> {
     // SAFETY: kill(2) on our child, not yet reaped.
     unsafe { libc::kill(agent.child.id() as i32, libc::SIGKILL) };
@@ -115,14 +104,18 @@ fn built_object() -> Result<PathBuf> {
 #[test]
 #[ignore = "needs root, network namespaces, etcd and eBPF: run `cargo xtask test`"]
 fn kill_9_restart_and_upgrade_lose_no_packet_then_cleanup_removes_everything() -> Result<()> {
-    let Cluster { hosts, etcd, bin } = Cluster::start("rs", 2, CONFIG)?;
+    let cluster = Cluster::start("rs", 2, CONFIG)?;
+    let Cluster { hosts, etcd, bin } = &cluster;
     let dir = etcd.dir().to_path_buf();
     let bpf1 = Bpffs::mount(dir.join("bpf1"))?;
     let bpf2 = Bpffs::mount(dir.join("bpf2"))?;
     let pins1 = bpf1.0.join("overlay");
     let pins2 = bpf2.0.join("overlay");
-    let args1 = agent_args(&etcd, &hosts, 1, &dir, &pins1);
-    let args2 = agent_args(&etcd, &hosts, 2, &dir, &pins2);
+    let args = |i: usize, pins: &Path| {
+        let pin_dir = format!("--bpf-pin-dir={}", pins.display());
+        cluster.args(i, &["--datapath=ebpf", "--ip-masq", &pin_dir])
+    };
+    let (args1, args2) = (args(1, &pins1), args(2, &pins2));
     let mut a1 = Agent::start(&dir, "h1", &hosts.ns(1), &bin, &args1)?;
     let mut a2 = Agent::start(&dir, "h2", &hosts.ns(2), &bin, &args2)?;
     a1.wait_for("running: lease", Duration::from_secs(20))?;
