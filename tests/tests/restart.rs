@@ -12,10 +12,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail, ensure};
-use overlay_tests::{
-    agent::{Agent, Bpffs, Cluster, Containers, Hosts, add_container, sh},
-    etcd::Etcd,
-};
+use overlay_tests::agent::{Agent, Bpffs, Cluster, Containers, add_container, sh};
 
 const CONFIG: &str = r#"{"Network": "10.0.0.0/16", "SubnetLen": 24, "SubnetMin": "10.0.1.0","SubnetMax": "10.0.20.0", "Backend": {"Type": "vxlan"}}"#;
 
@@ -116,15 +113,15 @@ fn kill_9_restart_and_upgrade_lose_no_packet_then_cleanup_removes_everything() -
         cluster.args(i, &["--datapath=ebpf", "--ip-masq", &pin_dir])
     };
     let (args1, args2) = (args(1, &pins1), args(2, &pins2));
-    let mut a1 = Agent::start(&dir, "h1", &hosts.ns(1), &bin, &args1)?;
-    let mut a2 = Agent::start(&dir, "h2", &hosts.ns(2), &bin, &args2)?;
+    let mut a1 = Agent::start(&dir, "h1", &hosts.ns(1), bin, &args1)?;
+    let mut a2 = Agent::start(&dir, "h2", &hosts.ns(2), bin, &args2)?;
     a1.wait_for("running: lease", Duration::from_secs(20))?;
     a2.wait_for("running: lease", Duration::from_secs(20))?;
     a1.wait_for("1 peer(s) programmed", Duration::from_secs(5))
         .or_else(|_| a1.wait_for("programmed", Duration::from_secs(1)))?;
-    let (c1, _) = add_container(&hosts, 1, &dir.join("h1.env"))?;
+    let (c1, _) = add_container(hosts, 1, &dir.join("h1.env"))?;
     let mut containers = Containers(vec![c1.clone()]);
-    let (c2, ip2) = add_container(&hosts, 2, &dir.join("h2.env"))?;
+    let (c2, ip2) = add_container(hosts, 2, &dir.join("h2.env"))?;
     containers.0.push(c2.clone());
     overlay_tests::agent::within(Duration::from_secs(5), "c1 reaches c2", || {
         sh(&["ip", "netns", "exec", &c1, "ping", "-c1", "-W1", &ip2]).is_ok()
@@ -156,7 +153,7 @@ fn kill_9_restart_and_upgrade_lose_no_packet_then_cleanup_removes_everything() -
         "the pinned egress link lost its program when the agent died"
     );
     std::thread::sleep(Duration::from_secs(2));
-    let mut a1 = Agent::start(&dir, "h1-restarted", &hosts.ns(1), &bin, &args1)?;
+    let mut a1 = Agent::start(&dir, "h1-restarted", &hosts.ns(1), bin, &args1)?;
     a1.wait_for("running: lease", Duration::from_secs(20))?;
     ensure!(
         a1.log()
@@ -176,14 +173,14 @@ fn kill_9_restart_and_upgrade_lose_no_packet_then_cleanup_removes_everything() -
     let object = built_object()?;
     let mut upgrade_args = args1.clone();
     upgrade_args.push(format!("--bpf-object={}", object.display()));
-    let mut a1 = Agent::start(&dir, "h1-upgraded", &hosts.ns(1), &bin, &upgrade_args)?;
+    let mut a1 = Agent::start(&dir, "h1-upgraded", &hosts.ns(1), bin, &upgrade_args)?;
     a1.wait_for("running: lease", Duration::from_secs(20))?;
     let third = (prog_of_link(&egress_pin)?, prog_of_link(&ingress_pin)?);
     ensure!(third.0 != second.0, "the upgrade did not swap the program");
     // 3. The other side restarts too.
     std::thread::sleep(Duration::from_secs(2));
     kill9(&mut a2)?;
-    let mut a2 = Agent::start(&dir, "h2-restarted", &hosts.ns(2), &bin, &args2)?;
+    let mut a2 = Agent::start(&dir, "h2-restarted", &hosts.ns(2), bin, &args2)?;
     a2.wait_for("running: lease", Duration::from_secs(20))?;
 
     let ping_out = ping.wait_output(Duration::from_secs(40))?;
@@ -222,7 +219,7 @@ fn kill_9_restart_and_upgrade_lose_no_packet_then_cleanup_removes_everything() -
     let status = |what: &str| -> Result<String> {
         let out = Command::new("ip")
             .args(["netns", "exec", &hosts.ns(1)])
-            .arg(&bin)
+            .arg(bin)
             .args([
                 format!("--etcd-endpoints={}", etcd.endpoints()),
                 format!("-iface={}", hosts.ip(1)),
@@ -318,7 +315,7 @@ fn kill_9_restart_and_upgrade_lose_no_packet_then_cleanup_removes_everything() -
     // 6. cleanup removes programs, pins, device, routes and rules.
     let out = Command::new("ip")
         .args(["netns", "exec", &hosts.ns(1)])
-        .arg(&bin)
+        .arg(bin)
         .args([
             format!("--etcd-endpoints={}", etcd.endpoints()),
             format!("--bpf-pin-dir={}", pins1.display()),
