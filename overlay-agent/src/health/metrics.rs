@@ -22,9 +22,10 @@ fn header(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# TYPE {name} {kind}");
 }
 
-/// Renders every metric. Metrics that do not apply (eBPF counters on the
-/// kernel datapath, the expiry of a reservation) are left out, not zero.
-pub fn render(s: &HealthState, version: &str) -> String {
+/// Renders every metric, with readiness as of Unix time `now`. Metrics that
+/// do not apply (eBPF counters on the kernel datapath, the expiry of a
+/// reservation) are left out, not zero.
+pub fn render(s: &HealthState, version: &str, now: u64) -> String {
     let mut out = String::new();
     header(
         &mut out,
@@ -42,12 +43,12 @@ pub fn render(s: &HealthState, version: &str) -> String {
         &mut out,
         "overlay_ready",
         "gauge",
-        "1 when the lease is held and the datapath programmed (/readyz).",
+        "1 when /readyz answers 200: lease held and not expired, datapath programmed.",
     );
     let _ = writeln!(
         out,
         "overlay_ready {}",
-        u8::from(s.phase.not_ready_reason().is_none())
+        u8::from(s.not_ready_reason(now).is_none())
     );
 
     header(
@@ -207,7 +208,7 @@ mod tests {
             mode: None,
             ..HealthState::default()
         };
-        let text = render(&s, "0.1.0");
+        let text = render(&s, "0.1.0", 1_700_000_000);
         assert!(text.starts_with(
             "# HELP overlay_build_info The agent's version.\n# TYPE overlay_build_info gauge\noverlay_build_info{version=\"0.1.0\"} 1\n"
         ));
@@ -255,7 +256,7 @@ mod tests {
             ..HealthState::default()
         };
         s.reconcile.observe(Duration::from_millis(3));
-        let text = render(&s, "0.1.0");
+        let text = render(&s, "0.1.0", 1_700_000_000);
         for line in [
             "overlay_ready 1",
             "overlay_datapath_mode{mode=\"ebpf\"} 1",
@@ -289,5 +290,137 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn renders_a_fixed_state_exactly() {
+        let mut s = HealthState {
+            phase: Phase::Running,
+            mode: Some(Mode::Ebpf),
+            lease_expiry_unix: Some(1_800_000_000),
+            etcd_connected: true,
+            peers_programmed: 1,
+            counters: Some(Counters::from_totals(vec![
+                (
+                    Reason::Encapsulated,
+                    Counter {
+                        packets: 5,
+                        bytes: 500,
+                    },
+                ),
+                (
+                    Reason::Decapsulated,
+                    Counter {
+                        packets: 4,
+                        bytes: 600,
+                    },
+                ),
+            ])),
+            peers: vec![PeerTrafficMetric {
+                subnet: "10.5.53.0/24".parse().unwrap(),
+                public_ip: "192.168.64.4".parse().unwrap(),
+                traffic: PeerCounters {
+                    public_ip: "192.168.64.4".parse().unwrap(),
+                    tx: Counter {
+                        packets: 5,
+                        bytes: 500,
+                    },
+                    rx: Counter {
+                        packets: 4,
+                        bytes: 600,
+                    },
+                },
+            }],
+            ..HealthState::default()
+        };
+        s.reconcile.observe(Duration::from_micros(500));
+        s.reconcile.observe(Duration::from_secs(2));
+        let mut want = String::from(
+            "\
+# HELP overlay_build_info The agent's version.
+# TYPE overlay_build_info gauge
+overlay_build_info{version=\"0.1.0\"} 1
+# HELP overlay_ready 1 when /readyz answers 200: lease held and not expired, datapath programmed.
+# TYPE overlay_ready gauge
+overlay_ready 1
+# HELP overlay_datapath_mode The datapath moving the packets: 1 for the one in use.
+# TYPE overlay_datapath_mode gauge
+overlay_datapath_mode{mode=\"ebpf\"} 1
+overlay_datapath_mode{mode=\"kernel\"} 0
+# HELP overlay_etcd_connected 1 while the watch of the subnet leases in etcd works.
+# TYPE overlay_etcd_connected gauge
+overlay_etcd_connected 1
+# HELP overlay_lease_reservation 1 when this node's subnet is a reservation (no expiry).
+# TYPE overlay_lease_reservation gauge
+overlay_lease_reservation 0
+# HELP overlay_lease_expiry_timestamp_seconds When this node's subnet lease expires unless renewed (Unix time).
+# TYPE overlay_lease_expiry_timestamp_seconds gauge
+overlay_lease_expiry_timestamp_seconds 1800000000
+# HELP overlay_peers_programmed Other nodes' subnets programmed in the datapath.
+# TYPE overlay_peers_programmed gauge
+overlay_peers_programmed 1
+# HELP overlay_datapath_packets_total Packets the eBPF programs handled, by verdict reason.
+# TYPE overlay_datapath_packets_total counter
+",
+        );
+        for (family, encap, decap) in [("packets", 5, 4), ("bytes", 500, 600)] {
+            if family == "bytes" {
+                want += "# HELP overlay_datapath_bytes_total Bytes the eBPF programs handled, by verdict reason.\n\
+                         # TYPE overlay_datapath_bytes_total counter\n";
+            }
+            for r in Reason::ALL {
+                let n = match r {
+                    Reason::Encapsulated => encap,
+                    Reason::Decapsulated => decap,
+                    _ => 0,
+                };
+                want += &format!(
+                    "overlay_datapath_{family}_total{{reason=\"{}\"}} {n}\n",
+                    r.name()
+                );
+            }
+        }
+        want += "\
+# HELP overlay_peer_tx_packets_total Packets encapsulated to the peer.
+# TYPE overlay_peer_tx_packets_total counter
+overlay_peer_tx_packets_total{subnet=\"10.5.53.0/24\",public_ip=\"192.168.64.4\"} 5
+# HELP overlay_peer_tx_bytes_total Bytes encapsulated to the peer (inner frames).
+# TYPE overlay_peer_tx_bytes_total counter
+overlay_peer_tx_bytes_total{subnet=\"10.5.53.0/24\",public_ip=\"192.168.64.4\"} 500
+# HELP overlay_peer_rx_packets_total VXLAN packets from the peer accepted by the programs.
+# TYPE overlay_peer_rx_packets_total counter
+overlay_peer_rx_packets_total{subnet=\"10.5.53.0/24\",public_ip=\"192.168.64.4\"} 4
+# HELP overlay_peer_rx_bytes_total Bytes of VXLAN packets from the peer accepted (outer frames).
+# TYPE overlay_peer_rx_bytes_total counter
+overlay_peer_rx_bytes_total{subnet=\"10.5.53.0/24\",public_ip=\"192.168.64.4\"} 600
+# HELP overlay_reconcile_duration_seconds Time to apply a batch of lease changes from etcd to the datapath.
+# TYPE overlay_reconcile_duration_seconds histogram
+overlay_reconcile_duration_seconds_bucket{le=\"0.001\"} 1
+overlay_reconcile_duration_seconds_bucket{le=\"0.0025\"} 1
+overlay_reconcile_duration_seconds_bucket{le=\"0.005\"} 1
+overlay_reconcile_duration_seconds_bucket{le=\"0.01\"} 1
+overlay_reconcile_duration_seconds_bucket{le=\"0.025\"} 1
+overlay_reconcile_duration_seconds_bucket{le=\"0.1\"} 1
+overlay_reconcile_duration_seconds_bucket{le=\"0.5\"} 1
+overlay_reconcile_duration_seconds_bucket{le=\"1\"} 1
+overlay_reconcile_duration_seconds_bucket{le=\"+Inf\"} 2
+overlay_reconcile_duration_seconds_sum 2.0005
+overlay_reconcile_duration_seconds_count 2
+";
+        assert_eq!(render(&s, "0.1.0", 1_700_000_000), want);
+        // Past the expiry, the same state is not ready.
+        assert!(
+            render(&s, "0.1.0", 1_800_000_000).contains("\noverlay_ready 0\n"),
+            "expired lease still ready"
+        );
+    }
+
+    #[test]
+    fn label_values_are_escaped_in_the_output() {
+        let text = render(&HealthState::default(), "1.0\"-dev\\\n", 0);
+        assert!(
+            text.contains("\noverlay_build_info{version=\"1.0\\\"-dev\\\\\\n\"} 1\n"),
+            "{text}"
+        );
     }
 }

@@ -67,6 +67,31 @@ impl Histogram {
     }
 }
 
+impl HealthState {
+    /// Why `/readyz` says no at Unix time `now`, or `None` when ready: the
+    /// phase first; then, once running, our lease's expiry. An etcd outage
+    /// alone keeps the node ready (the datapath forwards with its last
+    /// state), but a lease whose expiry passed without a renewal may be
+    /// handed to another node, so the subnet is no longer safely ours.
+    pub fn not_ready_reason(&self, now: u64) -> Option<String> {
+        if let Some(why) = self.phase.not_ready_reason() {
+            return Some(why.to_owned());
+        }
+        match self.lease_expiry_unix {
+            Some(t) if !self.reservation && t <= now => Some(format!(
+                "our lease expired {} s ago without a renewal{}",
+                now - t,
+                if self.etcd_connected {
+                    ""
+                } else {
+                    " (etcd unreachable)"
+                }
+            )),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Clone, Debug, Default)]
 pub struct HealthState {
     pub phase: Phase,
@@ -122,5 +147,33 @@ mod tests {
     fn only_running_is_ready() {
         assert_eq!(Phase::Running.not_ready_reason(), None);
         assert!(Phase::AcquiringLease.not_ready_reason().is_some());
+    }
+
+    #[test]
+    fn an_expired_lease_is_not_ready_an_etcd_outage_alone_is() {
+        let mut s = HealthState {
+            phase: Phase::Running,
+            lease_expiry_unix: Some(1_000),
+            etcd_connected: false,
+            ..HealthState::default()
+        };
+        assert_eq!(s.not_ready_reason(999), None);
+        assert_eq!(
+            s.not_ready_reason(1_042).as_deref(),
+            Some("our lease expired 42 s ago without a renewal (etcd unreachable)")
+        );
+        s.etcd_connected = true;
+        assert_eq!(
+            s.not_ready_reason(1_000).as_deref(),
+            Some("our lease expired 0 s ago without a renewal")
+        );
+        s.lease_expiry_unix = None;
+        s.reservation = true;
+        assert_eq!(s.not_ready_reason(u64::MAX), None);
+        s.phase = Phase::WaitingForConfig;
+        assert_eq!(
+            s.not_ready_reason(0).as_deref(),
+            Some("waiting for the network config in etcd")
+        );
     }
 }
