@@ -7,7 +7,7 @@
 
 use crate::{
     datapath::{ebpf::read_node_config, pins::PinLayout},
-    ipmasq,
+    inspect, ipmasq,
     netlink::{Netlink, NetlinkError},
 };
 
@@ -19,6 +19,8 @@ pub enum CleanupError {
         #[source]
         source: std::io::Error,
     },
+    #[error("opening a netlink socket")]
+    Connect(#[source] std::io::Error),
     #[error(transparent)]
     Netlink(#[from] NetlinkError),
     #[error(transparent)]
@@ -49,23 +51,18 @@ pub fn devices_to_delete(
 /// runtime, in the node's network namespace.
 pub async fn run(pins: &PinLayout, vni: Option<u32>) -> Result<Vec<String>, CleanupError> {
     let mut removed = Vec::new();
-    let pinned_vni =
-        aya::maps::MapData::from_pin(pins.map(overlay_common::consts::MAP_NODE_CONFIG))
-            .ok()
-            .and_then(|d| aya::maps::Map::from_map_data(d).ok())
-            .and_then(|m| read_node_config(&m).ok())
-            .filter(|c| c.configured != 0)
-            .map(|c| c.vni);
+    let pinned_vni = inspect::open(pins, overlay_common::consts::MAP_NODE_CONFIG)
+        .ok()
+        .and_then(|m| read_node_config(&m).ok())
+        .filter(|c| c.configured != 0)
+        .map(|c| c.vni);
     for p in pins.remove_all().map_err(|source| CleanupError::Pins {
         dir: pins.root().display().to_string(),
         source,
     })? {
         removed.push(format!("pin {}", p.display()));
     }
-    let nl = Netlink::connect().map_err(|e| CleanupError::Pins {
-        dir: "netlink".into(),
-        source: e,
-    })?;
+    let nl = Netlink::connect().map_err(CleanupError::Connect)?;
     let names: Vec<String> = nl.links().await?.into_iter().map(|l| l.name).collect();
     for name in devices_to_delete(pinned_vni, vni, &names) {
         if nl.delete_link_by_name(&name).await? {

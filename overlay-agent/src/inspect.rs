@@ -59,7 +59,8 @@ pub struct PinnedState {
     pub counters: Counters,
 }
 
-fn open(layout: &PinLayout, name: &str) -> Result<Map, InspectError> {
+/// Opens the pinned map `name` of `layout`.
+pub fn open(layout: &PinLayout, name: &str) -> Result<Map, InspectError> {
     let path = layout.map(name);
     MapData::from_pin(&path)
         .and_then(Map::from_map_data)

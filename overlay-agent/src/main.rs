@@ -518,6 +518,23 @@ async fn node_public_ip(
         .map(|e| e.public_ip)
 }
 
+/// One etcd step of a one-shot subcommand (`status`, `cleanup`): they must
+/// answer even when etcd does not, so each step gets 5 s.
+async fn briefly<T, E: std::fmt::Display>(
+    step: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, String> {
+    tokio::time::timeout(Duration::from_secs(5), step)
+        .await
+        .map_err(|_| "etcd did not answer within 5 s".to_owned())?
+        .map_err(|e| e.to_string())
+}
+
+async fn connect_briefly(cli: &Cli) -> Result<Registry, String> {
+    let mut opts = cli.etcd_options();
+    opts.request_timeout = Duration::from_secs(3);
+    briefly(Registry::connect(&opts)).await
+}
+
 /// `overlay-agent status`.
 async fn status(cli: Cli) -> Result<()> {
     use overlay_agent::inspect::{self, LeaseStatus};
@@ -525,19 +542,11 @@ async fn status(cli: Cli) -> Result<()> {
     let state = inspect::read(&layout).context("reading the pinned maps")?;
     let public_ip = node_public_ip(&cli, state.as_ref()).await;
     let lease = async {
-        let mut opts = cli.etcd_options();
-        opts.request_timeout = Duration::from_secs(3);
-        let reg = tokio::time::timeout(Duration::from_secs(5), Registry::connect(&opts))
-            .await
-            .map_err(|_| "etcd did not answer within 5 s".to_owned())?
-            .map_err(|e| e.to_string())?;
+        let reg = connect_briefly(&cli).await?;
         let Some(ip) = public_ip else {
             return Err("cannot tell this node's public IP".to_owned());
         };
-        let snapshot = tokio::time::timeout(Duration::from_secs(5), reg.list())
-            .await
-            .map_err(|_| "etcd did not answer within 5 s".to_owned())?
-            .map_err(|e| e.to_string())?;
+        let snapshot = briefly(reg.list()).await?;
         for entry in snapshot.entries {
             let Ok(l) = overlay_agent::lease::decode(&entry.key, &entry.value) else {
                 continue;
@@ -548,11 +557,8 @@ async fn status(cli: Cli) -> Result<()> {
             let ttl_seconds = if entry.lease_id == 0 {
                 None
             } else {
-                let ttl = reg
-                    .client()
-                    .lease_time_to_live(entry.lease_id, None)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                let mut client = reg.client();
+                let ttl = briefly(client.lease_time_to_live(entry.lease_id, None)).await?;
                 Some(ttl.ttl())
             };
             return Ok(Some(LeaseStatus {
@@ -573,16 +579,8 @@ async fn cleanup(cli: Cli) -> Result<()> {
     let layout = pin_layout(&cli);
     // The VNI names the device when no pins say it: ask etcd, briefly.
     let vni = async {
-        let mut opts = cli.etcd_options();
-        opts.request_timeout = Duration::from_secs(3);
-        let reg = tokio::time::timeout(Duration::from_secs(5), Registry::connect(&opts))
-            .await
-            .ok()?
-            .ok()?;
-        let config = tokio::time::timeout(Duration::from_secs(5), reg.get_config())
-            .await
-            .ok()?
-            .ok()??;
+        let reg = connect_briefly(&cli).await.ok()?;
+        let config = briefly(reg.get_config()).await.ok()??;
         Some(config.backend.vni)
     }
     .await;
@@ -633,7 +631,6 @@ fn refresh_health(
         .iter()
         .map(|p| PeerTrafficMetric {
             subnet: p.subnet,
-            public_ip: p.public_ip,
             traffic: traffic
                 .iter()
                 .find(|t| t.public_ip == p.public_ip)

@@ -176,6 +176,9 @@ pub enum EbpfError {
         #[source]
         source: LinkError,
     },
+    /// Per-CPU map values need the number of possible CPUs.
+    #[error("eBPF: sizing per-CPU values from /sys/devices/system/cpu/possible failed")]
+    Cpus(#[source] std::io::Error),
     #[error("eBPF: reading the object {path} failed")]
     ReadObject {
         path: PathBuf,
@@ -194,9 +197,10 @@ impl EbpfError {
             | EbpfError::ReadObject { .. } => EbpfFailure::Load,
             EbpfError::Verifier { .. } => EbpfFailure::Verifier,
             EbpfError::Attach { .. } => EbpfFailure::Attach,
-            EbpfError::Map { .. } | EbpfError::Pin { .. } | EbpfError::Link { .. } => {
-                EbpfFailure::Map
-            }
+            EbpfError::Map { .. }
+            | EbpfError::Pin { .. }
+            | EbpfError::Link { .. }
+            | EbpfError::Cpus(_) => EbpfFailure::Map,
         }
     }
 
@@ -912,17 +916,9 @@ fn peer_stats(
 /// counts the pinned map holds).
 fn start_peer_stats(ebpf: &mut Ebpf, ip: [u8; 4]) -> Result<(), EbpfError> {
     const BPF_NOEXIST: u64 = 1;
-    let cpus = aya::util::nr_cpus().map_err(|(_, e)| EbpfError::Pin {
-        path: "/sys/devices/system/cpu/possible".into(),
-        op: "read",
-        source: e,
-    })?;
+    let cpus = aya::util::nr_cpus().map_err(|(_, e)| EbpfError::Cpus(e))?;
     let zeros =
-        PerCpuValues::try_from(vec![PeerTraffic::default(); cpus]).map_err(|e| EbpfError::Pin {
-            path: "/sys/devices/system/cpu/possible".into(),
-            op: "size per-CPU values",
-            source: e,
-        })?;
+        PerCpuValues::try_from(vec![PeerTraffic::default(); cpus]).map_err(EbpfError::Cpus)?;
     match peer_stats(ebpf)?.insert(ip, zeros, BPF_NOEXIST) {
         Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => Ok(()),
         Err(e) => Err(EbpfError::map(

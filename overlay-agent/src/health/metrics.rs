@@ -159,7 +159,7 @@ pub fn render(s: &HealthState, version: &str, now: u64) -> String {
                     out,
                     "{name}{{subnet=\"{}\",public_ip=\"{}\"}} {}",
                     escape(&p.subnet.to_string()),
-                    p.public_ip,
+                    p.traffic.public_ip,
                     value(p)
                 );
             }
@@ -240,7 +240,6 @@ mod tests {
             )])),
             peers: vec![PeerTrafficMetric {
                 subnet: "10.5.53.0/24".parse().unwrap(),
-                public_ip: "192.168.64.4".parse().unwrap(),
                 traffic: PeerCounters {
                     public_ip: "192.168.64.4".parse().unwrap(),
                     tx: Counter {
@@ -318,7 +317,6 @@ mod tests {
             ])),
             peers: vec![PeerTrafficMetric {
                 subnet: "10.5.53.0/24".parse().unwrap(),
-                public_ip: "192.168.64.4".parse().unwrap(),
                 traffic: PeerCounters {
                     public_ip: "192.168.64.4".parse().unwrap(),
                     tx: Counter {

@@ -1,7 +1,6 @@
 //! What the health endpoints report, updated by the agent's main loop.
 
 use std::{
-    net::Ipv4Addr,
     sync::{Arc, Mutex, MutexGuard},
     time::Duration,
 };
@@ -39,7 +38,7 @@ impl Phase {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PeerTrafficMetric {
     pub subnet: Ipv4Net,
-    pub public_ip: Ipv4Addr,
+    /// The peer's traffic; `traffic.public_ip` is the peer's address.
     pub traffic: PeerCounters,
 }
 
