@@ -36,6 +36,17 @@ pub enum IngressChoice {
     XdpTc,
 }
 
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum FastPathChoice {
+    /// On where the kernel and the host allow it, else off with a log line.
+    #[default]
+    Auto,
+    /// On, or the eBPF datapath does not start (auto then uses the kernel's).
+    On,
+    /// Every packet takes the host's bridge, routing and flannel.<VNI>.
+    Off,
+}
+
 /// flanneld-compatible VXLAN overlay agent with an eBPF datapath.
 #[derive(Clone, Debug, Parser, PartialEq, Eq)]
 #[command(
@@ -152,6 +163,12 @@ pub struct Cli {
     #[arg(long, env = "FLANNELD_EBPF_INGRESS", value_enum, default_value = "tc",
           help_heading = DATAPATH)]
     pub ebpf_ingress: IngressChoice,
+
+    /// Established, non-NATed pod traffic skips the host's bridge, routing
+    /// and flannel.<VNI> (eBPF datapath only; see the README's "Fast path").
+    #[arg(long, env = "FLANNELD_FAST_PATH", value_enum, default_value = "auto",
+          help_heading = DATAPATH)]
+    pub fast_path: FastPathChoice,
 
     /// bpffs directory where the eBPF datapath pins its maps and links, so
     /// they outlive the agent (restarts and upgrades without loss); one per

@@ -10,9 +10,12 @@
 use std::process::Command;
 
 use ipnet::Ipv4Net;
+use overlay_common::fastpath::FAST_PATH_MARK;
 
 pub const MASQ_CHAIN: &str = "FLANNEL-POSTRTG";
 pub const FORWARD_CHAIN: &str = "FLANNEL-FWD";
+/// mangle chain of the fast path's approvals (see `datapath::fastpath`).
+pub const FAST_PATH_CHAIN: &str = "FLANNEL-FASTPATH";
 /// kube-proxy's mark: such packets are not masqueraded (double NAT).
 pub const KUBE_PROXY_MARK: &str = "0x4000/0x4000";
 
@@ -151,6 +154,49 @@ fn exists(r: &Rule) -> Result<bool, IptablesError> {
     iptables(&a)
 }
 
+/// The fast path's approvals: mangle `FLANNEL-FASTPATH`, jumped to from
+/// POSTROUTING (after the filter table's FORWARD and OUTPUT verdicts, before
+/// NAT), marks packets from and to our pods whose conntrack entry is
+/// ESTABLISHED and not NATed. The programs turn such marked packets into
+/// approvals; nothing else reads the bit.
+pub fn fast_path_rules(subnet: Ipv4Net) -> Vec<Rule> {
+    let pod = subnet.to_string();
+    let mark = format!("{FAST_PATH_MARK:#x}/{FAST_PATH_MARK:#x}");
+    let c = ["-m", "comment", "--comment", "flanneld fast path"];
+    let approve = |dir: &str| -> Vec<String> {
+        [dir, &pod]
+            .into_iter()
+            .chain([
+                "-m",
+                "conntrack",
+                "--ctstate",
+                "ESTABLISHED",
+                "-m",
+                "conntrack",
+                "!",
+                "--ctstate",
+                "SNAT,DNAT",
+            ])
+            .chain(c)
+            .chain(["-j", "MARK", "--set-xmark", &mark])
+            .map(str::to_owned)
+            .collect()
+    };
+    vec![
+        Rule::new(
+            "mangle",
+            "POSTROUTING",
+            c.iter()
+                .copied()
+                .chain(["-j", FAST_PATH_CHAIN])
+                .map(str::to_owned)
+                .collect(),
+        ),
+        Rule::new("mangle", FAST_PATH_CHAIN, approve("-s")),
+        Rule::new("mangle", FAST_PATH_CHAIN, approve("-d")),
+    ]
+}
+
 /// Whether iptables supports `MASQUERADE --random-fully` (1.6.2 and later).
 pub fn supports_random_fully() -> bool {
     Command::new("iptables")
@@ -213,6 +259,7 @@ pub fn remove_all() -> Result<Vec<String>, IptablesError> {
     let jumps = [
         masq_rules(any, any, false).remove(0),
         forward_rules(any).remove(0),
+        fast_path_rules(any).remove(0),
     ];
     let mut removed = Vec::new();
     for jump in &jumps {
@@ -229,7 +276,11 @@ pub fn remove_all() -> Result<Vec<String>, IptablesError> {
             ));
         }
     }
-    for (table, chain) in [("nat", MASQ_CHAIN), ("filter", FORWARD_CHAIN)] {
+    for (table, chain) in [
+        ("nat", MASQ_CHAIN),
+        ("filter", FORWARD_CHAIN),
+        ("mangle", FAST_PATH_CHAIN),
+    ] {
         if iptables(&["-t", table, "-F", chain]).is_ok() {
             iptables(&["-t", table, "-X", chain])?;
             removed.push(format!("iptables -t {table} chain {chain}"));
@@ -239,7 +290,7 @@ pub fn remove_all() -> Result<Vec<String>, IptablesError> {
 }
 
 fn is_ours(chain: &str) -> bool {
-    chain == MASQ_CHAIN || chain == FORWARD_CHAIN
+    chain == MASQ_CHAIN || chain == FORWARD_CHAIN || chain == FAST_PATH_CHAIN
 }
 
 #[cfg(test)]
@@ -281,6 +332,22 @@ mod tests {
                 .unwrap()
                 .spec
                 .ends_with(&["MASQUERADE".to_owned()])
+        );
+    }
+
+    #[test]
+    fn fast_path_rules_mark_established_unnated_pod_traffic() {
+        let got: Vec<String> = fast_path_rules("10.0.13.0/24".parse().unwrap())
+            .iter()
+            .map(line)
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                "-t mangle -A POSTROUTING -m comment --comment flanneld fast path -j FLANNEL-FASTPATH",
+                "-t mangle -A FLANNEL-FASTPATH -s 10.0.13.0/24 -m conntrack --ctstate ESTABLISHED -m conntrack ! --ctstate SNAT,DNAT -m comment --comment flanneld fast path -j MARK --set-xmark 0x100000/0x100000",
+                "-t mangle -A FLANNEL-FASTPATH -d 10.0.13.0/24 -m conntrack --ctstate ESTABLISHED -m conntrack ! --ctstate SNAT,DNAT -m comment --comment flanneld fast path -j MARK --set-xmark 0x100000/0x100000",
+            ]
         );
     }
 

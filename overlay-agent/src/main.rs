@@ -10,11 +10,12 @@ use std::{path::Path, process::ExitCode, time::Duration};
 
 use anyhow::{Context, Result, anyhow};
 use overlay_agent::{
-    cli::{Cli, Command, DatapathChoice, IngressChoice},
+    cli::{Cli, Command, DatapathChoice, FastPathChoice, IngressChoice},
     config::NetworkConfig,
     datapath::{
         AnyDatapath, Datapath, NodeSpec, NodeState,
         ebpf::{EbpfDatapath, EbpfOptions, IngressMode},
+        fastpath::FastPathMode,
         kernel::KernelDatapath,
         pins::{DEFAULT_PIN_DIR, PinLayout},
     },
@@ -201,6 +202,18 @@ async fn run(cli: Cli) -> Result<()> {
 
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
+    // Pod veths come and go: the fast path follows them. Without the
+    // subscription (it only fails if netlink does) it stays on the veths
+    // that existed at start-up, which the log says.
+    let mut link_changes = match overlay_agent::netlink::events::link_changes() {
+        Ok(rx) => Some(rx),
+        Err(e) => {
+            log::warn!(
+                "cannot follow link changes ({e}): pods started from now on use the host's path"
+            );
+            None
+        }
+    };
     let mut retry = tokio::time::interval(Duration::from_secs(5));
     let mut iptables_resync = tokio::time::interval(Duration::from_secs(cli.iptables_resync));
     let mut health_tick = tokio::time::interval(Duration::from_secs(1));
@@ -244,6 +257,14 @@ async fn run(cli: Cli) -> Result<()> {
                     health.set_phase(Phase::Running);
                 }
                 lease = new;
+            }
+            Some(()) = async { link_changes.as_mut()?.recv().await }, if link_changes.is_some() => {
+                // A pod's veth is created, then moved and renamed, then put
+                // on the bridge: let a burst settle before reading the state.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                if let Err(e) = rec.datapath().sync_pods().await {
+                    log::warn!("fast path: following the pod veths: {}", e.reason());
+                }
             }
             _ = retry.tick(), if !rec.is_converged() => {
                 rec.converge().await;
@@ -439,6 +460,11 @@ async fn start_datapath(cli: &Cli, spec: &NodeSpec) -> Result<(AnyDatapath, Node
         ingress: match cli.ebpf_ingress {
             IngressChoice::Tc => IngressMode::Tc,
             IngressChoice::XdpTc => IngressMode::XdpAndTc,
+        },
+        fast_path: match cli.fast_path {
+            FastPathChoice::Auto => FastPathMode::Auto,
+            FastPathChoice::On => FastPathMode::On,
+            FastPathChoice::Off => FastPathMode::Off,
         },
         ..EbpfOptions::default()
     };

@@ -16,6 +16,8 @@ pub const UDP_HDR_LEN: usize = 8;
 pub const VXLAN_HDR_LEN: usize = 8;
 
 pub const ETH_P_IP: u16 = 0x0800;
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 /// VXLAN flags byte with only the I (valid VNI) bit set.
 pub const VXLAN_FLAG_I: u8 = 0x08;
@@ -27,15 +29,29 @@ pub const MAP_KNOWN_VTEPS: &str = "KNOWN_VTEPS";
 pub const MAP_NODE_CONFIG: &str = "NODE_CONFIG";
 pub const MAP_COUNTERS: &str = "COUNTERS";
 pub const MAP_PEER_STATS: &str = "PEER_STATS";
+pub const MAP_FAST_CONFIG: &str = "FAST_CONFIG";
+pub const MAP_FAST_FLOWS: &str = "FAST_FLOWS";
+pub const MAP_POD_VETHS: &str = "POD_VETHS";
 
 /// Program names as the eBPF object defines them.
 pub const PROG_EGRESS: &str = "vxlan_egress";
 pub const PROG_INGRESS_XDP: &str = "vxlan_ingress_xdp";
 pub const PROG_INGRESS_TC: &str = "vxlan_ingress_tc";
+/// The fast path's programs on a pod's host-side veth: TCX ingress (what
+/// the pod sends) and TCX egress (what the host delivers to it).
+pub const PROG_VETH_FROM_POD: &str = "veth_from_pod";
+pub const PROG_VETH_TO_POD: &str = "veth_to_pod";
 
 /// Capacity of the remote-subnet and known-VTEP maps (flannel clusters of a few
 /// thousand nodes fit comfortably).
 pub const MAX_PEERS: u32 = 16384;
+
+/// Capacity of the fast path's flow table (an LRU: the least recently used
+/// approval goes first when it is full, and that flow takes the slow path
+/// once to be approved again).
+pub const MAX_FAST_FLOWS: u32 = 65536;
+/// Capacity of the pod-veth set (pods on one node).
+pub const MAX_POD_VETHS: u32 = 4096;
 
 /// Outer TTL: the kernel vxlan device flannel creates has no `ttl` set and so
 /// uses the route's hop limit, which is the default 64.

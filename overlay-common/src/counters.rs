@@ -51,13 +51,39 @@ pub enum Reason {
     /// of a packet a pod already encapsulated itself); the kernel's vxlan
     /// device handles it.
     PassAdjustRefused = 17,
+    /// Fast path, from a pod (`veth_from_pod`): an approved flow's packet
+    /// encapsulated at the pod's veth and sent out of the underlay NIC.
+    FastEgress = 18,
+    /// Fast path, toward a pod (`vxlan_ingress_tc`): decapsulated and
+    /// delivered into the pod's namespace with `bpf_redirect_peer`.
+    FastIngress = 19,
+    /// Not a packet verdict: a slow-path packet the host's mangle rule had
+    /// marked approved its flow for the fast path (`veth_to_pod`,
+    /// `vxlan_egress`). Counts approvals and renewals.
+    FastApproval = 20,
+    /// Toward a pod on the slow path: the host's bridge sent it to the pod's
+    /// veth (`veth_to_pod` counts every packet it sees).
+    SlowToPod = 21,
+    /// A fast-path hook left the packet to the host's path: its flow has no
+    /// valid approval (new, expired, or the firewall has not accepted it).
+    PassFastUnapproved = 22,
+    /// A fast-path hook left the packet to the host's path: TCP SYN, FIN or
+    /// RST, which conntrack must see; the flow's approval ends.
+    PassFastTcpControl = 23,
+    /// A fast-path hook left the packet to the host's path: IP options, a
+    /// fragment, TTL 1, a protocol other than TCP, UDP and ICMP echo, or a
+    /// pod that is not behind one of our veths.
+    PassFastUnusual = 24,
+    /// `veth_from_pod`: the destination is not a remote pod subnet (a
+    /// service address before DNAT, the host, the internet, a local pod).
+    PassFastNotRemote = 25,
 }
 
 impl Reason {
     /// Number of slots in the counter array (room left to append reasons).
     pub const SLOTS: u32 = 32;
 
-    pub const ALL: [Reason; 18] = [
+    pub const ALL: [Reason; 26] = [
         Reason::Encapsulated,
         Reason::Decapsulated,
         Reason::PassNotIpv4,
@@ -76,6 +102,14 @@ impl Reason {
         Reason::DropRedirectFailed,
         Reason::PassNotConfigured,
         Reason::PassAdjustRefused,
+        Reason::FastEgress,
+        Reason::FastIngress,
+        Reason::FastApproval,
+        Reason::SlowToPod,
+        Reason::PassFastUnapproved,
+        Reason::PassFastTcpControl,
+        Reason::PassFastUnusual,
+        Reason::PassFastNotRemote,
     ];
 
     /// Stable snake_case name used in logs, `status` output and metrics labels.
@@ -99,6 +133,14 @@ impl Reason {
             Reason::DropRedirectFailed => "drop_redirect_failed",
             Reason::PassNotConfigured => "pass_not_configured",
             Reason::PassAdjustRefused => "pass_adjust_refused",
+            Reason::FastEgress => "fast_egress",
+            Reason::FastIngress => "fast_ingress",
+            Reason::FastApproval => "fast_approval",
+            Reason::SlowToPod => "slow_to_pod",
+            Reason::PassFastUnapproved => "pass_fast_unapproved",
+            Reason::PassFastTcpControl => "pass_fast_tcp_control",
+            Reason::PassFastUnusual => "pass_fast_unusual",
+            Reason::PassFastNotRemote => "pass_fast_not_remote",
         }
     }
 

@@ -12,6 +12,7 @@ pub mod consts;
 pub mod counters;
 pub mod egress;
 pub mod encap;
+pub mod fastpath;
 pub mod flow;
 pub mod ingress;
 pub mod maps;

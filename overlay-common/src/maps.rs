@@ -86,6 +86,9 @@ mod pod {
     unsafe impl aya::Pod for super::RemoteVtep {}
     unsafe impl aya::Pod for super::KnownVtep {}
     unsafe impl aya::Pod for super::NodeConfig {}
+    unsafe impl aya::Pod for crate::fastpath::FlowKey {}
+    unsafe impl aya::Pod for crate::fastpath::FastFlow {}
+    unsafe impl aya::Pod for crate::fastpath::FastPathConfig {}
 }
 
 #[cfg(test)]

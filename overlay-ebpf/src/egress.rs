@@ -18,12 +18,14 @@ use overlay_common::{
     counters::Reason,
     egress::{EGRESS_WINDOW_LEN, EgressPacket, EgressVerdict, classify_egress},
     encap::{EncapHeader, EncapPlan},
+    fastpath::IPV4_TTL_OFFSET,
     flow::vxlan_src_port,
     maps::NodeConfig,
 };
 
 use crate::{
     count::{count, count_peer_tx},
+    fast,
     maps::{NODE_CONFIG, REMOTE_SUBNETS},
     skb,
 };
@@ -77,12 +79,27 @@ pub fn vxlan_egress(ctx: TcContext) -> i32 {
             count(reason, len);
             TC_ACT_SHOT
         }
-        EgressVerdict::Encap(plan) => encapsulate(&ctx, cfg, &plan, len),
+        EgressVerdict::Encap(plan) => {
+            fast::approve_from_pod(&ctx, len);
+            encapsulate(&ctx, cfg, &plan, len, None, Reason::Encapsulated, TC_ACT_OK)
+        }
     }
 }
 
+/// Encapsulates toward `plan`'s VTEP and redirects out of the underlay,
+/// counting `success`. `inner_ttl` (TTL, protocol and checksum) replaces the
+/// inner header's when the packet skipped the host's routing. `pass` is the
+/// verdict when the kernel refuses the room (nothing has changed then).
 #[inline(always)]
-fn encapsulate(ctx: &TcContext, cfg: &NodeConfig, plan: &EncapPlan, len: u32) -> i32 {
+pub fn encapsulate(
+    ctx: &TcContext,
+    cfg: &NodeConfig,
+    plan: &EncapPlan,
+    len: u32,
+    inner_ttl: Option<[u8; 4]>,
+    success: Reason,
+    pass: i32,
+) -> i32 {
     // The kernel vxlan device hashes the same skb the same way
     // (skb_get_hash), so a flow keeps its source port across datapaths.
     let hash = unsafe { bpf_get_hash_recalc(ctx.skb.skb) };
@@ -95,11 +112,18 @@ fn encapsulate(ctx: &TcContext, cfg: &NodeConfig, plan: &EncapPlan, len: u32) ->
     {
         // Nothing changed yet (e.g. -EALREADY: a pod's own tunnel packet).
         count(Reason::PassAdjustRefused, len);
-        return TC_ACT_OK;
+        return pass;
     }
     if ctx.store(EncapHeader::OFFSET, &header.bytes, 0).is_err() {
         count(Reason::DropAdjustFailed, len);
         return TC_ACT_SHOT;
+    }
+    if let Some(ttl) = inner_ttl {
+        let at = ETH_HDR_LEN + VXLAN_ENCAP_LEN as usize + IPV4_TTL_OFFSET;
+        if ctx.store(at, &ttl, 0).is_err() {
+            count(Reason::DropAdjustFailed, len);
+            return TC_ACT_SHOT;
+        }
     }
     // The kernel resolves the next hop on the underlay and writes the outer
     // MACs (resolving ARP if needed), which bpf_fib_lookup would leave to us.
@@ -108,7 +132,7 @@ fn encapsulate(ctx: &TcContext, cfg: &NodeConfig, plan: &EncapPlan, len: u32) ->
         count(Reason::DropRedirectFailed, len);
         return TC_ACT_SHOT;
     }
-    count(Reason::Encapsulated, len);
+    count(success, len);
     count_peer_tx(plan.remote.public_ip, len);
     TC_ACT_REDIRECT
 }

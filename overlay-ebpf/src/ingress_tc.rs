@@ -24,6 +24,7 @@ use overlay_common::{
 
 use crate::{
     count::{count, count_peer_rx},
+    fast,
     maps::{KNOWN_VTEPS, NODE_CONFIG},
     skb,
 };
@@ -64,6 +65,11 @@ pub fn vxlan_ingress_tc(ctx: TcContext) -> i32 {
     });
     match verdict {
         IngressVerdict::Pass(reason) => {
+            if reason == Reason::PassGsoTunnel
+                && let Some(verdict) = fast::deliver_to_pod(&ctx, &window, len)
+            {
+                return verdict;
+            }
             count(reason, len);
             if reason == Reason::PassGsoTunnel {
                 // From a known VTEP (checked first): the kernel device
@@ -77,6 +83,9 @@ pub fn vxlan_ingress_tc(ctx: TcContext) -> i32 {
             TC_ACT_SHOT
         }
         IngressVerdict::Decap { inner_eth } => {
+            if let Some(verdict) = fast::deliver_to_pod(&ctx, &window, len) {
+                return verdict;
+            }
             // FIXED_GSO: a GSO packet keeps its gso_size (the inner MSS).
             if ctx
                 .adjust_room(

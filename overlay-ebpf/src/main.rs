@@ -1,6 +1,6 @@
 //! The overlay's TC and XDP programs. Each entry point copies a fixed header
 //! window out of the packet, lets `overlay_common` decide, applies the
-//! decision and counts it; see `overlay_common::{egress, ingress, encap}`.
+//! decision and counts it; see `overlay_common::{egress, ingress, encap, fastpath}`.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
@@ -9,6 +9,8 @@ mod count;
 #[cfg(target_arch = "bpf")]
 mod egress;
 #[cfg(target_arch = "bpf")]
+mod fast;
+#[cfg(target_arch = "bpf")]
 mod ingress_tc;
 #[cfg(target_arch = "bpf")]
 mod ingress_xdp;
@@ -16,6 +18,8 @@ mod ingress_xdp;
 mod maps;
 #[cfg(target_arch = "bpf")]
 mod skb;
+#[cfg(target_arch = "bpf")]
+mod veth;
 
 #[cfg(target_arch = "bpf")]
 #[panic_handler]

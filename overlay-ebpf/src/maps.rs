@@ -2,12 +2,13 @@
 //! map's name). BTF-defined so `bpftool map dump` shows fields.
 
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LpmTrie, PerCpuArray, PerCpuHashMap},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
     macros::btf_map,
 };
 use overlay_common::{
-    consts::MAX_PEERS,
+    consts::{MAX_FAST_FLOWS, MAX_PEERS, MAX_POD_VETHS},
     counters::{Counter, Reason},
+    fastpath::{FastFlow, FastPathConfig, FlowKey},
     maps::{KnownVtep, NodeConfig, PeerTraffic, RemoteVtep},
 };
 
@@ -32,3 +33,20 @@ pub static COUNTERS: PerCpuArray<Counter, { Reason::SLOTS as usize }> = PerCpuAr
 #[btf_map]
 pub static PEER_STATS: PerCpuHashMap<[u8; 4], PeerTraffic, { MAX_PEERS as usize }> =
     PerCpuHashMap::new();
+
+/// Index 0: the fast path's settings; all zero (off) until the agent turns it on.
+#[btf_map]
+pub static FAST_CONFIG: Array<FastPathConfig, 1> = Array::new();
+
+/// Flows the host approved for the fast path, per direction (see
+/// `overlay_common::fastpath`). Written by the programs, purged by the agent
+/// when a pod's veth goes.
+#[btf_map]
+pub static FAST_FLOWS: LruHashMap<FlowKey, FastFlow, { MAX_FAST_FLOWS as usize }> =
+    LruHashMap::new();
+
+/// ifindex of every pod veth the agent attached to. `vxlan_ingress_tc`
+/// delivers only through these, so a veth that went never gets traffic from
+/// an approval recorded before.
+#[btf_map]
+pub static POD_VETHS: HashMap<u32, u32, { MAX_POD_VETHS as usize }> = HashMap::new();

@@ -49,6 +49,7 @@ enum Command {
     Counters(Reply<Option<Counters>>),
     ProgramIds(Reply<Option<ProgramIds>>),
     Teardown(Reply<()>),
+    SyncPods(Reply<()>),
 }
 
 /// How long one datapath call may take before the test gives up on it.
@@ -177,6 +178,11 @@ impl Node {
     pub fn teardown(&self) -> Result<()> {
         self.call("teardown", Command::Teardown)
     }
+
+    /// What the agent does on a link event: the fast path follows the pod veths.
+    pub fn sync_pods(&self) -> Result<()> {
+        self.call("sync_pods", Command::SyncPods)
+    }
 }
 
 async fn serve(flavor: Flavor, mut rx: mpsc::UnboundedReceiver<Command>) {
@@ -214,6 +220,9 @@ async fn serve(flavor: Flavor, mut rx: mpsc::UnboundedReceiver<Command>) {
                     AnyDatapath::Kernel(_) => Ok(None),
                 };
                 let _ = r.send(res);
+            }
+            Command::SyncPods(r) => {
+                let _ = r.send(dp.sync_pods().await.map_err(|e| chain(&e)));
             }
             Command::Teardown(r) => {
                 let res = dp.teardown().await;

@@ -9,6 +9,7 @@ use overlay_agent::{
     datapath::{
         NodeSpec, Peer,
         ebpf::{Counters, EbpfOptions, IngressMode},
+        fastpath::FastPathMode,
     },
     mac::MacAddr,
 };
@@ -82,8 +83,19 @@ pub struct Member {
 }
 
 impl Member {
-    /// Sets `host` up as a member of `overlay` with the given kind.
+    /// Sets `host` up as a member of `overlay` with the given kind (an eBPF
+    /// member with the fast path as `--fast-path=auto` has it).
     pub fn join(host: &Host, kind: Kind, overlay: Overlay) -> Result<Member> {
+        Self::join_with(host, kind, overlay, FastPathMode::Auto)
+    }
+
+    /// [`Member::join`] with the eBPF datapath's fast path set to `fast_path`.
+    pub fn join_with(
+        host: &Host,
+        kind: Kind,
+        overlay: Overlay,
+        fast_path: FastPathMode,
+    ) -> Result<Member> {
         let (backend, lease, device) = match kind {
             Kind::Reference => {
                 let r = ReferencePeer::setup(host, overlay.vni, overlay.port)?;
@@ -95,6 +107,7 @@ impl Member {
                 let flavor = match kind {
                     Kind::Ebpf(ingress) => Flavor::Ebpf(EbpfOptions {
                         ingress,
+                        fast_path,
                         ..EbpfOptions::default()
                     }),
                     _ => Flavor::Kernel,

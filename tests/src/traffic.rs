@@ -117,6 +117,21 @@ pub fn tcp_transfer(
     port: u16,
     bytes: u64,
 ) -> Result<TcpReport> {
+    let at = SocketAddrV4::new(dst, port);
+    tcp_transfer_via(src_ns, dst_ns, at, at, bytes)
+}
+
+/// [`tcp_transfer`] to a receiver listening on `listen` in `dst_ns`, with
+/// the sender connecting to `connect` (e.g. a service address that the
+/// host's NAT maps to `listen`).
+pub fn tcp_transfer_via(
+    src_ns: &str,
+    dst_ns: &str,
+    listen: SocketAddrV4,
+    connect: SocketAddrV4,
+    bytes: u64,
+) -> Result<TcpReport> {
+    let (dst, port) = (*listen.ip(), listen.port());
     let started = Instant::now();
     let (ready_tx, ready_rx) = mpsc::channel::<()>();
     let receiver = netns::spawn_in(dst_ns, move || {
@@ -160,7 +175,7 @@ pub fn tcp_transfer(
         bail!("TCP receiver never became ready");
     }
     let sender = netns::spawn_in(src_ns, move || {
-        let target = SocketAddr::V4(SocketAddrV4::new(dst, port));
+        let target = SocketAddr::V4(connect);
         let mut stream = TcpStream::connect_timeout(&target, STALL)
             .with_context(|| format!("connecting to {target}"))?;
         stream.set_write_timeout(Some(STALL))?;

@@ -34,7 +34,7 @@ use log::{info, warn};
 use overlay_common::{
     consts::{
         MAP_COUNTERS, MAP_KNOWN_VTEPS, MAP_NODE_CONFIG, MAP_PEER_STATS, MAP_REMOTE_SUBNETS,
-        PROG_EGRESS, PROG_INGRESS_TC, PROG_INGRESS_XDP,
+        PROG_EGRESS, PROG_INGRESS_TC, PROG_INGRESS_XDP, PROG_VETH_FROM_POD, PROG_VETH_TO_POD,
     },
     counters::{Counter, Reason},
     maps::{KnownVtep, NodeConfig, PeerTraffic, RemoteVtep},
@@ -42,6 +42,7 @@ use overlay_common::{
 
 use super::{
     Datapath, DatapathError, Mode, NodeSpec, NodeState, Peer,
+    fastpath::{self, FastPathMode, PodAttachments},
     kernel::KernelDatapath,
     pins::{MAPS, PinLayout},
 };
@@ -85,6 +86,8 @@ pub struct EbpfOptions {
     /// Load this eBPF object instead of the embedded one (an upgrade test, or
     /// an operator trying a rebuilt program without rebuilding the agent).
     pub object: Option<PathBuf>,
+    /// `--fast-path`: whether established pod traffic may skip the host.
+    pub fast_path: FastPathMode,
 }
 
 /// The attach point of a program, for error messages.
@@ -185,6 +188,9 @@ pub enum EbpfError {
         #[source]
         source: std::io::Error,
     },
+    /// `--fast-path=on` and the host's part could not be installed.
+    #[error("eBPF: the fast path cannot be turned on: {0}")]
+    FastPathHost(String),
 }
 
 impl EbpfError {
@@ -201,10 +207,11 @@ impl EbpfError {
             | EbpfError::Pin { .. }
             | EbpfError::Link { .. }
             | EbpfError::Cpus(_) => EbpfFailure::Map,
+            EbpfError::FastPathHost(_) => EbpfFailure::Attach,
         }
     }
 
-    fn map(map: &'static str, op: impl Into<String>, source: MapError) -> Self {
+    pub(super) fn map(map: &'static str, op: impl Into<String>, source: MapError) -> Self {
         EbpfError::Map {
             map,
             op: op.into(),
@@ -351,13 +358,22 @@ fn peer_from_entry(key: &Key<[u8; 4]>, value: &RemoteVtep) -> Option<Peer> {
 pub struct EbpfDatapath {
     options: EbpfOptions,
     kernel: KernelDatapath,
-    loaded: Option<Loaded>,
+    /// Boxed: the aya object and the fast path's state are large.
+    loaded: Option<Box<Loaded>>,
 }
 
 #[derive(Debug)]
 struct Loaded {
     ebpf: Ebpf,
     ids: ProgramIds,
+    /// Set while the fast path is on: our subnet and the pod veths.
+    fast: Option<FastState>,
+}
+
+#[derive(Debug)]
+struct FastState {
+    subnet: Ipv4Net,
+    pods: PodAttachments,
 }
 
 impl EbpfDatapath {
@@ -430,11 +446,11 @@ impl EbpfDatapath {
     }
 
     fn loaded(&self) -> Result<&Loaded, DatapathError> {
-        self.loaded.as_ref().ok_or(DatapathError::NotSetUp)
+        self.loaded.as_deref().ok_or(DatapathError::NotSetUp)
     }
 
     fn loaded_mut(&mut self) -> Result<&mut Loaded, DatapathError> {
-        self.loaded.as_mut().ok_or(DatapathError::NotSetUp)
+        self.loaded.as_deref_mut().ok_or(DatapathError::NotSetUp)
     }
 }
 
@@ -521,6 +537,7 @@ impl Loaded {
     fn start(
         options: &EbpfOptions,
         device: &VxlanDevice,
+        subnet: Ipv4Net,
         peers: &[Peer],
     ) -> Result<Self, EbpfError> {
         let owned_object;
@@ -579,6 +596,7 @@ impl Loaded {
                 .load()
                 .map_err(|e| EbpfError::load(PROG_INGRESS_XDP, e))?;
         }
+        let fast = start_fast_path(&mut ebpf, options.fast_path, subnet)?;
 
         let ingress_tc = attach_tc(
             &mut ebpf,
@@ -609,7 +627,49 @@ impl Loaded {
                 ingress_tc,
                 ingress_xdp,
             },
+            fast,
         })
+    }
+}
+
+/// Loads the veth programs and installs the host's part of the fast path,
+/// then turns it on in FAST_CONFIG; with `auto`, anything that fails turns
+/// it off instead, with one log line naming why.
+fn start_fast_path(
+    ebpf: &mut Ebpf,
+    mode: FastPathMode,
+    subnet: Ipv4Net,
+) -> Result<Option<FastState>, EbpfError> {
+    if mode == FastPathMode::Off {
+        fastpath::configure(ebpf, None)?;
+        info!("fast path: off (--fast-path=off)");
+        return Ok(None);
+    }
+    let attempt = (|| -> Result<(), EbpfError> {
+        for program in [PROG_VETH_FROM_POD, PROG_VETH_TO_POD] {
+            classifier(ebpf, program)?
+                .load()
+                .map_err(|e| EbpfError::load(program, e))?;
+        }
+        fastpath::prepare_host(subnet).map_err(EbpfError::FastPathHost)
+    })();
+    match attempt {
+        Ok(()) => {
+            fastpath::configure(ebpf, Some(subnet))?;
+            Ok(Some(FastState {
+                subnet,
+                pods: PodAttachments::default(),
+            }))
+        }
+        Err(e) if mode == FastPathMode::Auto => {
+            warn!(
+                "fast path: off, every packet takes the host's path: {}",
+                DatapathError::from(e).reason()
+            );
+            fastpath::configure(ebpf, None)?;
+            Ok(None)
+        }
+        Err(e) => Err(e),
     }
 }
 
@@ -770,7 +830,7 @@ fn attach_xdp(
     attach(hook, PROG_INGRESS_XDP, ifindex, pins, attach_err)
 }
 
-fn classifier<'a>(
+pub(super) fn classifier<'a>(
     ebpf: &'a mut Ebpf,
     name: &'static str,
 ) -> Result<&'a mut SchedClassifier, EbpfError> {
@@ -990,17 +1050,35 @@ impl Datapath for EbpfDatapath {
         let state = self.kernel.setup(node).await?;
         let peers = self.kernel.peers().await?;
         let device = self.kernel.device().ok_or(DatapathError::NotSetUp)?;
-        let loaded = Loaded::start(&self.options, device, &peers)?;
+        let loaded = Loaded::start(&self.options, device, node.subnet, &peers)?;
         info!(
-            "eBPF datapath on {} (ingress {} on {}): programs {:?}, {} peers in the maps",
+            "eBPF datapath on {} (ingress {} on {}, fast path {}): programs {:?}, {} peers in the maps",
             device.name,
             self.options.ingress,
             device.underlay,
+            if loaded.fast.is_some() { "on" } else { "off" },
             loaded.ids,
             peers.len()
         );
-        self.loaded = Some(loaded);
+        self.loaded = Some(Box::new(loaded));
+        self.sync_pods().await?;
         Ok(state)
+    }
+
+    /// Attaches the fast path to the pod veths that appeared and detaches it
+    /// from those that left (a no-op while the fast path is off).
+    async fn sync_pods(&mut self) -> Result<(), DatapathError> {
+        let Some(subnet) = self.loaded()?.fast.as_ref().map(|f| f.subnet) else {
+            return Ok(());
+        };
+        let nl = self.kernel.netlink().ok_or(DatapathError::NotSetUp)?;
+        let net = nl.pod_network(subnet).await?;
+        let pins = self.options.pins.clone();
+        let loaded = self.loaded_mut()?;
+        if let Some(fast) = loaded.fast.as_mut() {
+            fast.pods.sync(&mut loaded.ebpf, &net, pins.as_ref())?;
+        }
+        Ok(())
     }
 
     async fn add_peer(&mut self, peer: &Peer) -> Result<(), DatapathError> {
@@ -1038,7 +1116,9 @@ impl Datapath for EbpfDatapath {
     /// Detaches the programs (dropping their links and removing their pins),
     /// removes the pinned maps, then deletes the device.
     async fn teardown(&mut self) -> Result<(), DatapathError> {
-        self.loaded = None;
+        if let Some(fast) = self.loaded.take().and_then(|l| l.fast) {
+            fastpath::release_host(fast.subnet);
+        }
         if let Some(pins) = &self.options.pins {
             pins.remove_all()
                 .map_err(pin_err(pins.root().to_owned(), "remove"))?;

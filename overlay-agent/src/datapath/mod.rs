@@ -13,6 +13,7 @@ use ipnet::Ipv4Net;
 use crate::mac::MacAddr;
 
 pub mod ebpf;
+pub mod fastpath;
 pub mod kernel;
 pub mod pins;
 
@@ -149,6 +150,12 @@ pub trait Datapath {
     async fn peers(&mut self) -> Result<Vec<Peer>, DatapathError>;
     /// Remove everything `setup` and `add_peer` created.
     async fn teardown(&mut self) -> Result<(), DatapathError>;
+    /// Follow the pods' veths after a link change: the fast path attaches to
+    /// new ones and forgets those that left. Only the eBPF datapath with the
+    /// fast path on has anything to do.
+    async fn sync_pods(&mut self) -> Result<(), DatapathError> {
+        Ok(())
+    }
 }
 
 /// Either datapath behind one type, chosen at run time (the agent's
@@ -205,6 +212,12 @@ impl Datapath for AnyDatapath {
         match self {
             AnyDatapath::Ebpf(d) => d.teardown().await,
             AnyDatapath::Kernel(d) => d.teardown().await,
+        }
+    }
+    async fn sync_pods(&mut self) -> Result<(), DatapathError> {
+        match self {
+            AnyDatapath::Ebpf(d) => d.sync_pods().await,
+            AnyDatapath::Kernel(d) => d.sync_pods().await,
         }
     }
 }

@@ -9,9 +9,14 @@
 //! <dir>/NODE_CONFIG      array[1]: this node's VNI, addresses, ifindexes
 //! <dir>/COUNTERS         per-CPU array: packets/bytes per reason
 //! <dir>/PEER_STATS       per-CPU hash: public IP -> packets/bytes each way
+//! <dir>/FAST_CONFIG      array[1]: fast path on/off, this node's pod subnet
+//! <dir>/FAST_FLOWS       LRU hash: flow + direction -> approval (time, pod veth, MACs)
+//! <dir>/POD_VETHS        hash: ifindex of every pod veth the fast path is attached to
 //! <dir>/links/vxlan_egress       TCX egress link on flannel.<VNI>
 //! <dir>/links/vxlan_ingress_tc   TCX ingress link on the underlay
 //! <dir>/links/vxlan_ingress_xdp  XDP link on the underlay (xdp+tc only)
+//! <dir>/links/veth_from_pod.<ifindex>  TCX ingress link on a pod's veth (fast path)
+//! <dir>/links/veth_to_pod.<ifindex>    TCX egress link on a pod's veth (fast path)
 //! ```
 //!
 //! Pinned links keep the programs attached when the agent exits (as
@@ -31,10 +36,12 @@ use aya::maps::MapInfo;
 use log::warn;
 use overlay_common::{
     consts::{
-        MAP_COUNTERS, MAP_KNOWN_VTEPS, MAP_NODE_CONFIG, MAP_PEER_STATS, MAP_REMOTE_SUBNETS,
-        MAX_PEERS,
+        MAP_COUNTERS, MAP_FAST_CONFIG, MAP_FAST_FLOWS, MAP_KNOWN_VTEPS, MAP_NODE_CONFIG,
+        MAP_PEER_STATS, MAP_POD_VETHS, MAP_REMOTE_SUBNETS, MAX_FAST_FLOWS, MAX_PEERS,
+        MAX_POD_VETHS,
     },
     counters::{Counter, Reason},
+    fastpath::{FastFlow, FastPathConfig, FlowKey},
     maps::{KnownVtep, NodeConfig, PeerTraffic, RemoteVtep},
 };
 
@@ -43,7 +50,7 @@ pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/overlay";
 
 /// Every map of the object, with the geometry this build expects of a pinned
 /// map it reopens: (name, key size, value size, max entries).
-pub const MAPS: [(&str, u32, u32, u32); 5] = [
+pub const MAPS: [(&str, u32, u32, u32); 8] = [
     (
         MAP_REMOTE_SUBNETS,
         // LPM key: prefix length (u32) + the address.
@@ -60,6 +67,14 @@ pub const MAPS: [(&str, u32, u32, u32); 5] = [
         size_of::<PeerTraffic>() as u32,
         MAX_PEERS,
     ),
+    (MAP_FAST_CONFIG, 4, size_of::<FastPathConfig>() as u32, 1),
+    (
+        MAP_FAST_FLOWS,
+        size_of::<FlowKey>() as u32,
+        size_of::<FastFlow>() as u32,
+        MAX_FAST_FLOWS,
+    ),
+    (MAP_POD_VETHS, 4, 4, MAX_POD_VETHS),
 ];
 
 /// The pin directory of one agent.

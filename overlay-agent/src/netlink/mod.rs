@@ -10,7 +10,9 @@
 //! [`Netlink::connect`] (the socket is bound to it at creation), so tests create
 //! it on a thread that has `setns()`-ed into the host's namespace.
 
+pub mod events;
 pub mod peer_entries;
+pub mod pods;
 pub mod vxlan_device;
 
 use std::io;

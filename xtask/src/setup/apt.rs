@@ -35,6 +35,10 @@ pub const PACKAGES: &[(&str, &str)] = &[
     ("tshark", "decoding captures as VXLAN"),
     ("ethtool", "offload settings and NIC statistics"),
     ("iptables", "the -i flannel.<VNI> rule test"),
+    (
+        "conntrack",
+        "the fast path's conntrack checks (entries listed per namespace)",
+    ),
     ("procps", "sysctl"),
     (
         "curl",

@@ -1,0 +1,355 @@
+//! The agent's side of the fast path (see `overlay_common::fastpath` for the
+//! packet side): the switch, the host's part of the approval mechanism, and
+//! the programs on every pod veth.
+//!
+//! The host's part: the mangle rule that marks packets of flows conntrack
+//! has accepted ([`crate::ipmasq::fast_path_rules`]), and
+//! `nf_conntrack_tcp_be_liberal=1`, because conntrack no longer sees every
+//! segment of a TCP flow on the fast path, and without liberal window
+//! tracking the segment that renews an approval (and the FIN at the end)
+//! would be out of its window and INVALID.
+//!
+//! Pod veths are those enslaved to the bridge that holds an address of our
+//! subnet. Each gets `veth_from_pod` (TCX ingress) and `veth_to_pod` (TCX
+//! egress), pinned as `links/veth_from_pod.<ifindex>` and
+//! `links/veth_to_pod.<ifindex>` so they survive the agent like the others.
+
+use std::{collections::BTreeMap, fmt, path::PathBuf, str::FromStr};
+
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap, MapData},
+    programs::{
+        TcAttachType,
+        links::{FdLink, PinnedLink},
+        tc::SchedClassifierLink,
+    },
+};
+use ipnet::Ipv4Net;
+use log::{info, warn};
+use overlay_common::{
+    consts::{
+        MAP_FAST_CONFIG, MAP_FAST_FLOWS, MAP_POD_VETHS, PROG_VETH_FROM_POD, PROG_VETH_TO_POD,
+    },
+    fastpath::{DIR_TO_POD, FastFlow, FastPathConfig, FlowKey},
+};
+
+use super::{
+    ebpf::{EbpfError, Hook, classifier},
+    pins::PinLayout,
+};
+use crate::{
+    ipmasq,
+    netlink::pods::{PodNetwork, PodVeth},
+};
+
+/// `--fast-path`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum FastPathMode {
+    /// Every packet takes the host's path, as before the fast path existed.
+    Off,
+    /// On where the kernel and the host allow it; otherwise off, with one
+    /// log line saying why.
+    #[default]
+    Auto,
+    /// On, or the eBPF datapath fails to start.
+    On,
+}
+
+impl fmt::Display for FastPathMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            FastPathMode::Off => "off",
+            FastPathMode::Auto => "auto",
+            FastPathMode::On => "on",
+        })
+    }
+}
+
+impl FromStr for FastPathMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "off" => Ok(FastPathMode::Off),
+            "auto" => Ok(FastPathMode::Auto),
+            "on" => Ok(FastPathMode::On),
+            _ => Err(format!("{s:?} is not one of auto, on, off")),
+        }
+    }
+}
+
+/// The sysctl the fast path needs (per network namespace).
+const BE_LIBERAL: &str = "/proc/sys/net/netfilter/nf_conntrack_tcp_be_liberal";
+
+/// Installs the host's part (mangle rule, liberal TCP window tracking) for
+/// `subnet`. The error says what failed, for the `auto` log line.
+pub fn prepare_host(subnet: Ipv4Net) -> Result<(), String> {
+    match std::fs::read_to_string(BE_LIBERAL) {
+        Ok(v) if v.trim() == "1" => {}
+        Ok(_) => {
+            std::fs::write(BE_LIBERAL, "1").map_err(|e| format!("setting {BE_LIBERAL}: {e}"))?;
+            info!("fast path: set {BE_LIBERAL} = 1 (conntrack does not see every TCP segment)");
+        }
+        Err(e) => return Err(format!("reading {BE_LIBERAL}: {e}")),
+    }
+    ipmasq::ensure(&ipmasq::fast_path_rules(subnet))
+        .map_err(|e| format!("installing the mangle rule: {e}"))?;
+    Ok(())
+}
+
+/// Removes the mangle rule (the sysctl stays: something else may rely on it).
+pub fn release_host(subnet: Ipv4Net) {
+    if let Err(e) = ipmasq::remove(&ipmasq::fast_path_rules(subnet)) {
+        warn!("fast path: removing the mangle rule: {e}");
+    }
+}
+
+/// Turns the programs' side on (`subnet` is ours) or off.
+pub fn configure(ebpf: &mut Ebpf, subnet: Option<Ipv4Net>) -> Result<(), EbpfError> {
+    let map = ebpf
+        .map_mut(MAP_FAST_CONFIG)
+        .ok_or(EbpfError::MissingMap(MAP_FAST_CONFIG))?;
+    let mut config: Array<&mut MapData, FastPathConfig> =
+        Array::try_from(map).map_err(|e| EbpfError::map(MAP_FAST_CONFIG, "open", e))?;
+    let value = match subnet {
+        Some(s) => FastPathConfig {
+            enabled: 1,
+            pod_subnet: s.network().octets(),
+            pod_prefix_len: u32::from(s.prefix_len()),
+            _pad: 0,
+        },
+        None => FastPathConfig::default(),
+    };
+    config
+        .set(0, value, 0)
+        .map_err(|e| EbpfError::map(MAP_FAST_CONFIG, "set entry 0", e))
+}
+
+/// The two links of one pod veth.
+#[derive(Debug)]
+struct PodLinks {
+    name: String,
+    /// Dropped (and, when pinned, unpinned) to detach.
+    _links: [FdLink; 2],
+}
+
+/// The veths the programs are attached to.
+#[derive(Debug, Default)]
+pub struct PodAttachments {
+    bridge: Option<String>,
+    attached: BTreeMap<u32, PodLinks>,
+}
+
+impl PodAttachments {
+    /// ifindex and name of every attached veth.
+    pub fn veths(&self) -> Vec<PodVeth> {
+        self.attached
+            .iter()
+            .map(|(i, l)| PodVeth {
+                ifindex: *i,
+                name: l.name.clone(),
+            })
+            .collect()
+    }
+
+    /// Brings the attachments in line with `net`: detaches from veths that
+    /// left (and forgets what was learnt through them), attaches to new
+    /// ones. With `pins`, also removes pins of veths that left while no agent
+    /// ran. Returns how many veths changed.
+    pub fn sync(
+        &mut self,
+        ebpf: &mut Ebpf,
+        net: &PodNetwork,
+        pins: Option<&PinLayout>,
+    ) -> Result<usize, EbpfError> {
+        let bridge = net.bridge.as_ref().map(|(n, _)| n.clone());
+        if bridge != self.bridge {
+            match &bridge {
+                Some(b) => info!("fast path: pods are behind {b}"),
+                None => info!("fast path: no bridge holds an address of our subnet (yet)"),
+            }
+            self.bridge = bridge;
+        }
+        let wanted: BTreeMap<u32, &PodVeth> = net.veths.iter().map(|v| (v.ifindex, v)).collect();
+        let gone: Vec<u32> = self
+            .attached
+            .keys()
+            .filter(|i| !wanted.contains_key(i))
+            .copied()
+            .collect();
+        let mut changed = 0;
+        for ifindex in gone {
+            if let Some(links) = self.attached.remove(&ifindex) {
+                info!("fast path: {} (#{ifindex}) left", links.name);
+            }
+            forget_veth(ebpf, ifindex, pins)?;
+            changed += 1;
+        }
+        if let Some(pins) = pins {
+            for ifindex in stale_pinned_veths(pins) {
+                if !wanted.contains_key(&ifindex) {
+                    forget_veth(ebpf, ifindex, Some(pins))?;
+                }
+            }
+        }
+        for veth in wanted.values() {
+            if self.attached.contains_key(&veth.ifindex) {
+                continue;
+            }
+            let from = attach(ebpf, PROG_VETH_FROM_POD, veth, TcAttachType::Ingress, pins)?;
+            let to = attach(ebpf, PROG_VETH_TO_POD, veth, TcAttachType::Egress, pins)?;
+            pod_veths(ebpf)?.insert(veth.ifindex, 1, 0).map_err(|e| {
+                EbpfError::map(MAP_POD_VETHS, format!("insert {}", veth.ifindex), e)
+            })?;
+            info!("fast path: attached to {} (#{})", veth.name, veth.ifindex);
+            self.attached.insert(
+                veth.ifindex,
+                PodLinks {
+                    name: veth.name.clone(),
+                    _links: [from, to],
+                },
+            );
+            changed += 1;
+        }
+        Ok(changed)
+    }
+}
+
+fn pin_name(program: &str, ifindex: u32) -> String {
+    format!("{program}.{ifindex}")
+}
+
+/// ifindexes named by pinned veth links (`<program>.<ifindex>`).
+fn stale_pinned_veths(pins: &PinLayout) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir(pins.links_dir()) else {
+        return Vec::new();
+    };
+    let mut out: Vec<u32> = entries
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let (program, index) = name.rsplit_once('.')?;
+            [PROG_VETH_FROM_POD, PROG_VETH_TO_POD]
+                .contains(&program)
+                .then(|| index.parse().ok())?
+        })
+        .collect();
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+/// Attaches `program` to the veth: swapped into its pinned link when one is
+/// still attached there, else a new link (pinned when `pins`).
+fn attach(
+    ebpf: &mut Ebpf,
+    program: &'static str,
+    veth: &PodVeth,
+    hook: TcAttachType,
+    pins: Option<&PinLayout>,
+) -> Result<FdLink, EbpfError> {
+    let prog = classifier(ebpf, program)?;
+    let attach_err = |source| EbpfError::Attach {
+        program,
+        interface: veth.name.clone(),
+        hook: if hook == TcAttachType::Egress {
+            Hook::TcxEgress
+        } else {
+            Hook::TcxIngress
+        },
+        source,
+    };
+    let name = pin_name(program, veth.ifindex);
+    let live = match pins {
+        Some(p) => p
+            .live_link(&name, veth.ifindex)
+            .map_err(|source| EbpfError::Pin {
+                path: p.link(&name),
+                op: "inspect",
+                source,
+            })?,
+        None => None,
+    };
+    if let Some(path) = live {
+        let pinned = PinnedLink::from_pin(&path).map_err(|source| EbpfError::Link {
+            path: path.clone(),
+            op: "open",
+            source,
+        })?;
+        let link = SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(|source| {
+            EbpfError::Link {
+                path: path.clone(),
+                op: "open as a TCX link",
+                source,
+            }
+        })?;
+        let id = prog.attach_to_link(link).map_err(attach_err)?;
+        let link = prog.take_link(id).map_err(attach_err)?;
+        return FdLink::try_from(link).map_err(|source| EbpfError::Link {
+            path,
+            op: "convert",
+            source,
+        });
+    }
+    let id = prog.attach(&veth.name, hook).map_err(attach_err)?;
+    let link = prog.take_link(id).map_err(attach_err)?;
+    let path = pins.map_or_else(PathBuf::new, |p| p.link(&name));
+    let fd_link = FdLink::try_from(link).map_err(|source| EbpfError::Link {
+        path: path.clone(),
+        op: "convert",
+        source,
+    })?;
+    if pins.is_none() {
+        return Ok(fd_link);
+    }
+    let pinned = fd_link.pin(&path).map_err(|e| EbpfError::Pin {
+        path,
+        op: "pin",
+        source: std::io::Error::other(e),
+    })?;
+    Ok(FdLink::from(pinned))
+}
+
+/// A veth that left: its pins, its POD_VETHS entry and every approval that
+/// would deliver through it.
+fn forget_veth(ebpf: &mut Ebpf, ifindex: u32, pins: Option<&PinLayout>) -> Result<(), EbpfError> {
+    if let Some(pins) = pins {
+        for program in [PROG_VETH_FROM_POD, PROG_VETH_TO_POD] {
+            let path = pins.link(&pin_name(program, ifindex));
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => {
+                    return Err(EbpfError::Pin {
+                        path,
+                        op: "remove",
+                        source,
+                    });
+                }
+            }
+        }
+    }
+    let _ = pod_veths(ebpf)?.remove(&ifindex);
+    let map = ebpf
+        .map_mut(MAP_FAST_FLOWS)
+        .ok_or(EbpfError::MissingMap(MAP_FAST_FLOWS))?;
+    let mut flows: HashMap<&mut MapData, FlowKey, FastFlow> =
+        HashMap::try_from(map).map_err(|e| EbpfError::map(MAP_FAST_FLOWS, "open", e))?;
+    let through: Vec<FlowKey> = flows
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|(k, v)| k.dir == DIR_TO_POD && v.ifindex == ifindex)
+        .map(|(k, _)| k)
+        .collect();
+    for key in &through {
+        let _ = flows.remove(key);
+    }
+    Ok(())
+}
+
+fn pod_veths(ebpf: &mut Ebpf) -> Result<HashMap<&mut MapData, u32, u32>, EbpfError> {
+    let map = ebpf
+        .map_mut(MAP_POD_VETHS)
+        .ok_or(EbpfError::MissingMap(MAP_POD_VETHS))?;
+    HashMap::try_from(map).map_err(|e| EbpfError::map(MAP_POD_VETHS, "open", e))
+}

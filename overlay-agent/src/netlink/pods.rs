@@ -1,0 +1,166 @@
+//! Where this node's pods are: the bridge that holds an address of our pod
+//! subnet (`cni0` under flannel's CNI plugin, `docker0` with
+//! `--bip=$FLANNEL_SUBNET`) and the host-side veths enslaved to it.
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use ipnet::Ipv4Net;
+use rtnetlink::packet_route::{
+    address::AddressAttribute,
+    link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage},
+};
+
+use super::{Netlink, NetlinkError};
+
+/// A pod's host-side veth.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PodVeth {
+    pub ifindex: u32,
+    pub name: String,
+}
+
+/// The pods' bridge and its veths, as the kernel has them now.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PodNetwork {
+    /// The bridge's name and ifindex; `None` while no bridge holds an address
+    /// of the subnet (no pod has started yet).
+    pub bridge: Option<(String, u32)>,
+    /// Sorted by ifindex.
+    pub veths: Vec<PodVeth>,
+}
+
+/// The kind of a link (`veth`, `bridge`, ...), from its IFLA_LINKINFO.
+fn kind(msg: &LinkMessage) -> Option<&InfoKind> {
+    msg.attributes.iter().find_map(|a| match a {
+        LinkAttribute::LinkInfo(infos) => infos.iter().find_map(|i| match i {
+            LinkInfo::Kind(k) => Some(k),
+            _ => None,
+        }),
+        _ => None,
+    })
+}
+
+fn controller(msg: &LinkMessage) -> Option<u32> {
+    msg.attributes.iter().find_map(|a| match a {
+        LinkAttribute::Controller(i) => Some(*i),
+        _ => None,
+    })
+}
+
+fn name(msg: &LinkMessage) -> String {
+    msg.attributes
+        .iter()
+        .find_map(|a| match a {
+            LinkAttribute::IfName(n) => Some(n.clone()),
+            _ => None,
+        })
+        .unwrap_or_default()
+}
+
+/// From a link dump and the (ifindex, IPv4) address pairs: the bridge with
+/// an address inside `subnet` and its veth ports.
+pub fn pod_network(
+    links: &[LinkMessage],
+    addresses: &[(u32, Ipv4Addr)],
+    subnet: Ipv4Net,
+) -> PodNetwork {
+    let bridge = links.iter().find(|l| {
+        kind(l) == Some(&InfoKind::Bridge)
+            && addresses
+                .iter()
+                .any(|(i, ip)| *i == l.header.index && subnet.contains(ip))
+    });
+    let Some(bridge) = bridge else {
+        return PodNetwork::default();
+    };
+    let index = bridge.header.index;
+    let mut veths: Vec<PodVeth> = links
+        .iter()
+        .filter(|l| controller(l) == Some(index) && kind(l) == Some(&InfoKind::Veth))
+        .map(|l| PodVeth {
+            ifindex: l.header.index,
+            name: name(l),
+        })
+        .collect();
+    veths.sort();
+    PodNetwork {
+        bridge: Some((name(bridge), index)),
+        veths,
+    }
+}
+
+impl Netlink {
+    /// One link dump and one address dump: the pods' bridge and veths.
+    pub async fn pod_network(&self, subnet: Ipv4Net) -> Result<PodNetwork, NetlinkError> {
+        let links =
+            Self::collect(self.handle.link().get().execute(), || "list links".into()).await?;
+        let msgs = Self::collect(self.handle.address().get().execute(), || {
+            "list addresses".into()
+        })
+        .await?;
+        let addresses: Vec<(u32, Ipv4Addr)> = msgs
+            .iter()
+            .flat_map(|m| {
+                m.attributes.iter().filter_map(move |a| match a {
+                    AddressAttribute::Local(IpAddr::V4(ip))
+                    | AddressAttribute::Address(IpAddr::V4(ip)) => Some((m.header.index, *ip)),
+                    _ => None,
+                })
+            })
+            .collect();
+        Ok(pod_network(&links, &addresses, subnet))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn link(index: u32, name: &str, kind: InfoKind, master: Option<u32>) -> LinkMessage {
+        let mut m = LinkMessage::default();
+        m.header.index = index;
+        m.attributes.push(LinkAttribute::IfName(name.into()));
+        m.attributes
+            .push(LinkAttribute::LinkInfo(vec![LinkInfo::Kind(kind)]));
+        if let Some(master) = master {
+            m.attributes.push(LinkAttribute::Controller(master));
+        }
+        m
+    }
+
+    #[test]
+    fn finds_the_bridge_holding_the_gateway_and_its_veths() {
+        let links = vec![
+            link(2, "eth0", InfoKind::Veth, None),
+            link(3, "docker0", InfoKind::Bridge, None),
+            link(4, "cni0", InfoKind::Bridge, None),
+            link(9, "vethb", InfoKind::Veth, Some(4)),
+            link(7, "vetha", InfoKind::Veth, Some(4)),
+            link(8, "vethd", InfoKind::Veth, Some(3)),
+            link(10, "dummy", InfoKind::Dummy, Some(4)),
+        ];
+        let addresses = vec![
+            (2, Ipv4Addr::new(192, 168, 64, 2)),
+            (3, Ipv4Addr::new(172, 17, 0, 1)),
+            (4, Ipv4Addr::new(10, 5, 1, 1)),
+        ];
+        let net = pod_network(&links, &addresses, "10.5.1.0/24".parse().unwrap());
+        assert_eq!(net.bridge, Some(("cni0".into(), 4)));
+        assert_eq!(
+            net.veths,
+            vec![
+                PodVeth {
+                    ifindex: 7,
+                    name: "vetha".into()
+                },
+                PodVeth {
+                    ifindex: 9,
+                    name: "vethb".into()
+                },
+            ]
+        );
+        // No bridge holds an address of the subnet yet: nothing to attach to.
+        let none = pod_network(&links, &addresses, "10.5.2.0/24".parse().unwrap());
+        assert_eq!(none, PodNetwork::default());
+    }
+}

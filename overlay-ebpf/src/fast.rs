@@ -1,0 +1,204 @@
+//! The fast path's pieces shared by the programs: approvals recorded on the
+//! slow path, checked on the fast one (see `overlay_common::fastpath`).
+
+use core::mem::MaybeUninit;
+
+use aya_ebpf::{
+    bindings::{
+        BPF_CSUM_LEVEL_DEC, BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_REDIRECT, TC_ACT_SHOT,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+    },
+    helpers::generated::{bpf_csum_level, bpf_ktime_get_ns, bpf_redirect_peer, bpf_skb_load_bytes},
+    programs::TcContext,
+};
+use overlay_common::{
+    consts::{ETH_HDR_LEN, ETH_P_IP},
+    counters::Reason,
+    fastpath::{
+        DIR_FROM_POD, DIR_TO_POD, FAST_PATH_MARK, FLOW_WINDOW_LEN, FastFlow, FastPathConfig, Flow,
+        FlowKey, FlowWindow, IPV4_TTL_OFFSET, approval_valid, decrement_ttl, parse_flow,
+    },
+    ingress::{DECAP_LEN, INGRESS_WINDOW_LEN, IngressWindow},
+};
+
+use crate::{
+    count::{count, count_peer_rx},
+    maps::{FAST_CONFIG, FAST_FLOWS, POD_VETHS},
+};
+
+/// `TCX_NEXT` (`TC_ACT_UNSPEC`): not ours, let the next program on the hook
+/// (and then the kernel) have it.
+pub const TCX_NEXT: i32 = -1;
+
+/// The fast path's settings, if it is on.
+#[inline(always)]
+pub fn config() -> Option<&'static FastPathConfig> {
+    FAST_CONFIG.get(0).filter(|c| c.enabled != 0)
+}
+
+/// Whether the host's mangle rule marked this packet's flow as accepted;
+/// the mark bit is cleared so nothing after us sees it.
+#[inline(always)]
+pub fn take_mark(ctx: &TcContext) -> bool {
+    let mark = unsafe { (*ctx.skb.skb).mark };
+    if mark & FAST_PATH_MARK == 0 {
+        return false;
+    }
+    ctx.set_mark(mark & !FAST_PATH_MARK);
+    true
+}
+
+/// Copies the IPv4 header and transport peek that start at `offset`.
+#[inline(always)]
+pub fn load_flow_window(ctx: &TcContext, offset: u32) -> Option<FlowWindow> {
+    if ctx.len() < offset + FLOW_WINDOW_LEN as u32 {
+        return None;
+    }
+    let mut w = MaybeUninit::<FlowWindow>::uninit();
+    let ret = unsafe {
+        bpf_skb_load_bytes(
+            ctx.skb.skb.cast(),
+            offset,
+            w.as_mut_ptr().cast(),
+            FLOW_WINDOW_LEN as u32,
+        )
+    };
+    (ret == 0).then(|| unsafe { w.assume_init() })
+}
+
+#[inline(always)]
+pub fn now_ns() -> u64 {
+    unsafe { bpf_ktime_get_ns() }
+}
+
+/// Records (or renews) an approval.
+#[inline(always)]
+pub fn approve(key: &FlowKey, value: &FastFlow, len: u32) {
+    if FAST_FLOWS.insert(key, value, 0).is_ok() {
+        count(Reason::FastApproval, len);
+    }
+}
+
+/// The flow's approval, if it is still valid.
+#[inline(always)]
+pub fn approval(key: &FlowKey) -> Option<FastFlow> {
+    let flow = unsafe { FAST_FLOWS.get(key) }.copied()?;
+    approval_valid(flow.approved_ns, now_ns()).then_some(flow)
+}
+
+/// Ends the approval of a flow whose TCP state is changing.
+#[inline(always)]
+pub fn revoke(key: &FlowKey) {
+    let _ = FAST_FLOWS.remove(key);
+}
+
+/// `vxlan_egress` about to encapsulate an IPv4 packet from `flannel.<VNI>`:
+/// a marked packet from a local pod approves its flow for `veth_from_pod`.
+#[inline(always)]
+pub fn approve_from_pod(ctx: &TcContext, len: u32) {
+    let Some(cfg) = config() else {
+        return;
+    };
+    if !take_mark(ctx) {
+        return;
+    }
+    let Some(w) = load_flow_window(ctx, ETH_HDR_LEN as u32) else {
+        return;
+    };
+    let Ok(flow) = parse_flow(&w, len - ETH_HDR_LEN as u32) else {
+        return;
+    };
+    if flow.tcp_control || !cfg.is_local_pod(flow.key.src) {
+        return;
+    }
+    let value = FastFlow {
+        approved_ns: now_ns(),
+        ..FastFlow::default()
+    };
+    approve(&flow.with_dir(DIR_FROM_POD), &value, len);
+}
+
+/// `vxlan_ingress_tc`, for VXLAN from a known VTEP that is ours to
+/// decapsulate (a GSO aggregate included): delivers an approved flow's
+/// packet straight into its pod. `None` when the fast path does not take it
+/// (nothing changed; the caller carries on as without a fast path).
+#[inline(always)]
+pub fn deliver_to_pod(ctx: &TcContext, outer: &IngressWindow, len: u32) -> Option<i32> {
+    let cfg = config()?;
+    let inner_ip = INGRESS_WINDOW_LEN as u32;
+    let flow = match load_flow_window(ctx, inner_ip).map(|w| parse_flow(&w, len - inner_ip)) {
+        Some(Ok(flow)) if cfg.is_local_pod(flow.key.dst) => flow,
+        _ => {
+            count(Reason::PassFastUnusual, len);
+            return None;
+        }
+    };
+    let key = flow.with_dir(DIR_TO_POD);
+    if flow.tcp_control {
+        revoke(&key);
+        count(Reason::PassFastTcpControl, len);
+        return None;
+    }
+    let Some(pod) = approval(&key) else {
+        count(Reason::PassFastUnapproved, len);
+        return None;
+    };
+    if POD_VETHS.get_ptr(pod.ifindex).is_none() {
+        // Approved through a veth the agent no longer knows (the pod went).
+        revoke(&key);
+        count(Reason::PassFastUnusual, len);
+        return None;
+    }
+    // FIXED_GSO: an aggregate keeps its gso_size. It stays whole: nothing
+    // transmits it before the pod's socket receives it.
+    if ctx
+        .adjust_room(
+            -(DECAP_LEN as i32),
+            BPF_ADJ_ROOM_MAC,
+            BPF_F_ADJ_ROOM_FIXED_GSO as u64,
+        )
+        .is_err()
+    {
+        return None;
+    }
+    Some(finish_delivery(ctx, &flow, &pod, outer, len))
+}
+
+/// After decapsulation: the frame as the pod's gateway would have sent it
+/// (its MACs, TTL one lower), then into the pod's namespace.
+#[inline(always)]
+fn finish_delivery(
+    ctx: &TcContext,
+    flow: &Flow,
+    pod: &FastFlow,
+    outer: &IngressWindow,
+    len: u32,
+) -> i32 {
+    let mut eth = [0u8; ETH_HDR_LEN];
+    eth[0..6].copy_from_slice(&pod.pod_mac);
+    eth[6..12].copy_from_slice(&pod.gw_mac);
+    eth[12..14].copy_from_slice(&ETH_P_IP.to_be_bytes());
+    if ctx.store(0, &eth, 0).is_err()
+        || ctx
+            .store(ETH_HDR_LEN + IPV4_TTL_OFFSET, &decrement_ttl(flow), 0)
+            .is_err()
+    {
+        count(Reason::DropAdjustFailed, len);
+        return TC_ACT_SHOT;
+    }
+    // A checksum the NIC validated was the outer one.
+    unsafe {
+        bpf_csum_level(ctx.skb.skb, BPF_CSUM_LEVEL_DEC as u64);
+        // The underlay's receive queue means nothing to the pod's veth,
+        // which may have fewer queues.
+        (*ctx.skb.skb).queue_mapping = 0;
+    }
+    let ret = unsafe { bpf_redirect_peer(pod.ifindex, 0) };
+    if ret != i64::from(TC_ACT_REDIRECT) {
+        count(Reason::DropRedirectFailed, len);
+        return TC_ACT_SHOT;
+    }
+    count(Reason::FastIngress, len);
+    count_peer_rx([outer[26], outer[27], outer[28], outer[29]], len);
+    TC_ACT_REDIRECT
+}

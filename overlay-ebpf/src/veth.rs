@@ -1,0 +1,145 @@
+//! The fast path's programs on a pod's host-side veth.
+//!
+//! `veth_from_pod` (TCX ingress: what the pod sends) encapsulates an
+//! approved flow's packet to a remote pod and sends it straight out of the
+//! underlay, skipping `cni0`, routing and `flannel.<VNI>`. `veth_to_pod`
+//! (TCX egress: what the host's bridge delivers) turns packets the host's
+//! mangle rule marked into approvals for `vxlan_ingress_tc`. Everything else
+//! continues down the hook's chain untouched.
+
+use aya_ebpf::{btf_maps::lpm_trie::Key, macros::classifier, programs::TcContext};
+use overlay_common::{
+    consts::{ETH_HDR_LEN, ETH_P_IP},
+    counters::Reason,
+    egress::{EgressPacket, EgressVerdict, EgressWindow, classify_egress},
+    fastpath::{
+        DIR_FROM_POD, DIR_TO_POD, FastFlow, FlowWindow, POD_WINDOW_LEN, PodWindow, decrement_ttl,
+        parse_flow,
+    },
+};
+
+use crate::{
+    count::count,
+    egress::encapsulate,
+    fast::{self, TCX_NEXT},
+    maps::{NODE_CONFIG, REMOTE_SUBNETS},
+    skb,
+};
+
+/// The Ethernet and fixed IPv4 headers at the window's start, as the egress
+/// classifier reads them.
+#[inline(always)]
+fn egress_part(w: &PodWindow) -> &EgressWindow {
+    unsafe { &*w.as_ptr().cast::<EgressWindow>() }
+}
+
+/// The IPv4 header and transport peek after the Ethernet header.
+#[inline(always)]
+fn flow_part(w: &PodWindow) -> &FlowWindow {
+    unsafe { &*w.as_ptr().add(ETH_HDR_LEN).cast::<FlowWindow>() }
+}
+
+/// The frame's first bytes if it is IPv4 long enough to be a flow; counts
+/// why not otherwise.
+#[inline(always)]
+fn ipv4_window(ctx: &TcContext, len: u32, counted: bool) -> Option<PodWindow> {
+    let w = if len as usize >= POD_WINDOW_LEN {
+        skb::load_head::<POD_WINDOW_LEN>(ctx)
+    } else {
+        None
+    };
+    let reason = match &w {
+        None => Reason::PassFastUnusual,
+        Some(w) if u16::from_be_bytes([w[12], w[13]]) != ETH_P_IP => Reason::PassNotIpv4,
+        Some(_) => return w,
+    };
+    if counted {
+        count(reason, len);
+    }
+    None
+}
+
+#[classifier]
+pub fn veth_from_pod(ctx: TcContext) -> i32 {
+    let len = ctx.len();
+    let (Some(cfg), Some(fast_cfg)) = (NODE_CONFIG.get(0), fast::config()) else {
+        return TCX_NEXT;
+    };
+    let Some(w) = ipv4_window(&ctx, len, true) else {
+        return TCX_NEXT;
+    };
+    let flow = match parse_flow(flow_part(&w), len - ETH_HDR_LEN as u32) {
+        Ok(flow) if fast_cfg.is_local_pod(flow.key.src) => flow,
+        _ => {
+            count(Reason::PassFastUnusual, len);
+            return TCX_NEXT;
+        }
+    };
+    let pkt = EgressPacket {
+        len,
+        gso: skb::is_gso(&ctx),
+    };
+    let plan = match classify_egress(egress_part(&w), pkt, cfg, |dst| {
+        REMOTE_SUBNETS.get(&Key::new(32, dst)).copied()
+    }) {
+        EgressVerdict::Encap(plan) => plan,
+        EgressVerdict::Pass(Reason::PassNoRoute) => {
+            count(Reason::PassFastNotRemote, len);
+            return TCX_NEXT;
+        }
+        // Too big, not configured, malformed: the host's path decides.
+        EgressVerdict::Pass(reason) | EgressVerdict::Drop(reason) => {
+            count(reason, len);
+            return TCX_NEXT;
+        }
+    };
+    let key = flow.with_dir(DIR_FROM_POD);
+    if flow.tcp_control {
+        fast::revoke(&key);
+        count(Reason::PassFastTcpControl, len);
+        return TCX_NEXT;
+    }
+    if fast::approval(&key).is_none() {
+        count(Reason::PassFastUnapproved, len);
+        return TCX_NEXT;
+    }
+    encapsulate(
+        &ctx,
+        cfg,
+        &plan,
+        len,
+        Some(decrement_ttl(&flow)),
+        Reason::FastEgress,
+        TCX_NEXT,
+    )
+}
+
+#[classifier]
+pub fn veth_to_pod(ctx: TcContext) -> i32 {
+    let len = ctx.len();
+    let Some(fast_cfg) = fast::config() else {
+        return TCX_NEXT;
+    };
+    count(Reason::SlowToPod, len);
+    if !fast::take_mark(&ctx) {
+        return TCX_NEXT;
+    }
+    let Some(w) = ipv4_window(&ctx, len, false) else {
+        return TCX_NEXT;
+    };
+    let Ok(flow) = parse_flow(flow_part(&w), len - ETH_HDR_LEN as u32) else {
+        return TCX_NEXT;
+    };
+    if flow.tcp_control || !fast_cfg.is_local_pod(flow.key.dst) {
+        return TCX_NEXT;
+    }
+    let mut pod = FastFlow {
+        approved_ns: fast::now_ns(),
+        ifindex: unsafe { (*ctx.skb.skb).ifindex },
+        ..FastFlow::default()
+    };
+    pod.pod_mac.copy_from_slice(&w[0..6]);
+    pod.gw_mac.copy_from_slice(&w[6..12]);
+    fast::approve(&flow.with_dir(DIR_TO_POD), &pod, len);
+    TCX_NEXT
+}
