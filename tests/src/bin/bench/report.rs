@@ -413,7 +413,8 @@ pub fn markdown(results: &Results, ctx: &Context) -> String {
            receiving interface, headers included). Busy time is the CPUs' time less their idle, iowait \
            and steal time (exact under NOHZ, unlike the tick-sampled busy fields). Right before each \
            CPU step the idle machine is measured for {secs} s in the same way and its busy share \
-           subtracted, so steady background work cancels out (work that comes and goes does not). \
+           subtracted, so steady background work cancels out (work that comes and goes does not); \
+           when it is more than 25 % busy the step is skipped and listed under failures. \
            A mode that did not sustain the offered rate is listed under failures.\n\
          - Ratios are of medians; for RTT and CPU lower is better, so a ratio below 1 means eBPF is \
            faster or cheaper. eBPF/host compares with the host network, which has no container hop \

@@ -1,5 +1,6 @@
 //! A hand-written grouped bar chart: one group per figure, one bar per mode,
-//! heights relative to plain routing (= 100 %) so figures with different
+//! heights relative to plain routing (= 100 %; the best mode where plain was
+//! not measured or measured zero) so figures with different
 //! units share one axis; each bar is labelled with its absolute median. The
 //! chart grows wider with the number of bars so labels do not overlap.
 
@@ -12,6 +13,10 @@ const MIN_W: f64 = 900.0;
 /// Horizontal room per bar (the bars of a group take 80 % of it).
 const PER_BAR: f64 = 30.0;
 const H: f64 = 420.0;
+/// Bars taller than this (relative to the base) are cut off at it, so one
+/// figure whose base is near zero (e.g. the CPU of a path that costs almost
+/// nothing) does not flatten all the others; their label still says the value.
+const CAP: f64 = 3.0;
 const LEFT: f64 = 60.0;
 const TOP: f64 = 50.0;
 const BOTTOM: f64 = 90.0;
@@ -40,13 +45,16 @@ pub fn chart(results: &Results, title: &str) -> String {
     // Relative to plain when measured, else to the best mode of the figure.
     let rel = |mode: Mode, metric: Metric| -> Option<f64> {
         let v = results.median(mode, metric)?;
-        let base = results.median(Mode::Plain, metric).or_else(|| {
-            modes
-                .iter()
-                .filter_map(|m| results.median(*m, metric))
-                .reduce(f64::max)
-        })?;
-        (base > 0.0).then(|| v / base)
+        let base = results
+            .median(Mode::Plain, metric)
+            .filter(|b| *b > 0.0)
+            .or_else(|| {
+                modes
+                    .iter()
+                    .filter_map(|m| results.median(*m, metric))
+                    .reduce(f64::max)
+            })?;
+        (base > 0.0).then(|| (v / base).min(CAP))
     };
     let max_rel = modes
         .iter()
@@ -156,6 +164,18 @@ pub fn chart(results: &Results, title: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_near_zero_base_does_not_blow_up_the_axis() {
+        let mut r = Results::default();
+        r.push(Mode::Plain, Metric::CpuTcp, 0.001);
+        r.push(Mode::Kernel, Metric::CpuTcp, 3.5);
+        r.push(Mode::Plain, Metric::Tcp1, 10.0);
+        let svg = chart(&r, "t");
+        // The grid stops at the cap (300 %) plus headroom, not at 350000 %.
+        assert!(svg.contains(">300 %<") && !svg.contains(">500 %<"), "{svg}");
+        assert!(svg.contains(">3.50<"), "{svg}");
+    }
 
     #[test]
     fn one_bar_per_measured_value_and_well_formed() {
