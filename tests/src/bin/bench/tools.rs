@@ -34,9 +34,19 @@ pub struct Servers {
 
 impl Servers {
     pub fn start(ns: &str, ip: Ipv4Addr) -> Result<Servers> {
+        // The server's reports go nowhere: nobody reads its stdout pipe, which
+        // would fill up over a long run (five iperf3 tests per mode and round)
+        // and block the server.
         let iperf = Background::spawn(
             Some(ns),
-            &["iperf3", "--server", "--port", &IPERF_PORT.to_string()],
+            &[
+                "iperf3",
+                "--server",
+                "--port",
+                &IPERF_PORT.to_string(),
+                "--logfile",
+                "/dev/null",
+            ],
         )?;
         let sockperf = Background::spawn(
             Some(ns),
