@@ -47,7 +47,7 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Set up if needed, build, and benchmark plain routing vs kernel vxlan vs eBPF.
+    /// Set up if needed, build, and benchmark host network vs plain routing vs kernel vxlan vs eBPF.
     Bench {
         /// Arguments for the bench binary (see `cargo xtask bench -- --help`).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]

@@ -1,6 +1,7 @@
-//! `cargo xtask bench`: the same two-host lab in every mode (plain routing,
-//! kernel vxlan, eBPF with TC or XDP+TC ingress), measured interleaved and
-//! repeated; medians, ratios, a markdown report, an SVG chart and `--json`.
+//! `cargo xtask bench`: the same two-host lab in every mode (host network,
+//! plain routing, kernel vxlan, eBPF with TC or XDP+TC ingress), measured
+//! interleaved and repeated; medians, ratios, a markdown report, an SVG chart
+//! and `--json`.
 
 mod modes;
 mod report;
@@ -17,13 +18,18 @@ use modes::{Mode, ModeLab};
 use report::{Context, Metric, Results};
 
 const USAGE: &str = "\
-usage: bench [--quick] [--repeats N] [--duration SECS] [--modes LIST] [--figures LIST] [--out DIR] [--json]
+usage: bench [--quick] [--repeats N] [--duration SECS] [--modes LIST] [--figures LIST]
+             [--udp-rate KPPS] [--tcp-rate MBITS] [--rr-flows N] [--out DIR] [--json]
 
   --repeats N      rounds over all modes (default 5)
   --duration SECS  length of each measurement (default 3)
-  --modes LIST     comma-separated: plain,kernel,ebpf-tc,ebpf-xdp (default all)
-  --figures LIST   comma-separated: tcp1,tcp4,udp,rtt (default all); e.g. one figure
-                   for a long run under `perf record`
+  --modes LIST     comma-separated: host,plain,kernel,ebpf-tc,ebpf-xdp (default all)
+  --figures LIST   comma-separated: tcp1,tcp4,udp,tps,rtt,cpu (default all); e.g. one
+                   figure for a long run under `perf record`
+  --udp-rate KPPS  offered 64-byte UDP rate of the CPU figure, in thousands of packets
+                   per second (default 50; every mode must sustain it)
+  --tcp-rate MBITS offered TCP rate of the CPU figure, Mbit/s (default 1000)
+  --rr-flows N     concurrent flows of the request/response figure (default 32)
   --quick          smoke run: 1 repeat of 1 s; writes to target/bench-partial/ unless --out
   --out DIR        where benchmark.md and benchmark.svg go (default: docs/ and the table in
                    README.md for a full run, target/bench-partial/ for a quick or partial one)
@@ -37,6 +43,9 @@ struct Args {
     out: PathBuf,
     update_readme: bool,
     json: bool,
+    udp_kpps: u32,
+    tcp_mbps: u32,
+    rr_flows: usize,
 }
 
 fn workspace_root() -> PathBuf {
@@ -52,6 +61,9 @@ fn parse_args(args: &[String]) -> Result<Option<Args>> {
         out: workspace_root().join("docs"),
         update_readme: true,
         json: false,
+        udp_kpps: 50,
+        tcp_mbps: 1000,
+        rr_flows: 32,
     };
     let mut out = None;
     let mut quick = false;
@@ -65,6 +77,9 @@ fn parse_args(args: &[String]) -> Result<Option<Args>> {
             "--repeats" => a.repeats = value()?.parse().context("--repeats")?,
             "--duration" => a.secs = value()?.parse().context("--duration")?,
             "--out" => out = Some(PathBuf::from(value()?)),
+            "--udp-rate" => a.udp_kpps = value()?.parse().context("--udp-rate")?,
+            "--tcp-rate" => a.tcp_mbps = value()?.parse().context("--tcp-rate")?,
+            "--rr-flows" => a.rr_flows = value()?.parse().context("--rr-flows")?,
             "--figures" => {
                 a.figures = value()?
                     .split(',')
@@ -105,29 +120,53 @@ fn parse_args(args: &[String]) -> Result<Option<Args>> {
     if a.repeats == 0 || a.secs == 0 || a.modes.is_empty() || a.figures.is_empty() {
         bail!("repeats, duration, modes and figures must be non-zero");
     }
+    if a.udp_kpps == 0 || a.tcp_mbps == 0 || a.rr_flows == 0 || a.rr_flows > 1000 {
+        bail!("--udp-rate and --tcp-rate must be non-zero, --rr-flows 1..=1000");
+    }
     Ok(Some(a))
 }
 
-/// What one measurement step runs (the RTT step yields two figures).
+/// What one measurement step runs (the RTT and CPU steps yield two figures each).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Figure {
     Tcp1,
     Tcp4,
     Udp,
+    Tps,
     Rtt,
+    Cpu,
 }
 
 impl Figure {
-    const ALL: [Figure; 4] = [Figure::Tcp1, Figure::Tcp4, Figure::Udp, Figure::Rtt];
+    const ALL: [Figure; 6] = [
+        Figure::Tcp1,
+        Figure::Tcp4,
+        Figure::Udp,
+        Figure::Tps,
+        Figure::Rtt,
+        Figure::Cpu,
+    ];
 
     fn parse(s: &str) -> Result<Figure> {
         Ok(match s {
             "tcp1" => Figure::Tcp1,
             "tcp4" => Figure::Tcp4,
             "udp" => Figure::Udp,
+            "tps" => Figure::Tps,
             "rtt" => Figure::Rtt,
-            _ => bail!("unknown figure {s:?} (tcp1, tcp4, udp, rtt)"),
+            "cpu" => Figure::Cpu,
+            _ => bail!("unknown figure {s:?} (tcp1, tcp4, udp, tps, rtt, cpu)"),
         })
+    }
+
+    /// About how long one step takes, in seconds, for measurements of `secs`:
+    /// each tool also spends about a second starting; the CPU step measures the
+    /// idle machine for `secs`, then runs two loads of `secs` + 2 s.
+    fn secs(self, secs: u32) -> u32 {
+        match self {
+            Figure::Cpu => 3 * secs + 6,
+            _ => secs + 1,
+        }
     }
 }
 
@@ -160,8 +199,7 @@ fn main() -> Result<()> {
     catch_signals();
     let started = Instant::now();
     let steps = args.figures.len() as u32;
-    // Each step also spends about a second starting its tool.
-    let per_round = steps * (args.secs + 1);
+    let per_round: u32 = args.figures.iter().map(|f| f.secs(args.secs)).sum();
     eprintln!(
         "bench: modes {}; {} repeats x {} figures x {} s: about {} s of measuring",
         args.modes
@@ -196,7 +234,7 @@ fn main() -> Result<()> {
                 break 'rounds;
             }
             let lab = &labs[(i + round as usize) % labs.len()];
-            if let Err(e) = measure(lab, &args.figures, args.secs, &mut results) {
+            if let Err(e) = measure(lab, &args, &mut results) {
                 eprintln!("bench: {} round {}: {e:#}", lab.mode.name(), round + 1);
                 results
                     .errors
@@ -264,11 +302,14 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-fn measure(lab: &ModeLab, figures: &[Figure], secs: u32, results: &mut Results) -> Result<()> {
-    let (c1, h2) = (&lab.lab.host(1).container_ns, lab.lab.host(2));
-    let dst = h2.container_ip;
-    let mut line = format!("bench: {:9}", lab.mode.name());
-    for figure in figures {
+fn measure(lab: &ModeLab, args: &Args, results: &mut Results) -> Result<()> {
+    let secs = args.secs;
+    let ends = lab.endpoints();
+    let (c1, dst) = (ends.client_ns.as_str(), ends.server_ip);
+    // Whatever was measured is printed even when a later figure fails.
+    let mut logged = PrintOnDrop(format!("bench: {:9}", lab.mode.name()));
+    let line = &mut logged.0;
+    for figure in &args.figures {
         match figure {
             Figure::Tcp1 | Figure::Tcp4 => {
                 let (streams, metric) = if *figure == Figure::Tcp1 {
@@ -278,27 +319,99 @@ fn measure(lab: &ModeLab, figures: &[Figure], secs: u32, results: &mut Results) 
                 };
                 let gbps = tools::tcp_gbps(c1, dst, streams, secs)?;
                 results.push(lab.mode, metric, gbps);
-                line += &format!("  tcp{streams} {gbps:6.2} Gbit/s");
+                *line += &format!("  tcp{streams} {gbps:6.2} Gbit/s");
             }
             Figure::Udp => {
                 let (pps, sent_pps) = tools::udp_pps(c1, dst, secs)?;
                 results.push(lab.mode, Metric::Udp64, pps / 1e3);
-                line += &format!(
+                *line += &format!(
                     "  udp64 {:5.0}/{:5.0} kpps rx/tx",
                     pps / 1e3,
                     sent_pps / 1e3
                 );
             }
+            Figure::Tps => {
+                let tps = tools::rr_tps(&ends, args.rr_flows, secs)?;
+                results.push(lab.mode, Metric::Tps, tps / 1e3);
+                *line += &format!("  rr {:5.1} ktps", tps / 1e3);
+            }
             Figure::Rtt => {
                 let rtt = tools::rtt(c1, dst, secs)?;
                 results.push(lab.mode, Metric::RttP50, rtt.p50_us);
                 results.push(lab.mode, Metric::RttP99, rtt.p99_us);
-                line += &format!("  rtt p50 {:6.1} µs p99 {:6.1} µs", rtt.p50_us, rtt.p99_us);
+                *line += &format!("  rtt p50 {:6.1} µs p99 {:6.1} µs", rtt.p50_us, rtt.p99_us);
+            }
+            Figure::Cpu => {
+                let background = tools::background_busy(secs)?;
+                results.background.push((lab.mode, background));
+                *line += &format!("  idle machine {:2.0} % busy", background * 100.0);
+                if background > MAX_BACKGROUND {
+                    // Other work would swamp (and, subtracted, zero) the figures.
+                    results.errors.push((
+                        lab.mode,
+                        format!(
+                            "CPU step skipped: the machine was {:.0} % busy with no load offered",
+                            background * 100.0
+                        ),
+                    ));
+                    *line += " (CPU step skipped)";
+                    continue;
+                }
+                let offered = f64::from(args.udp_kpps) * 1e3;
+                let udp = tools::udp_cpu(&ends, args.udp_kpps * 1000, secs, background)?;
+                results.push(lab.mode, Metric::CpuUdp, udp.cpu_per_mpkt());
+                *line += &format!(
+                    "  cpu udp {:5.2} s/Mpkt ({:3.0} kpps, {:2.0} % busy)",
+                    udp.cpu_per_mpkt(),
+                    udp.rx_pps() / 1e3,
+                    udp.busy_fraction * 100.0
+                );
+                if udp.rx_pps() < 0.95 * offered {
+                    results.errors.push((
+                        lab.mode,
+                        format!(
+                            "UDP at {} kpps not sustained: {:.0} kpps received",
+                            args.udp_kpps,
+                            udp.rx_pps() / 1e3
+                        ),
+                    ));
+                }
+                let offered = f64::from(args.tcp_mbps) / 1e3;
+                let tcp = tools::tcp_cpu(&ends, args.tcp_mbps, secs, background)?;
+                results.push(lab.mode, Metric::CpuTcp, tcp.cpu_per_gb());
+                *line += &format!(
+                    "  cpu tcp {:5.2} s/GB ({:4.2} Gbit/s, {:2.0} % busy)",
+                    tcp.cpu_per_gb(),
+                    tcp.rx_gbps(),
+                    tcp.busy_fraction * 100.0
+                );
+                // Interface bytes include headers, goodput does not: 0.95 is lenient.
+                if tcp.rx_gbps() < 0.95 * offered {
+                    results.errors.push((
+                        lab.mode,
+                        format!(
+                            "TCP at {} Mbit/s not sustained: {:.2} Gbit/s received",
+                            args.tcp_mbps,
+                            tcp.rx_gbps()
+                        ),
+                    ));
+                }
             }
         }
     }
-    eprintln!("{line}");
     Ok(())
+}
+
+/// Above this busy share of the idle machine the CPU step is not measured.
+const MAX_BACKGROUND: f64 = 0.25;
+
+/// Prints the line of a measuring round when dropped (also on an early return).
+struct PrintOnDrop(String);
+
+impl Drop for PrintOnDrop {
+    fn drop(&mut self) {
+        eprintln!("{}", self.0);
+    }
 }
 
 fn loadavg() -> String {
@@ -364,6 +477,9 @@ fn context(args: &Args, load_before: String, wall_secs: f64) -> Context {
             sockperf.trim_start_matches("sockperf: ")
         ),
         wall_secs,
+        udp_kpps: args.udp_kpps,
+        tcp_mbps: args.tcp_mbps,
+        rr_flows: args.rr_flows,
     }
 }
 
@@ -427,5 +543,25 @@ mod tests {
         assert!(args("--figures pps").is_err());
         let a = args("--figures rtt --out /tmp/x").unwrap().unwrap();
         assert!(!a.update_readme && a.out.ends_with("/tmp/x"));
+        // Leaving out the host network is a partial run too.
+        let a = args("--modes plain,kernel,ebpf-tc,ebpf-xdp")
+            .unwrap()
+            .unwrap();
+        assert!(!a.update_readme);
+    }
+
+    #[test]
+    fn offered_loads_and_new_figures() {
+        let a = args("").unwrap().unwrap();
+        assert_eq!((a.udp_kpps, a.tcp_mbps, a.rr_flows), (50, 1000, 32));
+        assert_eq!(a.modes.first(), Some(&Mode::Host));
+        assert!(a.update_readme);
+        let a = args("--udp-rate 20 --tcp-rate 500 --rr-flows 8 --figures cpu,tps")
+            .unwrap()
+            .unwrap();
+        assert_eq!((a.udp_kpps, a.tcp_mbps, a.rr_flows), (20, 500, 8));
+        assert_eq!(a.figures, [Figure::Tps, Figure::Cpu]);
+        assert!(args("--udp-rate 0").is_err());
+        assert!(args("--rr-flows 0").is_err());
     }
 }

@@ -1,6 +1,10 @@
-//! The same two-host lab in each mode the benchmark compares: plain routing
-//! (no overlay: the ceiling), our kernel-vxlan datapath (what flannel users
-//! have), and our eBPF datapath with TC-only or XDP+TC ingress.
+//! The same two-host lab in each mode the benchmark compares: host network
+//! (host to host over the underlay, no containers: the ceiling no pod path can
+//! beat), plain routing (containers, no overlay), our kernel-vxlan datapath
+//! (what flannel users have), and our eBPF datapath with TC-only or XDP+TC
+//! ingress.
+
+use std::net::Ipv4Addr;
 
 use anyhow::{Result, bail};
 use overlay_agent::datapath::ebpf::IngressMode;
@@ -14,6 +18,7 @@ use crate::tools::Servers;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Mode {
+    Host,
     Plain,
     Kernel,
     EbpfTc,
@@ -21,11 +26,18 @@ pub enum Mode {
 }
 
 impl Mode {
-    pub const ALL: [Mode; 4] = [Mode::Plain, Mode::Kernel, Mode::EbpfTc, Mode::EbpfXdp];
+    pub const ALL: [Mode; 5] = [
+        Mode::Host,
+        Mode::Plain,
+        Mode::Kernel,
+        Mode::EbpfTc,
+        Mode::EbpfXdp,
+    ];
 
     /// The name used on the command line and in JSON.
     pub fn name(self) -> &'static str {
         match self {
+            Mode::Host => "host",
             Mode::Plain => "plain",
             Mode::Kernel => "kernel",
             Mode::EbpfTc => "ebpf-tc",
@@ -36,6 +48,7 @@ impl Mode {
     /// The column heading in the report.
     pub fn label(self) -> &'static str {
         match self {
+            Mode::Host => "host network",
             Mode::Plain => "plain routing",
             Mode::Kernel => "kernel vxlan",
             Mode::EbpfTc => "eBPF (TC ingress)",
@@ -54,7 +67,7 @@ impl Mode {
                 .into_iter()
                 .find(|m| m.name() == s)
                 .ok_or_else(|| {
-                    anyhow::anyhow!("unknown mode {s:?} (plain, kernel, ebpf-tc, ebpf-xdp)")
+                    anyhow::anyhow!("unknown mode {s:?} (host, plain, kernel, ebpf-tc, ebpf-xdp)")
                 }),
         }
     }
@@ -62,6 +75,7 @@ impl Mode {
     /// Lab names are part of namespace names: at most 8 letters/digits.
     fn lab_name(self) -> &'static str {
         match self {
+            Mode::Host => "bhost",
             Mode::Plain => "bplain",
             Mode::Kernel => "bkernel",
             Mode::EbpfTc => "bebpftc",
@@ -70,7 +84,18 @@ impl Mode {
     }
 }
 
-/// A lab brought up in one mode, with the servers running in host 2's container.
+/// Where a mode's traffic goes: from `client_ns` to `server_ip` in `server_ns`,
+/// whose interface `server_dev` counts what arrives.
+#[derive(Clone, Debug)]
+pub struct Endpoints {
+    pub client_ns: String,
+    pub server_ns: String,
+    pub server_ip: Ipv4Addr,
+    pub server_dev: String,
+}
+
+/// A lab brought up in one mode, with the servers running in host 2's
+/// container (host 2 itself for the host-network mode).
 /// Fields drop in order: servers, then the datapaths, then the namespaces.
 pub struct ModeLab {
     pub mode: Mode,
@@ -90,12 +115,14 @@ impl ModeLab {
         };
         let (h1, h2) = (ml.lab.host(1).clone(), ml.lab.host(2).clone());
         let kind = match mode {
-            Mode::Plain => None,
+            Mode::Host | Mode::Plain => None,
             Mode::Kernel => Some(Kind::Kernel),
             Mode::EbpfTc => Some(Kind::Ebpf(IngressMode::Tc)),
             Mode::EbpfXdp => Some(Kind::Ebpf(IngressMode::XdpAndTc)),
         };
         match kind {
+            // Host to host needs nothing but the underlay the lab already has.
+            None if mode == Mode::Host => {}
             None => ml.lab.route_plain()?,
             Some(kind) => {
                 for h in [&h1, &h2] {
@@ -104,13 +131,35 @@ impl ModeLab {
                 overlay::mesh(&ml.members.iter().collect::<Vec<_>>())?;
             }
         }
+        let ends = ml.endpoints();
         // Resolves neighbours and proves the path before anything is timed.
-        traffic::ping(&h1.container_ns, h2.container_ip, 3)?;
-        ml.servers = Some(Servers::start(&h2.container_ns, h2.container_ip)?);
+        traffic::ping(&ends.client_ns, ends.server_ip, 3)?;
+        ml.servers = Some(Servers::start(&ends.server_ns, ends.server_ip)?);
         Ok(ml)
     }
 
-    /// The eBPF counters per host (nothing for plain routing and kernel vxlan).
+    /// Container to container, or host to host for the host-network mode.
+    pub fn endpoints(&self) -> Endpoints {
+        let (h1, h2) = (self.lab.host(1), self.lab.host(2));
+        if self.mode == Mode::Host {
+            Endpoints {
+                client_ns: h1.ns.clone(),
+                server_ns: h2.ns.clone(),
+                server_ip: h2.underlay_ip,
+                server_dev: h2.underlay_dev.clone(),
+            }
+        } else {
+            Endpoints {
+                client_ns: h1.container_ns.clone(),
+                server_ns: h2.container_ns.clone(),
+                server_ip: h2.container_ip,
+                // The container's end of its veth.
+                server_dev: "eth0".to_owned(),
+            }
+        }
+    }
+
+    /// The eBPF counters per host (nothing for the other modes).
     pub fn reports(&self) -> Vec<String> {
         self.members
             .iter()
