@@ -31,7 +31,9 @@ pub enum IngressChoice {
     /// A TC program on the underlay decapsulates.
     #[default]
     Tc,
-    /// XDP decapsulates, TC hands the packet to flannel.<VNI>.
+    /// Experimental: XDP decapsulates, TC hands the packet to flannel.<VNI>
+    /// (never the fast path). On a veth underlay XDP turns GSO off on the
+    /// peer: bulk TCP measured 0.15x the kernel's vxlan device.
     #[value(name = "xdp+tc")]
     XdpTc,
 }

@@ -7,7 +7,7 @@ use aya::maps::{Map, MapData};
 use overlay_common::{
     consts::{
         MAP_COUNTERS, MAP_NODE_CONFIG, MAP_PEER_STATS, MAP_REMOTE_SUBNETS, PROG_EGRESS,
-        PROG_INGRESS_TC, PROG_INGRESS_XDP,
+        PROG_INGRESS_TC, PROG_INGRESS_XDP, PROG_VETH_FROM_POD, PROG_VETH_TO_POD,
     },
     maps::NodeConfig,
 };
@@ -53,7 +53,9 @@ impl From<EbpfError> for InspectError {
 pub struct PinnedState {
     pub node: NodeConfig,
     /// (program, link) for each pinned link.
-    pub links: Vec<(&'static str, LinkInfo)>,
+    /// The pinned links by pin name (a fast-path veth link's name ends in
+    /// its veth's ifindex).
+    pub links: Vec<(String, LinkInfo)>,
     pub peers: Vec<Peer>,
     pub traffic: Vec<PeerCounters>,
     pub counters: Counters,
@@ -76,9 +78,22 @@ pub fn read(layout: &PinLayout) -> Result<Option<PinnedState>, InspectError> {
         return Ok(None);
     }
     let node = read_node_config(&open(layout, MAP_NODE_CONFIG)?)?;
+    let mut names: Vec<String> = [PROG_EGRESS, PROG_INGRESS_TC, PROG_INGRESS_XDP]
+        .into_iter()
+        .map(str::to_owned)
+        .collect();
+    // The fast path's, one pair per pod veth, in name order.
+    let mut veths: Vec<String> = std::fs::read_dir(layout.links_dir())
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with(PROG_VETH_FROM_POD) || n.starts_with(PROG_VETH_TO_POD))
+        .collect();
+    veths.sort();
+    names.extend(veths);
     let mut links = Vec::new();
-    for program in [PROG_EGRESS, PROG_INGRESS_TC, PROG_INGRESS_XDP] {
-        let path = layout.link(program);
+    for program in names {
+        let path = layout.link(&program);
         if !path.exists() {
             continue;
         }

@@ -43,6 +43,11 @@ const TCP_RST: u8 = 0x04;
 /// Bytes of the transport header the programs look at: TCP up to its flags
 /// (offset 13), UDP's ports, ICMP's type, code, checksum and echo id.
 pub const L4_PEEK_LEN: usize = 14;
+/// What UDP and ICMP echo need of it (their headers are 8 bytes): a packet
+/// this short is still a flow, the rest of the window is then zero.
+pub const L4_MIN_PEEK_LEN: usize = 8;
+/// The shortest IPv4 packet [`parse_flow`] can take.
+pub const MIN_FLOW_LEN: usize = IPV4_HDR_LEN + L4_MIN_PEEK_LEN;
 /// The IPv4 header and the start of the transport header.
 pub const FLOW_WINDOW_LEN: usize = IPV4_HDR_LEN + L4_PEEK_LEN;
 pub type FlowWindow = [u8; FLOW_WINDOW_LEN];
@@ -143,14 +148,20 @@ pub enum NotAFlow {
 
 /// Reads the flow of an IPv4 packet whose header starts `w` and whose length
 /// from there on is `l3_len`. Only option-less, unfragmented TCP, UDP and
-/// ICMP echo with a TTL above 1 and a consistent length qualify.
+/// ICMP echo with a TTL above 1 and a consistent length qualify. Bytes of
+/// `w` beyond the packet (shorter than the window) must be zero.
 pub fn parse_flow(w: &FlowWindow, l3_len: u32) -> Result<Flow, NotAFlow> {
     if w[0] != 0x45 {
         return Err(NotAFlow::Unusual);
     }
     let total = u32::from(u16::from_be_bytes([w[2], w[3]]));
+    let needed = if w[9] == IPPROTO_TCP {
+        FLOW_WINDOW_LEN
+    } else {
+        MIN_FLOW_LEN
+    };
     // An IPv4 BIG TCP aggregate says 0 and is refused with the garbage.
-    if total < FLOW_WINDOW_LEN as u32 || total > l3_len {
+    if total < needed as u32 || total > l3_len {
         return Err(NotAFlow::Unusual);
     }
     // More fragments or a fragment offset; DF is fine.
@@ -254,6 +265,11 @@ mod tests {
         l4[0..4].copy_from_slice(&[0x13, 0x88, 0x9c, 0x40]);
         let f = parse_flow(&packet(IPPROTO_UDP, l4), 100).unwrap();
         assert_eq!((f.key.sport, f.key.dport), ([0x13, 0x88], [0x9c, 0x40]));
+        // A datagram with 4 bytes of payload (32 bytes of IPv4) is a flow too.
+        let mut small = packet(IPPROTO_UDP, l4);
+        small[2..4].copy_from_slice(&32u16.to_be_bytes());
+        small[28..].fill(0);
+        assert!(parse_flow(&small, 32).is_ok());
 
         for ty in [0, 8] {
             let mut l4 = [0u8; L4_PEEK_LEN];
@@ -295,6 +311,11 @@ mod tests {
         long[2..4].copy_from_slice(&101u16.to_be_bytes());
         let mut tiny = good;
         tiny[2..4].copy_from_slice(&20u16.to_be_bytes());
+        // TCP needs its flags: 33 bytes are not enough.
+        let mut short_tcp = good;
+        short_tcp[2..4].copy_from_slice(&33u16.to_be_bytes());
+        let mut short_udp = packet(IPPROTO_UDP, [0; L4_PEEK_LEN]);
+        short_udp[2..4].copy_from_slice(&27u16.to_be_bytes());
         for w in [
             options,
             not_v4,
@@ -305,6 +326,8 @@ mod tests {
             icmp_unreachable,
             long,
             tiny,
+            short_tcp,
+            short_udp,
         ] {
             assert_eq!(parse_flow(&w, 100), Err(NotAFlow::Unusual));
         }

@@ -16,7 +16,8 @@ use overlay_common::{
     counters::Reason,
     fastpath::{
         DIR_FROM_POD, DIR_TO_POD, FAST_PATH_MARK, FLOW_WINDOW_LEN, FastFlow, FastPathConfig, Flow,
-        FlowKey, FlowWindow, IPV4_TTL_OFFSET, approval_valid, decrement_ttl, parse_flow,
+        FlowKey, FlowWindow, IPV4_TTL_OFFSET, MIN_FLOW_LEN, approval_valid, decrement_ttl,
+        parse_flow,
     },
     ingress::{DECAP_LEN, INGRESS_WINDOW_LEN, IngressWindow},
 };
@@ -48,22 +49,37 @@ pub fn take_mark(ctx: &TcContext) -> bool {
     true
 }
 
-/// Copies the IPv4 header and transport peek that start at `offset`.
+/// Copies the IPv4 header and transport peek that start at `offset`; a
+/// packet too short for the whole peek (a small UDP datagram or ping) gets
+/// the first [`MIN_FLOW_LEN`] bytes and zeros after them.
 #[inline(always)]
 pub fn load_flow_window(ctx: &TcContext, offset: u32) -> Option<FlowWindow> {
-    if ctx.len() < offset + FLOW_WINDOW_LEN as u32 {
+    let len = ctx.len();
+    if len >= offset + FLOW_WINDOW_LEN as u32 {
+        let mut w = MaybeUninit::<FlowWindow>::uninit();
+        let ret = unsafe {
+            bpf_skb_load_bytes(
+                ctx.skb.skb.cast(),
+                offset,
+                w.as_mut_ptr().cast(),
+                FLOW_WINDOW_LEN as u32,
+            )
+        };
+        return (ret == 0).then(|| unsafe { w.assume_init() });
+    }
+    if len < offset + MIN_FLOW_LEN as u32 {
         return None;
     }
-    let mut w = MaybeUninit::<FlowWindow>::uninit();
+    let mut w = [0u8; FLOW_WINDOW_LEN];
     let ret = unsafe {
         bpf_skb_load_bytes(
             ctx.skb.skb.cast(),
             offset,
             w.as_mut_ptr().cast(),
-            FLOW_WINDOW_LEN as u32,
+            MIN_FLOW_LEN as u32,
         )
     };
-    (ret == 0).then(|| unsafe { w.assume_init() })
+    (ret == 0).then_some(w)
 }
 
 #[inline(always)]

@@ -13,8 +13,8 @@ use overlay_common::{
     counters::Reason,
     egress::{EgressPacket, EgressVerdict, EgressWindow, classify_egress},
     fastpath::{
-        DIR_FROM_POD, DIR_TO_POD, FastFlow, FlowWindow, POD_WINDOW_LEN, PodWindow, decrement_ttl,
-        parse_flow,
+        DIR_FROM_POD, DIR_TO_POD, FastFlow, FlowWindow, MIN_FLOW_LEN, POD_WINDOW_LEN, PodWindow,
+        decrement_ttl, parse_flow,
     },
 };
 
@@ -25,6 +25,10 @@ use crate::{
     maps::{NODE_CONFIG, REMOTE_SUBNETS},
     skb,
 };
+
+/// The shortest frame that can carry a flow: Ethernet, IPv4 and 8 bytes of
+/// UDP or ICMP.
+const SHORT_POD_WINDOW_LEN: usize = ETH_HDR_LEN + MIN_FLOW_LEN;
 
 /// The Ethernet and fixed IPv4 headers at the window's start, as the egress
 /// classifier reads them.
@@ -43,15 +47,25 @@ fn flow_part(w: &PodWindow) -> &FlowWindow {
 /// why not otherwise.
 #[inline(always)]
 fn ipv4_window(ctx: &TcContext, len: u32, counted: bool) -> Option<PodWindow> {
-    let w = if len as usize >= POD_WINDOW_LEN {
+    let ipv4 = |ethertype: &[u8]| u16::from_be_bytes([ethertype[0], ethertype[1]]) == ETH_P_IP;
+    let window = if len as usize >= POD_WINDOW_LEN {
         skb::load_head::<POD_WINDOW_LEN>(ctx)
+    } else if len as usize >= SHORT_POD_WINDOW_LEN {
+        // A small UDP datagram or ping: the rest of the window stays zero,
+        // as parse_flow expects (an unpadded 42-byte ARP lands here too).
+        let mut w = [0u8; POD_WINDOW_LEN];
+        skb::load::<SHORT_POD_WINDOW_LEN, POD_WINDOW_LEN>(ctx, 0, &mut w, 0).then_some(w)
     } else {
         None
     };
-    let reason = match &w {
-        None => Reason::PassFastUnusual,
-        Some(w) if u16::from_be_bytes([w[12], w[13]]) != ETH_P_IP => Reason::PassNotIpv4,
-        Some(_) => return w,
+    let reason = match window {
+        Some(w) if ipv4(&w[12..14]) => return Some(w),
+        Some(_) => Reason::PassNotIpv4,
+        // Too short for any flow: only the EtherType decides the reason.
+        None => match skb::load_head::<ETH_HDR_LEN>(ctx) {
+            Some(eth) if !ipv4(&eth[12..14]) => Reason::PassNotIpv4,
+            _ => Reason::PassFastUnusual,
+        },
     };
     if counted {
         count(reason, len);

@@ -19,6 +19,7 @@ pub mod binaries;
 pub mod capture;
 pub mod cmd;
 pub mod etcd;
+pub mod frames;
 pub mod lab;
 pub mod netns;
 pub mod node;

@@ -9,15 +9,20 @@
 //! Policy kept: a FORWARD DROP rule on either host blocks new connections to
 //! one port while another works; a DNAT'ed service connection works both
 //! ways and never takes the fast path on the NAT host; short connections
-//! leave no ESTABLISHED conntrack entry; a long ping flow keeps its
-//! conntrack entry past the (shortened) ICMP timeout; tcpdump inside the
-//! receiving pod sees the packets.
+//! leave no ESTABLISHED conntrack entry; a long UDP request/response flow and
+//! a long ping flow keep their conntrack entries past (shortened) timeouts; a
+//! DROP rule added while a flow is on the fast path stops it within a
+//! second; tcpdump inside the receiving pod sees the packets.
 //!
 //! Lifecycle: a pod replaced by a new one with the same address behind a new
 //! veth is reached at once, and nothing is delivered through the old veth.
 
 use std::{
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
@@ -221,6 +226,72 @@ fn conntrack_entries(ns: &str, ip: Ipv4Addr, word: &str) -> Result<Vec<String>> 
         .collect())
 }
 
+/// One UDP request/response flow (fixed ports both ends) between two
+/// namespaces: the server echoes every datagram until dropped.
+struct UdpEcho {
+    client: UdpSocket,
+    stop: Arc<AtomicBool>,
+    server: Option<std::thread::JoinHandle<()>>,
+}
+
+impl UdpEcho {
+    fn start(client_ns: &str, server_ns: &str, server: Ipv4Addr, port: u16) -> Result<UdpEcho> {
+        let at = SocketAddrV4::new(server, port);
+        let socket = netns::run_in(server_ns, move || {
+            UdpSocket::bind(at).context("binding the echo server")
+        })?;
+        socket.set_read_timeout(Some(Duration::from_millis(100)))?;
+        let client = netns::run_in(client_ns, move || {
+            let s = UdpSocket::bind("0.0.0.0:0").context("binding the client")?;
+            s.connect(at).context("connecting the client")?;
+            Ok(s)
+        })?;
+        client.set_read_timeout(Some(Duration::from_millis(500)))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let server = std::thread::spawn({
+            let stop = stop.clone();
+            move || {
+                let mut buf = [0u8; 1500];
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok((n, from)) = socket.recv_from(&mut buf) {
+                        let _ = socket.send_to(&buf[..n], from);
+                    }
+                }
+            }
+        });
+        Ok(UdpEcho {
+            client,
+            stop,
+            server: Some(server),
+        })
+    }
+
+    /// Sends `count` requests `gap` apart; how many came back.
+    fn exchange(&self, count: u32, gap: Duration) -> Result<u32> {
+        let mut answered = 0;
+        let mut buf = [0u8; 64];
+        for i in 0..count {
+            self.client.send(&i.to_be_bytes())?;
+            if let Ok(n) = self.client.recv(&mut buf)
+                && buf[..n] == i.to_be_bytes()
+            {
+                answered += 1;
+            }
+            std::thread::sleep(gap);
+        }
+        Ok(answered)
+    }
+}
+
+impl Drop for UdpEcho {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.server.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 #[test]
 #[ignore = "needs root, network namespaces and eBPF: run `cargo xtask test`"]
 fn firewall_nat_and_conntrack_still_decide() -> Result<()> {
@@ -318,12 +389,67 @@ fn firewall_nat_and_conntrack_still_decide() -> Result<()> {
         );
     }
 
-    // A long flow on the fast path keeps its conntrack entry: with the ICMP
-    // timeout at 2 s, 6 s of pings would lose it if the fast path hid them
-    // from conntrack; renewals (one slow-path packet a second) keep it.
+    // A long flow on the fast path keeps its conntrack entry: with the UDP
+    // and ICMP timeouts at 2 s, 6 s of traffic would lose it if the fast
+    // path hid the flow from conntrack; renewals (one slow-path packet a
+    // second) keep it.
     for h in [ha, hb] {
-        netns::sysctl(&h.ns, &[("net.netfilter.nf_conntrack_icmp_timeout", "2")])?;
+        netns::sysctl(
+            &h.ns,
+            &[
+                ("net.netfilter.nf_conntrack_icmp_timeout", "2"),
+                ("net.netfilter.nf_conntrack_udp_timeout", "2"),
+                ("net.netfilter.nf_conntrack_udp_timeout_stream", "2"),
+            ],
+        )?;
     }
+    let echo = UdpEcho::start(&ha.container_ns, &hb.container_ns, dst, 5800)?;
+    let before = counters(&b)?;
+    let answered = echo.exchange(120, Duration::from_millis(50))?;
+    ensure!(
+        answered == 120,
+        "UDP request/response: {answered} of 120 answered"
+    );
+    for h in [ha, hb] {
+        let udp = conntrack_entries(&h.ns, dst, "dport=5800")?;
+        ensure!(
+            !udp.is_empty(),
+            "host {}: the 6 s UDP flow's conntrack entry expired while it ran",
+            h.index
+        );
+    }
+    let fast = gained(&before, &counters(&b)?, Reason::FastIngress);
+    ensure!(
+        fast.0 >= 100,
+        "the UDP flow hardly took the fast path: {fast:?}"
+    );
+
+    // A rule added later applies to a flow already on the fast path within
+    // a second (the approval's lifetime): the flow's next renewal meets it.
+    let drop_udp = [
+        "FORWARD",
+        "-d",
+        &dst.to_string(),
+        "-p",
+        "udp",
+        "--dport",
+        "5800",
+        "-j",
+        "DROP",
+    ];
+    let mut insert = vec!["-I"];
+    insert.extend_from_slice(&drop_udp);
+    iptables(hb, &insert)?;
+    std::thread::sleep(Duration::from_millis(1500));
+    let through = echo.exchange(20, Duration::from_millis(50))?;
+    let mut delete = vec!["-D"];
+    delete.extend_from_slice(&drop_udp);
+    iptables(hb, &delete)?;
+    ensure!(
+        through == 0,
+        "{through} of 20 UDP requests got through a DROP rule added 1.5 s before"
+    );
+    drop(echo);
     let before = counters(&b)?;
     let pinger = std::thread::spawn({
         let ns = ha.container_ns.clone();

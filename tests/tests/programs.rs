@@ -2,11 +2,12 @@
 //! through `BPF_PROG_TEST_RUN`, and the exact bytes out, the verdicts and the
 //! counters are checked.
 //!
-//! The expected frames are built here, independently of `overlay_common`'s
-//! builder, in the format the kernel's vxlan device (as flannel configures it)
-//! puts on the wire: outer IPv4 without DF, TTL 64, TOS = the inner ECN bits
-//! (CE sent as ECT(0)), UDP to 8472 from a port in [32768, 60999), VXLAN I
-//! flag and VNI, inner Ethernet from our VTEP MAC to the peer's. One deliberate
+//! The expected frames are built by hand (in `overlay_tests::frames`, shared
+//! with `programs_fast.rs`), independently of `overlay_common`'s builder, in
+//! the format the kernel's vxlan device (as flannel configures it) puts on
+//! the wire: outer IPv4 without DF, TTL 64, TOS = the inner ECN bits (CE sent
+//! as ECT(0)), UDP to 8472 from a port in [32768, 60999), VXLAN I flag and
+//! VNI, inner Ethernet from our VTEP MAC to the peer's. One deliberate
 //! difference: our UDP checksum is 0 (RFC 7348's recommendation for IPv4,
 //! accepted by every receiver), where the kernel device fills one in.
 //! `egress_matches_what_a_kernel_vxlan_device_sends` compares with a real one.
@@ -18,60 +19,31 @@
 use std::collections::BTreeMap;
 
 use aya::{
-    Ebpf, TestRun, TestRunOptions,
-    maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
+    Ebpf,
     programs::{SchedClassifier, Xdp},
 };
-use overlay_agent::datapath::ebpf::EBPF_OBJECT;
 use overlay_common::{
-    consts::{
-        MAP_COUNTERS, MAP_KNOWN_VTEPS, MAP_NODE_CONFIG, MAP_REMOTE_SUBNETS, PROG_EGRESS,
-        PROG_INGRESS_TC, PROG_INGRESS_XDP, XDP_META_DECAPSULATED,
-    },
+    consts::{PROG_EGRESS, PROG_INGRESS_TC, PROG_INGRESS_XDP, XDP_META_DECAPSULATED},
     counters::{Counter, Reason},
-    maps::{KnownVtep, NodeConfig, RemoteVtep},
 };
+use overlay_tests::frames::*;
 
-const TC_ACT_OK: u32 = 0;
-const TC_ACT_SHOT: u32 = 2;
-const TC_ACT_REDIRECT: u32 = 7;
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 
-const VNI: u32 = 1;
-const PORT: u16 = 8472;
-const LOCAL_IP: [u8; 4] = [192, 168, 64, 2];
-const PEER_IP: [u8; 4] = [192, 168, 64, 3];
 const STRANGER_IP: [u8; 4] = [192, 168, 64, 66];
-const LOCAL_VTEP_MAC: [u8; 6] = [0x0a, 0x58, 0xc0, 0xa8, 0x40, 0x02];
-const PEER_VTEP_MAC: [u8; 6] = [0x0a, 0x58, 0xc0, 0xa8, 0x40, 0x03];
-const LOCAL_NIC_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0x02];
-const PEER_NIC_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0x03];
-const LOCAL_POD: [u8; 4] = [10, 244, 1, 5];
-const REMOTE_POD: [u8; 4] = [10, 244, 2, 7];
-/// The peer's lease: 10.244.2.0/24.
-const REMOTE_SUBNET: ([u8; 4], u32) = ([10, 244, 2, 0], 24);
-const UNDERLAY_MTU: u32 = 1500;
-const UNDERLAY_IFINDEX: u32 = 2;
-const VXLAN_IFINDEX: u32 = 3;
-
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_ARP: u16 = 0x0806;
-const ETH_P_IPV6: u16 = 0x86dd;
-const IPPROTO_ICMP: u8 = 1;
-const IPPROTO_TCP: u8 = 6;
-const IPPROTO_UDP: u8 = 17;
-
-/// Offsets in the kernel's `struct __sk_buff` (checked against this kernel's BTF).
-const SKB_CTX_LEN: usize = 192;
-const SKB_GSO_SEGS: usize = 164;
-const SKB_GSO_SIZE: usize = 176;
 
 // ---------------------------------------------------------------------------
 // The programs, loaded from the object the agent embeds.
 
 struct Programs {
     ebpf: Ebpf,
+}
+
+impl Loaded for Programs {
+    fn ebpf(&self) -> &Ebpf {
+        &self.ebpf
+    }
 }
 
 impl Programs {
@@ -82,42 +54,12 @@ impl Programs {
     }
 
     fn load_with(configured: bool) -> Self {
-        let mut ebpf = Ebpf::load(EBPF_OBJECT).expect("load the embedded eBPF object");
+        let mut ebpf = load_object();
         if configured {
-            let cfg = NodeConfig {
-                vni: VNI,
-                local_ip: LOCAL_IP,
-                underlay_ifindex: UNDERLAY_IFINDEX,
-                vxlan_ifindex: VXLAN_IFINDEX,
-                underlay_mtu: UNDERLAY_MTU,
-                vtep_mac: LOCAL_VTEP_MAC,
-                port: PORT,
-                configured: 1,
-            };
-            let mut node: Array<_, NodeConfig> =
-                Array::try_from(ebpf.map_mut(MAP_NODE_CONFIG).unwrap()).unwrap();
-            node.set(0, cfg, 0).unwrap();
-            let mut subnets: LpmTrie<_, [u8; 4], RemoteVtep> =
-                LpmTrie::try_from(ebpf.map_mut(MAP_REMOTE_SUBNETS).unwrap()).unwrap();
-            let peer = RemoteVtep {
-                vtep_mac: PEER_VTEP_MAC,
-                _pad: [0; 2],
-                public_ip: PEER_IP,
-            };
-            subnets
-                .insert(&Key::new(REMOTE_SUBNET.1, REMOTE_SUBNET.0), peer, 0)
-                .unwrap();
-            let mut vteps: HashMap<_, [u8; 4], KnownVtep> =
-                HashMap::try_from(ebpf.map_mut(MAP_KNOWN_VTEPS).unwrap()).unwrap();
-            let known = KnownVtep {
-                vtep_mac: PEER_VTEP_MAC,
-                _pad: [0; 2],
-            };
-            vteps.insert(PEER_IP, known, 0).unwrap();
+            configure_one_peer(&mut ebpf);
         }
         for name in [PROG_EGRESS, PROG_INGRESS_TC] {
-            let prog: &mut SchedClassifier = ebpf.program_mut(name).unwrap().try_into().unwrap();
-            prog.load().unwrap_or_else(|e| panic!("load {name}: {e:?}"));
+            load_classifier(&mut ebpf, name);
         }
         let xdp: &mut Xdp = ebpf
             .program_mut(PROG_INGRESS_XDP)
@@ -132,22 +74,8 @@ impl Programs {
     /// Runs a TC program; `gso` sets `gso_size`/`gso_segs` in the skb.
     fn tc(&self, name: &str, frame: &[u8], gso: Option<(u32, u32)>) -> (u32, Vec<u8>) {
         let prog: &SchedClassifier = self.ebpf.program(name).unwrap().try_into().unwrap();
-        let mut out = vec![0u8; frame.len() + 256];
-        let mut ctx = [0u8; SKB_CTX_LEN];
-        if let Some((size, segs)) = gso {
-            ctx[SKB_GSO_SIZE..SKB_GSO_SIZE + 4].copy_from_slice(&size.to_ne_bytes());
-            ctx[SKB_GSO_SEGS..SKB_GSO_SEGS + 4].copy_from_slice(&segs.to_ne_bytes());
-        }
-        let result = prog
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                ctx_in: gso.is_some().then_some(&ctx[..]),
-                ..TestRunOptions::default()
-            })
-            .unwrap_or_else(|e| panic!("test-run {name}: {e:?}"));
-        out.truncate(result.data_size_out as usize);
-        (result.return_value, out)
+        let ctx = skb_ctx(0, 0, gso);
+        run_frame(prog, name, frame, gso.is_some().then_some(&ctx[..]), None)
     }
 
     fn egress(&self, frame: &[u8]) -> (u32, Vec<u8>) {
@@ -167,59 +95,21 @@ impl Programs {
             .unwrap()
             .try_into()
             .unwrap();
-        let mut out = vec![0u8; frame.len() + 256];
         // struct xdp_md: data, data_end, data_meta, ... (offsets from the start
         // of the metadata area on the way out).
         let mut ctx_in = [0u8; 24];
         ctx_in[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
         let mut ctx_out = [0u8; 24];
-        let result = prog
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                ctx_in: Some(&ctx_in),
-                ctx_out: Some(&mut ctx_out),
-                ..TestRunOptions::default()
-            })
-            .unwrap_or_else(|e| panic!("test-run {PROG_INGRESS_XDP}: {e:?}"));
-        out.truncate(result.data_size_out as usize);
+        let (verdict, mut out) = run_frame(
+            prog,
+            PROG_INGRESS_XDP,
+            frame,
+            Some(&ctx_in),
+            Some(&mut ctx_out),
+        );
         let meta_len = u32::from_ne_bytes(ctx_out[0..4].try_into().unwrap()) as usize;
         let frame = out.split_off(meta_len);
-        (result.return_value, out, frame)
-    }
-
-    /// Non-zero counters, summed over CPUs.
-    fn counters(&self) -> BTreeMap<&'static str, Counter> {
-        let counters: PerCpuArray<_, Counter> =
-            PerCpuArray::try_from(self.ebpf.map(MAP_COUNTERS).unwrap()).unwrap();
-        let mut totals = BTreeMap::new();
-        for reason in Reason::ALL {
-            let per_cpu = counters.get(&reason.index(), 0).unwrap();
-            let total = per_cpu.iter().fold(Counter::default(), |acc, c| Counter {
-                packets: acc.packets + c.packets,
-                bytes: acc.bytes + c.bytes,
-            });
-            if total != Counter::default() {
-                totals.insert(reason.name(), total);
-            }
-        }
-        totals
-    }
-}
-
-/// Expected counters, built up frame by frame.
-#[derive(Default)]
-struct Tally(BTreeMap<&'static str, Counter>);
-
-impl Tally {
-    fn add(&mut self, reason: Reason, frame: &[u8]) {
-        let c = self.0.entry(reason.name()).or_default();
-        c.packets += 1;
-        c.bytes += frame.len() as u64;
-    }
-
-    fn check(&self, p: &Programs) {
-        assert_eq!(p.counters(), self.0);
+        (verdict, out, frame)
     }
 }
 
@@ -233,109 +123,15 @@ fn expect_counters(p: &Programs, expected: &[(Reason, u64, u64)]) {
 }
 
 // ---------------------------------------------------------------------------
-// Frames, built by hand.
+// Frames: what only these tests send.
 
-/// RFC 1071 checksum.
-fn checksum(data: &[u8]) -> u16 {
-    let mut sum: u32 = data
-        .chunks(2)
-        .map(|c| u32::from(c[0]) << 8 | u32::from(*c.get(1).unwrap_or(&0)))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
-fn eth(dst: [u8; 6], src: [u8; 6], ethertype: u16, payload: &[u8]) -> Vec<u8> {
-    let mut f = Vec::with_capacity(14 + payload.len());
-    f.extend_from_slice(&dst);
-    f.extend_from_slice(&src);
-    f.extend_from_slice(&ethertype.to_be_bytes());
-    f.extend_from_slice(payload);
-    f
-}
-
-struct Ip {
-    tos: u8,
-    id: u16,
-    /// Flags + fragment offset.
-    frag: u16,
-    ttl: u8,
-    proto: u8,
-    src: [u8; 4],
-    dst: [u8; 4],
-}
-
-impl Ip {
-    fn inner(proto: u8) -> Self {
-        Ip {
-            tos: 0,
-            id: 0x4d2,
-            frag: 0x4000, // DF, as Linux sends TCP
-            ttl: 64,
-            proto,
-            src: LOCAL_POD,
-            dst: REMOTE_POD,
-        }
-    }
-
-    fn packet(&self, payload: &[u8]) -> Vec<u8> {
-        let mut h = vec![0x45, self.tos];
-        h.extend_from_slice(&((20 + payload.len()) as u16).to_be_bytes());
-        h.extend_from_slice(&self.id.to_be_bytes());
-        h.extend_from_slice(&self.frag.to_be_bytes());
-        h.extend_from_slice(&[self.ttl, self.proto, 0, 0]);
-        h.extend_from_slice(&self.src);
-        h.extend_from_slice(&self.dst);
-        let c = checksum(&h);
-        h[10..12].copy_from_slice(&c.to_be_bytes());
-        h.extend_from_slice(payload);
-        h
-    }
-}
-
-/// TCP or UDP with a correct checksum over the pseudo-header.
+/// TCP (PSH|ACK, as a segment with data) or UDP.
 fn l4(proto: u8, src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
-    let mut seg = Vec::new();
-    seg.extend_from_slice(&sport.to_be_bytes());
-    seg.extend_from_slice(&dport.to_be_bytes());
-    let check_at = if proto == IPPROTO_TCP {
-        seg.extend_from_slice(&0x1234_5678u32.to_be_bytes()); // seq
-        seg.extend_from_slice(&0x9abc_def0u32.to_be_bytes()); // ack
-        seg.extend_from_slice(&[0x50, 0x18]); // 5 words, PSH|ACK
-        seg.extend_from_slice(&64240u16.to_be_bytes()); // window
-        seg.extend_from_slice(&[0, 0, 0, 0]); // checksum, urgent
-        16
+    if proto == IPPROTO_TCP {
+        tcp(src, dst, (sport, dport), TCP_PSH | TCP_ACK, payload)
     } else {
-        seg.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
-        seg.extend_from_slice(&[0, 0]);
-        6
-    };
-    seg.extend_from_slice(payload);
-    let mut pseudo = Vec::new();
-    pseudo.extend_from_slice(&src);
-    pseudo.extend_from_slice(&dst);
-    pseudo.extend_from_slice(&[0, proto]);
-    pseudo.extend_from_slice(&(seg.len() as u16).to_be_bytes());
-    pseudo.extend_from_slice(&seg);
-    let c = checksum(&pseudo);
-    seg[check_at..check_at + 2].copy_from_slice(&c.to_be_bytes());
-    seg
-}
-
-fn icmp_echo(id: u16, seq: u16, payload: &[u8]) -> Vec<u8> {
-    let mut m = vec![8, 0, 0, 0];
-    m.extend_from_slice(&id.to_be_bytes());
-    m.extend_from_slice(&seq.to_be_bytes());
-    m.extend_from_slice(payload);
-    let c = checksum(&m);
-    m[2..4].copy_from_slice(&c.to_be_bytes());
-    m
-}
-
-fn payload(len: usize) -> Vec<u8> {
-    (0..len).map(|i| (i * 7 + 3) as u8).collect()
+        udp(src, dst, (sport, dport), payload)
+    }
 }
 
 /// Inner IPv4 packets from a local pod to a remote one: TCP, UDP, ICMP.
@@ -356,61 +152,9 @@ fn inner_packets() -> Vec<(&'static str, Vec<u8>)> {
         ),
         (
             "icmp",
-            Ip::inner(IPPROTO_ICMP).packet(&icmp_echo(0x77, 1, &payload(56))),
+            Ip::inner(IPPROTO_ICMP).packet(&icmp(8, 0x77, 1, &payload(56))),
         ),
     ]
-}
-
-/// The frame routing hands to `flannel.<VNI>` for a remote pod: from our VTEP
-/// MAC to the peer's (flannel's permanent neighbour entry).
-fn egress_frame(ip_packet: &[u8]) -> Vec<u8> {
-    eth(PEER_VTEP_MAC, LOCAL_VTEP_MAC, ETH_P_IP, ip_packet)
-}
-
-/// Outer IPv4 + UDP + VXLAN in front of `inner_frame`, as the kernel vxlan
-/// device sends it.
-fn vxlan(
-    outer_src: [u8; 4],
-    outer_dst: [u8; 4],
-    sport: u16,
-    ip_id: u16,
-    outer_tos: u8,
-    vni: u32,
-    inner_frame: &[u8],
-) -> Vec<u8> {
-    let mut udp = Vec::new();
-    udp.extend_from_slice(&sport.to_be_bytes());
-    udp.extend_from_slice(&PORT.to_be_bytes());
-    udp.extend_from_slice(&((8 + 8 + inner_frame.len()) as u16).to_be_bytes());
-    udp.extend_from_slice(&[0, 0]);
-    udp.extend_from_slice(&[0x08, 0, 0, 0]);
-    udp.extend_from_slice(&(vni << 8).to_be_bytes());
-    udp.extend_from_slice(inner_frame);
-    Ip {
-        tos: outer_tos,
-        id: ip_id,
-        frag: 0,
-        ttl: 64,
-        proto: IPPROTO_UDP,
-        src: outer_src,
-        dst: outer_dst,
-    }
-    .packet(&udp)
-}
-
-/// A VXLAN frame as the underlay delivers it to us from `from`.
-fn from_underlay(from: [u8; 4], vni: u32, inner_frame: &[u8]) -> Vec<u8> {
-    eth(
-        LOCAL_NIC_MAC,
-        PEER_NIC_MAC,
-        ETH_P_IP,
-        &vxlan(from, LOCAL_IP, 50123, 0x1111, 0, vni, inner_frame),
-    )
-}
-
-/// What the peer's pod sends us, as the peer's VTEP frames it.
-fn inner_frame_to_us(ip_packet: &[u8]) -> Vec<u8> {
-    eth(LOCAL_VTEP_MAC, PEER_VTEP_MAC, ETH_P_IP, ip_packet)
 }
 
 fn reply_packets() -> Vec<(&'static str, Vec<u8>)> {
@@ -431,68 +175,14 @@ fn reply_packets() -> Vec<(&'static str, Vec<u8>)> {
         ),
         (
             "icmp",
-            ip(IPPROTO_ICMP).packet(&icmp_echo(0x77, 1, &payload(56))),
+            ip(IPPROTO_ICMP).packet(&icmp(8, 0x77, 1, &payload(56))),
         ),
     ]
 }
 
+/// Our NIC asking the underlay for the peer.
 fn arp_request() -> Vec<u8> {
-    let mut arp = vec![0, 1, 8, 0, 6, 4, 0, 1];
-    arp.extend_from_slice(&LOCAL_NIC_MAC);
-    arp.extend_from_slice(&LOCAL_IP);
-    arp.extend_from_slice(&[0; 6]);
-    arp.extend_from_slice(&PEER_IP);
-    arp
-}
-
-fn ipv6_packet() -> Vec<u8> {
-    let mut p = vec![0x60, 0, 0, 0, 0, 8, 17, 64];
-    p.extend_from_slice(&[0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
-    p.extend_from_slice(&[0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2]);
-    p.extend_from_slice(&[0x12, 0x34, 0x21, 0x18, 0, 8, 0, 0]);
-    p
-}
-
-/// Deterministic pseudo-random bytes (xorshift64*).
-struct Garbage(u64);
-
-impl Garbage {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn bytes(&mut self, len: usize) -> Vec<u8> {
-        (0..len).map(|_| self.next() as u8).collect()
-    }
-
-    /// `min` to `min + spread - 1` random bytes. A frame whose EtherType
-    /// says IPv4 or IPv6 is made long enough for that header: test-run refuses
-    /// shorter ones (EINVAL), though a wire could carry them.
-    fn some(&mut self, min: usize, spread: u64) -> Vec<u8> {
-        let len = min + (self.next() % spread) as usize;
-        let mut frame = self.bytes(len);
-        let floor = match frame.get(12..14) {
-            Some([0x08, 0x00]) => 14 + 20,
-            Some([0x86, 0xdd]) => 14 + 40,
-            _ => 0,
-        };
-        if frame.len() < floor {
-            let more = self.bytes(floor - frame.len());
-            frame.extend_from_slice(&more);
-        }
-        frame
-    }
-}
-
-fn sport_of(encapsulated: &[u8]) -> u16 {
-    u16::from_be_bytes([encapsulated[34], encapsulated[35]])
-}
-
-fn ip_id_of(encapsulated: &[u8]) -> u16 {
-    u16::from_be_bytes([encapsulated[18], encapsulated[19]])
+    overlay_tests::frames::arp_request(LOCAL_NIC_MAC, LOCAL_IP, PEER_IP)
 }
 
 // ---------------------------------------------------------------------------
@@ -504,7 +194,7 @@ fn egress_encapsulates_tcp_udp_icmp_as_the_kernel_vxlan_device() {
     let p = Programs::load();
     let mut bytes = 0;
     for (name, packet) in inner_packets() {
-        let frame = egress_frame(&packet);
+        let frame = flannel_frame(&packet);
         let (verdict, out) = p.egress(&frame);
         assert_eq!(verdict, TC_ACT_REDIRECT, "{name}: verdict");
         assert_eq!(out.len(), frame.len() + 50, "{name}: length");
@@ -546,7 +236,7 @@ fn egress_outer_tos_carries_ecn_only() {
             ..Ip::inner(IPPROTO_UDP)
         }
         .packet(&l4(IPPROTO_UDP, LOCAL_POD, REMOTE_POD, 1, 2, &payload(10)));
-        let (verdict, out) = p.egress(&egress_frame(&packet));
+        let (verdict, out) = p.egress(&flannel_frame(&packet));
         assert_eq!(verdict, TC_ACT_REDIRECT);
         assert_eq!(out[15], outer_tos, "inner TOS {inner_tos:#04x}");
         assert_eq!(checksum(&out[14..34]), 0);
@@ -567,7 +257,7 @@ fn egress_source_port_follows_the_flow() {
             443,
             &payload(20),
         ));
-        let (verdict, out) = p.egress(&egress_frame(&packet));
+        let (verdict, out) = p.egress(&flannel_frame(&packet));
         assert_eq!(verdict, TC_ACT_REDIRECT);
         sport_of(&out)
     };
@@ -628,8 +318,8 @@ fn egress_leaves_other_traffic_to_the_kernel_untouched() {
             eth(PEER_VTEP_MAC, LOCAL_VTEP_MAC, ETH_P_IPV6, &ipv6_packet()),
             Reason::PassNotIpv4,
         ),
-        ("unrouted", egress_frame(&unrouted), Reason::PassNoRoute),
-        ("too big", egress_frame(&too_big), Reason::PassTooBig),
+        ("unrouted", flannel_frame(&unrouted), Reason::PassNoRoute),
+        ("too big", flannel_frame(&too_big), Reason::PassTooBig),
     ];
     let mut tally = Tally::default();
     for (name, frame, reason) in cases {
@@ -638,7 +328,7 @@ fn egress_leaves_other_traffic_to_the_kernel_untouched() {
         assert_eq!(out, frame, "{name}: the kernel gets it unchanged");
         tally.add(reason, &frame);
     }
-    let frame = egress_frame(&fits);
+    let frame = flannel_frame(&fits);
     let (verdict, out) = p.egress(&frame);
     assert_eq!(verdict, TC_ACT_REDIRECT, "exactly the underlay MTU fits");
     assert_eq!(out.len(), 1500 + 14);
@@ -662,7 +352,7 @@ fn egress_gso_packet_is_not_checked_against_the_mtu() {
         80,
         &payload(2896),
     ));
-    let frame = egress_frame(&packet);
+    let frame = flannel_frame(&packet);
     let (verdict, out) = p.tc(PROG_EGRESS, &frame, Some((1448, 2)));
     assert_eq!(verdict, TC_ACT_OK);
     assert_eq!(out, frame);
@@ -673,7 +363,7 @@ fn egress_gso_packet_is_not_checked_against_the_mtu() {
 #[ignore = "needs root and eBPF: run `cargo xtask test`"]
 fn egress_never_encapsulates_truncated_or_garbage_frames() {
     let p = Programs::load();
-    let good = egress_frame(&inner_packets()[0].1);
+    let good = flannel_frame(&inner_packets()[0].1);
     // Shorter than its IPv4 total length says. (Test-run refuses IPv4 frames
     // cut inside the IPv4 header; the classifier's unit tests cover those.)
     for len in [34, 35, 54, good.len() - 1] {
@@ -1073,7 +763,7 @@ fn xdp_never_marks_truncated_or_garbage_frames() {
 #[ignore = "needs root and eBPF: run `cargo xtask test`"]
 fn unconfigured_programs_pass_everything_untouched() {
     let p = Programs::load_with(false);
-    let out_frame = egress_frame(&inner_packets()[0].1);
+    let out_frame = flannel_frame(&inner_packets()[0].1);
     let in_frame = from_underlay(PEER_IP, VNI, &inner_frame_to_us(&reply_packets()[0].1));
     assert_eq!(p.egress(&out_frame), (TC_ACT_OK, out_frame.clone()));
     assert_eq!(p.ingress_tc(&in_frame), (TC_ACT_OK, in_frame.clone()));
@@ -1300,7 +990,7 @@ fn egress_matches_what_a_kernel_vxlan_device_sends() {
     let kernel = KernelVxlan::new().expect("set up a flannel-style vxlan device");
     let p = Programs::load();
     for (name, packet) in inner_packets() {
-        let frame = egress_frame(&packet);
+        let frame = flannel_frame(&packet);
         let theirs = kernel.encapsulate(frame.clone()).expect(name);
         let (verdict, ours) = p.egress(&frame);
         assert_eq!(verdict, TC_ACT_REDIRECT, "{name}");

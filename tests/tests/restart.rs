@@ -2,7 +2,10 @@
 //! and a restart (and a restart that swaps in a freshly loaded program) lose
 //! no packet between containers, `status` and `bpftool` read the pins while
 //! the agent runs and after it stopped, SIGTERM leaves traffic flowing, and
-//! `cleanup` removes everything the agent created.
+//! `cleanup` removes everything the agent created. The containers appear
+//! after the agents started: the fast path follows them by link events, its
+//! veth links are pinned and swapped like the others, and most of the pings
+//! and the stream take it.
 
 use std::{
     fs,
@@ -130,6 +133,16 @@ fn kill_9_restart_and_upgrade_lose_no_packet_then_cleanup_removes_everything() -
     let egress_pin = pins1.join("links/vxlan_egress");
     let ingress_pin = pins1.join("links/vxlan_ingress_tc");
     let first = (prog_of_link(&egress_pin)?, prog_of_link(&ingress_pin)?);
+    // The pod veth `vc` appeared after the agent started: the link events
+    // brought the fast path to it, pinned under its ifindex.
+    let vc = sh(&["ip", "-n", &hosts.ns(1), "-o", "link", "show", "vc"])?;
+    let vc_index = vc.split(':').next().unwrap_or_default().trim().to_owned();
+    let veth_pin = pins1.join(format!("links/veth_from_pod-{vc_index}"));
+    overlay_tests::agent::within(Duration::from_secs(5), "the fast path on vc", || {
+        veth_pin.exists() && pins1.join(format!("links/veth_to_pod-{vc_index}")).exists()
+    })
+    .with_context(|| format!("agent log:\n{}", a1.log()))?;
+    let veth_first = prog_of_link(&veth_pin)?;
 
     // 100 pings/s for 24 s and a TCP stream for 20 s, across everything below.
     let ping = Background(Some(spawn_in(
@@ -166,6 +179,11 @@ fn kill_9_restart_and_upgrade_lose_no_packet_then_cleanup_removes_everything() -
         second.0 != first.0 && second.1 != first.1,
         "the links still run the old programs: {first:?} -> {second:?}"
     );
+    let veth_second = prog_of_link(&veth_pin)?;
+    ensure!(
+        veth_second != veth_first,
+        "the pod veth's pinned link still runs the old program {veth_first}"
+    );
 
     // 2. An upgrade: kill -9 again, start with the rebuilt object.
     std::thread::sleep(Duration::from_secs(3));
@@ -177,6 +195,11 @@ fn kill_9_restart_and_upgrade_lose_no_packet_then_cleanup_removes_everything() -
     a1.wait_for("running: lease", Duration::from_secs(20))?;
     let third = (prog_of_link(&egress_pin)?, prog_of_link(&ingress_pin)?);
     ensure!(third.0 != second.0, "the upgrade did not swap the program");
+    let prog_of_veth_after_upgrade = prog_of_link(&veth_pin)?;
+    ensure!(
+        prog_of_veth_after_upgrade != veth_second,
+        "the upgrade did not swap the pod veth's program"
+    );
     // 3. The other side restarts too.
     std::thread::sleep(Duration::from_secs(2));
     kill9(&mut a2)?;
@@ -247,6 +270,25 @@ fn kill_9_restart_and_upgrade_lose_no_packet_then_cleanup_removes_everything() -
     ensure!(
         tx >= 2400 && rx >= 2400,
         "per-peer counters did not count the pings: {peer_line}"
+    );
+    let fast_egress = running
+        .lines()
+        .find(|l| l.trim_start().starts_with("fast_egress"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|n| n.parse::<u64>().ok())
+        .with_context(|| {
+            format!(
+                "no fast_egress counter in status:
+{running}"
+            )
+        })?;
+    ensure!(
+        fast_egress >= 2000,
+        "the pings and the stream hardly took the fast path (fast_egress {fast_egress}):\n{running}"
+    );
+    ensure!(
+        running.contains(&format!("veth_from_pod-{vc_index}")),
+        "{running}"
     );
     ensure!(running.contains("expires in"), "{running}");
     ensure!(running.contains("vxlan_egress"), "{running}");
@@ -349,7 +391,7 @@ fn kill_9_restart_and_upgrade_lose_no_packet_then_cleanup_removes_everything() -
         "pins left: {left:?}; cleanup said:\n{}",
         String::from_utf8_lossy(&out.stdout)
     );
-    for id in [third.0, third.1] {
+    for id in [third.0, third.1, prog_of_veth_after_upgrade] {
         ensure!(
             sh(&["bpftool", "prog", "show", "id", &id.to_string()]).is_err(),
             "program {id} is still loaded"
@@ -361,10 +403,15 @@ fn kill_9_restart_and_upgrade_lose_no_packet_then_cleanup_removes_everything() -
     ensure!(!eth0.contains("vxlan_"), "{eth0}");
     let nat = sh(&["ip", "netns", "exec", &h1, "iptables", "-t", "nat", "-S"])?;
     let filter = sh(&["ip", "netns", "exec", &h1, "iptables", "-S"])?;
+    let mangle = sh(&["ip", "netns", "exec", &h1, "iptables", "-t", "mangle", "-S"])?;
     ensure!(
-        !nat.contains("FLANNEL") && !filter.contains("FLANNEL"),
-        "rules left:\n{nat}\n{filter}"
+        !nat.contains("FLANNEL") && !filter.contains("FLANNEL") && !mangle.contains("FLANNEL"),
+        "rules left:\n{nat}\n{filter}\n{mangle}"
     );
+    let vc_progs = sh(&[
+        "ip", "netns", "exec", &h1, "bpftool", "net", "show", "dev", "vc",
+    ])?;
+    ensure!(!vc_progs.contains("veth_"), "{vc_progs}");
     drop(a2);
     drop(containers);
     Ok(())

@@ -596,7 +596,7 @@ impl Loaded {
                 .load()
                 .map_err(|e| EbpfError::load(PROG_INGRESS_XDP, e))?;
         }
-        let fast = start_fast_path(&mut ebpf, options.fast_path, subnet)?;
+        let fast = start_fast_path(&mut ebpf, options.fast_path, subnet, pins)?;
 
         let ingress_tc = attach_tc(
             &mut ebpf,
@@ -639,9 +639,11 @@ fn start_fast_path(
     ebpf: &mut Ebpf,
     mode: FastPathMode,
     subnet: Ipv4Net,
+    pins: Option<&PinLayout>,
 ) -> Result<Option<FastState>, EbpfError> {
     if mode == FastPathMode::Off {
         fastpath::configure(ebpf, None)?;
+        fastpath::remove_leftovers(ebpf, subnet, pins)?;
         info!("fast path: off (--fast-path=off)");
         return Ok(None);
     }
@@ -667,6 +669,7 @@ fn start_fast_path(
                 DatapathError::from(e).reason()
             );
             fastpath::configure(ebpf, None)?;
+            fastpath::remove_leftovers(ebpf, subnet, pins)?;
             Ok(None)
         }
         Err(e) => Err(e),
@@ -1061,7 +1064,14 @@ impl Datapath for EbpfDatapath {
             peers.len()
         );
         self.loaded = Some(Box::new(loaded));
-        self.sync_pods().await?;
+        // A pod veth that cannot be attached keeps the host's path; only
+        // `--fast-path=on` makes that fatal. The next link event retries.
+        if let Err(e) = self.sync_pods().await {
+            if self.options.fast_path == FastPathMode::On {
+                return Err(e);
+            }
+            warn!("fast path: attaching to the pod veths: {}", e.reason());
+        }
         Ok(state)
     }
 

@@ -11,8 +11,8 @@
 //!
 //! Pod veths are those enslaved to the bridge that holds an address of our
 //! subnet. Each gets `veth_from_pod` (TCX ingress) and `veth_to_pod` (TCX
-//! egress), pinned as `links/veth_from_pod.<ifindex>` and
-//! `links/veth_to_pod.<ifindex>` so they survive the agent like the others.
+//! egress), pinned as `links/veth_from_pod-<ifindex>` and
+//! `links/veth_to_pod-<ifindex>` so they survive the agent like the others.
 
 use std::{collections::BTreeMap, fmt, path::PathBuf, str::FromStr};
 
@@ -215,11 +215,31 @@ impl PodAttachments {
     }
 }
 
-fn pin_name(program: &str, ifindex: u32) -> String {
-    format!("{program}.{ifindex}")
+/// The fast path is off: detaches from every pod veth a previous run pinned
+/// (their programs would only pass everything on) and removes the mangle
+/// rule, so nothing of it is left on the host.
+pub fn remove_leftovers(
+    ebpf: &mut Ebpf,
+    subnet: Ipv4Net,
+    pins: Option<&PinLayout>,
+) -> Result<(), EbpfError> {
+    if let Some(pins) = pins {
+        for ifindex in stale_pinned_veths(pins) {
+            info!("fast path is off: detaching from the pod veth #{ifindex}");
+            forget_veth(ebpf, ifindex, Some(pins))?;
+        }
+    }
+    release_host(subnet);
+    Ok(())
 }
 
-/// ifindexes named by pinned veth links (`<program>.<ifindex>`).
+/// `<program>-<ifindex>`: bpffs refuses names with a dot (it keeps those
+/// for its own files).
+fn pin_name(program: &str, ifindex: u32) -> String {
+    format!("{program}-{ifindex}")
+}
+
+/// ifindexes named by pinned veth links (`<program>-<ifindex>`).
 fn stale_pinned_veths(pins: &PinLayout) -> Vec<u32> {
     let Ok(entries) = std::fs::read_dir(pins.links_dir()) else {
         return Vec::new();
@@ -228,7 +248,7 @@ fn stale_pinned_veths(pins: &PinLayout) -> Vec<u32> {
         .filter_map(Result::ok)
         .filter_map(|e| {
             let name = e.file_name().into_string().ok()?;
-            let (program, index) = name.rsplit_once('.')?;
+            let (program, index) = name.rsplit_once('-')?;
             [PROG_VETH_FROM_POD, PROG_VETH_TO_POD]
                 .contains(&program)
                 .then(|| index.parse().ok())?

@@ -15,8 +15,8 @@
 //! <dir>/links/vxlan_egress       TCX egress link on flannel.<VNI>
 //! <dir>/links/vxlan_ingress_tc   TCX ingress link on the underlay
 //! <dir>/links/vxlan_ingress_xdp  XDP link on the underlay (xdp+tc only)
-//! <dir>/links/veth_from_pod.<ifindex>  TCX ingress link on a pod's veth (fast path)
-//! <dir>/links/veth_to_pod.<ifindex>    TCX egress link on a pod's veth (fast path)
+//! <dir>/links/veth_from_pod-<ifindex>  TCX ingress link on a pod's veth (fast path)
+//! <dir>/links/veth_to_pod-<ifindex>    TCX egress link on a pod's veth (fast path)
 //! ```
 //!
 //! Pinned links keep the programs attached when the agent exits (as
@@ -282,7 +282,10 @@ mod tests {
                 "KNOWN_VTEPS",
                 "NODE_CONFIG",
                 "COUNTERS",
-                "PEER_STATS"
+                "PEER_STATS",
+                "FAST_CONFIG",
+                "FAST_FLOWS",
+                "POD_VETHS"
             ]
         );
     }

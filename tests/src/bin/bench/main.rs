@@ -23,7 +23,7 @@ usage: bench [--quick] [--repeats N] [--duration SECS] [--modes LIST] [--figures
 
   --repeats N      rounds over all modes (default 5)
   --duration SECS  length of each measurement (default 3)
-  --modes LIST     comma-separated: host,plain,kernel,ebpf-tc,ebpf-xdp (default all)
+  --modes LIST     comma-separated: host,plain,kernel,ebpf-fast,ebpf-tc,ebpf-xdp (default all)
   --figures LIST   comma-separated: tcp1,tcp4,udp,tps,rtt,cpu (default all); e.g. one
                    figure for a long run under `perf record`
   --udp-rate KPPS  offered 64-byte UDP rate of the CPU figure, in thousands of packets

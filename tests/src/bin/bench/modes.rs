@@ -1,13 +1,14 @@
 //! The same two-host lab in each mode the benchmark compares: host network
 //! (host to host over the underlay, no containers: the ceiling no pod path can
 //! beat), plain routing (containers, no overlay), our kernel-vxlan datapath
-//! (what flannel users have), and our eBPF datapath with TC-only or XDP+TC
-//! ingress.
+//! (what flannel users have), and our eBPF datapath: with the fast path (the
+//! default), and on the host's path (`--fast-path=off`) with TC-only or
+//! XDP+TC ingress.
 
 use std::net::Ipv4Addr;
 
 use anyhow::{Result, bail};
-use overlay_agent::datapath::ebpf::IngressMode;
+use overlay_agent::datapath::{ebpf::IngressMode, fastpath::FastPathMode};
 use overlay_tests::{
     lab::{Lab, LabSpec},
     overlay::{self, Kind, Member, Overlay},
@@ -21,15 +22,17 @@ pub enum Mode {
     Host,
     Plain,
     Kernel,
+    EbpfFast,
     EbpfTc,
     EbpfXdp,
 }
 
 impl Mode {
-    pub const ALL: [Mode; 5] = [
+    pub const ALL: [Mode; 6] = [
         Mode::Host,
         Mode::Plain,
         Mode::Kernel,
+        Mode::EbpfFast,
         Mode::EbpfTc,
         Mode::EbpfXdp,
     ];
@@ -40,6 +43,7 @@ impl Mode {
             Mode::Host => "host",
             Mode::Plain => "plain",
             Mode::Kernel => "kernel",
+            Mode::EbpfFast => "ebpf-fast",
             Mode::EbpfTc => "ebpf-tc",
             Mode::EbpfXdp => "ebpf-xdp",
         }
@@ -51,23 +55,26 @@ impl Mode {
             Mode::Host => "host network",
             Mode::Plain => "plain routing",
             Mode::Kernel => "kernel vxlan",
-            Mode::EbpfTc => "eBPF (TC ingress)",
-            Mode::EbpfXdp => "eBPF (XDP+TC ingress)",
+            Mode::EbpfFast => "eBPF fast path (default)",
+            Mode::EbpfTc => "eBPF host path (TC)",
+            Mode::EbpfXdp => "eBPF host path (XDP+TC, experimental)",
         }
     }
 
     pub fn is_ebpf(self) -> bool {
-        matches!(self, Mode::EbpfTc | Mode::EbpfXdp)
+        matches!(self, Mode::EbpfFast | Mode::EbpfTc | Mode::EbpfXdp)
     }
 
     pub fn parse(s: &str) -> Result<Mode> {
         match s {
-            "ebpf" => bail!("say ebpf-tc or ebpf-xdp"),
+            "ebpf" => bail!("say ebpf-fast, ebpf-tc or ebpf-xdp"),
             _ => Mode::ALL
                 .into_iter()
                 .find(|m| m.name() == s)
                 .ok_or_else(|| {
-                    anyhow::anyhow!("unknown mode {s:?} (host, plain, kernel, ebpf-tc, ebpf-xdp)")
+                    anyhow::anyhow!(
+                        "unknown mode {s:?} (host, plain, kernel, ebpf-fast, ebpf-tc, ebpf-xdp)"
+                    )
                 }),
         }
     }
@@ -78,6 +85,7 @@ impl Mode {
             Mode::Host => "bhost",
             Mode::Plain => "bplain",
             Mode::Kernel => "bkernel",
+            Mode::EbpfFast => "bebpffp",
             Mode::EbpfTc => "bebpftc",
             Mode::EbpfXdp => "bebpfxdp",
         }
@@ -116,17 +124,19 @@ impl ModeLab {
         let (h1, h2) = (ml.lab.host(1).clone(), ml.lab.host(2).clone());
         let kind = match mode {
             Mode::Host | Mode::Plain => None,
-            Mode::Kernel => Some(Kind::Kernel),
-            Mode::EbpfTc => Some(Kind::Ebpf(IngressMode::Tc)),
-            Mode::EbpfXdp => Some(Kind::Ebpf(IngressMode::XdpAndTc)),
+            Mode::Kernel => Some((Kind::Kernel, FastPathMode::Off)),
+            Mode::EbpfFast => Some((Kind::Ebpf(IngressMode::Tc), FastPathMode::On)),
+            Mode::EbpfTc => Some((Kind::Ebpf(IngressMode::Tc), FastPathMode::Off)),
+            Mode::EbpfXdp => Some((Kind::Ebpf(IngressMode::XdpAndTc), FastPathMode::Off)),
         };
         match kind {
             // Host to host needs nothing but the underlay the lab already has.
             None if mode == Mode::Host => {}
             None => ml.lab.route_plain()?,
-            Some(kind) => {
+            Some((kind, fast_path)) => {
                 for h in [&h1, &h2] {
-                    ml.members.push(Member::join(h, kind, Overlay::default())?);
+                    ml.members
+                        .push(Member::join_with(h, kind, Overlay::default(), fast_path)?);
                 }
                 overlay::mesh(&ml.members.iter().collect::<Vec<_>>())?;
             }

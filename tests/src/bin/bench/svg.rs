@@ -26,6 +26,7 @@ fn color(mode: Mode) -> &'static str {
         Mode::Host => "#5c5c5c",
         Mode::Plain => "#9e9e9e",
         Mode::Kernel => "#e07b39",
+        Mode::EbpfFast => "#7b3294",
         Mode::EbpfTc => "#3b75af",
         Mode::EbpfXdp => "#2e9e6b",
     }
