@@ -28,7 +28,7 @@ usage: bench [--quick] [--repeats N] [--duration SECS] [--modes LIST] [--figures
                    figure for a long run under `perf record`
   --udp-rate KPPS  offered 64-byte UDP rate of the CPU figure, in thousands of packets
                    per second (default 50; every mode must sustain it)
-  --tcp-rate MBITS offered TCP rate of the CPU figure, Mbit/s (default 1000)
+  --tcp-rate MBITS offered TCP rate of the CPU figure, Mbit/s (default 4000)
   --rr-flows N     concurrent flows of the request/response figure (default 32)
   --quick          smoke run: 1 repeat of 1 s; writes to target/bench-partial/ unless --out
   --out DIR        where benchmark.md and benchmark.svg go (default: docs/ and the table in
@@ -62,7 +62,7 @@ fn parse_args(args: &[String]) -> Result<Option<Args>> {
         update_readme: true,
         json: false,
         udp_kpps: 50,
-        tcp_mbps: 1000,
+        tcp_mbps: 4000,
         rr_flows: 32,
     };
     let mut out = None;
@@ -553,7 +553,7 @@ mod tests {
     #[test]
     fn offered_loads_and_new_figures() {
         let a = args("").unwrap().unwrap();
-        assert_eq!((a.udp_kpps, a.tcp_mbps, a.rr_flows), (50, 1000, 32));
+        assert_eq!((a.udp_kpps, a.tcp_mbps, a.rr_flows), (50, 4000, 32));
         assert_eq!(a.modes.first(), Some(&Mode::Host));
         assert!(a.update_readme);
         let a = args("--udp-rate 20 --tcp-rate 500 --rr-flows 8 --figures cpu,tps")
