@@ -1,0 +1,206 @@
+//! The fast path follows pods with the real agent (netlink link events,
+//! pinned links): a pod veth deleted in the middle of a flow leaves no
+//! attachment, pin or map entry behind, and an agent restarted after pods
+//! came and went while it was down converges on the veths that exist.
+
+use std::{path::Path, time::Duration};
+
+use anyhow::{Context, Result, ensure};
+use overlay_tests::agent::{
+    Agent, Bpffs, Cluster, Containers, add_container, sh, subnet_of, within,
+};
+
+const CONFIG: &str = r#"{"Network": "10.0.0.0/16", "SubnetLen": 24, "SubnetMin": "10.0.1.0","SubnetMax": "10.0.20.0", "Backend": {"Type": "vxlan"}}"#;
+
+/// `ip -o link show <dev>` in `ns`: the ifindex.
+fn ifindex(ns: &str, dev: &str) -> Result<String> {
+    let line = sh(&["ip", "-n", ns, "-o", "link", "show", dev])?;
+    Ok(line.split(':').next().unwrap_or_default().trim().to_owned())
+}
+
+/// The pinned veth links' names under `pins`.
+fn veth_pins(pins: &Path) -> Result<Vec<String>> {
+    let mut names: Vec<String> = std::fs::read_dir(pins.join("links"))?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with("veth_"))
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
+/// `bpftool map dump pinned` as JSON.
+fn dump(pins: &Path, map: &str) -> Result<serde_json::Value> {
+    let path = pins.join(map);
+    let out = sh(&[
+        "bpftool",
+        "-j",
+        "map",
+        "dump",
+        "pinned",
+        path.to_str().context("pin path")?,
+    ])?;
+    Ok(serde_json::from_str(&out)?)
+}
+
+/// A second pod on host `i`'s bridge: `<host>-c<n>` with veth `v<n>`,
+/// address `.n` of the host's subnet.
+fn add_pod(host: &str, env: &Path, n: u8) -> Result<(String, String)> {
+    let subnet = subnet_of(env)?; // 10.0.X.0
+    let prefix = subnet.rsplit_once('.').context("subnet")?.0.to_owned();
+    let (ip, gw) = (format!("{prefix}.{n}"), format!("{prefix}.1"));
+    let pod = format!("{host}-c{n}");
+    let veth = format!("v{n}");
+    sh(&["ip", "netns", "add", &pod])?;
+    sh(&[
+        "ip", "-n", host, "link", "add", &veth, "mtu", "1450", "type", "veth", "peer", "name",
+        "eth0", "netns", &pod,
+    ])?;
+    sh(&[
+        "ip", "-n", host, "link", "set", &veth, "master", "cni0", "up",
+    ])?;
+    sh(&[
+        "ip",
+        "-n",
+        &pod,
+        "addr",
+        "add",
+        &format!("{ip}/24"),
+        "dev",
+        "eth0",
+    ])?;
+    sh(&["ip", "-n", &pod, "link", "set", "eth0", "mtu", "1450", "up"])?;
+    sh(&["ip", "-n", &pod, "route", "add", "default", "via", &gw])?;
+    Ok((pod, ip))
+}
+
+fn ping(from: &str, to: &str, count: &str) -> Result<String> {
+    sh(&[
+        "ip", "netns", "exec", from, "ping", "-q", "-c", count, "-i", "0.05", "-W", "1", to,
+    ])
+}
+
+fn kill9(agent: &mut Agent) -> Result<()> {
+    // SAFETY: kill(2) on our child, not yet reaped.
+    unsafe { libc::kill(agent.child.id() as i32, libc::SIGKILL) };
+    agent.child.wait()?;
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs root, network namespaces, etcd and eBPF: run `cargo xtask test`"]
+fn the_agent_follows_pods_that_come_and_go_also_while_it_is_down() -> Result<()> {
+    let cluster = Cluster::start("pl", 2, CONFIG)?;
+    let Cluster { hosts, etcd, bin } = &cluster;
+    let dir = etcd.dir().to_path_buf();
+    let bpf1 = Bpffs::mount(dir.join("bpf1"))?;
+    let bpf2 = Bpffs::mount(dir.join("bpf2"))?;
+    let (pins1, pins2) = (bpf1.0.join("overlay"), bpf2.0.join("overlay"));
+    let args = |i: usize, pins: &Path| {
+        let pin_dir = format!("--bpf-pin-dir={}", pins.display());
+        cluster.args(i, &["--datapath=ebpf", "--fast-path=on", &pin_dir])
+    };
+    let args1 = args(1, &pins1);
+    let mut a1 = Agent::start(&dir, "h1", &hosts.ns(1), bin, &args1)?;
+    let mut a2 = Agent::start(&dir, "h2", &hosts.ns(2), bin, &args(2, &pins2))?;
+    a1.wait_for("running: lease", Duration::from_secs(20))?;
+    a2.wait_for("running: lease", Duration::from_secs(20))?;
+    let env1 = dir.join("h1.env");
+    let (c1, ip1) = add_container(hosts, 1, &env1)?;
+    let mut containers = Containers(vec![c1.clone()]);
+    let (c2, ip2) = add_container(hosts, 2, &dir.join("h2.env"))?;
+    containers.0.push(c2.clone());
+    within(Duration::from_secs(5), "c1 reaches c2", || {
+        ping(&c1, &ip2, "1").is_ok()
+    })?;
+    let h1 = hosts.ns(1);
+    let vc = ifindex(&h1, "vc")?;
+    within(Duration::from_secs(5), "the fast path on vc", || {
+        veth_pins(&pins1).is_ok_and(|p| p.len() == 2)
+    })
+    .with_context(|| format!("agent log:\n{}", a1.log()))?;
+    ensure!(
+        veth_pins(&pins1)? == [format!("veth_from_pod-{vc}"), format!("veth_to_pod-{vc}")],
+        "{:?}",
+        veth_pins(&pins1)?
+    );
+
+    // 1. The pod's veth is deleted while c2 pings it: its pins, its
+    // POD_VETHS entry and every approval through it go.
+    ping(&c2, &ip1, "20")?;
+    let pinger = std::thread::spawn({
+        let (c2, ip1) = (c2.clone(), ip1.clone());
+        move || ping(&c2, &ip1, "60")
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    sh(&["ip", "-n", &h1, "link", "del", "vc"])?;
+    within(Duration::from_secs(3), "vc's pins removed", || {
+        veth_pins(&pins1).is_ok_and(|p| p.is_empty())
+    })
+    .with_context(|| format!("agent log:\n{}", a1.log()))?;
+    let _ = pinger.join();
+    let vc_index: u64 = vc.parse()?;
+    let pod_veths = dump(&pins1, "POD_VETHS")?;
+    ensure!(
+        pod_veths.as_array().is_some_and(Vec::is_empty),
+        "POD_VETHS still holds {pod_veths}"
+    );
+    let flows = dump(&pins1, "FAST_FLOWS")?;
+    let through_vc = flows
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["formatted"]["value"]["ifindex"].as_u64() == Some(vc_index))
+        .count();
+    ensure!(through_vc == 0, "approvals through the deleted vc: {flows}");
+    let att = sh(&["ip", "netns", "exec", &h1, "bpftool", "net", "show"])?;
+    ensure!(!att.contains("veth_"), "still attached somewhere: {att}");
+
+    // 2. The agent is down while a new pod comes: the restarted agent
+    // attaches to it (and to nothing stale), and it is reached both ways.
+    kill9(&mut a1)?;
+    let (pod, pod_ip) = add_pod(&h1, &env1, 3)?;
+    containers.0.push(pod.clone());
+    let mut a1 = Agent::start(&dir, "h1-restarted", &h1, bin, &args1)?;
+    a1.wait_for("running: lease", Duration::from_secs(20))?;
+    let v3 = ifindex(&h1, "v3")?;
+    within(Duration::from_secs(5), "the fast path on v3", || {
+        veth_pins(&pins1)
+            .is_ok_and(|p| p == [format!("veth_from_pod-{v3}"), format!("veth_to_pod-{v3}")])
+    })
+    .with_context(|| format!("pins {:?}; agent log:\n{}", veth_pins(&pins1), a1.log()))?;
+    let out = ping(&pod, &ip2, "10")?;
+    ensure!(out.contains("10 received"), "{out}");
+    let out = ping(&c2, &pod_ip, "10")?;
+    ensure!(out.contains("10 received"), "{out}");
+    let counters = sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &h1,
+        bin.to_str().context("agent path")?,
+        &format!("--etcd-endpoints={}", etcd.endpoints()),
+        &format!("-iface={}", hosts.ip(1)),
+        &format!("--bpf-pin-dir={}", pins1.display()),
+        "status",
+    ])?;
+    let fast = |reason: &str| -> Option<u64> {
+        counters
+            .lines()
+            .find(|l| l.trim_start().starts_with(reason))?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    };
+    ensure!(
+        fast("fast_egress").is_some_and(|n| n > 0) && fast("fast_ingress").is_some_and(|n| n > 0),
+        "the new pod's traffic never took the fast path:\n{counters}"
+    );
+    ensure!(
+        fast("drop_redirect_failed") == Some(0),
+        "deliveries failed:\n{counters}"
+    );
+    drop((a1, a2));
+    drop(containers);
+    Ok(())
+}
