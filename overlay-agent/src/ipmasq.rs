@@ -281,12 +281,21 @@ pub fn remove_all() -> Result<Vec<String>, IptablesError> {
         ("filter", FORWARD_CHAIN),
         ("mangle", FAST_PATH_CHAIN),
     ] {
-        if iptables(&["-t", table, "-F", chain]).is_ok() {
-            iptables(&["-t", table, "-X", chain])?;
+        if delete_chain(table, chain)? {
             removed.push(format!("iptables -t {table} chain {chain}"));
         }
     }
     Ok(removed)
+}
+
+/// Flushes and deletes one of our chains (nothing may jump to it any more);
+/// returns whether it existed.
+pub fn delete_chain(table: &str, chain: &str) -> Result<bool, IptablesError> {
+    if iptables(&["-t", table, "-F", chain]).is_err() {
+        return Ok(false);
+    }
+    iptables(&["-t", table, "-X", chain])?;
+    Ok(true)
 }
 
 fn is_ours(chain: &str) -> bool {

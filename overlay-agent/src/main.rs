@@ -152,6 +152,7 @@ async fn run(cli: Cli) -> Result<()> {
     write_subnet_env(&cli.subnet_file, &config, &lease, state.mtu, cli.ip_masq)?;
     let random_fully = !cli.ip_masq_fully_random_disable && ipmasq::supports_random_fully();
     let mut rules = iptables_rules(&cli, &config, lease.subnet, random_fully);
+    rules.extend(fast_path_rules(&dp));
     ensure_rules(&rules, true);
 
     // 4. Keep the lease, follow the peers.
@@ -248,7 +249,8 @@ async fn run(cli: Cli) -> Result<()> {
                         .await
                         .map_err(|e| anyhow!("reading the datapath's peers: {}", e.reason()))?;
                     watcher = LeaseWatcher::new(reg.clone(), snapshot.revision);
-                    let next = iptables_rules(&cli, &config, new.subnet, random_fully);
+                    let mut next = iptables_rules(&cli, &config, new.subnet, random_fully);
+                    next.extend(fast_path_rules(rec.datapath()));
                     if let Err(e) = ipmasq::remove(&rules) {
                         log::error!("removing the iptables rules for {}: {e}", lease.subnet);
                     }
@@ -408,6 +410,15 @@ fn iptables_rules(
         rules.extend(ipmasq::forward_rules(config.network));
     }
     rules
+}
+
+/// The fast path's mangle rule (its datapath installed it), so the resync
+/// repairs it like flanneld's own.
+fn fast_path_rules(dp: &AnyDatapath) -> Vec<Rule> {
+    dp.as_ebpf()
+        .and_then(EbpfDatapath::fast_path_subnet)
+        .map(ipmasq::fast_path_rules)
+        .unwrap_or_default()
 }
 
 /// Install or repair the rules; failures are logged and retried at the next resync.

@@ -55,12 +55,13 @@ pub struct NodeConfig {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PeerTraffic {
-    /// Packets and bytes `vxlan_egress` encapsulated to this peer (inner
-    /// frame length, as the other counters).
+    /// Packets and bytes `vxlan_egress` and `veth_from_pod` (the fast path)
+    /// encapsulated to this peer (inner frame length, as the other counters).
     pub tx_packets: u64,
     pub tx_bytes: u64,
     /// VXLAN packets and bytes received from this peer and accepted: the
-    /// ones decapsulated in XDP or TC, and the GSO aggregates handed to the
+    /// ones decapsulated in XDP or TC (into `flannel.<VNI>` or, on the fast
+    /// path, straight into a pod), and the GSO aggregates handed to the
     /// kernel device (`pass_gso_tunnel`). Outer frame length.
     pub rx_packets: u64,
     pub rx_bytes: u64,

@@ -4,10 +4,7 @@
 use core::mem::MaybeUninit;
 
 use aya_ebpf::{
-    bindings::{
-        BPF_CSUM_LEVEL_DEC, BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_REDIRECT, TC_ACT_SHOT,
-        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
-    },
+    bindings::{BPF_CSUM_LEVEL_DEC, TC_ACT_REDIRECT, TC_ACT_SHOT},
     helpers::generated::{bpf_csum_level, bpf_ktime_get_ns, bpf_redirect_peer, bpf_skb_load_bytes},
     programs::TcContext,
 };
@@ -19,12 +16,13 @@ use overlay_common::{
         FlowKey, FlowWindow, IPV4_TTL_OFFSET, MIN_FLOW_LEN, approval_valid, decrement_ttl,
         parse_flow,
     },
-    ingress::{DECAP_LEN, INGRESS_WINDOW_LEN, IngressWindow},
+    ingress::{INGRESS_WINDOW_LEN, IngressWindow},
 };
 
 use crate::{
     count::{count, count_peer_rx},
     maps::{FAST_CONFIG, FAST_FLOWS, POD_VETHS},
+    skb,
 };
 
 /// `TCX_NEXT` (`TC_ACT_UNSPEC`): not ours, let the next program on the hook
@@ -165,16 +163,9 @@ pub fn deliver_to_pod(ctx: &TcContext, outer: &IngressWindow, len: u32) -> Optio
         count(Reason::PassFastUnusual, len);
         return None;
     }
-    // FIXED_GSO: an aggregate keeps its gso_size. It stays whole: nothing
-    // transmits it before the pod's socket receives it.
-    if ctx
-        .adjust_room(
-            -(DECAP_LEN as i32),
-            BPF_ADJ_ROOM_MAC,
-            BPF_F_ADJ_ROOM_FIXED_GSO as u64,
-        )
-        .is_err()
-    {
+    // An aggregate stays whole: nothing transmits it before the pod's socket
+    // receives it.
+    if !skb::strip_vxlan(ctx) {
         return None;
     }
     Some(finish_delivery(ctx, &flow, &pod, outer, len))

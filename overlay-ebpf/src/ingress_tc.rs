@@ -4,10 +4,7 @@
 //! XDP does not look at, GSO aggregates built after XDP).
 
 use aya_ebpf::{
-    bindings::{
-        BPF_CSUM_LEVEL_DEC, BPF_F_ADJ_ROOM_FIXED_GSO, BPF_F_INGRESS, TC_ACT_OK, TC_ACT_REDIRECT,
-        TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
-    },
+    bindings::{BPF_CSUM_LEVEL_DEC, BPF_F_INGRESS, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT},
     helpers::generated::{bpf_csum_level, bpf_redirect},
     macros::classifier,
     programs::TcContext,
@@ -16,8 +13,8 @@ use overlay_common::{
     consts::{ETH_HDR_LEN, UDP_HDR_LEN, XDP_META_DECAPSULATED, XDP_META_LEN},
     counters::Reason,
     ingress::{
-        DECAP_LEN, INGRESS_TAIL_OFFSET, INGRESS_WINDOW_LEN, IngressPacket, IngressVerdict,
-        IngressWindow, UDP_OFFSET, classify_ingress, outer_l4_offset,
+        INGRESS_TAIL_OFFSET, INGRESS_WINDOW_LEN, IngressPacket, IngressVerdict, IngressWindow,
+        UDP_OFFSET, classify_ingress, outer_l4_offset,
     },
     maps::NodeConfig,
 };
@@ -86,15 +83,7 @@ pub fn vxlan_ingress_tc(ctx: TcContext) -> i32 {
             if let Some(verdict) = fast::deliver_to_pod(&ctx, &window, len) {
                 return verdict;
             }
-            // FIXED_GSO: a GSO packet keeps its gso_size (the inner MSS).
-            if ctx
-                .adjust_room(
-                    -(DECAP_LEN as i32),
-                    BPF_ADJ_ROOM_MAC,
-                    BPF_F_ADJ_ROOM_FIXED_GSO as u64,
-                )
-                .is_err()
-            {
+            if !skb::strip_vxlan(&ctx) {
                 count(Reason::PassAdjustRefused, len);
                 return TC_ACT_OK;
             }

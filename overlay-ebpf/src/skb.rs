@@ -2,7 +2,12 @@
 
 use core::mem::MaybeUninit;
 
-use aya_ebpf::{helpers::generated::bpf_skb_load_bytes, programs::TcContext};
+use aya_ebpf::{
+    bindings::{BPF_F_ADJ_ROOM_FIXED_GSO, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC},
+    helpers::generated::bpf_skb_load_bytes,
+    programs::TcContext,
+};
+use overlay_common::ingress::DECAP_LEN;
 
 /// Copies the frame's first `N` bytes; the caller checked that it has them.
 /// Not zeroing first matters: LLVM lowers `[0; N]` on BPF to a call to a
@@ -43,4 +48,18 @@ pub fn load<const N: usize, const W: usize>(
 #[inline(always)]
 pub fn is_gso(ctx: &TcContext) -> bool {
     unsafe { (*ctx.skb.skb).gso_size != 0 }
+}
+
+/// Removes the outer IPv4/UDP/VXLAN headers and the inner Ethernet header
+/// behind the outer Ethernet header, which stays in front. FIXED_GSO: a GSO
+/// aggregate keeps its gso_size (the inner MSS). False if the kernel refused
+/// (nothing changed then).
+#[inline(always)]
+pub fn strip_vxlan(ctx: &TcContext) -> bool {
+    ctx.adjust_room(
+        -(DECAP_LEN as i32),
+        BPF_ADJ_ROOM_MAC,
+        BPF_F_ADJ_ROOM_FIXED_GSO as u64,
+    )
+    .is_ok()
 }

@@ -106,6 +106,19 @@ fn daemonset_has_host_network_capabilities_mounts_and_probes() -> Result<()> {
         .context("install-cni mounts no /etc/cni/net.d")?;
     ensure!(volumes[cni_vol["name"].as_str().unwrap()]["hostPath"]["path"] == "/etc/cni/net.d");
     ensure!(strs(&cni["args"]).contains(&"/etc/cni/net.d/10-flannel.conflist".to_owned()));
+    // The fast path's sysctl, which the unprivileged agent cannot write.
+    let liberal = inits
+        .iter()
+        .find(|c| c["name"] == "conntrack-liberal")
+        .context("conntrack-liberal")?;
+    ensure!(liberal["securityContext"]["privileged"] == true);
+    ensure!(
+        strs(&liberal["command"])
+            .iter()
+            .any(|c| c.contains("nf_conntrack_tcp_be_liberal")),
+        "{:?}",
+        strs(&liberal["command"])
+    );
 
     // Probes hit the endpoints the agent serves, on the port it is told.
     let args = strs(&agent["args"]);

@@ -178,6 +178,33 @@ fn masquerades_to_the_internet_but_not_across_the_overlay() -> Result<()> {
     })?;
     let ping = sh(&["ip", "netns", "exec", &c1, "ping", "-c2", "-W1", INTERNET])?;
     ensure!(ping.contains("2 received"), "{ping}");
+
+    // The fast path's mangle rule is repaired the same way.
+    sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &h1,
+        "iptables",
+        "-t",
+        "mangle",
+        "-F",
+        "FLANNEL-FASTPATH",
+    ])?;
+    within(Duration::from_secs(5), "fast path rules restored", || {
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &h1,
+            "iptables",
+            "-t",
+            "mangle",
+            "-S",
+            "FLANNEL-FASTPATH",
+        ])
+        .is_ok_and(|r| r.contains("--set-xmark 0x100000/0x100000"))
+    })?;
     drop(containers);
     Ok(())
 }

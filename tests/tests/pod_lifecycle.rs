@@ -1,7 +1,8 @@
 //! The fast path follows pods with the real agent (netlink link events,
 //! pinned links): a pod veth deleted in the middle of a flow leaves no
-//! attachment, pin or map entry behind, and an agent restarted after pods
-//! came and went while it was down converges on the veths that exist.
+//! attachment, pin or map entry behind, an agent restarted after pods came
+//! and went while it was down converges on the veths that exist, and one
+//! restarted with `--fast-path=off` leaves nothing of the fast path behind.
 
 use std::{path::Path, time::Duration};
 
@@ -200,6 +201,33 @@ fn the_agent_follows_pods_that_come_and_go_also_while_it_is_down() -> Result<()>
         fast("drop_redirect_failed") == Some(0),
         "deliveries failed:\n{counters}"
     );
+
+    // 3. Restarted with --fast-path=off: nothing of the fast path stays (no
+    // veth link, no mangle rule), and the pods still reach each other.
+    kill9(&mut a1)?;
+    let off: Vec<String> = args1
+        .iter()
+        .map(|a| {
+            if a == "--fast-path=on" {
+                "--fast-path=off".to_owned()
+            } else {
+                a.clone()
+            }
+        })
+        .collect();
+    let mut a1 = Agent::start(&dir, "h1-fast-path-off", &h1, bin, &off)?;
+    a1.wait_for("running: lease", Duration::from_secs(20))?;
+    ensure!(
+        veth_pins(&pins1)?.is_empty(),
+        "veth links left with --fast-path=off: {:?}",
+        veth_pins(&pins1)?
+    );
+    let att = sh(&["ip", "netns", "exec", &h1, "bpftool", "net", "show"])?;
+    ensure!(!att.contains("veth_"), "still attached: {att}");
+    let mangle = sh(&["ip", "netns", "exec", &h1, "iptables", "-t", "mangle", "-S"])?;
+    ensure!(!mangle.contains("FLANNEL-FASTPATH"), "{mangle}");
+    let out = ping(&pod, &ip2, "5")?;
+    ensure!(out.contains("5 received"), "{out}");
     drop((a1, a2));
     drop(containers);
     Ok(())

@@ -6,7 +6,9 @@
 //! work), then fills the maps and attaches the programs:
 //! `vxlan_egress` on TCX egress of `flannel.<VNI>`, `vxlan_ingress_tc` on TCX
 //! ingress of the underlay and, in [`IngressMode::XdpAndTc`],
-//! `vxlan_ingress_xdp` on the underlay.
+//! `vxlan_ingress_xdp` on the underlay. With the fast path on
+//! ([`EbpfOptions::fast_path`], see [`super::fastpath`]) `veth_from_pod` and
+//! `veth_to_pod` go on every pod veth, followed by [`Datapath::sync_pods`].
 //!
 //! Without a pin directory the links live as long as this value: dropping it
 //! detaches the programs. With one ([`EbpfOptions::pins`], see [`super::pins`])
@@ -96,6 +98,17 @@ pub enum Hook {
     TcxEgress,
     TcxIngress,
     Xdp,
+}
+
+impl Hook {
+    /// The TCX hook of a TC attach type.
+    pub fn tcx(attach: TcAttachType) -> Hook {
+        if attach == TcAttachType::Egress {
+            Hook::TcxEgress
+        } else {
+            Hook::TcxIngress
+        }
+    }
 }
 
 impl fmt::Display for Hook {
@@ -392,6 +405,11 @@ impl EbpfDatapath {
     /// The device as set up.
     pub fn device(&self) -> Option<&VxlanDevice> {
         self.kernel.device()
+    }
+
+    /// The pod subnet the fast path serves, while it is on.
+    pub fn fast_path_subnet(&self) -> Option<Ipv4Net> {
+        self.loaded.as_ref()?.fast.as_ref().map(|f| f.subnet)
     }
 
     /// Ids of the loaded and attached programs.
@@ -795,11 +813,7 @@ fn attach_tc(
     let attach_err = |source| EbpfError::Attach {
         program,
         interface: interface.to_owned(),
-        hook: if hook == TcAttachType::Egress {
-            Hook::TcxEgress
-        } else {
-            Hook::TcxIngress
-        },
+        hook: Hook::tcx(hook),
         source,
     };
     let tcx = TcxHook {

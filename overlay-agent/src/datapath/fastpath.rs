@@ -97,9 +97,12 @@ pub fn prepare_host(subnet: Ipv4Net) -> Result<(), String> {
     Ok(())
 }
 
-/// Removes the mangle rule (the sysctl stays: something else may rely on it).
+/// Removes the mangle rule and its chain (the sysctl stays: something else
+/// may rely on it).
 pub fn release_host(subnet: Ipv4Net) {
-    if let Err(e) = ipmasq::remove(&ipmasq::fast_path_rules(subnet)) {
+    let removed = ipmasq::remove(&ipmasq::fast_path_rules(subnet))
+        .and_then(|()| ipmasq::delete_chain("mangle", ipmasq::FAST_PATH_CHAIN));
+    if let Err(e) = removed {
         warn!("fast path: removing the mangle rule: {e}");
     }
 }
@@ -272,11 +275,7 @@ fn attach(
     let attach_err = |source| EbpfError::Attach {
         program,
         interface: veth.name.clone(),
-        hook: if hook == TcAttachType::Egress {
-            Hook::TcxEgress
-        } else {
-            Hook::TcxIngress
-        },
+        hook: Hook::tcx(hook),
         source,
     };
     let name = pin_name(program, veth.ifindex);
