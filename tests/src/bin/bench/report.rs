@@ -396,10 +396,13 @@ pub fn markdown(results: &Results, ctx: &Context) -> String {
            (MTU 1450), strict `rp_filter`. Modes: **host network** (host 1 to host 2's underlay address \
            over the same veth pair and switch, no containers, no overlay, MTU 1500: the ceiling no pod \
            path can beat), **plain routing** (each host routes the other's container \
-           subnet via its underlay IP: no encapsulation, the ceiling), **kernel vxlan** (our \
-           `KernelDatapath`: `flannel.1` programmed as flannel does, the kernel's vxlan driver moves \
-           packets), **eBPF** (our `EbpfDatapath`: TC egress encapsulation; ingress by TC alone, or XDP \
-           decapsulation + TC redirect).\n\
+           subnet via its underlay IP: no encapsulation, but the bridge and routing on both hosts), \
+           **kernel vxlan** (our `KernelDatapath`: `flannel.1` programmed as flannel does, the kernel's \
+           vxlan driver moves packets), **eBPF fast path** (our `EbpfDatapath` as it runs by default: \
+           established flows go between the pod's veth and the underlay, encapsulated at the veth and \
+           delivered into the pod with `bpf_redirect_peer`), **eBPF host path** (`--fast-path=off`: TC \
+           egress encapsulation on `flannel.1`; ingress by TC alone, or XDP decapsulation + TC \
+           redirect, both into `flannel.1`).\n\
          - All labs are up for the whole run; each repeat measures every mode in turn, starting with a \
            different mode each repeat, so slow drifts of the machine spread over all modes.\n\
          - Traffic goes from host 1's container to host 2's container (host 1 to host 2 for the host \
