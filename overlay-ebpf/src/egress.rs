@@ -1,11 +1,12 @@
 //! `vxlan_egress`: TC egress on `flannel.<VNI>`. Encapsulates IPv4 toward a
 //! remote subnet and sends it straight out of the underlay NIC; everything
-//! else continues to the kernel's vxlan device.
+//! else continues down the hook (other programs, legacy tc filters) to the
+//! kernel's vxlan device.
 
 use aya_ebpf::{
     bindings::{
         BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP,
-        BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT,
+        BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_REDIRECT, TC_ACT_SHOT,
         bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
     },
     btf_maps::lpm_trie::Key,
@@ -27,7 +28,7 @@ use crate::{
     count::{count, count_peer_tx},
     fast,
     maps::{NODE_CONFIG, REMOTE_SUBNETS},
-    skb,
+    skb::{self, TCX_NEXT},
 };
 
 /// `BPF_F_ADJ_ROOM_ENCAP_L2(len)`, a C macro without a binding.
@@ -46,7 +47,7 @@ pub fn vxlan_egress(ctx: TcContext) -> i32 {
     let len = ctx.len();
     let Some(cfg) = NODE_CONFIG.get(0) else {
         count(Reason::PassNotConfigured, len);
-        return TC_ACT_OK;
+        return TCX_NEXT;
     };
 
     let window = if len as usize >= EGRESS_WINDOW_LEN {
@@ -73,7 +74,7 @@ pub fn vxlan_egress(ctx: TcContext) -> i32 {
     match verdict {
         EgressVerdict::Pass(reason) => {
             count(reason, len);
-            TC_ACT_OK
+            TCX_NEXT
         }
         EgressVerdict::Drop(reason) => {
             count(reason, len);
@@ -81,7 +82,7 @@ pub fn vxlan_egress(ctx: TcContext) -> i32 {
         }
         EgressVerdict::Encap(plan) => {
             fast::approve_from_pod(&ctx, len);
-            encapsulate(&ctx, cfg, &plan, len, None, Reason::Encapsulated, TC_ACT_OK)
+            encapsulate(&ctx, cfg, &plan, len, None, Reason::Encapsulated, TCX_NEXT)
         }
     }
 }

@@ -25,10 +25,6 @@ use crate::{
     skb,
 };
 
-/// `TCX_NEXT` (`TC_ACT_UNSPEC`): not ours, let the next program on the hook
-/// (and then the kernel) have it.
-pub const TCX_NEXT: i32 = -1;
-
 /// The fast path's settings, if it is on.
 #[inline(always)]
 pub fn config() -> Option<&'static FastPathConfig> {

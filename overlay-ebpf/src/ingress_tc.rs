@@ -4,7 +4,7 @@
 //! XDP does not look at, GSO aggregates built after XDP).
 
 use aya_ebpf::{
-    bindings::{BPF_CSUM_LEVEL_DEC, BPF_F_INGRESS, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT},
+    bindings::{BPF_CSUM_LEVEL_DEC, BPF_F_INGRESS, TC_ACT_REDIRECT, TC_ACT_SHOT},
     helpers::generated::{bpf_csum_level, bpf_redirect},
     macros::classifier,
     programs::TcContext,
@@ -23,7 +23,7 @@ use crate::{
     count::{count, count_peer_rx},
     fast,
     maps::{KNOWN_VTEPS, NODE_CONFIG},
-    skb,
+    skb::{self, TCX_NEXT},
 };
 
 /// GSO UDP-tunnel aggregates (a peer's TSO packet that crossed a veth whole,
@@ -42,7 +42,7 @@ pub fn vxlan_ingress_tc(ctx: TcContext) -> i32 {
     let len = ctx.len();
     let Some(cfg) = NODE_CONFIG.get(0) else {
         count(Reason::PassNotConfigured, len);
-        return TC_ACT_OK;
+        return TCX_NEXT;
     };
     if decapsulated_by_xdp(&ctx) {
         // XDP counted it as decapsulated; only a failure is left to count.
@@ -73,7 +73,7 @@ pub fn vxlan_ingress_tc(ctx: TcContext) -> i32 {
                 // decapsulates it, but it is still this peer's traffic.
                 count_peer_rx(outer_source(&window), len);
             }
-            TC_ACT_OK
+            TCX_NEXT
         }
         IngressVerdict::Drop(reason) => {
             count(reason, len);
@@ -85,7 +85,7 @@ pub fn vxlan_ingress_tc(ctx: TcContext) -> i32 {
             }
             if !skb::strip_vxlan(&ctx) {
                 count(Reason::PassAdjustRefused, len);
-                return TC_ACT_OK;
+                return TCX_NEXT;
             }
             // The outer Ethernet header stayed in front: make it the inner one,
             // so flannel.<VNI> sees a frame addressed to its own MAC.

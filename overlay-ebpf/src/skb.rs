@@ -9,6 +9,11 @@ use aya_ebpf::{
 };
 use overlay_common::ingress::DECAP_LEN;
 
+/// `TCX_NEXT` (`TC_ACT_UNSPEC` under legacy clsact): not ours, let the next
+/// program on the hook (and the legacy tc filters after them, then the
+/// kernel) have it. `TC_ACT_OK` would end the hook's chain there.
+pub const TCX_NEXT: i32 = -1;
+
 /// Copies the frame's first `N` bytes; the caller checked that it has them.
 /// Not zeroing first matters: LLVM lowers `[0; N]` on BPF to a call to a
 /// byte-by-byte `memset`, one loop iteration per byte and packet.

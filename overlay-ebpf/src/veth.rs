@@ -21,9 +21,9 @@ use overlay_common::{
 use crate::{
     count::count,
     egress::encapsulate,
-    fast::{self, TCX_NEXT},
+    fast,
     maps::{NODE_CONFIG, REMOTE_SUBNETS},
-    skb,
+    skb::{self, TCX_NEXT},
 };
 
 /// The shortest frame that can carry a flow: Ethernet, IPv4 and 8 bytes of

@@ -22,7 +22,9 @@ use overlay_common::{
     maps::{KnownVtep, NodeConfig, RemoteVtep},
 };
 
-pub const TC_ACT_OK: u32 = 0;
+/// `TCX_NEXT` (-1) as test-run reports it: every TC program says "not
+/// ours" with it, so programs after it on the hook still see the packet.
+pub const TCX_NEXT: u32 = u32::MAX;
 pub const TC_ACT_SHOT: u32 = 2;
 pub const TC_ACT_REDIRECT: u32 = 7;
 

@@ -324,7 +324,7 @@ fn egress_leaves_other_traffic_to_the_kernel_untouched() {
     let mut tally = Tally::default();
     for (name, frame, reason) in cases {
         let (verdict, out) = p.egress(&frame);
-        assert_eq!(verdict, TC_ACT_OK, "{name}");
+        assert_eq!(verdict, TCX_NEXT, "{name}");
         assert_eq!(out, frame, "{name}: the kernel gets it unchanged");
         tally.add(reason, &frame);
     }
@@ -354,7 +354,7 @@ fn egress_gso_packet_is_not_checked_against_the_mtu() {
     ));
     let frame = flannel_frame(&packet);
     let (verdict, out) = p.tc(PROG_EGRESS, &frame, Some((1448, 2)));
-    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(verdict, TCX_NEXT);
     assert_eq!(out, frame);
     expect_counters(&p, &[(Reason::PassAdjustRefused, 1, frame.len() as u64)]);
 }
@@ -395,7 +395,7 @@ fn egress_never_encapsulates_truncated_or_garbage_frames() {
             "garbage #{i} was encapsulated: {frame:02x?}"
         );
         assert_eq!(out, frame, "garbage #{i} was modified");
-        passed += u64::from(verdict == TC_ACT_OK);
+        passed += u64::from(verdict == TCX_NEXT);
     }
     let counters = p.counters();
     assert_eq!(counters.get("encapsulated"), None);
@@ -538,29 +538,29 @@ fn tc_ingress_passes_what_is_not_ours_untouched() {
         (
             "arp",
             eth([0xff; 6], PEER_NIC_MAC, ETH_P_ARP, &arp_request()),
-            TC_ACT_OK,
+            TCX_NEXT,
             Reason::PassNotOurs,
         ),
         (
             "ipv6",
             eth(LOCAL_NIC_MAC, PEER_NIC_MAC, ETH_P_IPV6, &ipv6_packet()),
-            TC_ACT_OK,
+            TCX_NEXT,
             Reason::PassNotOurs,
         ),
-        ("udp", plain_udp, TC_ACT_OK, Reason::PassNotOurs),
-        ("other port", other_port, TC_ACT_OK, Reason::PassNotOurs),
-        ("other address", other_dst, TC_ACT_OK, Reason::PassNotOurs),
-        ("inner arp", inner_arp, TC_ACT_OK, Reason::PassInnerNotIpv4),
+        ("udp", plain_udp, TCX_NEXT, Reason::PassNotOurs),
+        ("other port", other_port, TCX_NEXT, Reason::PassNotOurs),
+        ("other address", other_dst, TCX_NEXT, Reason::PassNotOurs),
+        ("inner arp", inner_arp, TCX_NEXT, Reason::PassInnerNotIpv4),
         (
             "first fragment",
             first_fragment,
-            TC_ACT_OK,
+            TCX_NEXT,
             Reason::PassOuterIpUnusual,
         ),
         (
             "ip options",
             with_options,
-            TC_ACT_OK,
+            TCX_NEXT,
             Reason::PassOuterIpUnusual,
         ),
         (
@@ -593,7 +593,7 @@ fn tc_ingress_never_delivers_truncated_or_garbage_frames() {
         let (verdict, out) = p.ingress_tc(frame);
         // Before the UDP port is readable it is nobody's business; after, it
         // is ours and broken.
-        let want = if len < 42 { TC_ACT_OK } else { TC_ACT_SHOT };
+        let want = if len < 42 { TCX_NEXT } else { TC_ACT_SHOT };
         assert_eq!(verdict, want, "cut at {len}");
         assert_eq!(out, frame, "cut at {len}");
     }
@@ -642,7 +642,7 @@ fn tc_ingress_hands_gso_aggregates_to_the_kernel_vxlan_device() {
     let inner = inner_frame_to_us(&reply_packets()[0].1);
     let frame = from_underlay(PEER_IP, VNI, &inner);
     let (verdict, out) = p.tc(PROG_INGRESS_TC, &frame, Some((500, 2)));
-    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(verdict, TCX_NEXT);
     assert_eq!(out, frame);
     // The sender is checked first, GSO or not.
     let stranger = from_underlay(STRANGER_IP, VNI, &inner);
@@ -765,8 +765,8 @@ fn unconfigured_programs_pass_everything_untouched() {
     let p = Programs::load_with(false);
     let out_frame = flannel_frame(&inner_packets()[0].1);
     let in_frame = from_underlay(PEER_IP, VNI, &inner_frame_to_us(&reply_packets()[0].1));
-    assert_eq!(p.egress(&out_frame), (TC_ACT_OK, out_frame.clone()));
-    assert_eq!(p.ingress_tc(&in_frame), (TC_ACT_OK, in_frame.clone()));
+    assert_eq!(p.egress(&out_frame), (TCX_NEXT, out_frame.clone()));
+    assert_eq!(p.ingress_tc(&in_frame), (TCX_NEXT, in_frame.clone()));
     let (verdict, meta, out) = p.xdp(&in_frame);
     assert_eq!((verdict, meta.len()), (XDP_PASS, 0));
     assert_eq!(out, in_frame);

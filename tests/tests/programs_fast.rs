@@ -13,7 +13,7 @@
 //!
 //! Under test-run nothing is sent: a redirect shows as `TC_ACT_REDIRECT`, and
 //! the outer MACs, which `bpf_redirect_neigh` writes when it sends, are still
-//! the input's. The new programs say "not ours" with `TCX_NEXT` (-1), which
+//! the input's. The programs say "not ours" with `TCX_NEXT` (-1), which
 //! test-run reports as `0xffff_ffff`.
 //!
 //! `skb->mark` and `skb->ifindex` are set through a `struct __sk_buff` context.
@@ -42,9 +42,6 @@ use overlay_common::{
     maps::PeerTraffic,
 };
 use overlay_tests::frames::*;
-
-/// `TCX_NEXT` (-1) as test-run reports it.
-const TCX_NEXT: u32 = u32::MAX;
 
 /// The pod's own MAC (its eth0) and its gateway's (`cni0`).
 const POD_MAC: [u8; 6] = [0x0a, 0x58, 0x0a, 0xf4, 0x01, 0x05];
@@ -1174,7 +1171,7 @@ fn tc_ingress_gso_aggregate_of_an_approved_flow_is_left_whole_when_refused() {
     p.approve_to_pod(&packet, now_ns());
     let frame = from_peer(&inner_frame_to_us(&packet));
     let run = p.run_ctx(PROG_INGRESS_TC, &frame, 0, 0, Some((500, 2)));
-    assert_eq!(run.verdict, TC_ACT_OK);
+    assert_eq!(run.verdict, TCX_NEXT);
     assert_eq!(run.out, frame);
     let mut tally = Tally::default();
     tally.add(Reason::PassGsoTunnel, &frame);
