@@ -511,24 +511,46 @@ async fn start_datapath(cli: &Cli, spec: &NodeSpec) -> Result<(AnyDatapath, Node
         DatapathChoice::Ebpf => try_ebpf()
             .await
             .map_err(|why| anyhow!("eBPF datapath (--datapath ebpf): {why}")),
-        DatapathChoice::Kernel => kernel_datapath(spec).await,
+        DatapathChoice::Kernel => kernel_datapath(cli, spec).await,
         DatapathChoice::Auto => match try_ebpf().await {
             Ok(v) => Ok(v),
             Err(why) => {
                 log::warn!("eBPF datapath unavailable, falling back to the kernel datapath: {why}");
-                kernel_datapath(spec).await
+                kernel_datapath(cli, spec).await
             }
         },
     }
 }
 
-async fn kernel_datapath(spec: &NodeSpec) -> Result<(AnyDatapath, NodeState)> {
+async fn kernel_datapath(cli: &Cli, spec: &NodeSpec) -> Result<(AnyDatapath, NodeState)> {
+    remove_ebpf_leftovers(cli, spec);
     let mut dp = KernelDatapath::new();
     let state = dp
         .setup(spec)
         .await
         .map_err(|e| anyhow!("kernel datapath: {}", e.reason()))?;
     Ok((AnyDatapath::Kernel(dp), state))
+}
+
+/// The kernel datapath maintains no eBPF state: programs a previous eBPF run
+/// (or a half-done attach just now) left pinned would keep filtering with
+/// maps nobody updates, so their pins go (detaching them), and so does the
+/// fast path's mangle rule. The lease and `flannel.<VNI>` stay.
+fn remove_ebpf_leftovers(cli: &Cli, spec: &NodeSpec) {
+    let layout = pin_layout(cli);
+    match layout.remove_all() {
+        Ok(removed) if !removed.is_empty() => log::info!(
+            "kernel datapath: removed {} eBPF pin(s) under {} (their programs detach)",
+            removed.len(),
+            layout.root().display()
+        ),
+        Ok(_) => {}
+        Err(e) => log::warn!(
+            "kernel datapath: removing the eBPF pins under {}: {e}",
+            layout.root().display()
+        ),
+    }
+    overlay_agent::datapath::fastpath::release_host(spec.subnet);
 }
 
 /// The pin directory `status` and `cleanup` look at.

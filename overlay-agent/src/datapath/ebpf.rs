@@ -615,6 +615,18 @@ impl Loaded {
                 .map_err(|e| EbpfError::load(PROG_INGRESS_XDP, e))?;
         }
         let fast = start_fast_path(&mut ebpf, options.fast_path, subnet, pins)?;
+        if options.ingress == IngressMode::Tc
+            && let Some(pins) = pins
+        {
+            // A previous run with xdp+tc: its XDP program would keep
+            // decapsulating into a TC program that no longer expects it.
+            let xdp = pins.link(PROG_INGRESS_XDP);
+            match std::fs::remove_file(&xdp) {
+                Ok(()) => info!("ingress is tc now: detached the pinned {PROG_INGRESS_XDP}"),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(pin_err(xdp, "remove")(e)),
+            }
+        }
 
         let ingress_tc = attach_tc(
             &mut ebpf,
