@@ -157,6 +157,15 @@ impl Agent {
     pub fn log(&self) -> String {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// `kill -9`, as a crash or an OOM kill would: nothing of the agent's
+    /// own shutdown runs.
+    pub fn kill9(&mut self) -> Result<()> {
+        // SAFETY: kill(2) on our child, not yet reaped.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGKILL) };
+        self.child.wait()?;
+        Ok(())
+    }
     pub fn wait_for(&mut self, needle: &str, limit: Duration) -> Result<()> {
         let t0 = Instant::now();
         loop {

@@ -14,13 +14,6 @@ use overlay_tests::{
 
 const CONFIG: &str = r#"{"Network": "10.0.0.0/16", "SubnetLen": 24, "SubnetMin": "10.0.1.0","SubnetMax": "10.0.20.0", "Backend": {"Type": "vxlan"}}"#;
 
-fn kill9(agent: &mut Agent) -> Result<()> {
-    // SAFETY: kill(2) on our child, not yet reaped.
-    unsafe { libc::kill(agent.child.id() as i32, libc::SIGKILL) };
-    agent.child.wait()?;
-    Ok(())
-}
-
 /// Every pin under `dir` (recursively), as paths relative to it.
 fn pins(dir: &Path) -> Vec<String> {
     let mut out = Vec::new();
@@ -83,7 +76,7 @@ fn ingress_changes_and_kernel_fallback_leave_no_program_of_ours_attached() -> Re
         "{:?}",
         pins(&pins1)
     );
-    kill9(&mut a1)?;
+    a1.kill9()?;
 
     // 2. Restarted with TC ingress: the XDP program goes.
     let tc_args = cluster.args(1, &["--datapath=ebpf", "--ebpf-ingress=tc", &pin_dir]);
@@ -100,7 +93,7 @@ fn ingress_changes_and_kernel_fallback_leave_no_program_of_ours_attached() -> Re
         "ip", "netns", "exec", &c1, "ping", "-c", "5", "-i", "0.1", "-W", "1", &ip2,
     ])?;
     ensure!(ping.contains("5 received"), "{ping}");
-    kill9(&mut a1)?;
+    a1.kill9()?;
 
     // 3. Started with the kernel datapath: no pin, no program of ours, no
     // mangle rule; the pods still reach each other through flannel.1.

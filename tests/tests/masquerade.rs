@@ -151,60 +151,31 @@ fn masquerades_to_the_internet_but_not_across_the_overlay() -> Result<()> {
     );
 
     // Someone flushes our chain: the agent restores it and masquerading works again.
-    sh(&[
-        "ip",
-        "netns",
-        "exec",
-        &h1,
-        "iptables",
-        "-t",
-        "nat",
-        "-F",
-        "FLANNEL-POSTRTG",
-    ])?;
-    within(Duration::from_secs(5), "masquerade rules restored", || {
-        sh(&[
-            "ip",
-            "netns",
-            "exec",
-            &h1,
-            "iptables",
-            "-t",
-            "nat",
-            "-S",
-            "FLANNEL-POSTRTG",
-        ])
-        .is_ok_and(|r| r.contains("-j MASQUERADE"))
-    })?;
+    flush_and_wait_restored(&h1, "nat", "FLANNEL-POSTRTG", "-j MASQUERADE")?;
     let ping = sh(&["ip", "netns", "exec", &c1, "ping", "-c2", "-W1", INTERNET])?;
     ensure!(ping.contains("2 received"), "{ping}");
-
     // The fast path's mangle rule is repaired the same way.
-    sh(&[
-        "ip",
-        "netns",
-        "exec",
+    flush_and_wait_restored(
         &h1,
-        "iptables",
-        "-t",
         "mangle",
-        "-F",
         "FLANNEL-FASTPATH",
-    ])?;
-    within(Duration::from_secs(5), "fast path rules restored", || {
-        sh(&[
-            "ip",
-            "netns",
-            "exec",
-            &h1,
-            "iptables",
-            "-t",
-            "mangle",
-            "-S",
-            "FLANNEL-FASTPATH",
-        ])
-        .is_ok_and(|r| r.contains("--set-xmark 0x100000/0x100000"))
-    })?;
+        "--set-xmark 0x100000/0x100000",
+    )?;
     drop(containers);
+    Ok(())
+}
+
+/// Flushes one of the agent's chains in `ns` and waits (the resync is 1 s)
+/// until it holds a rule containing `needle` again.
+fn flush_and_wait_restored(ns: &str, table: &str, chain: &str, needle: &str) -> Result<()> {
+    sh(&[
+        "ip", "netns", "exec", ns, "iptables", "-t", table, "-F", chain,
+    ])?;
+    within(Duration::from_secs(5), &format!("{chain} restored"), || {
+        sh(&[
+            "ip", "netns", "exec", ns, "iptables", "-t", table, "-S", chain,
+        ])
+        .is_ok_and(|r| r.contains(needle))
+    })?;
     Ok(())
 }

@@ -91,13 +91,6 @@ fn no_veth_programs(ns: &str) -> Result<bool> {
         .all(|name| !name.starts_with("veth_")))
 }
 
-fn kill9(agent: &mut Agent) -> Result<()> {
-    // SAFETY: kill(2) on our child, not yet reaped.
-    unsafe { libc::kill(agent.child.id() as i32, libc::SIGKILL) };
-    agent.child.wait()?;
-    Ok(())
-}
-
 #[test]
 #[ignore = "needs root, network namespaces, etcd and eBPF: run `cargo xtask test`"]
 fn the_agent_follows_pods_that_come_and_go_also_while_it_is_down() -> Result<()> {
@@ -172,7 +165,7 @@ fn the_agent_follows_pods_that_come_and_go_also_while_it_is_down() -> Result<()>
 
     // 2. The agent is down while a new pod comes: the restarted agent
     // attaches to it (and to nothing stale), and it is reached both ways.
-    kill9(&mut a1)?;
+    a1.kill9()?;
     let (pod, pod_ip) = add_pod(&h1, &env1, 3)?;
     containers.0.push(pod.clone());
     let mut a1 = Agent::start(&dir, "h1-restarted", &h1, bin, &args1)?;
@@ -218,7 +211,7 @@ fn the_agent_follows_pods_that_come_and_go_also_while_it_is_down() -> Result<()>
 
     // 3. Restarted with --fast-path=off: nothing of the fast path stays (no
     // veth link, no mangle rule), and the pods still reach each other.
-    kill9(&mut a1)?;
+    a1.kill9()?;
     let off: Vec<String> = args1
         .iter()
         .map(|a| {

@@ -66,13 +66,6 @@ fn prog_of_link(pin: &Path) -> Result<u64> {
         .with_context(|| format!("no prog_id in {out}"))
 }
 
-fn kill9(agent: &mut Agent) -> Result<()> {
-    // SAFETY: kill(2) on our child, not yet reaped.
-    unsafe { libc::kill(agent.child.id() as i32, libc::SIGKILL) };
-    agent.child.wait()?;
-    Ok(())
-}
-
 /// The object the agent embeds, as built for this profile: the "rebuilt
 /// program" an upgrade swaps in (loaded anew, so it gets new program ids).
 fn built_object() -> Result<PathBuf> {
@@ -160,7 +153,7 @@ fn kill_9_restart_and_upgrade_lose_no_packet_then_cleanup_removes_everything() -
 
     // 1. kill -9 and restart: the programs stay attached through the pins.
     std::thread::sleep(Duration::from_secs(3));
-    kill9(&mut a1)?;
+    a1.kill9()?;
     ensure!(
         prog_of_link(&egress_pin)? == first.0,
         "the pinned egress link lost its program when the agent died"
@@ -187,7 +180,7 @@ fn kill_9_restart_and_upgrade_lose_no_packet_then_cleanup_removes_everything() -
 
     // 2. An upgrade: kill -9 again, start with the rebuilt object.
     std::thread::sleep(Duration::from_secs(3));
-    kill9(&mut a1)?;
+    a1.kill9()?;
     let object = built_object()?;
     let mut upgrade_args = args1.clone();
     upgrade_args.push(format!("--bpf-object={}", object.display()));
@@ -202,7 +195,7 @@ fn kill_9_restart_and_upgrade_lose_no_packet_then_cleanup_removes_everything() -
     );
     // 3. The other side restarts too.
     std::thread::sleep(Duration::from_secs(2));
-    kill9(&mut a2)?;
+    a2.kill9()?;
     let mut a2 = Agent::start(&dir, "h2-restarted", &hosts.ns(2), bin, &args2)?;
     a2.wait_for("running: lease", Duration::from_secs(20))?;
 
