@@ -1,11 +1,9 @@
 //! The fast path's pieces shared by the programs: approvals recorded on the
 //! slow path, checked on the fast one (see `overlay_common::fastpath`).
 
-use core::mem::MaybeUninit;
-
 use aya_ebpf::{
     bindings::{BPF_CSUM_LEVEL_DEC, TC_ACT_REDIRECT, TC_ACT_SHOT},
-    helpers::generated::{bpf_csum_level, bpf_ktime_get_ns, bpf_redirect_peer, bpf_skb_load_bytes},
+    helpers::generated::{bpf_csum_level, bpf_ktime_get_ns, bpf_redirect_peer},
     programs::TcContext,
 };
 use overlay_common::{
@@ -50,30 +48,13 @@ pub fn take_mark(ctx: &TcContext) -> bool {
 pub fn load_flow_window(ctx: &TcContext, offset: u32) -> Option<FlowWindow> {
     let len = ctx.len();
     if len >= offset + FLOW_WINDOW_LEN as u32 {
-        let mut w = MaybeUninit::<FlowWindow>::uninit();
-        let ret = unsafe {
-            bpf_skb_load_bytes(
-                ctx.skb.skb.cast(),
-                offset,
-                w.as_mut_ptr().cast(),
-                FLOW_WINDOW_LEN as u32,
-            )
-        };
-        return (ret == 0).then(|| unsafe { w.assume_init() });
+        return skb::load_at::<FLOW_WINDOW_LEN>(ctx, offset);
     }
     if len < offset + MIN_FLOW_LEN as u32 {
         return None;
     }
     let mut w = [0u8; FLOW_WINDOW_LEN];
-    let ret = unsafe {
-        bpf_skb_load_bytes(
-            ctx.skb.skb.cast(),
-            offset,
-            w.as_mut_ptr().cast(),
-            MIN_FLOW_LEN as u32,
-        )
-    };
-    (ret == 0).then_some(w)
+    skb::load::<MIN_FLOW_LEN, FLOW_WINDOW_LEN>(ctx, offset as usize, &mut w, 0).then_some(w)
 }
 
 #[inline(always)]

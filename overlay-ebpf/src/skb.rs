@@ -19,9 +19,22 @@ pub const TCX_NEXT: i32 = -1;
 /// byte-by-byte `memset`, one loop iteration per byte and packet.
 #[inline(always)]
 pub fn load_head<const N: usize>(ctx: &TcContext) -> Option<[u8; N]> {
+    load_at::<N>(ctx, 0)
+}
+
+/// Copies `N` bytes from `offset`; the caller checked that the frame has
+/// them. Uninitialised first for the same reason as [`load_head`].
+#[inline(always)]
+pub fn load_at<const N: usize>(ctx: &TcContext, offset: u32) -> Option<[u8; N]> {
     let mut window = MaybeUninit::<[u8; N]>::uninit();
-    let ret =
-        unsafe { bpf_skb_load_bytes(ctx.skb.skb.cast(), 0, window.as_mut_ptr().cast(), N as u32) };
+    let ret = unsafe {
+        bpf_skb_load_bytes(
+            ctx.skb.skb.cast(),
+            offset,
+            window.as_mut_ptr().cast(),
+            N as u32,
+        )
+    };
     // On success the helper wrote all N bytes.
     (ret == 0).then(|| unsafe { window.assume_init() })
 }

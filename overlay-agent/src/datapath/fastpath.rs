@@ -144,27 +144,16 @@ pub struct PodAttachments {
 }
 
 impl PodAttachments {
-    /// ifindex and name of every attached veth.
-    pub fn veths(&self) -> Vec<PodVeth> {
-        self.attached
-            .iter()
-            .map(|(i, l)| PodVeth {
-                ifindex: *i,
-                name: l.name.clone(),
-            })
-            .collect()
-    }
-
     /// Brings the attachments in line with `net`: detaches from veths that
     /// left (and forgets what was learnt through them), attaches to new
     /// ones. With `pins`, also removes pins of veths that left while no agent
-    /// ran. Returns how many veths changed.
+    /// ran.
     pub fn sync(
         &mut self,
         ebpf: &mut Ebpf,
         net: &PodNetwork,
         pins: Option<&PinLayout>,
-    ) -> Result<usize, EbpfError> {
+    ) -> Result<(), EbpfError> {
         let bridge = net.bridge.as_ref().map(|(n, _)| n.clone());
         if bridge != self.bridge {
             match &bridge {
@@ -180,17 +169,16 @@ impl PodAttachments {
             .filter(|i| !wanted.contains_key(i))
             .copied()
             .collect();
-        let mut changed = 0;
         for ifindex in gone {
             if let Some(links) = self.attached.remove(&ifindex) {
                 info!("fast path: {} (#{ifindex}) left", links.name);
             }
             forget_veth(ebpf, ifindex, pins)?;
-            changed += 1;
         }
         if let Some(pins) = pins {
             for ifindex in stale_pinned_veths(pins) {
                 if !wanted.contains_key(&ifindex) {
+                    info!("fast path: the pod veth #{ifindex} is gone: removing its pins");
                     forget_veth(ebpf, ifindex, Some(pins))?;
                 }
             }
@@ -212,9 +200,8 @@ impl PodAttachments {
                     _links: [from, to],
                 },
             );
-            changed += 1;
         }
-        Ok(changed)
+        Ok(())
     }
 }
 
@@ -226,12 +213,8 @@ pub fn remove_leftovers(
     subnet: Ipv4Net,
     pins: Option<&PinLayout>,
 ) -> Result<(), EbpfError> {
-    if let Some(pins) = pins {
-        for ifindex in stale_pinned_veths(pins) {
-            info!("fast path is off: detaching from the pod veth #{ifindex}");
-            forget_veth(ebpf, ifindex, Some(pins))?;
-        }
-    }
+    // No veth is wanted: every pinned one is forgotten.
+    PodAttachments::default().sync(ebpf, &PodNetwork::default(), pins)?;
     release_host(subnet);
     Ok(())
 }
