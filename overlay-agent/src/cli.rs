@@ -49,6 +49,17 @@ pub enum FastPathChoice {
     Off,
 }
 
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum TcAttachChoice {
+    /// TCX links on kernels 6.6 and later, legacy clsact filters before.
+    #[default]
+    Auto,
+    /// TCX links (the eBPF datapath fails to start where the kernel lacks TCX).
+    Tcx,
+    /// cls_bpf filters on the clsact qdisc (direct action, priority 8472).
+    Legacy,
+}
+
 /// flanneld-compatible VXLAN overlay agent with an eBPF datapath.
 #[derive(Clone, Debug, Parser, PartialEq, Eq)]
 #[command(
@@ -171,6 +182,12 @@ pub struct Cli {
     #[arg(long, env = "FLANNELD_FAST_PATH", value_enum, default_value = "auto",
           help_heading = DATAPATH)]
     pub fast_path: FastPathChoice,
+
+    /// How the TC programs attach: TCX links or legacy clsact filters (eBPF
+    /// datapath only; see the README's "Kernels").
+    #[arg(long, env = "FLANNELD_TC_ATTACH", value_enum, default_value = "auto",
+          help_heading = DATAPATH)]
+    pub tc_attach: TcAttachChoice,
 
     /// bpffs directory where the eBPF datapath pins its maps and links, so
     /// they outlive the agent (restarts and upgrades without loss); one per

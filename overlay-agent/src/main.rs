@@ -10,7 +10,7 @@ use std::{path::Path, process::ExitCode, time::Duration};
 
 use anyhow::{Context, Result, anyhow};
 use overlay_agent::{
-    cli::{Cli, Command, DatapathChoice, FastPathChoice, IngressChoice},
+    cli::{Cli, Command, DatapathChoice, FastPathChoice, IngressChoice, TcAttachChoice},
     config::NetworkConfig,
     datapath::{
         AnyDatapath, Datapath, NodeSpec, NodeState,
@@ -18,6 +18,7 @@ use overlay_agent::{
         fastpath::FastPathMode,
         kernel::KernelDatapath,
         pins::{DEFAULT_PIN_DIR, PinLayout},
+        tc_attach::TcAttachMode,
     },
     etcd::{
         EtcdError, Registry,
@@ -366,8 +367,11 @@ fn node_spec(config: &NetworkConfig, ext: &ExternalInterface, lease: &OwnLease) 
     NodeSpec {
         vni: config.backend.vni,
         port: config.backend.dst_port(),
-        // As flanneld: with --public-ip the device's local address is the public IP.
+        // As flanneld: --public-ip goes into the lease only; the device's
+        // local address (and so the source of what we send) is the
+        // interface's, which is what a NAT in front of the node translates.
         public_ip: ext.public_ip,
+        local_ip: ext.ip,
         underlay: ext.name.clone(),
         subnet: lease.subnet,
         mtu: config.backend.mtu,
@@ -477,6 +481,11 @@ async fn start_datapath(cli: &Cli, spec: &NodeSpec) -> Result<(AnyDatapath, Node
             FastPathChoice::On => FastPathMode::On,
             FastPathChoice::Off => FastPathMode::Off,
         },
+        tc_attach: match cli.tc_attach {
+            TcAttachChoice::Auto => TcAttachMode::Auto,
+            TcAttachChoice::Tcx => TcAttachMode::Tcx,
+            TcAttachChoice::Legacy => TcAttachMode::Legacy,
+        },
         ..EbpfOptions::default()
     };
     let try_ebpf = || async {
@@ -533,14 +542,15 @@ async fn kernel_datapath(cli: &Cli, spec: &NodeSpec) -> Result<(AnyDatapath, Nod
 }
 
 /// The kernel datapath maintains no eBPF state: programs a previous eBPF run
-/// (or a half-done attach just now) left pinned would keep filtering with
-/// maps nobody updates, so their pins go (detaching them), and so does the
-/// fast path's mangle rule. The lease and `flannel.<VNI>` stay.
+/// (or a half-done attach just now) left pinned or as legacy clsact filters
+/// would keep filtering with maps nobody updates, so their pins and filters
+/// go (detaching them), and so does the fast path's mangle rule. The lease
+/// and `flannel.<VNI>` stay.
 fn remove_ebpf_leftovers(cli: &Cli, spec: &NodeSpec) {
     let layout = pin_layout(cli);
-    match layout.remove_all() {
+    match overlay_agent::datapath::ebpf::remove_attachments(Some(&layout)) {
         Ok(removed) if !removed.is_empty() => log::info!(
-            "kernel datapath: removed {} eBPF pin(s) under {} (their programs detach)",
+            "kernel datapath: removed {} eBPF attachment(s) and pin(s) (under {}): {removed:?}",
             removed.len(),
             layout.root().display()
         ),
@@ -562,11 +572,16 @@ fn pin_layout(cli: &Cli) -> PinLayout {
     )
 }
 
-/// The node's public IP: the pinned NODE_CONFIG's, else the interface flags'.
+/// The node's public IP: `--public-ip`, else the pinned NODE_CONFIG's local
+/// address (the interface address, which is the public IP without
+/// `--public-ip`), else the interface flags'.
 async fn node_public_ip(
     cli: &Cli,
     state: Option<&overlay_agent::inspect::PinnedState>,
 ) -> Option<std::net::Ipv4Addr> {
+    if let Some(ip) = cli.public_ip {
+        return Some(ip);
+    }
     if let Some(st) = state {
         return Some(std::net::Ipv4Addr::from(st.node.local_ip));
     }

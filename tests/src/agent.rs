@@ -158,6 +158,12 @@ impl Agent {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The exit code once the agent has exited (`-1` when a signal ended it).
+    pub fn exited(&mut self) -> Option<i32> {
+        let st = self.child.try_wait().ok()??;
+        Some(st.code().unwrap_or(-1))
+    }
+
     /// `kill -9`, as a crash or an OOM kill would: nothing of the agent's
     /// own shutdown runs.
     pub fn kill9(&mut self) -> Result<()> {

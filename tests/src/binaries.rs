@@ -37,3 +37,31 @@ pub fn agent() -> Result<PathBuf> {
     }
     Ok(bin)
 }
+
+/// The eBPF object the agent embeds, as built for this profile: the
+/// "rebuilt program" an upgrade test swaps in (loaded anew, so it gets new
+/// program ids).
+pub fn ebpf_object() -> Result<PathBuf> {
+    let target = std::env::current_exe()?
+        .parent()
+        .and_then(Path::parent)
+        .context("target directory")?
+        .to_path_buf();
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(target.join("build"))? {
+        let p = entry?.path().join("out/overlay");
+        let is_ours = p
+            .parent()
+            .and_then(Path::parent)
+            .and_then(Path::file_name)
+            .is_some_and(|n| n.to_string_lossy().starts_with("overlay-agent-"));
+        if is_ours && p.is_file() {
+            found.push((std::fs::metadata(&p)?.modified()?, p));
+        }
+    }
+    found.sort();
+    found
+        .pop()
+        .map(|(_, p)| p)
+        .context("no overlay-agent build output with the eBPF object")
+}

@@ -117,6 +117,7 @@ impl Member {
                     vni: overlay.vni,
                     port: overlay.port,
                     public_ip: host.underlay_ip,
+                    local_ip: host.underlay_ip,
                     underlay: host.underlay_dev.clone(),
                     subnet: host.subnet,
                     mtu: None,

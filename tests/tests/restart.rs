@@ -66,34 +66,6 @@ fn prog_of_link(pin: &Path) -> Result<u64> {
         .with_context(|| format!("no prog_id in {out}"))
 }
 
-/// The object the agent embeds, as built for this profile: the "rebuilt
-/// program" an upgrade swaps in (loaded anew, so it gets new program ids).
-fn built_object() -> Result<PathBuf> {
-    let target = std::env::current_exe()?
-        .parent()
-        .and_then(Path::parent)
-        .context("target directory")?
-        .to_path_buf();
-    let build = target.join("build");
-    let mut found = Vec::new();
-    for entry in fs::read_dir(&build)? {
-        let p = entry?.path().join("out/overlay");
-        let is_ours = p
-            .parent()
-            .and_then(Path::parent)
-            .and_then(Path::file_name)
-            .is_some_and(|n| n.to_string_lossy().starts_with("overlay-agent-"));
-        if is_ours && p.is_file() {
-            found.push((fs::metadata(&p)?.modified()?, p));
-        }
-    }
-    found.sort();
-    found
-        .pop()
-        .map(|(_, p)| p)
-        .context("no overlay-agent build output with the eBPF object")
-}
-
 #[test]
 #[ignore = "needs root, network namespaces, etcd and eBPF: run `cargo xtask test`"]
 fn kill_9_restart_and_upgrade_lose_no_packet_then_cleanup_removes_everything() -> Result<()> {
@@ -181,7 +153,7 @@ fn kill_9_restart_and_upgrade_lose_no_packet_then_cleanup_removes_everything() -
     // 2. An upgrade: kill -9 again, start with the rebuilt object.
     std::thread::sleep(Duration::from_secs(3));
     a1.kill9()?;
-    let object = built_object()?;
+    let object = overlay_tests::binaries::ebpf_object()?;
     let mut upgrade_args = args1.clone();
     upgrade_args.push(format!("--bpf-object={}", object.display()));
     let mut a1 = Agent::start(&dir, "h1-upgraded", &hosts.ns(1), bin, &upgrade_args)?;

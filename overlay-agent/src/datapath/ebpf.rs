@@ -27,7 +27,6 @@ use aya::{
     programs::{
         ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, LinkError, PinnedLink},
-        tc::SchedClassifierLink,
         xdp::XdpLink,
     },
 };
@@ -47,12 +46,19 @@ use super::{
     fastpath::{self, FastPathMode, PodAttachments},
     kernel::KernelDatapath,
     pins::{MAPS, PinLayout},
+    tc_attach::{self, TcApi, TcAttachMode, TcLink},
 };
 use crate::{mac::MacAddr, netlink::VxlanDevice};
 
 /// The eBPF object built by `build.rs` from `overlay-ebpf`, embedded so the
 /// agent binary is self-contained.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/overlay"));
+
+/// The oldest kernel the eBPF datapath runs on: encapsulation needs
+/// `BPF_F_ADJ_ROOM_ENCAP_L2_ETH` (5.13), which an older kernel refuses only
+/// at run time, packet by packet; the other helpers are older
+/// (`bpf_csum_level` 5.7, `bpf_redirect_neigh` and `bpf_redirect_peer` 5.10).
+pub const MIN_KERNEL: (u32, u32) = (5, 13);
 
 /// Where ingress decapsulation happens.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -90,6 +96,8 @@ pub struct EbpfOptions {
     pub object: Option<PathBuf>,
     /// `--fast-path`: whether established pod traffic may skip the host.
     pub fast_path: FastPathMode,
+    /// `--tc-attach`: TCX links or legacy clsact filters.
+    pub tc_attach: TcAttachMode,
 }
 
 /// The attach point of a program, for error messages.
@@ -97,16 +105,19 @@ pub struct EbpfOptions {
 pub enum Hook {
     TcxEgress,
     TcxIngress,
+    ClsactEgress,
+    ClsactIngress,
     Xdp,
 }
 
 impl Hook {
-    /// The TCX hook of a TC attach type.
-    pub fn tcx(attach: TcAttachType) -> Hook {
-        if attach == TcAttachType::Egress {
-            Hook::TcxEgress
-        } else {
-            Hook::TcxIngress
+    /// The hook of a TC attach type under `api`.
+    pub fn tc(api: TcApi, attach: TcAttachType) -> Hook {
+        match (api, attach == TcAttachType::Egress) {
+            (TcApi::Tcx, true) => Hook::TcxEgress,
+            (TcApi::Tcx, false) => Hook::TcxIngress,
+            (TcApi::Legacy, true) => Hook::ClsactEgress,
+            (TcApi::Legacy, false) => Hook::ClsactIngress,
         }
     }
 }
@@ -116,6 +127,8 @@ impl fmt::Display for Hook {
         f.write_str(match self {
             Hook::TcxEgress => "TCX egress",
             Hook::TcxIngress => "TCX ingress",
+            Hook::ClsactEgress => "clsact egress",
+            Hook::ClsactIngress => "clsact ingress",
             Hook::Xdp => "XDP",
         })
     }
@@ -171,6 +184,13 @@ pub enum EbpfError {
         #[source]
         source: ProgramError,
     },
+    #[error("eBPF: removing our clsact filter {program} from {interface} failed")]
+    Detach {
+        program: &'static str,
+        interface: String,
+        #[source]
+        source: aya::programs::tc::TcError,
+    },
     #[error("eBPF: map {map}: {op} failed")]
     Map {
         map: &'static str,
@@ -201,6 +221,13 @@ pub enum EbpfError {
         #[source]
         source: std::io::Error,
     },
+    /// The running kernel lacks a helper feature the programs depend on at
+    /// run time (the verifier would accept them and encapsulation fail).
+    #[error(
+        "eBPF: kernel {}.{} is older than {}.{}, the first whose bpf_skb_adjust_room can encapsulate an Ethernet frame (BPF_F_ADJ_ROOM_ENCAP_L2_ETH)",
+        found.0, found.1, MIN_KERNEL.0, MIN_KERNEL.1
+    )]
+    KernelTooOld { found: (u32, u32) },
     /// `--fast-path=on` and the host's part could not be installed.
     #[error("eBPF: the fast path cannot be turned on: {0}")]
     FastPathHost(String),
@@ -213,9 +240,10 @@ impl EbpfError {
             | EbpfError::MissingProgram(_)
             | EbpfError::MissingMap(_)
             | EbpfError::Program { .. }
-            | EbpfError::ReadObject { .. } => EbpfFailure::Load,
+            | EbpfError::ReadObject { .. }
+            | EbpfError::KernelTooOld { .. } => EbpfFailure::Load,
             EbpfError::Verifier { .. } => EbpfFailure::Verifier,
-            EbpfError::Attach { .. } => EbpfFailure::Attach,
+            EbpfError::Attach { .. } | EbpfError::Detach { .. } => EbpfFailure::Attach,
             EbpfError::Map { .. }
             | EbpfError::Pin { .. }
             | EbpfError::Link { .. }
@@ -379,6 +407,10 @@ pub struct EbpfDatapath {
 struct Loaded {
     ebpf: Ebpf,
     ids: ProgramIds,
+    /// What the TC programs attach through.
+    api: TcApi,
+    /// The TC links of the underlay and `flannel.<VNI>`, held so they stay.
+    _links: Vec<TcLink>,
     /// Set while the fast path is on: our subnet and the pod veths.
     fast: Option<FastState>,
 }
@@ -558,6 +590,10 @@ impl Loaded {
         subnet: Ipv4Net,
         peers: &[Peer],
     ) -> Result<Self, EbpfError> {
+        let kernel = tc_attach::kernel_version();
+        if kernel < MIN_KERNEL {
+            return Err(EbpfError::KernelTooOld { found: kernel });
+        }
         let owned_object;
         let object: &[u8] = match &options.object {
             Some(path) => {
@@ -614,6 +650,7 @@ impl Loaded {
                 .load()
                 .map_err(|e| EbpfError::load(PROG_INGRESS_XDP, e))?;
         }
+        let api = options.tc_attach.resolve(kernel);
         let fast = start_fast_path(&mut ebpf, options.fast_path, subnet, pins)?;
         if options.ingress == IngressMode::Tc
             && let Some(pins) = pins
@@ -628,13 +665,18 @@ impl Loaded {
             }
         }
 
+        let mut links = Vec::new();
         let ingress_tc = attach_tc(
             &mut ebpf,
-            PROG_INGRESS_TC,
-            &device.underlay,
-            device.underlay_ifindex,
-            TcAttachType::Ingress,
-            pins,
+            api,
+            &tc_attach::Target {
+                program: PROG_INGRESS_TC,
+                interface: &device.underlay,
+                ifindex: device.underlay_ifindex,
+                hook: TcAttachType::Ingress,
+                pin: pins.map(|p| p.link(PROG_INGRESS_TC)).as_deref(),
+            },
+            &mut links,
         )?;
         let ingress_xdp = if options.ingress == IngressMode::XdpAndTc {
             Some(attach_xdp(&mut ebpf, device, options.xdp_mode, pins)?)
@@ -643,11 +685,15 @@ impl Loaded {
         };
         let egress = attach_tc(
             &mut ebpf,
-            PROG_EGRESS,
-            &device.name,
-            device.ifindex,
-            TcAttachType::Egress,
-            pins,
+            api,
+            &tc_attach::Target {
+                program: PROG_EGRESS,
+                interface: &device.name,
+                ifindex: device.ifindex,
+                hook: TcAttachType::Egress,
+                pin: pins.map(|p| p.link(PROG_EGRESS)).as_deref(),
+            },
+            &mut links,
         )?;
 
         Ok(Self {
@@ -657,6 +703,8 @@ impl Loaded {
                 ingress_tc,
                 ingress_xdp,
             },
+            api,
+            _links: links,
             fast,
         })
     }
@@ -706,137 +754,49 @@ fn start_fast_path(
     }
 }
 
-/// A program and where it attaches, as [`attach`] needs it.
-trait Hookable {
-    type Link: TryFrom<FdLink, Error = LinkError>;
-    /// Attaches anew, the link kept by aya (detached when the object drops).
-    fn attach_kept(&mut self) -> Result<(), ProgramError>;
-    /// Attaches anew; the link, taken out of aya's keeping so it can be pinned.
-    fn attach_new(&mut self) -> Result<Self::Link, ProgramError>;
-    /// Swaps this program into `link` (`BPF_LINK_UPDATE`).
-    fn swap_into(&mut self, link: Self::Link) -> Result<(), ProgramError>;
-    fn info(&self) -> Result<aya::programs::ProgramInfo, ProgramError>;
+/// Every TC program with its hook: legacy filters are found by these names.
+pub const TC_PROGRAMS: [(&str, TcAttachType); 4] = [
+    (PROG_INGRESS_TC, TcAttachType::Ingress),
+    (PROG_EGRESS, TcAttachType::Egress),
+    (PROG_VETH_FROM_POD, TcAttachType::Ingress),
+    (PROG_VETH_TO_POD, TcAttachType::Egress),
+];
+
+/// Removes every attachment of ours in this network namespace, for when no
+/// eBPF datapath maintains the maps: the pins (which detaches the pinned
+/// links, XDP included, and drops the maps) and every legacy clsact filter
+/// of our programs. Returns what it removed, one entry each.
+pub fn remove_attachments(pins: Option<&PinLayout>) -> Result<Vec<String>, EbpfError> {
+    let mut removed = Vec::new();
+    if let Some(pins) = pins {
+        let paths = pins
+            .remove_all()
+            .map_err(pin_err(pins.root().to_owned(), "remove"))?;
+        removed.extend(paths.into_iter().map(|p| p.display().to_string()));
+    }
+    for (interface, program) in tc_attach::detach_legacy_everywhere(&TC_PROGRAMS)? {
+        removed.push(format!("clsact filter {program} on {interface}"));
+    }
+    Ok(removed)
 }
 
-struct TcxHook<'a> {
-    prog: &'a mut SchedClassifier,
-    interface: &'a str,
-    hook: TcAttachType,
-}
-
-impl Hookable for TcxHook<'_> {
-    type Link = SchedClassifierLink;
-    fn attach_kept(&mut self) -> Result<(), ProgramError> {
-        self.prog.attach(self.interface, self.hook).map(drop)
-    }
-    fn attach_new(&mut self) -> Result<Self::Link, ProgramError> {
-        let id = self.prog.attach(self.interface, self.hook)?;
-        self.prog.take_link(id)
-    }
-    fn swap_into(&mut self, link: Self::Link) -> Result<(), ProgramError> {
-        self.prog.attach_to_link(link).map(drop)
-    }
-    fn info(&self) -> Result<aya::programs::ProgramInfo, ProgramError> {
-        self.prog.info()
-    }
-}
-
-struct XdpHook<'a> {
-    prog: &'a mut Xdp,
-    ifindex: u32,
-    mode: XdpMode,
-}
-
-impl Hookable for XdpHook<'_> {
-    type Link = XdpLink;
-    fn attach_kept(&mut self) -> Result<(), ProgramError> {
-        self.prog
-            .attach_to_if_index(self.ifindex, self.mode)
-            .map(drop)
-    }
-    fn attach_new(&mut self) -> Result<Self::Link, ProgramError> {
-        let id = self.prog.attach_to_if_index(self.ifindex, self.mode)?;
-        self.prog.take_link(id)
-    }
-    fn swap_into(&mut self, link: Self::Link) -> Result<(), ProgramError> {
-        self.prog.attach_to_link(link).map(drop)
-    }
-    fn info(&self) -> Result<aya::programs::ProgramInfo, ProgramError> {
-        self.prog.info()
-    }
-}
-
-/// Attaches `program` at its hook on `ifindex`. Without pins, aya keeps the
-/// link (it goes with this process). With pins: swaps the program into the
-/// pinned link still attached to `ifindex` (atomic), or attaches a new link
-/// and pins it. Returns the program id.
-fn attach<H: Hookable>(
-    mut hook: H,
-    program: &'static str,
-    ifindex: u32,
-    pins: Option<&PinLayout>,
-    attach_err: impl Fn(ProgramError) -> EbpfError,
-) -> Result<u32, EbpfError>
-where
-    FdLink: TryFrom<H::Link, Error = LinkError>,
-{
-    match pins {
-        None => hook.attach_kept().map_err(&attach_err)?,
-        Some(pins) => {
-            let path = pins.link(program);
-            match pins
-                .live_link(program, ifindex)
-                .map_err(pin_err(path.clone(), "inspect"))?
-            {
-                Some(live) => {
-                    let pinned =
-                        PinnedLink::from_pin(&live).map_err(link_err(live.clone(), "open"))?;
-                    let link = H::Link::try_from(FdLink::from(pinned))
-                        .map_err(link_err(live.clone(), "open as this program's link type"))?;
-                    hook.swap_into(link).map_err(&attach_err)?;
-                    info!("{program}: swapped into the pinned link {}", live.display());
-                }
-                None => {
-                    let link = hook.attach_new().map_err(&attach_err)?;
-                    let fd_link =
-                        FdLink::try_from(link).map_err(link_err(path.clone(), "convert"))?;
-                    fd_link.pin(&path).map_err(|e| EbpfError::Pin {
-                        path: path.clone(),
-                        op: "pin",
-                        source: std::io::Error::other(e),
-                    })?;
-                }
-            }
-        }
-    }
-    program_id(hook.info(), program)
-}
-
-/// Attaches a TC program on TCX; see [`attach`].
+/// Attaches a TC program through `api` (see [`tc_attach::attach`]), keeps
+/// its link in `links`, and returns the program id.
 fn attach_tc(
     ebpf: &mut Ebpf,
-    program: &'static str,
-    interface: &str,
-    ifindex: u32,
-    hook: TcAttachType,
-    pins: Option<&PinLayout>,
+    api: TcApi,
+    target: &tc_attach::Target<'_>,
+    links: &mut Vec<TcLink>,
 ) -> Result<u32, EbpfError> {
-    let prog = classifier(ebpf, program)?;
-    let attach_err = |source| EbpfError::Attach {
-        program,
-        interface: interface.to_owned(),
-        hook: Hook::tcx(hook),
-        source,
-    };
-    let tcx = TcxHook {
-        prog,
-        interface,
-        hook,
-    };
-    attach(tcx, program, ifindex, pins, attach_err)
+    let prog = classifier(ebpf, target.program)?;
+    links.push(tc_attach::attach(prog, api, target)?);
+    program_id(prog.info(), target.program)
 }
 
-/// Attaches `vxlan_ingress_xdp` to the underlay; see [`attach`].
+/// Attaches `vxlan_ingress_xdp` to the underlay. Without pins, aya keeps the
+/// link (it goes with this process). With pins: swaps the program into the
+/// pinned link still attached to the underlay (atomic), or attaches a new
+/// link and pins it. Returns the program id.
 fn attach_xdp(
     ebpf: &mut Ebpf,
     device: &VxlanDevice,
@@ -851,12 +811,42 @@ fn attach_xdp(
         source,
     };
     let ifindex = device.underlay_ifindex;
-    let hook = XdpHook {
-        prog,
-        ifindex,
-        mode,
-    };
-    attach(hook, PROG_INGRESS_XDP, ifindex, pins, attach_err)
+    match pins {
+        None => {
+            prog.attach_to_if_index(ifindex, mode).map_err(attach_err)?;
+        }
+        Some(pins) => {
+            let path = pins.link(PROG_INGRESS_XDP);
+            match pins
+                .live_link(PROG_INGRESS_XDP, ifindex)
+                .map_err(pin_err(path.clone(), "inspect"))?
+            {
+                Some(live) => {
+                    let pinned =
+                        PinnedLink::from_pin(&live).map_err(link_err(live.clone(), "open"))?;
+                    let link = XdpLink::try_from(FdLink::from(pinned))
+                        .map_err(link_err(live.clone(), "open as an XDP link"))?;
+                    prog.attach_to_link(link).map_err(attach_err)?;
+                    info!(
+                        "{PROG_INGRESS_XDP}: swapped into the pinned link {}",
+                        live.display()
+                    );
+                }
+                None => {
+                    let id = prog.attach_to_if_index(ifindex, mode).map_err(attach_err)?;
+                    let link = prog.take_link(id).map_err(attach_err)?;
+                    let fd_link =
+                        FdLink::try_from(link).map_err(link_err(path.clone(), "convert"))?;
+                    fd_link.pin(&path).map_err(|e| EbpfError::Pin {
+                        path: path.clone(),
+                        op: "pin",
+                        source: std::io::Error::other(e),
+                    })?;
+                }
+            }
+        }
+    }
+    program_id(prog.info(), PROG_INGRESS_XDP)
 }
 
 pub(super) fn classifier<'a>(
@@ -1079,12 +1069,28 @@ impl Datapath for EbpfDatapath {
         let state = self.kernel.setup(node).await?;
         let peers = self.kernel.peers().await?;
         let device = self.kernel.device().ok_or(DatapathError::NotSetUp)?;
-        let loaded = Loaded::start(&self.options, device, node.subnet, &peers)?;
+        let loaded = match Loaded::start(&self.options, device, node.subnet, &peers) {
+            Ok(loaded) => loaded,
+            Err(e) => {
+                // What this attempt attached (or an earlier run pinned) would
+                // keep filtering with maps nobody maintains once we give up;
+                // without it the kernel's vxlan driver serves the device.
+                if let Err(undo) = remove_attachments(self.options.pins.as_ref()) {
+                    warn!(
+                        "after a failed start: {}",
+                        DatapathError::from(undo).reason()
+                    );
+                }
+                fastpath::release_host(node.subnet);
+                return Err(e.into());
+            }
+        };
         info!(
-            "eBPF datapath on {} (ingress {} on {}, fast path {}): programs {:?}, {} peers in the maps",
+            "eBPF datapath on {} (ingress {} on {}, TC via {}, fast path {}): programs {:?}, {} peers in the maps",
             device.name,
             self.options.ingress,
             device.underlay,
+            loaded.api,
             if loaded.fast.is_some() { "on" } else { "off" },
             loaded.ids,
             peers.len()
@@ -1112,7 +1118,8 @@ impl Datapath for EbpfDatapath {
         let pins = self.options.pins.clone();
         let loaded = self.loaded_mut()?;
         if let Some(fast) = loaded.fast.as_mut() {
-            fast.pods.sync(&mut loaded.ebpf, &net, pins.as_ref())?;
+            fast.pods
+                .sync(&mut loaded.ebpf, loaded.api, &net, pins.as_ref())?;
         }
         Ok(())
     }
@@ -1149,16 +1156,13 @@ impl Datapath for EbpfDatapath {
         Ok(agreed)
     }
 
-    /// Detaches the programs (dropping their links and removing their pins),
-    /// removes the pinned maps, then deletes the device.
+    /// Detaches the programs (dropping their links, removing their pins and
+    /// legacy filters), removes the pinned maps, then deletes the device.
     async fn teardown(&mut self) -> Result<(), DatapathError> {
         if let Some(fast) = self.loaded.take().and_then(|l| l.fast) {
             fastpath::release_host(fast.subnet);
         }
-        if let Some(pins) = &self.options.pins {
-            pins.remove_all()
-                .map_err(pin_err(pins.root().to_owned(), "remove"))?;
-        }
+        remove_attachments(self.options.pins.as_ref())?;
         self.kernel.teardown().await
     }
 }

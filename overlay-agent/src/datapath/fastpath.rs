@@ -14,16 +14,12 @@
 //! egress), pinned as `links/veth_from_pod-<ifindex>` and
 //! `links/veth_to_pod-<ifindex>` so they survive the agent like the others.
 
-use std::{collections::BTreeMap, fmt, path::PathBuf, str::FromStr};
+use std::{collections::BTreeMap, fmt, str::FromStr};
 
 use aya::{
     Ebpf,
     maps::{Array, HashMap, MapData},
-    programs::{
-        TcAttachType,
-        links::{FdLink, PinnedLink},
-        tc::SchedClassifierLink,
-    },
+    programs::TcAttachType,
 };
 use ipnet::Ipv4Net;
 use log::{info, warn};
@@ -35,8 +31,9 @@ use overlay_common::{
 };
 
 use super::{
-    ebpf::{EbpfError, Hook, classifier},
+    ebpf::{EbpfError, classifier},
     pins::PinLayout,
+    tc_attach::{self, TcApi, TcLink},
 };
 use crate::{
     ipmasq,
@@ -133,7 +130,7 @@ pub fn configure(ebpf: &mut Ebpf, subnet: Option<Ipv4Net>) -> Result<(), EbpfErr
 struct PodLinks {
     name: String,
     /// Dropped (and, when pinned, unpinned) to detach.
-    _links: [FdLink; 2],
+    _links: [TcLink; 2],
 }
 
 /// The veths the programs are attached to.
@@ -151,6 +148,7 @@ impl PodAttachments {
     pub fn sync(
         &mut self,
         ebpf: &mut Ebpf,
+        api: TcApi,
         net: &PodNetwork,
         pins: Option<&PinLayout>,
     ) -> Result<(), EbpfError> {
@@ -172,6 +170,11 @@ impl PodAttachments {
         for ifindex in gone {
             if let Some(links) = self.attached.remove(&ifindex) {
                 info!("fast path: {} (#{ifindex}) left", links.name);
+                // A pinned legacy filter stays until removed; on a veth
+                // that was deleted it went with the veth.
+                if api == TcApi::Legacy && pins.is_some() {
+                    detach_legacy_filters(&links.name)?;
+                }
             }
             forget_veth(ebpf, ifindex, pins)?;
         }
@@ -187,8 +190,22 @@ impl PodAttachments {
             if self.attached.contains_key(&veth.ifindex) {
                 continue;
             }
-            let from = attach(ebpf, PROG_VETH_FROM_POD, veth, TcAttachType::Ingress, pins)?;
-            let to = attach(ebpf, PROG_VETH_TO_POD, veth, TcAttachType::Egress, pins)?;
+            let from = attach(
+                ebpf,
+                api,
+                PROG_VETH_FROM_POD,
+                veth,
+                TcAttachType::Ingress,
+                pins,
+            )?;
+            let to = attach(
+                ebpf,
+                api,
+                PROG_VETH_TO_POD,
+                veth,
+                TcAttachType::Egress,
+                pins,
+            )?;
             pod_veths(ebpf)?.insert(veth.ifindex, 1, 0).map_err(|e| {
                 EbpfError::map(MAP_POD_VETHS, format!("insert {}", veth.ifindex), e)
             })?;
@@ -214,7 +231,12 @@ pub fn remove_leftovers(
     pins: Option<&PinLayout>,
 ) -> Result<(), EbpfError> {
     // No veth is wanted: every pinned one is forgotten.
-    PodAttachments::default().sync(ebpf, &PodNetwork::default(), pins)?;
+    PodAttachments::default().sync(ebpf, TcApi::Tcx, &PodNetwork::default(), pins)?;
+    // Legacy filters are not pinned: find them by name on every interface.
+    let removed = tc_attach::detach_legacy_everywhere(&VETH_PROGRAMS)?;
+    if !removed.is_empty() {
+        info!("fast path: removed legacy clsact filters {removed:?}");
+    }
     release_host(subnet);
     Ok(())
 }
@@ -245,71 +267,43 @@ fn stale_pinned_veths(pins: &PinLayout) -> Vec<u32> {
     out
 }
 
-/// Attaches `program` to the veth: swapped into its pinned link when one is
-/// still attached there, else a new link (pinned when `pins`).
+/// The veth programs with their hooks, as [`tc_attach`] finds their legacy
+/// filters by name.
+const VETH_PROGRAMS: [(&str, TcAttachType); 2] = [
+    (PROG_VETH_FROM_POD, TcAttachType::Ingress),
+    (PROG_VETH_TO_POD, TcAttachType::Egress),
+];
+
+/// Attaches `program` to the veth through `api`, replacing our earlier
+/// attachment there in place; pinned as `<program>-<ifindex>` when `pins`.
 fn attach(
     ebpf: &mut Ebpf,
+    api: TcApi,
     program: &'static str,
     veth: &PodVeth,
     hook: TcAttachType,
     pins: Option<&PinLayout>,
-) -> Result<FdLink, EbpfError> {
-    let prog = classifier(ebpf, program)?;
-    let attach_err = |source| EbpfError::Attach {
-        program,
-        interface: veth.name.clone(),
-        hook: Hook::tcx(hook),
-        source,
-    };
-    let name = pin_name(program, veth.ifindex);
-    let live = match pins {
-        Some(p) => p
-            .live_link(&name, veth.ifindex)
-            .map_err(|source| EbpfError::Pin {
-                path: p.link(&name),
-                op: "inspect",
-                source,
-            })?,
-        None => None,
-    };
-    if let Some(path) = live {
-        let pinned = PinnedLink::from_pin(&path).map_err(|source| EbpfError::Link {
-            path: path.clone(),
-            op: "open",
-            source,
-        })?;
-        let link = SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(|source| {
-            EbpfError::Link {
-                path: path.clone(),
-                op: "open as a TCX link",
-                source,
-            }
-        })?;
-        let id = prog.attach_to_link(link).map_err(attach_err)?;
-        let link = prog.take_link(id).map_err(attach_err)?;
-        return FdLink::try_from(link).map_err(|source| EbpfError::Link {
-            path,
-            op: "convert",
-            source,
-        });
+) -> Result<TcLink, EbpfError> {
+    let pin = pins.map(|p| p.link(&pin_name(program, veth.ifindex)));
+    tc_attach::attach(
+        classifier(ebpf, program)?,
+        api,
+        &tc_attach::Target {
+            program,
+            interface: &veth.name,
+            ifindex: veth.ifindex,
+            hook,
+            pin: pin.as_deref(),
+        },
+    )
+}
+
+/// Removes our legacy filters from the veth `name`, if it is still there.
+fn detach_legacy_filters(name: &str) -> Result<(), EbpfError> {
+    for (program, hook) in VETH_PROGRAMS {
+        tc_attach::detach_legacy(name, hook, program)?;
     }
-    let id = prog.attach(&veth.name, hook).map_err(attach_err)?;
-    let link = prog.take_link(id).map_err(attach_err)?;
-    let path = pins.map_or_else(PathBuf::new, |p| p.link(&name));
-    let fd_link = FdLink::try_from(link).map_err(|source| EbpfError::Link {
-        path: path.clone(),
-        op: "convert",
-        source,
-    })?;
-    if pins.is_none() {
-        return Ok(fd_link);
-    }
-    let pinned = fd_link.pin(&path).map_err(|e| EbpfError::Pin {
-        path,
-        op: "pin",
-        source: std::io::Error::other(e),
-    })?;
-    Ok(FdLink::from(pinned))
+    Ok(())
 }
 
 /// A veth that left: its pins, its POD_VETHS entry and every approval that

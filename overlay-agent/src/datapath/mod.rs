@@ -16,6 +16,7 @@ pub mod ebpf;
 pub mod fastpath;
 pub mod kernel;
 pub mod pins;
+pub mod tc_attach;
 
 /// What a node needs to bring its side of the overlay up.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -24,9 +25,14 @@ pub struct NodeSpec {
     pub vni: u32,
     /// UDP destination port (`Backend.Port`, 8472 when 0).
     pub port: u16,
-    /// The address peers send to (flannel's `PublicIP`).
+    /// The address peers send to (flannel's `PublicIP`: `--public-ip`, else
+    /// the interface address); the stable VTEP MAC derives from it.
     pub public_ip: Ipv4Addr,
-    /// The underlay interface that holds `public_ip`.
+    /// The underlay interface's address (flannel's `IfaceAddr`): the device's
+    /// `local` and the outer source of what the eBPF path sends. It differs
+    /// from `public_ip` on a node behind NAT.
+    pub local_ip: Ipv4Addr,
+    /// The underlay interface that holds `local_ip`.
     pub underlay: String,
     /// This node's lease, e.g. 10.5.52.0/24.
     pub subnet: Ipv4Net,

@@ -143,22 +143,7 @@ impl PinLayout {
     /// A pin whose link lost its device (the device was re-created) is
     /// removed, so the caller attaches afresh.
     pub fn live_link(&self, program: &str, ifindex: u32) -> io::Result<Option<PathBuf>> {
-        let path = self.link(program);
-        if !path.exists() {
-            return Ok(None);
-        }
-        let fd = obj_get(&path)?;
-        let info = link_info(&fd)?;
-        if info.ifindex == ifindex && ifindex != 0 {
-            return Ok(Some(path));
-        }
-        warn!(
-            "pinned link {} is attached to ifindex {} instead of {ifindex}: attaching afresh",
-            path.display(),
-            info.ifindex
-        );
-        std::fs::remove_file(&path)?;
-        Ok(None)
+        live_link_at(&self.link(program), ifindex)
     }
 
     /// Removes every pin (links first, which detaches the programs once no
@@ -207,6 +192,26 @@ pub struct LinkInfo {
 
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+
+/// The link pinned at `path`, if it is still attached to `ifindex`; see
+/// [`PinLayout::live_link`].
+pub fn live_link_at(path: &Path, ifindex: u32) -> io::Result<Option<PathBuf>> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let fd = obj_get(path)?;
+    let info = link_info(&fd)?;
+    if info.ifindex == ifindex && ifindex != 0 {
+        return Ok(Some(path.to_owned()));
+    }
+    warn!(
+        "pinned link {} is attached to ifindex {} instead of {ifindex}: attaching afresh",
+        path.display(),
+        info.ifindex
+    );
+    std::fs::remove_file(path)?;
+    Ok(None)
+}
 
 /// `BPF_OBJ_GET`: an fd for a pinned object.
 pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {

@@ -65,7 +65,7 @@ pub fn effective_port(port: u16) -> u16 {
 pub struct VxlanDeviceConfig {
     pub name: String,
     pub vni: u32,
-    /// `local`: the node's public IP.
+    /// `local`: the underlay interface's address (not `--public-ip`, as in flannel).
     pub local: Ipv4Addr,
     /// `dev`: the underlay interface.
     pub underlay_ifindex: u32,
@@ -88,6 +88,7 @@ impl VxlanDeviceConfig {
             vni,
             port,
             public_ip,
+            local_ip,
             underlay: _,
             subnet,
             mtu,
@@ -107,7 +108,7 @@ impl VxlanDeviceConfig {
         Ok(Self {
             name,
             vni: *vni,
-            local: *public_ip,
+            local: *local_ip,
             underlay_ifindex: underlay.ifindex,
             underlay_mtu: underlay.mtu,
             port: effective_port(*port),
@@ -448,6 +449,7 @@ mod tests {
             vni: 1,
             port: 0,
             public_ip: "192.168.64.3".parse().unwrap(),
+            local_ip: "192.168.64.3".parse().unwrap(),
             underlay: "eth0".into(),
             subnet: "10.5.52.0/24".parse().unwrap(),
             mtu: None,
@@ -512,6 +514,22 @@ mod tests {
         assert_eq!(cfg.mac, mac);
         assert!(cfg.mac_required);
         assert_eq!(cfg.address, "10.5.52.0".parse::<Ipv4Addr>().unwrap());
+    }
+
+    #[test]
+    fn behind_nat_the_device_is_local_to_the_interface_address() {
+        let s = NodeSpec {
+            public_ip: "203.0.113.7".parse().unwrap(),
+            local_ip: "192.168.64.3".parse().unwrap(),
+            ..spec()
+        };
+        let cfg = VxlanDeviceConfig::new(&s, &underlay()).unwrap();
+        assert_eq!(cfg.local, "192.168.64.3".parse::<Ipv4Addr>().unwrap());
+        // The MAC follows the node's identity in etcd, its PublicIP.
+        assert_eq!(
+            cfg.mac,
+            MacAddr::stable_for("203.0.113.7".parse().unwrap(), 1)
+        );
     }
 
     #[test]

@@ -30,6 +30,7 @@ impl LabNode {
             vni: 1,
             port: 0,
             public_ip: self.public_ip.parse().unwrap(),
+            local_ip: self.public_ip.parse().unwrap(),
             underlay: self.underlay.into(),
             subnet: self.subnet.parse().unwrap(),
             mtu: None,
