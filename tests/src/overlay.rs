@@ -96,6 +96,21 @@ impl Member {
         overlay: Overlay,
         fast_path: FastPathMode,
     ) -> Result<Member> {
+        let options = EbpfOptions {
+            fast_path,
+            ..EbpfOptions::default()
+        };
+        Self::join_with_options(host, kind, overlay, options)
+    }
+
+    /// [`Member::join`] with these eBPF options (the ingress mode comes from
+    /// `kind`).
+    pub fn join_with_options(
+        host: &Host,
+        kind: Kind,
+        overlay: Overlay,
+        options: EbpfOptions,
+    ) -> Result<Member> {
         let (backend, lease, device) = match kind {
             Kind::Reference => {
                 let r = ReferencePeer::setup(host, overlay.vni, overlay.port)?;
@@ -105,11 +120,7 @@ impl Member {
             }
             Kind::Ebpf(_) | Kind::Kernel => {
                 let flavor = match kind {
-                    Kind::Ebpf(ingress) => Flavor::Ebpf(EbpfOptions {
-                        ingress,
-                        fast_path,
-                        ..EbpfOptions::default()
-                    }),
+                    Kind::Ebpf(ingress) => Flavor::Ebpf(EbpfOptions { ingress, ..options }),
                     _ => Flavor::Kernel,
                 };
                 let node = Node::start(&host.ns, flavor)?;

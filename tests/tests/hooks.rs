@@ -1,7 +1,9 @@
 //! Our TC programs share their hooks: what they do not take continues down
 //! the chain (`TCX_NEXT`; `TC_ACT_OK` would end it), so a second TCX program
 //! and a legacy clsact filter on the underlay's ingress and on
-//! `flannel.<VNI>`'s egress still see it.
+//! `flannel.<VNI>`'s egress still see it, with our programs on TCX links and
+//! with them as legacy clsact filters (where the other filter sits at a
+//! priority after ours, 50000).
 //!
 //! The legacy filter is `u32 match u32 0 0 action mirred egress mirror` to a
 //! spare veth, whose transmit counter counts what the filter saw (this kernel
@@ -15,7 +17,10 @@ use aya::{
     maps::{Array, PerCpuArray},
     programs::{SchedClassifier, TcAttachType},
 };
-use overlay_agent::datapath::ebpf::{Counters, EBPF_OBJECT, IngressMode};
+use overlay_agent::datapath::{
+    ebpf::{Counters, EBPF_OBJECT, EbpfOptions, IngressMode},
+    tc_attach::TcAttachMode,
+};
 use overlay_common::{
     consts::{MAP_COUNTERS, MAP_FAST_CONFIG, PROG_VETH_TO_POD},
     counters::{Counter, Reason},
@@ -73,10 +78,26 @@ fn ours(m: &Member) -> Result<Counters> {
 #[test]
 #[ignore = "needs root, network namespaces and eBPF: run `cargo xtask test`"]
 fn other_programs_and_tc_filters_still_see_what_is_not_ours() -> Result<()> {
-    let lab = Lab::build(&LabSpec::new("hooks", 2))?;
+    share_hooks("hooks", TcAttachMode::Tcx, "1")
+}
+
+#[test]
+#[ignore = "needs root, network namespaces and eBPF: run `cargo xtask test`"]
+fn filters_after_our_legacy_filters_still_see_what_is_not_ours() -> Result<()> {
+    share_hooks("hookl", TcAttachMode::Legacy, "50000")
+}
+
+/// Our programs attached through `tc_attach`, the other legacy filter at
+/// priority `prio`.
+fn share_hooks(name: &str, tc_attach: TcAttachMode, prio: &str) -> Result<()> {
+    let lab = Lab::build(&LabSpec::new(name, 2))?;
     let overlay = Overlay::default();
     let dev = overlay.device();
-    let a = Member::join(lab.host(1), Kind::Ebpf(IngressMode::Tc), overlay)?;
+    let options = EbpfOptions {
+        tc_attach,
+        ..EbpfOptions::default()
+    };
+    let a = Member::join_with_options(lab.host(1), Kind::Ebpf(IngressMode::Tc), overlay, options)?;
     let b = Member::join(lab.host(2), Kind::Reference, overlay)?;
     mesh(&[&a, &b])?;
     let (h1, h2) = (&a.host, &b.host);
@@ -102,11 +123,14 @@ fn other_programs_and_tc_filters_still_see_what_is_not_ours() -> Result<()> {
         )?;
         cmd::ip(ns, &["link", "set", mirror, "up"])?;
         cmd::ip(ns, &["link", "set", &format!("{mirror}p"), "up"])?;
-        cmd::run_in(ns, &["tc", "qdisc", "add", "dev", at, "clsact"])?;
+        // Our legacy filters came with the qdisc.
+        if !cmd::run_in(ns, &["tc", "qdisc", "show", "dev", at])?.contains("clsact") {
+            cmd::run_in(ns, &["tc", "qdisc", "add", "dev", at, "clsact"])?;
+        }
         cmd::run_in(
             ns,
             &[
-                "tc", "filter", "add", "dev", at, hook, "prio", "1", "protocol", "all", "u32",
+                "tc", "filter", "add", "dev", at, hook, "prio", prio, "protocol", "all", "u32",
                 "match", "u32", "0", "0", "action", "mirred", "egress", "mirror", "dev", mirror,
             ],
         )?;
