@@ -74,7 +74,8 @@ pub enum TcAttachChoice {
 )]
 pub struct Cli {
     /// A comma-delimited list of etcd endpoints.
-    #[arg(long, env = "FLANNELD_ETCD_ENDPOINTS", default_value = "http://127.0.0.1:2379",
+    #[arg(long, env = "FLANNELD_ETCD_ENDPOINTS",
+          default_value = "http://127.0.0.1:4001,http://127.0.0.1:2379",
           value_delimiter = ',', help_heading = ETCD)]
     pub etcd_endpoints: Vec<String>,
 
@@ -115,6 +116,12 @@ pub struct Cli {
     /// after --iface.
     #[arg(long, env = "FLANNELD_IFACE_REGEX", action = ArgAction::Append, help_heading = NETWORK)]
     pub iface_regex: Vec<String>,
+
+    /// Detect the interface to use (and its address) from the route to this
+    /// address, as `ip route get` would; checked after --iface and
+    /// --iface-regex.
+    #[arg(long, env = "FLANNELD_IFACE_CAN_REACH", help_heading = NETWORK)]
+    pub iface_can_reach: Option<Ipv4Addr>,
 
     /// IP accessible by other nodes for inter-host communication.
     #[arg(long, env = "FLANNELD_PUBLIC_IP", help_heading = NETWORK)]
@@ -202,6 +209,9 @@ pub struct Cli {
     #[arg(long, env = "FLANNELD_BPF_OBJECT", hide = true)]
     pub bpf_object: Option<PathBuf>,
 
+    #[command(flatten)]
+    pub compat: crate::compat_flags::CompatFlags,
+
     #[command(subcommand)]
     pub command: Option<Command>,
 }
@@ -282,6 +292,7 @@ impl Cli {
                 self.subnet_lease_renew_margin.0, self.subnet_lease_ttl.0
             ));
         }
+        self.compat.check()?;
         if self.etcd_certfile.is_some() != self.etcd_keyfile.is_some() {
             return Err("--etcd-certfile and --etcd-keyfile must be given together".into());
         }
@@ -318,6 +329,7 @@ impl Cli {
             ifaces: self.iface.clone(),
             regexes: self.iface_regex.clone(),
             public_ip: self.public_ip,
+            can_reach: self.iface_can_reach,
         }
     }
 }
@@ -376,7 +388,10 @@ mod tests {
     fn defaults_match_flanneld() {
         let _g = ENV.lock().unwrap_or_else(|e| e.into_inner());
         let c = parse(&[]);
-        assert_eq!(c.etcd_endpoints, vec!["http://127.0.0.1:2379"]);
+        assert_eq!(
+            c.etcd_endpoints,
+            vec!["http://127.0.0.1:4001", "http://127.0.0.1:2379"]
+        );
         assert_eq!(c.etcd_prefix, "/coreos.com/network");
         assert_eq!(c.subnet_file, PathBuf::from("/run/flannel/subnet.env"));
         assert_eq!(c.subnet_lease_renew_margin.0, Duration::from_secs(3600));
@@ -517,7 +532,7 @@ mod tests {
             "Network and interface:",
             "Subnet lease:",
             "Datapath (overlay-agent):",
-            "[default: http://127.0.0.1:2379]",
+            "[default: http://127.0.0.1:4001,http://127.0.0.1:2379]",
             "[default: /coreos.com/network]",
             "[default: /run/flannel/subnet.env]",
             "[env: FLANNELD_ETCD_ENDPOINTS=]",
@@ -527,5 +542,54 @@ mod tests {
         ] {
             assert!(help.contains(needle), "help lacks {needle:?}:\n{help}");
         }
+    }
+
+    /// Every flag of flanneld v0.28.9's command line (and klog's usual ones),
+    /// in flanneld's single-dash spelling, is accepted.
+    #[test]
+    fn every_flanneld_flag_is_accepted() {
+        let _g = ENV.lock().unwrap_or_else(|e| e.into_inner());
+        let c = parse(&[
+            "-etcd-endpoints=http://10.0.0.1:2379",
+            "-etcd-prefix=/coreos.com/network",
+            "-etcd-keyfile=/k.pem",
+            "-etcd-certfile=/c.pem",
+            "-etcd-cafile=/ca.pem",
+            "-etcd-username=u",
+            "-etcd-password=p",
+            "-kube-api-url=https://10.0.0.1:6443",
+            "-kubeconfig-file=/k",
+            "-kube-annotation-prefix=flannel.alpha.coreos.com",
+            "-net-config-path=/etc/kube-flannel/net-conf.json",
+            "-set-node-network-unavailable=false",
+            "-iface=eth0",
+            "-iface-regex=^eth",
+            "-iface-can-reach=10.0.0.1",
+            "-public-ip=10.0.0.5",
+            "-public-ipv6=2001:db8::5",
+            "-ip-masq",
+            "-ip-masq-fully-random-disable",
+            "-iptables-resync=5",
+            "-iptables-forward-rules=false",
+            "-ip-blackhole-route",
+            "-subnet-file=/run/flannel/subnet.env",
+            "-subnet-lease-renew-margin=60",
+            "-healthz-ip=0.0.0.0",
+            "-healthz-port=8471",
+            "-v=2",
+            "-vmodule=main=3",
+            "-log_backtrace_at=main.go:1",
+            "-logtostderr",
+            "-alsologtostderr=true",
+        ]);
+        assert!(c.validate().is_ok(), "{:?}", c.validate());
+        assert_eq!(c.iface_can_reach, Some("10.0.0.1".parse().unwrap()));
+        assert_eq!(c.compat.log_filter(), Some("debug"));
+        assert_eq!(c.compat.warnings().len(), 10, "{:?}", c.compat.warnings());
+        assert_eq!(parse(&["-v", "5"]).compat.log_filter(), Some("trace"));
+        let kube = parse(&["--kube-subnet-mgr"]);
+        assert!(kube.validate().unwrap_err().contains("--kube-subnet-mgr"));
+        let v = parse_err(&["--version"]);
+        assert!(v.contains(env!("CARGO_PKG_VERSION")), "{v}");
     }
 }

@@ -1,7 +1,9 @@
 //! Choosing the external (underlay) interface as flanneld does:
 //! `--iface` (a name or an IPv4 address, tried in order), then
-//! `--iface-regex` (matched against addresses, then names), else the
-//! interface holding `--public-ip`, else the default route's interface. The
+//! `--iface-regex` (matched against addresses, then names), then
+//! `--iface-can-reach` (the interface and source address of the route to
+//! that address), else the interface holding `--public-ip`, else the default
+//! route's interface. The
 //! interface's first IPv4 address is the VTEP's local address; `--public-ip`
 //! (if given) is what the lease publishes.
 
@@ -20,6 +22,28 @@ pub struct Selector {
     pub ifaces: Vec<String>,
     pub regexes: Vec<String>,
     pub public_ip: Option<Ipv4Addr>,
+    /// `--iface-can-reach`.
+    pub can_reach: Option<Ipv4Addr>,
+}
+
+/// A main-table route as [`route_to`] needs it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RouteEntry {
+    pub dst: ipnet::Ipv4Net,
+    pub oif: u32,
+    /// `src` of the route (`prefsrc`), if it has one.
+    pub prefsrc: Option<Ipv4Addr>,
+    pub metric: u32,
+}
+
+/// The route the kernel would take to `dst` among `routes` (longest prefix,
+/// then lowest metric), as `ip route get` answers for a unicast address.
+pub fn route_to(routes: &[RouteEntry], dst: Ipv4Addr) -> Option<RouteEntry> {
+    routes
+        .iter()
+        .filter(|r| r.dst.contains(&dst))
+        .min_by_key(|r| (std::cmp::Reverse(r.dst.prefix_len()), r.metric))
+        .copied()
 }
 
 /// One interface as the selection sees it.
@@ -53,6 +77,8 @@ pub enum IfaceError {
     NoRegexMatch(String),
     #[error("no default IPv4 route to pick an interface from: give --iface or --iface-regex")]
     NoDefaultRoute,
+    #[error("--iface-can-reach {0}: no route to it")]
+    NoRouteTo(Ipv4Addr),
     #[error("interface {0} has no IPv4 address")]
     NoAddress(String),
     #[error("interface {0} reports MTU 0")]
@@ -190,7 +216,63 @@ pub async fn find(nl: &Netlink, sel: &Selector) -> Result<ExternalInterface, Ifa
         });
     // Loopback never carries the overlay.
     all.retain(|c| c.name != "lo");
+    log::debug!("choosing the external interface among {all:?}, default route via #{default:?}");
+    if let Some(target) = sel
+        .can_reach
+        .filter(|_| sel.ifaces.is_empty() && sel.regexes.is_empty())
+    {
+        let main: Vec<RouteEntry> = routes.iter().filter_map(main_route).collect();
+        let route = route_to(&main, target).ok_or(IfaceError::NoRouteTo(target))?;
+        let c = all
+            .iter()
+            .find(|c| c.ifindex == route.oif)
+            .ok_or(IfaceError::NoRouteTo(target))?;
+        // As `ip route get`: the route's source, else the interface's address.
+        let want = route
+            .prefsrc
+            .map_or_else(|| c.name.clone(), |ip| ip.to_string());
+        let by_route = Selector {
+            ifaces: vec![want],
+            ..sel.clone()
+        };
+        return choose(&all, &by_route, default);
+    }
     choose(&all, sel, default)
+}
+
+/// A unicast route of the main table, with its output interface.
+fn main_route(r: &rtnetlink::packet_route::route::RouteMessage) -> Option<RouteEntry> {
+    use rtnetlink::packet_route::route::{RouteAddress, RouteType};
+    const MAIN_TABLE: u32 = 254;
+    let table = r
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Table(t) => Some(*t),
+            _ => None,
+        })
+        .unwrap_or(u32::from(r.header.table));
+    if table != MAIN_TABLE || r.header.kind != RouteType::Unicast {
+        return None;
+    }
+    let mut entry = RouteEntry {
+        dst: ipnet::Ipv4Net::default(),
+        oif: 0,
+        prefsrc: None,
+        metric: 0,
+    };
+    let mut dst = Ipv4Addr::UNSPECIFIED;
+    for a in &r.attributes {
+        match a {
+            RouteAttribute::Destination(RouteAddress::Inet(ip)) => dst = *ip,
+            RouteAttribute::Oif(i) => entry.oif = *i,
+            RouteAttribute::PrefSource(RouteAddress::Inet(ip)) => entry.prefsrc = Some(*ip),
+            RouteAttribute::Priority(m) => entry.metric = *m,
+            _ => {}
+        }
+    }
+    entry.dst = ipnet::Ipv4Net::new(dst, r.header.destination_prefix_length).ok()?;
+    (entry.oif != 0).then_some(entry)
 }
 
 #[cfg(test)]
@@ -223,11 +305,33 @@ mod tests {
         ]
     }
 
+    #[test]
+    fn the_route_to_an_address_is_the_longest_prefix_then_the_lowest_metric() {
+        let r = |dst: &str, oif, metric| RouteEntry {
+            dst: dst.parse().unwrap(),
+            oif,
+            prefsrc: None,
+            metric,
+        };
+        let routes = [
+            r("0.0.0.0/0", 2, 0),
+            r("192.168.205.0/24", 3, 100),
+            r("192.168.205.0/24", 4, 50),
+            r("192.168.205.128/25", 5, 0),
+        ];
+        let to = |ip: &str| route_to(&routes, ip.parse().unwrap()).map(|e| e.oif);
+        assert_eq!(to("8.8.8.8"), Some(2));
+        assert_eq!(to("192.168.205.7"), Some(4));
+        assert_eq!(to("192.168.205.200"), Some(5));
+        assert_eq!(route_to(&routes[1..2], "8.8.8.8".parse().unwrap()), None);
+    }
+
     fn sel(ifaces: &[&str], regexes: &[&str], public: Option<&str>) -> Selector {
         Selector {
             ifaces: ifaces.iter().map(|s| s.to_string()).collect(),
             regexes: regexes.iter().map(|s| s.to_string()).collect(),
             public_ip: public.map(|p| p.parse().unwrap()),
+            can_reach: None,
         }
     }
 

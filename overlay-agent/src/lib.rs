@@ -4,6 +4,7 @@
 pub mod alloc;
 pub mod cleanup;
 pub mod cli;
+pub mod compat_flags;
 pub mod config;
 pub mod datapath;
 pub mod etcd;

@@ -35,11 +35,22 @@ use overlay_agent::{
 };
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = match Cli::parse_from_go(std::env::args()) {
         Ok(c) => c,
         Err(e) => e.exit(),
     };
+    // RUST_LOG wins over klog's -v, which wins over the default; an empty
+    // RUST_LOG (an env file's `RUST_LOG=`) counts as unset.
+    let level = cli.compat.log_filter().unwrap_or("info");
+    let mut logger =
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level));
+    if std::env::var_os("RUST_LOG").is_some_and(|v| v.is_empty()) {
+        logger.parse_filters(level);
+    }
+    logger.init();
+    for warning in cli.compat.warnings() {
+        log::warn!("{warning}");
+    }
     if let Err(e) = cli.validate() {
         eprintln!("error: {e}");
         return ExitCode::from(2);

@@ -1,0 +1,199 @@
+//! flanneld's flags that do nothing here, accepted so that a flanneld command
+//! line or unit file starts this agent unchanged: each set one gets one
+//! warning saying why it has no effect, except `--kube-subnet-mgr`, which
+//! would change where leases come from and so is a clear error, and klog's
+//! `-v`, which sets the log level.
+
+use clap::Args;
+
+use crate::cli::parse_go_bool;
+
+const KUBE: &str = "flanneld's Kubernetes and logging flags (accepted for compatibility)";
+
+/// The flags flanneld has and this agent does not act on.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Args)]
+pub struct CompatFlags {
+    /// Contact the Kubernetes API for subnet assignment instead of etcd (not
+    /// supported: the agent stops with an error).
+    #[arg(long, env = "FLANNELD_KUBE_SUBNET_MGR", default_value = "false", num_args = 0..=1,
+          default_missing_value = "true", require_equals = true, value_parser = parse_go_bool,
+          help_heading = KUBE)]
+    pub kube_subnet_mgr: bool,
+
+    /// Kubernetes API server URL (only with --kube-subnet-mgr).
+    #[arg(long, env = "FLANNELD_KUBE_API_URL", help_heading = KUBE)]
+    pub kube_api_url: Option<String>,
+
+    /// Kubeconfig file location (only with --kube-subnet-mgr).
+    #[arg(long, env = "FLANNELD_KUBECONFIG_FILE", help_heading = KUBE)]
+    pub kubeconfig_file: Option<String>,
+
+    /// Kubernetes annotation prefix [flanneld: flannel.alpha.coreos.com]
+    /// (only with --kube-subnet-mgr).
+    #[arg(long, env = "FLANNELD_KUBE_ANNOTATION_PREFIX", help_heading = KUBE)]
+    pub kube_annotation_prefix: Option<String>,
+
+    /// Path to the network configuration file [flanneld:
+    /// /etc/kube-flannel/net-conf.json] (only with --kube-subnet-mgr; the
+    /// config is read from etcd).
+    #[arg(long, env = "FLANNELD_NET_CONFIG_PATH", help_heading = KUBE)]
+    pub net_config_path: Option<String>,
+
+    /// Set the node's NetworkUnavailable condition (only with --kube-subnet-mgr).
+    #[arg(long, env = "FLANNELD_SET_NODE_NETWORK_UNAVAILABLE", num_args = 0..=1,
+          default_missing_value = "true", require_equals = true, value_parser = parse_go_bool,
+          help_heading = KUBE)]
+    pub set_node_network_unavailable: Option<bool>,
+
+    /// IPv6 accessible by other nodes (IPv6 is not served: ignored).
+    #[arg(long, env = "FLANNELD_PUBLIC_IPV6", help_heading = KUBE)]
+    pub public_ipv6: Option<String>,
+
+    /// Add a blackhole route for the local pod subnet (not implemented:
+    /// ignored with a warning).
+    #[arg(long, env = "FLANNELD_IP_BLACKHOLE_ROUTE", num_args = 0..=1,
+          default_missing_value = "true", require_equals = true, value_parser = parse_go_bool,
+          help_heading = KUBE)]
+    pub ip_blackhole_route: Option<bool>,
+
+    /// klog verbosity: 0-1 info, 2-4 debug, 5 and more trace (RUST_LOG, when
+    /// set, wins).
+    #[arg(short = 'v', long = "v", help_heading = KUBE)]
+    pub verbosity: Option<u8>,
+
+    /// klog's per-file verbosity (ignored: use RUST_LOG=module=level).
+    #[arg(long, help_heading = KUBE)]
+    pub vmodule: Option<String>,
+
+    /// klog's stack trace location (ignored).
+    #[arg(long = "log_backtrace_at", help_heading = KUBE)]
+    pub log_backtrace_at: Option<String>,
+
+    /// klog: log to standard error (always so here).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", require_equals = true,
+          value_parser = parse_go_bool, help_heading = KUBE)]
+    pub logtostderr: Option<bool>,
+
+    /// klog: also log to standard error (always so here).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", require_equals = true,
+          value_parser = parse_go_bool, help_heading = KUBE)]
+    pub alsologtostderr: Option<bool>,
+}
+
+impl CompatFlags {
+    /// The error that stops the agent, if a flag asks for what it cannot do.
+    pub fn check(&self) -> Result<(), String> {
+        if self.kube_subnet_mgr {
+            return Err(
+                "--kube-subnet-mgr is not supported by this agent yet: it takes its subnet \
+                 from etcd (--etcd-endpoints), as flanneld does without that flag"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+
+    /// One line for each flag that was given and has no effect here.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut given = |set: bool, flag: &str, why: &str| {
+            if set {
+                out.push(format!("{flag} has no effect here: {why}"));
+            }
+        };
+        let kube = "it only matters with --kube-subnet-mgr, which this agent does not support";
+        given(self.kube_api_url.is_some(), "--kube-api-url", kube);
+        given(self.kubeconfig_file.is_some(), "--kubeconfig-file", kube);
+        given(
+            self.kube_annotation_prefix.is_some(),
+            "--kube-annotation-prefix",
+            kube,
+        );
+        given(
+            self.net_config_path.is_some(),
+            "--net-config-path",
+            "without --kube-subnet-mgr the network config is read from etcd",
+        );
+        given(
+            self.set_node_network_unavailable.is_some(),
+            "--set-node-network-unavailable",
+            kube,
+        );
+        given(
+            self.public_ipv6.is_some(),
+            "--public-ipv6",
+            "this agent serves IPv4 only",
+        );
+        given(
+            self.ip_blackhole_route.is_some(),
+            "--ip-blackhole-route",
+            "this agent does not add flanneld's blackhole route for the local subnet (not implemented)",
+        );
+        given(
+            self.vmodule.is_some(),
+            "--vmodule",
+            "use RUST_LOG=<module>=<level> instead",
+        );
+        given(
+            self.log_backtrace_at.is_some(),
+            "--log_backtrace_at",
+            "the agent logs no stack traces",
+        );
+        given(
+            self.logtostderr.is_some() || self.alsologtostderr.is_some(),
+            "--logtostderr/--alsologtostderr",
+            "the agent always logs to standard error",
+        );
+        out
+    }
+
+    /// The log filter `-v` asks for, when given.
+    pub fn log_filter(&self) -> Option<&'static str> {
+        self.verbosity.map(|v| match v {
+            0 | 1 => "info",
+            2..=4 => "debug",
+            _ => "trace",
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verbosity_maps_onto_log_levels() {
+        let at = |v| CompatFlags {
+            verbosity: Some(v),
+            ..CompatFlags::default()
+        };
+        assert_eq!(CompatFlags::default().log_filter(), None);
+        assert_eq!(at(0).log_filter(), Some("info"));
+        assert_eq!(at(2).log_filter(), Some("debug"));
+        assert_eq!(at(10).log_filter(), Some("trace"));
+    }
+
+    #[test]
+    fn only_given_flags_warn_and_kube_subnet_mgr_stops() {
+        assert!(CompatFlags::default().warnings().is_empty());
+        assert!(CompatFlags::default().check().is_ok());
+        let c = CompatFlags {
+            public_ipv6: Some("2001:db8::1".into()),
+            kube_api_url: Some("https://k".into()),
+            ..CompatFlags::default()
+        };
+        let w = c.warnings();
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(
+            w.iter()
+                .any(|l| l.starts_with("--public-ipv6 has no effect"))
+        );
+        let e = CompatFlags {
+            kube_subnet_mgr: true,
+            ..CompatFlags::default()
+        }
+        .check()
+        .unwrap_err();
+        assert!(e.contains("--kube-subnet-mgr is not supported"), "{e}");
+    }
+}
