@@ -14,6 +14,7 @@ pub mod iface;
 pub mod inspect;
 pub mod ipmasq;
 pub mod lease;
+pub mod lease_check;
 pub mod mac;
 pub mod netlink;
 pub mod netns;

@@ -183,6 +183,7 @@ async fn run(cli: Cli) -> Result<()> {
         subnet: l.subnet,
         public_ip: l.public_ip,
         vni: l.vni,
+        network: config.network,
     };
     let dp_mode = dp.mode();
     let mut rec = Reconciler::start(dp, own_of(&lease), &snapshot)
@@ -656,7 +657,52 @@ async fn status(cli: Cli) -> Result<()> {
     }
     .await;
     print!("{}", inspect::render(&layout, state.as_ref(), lease));
+    match rejected_leases(&cli, public_ip).await {
+        Ok(rejected) if rejected.is_empty() => {}
+        Ok(rejected) => {
+            println!("rejected leases (in etcd, not programmed):");
+            for line in rejected {
+                println!("  {line}");
+            }
+        }
+        Err(e) => println!("rejected leases: unknown ({e})"),
+    }
     Ok(())
+}
+
+/// The other nodes' leases in etcd that fail `lease_check`, one line each.
+async fn rejected_leases(
+    cli: &Cli,
+    own_public_ip: Option<std::net::Ipv4Addr>,
+) -> Result<Vec<String>, String> {
+    use overlay_agent::{lease, lease_check};
+    let reg = connect_briefly(cli).await?;
+    let config = briefly(reg.get_config())
+        .await?
+        .ok_or("no network config in etcd")?;
+    let snapshot = briefly(reg.list()).await?;
+    let mut out = Vec::new();
+    for entry in snapshot.entries {
+        let Ok(l) = lease::decode(&entry.key, &entry.value) else {
+            continue;
+        };
+        let lease::Backend::Vxlan { vni, vtep_mac } = l.backend else {
+            continue;
+        };
+        if Some(l.public_ip) == own_public_ip {
+            continue;
+        }
+        let trust = lease_check::Trust {
+            network: config.network,
+            subnet_len: config.subnet_len,
+            own_public_ip: own_public_ip.unwrap_or(std::net::Ipv4Addr::UNSPECIFIED),
+            vni: config.backend.vni,
+        };
+        if let Err(why) = lease_check::check(&trust, l.subnet, l.public_ip, vtep_mac, vni) {
+            out.push(format!("{}: {why} ({})", entry.key, why.label()));
+        }
+    }
+    Ok(out)
 }
 
 /// `overlay-agent cleanup`.
@@ -707,6 +753,10 @@ fn refresh_health(
     watcher: &LeaseWatcher,
 ) {
     let programmed: Vec<_> = rec.programmed().values().copied().collect();
+    let mut rejected = std::collections::BTreeMap::new();
+    for (_, why) in rec.rejected().values() {
+        *rejected.entry(*why).or_insert(0) += 1;
+    }
     let dp = rec.datapath();
     let (counters, traffic) = match dp.as_ebpf() {
         Some(e) => (e.counters().ok(), e.peer_counters().unwrap_or_default()),
@@ -734,6 +784,7 @@ fn refresh_health(
             .map_or(0, |d| d.as_secs())
     });
     let mut h = health.lock();
+    h.leases_rejected = rejected;
     h.mode = Some(dp.mode());
     h.peers_programmed = programmed.len();
     h.counters = counters;

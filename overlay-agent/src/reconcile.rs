@@ -18,6 +18,7 @@ use crate::{
     datapath::{Datapath, DatapathError, Peer},
     etcd::{Entry, Snapshot, watch::WatchEvent},
     lease::{self, Backend},
+    lease_check::{self, Rejection, Trust},
 };
 
 /// This node, whose own lease is never a peer.
@@ -26,6 +27,21 @@ pub struct Own {
     pub subnet: Ipv4Net,
     pub public_ip: Ipv4Addr,
     pub vni: u32,
+    /// The config's `Network`, which every peer's subnet must lie in.
+    pub network: Ipv4Net,
+}
+
+impl Own {
+    /// What a peer's lease is checked against ([`lease_check`]); our
+    /// subnet's length is the config's `SubnetLen`.
+    pub fn trust(&self) -> Trust {
+        Trust {
+            network: self.network,
+            subnet_len: self.subnet.prefix_len(),
+            own_public_ip: self.public_ip,
+            vni: self.vni,
+        }
+    }
 }
 
 pub struct Reconciler<D: Datapath> {
@@ -35,8 +51,12 @@ pub struct Reconciler<D: Datapath> {
     leases: BTreeMap<Ipv4Net, Peer>,
     /// What the datapath holds, as far as we know.
     programmed: BTreeMap<Ipv4Net, Peer>,
-    /// Keys already reported as malformed or of another VNI (no log spam on re-lists).
-    reported: BTreeSet<String>,
+    /// Keys already reported as malformed or rejected, with the value
+    /// reported (no log spam on re-lists; a new value is reported anew).
+    reported: BTreeMap<String, Vec<u8>>,
+    /// Leases that parse but fail [`lease_check`], by key: never programmed
+    /// and not retried until their value changes.
+    rejected: BTreeMap<String, (Ipv4Net, Rejection)>,
 }
 
 impl<D: Datapath> Reconciler<D> {
@@ -63,7 +83,8 @@ impl<D: Datapath> Reconciler<D> {
             own,
             leases: BTreeMap::new(),
             programmed,
-            reported: BTreeSet::new(),
+            reported: BTreeMap::new(),
+            rejected: BTreeMap::new(),
         };
         r.apply(&[WatchEvent::Reset(snapshot.clone())]);
         r.converge().await;
@@ -102,6 +123,11 @@ impl<D: Datapath> Reconciler<D> {
         &self.programmed
     }
 
+    /// The leases in etcd that fail the checks, by key, with the reason.
+    pub fn rejected(&self) -> &BTreeMap<String, (Ipv4Net, Rejection)> {
+        &self.rejected
+    }
+
     pub fn is_converged(&self) -> bool {
         self.desired() == self.programmed
     }
@@ -115,17 +141,21 @@ impl<D: Datapath> Reconciler<D> {
                     Ok((subnet, _)) => {
                         self.leases.remove(&subnet);
                         self.reported.remove(key);
+                        self.rejected.remove(key);
                     }
                     Err(why) => log::debug!("ignoring deletion of {key}: {why}"),
                 },
                 WatchEvent::Reset(snapshot) => {
                     let mut fresh = BTreeMap::new();
+                    let keys: BTreeSet<&str> =
+                        snapshot.entries.iter().map(|e| e.key.as_str()).collect();
+                    self.rejected.retain(|k, _| keys.contains(k.as_str()));
                     for e in &snapshot.entries {
                         match self.decode(e) {
                             Decoded::Peer(p) => {
                                 fresh.insert(p.subnet, p);
                             }
-                            Decoded::NotVxlan(_) => {}
+                            Decoded::NotVxlan(_) | Decoded::Rejected(_) => {}
                             // Skipped: keep what we had for that subnet.
                             Decoded::Malformed(Some(subnet)) => {
                                 if let Some(p) = self.leases.get(&subnet) {
@@ -146,8 +176,8 @@ impl<D: Datapath> Reconciler<D> {
             Decoded::Peer(p) => {
                 self.leases.insert(p.subnet, p);
             }
-            // The subnet is no longer a VXLAN peer.
-            Decoded::NotVxlan(subnet) => {
+            // The subnet is no longer a VXLAN peer (or no longer a sound one).
+            Decoded::NotVxlan(subnet) | Decoded::Rejected(subnet) => {
                 self.leases.remove(&subnet);
             }
             Decoded::Malformed(_) => {}
@@ -158,18 +188,24 @@ impl<D: Datapath> Reconciler<D> {
         match lease::decode(&e.key, &e.value) {
             Ok(l) => match l.backend {
                 Backend::Vxlan { vni, vtep_mac } => {
-                    if let Some(v) = vni
-                        && v != self.own.vni
-                        && l.subnet != self.own.subnet
-                        && self.reported.insert(e.key.clone())
-                    {
-                        // flanneld ignores the VNI in leases; so do we, loudly.
-                        log::warn!(
-                            "lease {} announces VNI {v} but ours is {}; programming it anyway, as flanneld does",
-                            e.key,
-                            self.own.vni
-                        );
+                    // Our own lease is the lease keeper's to judge.
+                    let verdict = if l.subnet == self.own.subnet {
+                        Ok(())
+                    } else {
+                        lease_check::check(&self.own.trust(), l.subnet, l.public_ip, vtep_mac, vni)
+                    };
+                    if let Err(why) = verdict {
+                        if self.first_report(e) {
+                            log::warn!(
+                                "rejecting lease {} (PublicIP {}, VtepMAC {vtep_mac}): {why}; it is not programmed until its value changes",
+                                e.key,
+                                l.public_ip
+                            );
+                        }
+                        self.rejected.insert(e.key.clone(), (l.subnet, why));
+                        return Decoded::Rejected(l.subnet);
                     }
+                    self.rejected.remove(&e.key);
                     Decoded::Peer(Peer {
                         subnet: l.subnet,
                         public_ip: l.public_ip,
@@ -182,12 +218,21 @@ impl<D: Datapath> Reconciler<D> {
                 }
             },
             Err(err) => {
-                if self.reported.insert(e.key.clone()) {
+                if self.first_report(e) {
                     log::warn!("skipping malformed lease: {err}");
                 }
                 Decoded::Malformed(lease::parse_subnet_key(&e.key).ok().map(|(s, _)| s))
             }
         }
+    }
+
+    /// Whether `e`'s value is reported for the first time under its key.
+    fn first_report(&mut self, e: &Entry) -> bool {
+        if self.reported.get(&e.key) == Some(&e.value) {
+            return false;
+        }
+        self.reported.insert(e.key.clone(), e.value.clone());
+        true
     }
 
     /// Make the datapath match etcd: removals first, then additions and
@@ -239,6 +284,8 @@ impl<D: Datapath> Reconciler<D> {
 enum Decoded {
     Peer(Peer),
     NotVxlan(Ipv4Net),
+    /// Parsed, but failed [`lease_check`].
+    Rejected(Ipv4Net),
     Malformed(Option<Ipv4Net>),
 }
 
@@ -327,6 +374,7 @@ mod tests {
             subnet: net("10.0.1.0/24"),
             public_ip: Ipv4Addr::new(192, 168, 0, 1),
             vni: 1,
+            network: net("10.0.0.0/16"),
         }
     }
     fn snap(entries: Vec<Entry>) -> Snapshot {
@@ -369,6 +417,58 @@ mod tests {
                 vec!["remove 10.0.9.0/24", "add 10.0.3.0/24"]
             );
             assert!(r.is_converged());
+        });
+    }
+
+    #[test]
+    fn impossible_leases_never_reach_the_datapath_until_they_are_mended() {
+        block_on(async {
+            let good = peer("10.0.2.0/24", 2);
+            let mut zero_ip = peer("10.0.3.0/24", 3);
+            zero_ip.public_ip = Ipv4Addr::UNSPECIFIED;
+            let mut multicast_mac = peer("10.0.4.0/24", 4);
+            multicast_mac.vtep_mac = MacAddr([1, 0, 0x5e, 0, 0, 1]);
+            let outside = peer("172.16.0.0/24", 5);
+            let wrong_len = peer("10.0.6.0/25", 6);
+            let s = snap(
+                [good, zero_ip, multicast_mac, outside, wrong_len]
+                    .iter()
+                    .map(entry)
+                    .collect(),
+            );
+            let mut r = Reconciler::start(FakeDp::default(), own(), &s)
+                .await
+                .unwrap();
+            assert_eq!(held(&mut r), vec![good]);
+            assert!(r.is_converged());
+            let reasons: Vec<Rejection> = r.rejected().values().map(|(_, why)| *why).collect();
+            assert_eq!(
+                reasons,
+                vec![
+                    Rejection::PublicIp,
+                    Rejection::VtepMac,
+                    Rejection::PrefixLen,
+                    Rejection::OutsideNetwork
+                ]
+            );
+            // A good peer turned impossible is removed; mended, it comes back.
+            let mut broken = good;
+            broken.vtep_mac = MacAddr([0; 6]);
+            r.apply(&[WatchEvent::Put(entry(&broken))]);
+            assert!(r.converge().await);
+            assert!(held(&mut r).is_empty());
+            r.apply(&[
+                WatchEvent::Put(entry(&good)),
+                WatchEvent::Delete {
+                    key: entry(&zero_ip).key,
+                },
+            ]);
+            assert!(r.converge().await);
+            assert_eq!(held(&mut r), vec![good]);
+            assert_eq!(r.rejected().len(), 3);
+            // A re-list that no longer holds them forgets them.
+            r.apply(&[WatchEvent::Reset(snap(vec![entry(&good)]))]);
+            assert!(r.rejected().is_empty());
         });
     }
 

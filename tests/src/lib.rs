@@ -12,7 +12,8 @@
 //! - [`capture`]: tcpdump on the underlay and tshark's view of the VXLAN;
 //! - [`agent`]: hosts on one bridge and `overlay-agent` processes in them;
 //! - [`binaries`]: the agent binary, built on demand for tests that run it;
-//! - [`stats`]: device statistics and attached BPF programs.
+//! - [`stats`]: device statistics and attached BPF programs;
+//! - [`http`]: the agent's health and metrics endpoints.
 
 pub mod agent;
 pub mod binaries;
@@ -20,6 +21,7 @@ pub mod capture;
 pub mod cmd;
 pub mod etcd;
 pub mod frames;
+pub mod http;
 pub mod lab;
 pub mod netns;
 pub mod node;

@@ -5,56 +5,18 @@
 //! traffic: counters by reason, per-peer packets, peers, lease, etcd, mode.
 
 use std::{
-    collections::BTreeMap,
     os::unix::net::UnixDatagram,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::{Context, Result, ensure};
-use overlay_tests::agent::{Agent, Cluster, sh, subnet_of, within};
+use overlay_tests::{
+    agent::{Agent, Cluster, sh, subnet_of, within},
+    http::{get, sample, scrape},
+};
 
 const CONFIG: &str = r#"{"Network": "10.0.0.0/16", "SubnetLen": 24, "SubnetMin": "10.0.1.0","SubnetMax": "10.0.20.0", "Backend": {"Type": "vxlan"}}"#;
 const PORT: u16 = 9871;
-
-/// `(status code, body)` of a GET from inside host `ns`.
-fn get(ns: &str, ip: &str, path: &str) -> Result<(u16, String)> {
-    let out = sh(&[
-        "ip",
-        "netns",
-        "exec",
-        ns,
-        "curl",
-        "-s",
-        "-m",
-        "2",
-        "-w",
-        "\n%{http_code}",
-        &format!("http://{ip}:{PORT}{path}"),
-    ])?;
-    let (body, code) = out.rsplit_once('\n').context("curl output")?;
-    Ok((code.trim().parse()?, body.to_owned()))
-}
-
-/// Samples of `/metrics` by their full name with labels.
-fn scrape(ns: &str, ip: &str) -> Result<BTreeMap<String, f64>> {
-    let (code, body) = get(ns, ip, "/metrics")?;
-    ensure!(code == 200, "/metrics answered {code}");
-    let mut samples = BTreeMap::new();
-    for line in body
-        .lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-    {
-        let (name, value) = line.rsplit_once(' ').context("sample line")?;
-        samples.insert(name.to_owned(), value.parse()?);
-    }
-    Ok(samples)
-}
-
-fn sample(m: &BTreeMap<String, f64>, name: &str) -> Result<f64> {
-    m.get(name)
-        .copied()
-        .with_context(|| format!("no sample {name} in {m:#?}"))
-}
 
 #[test]
 #[ignore = "needs root, network namespaces, etcd and eBPF: run `cargo xtask test`"]
@@ -87,14 +49,14 @@ fn readiness_notification_and_metrics_follow_the_agent() -> Result<()> {
 
     // Alive but not ready while etcd has no network config.
     within(Duration::from_secs(5), "/healthz answers", || {
-        get(&h1, &ip1, "/healthz").is_ok_and(|(c, b)| c == 200 && b == "flanneld is running")
+        get(&h1, &ip1, PORT, "/healthz").is_ok_and(|(c, b)| c == 200 && b == "flanneld is running")
     })?;
-    let (code, body) = get(&h1, &ip1, "/readyz")?;
+    let (code, body) = get(&h1, &ip1, PORT, "/readyz")?;
     ensure!(
         code == 503 && body == "not ready: waiting for the network config in etcd",
         "/readyz before the config: {code} {body}"
     );
-    ensure!(sample(&scrape(&h1, &ip1)?, "overlay_ready")? == 0.0);
+    ensure!(sample(&scrape(&h1, &ip1, PORT)?, "overlay_ready")? == 0.0);
 
     // The config arrives: READY=1 comes after subnet.env is written.
     etcd.put("/coreos.com/network/config", CONFIG)?;
@@ -112,27 +74,27 @@ fn readiness_notification_and_metrics_follow_the_agent() -> Result<()> {
         msg.starts_with("READY=1\nSTATUS=lease 10.0."),
         "notification: {msg:?}"
     );
-    let (code, body) = get(&h1, &ip1, "/readyz")?;
+    let (code, body) = get(&h1, &ip1, PORT, "/readyz")?;
     ensure!(code == 200 && body == "ready", "/readyz: {code} {body}");
 
     // A second node (no NOTIFY_SOCKET: it just runs).
     let mut a2 = Agent::start(&dir, "h2", &hosts.ns(2), &bin, &args2)?;
     a2.wait_for("running: lease", Duration::from_secs(20))?;
     within(Duration::from_secs(5), "h1 programs its peer", || {
-        scrape(&h1, &ip1)
+        scrape(&h1, &ip1, PORT)
             .and_then(|m| sample(&m, "overlay_peers_programmed"))
             .is_ok_and(|v| v == 1.0)
     })?;
     let subnet2 = subnet_of(&dir.join("h2.env"))?;
     let peer_label = format!("{{subnet=\"{subnet2}/24\",public_ip=\"{}\"}}", hosts.ip(2));
 
-    let before = scrape(&h1, &ip1)?;
+    let before = scrape(&h1, &ip1, PORT)?;
     let pings = 20;
     sh(&[
         "ip", "netns", "exec", &h1, "ping", "-c", "20", "-i", "0.05", "-W", "1", &subnet2,
     ])?;
     std::thread::sleep(Duration::from_millis(1500)); // one refresh tick
-    let after = scrape(&h1, &ip1)?;
+    let after = scrape(&h1, &ip1, PORT)?;
     let grew = |name: &str| -> Result<f64> {
         Ok(sample(&after, name)? - before.get(name).copied().unwrap_or(0.0))
     };
@@ -163,7 +125,7 @@ fn readiness_notification_and_metrics_follow_the_agent() -> Result<()> {
     ensure!(sample(&after, "overlay_reconcile_duration_seconds_count")? >= 1.0);
 
     // The kernel datapath has no eBPF counters, and says so by omission.
-    let m2 = scrape(&hosts.ns(2), &hosts.ip(2))?;
+    let m2 = scrape(&hosts.ns(2), &hosts.ip(2), PORT)?;
     ensure!(sample(&m2, "overlay_datapath_mode{mode=\"kernel\"}")? == 1.0);
     ensure!(
         !m2.keys()
@@ -177,14 +139,14 @@ fn readiness_notification_and_metrics_follow_the_agent() -> Result<()> {
     let mut etcd = etcd;
     etcd.stop()?;
     within(Duration::from_secs(15), "etcd_connected drops to 0", || {
-        scrape(&h1, &ip1)
+        scrape(&h1, &ip1, PORT)
             .and_then(|m| sample(&m, "overlay_etcd_connected"))
             .is_ok_and(|v| v == 0.0)
     })?;
-    ensure!(get(&h1, &ip1, "/readyz")?.0 == 200);
+    ensure!(get(&h1, &ip1, PORT, "/readyz")?.0 == 200);
     etcd.start_again()?;
     within(Duration::from_secs(20), "etcd_connected back to 1", || {
-        scrape(&h1, &ip1)
+        scrape(&h1, &ip1, PORT)
             .and_then(|m| sample(&m, "overlay_etcd_connected"))
             .is_ok_and(|v| v == 1.0)
     })?;

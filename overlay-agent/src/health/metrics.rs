@@ -166,6 +166,21 @@ pub fn render(s: &HealthState, version: &str, now: u64) -> String {
         }
     }
 
+    header(
+        &mut out,
+        "overlay_leases_rejected",
+        "gauge",
+        "Leases in etcd that are not programmed because they fail a check (README: What the agent trusts in etcd), by reason.",
+    );
+    for reason in crate::lease_check::Rejection::ALL {
+        let n = s.leases_rejected.get(&reason).copied().unwrap_or(0);
+        let _ = writeln!(
+            out,
+            "overlay_leases_rejected{{reason=\"{}\"}} {n}",
+            reason.label()
+        );
+    }
+
     let name = "overlay_reconcile_duration_seconds";
     header(
         &mut out,
@@ -294,6 +309,7 @@ mod tests {
     #[test]
     fn renders_a_fixed_state_exactly() {
         let mut s = HealthState {
+            leases_rejected: [(crate::lease_check::Rejection::PublicIp, 2)].into(),
             phase: Phase::Running,
             mode: Some(Mode::Ebpf),
             lease_expiry_unix: Some(1_800_000_000),
@@ -391,6 +407,14 @@ overlay_peer_rx_packets_total{subnet=\"10.5.53.0/24\",public_ip=\"192.168.64.4\"
 # HELP overlay_peer_rx_bytes_total Bytes of VXLAN packets from the peer accepted (outer frames).
 # TYPE overlay_peer_rx_bytes_total counter
 overlay_peer_rx_bytes_total{subnet=\"10.5.53.0/24\",public_ip=\"192.168.64.4\"} 600
+# HELP overlay_leases_rejected Leases in etcd that are not programmed because they fail a check (README: What the agent trusts in etcd), by reason.
+# TYPE overlay_leases_rejected gauge
+overlay_leases_rejected{reason=\"prefix_len\"} 0
+overlay_leases_rejected{reason=\"outside_network\"} 0
+overlay_leases_rejected{reason=\"public_ip\"} 2
+overlay_leases_rejected{reason=\"own_public_ip\"} 0
+overlay_leases_rejected{reason=\"vtep_mac\"} 0
+overlay_leases_rejected{reason=\"vni\"} 0
 # HELP overlay_reconcile_duration_seconds Time to apply a batch of lease changes from etcd to the datapath.
 # TYPE overlay_reconcile_duration_seconds histogram
 overlay_reconcile_duration_seconds_bucket{le=\"0.001\"} 1

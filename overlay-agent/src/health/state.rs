@@ -105,6 +105,8 @@ pub struct HealthState {
     pub counters: Option<Counters>,
     pub peers: Vec<PeerTrafficMetric>,
     pub reconcile: Histogram,
+    /// Leases in etcd that fail the checks of `lease_check`, by reason.
+    pub leases_rejected: std::collections::BTreeMap<crate::lease_check::Rejection, usize>,
 }
 
 /// Shared between the main loop (writer) and the HTTP server (reader).

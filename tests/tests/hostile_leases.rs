@@ -1,0 +1,257 @@
+//! Impossible leases written into etcd next to good ones never reach the
+//! datapath, on either datapath: PublicIPs no VTEP can have, a multicast or
+//! zero VtepMAC, subnets outside the network or of another size, another
+//! VNI. Each is logged once with its key and reason, counted in
+//! `overlay_leases_rejected{reason}`, listed by `status`, and never retried;
+//! containers on the two healthy nodes keep talking, and a lease mended in
+//! place is programmed.
+
+use std::time::Duration;
+
+use anyhow::{Result, ensure};
+use overlay_tests::{
+    agent::{Agent, Bpffs, Cluster, Containers, add_container, sh, within},
+    http::{sample, scrape},
+};
+
+const CONFIG: &str = r#"{"Network": "10.0.0.0/16", "SubnetLen": 24, "SubnetMin": "10.0.1.0","SubnetMax": "10.0.20.0", "Backend": {"Type": "vxlan"}}"#;
+const PORT: u16 = 9872;
+const PREFIX: &str = "/coreos.com/network/subnets";
+const MAC: &str = "0a:bb:cc:dd:ee:01";
+
+fn lease(public_ip: &str, mac: &str, vni: u32) -> String {
+    format!(
+        r#"{{"PublicIP":"{public_ip}","PublicIPv6":null,"BackendType":"vxlan","BackendData":{{"VNI":{vni},"VtepMAC":"{mac}"}}}}"#
+    )
+}
+
+/// (key suffix, value, reason label, what must not appear in the kernel).
+fn hostile() -> Vec<(&'static str, String, &'static str, &'static str)> {
+    vec![
+        (
+            "10.0.30.0-24",
+            lease("0.0.0.0", MAC, 1),
+            "public_ip",
+            "10.0.30.0",
+        ),
+        (
+            "10.0.31.0-24",
+            lease("255.255.255.255", MAC, 1),
+            "public_ip",
+            "10.0.31.0",
+        ),
+        (
+            "10.0.32.0-24",
+            lease("127.0.0.1", MAC, 1),
+            "public_ip",
+            "10.0.32.0",
+        ),
+        (
+            "10.0.33.0-24",
+            lease("224.0.0.1", MAC, 1),
+            "public_ip",
+            "10.0.33.0",
+        ),
+        (
+            "10.0.34.0-24",
+            lease("10.98.0.77", "01:00:5e:00:00:01", 1),
+            "vtep_mac",
+            "10.0.34.0",
+        ),
+        (
+            "10.0.35.0-24",
+            lease("10.98.0.78", "00:00:00:00:00:00", 1),
+            "vtep_mac",
+            "10.0.35.0",
+        ),
+        (
+            "172.16.0.0-24",
+            lease("10.98.0.79", MAC, 1),
+            "outside_network",
+            "172.16.0.0",
+        ),
+        (
+            "10.0.0.0-16",
+            lease("10.98.0.80", MAC, 1),
+            "prefix_len",
+            "10.0.0.0/16",
+        ),
+        (
+            "10.0.36.0-25",
+            lease("10.98.0.81", MAC, 1),
+            "prefix_len",
+            "10.0.36.0",
+        ),
+        (
+            "10.0.37.0-24",
+            lease("10.98.0.82", MAC, 7),
+            "vni",
+            "10.0.37.0",
+        ),
+    ]
+}
+
+#[test]
+#[ignore = "needs root, network namespaces, etcd and eBPF: run `cargo xtask test`"]
+fn impossible_leases_are_rejected_once_and_healthy_peers_keep_working() -> Result<()> {
+    let cluster = Cluster::start("hl", 2, CONFIG)?;
+    let Cluster { hosts, etcd, bin } = &cluster;
+    let dir = etcd.dir().to_path_buf();
+    let bpf = Bpffs::mount(dir.join("bpf1"))?;
+    let pins = bpf.0.join("overlay");
+    let pin_dir = format!("--bpf-pin-dir={}", pins.display());
+    let health = |i: usize| {
+        vec![
+            format!("--healthz-ip={}", hosts.ip(i)),
+            format!("--healthz-port={PORT}"),
+        ]
+    };
+    let mut args1 = cluster.args(1, &["--datapath=ebpf", &pin_dir]);
+    args1.extend(health(1));
+    let mut args2 = cluster.args(2, &["--datapath=kernel"]);
+    args2.extend(health(2));
+    let mut a1 = Agent::start(&dir, "h1", &hosts.ns(1), bin, &args1)?;
+    let mut a2 = Agent::start(&dir, "h2", &hosts.ns(2), bin, &args2)?;
+    a1.wait_for("running: lease", Duration::from_secs(20))?;
+    a2.wait_for("running: lease", Duration::from_secs(20))?;
+    let (c1, _) = add_container(hosts, 1, &dir.join("h1.env"))?;
+    let mut containers = Containers(vec![c1.clone()]);
+    let (c2, ip2) = add_container(hosts, 2, &dir.join("h2.env"))?;
+    containers.0.push(c2.clone());
+    within(Duration::from_secs(5), "c1 reaches c2", || {
+        sh(&["ip", "netns", "exec", &c1, "ping", "-c1", "-W1", &ip2]).is_ok()
+    })?;
+
+    for (key, value, ..) in hostile() {
+        etcd.put(&format!("{PREFIX}/{key}"), &value)?;
+    }
+    // A good lease written after them: once it is programmed, the bad ones
+    // before it have been seen.
+    etcd.put(
+        &format!("{PREFIX}/10.0.40.0-24"),
+        &lease("10.98.0.40", "0a:bb:cc:dd:ee:40", 1),
+    )?;
+    for (i, a) in [(1, &mut a1), (2, &mut a2)] {
+        within(
+            Duration::from_secs(5),
+            "the good lease is programmed",
+            || sh(&["ip", "-n", &hosts.ns(i), "route"]).is_ok_and(|r| r.contains("10.0.40.0/24")),
+        )?;
+        // Several resyncs later, each bad key was still logged only once.
+        std::thread::sleep(Duration::from_millis(if i == 1 { 3000 } else { 0 }));
+        let log = a.log();
+        for (key, _, label, _) in hostile() {
+            let lines = log
+                .lines()
+                .filter(|l| l.contains("rejecting lease") && l.contains(&format!("/{key} ")))
+                .count();
+            ensure!(
+                lines == 1,
+                "host {i}: {key} ({label}) logged {lines} times:\n{log}"
+            );
+        }
+        let routes = sh(&["ip", "-n", &hosts.ns(i), "route"])?;
+        let fdb = sh(&[
+            "bridge",
+            "-n",
+            &hosts.ns(i),
+            "fdb",
+            "show",
+            "dev",
+            "flannel.1",
+        ])?;
+        let neigh = sh(&[
+            "ip",
+            "-n",
+            &hosts.ns(i),
+            "neigh",
+            "show",
+            "dev",
+            "flannel.1",
+        ])?;
+        for (key, _, _, absent) in hostile() {
+            ensure!(
+                !routes.contains(absent),
+                "host {i}: {key} got a route:\n{routes}"
+            );
+            ensure!(
+                !neigh.contains(absent.split('/').next().unwrap_or(absent)),
+                "host {i}: {key} got a neighbour:\n{neigh}"
+            );
+        }
+        for ip in [
+            "0.0.0.0",
+            "255.255.255.255",
+            "127.0.0.1",
+            "224.0.0.1",
+            "10.98.0.77",
+        ] {
+            ensure!(
+                !fdb.contains(&format!("dst {ip} ")),
+                "host {i}: FDB entry to {ip}:\n{fdb}"
+            );
+        }
+        let m = scrape(&hosts.ns(i), &hosts.ip(i), PORT)?;
+        for (label, n) in [
+            ("public_ip", 4.0),
+            ("vtep_mac", 2.0),
+            ("outside_network", 1.0),
+            ("prefix_len", 2.0),
+            ("vni", 1.0),
+        ] {
+            let got = sample(
+                &m,
+                &format!("overlay_leases_rejected{{reason=\"{label}\"}}"),
+            )?;
+            ensure!(got == n, "host {i}: {label}: {got} rejected, expected {n}");
+        }
+    }
+    // The eBPF datapath's trusted VTEPs hold none of them.
+    let status = sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &hosts.ns(1),
+        bin.to_str().unwrap_or_default(),
+        &format!("--etcd-endpoints={}", etcd.endpoints()),
+        &format!("-iface={}", hosts.ip(1)),
+        &pin_dir,
+        "status",
+    ])?;
+    for (key, _, label, _) in hostile() {
+        ensure!(
+            status.contains(&format!("{PREFIX}/{key}: ")) && status.contains(label),
+            "status does not list {key}:\n{status}"
+        );
+    }
+    for ip in ["0.0.0.0", "255.255.255.255", "127.0.0.1", "224.0.0.1"] {
+        ensure!(
+            !status
+                .lines()
+                .any(|l| l.contains(&format!(" {ip} ")) && !l.contains("rejected")),
+            "status shows a peer at {ip}:\n{status}"
+        );
+    }
+    sh(&[
+        "ip", "netns", "exec", &c1, "ping", "-c3", "-i0.2", "-W1", &ip2,
+    ])?;
+
+    // Mended in place: programmed at once.
+    etcd.put(
+        &format!("{PREFIX}/10.0.34.0-24"),
+        &lease("10.98.0.77", "0a:bb:cc:dd:ee:34", 1),
+    )?;
+    within(
+        Duration::from_secs(5),
+        "the mended lease is programmed",
+        || sh(&["ip", "-n", &hosts.ns(1), "route"]).is_ok_and(|r| r.contains("10.0.34.0/24")),
+    )?;
+    within(Duration::from_secs(5), "the metric drops to one", || {
+        scrape(&hosts.ns(1), &hosts.ip(1), PORT)
+            .and_then(|m| sample(&m, "overlay_leases_rejected{reason=\"vtep_mac\"}"))
+            .is_ok_and(|n| n == 1.0)
+    })?;
+    drop((a1, a2));
+    drop(containers);
+    Ok(())
+}
