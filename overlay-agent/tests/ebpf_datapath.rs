@@ -12,7 +12,8 @@ use common::{Lab, LabNode, Node, cmd, cmd_fails, expect_peer_entries, ping};
 use overlay_agent::{
     datapath::{
         Datapath, NodeState, Peer,
-        ebpf::{Counters, EbpfDatapath, EbpfOptions, IngressMode, ProgramIds},
+        ebpf::{Counters, EBPF_OBJECT, EbpfDatapath, EbpfOptions, IngressMode, ProgramIds},
+        pins::{MAPS, MapShape, PinLayout, declared_shapes},
     },
     mac::MacAddr,
     netns::NetnsWorker,
@@ -451,7 +452,7 @@ fn expect_maps_dump(ids: ProgramIds, peer: &Peer) -> Result<()> {
 #[test]
 #[ignore = "needs root, network namespaces, bpffs and eBPF: run `cargo xtask test`"]
 fn pinned_links_outlive_the_datapath_and_take_new_programs() -> Result<()> {
-    use overlay_agent::datapath::pins::{PinLayout, link_info, obj_get};
+    use overlay_agent::datapath::pins::{link_info, obj_get};
 
     let lab = Lab::new("pn")?;
     let a = &lab.nodes[0];
@@ -474,12 +475,25 @@ fn pinned_links_outlive_the_datapath_and_take_new_programs() -> Result<()> {
         ..EbpfOptions::default()
     };
 
-    // An older build's PEER_STATS with another value size: replaced on setup.
+    // Older builds' maps, each unfit in one way: replaced on setup. PEER_STATS
+    // has the right sizes but is preallocated (as before BPF_F_NO_PREALLOC),
+    // KNOWN_VTEPS the right sizes but another type, NODE_CONFIG another
+    // value size.
     std::fs::create_dir_all(layout.root())?;
-    cmd(&format!(
-        "bpftool map create {} type hash key 4 value 8 entries 4 name PEER_STATS",
-        layout.map("PEER_STATS").display()
-    ))?;
+    for (name, def) in [
+        (
+            "PEER_STATS",
+            "type percpu_hash key 4 value 32 entries 16384",
+        ),
+        ("KNOWN_VTEPS", "type lru_hash key 4 value 8 entries 16384"),
+        ("NODE_CONFIG", "type array key 4 value 8 entries 1"),
+    ] {
+        cmd(&format!(
+            "bpftool map create {} {def} name {name}",
+            layout.map(name).display()
+        ))?;
+    }
+    let old_ids = pinned_map_ids(&layout)?;
 
     let first_options = options.clone();
     let wa = a.worker(move || EbpfDatapath::new(first_options))?;
@@ -489,14 +503,18 @@ fn pinned_links_outlive_the_datapath_and_take_new_programs() -> Result<()> {
     add(&wa, b.peer(state_b.vtep_mac)?)?;
     add(&wb, a.peer(state_a.vtep_mac)?)?;
     let first = program_ids(&wa)?;
-    let value_size = cmd(&format!(
-        "bpftool -j map show pinned {}",
-        layout.map("PEER_STATS").display()
-    ))?;
-    let value_size: serde_json::Value = serde_json::from_str(&value_size)?;
+    let new_ids = pinned_map_ids(&layout)?;
+    for (name, old) in &old_ids {
+        ensure!(
+            new_ids.iter().any(|(n, id)| n == name && id != old),
+            "{name} not replaced: {old_ids:?} -> {new_ids:?}"
+        );
+    }
+    expect_pinned_maps_as_declared(&layout)?;
+    let peer_stats = MapShape::of_pin(&layout.map("PEER_STATS"))?;
     ensure!(
-        value_size["bytes_value"] == 32,
-        "PEER_STATS not replaced: {value_size}"
+        peer_stats.flags & BPF_F_NO_PREALLOC != 0,
+        "PEER_STATS is preallocated: {peer_stats:?}"
     );
     let link_of = |program: &str| -> Result<(u32, u32)> {
         let info = link_info(&obj_get(&layout.link(program))?)?;
@@ -536,6 +554,11 @@ fn pinned_links_outlive_the_datapath_and_take_new_programs() -> Result<()> {
         );
     }
     ensure!(peers(&wa)?.len() == 1, "the reopened maps lost the peer");
+    ensure!(
+        pinned_map_ids(&layout)? == new_ids,
+        "maps that fit were replaced: {new_ids:?} -> {:?}",
+        pinned_map_ids(&layout)?
+    );
     ping(&a.container, "10.77.2.2")?;
 
     wa.run(|dp, rt| rt.block_on(dp.teardown()))?;
@@ -550,8 +573,34 @@ fn pinned_links_outlive_the_datapath_and_take_new_programs() -> Result<()> {
     Ok(())
 }
 
+const BPF_F_NO_PREALLOC: u32 = 1;
+
+/// The id of every pinned map, by name.
+fn pinned_map_ids(layout: &PinLayout) -> Result<Vec<(String, u32)>> {
+    let mut ids = Vec::new();
+    for name in MAPS {
+        let path = layout.map(name);
+        if path.exists() {
+            ids.push((name.to_owned(), aya::maps::MapInfo::from_pin(&path)?.id()));
+        }
+    }
+    Ok(ids)
+}
+
+/// Every pinned map has exactly the type, sizes, capacity and flags the
+/// embedded object declares.
+fn expect_pinned_maps_as_declared(layout: &PinLayout) -> Result<()> {
+    let declared = declared_shapes(EBPF_OBJECT, &[])?;
+    ensure!(declared.len() == MAPS.len(), "{declared:?}");
+    for (name, want) in declared {
+        let have = MapShape::of_pin(&layout.map(name))?;
+        ensure!(have == want, "pinned {name}: {have:?}, declared {want:?}");
+    }
+    Ok(())
+}
+
 /// Packets encapsulated so far, read from the pinned COUNTERS map.
-fn counters_from_pins(layout: &overlay_agent::datapath::pins::PinLayout) -> Result<u64> {
+fn counters_from_pins(layout: &PinLayout) -> Result<u64> {
     let state = overlay_agent::inspect::read(layout)?.context("no pins")?;
     Ok(state.counters.get(Reason::Encapsulated).packets)
 }

@@ -46,7 +46,7 @@ use super::{
     Datapath, DatapathError, Mode, NodeSpec, NodeState, Peer,
     fastpath::{self, FastPathMode, PodAttachments},
     kernel::KernelDatapath,
-    pins::{MAPS, PinLayout},
+    pins::{MAPS, PinLayout, declared_shapes},
 };
 use crate::{mac::MacAddr, netlink::VxlanDevice};
 
@@ -573,13 +573,14 @@ impl Loaded {
         let pins = options.pins.as_ref();
         let mut pin_paths = Vec::new();
         if let Some(pins) = pins {
+            let declared = declared_shapes(object, &[]).map_err(|e| EbpfError::Object(e.into()))?;
             let replaced = pins
-                .prepare()
+                .prepare(&declared)
                 .map_err(pin_err(pins.root().to_owned(), "prepare"))?;
             if !replaced.is_empty() {
                 info!("pinned maps {replaced:?} had another layout: created anew");
             }
-            for (name, ..) in MAPS {
+            for name in MAPS {
                 pin_paths.push((name, pins.map(name)));
             }
         }
