@@ -681,6 +681,7 @@ fn refresh_health(
     watcher: &LeaseWatcher,
 ) {
     let programmed: Vec<_> = rec.programmed().values().copied().collect();
+    let rejected = rec.rejected().len();
     let dp = rec.datapath();
     let (counters, traffic) = match dp.as_ebpf() {
         Some(e) => (e.counters().ok(), e.peer_counters().unwrap_or_default()),
@@ -710,6 +711,7 @@ fn refresh_health(
     let mut h = health.lock();
     h.mode = Some(dp.mode());
     h.peers_programmed = programmed.len();
+    h.peers_rejected_map_full = rejected;
     h.counters = counters;
     h.peers = peers;
     h.lease_expiry_unix = expiry;

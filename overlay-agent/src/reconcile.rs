@@ -5,7 +5,10 @@
 //! On start it reads what is already programmed (`Datapath::peers`, from the
 //! maps or the kernel's entries), so whatever etcd no longer holds (a peer
 //! that left while we were down) is removed. Calls that fail leave the
-//! "programmed" view unchanged, so the next `converge` retries them.
+//! "programmed" view unchanged, so the next `converge` retries them. A peer
+//! the datapath has no room for ([`DatapathError::MapFull`]) is logged once,
+//! when it is first refused, and listed in [`Reconciler::rejected`] (the
+//! `overlay_peers_rejected` metric) until it fits or leaves.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -37,6 +40,17 @@ pub struct Reconciler<D: Datapath> {
     programmed: BTreeMap<Ipv4Net, Peer>,
     /// Keys already reported as malformed or of another VNI (no log spam on re-lists).
     reported: BTreeSet<String>,
+    /// Desired peers the datapath refused for lack of room, as last refused.
+    rejected: BTreeMap<Ipv4Net, Rejection>,
+}
+
+/// A peer the datapath had no room for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rejection {
+    pub peer: Peer,
+    /// The map that was full, and its capacity.
+    pub map: &'static str,
+    pub capacity: u32,
 }
 
 impl<D: Datapath> Reconciler<D> {
@@ -64,6 +78,7 @@ impl<D: Datapath> Reconciler<D> {
             leases: BTreeMap::new(),
             programmed,
             reported: BTreeSet::new(),
+            rejected: BTreeMap::new(),
         };
         r.apply(&[WatchEvent::Reset(snapshot.clone())]);
         r.converge().await;
@@ -100,6 +115,12 @@ impl<D: Datapath> Reconciler<D> {
     /// What we believe the datapath holds.
     pub fn programmed(&self) -> &BTreeMap<Ipv4Net, Peer> {
         &self.programmed
+    }
+
+    /// Desired peers the datapath has refused for lack of room (retried by
+    /// every `converge`).
+    pub fn rejected(&self) -> &BTreeMap<Ipv4Net, Rejection> {
+        &self.rejected
     }
 
     pub fn is_converged(&self) -> bool {
@@ -213,6 +234,7 @@ impl<D: Datapath> Reconciler<D> {
                 }
             }
         }
+        self.rejected.retain(|s, r| desired.get(s) == Some(&r.peer));
         for (subnet, p) in desired {
             if self.programmed.get(&subnet) == Some(&p) {
                 continue;
@@ -225,6 +247,23 @@ impl<D: Datapath> Reconciler<D> {
                         p.vtep_mac
                     );
                     self.programmed.insert(subnet, p);
+                    self.rejected.remove(&subnet);
+                }
+                Err(DatapathError::MapFull { map, capacity }) => {
+                    ok = false;
+                    let rejection = Rejection {
+                        peer: p,
+                        map,
+                        capacity,
+                    };
+                    if self.rejected.insert(subnet, rejection) != Some(rejection) {
+                        log::error!(
+                            "peer {subnet} via {} not programmed: the datapath's {map} map is full ({capacity} entries). Until a peer leaves, its VXLAN is dropped as from an unknown VTEP (drop_unknown_vtep); retrying without logging again",
+                            p.public_ip
+                        );
+                    } else {
+                        log::debug!("peer {subnet} still refused: {map} is full");
+                    }
                 }
                 Err(e) => {
                     ok = false;
@@ -256,6 +295,8 @@ mod tests {
     struct FakeDp {
         peers: BTreeMap<Ipv4Net, Peer>,
         fail: BTreeSet<Ipv4Net>,
+        /// add_peer refuses new peers beyond this many, as a full map does.
+        capacity: Option<usize>,
         calls: Vec<String>,
     }
 
@@ -270,6 +311,15 @@ mod tests {
             self.calls.push(format!("add {}", p.subnet));
             if self.fail.contains(&p.subnet) {
                 return Err(DatapathError::InvalidSpec("injected".into()));
+            }
+            if let Some(capacity) = self.capacity
+                && self.peers.len() >= capacity
+                && !self.peers.contains_key(&p.subnet)
+            {
+                return Err(DatapathError::MapFull {
+                    map: "KNOWN_VTEPS",
+                    capacity: capacity as u32,
+                });
             }
             self.peers.insert(p.subnet, *p);
             Ok(())
@@ -497,6 +547,50 @@ mod tests {
                 held(&mut r),
                 vec![peer("10.0.2.0/24", 2), peer("10.0.3.0/24", 3)]
             );
+        });
+    }
+
+    #[test]
+    fn peers_the_datapath_has_no_room_for_are_listed_until_they_fit_or_leave() {
+        block_on(async {
+            let dp = FakeDp {
+                capacity: Some(1),
+                ..FakeDp::default()
+            };
+            let s = snap(vec![
+                entry(&peer("10.0.2.0/24", 2)),
+                entry(&peer("10.0.3.0/24", 3)),
+                entry(&peer("10.0.4.0/24", 4)),
+            ]);
+            let mut r = Reconciler::start(dp, own(), &s).await.unwrap();
+            let rejected =
+                |r: &Reconciler<FakeDp>| -> Vec<Ipv4Net> { r.rejected().keys().copied().collect() };
+            assert_eq!(held(&mut r), vec![peer("10.0.2.0/24", 2)]);
+            assert_eq!(
+                r.rejected().get(&net("10.0.3.0/24")),
+                Some(&Rejection {
+                    peer: peer("10.0.3.0/24", 3),
+                    map: "KNOWN_VTEPS",
+                    capacity: 1
+                })
+            );
+            assert_eq!(rejected(&r), [net("10.0.3.0/24"), net("10.0.4.0/24")]);
+            // Retried, still refused: listed once each.
+            assert!(!r.converge().await);
+            assert_eq!(rejected(&r), [net("10.0.3.0/24"), net("10.0.4.0/24")]);
+            // One leaves etcd: no longer listed. The programmed one leaves:
+            // its room goes to the other.
+            r.apply(&[WatchEvent::Delete {
+                key: lease::lease_key(P, net("10.0.4.0/24")),
+            }]);
+            assert!(!r.converge().await);
+            assert_eq!(rejected(&r), [net("10.0.3.0/24")]);
+            r.apply(&[WatchEvent::Delete {
+                key: lease::lease_key(P, net("10.0.2.0/24")),
+            }]);
+            assert!(r.converge().await);
+            assert!(rejected(&r).is_empty());
+            assert_eq!(held(&mut r), vec![peer("10.0.3.0/24", 3)]);
         });
     }
 
