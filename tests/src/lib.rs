@@ -12,7 +12,8 @@
 //! - [`capture`]: tcpdump on the underlay and tshark's view of the VXLAN;
 //! - [`agent`]: hosts on one bridge and `overlay-agent` processes in them;
 //! - [`binaries`]: the agent binary, built on demand for tests that run it;
-//! - [`stats`]: device statistics and attached BPF programs.
+//! - [`stats`]: device statistics and attached BPF programs;
+//! - [`rx_csum`]: a sender whose packets arrive as if a NIC had verified their checksums.
 
 pub mod agent;
 pub mod binaries;
@@ -25,6 +26,7 @@ pub mod netns;
 pub mod node;
 pub mod overlay;
 pub mod reference;
+pub mod rx_csum;
 pub mod scenario;
 pub mod stats;
 pub mod traffic;
