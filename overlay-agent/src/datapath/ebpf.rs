@@ -1143,8 +1143,15 @@ impl Datapath for EbpfDatapath {
     /// Sets up the device as the kernel datapath does, then loads the object,
     /// fills NODE_CONFIG and the peer maps from the peers already programmed in
     /// the kernel (an adopted device keeps its peers), and attaches. On error
-    /// nothing stays attached, and the device and its entries remain for the
-    /// kernel datapath to adopt.
+    /// the device and its entries remain for the kernel datapath to adopt.
+    /// What stays attached depends on the step that failed: the maps and the
+    /// verifier come before any attach, so then nothing new is attached and
+    /// pinned links keep their old programs; a failed attach drops the object,
+    /// which detaches the links aya kept (no pins), but a link pinned or
+    /// swapped into before it stays attached, with the new program, until its
+    /// pin is removed (the kernel datapath removes them all when it takes
+    /// over); with `--fast-path=on` a failure on the pod veths is returned with
+    /// everything attached.
     async fn setup(&mut self, node: &NodeSpec) -> Result<NodeState, DatapathError> {
         // Detach a previous instance before the device may be re-created.
         self.loaded = None;
