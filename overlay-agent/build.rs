@@ -1,7 +1,8 @@
 //! Builds the eBPF object with the pinned nightly and bpf-linker (installed by
 //! `cargo xtask setup`) so that the agent binary embeds it and is self-contained.
 
-/// The dated nightly whose LLVM (22) matches bpf-linker's; see shared/docs/toolchain.md.
+/// The dated nightly whose LLVM (22) is the one bpf-linker is built against
+/// (`cargo xtask setup` installs both: xtask/src/setup/toolchain.rs).
 const EBPF_TOOLCHAIN: &str = "nightly-2026-07-20";
 
 fn main() -> anyhow::Result<()> {

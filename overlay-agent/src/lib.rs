@@ -1,5 +1,14 @@
-//! The overlay agent as a library: the datapaths behind one interface, and
-//! (later) the control plane that drives them from etcd.
+//! The overlay agent as a library; `main.rs` is the daemon and its
+//! subcommands on top of it.
+//!
+//! - flannel's formats and rules: [`config`], [`lease`], [`subnet_env`],
+//!   [`alloc`], [`gojson`], [`mac`];
+//! - the control plane: [`etcd`] (config, leases, the watch) and
+//!   [`reconcile`], which drives a datapath from the leases;
+//! - [`datapath`]: the eBPF and kernel-vxlan datapaths behind one interface;
+//! - the host: [`netlink`], [`iface`], [`ipmasq`], [`notify`], [`netns`];
+//! - the operator's side: [`cli`], [`health`], [`inspect`] (`status`),
+//!   [`cleanup`].
 
 pub mod alloc;
 pub mod cleanup;

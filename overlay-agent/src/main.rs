@@ -757,6 +757,7 @@ fn refresh_health(
     for (_, why) in rec.rejected().values() {
         *rejected.entry(*why).or_insert(0) += 1;
     }
+    let refused = rec.refused().len();
     let dp = rec.datapath();
     let (counters, traffic) = match dp.as_ebpf() {
         Some(e) => (e.counters().ok(), e.peer_counters().unwrap_or_default()),
@@ -787,6 +788,7 @@ fn refresh_health(
     h.leases_rejected = rejected;
     h.mode = Some(dp.mode());
     h.peers_programmed = programmed.len();
+    h.peers_rejected_map_full = refused;
     h.counters = counters;
     h.peers = peers;
     h.lease_expiry_unix = expiry;

@@ -5,7 +5,10 @@
 //! On start it reads what is already programmed (`Datapath::peers`, from the
 //! maps or the kernel's entries), so whatever etcd no longer holds (a peer
 //! that left while we were down) is removed. Calls that fail leave the
-//! "programmed" view unchanged, so the next `converge` retries them.
+//! "programmed" view unchanged, so the next `converge` retries them. A peer
+//! the datapath has no room for ([`DatapathError::MapFull`]) is logged once,
+//! when it is first refused, and listed in [`Reconciler::refused`] (the
+//! `overlay_peers_rejected` metric) until it fits or leaves.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -57,6 +60,17 @@ pub struct Reconciler<D: Datapath> {
     /// Leases that parse but fail [`lease_check`], by key: never programmed
     /// and not retried until their value changes.
     rejected: BTreeMap<String, (Ipv4Net, Rejection)>,
+    /// Desired peers the datapath refused for lack of room, as last refused.
+    refused: BTreeMap<Ipv4Net, Refusal>,
+}
+
+/// A peer the datapath had no room for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    pub peer: Peer,
+    /// The map that was full, and its capacity.
+    pub map: &'static str,
+    pub capacity: u32,
 }
 
 impl<D: Datapath> Reconciler<D> {
@@ -85,6 +99,7 @@ impl<D: Datapath> Reconciler<D> {
             programmed,
             reported: BTreeMap::new(),
             rejected: BTreeMap::new(),
+            refused: BTreeMap::new(),
         };
         r.apply(&[WatchEvent::Reset(snapshot.clone())]);
         r.converge().await;
@@ -126,6 +141,12 @@ impl<D: Datapath> Reconciler<D> {
     /// The leases in etcd that fail the checks, by key, with the reason.
     pub fn rejected(&self) -> &BTreeMap<String, (Ipv4Net, Rejection)> {
         &self.rejected
+    }
+
+    /// Desired peers the datapath has refused for lack of room (retried by
+    /// every `converge`).
+    pub fn refused(&self) -> &BTreeMap<Ipv4Net, Refusal> {
+        &self.refused
     }
 
     pub fn is_converged(&self) -> bool {
@@ -258,6 +279,7 @@ impl<D: Datapath> Reconciler<D> {
                 }
             }
         }
+        self.refused.retain(|s, r| desired.get(s) == Some(&r.peer));
         for (subnet, p) in desired {
             if self.programmed.get(&subnet) == Some(&p) {
                 continue;
@@ -270,6 +292,23 @@ impl<D: Datapath> Reconciler<D> {
                         p.vtep_mac
                     );
                     self.programmed.insert(subnet, p);
+                    self.refused.remove(&subnet);
+                }
+                Err(DatapathError::MapFull { map, capacity }) => {
+                    ok = false;
+                    let refusal = Refusal {
+                        peer: p,
+                        map,
+                        capacity,
+                    };
+                    if self.refused.insert(subnet, refusal) != Some(refusal) {
+                        log::error!(
+                            "peer {subnet} via {} not programmed: the datapath's {map} map is full ({capacity} entries). Until a peer leaves, its VXLAN is dropped as from an unknown VTEP (drop_unknown_vtep); retrying without logging again",
+                            p.public_ip
+                        );
+                    } else {
+                        log::debug!("peer {subnet} still refused: {map} is full");
+                    }
                 }
                 Err(e) => {
                     ok = false;
@@ -303,6 +342,8 @@ mod tests {
     struct FakeDp {
         peers: BTreeMap<Ipv4Net, Peer>,
         fail: BTreeSet<Ipv4Net>,
+        /// add_peer refuses new peers beyond this many, as a full map does.
+        capacity: Option<usize>,
         calls: Vec<String>,
     }
 
@@ -317,6 +358,15 @@ mod tests {
             self.calls.push(format!("add {}", p.subnet));
             if self.fail.contains(&p.subnet) {
                 return Err(DatapathError::InvalidSpec("injected".into()));
+            }
+            if let Some(capacity) = self.capacity
+                && self.peers.len() >= capacity
+                && !self.peers.contains_key(&p.subnet)
+            {
+                return Err(DatapathError::MapFull {
+                    map: "KNOWN_VTEPS",
+                    capacity: capacity as u32,
+                });
             }
             self.peers.insert(p.subnet, *p);
             Ok(())
@@ -597,6 +647,50 @@ mod tests {
                 held(&mut r),
                 vec![peer("10.0.2.0/24", 2), peer("10.0.3.0/24", 3)]
             );
+        });
+    }
+
+    #[test]
+    fn peers_the_datapath_has_no_room_for_are_listed_until_they_fit_or_leave() {
+        block_on(async {
+            let dp = FakeDp {
+                capacity: Some(1),
+                ..FakeDp::default()
+            };
+            let s = snap(vec![
+                entry(&peer("10.0.2.0/24", 2)),
+                entry(&peer("10.0.3.0/24", 3)),
+                entry(&peer("10.0.4.0/24", 4)),
+            ]);
+            let mut r = Reconciler::start(dp, own(), &s).await.unwrap();
+            let refused =
+                |r: &Reconciler<FakeDp>| -> Vec<Ipv4Net> { r.refused().keys().copied().collect() };
+            assert_eq!(held(&mut r), vec![peer("10.0.2.0/24", 2)]);
+            assert_eq!(
+                r.refused().get(&net("10.0.3.0/24")),
+                Some(&Refusal {
+                    peer: peer("10.0.3.0/24", 3),
+                    map: "KNOWN_VTEPS",
+                    capacity: 1
+                })
+            );
+            assert_eq!(refused(&r), [net("10.0.3.0/24"), net("10.0.4.0/24")]);
+            // Retried, still refused: listed once each.
+            assert!(!r.converge().await);
+            assert_eq!(refused(&r), [net("10.0.3.0/24"), net("10.0.4.0/24")]);
+            // One leaves etcd: no longer listed. The programmed one leaves:
+            // its room goes to the other.
+            r.apply(&[WatchEvent::Delete {
+                key: lease::lease_key(P, net("10.0.4.0/24")),
+            }]);
+            assert!(!r.converge().await);
+            assert_eq!(refused(&r), [net("10.0.3.0/24")]);
+            r.apply(&[WatchEvent::Delete {
+                key: lease::lease_key(P, net("10.0.2.0/24")),
+            }]);
+            assert!(r.converge().await);
+            assert!(refused(&r).is_empty());
+            assert_eq!(held(&mut r), vec![peer("10.0.3.0/24", 3)]);
         });
     }
 

@@ -11,8 +11,9 @@ use aya::programs::{SchedClassifier, TcAttachType};
 use common::{Lab, LabNode, Node, cmd, cmd_fails, expect_peer_entries, ping};
 use overlay_agent::{
     datapath::{
-        Datapath, NodeState, Peer,
-        ebpf::{Counters, EbpfDatapath, EbpfOptions, IngressMode, ProgramIds},
+        Datapath, DatapathError, NodeState, Peer,
+        ebpf::{Counters, EBPF_OBJECT, EbpfDatapath, EbpfOptions, IngressMode, ProgramIds},
+        pins::{MAPS, MapShape, PinLayout, declared_shapes},
     },
     mac::MacAddr,
     netns::NetnsWorker,
@@ -335,7 +336,7 @@ fn kernel_name(name: &str) -> String {
 #[test]
 #[ignore = "needs root, network namespaces and eBPF: run `cargo xtask test`"]
 fn ebpf_attach_failure_leaves_nothing_attached_and_the_kernel_datapath_takes_over() -> Result<()> {
-    use overlay_agent::datapath::{DatapathError, ebpf::EbpfFailure, kernel::KernelDatapath};
+    use overlay_agent::datapath::{ebpf::EbpfFailure, kernel::KernelDatapath};
 
     let lab = Lab::new("x")?;
     let a = &lab.nodes[0];
@@ -451,7 +452,7 @@ fn expect_maps_dump(ids: ProgramIds, peer: &Peer) -> Result<()> {
 #[test]
 #[ignore = "needs root, network namespaces, bpffs and eBPF: run `cargo xtask test`"]
 fn pinned_links_outlive_the_datapath_and_take_new_programs() -> Result<()> {
-    use overlay_agent::datapath::pins::{PinLayout, link_info, obj_get};
+    use overlay_agent::datapath::pins::{link_info, obj_get};
 
     let lab = Lab::new("pn")?;
     let a = &lab.nodes[0];
@@ -474,12 +475,25 @@ fn pinned_links_outlive_the_datapath_and_take_new_programs() -> Result<()> {
         ..EbpfOptions::default()
     };
 
-    // An older build's PEER_STATS with another value size: replaced on setup.
+    // Older builds' maps, each unfit in one way: replaced on setup. PEER_STATS
+    // has the right sizes but is preallocated (as before BPF_F_NO_PREALLOC),
+    // KNOWN_VTEPS the right sizes but another type, NODE_CONFIG another
+    // value size.
     std::fs::create_dir_all(layout.root())?;
-    cmd(&format!(
-        "bpftool map create {} type hash key 4 value 8 entries 4 name PEER_STATS",
-        layout.map("PEER_STATS").display()
-    ))?;
+    for (name, def) in [
+        (
+            "PEER_STATS",
+            "type percpu_hash key 4 value 32 entries 16384",
+        ),
+        ("KNOWN_VTEPS", "type lru_hash key 4 value 8 entries 16384"),
+        ("NODE_CONFIG", "type array key 4 value 8 entries 1"),
+    ] {
+        cmd(&format!(
+            "bpftool map create {} {def} name {name}",
+            layout.map(name).display()
+        ))?;
+    }
+    let old_ids = pinned_map_ids(&layout)?;
 
     let first_options = options.clone();
     let wa = a.worker(move || EbpfDatapath::new(first_options))?;
@@ -489,14 +503,18 @@ fn pinned_links_outlive_the_datapath_and_take_new_programs() -> Result<()> {
     add(&wa, b.peer(state_b.vtep_mac)?)?;
     add(&wb, a.peer(state_a.vtep_mac)?)?;
     let first = program_ids(&wa)?;
-    let value_size = cmd(&format!(
-        "bpftool -j map show pinned {}",
-        layout.map("PEER_STATS").display()
-    ))?;
-    let value_size: serde_json::Value = serde_json::from_str(&value_size)?;
+    let new_ids = pinned_map_ids(&layout)?;
+    for (name, old) in &old_ids {
+        ensure!(
+            new_ids.iter().any(|(n, id)| n == name && id != old),
+            "{name} not replaced: {old_ids:?} -> {new_ids:?}"
+        );
+    }
+    expect_pinned_maps_as_declared(&layout)?;
+    let peer_stats = MapShape::of_pin(&layout.map("PEER_STATS"))?;
     ensure!(
-        value_size["bytes_value"] == 32,
-        "PEER_STATS not replaced: {value_size}"
+        peer_stats.flags & BPF_F_NO_PREALLOC != 0,
+        "PEER_STATS is preallocated: {peer_stats:?}"
     );
     let link_of = |program: &str| -> Result<(u32, u32)> {
         let info = link_info(&obj_get(&layout.link(program))?)?;
@@ -536,6 +554,11 @@ fn pinned_links_outlive_the_datapath_and_take_new_programs() -> Result<()> {
         );
     }
     ensure!(peers(&wa)?.len() == 1, "the reopened maps lost the peer");
+    ensure!(
+        pinned_map_ids(&layout)? == new_ids,
+        "maps that fit were replaced: {new_ids:?} -> {:?}",
+        pinned_map_ids(&layout)?
+    );
     ping(&a.container, "10.77.2.2")?;
 
     wa.run(|dp, rt| rt.block_on(dp.teardown()))?;
@@ -550,8 +573,142 @@ fn pinned_links_outlive_the_datapath_and_take_new_programs() -> Result<()> {
     Ok(())
 }
 
+const BPF_F_NO_PREALLOC: u32 = 1;
+
+/// The id of every pinned map, by name.
+fn pinned_map_ids(layout: &PinLayout) -> Result<Vec<(String, u32)>> {
+    let mut ids = Vec::new();
+    for name in MAPS {
+        let path = layout.map(name);
+        if path.exists() {
+            ids.push((name.to_owned(), aya::maps::MapInfo::from_pin(&path)?.id()));
+        }
+    }
+    Ok(ids)
+}
+
+/// Every pinned map has exactly the type, sizes, capacity and flags the
+/// embedded object declares.
+fn expect_pinned_maps_as_declared(layout: &PinLayout) -> Result<()> {
+    let declared = declared_shapes(EBPF_OBJECT, &[])?;
+    ensure!(declared.len() == MAPS.len(), "{declared:?}");
+    for (name, want) in declared {
+        let have = MapShape::of_pin(&layout.map(name))?;
+        ensure!(have == want, "pinned {name}: {have:?}, declared {want:?}");
+    }
+    Ok(())
+}
+
 /// Packets encapsulated so far, read from the pinned COUNTERS map.
-fn counters_from_pins(layout: &overlay_agent::datapath::pins::PinLayout) -> Result<u64> {
+fn counters_from_pins(layout: &PinLayout) -> Result<u64> {
     let state = overlay_agent::inspect::read(layout)?.context("no pins")?;
     Ok(state.counters.get(Reason::Encapsulated).packets)
+}
+
+/// Public IPs in KNOWN_VTEPS and in PEER_STATS, and REMOTE_SUBNETS.
+type MapContents = (Vec<std::net::Ipv4Addr>, Vec<std::net::Ipv4Addr>, Vec<Peer>);
+
+/// With room for two peers: a third is refused as [`DatapathError::MapFull`]
+/// naming the full map, and leaves nothing in any map (no KNOWN_VTEPS or
+/// PEER_STATS entry behind a REMOTE_SUBNETS insert that failed), while the
+/// peers already in keep their traffic; a refused peer fits once one leaves.
+#[test]
+#[ignore = "needs root, network namespaces and eBPF: run `cargo xtask test`"]
+fn a_full_peer_map_refuses_a_peer_whole_and_keeps_the_others() -> Result<()> {
+    let lab = Lab::new("mf")?;
+    let a = &lab.nodes[0];
+    let b = &lab.nodes[1];
+    let small = EbpfOptions {
+        peer_capacity: 2,
+        ..EbpfOptions::default()
+    };
+    let wa = a.worker(move || EbpfDatapath::new(small))?;
+    let wb = b.worker(|| EbpfDatapath::new(EbpfOptions::default()))?;
+    let state_a = setup(&wa, a)?;
+    let state_b = setup(&wb, b)?;
+    let peer_b = b.peer(state_b.vtep_mac)?;
+    add(&wb, a.peer(state_a.vtep_mac)?)?;
+    let fake = |n: u8, ip: &str| -> Result<Peer> {
+        Ok(Peer {
+            subnet: format!("10.77.{n}.0/24").parse()?,
+            public_ip: ip.parse()?,
+            vtep_mac: format!("02:42:00:00:00:{n:02x}").parse()?,
+        })
+    };
+    let try_add = |peer: Peer| wa.run(move |dp, rt| rt.block_on(dp.add_peer(&peer)));
+    let full = |result: Result<(), DatapathError>| match result {
+        Err(DatapathError::MapFull { map, capacity }) => Ok((map, capacity)),
+        other => Err(anyhow::anyhow!("expected MapFull, got {other:?}")),
+    };
+    let maps = || -> Result<MapContents> {
+        wa.run(|dp, _| -> Result<_> {
+            let in_trie = dp.map_peers()?;
+            let stats: Vec<_> = dp.peer_counters()?.iter().map(|c| c.public_ip).collect();
+            let mut known = Vec::new();
+            for ip in [
+                "192.168.77.2",
+                "192.168.77.3",
+                "192.168.77.4",
+                "192.168.77.6",
+            ] {
+                if dp.knows_vtep(ip.parse()?)? {
+                    known.push(ip.parse()?);
+                }
+            }
+            Ok((known, stats, in_trie))
+        })
+    };
+
+    let f1 = fake(3, "192.168.77.3")?;
+    add(&wa, peer_b)?;
+    add(&wa, f1)?;
+    // KNOWN_VTEPS is the first map to run out.
+    let f2 = fake(4, "192.168.77.4")?;
+    ensure!(full(try_add(f2))? == ("KNOWN_VTEPS", 2));
+    let (known, stats, trie) = maps()?;
+    ensure!(
+        known == [peer_b.public_ip, f1.public_ip]
+            && stats == [peer_b.public_ip, f1.public_ip]
+            && trie == [peer_b, f1],
+        "after the refusal: known {known:?}, stats {stats:?}, trie {trie:?}"
+    );
+
+    // A second subnet behind peer b's VTEP fills REMOTE_SUBNETS and leaves
+    // room in KNOWN_VTEPS, so a new VTEP gets into KNOWN_VTEPS and
+    // PEER_STATS before REMOTE_SUBNETS refuses it: both are undone, and
+    // peer b's entry, which the shared subnet still uses, stays.
+    remove(&wa, f1)?;
+    let behind_b = Peer {
+        subnet: "10.77.5.0/24".parse()?,
+        ..peer_b
+    };
+    add(&wa, behind_b)?;
+    let f4 = fake(6, "192.168.77.6")?;
+    ensure!(full(try_add(f4))? == ("REMOTE_SUBNETS", 2));
+    let (known, stats, trie) = maps()?;
+    ensure!(
+        known == [peer_b.public_ip] && stats == [peer_b.public_ip] && trie == [peer_b, behind_b],
+        "after the undone insert: known {known:?}, stats {stats:?}, trie {trie:?}"
+    );
+    // Only what is whole in the maps counts as programmed; peer b's
+    // traffic still flows both ways through the programs.
+    let mut programmed = peers(&wa)?;
+    programmed.sort_by_key(|p| p.subnet);
+    ensure!(programmed == [peer_b, behind_b], "{programmed:?}");
+    expect_programs_carry(a, &wa, &[(&a.container, "10.77.2.2")])?;
+
+    // Room again: the refused peer goes in whole.
+    remove(&wa, behind_b)?;
+    add(&wa, f4)?;
+    let (known, stats, trie) = maps()?;
+    ensure!(
+        known == [peer_b.public_ip, f4.public_ip]
+            && stats == [peer_b.public_ip, f4.public_ip]
+            && trie == [peer_b, f4],
+        "after a peer left: known {known:?}, stats {stats:?}, trie {trie:?}"
+    );
+
+    wa.run(|dp, rt| rt.block_on(dp.teardown()))?;
+    wb.run(|dp, rt| rt.block_on(dp.teardown()))?;
+    Ok(())
 }

@@ -20,8 +20,11 @@ pub enum Reason {
     PassGsoTunnel = 4,
     /// Ingress: not VXLAN for our address and port; untouched.
     PassNotOurs = 5,
-    /// Egress: a non-GSO packet with DF set that would exceed the underlay MTU once
-    /// encapsulated; the kernel path answers it with ICMP "fragmentation needed".
+    /// Egress: encapsulated, the packet would exceed the underlay MTU (a
+    /// non-GSO packet, DF set or not: the program does not look) or the
+    /// 64 KiB an IPv4 header can describe; left to the kernel's vxlan device,
+    /// which lowers the inner route's path MTU and sends it as outer IPv4
+    /// fragments (flannel's device leaves the outer DF clear).
     PassTooBig = 6,
     /// Ingress: the outer IPv4 header is a fragment or carries options; left to the kernel.
     PassOuterIpUnusual = 7,

@@ -72,8 +72,9 @@ pub fn classify_egress(
     };
 
     let outer_len = l3_len + VXLAN_ENCAP_LEN;
-    // The kernel device fragments what does not fit (or answers "fragmentation
-    // needed" when DF is set); a program cannot, so such packets go its way.
+    // The kernel device sends what does not fit as outer IPv4 fragments (its
+    // outer DF is clear whatever the inner DF) and lowers the inner route's
+    // path MTU; a program cannot fragment, so such packets go its way.
     // Segments of a GSO aggregate were sized for flannel.<VNI>'s MTU.
     if outer_len > u32::from(u16::MAX)
         || (!pkt.gso && cfg.underlay_mtu != 0 && outer_len > cfg.underlay_mtu)

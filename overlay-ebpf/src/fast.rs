@@ -2,8 +2,8 @@
 //! slow path, checked on the fast one (see `overlay_common::fastpath`).
 
 use aya_ebpf::{
-    bindings::{BPF_CSUM_LEVEL_DEC, TC_ACT_REDIRECT, TC_ACT_SHOT},
-    helpers::generated::{bpf_csum_level, bpf_ktime_get_ns, bpf_redirect_peer},
+    bindings::{TC_ACT_REDIRECT, TC_ACT_SHOT},
+    helpers::generated::{bpf_ktime_get_ns, bpf_redirect_peer},
     programs::TcContext,
 };
 use overlay_common::{
@@ -170,13 +170,9 @@ fn finish_delivery(
         count(Reason::DropAdjustFailed, len);
         return TC_ACT_SHOT;
     }
-    // A checksum the NIC validated was the outer one.
-    unsafe {
-        bpf_csum_level(ctx.skb.skb, BPF_CSUM_LEVEL_DEC as u64);
-        // The underlay's receive queue means nothing to the pod's veth,
-        // which may have fewer queues.
-        (*ctx.skb.skb).queue_mapping = 0;
-    }
+    // The underlay's receive queue means nothing to the pod's veth, which
+    // may have fewer queues. (strip_vxlan lowered the checksum level.)
+    unsafe { (*ctx.skb.skb).queue_mapping = 0 };
     let ret = unsafe { bpf_redirect_peer(pod.ifindex, 0) };
     if ret != i64::from(TC_ACT_REDIRECT) {
         count(Reason::DropRedirectFailed, len);

@@ -4,8 +4,8 @@
 //! XDP does not look at, GSO aggregates built after XDP).
 
 use aya_ebpf::{
-    bindings::{BPF_CSUM_LEVEL_DEC, BPF_F_INGRESS, TC_ACT_REDIRECT, TC_ACT_SHOT},
-    helpers::generated::{bpf_csum_level, bpf_redirect},
+    bindings::{BPF_F_INGRESS, TC_ACT_REDIRECT, TC_ACT_SHOT},
+    helpers::generated::bpf_redirect,
     macros::classifier,
     programs::TcContext,
 };
@@ -45,6 +45,16 @@ pub fn vxlan_ingress_tc(ctx: TcContext) -> i32 {
         return TCX_NEXT;
     };
     if decapsulated_by_xdp(&ctx) {
+        // XDP has no skb to correct. The one that reaches us (built by the
+        // driver after XDP, or the one generic and veth XDP ran on) carries the
+        // checksum verdict on the frame as received, the outer one: mlx5, with
+        // an XDP program attached, reports CHECKSUM_UNNECESSARY from the
+        // completion's L3/L4 OK bits (mlx5e_handle_csum). Consumed here, as
+        // strip_vxlan does on the TC path. A driver that still reports CHECKSUM_COMPLETE for a frame XDP
+        // changed hands the stack a sum over bytes that are gone; the stack
+        // then finds it wrong and verifies in software (netdev_rx_csum_fault),
+        // which is why mlx5 turns CHECKSUM_COMPLETE off under XDP.
+        skb::outer_udp_removed(&ctx);
         // XDP counted it as decapsulated; only a failure is left to count.
         return deliver(cfg, len, None);
     }
@@ -93,9 +103,6 @@ pub fn vxlan_ingress_tc(ctx: TcContext) -> i32 {
                 count(Reason::DropAdjustFailed, len);
                 return TC_ACT_SHOT;
             }
-            // A checksum the NIC validated was the outer one (or none, as UDP
-            // checksum 0): it says nothing about the inner packet any more.
-            unsafe { bpf_csum_level(ctx.skb.skb, BPF_CSUM_LEVEL_DEC as u64) };
             let verdict = deliver(cfg, len, Some(Reason::Decapsulated));
             if verdict == TC_ACT_REDIRECT {
                 count_peer_rx(outer_source(&window), len);

@@ -2,6 +2,7 @@
 //! map's name). BTF-defined so `bpftool map dump` shows fields.
 
 use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
     btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
     macros::btf_map,
 };
@@ -30,9 +31,21 @@ pub static COUNTERS: PerCpuArray<Counter, { Reason::SLOTS as usize }> = PerCpuAr
 
 /// Packets and bytes each way per peer (public IPv4, network order), per CPU.
 /// Entries are created and removed by the agent with KNOWN_VTEPS.
+///
+/// Not preallocated: a preallocated per-CPU hash reserves max_entries × value
+/// (32 B) × possible CPUs when it is created, 512 KiB per possible CPU at
+/// `MAX_PEERS` = 16384: 32 MiB on a 64-CPU host, 128 MiB at 256, for a cluster
+/// of any size. Without preallocation an entry's per-CPU values are allocated
+/// when the agent inserts the peer, so the map costs 32 B × CPUs per peer it
+/// holds. The programs only look entries up and add in place, which costs
+/// the same either way.
 #[btf_map]
-pub static PEER_STATS: PerCpuHashMap<[u8; 4], PeerTraffic, { MAX_PEERS as usize }> =
-    PerCpuHashMap::new();
+pub static PEER_STATS: PerCpuHashMap<
+    [u8; 4],
+    PeerTraffic,
+    { MAX_PEERS as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = PerCpuHashMap::new();
 
 /// Index 0: the fast path's settings; all zero (off) until the agent turns it on.
 #[btf_map]

@@ -3,8 +3,11 @@
 use core::mem::MaybeUninit;
 
 use aya_ebpf::{
-    bindings::{BPF_F_ADJ_ROOM_FIXED_GSO, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC},
-    helpers::generated::bpf_skb_load_bytes,
+    bindings::{
+        BPF_CSUM_LEVEL_DEC, BPF_F_ADJ_ROOM_FIXED_GSO, BPF_F_ADJ_ROOM_NO_CSUM_RESET,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+    },
+    helpers::generated::{bpf_csum_level, bpf_skb_load_bytes},
     programs::TcContext,
 };
 use overlay_common::ingress::DECAP_LEN;
@@ -69,15 +72,37 @@ pub fn is_gso(ctx: &TcContext) -> bool {
 }
 
 /// Removes the outer IPv4/UDP/VXLAN headers and the inner Ethernet header
-/// behind the outer Ethernet header, which stays in front. FIXED_GSO: a GSO
-/// aggregate keeps its gso_size (the inner MSS). False if the kernel refused
-/// (nothing changed then).
+/// behind the outer Ethernet header, which stays in front, and then
+/// [`outer_udp_removed`]. FIXED_GSO: a GSO aggregate keeps its gso_size (the
+/// inner MSS). NO_CSUM_RESET: left to itself the helper turns every
+/// CHECKSUM_UNNECESSARY into CHECKSUM_NONE (Linux 5.8, commit 836e66c218f3
+/// "bpf: Fix up bpf_skb_adjust_room helper's skb csum setting"), which would
+/// also throw away a NIC's verdict on the inner checksum. False if the kernel
+/// refused (nothing changed then).
 #[inline(always)]
 pub fn strip_vxlan(ctx: &TcContext) -> bool {
-    ctx.adjust_room(
-        -(DECAP_LEN as i32),
-        BPF_ADJ_ROOM_MAC,
-        BPF_F_ADJ_ROOM_FIXED_GSO as u64,
-    )
-    .is_ok()
+    let flags = BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_NO_CSUM_RESET;
+    if ctx
+        .adjust_room(-(DECAP_LEN as i32), BPF_ADJ_ROOM_MAC, flags as u64)
+        .is_err()
+    {
+        return false;
+    }
+    outer_udp_removed(ctx);
+    true
+}
+
+/// The outer UDP header is gone (here, or in XDP before the skb existed):
+/// one CHECKSUM_UNNECESSARY level less, as the kernel's own UDP receive does
+/// for a tunnel (`__skb_checksum_validate_needed` decrements the level it
+/// consumed). A NIC reports level 0 when it checked the outer UDP checksum
+/// only (or found it 0, which checks nothing), level 1 when it checked the
+/// inner TCP/UDP checksum too; left at level 0, the stack would take an
+/// inner checksum nobody verified as good. A no-op for CHECKSUM_NONE, for
+/// CHECKSUM_COMPLETE (whose sum `bpf_skb_adjust_room` corrects itself) and
+/// for CHECKSUM_PARTIAL (from a sender on this machine, its checksum still
+/// to be filled in).
+#[inline(always)]
+pub fn outer_udp_removed(ctx: &TcContext) {
+    unsafe { bpf_csum_level(ctx.skb.skb, BPF_CSUM_LEVEL_DEC as u64) };
 }

@@ -13,7 +13,8 @@
 //! - [`agent`]: hosts on one bridge and `overlay-agent` processes in them;
 //! - [`binaries`]: the agent binary, built on demand for tests that run it;
 //! - [`stats`]: device statistics and attached BPF programs;
-//! - [`http`]: the agent's health and metrics endpoints.
+//! - [`http`]: the agent's health and metrics endpoints;
+//! - [`rx_csum`]: a sender whose packets arrive as if a NIC had verified their checksums.
 
 pub mod agent;
 pub mod binaries;
@@ -27,6 +28,7 @@ pub mod netns;
 pub mod node;
 pub mod overlay;
 pub mod reference;
+pub mod rx_csum;
 pub mod scenario;
 pub mod stats;
 pub mod traffic;

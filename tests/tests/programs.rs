@@ -823,7 +823,8 @@ impl KernelVxlan {
                 "u0",
             ],
         )?;
-        // As flannel creates it (see shared/docs/flannel-reference.md).
+        // As flannel creates it (flannel-io/flannel, newVXLANDevice in
+        // pkg/backend/vxlan/device.go).
         let local_vtep = mac(LOCAL_VTEP_MAC);
         ip(
             ns,

@@ -31,11 +31,12 @@ use aya::{
     },
 };
 use ipnet::Ipv4Net;
-use log::{info, warn};
+use log::{debug, info, warn};
 use overlay_common::{
     consts::{
         MAP_COUNTERS, MAP_KNOWN_VTEPS, MAP_NODE_CONFIG, MAP_PEER_STATS, MAP_REMOTE_SUBNETS,
-        PROG_EGRESS, PROG_INGRESS_TC, PROG_INGRESS_XDP, PROG_VETH_FROM_POD, PROG_VETH_TO_POD,
+        MAX_PEERS, PROG_EGRESS, PROG_INGRESS_TC, PROG_INGRESS_XDP, PROG_VETH_FROM_POD,
+        PROG_VETH_TO_POD,
     },
     counters::{Counter, Reason},
     maps::{KnownVtep, NodeConfig, PeerTraffic, RemoteVtep},
@@ -45,7 +46,7 @@ use super::{
     Datapath, DatapathError, Mode, NodeSpec, NodeState, Peer,
     fastpath::{self, FastPathMode, PodAttachments},
     kernel::KernelDatapath,
-    pins::{MAPS, PinLayout},
+    pins::{MAPS, PinLayout, declared_shapes},
     tc_attach::{self, TcApi, TcAttachMode, TcLink},
 };
 use crate::{mac::MacAddr, netlink::VxlanDevice};
@@ -82,7 +83,7 @@ impl fmt::Display for IngressMode {
 }
 
 /// How to run the eBPF datapath.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct EbpfOptions {
     pub ingress: IngressMode,
     /// XDP attach mode for [`IngressMode::XdpAndTc`]; the default lets the
@@ -98,6 +99,33 @@ pub struct EbpfOptions {
     pub fast_path: FastPathMode,
     /// `--tc-attach`: TCX links or legacy clsact filters.
     pub tc_attach: TcAttachMode,
+    /// How many peers the maps hold: the `max_entries` the loader gives
+    /// REMOTE_SUBNETS, KNOWN_VTEPS and PEER_STATS (default [`MAX_PEERS`], what
+    /// the object declares). A peer beyond it is refused with
+    /// [`DatapathError::MapFull`] and nothing of it enters the maps. Tests
+    /// set it small to fill the maps.
+    pub peer_capacity: u32,
+}
+
+impl Default for EbpfOptions {
+    fn default() -> Self {
+        EbpfOptions {
+            ingress: IngressMode::default(),
+            xdp_mode: XdpMode::default(),
+            pins: None,
+            object: None,
+            fast_path: FastPathMode::default(),
+            tc_attach: TcAttachMode::default(),
+            peer_capacity: MAX_PEERS,
+        }
+    }
+}
+
+impl EbpfOptions {
+    /// The loader's `max_entries` overrides.
+    fn capacities(&self) -> [(&'static str, u32); 3] {
+        [MAP_REMOTE_SUBNETS, MAP_KNOWN_VTEPS, MAP_PEER_STATS].map(|m| (m, self.peer_capacity))
+    }
 }
 
 /// The attach point of a program, for error messages.
@@ -231,6 +259,10 @@ pub enum EbpfError {
     /// `--fast-path=on` and the host's part could not be installed.
     #[error("eBPF: the fast path cannot be turned on: {0}")]
     FastPathHost(String),
+    /// A peer map has no room for another entry (E2BIG from a hash map,
+    /// ENOSPC from the LPM trie). Becomes [`DatapathError::MapFull`].
+    #[error("eBPF: map {map} is full ({capacity} entries)")]
+    MapFull { map: &'static str, capacity: u32 },
 }
 
 impl EbpfError {
@@ -245,6 +277,7 @@ impl EbpfError {
             EbpfError::Verifier { .. } => EbpfFailure::Verifier,
             EbpfError::Attach { .. } | EbpfError::Detach { .. } => EbpfFailure::Attach,
             EbpfError::Map { .. }
+            | EbpfError::MapFull { .. }
             | EbpfError::Pin { .. }
             | EbpfError::Link { .. }
             | EbpfError::Cpus(_) => EbpfFailure::Map,
@@ -495,6 +528,20 @@ impl EbpfDatapath {
         }
     }
 
+    /// A start failed: what this attempt attached (or an earlier run pinned)
+    /// would keep filtering with maps nobody maintains once we give up, so it
+    /// goes; the kernel's vxlan driver then serves the device as it is.
+    fn give_up(&mut self, subnet: Ipv4Net) {
+        self.loaded = None;
+        if let Err(undo) = remove_attachments(self.options.pins.as_ref()) {
+            warn!(
+                "after a failed start: {}",
+                DatapathError::from(undo).reason()
+            );
+        }
+        fastpath::release_host(subnet);
+    }
+
     fn loaded(&self) -> Result<&Loaded, DatapathError> {
         self.loaded.as_deref().ok_or(DatapathError::NotSetUp)
     }
@@ -606,16 +653,22 @@ impl Loaded {
             None => EBPF_OBJECT,
         };
         let mut loader = EbpfLoader::new();
+        let capacities = options.capacities();
+        for (name, max) in capacities {
+            loader.map_max_entries(name, max);
+        }
         let pins = options.pins.as_ref();
         let mut pin_paths = Vec::new();
         if let Some(pins) = pins {
+            let declared =
+                declared_shapes(object, &capacities).map_err(|e| EbpfError::Object(e.into()))?;
             let replaced = pins
-                .prepare()
+                .prepare(&declared)
                 .map_err(pin_err(pins.root().to_owned(), "prepare"))?;
             if !replaced.is_empty() {
                 info!("pinned maps {replaced:?} had another layout: created anew");
             }
-            for (name, ..) in MAPS {
+            for name in MAPS {
                 pin_paths.push((name, pins.map(name)));
             }
         }
@@ -634,7 +687,14 @@ impl Loaded {
                 .map_err(|e| EbpfError::map(MAP_NODE_CONFIG, "set entry 0", e))?;
         }
         for peer in peers {
-            insert_peer(&mut ebpf, peer)?;
+            match insert_peer(&mut ebpf, peer, options.peer_capacity) {
+                // The reconciler finds it missing from the maps, retries and
+                // reports it.
+                Err(EbpfError::MapFull { map, .. }) => {
+                    debug!("peer {} left out of the maps: {map} is full", peer.subnet);
+                }
+                other => other?,
+            }
         }
         // Reopened maps may hold peers that left while no agent ran.
         prune_maps(&mut ebpf, peers)?;
@@ -908,11 +968,15 @@ fn public_ips_in_use(ebpf: &mut Ebpf) -> Result<Vec<[u8; 4]>, EbpfError> {
         .collect()
 }
 
-/// Inserts (or updates) a peer in REMOTE_SUBNETS and KNOWN_VTEPS. KNOWN_VTEPS
-/// goes first so ingress accepts the peer by the time egress sends to it; a
-/// public IP the update leaves unused is dropped from KNOWN_VTEPS.
-fn insert_peer(ebpf: &mut Ebpf, peer: &Peer) -> Result<(), EbpfError> {
+/// Inserts (or updates) a peer: KNOWN_VTEPS, then its PEER_STATS entry,
+/// then REMOTE_SUBNETS, so ingress accepts the peer by the time egress sends
+/// to it; a public IP the update leaves unused is dropped from KNOWN_VTEPS.
+/// All or nothing: when a map refuses (full at `capacity` entries,
+/// [`EbpfError::MapFull`], or any other error), what this call added to the
+/// first two is removed again, so the maps never hold half a peer.
+fn insert_peer(ebpf: &mut Ebpf, peer: &Peer, capacity: u32) -> Result<(), EbpfError> {
     let key = subnet_key(peer.subnet);
+    let ip = peer.public_ip.octets();
     let previous = match remote_subnets(ebpf)?.get(&key, 0) {
         Ok(v) => Some(v.public_ip),
         Err(e) if is_missing(&e) => None,
@@ -924,17 +988,44 @@ fn insert_peer(ebpf: &mut Ebpf, peer: &Peer) -> Result<(), EbpfError> {
             ));
         }
     };
-    known_vteps(ebpf)?
-        .insert(peer.public_ip.octets(), known_vtep(peer), 0)
-        .map_err(|e| EbpfError::map(MAP_KNOWN_VTEPS, format!("insert {}", peer.public_ip), e))?;
-    start_peer_stats(ebpf, peer.public_ip.octets())?;
-    remote_subnets(ebpf)?
-        .insert(&key, remote_vtep(peer), 0)
-        .map_err(|e| EbpfError::map(MAP_REMOTE_SUBNETS, format!("insert {}", peer.subnet), e))?;
-    if let Some(old) = previous.filter(|old| *old != peer.public_ip.octets()) {
+    let inserted = (|| -> Result<(), EbpfError> {
+        known_vteps(ebpf)?
+            .insert(ip, known_vtep(peer), 0)
+            .map_err(|e| insert_err(MAP_KNOWN_VTEPS, peer.public_ip, capacity, e))?;
+        start_peer_stats(ebpf, ip, capacity)?;
+        remote_subnets(ebpf)?
+            .insert(&key, remote_vtep(peer), 0)
+            .map_err(|e| insert_err(MAP_REMOTE_SUBNETS, peer.subnet, capacity, e))
+    })();
+    if let Err(e) = inserted {
+        // Kept if a REMOTE_SUBNETS entry (this subnet's previous one, or
+        // another subnet's) still sends to it.
+        if let Err(undo) = forget_vtep_if_unused(ebpf, ip) {
+            warn!(
+                "undoing the half-inserted peer {} failed: {}",
+                peer.subnet,
+                DatapathError::from(undo).reason()
+            );
+        }
+        return Err(e);
+    }
+    if let Some(old) = previous.filter(|old| *old != ip) {
         forget_vtep_if_unused(ebpf, old)?;
     }
     Ok(())
+}
+
+/// A failed insert into a peer map: [`EbpfError::MapFull`] when the map had
+/// no room (a hash map says E2BIG, the LPM trie ENOSPC).
+fn insert_err(map: &'static str, what: impl fmt::Display, capacity: u32, e: MapError) -> EbpfError {
+    match &e {
+        MapError::SyscallError(s)
+            if matches!(s.io_error.raw_os_error(), Some(libc::E2BIG | libc::ENOSPC)) =>
+        {
+            EbpfError::MapFull { map, capacity }
+        }
+        _ => EbpfError::map(map, format!("insert {what}"), e),
+    }
 }
 
 fn remove_peer_entries(ebpf: &mut Ebpf, peer: &Peer) -> Result<(), EbpfError> {
@@ -993,18 +1084,14 @@ fn peer_stats(
 
 /// Creates a zeroed PEER_STATS entry unless one exists (a restart keeps the
 /// counts the pinned map holds).
-fn start_peer_stats(ebpf: &mut Ebpf, ip: [u8; 4]) -> Result<(), EbpfError> {
+fn start_peer_stats(ebpf: &mut Ebpf, ip: [u8; 4], capacity: u32) -> Result<(), EbpfError> {
     const BPF_NOEXIST: u64 = 1;
     let cpus = aya::util::nr_cpus().map_err(|(_, e)| EbpfError::Cpus(e))?;
     let zeros =
         PerCpuValues::try_from(vec![PeerTraffic::default(); cpus]).map_err(EbpfError::Cpus)?;
     match peer_stats(ebpf)?.insert(ip, zeros, BPF_NOEXIST) {
         Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => Ok(()),
-        Err(e) => Err(EbpfError::map(
-            MAP_PEER_STATS,
-            format!("insert {}", Ipv4Addr::from(ip)),
-            e,
-        )),
+        Err(e) => Err(insert_err(MAP_PEER_STATS, Ipv4Addr::from(ip), capacity, e)),
         Ok(()) => Ok(()),
     }
 }
@@ -1061,8 +1148,12 @@ impl Datapath for EbpfDatapath {
     /// Sets up the device as the kernel datapath does, then loads the object,
     /// fills NODE_CONFIG and the peer maps from the peers already programmed in
     /// the kernel (an adopted device keeps its peers), and attaches. On error
-    /// nothing stays attached, and the device and its entries remain for the
-    /// kernel datapath to adopt.
+    /// the device and its entries remain for the kernel datapath to adopt,
+    /// and nothing of ours stays attached: whatever failed (the maps, the
+    /// verifier, an attach half-way, or with `--fast-path=on` a pod veth),
+    /// every pin and legacy filter of ours is removed (see
+    /// [`remove_attachments`]), since no program may keep filtering with maps
+    /// nobody maintains.
     async fn setup(&mut self, node: &NodeSpec) -> Result<NodeState, DatapathError> {
         // Detach a previous instance before the device may be re-created.
         self.loaded = None;
@@ -1072,16 +1163,7 @@ impl Datapath for EbpfDatapath {
         let loaded = match Loaded::start(&self.options, device, node.subnet, &peers) {
             Ok(loaded) => loaded,
             Err(e) => {
-                // What this attempt attached (or an earlier run pinned) would
-                // keep filtering with maps nobody maintains once we give up;
-                // without it the kernel's vxlan driver serves the device.
-                if let Err(undo) = remove_attachments(self.options.pins.as_ref()) {
-                    warn!(
-                        "after a failed start: {}",
-                        DatapathError::from(undo).reason()
-                    );
-                }
-                fastpath::release_host(node.subnet);
+                self.give_up(node.subnet);
                 return Err(e.into());
             }
         };
@@ -1100,6 +1182,7 @@ impl Datapath for EbpfDatapath {
         // `--fast-path=on` makes that fatal. The next link event retries.
         if let Err(e) = self.sync_pods().await {
             if self.options.fast_path == FastPathMode::On {
+                self.give_up(node.subnet);
                 return Err(e);
             }
             warn!("fast path: attaching to the pod veths: {}", e.reason());
@@ -1124,10 +1207,16 @@ impl Datapath for EbpfDatapath {
         Ok(())
     }
 
+    /// The kernel entries first, then the maps. A peer the maps have no
+    /// room for ([`DatapathError::MapFull`]) keeps its kernel entries, so its
+    /// subnet still routes into `flannel.<VNI>` (the kernel device
+    /// encapsulates what the programs pass), but none of its map entries: its
+    /// VXLAN is dropped as from an unknown VTEP until a retry finds room.
     async fn add_peer(&mut self, peer: &Peer) -> Result<(), DatapathError> {
         self.loaded()?;
         self.kernel.add_peer(peer).await?;
-        insert_peer(&mut self.loaded_mut()?.ebpf, peer)?;
+        let capacity = self.options.peer_capacity;
+        insert_peer(&mut self.loaded_mut()?.ebpf, peer, capacity)?;
         Ok(())
     }
 

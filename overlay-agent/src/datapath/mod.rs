@@ -93,6 +93,10 @@ pub enum DatapathError {
     /// Loading, verifying or attaching the programs, or a map operation.
     #[error(transparent)]
     Ebpf(Box<ebpf::EbpfError>),
+    /// A peer map (REMOTE_SUBNETS, KNOWN_VTEPS or PEER_STATS) is at its
+    /// capacity: the peer was not added, and nothing of it is in the maps.
+    #[error("map {map} is full ({capacity} entries)")]
+    MapFull { map: &'static str, capacity: u32 },
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -103,8 +107,11 @@ pub enum DatapathError {
 
 impl From<ebpf::EbpfError> for DatapathError {
     fn from(e: ebpf::EbpfError) -> Self {
-        // Boxed: the aya errors inside are large, and every Result carries them.
-        DatapathError::Ebpf(Box::new(e))
+        match e {
+            ebpf::EbpfError::MapFull { map, capacity } => DatapathError::MapFull { map, capacity },
+            // Boxed: the aya errors inside are large, and every Result carries them.
+            e => DatapathError::Ebpf(Box::new(e)),
+        }
     }
 }
 

@@ -32,50 +32,131 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use aya::maps::MapInfo;
+use aya::maps::{MapError, MapInfo, MapType};
 use log::warn;
-use overlay_common::{
-    consts::{
-        MAP_COUNTERS, MAP_FAST_CONFIG, MAP_FAST_FLOWS, MAP_KNOWN_VTEPS, MAP_NODE_CONFIG,
-        MAP_PEER_STATS, MAP_POD_VETHS, MAP_REMOTE_SUBNETS, MAX_FAST_FLOWS, MAX_PEERS,
-        MAX_POD_VETHS,
-    },
-    counters::{Counter, Reason},
-    fastpath::{FastFlow, FastPathConfig, FlowKey},
-    maps::{KnownVtep, NodeConfig, PeerTraffic, RemoteVtep},
+use overlay_common::consts::{
+    MAP_COUNTERS, MAP_FAST_CONFIG, MAP_FAST_FLOWS, MAP_KNOWN_VTEPS, MAP_NODE_CONFIG,
+    MAP_PEER_STATS, MAP_POD_VETHS, MAP_REMOTE_SUBNETS,
 };
 
 /// Where the operator's pins live when `--bpf-pin-dir` is not given.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/overlay";
 
-/// Every map of the object, with the geometry this build expects of a pinned
-/// map it reopens: (name, key size, value size, max entries).
-pub const MAPS: [(&str, u32, u32, u32); 8] = [
-    (
-        MAP_REMOTE_SUBNETS,
-        // LPM key: prefix length (u32) + the address.
-        4 + 4,
-        size_of::<RemoteVtep>() as u32,
-        MAX_PEERS,
-    ),
-    (MAP_KNOWN_VTEPS, 4, size_of::<KnownVtep>() as u32, MAX_PEERS),
-    (MAP_NODE_CONFIG, 4, size_of::<NodeConfig>() as u32, 1),
-    (MAP_COUNTERS, 4, size_of::<Counter>() as u32, Reason::SLOTS),
-    (
-        MAP_PEER_STATS,
-        4,
-        size_of::<PeerTraffic>() as u32,
-        MAX_PEERS,
-    ),
-    (MAP_FAST_CONFIG, 4, size_of::<FastPathConfig>() as u32, 1),
-    (
-        MAP_FAST_FLOWS,
-        size_of::<FlowKey>() as u32,
-        size_of::<FastFlow>() as u32,
-        MAX_FAST_FLOWS,
-    ),
-    (MAP_POD_VETHS, 4, 4, MAX_POD_VETHS),
+/// Every map of the object, pinned under these names.
+pub const MAPS: [&str; 8] = [
+    MAP_REMOTE_SUBNETS,
+    MAP_KNOWN_VTEPS,
+    MAP_NODE_CONFIG,
+    MAP_COUNTERS,
+    MAP_PEER_STATS,
+    MAP_FAST_CONFIG,
+    MAP_FAST_FLOWS,
+    MAP_POD_VETHS,
 ];
+
+/// What a program built for a map relies on: its type (a hash is not an LRU
+/// hash, a per-CPU map holds one value per CPU), key and value sizes, capacity
+/// and creation flags (`BPF_F_NO_PREALLOC` decides what the map reserves).
+/// Either a pinned map as the kernel describes it (`struct bpf_map_info`) or a
+/// map as an object declares it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapShape {
+    /// `enum bpf_map_type`.
+    pub map_type: u32,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
+    pub flags: u32,
+}
+
+impl MapShape {
+    /// The shape of the map pinned at `path`.
+    pub fn of_pin(path: &Path) -> Result<MapShape, MapError> {
+        let info = MapInfo::from_pin(path)?;
+        Ok(MapShape {
+            // MapType's discriminants are the kernel's bpf_map_type values.
+            map_type: info.map_type()? as u32,
+            key_size: info.key_size(),
+            value_size: info.value_size(),
+            max_entries: info.max_entries(),
+            flags: info.map_flags(),
+        })
+    }
+
+    /// How `self` differs from `want`, one phrase per field (`type Hash, not
+    /// LruHash`); empty when a program built for `want` can use it.
+    pub fn differences(&self, want: &MapShape) -> Vec<String> {
+        let Self {
+            map_type,
+            key_size,
+            value_size,
+            max_entries,
+            flags,
+        } = *self;
+        let mut out = Vec::new();
+        if map_type != want.map_type {
+            out.push(format!(
+                "type {}, not {}",
+                type_name(map_type),
+                type_name(want.map_type)
+            ));
+        }
+        for (what, have, wanted) in [
+            ("key", key_size, want.key_size),
+            ("value", value_size, want.value_size),
+        ] {
+            if have != wanted {
+                out.push(format!("{what} {have} B, not {wanted} B"));
+            }
+        }
+        if max_entries != want.max_entries {
+            out.push(format!("{max_entries} entries, not {}", want.max_entries));
+        }
+        if flags != want.flags {
+            out.push(format!("flags {flags:#x}, not {:#x}", want.flags));
+        }
+        out
+    }
+}
+
+/// `Hash`, `PerCpuHash`, ... as aya names the kernel's map types; the number
+/// when aya does not know it.
+fn type_name(map_type: u32) -> String {
+    aya_obj::generated::bpf_map_type::try_from(map_type)
+        .ok()
+        .and_then(|t| MapType::try_from(t).ok())
+        .map_or_else(|| map_type.to_string(), |t| format!("{t:?}"))
+}
+
+/// The shapes `object` declares for [`MAPS`], with the capacities the loader
+/// will override (`EbpfLoader::map_max_entries`) applied: what a pinned map
+/// must match to be reused.
+pub fn declared_shapes(
+    object: &[u8],
+    capacities: &[(&str, u32)],
+) -> Result<Vec<(&'static str, MapShape)>, aya_obj::ParseError> {
+    let obj = aya_obj::Object::parse(object)?;
+    Ok(MAPS
+        .iter()
+        .filter_map(|&name| {
+            let map = obj.maps.get(name)?;
+            let max_entries = capacities
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map_or_else(|| map.max_entries(), |(_, max)| *max);
+            Some((
+                name,
+                MapShape {
+                    map_type: map.map_type(),
+                    key_size: map.key_size(),
+                    value_size: map.value_size(),
+                    max_entries,
+                    flags: map.map_flags(),
+                },
+            ))
+        })
+        .collect())
+}
 
 /// The pin directory of one agent.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -104,32 +185,28 @@ impl PinLayout {
         self.links_dir().join(program)
     }
 
-    /// Creates the directories and unpins every map whose geometry differs
-    /// from this build's (an upgrade that changed a map): the new map is then
-    /// created, filled and pinned, and the old programs keep the old map until
-    /// the link update swaps them out. Returns the maps it unpinned.
-    pub fn prepare(&self) -> io::Result<Vec<&'static str>> {
+    /// Creates the directories and unpins every map that does not have the
+    /// shape `declared` gives it (an upgrade that changed a map's type, flags,
+    /// sizes or capacity): the new map is then created, filled and pinned, and
+    /// the old programs keep the old map until the link update swaps them out.
+    /// Reusing such a map would hand the new programs a map they were not
+    /// built for (aya reopens a pin without looking at it). Returns the maps
+    /// it unpinned.
+    pub fn prepare(&self, declared: &[(&'static str, MapShape)]) -> io::Result<Vec<&'static str>> {
         std::fs::create_dir_all(self.links_dir())?;
         let mut replaced = Vec::new();
-        for (name, key, value, max) in MAPS {
+        for &(name, want) in declared {
             let path = self.map(name);
             if !path.exists() {
                 continue;
             }
-            let fits = match MapInfo::from_pin(&path) {
-                Ok(info) => {
-                    info.key_size() == key
-                        && info.value_size() == value
-                        && info.max_entries() == max
-                }
-                Err(e) => {
-                    warn!("cannot read pinned map {}: {e}", path.display());
-                    false
-                }
+            let why = match MapShape::of_pin(&path) {
+                Ok(have) => have.differences(&want).join(", "),
+                Err(e) => format!("cannot read it: {e}"),
             };
-            if !fits {
+            if !why.is_empty() {
                 warn!(
-                    "pinned map {} does not match this build (key {key} B, value {value} B, {max} entries): replacing it",
+                    "pinned map {} does not match this build ({why}): replacing it",
                     path.display()
                 );
                 std::fs::remove_file(&path)?;
@@ -165,7 +242,7 @@ impl PinLayout {
                 remove(entry?.path())?;
             }
         }
-        for (name, ..) in MAPS {
+        for name in MAPS {
             remove(self.map(name))?;
         }
         for dir in [self.links_dir(), self.root.clone()] {
@@ -279,9 +356,8 @@ mod tests {
             p.link("vxlan_egress"),
             Path::new("/sys/fs/bpf/overlay/links/vxlan_egress")
         );
-        let names: Vec<&str> = MAPS.iter().map(|m| m.0).collect();
         assert_eq!(
-            names,
+            MAPS,
             [
                 "REMOTE_SUBNETS",
                 "KNOWN_VTEPS",
@@ -293,6 +369,100 @@ mod tests {
                 "POD_VETHS"
             ]
         );
+    }
+
+    const BPF_MAP_TYPE_HASH: u32 = 1;
+    const BPF_MAP_TYPE_PERCPU_HASH: u32 = 5;
+    const BPF_MAP_TYPE_LPM_TRIE: u32 = 11;
+    const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
+    const BPF_F_NO_PREALLOC: u32 = 1;
+
+    fn peer_stats() -> MapShape {
+        MapShape {
+            map_type: BPF_MAP_TYPE_PERCPU_HASH,
+            key_size: 4,
+            value_size: 32,
+            max_entries: 16384,
+            flags: BPF_F_NO_PREALLOC,
+        }
+    }
+
+    #[test]
+    fn a_map_fits_only_with_the_same_type_flags_sizes_and_capacity() {
+        let want = peer_stats();
+        assert!(want.differences(&want).is_empty());
+        let preallocated = MapShape { flags: 0, ..want };
+        assert_eq!(preallocated.differences(&want), ["flags 0x0, not 0x1"]);
+        let shared = MapShape {
+            map_type: BPF_MAP_TYPE_HASH,
+            ..want
+        };
+        assert_eq!(shared.differences(&want), ["type Hash, not PerCpuHash"]);
+        let old = MapShape {
+            map_type: BPF_MAP_TYPE_LRU_HASH,
+            key_size: 8,
+            value_size: 16,
+            max_entries: 4,
+            flags: 0,
+        };
+        assert_eq!(
+            old.differences(&want),
+            [
+                "type LruHash, not PerCpuHash",
+                "key 8 B, not 4 B",
+                "value 16 B, not 32 B",
+                "4 entries, not 16384",
+                "flags 0x0, not 0x1",
+            ]
+        );
+        let unknown = MapShape {
+            map_type: 4242,
+            ..want
+        };
+        assert_eq!(unknown.differences(&want), ["type 4242, not PerCpuHash"]);
+    }
+
+    #[test]
+    fn shapes_come_from_the_object_with_the_loaders_capacities() {
+        use overlay_common::{
+            consts::{MAX_FAST_FLOWS, MAX_PEERS, MAX_POD_VETHS},
+            maps::{KnownVtep, RemoteVtep},
+        };
+        let object = crate::datapath::ebpf::EBPF_OBJECT;
+        let declared = declared_shapes(object, &[]).unwrap();
+        let names: Vec<&str> = declared.iter().map(|(n, _)| *n).collect();
+        assert_eq!(names, MAPS);
+        let shape = |name| declared.iter().find(|(n, _)| *n == name).unwrap().1;
+        assert_eq!(
+            shape(MAP_REMOTE_SUBNETS),
+            MapShape {
+                map_type: BPF_MAP_TYPE_LPM_TRIE,
+                // LPM key: prefix length (u32) + the address.
+                key_size: 4 + 4,
+                value_size: size_of::<RemoteVtep>() as u32,
+                max_entries: MAX_PEERS,
+                flags: BPF_F_NO_PREALLOC,
+            }
+        );
+        assert_eq!(
+            shape(MAP_KNOWN_VTEPS),
+            MapShape {
+                map_type: BPF_MAP_TYPE_HASH,
+                key_size: 4,
+                value_size: size_of::<KnownVtep>() as u32,
+                max_entries: MAX_PEERS,
+                flags: 0,
+            }
+        );
+        // Allocated per peer, not reserved for MAX_PEERS on every CPU.
+        assert_eq!(shape(MAP_PEER_STATS), peer_stats());
+        assert_eq!(shape(MAP_FAST_FLOWS).max_entries, MAX_FAST_FLOWS);
+        assert_eq!(shape(MAP_POD_VETHS).max_entries, MAX_POD_VETHS);
+
+        let small = declared_shapes(object, &[(MAP_KNOWN_VTEPS, 3)]).unwrap();
+        let small = |name| small.iter().find(|(n, _)| *n == name).unwrap().1;
+        assert_eq!(small(MAP_KNOWN_VTEPS).max_entries, 3);
+        assert_eq!(small(MAP_REMOTE_SUBNETS).max_entries, MAX_PEERS);
     }
 
     #[test]

@@ -98,6 +98,18 @@ pub fn render(s: &HealthState, version: &str, now: u64) -> String {
     );
     let _ = writeln!(out, "overlay_peers_programmed {}", s.peers_programmed);
 
+    header(
+        &mut out,
+        "overlay_peers_rejected",
+        "gauge",
+        "Other nodes' subnets the datapath refused and keeps retrying, by reason (map_full: a peer map is at capacity).",
+    );
+    let _ = writeln!(
+        out,
+        "overlay_peers_rejected{{reason=\"map_full\"}} {}",
+        s.peers_rejected_map_full
+    );
+
     if let Some(c) = &s.counters {
         header(
             &mut out,
@@ -277,6 +289,7 @@ mod tests {
             "overlay_etcd_connected 1",
             "overlay_lease_expiry_timestamp_seconds 1800000000",
             "overlay_peers_programmed 1",
+            "overlay_peers_rejected{reason=\"map_full\"} 0",
             "overlay_datapath_packets_total{reason=\"encapsulated\"} 5",
             "overlay_datapath_bytes_total{reason=\"encapsulated\"} 500",
             "overlay_datapath_packets_total{reason=\"drop_unknown_vtep\"} 0",
@@ -315,6 +328,7 @@ mod tests {
             lease_expiry_unix: Some(1_800_000_000),
             etcd_connected: true,
             peers_programmed: 1,
+            peers_rejected_map_full: 2,
             counters: Some(Counters::from_totals(vec![
                 (
                     Reason::Encapsulated,
@@ -373,6 +387,9 @@ overlay_lease_expiry_timestamp_seconds 1800000000
 # HELP overlay_peers_programmed Other nodes' subnets programmed in the datapath.
 # TYPE overlay_peers_programmed gauge
 overlay_peers_programmed 1
+# HELP overlay_peers_rejected Other nodes' subnets the datapath refused and keeps retrying, by reason (map_full: a peer map is at capacity).
+# TYPE overlay_peers_rejected gauge
+overlay_peers_rejected{reason=\"map_full\"} 2
 # HELP overlay_datapath_packets_total Packets the eBPF programs handled, by verdict reason.
 # TYPE overlay_datapath_packets_total counter
 ",

@@ -101,6 +101,8 @@ pub struct HealthState {
     /// The lease watch on etcd works (it has not failed since it last succeeded).
     pub etcd_connected: bool,
     pub peers_programmed: usize,
+    /// Peers in etcd the datapath refused because a peer map is full.
+    pub peers_rejected_map_full: usize,
     /// eBPF datapath only.
     pub counters: Option<Counters>,
     pub peers: Vec<PeerTrafficMetric>,
