@@ -131,6 +131,18 @@ async fn run(cli: Cli) -> Result<()> {
         ext.mtu
     );
 
+    // Everything the host will need, checked before a lease is taken: a
+    // lease we cannot use would sit in etcd for its whole TTL.
+    overlay_agent::netlink::vxlan_device::checked_device_name(config.backend.vni)
+        .and_then(|_| overlay_agent::netlink::vxlan_device::device_mtu(config.backend.mtu, ext.mtu))
+        .map_err(|e| anyhow!("the network config's Backend (VNI/MTU): {}", e.reason()))?;
+    subnet_env::check_writable(&cli.subnet_file).with_context(|| {
+        format!(
+            "--subnet-file {}: cannot write there",
+            cli.subnet_file.display()
+        )
+    })?;
+
     // 2. Our lease.
     health.set_phase(Phase::AcquiringLease);
     let timing = cli.lease_timing();
@@ -148,20 +160,31 @@ async fn run(cli: Cli) -> Result<()> {
     // 3. The datapath.
     health.set_phase(Phase::ProgrammingDatapath);
     let spec = node_spec(&config, &ext, &lease);
-    let (mut dp, state) = start_datapath(&cli, &spec).await?;
-    if state.vtep_mac != lease.vtep_mac {
-        log::info!(
-            "{} has MAC {}; publishing it in lease {}",
-            state.device,
-            state.vtep_mac,
-            lease.subnet
-        );
-        match own::update_mac(&reg, &mut lease, state.vtep_mac).await? {
-            Renewal::Renewed => {}
-            Renewal::Lost(why) => log::warn!("could not publish the MAC yet: {why}"),
+    let started = async {
+        let (dp, state) = start_datapath(&cli, &spec).await?;
+        if state.vtep_mac != lease.vtep_mac {
+            log::info!(
+                "{} has MAC {}; publishing it in lease {}",
+                state.device,
+                state.vtep_mac,
+                lease.subnet
+            );
+            match own::update_mac(&reg, &mut lease, state.vtep_mac).await? {
+                Renewal::Renewed => {}
+                Renewal::Lost(why) => log::warn!("could not publish the MAC yet: {why}"),
+            }
         }
+        write_subnet_env(&cli.subnet_file, &config, &lease, state.mtu, cli.ip_masq)?;
+        anyhow::Ok((dp, state))
     }
-    write_subnet_env(&cli.subnet_file, &config, &lease, state.mtu, cli.ip_masq)?;
+    .await;
+    let (mut dp, state) = match started {
+        Ok(ok) => ok,
+        Err(e) => {
+            release_new_lease(&reg, &lease).await;
+            return Err(e);
+        }
+    };
     let random_fully = !cli.ip_masq_fully_random_disable && ipmasq::supports_random_fully();
     let mut rules = iptables_rules(&cli, &config, lease.subnet, random_fully);
     rules.extend(fast_path_rules(&dp));
@@ -388,6 +411,23 @@ fn node_spec(config: &NetworkConfig, ext: &ExternalInterface, lease: &OwnLease) 
         subnet: lease.subnet,
         mtu: config.backend.mtu,
         vtep_mac: Some(lease.vtep_mac),
+    }
+}
+
+/// A start that failed after taking a lease: a lease created in this run
+/// is deleted (no one uses it, and it would sit in etcd for its TTL); one
+/// we held before (`Reuse`) stays ours, as flanneld keeps it.
+async fn release_new_lease(reg: &Registry, lease: &OwnLease) {
+    if matches!(lease.choice, overlay_agent::alloc::Choice::Reuse { .. }) {
+        return;
+    }
+    match reg
+        .delete_if_unchanged(lease.subnet, lease.mod_revision)
+        .await
+    {
+        Ok(true) => log::info!("released lease {} taken in this run", lease.subnet),
+        Ok(false) => log::warn!("lease {} changed meanwhile: left as it is", lease.subnet),
+        Err(e) => log::warn!("releasing lease {}: {e}", lease.subnet),
     }
 }
 

@@ -45,6 +45,20 @@ impl SubnetEnv {
     }
 }
 
+/// Whether [`write_atomic`] can write `path`: its directory exists (or is
+/// created, as flanneld does) and takes a new file. Checked before a lease
+/// is taken, so a path the agent cannot write costs no lease.
+pub fn check_writable(path: &Path) -> io::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    fs::create_dir_all(&dir)?;
+    let probe = dir.join(format!(".subnet-env.probe.{}", std::process::id()));
+    fs::File::create(&probe)?;
+    fs::remove_file(&probe)
+}
+
 pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),

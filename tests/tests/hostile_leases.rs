@@ -255,3 +255,65 @@ fn impossible_leases_are_rejected_once_and_healthy_peers_keep_working() -> Resul
     drop(containers);
     Ok(())
 }
+
+/// No lease is taken for a config or a flag the host cannot use: the agent
+/// stops naming what is wrong, and etcd holds no lease and the host no
+/// device afterwards.
+#[test]
+#[ignore = "needs root, network namespaces and etcd: run `cargo xtask test`"]
+fn a_start_that_cannot_succeed_takes_no_lease() -> Result<()> {
+    let cluster = Cluster::without_config("hn", 1)?;
+    let Cluster { hosts, etcd, bin } = &cluster;
+    let dir = etcd.dir().to_path_buf();
+    let not_a_dir = dir.join("a-file");
+    std::fs::write(&not_a_dir, "")?;
+    let bad_subnet_file = format!("--subnet-file={}", not_a_dir.join("subnet.env").display());
+    let cases: [(&str, &str, Vec<String>, &str); 2] = [
+        (
+            "vni",
+            r#"{"Network": "10.0.0.0/16", "SubnetLen": 24, "Backend": {"Type": "vxlan", "VNI": 16777215}}"#,
+            cluster.args(1, &["--datapath=kernel"]),
+            "flannel.16777215 is longer than 15 bytes",
+        ),
+        (
+            "subnet-file",
+            CONFIG,
+            cluster
+                .args(1, &["--datapath=kernel"])
+                .into_iter()
+                .map(|a| {
+                    if a.starts_with("--subnet-file=") {
+                        bad_subnet_file.clone()
+                    } else {
+                        a
+                    }
+                })
+                .collect(),
+            "cannot write there",
+        ),
+    ];
+    for (name, config, args, why) in cases {
+        etcd.put("/coreos.com/network/config", config)?;
+        let mut a = Agent::start(&dir, name, &hosts.ns(1), bin, &args)?;
+        within(Duration::from_secs(15), "the agent exits", || {
+            a.exited().is_some()
+        })?;
+        ensure!(
+            a.exited() != Some(0) && a.log().contains(why),
+            "{name}: exit {:?}, expected an error saying {why:?}:\n{}",
+            a.exited(),
+            a.log()
+        );
+        let leases = etcd.etcdctl(&["get", "--prefix", "--keys-only", PREFIX])?;
+        ensure!(
+            leases.trim().is_empty(),
+            "{name}: a lease was left in etcd: {leases}"
+        );
+        let links = sh(&["ip", "-n", &hosts.ns(1), "-o", "link", "show"])?;
+        ensure!(
+            !links.contains("flannel."),
+            "{name}: a device was left: {links}"
+        );
+    }
+    Ok(())
+}

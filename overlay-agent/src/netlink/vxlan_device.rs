@@ -37,6 +37,23 @@ pub fn device_name(vni: u32) -> String {
 
 /// The device MTU: `Backend.MTU` when configured, else the underlay's, minus
 /// the VXLAN overhead (50), as flannel computes it.
+/// [`device_name`], if the kernel can create a vxlan device of that VNI
+/// under that name.
+pub fn checked_device_name(vni: u32) -> Result<String, DatapathError> {
+    if vni > MAX_VNI {
+        return Err(DatapathError::InvalidSpec(format!(
+            "VNI {vni} does not fit in 24 bits"
+        )));
+    }
+    let name = device_name(vni);
+    if name.len() > MAX_IFNAME_LEN {
+        return Err(DatapathError::InvalidSpec(format!(
+            "device name {name} is longer than {MAX_IFNAME_LEN} bytes (VNI too large)"
+        )));
+    }
+    Ok(name)
+}
+
 pub fn device_mtu(configured: Option<u32>, underlay_mtu: u32) -> Result<u32, DatapathError> {
     let base = configured.unwrap_or(underlay_mtu);
     base.checked_sub(VXLAN_MTU_OVERHEAD)
@@ -94,17 +111,7 @@ impl VxlanDeviceConfig {
             mtu,
             vtep_mac,
         } = spec;
-        if *vni > MAX_VNI {
-            return Err(DatapathError::InvalidSpec(format!(
-                "VNI {vni} does not fit in 24 bits"
-            )));
-        }
-        let name = device_name(*vni);
-        if name.len() > MAX_IFNAME_LEN {
-            return Err(DatapathError::InvalidSpec(format!(
-                "device name {name} is longer than {MAX_IFNAME_LEN} bytes (VNI too large)"
-            )));
-        }
+        let name = checked_device_name(*vni)?;
         Ok(Self {
             name,
             vni: *vni,
