@@ -7,8 +7,7 @@
 
 use etcd_client::{EventType, WatchOptions, WatchStream};
 
-pub use super::backoff::Backoff;
-use super::{Entry, EtcdError, Registry, Snapshot};
+use super::{Entry, EtcdError, Registry, Snapshot, backoff::Backoff};
 
 /// What changed under `<prefix>/subnets/`.
 #[derive(Clone, Debug, PartialEq, Eq)]
