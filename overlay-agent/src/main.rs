@@ -22,6 +22,7 @@ use overlay_agent::{
     },
     etcd::{
         EtcdError, Registry,
+        backoff::Backoff,
         own::{self, AcquireError, Keeper, NodeIdentity, OwnLease, Renewal},
         watch::LeaseWatcher,
     },
@@ -169,9 +170,18 @@ async fn run(cli: Cli) -> Result<()> {
                 state.vtep_mac,
                 lease.subnet
             );
-            match own::update_mac(&reg, &mut lease, state.vtep_mac).await? {
-                Renewal::Renewed => {}
-                Renewal::Lost(why) => log::warn!("could not publish the MAC yet: {why}"),
+            let mac = state.vtep_mac;
+            let (renewal, updated) = retry_etcd("publishing the VTEP MAC", || {
+                let (reg, mut lease) = (&reg, lease.clone());
+                async move {
+                    let r = own::update_mac(reg, &mut lease, mac).await?;
+                    Ok::<_, EtcdError>((r, lease))
+                }
+            })
+            .await?;
+            lease = updated;
+            if let Renewal::Lost(why) = renewal {
+                log::warn!("could not publish the MAC yet: {why}");
             }
         }
         write_subnet_env(&cli.subnet_file, &config, &lease, state.mtu, cli.ip_masq)?;
@@ -259,6 +269,7 @@ async fn run(cli: Cli) -> Result<()> {
             _ = tokio::signal::ctrl_c() => break,
             _ = sigterm.recv() => break,
             events = watcher.next() => {
+                let events = events.context("following the leases")?;
                 let t0 = std::time::Instant::now();
                 rec.apply(&events);
                 rec.converge().await;
@@ -313,7 +324,7 @@ async fn run(cli: Cli) -> Result<()> {
             res = &mut keeper_task => {
                 return match res {
                     Ok(Ok(())) => Ok(()),
-                    Ok(Err(e)) => Err(anyhow!("lost our lease and could not get another: {e}")),
+                    Ok(Err(e)) => Err(anyhow!("keeping our lease: {e}")),
                     Err(e) => Err(anyhow!("the lease keeper crashed: {e}")),
                 };
             }
@@ -330,16 +341,7 @@ async fn run(cli: Cli) -> Result<()> {
 
 async fn connect(cli: &Cli) -> Result<Registry> {
     let opts = cli.etcd_options();
-    loop {
-        match Registry::connect(&opts).await {
-            Ok(r) => return Ok(r),
-            Err(e) if e.is_permanent() => return Err(e.into()),
-            Err(e) => {
-                log::warn!("{e}; retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-        }
-    }
+    retry_etcd("connecting to etcd", || Registry::connect(&opts)).await
 }
 
 async fn wait_config(reg: &Registry) -> Result<NetworkConfig> {
@@ -351,22 +353,23 @@ async fn wait_config(reg: &Registry) -> Result<NetworkConfig> {
         })
 }
 
-/// Retry an etcd operation while etcd is unreachable; give up on permanent errors.
+/// Retry an etcd operation with backoff while it fails for a transient
+/// reason; stop on a problem of configuration (`etcd::failure`).
 async fn retry_etcd<T, E, F, Fut>(what: &str, mut f: F) -> Result<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, E>>,
     E: Into<RetryClass>,
 {
-    let mut delay = Duration::from_millis(200);
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
     loop {
         match f().await {
             Ok(v) => return Ok(v),
             Err(e) => match e.into() {
                 RetryClass::Retry(msg) => {
+                    let delay = backoff.next_delay();
                     log::warn!("{what}: {msg}; retrying in {delay:?}");
                     tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(5));
                 }
                 RetryClass::Fatal(e) => return Err(e.context(what.to_owned())),
             },
@@ -381,10 +384,10 @@ enum RetryClass {
 
 impl From<EtcdError> for RetryClass {
     fn from(e: EtcdError) -> Self {
-        if e.is_permanent() {
-            RetryClass::Fatal(e.into())
-        } else {
+        if e.is_transient() {
             RetryClass::Retry(e.to_string())
+        } else {
+            RetryClass::Fatal(e.into())
         }
     }
 }

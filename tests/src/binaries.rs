@@ -31,6 +31,20 @@ pub fn agent() -> Result<PathBuf> {
     if target.ends_with("release") {
         cmd.arg("--release");
     }
+    // `cargo test` runs us with the test crate's CARGO_PKG_* and
+    // CARGO_MANIFEST_*, which ring's build script declares it depends on:
+    // passed on, they make this build and the next `cargo test` rebuild ring
+    // and everything above it, in turn.
+    for (name, _) in std::env::vars_os() {
+        let n = name.to_string_lossy();
+        if n.starts_with("CARGO_PKG_")
+            || n.starts_with("CARGO_MANIFEST_")
+            || n == "CARGO_CRATE_NAME"
+            || n == "CARGO_PRIMARY_PACKAGE"
+        {
+            cmd.env_remove(&name);
+        }
+    }
     let st = cmd.status().context("building overlay-agent")?;
     if !st.success() {
         bail!("building overlay-agent failed");

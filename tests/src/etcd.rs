@@ -1,7 +1,9 @@
 //! A real etcd (`/usr/bin/etcd`) for tests: one member or a small cluster on
 //! loopback, with a temporary data directory and free ports, optionally with
 //! TLS (certificates made with `openssl` at start) and username/password
-//! auth. Every member is killed and the directory removed on drop.
+//! auth (simple or JWT tokens). Members can be stopped, killed and started
+//! again on the same ports and data directories. Every member is killed and
+//! the directory removed on drop.
 //!
 //! Needs no root: plain tests can use it on loopback.
 
@@ -30,6 +32,11 @@ pub struct EtcdSpec {
     pub tls: bool,
     /// Enable auth and add this user (with read/write on everything).
     pub user: Option<(String, String)>,
+    /// Sign auth tokens as JWTs (RS256, key made with `openssl` at start)
+    /// instead of etcd's default simple tokens. A JWT carries the auth
+    /// store's revision it was issued at, so any later change of users or
+    /// roles makes etcd refuse it.
+    pub jwt: bool,
     /// Run inside this network namespace (via `ip netns exec`), listening on
     /// `listen_ip` instead of 127.0.0.1.
     pub netns: Option<String>,
@@ -82,7 +89,7 @@ impl Etcd {
         Etcd::start_with(EtcdSpec::default())
     }
 
-    pub fn start_with(spec: EtcdSpec) -> Result<Etcd> {
+    pub fn start_with(mut spec: EtcdSpec) -> Result<Etcd> {
         let n = spec.members.max(1);
         let dir = std::env::temp_dir().join(format!(
             "overlay-tests-etcd-{}-{}",
@@ -97,6 +104,14 @@ impl Etcd {
         } else {
             None
         };
+        if spec.jwt {
+            let (public, private) = make_jwt_keys(&dir)?;
+            spec.extra_args.push(format!(
+                "--auth-token=jwt,pub-key={},priv-key={},sign-method=RS256",
+                public.display(),
+                private.display()
+            ));
+        }
         let scheme = if tls.is_some() { "https" } else { "http" };
         // Ports are probed in our namespace; inside another one they are free anyway.
         let mut members = Vec::new();
@@ -386,6 +401,28 @@ impl Etcd {
         Ok(())
     }
 
+    /// Stop every member with SIGTERM, as a service manager does (etcd
+    /// closes its connections), waiting up to 10 s before SIGKILL.
+    pub fn terminate(&mut self) -> Result<()> {
+        for m in &mut self.members {
+            let Some(mut c) = m.child.take() else {
+                continue;
+            };
+            // SAFETY: kill(2) on our child, not yet reaped.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while c.try_wait().context("waiting for etcd")?.is_none() {
+                if Instant::now() > deadline {
+                    c.kill().ok();
+                    c.wait().context("reaping etcd")?;
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        Ok(())
+    }
+
     /// Stop every member (SIGKILL): clients see the cluster unreachable.
     pub fn stop(&mut self) -> Result<()> {
         for i in 0..self.members.len() {
@@ -455,6 +492,15 @@ fn openssl(dir: &Path, args: &[&str]) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// An RSA key pair for etcd to sign JWT auth tokens with: (public, private).
+pub fn make_jwt_keys(dir: &Path) -> Result<(PathBuf, PathBuf)> {
+    let d = dir.join("jwt");
+    fs::create_dir_all(&d)?;
+    openssl(&d, &["genrsa", "-out", "jwt.key", "2048"])?;
+    openssl(&d, &["rsa", "-in", "jwt.key", "-pubout", "-out", "jwt.pub"])?;
+    Ok((d.join("jwt.pub"), d.join("jwt.key")))
 }
 
 /// A CA, a server certificate for `ip` (and localhost), a client certificate,

@@ -72,7 +72,7 @@ async fn malformed_config_is_a_permanent_error_naming_key_and_field() {
         .await
         .expect("a malformed config is not waited on")
         .unwrap_err();
-        assert!(e.is_permanent());
+        assert!(!e.is_transient());
         let msg = e.to_string();
         assert!(msg.contains("/coreos.com/network/config"), "{msg}");
         match (&e, field) {

@@ -31,6 +31,7 @@ async fn next_within(w: &mut LeaseWatcher, limit: Duration, what: &str) -> Vec<W
     tokio::time::timeout(limit, w.next())
         .await
         .unwrap_or_else(|_| panic!("no watch event within {limit:?}: {what}"))
+        .unwrap_or_else(|e| panic!("the watch gave up: {e}"))
 }
 
 fn put_key(events: &[WatchEvent]) -> Vec<(String, String)> {
@@ -49,7 +50,7 @@ async fn peer_added_and_removed_seen_within_a_second() {
     let (_reg, mut w) = watcher(&etcd).await;
     // Let the watch open before the change, as a running agent's is.
     let first = tokio::spawn(async move {
-        let ev = w.next().await;
+        let ev = w.next().await.unwrap();
         (w, ev, Instant::now())
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -123,7 +124,7 @@ async fn compaction_past_our_revision_gives_a_full_relist() {
     assert_eq!(w.next_revision(), snap.revision + 1);
 
     // And it keeps watching from there.
-    let watching = tokio::spawn(async move { w.next().await });
+    let watching = tokio::spawn(async move { w.next().await.unwrap() });
     tokio::time::sleep(Duration::from_millis(300)).await;
     etcd.put(&key("10.0.17.0-24"), LEASE_A).unwrap();
     let ev = tokio::time::timeout(Duration::from_secs(1), watching)
@@ -144,7 +145,7 @@ async fn watch_resumes_after_etcd_restarts() {
     next_within(&mut w, Duration::from_secs(1), "first put").await;
 
     let watching = tokio::spawn(async move {
-        let ev = w.next().await;
+        let ev = w.next().await.unwrap();
         (w, ev)
     });
     etcd.stop().unwrap();
@@ -191,7 +192,7 @@ async fn watch_carries_on_when_a_cluster_member_dies() {
         // A write retried by etcdctl may show up twice: wait for ours.
         tokio::time::timeout(Duration::from_secs(10), async {
             loop {
-                let ev = w.next().await;
+                let ev = w.next().await.unwrap();
                 if put_key(&ev)
                     .iter()
                     .any(|(key, v)| *key == k && v == LEASE_B)

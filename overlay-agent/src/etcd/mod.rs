@@ -4,7 +4,8 @@
 //! [`Registry`] is a thin, typed wrapper around `etcd_client` (connection
 //! with endpoints/TLS/auth, time-bounded requests, errors that name the key);
 //! [`own`] acquires and renews this node's lease; [`watch`] follows everyone
-//! else's.
+//! else's. Every error says whether retrying can help ([`failure`]), and
+//! every retry waits with [`backoff`].
 
 use std::{
     fmt,
@@ -19,11 +20,14 @@ use etcd_client::{
 };
 use ipnet::Ipv4Net;
 
+use self::{backoff::Backoff, failure::Failure};
 use crate::{
     config::{ConfigError, NetworkConfig},
     lease,
 };
 
+pub mod backoff;
+pub mod failure;
 pub mod own;
 pub mod watch;
 
@@ -69,25 +73,38 @@ impl EtcdOptions {
     }
 }
 
+/// The message of each says what happened in full (the `error` fields are
+/// not `source()`, so that `{:#}` does not repeat them: `etcd_client`'s own
+/// message prints tonic's whole chain with `Debug`).
 #[derive(Debug, thiserror::Error)]
 pub enum EtcdError {
-    #[error("cannot read {flag} {path}: {source}")]
+    #[error("cannot read {flag} {path}: {error}")]
     File {
         flag: &'static str,
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
+    },
+    #[error("{flag} {path} holds no PEM {what}: {error}")]
+    Pem {
+        flag: &'static str,
+        path: PathBuf,
+        what: &'static str,
+        error: rustls::pki_types::pem::Error,
     },
     #[error("{0}")]
     Options(String),
-    #[error("etcd at {endpoints}: {problem}")]
-    Connect { endpoints: String, problem: String },
-    #[error("etcd {op} {key}: {source}{hint}")]
+    #[error("etcd at {endpoints}: {}{hint}", failure::describe(.error))]
+    Connect {
+        endpoints: String,
+        error: etcd_client::Error,
+        /// Empty, or a likely cause the error itself does not name.
+        hint: &'static str,
+    },
+    #[error("etcd {op} {key}: {}{hint}", failure::describe(.error))]
     Request {
         op: &'static str,
         key: String,
-        #[source]
-        source: etcd_client::Error,
+        error: etcd_client::Error,
         /// Empty, or a likely cause the error itself does not name.
         hint: &'static str,
     },
@@ -97,6 +114,9 @@ pub enum EtcdError {
         key: String,
         after: Duration,
     },
+    /// Other writers changed the key every time we tried to write it.
+    #[error("{key} kept changing while we wrote it")]
+    Contention { key: String },
     #[error("{key}: {source}")]
     Config {
         key: String,
@@ -106,30 +126,25 @@ pub enum EtcdError {
 }
 
 impl EtcdError {
-    /// Errors that retrying cannot fix: bad credentials, a certificate the
-    /// server rejects or that does not verify, a malformed config.
-    pub fn is_permanent(&self) -> bool {
+    /// Whether retrying can fix it: a missing file, bad flags, a malformed
+    /// network config, and what [`failure::classify`] calls configuration
+    /// (certificates, credentials, permissions) cannot.
+    pub fn failure(&self) -> Failure {
         match self {
-            EtcdError::File { .. } | EtcdError::Options(_) | EtcdError::Config { .. } => true,
-            EtcdError::Connect { problem, .. } => is_permanent_text(problem),
-            EtcdError::Request { source, .. } => is_permanent_text(&error_chain(source)),
-            EtcdError::Timeout { .. } => false,
+            EtcdError::File { .. }
+            | EtcdError::Pem { .. }
+            | EtcdError::Options(_)
+            | EtcdError::Config { .. } => Failure::Config,
+            EtcdError::Connect { error, .. } | EtcdError::Request { error, .. } => {
+                failure::classify(error)
+            }
+            EtcdError::Timeout { .. } | EtcdError::Contention { .. } => Failure::Transient,
         }
     }
-}
 
-fn is_permanent_text(s: &str) -> bool {
-    let s = s.to_ascii_lowercase();
-    [
-        "authentication failed",
-        "permission denied",
-        "user name is empty",
-        "certificate",
-        "unknownissuer",
-        "tls",
-    ]
-    .iter()
-    .any(|p| s.contains(p))
+    pub fn is_transient(&self) -> bool {
+        self.failure() == Failure::Transient
+    }
 }
 
 /// An error with all its sources, so a TLS failure deep inside tonic is named.
@@ -145,6 +160,25 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
         cur = s.source();
     }
     out
+}
+
+/// What a TLS failure likely means, for the flags to look at.
+fn tls_hint(e: &etcd_client::Error, tls_without_identity: bool) -> &'static str {
+    use rustls::{CertificateError, Error as Tls};
+    match failure::tls_error(e) {
+        Some(Tls::InvalidCertificate(CertificateError::UnknownIssuer)) => {
+            " (the server's certificate does not verify with the CA of --etcd-cafile)"
+        }
+        Some(Tls::InvalidCertificate(
+            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+        )) => " (the server's certificate does not name the host of --etcd-endpoints)",
+        Some(Tls::InvalidCertificate(_)) => " (the server's certificate does not verify)",
+        _ if tls_without_identity && failure::connection_dropped(e) => {
+            " (the server ended the TLS connection: does it require a client \
+             certificate? see --etcd-certfile and --etcd-keyfile)"
+        }
+        _ => "",
+    }
 }
 
 /// A key under `<prefix>/subnets/` as read from etcd.
@@ -183,6 +217,9 @@ pub struct Registry {
     /// TLS without a client certificate: a server that wants one just
     /// drops the connection, which deserves a hint.
     tls_without_identity: bool,
+    /// A user was given: a refused request is worth one fresh login (etcd
+    /// refuses tokens from before a change of its users or roles).
+    has_credentials: bool,
 }
 
 impl Registry {
@@ -224,19 +261,22 @@ impl Registry {
         if let Some(tls) = tls {
             co = co.with_tls(tls);
         }
+        let has_credentials = opts.username.as_ref().is_some_and(|u| !u.is_empty());
         let connect = Client::connect(opts.endpoints.clone(), Some(co));
         let client = match tokio::time::timeout(timeout, connect).await {
             Ok(Ok(c)) => c,
-            Ok(Err(e)) => {
+            Ok(Err(error)) => {
                 return Err(EtcdError::Connect {
                     endpoints,
-                    problem: error_chain(&e),
+                    hint: tls_hint(&error, tls_without_identity),
+                    error,
                 });
             }
             Err(_) => {
-                return Err(EtcdError::Connect {
-                    endpoints,
-                    problem: format!("no answer within {timeout:?}"),
+                return Err(EtcdError::Timeout {
+                    op: "connect to",
+                    key: endpoints,
+                    after: timeout,
                 });
             }
         };
@@ -246,6 +286,7 @@ impl Registry {
             endpoints,
             timeout,
             tls_without_identity,
+            has_credentials,
         };
         Ok(reg)
     }
@@ -256,13 +297,15 @@ impl Registry {
         let mut c = self.client.clone();
         match tokio::time::timeout(self.timeout, async move { c.status().await }).await {
             Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(EtcdError::Connect {
+            Ok(Err(error)) => Err(EtcdError::Connect {
                 endpoints: self.endpoints.clone(),
-                problem: error_chain(&e),
+                hint: tls_hint(&error, self.tls_without_identity),
+                error,
             }),
-            Err(_) => Err(EtcdError::Connect {
-                endpoints: self.endpoints.clone(),
-                problem: format!("no answer within {:?}", self.timeout),
+            Err(_) => Err(EtcdError::Timeout {
+                op: "status of",
+                key: self.endpoints.clone(),
+                after: self.timeout,
             }),
         }
     }
@@ -288,46 +331,61 @@ impl Registry {
     }
 
     /// Run one request with the timeout, naming the op and key on failure.
-    /// A request that could not even be sent because the endpoint it was
-    /// balanced to refuses connections (a dead cluster member) is sent again,
-    /// so that it lands on a live member; nothing else is retried here.
+    /// Two failures are answered here, within the timeout: a request that
+    /// could not even be sent because the endpoint it was balanced to
+    /// refuses connections (a dead cluster member) is sent again, so that it
+    /// lands on a live member; and a request etcd refused for our
+    /// credentials is sent once more after a fresh login. Everything else is
+    /// the caller's to retry or not, by [`EtcdError::failure`].
     async fn call<T, F, Fut>(&self, op: &'static str, key: &str, f: F) -> Result<T, EtcdError>
     where
         F: Fn(Client) -> Fut,
         Fut: Future<Output = Result<T, etcd_client::Error>>,
     {
         let deadline = tokio::time::Instant::now() + self.timeout;
+        let mut backoff = Backoff::new(Duration::from_millis(20), Duration::from_millis(200));
         let mut attempt = 0u32;
+        let mut logged_in_again = false;
+        let request = |error: etcd_client::Error| EtcdError::Request {
+            op,
+            key: key.to_owned(),
+            hint: tls_hint(&error, self.tls_without_identity),
+            error,
+        };
+        let timed_out = || EtcdError::Timeout {
+            op,
+            key: key.to_owned(),
+            after: self.timeout,
+        };
         loop {
             attempt += 1;
             match tokio::time::timeout_at(deadline, f(self.client.clone())).await {
                 Ok(Ok(v)) => return Ok(v),
-                Ok(Err(source)) if attempt < 8 && not_sent(&source) => {
-                    log::debug!("etcd {op} {key}: {source}; sending it again");
-                    tokio::time::sleep(std::time::Duration::from_millis(20 * u64::from(attempt)))
-                        .await;
+                Ok(Err(source)) if attempt < 8 && failure::not_sent(&source) => {
+                    log::debug!(
+                        "etcd {op} {key}: {}; sending it again",
+                        failure::describe(&source)
+                    );
+                    tokio::time::sleep(backoff.next_delay()).await;
                 }
-                Ok(Err(source)) => {
-                    let hint = if self.tls_without_identity && connection_dropped(&source) {
-                        " (the server ended the TLS connection: does it require a client \
-                         certificate? see --etcd-certfile and --etcd-keyfile)"
-                    } else {
-                        ""
-                    };
-                    return Err(EtcdError::Request {
-                        op,
-                        key: key.to_owned(),
-                        source,
-                        hint,
-                    });
+                Ok(Err(source))
+                    if self.has_credentials
+                        && !logged_in_again
+                        && failure::refused_by_server(&source) =>
+                {
+                    logged_in_again = true;
+                    log::info!(
+                        "etcd {op} {key}: {}; logging in again",
+                        failure::describe(&source)
+                    );
+                    match tokio::time::timeout_at(deadline, self.client.refresh_token()).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => return Err(request(e)),
+                        Err(_) => return Err(timed_out()),
+                    }
                 }
-                Err(_) => {
-                    return Err(EtcdError::Timeout {
-                        op,
-                        key: key.to_owned(),
-                        after: self.timeout,
-                    });
-                }
+                Ok(Err(source)) => return Err(request(source)),
+                Err(_) => return Err(timed_out()),
             }
         }
     }
@@ -358,10 +416,12 @@ impl Registry {
     }
 
     /// Wait until `<prefix>/config` exists, as flanneld does, logging while it
-    /// is missing or etcd is unreachable. A malformed config or a permanent
-    /// connection problem (credentials, certificates) is returned at once.
+    /// is missing (polling every `poll`) or etcd is unreachable (retrying
+    /// with backoff). A malformed config or a problem of configuration
+    /// (credentials, certificates) is returned at once.
     pub async fn wait_config(&self, poll: Duration) -> Result<NetworkConfig, EtcdError> {
         let mut logged_missing = false;
+        let mut backoff = Backoff::new(poll, Duration::from_secs(10));
         loop {
             match self.get_config().await {
                 Ok(Some(c)) => return Ok(c),
@@ -375,9 +435,15 @@ impl Registry {
                         logged_missing = true;
                     }
                 }
-                Err(e) if e.is_permanent() => return Err(e),
-                Err(e) => log::warn!("cannot read the network config yet: {e}"),
+                Err(e) if !e.is_transient() => return Err(e),
+                Err(e) => {
+                    let delay = backoff.next_delay();
+                    log::warn!("cannot read the network config yet (retrying in {delay:?}): {e}");
+                    tokio::time::sleep(delay).await;
+                    continue;
+                }
             }
+            backoff.reset();
             tokio::time::sleep(poll).await;
         }
     }
@@ -520,50 +586,46 @@ impl Registry {
     }
 }
 
-/// Whether the request never left this host: the connection to the member
-/// it was balanced to was refused or could not be made.
-fn not_sent(e: &etcd_client::Error) -> bool {
-    match e {
-        etcd_client::Error::GRpcStatus(s) => {
-            // gRPC's UNAVAILABLE is 14 (etcd-client does not re-export tonic's Code).
-            s.code() as i32 == 14 && s.message().contains("connect error")
-        }
-        etcd_client::Error::TransportError(_) => true,
-        _ => false,
-    }
-}
-
-fn connection_dropped(e: &etcd_client::Error) -> bool {
-    let text = error_chain(e).to_ascii_lowercase();
-    [
-        "connection closed",
-        "connection reset",
-        "broken pipe",
-        "stream closed",
-        "fatal alert",
-    ]
-    .iter()
-    .any(|p| text.contains(p))
-}
-
 fn put_options(lease_id: i64) -> Option<PutOptions> {
     (lease_id != 0).then(|| PutOptions::new().with_lease(lease_id))
 }
 
 fn read_file(flag: &'static str, path: &Path) -> Result<Vec<u8>, EtcdError> {
-    std::fs::read(path).map_err(|source| EtcdError::File {
+    std::fs::read(path).map_err(|error| EtcdError::File {
         flag,
         path: path.to_owned(),
-        source,
+        error,
     })
 }
 
+/// Read a PEM file and check that it holds what the flag says, so that a
+/// wrong file fails at start-up, naming the flag, not at the first
+/// handshake.
+fn read_pem(flag: &'static str, path: &Path, key: bool) -> Result<Vec<u8>, EtcdError> {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+    let pem = read_file(flag, path)?;
+    let checked = if key {
+        PrivateKeyDer::from_pem_slice(&pem).map(drop)
+    } else {
+        CertificateDer::from_pem_slice(&pem).map(drop)
+    };
+    checked.map_err(|error| EtcdError::Pem {
+        flag,
+        path: path.to_owned(),
+        what: if key { "private key" } else { "certificate" },
+        error,
+    })?;
+    Ok(pem)
+}
+
+/// The TLS settings of the flags. Every file is read (and checked) here,
+/// before any connection is attempted.
 fn tls_options(opts: &EtcdOptions) -> Result<Option<TlsOptions>, EtcdError> {
     let any_https = opts.endpoints.iter().any(|e| e.starts_with("https://"));
     let identity = match (&opts.cert_file, &opts.key_file) {
         (Some(c), Some(k)) => Some(Identity::from_pem(
-            read_file("--etcd-certfile", c)?,
-            read_file("--etcd-keyfile", k)?,
+            read_pem("--etcd-certfile", c, false)?,
+            read_pem("--etcd-keyfile", k, true)?,
         )),
         (None, None) => None,
         _ => {
@@ -573,7 +635,7 @@ fn tls_options(opts: &EtcdOptions) -> Result<Option<TlsOptions>, EtcdError> {
         }
     };
     let ca = match &opts.ca_file {
-        Some(p) => Some(Certificate::from_pem(read_file("--etcd-cafile", p)?)),
+        Some(p) => Some(Certificate::from_pem(read_pem("--etcd-cafile", p, false)?)),
         None => None,
     };
     if identity.is_none() && ca.is_none() && !any_https {

@@ -12,7 +12,7 @@ use std::{
 
 use ipnet::Ipv4Net;
 
-use super::{Entry, EtcdError, Registry};
+use super::{Entry, EtcdError, Registry, backoff::Backoff};
 use crate::{
     alloc::{self, AllocError, Choice, Existing},
     config::NetworkConfig,
@@ -32,7 +32,8 @@ pub struct LeaseTiming {
     pub ttl: Duration,
     /// Renew this long before expiry.
     pub renew_margin: Duration,
-    /// Wait before retrying a failed renewal (flannel: one minute).
+    /// The longest wait before retrying a failed renewal (flannel waits
+    /// one minute every time; we back off from a second up to this).
     pub retry: Duration,
 }
 
@@ -98,6 +99,12 @@ pub enum AcquireError {
     Alloc(#[from] AllocError),
     #[error("lost {0} subnet creation races in a row; giving up")]
     TooManyRaces(usize),
+    #[error("renewing lease {subnet}: {source}")]
+    Renew {
+        subnet: Ipv4Net,
+        #[source]
+        source: EtcdError,
+    },
 }
 
 /// Acquire a subnet: reuse our PublicIP's lease if it fits, else the
@@ -254,7 +261,11 @@ pub async fn renew(
     own: &mut OwnLease,
     timing: &LeaseTiming,
 ) -> Result<Renewal, EtcdError> {
-    for _ in 0..8 {
+    let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
+    for attempt in 0..8 {
+        if attempt > 0 {
+            tokio::time::sleep(backoff.next_delay()).await;
+        }
         let Some(e) = reg.get_lease(own.subnet).await? else {
             return Ok(Renewal::Lost(format!(
                 "{} was deleted",
@@ -293,10 +304,9 @@ pub async fn renew(
         }
         reg.revoke(id).await;
     }
-    Err(EtcdError::Options(format!(
-        "{} keeps changing while we renew it",
-        reg.lease_key(own.subnet)
-    )))
+    Err(EtcdError::Contention {
+        key: reg.lease_key(own.subnet),
+    })
 }
 
 /// Publish a new VTEP MAC in our lease (after the datapath reported a
@@ -341,11 +351,12 @@ pub fn is_ours(own: &OwnLease, entry: &Entry) -> bool {
     entry.subnet() == Some(own.subnet) && entry.value == own.value.as_bytes()
 }
 
-/// Keeps our lease: renews it at the margin (retrying failed renewals every
-/// `timing.retry`), and when our key disappears or is taken over, logs it
-/// loudly and re-acquires, the same subnet when it is still free. Every new
-/// or changed lease is published on `tx` so the agent can re-point the
-/// datapath and rewrite subnet.env.
+/// Keeps our lease: renews it at the margin (retrying a renewal that failed
+/// for a transient reason with backoff, up to `timing.retry` apart), and
+/// when our key disappears or is taken over, logs it loudly and re-acquires,
+/// the same subnet when it is still free. Every new or changed lease is
+/// published on `tx` so the agent can re-point the datapath and rewrite
+/// subnet.env.
 pub struct Keeper {
     pub reg: Registry,
     pub config: NetworkConfig,
@@ -354,8 +365,9 @@ pub struct Keeper {
 }
 
 impl Keeper {
-    /// Runs until re-acquisition fails for good (e.g. no subnet left) or
-    /// every receiver of `tx` is gone.
+    /// Runs until every receiver of `tx` is gone, or until etcd answers with
+    /// a problem of configuration (certificates, credentials) or
+    /// re-acquisition fails for good (e.g. no subnet left).
     pub async fn run(
         &self,
         mut own: OwnLease,
@@ -370,6 +382,7 @@ impl Keeper {
         };
         let mut watcher = super::watch::LeaseWatcher::new(self.reg.clone(), start_rev);
         let mut next_renewal = own.renew_at(&self.timing);
+        let mut renew_backoff = Backoff::new(Duration::from_secs(1), self.timing.retry);
         loop {
             let lost = tokio::select! {
                 _ = tx.closed() => return Ok(()),
@@ -385,24 +398,28 @@ impl Keeper {
                                 }
                             );
                             next_renewal = own.renew_at(&self.timing);
+                            renew_backoff.reset();
                             tx.send_replace(own.clone());
                             None
                         }
                         Ok(Renewal::Lost(why)) => Some(why),
-                        Err(e) => {
-                            log::error!("renewing lease {} failed (retrying in {:?}): {e}", own.subnet, self.timing.retry);
-                            next_renewal = Instant::now() + self.timing.retry;
+                        Err(e) if e.is_transient() => {
+                            let delay = renew_backoff.next_delay();
+                            log::error!("renewing lease {} failed (retrying in {delay:?}): {e}", own.subnet);
+                            next_renewal = Instant::now() + delay;
                             None
                         }
+                        Err(source) => return Err(AcquireError::Renew { subnet: own.subnet, source }),
                     }
                 }
-                events = watcher.next() => own_key_lost(&self.reg, &own, &events),
+                events = watcher.next() => own_key_lost(&self.reg, &own, &events?),
             };
             let Some(why) = lost else { continue };
             log::error!(
                 "LOST OUR LEASE {}: {why}; re-acquiring (the same subnet if it is still free)",
                 own.subnet
             );
+            let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
             own = loop {
                 match acquire(
                     &self.reg,
@@ -417,9 +434,10 @@ impl Keeper {
                 .await
                 {
                     Ok(l) => break l,
-                    Err(AcquireError::Etcd(e)) if !e.is_permanent() => {
-                        log::warn!("re-acquiring a lease failed, retrying: {e}");
-                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    Err(AcquireError::Etcd(e)) if e.is_transient() => {
+                        let delay = backoff.next_delay();
+                        log::warn!("re-acquiring a lease failed (retrying in {delay:?}): {e}");
+                        tokio::time::sleep(delay).await;
                     }
                     Err(e) => return Err(e),
                 }

@@ -1,14 +1,13 @@
 //! Following `<prefix>/subnets/`: a snapshot, then a watch from the next
-//! revision. The watcher never gives up: a broken stream is re-opened from the
-//! last revision seen, with bounded exponential backoff, across whatever
+//! revision. The watcher gives up only on a problem of configuration
+//! (certificates, credentials): a broken stream is re-opened from the last
+//! revision seen, with bounded exponential backoff, across whatever
 //! endpoints the client balances over; a watch that fell behind compaction
 //! re-lists and hands the caller a fresh snapshot to diff against.
 
-use std::time::Duration;
-
 use etcd_client::{EventType, WatchOptions, WatchStream};
 
-use super::{Entry, Registry, Snapshot, error_chain};
+use super::{Entry, EtcdError, Registry, Snapshot, backoff::Backoff};
 
 /// What changed under `<prefix>/subnets/`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -20,35 +19,6 @@ pub enum WatchEvent {
     Put(Entry),
     /// A key was deleted or its etcd lease expired.
     Delete { key: String },
-}
-
-/// Exponential backoff between `min` and `max`.
-#[derive(Clone, Debug)]
-pub struct Backoff {
-    min: Duration,
-    max: Duration,
-    cur: Duration,
-}
-
-impl Backoff {
-    pub fn new(min: Duration, max: Duration) -> Backoff {
-        Backoff { min, max, cur: min }
-    }
-    /// The delay to wait now; the next one doubles, up to `max`.
-    pub fn next_delay(&mut self) -> Duration {
-        let d = self.cur;
-        self.cur = (self.cur * 2).min(self.max);
-        d
-    }
-    pub fn reset(&mut self) {
-        self.cur = self.min;
-    }
-}
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Backoff::new(Duration::from_millis(100), Duration::from_secs(5))
-    }
 }
 
 pub struct LeaseWatcher {
@@ -85,17 +55,19 @@ impl LeaseWatcher {
         self.next_revision
     }
 
-    /// Wait for the next changes. Never fails: trouble with etcd is logged
-    /// and retried, and the caller simply sees no events meanwhile (so the
-    /// datapath keeps its last state). Cancel-safe: dropping the future
-    /// loses nothing that a later call would not redo.
-    pub async fn next(&mut self) -> Vec<WatchEvent> {
+    /// Wait for the next changes. Transient trouble with etcd is logged and
+    /// retried, and the caller simply sees no events meanwhile (so the
+    /// datapath keeps its last state); only an error that retrying cannot
+    /// fix ([`EtcdError::failure`]) is returned. Cancel-safe: dropping the
+    /// future loses nothing that a later call would not redo.
+    pub async fn next(&mut self) -> Result<Vec<WatchEvent>, EtcdError> {
         loop {
             if self.stream.is_none() {
                 match self.open().await {
                     Ok(s) => self.stream = Some(s),
-                    Err(problem) => {
-                        self.trouble(&format!("cannot open the watch: {problem}"));
+                    Err(e) if !e.is_transient() => return Err(e),
+                    Err(e) => {
+                        self.trouble(&format!("cannot open the watch: {e}"));
                         tokio::time::sleep(self.backoff.next_delay()).await;
                         continue;
                     }
@@ -110,9 +82,18 @@ impl LeaseWatcher {
                     tokio::time::sleep(self.backoff.next_delay()).await;
                     continue;
                 }
-                Err(e) => {
+                Err(error) => {
                     self.stream = None;
-                    self.trouble(&format!("the watch broke: {}", error_chain(&e)));
+                    let e = EtcdError::Request {
+                        op: "watch",
+                        key: self.reg.subnets_prefix(),
+                        error,
+                        hint: "",
+                    };
+                    if !e.is_transient() {
+                        return Err(e);
+                    }
+                    self.trouble(&format!("the watch broke: {e}"));
                     tokio::time::sleep(self.backoff.next_delay()).await;
                     continue;
                 }
@@ -129,8 +110,9 @@ impl LeaseWatcher {
                     Ok(snapshot) => {
                         self.next_revision = snapshot.revision + 1;
                         self.recovered();
-                        return vec![WatchEvent::Reset(snapshot)];
+                        return Ok(vec![WatchEvent::Reset(snapshot)]);
                     }
+                    Err(e) if !e.is_transient() => return Err(e),
                     Err(e) => {
                         self.trouble(&format!("re-list after compaction failed: {e}"));
                         tokio::time::sleep(self.backoff.next_delay()).await;
@@ -166,22 +148,22 @@ impl LeaseWatcher {
                 });
             }
             if !out.is_empty() {
-                return out;
+                return Ok(out);
             }
         }
     }
 
-    async fn open(&self) -> Result<WatchStream, String> {
-        let mut c = self.reg.client();
+    async fn open(&self) -> Result<WatchStream, EtcdError> {
         let prefix = self.reg.subnets_prefix();
         let opts = WatchOptions::new()
             .with_prefix()
             .with_start_revision(self.next_revision);
-        match tokio::time::timeout(self.reg.timeout, c.watch(prefix, Some(opts))).await {
-            Ok(Ok(s)) => Ok(s),
-            Ok(Err(e)) => Err(error_chain(&e)),
-            Err(_) => Err(format!("no answer within {:?}", self.reg.timeout)),
-        }
+        self.reg
+            .call("watch", &prefix, |mut c| {
+                let (prefix, opts) = (prefix.clone(), opts.clone());
+                async move { c.watch(prefix, Some(opts)).await }
+            })
+            .await
     }
 
     fn trouble(&mut self, what: &str) {
@@ -206,19 +188,5 @@ impl LeaseWatcher {
             self.failing = false;
         }
         self.backoff.reset();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_doubles_up_to_the_bound_and_resets() {
-        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(700));
-        let got: Vec<u128> = (0..6).map(|_| b.next_delay().as_millis()).collect();
-        assert_eq!(got, vec![100, 200, 400, 700, 700, 700]);
-        b.reset();
-        assert_eq!(b.next_delay(), Duration::from_millis(100));
     }
 }
