@@ -74,6 +74,9 @@ pub struct OwnLease {
     pub expires: Option<Instant>,
     /// How the subnet was chosen.
     pub choice: Choice,
+    /// Set while another node's lease holds our key: we keep the subnet for
+    /// our pods and wait (see [`Keeper`]); the text says who holds it.
+    pub conflict: Option<String>,
 }
 
 impl OwnLease {
@@ -197,6 +200,7 @@ pub async fn acquire(
                         mod_revision,
                         expires,
                         choice: plan.choice,
+                        conflict: None,
                     });
                 }
                 // Changed under us: read again.
@@ -227,6 +231,7 @@ pub async fn acquire(
                         mod_revision,
                         expires: Some(expires),
                         choice: plan.choice,
+                        conflict: None,
                     });
                 }
                 reg.revoke(lease_id).await;
@@ -351,12 +356,61 @@ pub fn is_ours(own: &OwnLease, entry: &Entry) -> bool {
     entry.subnet() == Some(own.subnet) && entry.value == own.value.as_bytes()
 }
 
+/// What [`reclaim`] found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reclaim {
+    /// Our key holds our value again.
+    Reclaimed(OwnLease),
+    /// Another node's well-formed lease holds our key.
+    HeldBy(Ipv4Addr),
+    /// The key changed while we wrote it: look again.
+    Raced,
+}
+
+/// Puts our value back under our own key when it is gone, holds garbage, or
+/// holds another value of our PublicIP; leaves a well-formed lease of
+/// another PublicIP alone.
+pub async fn reclaim(
+    reg: &Registry,
+    own: &OwnLease,
+    timing: &LeaseTiming,
+) -> Result<Reclaim, EtcdError> {
+    let current = reg.get_lease(own.subnet).await?;
+    if let Some(e) = &current
+        && let Ok(l) = lease::decode(&e.key, &e.value)
+        && l.public_ip != own.public_ip
+    {
+        return Ok(Reclaim::HeldBy(l.public_ip));
+    }
+    let (id, ttl) = reg.grant(timing.ttl).await?;
+    let placed = match &current {
+        None => reg.create(own.subnet, &own.value, id).await?,
+        Some(e) => {
+            reg.replace(own.subnet, e.mod_revision, &own.value, id)
+                .await?
+        }
+    };
+    if !placed {
+        reg.revoke(id).await;
+        return Ok(Reclaim::Raced);
+    }
+    let mut own = own.clone();
+    own.lease_id = id;
+    own.expires = Some(Instant::now() + ttl);
+    own.mod_revision = current_mod_revision(reg, own.subnet).await?;
+    own.conflict = None;
+    Ok(Reclaim::Reclaimed(own))
+}
+
 /// Keeps our lease: renews it at the margin (retrying a renewal that failed
 /// for a transient reason with backoff, up to `timing.retry` apart), and
-/// when our key disappears or is taken over, logs it loudly and re-acquires,
-/// the same subnet when it is still free. Every new or changed lease is
-/// published on `tx` so the agent can re-point the datapath and rewrite
-/// subnet.env.
+/// when our key disappears or is taken over, logs it loudly and takes the
+/// same subnet back ([`reclaim`]). It never moves to another subnet while
+/// the node runs: our pods keep their addresses, and the subnet is never
+/// routed away from them. If another node's well-formed lease holds our
+/// key, that is a conflict: the lease is published with `conflict` set (the
+/// agent reports not-ready) and the keeper waits until the key is freed or
+/// changes, then takes it back. Every change is published on `tx`.
 pub struct Keeper {
     pub reg: Registry,
     pub config: NetworkConfig,
@@ -416,33 +470,47 @@ impl Keeper {
             };
             let Some(why) = lost else { continue };
             log::error!(
-                "LOST OUR LEASE {}: {why}; re-acquiring (the same subnet if it is still free)",
+                "LOST OUR LEASE {}: {why}; taking the same subnet back (our pods keep their addresses)",
                 own.subnet
             );
             let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
             own = loop {
-                match acquire(
-                    &self.reg,
-                    &self.config,
-                    &NodeIdentity {
-                        vtep_mac: own.vtep_mac,
-                        ..self.node
-                    },
-                    Some(own.subnet),
-                    &self.timing,
-                )
-                .await
-                {
-                    Ok(l) => break l,
-                    Err(AcquireError::Etcd(e)) if e.is_transient() => {
+                match reclaim(&self.reg, &own, &self.timing).await {
+                    Ok(Reclaim::Reclaimed(l)) => break l,
+                    Ok(Reclaim::Raced) => tokio::time::sleep(backoff.next_delay()).await,
+                    Ok(Reclaim::HeldBy(holder)) => {
+                        let conflict = format!(
+                            "our subnet {}'s key in etcd holds PublicIP {holder}'s lease",
+                            own.subnet
+                        );
+                        if own.conflict.as_deref() != Some(conflict.as_str()) {
+                            log::error!(
+                                "LEASE CONFLICT: {conflict}; keeping {} for our pods, never routing it to {holder}, not ready until the key is freed or ours again",
+                                own.subnet
+                            );
+                            own.conflict = Some(conflict);
+                            tx.send_replace(own.clone());
+                        }
+                        // Look again when something changes under the prefix.
+                        tokio::select! {
+                            _ = tx.closed() => return Ok(()),
+                            events = watcher.next() => { events?; }
+                        }
+                    }
+                    Err(e) if e.is_transient() => {
                         let delay = backoff.next_delay();
-                        log::warn!("re-acquiring a lease failed (retrying in {delay:?}): {e}");
+                        log::warn!("taking our lease back failed (retrying in {delay:?}): {e}");
                         tokio::time::sleep(delay).await;
                     }
-                    Err(e) => return Err(e),
+                    Err(source) => {
+                        return Err(AcquireError::Renew {
+                            subnet: own.subnet,
+                            source,
+                        });
+                    }
                 }
             };
-            log::warn!("re-acquired lease {} after losing ours", own.subnet);
+            log::warn!("took our lease {} back", own.subnet);
             next_renewal = own.renew_at(&self.timing);
             tx.send_replace(own.clone());
         }
