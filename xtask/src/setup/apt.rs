@@ -38,6 +38,7 @@ pub const PACKAGES: &[(&str, &str)] = &[
         "iptables",
         "the agent's rules (iptables-restore), both backends in the tests",
     ),
+    ("systemd", "systemd-analyze verify of deploy/systemd's unit"),
     (
         "conntrack",
         "the fast path's conntrack checks (entries listed per namespace)",
