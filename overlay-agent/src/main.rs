@@ -10,7 +10,7 @@ use std::{path::Path, process::ExitCode, time::Duration};
 
 use anyhow::{Context, Result, anyhow};
 use overlay_agent::{
-    cli::{Cli, Command, DatapathChoice, FastPathChoice, IngressChoice},
+    cli::{CleanupArgs, Cli, Command, DatapathChoice, FastPathChoice, IngressChoice},
     config::NetworkConfig,
     datapath::{
         AnyDatapath, Datapath, NodeSpec, NodeState,
@@ -56,7 +56,7 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Some(Command::Status) => rt.block_on(status(cli)),
-        Some(Command::Cleanup) => rt.block_on(cleanup(cli)),
+        Some(Command::Cleanup(ref args)) => rt.block_on(cleanup(&cli, args)),
         None => rt.block_on(run(cli)),
     };
     match result {
@@ -635,16 +635,27 @@ async fn status(cli: Cli) -> Result<()> {
 }
 
 /// `overlay-agent cleanup`.
-async fn cleanup(cli: Cli) -> Result<()> {
-    let layout = pin_layout(&cli);
-    // The VNI names the device when no pins say it: ask etcd, briefly.
-    let vni = async {
-        let reg = connect_briefly(&cli).await.ok()?;
-        let config = briefly(reg.get_config()).await.ok()??;
-        Some(config.backend.vni)
-    }
-    .await;
-    let removed = overlay_agent::cleanup::run(&layout, vni)
+async fn cleanup(cli: &Cli, args: &CleanupArgs) -> Result<()> {
+    let layout = pin_layout(cli);
+    // The network config's VNI names the device when neither the pins nor
+    // --vni do: ask etcd, briefly.
+    let config_vni = match args.vni {
+        Some(_) => None,
+        None => {
+            async {
+                let reg = connect_briefly(cli).await.ok()?;
+                let config = briefly(reg.get_config()).await.ok()??;
+                Some(config.backend.vni)
+            }
+            .await
+        }
+    };
+    let opts = overlay_agent::cleanup::Options {
+        vni: args.vni,
+        config_vni,
+        force: args.force,
+    };
+    let removed = overlay_agent::cleanup::run(&layout, &opts)
         .await
         .context("cleaning up")?;
     if removed.is_empty() {
