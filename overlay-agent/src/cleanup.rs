@@ -1,18 +1,36 @@
-//! `overlay-agent cleanup`: removes everything the agent created on this
-//! host, which stopping it deliberately does not (as flanneld leaves its
-//! routes): the pinned links (detaching the programs) and maps, the
-//! `flannel.<VNI>` device (its address, routes, neighbour and FDB entries go
-//! with it) and the masquerading and forwarding rules. The lease in etcd and
-//! subnet.env stay, so the node keeps its subnet if the agent comes back.
+//! `overlay-agent cleanup`: removes what this agent created on the host,
+//! which stopping it deliberately does not (as flanneld leaves its routes):
+//! the pinned links (detaching the programs), our legacy clsact filters and
+//! the maps, the `flannel.<VNI>`
+//! device of its VNI (its address, routes, neighbour and FDB entries go
+//! with it) and the FLANNEL-* chains with the jumps to them. The lease in
+//! etcd and subnet.env stay, so the node keeps its subnet if the agent
+//! comes back.
+//!
+//! flanneld's device and chains have the same names as ours, so cleanup
+//! decides first and refuses rather than guess: while a flanneld runs on the
+//! host (unless `--force`), and when `flannel.<N>` devices exist but neither
+//! the pins, `--vni` nor etcd's network config says which VNI is ours. A
+//! refusal removes nothing.
+
+use std::path::Path;
 
 use crate::{
-    datapath::{ebpf::read_node_config, pins::PinLayout},
+    datapath::{
+        ebpf::{TC_PROGRAMS, read_node_config},
+        pins::PinLayout,
+        tc_attach,
+    },
     inspect, ipmasq,
     netlink::{Netlink, NetlinkError},
 };
 
 #[derive(Debug, thiserror::Error)]
 pub enum CleanupError {
+    #[error("removing our legacy clsact filters")]
+    Filters(#[source] Box<crate::datapath::ebpf::EbpfError>),
+    #[error("refusing: {0}")]
+    Refused(#[from] Refusal),
     #[error("removing the pins under {dir}")]
     Pins {
         dir: String,
@@ -25,53 +43,170 @@ pub enum CleanupError {
     Netlink(#[from] NetlinkError),
     #[error(transparent)]
     Iptables(#[from] ipmasq::IptablesError),
+    #[error("the iptables thread died")]
+    IptablesThread(#[source] tokio::task::JoinError),
 }
 
-/// Which `flannel.<VNI>` to delete: the VNI the pinned NODE_CONFIG names,
-/// else `vni` (from the network config), else every `flannel.<number>`.
-pub fn devices_to_delete(
-    pinned_vni: Option<u32>,
-    vni: Option<u32>,
-    names: &[String],
-) -> Vec<String> {
-    match pinned_vni.or(vni) {
-        Some(v) => vec![format!("flannel.{v}")],
-        None => names
-            .iter()
-            .filter(|n| {
-                n.strip_prefix("flannel.")
-                    .is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
-            })
-            .cloned()
-            .collect(),
+/// Why cleanup removes nothing.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error(
+        "flanneld runs on this host (pid {}); its flannel.<VNI> and FLANNEL-* chains are named \
+         like ours, so nothing was removed (stop it first, or pass --force to remove ours anyway)",
+        list(.pids)
+    )]
+    FlanneldRuns { pids: Vec<u32> },
+    #[error("the pinned state says VNI {pinned} but --vni says {flag}; nothing was removed")]
+    VniDisagrees { pinned: u32, flag: u32 },
+    #[error(
+        "this host has {} but nothing says which is ours (no pinned state, no --vni, no network \
+         config in etcd); nothing was removed: name it with `overlay-agent cleanup --vni <VNI>`",
+        list(.found)
+    )]
+    UnknownVni { found: Vec<String> },
+}
+
+fn list<T: std::fmt::Display>(items: &[T]) -> String {
+    items
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// What cleanup knows before it touches anything.
+#[derive(Clone, Debug, Default)]
+pub struct Facts {
+    /// The VNI the pinned NODE_CONFIG names (what the agent programmed).
+    pub pinned_vni: Option<u32>,
+    /// `--vni`.
+    pub flag_vni: Option<u32>,
+    /// The network config's, from etcd.
+    pub config_vni: Option<u32>,
+    /// The host's links.
+    pub links: Vec<String>,
+    /// flanneld processes running.
+    pub flanneld: Vec<u32>,
+    /// `--force`.
+    pub force: bool,
+}
+
+/// The device to delete (if it exists), or why nothing may be removed. The
+/// pins name the VNI the agent programmed; `--vni` may only confirm it;
+/// without pins `--vni` wins over etcd's config.
+pub fn decide(f: &Facts) -> Result<Option<String>, Refusal> {
+    if !f.flanneld.is_empty() && !f.force {
+        return Err(Refusal::FlanneldRuns {
+            pids: f.flanneld.clone(),
+        });
     }
+    let vni = match (f.pinned_vni, f.flag_vni) {
+        (Some(pinned), Some(flag)) if pinned != flag => {
+            return Err(Refusal::VniDisagrees { pinned, flag });
+        }
+        (Some(v), _) | (None, Some(v)) => Some(v),
+        (None, None) => f.config_vni,
+    };
+    let Some(vni) = vni else {
+        let found: Vec<String> = f
+            .links
+            .iter()
+            .filter(|n| is_vxlan_name(n))
+            .cloned()
+            .collect();
+        if found.is_empty() {
+            return Ok(None);
+        }
+        return Err(Refusal::UnknownVni { found });
+    };
+    let ours = format!("flannel.{vni}");
+    Ok(f.links.contains(&ours).then_some(ours))
 }
 
-/// Removes it all; returns one line per thing removed. Must run in a tokio
-/// runtime, in the node's network namespace.
-pub async fn run(pins: &PinLayout, vni: Option<u32>) -> Result<Vec<String>, CleanupError> {
-    let mut removed = Vec::new();
+/// `flannel.<number>`, the name flanneld and we give the VXLAN device.
+fn is_vxlan_name(name: &str) -> bool {
+    name.strip_prefix("flannel.")
+        .is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// The pids whose `comm` is `flanneld`, from `proc` (`/proc`).
+pub fn flanneld_pids(proc: &Path) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir(proc) else {
+        return Vec::new();
+    };
+    let mut pids: Vec<u32> = entries
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(proc.join(pid.to_string()).join("comm"))
+                .is_ok_and(|c| c.trim_end() == "flanneld")
+        })
+        .collect();
+    pids.sort_unstable();
+    pids
+}
+
+/// `cleanup`'s flags and what etcd said.
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// `--vni`.
+    pub vni: Option<u32>,
+    /// The network config's VNI, if etcd answered.
+    pub config_vni: Option<u32>,
+    /// `--force`.
+    pub force: bool,
+}
+
+/// Decides, then removes; returns one line per thing removed. Must run in a
+/// tokio runtime, in the node's network namespace.
+pub async fn run(pins: &PinLayout, opts: &Options) -> Result<Vec<String>, CleanupError> {
     let pinned_vni = inspect::open(pins, overlay_common::consts::MAP_NODE_CONFIG)
         .ok()
         .and_then(|m| read_node_config(&m).ok())
         .filter(|c| c.configured != 0)
         .map(|c| c.vni);
+    let nl = Netlink::connect().map_err(CleanupError::Connect)?;
+    let links: Vec<String> = nl.links().await?.into_iter().map(|l| l.name).collect();
+    let facts = Facts {
+        pinned_vni,
+        flag_vni: opts.vni,
+        config_vni: opts.config_vni,
+        links,
+        flanneld: flanneld_pids(Path::new("/proc")),
+        force: opts.force,
+    };
+    let device = decide(&facts)?;
+    if !facts.flanneld.is_empty() {
+        log::warn!(
+            "--force: removing ours although flanneld runs (pid {})",
+            list(&facts.flanneld)
+        );
+    }
+
+    let mut removed = Vec::new();
     for p in pins.remove_all().map_err(|source| CleanupError::Pins {
         dir: pins.root().display().to_string(),
         source,
     })? {
         removed.push(format!("pin {}", p.display()));
     }
-    let nl = Netlink::connect().map_err(CleanupError::Connect)?;
-    let names: Vec<String> = nl.links().await?.into_iter().map(|l| l.name).collect();
-    for name in devices_to_delete(pinned_vni, vni, &names) {
-        if nl.delete_link_by_name(&name).await? {
-            removed.push(format!(
-                "device {name} (with its routes, neighbour and FDB entries)"
-            ));
-        }
+    // Legacy clsact filters are not pinned: found by our programs' names.
+    for (interface, program) in tc_attach::detach_legacy_everywhere(&TC_PROGRAMS)
+        .map_err(|e| CleanupError::Filters(Box::new(e)))?
+    {
+        removed.push(format!("clsact filter {program} on {interface}"));
     }
-    removed.extend(ipmasq::remove_all()?);
+    if let Some(name) = device
+        && nl.delete_link_by_name(&name).await?
+    {
+        removed.push(format!(
+            "device {name} (with its routes, neighbour and FDB entries)"
+        ));
+    }
+    let rules = tokio::task::spawn_blocking(ipmasq::remove_all)
+        .await
+        .map_err(CleanupError::IptablesThread)??;
+    removed.extend(rules);
     Ok(removed)
 }
 
@@ -79,9 +214,8 @@ pub async fn run(pins: &PinLayout, vni: Option<u32>) -> Result<Vec<String>, Clea
 mod tests {
     use super::*;
 
-    #[test]
-    fn the_vni_decides_which_device_goes() {
-        let names: Vec<String> = [
+    fn links() -> Vec<String> {
+        [
             "lo",
             "eth0",
             "flannel.1",
@@ -91,12 +225,104 @@ mod tests {
         ]
         .into_iter()
         .map(String::from)
-        .collect();
-        assert_eq!(devices_to_delete(Some(7), Some(1), &names), ["flannel.7"]);
-        assert_eq!(devices_to_delete(None, Some(1), &names), ["flannel.1"]);
+        .collect()
+    }
+
+    #[test]
+    fn the_pins_then_the_flag_then_the_config_name_the_device() {
+        let f = |pinned_vni, flag_vni, config_vni| Facts {
+            pinned_vni,
+            flag_vni,
+            config_vni,
+            links: links(),
+            ..Facts::default()
+        };
         assert_eq!(
-            devices_to_delete(None, None, &names),
-            ["flannel.1", "flannel.42"]
+            decide(&f(Some(42), None, Some(1))),
+            Ok(Some("flannel.42".into()))
         );
+        assert_eq!(
+            decide(&f(Some(42), Some(42), None)),
+            Ok(Some("flannel.42".into()))
+        );
+        assert_eq!(
+            decide(&f(None, Some(42), Some(1))),
+            Ok(Some("flannel.42".into()))
+        );
+        assert_eq!(
+            decide(&f(None, None, Some(1))),
+            Ok(Some("flannel.1".into()))
+        );
+        // Ours is gone already: nothing to delete, nothing else touched.
+        assert_eq!(decide(&f(None, Some(7), None)), Ok(None));
+        assert_eq!(
+            decide(&f(Some(42), Some(1), None)),
+            Err(Refusal::VniDisagrees {
+                pinned: 42,
+                flag: 1
+            })
+        );
+    }
+
+    #[test]
+    fn an_unknown_vni_with_vxlan_devices_about_is_a_refusal_naming_them() {
+        let f = Facts {
+            links: links(),
+            ..Facts::default()
+        };
+        let refusal = decide(&f).unwrap_err();
+        assert_eq!(
+            refusal,
+            Refusal::UnknownVni {
+                found: vec!["flannel.1".into(), "flannel.42".into()]
+            }
+        );
+        let msg = refusal.to_string();
+        assert!(msg.contains("flannel.1, flannel.42"), "{msg}");
+        assert!(msg.contains("cleanup --vni <VNI>"), "{msg}");
+        // No such device at all: nothing to guess about.
+        let bare = Facts {
+            links: vec!["lo".into(), "eth0".into()],
+            ..Facts::default()
+        };
+        assert_eq!(decide(&bare), Ok(None));
+    }
+
+    #[test]
+    fn a_running_flanneld_is_a_refusal_unless_forced() {
+        let mut f = Facts {
+            pinned_vni: Some(1),
+            links: links(),
+            flanneld: vec![812, 4711],
+            ..Facts::default()
+        };
+        let refusal = decide(&f).unwrap_err();
+        assert!(refusal.to_string().contains("pid 812, 4711"), "{refusal}");
+        assert!(refusal.to_string().contains("--force"), "{refusal}");
+        f.force = true;
+        assert_eq!(decide(&f), Ok(Some("flannel.1".into())));
+        // --force does not make a guess.
+        f.pinned_vni = None;
+        assert!(matches!(decide(&f), Err(Refusal::UnknownVni { .. })));
+    }
+
+    #[test]
+    fn flanneld_is_found_by_its_comm() {
+        let proc =
+            std::env::temp_dir().join(format!("overlay-cleanup-proc-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&proc);
+        for (pid, comm) in [
+            ("1", "systemd\n"),
+            ("812", "flanneld\n"),
+            ("900", "flanneld-x\n"),
+        ] {
+            std::fs::create_dir_all(proc.join(pid)).unwrap();
+            std::fs::write(proc.join(pid).join("comm"), comm).unwrap();
+        }
+        std::fs::create_dir_all(proc.join("self")).unwrap();
+        std::fs::create_dir_all(proc.join("4711")).unwrap(); // exited: no comm
+        let found = flanneld_pids(&proc);
+        std::fs::remove_dir_all(&proc).unwrap();
+        assert_eq!(found, [812]);
     }
 }

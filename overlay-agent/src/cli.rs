@@ -224,10 +224,28 @@ pub enum Command {
     /// counters by reason, from the pinned maps and etcd; works whether the
     /// agent runs or not.
     Status,
-    /// Remove everything the agent created on this host: pinned programs
-    /// and maps, flannel.<VNI> with its routes, neighbour and FDB entries,
-    /// and the masquerading rules. The lease and subnet.env stay.
-    Cleanup,
+    /// Remove what the agent created on this host: the pinned programs and
+    /// maps, flannel.<VNI> of its VNI (from the pins, else --vni, else etcd's
+    /// network config) with its routes, neighbour and FDB entries, and the
+    /// FLANNEL-* iptables chains and the jumps to them. The lease and
+    /// subnet.env stay. Removes nothing while a flanneld runs on the host
+    /// (unless --force), or when flannel.<N> devices exist and nothing says
+    /// which VNI is ours.
+    Cleanup(CleanupArgs),
+}
+
+/// `cleanup`'s own flags.
+#[derive(Clone, Debug, Default, PartialEq, Eq, clap::Args)]
+pub struct CleanupArgs {
+    /// The VNI whose flannel.<VNI> to delete, when the pins do not say it
+    /// (the kernel datapath pins nothing) and etcd has no network config.
+    #[arg(long)]
+    pub vni: Option<u32>,
+
+    /// Remove even though a flanneld runs on this host, whose flannel.<VNI>
+    /// and FLANNEL-* chains have the same names as ours.
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// A `Duration` that prints like the flag took it.
@@ -591,5 +609,24 @@ mod tests {
         assert!(kube.validate().unwrap_err().contains("--kube-subnet-mgr"));
         let v = parse_err(&["--version"]);
         assert!(v.contains(env!("CARGO_PKG_VERSION")), "{v}");
+    }
+
+    #[test]
+    fn cleanup_takes_a_vni_and_force_after_the_shared_flags() {
+        let _g = ENV.lock().unwrap_or_else(|e| e.into_inner());
+        let c = parse(&["-etcd-prefix=/x", "cleanup", "--vni", "7", "--force"]);
+        assert_eq!(c.etcd_prefix, "/x");
+        assert_eq!(
+            c.command,
+            Some(Command::Cleanup(CleanupArgs {
+                vni: Some(7),
+                force: true
+            }))
+        );
+        let plain = parse(&["cleanup"]);
+        assert_eq!(
+            plain.command,
+            Some(Command::Cleanup(CleanupArgs::default()))
+        );
     }
 }

@@ -1,16 +1,28 @@
 //! flanneld's iptables rules, the same chains and rules in the same order:
 //! `--ip-masq` adds nat `FLANNEL-POSTRTG` (jumped to from POSTROUTING), and
 //! `--iptables-forward-rules` (on by default) adds filter `FLANNEL-FWD`
-//! (jumped to from FORWARD). They are checked every resync period and
-//! rebuilt when anything is missing, as flanneld does.
+//! (jumped to from FORWARD); the fast path adds mangle `FLANNEL-FASTPATH`.
 //!
-//! Like flanneld's go-iptables, this runs the `iptables` binary (`-w`, so it
-//! waits for the xtables lock instead of failing).
+//! As current flanneld does, a table whose rules are missing or out of order
+//! is repaired with one `iptables-restore --noflush --wait` ([`restore`]), so
+//! our chain's content is replaced in one kernel transaction: FORWARD never
+//! lacks the ACCEPTs while a repair runs. [`RuleKeeper`] runs the agent's
+//! checks and repairs on a thread of its own, so a held xtables lock does
+//! not stall the reconciler. Every run has a deadline, including those the
+//! datapath's set-up makes where it runs (the fast path's mangle rule).
 
-use std::process::Command;
+mod exec;
+mod keeper;
+pub mod restore;
+
+use std::sync::Mutex;
 
 use ipnet::Ipv4Net;
 use overlay_common::fastpath::FAST_PATH_MARK;
+
+pub use exec::IptablesError;
+pub use keeper::RuleKeeper;
+use restore::{Restore, TableState};
 
 pub const MASQ_CHAIN: &str = "FLANNEL-POSTRTG";
 pub const FORWARD_CHAIN: &str = "FLANNEL-FWD";
@@ -30,13 +42,6 @@ impl Rule {
     fn new(table: &'static str, chain: &'static str, spec: Vec<String>) -> Rule {
         Rule { table, chain, spec }
     }
-}
-
-#[derive(Debug, thiserror::Error)]
-#[error("iptables {args}: {problem}")]
-pub struct IptablesError {
-    pub args: String,
-    pub problem: String,
 }
 
 /// flanneld's `masqRules`: the jump, then RETURN for kube-proxy-marked
@@ -125,35 +130,6 @@ pub fn forward_rules(network: Ipv4Net) -> Vec<Rule> {
     ]
 }
 
-fn iptables(args: &[&str]) -> Result<bool, IptablesError> {
-    let out = Command::new("iptables")
-        .arg("-w")
-        .args(args)
-        .output()
-        .map_err(|e| IptablesError {
-            args: args.join(" "),
-            problem: format!("cannot run iptables: {e}"),
-        })?;
-    if out.status.success() {
-        return Ok(true);
-    }
-    // `-C` fails when the rule, its chain or its target chain does not
-    // exist; a real problem shows when the rule is then added.
-    if args.first() == Some(&"-C") {
-        return Ok(false);
-    }
-    Err(IptablesError {
-        args: args.join(" "),
-        problem: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-    })
-}
-
-fn exists(r: &Rule) -> Result<bool, IptablesError> {
-    let mut a = vec!["-C", r.chain, "-t", r.table];
-    a.extend(r.spec.iter().map(String::as_str));
-    iptables(&a)
-}
-
 /// The fast path's approvals: mangle `FLANNEL-FASTPATH`, jumped to from
 /// POSTROUTING (after the filter table's FORWARD and OUTPUT verdicts, before
 /// NAT), marks packets from and to our pods whose conntrack entry is
@@ -199,103 +175,67 @@ pub fn fast_path_rules(subnet: Ipv4Net) -> Vec<Rule> {
 
 /// Whether iptables supports `MASQUERADE --random-fully` (1.6.2 and later).
 pub fn supports_random_fully() -> bool {
-    Command::new("iptables")
-        .args(["-j", "MASQUERADE", "--help"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).contains("--random-fully"))
-        .unwrap_or(false)
+    exec::run("iptables", &["-j", "MASQUERADE", "--help"], None)
+        .is_ok_and(|help| help.contains("--random-fully"))
 }
 
-/// Make sure every rule exists, in order. When any is missing, flanneld's
-/// way: flush our chain and add them all again (the jump from the built-in
-/// chain is only added if missing). Returns whether anything was changed.
-pub fn ensure(rules: &[Rule]) -> Result<bool, IptablesError> {
-    let mut all_there = true;
-    for r in rules {
-        if !exists(r)? {
-            all_there = false;
-            break;
-        }
-    }
-    if all_there {
-        return Ok(false);
-    }
-    for r in rules {
-        if is_ours(r.chain) {
-            // -N fails when the chain exists; then flush it.
-            if iptables(&["-t", r.table, "-N", r.chain]).is_err() {
-                iptables(&["-t", r.table, "-F", r.chain])?;
-            }
-        }
-    }
-    for r in rules {
-        if !is_ours(r.chain) && exists(r)? {
-            continue;
-        }
-        let mut a = vec!["-A", r.chain, "-t", r.table];
-        a.extend(r.spec.iter().map(String::as_str));
-        iptables(&a)?;
-    }
-    Ok(true)
+/// Makes every table of `rules` hold them: our chains exactly these rules in
+/// this order, the jumps from the built-in chains present. A table that
+/// does not is brought there with one `iptables-restore --noflush`, which
+/// replaces our chain's content in one transaction (see [`restore`]).
+/// Returns what was changed, empty when everything was in place.
+pub fn ensure(rules: &[Rule]) -> Result<Vec<String>, IptablesError> {
+    per_table(rules, restore::repair)
 }
 
-/// Delete rules (those in our chains and the jumps); missing ones are fine.
-pub fn remove(rules: &[Rule]) -> Result<(), IptablesError> {
-    for r in rules {
-        if exists(r)? {
-            let mut a = vec!["-D", r.chain, "-t", r.table];
-            a.extend(r.spec.iter().map(String::as_str));
-            iptables(&a)?;
-        }
-    }
-    Ok(())
+/// Removes every copy of the jumps among `rules` and our chains they name
+/// (whatever those chains hold), one transaction per table; what is not
+/// there is fine. Returns what was removed.
+pub fn remove(rules: &[Rule]) -> Result<Vec<String>, IptablesError> {
+    per_table(rules, restore::removal)
 }
 
-/// Removes every rule and chain flanneld's (and our) masquerading and
-/// forwarding add, whatever Network they were made for: the jumps from
-/// POSTROUTING and FORWARD, then our chains. Returns what it removed.
+/// Removes the jumps to our chains and the chains, whatever Network they
+/// were made for (the jumps carry no address). Returns what it removed.
 pub fn remove_all() -> Result<Vec<String>, IptablesError> {
     let any: Ipv4Net = "0.0.0.0/0".parse().expect("a valid prefix");
-    let jumps = [
-        masq_rules(any, any, false).remove(0),
-        forward_rules(any).remove(0),
-        fast_path_rules(any).remove(0),
-    ];
-    let mut removed = Vec::new();
-    for jump in &jumps {
-        // The jump carries no address, so one spec matches every copy.
-        while exists(jump)? {
-            let mut a = vec!["-D", jump.chain, "-t", jump.table];
-            a.extend(jump.spec.iter().map(String::as_str));
-            iptables(&a)?;
-            removed.push(format!(
-                "iptables -t {} {} jump to {}",
-                jump.table,
-                jump.chain,
-                jump.spec.last().map_or("", String::as_str)
-            ));
-        }
-    }
-    for (table, chain) in [
-        ("nat", MASQ_CHAIN),
-        ("filter", FORWARD_CHAIN),
-        ("mangle", FAST_PATH_CHAIN),
-    ] {
-        if delete_chain(table, chain)? {
-            removed.push(format!("iptables -t {table} chain {chain}"));
-        }
-    }
-    Ok(removed)
+    let mut rules = masq_rules(any, any, false);
+    rules.extend(forward_rules(any));
+    rules.extend(fast_path_rules(any));
+    remove(&rules)
 }
 
-/// Flushes and deletes one of our chains (nothing may jump to it any more);
-/// returns whether it existed.
-pub fn delete_chain(table: &str, chain: &str) -> Result<bool, IptablesError> {
-    if iptables(&["-t", table, "-F", chain]).is_err() {
-        return Ok(false);
+/// Our own runs take turns: a check and the restore it leads to must not
+/// interleave with another thread's (the agent's keeper and the datapath's
+/// set-up both touch mangle).
+static TURN: Mutex<()> = Mutex::new(());
+
+/// For each table of `rules` in turn: reads it, asks `plan` what to
+/// restore, restores that.
+fn per_table(
+    rules: &[Rule],
+    plan: fn(&str, &[Rule], &TableState) -> Option<Restore>,
+) -> Result<Vec<String>, IptablesError> {
+    let mut tables: Vec<&str> = Vec::new();
+    for r in rules {
+        if !tables.contains(&r.table) {
+            tables.push(r.table);
+        }
     }
-    iptables(&["-t", table, "-X", chain])?;
-    Ok(true)
+    let _turn = TURN
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut changes = Vec::new();
+    for table in tables {
+        let saved = exec::run("iptables-save", &["-t", table], None)?;
+        let Some(r) = plan(table, rules, &TableState::parse(&saved, table)) else {
+            continue;
+        };
+        let wait = format!("--wait={}", exec::LOCK_WAIT.as_secs());
+        exec::run("iptables-restore", &["--noflush", &wait], Some(&r.input))?;
+        changes.extend(r.changes);
+    }
+    Ok(changes)
 }
 
 fn is_ours(chain: &str) -> bool {

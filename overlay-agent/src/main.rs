@@ -10,7 +10,9 @@ use std::{path::Path, process::ExitCode, time::Duration};
 
 use anyhow::{Context, Result, anyhow};
 use overlay_agent::{
-    cli::{Cli, Command, DatapathChoice, FastPathChoice, IngressChoice, TcAttachChoice},
+    cli::{
+        CleanupArgs, Cli, Command, DatapathChoice, FastPathChoice, IngressChoice, TcAttachChoice,
+    },
     config::NetworkConfig,
     datapath::{
         AnyDatapath, Datapath, NodeSpec, NodeState,
@@ -69,7 +71,7 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Some(Command::Status) => rt.block_on(status(cli)),
-        Some(Command::Cleanup) => rt.block_on(cleanup(cli)),
+        Some(Command::Cleanup(ref args)) => rt.block_on(cleanup(&cli, args)),
         None => rt.block_on(run(cli)),
     };
     match result {
@@ -195,10 +197,15 @@ async fn run(cli: Cli) -> Result<()> {
             return Err(e);
         }
     };
-    let random_fully = !cli.ip_masq_fully_random_disable && ipmasq::supports_random_fully();
+    let random_fully = !cli.ip_masq_fully_random_disable
+        && tokio::task::spawn_blocking(ipmasq::supports_random_fully)
+            .await
+            .unwrap_or(false);
     let mut rules = iptables_rules(&cli, &config, lease.subnet, random_fully);
     rules.extend(fast_path_rules(&dp));
-    ensure_rules(&rules, true);
+    let iptables = ipmasq::RuleKeeper::start(Duration::from_secs(cli.iptables_resync))
+        .context("starting the iptables thread")?;
+    first_rules(iptables.keep(rules)).await;
 
     // 4. Keep the lease, follow the peers.
     let (tx, mut own_rx) = tokio::sync::watch::channel(lease.clone());
@@ -262,7 +269,6 @@ async fn run(cli: Cli) -> Result<()> {
         }
     };
     let mut retry = tokio::time::interval(Duration::from_secs(5));
-    let mut iptables_resync = tokio::time::interval(Duration::from_secs(cli.iptables_resync));
     let mut health_tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
@@ -296,13 +302,10 @@ async fn run(cli: Cli) -> Result<()> {
                         .await
                         .map_err(|e| anyhow!("reading the datapath's peers: {}", e.reason()))?;
                     watcher = LeaseWatcher::new(reg.clone(), snapshot.revision);
+                    // Our chains' content is replaced in place; no wait.
                     let mut next = iptables_rules(&cli, &config, new.subnet, random_fully);
                     next.extend(fast_path_rules(rec.datapath()));
-                    if let Err(e) = ipmasq::remove(&rules) {
-                        log::error!("removing the iptables rules for {}: {e}", lease.subnet);
-                    }
-                    rules = next;
-                    ensure_rules(&rules, true);
+                    drop(iptables.keep(next));
                     health.set_phase(Phase::Running);
                 }
                 lease = new;
@@ -317,9 +320,6 @@ async fn run(cli: Cli) -> Result<()> {
             }
             _ = retry.tick(), if !rec.is_converged() => {
                 rec.converge().await;
-            }
-            _ = iptables_resync.tick(), if !rules.is_empty() => {
-                ensure_rules(&rules, false);
             }
             res = &mut keeper_task => {
                 return match res {
@@ -480,16 +480,19 @@ fn fast_path_rules(dp: &AnyDatapath) -> Vec<Rule> {
         .unwrap_or_default()
 }
 
-/// Install or repair the rules; failures are logged and retried at the next resync.
-fn ensure_rules(rules: &[Rule], first: bool) {
-    if rules.is_empty() {
-        return;
-    }
-    match ipmasq::ensure(rules) {
-        Ok(true) if first => log::info!("installed {} iptables rules", rules.len()),
-        Ok(true) => log::warn!("iptables rules were missing or out of order; rebuilt them"),
-        Ok(false) => {}
-        Err(e) => log::error!("iptables: {e} (retrying at the next resync)"),
+/// How long start-up waits for the first iptables run: READY=1 follows the
+/// rules unless something holds the xtables lock; then the rules follow it.
+const FIRST_RULES_WAIT: Duration = Duration::from_secs(5);
+
+async fn first_rules(applied: tokio::sync::oneshot::Receiver<()>) {
+    if tokio::time::timeout(FIRST_RULES_WAIT, applied)
+        .await
+        .is_err()
+    {
+        log::warn!(
+            "iptables has not answered within {FIRST_RULES_WAIT:?} (is the xtables lock held?); \
+             carrying on, the rules follow when it does"
+        );
     }
 }
 
@@ -749,16 +752,27 @@ async fn rejected_leases(
 }
 
 /// `overlay-agent cleanup`.
-async fn cleanup(cli: Cli) -> Result<()> {
-    let layout = pin_layout(&cli);
-    // The VNI names the device when no pins say it: ask etcd, briefly.
-    let vni = async {
-        let reg = connect_briefly(&cli).await.ok()?;
-        let config = briefly(reg.get_config()).await.ok()??;
-        Some(config.backend.vni)
-    }
-    .await;
-    let removed = overlay_agent::cleanup::run(&layout, vni)
+async fn cleanup(cli: &Cli, args: &CleanupArgs) -> Result<()> {
+    let layout = pin_layout(cli);
+    // The network config's VNI names the device when neither the pins nor
+    // --vni do: ask etcd, briefly.
+    let config_vni = match args.vni {
+        Some(_) => None,
+        None => {
+            async {
+                let reg = connect_briefly(cli).await.ok()?;
+                let config = briefly(reg.get_config()).await.ok()??;
+                Some(config.backend.vni)
+            }
+            .await
+        }
+    };
+    let opts = overlay_agent::cleanup::Options {
+        vni: args.vni,
+        config_vni,
+        force: args.force,
+    };
+    let removed = overlay_agent::cleanup::run(&layout, &opts)
         .await
         .context("cleaning up")?;
     if removed.is_empty() {

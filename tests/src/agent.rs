@@ -353,3 +353,42 @@ impl Drop for Containers {
         }
     }
 }
+
+/// A namespace standing for the internet behind host `i`'s second
+/// interface (`wan` in the host, `eth0` in it, 203.0.113.0/24). It knows no
+/// route to the pods: only masqueraded replies come back. Deleted on drop.
+pub struct Internet {
+    pub ns: String,
+}
+
+impl Internet {
+    /// The host's address on `wan`.
+    pub const HOST_ADDR: &str = "203.0.113.1";
+    /// The internet's address.
+    pub const ADDR: &str = "203.0.113.2";
+
+    pub fn behind(hosts: &Hosts, i: usize) -> Result<Internet> {
+        let host = hosts.ns(i);
+        let inet = Internet {
+            ns: format!("{host}-inet"),
+        };
+        sh(&["ip", "netns", "add", &inet.ns])?;
+        sh(&[
+            "ip", "-n", &host, "link", "add", "wan", "type", "veth", "peer", "name", "eth0",
+            "netns", &inet.ns,
+        ])?;
+        let host_addr = format!("{}/24", Self::HOST_ADDR);
+        sh(&["ip", "-n", &host, "addr", "add", &host_addr, "dev", "wan"])?;
+        sh(&["ip", "-n", &host, "link", "set", "wan", "up"])?;
+        let addr = format!("{}/24", Self::ADDR);
+        sh(&["ip", "-n", &inet.ns, "addr", "add", &addr, "dev", "eth0"])?;
+        sh(&["ip", "-n", &inet.ns, "link", "set", "eth0", "up"])?;
+        Ok(inet)
+    }
+}
+
+impl Drop for Internet {
+    fn drop(&mut self) {
+        let _ = sh(&["ip", "netns", "del", &self.ns]);
+    }
+}

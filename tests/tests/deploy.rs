@@ -2,7 +2,8 @@
 //! DaemonSet (host network, capabilities, bpffs and flannel's directories,
 //! probes on the health endpoints the agent serves, a config the agent
 //! accepts, rolling updates), the systemd unit (Type=notify, restart on
-//! failure) and the image (multi-stage, the binary where the manifest runs it).
+//! failure, ordered before docker without tying docker's lifetime to it,
+//! accepted by `systemd-analyze verify`) and the image (multi-stage, the binary where the manifest runs it).
 //! The agent's side of `Type=notify` is tested in `health.rs`.
 
 use std::{collections::BTreeMap, path::PathBuf};
@@ -181,11 +182,10 @@ fn configmap_holds_a_network_config_the_agent_accepts_and_a_flannel_cni_config()
     Ok(())
 }
 
-#[test]
-fn systemd_unit_is_type_notify_and_restarts_on_failure() -> Result<()> {
-    let unit = deploy("systemd/overlay-agent.service")?;
+/// The unit's `[Section] Key=` values; a key given twice keeps both.
+fn unit_keys(unit: &str) -> BTreeMap<(String, String), Vec<String>> {
     let mut section = String::new();
-    let mut keys: BTreeMap<(String, String), String> = BTreeMap::new();
+    let mut keys: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
     for line in unit.lines().map(str::trim) {
         if line.is_empty() || line.starts_with('#') {
             continue;
@@ -193,10 +193,19 @@ fn systemd_unit_is_type_notify_and_restarts_on_failure() -> Result<()> {
         if let Some(s) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
             section = s.to_owned();
         } else if let Some((k, v)) = line.split_once('=') {
-            keys.insert((section.clone(), k.to_owned()), v.to_owned());
+            keys.entry((section.clone(), k.trim().to_owned()))
+                .or_default()
+                .push(v.trim().to_owned());
         }
     }
-    let get = |s: &str, k: &str| keys.get(&(s.to_owned(), k.to_owned())).cloned();
+    keys
+}
+
+#[test]
+fn systemd_unit_is_type_notify_and_restarts_on_failure() -> Result<()> {
+    let unit = deploy("systemd/overlay-agent.service")?;
+    let keys = unit_keys(&unit);
+    let get = |s: &str, k: &str| keys.get(&(s.to_owned(), k.to_owned())).map(|v| v.join(" "));
     ensure!(get("Service", "Type").as_deref() == Some("notify"));
     ensure!(get("Service", "Restart").as_deref() == Some("on-failure"));
     ensure!(
@@ -205,7 +214,38 @@ fn systemd_unit_is_type_notify_and_restarts_on_failure() -> Result<()> {
     );
     ensure!(get("Service", "EnvironmentFile").is_some());
     ensure!(get("Unit", "After").is_some_and(|a| a.contains("network-online.target")));
-    ensure!(get("Install", "WantedBy").as_deref() == Some("multi-user.target"));
+    // docker and containerd start after the agent, and starting docker
+    // starts it (Wants= does not pass a stop or restart on)...
+    let wanted_by = get("Install", "WantedBy").unwrap_or_default();
+    let wanted_by: Vec<&str> = wanted_by.split_whitespace().collect();
+    ensure!(
+        wanted_by.contains(&"multi-user.target") && wanted_by.contains(&"docker.service"),
+        "WantedBy {wanted_by:?}"
+    );
+    let before = get("Unit", "Before").unwrap_or_default();
+    ensure!(
+        before.contains("docker.service") && before.contains("containerd.service"),
+        "Before={before}"
+    );
+    // ...and nothing ties them to it so that `systemctl restart
+    // overlay-agent` (hitless for the datapath) stops or restarts them.
+    for (section, key) in [
+        ("Unit", "Requires"),
+        ("Unit", "Requisite"),
+        ("Unit", "BindsTo"),
+        ("Unit", "PartOf"),
+        ("Unit", "Upholds"),
+        ("Unit", "PropagatesStopTo"),
+        ("Unit", "StopPropagatedFrom"),
+        ("Install", "RequiredBy"),
+        ("Install", "UpheldBy"),
+    ] {
+        let v = get(section, key).unwrap_or_default();
+        ensure!(
+            !v.contains("docker") && !v.contains("containerd"),
+            "[{section}] {key}={v} passes a stop or restart of overlay-agent to the containers"
+        );
+    }
     // The example environment uses only variables the agent reads.
     for line in deploy("systemd/overlay-agent.env")?.lines() {
         let Some((k, _)) = line.split_once('=') else {
@@ -227,6 +267,36 @@ fn systemd_unit_is_type_notify_and_restarts_on_failure() -> Result<()> {
             .unwrap_or_default();
         ensure!(help.contains(&flag), "{k}: the agent has no {flag}");
     }
+    Ok(())
+}
+
+/// `systemd-analyze verify` accepts the unit. It checks that ExecStart's
+/// binary exists, so it reads a copy naming an executable this machine has;
+/// the path itself is checked above.
+#[test]
+fn systemd_analyze_verifies_the_unit() -> Result<()> {
+    let unit = deploy("systemd/overlay-agent.service")?;
+    ensure!(unit.contains("ExecStart=/opt/bin/overlay-agent "));
+    let dir = std::env::temp_dir().join(format!("overlay-unit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let copy = dir.join("overlay-agent.service");
+    std::fs::write(
+        &copy,
+        unit.replace("ExecStart=/opt/bin/overlay-agent ", "ExecStart=/bin/true "),
+    )?;
+    let out = std::process::Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&copy)
+        .output()
+        .context("running systemd-analyze (package systemd)");
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = out?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        out.status.success() && stderr.trim().is_empty(),
+        "systemd-analyze verify ({}): {stderr}",
+        out.status
+    );
     Ok(())
 }
 

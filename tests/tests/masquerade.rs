@@ -9,20 +9,11 @@ use std::{
 };
 
 use anyhow::{Context, Result, ensure};
-use overlay_tests::agent::{Agent, Cluster, Containers, add_container, sh, within};
+use overlay_tests::agent::{Agent, Cluster, Containers, Internet, add_container, sh, within};
 
 const CONFIG: &str = r#"{"Network": "10.0.0.0/16", "SubnetLen": 24, "SubnetMin": "10.0.1.0","SubnetMax": "10.0.20.0", "Backend": {"Type": "vxlan"}}"#;
-const HOST_WAN: &str = "203.0.113.1";
-const INTERNET: &str = "203.0.113.2";
-
-/// Deletes the "internet" namespace on drop.
-struct Internet(String);
-
-impl Drop for Internet {
-    fn drop(&mut self) {
-        let _ = sh(&["ip", "netns", "del", &self.0]);
-    }
-}
+const HOST_WAN: &str = Internet::HOST_ADDR;
+const INTERNET: &str = Internet::ADDR;
 
 /// tcpdump in `ns` for the first `count` ICMP echo requests, killed on drop.
 struct Capture(Option<Child>);
@@ -82,42 +73,14 @@ fn masquerades_to_the_internet_but_not_across_the_overlay() -> Result<()> {
 
     // The internet: a namespace behind host 1's second interface.
     let h1 = hosts.ns(1);
-    let inet = Internet(format!("{h1}-inet"));
-    sh(&["ip", "netns", "add", &inet.0])?;
-    sh(&[
-        "ip", "-n", &h1, "link", "add", "wan", "type", "veth", "peer", "name", "eth0", "netns",
-        &inet.0,
-    ])?;
-    sh(&[
-        "ip",
-        "-n",
-        &h1,
-        "addr",
-        "add",
-        &format!("{HOST_WAN}/24"),
-        "dev",
-        "wan",
-    ])?;
-    sh(&["ip", "-n", &h1, "link", "set", "wan", "up"])?;
-    sh(&[
-        "ip",
-        "-n",
-        &inet.0,
-        "addr",
-        "add",
-        &format!("{INTERNET}/24"),
-        "dev",
-        "eth0",
-    ])?;
-    sh(&["ip", "-n", &inet.0, "link", "set", "eth0", "up"])?;
-    // The internet knows no route to the pods: only a masqueraded reply can come back.
+    let inet = Internet::behind(hosts, 1)?;
 
     within(Duration::from_secs(5), "c1 reaches c2", || {
         sh(&["ip", "netns", "exec", &c1, "ping", "-c1", "-W1", &ip2]).is_ok()
     })?;
 
     // To the internet: the source is host 1's address.
-    let cap = Capture::start(&inet.0, "eth0", "3")?;
+    let cap = Capture::start(&inet.ns, "eth0", "3")?;
     let ping = sh(&[
         "ip", "netns", "exec", &c1, "ping", "-c3", "-i0.2", "-W1", INTERNET,
     ])?;

@@ -97,9 +97,7 @@ pub fn prepare_host(subnet: Ipv4Net) -> Result<(), String> {
 /// Removes the mangle rule and its chain (the sysctl stays: something else
 /// may rely on it).
 pub fn release_host(subnet: Ipv4Net) {
-    let removed = ipmasq::remove(&ipmasq::fast_path_rules(subnet))
-        .and_then(|()| ipmasq::delete_chain("mangle", ipmasq::FAST_PATH_CHAIN));
-    if let Err(e) = removed {
+    if let Err(e) = ipmasq::remove(&ipmasq::fast_path_rules(subnet)) {
         warn!("fast path: removing the mangle rule: {e}");
     }
 }

@@ -34,7 +34,11 @@ pub const PACKAGES: &[(&str, &str)] = &[
     ("tcpdump", "underlay captures"),
     ("tshark", "decoding captures as VXLAN"),
     ("ethtool", "offload settings and NIC statistics"),
-    ("iptables", "the -i flannel.<VNI> rule test"),
+    (
+        "iptables",
+        "the agent's rules (iptables-restore), both backends in the tests",
+    ),
+    ("systemd", "systemd-analyze verify of deploy/systemd's unit"),
     (
         "conntrack",
         "the fast path's conntrack checks (entries listed per namespace)",
