@@ -190,7 +190,7 @@ async fn run(cli: Cli) -> Result<()> {
         anyhow::Ok((dp, state))
     }
     .await;
-    let (mut dp, state) = match started {
+    let (dp, state) = match started {
         Ok(ok) => ok,
         Err(e) => {
             release_new_lease(&reg, &lease).await;
@@ -290,23 +290,13 @@ async fn run(cli: Cli) -> Result<()> {
                     break;
                 }
                 let new = own_rx.borrow_and_update().clone();
-                if new.subnet != lease.subnet {
-                    log::warn!("our subnet moved from {} to {}: re-pointing the datapath", lease.subnet, new.subnet);
-                    health.set_phase(Phase::ProgrammingDatapath);
-                    dp = rec.into_datapath();
-                    let spec = node_spec(&config, &ext, &new);
-                    let state = dp.setup(&spec).await.map_err(|e| anyhow!("re-pointing the datapath to {}: {}", new.subnet, e.reason()))?;
-                    write_subnet_env(&cli.subnet_file, &config, &new, state.mtu, cli.ip_masq)?;
-                    let snapshot = retry_etcd("listing leases", || reg.list()).await?;
-                    rec = Reconciler::start(dp, own_of(&new), &snapshot)
-                        .await
-                        .map_err(|e| anyhow!("reading the datapath's peers: {}", e.reason()))?;
-                    watcher = LeaseWatcher::new(reg.clone(), snapshot.revision);
-                    // Our chains' content is replaced in place; no wait.
-                    let mut next = iptables_rules(&cli, &config, new.subnet, random_fully);
-                    next.extend(fast_path_rules(rec.datapath()));
-                    drop(iptables.keep(next));
-                    health.set_phase(Phase::Running);
+                // The keeper never moves us to another subnet (our pods keep
+                // their addresses); it reports a conflict over our key.
+                if new.conflict != lease.conflict {
+                    health.lock().lease_conflict.clone_from(&new.conflict);
+                    if new.conflict.is_none() {
+                        log::warn!("lease {}: the conflict is over", new.subnet);
+                    }
                 }
                 lease = new;
             }

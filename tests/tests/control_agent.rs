@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use overlay_tests::{
     agent::{Agent, Bpffs, Cluster, Hosts, sh, subnet_of, within},
     etcd::{Etcd, EtcdSpec},
@@ -394,16 +394,19 @@ fn etcd_down_for_30_s_loses_no_packet_and_the_agents_resume() -> Result<()> {
 
 #[test]
 #[ignore = "needs root, network namespaces and eBPF: run `cargo xtask test`"]
-fn lease_taken_over_moves_the_agent_and_its_datapath() -> Result<()> {
+fn a_taken_over_lease_keeps_our_subnet_and_is_taken_back() -> Result<()> {
     let Cluster { hosts, etcd, bin } = Cluster::start("t", 3, CONFIG)?;
     let dir = etcd.dir().to_path_buf();
     let env2 = dir.join("h2.env");
+    const PORT: u16 = 9873;
     let args = |i: usize, dp: &str| -> Vec<String> {
         vec![
             format!("--etcd-endpoints={}", etcd.endpoints()),
             format!("--iface={}", hosts.ip(i)),
             format!("--subnet-file={}", dir.join(format!("h{i}.env")).display()),
             format!("--datapath={dp}"),
+            format!("--healthz-ip={}", hosts.ip(i)),
+            format!("--healthz-port={PORT}"),
         ]
     };
     let mut a2 = Agent::start(&dir, "h2", &hosts.ns(2), &bin, &args(2, "ebpf"))?;
@@ -411,43 +414,59 @@ fn lease_taken_over_moves_the_agent_and_its_datapath() -> Result<()> {
     a2.wait_for("running: lease", Duration::from_secs(20))?;
     a3.wait_for("running: lease", Duration::from_secs(20))?;
     let old = subnet_of(&env2)?;
-    let s3 = subnet_of(&dir.join("h3.env"))?;
     within(Duration::from_secs(5), "h3 -> h2", || hosts.ping(3, &old))?;
+    let ready = || {
+        overlay_tests::http::get(&hosts.ns(2), &hosts.ip(2), PORT, "/readyz").unwrap_or_default()
+    };
 
-    // Another node's value is written over h2's key: h2 must stop using
-    // that subnet, take another, re-point flannel.1 and subnet.env, and the
-    // other agent must route the old subnet to the new owner.
+    // Another node's lease is written over h2's key: h2 keeps its subnet
+    // for its pods (subnet.env, flannel.1's address), never routes it to
+    // the other node, says it is not ready and why.
     let key = format!("{PREFIX}/subnets/{old}-24");
     etcd.put(
         &key,
         r#"{"PublicIP":"10.98.0.9","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"02:00:00:00:00:09"}}"#,
     )?;
-    a2.wait_for("our subnet moved from", Duration::from_secs(5))?;
-    within(Duration::from_secs(2), "subnet.env rewritten", || {
-        subnet_of(&env2).is_ok_and(|s| s != old)
+    a2.wait_for("LEASE CONFLICT", Duration::from_secs(5))?;
+    within(Duration::from_secs(3), "/readyz says why", || {
+        let (code, body) = ready();
+        code == 503 && body.contains("lease conflict") && body.contains("10.98.0.9")
     })?;
-    let new = subnet_of(&env2)?;
+    ensure!(subnet_of(&env2)? == old, "subnet.env changed");
     let addrs = sh(&["ip", "-n", &hosts.ns(2), "-4", "addr", "show", "flannel.1"])?;
-    assert!(addrs.contains(&format!("inet {new}/32")), "{addrs}");
-    assert!(!addrs.contains(&format!("inet {old}/32")), "{addrs}");
-    // The old subnet is the new owner's now, on both hosts.
-    let via_owner = format!("{old}/24 via {old} dev flannel.1 onlink");
+    ensure!(addrs.contains(&format!("inet {old}/32")), "{addrs}");
+    ensure!(
+        !hosts.routes(2).contains(&format!("{old}/24 via")),
+        "h2 routes its own subnet away:\n{}",
+        hosts.routes(2)
+    );
+    ensure!(!a2.log().contains("moved from"), "{}", a2.log());
+
+    // The other lease goes: h2 takes its key back, is ready again, and h3
+    // reaches it at the same subnet.
+    etcd.delete(&key)?;
+    a2.wait_for("took our lease", Duration::from_secs(5))?;
+    within(Duration::from_secs(3), "ready again", || ready().0 == 200)?;
+    ensure!(etcd.get(&key)?.unwrap_or_default().contains(&hosts.ip(2)));
     within(
-        Duration::from_secs(2),
-        "old subnet routed to its new owner on h2",
-        || hosts.routes(2).contains(&via_owner),
+        Duration::from_secs(5),
+        "h3 -> h2 at the same subnet",
+        || hosts.ping(3, &old),
     )?;
-    within(Duration::from_secs(2), "h3 follows", || {
-        hosts
-            .routes(3)
-            .contains(&format!("{new}/24 via {new} dev flannel.1 onlink"))
+
+    // Garbage in our key is taken back at once, with no conflict.
+    etcd.put(&key, "not a lease")?;
+    within(Duration::from_secs(5), "the key is ours again", || {
+        etcd.get(&key)
+            .is_ok_and(|v| v.unwrap_or_default().contains(&hosts.ip(2)))
     })?;
-    within(Duration::from_secs(5), "h3 -> h2 at its new subnet", || {
-        hosts.ping(3, &new)
-    })?;
-    assert!(hosts.ping(2, &s3));
-    // The other node's key was left alone.
-    assert!(etcd.get(&key)?.unwrap().contains("10.98.0.9"));
+    ensure!(ready().0 == 200);
+    ensure!(
+        a2.log().matches("LEASE CONFLICT").count() == 1,
+        "{}",
+        a2.log()
+    );
+    ensure!(subnet_of(&env2)? == old);
     Ok(())
 }
 

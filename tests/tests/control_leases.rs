@@ -249,7 +249,7 @@ async fn keeper_renews_at_the_margin_with_a_short_ttl() {
 }
 
 #[tokio::test]
-async fn own_key_deleted_is_reacquired_within_a_second() {
+async fn own_key_deleted_or_taken_over_is_taken_back() {
     let (etcd, reg, cfg) = setup(r#"{"Network":"10.0.0.0/16","Backend":{"Type":"vxlan"}}"#).await;
     let timing = LeaseTiming::default();
     let l = own::acquire(&reg, &cfg, &node(0), None, &timing)
@@ -276,32 +276,48 @@ async fn own_key_deleted_is_reacquired_within_a_second() {
     let again: OwnLease = rx.borrow_and_update().clone();
     assert!(t0.elapsed() < Duration::from_secs(1));
     assert_eq!(again.subnet, subnet, "the same subnet, still free");
-    assert_eq!(again.choice, Choice::Previous(subnet));
+    assert_eq!(again.conflict, None);
     let e = reg.get_lease(subnet).await.unwrap().expect("key back");
     assert_eq!(e.value, again.value.as_bytes());
 
-    // Taken over by another node (its value written over ours): we move
-    // elsewhere and leave its key alone.
+    // Taken over by another node (its value written over ours): we keep
+    // the subnet, report the conflict, and leave its key alone...
     let key = lease::lease_key(PREFIX, subnet);
     etcd.put(
         &key,
         r#"{"PublicIP":"192.168.205.99","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"02:00:00:00:00:01"}}"#,
     )
     .unwrap();
-    let moved = tokio::time::timeout(Duration::from_secs(3), async {
+    let conflict = tokio::time::timeout(Duration::from_secs(3), async {
         loop {
             rx.changed().await.unwrap();
             let l = rx.borrow_and_update().clone();
-            if l.subnet != subnet {
+            if l.conflict.is_some() {
                 return l;
             }
         }
     })
     .await
-    .expect("moved to another subnet");
-    assert!(cfg.fits(moved.subnet));
-    // The other node's key is untouched.
+    .expect("a conflict reported");
+    assert_eq!(conflict.subnet, subnet, "never another subnet");
+    assert!(conflict.conflict.unwrap().contains("192.168.205.99"));
     assert!(etcd.get(&key).unwrap().unwrap().contains("192.168.205.99"));
+    // ...until it is freed: then the key is ours again.
+    etcd.delete(&key).unwrap();
+    let back = tokio::time::timeout(Duration::from_secs(3), async {
+        loop {
+            rx.changed().await.unwrap();
+            let l = rx.borrow_and_update().clone();
+            if l.conflict.is_none() {
+                return l;
+            }
+        }
+    })
+    .await
+    .expect("taken back");
+    assert_eq!(back.subnet, subnet);
+    let e = reg.get_lease(subnet).await.unwrap().expect("key back");
+    assert_eq!(e.value, back.value.as_bytes());
     task.abort();
 }
 

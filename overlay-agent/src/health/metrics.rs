@@ -180,6 +180,18 @@ pub fn render(s: &HealthState, version: &str, now: u64) -> String {
 
     header(
         &mut out,
+        "overlay_lease_conflict",
+        "gauge",
+        "1 while another node's lease holds this node's subnet key in etcd.",
+    );
+    let _ = writeln!(
+        out,
+        "overlay_lease_conflict {}",
+        u8::from(s.lease_conflict.is_some())
+    );
+
+    header(
+        &mut out,
         "overlay_leases_rejected",
         "gauge",
         "Leases in etcd that are not programmed because they fail a check (README: What the agent trusts in etcd), by reason.",
@@ -424,6 +436,9 @@ overlay_peer_rx_packets_total{subnet=\"10.5.53.0/24\",public_ip=\"192.168.64.4\"
 # HELP overlay_peer_rx_bytes_total Bytes of VXLAN packets from the peer accepted (outer frames).
 # TYPE overlay_peer_rx_bytes_total counter
 overlay_peer_rx_bytes_total{subnet=\"10.5.53.0/24\",public_ip=\"192.168.64.4\"} 600
+# HELP overlay_lease_conflict 1 while another node's lease holds this node's subnet key in etcd.
+# TYPE overlay_lease_conflict gauge
+overlay_lease_conflict 0
 # HELP overlay_leases_rejected Leases in etcd that are not programmed because they fail a check (README: What the agent trusts in etcd), by reason.
 # TYPE overlay_leases_rejected gauge
 overlay_leases_rejected{reason=\"prefix_len\"} 0

@@ -76,6 +76,9 @@ impl HealthState {
         if let Some(why) = self.phase.not_ready_reason() {
             return Some(why.to_owned());
         }
+        if let Some(conflict) = &self.lease_conflict {
+            return Some(format!("lease conflict: {conflict}"));
+        }
         match self.lease_expiry_unix {
             Some(t) if !self.reservation && t <= now => Some(format!(
                 "our lease expired {} s ago without a renewal{}",
@@ -98,6 +101,8 @@ pub struct HealthState {
     /// Our lease's expiry as a Unix time; `None` with no lease or a reservation.
     pub lease_expiry_unix: Option<u64>,
     pub reservation: bool,
+    /// Set while another node's lease holds our key (see `etcd::own::Keeper`).
+    pub lease_conflict: Option<String>,
     /// The lease watch on etcd works (it has not failed since it last succeeded).
     pub etcd_connected: bool,
     pub peers_programmed: usize,
