@@ -98,7 +98,7 @@ async fn run(cli: Cli) -> Result<()> {
 
     // 1. etcd and the network config: nothing on the host is touched yet.
     let reg = connect(&cli).await?;
-    let config = wait_config(&reg).await?;
+    let config = wait_config(&reg, &health).await?;
     log::info!(
         "network config: Network {} SubnetLen {} [{} .. {}], VXLAN VNI {} port {} MTU {}",
         config.network,
@@ -334,13 +334,37 @@ async fn connect(cli: &Cli) -> Result<Registry> {
     retry_etcd("connecting to etcd", || Registry::connect(&opts)).await
 }
 
-async fn wait_config(reg: &Registry) -> Result<NetworkConfig> {
-    reg.wait_config(Duration::from_secs(1))
-        .await
-        .map_err(|e| match e {
-            EtcdError::Config { .. } => anyhow!("{e}; nothing on this host was changed"),
-            e => anyhow!(e),
-        })
+/// Waits for a valid network config. A malformed one is reported once per
+/// value (naming the key and field, and on `/readyz`) and read again every
+/// few seconds, as flanneld retries its config: under a supervisor a typo
+/// must not become a crash loop, and nothing on the host is touched
+/// meanwhile. Problems of credentials or certificates still stop the agent.
+async fn wait_config(reg: &Registry, health: &Health) -> Result<NetworkConfig> {
+    const RECHECK: Duration = Duration::from_secs(3);
+    let mut reported: Option<String> = None;
+    loop {
+        match reg.wait_config(Duration::from_secs(1)).await {
+            Ok(config) => {
+                if reported.is_some() {
+                    log::info!("the network config is valid now");
+                }
+                health.lock().config_problem = None;
+                return Ok(config);
+            }
+            Err(e @ EtcdError::Config { .. }) => {
+                let why = e.to_string();
+                if reported.as_deref() != Some(why.as_str()) {
+                    log::error!(
+                        "{why}; nothing on this host was changed; reading it again every {RECHECK:?} until it is fixed"
+                    );
+                    health.lock().config_problem = Some(why.clone());
+                    reported = Some(why);
+                }
+                tokio::time::sleep(RECHECK).await;
+            }
+            Err(e) => return Err(anyhow!(e)),
+        }
+    }
 }
 
 /// Retry an etcd operation with backoff while it fails for a transient

@@ -73,6 +73,9 @@ impl HealthState {
     /// state), but a lease whose expiry passed without a renewal may be
     /// handed to another node, so the subnet is no longer safely ours.
     pub fn not_ready_reason(&self, now: u64) -> Option<String> {
+        if let Some(problem) = &self.config_problem {
+            return Some(format!("invalid network config: {problem}"));
+        }
         if let Some(why) = self.phase.not_ready_reason() {
             return Some(why.to_owned());
         }
@@ -103,6 +106,8 @@ pub struct HealthState {
     pub reservation: bool,
     /// Set while another node's lease holds our key (see `etcd::own::Keeper`).
     pub lease_conflict: Option<String>,
+    /// Set while the network config in etcd is malformed (the agent waits).
+    pub config_problem: Option<String>,
     /// The lease watch on etcd works (it has not failed since it last succeeded).
     pub etcd_connected: bool,
     pub peers_programmed: usize,
