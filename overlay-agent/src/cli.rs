@@ -218,6 +218,10 @@ pub enum Command {
     /// and maps, flannel.<VNI> with its routes, neighbour and FDB entries,
     /// and the masquerading rules. The lease and subnet.env stay.
     Cleanup,
+    /// flannel's mk-docker-opts.sh: write docker's options (--bip, --mtu,
+    /// --ip-masq) from subnet.env to /run/docker_opts.env, byte for byte as
+    /// the script does.
+    MkDockerOpts(crate::docker_opts::MkDockerOptsArgs),
 }
 
 /// A `Duration` that prints like the flag took it.

@@ -6,6 +6,7 @@ pub mod cleanup;
 pub mod cli;
 pub mod config;
 pub mod datapath;
+pub mod docker_opts;
 pub mod etcd;
 pub mod gojson;
 pub mod health;

@@ -58,6 +58,9 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Some(Command::Status) => rt.block_on(status(cli)),
         Some(Command::Cleanup) => rt.block_on(cleanup(cli)),
+        Some(Command::MkDockerOpts(args)) => {
+            overlay_agent::docker_opts::run(&args, &cli.subnet_file).map_err(Into::into)
+        }
         None => rt.block_on(run(cli)),
     };
     match result {
