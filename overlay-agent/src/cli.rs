@@ -232,6 +232,10 @@ pub enum Command {
     /// (unless --force), or when flannel.<N> devices exist and nothing says
     /// which VNI is ours.
     Cleanup(CleanupArgs),
+    /// flannel's mk-docker-opts.sh: write docker's options (--bip, --mtu,
+    /// --ip-masq) from subnet.env to /run/docker_opts.env, byte for byte as
+    /// the script does.
+    MkDockerOpts(crate::docker_opts::MkDockerOptsArgs),
 }
 
 /// `cleanup`'s own flags.

@@ -16,6 +16,7 @@ pub mod cli;
 pub mod compat_flags;
 pub mod config;
 pub mod datapath;
+pub mod docker_opts;
 pub mod etcd;
 pub mod gojson;
 pub mod health;

@@ -72,6 +72,9 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Some(Command::Status) => rt.block_on(status(cli)),
         Some(Command::Cleanup(ref args)) => rt.block_on(cleanup(&cli, args)),
+        Some(Command::MkDockerOpts(ref args)) => {
+            overlay_agent::docker_opts::run(args, &cli.subnet_file).map_err(Into::into)
+        }
         None => rt.block_on(run(cli)),
     };
     match result {

@@ -12,6 +12,7 @@
 //! - [`capture`]: tcpdump on the underlay and tshark's view of the VXLAN;
 //! - [`agent`]: hosts on one bridge and `overlay-agent` processes in them;
 //! - [`binaries`]: the agent binary, built on demand for tests that run it;
+//! - [`docker`]: a real dockerd in a host's namespace, with a busybox image;
 //! - [`stats`]: device statistics and attached BPF programs;
 //! - [`http`]: the agent's health and metrics endpoints;
 //! - [`rx_csum`]: a sender whose packets arrive as if a NIC had verified their checksums.
@@ -20,6 +21,7 @@ pub mod agent;
 pub mod binaries;
 pub mod capture;
 pub mod cmd;
+pub mod docker;
 pub mod etcd;
 pub mod frames;
 pub mod http;

@@ -277,12 +277,20 @@ fn systemd_unit_is_type_notify_and_restarts_on_failure() -> Result<()> {
 fn systemd_analyze_verifies_the_unit() -> Result<()> {
     let unit = deploy("systemd/overlay-agent.service")?;
     ensure!(unit.contains("ExecStart=/opt/bin/overlay-agent "));
+    ensure!(
+        unit.contains("ExecStartPost=/opt/bin/overlay-agent $FLANNEL_OPTIONS mk-docker-opts"),
+        "the unit does not write docker's options"
+    );
     let dir = std::env::temp_dir().join(format!("overlay-unit-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let copy = dir.join("overlay-agent.service");
     std::fs::write(
         &copy,
-        unit.replace("ExecStart=/opt/bin/overlay-agent ", "ExecStart=/bin/true "),
+        unit.replace("ExecStart=/opt/bin/overlay-agent ", "ExecStart=/bin/true ")
+            .replace(
+                "ExecStartPost=/opt/bin/overlay-agent ",
+                "ExecStartPost=/bin/true ",
+            ),
     )?;
     let out = std::process::Command::new("systemd-analyze")
         .arg("verify")

@@ -49,6 +49,14 @@ pub const PACKAGES: &[(&str, &str)] = &[
         "scraping /healthz, /readyz and /metrics in the tests",
     ),
     ("openssl", "certificates for the etcd TLS tests"),
+    (
+        "docker.io",
+        "dockerd 20.10 and its CLI, run in lab hosts with mk-docker-opts' options (tests/tests/docker.rs)",
+    ),
+    (
+        "busybox-static",
+        "a static busybox, the one binary of the image docker.rs imports (no registry is reachable)",
+    ),
 ];
 
 /// Packages from `wanted` that are not fully installed.
