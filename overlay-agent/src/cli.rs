@@ -205,6 +205,12 @@ pub struct Cli {
     #[arg(long, env = "FLANNELD_BPF_PIN_DIR", help_heading = DATAPATH)]
     pub bpf_pin_dir: Option<PathBuf>,
 
+    /// How often the agent re-reads what the datapath holds and programs
+    /// again what was changed from outside (tests shorten it).
+    #[arg(long, env = "FLANNELD_RECHECK_INTERVAL", default_value = "60s",
+          value_parser = parse_duration, hide = true)]
+    pub recheck_interval: HumanDuration,
+
     /// Load this eBPF object instead of the one built into the agent.
     #[arg(long, env = "FLANNELD_BPF_OBJECT", hide = true)]
     pub bpf_object: Option<PathBuf>,

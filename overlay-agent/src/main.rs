@@ -152,7 +152,20 @@ async fn run(cli: Cli) -> Result<()> {
     // 2. Our lease.
     health.set_phase(Phase::AcquiringLease);
     let timing = cli.lease_timing();
-    let previous = subnet_env::read_previous_subnet(&cli.subnet_file);
+    let previous = subnet_env::read_previous_subnet(&cli.subnet_file).filter(|p| {
+        let fits = config.fits(*p);
+        if !fits {
+            log::warn!(
+                "{} names the subnet {p}, which does not fit the network config (Network {}, SubnetLen {}, {} .. {}): ignored",
+                cli.subnet_file.display(),
+                config.network,
+                config.subnet_len,
+                config.subnet_min,
+                config.subnet_max
+            );
+        }
+        fits
+    });
     let node = NodeIdentity {
         public_ip: ext.public_ip,
         vni: config.backend.vni,
@@ -273,6 +286,10 @@ async fn run(cli: Cli) -> Result<()> {
     };
     let mut retry = tokio::time::interval(Duration::from_secs(5));
     let mut health_tick = tokio::time::interval(Duration::from_secs(1));
+    let mut recheck = tokio::time::interval(cli.recheck_interval.0);
+    recheck.tick().await;
+    let mut config_watch = ConfigWatch::new(&reg).await;
+    let mut config_tick = tokio::time::interval(Duration::from_secs(10));
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
@@ -284,6 +301,12 @@ async fn run(cli: Cli) -> Result<()> {
                 rec.converge().await;
                 health.lock().reconcile.observe(t0.elapsed());
             }
+            _ = recheck.tick() => {
+                if let Err(e) = rec.recheck().await {
+                    log::warn!("re-reading the datapath's peers: {}", e.reason());
+                }
+            }
+            _ = config_tick.tick() => config_watch.check(&reg).await,
             _ = health_tick.tick() => {
                 refresh_health(&health, &mut rec, &lease, &watcher);
             }
@@ -330,6 +353,48 @@ async fn run(cli: Cli) -> Result<()> {
     );
     keeper_task.abort();
     Ok(())
+}
+
+/// Notices a network config changed or deleted in etcd while the agent runs:
+/// the agent keeps the one it started with (as flanneld does) and says so
+/// once per new value, and that a restart applies it.
+struct ConfigWatch {
+    seen: Option<Vec<u8>>,
+}
+
+impl ConfigWatch {
+    async fn new(reg: &Registry) -> ConfigWatch {
+        ConfigWatch {
+            seen: reg.get_config_raw().await.ok().flatten(),
+        }
+    }
+
+    async fn check(&mut self, reg: &Registry) {
+        let Ok(now) = reg.get_config_raw().await else {
+            return;
+        };
+        if now == self.seen {
+            return;
+        }
+        match &now {
+            None => log::warn!(
+                "the network config was deleted from etcd ({}); this agent keeps running with the one it started with",
+                reg.config_key()
+            ),
+            Some(raw) => match NetworkConfig::parse(raw) {
+                Ok(c) => log::warn!(
+                    "the network config in etcd changed (Network {}, SubnetLen {}, VNI {}); this agent keeps running with the one it started with: restart it to apply the new one",
+                    c.network,
+                    c.subnet_len,
+                    c.backend.vni
+                ),
+                Err(e) => log::warn!(
+                    "the network config in etcd changed and is invalid ({e}); this agent keeps running with the one it started with"
+                ),
+            },
+        }
+        self.seen = now;
+    }
 }
 
 async fn connect(cli: &Cli) -> Result<Registry> {

@@ -247,6 +247,38 @@ impl<D: Datapath> Reconciler<D> {
         }
     }
 
+    /// Re-reads what the datapath really holds (the kernel's entries and,
+    /// on the eBPF datapath, the maps) and converges from that, so entries
+    /// someone else removed or changed are programmed again instead of
+    /// being assumed in place. Returns how many peers had drifted.
+    pub async fn recheck(&mut self) -> Result<usize, DatapathError> {
+        let actual: BTreeMap<Ipv4Net, Peer> = self
+            .dp
+            .peers()
+            .await?
+            .into_iter()
+            .map(|p| (p.subnet, p))
+            .collect();
+        let drifted = self
+            .programmed
+            .iter()
+            .filter(|(s, p)| actual.get(s) != Some(p))
+            .count()
+            + actual
+                .keys()
+                .filter(|s| !self.programmed.contains_key(s))
+                .count();
+        if drifted > 0 {
+            log::warn!(
+                "{drifted} peer(s) in the {} datapath are not as programmed (changed from outside?): programming them again",
+                self.dp.mode()
+            );
+            self.programmed = actual;
+            self.converge().await;
+        }
+        Ok(drifted)
+    }
+
     /// Whether `e`'s value is reported for the first time under its key.
     fn first_report(&mut self, e: &Entry) -> bool {
         if self.reported.get(&e.key) == Some(&e.value) {
@@ -519,6 +551,26 @@ mod tests {
             // A re-list that no longer holds them forgets them.
             r.apply(&[WatchEvent::Reset(snap(vec![entry(&good)]))]);
             assert!(r.rejected().is_empty());
+        });
+    }
+
+    #[test]
+    fn recheck_programs_again_what_was_changed_from_outside() {
+        block_on(async {
+            let (a, b) = (peer("10.0.2.0/24", 2), peer("10.0.3.0/24", 3));
+            let s = snap(vec![entry(&a), entry(&b)]);
+            let mut r = Reconciler::start(FakeDp::default(), own(), &s)
+                .await
+                .unwrap();
+            assert_eq!(r.recheck().await.unwrap(), 0);
+            // Someone removes one peer's entries and changes the other's MAC.
+            r.datapath().peers.remove(&a.subnet);
+            let mut changed = b;
+            changed.vtep_mac = mac(33);
+            r.datapath().peers.insert(b.subnet, changed);
+            assert_eq!(r.recheck().await.unwrap(), 2);
+            assert_eq!(held(&mut r), vec![a, b]);
+            assert!(r.is_converged());
         });
     }
 

@@ -1229,7 +1229,7 @@ impl Datapath for EbpfDatapath {
 
     /// Peers whose kernel entries are complete and whose map entries agree.
     async fn peers(&mut self) -> Result<Vec<Peer>, DatapathError> {
-        let in_maps = self.map_peers()?;
+        let in_maps: std::collections::HashSet<Peer> = self.map_peers()?.into_iter().collect();
         let in_kernel = self.kernel.peers().await?;
         let mut agreed = Vec::with_capacity(in_kernel.len());
         for peer in in_kernel {
