@@ -179,6 +179,8 @@ async fn run(cli: Cli) -> Result<()> {
     // 3. The datapath.
     health.set_phase(Phase::ProgrammingDatapath);
     let spec = node_spec(&config, &ext, &lease);
+    let device_name = overlay_agent::netlink::vxlan_device::device_name(config.backend.vni);
+    let device_existed = !matches!(nl.link_by_name(&device_name).await, Ok(None));
     let started = async {
         let (dp, state) = start_datapath(&cli, &spec).await?;
         if state.vtep_mac != lease.vtep_mac {
@@ -210,6 +212,14 @@ async fn run(cli: Cli) -> Result<()> {
         Ok(ok) => ok,
         Err(e) => {
             release_new_lease(&reg, &lease).await;
+            // A device this run created serves nobody once we exit.
+            if !device_existed {
+                match nl.delete_link_by_name(&device_name).await {
+                    Ok(true) => log::info!("removed {device_name}, created in this run"),
+                    Ok(false) => {}
+                    Err(e) => log::warn!("removing {device_name}: {e}"),
+                }
+            }
             return Err(e);
         }
     };

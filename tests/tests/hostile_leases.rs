@@ -236,6 +236,31 @@ fn impossible_leases_are_rejected_once_and_healthy_peers_keep_working() -> Resul
         "ip", "netns", "exec", &c1, "ping", "-c3", "-i0.2", "-W1", &ip2,
     ])?;
 
+    let digest = overlay_tests::traffic::tcp_transfer(&c1, &c2, ip2.parse()?, 5201, 4 << 20)?;
+    eprintln!("c1 -> c2 next to the bad leases: {digest:?}");
+
+    // A lease overlapping a good peer's subnet (and its neighbour address)
+    // is rejected; once it is gone the good peer is still fully programmed.
+    etcd.put(
+        &format!("{PREFIX}/10.0.40.0-25"),
+        &lease("10.98.0.41", "0a:bb:cc:dd:ee:41", 1),
+    )?;
+    a1.wait_for("/10.0.40.0-25 ", Duration::from_secs(5))?;
+    a2.wait_for("/10.0.40.0-25 ", Duration::from_secs(5))?;
+    etcd.delete(&format!("{PREFIX}/10.0.40.0-25"))?;
+    std::thread::sleep(Duration::from_millis(500));
+    for i in [1, 2] {
+        let ns = hosts.ns(i);
+        let neigh = sh(&["ip", "-n", &ns, "neigh", "show", "dev", "flannel.1"])?;
+        let fdb = sh(&["bridge", "-n", &ns, "fdb", "show", "dev", "flannel.1"])?;
+        ensure!(
+            neigh.contains("10.0.40.0 lladdr 0a:bb:cc:dd:ee:40 PERMANENT")
+                && fdb.contains("0a:bb:cc:dd:ee:40 dst 10.98.0.40")
+                && !fdb.contains("10.98.0.41"),
+            "host {i}: the good peer's entries after the overlap:\n{neigh}\n{fdb}"
+        );
+    }
+
     // Entries removed from outside are programmed again (drift repair).
     for i in [1, 2] {
         let ns = hosts.ns(i);
@@ -293,9 +318,10 @@ fn impossible_leases_are_rejected_once_and_healthy_peers_keep_working() -> Resul
     Ok(())
 }
 
-/// No lease is taken for a config or a flag the host cannot use: the agent
-/// stops naming what is wrong, and etcd holds no lease and the host no
-/// device afterwards.
+/// No lease is taken for a config or a flag the host cannot use, and a
+/// start that fails after taking one releases it and removes the device it
+/// created: the agent stops naming what is wrong, and etcd holds no lease
+/// and the host no device afterwards.
 #[test]
 #[ignore = "needs root, network namespaces and etcd: run `cargo xtask test`"]
 fn a_start_that_cannot_succeed_takes_no_lease() -> Result<()> {
@@ -305,7 +331,7 @@ fn a_start_that_cannot_succeed_takes_no_lease() -> Result<()> {
     let not_a_dir = dir.join("a-file");
     std::fs::write(&not_a_dir, "")?;
     let bad_subnet_file = format!("--subnet-file={}", not_a_dir.join("subnet.env").display());
-    let cases: [(&str, &str, Vec<String>, &str); 2] = [
+    let cases: [(&str, &str, Vec<String>, &str); 3] = [
         (
             "vni",
             r#"{"Network": "10.0.0.0/16", "SubnetLen": 24, "Backend": {"Type": "vxlan", "VNI": 16777215}}"#,
@@ -328,6 +354,13 @@ fn a_start_that_cannot_succeed_takes_no_lease() -> Result<()> {
                 .collect(),
             "cannot write there",
         ),
+        // Fails after the lease and the device: both go again.
+        (
+            "ebpf-object",
+            CONFIG,
+            cluster.args(1, &["--datapath=ebpf", "--bpf-object=/nonexistent/overlay"]),
+            "released lease",
+        ),
     ];
     for (name, config, args, why) in cases {
         etcd.put("/coreos.com/network/config", config)?;
@@ -335,6 +368,7 @@ fn a_start_that_cannot_succeed_takes_no_lease() -> Result<()> {
         within(Duration::from_secs(15), "the agent exits", || {
             a.exited().is_some()
         })?;
+        eprintln!("--- {name}:\n{}", a.log());
         ensure!(
             a.exited() != Some(0) && a.log().contains(why),
             "{name}: exit {:?}, expected an error saying {why:?}:\n{}",
