@@ -912,13 +912,16 @@ fn refresh_health(
         Some(e) => (e.counters().ok(), e.peer_counters().unwrap_or_default()),
         None => (None, Vec::new()),
     };
+    // One pass over the counters, then a lookup per peer: this runs every
+    // second, so it must stay linear in the number of peers.
+    let traffic: std::collections::HashMap<std::net::Ipv4Addr, _> =
+        traffic.into_iter().map(|t| (t.public_ip, t)).collect();
     let peers = programmed
         .iter()
         .map(|p| PeerTrafficMetric {
             subnet: p.subnet,
             traffic: traffic
-                .iter()
-                .find(|t| t.public_ip == p.public_ip)
+                .get(&p.public_ip)
                 .copied()
                 .unwrap_or(overlay_agent::datapath::ebpf::PeerCounters {
                     public_ip: p.public_ip,

@@ -62,6 +62,11 @@ pub struct Reconciler<D: Datapath> {
     rejected: BTreeMap<String, (Ipv4Net, Rejection)>,
     /// Desired peers the datapath refused for lack of room, as last refused.
     refused: BTreeMap<Ipv4Net, Refusal>,
+    /// Subnets whose lease or datapath entry may differ since the last
+    /// converge (changed by events, or a call that failed): `converge`
+    /// looks at these only, so one event costs a bounded number of calls
+    /// whatever the number of peers.
+    dirty: BTreeSet<Ipv4Net>,
 }
 
 /// A peer the datapath had no room for.
@@ -100,6 +105,7 @@ impl<D: Datapath> Reconciler<D> {
             reported: BTreeMap::new(),
             rejected: BTreeMap::new(),
             refused: BTreeMap::new(),
+            dirty: BTreeSet::new(),
         };
         r.apply(&[WatchEvent::Reset(snapshot.clone())]);
         r.converge().await;
@@ -122,15 +128,20 @@ impl<D: Datapath> Reconciler<D> {
     /// peer's, the new one must not be programmed as a peer.
     pub fn set_own(&mut self, own: Own) {
         self.own = own;
+        self.mark_all();
     }
 
-    /// The peers etcd says should be programmed.
-    pub fn desired(&self) -> BTreeMap<Ipv4Net, Peer> {
+    /// Every subnet known on either side may need a look.
+    fn mark_all(&mut self) {
+        self.dirty.extend(self.leases.keys().chain(self.programmed.keys()));
+    }
+
+    /// The peer etcd says `subnet` should be, if any (never our own).
+    fn desired_for(&self, subnet: Ipv4Net) -> Option<Peer> {
         self.leases
-            .iter()
-            .filter(|(s, p)| **s != self.own.subnet && p.public_ip != self.own.public_ip)
-            .map(|(s, p)| (*s, *p))
-            .collect()
+            .get(&subnet)
+            .filter(|p| subnet != self.own.subnet && p.public_ip != self.own.public_ip)
+            .copied()
     }
 
     /// What we believe the datapath holds.
@@ -149,8 +160,9 @@ impl<D: Datapath> Reconciler<D> {
         &self.refused
     }
 
+    /// Whether every change seen has been applied (O(1): the pending set).
     pub fn is_converged(&self) -> bool {
-        self.desired() == self.programmed
+        self.dirty.is_empty()
     }
 
     /// Fold watch events into the desired state (no datapath calls).
@@ -163,6 +175,7 @@ impl<D: Datapath> Reconciler<D> {
                         self.leases.remove(&subnet);
                         self.reported.remove(key);
                         self.rejected.remove(key);
+                        self.dirty.insert(subnet);
                     }
                     Err(why) => log::debug!("ignoring deletion of {key}: {why}"),
                 },
@@ -186,7 +199,11 @@ impl<D: Datapath> Reconciler<D> {
                             Decoded::Malformed(None) => {}
                         }
                     }
+                    // A re-list may change anything: look at every subnet
+                    // known before or after it.
+                    self.mark_all();
                     self.leases = fresh;
+                    self.mark_all();
                 }
             }
         }
@@ -196,10 +213,12 @@ impl<D: Datapath> Reconciler<D> {
         match self.decode(e) {
             Decoded::Peer(p) => {
                 self.leases.insert(p.subnet, p);
+                self.dirty.insert(p.subnet);
             }
             // The subnet is no longer a VXLAN peer (or no longer a sound one).
             Decoded::NotVxlan(subnet) | Decoded::Rejected(subnet) => {
                 self.leases.remove(&subnet);
+                self.dirty.insert(subnet);
             }
             Decoded::Malformed(_) => {}
         }
@@ -273,7 +292,9 @@ impl<D: Datapath> Reconciler<D> {
                 "{drifted} peer(s) in the {} datapath are not as programmed (changed from outside?): programming them again",
                 self.dp.mode()
             );
+            self.mark_all();
             self.programmed = actual;
+            self.mark_all();
             self.converge().await;
         }
         Ok(drifted)
@@ -288,34 +309,38 @@ impl<D: Datapath> Reconciler<D> {
         true
     }
 
-    /// Make the datapath match etcd: removals first, then additions and
-    /// changes. Returns whether everything succeeded.
+    /// Make the datapath match etcd for the subnets that changed since the
+    /// last call: removals first, then additions and changes (a changed
+    /// peer is replaced in one `add_peer`, never removed first, so its
+    /// subnet keeps a route throughout). A failed call leaves its subnet
+    /// pending for the next call. Returns whether everything succeeded.
     pub async fn converge(&mut self) -> bool {
-        let desired = self.desired();
+        let pending = std::mem::take(&mut self.dirty);
         let mut ok = true;
-        let stale: Vec<Peer> = self
-            .programmed
-            .values()
-            .filter(|p| !desired.contains_key(&p.subnet))
-            .copied()
-            .collect();
-        for p in stale {
-            match self.dp.remove_peer(&p).await {
-                Ok(()) => {
-                    log::info!("removed peer {} (PublicIP {})", p.subnet, p.public_ip);
-                    self.programmed.remove(&p.subnet);
-                }
-                Err(e) => {
-                    ok = false;
-                    log::error!("removing peer {} failed (will retry): {e}", p.subnet);
-                }
+        let mut adds = Vec::new();
+        for &subnet in &pending {
+            let want = self.desired_for(subnet);
+            if self.refused.get(&subnet).is_some_and(|r| Some(r.peer) != want) {
+                self.refused.remove(&subnet);
+            }
+            match (want, self.programmed.get(&subnet).copied()) {
+                (None, Some(p)) => match self.dp.remove_peer(&p).await {
+                    Ok(()) => {
+                        log::info!("removed peer {} (PublicIP {})", p.subnet, p.public_ip);
+                        self.programmed.remove(&p.subnet);
+                    }
+                    Err(e) => {
+                        ok = false;
+                        self.dirty.insert(subnet);
+                        log::error!("removing peer {} failed (will retry): {e}", p.subnet);
+                    }
+                },
+                (Some(want), have) if have != Some(want) => adds.push(want),
+                _ => {}
             }
         }
-        self.refused.retain(|s, r| desired.get(s) == Some(&r.peer));
-        for (subnet, p) in desired {
-            if self.programmed.get(&subnet) == Some(&p) {
-                continue;
-            }
+        for p in adds {
+            let subnet = p.subnet;
             match self.dp.add_peer(&p).await {
                 Ok(()) => {
                     log::info!(
@@ -328,6 +353,7 @@ impl<D: Datapath> Reconciler<D> {
                 }
                 Err(DatapathError::MapFull { map, capacity }) => {
                     ok = false;
+                    self.dirty.insert(subnet);
                     let refusal = Refusal {
                         peer: p,
                         map,
@@ -344,6 +370,7 @@ impl<D: Datapath> Reconciler<D> {
                 }
                 Err(e) => {
                     ok = false;
+                    self.dirty.insert(subnet);
                     log::error!("programming peer {subnet} failed (will retry): {e}");
                 }
             }
@@ -570,6 +597,43 @@ mod tests {
             r.datapath().peers.insert(b.subnet, changed);
             assert_eq!(r.recheck().await.unwrap(), 2);
             assert_eq!(held(&mut r), vec![a, b]);
+            assert!(r.is_converged());
+        });
+    }
+
+    #[test]
+    fn one_event_costs_one_call_and_a_moved_subnet_is_replaced_not_removed() {
+        block_on(async {
+            let peers: Vec<Peer> = (2..102u8)
+                .map(|i| Peer {
+                    subnet: Ipv4Net::new(Ipv4Addr::new(10, 0, i, 0), 24).unwrap(),
+                    public_ip: Ipv4Addr::new(192, 168, 1, i),
+                    vtep_mac: mac(i),
+                })
+                .collect();
+            let s = snap(peers.iter().map(entry).collect());
+            let mut r = Reconciler::start(FakeDp::default(), own(), &s).await.unwrap();
+            assert_eq!(held(&mut r).len(), 100);
+            r.datapath().calls.clear();
+            // One new peer among 100: one call.
+            r.apply(&[WatchEvent::Put(entry(&peer("10.0.200.0/24", 200)))]);
+            assert!(r.converge().await);
+            assert_eq!(r.datapath().calls, vec!["add 10.0.200.0/24"]);
+            // A subnet that moves to another node within one batch (deleted,
+            // then written with another PublicIP) is replaced in one call:
+            // never a moment without its route.
+            r.datapath().calls.clear();
+            let mut moved = peers[0];
+            moved.public_ip = Ipv4Addr::new(192, 168, 9, 9);
+            r.apply(&[
+                WatchEvent::Delete {
+                    key: entry(&peers[0]).key,
+                },
+                WatchEvent::Put(entry(&moved)),
+            ]);
+            assert!(r.converge().await);
+            assert_eq!(r.datapath().calls, vec!["add 10.0.2.0/24"]);
+            assert_eq!(r.datapath().peers[&moved.subnet], moved);
             assert!(r.is_converged());
         });
     }
