@@ -580,7 +580,7 @@ fn agent_carries_on_through_the_other_members_of_a_cluster() -> Result<()> {
         }
         let route = format!("10.0.{}.0/24 via", 17 + i);
         let took = within(
-            Duration::from_secs(10),
+            Duration::from_secs(20),
             &format!("peer with member {i} down"),
             || hosts.routes(2).contains(&route),
         )?;
