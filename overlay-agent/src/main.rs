@@ -920,14 +920,13 @@ fn refresh_health(
         .iter()
         .map(|p| PeerTrafficMetric {
             subnet: p.subnet,
-            traffic: traffic
-                .get(&p.public_ip)
-                .copied()
-                .unwrap_or(overlay_agent::datapath::ebpf::PeerCounters {
+            traffic: traffic.get(&p.public_ip).copied().unwrap_or(
+                overlay_agent::datapath::ebpf::PeerCounters {
                     public_ip: p.public_ip,
                     tx: Default::default(),
                     rx: Default::default(),
-                }),
+                },
+            ),
         })
         .collect();
     let expiry = lease.expires.map(|at| {

@@ -133,7 +133,8 @@ impl<D: Datapath> Reconciler<D> {
 
     /// Every subnet known on either side may need a look.
     fn mark_all(&mut self) {
-        self.dirty.extend(self.leases.keys().chain(self.programmed.keys()));
+        self.dirty
+            .extend(self.leases.keys().chain(self.programmed.keys()));
     }
 
     /// The peer etcd says `subnet` should be, if any (never our own).
@@ -320,7 +321,11 @@ impl<D: Datapath> Reconciler<D> {
         let mut adds = Vec::new();
         for &subnet in &pending {
             let want = self.desired_for(subnet);
-            if self.refused.get(&subnet).is_some_and(|r| Some(r.peer) != want) {
+            if self
+                .refused
+                .get(&subnet)
+                .is_some_and(|r| Some(r.peer) != want)
+            {
                 self.refused.remove(&subnet);
             }
             match (want, self.programmed.get(&subnet).copied()) {
@@ -612,7 +617,9 @@ mod tests {
                 })
                 .collect();
             let s = snap(peers.iter().map(entry).collect());
-            let mut r = Reconciler::start(FakeDp::default(), own(), &s).await.unwrap();
+            let mut r = Reconciler::start(FakeDp::default(), own(), &s)
+                .await
+                .unwrap();
             assert_eq!(held(&mut r).len(), 100);
             r.datapath().calls.clear();
             // One new peer among 100: one call.

@@ -138,6 +138,28 @@ impl Background {
         }
     }
 
+    /// Waits for the process to end by itself (killing it after `limit`)
+    /// and returns what it printed on stdout (which must fit the pipe: for
+    /// tools with short summaries such as `ping -q` or `iperf3 -J`).
+    pub fn wait_output(mut self, limit: Duration) -> Result<String> {
+        use std::io::Read;
+        let mut child = self.child.take().context("process already stopped")?;
+        let deadline = Instant::now() + limit;
+        while child.try_wait()?.is_none() {
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("`{}` still running after {limit:?}", self.what);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let mut out = String::new();
+        if let Some(mut stdout) = child.stdout.take() {
+            stdout.read_to_string(&mut out)?;
+        }
+        Ok(out)
+    }
+
     /// Asks the process to finish (SIGTERM, so e.g. tcpdump flushes its file) and
     /// waits for it, killing it if it has not finished within `timeout`.
     pub fn stop(mut self, timeout: Duration) -> Result<std::process::ExitStatus> {

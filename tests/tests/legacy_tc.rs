@@ -9,13 +9,13 @@
 
 use std::{
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
     time::Duration,
 };
 
 use anyhow::{Context, Result, ensure};
 use overlay_tests::{
     agent::{Agent, Bpffs, Cluster, Containers, add_container, sh, within},
+    cmd::Background,
     stats::{Attachments, attachments},
 };
 
@@ -23,47 +23,6 @@ const CONFIG: &str = r#"{"Network": "10.0.0.0/16", "SubnetLen": 24, "SubnetMin":
 
 /// Our filters' priority (the agent's `LEGACY_PRIORITY`).
 const PREF: &str = "pref 8472";
-
-/// A process killed on drop unless waited for.
-struct Background(Option<Child>);
-
-impl Background {
-    fn spawn_in(ns: &str, args: &[&str]) -> Result<Background> {
-        let child = Command::new("ip")
-            .args(["netns", "exec", ns])
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("starting {args:?} in {ns}"))?;
-        Ok(Background(Some(child)))
-    }
-
-    fn wait_output(mut self, limit: Duration) -> Result<String> {
-        let mut child = self.0.take().context("already waited")?;
-        let start = std::time::Instant::now();
-        while child.try_wait()?.is_none() {
-            if start.elapsed() > limit {
-                let _ = child.kill();
-                let _ = child.wait();
-                anyhow::bail!("still running after {limit:?}");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let out = child.wait_with_output()?;
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    }
-}
-
-impl Drop for Background {
-    fn drop(&mut self) {
-        if let Some(c) = &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
 
 /// `tc filter show dev <dev> <dir>` in `ns`.
 fn filters(ns: &str, dev: &str, dir: &str) -> Result<String> {
@@ -210,8 +169,8 @@ fn legacy_filters_interoperate_restart_upgrade_switch_and_leave_nothing() -> Res
     );
 
     // kill -9, restart, upgrade: replaced in place under 100 pings/s.
-    let ping = Background::spawn_in(
-        &c1,
+    let ping = Background::spawn(
+        Some(&c1),
         &["ping", "-q", "-i", "0.01", "-c", "1200", "-W", "2", &ip2],
     )?;
     std::thread::sleep(Duration::from_secs(2));

@@ -10,46 +10,17 @@
 use std::{
     fs,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::Command,
     time::Duration,
 };
 
-use anyhow::{Context, Result, bail, ensure};
-use overlay_tests::agent::{Agent, Bpffs, Cluster, Containers, add_container, sh};
+use anyhow::{Context, Result, ensure};
+use overlay_tests::{
+    agent::{Agent, Bpffs, Cluster, Containers, add_container, sh},
+    cmd::Background,
+};
 
 const CONFIG: &str = r#"{"Network": "10.0.0.0/16", "SubnetLen": 24, "SubnetMin": "10.0.1.0","SubnetMax": "10.0.20.0", "Backend": {"Type": "vxlan"}}"#;
-
-/// A process killed on drop unless waited for.
-struct Background(Option<Child>);
-
-impl Background {
-    fn wait_output(mut self, limit: Duration) -> Result<String> {
-        let mut child = self.0.take().context("already waited")?;
-        let out = wait_output(&mut child, limit);
-        self.0 = Some(child);
-        out
-    }
-}
-
-impl Drop for Background {
-    fn drop(&mut self) {
-        if let Some(c) = &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn spawn_in(ns: &str, args: &[&str]) -> Result<Child> {
-    Command::new("ip")
-        .args(["netns", "exec", ns])
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("starting {args:?} in {ns}"))
-}
 
 fn prog_of_link(pin: &Path) -> Result<u64> {
     let out = sh(&[
@@ -110,18 +81,18 @@ fn kill_9_restart_and_upgrade_lose_no_packet_then_cleanup_removes_everything() -
     let veth_first = prog_of_link(&veth_pin)?;
 
     // 100 pings/s for 24 s and a TCP stream for 20 s, across everything below.
-    let ping = Background(Some(spawn_in(
-        &c1,
+    let ping = Background::spawn(
+        Some(&c1),
         &["ping", "-q", "-i", "0.01", "-c", "2400", "-W", "2", &ip2],
-    )?));
-    let server = Background(Some(spawn_in(&c2, &["iperf3", "-s", "-1", "-B", &ip2])?));
+    )?;
+    let server = Background::spawn(Some(&c2), &["iperf3", "-s", "-1", "-B", &ip2])?;
     std::thread::sleep(Duration::from_millis(300));
-    let client = Background(Some(spawn_in(
-        &c1,
+    let client = Background::spawn(
+        Some(&c1),
         &[
             "iperf3", "-c", &ip2, "-t", "20", "-i", "1", "-J", "-b", "200M",
         ],
-    )?));
+    )?;
 
     // 1. kill -9 and restart: the programs stay attached through the pins.
     std::thread::sleep(Duration::from_secs(3));
@@ -380,24 +351,4 @@ fn kill_9_restart_and_upgrade_lose_no_packet_then_cleanup_removes_everything() -
     drop(a2);
     drop(containers);
     Ok(())
-}
-
-/// Waits for a child's exit within `limit`; its stdout.
-fn wait_output(child: &mut Child, limit: Duration) -> Result<String> {
-    use std::io::Read;
-    let t0 = std::time::Instant::now();
-    loop {
-        if child.try_wait()?.is_some() {
-            let mut out = String::new();
-            if let Some(mut s) = child.stdout.take() {
-                s.read_to_string(&mut out)?;
-            }
-            return Ok(out);
-        }
-        if t0.elapsed() > limit {
-            let _ = child.kill();
-            bail!("still running after {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
