@@ -139,9 +139,8 @@ async fn run(cli: Cli) -> Result<()> {
 
     // Everything the host will need, checked before a lease is taken: a
     // lease we cannot use would sit in etcd for its whole TTL.
-    overlay_agent::netlink::vxlan_device::checked_device_name(config.backend.vni)
-        .and_then(|_| overlay_agent::netlink::vxlan_device::device_mtu(config.backend.mtu, ext.mtu))
-        .map_err(|e| anyhow!("the network config's Backend (VNI/MTU): {}", e.reason()))?;
+    overlay_agent::netlink::vxlan_device::device_mtu(config.backend.mtu, ext.mtu)
+        .map_err(|e| anyhow!("the network config's Backend.MTU: {}", e.reason()))?;
     subnet_env::check_writable(&cli.subnet_file).with_context(|| {
         format!(
             "--subnet-file {}: cannot write there",
@@ -421,27 +420,38 @@ async fn wait_config(reg: &Registry, health: &Health) -> Result<NetworkConfig> {
     const RECHECK: Duration = Duration::from_secs(3);
     let mut reported: Option<String> = None;
     loop {
-        match reg.wait_config(Duration::from_secs(1)).await {
-            Ok(config) => {
+        // A config that parses may still ask for what the kernel refuses.
+        let checked = reg.wait_config(Duration::from_secs(1)).await.map(|config| {
+            let vni = config.backend.vni;
+            match overlay_agent::netlink::vxlan_device::checked_device_name(vni) {
+                Ok(_) => Ok(config),
+                Err(e) => Err(format!(
+                    "network config {}: Backend.VNI {vni}: {}",
+                    reg.config_key(),
+                    e.reason()
+                )),
+            }
+        });
+        let problem = match checked {
+            Ok(Ok(config)) => {
                 if reported.is_some() {
                     log::info!("the network config is valid now");
                 }
                 health.lock().config_problem = None;
                 return Ok(config);
             }
-            Err(e @ EtcdError::Config { .. }) => {
-                let why = e.to_string();
-                if reported.as_deref() != Some(why.as_str()) {
-                    log::error!(
-                        "{why}; nothing on this host was changed; reading it again every {RECHECK:?} until it is fixed"
-                    );
-                    health.lock().config_problem = Some(why.clone());
-                    reported = Some(why);
-                }
-                tokio::time::sleep(RECHECK).await;
-            }
+            Ok(Err(unusable)) => unusable,
+            Err(e @ EtcdError::Config { .. }) => e.to_string(),
             Err(e) => return Err(anyhow!(e)),
+        };
+        if reported.as_deref() != Some(problem.as_str()) {
+            log::error!(
+                "{problem}; nothing on this host was changed; reading it again every {RECHECK:?} until it is fixed"
+            );
+            health.lock().config_problem = Some(problem.clone());
+            reported = Some(problem);
         }
+        tokio::time::sleep(RECHECK).await;
     }
 }
 
