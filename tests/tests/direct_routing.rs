@@ -34,6 +34,8 @@ const ROUTER: &str = "10.98.0.254";
 const BEHIND: &str = "192.168.60.2";
 const VXLAN_PORT: u16 = 8472;
 const PAYLOAD_BYTES: u64 = 2 << 20;
+/// What the agent logs when the datapath's peers are not as it programmed them.
+const DRIFT: &str = "not as programmed";
 
 #[test]
 #[ignore = "needs root, network namespaces, etcd and eBPF: run `cargo xtask test`"]
@@ -93,7 +95,14 @@ fn run(tag: &str, datapath: &str) -> Result<()> {
         "h1",
         &hosts.ns(1),
         bin,
-        &cluster.args(1, &[&format!("--datapath={datapath}"), &pin_dir]),
+        &cluster.args(
+            1,
+            &[
+                &format!("--datapath={datapath}"),
+                &pin_dir,
+                "--recheck-interval=1s",
+            ],
+        ),
     )?;
     agent.wait_for("running: lease", Duration::from_secs(20))?;
     ensure!(
@@ -148,6 +157,14 @@ fn run(tag: &str, datapath: &str) -> Result<()> {
             "REMOTE_SUBNETS lacks the routed peer:\n{st}"
         );
     }
+
+    // The periodic re-read finds the direct peer as programmed: no drift.
+    std::thread::sleep(Duration::from_millis(2500));
+    ensure!(
+        !agent.log().contains(DRIFT),
+        "a direct peer is taken for drift:\n{}",
+        agent.log()
+    );
 
     let mut containers = Containers(Vec::new());
     let mut c = Vec::new();
@@ -208,6 +225,15 @@ fn run(tag: &str, datapath: &str) -> Result<()> {
     }
     let frames = traffic(hosts, &dir, "moved", &c[0], &c[2])?;
     ensure!(frames == 0, "{frames} VXLAN frames to the moved peer");
+
+    // A direct route removed from outside is drift, and is put back.
+    ensure!(!agent.log().contains(DRIFT), "{}", agent.log());
+    exec(&hosts.ns(1), &format!("ip route del {moved_route}"))?;
+    within(Duration::from_secs(5), "the direct route put back", || {
+        hosts.routes(1).contains(&moved_route)
+    })
+    .with_context(|| agent.log())?;
+    ensure!(agent.log().contains(DRIFT), "{}", agent.log());
 
     ensure!(
         agent.exited().is_none(),
