@@ -139,3 +139,54 @@ impl Netlink {
 pub fn has_direct_route(routes: &[(Ipv4Net, Ipv4Addr)], subnet: Ipv4Net, via: Ipv4Addr) -> bool {
     routes.iter().any(|&(s, g)| s == subnet && g == via)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hop(kind: RouteType, oif: Option<u32>, gateway: Option<&str>) -> RouteHop {
+        RouteHop {
+            kind,
+            oif,
+            gateway: gateway.map(|g| g.parse().unwrap()),
+        }
+    }
+
+    #[test]
+    fn a_peer_is_direct_only_through_the_underlay_without_a_gateway() {
+        assert!(hop(RouteType::Unicast, Some(2), None).is_direct(2));
+        // Behind a router.
+        assert!(!hop(RouteType::Unicast, Some(2), Some("10.98.0.254")).is_direct(2));
+        // Reached through another interface.
+        assert!(!hop(RouteType::Unicast, Some(3), None).is_direct(2));
+        // One of our own addresses, or a blackhole.
+        assert!(!hop(RouteType::Local, Some(1), None).is_direct(1));
+        assert!(!hop(RouteType::BlackHole, None, None).is_direct(2));
+    }
+
+    #[test]
+    fn a_direct_route_is_found_by_subnet_and_next_hop() {
+        let net = |s: &str| s.parse::<Ipv4Net>().unwrap();
+        let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+        let routes = [
+            (net("10.0.14.0/24"), ip("10.98.0.2")),
+            (net("0.0.0.0/0"), ip("10.98.0.254")),
+        ];
+        assert!(has_direct_route(
+            &routes,
+            net("10.0.14.0/24"),
+            ip("10.98.0.2")
+        ));
+        // The PublicIP changed: the route through the old one is not it.
+        assert!(!has_direct_route(
+            &routes,
+            net("10.0.14.0/24"),
+            ip("10.98.0.3")
+        ));
+        assert!(!has_direct_route(
+            &routes,
+            net("10.0.15.0/24"),
+            ip("10.98.0.2")
+        ));
+    }
+}
