@@ -1190,9 +1190,27 @@ impl Datapath for EbpfDatapath {
         // Detach a previous instance before the device may be re-created.
         self.loaded = None;
         let state = self.kernel.setup(node).await?;
-        let peers = self.kernel.peers().await?;
+        // Direct peers (known from an earlier setup of this datapath) get
+        // no REMOTE_SUBNETS entry, only their KNOWN_VTEPS one.
+        let (direct, peers): (Vec<Peer>, Vec<Peer>) = self
+            .kernel
+            .peers()
+            .await?
+            .into_iter()
+            .partition(|p| self.kernel.is_direct(p.subnet));
         let device = self.kernel.device().ok_or(DatapathError::NotSetUp)?;
-        let loaded = match Loaded::start(&self.options, device, node.subnet, &peers) {
+        let started =
+            Loaded::start(&self.options, device, node.subnet, &peers).and_then(|mut l| {
+                for p in &direct {
+                    match insert_direct_peer(&mut l.ebpf, p, self.options.peer_capacity) {
+                        // As in `Loaded::start`: the reconciler retries it.
+                        Err(EbpfError::MapFull { .. }) => {}
+                        other => other?,
+                    }
+                }
+                Ok(l)
+            });
+        let loaded = match started {
             Ok(loaded) => loaded,
             Err(e) => {
                 self.give_up(node.subnet);
