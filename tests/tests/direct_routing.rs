@@ -3,8 +3,8 @@
 //! stand-in on the same switch that, as flanneld with DirectRouting, routes
 //! our subnet `via` our address on `eth0`; host 3 is a stand-in behind a
 //! router namespace (its own underlay, 192.168.60.0/24), so it keeps VXLAN.
-//! Then host 3 moves onto the switch (its lease's PublicIP changes) and our
-//! entries for it change kind.
+//! Then host 3 moves onto the switch and host 2 behind the router (their
+//! leases' PublicIP changes) and our entries for them change kind.
 //!
 //! Checked each time: `ip route`, the neighbour and FDB entries on
 //! `flannel.1`, REMOTE_SUBNETS (eBPF, through `overlay-agent status`), ping
@@ -32,6 +32,8 @@ const ROUTED_SUBNET: &str = "10.0.15.0/24";
 /// The router's address on the hosts' switch.
 const ROUTER: &str = "10.98.0.254";
 const BEHIND: &str = "192.168.60.2";
+/// Host 2's address once it has moved behind the router too.
+const BEHIND_2: &str = "192.168.61.2";
 const VXLAN_PORT: u16 = 8472;
 const PAYLOAD_BYTES: u64 = 2 << 20;
 /// What the agent logs when the datapath's peers are not as it programmed them.
@@ -234,6 +236,49 @@ fn run(tag: &str, datapath: &str) -> Result<()> {
     })
     .with_context(|| agent.log())?;
     ensure!(agent.log().contains(DRIFT), "{}", agent.log());
+
+    // (4) And the other way: host 2 moves behind the router (a new link, a
+    // new flannel.1, its lease's PublicIP there), and its direct route gives
+    // way to VXLAN.
+    let h2 = hosts.ns(2);
+    exec(&h2, "ip link del flannel.1")?;
+    exec(&h2, "ip addr flush dev eth0")?;
+    exec(&h2, "ip link set eth0 down")?;
+    exec(
+        &router.0,
+        &format!("ip link add lan2 type veth peer name lan0 netns {h2}"),
+    )?;
+    exec(&router.0, "ip addr add 192.168.61.1/24 dev lan2")?;
+    exec(&router.0, "ip link set lan2 up")?;
+    exec(&h2, &format!("ip addr add {BEHIND_2}/24 dev lan0"))?;
+    exec(&h2, "ip link set lan0 up")?;
+    exec(&h2, "ip route add default via 192.168.61.1")?;
+    exec(&h2, "sysctl -qw net.ipv4.conf.lan0.rp_filter=1")?;
+    exec(
+        &hosts.ns(1),
+        &format!("ip route add 192.168.61.0/24 via {ROUTER}"),
+    )?;
+    let behind = StandIn::start(hosts, etcd, 2, "lan0", BEHIND_2, DIRECT_SUBNET, &env(2))?;
+    behind.reference.add_peer(&ours)?;
+    within(Duration::from_secs(10), "the moved peer on VXLAN", || {
+        hosts.routes(1).contains(&vxlan_route(DIRECT_SUBNET))
+    })
+    .with_context(|| format!("{}\n{}", hosts.routes(1), agent.log()))?;
+    ensure!(
+        !hosts.routes(1).contains(&direct_route),
+        "{}",
+        hosts.routes(1)
+    );
+    expect_vxlan(hosts, &behind.reference.as_peer())?;
+    if datapath == "ebpf" {
+        let st = status()?;
+        ensure!(
+            st.contains(DIRECT_SUBNET),
+            "REMOTE_SUBNETS lacks the peer now behind the router:\n{st}"
+        );
+    }
+    let frames = traffic(hosts, &dir, "moved-back", &c[0], &c[1])?;
+    ensure!(frames > 0, "no VXLAN to the peer now behind the router");
 
     ensure!(
         agent.exited().is_none(),
