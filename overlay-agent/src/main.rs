@@ -115,12 +115,11 @@ async fn run(cli: Cli) -> Result<()> {
             .mtu
             .map_or("from the interface".to_owned(), |m| m.to_string())
     );
-    if config.backend.gbp || config.backend.direct_routing || config.backend.learning {
+    if config.backend.gbp || config.backend.learning {
         log::warn!(
-            "Backend GBP/DirectRouting/Learning are read but not applied by this version \
-             (GBP {}, DirectRouting {}, Learning {})",
+            "Backend GBP/Learning are read but not applied by this version \
+             (GBP {}, Learning {})",
             config.backend.gbp,
-            config.backend.direct_routing,
             config.backend.learning
         );
     }
@@ -516,6 +515,7 @@ fn node_spec(config: &NetworkConfig, ext: &ExternalInterface, lease: &OwnLease) 
         subnet: lease.subnet,
         mtu: config.backend.mtu,
         vtep_mac: Some(lease.vtep_mac),
+        direct_routing: config.backend.direct_routing,
     }
 }
 

@@ -133,6 +133,7 @@ impl Member {
                     subnet: host.subnet,
                     mtu: None,
                     vtep_mac: None,
+                    direct_routing: false,
                 })?;
                 let lease = Peer {
                     subnet: host.subnet,

@@ -45,7 +45,7 @@ use overlay_common::{
 use super::{
     Datapath, DatapathError, Mode, NodeSpec, NodeState, Peer,
     fastpath::{self, FastPathMode, PodAttachments},
-    kernel::KernelDatapath,
+    kernel::{KernelDatapath, PeerKind},
     pins::{MAPS, PinLayout, declared_shapes},
     tc_attach::{self, TcApi, TcAttachMode, TcLink},
 };
@@ -1015,6 +1015,38 @@ fn insert_peer(ebpf: &mut Ebpf, peer: &Peer, capacity: u32) -> Result<(), EbpfEr
     Ok(())
 }
 
+/// Inserts (or updates) a direct peer: its subnet leaves REMOTE_SUBNETS
+/// first (so nothing encapsulates toward it any more), then KNOWN_VTEPS and
+/// PEER_STATS get its public IP; a public IP the subnet's old entry leaves
+/// unused is dropped.
+fn insert_direct_peer(ebpf: &mut Ebpf, peer: &Peer, capacity: u32) -> Result<(), EbpfError> {
+    let key = subnet_key(peer.subnet);
+    let ip = peer.public_ip.octets();
+    let previous = match remote_subnets(ebpf)?.get(&key, 0) {
+        Ok(v) => Some(v.public_ip),
+        Err(e) if is_missing(&e) => None,
+        Err(e) => {
+            let op = format!("look up {}", peer.subnet);
+            return Err(EbpfError::map(MAP_REMOTE_SUBNETS, op, e));
+        }
+    };
+    if previous.is_some()
+        && let Err(e) = remote_subnets(ebpf)?.remove(&key)
+        && !is_missing(&e)
+    {
+        let op = format!("remove {}", peer.subnet);
+        return Err(EbpfError::map(MAP_REMOTE_SUBNETS, op, e));
+    }
+    known_vteps(ebpf)?
+        .insert(ip, known_vtep(peer), 0)
+        .map_err(|e| insert_err(MAP_KNOWN_VTEPS, peer.public_ip, capacity, e))?;
+    start_peer_stats(ebpf, ip, capacity)?;
+    if let Some(old) = previous.filter(|old| *old != ip) {
+        forget_vtep_if_unused(ebpf, old)?;
+    }
+    Ok(())
+}
+
 /// A failed insert into a peer map: [`EbpfError::MapFull`] when the map had
 /// no room (a hash map says E2BIG, the LPM trie ENOSPC).
 fn insert_err(map: &'static str, what: impl fmt::Display, capacity: u32, e: MapError) -> EbpfError {
@@ -1158,9 +1190,27 @@ impl Datapath for EbpfDatapath {
         // Detach a previous instance before the device may be re-created.
         self.loaded = None;
         let state = self.kernel.setup(node).await?;
-        let peers = self.kernel.peers().await?;
+        // Direct peers (known from an earlier setup of this datapath) get
+        // no REMOTE_SUBNETS entry, only their KNOWN_VTEPS one.
+        let (direct, peers): (Vec<Peer>, Vec<Peer>) = self
+            .kernel
+            .peers()
+            .await?
+            .into_iter()
+            .partition(|p| self.kernel.is_direct(p.subnet));
         let device = self.kernel.device().ok_or(DatapathError::NotSetUp)?;
-        let loaded = match Loaded::start(&self.options, device, node.subnet, &peers) {
+        let started =
+            Loaded::start(&self.options, device, node.subnet, &peers).and_then(|mut l| {
+                for p in &direct {
+                    match insert_direct_peer(&mut l.ebpf, p, self.options.peer_capacity) {
+                        // As in `Loaded::start`: the reconciler retries it.
+                        Err(EbpfError::MapFull { .. }) => {}
+                        other => other?,
+                    }
+                }
+                Ok(l)
+            });
+        let loaded = match started {
             Ok(loaded) => loaded,
             Err(e) => {
                 self.give_up(node.subnet);
@@ -1212,11 +1262,20 @@ impl Datapath for EbpfDatapath {
     /// subnet still routes into `flannel.<VNI>` (the kernel device
     /// encapsulates what the programs pass), but none of its map entries: its
     /// VXLAN is dropped as from an unknown VTEP until a retry finds room.
+    ///
+    /// A direct peer (DirectRouting) gets its kernel route and a KNOWN_VTEPS
+    /// entry (it may still send us VXLAN, when it does not see us as direct)
+    /// but no REMOTE_SUBNETS entry, so neither egress nor the fast path
+    /// encapsulates toward it: its packets take the kernel's route.
     async fn add_peer(&mut self, peer: &Peer) -> Result<(), DatapathError> {
         self.loaded()?;
-        self.kernel.add_peer(peer).await?;
+        let kind = self.kernel.add_peer_kind(peer).await?;
         let capacity = self.options.peer_capacity;
-        insert_peer(&mut self.loaded_mut()?.ebpf, peer, capacity)?;
+        let ebpf = &mut self.loaded_mut()?.ebpf;
+        match kind {
+            PeerKind::Vxlan => insert_peer(ebpf, peer, capacity)?,
+            PeerKind::Direct => insert_direct_peer(ebpf, peer, capacity)?,
+        }
         Ok(())
     }
 
@@ -1232,8 +1291,15 @@ impl Datapath for EbpfDatapath {
         let in_maps: std::collections::HashSet<Peer> = self.map_peers()?.into_iter().collect();
         let in_kernel = self.kernel.peers().await?;
         let mut agreed = Vec::with_capacity(in_kernel.len());
+        let in_trie: std::collections::HashSet<Ipv4Net> =
+            in_maps.iter().map(|p| p.subnet).collect();
         for peer in in_kernel {
-            if in_maps.contains(&peer) && self.knows_vtep(peer.public_ip)? {
+            let mapped = if self.kernel.is_direct(peer.subnet) {
+                !in_trie.contains(&peer.subnet)
+            } else {
+                in_maps.contains(&peer)
+            };
+            if mapped && self.knows_vtep(peer.public_ip)? {
                 agreed.push(peer);
             } else {
                 warn!(

@@ -1,8 +1,26 @@
 //! The kernel-vxlan datapath: `flannel.<VNI>` programmed exactly as flanneld
 //! does, and the kernel's vxlan driver moves the packets. Nothing is attached.
+//! With `Backend.DirectRouting`, a peer on the underlay's own segment gets a
+//! plain route instead (see [`crate::netlink::direct_route`]).
+
+use std::collections::BTreeMap;
+
+use ipnet::Ipv4Net;
+use log::info;
 
 use super::{Datapath, DatapathError, Mode, NodeSpec, NodeState, Peer};
-use crate::netlink::{Netlink, ProgrammedPeer, VxlanDevice, peer_entries::Device};
+use crate::netlink::{
+    Netlink, ProgrammedPeer, VxlanDevice, direct_route::has_direct_route, peer_entries::Device,
+};
+
+/// How a peer was programmed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PeerKind {
+    /// Neighbour, FDB entry and route on `flannel.<VNI>`.
+    Vxlan,
+    /// `<subnet> via <PublicIP> dev <underlay>` (DirectRouting).
+    Direct,
+}
 
 /// flannel's VXLAN backend, through rtnetlink.
 ///
@@ -18,6 +36,10 @@ pub struct KernelDatapath {
 struct State {
     netlink: Netlink,
     device: VxlanDevice,
+    direct_routing: bool,
+    /// The peers programmed with a direct route, by subnet: the route does
+    /// not carry the VtepMAC, which [`Datapath::peers`] reports.
+    direct: BTreeMap<Ipv4Net, Peer>,
 }
 
 impl KernelDatapath {
@@ -45,6 +67,70 @@ impl KernelDatapath {
     fn state(&self) -> Result<&State, DatapathError> {
         self.state.as_ref().ok_or(DatapathError::NotSetUp)
     }
+
+    fn state_mut(&mut self) -> Result<&mut State, DatapathError> {
+        self.state.as_mut().ok_or(DatapathError::NotSetUp)
+    }
+
+    /// Whether `subnet` is programmed as a direct peer.
+    pub fn is_direct(&self, subnet: Ipv4Net) -> bool {
+        self.state
+            .as_ref()
+            .is_some_and(|s| s.direct.contains_key(&subnet))
+    }
+
+    /// Programs a peer and says which kind it got. With DirectRouting, one
+    /// `ip route get <PublicIP>` decides; the new kind's route replaces the
+    /// old kind's in place (same prefix, same table), so the subnet stays
+    /// routed while a peer moves between the two, and what is left of the
+    /// old kind goes after.
+    pub async fn add_peer_kind(&mut self, peer: &Peer) -> Result<PeerKind, DatapathError> {
+        let state = self.state()?;
+        let direct = state.direct_routing
+            && state
+                .netlink
+                .route_get(peer.public_ip)
+                .await?
+                .is_some_and(|hop| hop.is_direct(state.device.underlay_ifindex));
+        let was = state.direct.get(&peer.subnet).copied();
+        if direct {
+            state
+                .netlink
+                .replace_direct_route(state.underlay(), peer.subnet, peer.public_ip)
+                .await?;
+            if was.is_none() {
+                // A vxlan peer before (or a restart): its route is replaced.
+                for r in state
+                    .netlink
+                    .remove_neighbour_and_fdb(state.dev(), peer)
+                    .await?
+                {
+                    r?;
+                }
+                info!(
+                    "peer {} (PublicIP {}) is on the underlay's segment: direct route",
+                    peer.subnet, peer.public_ip
+                );
+            }
+            self.state_mut()?.direct.insert(peer.subnet, *peer);
+            Ok(PeerKind::Direct)
+        } else {
+            state.netlink.replace_peer(state.dev(), peer).await?;
+            if let Some(old) = was {
+                info!(
+                    "peer {} (PublicIP {}) is no longer direct: VXLAN",
+                    peer.subnet, peer.public_ip
+                );
+                // Normally gone already: the vxlan route replaced it.
+                state
+                    .netlink
+                    .delete_direct_route(state.underlay(), old.subnet, old.public_ip)
+                    .await?;
+            }
+            self.state_mut()?.direct.remove(&peer.subnet);
+            Ok(PeerKind::Vxlan)
+        }
+    }
 }
 
 impl State {
@@ -52,6 +138,13 @@ impl State {
         Device {
             ifindex: self.device.ifindex,
             name: &self.device.name,
+        }
+    }
+
+    fn underlay(&self) -> Device<'_> {
+        Device {
+            ifindex: self.device.underlay_ifindex,
+            name: &self.device.underlay,
         }
     }
 }
@@ -62,12 +155,16 @@ impl Datapath for KernelDatapath {
     }
 
     async fn setup(&mut self, node: &NodeSpec) -> Result<NodeState, DatapathError> {
-        let netlink = match self.state.take() {
-            Some(state) => state.netlink,
-            None => Netlink::connect().map_err(|source| DatapathError::Io {
-                what: "opening an rtnetlink socket".into(),
-                source,
-            })?,
+        // A second setup keeps the socket and what it knows of direct peers.
+        let (netlink, direct) = match self.state.take() {
+            Some(state) => (state.netlink, state.direct),
+            None => (
+                Netlink::connect().map_err(|source| DatapathError::Io {
+                    what: "opening an rtnetlink socket".into(),
+                    source,
+                })?,
+                BTreeMap::new(),
+            ),
         };
         let device = netlink.ensure_vxlan_device(node).await?;
         let node_state = NodeState {
@@ -76,27 +173,68 @@ impl Datapath for KernelDatapath {
             vtep_mac: device.mac,
             mtu: device.mtu,
         };
-        self.state = Some(State { netlink, device });
+        self.state = Some(State {
+            netlink,
+            device,
+            direct_routing: node.direct_routing,
+            direct,
+        });
         Ok(node_state)
     }
 
     async fn add_peer(&mut self, peer: &Peer) -> Result<(), DatapathError> {
-        let state = self.state()?;
-        state.netlink.replace_peer(state.dev(), peer).await
+        self.add_peer_kind(peer).await.map(|_| ())
     }
 
+    /// Removes both kinds: the vxlan entries, and the direct route through
+    /// the peer's PublicIP (and the one this datapath remembers, if its
+    /// PublicIP was another).
     async fn remove_peer(&mut self, peer: &Peer) -> Result<(), DatapathError> {
         let state = self.state()?;
-        state.netlink.remove_peer(state.dev(), peer).await
+        let mut vias = vec![peer.public_ip];
+        if let Some(old) = state.direct.get(&peer.subnet) {
+            vias.push(old.public_ip);
+            vias.dedup();
+        }
+        let vxlan = state.netlink.remove_peer(state.dev(), peer).await;
+        let mut direct = Ok(());
+        if state.direct_routing || state.direct.contains_key(&peer.subnet) {
+            for via in vias {
+                let r = state
+                    .netlink
+                    .delete_direct_route(state.underlay(), peer.subnet, via)
+                    .await;
+                direct = direct.and(r);
+            }
+        }
+        vxlan?;
+        direct?;
+        self.state_mut()?.direct.remove(&peer.subnet);
+        Ok(())
     }
 
+    /// The vxlan peers whose three entries are there, and the direct peers
+    /// whose route is there.
     async fn peers(&mut self) -> Result<Vec<Peer>, DatapathError> {
-        Ok(self
+        let mut peers: Vec<Peer> = self
             .programmed_peers()
             .await?
             .iter()
             .filter_map(ProgrammedPeer::peer)
-            .collect())
+            .collect();
+        let state = self.state()?;
+        if !state.direct.is_empty() {
+            let routes = state.netlink.peer_routes(state.underlay()).await?;
+            peers.extend(
+                state
+                    .direct
+                    .values()
+                    .filter(|p| has_direct_route(&routes, p.subnet, p.public_ip))
+                    .copied(),
+            );
+            peers.sort_by_key(|p| (p.subnet.network(), p.subnet.prefix_len()));
+        }
+        Ok(peers)
     }
 
     /// Deletes `flannel.<VNI>`; the kernel removes its neighbours, FDB entries

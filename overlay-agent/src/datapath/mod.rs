@@ -40,6 +40,10 @@ pub struct NodeSpec {
     pub mtu: Option<u32>,
     /// Use this VTEP MAC instead of the stable derived one (e.g. the MAC in an existing lease).
     pub vtep_mac: Option<MacAddr>,
+    /// `Backend.DirectRouting`: a peer whose PublicIP the underlay reaches
+    /// without a gateway gets `<subnet> via <PublicIP> dev <underlay>`
+    /// instead of VXLAN.
+    pub direct_routing: bool,
 }
 
 /// What `setup` created, for the lease and for subnet.env.

@@ -10,6 +10,7 @@
 //! [`Netlink::connect`] (the socket is bound to it at creation), so tests create
 //! it on a thread that has `setns()`-ed into the host's namespace.
 
+pub mod direct_route;
 pub mod events;
 pub mod peer_entries;
 pub mod pods;
@@ -68,6 +69,11 @@ impl NetlinkError {
             self.errno(),
             Some(libc::ENOENT | libc::ESRCH | libc::ENODEV | libc::EADDRNOTAVAIL)
         )
+    }
+
+    /// A route lookup found no route (`ip route get` says unreachable).
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self.errno(), Some(libc::ENETUNREACH | libc::EHOSTUNREACH))
     }
 }
 

@@ -164,6 +164,22 @@ impl Netlink {
     /// The FDB entry is removed for the peer's MAC and for the MAC the kernel's
     /// neighbour actually held, unless another neighbour still uses it.
     pub async fn remove_peer(&self, dev: Device<'_>, peer: &Peer) -> Result<(), DatapathError> {
+        let mut results = self.remove_neighbour_and_fdb(dev, peer).await?;
+        results.push(self.delete_route(dev, peer.subnet).await);
+        results
+            .into_iter()
+            .collect::<Result<(), _>>()
+            .map_err(Into::into)
+    }
+
+    /// The neighbour and FDB part of [`Netlink::remove_peer`], leaving the
+    /// route: what is left of a peer whose vxlan route a direct route has
+    /// replaced. Returns the result of every removal.
+    pub async fn remove_neighbour_and_fdb(
+        &self,
+        dev: Device<'_>,
+        peer: &Peer,
+    ) -> Result<Vec<Result<(), NetlinkError>>, DatapathError> {
         let gateway = peer_gateway(peer.subnet);
         let neighbours = self.neighbours(dev).await?;
         let kernel_mac = neighbours
@@ -183,11 +199,7 @@ impl Netlink {
                 results.push(self.delete_fdb(dev, mac, None).await);
             }
         }
-        results.push(self.delete_route(dev, peer.subnet).await);
-        results
-            .into_iter()
-            .collect::<Result<(), _>>()
-            .map_err(Into::into)
+        Ok(results)
     }
 
     /// Peers as the kernel has them: every route through the device with a

@@ -110,6 +110,7 @@ impl VxlanDeviceConfig {
             subnet,
             mtu,
             vtep_mac,
+            direct_routing: _,
         } = spec;
         let name = checked_device_name(*vni)?;
         Ok(Self {
@@ -461,6 +462,7 @@ mod tests {
             subnet: "10.5.52.0/24".parse().unwrap(),
             mtu: None,
             vtep_mac: None,
+            direct_routing: false,
         }
     }
 

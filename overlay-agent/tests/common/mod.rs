@@ -35,6 +35,7 @@ impl LabNode {
             subnet: self.subnet.parse().unwrap(),
             mtu: None,
             vtep_mac: None,
+            direct_routing: false,
         }
     }
 
