@@ -63,14 +63,8 @@ impl RuleKeeper {
     }
 }
 
-/// The nft table as it was listed right after we loaded it: the resync
-/// compares the kernel's listing with it, so nft's own formatting of what
-/// we loaded never reads as drift.
-type Loaded = Option<String>;
-
 fn keep(rx: &mpsc::Receiver<Keep>, resync: Duration) {
     let mut kept = Wanted::default();
-    let mut loaded: Loaded = None;
     loop {
         match rx.recv_timeout(resync) {
             Ok(first) => {
@@ -99,11 +93,10 @@ fn keep(rx: &mpsc::Receiver<Keep>, resync: Duration) {
                     Ok(_) => {}
                     Err(e) => log::error!("iptables: {e} (retrying at the next resync)"),
                 }
-                if let Some(r) = &kept.nft {
-                    loaded = load_nft(r);
-                    if loaded.is_some() {
-                        log::info!("installed nft table ip {}", nft::TABLE);
-                    }
+                if let Some(r) = &kept.nft
+                    && load_nft(r)
+                {
+                    log::info!("installed nft table ip {}", nft::TABLE);
                 }
                 for w in waiting {
                     let _ = w.send(());
@@ -121,10 +114,13 @@ fn keep(rx: &mpsc::Receiver<Keep>, resync: Duration) {
                 }
                 if let Some(r) = &kept.nft {
                     match nft::current() {
-                        Ok(now) if now.is_some() && now == loaded => {}
+                        // Compared with what nft prints for what we load, not
+                        // with a listing taken after loading: a change made
+                        // between our load and our listing would be taken
+                        // for ours.
+                        Ok(Some(now)) if now == nft::listed_text(r) => {}
                         Ok(_) => {
-                            loaded = load_nft(r);
-                            if loaded.is_some() {
+                            if load_nft(r) {
                                 log::warn!(
                                     "nft table ip {} was missing or changed; loaded it again \
                                      (one nft transaction)",
@@ -141,13 +137,13 @@ fn keep(rx: &mpsc::Receiver<Keep>, resync: Duration) {
     }
 }
 
-/// Loads the table; its listing, or `None` (logged) when that failed.
-fn load_nft(r: &NftRules) -> Loaded {
-    match nft::load(&nft::apply_script(r)).and_then(|()| nft::current()) {
-        Ok(listed) => listed,
+/// Loads the table; whether that worked (why not is logged).
+fn load_nft(r: &NftRules) -> bool {
+    match nft::load(&nft::apply_script(r)) {
+        Ok(()) => true,
         Err(e) => {
             log::error!("nft: {e} (retrying at the next resync)");
-            None
+            false
         }
     }
 }

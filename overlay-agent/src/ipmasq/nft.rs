@@ -89,6 +89,17 @@ fn chain(name: &str, comment: &str, hook: &str, rules: &[String]) -> String {
     s
 }
 
+/// The table as `nft list table` (nft 1.0) prints it once [`apply_script`]
+/// loaded it: as [`table_text`], but nft writes the mark in full.
+pub fn listed_text(r: &NftRules) -> String {
+    let mark =
+        u32::from_str_radix(KUBE_PROXY_MARK.trim_start_matches("0x"), 16).expect("a hex mark");
+    table_text(r).replace(
+        &format!("meta mark {KUBE_PROXY_MARK} "),
+        &format!("meta mark {mark:#010x} "),
+    )
+}
+
 /// The `nft -f` input that replaces the table with `r`'s in one transaction.
 pub fn apply_script(r: &NftRules) -> String {
     format!("{}{}", removal_script(), table_text(r))
@@ -197,6 +208,17 @@ mod tests {
             table_text(&rules(false, true, false)),
             "table ip flannel-ipv4 {\n\tcomment \"rules for flannel-ipv4\"\n}\n"
         );
+    }
+
+    #[test]
+    fn the_listing_spells_the_mark_as_nft_prints_it() {
+        let r = rules(true, true, true);
+        let listed = listed_text(&r);
+        assert!(
+            listed.contains("\t\tmeta mark 0x00004000 return\n"),
+            "{listed}"
+        );
+        assert_eq!(listed.replace("0x00004000", "0x4000"), table_text(&r));
     }
 
     #[test]
