@@ -27,6 +27,8 @@ pub struct NetworkConfig {
     /// Last subnet that may be leased (network address of a SubnetLen subnet).
     pub subnet_max: Ipv4Addr,
     pub backend: VxlanConfig,
+    /// `EnableNFTables`: flanneld's rules as an nft table, not iptables.
+    pub enable_nftables: bool,
 }
 
 /// `Backend` for `Type = "vxlan"`.
@@ -212,6 +214,7 @@ impl NetworkConfig {
         }
 
         let backend = parse_backend(&doc)?;
+        let enable_nftables = opt_bool(&doc, "EnableNFTables")?.unwrap_or(false);
 
         Ok(NetworkConfig {
             network,
@@ -219,6 +222,7 @@ impl NetworkConfig {
             subnet_min,
             subnet_max,
             backend,
+            enable_nftables,
         })
     }
 
@@ -449,6 +453,26 @@ mod tests {
         // The leases seed 001 shows fit this config.
         assert!(c.fits("10.15.64.0/20".parse().unwrap()));
         assert!(c.fits("10.13.48.0/20".parse().unwrap()));
+    }
+
+    #[test]
+    fn enable_nftables_is_flannel_s_top_level_bool() {
+        let base = r#""Network":"10.0.0.0/16","Backend":{"Type":"vxlan"}"#;
+        assert!(!parse(&format!("{{{base}}}")).unwrap().enable_nftables);
+        assert!(
+            parse(&format!(r#"{{{base},"EnableNFTables":true}}"#))
+                .unwrap()
+                .enable_nftables
+        );
+        assert!(
+            !parse(&format!(r#"{{{base},"EnableNFTables":false}}"#))
+                .unwrap()
+                .enable_nftables
+        );
+        assert_eq!(
+            err_field(&format!(r#"{{{base},"EnableNFTables":"yes"}}"#)),
+            "EnableNFTables"
+        );
     }
 
     #[test]

@@ -2,6 +2,8 @@
 //! `--ip-masq` adds nat `FLANNEL-POSTRTG` (jumped to from POSTROUTING), and
 //! `--iptables-forward-rules` (on by default) adds filter `FLANNEL-FWD`
 //! (jumped to from FORWARD); the fast path adds mangle `FLANNEL-FASTPATH`.
+//! With `EnableNFTables` flanneld's rules are an nft table instead
+//! ([`nft`]); the fast path's mangle rule stays in iptables.
 //!
 //! As current flanneld does, a table whose rules are missing or out of order
 //! is repaired with one `iptables-restore --noflush --wait` ([`restore`]), so
@@ -13,6 +15,7 @@
 
 mod exec;
 mod keeper;
+pub mod nft;
 pub mod restore;
 
 use std::sync::Mutex;
@@ -21,7 +24,7 @@ use ipnet::Ipv4Net;
 use overlay_common::fastpath::FAST_PATH_MARK;
 
 pub use exec::IptablesError;
-pub use keeper::RuleKeeper;
+pub use keeper::{RuleKeeper, Wanted};
 use restore::{Restore, TableState};
 
 pub const MASQ_CHAIN: &str = "FLANNEL-POSTRTG";
@@ -196,14 +199,27 @@ pub fn remove(rules: &[Rule]) -> Result<Vec<String>, IptablesError> {
 }
 
 /// Removes the jumps to our chains and the chains, whatever Network they
-/// were made for (the jumps carry no address). Returns what it removed.
+/// were made for (the jumps carry no address), and the nft table of
+/// nftables mode. Returns what it removed.
 pub fn remove_all() -> Result<Vec<String>, IptablesError> {
-    let any: Ipv4Net = "0.0.0.0/0".parse().expect("a valid prefix");
-    let mut rules = masq_rules(any, any, false);
-    rules.extend(forward_rules(any));
-    rules.extend(fast_path_rules(any));
+    let mut removed = remove_flanneld_s()?;
+    removed.extend(remove(&fast_path_rules(ANY))?);
+    if nft::remove()? {
+        removed.push(format!("nft table ip {}", nft::TABLE));
+    }
+    Ok(removed)
+}
+
+/// Removes flanneld's iptables chains and the jumps to them (not the fast
+/// path's), whatever Network they were made for.
+pub fn remove_flanneld_s() -> Result<Vec<String>, IptablesError> {
+    let mut rules = masq_rules(ANY, ANY, false);
+    rules.extend(forward_rules(ANY));
     remove(&rules)
 }
+
+/// Any network: what [`remove`] matches does not depend on it.
+const ANY: Ipv4Net = Ipv4Net::new_assert(std::net::Ipv4Addr::UNSPECIFIED, 0);
 
 /// Our own runs take turns: a check and the restore it leads to must not
 /// interleave with another thread's (the agent's keeper and the datapath's

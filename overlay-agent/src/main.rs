@@ -221,15 +221,22 @@ async fn run(cli: Cli) -> Result<()> {
             return Err(e);
         }
     };
+    let nft_mode = config.enable_nftables;
     let random_fully = !cli.ip_masq_fully_random_disable
-        && tokio::task::spawn_blocking(ipmasq::supports_random_fully)
-            .await
-            .unwrap_or(false);
-    let mut rules = iptables_rules(&cli, &config, lease.subnet, random_fully);
-    rules.extend(fast_path_rules(&dp));
+        && tokio::task::spawn_blocking(move || {
+            if nft_mode {
+                ipmasq::nft::supports_random_fully()
+            } else {
+                ipmasq::supports_random_fully()
+            }
+        })
+        .await
+        .unwrap_or(false);
+    let mut wanted = flanneld_rules(&cli, &config, lease.subnet, random_fully);
+    wanted.iptables.extend(fast_path_rules(&dp));
     let iptables = ipmasq::RuleKeeper::start(Duration::from_secs(cli.iptables_resync))
         .context("starting the iptables thread")?;
-    first_rules(iptables.keep(rules)).await;
+    first_rules(iptables.keep(wanted)).await;
 
     // 4. Keep the lease, follow the peers.
     let (tx, mut own_rx) = tokio::sync::watch::channel(lease.clone());
@@ -556,13 +563,26 @@ fn write_subnet_env(
 }
 
 /// flanneld's rules for this lease: masquerading with `--ip-masq`, FORWARD
-/// accepts with `--iptables-forward-rules`.
-fn iptables_rules(
+/// accepts with `--iptables-forward-rules`; in iptables, or with
+/// `EnableNFTables` in flanneld's nft table.
+fn flanneld_rules(
     cli: &Cli,
     config: &NetworkConfig,
     subnet: ipnet::Ipv4Net,
     random_fully: bool,
-) -> Vec<Rule> {
+) -> ipmasq::Wanted {
+    if config.enable_nftables {
+        return ipmasq::Wanted {
+            iptables: Vec::new(),
+            nft: Some(ipmasq::nft::NftRules {
+                network: config.network,
+                subnet,
+                masq: cli.ip_masq,
+                random_fully,
+                forward: cli.iptables_forward_rules,
+            }),
+        };
+    }
     let mut rules = Vec::new();
     if cli.ip_masq {
         rules.extend(ipmasq::masq_rules(config.network, subnet, random_fully));
@@ -570,7 +590,10 @@ fn iptables_rules(
     if cli.iptables_forward_rules {
         rules.extend(ipmasq::forward_rules(config.network));
     }
-    rules
+    ipmasq::Wanted {
+        iptables: rules,
+        nft: None,
+    }
 }
 
 /// The fast path's mangle rule (its datapath installed it), so the resync

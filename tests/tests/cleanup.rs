@@ -3,7 +3,8 @@
 //! to tell our VNI (kernel datapath, so no pins; no config in etcd) it names
 //! both devices and removes nothing; while a process called flanneld runs
 //! it removes nothing either; `--vni 1 --force` then removes flannel.1 and
-//! the FLANNEL-* rules and leaves flannel.42 alone.
+//! the FLANNEL-* rules and nftables mode's table, and leaves flannel.42
+//! alone.
 //! (`restart.rs` covers the eBPF agent's pins, whose NODE_CONFIG names the
 //! VNI.)
 
@@ -55,6 +56,19 @@ fn cleanup_removes_only_ours_and_refuses_to_guess() -> Result<()> {
         rules(&h1).is_ok_and(|r| r.contains("-A FLANNEL-POSTRTG") && r.contains("-A FLANNEL-FWD"))
     })?;
     agent.kill9()?;
+    // What nftables mode (ours or flanneld's) leaves behind.
+    sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &h1,
+        "nft",
+        "add",
+        "table",
+        "ip",
+        "flannel-ipv4",
+    ])?;
+    let nft_tables = || sh(&["ip", "netns", "exec", &h1, "nft", "list", "tables", "ip"]);
     // Another overlay's device, and no network config to name ours.
     sh(&[
         "ip",
@@ -99,6 +113,11 @@ fn cleanup_removes_only_ours_and_refuses_to_guess() -> Result<()> {
             r.contains("-A FLANNEL-POSTRTG") && r.contains("-A FLANNEL-FWD"),
             "{what}: rules went:\n{r}"
         );
+        let t = nft_tables()?;
+        ensure!(
+            t.contains("flannel-ipv4"),
+            "{what}: the nft table went:\n{t}"
+        );
         Ok(())
     };
 
@@ -142,5 +161,11 @@ fn cleanup_removes_only_ours_and_refuses_to_guess() -> Result<()> {
     );
     let r = rules(&h1)?;
     ensure!(!r.contains("FLANNEL"), "rules left:\n{r}");
+    ensure!(
+        stdout.contains("removed nft table ip flannel-ipv4"),
+        "{stdout}"
+    );
+    let t = nft_tables()?;
+    ensure!(!t.contains("flannel-ipv4"), "nft table left:\n{t}");
     Ok(())
 }

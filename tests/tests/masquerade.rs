@@ -1,7 +1,10 @@
-//! `--ip-masq` end to end: a container reaching an address outside the
-//! overlay (a namespace standing for the internet) leaves with its host's
-//! address, while container-to-container traffic across the overlay keeps
-//! the container's own address; a deleted masquerade rule comes back.
+//! `--ip-masq` end to end, in both of flanneld's modes (iptables, and
+//! nftables with `EnableNFTables: true`): the rules are flanneld's golden
+//! ones, a container reaching an address outside the overlay (a namespace
+//! standing for the internet) leaves with its host's address, while
+//! container-to-container traffic across the overlay keeps the container's
+//! own address; deleted rules come back, and restarting in the other mode
+//! removes this mode's rules.
 
 use std::{
     process::{Child, Command, Stdio},
@@ -9,11 +12,39 @@ use std::{
 };
 
 use anyhow::{Context, Result, ensure};
-use overlay_tests::agent::{Agent, Cluster, Containers, Internet, add_container, sh, within};
+use overlay_tests::agent::{
+    Agent, Cluster, Containers, Internet, add_container, sh, subnet_of, within,
+};
 
-const CONFIG: &str = r#"{"Network": "10.0.0.0/16", "SubnetLen": 24, "SubnetMin": "10.0.1.0","SubnetMax": "10.0.20.0", "Backend": {"Type": "vxlan"}}"#;
+const NETWORK: &str = "10.0.0.0/16";
 const HOST_WAN: &str = Internet::HOST_ADDR;
 const INTERNET: &str = Internet::ADDR;
+
+/// flanneld's traffic managers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    Iptables,
+    Nftables,
+}
+
+impl Mode {
+    fn config(self) -> String {
+        let nft = match self {
+            Mode::Iptables => "",
+            Mode::Nftables => r#", "EnableNFTables": true"#,
+        };
+        format!(
+            r#"{{"Network": "{NETWORK}", "SubnetLen": 24, "SubnetMin": "10.0.1.0","SubnetMax": "10.0.20.0", "Backend": {{"Type": "vxlan"}}{nft}}}"#
+        )
+    }
+
+    fn other(self) -> Mode {
+        match self {
+            Mode::Iptables => Mode::Nftables,
+            Mode::Nftables => Mode::Iptables,
+        }
+    }
+}
 
 /// tcpdump in `ns` for the first `count` ICMP echo requests, killed on drop.
 struct Capture(Option<Child>);
@@ -57,8 +88,22 @@ impl Drop for Capture {
 
 #[test]
 #[ignore = "needs root, network namespaces, etcd and eBPF: run `cargo xtask test`"]
-fn masquerades_to_the_internet_but_not_across_the_overlay() -> Result<()> {
-    let cluster = Cluster::start("mq", 2, CONFIG)?;
+fn iptables_mode_masquerades_to_the_internet_but_not_across_the_overlay() -> Result<()> {
+    masquerading(Mode::Iptables)
+}
+
+#[test]
+#[ignore = "needs root, network namespaces, etcd and eBPF: run `cargo xtask test`"]
+fn nftables_mode_masquerades_to_the_internet_but_not_across_the_overlay() -> Result<()> {
+    masquerading(Mode::Nftables)
+}
+
+fn masquerading(mode: Mode) -> Result<()> {
+    let tag = match mode {
+        Mode::Iptables => "mq",
+        Mode::Nftables => "mqn",
+    };
+    let cluster = Cluster::start(tag, 2, &mode.config())?;
     let args = |i: usize| cluster.args(i, &["--datapath=ebpf", "--ip-masq", "--iptables-resync=1"]);
     let Cluster { hosts, etcd, bin } = &cluster;
     let dir = etcd.dir().to_path_buf();
@@ -70,14 +115,16 @@ fn masquerades_to_the_internet_but_not_across_the_overlay() -> Result<()> {
     let mut containers = Containers(vec![c1.clone()]);
     let (c2, ip2) = add_container(hosts, 2, &dir.join("h2.env"))?;
     containers.0.push(c2.clone());
+    let h1 = hosts.ns(1);
+    let pod1 = format!("{}/24", subnet_of(&dir.join("h1.env"))?);
 
     // The internet: a namespace behind host 1's second interface.
-    let h1 = hosts.ns(1);
     let inet = Internet::behind(hosts, 1)?;
 
     within(Duration::from_secs(5), "c1 reaches c2", || {
         sh(&["ip", "netns", "exec", &c1, "ping", "-c1", "-W1", &ip2]).is_ok()
     })?;
+    check_rules(&h1, mode, &pod1)?;
 
     // To the internet: the source is host 1's address.
     let cap = Capture::start(&inet.ns, "eth0", "3")?;
@@ -113,18 +160,193 @@ fn masquerades_to_the_internet_but_not_across_the_overlay() -> Result<()> {
         "container-to-container traffic was rewritten:\n{seen}"
     );
 
-    // Someone flushes our chain: the agent restores it and masquerading works again.
-    flush_and_wait_restored(&h1, "nat", "FLANNEL-POSTRTG", "-j MASQUERADE")?;
+    match mode {
+        Mode::Iptables => {
+            // Someone flushes our chain: the agent restores it.
+            flush_and_wait_restored(&h1, "nat", "FLANNEL-POSTRTG", "-j MASQUERADE")?;
+        }
+        Mode::Nftables => {
+            // Someone deletes our table, or empties a chain: the resync (1 s)
+            // loads it again, exactly as it was.
+            let golden = nft_golden(&pod1);
+            for drift in [
+                &["delete", "table", "ip", "flannel-ipv4"][..],
+                &["flush", "chain", "ip", "flannel-ipv4", "postrtg"][..],
+            ] {
+                let mut cmd = vec!["ip", "netns", "exec", &h1, "nft"];
+                cmd.extend(drift);
+                sh(&cmd)?;
+                within(Duration::from_secs(5), "nft table restored", || {
+                    nft_table(&h1).is_ok_and(|t| t == golden)
+                })
+                .with_context(|| format!("after nft {drift:?}; agent log:\n{}", a1.log()))?;
+            }
+        }
+    }
     let ping = sh(&["ip", "netns", "exec", &c1, "ping", "-c2", "-W1", INTERNET])?;
     ensure!(ping.contains("2 received"), "{ping}");
-    // The fast path's mangle rule is repaired the same way.
+    // The fast path's mangle rule (iptables in both modes) is repaired too.
     flush_and_wait_restored(
         &h1,
         "mangle",
         "FLANNEL-FASTPATH",
         "--set-xmark 0x100000/0x100000",
     )?;
+
+    // Restarted in the other mode, the agent removes this mode's rules and
+    // installs the other's; masquerading still works.
+    drop(a1);
+    etcd.put("/coreos.com/network/config", &mode.other().config())?;
+    let mut a1 = Agent::start(&dir, "h1b", &h1, bin, &args(1))?;
+    a1.wait_for("running: lease", Duration::from_secs(20))?;
+    if within(Duration::from_secs(5), "the other mode's rules", || {
+        check_rules(&h1, mode.other(), &pod1).is_ok()
+    })
+    .is_err()
+    {
+        // Its error says what differs.
+        check_rules(&h1, mode.other(), &pod1)?;
+    }
+    let cap = Capture::start(&inet.ns, "eth0", "2")?;
+    let ping = sh(&[
+        "ip", "netns", "exec", &c1, "ping", "-c2", "-i0.2", "-W1", INTERNET,
+    ])?;
+    ensure!(ping.contains("2 received"), "{ping}");
+    let seen = cap.output()?;
+    ensure!(
+        !seen.contains(&ip1) && seen.contains(&format!("IP {HOST_WAN} > {INTERNET}")),
+        "not masqueraded after the switch:\n{seen}"
+    );
     drop(containers);
+    Ok(())
+}
+
+/// flanneld's golden iptables rules (flannel's `e2e/rules.go`) for host
+/// `pod` in [`NETWORK`], as `iptables -S` prints them.
+fn iptables_golden(pod: &str) -> [(&'static str, &'static str, String); 4] {
+    let n = NETWORK;
+    let masq = r#"-m comment --comment "flanneld masq""#;
+    let fwd = r#"-m comment --comment "flanneld forward""#;
+    [
+        (
+            "nat",
+            "POSTROUTING",
+            format!("-A POSTROUTING {masq} -j FLANNEL-POSTRTG\n"),
+        ),
+        (
+            "nat",
+            "FLANNEL-POSTRTG",
+            format!(
+                "-N FLANNEL-POSTRTG\n\
+                 -A FLANNEL-POSTRTG -m mark --mark 0x4000/0x4000 {masq} -j RETURN\n\
+                 -A FLANNEL-POSTRTG -s {pod} -d {n} {masq} -j RETURN\n\
+                 -A FLANNEL-POSTRTG -s {n} -d {pod} {masq} -j RETURN\n\
+                 -A FLANNEL-POSTRTG ! -s {n} -d {pod} {masq} -j RETURN\n\
+                 -A FLANNEL-POSTRTG -s {n} ! -d 224.0.0.0/4 {masq} -j MASQUERADE --random-fully\n\
+                 -A FLANNEL-POSTRTG ! -s {n} -d {n} {masq} -j MASQUERADE --random-fully\n"
+            ),
+        ),
+        (
+            "filter",
+            "FORWARD",
+            format!("-A FORWARD {fwd} -j FLANNEL-FWD\n"),
+        ),
+        (
+            "filter",
+            "FLANNEL-FWD",
+            format!(
+                "-N FLANNEL-FWD\n\
+                 -A FLANNEL-FWD -s {n} {fwd} -j ACCEPT\n\
+                 -A FLANNEL-FWD -d {n} {fwd} -j ACCEPT\n"
+            ),
+        ),
+    ]
+}
+
+/// flanneld's nftables table (its `pkg/trafficmngr/nftables`) for host
+/// `pod` in [`NETWORK`], as `nft list table` prints it.
+fn nft_golden(pod: &str) -> String {
+    let n = NETWORK;
+    format!(
+        "table ip flannel-ipv4 {{\n\
+         \tcomment \"rules for flannel-ipv4\"\n\
+         \tchain postrtg {{\n\
+         \t\tcomment \"chain to manage traffic masquerading by flannel\"\n\
+         \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
+         \t\tmeta mark 0x00004000 return\n\
+         \t\tip saddr {pod} ip daddr {n} return\n\
+         \t\tip saddr {n} ip daddr {pod} return\n\
+         \t\tip saddr != {pod} ip daddr {n} return\n\
+         \t\tip saddr {n} ip daddr != 224.0.0.0/4 masquerade fully-random\n\
+         \t\tip saddr != {n} ip daddr {n} masquerade fully-random\n\
+         \t}}\n\
+         \n\
+         \tchain forward {{\n\
+         \t\tcomment \"chain to accept flannel traffic\"\n\
+         \t\ttype filter hook forward priority filter; policy accept;\n\
+         \t\tip saddr {n} accept\n\
+         \t\tip daddr {n} accept\n\
+         \t}}\n\
+         }}\n"
+    )
+}
+
+fn nft_table(ns: &str) -> Result<String> {
+    sh(&[
+        "ip",
+        "netns",
+        "exec",
+        ns,
+        "nft",
+        "list",
+        "table",
+        "ip",
+        "flannel-ipv4",
+    ])
+}
+
+/// Host `ns` holds exactly `mode`'s rules of flanneld's and none of the
+/// other mode's; the fast path's mangle chain is there in both.
+fn check_rules(ns: &str, mode: Mode, pod: &str) -> Result<()> {
+    let tables = sh(&["ip", "netns", "exec", ns, "nft", "list", "tables", "ip"])?;
+    let has_table = tables.lines().any(|l| l.trim() == "table ip flannel-ipv4");
+    let iptables = |table: &str, chain: Option<&str>| -> Result<String> {
+        let mut cmd = vec!["ip", "netns", "exec", ns, "iptables", "-t", table, "-S"];
+        cmd.extend(chain);
+        sh(&cmd)
+    };
+    match mode {
+        Mode::Iptables => {
+            for (table, chain, want) in iptables_golden(pod) {
+                let got: String = iptables(table, Some(chain))?
+                    .lines()
+                    .filter(|l| l.contains("FLANNEL"))
+                    .map(|l| format!("{l}\n"))
+                    .collect();
+                ensure!(
+                    got == want,
+                    "iptables -t {table} -S {chain}:\n{got}\nwanted:\n{want}"
+                );
+            }
+            ensure!(!has_table, "iptables mode left the nft table:\n{tables}");
+        }
+        Mode::Nftables => {
+            let got = nft_table(ns)?;
+            let want = nft_golden(pod);
+            ensure!(got == want, "nft list table:\n{got}\nwanted:\n{want}");
+            let nat = iptables("nat", None)?;
+            let filter = iptables("filter", None)?;
+            ensure!(
+                !nat.contains("FLANNEL-") && !filter.contains("FLANNEL-"),
+                "nftables mode left flanneld's iptables chains:\n{nat}\n{filter}"
+            );
+        }
+    }
+    let mangle = iptables("mangle", Some("FLANNEL-FASTPATH"))?;
+    ensure!(
+        mangle.contains("--set-xmark 0x100000/0x100000"),
+        "the fast path's rule is missing:\n{mangle}"
+    );
     Ok(())
 }
 

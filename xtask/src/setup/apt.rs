@@ -38,6 +38,10 @@ pub const PACKAGES: &[(&str, &str)] = &[
         "iptables",
         "the agent's rules (iptables-restore), both backends in the tests",
     ),
+    (
+        "nftables",
+        "nft: the agent's table in EnableNFTables mode (nft -f), masquerade.rs",
+    ),
     ("systemd", "systemd-analyze verify of deploy/systemd's unit"),
     (
         "conntrack",
