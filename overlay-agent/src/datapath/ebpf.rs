@@ -1020,23 +1020,8 @@ fn insert_peer(ebpf: &mut Ebpf, peer: &Peer, capacity: u32) -> Result<(), EbpfEr
 /// PEER_STATS get its public IP; a public IP the subnet's old entry leaves
 /// unused is dropped.
 fn insert_direct_peer(ebpf: &mut Ebpf, peer: &Peer, capacity: u32) -> Result<(), EbpfError> {
-    let key = subnet_key(peer.subnet);
     let ip = peer.public_ip.octets();
-    let previous = match remote_subnets(ebpf)?.get(&key, 0) {
-        Ok(v) => Some(v.public_ip),
-        Err(e) if is_missing(&e) => None,
-        Err(e) => {
-            let op = format!("look up {}", peer.subnet);
-            return Err(EbpfError::map(MAP_REMOTE_SUBNETS, op, e));
-        }
-    };
-    if previous.is_some()
-        && let Err(e) = remote_subnets(ebpf)?.remove(&key)
-        && !is_missing(&e)
-    {
-        let op = format!("remove {}", peer.subnet);
-        return Err(EbpfError::map(MAP_REMOTE_SUBNETS, op, e));
-    }
+    let previous = take_remote_subnet(ebpf, peer.subnet)?;
     known_vteps(ebpf)?
         .insert(ip, known_vtep(peer), 0)
         .map_err(|e| insert_err(MAP_KNOWN_VTEPS, peer.public_ip, capacity, e))?;
@@ -1060,13 +1045,15 @@ fn insert_err(map: &'static str, what: impl fmt::Display, capacity: u32, e: MapE
     }
 }
 
-fn remove_peer_entries(ebpf: &mut Ebpf, peer: &Peer) -> Result<(), EbpfError> {
-    let key = subnet_key(peer.subnet);
+/// Removes `subnet`'s REMOTE_SUBNETS entry, if any; returns the public IP
+/// it pointed to.
+fn take_remote_subnet(ebpf: &mut Ebpf, subnet: Ipv4Net) -> Result<Option<[u8; 4]>, EbpfError> {
+    let key = subnet_key(subnet);
     let stored = match remote_subnets(ebpf)?.get(&key, 0) {
         Ok(v) => Some(v.public_ip),
         Err(e) if is_missing(&e) => None,
         Err(e) => {
-            let op = format!("look up {}", peer.subnet);
+            let op = format!("look up {subnet}");
             return Err(EbpfError::map(MAP_REMOTE_SUBNETS, op, e));
         }
     };
@@ -1074,9 +1061,14 @@ fn remove_peer_entries(ebpf: &mut Ebpf, peer: &Peer) -> Result<(), EbpfError> {
         && let Err(e) = remote_subnets(ebpf)?.remove(&key)
         && !is_missing(&e)
     {
-        let op = format!("remove {}", peer.subnet);
+        let op = format!("remove {subnet}");
         return Err(EbpfError::map(MAP_REMOTE_SUBNETS, op, e));
     }
+    Ok(stored)
+}
+
+fn remove_peer_entries(ebpf: &mut Ebpf, peer: &Peer) -> Result<(), EbpfError> {
+    let stored = take_remote_subnet(ebpf, peer.subnet)?;
     let mut ips = vec![peer.public_ip.octets()];
     ips.extend(stored.filter(|ip| *ip != peer.public_ip.octets()));
     for ip in ips {
