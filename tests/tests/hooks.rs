@@ -1,9 +1,9 @@
 //! Our TC programs share their hooks: what they do not take continues down
 //! the chain (`TCX_NEXT`; `TC_ACT_OK` would end it), so a second TCX program
 //! and a legacy clsact filter on the underlay's ingress and on
-//! `flannel.<VNI>`'s egress still see it, with our programs on TCX links and
-//! with them as legacy clsact filters (where the other filter sits at a
-//! priority after ours, 50000).
+//! `flannel.<VNI>`'s egress still see it, with our programs on TCX links
+//! (TC or XDP+TC ingress) and with them as legacy clsact filters (where the
+//! other filter sits at a priority after ours, 50000).
 //!
 //! The legacy filter is `u32 match u32 0 0 action mirred egress mirror` to a
 //! spare veth, whose transmit counter counts what the filter saw (this kernel
@@ -78,18 +78,29 @@ fn ours(m: &Member) -> Result<Counters> {
 #[test]
 #[ignore = "needs root, network namespaces and eBPF: run `cargo xtask test`"]
 fn other_programs_and_tc_filters_still_see_what_is_not_ours() -> Result<()> {
-    share_hooks("hooks", TcAttachMode::Tcx, "1")
+    share_hooks("hooks", IngressMode::Tc, TcAttachMode::Tcx, "1")
+}
+
+#[test]
+#[ignore = "needs root, network namespaces and eBPF: run `cargo xtask test`"]
+fn with_xdp_ingress_the_rest_of_the_hooks_still_see_what_is_not_ours() -> Result<()> {
+    share_hooks("hookx", IngressMode::XdpAndTc, TcAttachMode::Tcx, "1")
 }
 
 #[test]
 #[ignore = "needs root, network namespaces and eBPF: run `cargo xtask test`"]
 fn filters_after_our_legacy_filters_still_see_what_is_not_ours() -> Result<()> {
-    share_hooks("hookl", TcAttachMode::Legacy, "50000")
+    share_hooks("hookl", IngressMode::Tc, TcAttachMode::Legacy, "50000")
 }
 
-/// Our programs attached through `tc_attach`, the other legacy filter at
-/// priority `prio`.
-fn share_hooks(name: &str, tc_attach: TcAttachMode, prio: &str) -> Result<()> {
+/// Our programs with `ingress`, attached through `tc_attach`, the other
+/// legacy filter at priority `prio`.
+fn share_hooks(
+    name: &str,
+    ingress: IngressMode,
+    tc_attach: TcAttachMode,
+    prio: &str,
+) -> Result<()> {
     let lab = Lab::build(&LabSpec::new(name, 2))?;
     let overlay = Overlay::default();
     let dev = overlay.device();
@@ -97,7 +108,7 @@ fn share_hooks(name: &str, tc_attach: TcAttachMode, prio: &str) -> Result<()> {
         tc_attach,
         ..EbpfOptions::default()
     };
-    let a = Member::join_with_options(lab.host(1), Kind::Ebpf(IngressMode::Tc), overlay, options)?;
+    let a = Member::join_with_options(lab.host(1), Kind::Ebpf(ingress), overlay, options)?;
     let b = Member::join(lab.host(2), Kind::Reference, overlay)?;
     mesh(&[&a, &b])?;
     let (h1, h2) = (&a.host, &b.host);
