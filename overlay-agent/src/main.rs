@@ -303,8 +303,8 @@ async fn run(cli: Cli) -> Result<()> {
     let mut health_tick = tokio::time::interval(Duration::from_secs(1));
     let mut recheck = tokio::time::interval(cli.recheck_interval.0);
     recheck.tick().await;
-    let mut config_watch = ConfigWatch::new(&reg).await;
-    let mut config_tick = tokio::time::interval(Duration::from_secs(10));
+    // Its own task: a slow etcd must never hold up the lease events.
+    let config_watch = tokio::spawn(ConfigWatch::run(reg.clone()));
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
@@ -321,7 +321,6 @@ async fn run(cli: Cli) -> Result<()> {
                     log::warn!("re-reading the datapath's peers: {}", e.reason());
                 }
             }
-            _ = config_tick.tick() => config_watch.check(&reg).await,
             _ = health_tick.tick() => {
                 refresh_health(&health, &mut rec, &lease, &watcher);
             }
@@ -367,6 +366,7 @@ async fn run(cli: Cli) -> Result<()> {
         state.device
     );
     keeper_task.abort();
+    config_watch.abort();
     Ok(())
 }
 
@@ -378,9 +378,16 @@ struct ConfigWatch {
 }
 
 impl ConfigWatch {
-    async fn new(reg: &Registry) -> ConfigWatch {
-        ConfigWatch {
+    /// Reads the config every 10 s (one small get) until aborted.
+    async fn run(reg: Registry) {
+        let mut watch = ConfigWatch {
             seen: reg.get_config_raw().await.ok().flatten(),
+        };
+        let mut tick = tokio::time::interval(Duration::from_secs(10));
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            watch.check(&reg).await;
         }
     }
 
