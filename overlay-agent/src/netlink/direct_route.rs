@@ -75,29 +75,8 @@ impl Netlink {
         subnet: Ipv4Net,
         via: Ipv4Addr,
     ) -> Result<(), NetlinkError> {
-        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
-            .destination_prefix(subnet.network(), subnet.prefix_len())
-            .gateway(via)
-            .output_interface(underlay.ifindex)
-            .protocol(RouteProtocol::Boot)
-            .scope(RouteScope::Universe)
-            .build();
-        self.handle
-            .route()
-            .add(msg)
-            .replace()
-            .execute()
+        self.replace_gateway_route(underlay, subnet, via, false)
             .await
-            .map_err(|e| {
-                NetlinkError::new(
-                    format!(
-                        "replace route {} via {via} dev {}",
-                        subnet.trunc(),
-                        underlay.name
-                    ),
-                    e,
-                )
-            })
     }
 
     /// `ip route del <subnet> via <via> dev <underlay>`; absent is fine. The

@@ -278,11 +278,27 @@ impl Netlink {
         subnet: Ipv4Net,
         gateway: Ipv4Addr,
     ) -> Result<(), NetlinkError> {
-        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
+        self.replace_gateway_route(dev, subnet, gateway, true).await
+    }
+
+    /// `ip route replace <subnet> via <gateway> dev <dev> [onlink]`, protocol
+    /// `boot`: the vxlan route (onlink, via the peer's device address) and
+    /// DirectRouting's route (via the peer's PublicIP on the underlay).
+    pub(super) async fn replace_gateway_route(
+        &self,
+        dev: Device<'_>,
+        subnet: Ipv4Net,
+        gateway: Ipv4Addr,
+        onlink: bool,
+    ) -> Result<(), NetlinkError> {
+        let mut builder = RouteMessageBuilder::<Ipv4Addr>::new()
             .destination_prefix(subnet.network(), subnet.prefix_len())
             .gateway(gateway)
-            .output_interface(dev.ifindex)
-            .onlink()
+            .output_interface(dev.ifindex);
+        if onlink {
+            builder = builder.onlink();
+        }
+        let msg = builder
             .protocol(RouteProtocol::Boot)
             .scope(RouteScope::Universe)
             .build();
@@ -295,9 +311,10 @@ impl Netlink {
             .map_err(|e| {
                 NetlinkError::new(
                     format!(
-                        "replace route {} via {gateway} dev {} onlink",
+                        "replace route {} via {gateway} dev {}{}",
                         subnet.trunc(),
-                        dev.name
+                        dev.name,
+                        if onlink { " onlink" } else { "" }
                     ),
                     e,
                 )
