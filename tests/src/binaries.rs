@@ -3,13 +3,24 @@
 use std::{
     path::{Path, PathBuf},
     process::Command,
+    sync::OnceLock,
 };
 
 use anyhow::{Context, Result, bail};
 
-/// The `overlay-agent` binary of this build profile, built on demand: a test
-/// crate does not get another package's binaries built for it.
+/// The `overlay-agent` binary of this build profile, built on demand (once
+/// per test process): a test crate does not get another package's binaries
+/// built for it.
 pub fn agent() -> Result<PathBuf> {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    if let Some(bin) = BUILT.get() {
+        return Ok(bin.clone());
+    }
+    let bin = build_agent()?;
+    Ok(BUILT.get_or_init(|| bin).clone())
+}
+
+fn build_agent() -> Result<PathBuf> {
     let target = std::env::current_exe()?
         .parent()
         .and_then(Path::parent)
@@ -45,9 +56,15 @@ pub fn agent() -> Result<PathBuf> {
             cmd.env_remove(&name);
         }
     }
-    let st = cmd.status().context("building overlay-agent")?;
-    if !st.success() {
-        bail!("building overlay-agent failed");
+    // Quiet unless it fails: cargo replays the eBPF build script's warnings
+    // on every call, which buried the test failures in CI's output.
+    let out = cmd.output().context("building overlay-agent")?;
+    if !out.status.success() {
+        bail!(
+            "building overlay-agent failed ({}):\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(bin)
 }

@@ -77,10 +77,32 @@ pub struct Etcd {
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
-/// A port nobody listens on right now.
+/// Ports handed out so far by this process, counted from a start that
+/// depends on the pid (so two test binaries rarely probe the same ports).
+static NEXT_PORT: AtomicU32 = AtomicU32::new(0);
+
+/// The lowest port we hand out, and how many there are above it. They stay
+/// below the kernel's ephemeral range (32768 and up by default): a port
+/// taken from that range can be grabbed as the source port of any outgoing
+/// connection while a member is down, and the member then cannot listen on
+/// it again when it restarts ("bind: address already in use").
+const PORT_BASE: u32 = 20000;
+const PORT_SPAN: u32 = 12000;
+
+/// A port nobody listens on right now, outside the ephemeral range.
 pub fn free_port(ip: &str) -> Result<u16> {
-    let l = TcpListener::bind((ip, 0)).with_context(|| format!("binding {ip}:0"))?;
-    Ok(l.local_addr()?.port())
+    let start = std::process::id() * 97 % PORT_SPAN;
+    for _ in 0..PORT_SPAN {
+        let n = NEXT_PORT.fetch_add(1, Ordering::Relaxed);
+        let port = (PORT_BASE + (start + n) % PORT_SPAN) as u16;
+        if TcpListener::bind((ip, port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!(
+        "no free port on {ip} between {PORT_BASE} and {}",
+        PORT_BASE + PORT_SPAN
+    )
 }
 
 impl Etcd {

@@ -22,7 +22,10 @@ use overlay_tests::{
     netns,
 };
 
-const CONFIG: &str = r#"{"Network": "10.0.0.0/16", "SubnetLen": 24, "SubnetMin": "10.0.1.0","SubnetMax": "10.0.20.0", "Backend": {"Type": "vxlan"}}"#;
+/// Agents allocate from 10.0.1.0 to 10.0.16.0; the tests' peers take fixed
+/// subnets above (10.0.17.0 and up), so a peer never lands on the key an
+/// agent picked at random (that is a lease conflict, not a peer).
+const CONFIG: &str = r#"{"Network": "10.0.0.0/16", "SubnetLen": 24, "SubnetMin": "10.0.1.0","SubnetMax": "10.0.16.0", "Backend": {"Type": "vxlan"}}"#;
 const PREFIX: &str = "/coreos.com/network";
 const PEER: &str = r#"{"PublicIP":"10.98.0.7","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"02:00:00:00:00:07"}}"#;
 /// The FLANNEL-FWD rule the tests delete to force a repair: the traffic

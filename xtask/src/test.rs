@@ -43,9 +43,16 @@ pub fn run(filters: &[String]) -> Result<()> {
         ])),
     );
     step("clippy (bpf)", run::status(&mut clippy_bpf()));
-    let (totals, tested) = cargo_test(filters);
+    let (totals, failures, tested) = cargo_test(filters);
     step("cargo test", tested);
 
+    if !failures.is_empty() {
+        // Again at the end, where a truncated CI log still shows it.
+        println!("\n=== why the failed tests failed ===");
+        for l in &failures {
+            println!("{l}");
+        }
+    }
     eprintln!();
     if failed.is_empty() {
         eprintln!("xtask test: fmt, clippy (host, bpf) and tests all passed");
@@ -89,13 +96,14 @@ fn clippy_bpf() -> Command {
 /// included, one test at a time because the end-to-end tests share kernel
 /// state (namespaces, bpffs, XDP on shared devices). Output is passed through
 /// unchanged; the `test result:` lines are summed, also when some failed.
-fn cargo_test(filters: &[String]) -> (Totals, Result<()>) {
+fn cargo_test(filters: &[String]) -> (Totals, Vec<String>, Result<()>) {
     let mut totals = Totals::default();
-    let result = run_cargo_test(filters, &mut totals);
-    (totals, result)
+    let mut failures = Failures::default();
+    let result = run_cargo_test(filters, &mut totals, &mut failures);
+    (totals, failures.lines, result)
 }
 
-fn run_cargo_test(filters: &[String], totals: &mut Totals) -> Result<()> {
+fn run_cargo_test(filters: &[String], totals: &mut Totals, failures: &mut Failures) -> Result<()> {
     let mut cmd = run::cargo();
     cmd.args([
         "test",
@@ -122,6 +130,7 @@ fn run_cargo_test(filters: &[String], totals: &mut Totals) -> Result<()> {
     for l in BufReader::new(stdout).lines() {
         let l = l?;
         println!("{l}");
+        failures.see(&l);
         if let Some(t) = Totals::parse(&l) {
             totals.add(t);
         }
@@ -131,6 +140,46 @@ fn run_cargo_test(filters: &[String], totals: &mut Totals) -> Result<()> {
         bail!("`{line}` failed ({st}); {} test(s) failed", totals.failed);
     }
     Ok(())
+}
+
+/// The lines libtest prints about failed tests (from its first `failures:`
+/// to the `test result:` line of that binary), each block cut to its first
+/// and last lines so one long agent log cannot hide the others.
+#[derive(Debug, Default)]
+struct Failures {
+    lines: Vec<String>,
+    block: Option<Vec<String>>,
+}
+
+impl Failures {
+    /// Lines kept at each end of one binary's block.
+    const KEEP: usize = 60;
+
+    fn see(&mut self, line: &str) {
+        match &mut self.block {
+            None if line == "failures:" => self.block = Some(vec![line.to_owned()]),
+            None => {}
+            Some(block) => {
+                block.push(line.to_owned());
+                if Totals::parse(line).is_some() {
+                    let block = self.block.take().expect("matched Some");
+                    self.keep(block);
+                }
+            }
+        }
+    }
+
+    fn keep(&mut self, block: Vec<String>) {
+        if block.len() <= 2 * Self::KEEP {
+            self.lines.extend(block);
+            return;
+        }
+        let cut = block.len() - 2 * Self::KEEP;
+        self.lines.extend_from_slice(&block[..Self::KEEP]);
+        self.lines.push(format!("[... {cut} lines ...]"));
+        self.lines
+            .extend_from_slice(&block[block.len() - Self::KEEP..]);
+    }
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -195,6 +244,47 @@ mod tests {
         );
         assert_eq!(Totals::parse("test foo ... ok"), None);
         assert_eq!(Totals::parse("running 3 tests"), None);
+    }
+
+    #[test]
+    fn keeps_what_libtest_says_about_failures() {
+        let mut f = Failures::default();
+        for l in [
+            "test a ... ok",
+            "test b ... FAILED",
+            "",
+            "failures:",
+            "",
+            "---- b stdout ----",
+            "Error: peer not within 20s",
+            "",
+            "failures:",
+            "    b",
+            "",
+            "test result: FAILED. 1 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out; finished in 1.00s",
+            "running 2 tests",
+            "test c ... ok",
+            "test result: ok. 1 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 1.00s",
+        ] {
+            f.see(l);
+        }
+        assert_eq!(f.lines.first().map(String::as_str), Some("failures:"));
+        assert!(f.lines.iter().any(|l| l == "Error: peer not within 20s"));
+        assert!(f.lines.last().unwrap().starts_with("test result: FAILED"));
+        assert!(!f.lines.iter().any(|l| l.contains("test c")));
+    }
+
+    #[test]
+    fn cuts_long_failure_blocks_in_the_middle() {
+        let mut f = Failures::default();
+        f.see("failures:");
+        for i in 0..500 {
+            f.see(&format!("log line {i}"));
+        }
+        f.see("test result: FAILED. 0 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out; finished in 1.00s");
+        assert_eq!(f.lines.len(), 2 * Failures::KEEP + 1);
+        assert!(f.lines.iter().any(|l| l.starts_with("[... ")));
+        assert!(f.lines.last().unwrap().starts_with("test result: FAILED"));
     }
 
     #[test]
