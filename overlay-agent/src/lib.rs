@@ -8,13 +8,17 @@
 //! - [`datapath`]: the eBPF and kernel-vxlan datapaths behind one interface;
 //! - the host: [`netlink`], [`iface`], [`ipmasq`], [`notify`], [`netns`];
 //! - the operator's side: [`cli`], [`health`], [`inspect`] (`status`),
-//!   [`cleanup`].
+//!   [`cleanup`], and the subcommands on top of them, [`commands`];
+//! - [`daemon`]: the agent itself, its stages from config to the running
+//!   loop, as a library (`main.rs` only parses flags and dispatches).
 
 pub mod alloc;
 pub mod cleanup;
 pub mod cli;
+pub mod commands;
 pub mod compat_flags;
 pub mod config;
+pub mod daemon;
 pub mod datapath;
 pub mod docker_opts;
 pub mod etcd;

@@ -169,6 +169,12 @@ impl PinLayout {
         Self { root: root.into() }
     }
 
+    /// `--bpf-pin-dir`, or the default directory without it: where `status`,
+    /// `cleanup` and the kernel datapath's clean-up look.
+    pub fn chosen(dir: Option<&Path>) -> Self {
+        Self::new(dir.unwrap_or(Path::new(DEFAULT_PIN_DIR)))
+    }
+
     pub fn root(&self) -> &Path {
         &self.root
     }

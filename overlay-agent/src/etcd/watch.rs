@@ -5,6 +5,11 @@
 //! endpoints the client balances over; a watch that fell behind compaction
 //! re-lists and hands the caller a fresh snapshot to diff against.
 
+use std::sync::{
+    Arc,
+    atomic::{AtomicBool, Ordering},
+};
+
 use etcd_client::{EventType, WatchOptions, WatchStream};
 
 use super::{Entry, EtcdError, Registry, Snapshot, backoff::Backoff};
@@ -27,8 +32,9 @@ pub struct LeaseWatcher {
     next_revision: i64,
     stream: Option<WatchStream>,
     backoff: Backoff,
-    /// Whether the last failure was already logged at warning level.
-    failing: bool,
+    /// Whether the watch has failed since it last worked; shared, so the
+    /// loop that owns the watcher's task can report it while `next` waits.
+    failing: Arc<AtomicBool>,
 }
 
 impl LeaseWatcher {
@@ -40,14 +46,20 @@ impl LeaseWatcher {
             next_revision: snapshot_revision + 1,
             stream: None,
             backoff: Backoff::default(),
-            failing: false,
+            failing: Arc::default(),
         }
     }
 
     /// Whether the watch has failed since it last worked (etcd unreachable,
     /// or the stream broke and is being re-opened).
     pub fn is_failing(&self) -> bool {
-        self.failing
+        self.failing.load(Ordering::Relaxed)
+    }
+
+    /// The same as [`LeaseWatcher::is_failing`], readable from elsewhere
+    /// while the watcher runs in a task of its own.
+    pub fn failing_flag(&self) -> Arc<AtomicBool> {
+        self.failing.clone()
     }
 
     /// The revision the watch resumes from.
@@ -167,25 +179,25 @@ impl LeaseWatcher {
     }
 
     fn trouble(&mut self, what: &str) {
-        if self.failing {
+        if self.is_failing() {
             log::debug!("etcd watch: {what}; retrying");
         } else {
             log::warn!(
                 "etcd watch of {}: {what}; retrying with backoff, the datapath keeps its state",
                 self.reg.subnets_prefix()
             );
-            self.failing = true;
+            self.failing.store(true, Ordering::Relaxed);
         }
     }
 
     fn recovered(&mut self) {
-        if self.failing {
+        if self.is_failing() {
             log::info!(
                 "etcd watch of {} resumed at revision {}",
                 self.reg.subnets_prefix(),
                 self.next_revision
             );
-            self.failing = false;
+            self.failing.store(false, Ordering::Relaxed);
         }
         self.backoff.reset();
     }

@@ -1,0 +1,41 @@
+//! `overlay-agent cleanup`.
+
+use anyhow::{Context, Result};
+
+use super::{briefly, connect_briefly};
+use crate::{
+    cli::{CleanupArgs, Cli},
+    datapath::pins::PinLayout,
+};
+
+pub async fn cleanup(cli: &Cli, args: &CleanupArgs) -> Result<()> {
+    let layout = PinLayout::chosen(cli.bpf_pin_dir.as_deref());
+    // The network config's VNI names the device when neither the pins nor
+    // --vni do: ask etcd, briefly.
+    let config_vni = match args.vni {
+        Some(_) => None,
+        None => {
+            async {
+                let reg = connect_briefly(cli).await.ok()?;
+                let config = briefly(reg.get_config()).await.ok()??;
+                Some(config.backend.vni)
+            }
+            .await
+        }
+    };
+    let opts = crate::cleanup::Options {
+        vni: args.vni,
+        config_vni,
+        force: args.force,
+    };
+    let removed = crate::cleanup::run(&layout, &opts)
+        .await
+        .context("cleaning up")?;
+    if removed.is_empty() {
+        println!("nothing to remove");
+    }
+    for r in &removed {
+        println!("removed {r}");
+    }
+    Ok(())
+}

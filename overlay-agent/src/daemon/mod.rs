@@ -1,0 +1,91 @@
+//! The daemon as a library: what `overlay-agent` does when no subcommand is
+//! given, as four stages that each produce the next one's input.
+//!
+//! 1. [`startup::configure`]: etcd answers, the network config is valid, the
+//!    interface is chosen and what the host needs is checked. Nothing on
+//!    the host is touched, so a bad config leaves nothing half-configured.
+//! 2. [`startup::take_lease`]: our subnet lease (the previous one when it
+//!    is still ours, as flanneld does).
+//! 3. [`startup::program`]: the datapath, subnet.env, the firewall rules;
+//!    a failure here releases a lease taken in this run.
+//! 4. [`running::run`]: keep the lease, follow the peers, converge, until
+//!    told to stop.
+//!
+//! [`run_until`] runs them in-process until a future completes, which is
+//! how the tests drive it; `main.rs` parses the flags and calls [`run`].
+//! This is the application's edge, so errors are `anyhow` with context.
+
+mod config_watch;
+mod datapath_start;
+mod health_refresh;
+pub mod lease_feed;
+mod retry;
+mod rules;
+pub mod running;
+pub mod startup;
+
+use std::future::Future;
+
+use anyhow::{Context, Result};
+
+pub use running::Stopped;
+
+use crate::{
+    cli::Cli,
+    health::{self, Health},
+};
+
+/// The daemon until SIGTERM or SIGINT.
+pub async fn run(cli: &Cli) -> Result<Stopped> {
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    let signalled = async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = sigterm.recv() => {}
+        }
+    };
+    let health = Health::new();
+    if cli.healthz_port > 0 {
+        spawn_healthz(cli, health.clone()).await?;
+    }
+    run_until(cli, &health, signalled).await
+}
+
+/// The daemon in this process (and in the network namespace of the calling
+/// thread) until `shutdown` completes, reporting through `health`.
+pub async fn run_until(
+    cli: &Cli,
+    health: &Health,
+    shutdown: impl Future<Output = ()>,
+) -> Result<Stopped> {
+    log::info!(
+        "overlay-agent {}: etcd {} prefix {}, datapath {:?}",
+        env!("CARGO_PKG_VERSION"),
+        cli.etcd_endpoints.join(","),
+        cli.etcd_prefix,
+        cli.datapath
+    );
+    let configured = startup::configure(cli, health).await?;
+    let leased = startup::take_lease(cli, health, configured).await?;
+    let programmed = startup::program(cli, health, leased).await?;
+    running::run(cli, health, programmed, shutdown).await
+}
+
+/// `/healthz`, `/readyz` and `/metrics` (see [`crate::health`]).
+async fn spawn_healthz(cli: &Cli, health: Health) -> Result<()> {
+    let addr = (cli.healthz_ip, cli.healthz_port);
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
+        format!(
+            "--healthz-ip/--healthz-port: cannot listen on {}:{}",
+            addr.0, addr.1
+        )
+    })?;
+    log::info!(
+        "health on http://{}:{}/healthz, /readyz and /metrics",
+        addr.0,
+        addr.1
+    );
+    tokio::spawn(health::serve(listener, health));
+    Ok(())
+}
