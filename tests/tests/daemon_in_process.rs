@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail, ensure};
 use overlay_agent::{
     cli::Cli,
-    daemon::{self, Stopped},
+    daemon::{self, Exit, Stopped},
     health::{Health, Phase},
 };
 use overlay_tests::{
@@ -29,7 +29,7 @@ const PEER_X: &str = r#"{"PublicIP":"10.98.0.7","PublicIPv6":null,"BackendType":
 /// failing test does not leave it running.
 struct InProcess {
     stop: Option<oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<Result<Stopped>>>,
+    thread: Option<std::thread::JoinHandle<Result<Exit>>>,
 }
 
 impl InProcess {
@@ -52,16 +52,24 @@ impl InProcess {
         })
     }
 
-    /// Asks the daemon to stop and waits (bounded) for its result.
-    fn stop(mut self) -> Result<Stopped> {
+    /// Asks the daemon to stop and waits, at most `limit`, for its result.
+    fn stop_within(mut self, limit: Duration) -> Result<Exit> {
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
         }
-        self.join(Duration::from_secs(20))
+        self.join(limit)
+    }
+
+    /// Stops a daemon that reached the running stage.
+    fn stop(self) -> Result<Stopped> {
+        match self.stop_within(Duration::from_secs(20))? {
+            Exit::Stopped(s) => Ok(s),
+            other => bail!("stopped during start-up: {other:?}"),
+        }
     }
 
     /// Waits (bounded) for the daemon to end on its own.
-    fn join(&mut self, limit: Duration) -> Result<Stopped> {
+    fn join(&mut self, limit: Duration) -> Result<Exit> {
         let thread = self.thread.take().context("already joined")?;
         within(limit, "the daemon thread ends", || thread.is_finished())?;
         netns::join(thread)
@@ -157,7 +165,7 @@ fn a_stage_that_fails_before_the_lease_takes_none() -> Result<()> {
     let health = Health::new();
     let mut daemon = InProcess::start(&hosts.ns(2), &args(&etcd, &hosts, &env), &health)?;
     let err = match daemon.join(Duration::from_secs(20)) {
-        Ok(stopped) => bail!("the daemon ran with an unwritable subnet file: {stopped:?}"),
+        Ok(exit) => bail!("the daemon ran with an unwritable subnet file: {exit:?}"),
         Err(e) => format!("{e:#}"),
     };
     ensure!(err.contains("--subnet-file"), "error names no flag: {err}");
@@ -175,5 +183,109 @@ fn a_stage_that_fails_before_the_lease_takes_none() -> Result<()> {
     ensure!(leases.trim().is_empty(), "leases taken: {leases}");
     let links = sh(&["ip", "-n", &hosts.ns(2), "link", "show"])?;
     ensure!(!links.contains("flannel.1"), "flannel.1 created: {links}");
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs root, network namespaces and eBPF: run `cargo xtask test`"]
+fn a_config_that_appears_late_is_waited_for_and_a_stop_meanwhile_is_prompt() -> Result<()> {
+    let hosts = Hosts::new("ir", 2)?;
+    let etcd = Etcd::start_with(EtcdSpec {
+        netns: Some(hosts.ns(1)),
+        listen_ip: Some(hosts.ip(1)),
+        ..EtcdSpec::default()
+    })?;
+    let env = etcd.dir().join("h2.env");
+
+    // No config yet: the daemon waits, touching nothing; a stop ends it.
+    let health = Health::new();
+    let daemon = InProcess::start(&hosts.ns(2), &args(&etcd, &hosts, &env), &health)?;
+    std::thread::sleep(Duration::from_secs(2));
+    ensure!(
+        health.lock().phase == Phase::WaitingForConfig,
+        "phase {:?} without a config",
+        health.lock().phase
+    );
+    match daemon.stop_within(Duration::from_secs(3))? {
+        Exit::DuringStartup(Phase::WaitingForConfig) => {}
+        other => bail!("stopped as {other:?}"),
+    }
+    ensure!(!env.exists(), "subnet.env written without a config");
+
+    // Again, and the config appears a while later: the daemon runs.
+    let health = Health::new();
+    let daemon = InProcess::start(&hosts.ns(2), &args(&etcd, &hosts, &env), &health)?;
+    std::thread::sleep(Duration::from_secs(2));
+    etcd.put(&format!("{PREFIX}/config"), CONFIG)?;
+    within(Duration::from_secs(20), "phase Running", || {
+        health.lock().phase == Phase::Running
+    })?;
+    subnet_of(&env)?;
+    daemon.stop()?;
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs root, network namespaces and eBPF: run `cargo xtask test`"]
+fn it_takes_its_lease_back_resumes_a_cut_watch_and_stops_promptly_with_etcd_down() -> Result<()> {
+    let hosts = Hosts::new("is", 2)?;
+    let mut etcd = Etcd::start_with(EtcdSpec {
+        netns: Some(hosts.ns(1)),
+        listen_ip: Some(hosts.ip(1)),
+        ..EtcdSpec::default()
+    })?;
+    etcd.put(&format!("{PREFIX}/config"), CONFIG)?;
+    let env = etcd.dir().join("h2.env");
+    let health = Health::new();
+    let daemon = InProcess::start(&hosts.ns(2), &args(&etcd, &hosts, &env), &health)?;
+    within(Duration::from_secs(20), "phase Running", || {
+        health.lock().phase == Phase::Running
+    })?;
+    let own = subnet_of(&env)?;
+    let own_key = format!("{PREFIX}/subnets/{own}-24");
+
+    // Our key deleted under us: the keeper writes it back, same subnet.
+    etcd.delete(&own_key)?;
+    within(Duration::from_secs(10), "our lease back in etcd", || {
+        etcd.get(&own_key)
+            .ok()
+            .flatten()
+            .is_some_and(|v| v.contains(&format!("\"PublicIP\":\"{}\"", hosts.ip(2))))
+    })?;
+    ensure!(
+        subnet_of(&env)? == own,
+        "subnet.env moved to another subnet"
+    );
+
+    // etcd goes away: health says so; it comes back: the watch resumes and
+    // a peer written after it is programmed.
+    etcd.kill_member(0)?;
+    within(Duration::from_secs(15), "health: etcd lost", || {
+        !health.lock().etcd_connected
+    })?;
+    etcd.restart_member(0)?;
+    etcd.put(&format!("{PREFIX}/subnets/10.0.17.0-24"), PEER_X)?;
+    within(
+        Duration::from_secs(15),
+        "peer programmed after the cut",
+        || {
+            hosts
+                .routes(2)
+                .contains("10.0.17.0/24 via 10.0.17.0 dev flannel.1")
+        },
+    )?;
+    within(Duration::from_secs(5), "health: etcd back", || {
+        health.lock().etcd_connected
+    })?;
+
+    // With etcd down (the watch and keeper retrying), a stop is prompt.
+    etcd.kill_member(0)?;
+    std::thread::sleep(Duration::from_secs(1));
+    let t0 = std::time::Instant::now();
+    match daemon.stop_within(Duration::from_secs(3))? {
+        Exit::Stopped(s) => ensure!(s.peers == 1, "{} peers at the end", s.peers),
+        other => bail!("stopped as {other:?}"),
+    }
+    eprintln!("stopped {:?} after the request, etcd down", t0.elapsed());
     Ok(())
 }

@@ -32,11 +32,22 @@ pub use running::Stopped;
 
 use crate::{
     cli::Cli,
-    health::{self, Health},
+    health::{self, Health, Phase},
 };
 
+/// How a run ended when it was told to stop.
+#[derive(Debug)]
+pub enum Exit {
+    /// Stopped before the running stage, in this phase. Waiting for the
+    /// config or for a lease is abandoned at once; programming the datapath
+    /// is finished first, so nothing is left half-attached.
+    DuringStartup(Phase),
+    /// Stopped while running.
+    Stopped(Stopped),
+}
+
 /// The daemon until SIGTERM or SIGINT.
-pub async fn run(cli: &Cli) -> Result<Stopped> {
+pub async fn run(cli: &Cli) -> Result<Exit> {
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
     let signalled = async move {
@@ -58,7 +69,7 @@ pub async fn run_until(
     cli: &Cli,
     health: &Health,
     shutdown: impl Future<Output = ()>,
-) -> Result<Stopped> {
+) -> Result<Exit> {
     log::info!(
         "overlay-agent {}: etcd {} prefix {}, datapath {:?}",
         env!("CARGO_PKG_VERSION"),
@@ -66,10 +77,37 @@ pub async fn run_until(
         cli.etcd_prefix,
         cli.datapath
     );
-    let configured = startup::configure(cli, health).await?;
-    let leased = startup::take_lease(cli, health, configured).await?;
+    tokio::pin!(shutdown);
+    let waiting = async {
+        let configured = startup::configure(cli, health).await?;
+        startup::take_lease(cli, health, configured).await
+    };
+    let leased = tokio::select! {
+        leased = waiting => leased?,
+        () = &mut shutdown => return Ok(stopped_early(health)),
+    };
     let programmed = startup::program(cli, health, leased).await?;
-    running::run(cli, health, programmed, shutdown).await
+    if futures_ready(&mut shutdown).await {
+        return Ok(stopped_early(health));
+    }
+    running::run(cli, health, programmed, shutdown)
+        .await
+        .map(Exit::Stopped)
+}
+
+fn stopped_early(health: &Health) -> Exit {
+    let phase = health.lock().phase;
+    log::info!("stopping during start-up ({phase:?})");
+    Exit::DuringStartup(phase)
+}
+
+/// Whether `f` has completed already (polled once, without waiting).
+async fn futures_ready(f: &mut (impl Future<Output = ()> + Unpin)) -> bool {
+    tokio::select! {
+        biased;
+        () = f => true,
+        () = std::future::ready(()) => false,
+    }
 }
 
 /// `/healthz`, `/readyz` and `/metrics` (see [`crate::health`]).
