@@ -317,6 +317,14 @@ impl<D: Datapath> Reconciler<D> {
     /// pending for the next call. Returns whether everything succeeded.
     pub async fn converge(&mut self) -> bool {
         let pending = std::mem::take(&mut self.dirty);
+        // A start-up or a re-list among thousands of peers gets one summary
+        // line; single events keep a line per peer.
+        let level = if pending.len() > PER_PEER_LOG_LIMIT {
+            log::Level::Debug
+        } else {
+            log::Level::Info
+        };
+        let (mut added, mut removed) = (0usize, 0usize);
         let mut ok = true;
         let mut adds = Vec::new();
         for &subnet in &pending {
@@ -331,8 +339,14 @@ impl<D: Datapath> Reconciler<D> {
             match (want, self.programmed.get(&subnet).copied()) {
                 (None, Some(p)) => match self.dp.remove_peer(&p).await {
                     Ok(()) => {
-                        log::info!("removed peer {} (PublicIP {})", p.subnet, p.public_ip);
+                        log::log!(
+                            level,
+                            "removed peer {} (PublicIP {})",
+                            p.subnet,
+                            p.public_ip
+                        );
                         self.programmed.remove(&p.subnet);
+                        removed += 1;
                     }
                     Err(e) => {
                         ok = false;
@@ -348,13 +362,15 @@ impl<D: Datapath> Reconciler<D> {
             let subnet = p.subnet;
             match self.dp.add_peer(&p).await {
                 Ok(()) => {
-                    log::info!(
+                    log::log!(
+                        level,
                         "programmed peer {subnet} via {} (VtepMAC {})",
                         p.public_ip,
                         p.vtep_mac
                     );
                     self.programmed.insert(subnet, p);
                     self.refused.remove(&subnet);
+                    added += 1;
                 }
                 Err(DatapathError::MapFull { map, capacity }) => {
                     ok = false;
@@ -380,9 +396,20 @@ impl<D: Datapath> Reconciler<D> {
                 }
             }
         }
+        if level == log::Level::Debug {
+            log::info!(
+                "{} changed subnet(s): programmed {added} peer(s), removed {removed}; {} programmed in all",
+                pending.len(),
+                self.programmed.len()
+            );
+        }
         ok
     }
 }
+
+/// Changes in one batch above which the log gets a summary instead of a
+/// line per peer (the lines are still there at debug level).
+const PER_PEER_LOG_LIMIT: usize = 16;
 
 enum Decoded {
     Peer(Peer),
