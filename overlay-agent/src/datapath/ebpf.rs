@@ -1127,11 +1127,22 @@ fn peer_stats(
     PerCpuHashMap::try_from(map).map_err(|e| EbpfError::map(MAP_PEER_STATS, "open", e))
 }
 
+/// The number of possible CPUs, which sizes per-CPU values: read from
+/// sysfs once, not on every peer added (it does not change while we run).
+fn possible_cpus() -> Result<usize, EbpfError> {
+    static CPUS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    if let Some(n) = CPUS.get() {
+        return Ok(*n);
+    }
+    let n = aya::util::nr_cpus().map_err(|(_, e)| EbpfError::Cpus(e))?;
+    Ok(*CPUS.get_or_init(|| n))
+}
+
 /// Creates a zeroed PEER_STATS entry unless one exists (a restart keeps the
 /// counts the pinned map holds).
 fn start_peer_stats(ebpf: &mut Ebpf, ip: [u8; 4], capacity: u32) -> Result<(), EbpfError> {
     const BPF_NOEXIST: u64 = 1;
-    let cpus = aya::util::nr_cpus().map_err(|(_, e)| EbpfError::Cpus(e))?;
+    let cpus = possible_cpus()?;
     let zeros =
         PerCpuValues::try_from(vec![PeerTraffic::default(); cpus]).map_err(EbpfError::Cpus)?;
     match peer_stats(ebpf)?.insert(ip, zeros, BPF_NOEXIST) {
