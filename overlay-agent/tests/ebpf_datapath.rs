@@ -11,7 +11,7 @@ use aya::programs::{SchedClassifier, TcAttachType};
 use common::{Lab, LabNode, Node, cmd, cmd_fails, expect_peer_entries, ping};
 use overlay_agent::{
     datapath::{
-        Datapath, DatapathError, NodeState, Peer,
+        Datapath, DatapathError, NodeSpec, NodeState, Peer,
         ebpf::{Counters, EBPF_OBJECT, EbpfDatapath, EbpfOptions, IngressMode, ProgramIds},
         pins::{MAPS, MapShape, PinLayout, declared_shapes},
     },
@@ -152,6 +152,115 @@ fn ebpf_datapath_attaches_fills_maps_and_carries_traffic() -> Result<()> {
         "programs left attached after teardown: {att:?}"
     );
     cmd_fails(&format!("ip -n {} link show flannel.1", a.ns))?;
+    Ok(())
+}
+
+/// KNOWN_VTEPS and PEER_STATS keep a public IP while any peer uses it,
+/// direct peers (DirectRouting: no REMOTE_SUBNETS entry) included, and drop
+/// it with its last user, also when a subnet moves between the kinds under
+/// another public IP.
+#[test]
+#[ignore = "needs root, network namespaces and eBPF: run `cargo xtask test`"]
+fn a_vtep_stays_known_while_a_vxlan_or_a_direct_peer_uses_it() -> Result<()> {
+    let lab = Lab::new("vu")?;
+    let a = &lab.nodes[0];
+    let wa = a.worker(|| EbpfDatapath::new(EbpfOptions::default()))?;
+    let spec = NodeSpec {
+        direct_routing: true,
+        ..a.spec()
+    };
+    wa.run(move |dp, rt| rt.block_on(dp.setup(&spec)))
+        .context("eBPF setup with DirectRouting")?;
+    let maps = |ips: &'static [&'static str]| -> Result<(Vec<Peer>, Vec<String>, Vec<String>)> {
+        wa.run(move |dp, _| -> Result<_> {
+            let mut known = Vec::new();
+            for ip in ips {
+                if dp.knows_vtep(ip.parse()?)? {
+                    known.push((*ip).to_string());
+                }
+            }
+            let stats = dp
+                .peer_counters()?
+                .iter()
+                .map(|c| c.public_ip.to_string())
+                .collect();
+            Ok((dp.map_peers()?, known, stats))
+        })
+    };
+    let peer = |n: u8, ip: &str| -> Result<Peer> {
+        Ok(Peer {
+            subnet: format!("10.77.{n}.0/24").parse()?,
+            public_ip: ip.parse()?,
+            vtep_mac: format!("02:42:00:00:02:{n:02x}").parse()?,
+        })
+    };
+    let route = |how: &str| cmd(&format!("ip -n {} route replace 10.200.0.0/24 {how}", a.ns));
+
+    // Behind a gateway the VTEP gets VXLAN; reached directly, the next
+    // subnet behind it a direct route: one VTEP, one peer of each kind.
+    route("via 192.168.77.2")?;
+    let vxlan = peer(4, "10.200.0.5")?;
+    add(&wa, vxlan)?;
+    route("dev ua")?;
+    let direct = peer(5, "10.200.0.5")?;
+    add(&wa, direct)?;
+    let routes = cmd(&format!("ip -n {} route", a.ns))?;
+    ensure!(
+        routes.contains("10.77.5.0/24 via 10.200.0.5 dev ua")
+            && routes.contains("10.77.4.0/24 via 10.77.4.0 dev flannel.1 onlink"),
+        "{routes}"
+    );
+    let only = &["10.200.0.5"];
+    ensure!(
+        maps(only)?
+            == (
+                vec![vxlan],
+                vec!["10.200.0.5".into()],
+                vec!["10.200.0.5".into()]
+            ),
+        "both peers in: {:?}",
+        maps(only)?
+    );
+    // The vxlan peer leaves: the direct one still needs ingress to know
+    // its VTEP.
+    remove(&wa, vxlan)?;
+    ensure!(
+        maps(only)? == (vec![], vec!["10.200.0.5".into()], vec!["10.200.0.5".into()]),
+        "after the vxlan peer left: {:?}",
+        maps(only)?
+    );
+    remove(&wa, direct)?;
+    ensure!(
+        maps(only)? == (vec![], vec![], vec![]),
+        "after both left: {:?}",
+        maps(only)?
+    );
+
+    // A direct subnet comes back behind a gateway under another public
+    // IP: the IP it had is nobody's now.
+    let before = peer(6, "10.200.0.6")?;
+    add(&wa, before)?;
+    route("via 192.168.77.2")?;
+    let after = peer(6, "10.200.0.7")?;
+    add(&wa, after)?;
+    let both = &["10.200.0.6", "10.200.0.7"];
+    ensure!(
+        maps(both)?
+            == (
+                vec![after],
+                vec!["10.200.0.7".into()],
+                vec!["10.200.0.7".into()]
+            ),
+        "after the move: {:?}",
+        maps(both)?
+    );
+    remove(&wa, after)?;
+    ensure!(
+        maps(both)? == (vec![], vec![], vec![]),
+        "after the removal: {:?}",
+        maps(both)?
+    );
+    wa.run(|dp, rt| rt.block_on(dp.teardown()))?;
     Ok(())
 }
 

@@ -222,6 +222,103 @@ fn kernel_datapath_adopts_a_device_flanneld_created() -> Result<()> {
     Ok(())
 }
 
+/// Stale FDB entries go and shared ones stay, with no dump per peer event:
+/// two subnets behind one VTEP (one node's two leases) share its MAC, so a
+/// MAC change of one keeps the entry the other uses; an entry left behind
+/// the agent's back is learned when the device is read back.
+#[test]
+#[ignore = "needs root, network namespaces and eBPF: run `cargo xtask test`"]
+fn kernel_datapath_removes_stale_fdb_entries_and_keeps_shared_ones() -> Result<()> {
+    let lab = Lab::new("sf")?;
+    let a = &lab.nodes[0];
+    let wa = a.worker(KernelDatapath::new)?;
+    setup(&wa, a.spec())?;
+    let mac = |n: u8| -> Result<MacAddr> { Ok(format!("02:42:00:00:01:{n:02x}").parse()?) };
+    let fdb = || cmd(&format!("bridge -n {} fdb show dev flannel.1", a.ns));
+    let neigh = || cmd(&format!("ip -n {} neigh show dev flannel.1", a.ns));
+    let has_fdb = |out: &str, m: MacAddr| {
+        out.lines()
+            .any(|l| l.trim() == format!("{m} dst 192.168.77.2 self permanent"))
+    };
+    let has_neigh = |out: &str, gw: &str, m: MacAddr| {
+        out.lines()
+            .any(|l| l.trim() == format!("{gw} lladdr {m} PERMANENT"))
+    };
+    let p1 = Peer {
+        subnet: "10.77.2.0/24".parse()?,
+        public_ip: "192.168.77.2".parse()?,
+        vtep_mac: mac(1)?,
+    };
+    let p2 = Peer {
+        subnet: "10.77.3.0/24".parse()?,
+        ..p1
+    };
+    add(&wa, p1)?;
+    add(&wa, p2)?;
+    ensure!(peers(&wa)? == vec![p1, p2], "{:?}", peers(&wa)?);
+
+    // p1's MAC changes; p2's neighbour still uses the old one: it stays.
+    let p1_moved = Peer {
+        vtep_mac: mac(2)?,
+        ..p1
+    };
+    add(&wa, p1_moved)?;
+    let (f, n) = (fdb()?, neigh()?);
+    ensure!(
+        has_fdb(&f, mac(1)?) && has_fdb(&f, mac(2)?),
+        "after p1's MAC change:\n{f}"
+    );
+    ensure!(
+        has_neigh(&n, "10.77.2.0", mac(2)?) && has_neigh(&n, "10.77.3.0", mac(1)?),
+        "{n}"
+    );
+    ensure!(peers(&wa)? == vec![p1_moved, p2], "{:?}", peers(&wa)?);
+
+    // p2 follows: no neighbour uses the old MAC, its entry is stale.
+    let p2_moved = Peer {
+        vtep_mac: mac(2)?,
+        ..p2
+    };
+    add(&wa, p2_moved)?;
+    let f = fdb()?;
+    ensure!(
+        !f.contains(&mac(1)?.to_string()) && has_fdb(&f, mac(2)?),
+        "after p2's MAC change:\n{f}"
+    );
+
+    // An entry toward the same VTEP left behind the agent's back (a crash
+    // between steps): learned when the device is read back, it goes with
+    // the next update of a peer on that VTEP.
+    cmd(&format!(
+        "bridge -n {} fdb add {} dev flannel.1 dst 192.168.77.2 self permanent",
+        a.ns,
+        mac(7)?
+    ))?;
+    ensure!(peers(&wa)? == vec![p1_moved, p2_moved], "{:?}", peers(&wa)?);
+    add(&wa, p1_moved)?;
+    let f = fdb()?;
+    ensure!(
+        !f.contains(&mac(7)?.to_string()) && has_fdb(&f, mac(2)?),
+        "after the re-read and an update:\n{f}"
+    );
+
+    // Removal: the shared entry stays until its last neighbour goes.
+    remove(&wa, p1_moved)?;
+    let (f, n) = (fdb()?, neigh()?);
+    ensure!(has_fdb(&f, mac(2)?), "after removing p1:\n{f}");
+    ensure!(!n.contains("10.77.2.0 "), "{n}");
+    ensure!(peers(&wa)? == vec![p2_moved], "{:?}", peers(&wa)?);
+    remove(&wa, p2_moved)?;
+    let f = fdb()?;
+    ensure!(
+        !f.contains(&mac(2)?.to_string()),
+        "after removing both:\n{f}"
+    );
+    ensure!(peers(&wa)?.is_empty(), "{:?}", peers(&wa)?);
+    wa.run(|dp, rt| rt.block_on(dp.teardown()))?;
+    Ok(())
+}
+
 fn setup(
     w: &Node<KernelDatapath>,
     spec: NodeSpec,

@@ -16,7 +16,7 @@
 //! them and swaps new programs in atomically; [`Datapath::teardown`] removes
 //! the pins and so detaches.
 
-use std::{fmt, net::Ipv4Addr, path::PathBuf};
+use std::{collections::BTreeSet, fmt, net::Ipv4Addr, path::PathBuf};
 
 use aya::{
     Ebpf, EbpfLoader,
@@ -48,6 +48,7 @@ use super::{
     kernel::{KernelDatapath, PeerKind},
     pins::{MAPS, PinLayout, declared_shapes},
     tc_attach::{self, TcApi, TcAttachMode, TcLink},
+    vtep_users::VtepUsers,
 };
 use crate::{mac::MacAddr, netlink::VxlanDevice};
 
@@ -439,6 +440,9 @@ pub struct EbpfDatapath {
 #[derive(Debug)]
 struct Loaded {
     ebpf: Ebpf,
+    /// The peers the maps hold, counted by public IP: whether a removal
+    /// leaves a VTEP unused is a lookup, not a scan of REMOTE_SUBNETS.
+    users: VtepUsers,
     ids: ProgramIds,
     /// What the TC programs attach through.
     api: TcApi,
@@ -628,14 +632,17 @@ fn link_err(path: PathBuf, op: &'static str) -> impl FnOnce(LinkError) -> EbpfEr
 }
 
 impl Loaded {
-    /// Parses the object (reopening pinned maps), fills the maps, loads every
-    /// program, and only then attaches them (ingress first), so a verifier
-    /// rejection attaches nothing and leaves pinned links on the old programs.
+    /// Parses the object (reopening pinned maps), fills the maps with the
+    /// vxlan `peers` and the `direct` ones (DirectRouting), removes what
+    /// else reopened maps hold, loads every program, and only then attaches
+    /// them (ingress first), so a verifier rejection attaches nothing and
+    /// leaves pinned links on the old programs.
     fn start(
         options: &EbpfOptions,
         device: &VxlanDevice,
         subnet: Ipv4Net,
         peers: &[Peer],
+        direct: &[Peer],
     ) -> Result<Self, EbpfError> {
         let kernel = tc_attach::kernel_version();
         if kernel < MIN_KERNEL {
@@ -686,8 +693,16 @@ impl Loaded {
                 .set(0, node_config(device), 0)
                 .map_err(|e| EbpfError::map(MAP_NODE_CONFIG, "set entry 0", e))?;
         }
-        for peer in peers {
-            match insert_peer(&mut ebpf, peer, options.peer_capacity) {
+        let mut users = VtepUsers::default();
+        let vxlan = peers.iter().map(|p| (p, PeerKind::Vxlan));
+        for (peer, kind) in vxlan.chain(direct.iter().map(|p| (p, PeerKind::Direct))) {
+            let inserted = match kind {
+                PeerKind::Vxlan => insert_peer(&mut ebpf, &mut users, peer, options.peer_capacity),
+                PeerKind::Direct => {
+                    insert_direct_peer(&mut ebpf, &mut users, peer, options.peer_capacity)
+                }
+            };
+            match inserted {
                 // The reconciler finds it missing from the maps, retries and
                 // reports it.
                 Err(EbpfError::MapFull { map, .. }) => {
@@ -697,7 +712,7 @@ impl Loaded {
             }
         }
         // Reopened maps may hold peers that left while no agent ran.
-        prune_maps(&mut ebpf, peers)?;
+        prune_maps(&mut ebpf, &users)?;
 
         classifier(&mut ebpf, PROG_EGRESS)?
             .load()
@@ -758,6 +773,7 @@ impl Loaded {
 
         Ok(Self {
             ebpf,
+            users,
             ids: ProgramIds {
                 egress,
                 ingress_tc,
@@ -956,38 +972,21 @@ fn known_vteps(ebpf: &mut Ebpf) -> Result<HashMap<&mut MapData, [u8; 4], KnownVt
     HashMap::try_from(map).map_err(|e| EbpfError::map(MAP_KNOWN_VTEPS, "open", e))
 }
 
-/// Public IPs still used by some REMOTE_SUBNETS entry.
-fn public_ips_in_use(ebpf: &mut Ebpf) -> Result<Vec<[u8; 4]>, EbpfError> {
-    let trie = remote_subnets(ebpf)?;
-    trie.iter()
-        .map(|entry| {
-            entry
-                .map(|(_, v)| v.public_ip)
-                .map_err(|e| EbpfError::map(MAP_REMOTE_SUBNETS, "iterate", e))
-        })
-        .collect()
-}
-
 /// Inserts (or updates) a peer: KNOWN_VTEPS, then its PEER_STATS entry,
 /// then REMOTE_SUBNETS, so ingress accepts the peer by the time egress sends
 /// to it; a public IP the update leaves unused is dropped from KNOWN_VTEPS.
 /// All or nothing: when a map refuses (full at `capacity` entries,
 /// [`EbpfError::MapFull`], or any other error), what this call added to the
-/// first two is removed again, so the maps never hold half a peer.
-fn insert_peer(ebpf: &mut Ebpf, peer: &Peer, capacity: u32) -> Result<(), EbpfError> {
+/// first two is removed again, so the maps never hold half a peer. `users`
+/// counts the peer under its public IP once the maps hold it.
+fn insert_peer(
+    ebpf: &mut Ebpf,
+    users: &mut VtepUsers,
+    peer: &Peer,
+    capacity: u32,
+) -> Result<(), EbpfError> {
     let key = subnet_key(peer.subnet);
     let ip = peer.public_ip.octets();
-    let previous = match remote_subnets(ebpf)?.get(&key, 0) {
-        Ok(v) => Some(v.public_ip),
-        Err(e) if is_missing(&e) => None,
-        Err(e) => {
-            return Err(EbpfError::map(
-                MAP_REMOTE_SUBNETS,
-                format!("look up {}", peer.subnet),
-                e,
-            ));
-        }
-    };
     let inserted = (|| -> Result<(), EbpfError> {
         known_vteps(ebpf)?
             .insert(ip, known_vtep(peer), 0)
@@ -998,9 +997,11 @@ fn insert_peer(ebpf: &mut Ebpf, peer: &Peer, capacity: u32) -> Result<(), EbpfEr
             .map_err(|e| insert_err(MAP_REMOTE_SUBNETS, peer.subnet, capacity, e))
     })();
     if let Err(e) = inserted {
-        // Kept if a REMOTE_SUBNETS entry (this subnet's previous one, or
-        // another subnet's) still sends to it.
-        if let Err(undo) = forget_vtep_if_unused(ebpf, ip) {
+        // Kept if a peer in the maps (this subnet's previous entry, or
+        // another subnet's) still uses it.
+        if !users.in_use(peer.public_ip)
+            && let Err(undo) = forget_vtep(ebpf, ip)
+        {
             warn!(
                 "undoing the half-inserted peer {} failed: {}",
                 peer.subnet,
@@ -1009,25 +1010,48 @@ fn insert_peer(ebpf: &mut Ebpf, peer: &Peer, capacity: u32) -> Result<(), EbpfEr
         }
         return Err(e);
     }
-    if let Some(old) = previous.filter(|old| *old != ip) {
-        forget_vtep_if_unused(ebpf, old)?;
+    if let Some(unused) = users.set(peer.subnet, peer.public_ip) {
+        forget_vtep(ebpf, unused.octets())?;
     }
     Ok(())
 }
 
 /// Inserts (or updates) a direct peer: its subnet leaves REMOTE_SUBNETS
 /// first (so nothing encapsulates toward it any more), then KNOWN_VTEPS and
-/// PEER_STATS get its public IP; a public IP the subnet's old entry leaves
-/// unused is dropped.
-fn insert_direct_peer(ebpf: &mut Ebpf, peer: &Peer, capacity: u32) -> Result<(), EbpfError> {
+/// PEER_STATS get its public IP; a public IP the subnet used before and no
+/// peer uses now is dropped. `users` counts it under its public IP like a
+/// vxlan peer: ingress still needs its KNOWN_VTEPS entry.
+fn insert_direct_peer(
+    ebpf: &mut Ebpf,
+    users: &mut VtepUsers,
+    peer: &Peer,
+    capacity: u32,
+) -> Result<(), EbpfError> {
     let ip = peer.public_ip.octets();
-    let previous = take_remote_subnet(ebpf, peer.subnet)?;
-    known_vteps(ebpf)?
-        .insert(ip, known_vtep(peer), 0)
-        .map_err(|e| insert_err(MAP_KNOWN_VTEPS, peer.public_ip, capacity, e))?;
-    start_peer_stats(ebpf, ip, capacity)?;
-    if let Some(old) = previous.filter(|old| *old != ip) {
-        forget_vtep_if_unused(ebpf, old)?;
+    remove_remote_subnet(ebpf, peer.subnet)?;
+    let inserted = (|| -> Result<(), EbpfError> {
+        known_vteps(ebpf)?
+            .insert(ip, known_vtep(peer), 0)
+            .map_err(|e| insert_err(MAP_KNOWN_VTEPS, peer.public_ip, capacity, e))?;
+        start_peer_stats(ebpf, ip, capacity)
+    })();
+    if let Err(e) = inserted {
+        // The subnet is out of the maps now: so is whatever only it used.
+        let unused = users.remove(peer.subnet);
+        let ours = Some(peer.public_ip).filter(|ip| !users.in_use(*ip));
+        for unused in unused.into_iter().chain(ours) {
+            if let Err(undo) = forget_vtep(ebpf, unused.octets()) {
+                warn!(
+                    "undoing the half-inserted direct peer {} failed: {}",
+                    peer.subnet,
+                    DatapathError::from(undo).reason()
+                );
+            }
+        }
+        return Err(e);
+    }
+    if let Some(unused) = users.set(peer.subnet, peer.public_ip) {
+        forget_vtep(ebpf, unused.octets())?;
     }
     Ok(())
 }
@@ -1045,42 +1069,39 @@ fn insert_err(map: &'static str, what: impl fmt::Display, capacity: u32, e: MapE
     }
 }
 
-/// Removes `subnet`'s REMOTE_SUBNETS entry, if any; returns the public IP
-/// it pointed to.
-fn take_remote_subnet(ebpf: &mut Ebpf, subnet: Ipv4Net) -> Result<Option<[u8; 4]>, EbpfError> {
-    let key = subnet_key(subnet);
-    let stored = match remote_subnets(ebpf)?.get(&key, 0) {
-        Ok(v) => Some(v.public_ip),
-        Err(e) if is_missing(&e) => None,
-        Err(e) => {
-            let op = format!("look up {subnet}");
-            return Err(EbpfError::map(MAP_REMOTE_SUBNETS, op, e));
+/// Removes `subnet`'s REMOTE_SUBNETS entry; absent is fine.
+fn remove_remote_subnet(ebpf: &mut Ebpf, subnet: Ipv4Net) -> Result<(), EbpfError> {
+    match remote_subnets(ebpf)?.remove(&subnet_key(subnet)) {
+        Err(e) if !is_missing(&e) => {
+            let op = format!("remove {subnet}");
+            Err(EbpfError::map(MAP_REMOTE_SUBNETS, op, e))
         }
-    };
-    if stored.is_some()
-        && let Err(e) = remote_subnets(ebpf)?.remove(&key)
-        && !is_missing(&e)
-    {
-        let op = format!("remove {subnet}");
-        return Err(EbpfError::map(MAP_REMOTE_SUBNETS, op, e));
+        _ => Ok(()),
     }
-    Ok(stored)
 }
 
-fn remove_peer_entries(ebpf: &mut Ebpf, peer: &Peer) -> Result<(), EbpfError> {
-    let stored = take_remote_subnet(ebpf, peer.subnet)?;
-    let mut ips = vec![peer.public_ip.octets()];
-    ips.extend(stored.filter(|ip| *ip != peer.public_ip.octets()));
-    for ip in ips {
-        forget_vtep_if_unused(ebpf, ip)?;
+/// Removes a peer (vxlan or direct) from the maps: its REMOTE_SUBNETS
+/// entry, then the KNOWN_VTEPS and PEER_STATS entries of a public IP no
+/// other peer uses (the peer's own, and the one `users` had for its subnet
+/// if that was another). A bounded number of map operations.
+fn remove_peer_entries(
+    ebpf: &mut Ebpf,
+    users: &mut VtepUsers,
+    peer: &Peer,
+) -> Result<(), EbpfError> {
+    remove_remote_subnet(ebpf, peer.subnet)?;
+    let unused = users.remove(peer.subnet);
+    // Also when `users` never counted it: an entry an earlier failure left.
+    let own = Some(peer.public_ip).filter(|ip| !users.in_use(*ip) && unused != Some(*ip));
+    for ip in unused.into_iter().chain(own) {
+        forget_vtep(ebpf, ip.octets())?;
     }
     Ok(())
 }
 
-fn forget_vtep_if_unused(ebpf: &mut Ebpf, ip: [u8; 4]) -> Result<(), EbpfError> {
-    if public_ips_in_use(ebpf)?.contains(&ip) {
-        return Ok(());
-    }
+/// Removes `ip`'s KNOWN_VTEPS and PEER_STATS entries (absent is fine). Only
+/// for a public IP no peer in the maps uses.
+fn forget_vtep(ebpf: &mut Ebpf, ip: [u8; 4]) -> Result<(), EbpfError> {
     match known_vteps(ebpf)?.remove(&ip) {
         Err(e) if !is_missing(&e) => {
             let op = format!("remove {}", Ipv4Addr::from(ip));
@@ -1106,11 +1127,22 @@ fn peer_stats(
     PerCpuHashMap::try_from(map).map_err(|e| EbpfError::map(MAP_PEER_STATS, "open", e))
 }
 
+/// The number of possible CPUs, which sizes per-CPU values: read from
+/// sysfs once, not on every peer added (it does not change while we run).
+fn possible_cpus() -> Result<usize, EbpfError> {
+    static CPUS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    if let Some(n) = CPUS.get() {
+        return Ok(*n);
+    }
+    let n = aya::util::nr_cpus().map_err(|(_, e)| EbpfError::Cpus(e))?;
+    Ok(*CPUS.get_or_init(|| n))
+}
+
 /// Creates a zeroed PEER_STATS entry unless one exists (a restart keeps the
 /// counts the pinned map holds).
 fn start_peer_stats(ebpf: &mut Ebpf, ip: [u8; 4], capacity: u32) -> Result<(), EbpfError> {
     const BPF_NOEXIST: u64 = 1;
-    let cpus = aya::util::nr_cpus().map_err(|(_, e)| EbpfError::Cpus(e))?;
+    let cpus = possible_cpus()?;
     let zeros =
         PerCpuValues::try_from(vec![PeerTraffic::default(); cpus]).map_err(EbpfError::Cpus)?;
     match peer_stats(ebpf)?.insert(ip, zeros, BPF_NOEXIST) {
@@ -1120,8 +1152,9 @@ fn start_peer_stats(ebpf: &mut Ebpf, ip: [u8; 4], capacity: u32) -> Result<(), E
     }
 }
 
-/// Removes map entries of peers not in `peers` (left while no agent ran).
-fn prune_maps(ebpf: &mut Ebpf, peers: &[Peer]) -> Result<(), EbpfError> {
+/// Removes the map entries `users` does not count (left while no agent ran,
+/// or by a peer that is no longer programmed): one pass over each map.
+fn prune_maps(ebpf: &mut Ebpf, users: &VtepUsers) -> Result<(), EbpfError> {
     let stale: Vec<Peer> = {
         let trie = remote_subnets(ebpf)?;
         let mut stale = Vec::new();
@@ -1129,7 +1162,7 @@ fn prune_maps(ebpf: &mut Ebpf, peers: &[Peer]) -> Result<(), EbpfError> {
             let (key, value) =
                 entry.map_err(|e| EbpfError::map(MAP_REMOTE_SUBNETS, "iterate", e))?;
             if let Some(p) = peer_from_entry(&key, &value)
-                && !peers.contains(&p)
+                && users.public_ip(p.subnet) != Some(p.public_ip)
             {
                 stale.push(p);
             }
@@ -1141,15 +1174,17 @@ fn prune_maps(ebpf: &mut Ebpf, peers: &[Peer]) -> Result<(), EbpfError> {
             "pinned maps: removing {} ({}), no longer programmed",
             p.subnet, p.public_ip
         );
-        remove_peer_entries(ebpf, p)?;
+        remove_remote_subnet(ebpf, p.subnet)?;
     }
-    let keep: Vec<[u8; 4]> = peers.iter().map(|p| p.public_ip.octets()).collect();
     let vteps: Vec<[u8; 4]> = known_vteps(ebpf)?.keys().filter_map(Result::ok).collect();
     let stats: Vec<[u8; 4]> = peer_stats(ebpf)?.keys().filter_map(Result::ok).collect();
-    for ip in vteps.into_iter().chain(stats) {
-        if !keep.contains(&ip) {
-            forget_vtep_if_unused(ebpf, ip)?;
-        }
+    let unused: BTreeSet<[u8; 4]> = vteps
+        .into_iter()
+        .chain(stats)
+        .filter(|ip| !users.in_use(Ipv4Addr::from(*ip)))
+        .collect();
+    for ip in unused {
+        forget_vtep(ebpf, ip)?;
     }
     Ok(())
 }
@@ -1191,17 +1226,7 @@ impl Datapath for EbpfDatapath {
             .into_iter()
             .partition(|p| self.kernel.is_direct(p.subnet));
         let device = self.kernel.device().ok_or(DatapathError::NotSetUp)?;
-        let started =
-            Loaded::start(&self.options, device, node.subnet, &peers).and_then(|mut l| {
-                for p in &direct {
-                    match insert_direct_peer(&mut l.ebpf, p, self.options.peer_capacity) {
-                        // As in `Loaded::start`: the reconciler retries it.
-                        Err(EbpfError::MapFull { .. }) => {}
-                        other => other?,
-                    }
-                }
-                Ok(l)
-            });
+        let started = Loaded::start(&self.options, device, node.subnet, &peers, &direct);
         let loaded = match started {
             Ok(loaded) => loaded,
             Err(e) => {
@@ -1263,10 +1288,10 @@ impl Datapath for EbpfDatapath {
         self.loaded()?;
         let kind = self.kernel.add_peer_kind(peer).await?;
         let capacity = self.options.peer_capacity;
-        let ebpf = &mut self.loaded_mut()?.ebpf;
+        let Loaded { ebpf, users, .. } = self.loaded_mut()?;
         match kind {
-            PeerKind::Vxlan => insert_peer(ebpf, peer, capacity)?,
-            PeerKind::Direct => insert_direct_peer(ebpf, peer, capacity)?,
+            PeerKind::Vxlan => insert_peer(ebpf, users, peer, capacity)?,
+            PeerKind::Direct => insert_direct_peer(ebpf, users, peer, capacity)?,
         }
         Ok(())
     }
@@ -1274,7 +1299,8 @@ impl Datapath for EbpfDatapath {
     /// Removes the peer from the maps first (so egress stops encapsulating to
     /// it), then its kernel entries.
     async fn remove_peer(&mut self, peer: &Peer) -> Result<(), DatapathError> {
-        remove_peer_entries(&mut self.loaded_mut()?.ebpf, peer)?;
+        let Loaded { ebpf, users, .. } = self.loaded_mut()?;
+        remove_peer_entries(ebpf, users, peer)?;
         self.kernel.remove_peer(peer).await
     }
 

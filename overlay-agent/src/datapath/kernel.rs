@@ -3,14 +3,15 @@
 //! With `Backend.DirectRouting`, a peer on the underlay's own segment gets a
 //! plain route instead (see [`crate::netlink::direct_route`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 use ipnet::Ipv4Net;
 use log::info;
 
 use super::{Datapath, DatapathError, Mode, NodeSpec, NodeState, Peer};
 use crate::netlink::{
-    Netlink, ProgrammedPeer, VxlanDevice, direct_route::has_direct_route, peer_entries::Device,
+    EntryTable, Netlink, ProgrammedPeer, VxlanDevice, direct_route::has_direct_route,
+    peer_entries::Device,
 };
 
 /// How a peer was programmed.
@@ -40,6 +41,10 @@ struct State {
     /// The peers programmed with a direct route, by subnet: the route does
     /// not carry the VtepMAC, which [`Datapath::peers`] reports.
     direct: BTreeMap<Ipv4Net, Peer>,
+    /// The device's neighbours and FDB entries: learned by one dump when
+    /// set up and whenever the peers are read back, then kept in step with
+    /// every change, so a peer event dumps nothing.
+    entries: EntryTable,
 }
 
 impl KernelDatapath {
@@ -61,7 +66,12 @@ impl KernelDatapath {
     /// it, including incomplete ones (which [`Datapath::peers`] leaves out).
     pub async fn programmed_peers(&self) -> Result<Vec<ProgrammedPeer>, DatapathError> {
         let state = self.state()?;
-        state.netlink.programmed_peers(state.dev()).await
+        Ok(state.netlink.programmed_peers(state.dev()).await?.0)
+    }
+
+    /// The in-memory table of the device's neighbours and FDB entries.
+    pub fn entries(&self) -> Option<&EntryTable> {
+        self.state.as_ref().map(|s| &s.entries)
     }
 
     fn state(&self) -> Result<&State, DatapathError> {
@@ -85,7 +95,7 @@ impl KernelDatapath {
     /// routed while a peer moves between the two, and what is left of the
     /// old kind goes after.
     pub async fn add_peer_kind(&mut self, peer: &Peer) -> Result<PeerKind, DatapathError> {
-        let state = self.state()?;
+        let state = self.state_mut()?;
         let direct = state.direct_routing
             && state
                 .netlink
@@ -93,17 +103,18 @@ impl KernelDatapath {
                 .await?
                 .is_some_and(|hop| hop.is_direct(state.device.underlay_ifindex));
         let was = state.direct.get(&peer.subnet).copied();
+        let (parts, entries) = state.split();
         if direct {
-            state
+            parts
                 .netlink
-                .replace_direct_route(state.underlay(), peer.subnet, peer.public_ip)
+                .replace_direct_route(parts.underlay(), peer.subnet, peer.public_ip)
                 .await?;
             if was.is_none() {
                 // A vxlan peer before (or a restart): its route is replaced.
-                for r in state
+                for r in parts
                     .netlink
-                    .remove_neighbour_and_fdb(state.dev(), peer)
-                    .await?
+                    .remove_neighbour_and_fdb(parts.dev(), entries, peer)
+                    .await
                 {
                     r?;
                 }
@@ -112,28 +123,64 @@ impl KernelDatapath {
                     peer.subnet, peer.public_ip
                 );
             }
-            self.state_mut()?.direct.insert(peer.subnet, *peer);
+            state.direct.insert(peer.subnet, *peer);
             Ok(PeerKind::Direct)
         } else {
-            state.netlink.replace_peer(state.dev(), peer).await?;
+            parts
+                .netlink
+                .replace_peer(parts.dev(), entries, peer)
+                .await?;
             if let Some(old) = was {
                 info!(
                     "peer {} (PublicIP {}) is no longer direct: VXLAN",
                     peer.subnet, peer.public_ip
                 );
                 // Normally gone already: the vxlan route replaced it.
-                state
+                parts
                     .netlink
-                    .delete_direct_route(state.underlay(), old.subnet, old.public_ip)
+                    .delete_direct_route(parts.underlay(), old.subnet, old.public_ip)
                     .await?;
             }
-            self.state_mut()?.direct.remove(&peer.subnet);
+            state.direct.remove(&peer.subnet);
             Ok(PeerKind::Vxlan)
         }
     }
 }
 
+/// The parts of [`State`] a peer change reads, borrowed beside its table,
+/// which the change updates.
+struct Parts<'a> {
+    netlink: &'a Netlink,
+    device: &'a VxlanDevice,
+}
+
+impl Parts<'_> {
+    fn dev(&self) -> Device<'_> {
+        Device {
+            ifindex: self.device.ifindex,
+            name: &self.device.name,
+        }
+    }
+
+    fn underlay(&self) -> Device<'_> {
+        Device {
+            ifindex: self.device.underlay_ifindex,
+            name: &self.device.underlay,
+        }
+    }
+}
+
 impl State {
+    fn split(&mut self) -> (Parts<'_>, &mut EntryTable) {
+        (
+            Parts {
+                netlink: &self.netlink,
+                device: &self.device,
+            },
+            &mut self.entries,
+        )
+    }
+
     fn dev(&self) -> Device<'_> {
         Device {
             ifindex: self.device.ifindex,
@@ -167,6 +214,13 @@ impl Datapath for KernelDatapath {
             ),
         };
         let device = netlink.ensure_vxlan_device(node).await?;
+        // Adopted or re-created, the device has what it has: learn it.
+        let entries = netlink
+            .learn_entries(Device {
+                ifindex: device.ifindex,
+                name: &device.name,
+            })
+            .await?;
         let node_state = NodeState {
             device: device.name.clone(),
             ifindex: device.ifindex,
@@ -178,6 +232,7 @@ impl Datapath for KernelDatapath {
             device,
             direct_routing: node.direct_routing,
             direct,
+            entries,
         });
         Ok(node_state)
     }
@@ -190,41 +245,49 @@ impl Datapath for KernelDatapath {
     /// the peer's PublicIP (and the one this datapath remembers, if its
     /// PublicIP was another).
     async fn remove_peer(&mut self, peer: &Peer) -> Result<(), DatapathError> {
-        let state = self.state()?;
+        let state = self.state_mut()?;
         let mut vias = vec![peer.public_ip];
         if let Some(old) = state.direct.get(&peer.subnet) {
             vias.push(old.public_ip);
             vias.dedup();
         }
-        let vxlan = state.netlink.remove_peer(state.dev(), peer).await;
+        let remove_direct = state.direct_routing || state.direct.contains_key(&peer.subnet);
+        let (parts, entries) = state.split();
+        let vxlan = parts.netlink.remove_peer(parts.dev(), entries, peer).await;
         let mut direct = Ok(());
-        if state.direct_routing || state.direct.contains_key(&peer.subnet) {
+        if remove_direct {
             for via in vias {
-                let r = state
+                let r = parts
                     .netlink
-                    .delete_direct_route(state.underlay(), peer.subnet, via)
+                    .delete_direct_route(parts.underlay(), peer.subnet, via)
                     .await;
                 direct = direct.and(r);
             }
         }
         vxlan?;
         direct?;
-        self.state_mut()?.direct.remove(&peer.subnet);
+        state.direct.remove(&peer.subnet);
         Ok(())
     }
 
     /// The vxlan peers whose three entries are there, and the direct peers
     /// whose route is there.
+    ///
+    /// Reading the device back also relearns its table of neighbours and
+    /// FDB entries, so an entry changed behind the agent's back is known by
+    /// the next peer event.
     async fn peers(&mut self) -> Result<Vec<Peer>, DatapathError> {
-        let mut peers: Vec<Peer> = self
-            .programmed_peers()
-            .await?
-            .iter()
-            .filter_map(ProgrammedPeer::peer)
-            .collect();
-        let state = self.state()?;
+        let state = self.state_mut()?;
+        let (programmed, entries) = state.netlink.programmed_peers(state.dev()).await?;
+        state.entries = entries;
+        let mut peers: Vec<Peer> = programmed.iter().filter_map(ProgrammedPeer::peer).collect();
         if !state.direct.is_empty() {
-            let routes = state.netlink.peer_routes(state.underlay()).await?;
+            let routes: HashSet<_> = state
+                .netlink
+                .peer_routes(state.underlay())
+                .await?
+                .into_iter()
+                .collect();
             peers.extend(
                 state
                     .direct

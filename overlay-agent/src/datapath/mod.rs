@@ -17,6 +17,7 @@ pub mod fastpath;
 pub mod kernel;
 pub mod pins;
 pub mod tc_attach;
+pub mod vtep_users;
 
 /// What a node needs to bring its side of the overlay up.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -3,7 +3,7 @@
 //! `<subnet> via <PublicIP> dev <underlay>` instead of the neighbour, FDB
 //! entry and vxlan route of [`super::peer_entries`].
 
-use std::net::Ipv4Addr;
+use std::{collections::HashSet, net::Ipv4Addr};
 
 use ipnet::Ipv4Net;
 use rtnetlink::{
@@ -114,9 +114,14 @@ impl Netlink {
 }
 
 /// Whether `routes` (an underlay's `(subnet, gateway)` routes, as
-/// [`Netlink::peer_routes`] lists them) hold the direct route for `subnet`.
-pub fn has_direct_route(routes: &[(Ipv4Net, Ipv4Addr)], subnet: Ipv4Net, via: Ipv4Addr) -> bool {
-    routes.iter().any(|&(s, g)| s == subnet && g == via)
+/// [`Netlink::peer_routes`] lists them, in a set so that checking every
+/// direct peer is one pass) hold the direct route for `subnet`.
+pub fn has_direct_route(
+    routes: &HashSet<(Ipv4Net, Ipv4Addr)>,
+    subnet: Ipv4Net,
+    via: Ipv4Addr,
+) -> bool {
+    routes.contains(&(subnet, via))
 }
 
 #[cfg(test)]
@@ -147,10 +152,10 @@ mod tests {
     fn a_direct_route_is_found_by_subnet_and_next_hop() {
         let net = |s: &str| s.parse::<Ipv4Net>().unwrap();
         let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
-        let routes = [
+        let routes = HashSet::from([
             (net("10.0.14.0/24"), ip("10.98.0.2")),
             (net("0.0.0.0/0"), ip("10.98.0.254")),
-        ];
+        ]);
         assert!(has_direct_route(
             &routes,
             net("10.0.14.0/24"),

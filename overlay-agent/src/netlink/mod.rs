@@ -1,6 +1,7 @@
 //! flannel's kernel state, programmed over rtnetlink: the `flannel.<VNI>` vxlan
 //! device ([`vxlan_device`]) and, per peer, the neighbour, FDB and route entries
-//! ([`peer_entries`]).
+//! ([`peer_entries`]), with the device's neighbours and FDB entries mirrored in
+//! memory ([`entry_table`]) so that no peer event dumps them.
 //!
 //! Both datapaths use this module: the kernel datapath relies on these entries
 //! to move packets, the eBPF datapath keeps them so that routing selects
@@ -11,6 +12,7 @@
 //! it on a thread that has `setns()`-ed into the host's namespace.
 
 pub mod direct_route;
+pub mod entry_table;
 pub mod events;
 pub mod peer_entries;
 pub mod pods;
@@ -24,6 +26,7 @@ use rtnetlink::{
     packet_route::link::{LinkAttribute, LinkMessage},
 };
 
+pub use entry_table::EntryTable;
 pub use peer_entries::ProgrammedPeer;
 pub use vxlan_device::{VxlanDevice, VxlanDeviceConfig, VxlanLinkAttrs};
 

@@ -26,7 +26,7 @@ use rtnetlink::{
     },
 };
 
-use super::{Netlink, NetlinkError};
+use super::{Netlink, NetlinkError, entry_table::EntryTable};
 use crate::{
     datapath::{DatapathError, Peer},
     mac::MacAddr,
@@ -62,22 +62,14 @@ impl ProgrammedPeer {
     }
 }
 
-/// Joins routes (subnet via gateway), neighbours (IP -> MAC) and FDB entries
-/// (MAC -> public IP) of one device into peers, sorted by subnet.
-pub fn join_entries(
-    routes: &[(Ipv4Net, Ipv4Addr)],
-    neighbours: &[(Ipv4Addr, MacAddr)],
-    fdb: &[(MacAddr, Ipv4Addr)],
-) -> Vec<ProgrammedPeer> {
+/// Joins routes (subnet via gateway) with the device's neighbours (IP ->
+/// MAC) and FDB entries (MAC -> public IP) into peers, sorted by subnet.
+pub fn join_entries(routes: &[(Ipv4Net, Ipv4Addr)], entries: &EntryTable) -> Vec<ProgrammedPeer> {
     let mut peers: Vec<ProgrammedPeer> = routes
         .iter()
         .map(|&(subnet, gateway)| {
-            let vtep_mac = neighbours
-                .iter()
-                .find(|(ip, _)| *ip == gateway)
-                .map(|(_, mac)| *mac);
-            let public_ip =
-                vtep_mac.and_then(|mac| fdb.iter().find(|(m, _)| *m == mac).map(|(_, ip)| *ip));
+            let vtep_mac = entries.neighbour(gateway);
+            let public_ip = vtep_mac.and_then(|mac| entries.fdb_destination(mac));
             ProgrammedPeer {
                 subnet,
                 gateway,
@@ -90,25 +82,6 @@ pub fn join_entries(
     peers
 }
 
-/// FDB entries that replacing `peer` leaves behind: those for the MAC the
-/// peer's neighbour had before (`old_mac`) or pointing at the peer's public IP,
-/// under another MAC than the new one, that no neighbour on the device still
-/// uses. flannel leaves them (a known source of stale entries when a peer's
-/// MAC changes); we remove them.
-pub fn stale_fdb_macs(
-    peer: &Peer,
-    old_mac: Option<MacAddr>,
-    neighbours_after: &[(Ipv4Addr, MacAddr)],
-    fdb: &[(MacAddr, Ipv4Addr)],
-) -> BTreeSet<MacAddr> {
-    fdb.iter()
-        .filter(|(mac, dst)| Some(*mac) == old_mac || *dst == peer.public_ip)
-        .map(|(mac, _)| *mac)
-        .filter(|mac| *mac != peer.vtep_mac)
-        .filter(|mac| !neighbours_after.iter().any(|(_, m)| m == mac))
-        .collect()
-}
-
 /// The device the entries live on.
 #[derive(Clone, Copy, Debug)]
 pub struct Device<'a> {
@@ -118,53 +91,74 @@ pub struct Device<'a> {
 
 impl Netlink {
     /// Programs (or updates) a peer: neighbour, FDB entry, route, all with
-    /// replace semantics, then removes FDB entries the update made stale. When
-    /// a step fails, the entries made by the earlier steps are removed again,
-    /// as flannel does.
-    pub async fn replace_peer(&self, dev: Device<'_>, peer: &Peer) -> Result<(), DatapathError> {
+    /// replace semantics, then removes FDB entries the update made stale.
+    /// When a step fails, the entries made by the earlier steps are removed
+    /// again, as flannel does. `entries` is the device's table: it answers
+    /// what the neighbour had before and what is stale (no dump), and
+    /// records every change the kernel accepted. Three requests, plus one
+    /// per stale entry.
+    pub async fn replace_peer(
+        &self,
+        dev: Device<'_>,
+        entries: &mut EntryTable,
+        peer: &Peer,
+    ) -> Result<(), DatapathError> {
         let gateway = peer_gateway(peer.subnet);
-        let neighbours_before = self.neighbours(dev).await?;
-        let old_mac = neighbours_before
-            .iter()
-            .find(|(ip, _)| *ip == gateway)
-            .map(|(_, mac)| *mac);
+        let old_mac = entries.neighbour(gateway);
 
         self.replace_neighbour(dev, gateway, peer.vtep_mac).await?;
+        entries.set_neighbour(gateway, peer.vtep_mac);
         if let Err(e) = self.replace_fdb(dev, peer.vtep_mac, peer.public_ip).await {
-            self.cleanup(self.delete_neighbour(dev, gateway).await);
+            self.undo_neighbour(dev, entries, gateway).await;
             return Err(e.into());
         }
+        entries.replace_fdb(peer.vtep_mac, peer.public_ip);
         if let Err(e) = self.replace_route(dev, peer.subnet, gateway).await {
-            self.cleanup(self.delete_neighbour(dev, gateway).await);
-            self.cleanup(
-                self.delete_fdb(dev, peer.vtep_mac, Some(peer.public_ip))
-                    .await,
-            );
+            self.undo_neighbour(dev, entries, gateway).await;
+            // Another peer's neighbour may share the MAC: its entry stays.
+            if !entries.used_by_other(peer.vtep_mac, gateway) {
+                let undo = self
+                    .delete_fdb(dev, peer.vtep_mac, Some(peer.public_ip))
+                    .await;
+                if undo.is_ok() {
+                    entries.remove_fdb(peer.vtep_mac, Some(peer.public_ip));
+                }
+                self.cleanup(undo);
+            }
             return Err(e.into());
         }
 
-        let neighbours_after: Vec<_> = neighbours_before
-            .into_iter()
-            .filter(|(ip, _)| *ip != gateway)
-            .chain([(gateway, peer.vtep_mac)])
-            .collect();
-        let fdb = self.fdb_entries(dev).await?;
-        for mac in stale_fdb_macs(peer, old_mac, &neighbours_after, &fdb) {
+        for mac in entries.stale_fdb_macs(peer, old_mac) {
             info!(
                 "{}: removing stale FDB entry {mac} (peer {} now uses {})",
                 dev.name, peer.subnet, peer.vtep_mac
             );
             self.delete_fdb(dev, mac, None).await?;
+            entries.remove_fdb(mac, None);
         }
         Ok(())
+    }
+
+    /// Removes the neighbour a failed [`Netlink::replace_peer`] left.
+    async fn undo_neighbour(&self, dev: Device<'_>, entries: &mut EntryTable, gateway: Ipv4Addr) {
+        let undo = self.delete_neighbour(dev, gateway).await;
+        if undo.is_ok() {
+            entries.remove_neighbour(gateway);
+        }
+        self.cleanup(undo);
     }
 
     /// Removes a peer's neighbour, FDB entry and route. Missing entries are not
     /// an error; every removal is attempted and the first failure is returned.
     /// The FDB entry is removed for the peer's MAC and for the MAC the kernel's
     /// neighbour actually held, unless another neighbour still uses it.
-    pub async fn remove_peer(&self, dev: Device<'_>, peer: &Peer) -> Result<(), DatapathError> {
-        let mut results = self.remove_neighbour_and_fdb(dev, peer).await?;
+    pub async fn remove_peer(
+        &self,
+        dev: Device<'_>,
+        entries: &mut EntryTable,
+        peer: &Peer,
+    ) -> Result<(), DatapathError> {
+        let mut results = self.remove_neighbour_and_fdb(dev, entries, peer).await;
         results.push(self.delete_route(dev, peer.subnet).await);
         results
             .into_iter()
@@ -174,44 +168,56 @@ impl Netlink {
 
     /// The neighbour and FDB part of [`Netlink::remove_peer`], leaving the
     /// route: what is left of a peer whose vxlan route a direct route has
-    /// replaced. Returns the result of every removal.
+    /// replaced. Returns the result of every removal; `entries` (the
+    /// device's table) says which MAC the neighbour held and whether another
+    /// neighbour uses it, and records what was removed.
     pub async fn remove_neighbour_and_fdb(
         &self,
         dev: Device<'_>,
+        entries: &mut EntryTable,
         peer: &Peer,
-    ) -> Result<Vec<Result<(), NetlinkError>>, DatapathError> {
+    ) -> Vec<Result<(), NetlinkError>> {
         let gateway = peer_gateway(peer.subnet);
-        let neighbours = self.neighbours(dev).await?;
-        let kernel_mac = neighbours
-            .iter()
-            .find(|(ip, _)| *ip == gateway)
-            .map(|(_, mac)| *mac);
-        let in_use_elsewhere =
-            |mac: MacAddr| neighbours.iter().any(|(ip, m)| *ip != gateway && *m == mac);
-
-        let mut results = vec![self.delete_neighbour(dev, gateway).await];
+        let kernel_mac = entries.neighbour(gateway);
         let macs: BTreeSet<MacAddr> = [Some(peer.vtep_mac), kernel_mac]
             .into_iter()
             .flatten()
+            .filter(|mac| !entries.used_by_other(*mac, gateway))
             .collect();
-        for mac in macs {
-            if !in_use_elsewhere(mac) {
-                results.push(self.delete_fdb(dev, mac, None).await);
-            }
+
+        let deleted = self.delete_neighbour(dev, gateway).await;
+        if deleted.is_ok() {
+            entries.remove_neighbour(gateway);
         }
-        Ok(results)
+        let mut results = vec![deleted];
+        for mac in macs {
+            let deleted = self.delete_fdb(dev, mac, None).await;
+            if deleted.is_ok() {
+                entries.remove_fdb(mac, None);
+            }
+            results.push(deleted);
+        }
+        results
+    }
+
+    /// The device's neighbours and FDB entries, one dump each: the table
+    /// peer events then keep up to date.
+    pub async fn learn_entries(&self, dev: Device<'_>) -> Result<EntryTable, NetlinkError> {
+        let neighbours = self.neighbours(dev).await?;
+        let fdb = self.fdb_entries(dev).await?;
+        Ok(EntryTable::from_dump(&neighbours, &fdb))
     }
 
     /// Peers as the kernel has them: every route through the device with a
-    /// gateway, joined with the device's permanent neighbours and FDB entries.
+    /// gateway, joined with the device's permanent neighbours and FDB
+    /// entries; and the table those entries make (one dump of each).
     pub async fn programmed_peers(
         &self,
         dev: Device<'_>,
-    ) -> Result<Vec<ProgrammedPeer>, DatapathError> {
+    ) -> Result<(Vec<ProgrammedPeer>, EntryTable), DatapathError> {
         let routes = self.peer_routes(dev).await?;
-        let neighbours = self.neighbours(dev).await?;
-        let fdb = self.fdb_entries(dev).await?;
-        Ok(join_entries(&routes, &neighbours, &fdb))
+        let entries = self.learn_entries(dev).await?;
+        Ok((join_entries(&routes, &entries), entries))
     }
 
     fn cleanup(&self, result: Result<(), NetlinkError>) {
@@ -542,7 +548,7 @@ mod tests {
             (ip("10.5.54.0"), mac(4)),
         ];
         let fdb = [(mac(2), ip("192.168.1.2")), (mac(3), ip("192.168.1.3"))];
-        let peers = join_entries(&routes, &neighbours, &fdb);
+        let peers = join_entries(&routes, &EntryTable::from_dump(&neighbours, &fdb));
         let subnets: Vec<_> = peers.iter().map(|p| p.subnet).collect();
         assert_eq!(
             subnets,
@@ -579,43 +585,5 @@ mod tests {
             public_ip: Some(ip("192.168.1.2")),
         };
         assert_eq!(p.peer(), None);
-    }
-
-    #[test]
-    fn stale_fdb_after_mac_change() {
-        let peer = Peer {
-            subnet: net("10.5.52.0/24"),
-            public_ip: ip("192.168.1.2"),
-            vtep_mac: mac(9),
-        };
-        let neighbours_after = [(ip("10.5.52.0"), mac(9)), (ip("10.5.53.0"), mac(3))];
-        let fdb = [
-            (mac(2), ip("192.168.1.2")), // the old MAC: stale
-            (mac(9), ip("192.168.1.2")), // the new one
-            (mac(3), ip("192.168.1.3")), // another peer
-            (mac(7), ip("192.168.1.2")), // left by a crash, same public IP, unused: stale
-        ];
-        let stale = stale_fdb_macs(&peer, Some(mac(2)), &neighbours_after, &fdb);
-        assert_eq!(stale.into_iter().collect::<Vec<_>>(), [mac(2), mac(7)]);
-    }
-
-    #[test]
-    fn nothing_is_stale_when_the_mac_is_unchanged_or_shared() {
-        let peer = Peer {
-            subnet: net("10.5.52.0/24"),
-            public_ip: ip("192.168.1.2"),
-            vtep_mac: mac(2),
-        };
-        let fdb = [(mac(2), ip("192.168.1.2")), (mac(3), ip("192.168.1.3"))];
-        let neighbours = [(ip("10.5.52.0"), mac(2)), (ip("10.5.53.0"), mac(3))];
-        assert!(stale_fdb_macs(&peer, Some(mac(2)), &neighbours, &fdb).is_empty());
-        // The old MAC is still another peer's: keep its FDB entry.
-        let moved = Peer {
-            vtep_mac: mac(9),
-            ..peer
-        };
-        let neighbours = [(ip("10.5.52.0"), mac(9)), (ip("10.5.53.0"), mac(3))];
-        let fdb = [(mac(9), ip("192.168.1.2")), (mac(3), ip("192.168.1.3"))];
-        assert!(stale_fdb_macs(&moved, Some(mac(3)), &neighbours, &fdb).is_empty());
     }
 }
