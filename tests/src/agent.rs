@@ -78,6 +78,15 @@ impl Hosts {
     pub fn ip(&self, i: usize) -> String {
         format!("10.98.0.{i}")
     }
+    /// A one-member etcd inside host `i`, listening on its address.
+    pub fn etcd(&self, i: usize) -> Result<Etcd> {
+        Etcd::start_with(EtcdSpec {
+            netns: Some(self.ns(i)),
+            listen_ip: Some(self.ip(i)),
+            ..EtcdSpec::default()
+        })
+    }
+
     pub fn routes(&self, i: usize) -> String {
         sh(&["ip", "-n", &self.ns(i), "route"]).unwrap_or_default()
     }

@@ -254,11 +254,7 @@ fn three_agents_kernel_fallback_and_ebpf_full_mesh() -> Result<()> {
 fn a_malformed_config_is_waited_out_without_touching_the_host() -> Result<()> {
     let bin = overlay_tests::binaries::agent()?;
     let hosts = Hosts::new("c", 1)?;
-    let etcd = Etcd::start_with(EtcdSpec {
-        netns: Some(hosts.ns(1)),
-        listen_ip: Some(hosts.ip(1)),
-        ..EtcdSpec::default()
-    })?;
+    let etcd = hosts.etcd(1)?;
     etcd.put(
         &format!("{PREFIX}/config"),
         r#"{"Network":"10.0.0.0/16","SubnetLen":31,"Backend":{"Type":"vxlan"}}"#,

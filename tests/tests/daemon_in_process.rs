@@ -15,7 +15,7 @@ use overlay_agent::{
 };
 use overlay_tests::{
     agent::{Hosts, sh, subnet_of, within},
-    etcd::{Etcd, EtcdSpec},
+    etcd::Etcd,
     netns,
 };
 use tokio::sync::oneshot;
@@ -102,11 +102,7 @@ fn args(etcd: &Etcd, hosts: &Hosts, subnet_file: &std::path::Path) -> Vec<String
 #[ignore = "needs root, network namespaces and eBPF: run `cargo xtask test`"]
 fn the_daemon_runs_in_process_through_its_stages_and_stops_when_asked() -> Result<()> {
     let hosts = Hosts::new("ip", 2)?;
-    let etcd = Etcd::start_with(EtcdSpec {
-        netns: Some(hosts.ns(1)),
-        listen_ip: Some(hosts.ip(1)),
-        ..EtcdSpec::default()
-    })?;
+    let etcd = hosts.etcd(1)?;
     etcd.put(&format!("{PREFIX}/config"), CONFIG)?;
     let env = etcd.dir().join("h2.env");
     let health = Health::new();
@@ -152,11 +148,7 @@ fn the_daemon_runs_in_process_through_its_stages_and_stops_when_asked() -> Resul
 #[ignore = "needs root, network namespaces and eBPF: run `cargo xtask test`"]
 fn a_stage_that_fails_before_the_lease_takes_none() -> Result<()> {
     let hosts = Hosts::new("iq", 2)?;
-    let etcd = Etcd::start_with(EtcdSpec {
-        netns: Some(hosts.ns(1)),
-        listen_ip: Some(hosts.ip(1)),
-        ..EtcdSpec::default()
-    })?;
+    let etcd = hosts.etcd(1)?;
     etcd.put(&format!("{PREFIX}/config"), CONFIG)?;
     // A subnet file under a regular file: never writable.
     let blocker = etcd.dir().join("not-a-dir");
@@ -190,11 +182,7 @@ fn a_stage_that_fails_before_the_lease_takes_none() -> Result<()> {
 #[ignore = "needs root, network namespaces and eBPF: run `cargo xtask test`"]
 fn a_config_that_appears_late_is_waited_for_and_a_stop_meanwhile_is_prompt() -> Result<()> {
     let hosts = Hosts::new("ir", 2)?;
-    let etcd = Etcd::start_with(EtcdSpec {
-        netns: Some(hosts.ns(1)),
-        listen_ip: Some(hosts.ip(1)),
-        ..EtcdSpec::default()
-    })?;
+    let etcd = hosts.etcd(1)?;
     let env = etcd.dir().join("h2.env");
 
     // No config yet: the daemon waits, touching nothing; a stop ends it.
@@ -229,11 +217,7 @@ fn a_config_that_appears_late_is_waited_for_and_a_stop_meanwhile_is_prompt() -> 
 #[ignore = "needs root, network namespaces and eBPF: run `cargo xtask test`"]
 fn it_takes_its_lease_back_resumes_a_cut_watch_and_stops_promptly_with_etcd_down() -> Result<()> {
     let hosts = Hosts::new("is", 2)?;
-    let mut etcd = Etcd::start_with(EtcdSpec {
-        netns: Some(hosts.ns(1)),
-        listen_ip: Some(hosts.ip(1)),
-        ..EtcdSpec::default()
-    })?;
+    let mut etcd = hosts.etcd(1)?;
     etcd.put(&format!("{PREFIX}/config"), CONFIG)?;
     let env = etcd.dir().join("h2.env");
     let health = Health::new();

@@ -10,7 +10,7 @@ use std::{collections::BTreeSet, net::Ipv4Addr, time::Duration};
 use anyhow::{Result, ensure};
 use overlay_tests::{
     agent::{Agent, Hosts, sh, within},
-    etcd::{Etcd, EtcdSpec, Write},
+    etcd::Write,
 };
 
 const PREFIX: &str = "/coreos.com/network";
@@ -44,11 +44,7 @@ fn lines_with(out: &str, what: &str) -> usize {
 fn five_thousand_leases_changing_during_the_first_sync_end_exactly_right() -> Result<()> {
     let bin = overlay_tests::binaries::agent()?;
     let hosts = Hosts::new("is", 2)?;
-    let etcd = Etcd::start_with(EtcdSpec {
-        netns: Some(hosts.ns(1)),
-        listen_ip: Some(hosts.ip(1)),
-        ..EtcdSpec::default()
-    })?;
+    let etcd = hosts.etcd(1)?;
     etcd.put(&format!("{PREFIX}/config"), CONFIG)?;
     let mut writes: Vec<Write> = (0..PEERS)
         .map(|i| Write::Put(key(i), lease(i, 0)))

@@ -156,17 +156,27 @@ struct Parts<'a> {
 
 impl Parts<'_> {
     fn dev(&self) -> Device<'_> {
-        Device {
-            ifindex: self.device.ifindex,
-            name: &self.device.name,
-        }
+        vxlan_of(self.device)
     }
 
     fn underlay(&self) -> Device<'_> {
-        Device {
-            ifindex: self.device.underlay_ifindex,
-            name: &self.device.underlay,
-        }
+        underlay_of(self.device)
+    }
+}
+
+/// `flannel.<VNI>`, for the netlink calls.
+fn vxlan_of(device: &VxlanDevice) -> Device<'_> {
+    Device {
+        ifindex: device.ifindex,
+        name: &device.name,
+    }
+}
+
+/// The underlay NIC below it.
+fn underlay_of(device: &VxlanDevice) -> Device<'_> {
+    Device {
+        ifindex: device.underlay_ifindex,
+        name: &device.underlay,
     }
 }
 
@@ -182,17 +192,11 @@ impl State {
     }
 
     fn dev(&self) -> Device<'_> {
-        Device {
-            ifindex: self.device.ifindex,
-            name: &self.device.name,
-        }
+        vxlan_of(&self.device)
     }
 
     fn underlay(&self) -> Device<'_> {
-        Device {
-            ifindex: self.device.underlay_ifindex,
-            name: &self.device.underlay,
-        }
+        underlay_of(&self.device)
     }
 }
 
