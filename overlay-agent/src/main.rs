@@ -28,7 +28,7 @@ use overlay_agent::{
         own::{self, AcquireError, Keeper, NodeIdentity, OwnLease, Renewal},
         watch::LeaseWatcher,
     },
-    health::{self, Health, PeerTrafficMetric, Phase},
+    health::{self, Health, Phase},
     iface::{self, ExternalInterface},
     ipmasq::{self, Rule},
     mac::MacAddr,
@@ -266,7 +266,7 @@ async fn run(cli: Cli) -> Result<()> {
             )
         })?;
     let mut watcher = LeaseWatcher::new(reg.clone(), snapshot.revision);
-    refresh_health(&health, &mut rec, &lease, &watcher);
+    refresh_health(&health, &mut rec, &lease, &watcher, cli.metrics_per_peer);
     health.set_phase(Phase::Running);
     log::info!(
         "running: lease {} on {} ({} datapath), {} peer(s) programmed",
@@ -322,7 +322,7 @@ async fn run(cli: Cli) -> Result<()> {
                 }
             }
             _ = health_tick.tick() => {
-                refresh_health(&health, &mut rec, &lease, &watcher);
+                refresh_health(&health, &mut rec, &lease, &watcher, cli.metrics_per_peer);
             }
             changed = own_rx.changed() => {
                 if changed.is_err() {
@@ -940,35 +940,19 @@ fn refresh_health(
     rec: &mut Reconciler<AnyDatapath>,
     lease: &OwnLease,
     watcher: &LeaseWatcher,
+    metrics_per_peer: bool,
 ) {
-    let programmed: Vec<_> = rec.programmed().values().copied().collect();
+    // Every second: nothing here grows with the number of peers (only with
+    // the leases rejected, normally none); each peer's traffic is read when
+    // /metrics is scraped, and only with --metrics-per-peer (health::peers).
+    let programmed = rec.programmed().len();
     let mut rejected = std::collections::BTreeMap::new();
     for (_, why) in rec.rejected().values() {
         *rejected.entry(*why).or_insert(0) += 1;
     }
     let refused = rec.refused().len();
     let dp = rec.datapath();
-    let (counters, traffic) = match dp.as_ebpf() {
-        Some(e) => (e.counters().ok(), e.peer_counters().unwrap_or_default()),
-        None => (None, Vec::new()),
-    };
-    // One pass over the counters, then a lookup per peer: this runs every
-    // second, so it must stay linear in the number of peers.
-    let traffic: std::collections::HashMap<std::net::Ipv4Addr, _> =
-        traffic.into_iter().map(|t| (t.public_ip, t)).collect();
-    let peers = programmed
-        .iter()
-        .map(|p| PeerTrafficMetric {
-            subnet: p.subnet,
-            traffic: traffic.get(&p.public_ip).copied().unwrap_or(
-                overlay_agent::datapath::ebpf::PeerCounters {
-                    public_ip: p.public_ip,
-                    tx: Default::default(),
-                    rx: Default::default(),
-                },
-            ),
-        })
-        .collect();
+    let counters = dp.as_ebpf().and_then(|e| e.counters().ok());
     let expiry = lease.expires.map(|at| {
         let left = at.saturating_duration_since(std::time::Instant::now());
         (std::time::SystemTime::now() + left)
@@ -978,10 +962,12 @@ fn refresh_health(
     let mut h = health.lock();
     h.leases_rejected = rejected;
     h.mode = Some(dp.mode());
-    h.peers_programmed = programmed.len();
+    h.peers_programmed = programmed;
     h.peers_rejected_map_full = refused;
     h.counters = counters;
-    h.peers = peers;
+    if metrics_per_peer {
+        health::peers::follow(&mut h.peer_maps, dp.as_ebpf());
+    }
     h.lease_expiry_unix = expiry;
     h.reservation = lease.is_reservation();
     h.etcd_connected = !watcher.is_failing();
