@@ -1,9 +1,10 @@
 //! Following `<prefix>/subnets/` (or one lease key of it): a snapshot, then
-//! a watch from the next revision. The watcher gives up only on a problem of configuration
-//! (certificates, credentials): a broken stream is re-opened from the last
-//! revision seen, with bounded exponential backoff, across whatever
-//! endpoints the client balances over; a watch that fell behind compaction
-//! re-lists and hands the caller a fresh snapshot to diff against.
+//! a watch from the next revision. The watcher gives up only on a problem
+//! of configuration (certificates, credentials): a broken stream is
+//! re-opened from the last revision seen, with bounded exponential backoff,
+//! across whatever endpoints the client balances over; a watch that fell
+//! behind compaction re-lists and hands the caller a fresh snapshot to diff
+//! against.
 
 use etcd_client::{EventType, WatchOptions, WatchStream};
 use ipnet::Ipv4Net;
