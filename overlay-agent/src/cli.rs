@@ -174,6 +174,14 @@ pub struct Cli {
     #[arg(long, env = "FLANNELD_HEALTHZ_PORT", default_value = "0", help_heading = HEALTH)]
     pub healthz_port: u16,
 
+    /// Also put each peer's traffic on /metrics: four series per peer
+    /// (eBPF datapath only; off by default, since every node of a large
+    /// cluster would export four series per node of the cluster).
+    #[arg(long, env = "FLANNELD_METRICS_PER_PEER", default_value = "false", num_args = 0..=1,
+          default_missing_value = "true", require_equals = true, value_parser = parse_go_bool,
+          help_heading = HEALTH)]
+    pub metrics_per_peer: bool,
+
     /// Which datapath moves the packets.
     #[arg(long, env = "FLANNELD_DATAPATH", value_enum, default_value = "auto",
           help_heading = DATAPATH)]
@@ -429,6 +437,7 @@ mod tests {
         assert_eq!(c.iptables_resync, 5);
         assert_eq!(c.healthz_ip, Ipv4Addr::UNSPECIFIED);
         assert_eq!(c.healthz_port, 0);
+        assert!(!c.metrics_per_peer);
         assert_eq!(c.datapath, DatapathChoice::Auto);
         assert!(c.iface.is_empty());
         assert!(c.validate().is_ok());
@@ -528,9 +537,14 @@ mod tests {
             std::env::set_var("FLANNELD_IP_MASQ", "true");
             std::env::set_var("FLANNELD_SUBNET_LEASE_RENEW_MARGIN", "15");
             std::env::set_var("FLANNELD_DATAPATH", "kernel");
+            std::env::set_var("FLANNELD_METRICS_PER_PEER", "true");
         }
         let c = parse(&[]);
-        let c2 = parse(&["--iface=eth1", "--datapath=ebpf"]);
+        let c2 = parse(&[
+            "--iface=eth1",
+            "--datapath=ebpf",
+            "--metrics-per-peer=false",
+        ]);
         unsafe {
             for v in [
                 "FLANNELD_ETCD_ENDPOINTS",
@@ -538,6 +552,7 @@ mod tests {
                 "FLANNELD_IP_MASQ",
                 "FLANNELD_SUBNET_LEASE_RENEW_MARGIN",
                 "FLANNELD_DATAPATH",
+                "FLANNELD_METRICS_PER_PEER",
             ] {
                 std::env::remove_var(v);
             }
@@ -547,8 +562,11 @@ mod tests {
         assert!(c.ip_masq);
         assert_eq!(c.subnet_lease_renew_margin.0, Duration::from_secs(900));
         assert_eq!(c.datapath, DatapathChoice::Kernel);
+        assert!(c.metrics_per_peer);
         assert_eq!(c2.iface, vec!["eth1"]);
         assert_eq!(c2.datapath, DatapathChoice::Ebpf);
+        assert!(!c2.metrics_per_peer);
+        assert!(parse(&["--metrics-per-peer"]).metrics_per_peer);
     }
 
     #[test]

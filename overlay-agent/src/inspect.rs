@@ -1,7 +1,7 @@
 //! `overlay-agent status`: what the eBPF datapath holds, read from its pins,
 //! so it answers the same whether the agent runs or has stopped.
 
-use std::{fmt::Write as _, net::Ipv4Addr, path::PathBuf};
+use std::{collections::HashMap, fmt::Write as _, net::Ipv4Addr, path::PathBuf};
 
 use aya::maps::{Map, MapData};
 use overlay_common::{
@@ -57,7 +57,8 @@ pub struct PinnedState {
     /// its veth's ifindex).
     pub links: Vec<(String, LinkInfo)>,
     pub peers: Vec<Peer>,
-    pub traffic: Vec<PeerCounters>,
+    /// PEER_STATS by public IP, read in one pass.
+    pub traffic: HashMap<Ipv4Addr, PeerCounters>,
     pub counters: Counters,
 }
 
@@ -181,7 +182,7 @@ pub fn render(
         "subnet", "vtep mac", "public ip", "tx packets", "tx bytes", "rx packets", "rx bytes"
     );
     for p in &st.peers {
-        let t = st.traffic.iter().find(|t| t.public_ip == p.public_ip);
+        let t = st.traffic.get(&p.public_ip);
         let (tp, tb, rp, rb) = t.map_or((0, 0, 0, 0), |t| {
             (t.tx.packets, t.tx.bytes, t.rx.packets, t.rx.bytes)
         });

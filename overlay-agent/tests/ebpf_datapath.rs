@@ -752,7 +752,8 @@ fn a_full_peer_map_refuses_a_peer_whole_and_keeps_the_others() -> Result<()> {
     let maps = || -> Result<MapContents> {
         wa.run(|dp, _| -> Result<_> {
             let in_trie = dp.map_peers()?;
-            let stats: Vec<_> = dp.peer_counters()?.iter().map(|c| c.public_ip).collect();
+            let mut stats: Vec<_> = dp.peer_counters()?.into_keys().collect();
+            stats.sort();
             let mut known = Vec::new();
             for ip in [
                 "192.168.77.2",

@@ -1,6 +1,7 @@
 //! Watching `<prefix>/subnets/` against a real etcd on loopback (no root
 //! needed): changes within a second, lease expiry as deletion, compaction
-//! handled by a re-list, and the watch surviving etcd restarts and the loss
+//! handled by a re-list, one lease key's watch (the lease keeper's) seeing
+//! that key alone, and the watch surviving etcd restarts and the loss
 //! of a cluster member.
 
 use std::time::{Duration, Instant};
@@ -134,6 +135,59 @@ async fn compaction_past_our_revision_gives_a_full_relist() {
     assert_eq!(
         put_key(&ev),
         vec![(key("10.0.17.0-24"), LEASE_A.to_owned())]
+    );
+}
+
+#[tokio::test]
+async fn a_lease_key_watch_sees_its_key_alone_and_relists_it_alone() {
+    let etcd = Etcd::start().unwrap();
+    let reg = Registry::connect(&etcd.options(PREFIX)).await.unwrap();
+    let own: ipnet::Ipv4Net = "10.0.14.0/24".parse().unwrap();
+    etcd.put(&key("10.0.14.0-24"), LEASE_A).unwrap();
+    let snap = reg.lease_snapshot(own).await.unwrap();
+    assert_eq!(snap.entries.len(), 1, "{snap:?}");
+    let mut w = LeaseWatcher::lease_key(reg.clone(), own, snap.revision);
+
+    // Other keys under the prefix (a peer joining, one with our subnet as a
+    // prefix of its key) wake nothing; then our key's deletion arrives alone.
+    etcd.put(&key("10.0.16.0-24"), LEASE_B).unwrap();
+    etcd.put(&key("10.0.14.0-240"), LEASE_B).unwrap();
+    etcd.delete(&key("10.0.14.0-24")).unwrap();
+    let ev = next_within(&mut w, Duration::from_secs(2), "our key's delete").await;
+    assert_eq!(
+        ev,
+        vec![WatchEvent::Delete {
+            key: key("10.0.14.0-24")
+        }]
+    );
+
+    // Compacted past its revision: the re-list holds our key alone.
+    etcd.put(&key("10.0.14.0-24"), LEASE_B).unwrap();
+    etcd.put(&key("10.0.17.0-24"), LEASE_A).unwrap();
+    let rev = reg.list().await.unwrap().revision;
+    etcd.etcdctl(&["compact", &rev.to_string()]).unwrap();
+    let mut w = LeaseWatcher::lease_key(reg.clone(), own, snap.revision);
+    let ev = next_within(&mut w, Duration::from_secs(3), "re-list").await;
+    let [WatchEvent::Reset(listed)] = ev.as_slice() else {
+        panic!("expected one Reset, got {ev:?}");
+    };
+    let keys: Vec<&str> = listed.entries.iter().map(|e| e.key.as_str()).collect();
+    assert_eq!(keys, vec![key("10.0.14.0-24").as_str()]);
+    assert_eq!(listed.entries[0].value, LEASE_B.as_bytes());
+    assert_eq!(w.next_revision(), listed.revision + 1);
+
+    // A peer's change after the re-list wakes nothing either; ours does.
+    let watching = tokio::spawn(async move { w.next().await.unwrap() });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    etcd.put(&key("10.0.18.0-24"), LEASE_A).unwrap();
+    etcd.put(&key("10.0.14.0-24"), LEASE_A).unwrap();
+    let ev = tokio::time::timeout(Duration::from_secs(1), watching)
+        .await
+        .expect("our put after the re-list")
+        .unwrap();
+    assert_eq!(
+        put_key(&ev),
+        vec![(key("10.0.14.0-24"), LEASE_A.to_owned())]
     );
 }
 

@@ -2,7 +2,9 @@
 //! answers from the start, `/readyz` only once the lease is held and the
 //! datapath programmed (and says why not before), `READY=1` reaches
 //! `NOTIFY_SOCKET` after subnet.env is written, and `/metrics` moves with
-//! traffic: counters by reason, per-peer packets, peers, lease, etcd, mode.
+//! traffic: counters by reason, per-peer packets (with
+//! `FLANNELD_METRICS_PER_PEER`; an eBPF agent without it has no per-peer
+//! series), peers, lease, etcd, mode.
 
 use std::{
     os::unix::net::UnixDatagram,
@@ -21,7 +23,7 @@ const PORT: u16 = 9871;
 #[test]
 #[ignore = "needs root, network namespaces, etcd and eBPF: run `cargo xtask test`"]
 fn readiness_notification_and_metrics_follow_the_agent() -> Result<()> {
-    let cluster = Cluster::without_config("hm", 2)?;
+    let cluster = Cluster::without_config("hm", 3)?;
     let dir = cluster.etcd.dir().to_path_buf();
     let notify_path = dir.join("notify.sock");
     let notify = UnixDatagram::bind(&notify_path)?;
@@ -34,7 +36,7 @@ fn readiness_notification_and_metrics_follow_the_agent() -> Result<()> {
         ];
         cluster.args(i, &health.iter().map(String::as_str).collect::<Vec<_>>())
     };
-    let (args1, args2) = (args(1, "ebpf"), args(2, "kernel"));
+    let (args1, args2, args3) = (args(1, "ebpf"), args(2, "kernel"), args(3, "ebpf"));
     let Cluster { hosts, etcd, bin } = cluster;
     let (h1, ip1) = (hosts.ns(1), hosts.ip(1));
     let mut a1 = Agent::start_with_env(
@@ -43,7 +45,10 @@ fn readiness_notification_and_metrics_follow_the_agent() -> Result<()> {
         &h1,
         &bin,
         &args1,
-        &[("NOTIFY_SOCKET", notify_path.to_str().unwrap())],
+        &[
+            ("NOTIFY_SOCKET", notify_path.to_str().unwrap()),
+            ("FLANNELD_METRICS_PER_PEER", "true"),
+        ],
     )?;
     a1.wait_for("waiting", Duration::from_secs(20))?;
 
@@ -132,6 +137,40 @@ fn readiness_notification_and_metrics_follow_the_agent() -> Result<()> {
             .any(|k| k.starts_with("overlay_datapath_packets_total")),
         "kernel datapath reports eBPF counters"
     );
+
+    // A third node, on the eBPF datapath without per-peer metrics: its
+    // totals, none of its two peers' series; h1 (with them) has h3's.
+    let mut a3 = Agent::start(&dir, "h3", &hosts.ns(3), &bin, &args3)?;
+    a3.wait_for("running: lease", Duration::from_secs(20))?;
+    let (h3, ip3) = (hosts.ns(3), hosts.ip(3));
+    within(Duration::from_secs(5), "h3 programs its two peers", || {
+        scrape(&h3, &ip3, PORT)
+            .and_then(|m| sample(&m, "overlay_peers_programmed"))
+            .is_ok_and(|v| v == 2.0)
+    })?;
+    let m3 = scrape(&h3, &ip3, PORT)?;
+    ensure!(sample(&m3, "overlay_datapath_mode{mode=\"ebpf\"}")? == 1.0);
+    ensure!(
+        m3.contains_key("overlay_datapath_packets_total{reason=\"encapsulated\"}"),
+        "h3 lacks the totals: {m3:#?}"
+    );
+    let per_peer: Vec<_> = m3
+        .keys()
+        .filter(|k| k.starts_with("overlay_peer_"))
+        .collect();
+    ensure!(
+        per_peer.is_empty(),
+        "per-peer series without --metrics-per-peer: {per_peer:?}"
+    );
+    let subnet3 = subnet_of(&dir.join("h3.env"))?;
+    let label3 = format!("{{subnet=\"{subnet3}/24\",public_ip=\"{ip3}\"}}");
+    within(Duration::from_secs(5), "h1's series of h3", || {
+        scrape(&h1, &ip1, PORT).is_ok_and(|m| {
+            let h1_per_peer = m.keys().filter(|k| k.starts_with("overlay_peer_")).count();
+            h1_per_peer == 2 * 4 && m.contains_key(&format!("overlay_peer_rx_bytes_total{label3}"))
+        })
+    })?;
+    drop(a3);
 
     // etcd goes away: the watch notices, metrics say so, readiness holds
     // (the datapath keeps working without etcd).

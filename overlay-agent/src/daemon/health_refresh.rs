@@ -1,12 +1,12 @@
 //! What `/metrics` and `/readyz` report, refreshed from the loop's state.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use super::lease_feed::LeaseFeed;
 use crate::{
-    datapath::{AnyDatapath, Datapath, ebpf::PeerCounters},
+    datapath::{AnyDatapath, Datapath},
     etcd::own::OwnLease,
-    health::{Health, PeerTrafficMetric},
+    health::{self, Health},
     reconcile::Reconciler,
 };
 
@@ -15,33 +15,19 @@ pub fn refresh_health(
     rec: &mut Reconciler<AnyDatapath>,
     lease: &OwnLease,
     feed: &LeaseFeed,
+    metrics_per_peer: bool,
 ) {
-    let programmed: Vec<_> = rec.programmed().values().copied().collect();
+    // Every second: nothing here grows with the number of peers (only with
+    // the leases rejected, normally none); each peer's traffic is read when
+    // /metrics is scraped, and only with --metrics-per-peer (health::peers).
+    let programmed = rec.programmed().len();
     let mut rejected = BTreeMap::new();
     for (_, why) in rec.rejected().values() {
         *rejected.entry(*why).or_insert(0) += 1;
     }
     let refused = rec.refused().len();
     let dp = rec.datapath();
-    let (counters, traffic) = match dp.as_ebpf() {
-        Some(e) => (e.counters().ok(), e.peer_counters().unwrap_or_default()),
-        None => (None, Vec::new()),
-    };
-    // One pass over the counters, then a lookup per peer: this runs every
-    // second, so it must stay linear in the number of peers.
-    let traffic: HashMap<std::net::Ipv4Addr, _> =
-        traffic.into_iter().map(|t| (t.public_ip, t)).collect();
-    let peers = programmed
-        .iter()
-        .map(|p| PeerTrafficMetric {
-            subnet: p.subnet,
-            traffic: traffic.get(&p.public_ip).copied().unwrap_or(PeerCounters {
-                public_ip: p.public_ip,
-                tx: Default::default(),
-                rx: Default::default(),
-            }),
-        })
-        .collect();
+    let counters = dp.as_ebpf().and_then(|e| e.counters().ok());
     let expiry = lease.expires.map(|at| {
         let left = at.saturating_duration_since(std::time::Instant::now());
         (std::time::SystemTime::now() + left)
@@ -51,10 +37,12 @@ pub fn refresh_health(
     let mut h = health.lock();
     h.leases_rejected = rejected;
     h.mode = Some(dp.mode());
-    h.peers_programmed = programmed.len();
+    h.peers_programmed = programmed;
     h.peers_rejected_map_full = refused;
     h.counters = counters;
-    h.peers = peers;
+    if metrics_per_peer {
+        health::peers::follow(&mut h.peer_maps, dp.as_ebpf());
+    }
     h.lease_expiry_unix = expiry;
     h.reservation = lease.is_reservation();
     h.etcd_connected = !feed.is_failing();

@@ -95,7 +95,7 @@ pub async fn run(
         )
     })?;
     let mut feed = LeaseFeed::spawn(reg.clone(), snapshot.revision);
-    refresh_health(health, &mut rec, &lease, &feed);
+    refresh_health(health, &mut rec, &lease, &feed, cli.metrics_per_peer);
     health.set_phase(Phase::Running);
     log::info!(
         "running: lease {} on {} ({} datapath), {} peer(s) programmed",
@@ -150,7 +150,7 @@ pub async fn run(
                 }
             }
             _ = health_tick.tick() => {
-                refresh_health(health, &mut rec, &lease, &feed);
+                refresh_health(health, &mut rec, &lease, &feed, cli.metrics_per_peer);
             }
             changed = own_rx.changed() => {
                 if changed.is_err() {

@@ -496,14 +496,23 @@ impl EbpfDatapath {
         Ok(read_counters(map)?)
     }
 
-    /// PEER_STATS summed over all CPUs, sorted by public IP.
-    pub fn peer_counters(&self) -> Result<Vec<PeerCounters>, DatapathError> {
+    /// PEER_STATS summed over all CPUs, by public IP.
+    pub fn peer_counters(
+        &self,
+    ) -> Result<std::collections::HashMap<Ipv4Addr, PeerCounters>, DatapathError> {
         let loaded = self.loaded()?;
         let map = loaded
             .ebpf
             .map(MAP_PEER_STATS)
             .ok_or(EbpfError::MissingMap(MAP_PEER_STATS))?;
         Ok(read_peer_counters(map)?)
+    }
+
+    /// Our map `name`, for a reader that takes its own handle on it
+    /// (`health::peers`: `/metrics` reads the peer maps when scraped).
+    pub fn map(&self, name: &'static str) -> Result<&aya::maps::Map, DatapathError> {
+        let loaded = self.loaded()?;
+        Ok(loaded.ebpf.map(name).ok_or(EbpfError::MissingMap(name))?)
     }
 
     /// The peers in REMOTE_SUBNETS, sorted by subnet.
@@ -599,15 +608,18 @@ pub fn read_node_config(map: &aya::maps::Map) -> Result<NodeConfig, EbpfError> {
         .map_err(|e| EbpfError::map(MAP_NODE_CONFIG, "read entry 0", e))
 }
 
-/// Reads PEER_STATS (an open map: ours, or one reopened from its pin).
-pub fn read_peer_counters(map: &aya::maps::Map) -> Result<Vec<PeerCounters>, EbpfError> {
+/// Reads PEER_STATS (an open map: ours, or one reopened from its pin) in
+/// one pass, keyed by public IP for the callers' lookups per peer.
+pub fn read_peer_counters(
+    map: &aya::maps::Map,
+) -> Result<std::collections::HashMap<Ipv4Addr, PeerCounters>, EbpfError> {
     let stats: PerCpuHashMap<&MapData, [u8; 4], PeerTraffic> =
         PerCpuHashMap::try_from(map).map_err(|e| EbpfError::map(MAP_PEER_STATS, "open", e))?;
-    let mut out = Vec::new();
+    let mut out = std::collections::HashMap::new();
     for entry in stats.iter() {
         let (ip, values) = entry.map_err(|e| EbpfError::map(MAP_PEER_STATS, "iterate", e))?;
         let t = PeerTraffic::sum(values.iter());
-        out.push(PeerCounters {
+        let counters = PeerCounters {
             public_ip: Ipv4Addr::from(ip),
             tx: Counter {
                 packets: t.tx_packets,
@@ -617,9 +629,9 @@ pub fn read_peer_counters(map: &aya::maps::Map) -> Result<Vec<PeerCounters>, Ebp
                 packets: t.rx_packets,
                 bytes: t.rx_bytes,
             },
-        });
+        };
+        out.insert(counters.public_ip, counters);
     }
-    out.sort_by_key(|p| p.public_ip);
     Ok(out)
 }
 

@@ -473,6 +473,12 @@ impl Registry {
 
     /// One lease key, if it exists.
     pub async fn get_lease(&self, subnet: Ipv4Net) -> Result<Option<Entry>, EtcdError> {
+        Ok(self.lease_snapshot(subnet).await?.entries.pop())
+    }
+
+    /// One lease key as a snapshot: etcd's revision, and the key's entry
+    /// unless it is gone.
+    pub async fn lease_snapshot(&self, subnet: Ipv4Net) -> Result<Snapshot, EtcdError> {
         let key = self.lease_key(subnet);
         let resp = self
             .call("get", &key, |mut c| {
@@ -480,12 +486,19 @@ impl Registry {
                 async move { c.get(key, None).await }
             })
             .await?;
-        Ok(resp.kvs().first().map(|kv| Entry {
-            key: key.clone(),
-            value: kv.value().to_vec(),
-            lease_id: kv.lease(),
-            mod_revision: kv.mod_revision(),
-        }))
+        let revision = resp.header().map_or(0, |h| h.revision());
+        let entries = resp
+            .kvs()
+            .first()
+            .map(|kv| Entry {
+                key: key.clone(),
+                value: kv.value().to_vec(),
+                lease_id: kv.lease(),
+                mod_revision: kv.mod_revision(),
+            })
+            .into_iter()
+            .collect();
+        Ok(Snapshot { revision, entries })
     }
 
     /// Grant an etcd lease of `ttl` (rounded up to whole seconds).

@@ -427,14 +427,19 @@ impl Keeper {
         mut own: OwnLease,
         tx: tokio::sync::watch::Sender<OwnLease>,
     ) -> Result<(), AcquireError> {
-        // Watch from just after our own last write, so a deletion between
-        // acquisition and this call is not missed.
+        // Watch our key alone (a peer's event must not wake us), from just
+        // after our own last write, so a deletion between acquisition and
+        // this call is not missed.
         let start_rev = if own.mod_revision > 0 {
             own.mod_revision
         } else {
-            self.reg.list().await.map_or(0, |s| s.revision)
+            self.reg
+                .lease_snapshot(own.subnet)
+                .await
+                .map_or(0, |s| s.revision)
         };
-        let mut watcher = super::watch::LeaseWatcher::new(self.reg.clone(), start_rev);
+        let mut watcher =
+            super::watch::LeaseWatcher::lease_key(self.reg.clone(), own.subnet, start_rev);
         let mut next_renewal = own.renew_at(&self.timing);
         let mut renew_backoff = Backoff::new(Duration::from_secs(1), self.timing.retry);
         loop {
@@ -491,7 +496,7 @@ impl Keeper {
                             own.conflict = Some(conflict);
                             tx.send_replace(own.clone());
                         }
-                        // Look again when something changes under the prefix.
+                        // Look again when our key changes.
                         tokio::select! {
                             _ = tx.closed() => return Ok(()),
                             events = watcher.next() => { events?; }

@@ -1,9 +1,10 @@
-//! Following `<prefix>/subnets/`: a snapshot, then a watch from the next
-//! revision. The watcher gives up only on a problem of configuration
-//! (certificates, credentials): a broken stream is re-opened from the last
-//! revision seen, with bounded exponential backoff, across whatever
-//! endpoints the client balances over; a watch that fell behind compaction
-//! re-lists and hands the caller a fresh snapshot to diff against.
+//! Following `<prefix>/subnets/` (or one lease key of it): a snapshot, then
+//! a watch from the next revision. The watcher gives up only on a problem
+//! of configuration (certificates, credentials): a broken stream is
+//! re-opened from the last revision seen, with bounded exponential backoff,
+//! across whatever endpoints the client balances over; a watch that fell
+//! behind compaction re-lists and hands the caller a fresh snapshot to diff
+//! against.
 
 use std::sync::{
     Arc,
@@ -11,10 +12,11 @@ use std::sync::{
 };
 
 use etcd_client::{EventType, WatchOptions, WatchStream};
+use ipnet::Ipv4Net;
 
 use super::{Entry, EtcdError, Registry, Snapshot, backoff::Backoff};
 
-/// What changed under `<prefix>/subnets/`.
+/// What changed under `<prefix>/subnets/` (or at the one key watched).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum WatchEvent {
     /// Everything there is now (after a compaction or on request): diff
@@ -26,8 +28,19 @@ pub enum WatchEvent {
     Delete { key: String },
 }
 
+/// What a [`LeaseWatcher`] follows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Scope {
+    /// Every lease: the reconciler's view of the peers.
+    Subnets,
+    /// One lease key: the lease keeper's, which must not wake for every
+    /// peer's event.
+    Key(Ipv4Net),
+}
+
 pub struct LeaseWatcher {
     reg: Registry,
+    scope: Scope,
     /// The revision to (re)start the watch from.
     next_revision: i64,
     stream: Option<WatchStream>,
@@ -41,8 +54,20 @@ impl LeaseWatcher {
     /// Watch from just after `snapshot_revision` (the revision of the list
     /// the caller started from).
     pub fn new(reg: Registry, snapshot_revision: i64) -> LeaseWatcher {
+        LeaseWatcher::scoped(reg, Scope::Subnets, snapshot_revision)
+    }
+
+    /// Watch only `subnet`'s lease key, from just after `revision`; a
+    /// [`WatchEvent::Reset`] after a compaction holds that key alone (or
+    /// nothing, when it is gone).
+    pub fn lease_key(reg: Registry, subnet: Ipv4Net, revision: i64) -> LeaseWatcher {
+        LeaseWatcher::scoped(reg, Scope::Key(subnet), revision)
+    }
+
+    fn scoped(reg: Registry, scope: Scope, snapshot_revision: i64) -> LeaseWatcher {
         LeaseWatcher {
             reg,
+            scope,
             next_revision: snapshot_revision + 1,
             stream: None,
             backoff: Backoff::default(),
@@ -98,7 +123,7 @@ impl LeaseWatcher {
                     self.stream = None;
                     let e = EtcdError::Request {
                         op: "watch",
-                        key: self.reg.subnets_prefix(),
+                        key: self.key(),
                         error,
                         hint: "",
                     };
@@ -116,9 +141,13 @@ impl LeaseWatcher {
                     "etcd compacted past revision {} (compact revision {}): re-listing {}",
                     self.next_revision,
                     resp.compact_revision(),
-                    self.reg.subnets_prefix()
+                    self.key()
                 );
-                match self.reg.list().await {
+                let listed = match self.scope {
+                    Scope::Subnets => self.reg.list().await,
+                    Scope::Key(subnet) => self.reg.lease_snapshot(subnet).await,
+                };
+                match listed {
                     Ok(snapshot) => {
                         self.next_revision = snapshot.revision + 1;
                         self.recovered();
@@ -165,15 +194,33 @@ impl LeaseWatcher {
         }
     }
 
+    /// The key watched, or the prefix of the keys.
+    fn key(&self) -> String {
+        match self.scope {
+            Scope::Subnets => self.reg.subnets_prefix(),
+            Scope::Key(subnet) => self.reg.lease_key(subnet),
+        }
+    }
+
+    /// What the log lines call the watch.
+    fn what(&self) -> String {
+        match self.scope {
+            Scope::Subnets => self.reg.subnets_prefix(),
+            Scope::Key(subnet) => format!("our lease key {}", self.reg.lease_key(subnet)),
+        }
+    }
+
     async fn open(&self) -> Result<WatchStream, EtcdError> {
-        let prefix = self.reg.subnets_prefix();
-        let opts = WatchOptions::new()
-            .with_prefix()
-            .with_start_revision(self.next_revision);
+        let key = self.key();
+        let opts = WatchOptions::new().with_start_revision(self.next_revision);
+        let opts = match self.scope {
+            Scope::Subnets => opts.with_prefix(),
+            Scope::Key(_) => opts,
+        };
         self.reg
-            .call("watch", &prefix, |mut c| {
-                let (prefix, opts) = (prefix.clone(), opts.clone());
-                async move { c.watch(prefix, Some(opts)).await }
+            .call("watch", &key, |mut c| {
+                let (key, opts) = (key.clone(), opts.clone());
+                async move { c.watch(key, Some(opts)).await }
             })
             .await
     }
@@ -184,7 +231,7 @@ impl LeaseWatcher {
         } else {
             log::warn!(
                 "etcd watch of {}: {what}; retrying with backoff, the datapath keeps its state",
-                self.reg.subnets_prefix()
+                self.what()
             );
             self.failing.store(true, Ordering::Relaxed);
         }
@@ -194,7 +241,7 @@ impl LeaseWatcher {
         if self.is_failing() {
             log::info!(
                 "etcd watch of {} resumed at revision {}",
-                self.reg.subnets_prefix(),
+                self.what(),
                 self.next_revision
             );
             self.failing.store(false, Ordering::Relaxed);

@@ -4,11 +4,14 @@ use std::fmt::Write as _;
 
 use overlay_common::counters::Reason;
 
-use super::state::{HealthState, RECONCILE_BUCKETS};
+use super::state::{HealthState, PeerTrafficMetric, RECONCILE_BUCKETS};
 use crate::datapath::Mode;
 
 /// Reads one per-peer series' value.
-type PeerValue = fn(&super::state::PeerTrafficMetric) -> u64;
+type PeerValue = fn(&PeerTrafficMetric) -> u64;
+
+/// Series per peer with `--metrics-per-peer` (tx and rx, packets and bytes).
+pub const PER_PEER_SERIES: usize = 4;
 
 /// Escapes a label value (backslash, double quote, newline).
 pub fn escape(v: &str) -> String {
@@ -22,10 +25,16 @@ fn header(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# TYPE {name} {kind}");
 }
 
-/// Renders every metric, with readiness as of Unix time `now`. Metrics that
-/// do not apply (eBPF counters on the kernel datapath, the expiry of a
-/// reservation) are left out, not zero.
-pub fn render(s: &HealthState, version: &str, now: u64) -> String {
+/// Renders every metric, with readiness as of Unix time `now`, and the
+/// per-peer series of `peers` when given (`--metrics-per-peer`: four series
+/// per peer, so off by default). Metrics that do not apply (eBPF counters on
+/// the kernel datapath, the expiry of a reservation) are left out, not zero.
+pub fn render(
+    s: &HealthState,
+    peers: Option<&[PeerTrafficMetric]>,
+    version: &str,
+    now: u64,
+) -> String {
     let mut out = String::new();
     header(
         &mut out,
@@ -141,8 +150,8 @@ pub fn render(s: &HealthState, version: &str, now: u64) -> String {
         }
     }
 
-    if s.mode == Some(Mode::Ebpf) {
-        let series: [(&str, &str, PeerValue); 4] = [
+    if let Some(peers) = peers {
+        let series: [(&str, &str, PeerValue); PER_PEER_SERIES] = [
             (
                 "overlay_peer_tx_packets_total",
                 "Packets encapsulated to the peer.",
@@ -166,7 +175,7 @@ pub fn render(s: &HealthState, version: &str, now: u64) -> String {
         ];
         for (name, help, value) in series {
             header(&mut out, name, "counter", help);
-            for p in &s.peers {
+            for p in peers {
                 let _ = writeln!(
                     out,
                     "{name}{{subnet=\"{}\",public_ip=\"{}\"}} {}",
@@ -247,7 +256,7 @@ mod tests {
             mode: None,
             ..HealthState::default()
         };
-        let text = render(&s, "0.1.0", 1_700_000_000);
+        let text = render(&s, None, "0.1.0", 1_700_000_000);
         assert!(text.starts_with(
             "# HELP overlay_build_info The agent's version.\n# TYPE overlay_build_info gauge\noverlay_build_info{version=\"0.1.0\"} 1\n"
         ));
@@ -264,6 +273,20 @@ mod tests {
 
     #[test]
     fn ebpf_datapath_running() {
+        let peers = vec![PeerTrafficMetric {
+            subnet: "10.5.53.0/24".parse().unwrap(),
+            traffic: PeerCounters {
+                public_ip: "192.168.64.4".parse().unwrap(),
+                tx: Counter {
+                    packets: 5,
+                    bytes: 500,
+                },
+                rx: Counter {
+                    packets: 3,
+                    bytes: 450,
+                },
+            },
+        }];
         let mut s = HealthState {
             phase: Phase::Running,
             mode: Some(Mode::Ebpf),
@@ -277,24 +300,10 @@ mod tests {
                     bytes: 500,
                 },
             )])),
-            peers: vec![PeerTrafficMetric {
-                subnet: "10.5.53.0/24".parse().unwrap(),
-                traffic: PeerCounters {
-                    public_ip: "192.168.64.4".parse().unwrap(),
-                    tx: Counter {
-                        packets: 5,
-                        bytes: 500,
-                    },
-                    rx: Counter {
-                        packets: 3,
-                        bytes: 450,
-                    },
-                },
-            }],
             ..HealthState::default()
         };
         s.reconcile.observe(Duration::from_millis(3));
-        let text = render(&s, "0.1.0", 1_700_000_000);
+        let text = render(&s, Some(&peers), "0.1.0", 1_700_000_000);
         for line in [
             "overlay_ready 1",
             "overlay_datapath_mode{mode=\"ebpf\"} 1",
@@ -331,8 +340,76 @@ mod tests {
         }
     }
 
+    /// The cardinality the README gives: a fixed number of series whatever
+    /// the number of peers, plus four per peer with `--metrics-per-peer`.
+    #[test]
+    fn per_peer_series_only_when_asked_four_per_peer() {
+        let mut s = HealthState {
+            phase: Phase::Running,
+            mode: Some(Mode::Ebpf),
+            lease_expiry_unix: Some(1_800_000_000),
+            peers_programmed: 3,
+            counters: Some(Counters::from_totals(Vec::new())),
+            ..HealthState::default()
+        };
+        let peers: Vec<_> = (1..=3u8)
+            .map(|i| PeerTrafficMetric {
+                subnet: format!("10.5.{i}.0/24").parse().unwrap(),
+                traffic: PeerCounters {
+                    public_ip: std::net::Ipv4Addr::new(192, 168, 64, i),
+                    tx: Counter {
+                        packets: u64::from(i),
+                        bytes: 100 * u64::from(i),
+                    },
+                    rx: Counter::default(),
+                },
+            })
+            .collect();
+        let samples = |text: &str| text.lines().filter(|l| !l.starts_with('#')).count();
+
+        let without = render(&s, None, "0.1.0", 1_700_000_000);
+        assert!(!without.contains("overlay_peer_"), "{without}");
+        assert_eq!(samples(&without), 79, "{without}");
+        let with = render(&s, Some(&peers), "0.1.0", 1_700_000_000);
+        assert_eq!(samples(&with), 79 + PER_PEER_SERIES * peers.len(), "{with}");
+        for line in [
+            "overlay_peer_tx_packets_total{subnet=\"10.5.2.0/24\",public_ip=\"192.168.64.2\"} 2",
+            "overlay_peer_tx_bytes_total{subnet=\"10.5.3.0/24\",public_ip=\"192.168.64.3\"} 300",
+            "overlay_peer_rx_packets_total{subnet=\"10.5.1.0/24\",public_ip=\"192.168.64.1\"} 0",
+            "overlay_peer_rx_bytes_total{subnet=\"10.5.1.0/24\",public_ip=\"192.168.64.1\"} 0",
+        ] {
+            assert!(
+                with.lines().any(|l| l == line),
+                "missing {line:?} in\n{with}"
+            );
+        }
+        // Asked for, with no peer yet: the families, no samples.
+        let none_yet = render(&s, Some(&[]), "0.1.0", 1_700_000_000);
+        assert!(none_yet.contains("# TYPE overlay_peer_tx_packets_total counter\n"));
+        assert_eq!(samples(&none_yet), 79);
+
+        // The kernel datapath has no eBPF counters by reason.
+        s.mode = Some(Mode::Kernel);
+        s.counters = None;
+        assert_eq!(samples(&render(&s, None, "0.1.0", 1_700_000_000)), 27);
+    }
+
     #[test]
     fn renders_a_fixed_state_exactly() {
+        let peers = vec![PeerTrafficMetric {
+            subnet: "10.5.53.0/24".parse().unwrap(),
+            traffic: PeerCounters {
+                public_ip: "192.168.64.4".parse().unwrap(),
+                tx: Counter {
+                    packets: 5,
+                    bytes: 500,
+                },
+                rx: Counter {
+                    packets: 4,
+                    bytes: 600,
+                },
+            },
+        }];
         let mut s = HealthState {
             leases_rejected: [(crate::lease_check::Rejection::PublicIp, 2)].into(),
             phase: Phase::Running,
@@ -357,20 +434,6 @@ mod tests {
                     },
                 ),
             ])),
-            peers: vec![PeerTrafficMetric {
-                subnet: "10.5.53.0/24".parse().unwrap(),
-                traffic: PeerCounters {
-                    public_ip: "192.168.64.4".parse().unwrap(),
-                    tx: Counter {
-                        packets: 5,
-                        bytes: 500,
-                    },
-                    rx: Counter {
-                        packets: 4,
-                        bytes: 600,
-                    },
-                },
-            }],
             ..HealthState::default()
         };
         s.reconcile.observe(Duration::from_micros(500));
@@ -461,17 +524,17 @@ overlay_reconcile_duration_seconds_bucket{le=\"+Inf\"} 2
 overlay_reconcile_duration_seconds_sum 2.0005
 overlay_reconcile_duration_seconds_count 2
 ";
-        assert_eq!(render(&s, "0.1.0", 1_700_000_000), want);
+        assert_eq!(render(&s, Some(&peers), "0.1.0", 1_700_000_000), want);
         // Past the expiry, the same state is not ready.
         assert!(
-            render(&s, "0.1.0", 1_800_000_000).contains("\noverlay_ready 0\n"),
+            render(&s, Some(&peers), "0.1.0", 1_800_000_000).contains("\noverlay_ready 0\n"),
             "expired lease still ready"
         );
     }
 
     #[test]
     fn label_values_are_escaped_in_the_output() {
-        let text = render(&HealthState::default(), "1.0\"-dev\\\n", 0);
+        let text = render(&HealthState::default(), None, "1.0\"-dev\\\n", 0);
         assert!(
             text.contains("\noverlay_build_info{version=\"1.0\\\"-dev\\\\\\n\"} 1\n"),
             "{text}"

@@ -4,6 +4,7 @@
 //! responder: one request per connection, GET only.
 
 pub mod metrics;
+pub mod peers;
 pub mod state;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -42,10 +43,27 @@ pub fn respond(request: &str, health: &Health) -> (&'static str, &'static str, S
         },
         "/metrics" => {
             let state = health.lock().clone();
+            // Read outside the lock: however many peers there are, the
+            // main loop's refresh never waits for a scrape.
+            let peers = state.peer_maps.as_ref().and_then(|m| {
+                m.read()
+                    .map_err(|e| {
+                        log::warn!(
+                            "/metrics: reading the peer maps: {}; leaving the per-peer series out",
+                            crate::datapath::DatapathError::from(e).reason()
+                        );
+                    })
+                    .ok()
+            });
             (
                 "200 OK",
                 "text/plain; version=0.0.4; charset=utf-8",
-                metrics::render(&state, env!("CARGO_PKG_VERSION"), unix_now()),
+                metrics::render(
+                    &state,
+                    peers.as_deref(),
+                    env!("CARGO_PKG_VERSION"),
+                    unix_now(),
+                ),
             )
         }
         _ => ("404 Not Found", TEXT, "not found".to_owned()),

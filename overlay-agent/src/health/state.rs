@@ -7,6 +7,7 @@ use std::{
 
 use ipnet::Ipv4Net;
 
+use super::peers::PeerMaps;
 use crate::datapath::{
     Mode,
     ebpf::{Counters, PeerCounters},
@@ -115,7 +116,9 @@ pub struct HealthState {
     pub peers_rejected_map_full: usize,
     /// eBPF datapath only.
     pub counters: Option<Counters>,
-    pub peers: Vec<PeerTrafficMetric>,
+    /// With `--metrics-per-peer` on the eBPF datapath: where `/metrics`
+    /// reads each peer's traffic when scraped.
+    pub peer_maps: Option<Arc<PeerMaps>>,
     pub reconcile: Histogram,
     /// Leases in etcd that fail the checks of `lease_check`, by reason.
     pub leases_rejected: std::collections::BTreeMap<crate::lease_check::Rejection, usize>,
