@@ -179,11 +179,12 @@ fn a_vtep_stays_known_while_a_vxlan_or_a_direct_peer_uses_it() -> Result<()> {
                     known.push((*ip).to_string());
                 }
             }
-            let stats = dp
+            let mut stats: Vec<String> = dp
                 .peer_counters()?
-                .iter()
-                .map(|c| c.public_ip.to_string())
+                .keys()
+                .map(|ip| ip.to_string())
                 .collect();
+            stats.sort();
             Ok((dp.map_peers()?, known, stats))
         })
     };
