@@ -34,6 +34,11 @@ impl Capture {
             // the last packets could still be in the kernel when we stop it.
             "--immediate-mode",
             "-U",
+            // A 64 MiB socket buffer (the default is 2 MiB, some thirty GSO
+            // aggregates): on a busy machine tcpdump is not scheduled for a
+            // while, and a full buffer silently drops what arrives meanwhile.
+            "-B",
+            "65536",
             "-s",
             "0",
             // Keep root: the file may live in a directory only root can write.
