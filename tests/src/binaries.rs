@@ -42,7 +42,11 @@ fn build_agent() -> Result<PathBuf> {
         "overlay-agent",
         "--manifest-path",
     ])
-    .arg(&manifest);
+    .arg(&manifest)
+    // Into the target directory we run from, whatever CARGO_TARGET_DIR says
+    // (a tool started by hand without it would build a second tree).
+    .arg("--target-dir")
+    .arg(target.parent().context("the target directory")?);
     if target.ends_with("release") {
         cmd.arg("--release");
     }
