@@ -15,7 +15,7 @@
 
 use std::{
     collections::BTreeSet,
-    path::{Path, PathBuf},
+    path::Path,
     time::{Duration, Instant},
 };
 
@@ -279,7 +279,7 @@ fn routes(ns: &str) -> Result<BTreeSet<String>> {
         .collect())
 }
 
-fn map_entries(pin: &PathBuf) -> Result<usize> {
+fn map_entries(pin: &Path) -> Result<usize> {
     let out = sh(&[
         "bpftool",
         "-j",

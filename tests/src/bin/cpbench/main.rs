@@ -144,6 +144,10 @@ fn main() -> Result<()> {
         bail!("the benchmark builds network namespaces: run it as root (cargo xtask cpbench)");
     }
     catch_signals();
+    let load_before = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_owned))
+        .unwrap_or_default();
     let started = Instant::now();
     let mut rows: Vec<Row> = Vec::new();
     let peers = if args.cases {
@@ -186,7 +190,7 @@ fn main() -> Result<()> {
         print!("\n{}", report::herd_table(&herds));
     }
     if args.write {
-        let ctx = context(&args, started.elapsed().as_secs_f64());
+        let ctx = context(&args, started.elapsed().as_secs_f64(), load_before);
         let root = workspace_root();
         let doc = root.join("docs/control-plane-benchmark.md");
         std::fs::write(&doc, report::document(&rows, &herds, &ctx))
@@ -239,7 +243,7 @@ fn first_line(cmd: &str, args: &[&str]) -> String {
         .unwrap_or_default()
 }
 
-fn context(args: &Args, wall_s: f64) -> Context {
+fn context(args: &Args, wall_s: f64, load_before: String) -> Context {
     let root = workspace_root();
     let root = root.to_string_lossy();
     let mut commit = first_line("git", &["-C", &root, "rev-parse", "--short", "HEAD"]);
@@ -270,5 +274,6 @@ fn context(args: &Args, wall_s: f64) -> Context {
         cores: std::thread::available_parallelism().map_or(0, |n| n.get()),
         events: args.events,
         wall_s,
+        load_before,
     }
 }

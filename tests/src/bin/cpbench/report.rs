@@ -108,7 +108,7 @@ fn thousands(n: usize) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -169,6 +169,9 @@ pub struct Context {
     pub cores: usize,
     pub events: usize,
     pub wall_s: f64,
+    /// `/proc/loadavg`'s 1-minute figure when the run began: the machine may
+    /// be shared, and every figure here is a wall-clock time.
+    pub load_before: String,
 }
 
 pub const METHOD: &str = "\
@@ -197,12 +200,13 @@ pub fn document(rows: &[Row], herds: &[HerdRow], ctx: &Context) -> String {
         format!("\n## Herd\n\n{}\n{HERD_METHOD}\n", herd_table(herds))
     };
     format!(
-        "# Control-plane benchmark\n\nMeasured {} at commit `{}` by `cargo xtask cpbench` on {} ({} cores, kernel {}); {} single events of each kind per case, {:.0} s in all.\n\n{}\n\n## Method\n\n{METHOD}\n\n## Targets\n\n{}{herd}",
+        "# Control-plane benchmark\n\nMeasured {} at commit `{}` by `cargo xtask cpbench` on {} ({} cores, kernel {}, load average {} when it began); {} single events of each kind per case, {:.0} s in all.\n\n{}\n\n## Method\n\n{METHOD}\n\n## Targets\n\n{}{herd}",
         ctx.date,
         ctx.commit,
         ctx.cpu,
         ctx.cores,
         ctx.kernel,
+        ctx.load_before,
         ctx.events,
         ctx.wall_s,
         table(rows),
