@@ -189,8 +189,9 @@ until all routes are gone. Agent CPU is user + system time from `/proc/PID/stat`
 N-th route, and over 5 s idle after it), peak RSS is `VmHWM`. etcd requests are \
 `grpc_server_started_total` from etcd's `/metrics` (unary calls and streams opened, not \
 messages on an open watch): during the cold start, and per single event after \
-subtracting the benchmark's own write. On the eBPF datapath the route is what is timed; \
-the agent writes the REMOTE_SUBNETS entry in the same step.";
+subtracting the benchmark's own write. On the eBPF datapath the route is what is timed: \
+the agent writes a peer's map entries just after its kernel entries on an add, so the \
+route comes first, and removes them just before on a delete, so the route goes last.";
 
 /// docs/control-plane-benchmark.md.
 pub fn document(rows: &[Row], herds: &[HerdRow], ctx: &Context) -> String {
