@@ -21,11 +21,15 @@ pub fn agent() -> Result<PathBuf> {
 }
 
 fn build_agent() -> Result<PathBuf> {
-    let target = std::env::current_exe()?
+    // Test binaries live in `<profile>/deps`, the tools (`cpbench`) in `<profile>`.
+    let exe = std::env::current_exe()?;
+    let mut target = exe
         .parent()
-        .and_then(Path::parent)
         .context("locating the target directory")?
         .to_path_buf();
+    if target.ends_with("deps") {
+        target.pop();
+    }
     let bin = target.join("overlay-agent");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
@@ -38,7 +42,11 @@ fn build_agent() -> Result<PathBuf> {
         "overlay-agent",
         "--manifest-path",
     ])
-    .arg(&manifest);
+    .arg(&manifest)
+    // Into the target directory we run from, whatever CARGO_TARGET_DIR says
+    // (a tool started by hand without it would build a second tree).
+    .arg("--target-dir")
+    .arg(target.parent().context("the target directory")?);
     if target.ends_with("release") {
         cmd.arg("--release");
     }

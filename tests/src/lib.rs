@@ -15,6 +15,8 @@
 //! - [`docker`]: a real dockerd in a host's namespace, with a busybox image;
 //! - [`stats`]: device statistics and attached BPF programs;
 //! - [`http`]: the agent's health and metrics endpoints;
+//! - [`peers`]: thousands of flannel-format leases of other nodes, written in transactions;
+//! - [`route_watch`]: a namespace's vxlan routes as netlink announces them, timestamped;
 //! - [`rx_csum`]: a sender whose packets arrive as if a NIC had verified their checksums.
 
 pub mod agent;
@@ -29,7 +31,9 @@ pub mod lab;
 pub mod netns;
 pub mod node;
 pub mod overlay;
+pub mod peers;
 pub mod reference;
+pub mod route_watch;
 pub mod rx_csum;
 pub mod scenario;
 pub mod stats;

@@ -53,6 +53,13 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Set up if needed, build, and benchmark the control plane: the agent against an etcd
+    /// holding 1,000 to 10,000 leases (cold start, event latency, bursts, CPU, RSS).
+    Cpbench {
+        /// Arguments for the cpbench binary (see `cargo xtask cpbench -- --help`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() {
@@ -88,6 +95,7 @@ fn dispatch(cmd: Cmd) -> Result<()> {
             exec_tool("lab", &args, needs_agent)
         }
         Cmd::Bench { args } => exec_tool("bench", &args, true),
+        Cmd::Cpbench { args } => exec_tool("cpbench", &args, true),
     }
 }
 

@@ -1,0 +1,279 @@
+//! `cargo xtask cpbench`: the control plane at N peers. For each N and
+//! datapath, one host, a real etcd holding N leases of other nodes and the
+//! release agent: cold start, single add/delete latency, a burst of 1,000,
+//! CPU, peak RSS and etcd requests (see [`report::METHOD`]).
+
+mod case;
+mod etcd_requests;
+mod herd;
+mod proc_stats;
+mod report;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use anyhow::{Context as _, Result, bail};
+
+use case::Datapath;
+use report::{Context, Row};
+
+const USAGE: &str = "\
+usage: cpbench [--quick] [--peers LIST] [--datapaths LIST] [--events N] [--write]
+               [--herd | --herd-only] [--herd-agents N] [--herd-peers N]
+
+  --peers LIST      comma-separated peer counts (default 1000,5000,10000)
+  --datapaths LIST  comma-separated: ebpf,kernel (default both)
+  --events N        single adds and single deletes timed per case (default 20)
+  --quick           smoke run: 500 peers, eBPF only
+  --herd            then the herd figure: agents in their own namespaces on one etcd
+                    holding --herd-peers leases, etcd restarted, then compacted past
+                    their revision (first datapath of --datapaths)
+  --herd-only       the herd figure alone
+  --herd-agents N   agents of the herd (default 20)
+  --herd-peers N    leases of the herd (default 5000)
+  --write           write the table to docs/control-plane-benchmark.md and into
+                    README.md between <!-- cpbench:start --> and <!-- cpbench:end -->";
+
+struct Args {
+    peers: Vec<usize>,
+    datapaths: Vec<Datapath>,
+    events: usize,
+    write: bool,
+    herd: bool,
+    cases: bool,
+    herd_agents: usize,
+    herd_peers: usize,
+}
+
+fn parse_args(args: &[String]) -> Result<Option<Args>> {
+    let mut a = Args {
+        peers: vec![1000, 5000, 10_000],
+        datapaths: vec![Datapath::Ebpf, Datapath::Kernel],
+        events: 20,
+        write: false,
+        herd: false,
+        cases: true,
+        herd_agents: 20,
+        herd_peers: 5000,
+    };
+    let mut quick = false;
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        let (flag, inline) = match arg.split_once('=') {
+            Some((f, v)) => (f, Some(v.to_owned())),
+            None => (arg.as_str(), None),
+        };
+        let mut value = || -> Result<String> {
+            match &inline {
+                Some(v) => Ok(v.clone()),
+                None => it
+                    .next()
+                    .cloned()
+                    .with_context(|| format!("{flag} needs a value")),
+            }
+        };
+        match flag {
+            "-h" | "--help" => return Ok(None),
+            "--quick" => quick = true,
+            "--write" => a.write = true,
+            "--herd" => a.herd = true,
+            "--herd-only" => (a.herd, a.cases) = (true, false),
+            "--herd-agents" => a.herd_agents = value()?.parse().context("--herd-agents")?,
+            "--herd-peers" => a.herd_peers = value()?.parse().context("--herd-peers")?,
+            "--events" => a.events = value()?.parse().context("--events")?,
+            "--peers" => {
+                a.peers = value()?
+                    .split(',')
+                    .map(|s| s.trim().parse::<usize>().context("--peers"))
+                    .collect::<Result<_>>()?;
+            }
+            "--datapaths" | "--datapath" => {
+                a.datapaths = value()?
+                    .split(',')
+                    .map(Datapath::parse)
+                    .collect::<Result<_>>()?;
+            }
+            other => bail!("unknown argument {other:?}\n{USAGE}"),
+        }
+    }
+    if quick {
+        a.peers = vec![500];
+        a.datapaths = vec![Datapath::Ebpf];
+    }
+    let room = overlay_tests::peers::MAX - a.events - case::BURST;
+    if a.peers.iter().any(|&n| n == 0 || n > room) || a.datapaths.is_empty() || a.events == 0 {
+        bail!("peers must be 1..={room}, and datapaths and events non-empty");
+    }
+    if a.write && !a.cases {
+        bail!("--write replaces the whole table: it needs the cases, not --herd-only");
+    }
+    if a.herd && (a.herd_agents == 0 || a.herd_agents > 200 || a.herd_peers + 2 > room) {
+        bail!("--herd-agents must be 1..=200 and --herd-peers below {room}");
+    }
+    Ok(Some(a))
+}
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::SeqCst)
+}
+
+extern "C" fn on_signal(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// Ctrl-C or SIGTERM ends the case at its next wait; its guards then remove
+/// the agent, etcd and the namespaces.
+fn catch_signals() {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
+    }
+}
+
+fn main() -> Result<()> {
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let Some(args) = parse_args(&argv)? else {
+        println!("{USAGE}");
+        return Ok(());
+    };
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("the benchmark builds network namespaces: run it as root (cargo xtask cpbench)");
+    }
+    catch_signals();
+    let load_before = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_owned))
+        .unwrap_or_default();
+    let started = Instant::now();
+    let mut rows: Vec<Row> = Vec::new();
+    let peers = if args.cases {
+        args.peers.clone()
+    } else {
+        Vec::new()
+    };
+    for &n in &peers {
+        for &dp in &args.datapaths {
+            eprintln!("cpbench: {n} peers, {} datapath", dp.name());
+            let row = case::run(n, dp, args.events)
+                .with_context(|| format!("{n} peers, {} datapath", dp.name()))?;
+            if row.resyncs > 0 {
+                eprintln!(
+                    "  (the route watch overflowed {} time(s) and re-read the table)",
+                    row.resyncs
+                );
+            }
+            rows.push(row);
+            if interrupted() {
+                bail!("interrupted");
+            }
+        }
+    }
+    let mut herds = Vec::new();
+    if args.herd {
+        let dp = args.datapaths[0];
+        eprintln!(
+            "cpbench: herd of {} agents, {} peers, {} datapath",
+            args.herd_agents,
+            args.herd_peers,
+            dp.name()
+        );
+        herds.push(herd::run(args.herd_agents, args.herd_peers, dp).context("the herd")?);
+    }
+    if !rows.is_empty() {
+        print!("{}\n{}", report::table(&rows), report::targets(&rows));
+    }
+    if !herds.is_empty() {
+        print!("\n{}", report::herd_table(&herds));
+    }
+    if args.write {
+        let ctx = context(&args, started.elapsed().as_secs_f64(), load_before);
+        let root = workspace_root();
+        let doc = root.join("docs/control-plane-benchmark.md");
+        std::fs::write(&doc, report::document(&rows, &herds, &ctx))
+            .with_context(|| format!("writing {}", doc.display()))?;
+        update_readme(
+            &root.join("README.md"),
+            &report::readme_section(&rows, &herds, &ctx),
+        )?;
+        eprintln!("wrote {} and README.md", doc.display());
+    }
+    Ok(())
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn update_readme(path: &Path, section: &str) -> Result<()> {
+    let readme = std::fs::read_to_string(path).context("reading README.md")?;
+    let (Some(a), Some(b)) = (
+        readme.find(report::README_START),
+        readme.find(report::README_END),
+    ) else {
+        bail!(
+            "README.md has no {} ... {} markers",
+            report::README_START,
+            report::README_END
+        );
+    };
+    let updated = format!(
+        "{}{section}{}",
+        &readme[..a],
+        &readme[b + report::README_END.len()..]
+    );
+    std::fs::write(path, updated).context("writing README.md")
+}
+
+fn first_line(cmd: &str, args: &[&str]) -> String {
+    std::process::Command::new(cmd)
+        .args(args)
+        .output()
+        .ok()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .to_owned()
+        })
+        .unwrap_or_default()
+}
+
+fn context(args: &Args, wall_s: f64, load_before: String) -> Context {
+    let root = workspace_root();
+    let root = root.to_string_lossy();
+    let mut commit = first_line("git", &["-C", &root, "rev-parse", "--short", "HEAD"]);
+    let dirty = first_line(
+        "git",
+        &["-C", &root, "status", "--porcelain", "--untracked-files=no"],
+    );
+    if !dirty.is_empty() {
+        commit.push_str(" + uncommitted changes");
+    }
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    Context {
+        date: first_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
+        commit,
+        kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+            .to_owned(),
+        cpu,
+        cores: std::thread::available_parallelism().map_or(0, |n| n.get()),
+        events: args.events,
+        wall_s,
+        load_before,
+    }
+}
