@@ -67,13 +67,6 @@ struct Member {
     starts: usize,
 }
 
-/// One write of [`Etcd::write_many`].
-#[derive(Clone, Debug)]
-pub enum Write {
-    Put(String, String),
-    Delete(String),
-}
-
 pub struct Etcd {
     dir: PathBuf,
     spec: EtcdSpec,
@@ -419,54 +412,6 @@ impl Etcd {
 
     pub fn delete(&self, key: &str) -> Result<()> {
         self.etcdctl(&["del", key]).map(|_| ())
-    }
-
-    /// Applies many writes in transactions of etcd's default
-    /// `--max-txn-ops` (128), through one client in etcd's namespace:
-    /// thousands of leases in about a second instead of one `etcdctl` each.
-    /// Plain etcd only (no TLS, no auth). Returns the revision after the
-    /// last transaction.
-    pub fn write_many(&self, writes: Vec<Write>) -> Result<i64> {
-        const MAX_TXN_OPS: usize = 128;
-        if self.tls.is_some() || self.spec.user.is_some() {
-            bail!("write_many serves plain etcd only");
-        }
-        let urls: Vec<String> = self
-            .members
-            .iter()
-            .filter(|m| m.child.is_some())
-            .map(|m| m.client_url.clone())
-            .collect();
-        let work = move || async move {
-            use etcd_client::{Client, Txn, TxnOp};
-            let mut client = Client::connect(urls, None)
-                .await
-                .context("connecting to etcd")?;
-            let mut revision = 0;
-            for chunk in writes.chunks(MAX_TXN_OPS) {
-                let ops: Vec<TxnOp> = chunk
-                    .iter()
-                    .map(|w| match w {
-                        Write::Put(k, v) => TxnOp::put(k.as_str(), v.as_str(), None),
-                        Write::Delete(k) => TxnOp::delete(k.as_str(), None),
-                    })
-                    .collect();
-                let resp = client
-                    .txn(Txn::new().and_then(ops))
-                    .await
-                    .context("an etcd transaction")?;
-                revision = resp.header().map_or(revision, |h| h.revision());
-            }
-            anyhow::Ok(revision)
-        };
-        match &self.spec.netns {
-            Some(ns) => crate::netns::run_async_in(ns, work),
-            None => tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .context("building a tokio runtime")?
-                .block_on(work()),
-        }
     }
 
     /// Kill member `i` (SIGKILL) and wait for it.
