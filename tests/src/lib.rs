@@ -17,7 +17,8 @@
 //! - [`http`]: the agent's health and metrics endpoints;
 //! - [`peers`]: thousands of flannel-format leases of other nodes, written in transactions;
 //! - [`route_watch`]: a namespace's vxlan routes as netlink announces them, timestamped;
-//! - [`rx_csum`]: a sender whose packets arrive as if a NIC had verified their checksums.
+//! - [`rx_csum`]: a sender whose packets arrive as if a NIC had verified their checksums;
+//! - [`interrupt`]: Ctrl-C and SIGTERM for the benchmark binaries.
 
 pub mod agent;
 pub mod binaries;
@@ -27,6 +28,7 @@ pub mod docker;
 pub mod etcd;
 pub mod frames;
 pub mod http;
+pub mod interrupt;
 pub mod lab;
 pub mod netns;
 pub mod node;

@@ -9,7 +9,6 @@ mod svg;
 mod tools;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use anyhow::{Context as _, Result, bail};
@@ -170,19 +169,7 @@ impl Figure {
     }
 }
 
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    INTERRUPTED.store(true, Ordering::SeqCst);
-}
-
-/// Ctrl-C or SIGTERM ends the measuring loop; the labs are still torn down.
-fn catch_signals() {
-    for sig in [libc::SIGINT, libc::SIGTERM] {
-        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-        unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
-    }
-}
+use overlay_tests::interrupt::{catch_signals, interrupted};
 
 fn main() -> Result<()> {
     let argv: Vec<String> = std::env::args().skip(1).collect();
@@ -230,7 +217,7 @@ fn main() -> Result<()> {
     'rounds: for round in 0..args.repeats {
         // Rotate the order so no mode always runs first (or right after another).
         for i in 0..labs.len() {
-            if INTERRUPTED.load(Ordering::SeqCst) {
+            if interrupted() {
                 break 'rounds;
             }
             let lab = &labs[(i + round as usize) % labs.len()];
@@ -242,7 +229,7 @@ fn main() -> Result<()> {
             }
         }
     }
-    let interrupted = INTERRUPTED.load(Ordering::SeqCst);
+    let stopped = interrupted();
 
     for lab in labs {
         if lab.mode.is_ebpf() {
@@ -254,7 +241,7 @@ fn main() -> Result<()> {
             eprintln!("bench: {e:#}");
         }
     }
-    if interrupted {
+    if stopped {
         bail!("interrupted; labs torn down, nothing written");
     }
 

@@ -10,7 +10,6 @@ mod proc_stats;
 mod report;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use anyhow::{Context as _, Result, bail};
@@ -114,24 +113,8 @@ fn parse_args(args: &[String]) -> Result<Option<Args>> {
     Ok(Some(a))
 }
 
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-pub fn interrupted() -> bool {
-    INTERRUPTED.load(Ordering::SeqCst)
-}
-
-extern "C" fn on_signal(_: libc::c_int) {
-    INTERRUPTED.store(true, Ordering::SeqCst);
-}
-
-/// Ctrl-C or SIGTERM ends the case at its next wait; its guards then remove
-/// the agent, etcd and the namespaces.
-fn catch_signals() {
-    for sig in [libc::SIGINT, libc::SIGTERM] {
-        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-        unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
-    }
-}
+use overlay_tests::interrupt::catch_signals;
+pub use overlay_tests::interrupt::interrupted;
 
 fn main() -> Result<()> {
     let argv: Vec<String> = std::env::args().skip(1).collect();
