@@ -18,7 +18,8 @@
 //! - [`peers`]: thousands of flannel-format leases of other nodes, written in transactions;
 //! - [`route_watch`]: a namespace's vxlan routes as netlink announces them, timestamped;
 //! - [`rx_csum`]: a sender whose packets arrive as if a NIC had verified their checksums;
-//! - [`interrupt`]: Ctrl-C and SIGTERM for the benchmark binaries.
+//! - [`interrupt`]: Ctrl-C and SIGTERM for the benchmark binaries;
+//! - [`machine`]: where a benchmark ran (commit, CPU, kernel), for the reports.
 
 pub mod agent;
 pub mod binaries;
@@ -30,6 +31,7 @@ pub mod frames;
 pub mod http;
 pub mod interrupt;
 pub mod lab;
+pub mod machine;
 pub mod netns;
 pub mod node;
 pub mod overlay;

@@ -103,6 +103,19 @@ pub async fn delete(client: &mut Client, indices: impl IntoIterator<Item = usize
     commit(client, ops).await
 }
 
+/// Compacts etcd's history up to its current revision (past every watch
+/// that started earlier).
+pub async fn compact(client: &mut Client) -> Result<()> {
+    let rev = client
+        .get("/", None)
+        .await
+        .context("reading the revision")?
+        .header()
+        .map_or(0, |h| h.revision());
+    client.compact(rev, None).await.context("compacting")?;
+    Ok(())
+}
+
 async fn commit(client: &mut Client, ops: impl Iterator<Item = TxnOp>) -> Result<i64> {
     let ops: Vec<TxnOp> = ops.collect();
     let mut revision = 0;

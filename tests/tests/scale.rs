@@ -75,14 +75,7 @@ fn apply(ns: &str, url: &str, steps: Vec<Step>) -> Result<()> {
                     let opts = PutOptions::new().with_lease(lease);
                     client.put(MALFORMED_KEY, "not json", Some(opts)).await?;
                 }
-                Step::Compact => {
-                    let rev = client
-                        .get("/", None)
-                        .await?
-                        .header()
-                        .map_or(0, |h| h.revision());
-                    client.compact(rev, None).await?;
-                }
+                Step::Compact => peers::compact(&mut client).await?,
             }
         }
         anyhow::Ok(())

@@ -8,7 +8,7 @@ mod report;
 mod svg;
 mod tools;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context as _, Result, bail};
@@ -45,10 +45,6 @@ struct Args {
     udp_kpps: u32,
     tcp_mbps: u32,
     rr_flows: usize,
-}
-
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
 fn parse_args(args: &[String]) -> Result<Option<Args>> {
@@ -170,6 +166,8 @@ impl Figure {
 }
 
 use overlay_tests::interrupt::{catch_signals, interrupted};
+
+use overlay_tests::machine::{self, first_line, workspace_root};
 
 fn main() -> Result<()> {
     let argv: Vec<String> = std::env::args().skip(1).collect();
@@ -407,53 +405,14 @@ fn loadavg() -> String {
         .unwrap_or_default()
 }
 
-fn first_line(program: &str, args: &[&str]) -> String {
-    std::process::Command::new(program)
-        .args(args)
-        .output()
-        .map(|o| {
-            let text = String::from_utf8_lossy(&o.stdout).into_owned()
-                + &String::from_utf8_lossy(&o.stderr);
-            text.lines()
-                .find(|l| !l.trim().is_empty())
-                .unwrap_or("")
-                .trim()
-                .to_owned()
-        })
-        .unwrap_or_default()
-}
-
 fn context(args: &Args, load_before: String, wall_secs: f64) -> Context {
-    let root = workspace_root();
-    let root = root.to_string_lossy();
-    let mut commit = first_line("git", &["-C", &root, "rev-parse", "--short", "HEAD"]);
-    if !first_line(
-        "git",
-        &["-C", &root, "status", "--porcelain", "--untracked-files=no"],
-    )
-    .is_empty()
-    {
-        commit.push_str(" + uncommitted changes");
-    }
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|m| m.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown".into());
     let sockperf = first_line("sockperf", &["--version"]);
     Context {
-        date: first_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
-        commit,
-        kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
-            .unwrap_or_default()
-            .trim()
-            .to_owned(),
-        cpu,
-        cores: std::thread::available_parallelism().map_or(0, |n| n.get()),
+        date: machine::utc_now(),
+        commit: machine::commit(),
+        kernel: machine::kernel(),
+        cpu: machine::cpu_model(),
+        cores: machine::cores(),
         load_before,
         load_after: loadavg(),
         repeats: args.repeats,

@@ -174,12 +174,7 @@ fn write(ns: &str, url: &str, w: Write) -> Result<i64> {
                 Ok(0)
             }
             Write::Compact => {
-                let rev = client
-                    .get("/", None)
-                    .await?
-                    .header()
-                    .map_or(0, |h| h.revision());
-                client.compact(rev, None).await?;
+                peers::compact(&mut client).await?;
                 Ok(0)
             }
         }

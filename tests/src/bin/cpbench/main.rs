@@ -9,7 +9,7 @@ mod herd;
 mod proc_stats;
 mod report;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{Context as _, Result, bail};
@@ -116,6 +116,8 @@ fn parse_args(args: &[String]) -> Result<Option<Args>> {
 use overlay_tests::interrupt::catch_signals;
 pub use overlay_tests::interrupt::interrupted;
 
+use overlay_tests::machine::{self, workspace_root};
+
 fn main() -> Result<()> {
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let Some(args) = parse_args(&argv)? else {
@@ -187,10 +189,6 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
 fn update_readme(path: &Path, section: &str) -> Result<()> {
     let readme = std::fs::read_to_string(path).context("reading README.md")?;
     let (Some(a), Some(b)) = (
@@ -211,50 +209,13 @@ fn update_readme(path: &Path, section: &str) -> Result<()> {
     std::fs::write(path, updated).context("writing README.md")
 }
 
-fn first_line(cmd: &str, args: &[&str]) -> String {
-    std::process::Command::new(cmd)
-        .args(args)
-        .output()
-        .ok()
-        .map(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .next()
-                .unwrap_or("")
-                .to_owned()
-        })
-        .unwrap_or_default()
-}
-
 fn context(args: &Args, wall_s: f64, load_before: String) -> Context {
-    let root = workspace_root();
-    let root = root.to_string_lossy();
-    let mut commit = first_line("git", &["-C", &root, "rev-parse", "--short", "HEAD"]);
-    let dirty = first_line(
-        "git",
-        &["-C", &root, "status", "--porcelain", "--untracked-files=no"],
-    );
-    if !dirty.is_empty() {
-        commit.push_str(" + uncommitted changes");
-    }
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|m| m.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown".into());
     Context {
-        date: first_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
-        commit,
-        kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
-            .unwrap_or_default()
-            .trim()
-            .to_owned(),
-        cpu,
-        cores: std::thread::available_parallelism().map_or(0, |n| n.get()),
+        date: machine::utc_now(),
+        commit: machine::commit(),
+        kernel: machine::kernel(),
+        cpu: machine::cpu_model(),
+        cores: machine::cores(),
         events: args.events,
         wall_s,
         load_before,
