@@ -61,6 +61,14 @@ pub const PACKAGES: &[(&str, &str)] = &[
         "busybox-static",
         "a static busybox, the one binary of the image docker.rs imports (no registry is reachable)",
     ),
+    (
+        "containernetworking-plugins",
+        "the CNI reference plugins (bridge, host-local, portmap, loopback) that make the kube tests' pods",
+    ),
+    (
+        "python3-kubernetes",
+        "the official Python client, one of the real clients the kube API stand-in is proven against",
+    ),
 ];
 
 /// Packages from `wanted` that are not fully installed.
