@@ -13,6 +13,8 @@
 //! - [`agent`]: hosts on one bridge and `overlay-agent` processes in them;
 //! - [`binaries`]: the agent binary, built on demand for tests that run it;
 //! - [`docker`]: a real dockerd in a host's namespace, with a busybox image;
+//! - [`cni`]: pods made as a Kubernetes node makes them: the CNI plugins from
+//!   kube-flannel's conflist, flannel's meta-plugin reading subnet.env;
 //! - [`stats`]: device statistics and attached BPF programs;
 //! - [`http`]: the agent's health and metrics endpoints;
 //! - [`peers`]: thousands of flannel-format leases of other nodes, written in transactions;
@@ -25,6 +27,7 @@ pub mod agent;
 pub mod binaries;
 pub mod capture;
 pub mod cmd;
+pub mod cni;
 pub mod docker;
 pub mod etcd;
 pub mod frames;
