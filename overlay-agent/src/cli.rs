@@ -7,9 +7,10 @@ use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
 
 use clap::{ArgAction, Parser, ValueEnum};
 
-use crate::etcd::own::LeaseTiming;
+use crate::subnet::etcd::own::LeaseTiming;
 
 const ETCD: &str = "etcd (the subnet store)";
+const KUBE: &str = "Kubernetes (--kube-subnet-mgr)";
 const NETWORK: &str = "Network and interface";
 const LEASE: &str = "Subnet lease";
 const HEALTH: &str = "Health";
@@ -65,8 +66,8 @@ pub enum TcAttachChoice {
 #[command(
     name = "overlay-agent",
     version,
-    about = "flannel-compatible VXLAN overlay agent (etcd subnet manager) with an eBPF datapath \
-             and a kernel vxlan fallback",
+    about = "flannel-compatible VXLAN overlay agent (etcd or Kubernetes subnet manager) with an \
+             eBPF datapath and a kernel vxlan fallback",
     long_about = None,
     after_help = "Every flag can also be set with FLANNELD_<FLAG> in the environment \
                   (e.g. FLANNELD_ETCD_ENDPOINTS, FLANNELD_IFACE); the command line wins. \
@@ -103,6 +104,40 @@ pub struct Cli {
     /// Password for BasicAuth to etcd.
     #[arg(long, env = "FLANNELD_ETCD_PASSWORD", hide_env_values = true, help_heading = ETCD)]
     pub etcd_password: Option<String>,
+
+    /// Contact the Kubernetes API for subnet assignment instead of etcd.
+    #[arg(long, env = "FLANNELD_KUBE_SUBNET_MGR", default_value = "false", num_args = 0..=1,
+          default_missing_value = "true", require_equals = true, value_parser = parse_go_bool,
+          help_heading = KUBE)]
+    pub kube_subnet_mgr: bool,
+
+    /// Kubernetes API server URL. Does not need to be specified if the agent
+    /// is running in a pod.
+    #[arg(long, env = "FLANNELD_KUBE_API_URL", help_heading = KUBE)]
+    pub kube_api_url: Option<String>,
+
+    /// kubeconfig file location. Does not need to be specified if the agent
+    /// is running in a pod.
+    #[arg(long, env = "FLANNELD_KUBECONFIG_FILE", help_heading = KUBE)]
+    pub kubeconfig_file: Option<PathBuf>,
+
+    /// Kubernetes annotation prefix. Can contain single slash "/", otherwise
+    /// it will be appended at the end.
+    #[arg(long, env = "FLANNELD_KUBE_ANNOTATION_PREFIX",
+          default_value = crate::subnet::kube::annotations::DEFAULT_PREFIX, help_heading = KUBE)]
+    pub kube_annotation_prefix: String,
+
+    /// Path to the network configuration file to use (with
+    /// --kube-subnet-mgr; etcd mode reads <etcd-prefix>/config).
+    #[arg(long, env = "FLANNELD_NET_CONFIG_PATH",
+          default_value = "/etc/kube-flannel/net-conf.json", help_heading = KUBE)]
+    pub net_config_path: PathBuf,
+
+    /// Set NodeNetworkUnavailable after ready.
+    #[arg(long, env = "FLANNELD_SET_NODE_NETWORK_UNAVAILABLE", default_value = "true",
+          num_args = 0..=1, default_missing_value = "true", require_equals = true,
+          value_parser = parse_go_bool, help_heading = KUBE)]
+    pub set_node_network_unavailable: bool,
 
     /// Interface to use (IP or name) for inter-host communication. Can be
     /// specified multiple times to check each option in order. Returns the
@@ -249,7 +284,7 @@ pub enum Command {
     /// flannel's mk-docker-opts.sh: write docker's options (--bip, --mtu,
     /// --ip-masq) from subnet.env to /run/docker_opts.env, byte for byte as
     /// the script does.
-    MkDockerOpts(crate::docker_opts::MkDockerOptsArgs),
+    MkDockerOpts(crate::flannel::docker_opts::MkDockerOptsArgs),
 }
 
 /// `cleanup`'s own flags.
@@ -328,7 +363,6 @@ impl Cli {
                 self.subnet_lease_renew_margin.0, self.subnet_lease_ttl.0
             ));
         }
-        self.compat.check()?;
         if self.etcd_certfile.is_some() != self.etcd_keyfile.is_some() {
             return Err("--etcd-certfile and --etcd-keyfile must be given together".into());
         }
@@ -344,8 +378,8 @@ impl Cli {
         }
     }
 
-    pub fn etcd_options(&self) -> crate::etcd::EtcdOptions {
-        let mut o = crate::etcd::EtcdOptions::new(
+    pub fn etcd_options(&self) -> crate::subnet::etcd::EtcdOptions {
+        let mut o = crate::subnet::etcd::EtcdOptions::new(
             self.etcd_endpoints
                 .iter()
                 .map(|e| e.trim().to_owned())
@@ -358,6 +392,16 @@ impl Cli {
         o.username = self.etcd_username.clone().filter(|s| !s.is_empty());
         o.password = self.etcd_password.clone().filter(|s| !s.is_empty());
         o
+    }
+
+    pub fn kube_options(&self) -> crate::subnet::kube::KubeOptions {
+        crate::subnet::kube::KubeOptions {
+            api_url: self.kube_api_url.clone(),
+            kubeconfig: self.kubeconfig_file.clone(),
+            annotation_prefix: self.kube_annotation_prefix.clone(),
+            net_config_path: self.net_config_path.clone(),
+            set_node_network_unavailable: self.set_node_network_unavailable,
+        }
     }
 
     pub fn iface_selector(&self) -> crate::iface::Selector {
@@ -631,10 +675,17 @@ mod tests {
         assert!(c.validate().is_ok(), "{:?}", c.validate());
         assert_eq!(c.iface_can_reach, Some("10.0.0.1".parse().unwrap()));
         assert_eq!(c.compat.log_filter(), Some("debug"));
-        assert_eq!(c.compat.warnings().len(), 10, "{:?}", c.compat.warnings());
+        assert_eq!(c.compat.warnings().len(), 5, "{:?}", c.compat.warnings());
         assert_eq!(parse(&["-v", "5"]).compat.log_filter(), Some("trace"));
         let kube = parse(&["--kube-subnet-mgr"]);
-        assert!(kube.validate().unwrap_err().contains("--kube-subnet-mgr"));
+        assert!(kube.validate().is_ok());
+        assert!(kube.kube_subnet_mgr && kube.set_node_network_unavailable);
+        assert_eq!(kube.kube_annotation_prefix, "flannel.alpha.coreos.com");
+        assert_eq!(
+            kube.net_config_path,
+            PathBuf::from("/etc/kube-flannel/net-conf.json")
+        );
+        assert!(!c.set_node_network_unavailable);
         let v = parse_err(&["--version"]);
         assert!(v.contains(env!("CARGO_PKG_VERSION")), "{v}");
     }

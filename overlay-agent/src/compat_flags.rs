@@ -1,50 +1,17 @@
 //! flanneld's flags that do nothing here, accepted so that a flanneld command
 //! line or unit file starts this agent unchanged: each set one gets one
-//! warning saying why it has no effect, except `--kube-subnet-mgr`, which
-//! would change where leases come from and so is a clear error, and klog's
-//! `-v`, which sets the log level.
+//! warning saying why it has no effect, except klog's `-v`, which sets the
+//! log level. (The Kubernetes flags are the agent's own: see `cli`.)
 
 use clap::Args;
 
 use crate::cli::parse_go_bool;
 
-const KUBE: &str = "flanneld's Kubernetes and logging flags (accepted for compatibility)";
+const KUBE: &str = "flanneld's IPv6 and logging flags (accepted for compatibility)";
 
 /// The flags flanneld has and this agent does not act on.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Args)]
 pub struct CompatFlags {
-    /// Contact the Kubernetes API for subnet assignment instead of etcd (not
-    /// supported: the agent stops with an error).
-    #[arg(long, env = "FLANNELD_KUBE_SUBNET_MGR", default_value = "false", num_args = 0..=1,
-          default_missing_value = "true", require_equals = true, value_parser = parse_go_bool,
-          help_heading = KUBE)]
-    pub kube_subnet_mgr: bool,
-
-    /// Kubernetes API server URL (only with --kube-subnet-mgr).
-    #[arg(long, env = "FLANNELD_KUBE_API_URL", help_heading = KUBE)]
-    pub kube_api_url: Option<String>,
-
-    /// Kubeconfig file location (only with --kube-subnet-mgr).
-    #[arg(long, env = "FLANNELD_KUBECONFIG_FILE", help_heading = KUBE)]
-    pub kubeconfig_file: Option<String>,
-
-    /// Kubernetes annotation prefix [flanneld: flannel.alpha.coreos.com]
-    /// (only with --kube-subnet-mgr).
-    #[arg(long, env = "FLANNELD_KUBE_ANNOTATION_PREFIX", help_heading = KUBE)]
-    pub kube_annotation_prefix: Option<String>,
-
-    /// Path to the network configuration file [flanneld:
-    /// /etc/kube-flannel/net-conf.json] (only with --kube-subnet-mgr; the
-    /// config is read from etcd).
-    #[arg(long, env = "FLANNELD_NET_CONFIG_PATH", help_heading = KUBE)]
-    pub net_config_path: Option<String>,
-
-    /// Set the node's NetworkUnavailable condition (only with --kube-subnet-mgr).
-    #[arg(long, env = "FLANNELD_SET_NODE_NETWORK_UNAVAILABLE", num_args = 0..=1,
-          default_missing_value = "true", require_equals = true, value_parser = parse_go_bool,
-          help_heading = KUBE)]
-    pub set_node_network_unavailable: Option<bool>,
-
     /// IPv6 accessible by other nodes (IPv6 is not served: ignored).
     #[arg(long, env = "FLANNELD_PUBLIC_IPV6", help_heading = KUBE)]
     pub public_ipv6: Option<String>,
@@ -81,18 +48,6 @@ pub struct CompatFlags {
 }
 
 impl CompatFlags {
-    /// The error that stops the agent, if a flag asks for what it cannot do.
-    pub fn check(&self) -> Result<(), String> {
-        if self.kube_subnet_mgr {
-            return Err(
-                "--kube-subnet-mgr is not supported by this agent yet: it takes its subnet \
-                 from etcd (--etcd-endpoints), as flanneld does without that flag"
-                    .into(),
-            );
-        }
-        Ok(())
-    }
-
     /// One line for each flag that was given and has no effect here.
     pub fn warnings(&self) -> Vec<String> {
         let mut out = Vec::new();
@@ -101,24 +56,6 @@ impl CompatFlags {
                 out.push(format!("{flag} has no effect here: {why}"));
             }
         };
-        let kube = "it only matters with --kube-subnet-mgr, which this agent does not support";
-        given(self.kube_api_url.is_some(), "--kube-api-url", kube);
-        given(self.kubeconfig_file.is_some(), "--kubeconfig-file", kube);
-        given(
-            self.kube_annotation_prefix.is_some(),
-            "--kube-annotation-prefix",
-            kube,
-        );
-        given(
-            self.net_config_path.is_some(),
-            "--net-config-path",
-            "without --kube-subnet-mgr the network config is read from etcd",
-        );
-        given(
-            self.set_node_network_unavailable.is_some(),
-            "--set-node-network-unavailable",
-            kube,
-        );
         given(
             self.public_ipv6.is_some(),
             "--public-ipv6",
@@ -174,12 +111,11 @@ mod tests {
     }
 
     #[test]
-    fn only_given_flags_warn_and_kube_subnet_mgr_stops() {
+    fn only_given_flags_warn() {
         assert!(CompatFlags::default().warnings().is_empty());
-        assert!(CompatFlags::default().check().is_ok());
         let c = CompatFlags {
             public_ipv6: Some("2001:db8::1".into()),
-            kube_api_url: Some("https://k".into()),
+            ip_blackhole_route: Some(true),
             ..CompatFlags::default()
         };
         let w = c.warnings();
@@ -188,12 +124,5 @@ mod tests {
             w.iter()
                 .any(|l| l.starts_with("--public-ipv6 has no effect"))
         );
-        let e = CompatFlags {
-            kube_subnet_mgr: true,
-            ..CompatFlags::default()
-        }
-        .check()
-        .unwrap_err();
-        assert!(e.contains("--kube-subnet-mgr is not supported"), "{e}");
     }
 }

@@ -21,7 +21,7 @@ use crate::{
         },
         pins::{LinkInfo, PinLayout, link_info, obj_get},
     },
-    mac::MacAddr,
+    flannel::mac::MacAddr,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -130,9 +130,10 @@ pub fn render(
     let mut out = String::new();
     match &lease {
         Ok(Some(l)) => {
-            let expiry = match l.ttl_seconds {
-                Some(t) => format!("expires in {t} s"),
-                None => "reservation (no expiry)".to_owned(),
+            let expiry = match (l.key.starts_with("node/"), l.ttl_seconds) {
+                (true, _) => "the node's podCIDR (no expiry)".to_owned(),
+                (false, Some(t)) => format!("expires in {t} s"),
+                (false, None) => "reservation (no expiry)".to_owned(),
             };
             let _ = writeln!(out, "lease:     {} ({}), {expiry}", l.subnet, l.key);
         }

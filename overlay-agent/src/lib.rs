@@ -1,37 +1,31 @@
 //! The overlay agent as a library; `main.rs` is the daemon and its
-//! subcommands on top of it.
+//! subcommands on top of it. The folders follow the data's way, leases in,
+//! datapath out:
 //!
-//! - flannel's formats and rules: [`config`], [`lease`], [`subnet_env`],
-//!   [`alloc`], [`gojson`], [`mac`];
-//! - the control plane: [`etcd`] (config, leases, the watch) and
-//!   [`reconcile`], which drives a datapath from the leases;
+//! - [`flannel`]: flanneld's formats and rules (config, lease key and JSON,
+//!   subnet.env, Go's JSON, the VTEP MAC, mk-docker-opts);
+//! - [`subnet`]: where leases come from, behind one shape: [`subnet::etcd`]
+//!   and [`subnet::kube`] (`--kube-subnet-mgr`), with the checks every
+//!   peer's lease passes and the allocator;
+//! - [`daemon`]: the agent itself, its stages from config to the running
+//!   loop, and the reconciler that drives a datapath from the leases;
 //! - [`datapath`]: the eBPF and kernel-vxlan datapaths behind one interface;
 //! - the host: [`netlink`], [`iface`], [`ipmasq`], [`notify`], [`netns`];
 //! - the operator's side: [`cli`], [`health`], [`inspect`] (`status`),
-//!   [`cleanup`], and the subcommands on top of them, [`commands`];
-//! - [`daemon`]: the agent itself, its stages from config to the running
-//!   loop, as a library (`main.rs` only parses flags and dispatches).
+//!   [`cleanup`], and the subcommands on top of them, [`commands`].
 
-pub mod alloc;
 pub mod cleanup;
 pub mod cli;
 pub mod commands;
 pub mod compat_flags;
-pub mod config;
 pub mod daemon;
 pub mod datapath;
-pub mod docker_opts;
-pub mod etcd;
-pub mod gojson;
+pub mod flannel;
 pub mod health;
 pub mod iface;
 pub mod inspect;
 pub mod ipmasq;
-pub mod lease;
-pub mod lease_check;
-pub mod mac;
 pub mod netlink;
 pub mod netns;
 pub mod notify;
-pub mod reconcile;
-pub mod subnet_env;
+pub mod subnet;

@@ -8,7 +8,8 @@ use std::process::ExitCode;
 
 use overlay_agent::{
     cli::{Cli, Command},
-    commands, daemon, docker_opts,
+    commands, daemon,
+    flannel::docker_opts,
 };
 
 fn main() -> ExitCode {

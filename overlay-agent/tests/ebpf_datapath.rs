@@ -15,7 +15,7 @@ use overlay_agent::{
         ebpf::{Counters, EBPF_OBJECT, EbpfDatapath, EbpfOptions, IngressMode, ProgramIds},
         pins::{MAPS, MapShape, PinLayout, declared_shapes},
     },
-    mac::MacAddr,
+    flannel::mac::MacAddr,
     netns::NetnsWorker,
 };
 use overlay_common::{

@@ -9,7 +9,7 @@ use anyhow::{Context, Result, ensure};
 use common::{Lab, Node, cmd, cmd_fails, expect_peer_entries, ping};
 use overlay_agent::{
     datapath::{Datapath, NodeSpec, Peer, kernel::KernelDatapath},
-    mac::MacAddr,
+    flannel::mac::MacAddr,
     netlink::vxlan_device::DeviceOrigin,
 };
 

@@ -450,7 +450,7 @@ fn processes_naming(needle: &str) -> Vec<u32> {
 /// systemd passes `$key` to dockerd: unquoted, split on whitespace.
 pub fn options_from_env_file(path: &Path, key: &str) -> Result<Vec<String>> {
     let text = fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let vars = overlay_agent::subnet_env::parse_env(&text);
+    let vars = overlay_agent::flannel::subnet_env::parse_env(&text);
     let value = vars
         .get(key)
         .with_context(|| format!("{} has no {key}:\n{text}", path.display()))?;

@@ -11,7 +11,7 @@ use overlay_agent::{
         ebpf::{Counters, EbpfOptions, IngressMode},
         fastpath::FastPathMode,
     },
-    mac::MacAddr,
+    flannel::mac::MacAddr,
 };
 use overlay_common::consts::{DEFAULT_VNI, DEFAULT_VXLAN_PORT};
 

@@ -11,7 +11,7 @@
 use std::net::Ipv4Addr;
 
 use anyhow::{Context, Result};
-use overlay_agent::{datapath::Peer, mac::MacAddr};
+use overlay_agent::{datapath::Peer, flannel::mac::MacAddr};
 
 use crate::{cmd, lab::Host};
 

@@ -600,7 +600,7 @@ fn agent_carries_on_through_the_other_members_of_a_cluster() -> Result<()> {
 #[test]
 #[ignore = "needs root, network namespaces and eBPF: run `cargo xtask test`"]
 fn agents_interoperate_with_a_flanneld_stand_in() -> Result<()> {
-    use overlay_agent::lease;
+    use overlay_agent::flannel::lease;
     use overlay_tests::{lab::Host, reference::ReferencePeer};
 
     let Cluster { hosts, etcd, bin } = Cluster::start("f", 3, CONFIG)?;

@@ -6,8 +6,8 @@
 use std::time::{Duration, Instant};
 
 use overlay_agent::{
-    config::ConfigError,
-    etcd::{EtcdError, Registry},
+    flannel::config::ConfigError,
+    subnet::etcd::{EtcdError, Registry},
 };
 use overlay_tests::etcd::Etcd;
 

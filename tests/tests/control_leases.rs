@@ -10,14 +10,14 @@ use std::{
 
 use ipnet::Ipv4Net;
 use overlay_agent::{
-    alloc::{AllocError, Choice},
-    config::NetworkConfig,
-    etcd::{
+    flannel::config::NetworkConfig,
+    flannel::lease,
+    flannel::mac::MacAddr,
+    subnet::alloc::{AllocError, Choice},
+    subnet::etcd::{
         Registry,
         own::{self, AcquireError, Keeper, LeaseTiming, NodeIdentity, OwnLease, Renewal},
     },
-    lease,
-    mac::MacAddr,
 };
 use overlay_tests::etcd::Etcd;
 

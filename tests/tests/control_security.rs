@@ -3,7 +3,7 @@
 //! material works, a wrong CA, a missing client certificate or a wrong
 //! password is a clear, permanent error.
 
-use overlay_agent::etcd::{EtcdError, Registry};
+use overlay_agent::subnet::etcd::{EtcdError, Registry};
 use overlay_tests::etcd::{Etcd, EtcdSpec};
 
 const PREFIX: &str = "/coreos.com/network";
@@ -21,13 +21,13 @@ fn start(tls: bool, auth: bool) -> Etcd {
 }
 
 /// Connect and read the config; the error if either fails.
-async fn read_config(opts: &overlay_agent::etcd::EtcdOptions) -> Result<u8, EtcdError> {
+async fn read_config(opts: &overlay_agent::subnet::etcd::EtcdOptions) -> Result<u8, EtcdError> {
     let reg = Registry::connect(opts).await?;
     Ok(reg.get_config().await?.expect("config exists").subnet_len)
 }
 
 fn assert_permanent(e: &EtcdError, needles: &[&str]) {
-    let msg = overlay_agent::etcd::error_chain(e);
+    let msg = overlay_agent::subnet::etcd::error_chain(e);
     assert!(!e.is_transient(), "should stop the agent: {msg}");
     assert!(
         needles

@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use overlay_agent::etcd::{
+use overlay_agent::subnet::etcd::{
     Registry,
     watch::{LeaseWatcher, WatchEvent},
 };

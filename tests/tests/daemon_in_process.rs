@@ -129,9 +129,9 @@ fn the_daemon_runs_in_process_through_its_stages_and_stops_when_asked() -> Resul
 
     let stopped = daemon.stop()?;
     ensure!(
-        stopped.lease.subnet.to_string() == format!("{own}/24"),
+        stopped.lease.subnet().to_string() == format!("{own}/24"),
         "stopped with lease {}, subnet.env says {own}",
-        stopped.lease.subnet
+        stopped.lease.subnet()
     );
     ensure!(stopped.peers == 1, "{} peers at the end", stopped.peers);
     ensure!(stopped.device == "flannel.1", "device {}", stopped.device);

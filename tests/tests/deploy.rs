@@ -159,7 +159,7 @@ fn configmap_holds_a_network_config_the_agent_accepts_and_a_flannel_cni_config()
     let net = cm["data"]["net-conf.json"]
         .as_str()
         .context("net-conf.json")?;
-    let config = overlay_agent::config::NetworkConfig::parse(net.as_bytes())
+    let config = overlay_agent::flannel::config::NetworkConfig::parse(net.as_bytes())
         .map_err(|e| anyhow::anyhow!("net-conf.json: {e}"))?;
     ensure!(config.network.to_string() == "10.244.0.0/16");
     let cni: serde_json::Value = serde_json::from_str(
@@ -374,7 +374,7 @@ fn network_config_init_script_puts_only_when_absent() -> Result<()> {
     let stored = etcd
         .get("/coreos.com/network/config")?
         .context("no config")?;
-    let parsed = overlay_agent::config::NetworkConfig::parse(stored.as_bytes())
+    let parsed = overlay_agent::flannel::config::NetworkConfig::parse(stored.as_bytes())
         .map_err(|e| anyhow::anyhow!("stored config: {e}"))?;
     ensure!(parsed.network.to_string() == "10.244.0.0/16", "{stored}");
     etcd.put("/coreos.com/network/config", r#"{"Network":"10.9.0.0/16"}"#)?;

@@ -144,11 +144,11 @@ fn configmap_parses_with_the_agent_and_is_the_conflist_pods_are_made_from() -> R
     let net = cm["data"]["net-conf.json"]
         .as_str()
         .context("net-conf.json")?;
-    let config = overlay_agent::config::NetworkConfig::parse(net.as_bytes())
+    let config = overlay_agent::flannel::config::NetworkConfig::parse(net.as_bytes())
         .map_err(|e| anyhow::anyhow!("net-conf.json: {e}"))?;
     ensure!(config.network.to_string() == "10.244.0.0/16");
     ensure!(
-        config.backend == overlay_agent::config::VxlanConfig::default(),
+        config.backend == overlay_agent::flannel::config::VxlanConfig::default(),
         "{:?}",
         config.backend
     );
@@ -362,18 +362,9 @@ fn args_are_flanneld_flags_the_agent_parses_and_the_probes_hit_its_port() -> Res
     let mut argv = vec!["overlay-agent".to_owned()];
     argv.extend(args.iter().cloned());
     let cli = overlay_agent::cli::Cli::parse_from_go(&argv).map_err(|e| anyhow::anyhow!("{e}"))?;
-    // TODO(lead): once Kubernetes mode lands, `validate()` must accept these
-    // arguments: replace this match with
-    // `cli.validate().map_err(anyhow::Error::msg)?;`. Until then the agent
-    // parses them but refuses --kube-subnet-mgr, and that is the only
-    // refusal allowed here (the flanneld flag list above stands in).
-    match cli.validate() {
-        Ok(()) => {}
-        Err(e) => ensure!(
-            e.contains("--kube-subnet-mgr"),
-            "the agent refuses {args:?}: {e}"
-        ),
-    }
+    cli.validate()
+        .map_err(|e| anyhow::anyhow!("the agent refuses {args:?}: {e}"))?;
+    ensure!(cli.kube_subnet_mgr, "--kube-subnet-mgr");
     ensure!(cli.ip_masq, "--ip-masq");
     // Health on all addresses (the default, as flanneld's), on the port the
     // probes use through the named container port.
@@ -476,14 +467,22 @@ fn install_cni_script_installs_the_conflist_atomically() -> Result<()> {
 /// ships the API's JSON schemas per release; `--strict` also rejects
 /// unknown fields.
 #[test]
-#[ignore = "needs kubernetes-validate (pip install kubernetes-validate): run `cargo xtask test`"]
+#[ignore = "needs kubernetes-validate (installed by cargo xtask setup): run `cargo xtask test`"]
 fn kubernetes_validate_accepts_the_manifest_against_the_1_32_schemas() -> Result<()> {
     let file = root().join(OURS);
-    let out = std::process::Command::new("kubernetes-validate")
-        .args(["--strict", "--kubernetes-version", "1.32.0"])
+    // Debian's Python, where `cargo xtask setup` installs it (a pyenv first
+    // on PATH would not have it).
+    let out = std::process::Command::new("/usr/bin/python3")
+        .args([
+            "-m",
+            "kubernetes_validate",
+            "--strict",
+            "--kubernetes-version",
+            "1.32.0",
+        ])
         .arg(&file)
         .output()
-        .context("running kubernetes-validate (pip install kubernetes-validate)")?;
+        .context("running kubernetes-validate (cargo xtask setup installs it)")?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     ensure!(out.status.success(), "{stdout}{stderr}");

@@ -406,7 +406,7 @@ fn our_lease(etcd: &Etcd, others: &[&str]) -> Result<Peer> {
         let [key, value] = kv else {
             bail!("etcdctl get printed an odd number of lines:\n{out}")
         };
-        let lease = overlay_agent::lease::decode(key, value.as_bytes())?;
+        let lease = overlay_agent::flannel::lease::decode(key, value.as_bytes())?;
         if let Some(p) = lease.peer()
             && !others.contains(&p.subnet.to_string().as_str())
         {

@@ -229,7 +229,7 @@ fn program_stand_in(etcd: &Etcd, peer: &ReferencePeer) -> Result<()> {
         let [key, value] = kv else {
             bail!("etcdctl get printed an odd number of lines:\n{out}")
         };
-        let lease = overlay_agent::lease::decode(key, value.as_bytes())?;
+        let lease = overlay_agent::flannel::lease::decode(key, value.as_bytes())?;
         let Some(p) = lease.peer() else { continue };
         if p.subnet != peer.subnet {
             peer.add_peer(&p)?;
@@ -265,7 +265,7 @@ fn mk_docker_opts(bin: &Path, ns: &str, env: &Path, out: &Path) -> Result<String
 
 fn var(env: &Path, name: &str) -> Result<String> {
     let text = fs::read_to_string(env)?;
-    overlay_agent::subnet_env::parse_env(&text)
+    overlay_agent::flannel::subnet_env::parse_env(&text)
         .remove(name)
         .with_context(|| format!("{} has no {name}:\n{text}", env.display()))
 }

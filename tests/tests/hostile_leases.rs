@@ -461,7 +461,7 @@ fn a_burst_of_500_leases_with_bad_ones_among_them() -> Result<()> {
     }
     let opts = etcd.options("/coreos.com/network");
     overlay_tests::netns::run_async_in(&hosts.ns(1), move || async move {
-        let reg = overlay_agent::etcd::Registry::connect(&opts).await?;
+        let reg = overlay_agent::subnet::etcd::Registry::connect(&opts).await?;
         let mut client = reg.client();
         for (key, value) in puts {
             client.put(key, value, None).await?;

@@ -7,6 +7,7 @@
 
 mod apt;
 mod bpffs;
+mod pip;
 mod toolchain;
 
 use std::time::Instant;
@@ -21,6 +22,7 @@ use crate::run;
 #[derive(Debug)]
 struct Plan {
     packages: Vec<String>,
+    python: Vec<String>,
     rust: toolchain::Missing,
     mount_bpffs: bool,
 }
@@ -30,24 +32,36 @@ impl Plan {
         let wanted: Vec<&str> = apt::PACKAGES.iter().map(|(name, _)| *name).collect();
         Ok(Self {
             packages: apt::missing(&wanted)?,
+            python: pip::missing(),
             rust: toolchain::inspect(),
             mount_bpffs: !bpffs::is_mounted(),
         })
     }
 
     fn is_empty(&self) -> bool {
-        self.packages.is_empty() && self.rust.is_empty() && !self.mount_bpffs
+        self.packages.is_empty()
+            && self.python.is_empty()
+            && self.rust.is_empty()
+            && !self.mount_bpffs
     }
 
     fn describe(&self) -> Vec<String> {
         let Self {
             packages,
+            python,
             rust,
             mount_bpffs,
         } = self;
         let mut todo = Vec::new();
         if !packages.is_empty() {
             todo.push(format!("Debian packages: {}", packages.join(" ")));
+        }
+        if !python.is_empty() {
+            todo.push(format!(
+                "Python packages for {}: {}",
+                pip::PYTHON,
+                python.join(" ")
+            ));
         }
         if !rust.stable_components.is_empty() {
             todo.push(format!(
@@ -86,8 +100,9 @@ pub fn ensure() -> Result<()> {
     let plan = Plan::inspect()?;
     if plan.is_empty() {
         eprintln!(
-            "setup: nothing to do: {} Debian packages, {NIGHTLY} with {}, bpf-linker {} on LLVM 22, bpffs all present (checked in {} ms)",
+            "setup: nothing to do: {} Debian packages, {} Python packages, {NIGHTLY} with {}, bpf-linker {} on LLVM 22, bpffs all present (checked in {} ms)",
             apt::PACKAGES.len(),
+            pip::PACKAGES.len(),
             toolchain::NIGHTLY_COMPONENTS.join("+"),
             toolchain::BPF_LINKER_VERSION,
             started.elapsed().as_millis()
@@ -104,6 +119,10 @@ pub fn ensure() -> Result<()> {
     }
     if !plan.packages.is_empty() {
         apt::install(&plan.packages)?;
+    }
+    // After apt: python3-pip is among the Debian packages.
+    if !plan.python.is_empty() {
+        pip::install(&plan.python)?;
     }
     toolchain::install(&plan.rust)?;
     if plan.mount_bpffs {

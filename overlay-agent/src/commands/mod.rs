@@ -1,6 +1,6 @@
 //! The one-shot subcommands: `status` and `cleanup` (`mk-docker-opts` is
-//! [`crate::docker_opts`]). They must answer even when etcd does not, so
-//! each etcd step gets a few seconds.
+//! [`crate::flannel::docker_opts`]). They must answer even when etcd or the
+//! API server does not, so each step gets a few seconds.
 
 mod cleanup;
 mod status;
@@ -10,15 +10,15 @@ use std::{future::Future, time::Duration};
 pub use cleanup::cleanup;
 pub use status::status;
 
-use crate::{cli::Cli, etcd::Registry};
+use crate::{cli::Cli, subnet::etcd::Registry};
 
-/// One etcd step of a one-shot subcommand, bounded to 5 s.
+/// One etcd or API step of a one-shot subcommand, bounded to 5 s.
 async fn briefly<T, E: std::fmt::Display>(
     step: impl Future<Output = Result<T, E>>,
 ) -> Result<T, String> {
     tokio::time::timeout(Duration::from_secs(5), step)
         .await
-        .map_err(|_| "etcd did not answer within 5 s".to_owned())?
+        .map_err(|_| "no answer within 5 s".to_owned())?
         .map_err(|e| e.to_string())
 }
 

@@ -1,5 +1,5 @@
 //! `overlay-agent status`: the pinned state, our lease, and the leases in
-//! etcd we refuse to program.
+//! etcd (or the Nodes, with `--kube-subnet-mgr`) we refuse to program.
 
 use std::net::Ipv4Addr;
 
@@ -9,16 +9,36 @@ use super::{briefly, connect_briefly};
 use crate::{
     cli::Cli,
     datapath::pins::PinLayout,
+    flannel::{config::NetworkConfig, lease},
     iface,
     inspect::{self, LeaseStatus, PinnedState},
-    lease, lease_check,
     netlink::Netlink,
+    subnet::{
+        Claim,
+        kube::{KubeManager, node_lease},
+        lease_check,
+    },
 };
 
 pub async fn status(cli: &Cli) -> Result<()> {
     let layout = PinLayout::chosen(cli.bpf_pin_dir.as_deref());
     let state = inspect::read(&layout).context("reading the pinned maps")?;
     let public_ip = node_public_ip(cli, state.as_ref()).await;
+    if cli.kube_subnet_mgr {
+        let lease = kube_lease(cli).await;
+        print!("{}", inspect::render(&layout, state.as_ref(), lease));
+        match kube_rejected(cli).await {
+            Ok(rejected) if rejected.is_empty() => {}
+            Ok(rejected) => {
+                println!("rejected leases (Nodes, not programmed):");
+                for line in rejected {
+                    println!("  {line}");
+                }
+            }
+            Err(e) => println!("rejected leases: unknown ({e})"),
+        }
+        return Ok(());
+    }
     let lease = async {
         let reg = connect_briefly(cli).await?;
         let Some(ip) = public_ip else {
@@ -108,6 +128,65 @@ async fn rejected_leases(
         };
         if let Err(why) = lease_check::check(&trust, l.subnet, l.public_ip, vtep_mac, vni) {
             out.push(format!("{}: {why} ({})", entry.key, why.label()));
+        }
+    }
+    Ok(out)
+}
+
+/// Our Node's podCIDR, as the API server holds it.
+async fn kube_lease(cli: &Cli) -> Result<Option<LeaseStatus>, String> {
+    let mgr = briefly(KubeManager::connect(&cli.kube_options())).await?;
+    let node = briefly(mgr.node()).await?;
+    let subnet = node_lease::ipv4_pod_cidr(&node).map_err(|e| e.to_string())?;
+    Ok(Some(LeaseStatus {
+        key: node_lease::key(&mgr.node_name),
+        subnet: subnet.to_string(),
+        ttl_seconds: None,
+    }))
+}
+
+/// The other Nodes that claim a lease the agent refuses: malformed
+/// annotations or podCIDRs, or leases failing `lease_check`.
+async fn kube_rejected(cli: &Cli) -> Result<Vec<String>, String> {
+    let opts = cli.kube_options();
+    let text = std::fs::read(&opts.net_config_path)
+        .map_err(|e| format!("--net-config-path {}: {e}", opts.net_config_path.display()))?;
+    let config = NetworkConfig::parse_kube(&text).map_err(|e| e.to_string())?;
+    let mgr = briefly(KubeManager::connect(&opts)).await?;
+    let own = briefly(mgr.node()).await?;
+    let own_subnet = node_lease::ipv4_pod_cidr(&own).map_err(|e| e.to_string())?;
+    let own_ip = own
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(&mgr.names.public_ip))
+        .and_then(|ip| ip.parse().ok())
+        .unwrap_or(Ipv4Addr::UNSPECIFIED);
+    let nodes: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(mgr.client());
+    let list = briefly(nodes.list(&Default::default())).await?;
+    let trust = lease_check::Trust {
+        network: config.network,
+        subnet_len: own_subnet.prefix_len(),
+        own_public_ip: own_ip,
+        vni: config.backend.vni,
+    };
+    let mut out = Vec::new();
+    for node in &list.items {
+        if node.metadata.name.as_deref() == Some(mgr.node_name.as_str()) {
+            continue;
+        }
+        let rec = node_lease::record(node, &mgr.names);
+        match rec.claim {
+            Claim::Malformed(e) => out.push(format!("{}: malformed: {}", rec.key, e.reason)),
+            Claim::Lease(l) => {
+                if let lease::Backend::Vxlan { vni, vtep_mac } = l.backend
+                    && let Err(why) =
+                        lease_check::check(&trust, l.subnet, l.public_ip, vtep_mac, vni)
+                {
+                    out.push(format!("{}: {why} ({})", rec.key, why.label()));
+                }
+            }
+            Claim::None => {}
         }
     }
     Ok(out)

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use crate::{config::NetworkConfig, etcd::Registry};
+use crate::{flannel::config::NetworkConfig, subnet::etcd::Registry};
 
 pub struct ConfigWatch {
     seen: Option<Vec<u8>>,

@@ -2,18 +2,16 @@
 
 use std::collections::BTreeMap;
 
-use super::lease_feed::LeaseFeed;
+use super::{lease_feed::LeaseFeed, reconcile::Reconciler, startup::Held};
 use crate::{
     datapath::{AnyDatapath, Datapath},
-    etcd::own::OwnLease,
     health::{self, Health},
-    reconcile::Reconciler,
 };
 
 pub fn refresh_health(
     health: &Health,
     rec: &mut Reconciler<AnyDatapath>,
-    lease: &OwnLease,
+    held: &Held,
     feed: &LeaseFeed,
     metrics_per_peer: bool,
 ) {
@@ -28,7 +26,8 @@ pub fn refresh_health(
     let refused = rec.refused().len();
     let dp = rec.datapath();
     let counters = dp.as_ebpf().and_then(|e| e.counters().ok());
-    let expiry = lease.expires.map(|at| {
+    let lease = held.etcd_lease();
+    let expiry = lease.and_then(|l| l.expires).map(|at| {
         let left = at.saturating_duration_since(std::time::Instant::now());
         (std::time::SystemTime::now() + left)
             .duration_since(std::time::UNIX_EPOCH)
@@ -44,6 +43,6 @@ pub fn refresh_health(
         health::peers::follow(&mut h.peer_maps, dp.as_ebpf());
     }
     h.lease_expiry_unix = expiry;
-    h.reservation = lease.is_reservation();
+    h.reservation = lease.is_some_and(|l| l.is_reservation());
     h.etcd_connected = !feed.is_failing();
 }

@@ -1,4 +1,6 @@
-//! The lease watch in a task of its own, feeding the loop through a channel.
+//! The peers' leases in a task of its own, feeding the loop through a
+//! channel, from either subnet manager: etcd's watch on `<prefix>/subnets/`
+//! or the API server's Node watch.
 //!
 //! The loop can then wait on other things (signals, timers, our own lease)
 //! without ever dropping a half-read watch response or a half-done re-list:
@@ -13,33 +15,55 @@ use std::sync::{
 
 use tokio::{sync::mpsc, task::JoinHandle};
 
-use crate::etcd::{
-    EtcdError, Registry,
-    watch::{LeaseWatcher, WatchEvent},
+use crate::subnet::{
+    LeaseEvent,
+    etcd::{
+        EtcdError, Registry,
+        watch::{LeaseWatcher, lease_events},
+    },
+    kube::{self, KubeManager, annotations},
 };
 
 /// Watch responses waiting for the loop, at most.
 const QUEUED: usize = 64;
 
 pub struct LeaseFeed {
-    rx: mpsc::Receiver<Vec<WatchEvent>>,
+    rx: mpsc::Receiver<Vec<LeaseEvent>>,
     task: Option<JoinHandle<Result<(), EtcdError>>>,
     failing: Arc<AtomicBool>,
 }
 
 impl LeaseFeed {
     /// Watches `<prefix>/subnets/` from just after `snapshot_revision`.
-    pub fn spawn(reg: Registry, snapshot_revision: i64) -> LeaseFeed {
+    pub fn etcd(reg: Registry, snapshot_revision: i64) -> LeaseFeed {
         let mut watcher = LeaseWatcher::new(reg, snapshot_revision);
         let failing = watcher.failing_flag();
         let (tx, rx) = mpsc::channel(QUEUED);
         let task = tokio::spawn(async move {
             loop {
                 let events = watcher.next().await?;
-                if tx.send(events).await.is_err() {
+                if tx.send(lease_events(&events)).await.is_err() {
                     return Ok(());
                 }
             }
+        });
+        LeaseFeed {
+            rx,
+            task: Some(task),
+            failing,
+        }
+    }
+
+    /// Lists and watches every Node; the first batch is the list (one
+    /// [`LeaseEvent::Reset`]). `own` is what our Node must keep saying: it
+    /// is written again if someone changes it.
+    pub fn kube(mgr: KubeManager, own: annotations::Own) -> LeaseFeed {
+        let failing = Arc::<AtomicBool>::default();
+        let (tx, rx) = mpsc::channel(QUEUED);
+        let flag = failing.clone();
+        let task = tokio::spawn(async move {
+            kube::feed::run(mgr, own, tx, flag).await;
+            Ok(())
         });
         LeaseFeed {
             rx,
@@ -53,7 +77,7 @@ impl LeaseFeed {
     /// at once. `None` once the watch stopped for good ([`LeaseFeed::stopped`]
     /// says why). Cancel-safe: nothing is taken from the channel unless it
     /// is returned.
-    pub async fn next(&mut self) -> Option<Vec<WatchEvent>> {
+    pub async fn next(&mut self) -> Option<Vec<LeaseEvent>> {
         let mut events = self.rx.recv().await?;
         while let Ok(more) = self.rx.try_recv() {
             events.extend(more);
@@ -61,7 +85,8 @@ impl LeaseFeed {
         Some(events)
     }
 
-    /// Whether etcd is failing the watch right now (it is being retried).
+    /// Whether etcd or the API server is failing the watch right now (it is
+    /// being retried).
     pub fn is_failing(&self) -> bool {
         self.failing.load(Ordering::Relaxed)
     }

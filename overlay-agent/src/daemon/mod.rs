@@ -1,11 +1,13 @@
 //! The daemon as a library: what `overlay-agent` does when no subcommand is
 //! given, as four stages that each produce the next one's input.
 //!
-//! 1. [`startup::configure`]: etcd answers, the network config is valid, the
+//! 1. [`startup::configure`]: the subnet manager (etcd, or the API server
+//!    with `--kube-subnet-mgr`) answers, the network config is valid, the
 //!    interface is chosen and what the host needs is checked. Nothing on
 //!    the host is touched, so a bad config leaves nothing half-configured.
-//! 2. [`startup::take_lease`]: our subnet lease (the previous one when it
-//!    is still ours, as flanneld does).
+//! 2. [`startup::take_lease`]: our subnet lease (in etcd, the previous one
+//!    when it is still ours, as flanneld does; in Kubernetes, our Node's
+//!    podCIDR).
 //! 3. [`startup::program`]: the datapath, subnet.env, the firewall rules;
 //!    a failure here releases a lease taken in this run.
 //! 4. [`running::run`]: keep the lease, follow the peers, converge, until
@@ -19,6 +21,7 @@ mod config_watch;
 mod datapath_start;
 mod health_refresh;
 pub mod lease_feed;
+pub mod reconcile;
 mod retry;
 mod rules;
 pub mod running;
@@ -37,6 +40,10 @@ use crate::{
 
 /// How a run ended when it was told to stop.
 #[derive(Debug)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "returned once, when the daemon stops"
+)]
 pub enum Exit {
     /// Stopped before the running stage, in this phase. Waiting for the
     /// config or for a lease is abandoned at once; programming the datapath
@@ -70,13 +77,22 @@ pub async fn run_until(
     health: &Health,
     shutdown: impl Future<Output = ()>,
 ) -> Result<Exit> {
-    log::info!(
-        "overlay-agent {}: etcd {} prefix {}, datapath {:?}",
-        env!("CARGO_PKG_VERSION"),
-        cli.etcd_endpoints.join(","),
-        cli.etcd_prefix,
-        cli.datapath
-    );
+    if cli.kube_subnet_mgr {
+        log::info!(
+            "overlay-agent {}: Kubernetes subnet manager, net-conf {}, datapath {:?}",
+            env!("CARGO_PKG_VERSION"),
+            cli.net_config_path.display(),
+            cli.datapath
+        );
+    } else {
+        log::info!(
+            "overlay-agent {}: etcd {} prefix {}, datapath {:?}",
+            env!("CARGO_PKG_VERSION"),
+            cli.etcd_endpoints.join(","),
+            cli.etcd_prefix,
+            cli.datapath
+        );
+    }
     tokio::pin!(shutdown);
     let waiting = async {
         let configured = startup::configure(cli, health).await?;

@@ -1,29 +1,46 @@
-//! One retry policy for the daemon's etcd steps: jittered exponential
-//! backoff while the failure is transient, a stop on a problem of
-//! configuration (`etcd::failure`).
+//! One retry policy for the daemon's steps against the subnet manager (etcd
+//! or the API server): jittered exponential backoff while the failure is
+//! transient, logged once per distinct failure, and a stop on a problem of
+//! configuration (`etcd::failure`, `KubeError::is_retryable`).
 
 use std::{future::Future, time::Duration};
 
 use anyhow::Result;
 
-use crate::etcd::{EtcdError, backoff::Backoff, own::AcquireError};
+use crate::subnet::{
+    backoff::Backoff,
+    etcd::{EtcdError, own::AcquireError},
+    kube::KubeError,
+};
 
-/// Retry an etcd operation with backoff while it fails for a transient
-/// reason; stop on a problem of configuration.
-pub async fn retry_etcd<T, E, F, Fut>(what: &str, mut f: F) -> Result<T>
+/// Retry an operation with backoff while it fails for a transient reason;
+/// stop on a problem of configuration. A failure is logged when it first
+/// happens (and when it changes), not on every retry.
+pub async fn retry<T, E, F, Fut>(what: &str, mut f: F) -> Result<T>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, E>>,
     E: Into<RetryClass>,
 {
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+    let mut last: Option<String> = None;
     loop {
         match f().await {
-            Ok(v) => return Ok(v),
+            Ok(v) => {
+                if last.is_some() {
+                    log::info!("{what}: succeeded");
+                }
+                return Ok(v);
+            }
             Err(e) => match e.into() {
                 RetryClass::Retry(msg) => {
                     let delay = backoff.next_delay();
-                    log::warn!("{what}: {msg}; retrying in {delay:?}");
+                    if last.as_deref() == Some(msg.as_str()) {
+                        log::debug!("{what}: {msg}; retrying in {delay:?}");
+                    } else {
+                        log::warn!("{what}: {msg}; retrying with backoff (up to 5s)");
+                        last = Some(msg);
+                    }
                     tokio::time::sleep(delay).await;
                 }
                 RetryClass::Fatal(e) => return Err(e.context(what.to_owned())),
@@ -42,6 +59,16 @@ impl From<EtcdError> for RetryClass {
     fn from(e: EtcdError) -> Self {
         if e.is_transient() {
             RetryClass::Retry(e.to_string())
+        } else {
+            RetryClass::Fatal(e.into())
+        }
+    }
+}
+
+impl From<KubeError> for RetryClass {
+    fn from(e: KubeError) -> Self {
+        if e.is_retryable() {
+            RetryClass::Retry(crate::subnet::etcd::error_chain(&e))
         } else {
             RetryClass::Fatal(e.into())
         }

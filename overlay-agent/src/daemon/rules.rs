@@ -4,8 +4,8 @@ use std::time::Duration;
 
 use crate::{
     cli::Cli,
-    config::NetworkConfig,
     datapath::{AnyDatapath, ebpf::EbpfDatapath},
+    flannel::config::NetworkConfig,
     ipmasq::{self, Rule},
 };
 

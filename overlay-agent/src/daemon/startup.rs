@@ -1,51 +1,119 @@
 //! The daemon's first three stages, each a type that only the stage before
-//! can produce: [`Configured`] (etcd answers, the network config is valid,
-//! the interface is chosen; nothing on the host is touched), [`Leased`] (our
-//! subnet is ours in etcd), [`Programmed`] (the datapath carries our
-//! subnet, subnet.env is written, the firewall rules are kept). A stage that
-//! fails after the host or etcd were touched undoes what this run did.
+//! can produce: [`Configured`] (the subnet manager answers, the network
+//! config is valid, the interface is chosen; nothing on the host is
+//! touched), [`Leased`] (our subnet is ours: an etcd lease, or our Node's
+//! podCIDR), [`Programmed`] (the datapath carries our subnet, what we
+//! publish is published, subnet.env is written, the firewall rules are
+//! kept). A stage that fails after the host or etcd were touched undoes
+//! what this run did.
 
-use std::{path::Path, time::Duration};
+use std::{net::Ipv4Addr, path::Path, time::Duration};
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result, anyhow, bail};
+use ipnet::Ipv4Net;
+use k8s_openapi::api::core::v1::Node;
 
 use super::{
     datapath_start::start_datapath,
-    retry::retry_etcd,
+    retry::retry,
     rules::{fast_path_rules, first_rules, flanneld_rules, random_fully},
 };
 use crate::{
-    alloc::Choice,
     cli::Cli,
-    config::NetworkConfig,
     datapath::{AnyDatapath, NodeSpec, NodeState},
-    etcd::{
-        EtcdError, Registry,
-        own::{self, LeaseTiming, NodeIdentity, OwnLease, Renewal},
-    },
+    flannel::config::NetworkConfig,
+    flannel::mac::MacAddr,
+    flannel::subnet_env::{self, SubnetEnv},
     health::{Health, Phase},
     iface::{self, ExternalInterface},
     ipmasq::RuleKeeper,
-    mac::MacAddr,
     netlink::{Netlink, vxlan_device},
-    subnet_env::{self, SubnetEnv},
+    subnet::alloc::Choice,
+    subnet::etcd::{
+        EtcdError, Registry,
+        own::{self, LeaseTiming, NodeIdentity, OwnLease, Renewal},
+    },
+    subnet::kube::{
+        KubeManager,
+        annotations::{self, stored_mac},
+        node_lease::ipv4_pod_cidr,
+    },
 };
 
-/// Stage 1: etcd answers, the network config is valid and what the host
-/// needs was checked. Nothing on the host is touched yet.
+/// Where this node's lease and its peers' come from.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "made once per run and moved along the stages, never copied in a loop"
+)]
+pub enum Source {
+    /// flanneld's default: leases and config in etcd.
+    Etcd(Registry),
+    /// `--kube-subnet-mgr`: our Node as read at start (its podCIDR, what it
+    /// published before), the config from `--net-config-path`.
+    Kube { mgr: KubeManager, node: Box<Node> },
+}
+
+/// Stage 1: the subnet manager answers, the network config is valid and
+/// what the host needs was checked. Nothing on the host is touched yet.
 pub struct Configured {
-    pub reg: Registry,
+    pub source: Source,
     pub config: NetworkConfig,
     pub nl: Netlink,
     pub ext: ExternalInterface,
 }
 
-/// Stage 2: our subnet lease is in etcd.
+/// Our lease, as the subnet manager holds it.
+#[derive(Clone, Debug)]
+pub enum Held {
+    Etcd {
+        node: NodeIdentity,
+        lease: OwnLease,
+        timing: LeaseTiming,
+    },
+    /// Our Node's podCIDR; nothing to renew.
+    Kube {
+        subnet: Ipv4Net,
+        public_ip: Ipv4Addr,
+        vtep_mac: MacAddr,
+    },
+}
+
+impl Held {
+    pub fn subnet(&self) -> Ipv4Net {
+        match self {
+            Held::Etcd { lease, .. } => lease.subnet,
+            Held::Kube { subnet, .. } => *subnet,
+        }
+    }
+
+    pub fn public_ip(&self) -> Ipv4Addr {
+        match self {
+            Held::Etcd { lease, .. } => lease.public_ip,
+            Held::Kube { public_ip, .. } => *public_ip,
+        }
+    }
+
+    /// The VTEP MAC we publish.
+    pub fn vtep_mac(&self) -> MacAddr {
+        match self {
+            Held::Etcd { lease, .. } => lease.vtep_mac,
+            Held::Kube { vtep_mac, .. } => *vtep_mac,
+        }
+    }
+
+    /// The etcd lease, in etcd mode.
+    pub fn etcd_lease(&self) -> Option<&OwnLease> {
+        match self {
+            Held::Etcd { lease, .. } => Some(lease),
+            Held::Kube { .. } => None,
+        }
+    }
+}
+
+/// Stage 2: our subnet is ours.
 pub struct Leased {
     pub configured: Configured,
-    pub node: NodeIdentity,
-    pub lease: OwnLease,
-    pub timing: LeaseTiming,
+    pub held: Held,
 }
 
 /// Stage 3: the datapath carries our subnet, subnet.env says so, and the
@@ -58,9 +126,50 @@ pub struct Programmed {
 }
 
 pub async fn configure(cli: &Cli, health: &Health) -> Result<Configured> {
-    let opts = cli.etcd_options();
-    let reg = retry_etcd("connecting to etcd", || Registry::connect(&opts)).await?;
-    let config = wait_config(&reg, health).await?;
+    let mut selector = cli.iface_selector();
+    let (source, config) = if cli.kube_subnet_mgr {
+        let opts = cli.kube_options();
+        let mgr = retry("connecting to the Kubernetes API", || {
+            KubeManager::connect(&opts)
+        })
+        .await?;
+        log::info!("Kubernetes subnet manager: node {:?}", mgr.node_name);
+        let config = wait_config_file(&opts.net_config_path, health).await?;
+        let node = wait_node(&mgr).await?;
+        // flanneld's GetStoredPublicIP: the operator's node-public-ip wins
+        // over --public-ip, before the interface is chosen.
+        if let Some(ip) = node
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(&mgr.names.node_public_ip))
+            .filter(|v| !v.is_empty())
+        {
+            let ip: Ipv4Addr = ip.parse().with_context(|| {
+                format!(
+                    "node {}: annotation {} {ip:?} is not an IPv4 address",
+                    mgr.node_name, mgr.names.node_public_ip
+                )
+            })?;
+            log::info!(
+                "using public IP {ip} from node annotation {}",
+                mgr.names.node_public_ip
+            );
+            selector.public_ip = Some(ip);
+        }
+        (
+            Source::Kube {
+                mgr,
+                node: Box::new(node),
+            },
+            config,
+        )
+    } else {
+        let opts = cli.etcd_options();
+        let reg = retry("connecting to etcd", || Registry::connect(&opts)).await?;
+        let config = wait_config(&reg, health).await?;
+        (Source::Etcd(reg), config)
+    };
     log::info!(
         "network config: Network {} SubnetLen {} [{} .. {}], VXLAN VNI {} port {} MTU {}",
         config.network,
@@ -84,7 +193,7 @@ pub async fn configure(cli: &Cli, health: &Health) -> Result<Configured> {
     }
 
     let nl = Netlink::connect().context("opening a netlink socket")?;
-    let ext = iface::find(&nl, &cli.iface_selector())
+    let ext = iface::find(&nl, &selector)
         .await
         .context("choosing the external interface")?;
     log::info!(
@@ -106,11 +215,76 @@ pub async fn configure(cli: &Cli, health: &Health) -> Result<Configured> {
         )
     })?;
     Ok(Configured {
-        reg,
+        source,
         config,
         nl,
         ext,
     })
+}
+
+/// Our Node, waited for while it does not exist yet (kubelet registers it;
+/// a DaemonSet pod may start first). Other failures are retried as well.
+async fn wait_node(mgr: &KubeManager) -> Result<Node> {
+    let mut said = false;
+    loop {
+        match retry("reading our Node", || mgr.node()).await {
+            Ok(n) => return Ok(n),
+            Err(e)
+                if e.downcast_ref::<crate::subnet::kube::KubeError>()
+                    .is_some_and(|k| k.is_not_found()) =>
+            {
+                if !said {
+                    log::warn!(
+                        "node {:?} does not exist yet; waiting for it",
+                        mgr.node_name
+                    );
+                    said = true;
+                }
+                tokio::time::sleep(Duration::from_secs(3)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// The network config from `--net-config-path`. A missing or malformed file
+/// is reported once per problem (on `/readyz` too) and read again every few
+/// seconds without touching the host: a ConfigMap fixed meanwhile is picked
+/// up (flanneld exits instead, and its pod restarts until it is fixed).
+async fn wait_config_file(path: &Path, health: &Health) -> Result<NetworkConfig> {
+    const RECHECK: Duration = Duration::from_secs(3);
+    let mut reported: Option<String> = None;
+    loop {
+        let problem = match std::fs::read(path) {
+            Err(e) => format!("--net-config-path {}: {e}", path.display()),
+            Ok(text) => match NetworkConfig::parse_kube(&text) {
+                Err(e) => format!("--net-config-path {}: {e}", path.display()),
+                Ok(config) => match vxlan_device::checked_device_name(config.backend.vni) {
+                    Err(e) => format!(
+                        "--net-config-path {}: Backend.VNI {}: {}",
+                        path.display(),
+                        config.backend.vni,
+                        e.reason()
+                    ),
+                    Ok(_) => {
+                        if reported.is_some() {
+                            log::info!("the network config is valid now");
+                        }
+                        health.lock().config_problem = None;
+                        return Ok(config);
+                    }
+                },
+            },
+        };
+        if reported.as_deref() != Some(problem.as_str()) {
+            log::error!(
+                "{problem}; nothing on this host was changed; reading it again every {RECHECK:?} until it is fixed"
+            );
+            health.lock().config_problem = Some(problem.clone());
+            reported = Some(problem);
+        }
+        tokio::time::sleep(RECHECK).await;
+    }
 }
 
 /// Waits for a valid network config. A malformed one is reported once per
@@ -159,9 +333,48 @@ async fn wait_config(reg: &Registry, health: &Health) -> Result<NetworkConfig> {
 
 pub async fn take_lease(cli: &Cli, health: &Health, configured: Configured) -> Result<Leased> {
     health.set_phase(Phase::AcquiringLease);
-    let Configured {
-        reg, config, ext, ..
-    } = &configured;
+    let held = match &configured.source {
+        Source::Etcd(reg) => etcd_lease(cli, reg, &configured).await?,
+        Source::Kube { mgr, node } => kube_lease(mgr, node, &configured)?,
+    };
+    Ok(Leased { configured, held })
+}
+
+/// Our podCIDR as our lease (flanneld's kube `AcquireLease`): it must be
+/// assigned and inside the config's Network. Without it there is nothing
+/// to do: the error names the node, and a DaemonSet restarts us.
+fn kube_lease(mgr: &KubeManager, node: &Node, configured: &Configured) -> Result<Held> {
+    let Configured { config, ext, .. } = configured;
+    let subnet = ipv4_pod_cidr(node).map_err(|e| {
+        anyhow!(
+            "node {:?}: {e}: the node's pod CIDR must be assigned (kube-controller-manager --allocate-node-cidrs) before the overlay can start",
+            mgr.node_name
+        )
+    })?;
+    if !config.network.contains(&subnet) || subnet.prefix_len() < config.network.prefix_len() {
+        bail!(
+            "subnet {:?} specified in the flannel net config doesn't contain {:?} PodCIDR of the {:?} node",
+            config.network.to_string(),
+            subnet.to_string(),
+            mgr.node_name
+        );
+    }
+    let empty = Default::default();
+    let annotations = node.metadata.annotations.as_ref().unwrap_or(&empty);
+    // The MAC our Node published before, so peers keep their entries for
+    // us across restarts and a re-created device.
+    let vtep_mac = stored_mac(annotations, &mgr.names)
+        .unwrap_or_else(|| MacAddr::stable_for(ext.public_ip, config.backend.vni));
+    log::info!("lease: node {:?} podCIDR {subnet}", mgr.node_name);
+    Ok(Held::Kube {
+        subnet,
+        public_ip: ext.public_ip,
+        vtep_mac,
+    })
+}
+
+async fn etcd_lease(cli: &Cli, reg: &Registry, configured: &Configured) -> Result<Held> {
+    let Configured { config, ext, .. } = configured;
     let timing = cli.lease_timing();
     let previous = subnet_env::read_previous_subnet(&cli.subnet_file).filter(|p| {
         let fits = config.fits(*p);
@@ -182,12 +395,11 @@ pub async fn take_lease(cli: &Cli, health: &Health, configured: Configured) -> R
         vni: config.backend.vni,
         vtep_mac: MacAddr::stable_for(ext.public_ip, config.backend.vni),
     };
-    let lease = retry_etcd("acquiring a subnet lease", || {
+    let lease = retry("acquiring a subnet lease", || {
         own::acquire(reg, config, &node, previous, &timing)
     })
     .await?;
-    Ok(Leased {
-        configured,
+    Ok(Held::Etcd {
         node,
         lease,
         timing,
@@ -199,46 +411,42 @@ pub async fn take_lease(cli: &Cli, health: &Health, configured: Configured) -> R
 pub async fn program(cli: &Cli, health: &Health, mut leased: Leased) -> Result<Programmed> {
     health.set_phase(Phase::ProgrammingDatapath);
     let Configured {
-        reg,
+        source,
         config,
         nl,
         ext,
     } = &leased.configured;
-    let spec = node_spec(config, ext, &leased.lease);
+    let spec = node_spec(config, ext, &leased.held);
     let device_name = vxlan_device::device_name(config.backend.vni);
     let device_existed = !matches!(nl.link_by_name(&device_name).await, Ok(None));
     let started = async {
         let (dp, state) = start_datapath(cli, &spec).await?;
-        let lease = &mut leased.lease;
-        if state.vtep_mac != lease.vtep_mac {
-            log::info!(
-                "{} has MAC {}; publishing it in lease {}",
-                state.device,
-                state.vtep_mac,
-                lease.subnet
-            );
-            let mac = state.vtep_mac;
-            let (renewal, updated) = retry_etcd("publishing the VTEP MAC", || {
-                let mut lease = lease.clone();
-                async move {
-                    let r = own::update_mac(reg, &mut lease, mac).await?;
-                    Ok::<_, EtcdError>((r, lease))
-                }
-            })
-            .await?;
-            *lease = updated;
-            if let Renewal::Lost(why) = renewal {
-                log::warn!("could not publish the MAC yet: {why}");
+        match (source, &mut leased.held) {
+            (Source::Etcd(reg), Held::Etcd { lease, .. }) => {
+                publish_etcd_mac(reg, lease, &state.device, state.vtep_mac).await?;
             }
+            (Source::Kube { mgr, node }, Held::Kube { vtep_mac, .. }) => {
+                *vtep_mac = state.vtep_mac;
+                publish_annotations(mgr, node, config, ext, state.vtep_mac).await?;
+            }
+            _ => unreachable!("the lease comes from the configured source"),
         }
-        write_subnet_env(&cli.subnet_file, config, lease, state.mtu, cli.ip_masq)?;
+        write_subnet_env(
+            &cli.subnet_file,
+            config,
+            leased.held.subnet(),
+            state.mtu,
+            cli.ip_masq,
+        )?;
         anyhow::Ok((dp, state))
     }
     .await;
     let (dp, state) = match started {
         Ok(ok) => ok,
         Err(e) => {
-            release_new_lease(reg, &leased.lease).await;
+            if let (Source::Etcd(reg), Held::Etcd { lease, .. }) = (source, &leased.held) {
+                release_new_lease(reg, lease).await;
+            }
             // A device this run created serves nobody once we exit.
             if !device_existed {
                 match nl.delete_link_by_name(&device_name).await {
@@ -251,7 +459,7 @@ pub async fn program(cli: &Cli, health: &Health, mut leased: Leased) -> Result<P
         }
     };
     let random_fully = random_fully(cli, config).await;
-    let mut wanted = flanneld_rules(cli, config, leased.lease.subnet, random_fully);
+    let mut wanted = flanneld_rules(cli, config, leased.held.subnet(), random_fully);
     wanted.iptables.extend(fast_path_rules(&dp));
     let rules = RuleKeeper::start(Duration::from_secs(cli.iptables_resync))
         .context("starting the iptables thread")?;
@@ -264,7 +472,85 @@ pub async fn program(cli: &Cli, health: &Health, mut leased: Leased) -> Result<P
     })
 }
 
-fn node_spec(config: &NetworkConfig, ext: &ExternalInterface, lease: &OwnLease) -> NodeSpec {
+/// The device kept another MAC than the lease says (adopted): the lease
+/// says the device's.
+async fn publish_etcd_mac(
+    reg: &Registry,
+    lease: &mut OwnLease,
+    device: &str,
+    mac: MacAddr,
+) -> Result<()> {
+    if mac == lease.vtep_mac {
+        return Ok(());
+    }
+    log::info!(
+        "{device} has MAC {mac}; publishing it in lease {}",
+        lease.subnet
+    );
+    let (renewal, updated) = retry("publishing the VTEP MAC", || {
+        let mut lease = lease.clone();
+        async move {
+            let r = own::update_mac(reg, &mut lease, mac).await?;
+            Ok::<_, EtcdError>((r, lease))
+        }
+    })
+    .await?;
+    *lease = updated;
+    if let Renewal::Lost(why) = renewal {
+        log::warn!("could not publish the MAC yet: {why}");
+    }
+    Ok(())
+}
+
+/// Our Node's annotations say what flanneld's would (backend type and
+/// data, public IP, subnet manager): written in one strategic-merge patch
+/// of what differs, or not at all when nothing does.
+async fn publish_annotations(
+    mgr: &KubeManager,
+    node: &Node,
+    config: &NetworkConfig,
+    ext: &ExternalInterface,
+    mac: MacAddr,
+) -> Result<()> {
+    let empty = Default::default();
+    let current = node.metadata.annotations.as_ref().unwrap_or(&empty);
+    let own = kube_own(config, ext, mac);
+    if let Some(o) = current
+        .get(&mgr.names.public_ip_overwrite)
+        .filter(|o| !o.is_empty())
+    {
+        log::info!(
+            "Overriding public ip with '{o}' from node annotation '{}'",
+            mgr.names.public_ip_overwrite
+        );
+    }
+    let changes = annotations::changes(current, &mgr.names, &own);
+    if changes.is_empty() {
+        log::info!(
+            "node {:?} already publishes this node's lease: annotations left as they are",
+            mgr.node_name
+        );
+        return Ok(());
+    }
+    retry("publishing our lease in the node's annotations", || {
+        mgr.annotate(&changes)
+    })
+    .await?;
+    let keys: Vec<&str> = changes.iter().map(|(k, _)| k.as_str()).collect();
+    log::info!("node {:?}: wrote {}", mgr.node_name, keys.join(", "));
+    Ok(())
+}
+
+/// What our Node publishes about us.
+pub fn kube_own(config: &NetworkConfig, ext: &ExternalInterface, mac: MacAddr) -> annotations::Own {
+    annotations::Own {
+        vni: config.backend.vni,
+        vtep_mac: mac,
+        public_ip: ext.public_ip,
+    }
+}
+
+fn node_spec(config: &NetworkConfig, ext: &ExternalInterface, held: &Held) -> NodeSpec {
     NodeSpec {
         vni: config.backend.vni,
         port: config.backend.dst_port(),
@@ -274,9 +560,9 @@ fn node_spec(config: &NetworkConfig, ext: &ExternalInterface, lease: &OwnLease) 
         public_ip: ext.public_ip,
         local_ip: ext.ip,
         underlay: ext.name.clone(),
-        subnet: lease.subnet,
+        subnet: held.subnet(),
         mtu: config.backend.mtu,
-        vtep_mac: Some(lease.vtep_mac),
+        vtep_mac: Some(held.vtep_mac()),
         direct_routing: config.backend.direct_routing,
     }
 }
@@ -301,13 +587,13 @@ async fn release_new_lease(reg: &Registry, lease: &OwnLease) {
 fn write_subnet_env(
     path: &Path,
     config: &NetworkConfig,
-    lease: &OwnLease,
+    subnet: Ipv4Net,
     mtu: u32,
     ip_masq: bool,
 ) -> Result<()> {
     SubnetEnv {
         network: config.network,
-        subnet: lease.subnet,
+        subnet,
         mtu,
         ip_masq,
     }

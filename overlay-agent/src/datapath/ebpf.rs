@@ -50,7 +50,7 @@ use super::{
     tc_attach::{self, TcApi, TcAttachMode, TcLink},
     vtep_users::VtepUsers,
 };
-use crate::{mac::MacAddr, netlink::VxlanDevice};
+use crate::{flannel::mac::MacAddr, netlink::VxlanDevice};
 
 /// The eBPF object built by `build.rs` from `overlay-ebpf`, embedded so the
 /// agent binary is self-contained.

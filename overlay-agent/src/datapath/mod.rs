@@ -10,7 +10,7 @@ use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
 
-use crate::mac::MacAddr;
+use crate::flannel::mac::MacAddr;
 
 pub mod ebpf;
 pub mod fastpath;

@@ -205,7 +205,7 @@ pub fn render(
         "gauge",
         "Leases in etcd that are not programmed because they fail a check (README: What the agent trusts in etcd), by reason.",
     );
-    for reason in crate::lease_check::Rejection::ALL {
+    for reason in crate::subnet::lease_check::Rejection::ALL {
         let n = s.leases_rejected.get(&reason).copied().unwrap_or(0);
         let _ = writeln!(
             out,
@@ -411,7 +411,7 @@ mod tests {
             },
         }];
         let mut s = HealthState {
-            leases_rejected: [(crate::lease_check::Rejection::PublicIp, 2)].into(),
+            leases_rejected: [(crate::subnet::lease_check::Rejection::PublicIp, 2)].into(),
             phase: Phase::Running,
             mode: Some(Mode::Ebpf),
             lease_expiry_unix: Some(1_800_000_000),

@@ -121,7 +121,7 @@ pub struct HealthState {
     pub peer_maps: Option<Arc<PeerMaps>>,
     pub reconcile: Histogram,
     /// Leases in etcd that fail the checks of `lease_check`, by reason.
-    pub leases_rejected: std::collections::BTreeMap<crate::lease_check::Rejection, usize>,
+    pub leases_rejected: std::collections::BTreeMap<crate::subnet::lease_check::Rejection, usize>,
 }
 
 /// Shared between the main loop (writer) and the HTTP server (reader).

@@ -29,7 +29,7 @@ use rtnetlink::{
 use super::{Netlink, NetlinkError, entry_table::EntryTable};
 use crate::{
     datapath::{DatapathError, Peer},
-    mac::MacAddr,
+    flannel::mac::MacAddr,
 };
 
 /// The next hop flannel routes a peer's subnet through: its network address,

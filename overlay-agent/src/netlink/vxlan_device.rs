@@ -20,7 +20,7 @@ use rtnetlink::{
 use super::{LinkSummary, Netlink, NetlinkError, peer_entries::Device};
 use crate::{
     datapath::{DatapathError, NodeSpec},
-    mac::MacAddr,
+    flannel::mac::MacAddr,
 };
 
 /// Linux interface names hold at most IFNAMSIZ - 1 bytes.

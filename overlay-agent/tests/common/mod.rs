@@ -10,7 +10,7 @@ use std::process::Command;
 use anyhow::{Context, Result, bail, ensure};
 use overlay_agent::{
     datapath::{NodeSpec, Peer},
-    mac::MacAddr,
+    flannel::mac::MacAddr,
     netns::NetnsWorker,
 };
 

@@ -66,6 +66,10 @@ pub const PACKAGES: &[(&str, &str)] = &[
         "the CNI reference plugins (bridge, host-local, portmap, loopback) that make the kube tests' pods",
     ),
     (
+        "python3-pip",
+        "pip for Debian's Python, which installs the PyPI packages of setup/pip.rs",
+    ),
+    (
         "python3-kubernetes",
         "the official Python client, one of the real clients the kube API stand-in is proven against",
     ),

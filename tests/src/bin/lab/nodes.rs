@@ -11,7 +11,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use overlay_agent::lease;
+use overlay_agent::flannel::lease;
 use overlay_tests::{cmd, etcd, lab::Host, reference::ReferencePeer};
 
 use crate::topo::{self, Node, Role, SubnetEnv};

@@ -14,7 +14,8 @@ use std::sync::{
 use etcd_client::{EventType, WatchOptions, WatchStream};
 use ipnet::Ipv4Net;
 
-use super::{Entry, EtcdError, Registry, Snapshot, backoff::Backoff};
+use super::{Entry, EtcdError, Registry, Snapshot};
+use crate::subnet::{LeaseEvent, backoff::Backoff};
 
 /// What changed under `<prefix>/subnets/` (or at the one key watched).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -26,6 +27,18 @@ pub enum WatchEvent {
     Put(Entry),
     /// A key was deleted or its etcd lease expired.
     Delete { key: String },
+}
+
+/// The same changes as the reconciler takes them.
+pub fn lease_events(events: &[WatchEvent]) -> Vec<LeaseEvent> {
+    events
+        .iter()
+        .map(|ev| match ev {
+            WatchEvent::Reset(s) => LeaseEvent::Reset(s.records()),
+            WatchEvent::Put(e) => LeaseEvent::Put(e.record()),
+            WatchEvent::Delete { key } => LeaseEvent::Delete { key: key.clone() },
+        })
+        .collect()
 }
 
 /// What a [`LeaseWatcher`] follows.

@@ -7,7 +7,7 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use ipnet::Ipv4Net;
 
-use crate::gojson::{Field, GoObject, GoValue, ParseError};
+use crate::flannel::gojson::{Field, GoObject, GoValue, ParseError};
 
 /// The kernel's (and so flannel's) VXLAN port when `Backend.Port` is 0.
 pub const DEFAULT_VXLAN_PORT: u16 = 8472;
@@ -90,6 +90,17 @@ fn field_err(field: &'static str, problem: impl Into<String>) -> ConfigError {
 impl NetworkConfig {
     /// Parse and validate the value of `<prefix>/config`.
     pub fn parse(text: &[u8]) -> Result<NetworkConfig, ConfigError> {
+        NetworkConfig::parse_with(text, true)
+    }
+
+    /// Parse and validate `net-conf.json` in Kubernetes mode, where flanneld
+    /// skips `CheckNetworkConfig`: the subnets are the nodes' podCIDRs, so
+    /// `SubnetLen`, `SubnetMin` and `SubnetMax` are not checked.
+    pub fn parse_kube(text: &[u8]) -> Result<NetworkConfig, ConfigError> {
+        NetworkConfig::parse_with(text, false)
+    }
+
+    fn parse_with(text: &[u8], check_subnets: bool) -> Result<NetworkConfig, ConfigError> {
         let doc = GoObject::parse(text)?;
 
         let enable_ipv4 = opt_bool(&doc, "EnableIPv4")?.unwrap_or(true);
@@ -121,97 +132,16 @@ impl NetworkConfig {
                 ));
             }
         };
-        let prefix = network.prefix_len();
-
-        let subnet_len = match doc.field("SubnetLen") {
-            Field::Absent => 0,
-            Field::Present(v) => v.as_u64().ok_or_else(|| {
-                field_err(
-                    "SubnetLen",
-                    format!("expected a non-negative integer, got {}", v.to_json()),
-                )
-            })?,
+        let (subnet_len, subnet_min, subnet_max) = match subnet_range(&doc, network) {
+            Ok(range) => range,
+            // flanneld's kube subnet manager never reads SubnetLen, SubnetMin
+            // or SubnetMax (the podCIDRs come from the API): a value it would
+            // refuse in etcd mode is ignored there too.
+            Err(_) if !check_subnets => {
+                (network.prefix_len(), network.network(), network.network())
+            }
+            Err(e) => return Err(e),
         };
-        let subnet_len: u8 = if subnet_len > 0 {
-            // Room for the tunnel address and a bridge address on each host.
-            if subnet_len > 30 {
-                return Err(field_err(
-                    "SubnetLen",
-                    format!("must be at most 30 (less than /31), got {subnet_len}"),
-                ));
-            }
-            let subnet_len = subnet_len as u8;
-            // The first subnet is never leased, so at least four are needed.
-            if subnet_len < prefix + 2 {
-                return Err(field_err(
-                    "SubnetLen",
-                    format!(
-                        "must be at least Network's prefix + 2 = {} so the network holds at \
-                         least four subnets, got {subnet_len}",
-                        prefix + 2
-                    ),
-                ));
-            }
-            subnet_len
-        } else if prefix > 28 {
-            return Err(field_err(
-                "Network",
-                format!("/{prefix} is too small; the minimum useful network prefix is /28"),
-            ));
-        } else if prefix <= 22 {
-            24
-        } else {
-            prefix + 2
-        };
-
-        let net_start = u32::from(network.network());
-        let size = 1u32 << (32 - subnet_len);
-        let mask = u32::MAX << (32 - subnet_len);
-
-        let subnet_min = match opt_ip(&doc, "SubnetMin")? {
-            // An explicit 0.0.0.0 counts as unset, as in flannel.
-            None | Some(Ipv4Addr::UNSPECIFIED) => Ipv4Addr::from(net_start.wrapping_add(size)),
-            Some(ip) if network.contains(&ip) => ip,
-            Some(ip) => {
-                return Err(field_err(
-                    "SubnetMin",
-                    format!("{ip} is not in the range of the Network {network}"),
-                ));
-            }
-        };
-        let subnet_max = match opt_ip(&doc, "SubnetMax")? {
-            None | Some(Ipv4Addr::UNSPECIFIED) => {
-                let next = u32::from(network.broadcast()).wrapping_add(1);
-                Ipv4Addr::from(next.wrapping_sub(size))
-            }
-            Some(ip) if network.contains(&ip) => ip,
-            Some(ip) => {
-                return Err(field_err(
-                    "SubnetMax",
-                    format!("{ip} is not in the range of the Network {network}"),
-                ));
-            }
-        };
-        if u32::from(subnet_min) & mask != u32::from(subnet_min) {
-            return Err(field_err(
-                "SubnetMin",
-                format!("{subnet_min} is not on a SubnetLen (/{subnet_len}) boundary"),
-            ));
-        }
-        if u32::from(subnet_max) & mask != u32::from(subnet_max) {
-            return Err(field_err(
-                "SubnetMax",
-                format!("{subnet_max} is not on a SubnetLen (/{subnet_len}) boundary"),
-            ));
-        }
-        // Not checked by flannel, where it surfaces later as "out of subnets"
-        // on every node; a config that can never lease anything is an error.
-        if subnet_min > subnet_max {
-            return Err(field_err(
-                "SubnetMin",
-                format!("{subnet_min} is above SubnetMax {subnet_max}: no subnet can be leased"),
-            ));
-        }
 
         let backend = parse_backend(&doc)?;
         let enable_nftables = opt_bool(&doc, "EnableNFTables")?.unwrap_or(false);
@@ -247,6 +177,103 @@ impl NetworkConfig {
             / u64::from(self.subnet_size())
             + 1
     }
+}
+
+/// `SubnetLen`, `SubnetMin` and `SubnetMax` with flannel's defaults, checked
+/// as flannel's `CheckNetworkConfig` does.
+fn subnet_range(doc: &GoObject, network: Ipv4Net) -> Result<(u8, Ipv4Addr, Ipv4Addr), ConfigError> {
+    let prefix = network.prefix_len();
+    let subnet_len = match doc.field("SubnetLen") {
+        Field::Absent => 0,
+        Field::Present(v) => v.as_u64().ok_or_else(|| {
+            field_err(
+                "SubnetLen",
+                format!("expected a non-negative integer, got {}", v.to_json()),
+            )
+        })?,
+    };
+    let subnet_len: u8 = if subnet_len > 0 {
+        // Room for the tunnel address and a bridge address on each host.
+        if subnet_len > 30 {
+            return Err(field_err(
+                "SubnetLen",
+                format!("must be at most 30 (less than /31), got {subnet_len}"),
+            ));
+        }
+        let subnet_len = subnet_len as u8;
+        // The first subnet is never leased, so at least four are needed.
+        if subnet_len < prefix + 2 {
+            return Err(field_err(
+                "SubnetLen",
+                format!(
+                    "must be at least Network's prefix + 2 = {} so the network holds at \
+                     least four subnets, got {subnet_len}",
+                    prefix + 2
+                ),
+            ));
+        }
+        subnet_len
+    } else if prefix > 28 {
+        return Err(field_err(
+            "Network",
+            format!("/{prefix} is too small; the minimum useful network prefix is /28"),
+        ));
+    } else if prefix <= 22 {
+        24
+    } else {
+        prefix + 2
+    };
+
+    let net_start = u32::from(network.network());
+    let size = 1u32 << (32 - subnet_len);
+    let mask = u32::MAX << (32 - subnet_len);
+
+    let subnet_min = match opt_ip(doc, "SubnetMin")? {
+        // An explicit 0.0.0.0 counts as unset, as in flannel.
+        None | Some(Ipv4Addr::UNSPECIFIED) => Ipv4Addr::from(net_start.wrapping_add(size)),
+        Some(ip) if network.contains(&ip) => ip,
+        Some(ip) => {
+            return Err(field_err(
+                "SubnetMin",
+                format!("{ip} is not in the range of the Network {network}"),
+            ));
+        }
+    };
+    let subnet_max = match opt_ip(doc, "SubnetMax")? {
+        None | Some(Ipv4Addr::UNSPECIFIED) => {
+            let next = u32::from(network.broadcast()).wrapping_add(1);
+            Ipv4Addr::from(next.wrapping_sub(size))
+        }
+        Some(ip) if network.contains(&ip) => ip,
+        Some(ip) => {
+            return Err(field_err(
+                "SubnetMax",
+                format!("{ip} is not in the range of the Network {network}"),
+            ));
+        }
+    };
+    if u32::from(subnet_min) & mask != u32::from(subnet_min) {
+        return Err(field_err(
+            "SubnetMin",
+            format!("{subnet_min} is not on a SubnetLen (/{subnet_len}) boundary"),
+        ));
+    }
+    if u32::from(subnet_max) & mask != u32::from(subnet_max) {
+        return Err(field_err(
+            "SubnetMax",
+            format!("{subnet_max} is not on a SubnetLen (/{subnet_len}) boundary"),
+        ));
+    }
+    // Not checked by flannel, where it surfaces later as "out of subnets"
+    // on every node; a config that can never lease anything is an error.
+    if subnet_min > subnet_max {
+        return Err(field_err(
+            "SubnetMin",
+            format!("{subnet_min} is above SubnetMax {subnet_max}: no subnet can be leased"),
+        ));
+    }
+
+    Ok((subnet_len, subnet_min, subnet_max))
 }
 
 fn parse_backend(doc: &GoObject) -> Result<VxlanConfig, ConfigError> {

@@ -1,14 +1,18 @@
-//! One reconciler, for either datapath: etcd's leases say which peers should
-//! exist, the datapath says which do, and [`Reconciler::converge`] issues the
-//! `add_peer`/`remove_peer` calls that make the second match the first.
+//! One reconciler, for either datapath and either subnet manager: the
+//! leases (etcd's keys or the Nodes' annotations, as [`LeaseEvent`]s) say
+//! which peers should exist, the datapath says which do, and
+//! [`Reconciler::converge`] issues the `add_peer`/`remove_peer` calls that
+//! make the second match the first.
 //!
 //! On start it reads what is already programmed (`Datapath::peers`, from the
-//! maps or the kernel's entries), so whatever etcd no longer holds (a peer
-//! that left while we were down) is removed. Calls that fail leave the
+//! maps or the kernel's entries), so whatever the leases no longer hold (a
+//! peer that left while we were down) is removed. Calls that fail leave the
 //! "programmed" view unchanged, so the next `converge` retries them. A peer
 //! the datapath has no room for ([`DatapathError::MapFull`]) is logged once,
 //! when it is first refused, and listed in [`Reconciler::refused`] (the
-//! `overlay_peers_rejected` metric) until it fits or leaves.
+//! `overlay_peers_rejected` metric) until it fits or leaves. Two records
+//! that claim one subnet (two Nodes with one podCIDR) never both reach the
+//! datapath: the older keeps it, the other is logged and waits.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -19,9 +23,11 @@ use ipnet::Ipv4Net;
 
 use crate::{
     datapath::{Datapath, DatapathError, Peer},
-    etcd::{Entry, Snapshot, watch::WatchEvent},
-    lease::{self, Backend},
-    lease_check::{self, Rejection, Trust},
+    flannel::lease::Backend,
+    subnet::{
+        Claim, LeaseEvent, Record,
+        lease_check::{self, Rejection, Trust},
+    },
 };
 
 /// This node, whose own lease is never a peer.
@@ -36,7 +42,8 @@ pub struct Own {
 
 impl Own {
     /// What a peer's lease is checked against ([`lease_check`]); our
-    /// subnet's length is the config's `SubnetLen`.
+    /// subnet's length is the config's `SubnetLen` (in Kubernetes mode, the
+    /// node CIDR mask size every node's podCIDR has).
     pub fn trust(&self) -> Trust {
         Trust {
             network: self.network,
@@ -47,11 +54,20 @@ impl Own {
     }
 }
 
+/// A record's sound VXLAN lease.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Claimant {
+    peer: Peer,
+    rank: i64,
+}
+
 pub struct Reconciler<D: Datapath> {
     dp: D,
     own: Own,
-    /// Every VXLAN lease in etcd, ours included, by subnet.
-    leases: BTreeMap<Ipv4Net, Peer>,
+    /// Every record holding a sound VXLAN lease (ours included), by key.
+    claims: BTreeMap<String, Claimant>,
+    /// The keys claiming each subnet, by rank: the first one is the peer.
+    by_subnet: BTreeMap<Ipv4Net, BTreeSet<(i64, String)>>,
     /// What the datapath holds, as far as we know.
     programmed: BTreeMap<Ipv4Net, Peer>,
     /// Keys already reported as malformed or rejected, with the value
@@ -79,11 +95,11 @@ pub struct Refusal {
 }
 
 impl<D: Datapath> Reconciler<D> {
-    /// Read what the datapath already holds, take the snapshot as the
-    /// desired state, and converge (errors in single calls are logged and
-    /// retried by later `converge` calls; only failing to read the
-    /// datapath's peers is an error).
-    pub async fn start(mut dp: D, own: Own, snapshot: &Snapshot) -> Result<Self, DatapathError> {
+    /// Read what the datapath already holds, take `initial` (the first
+    /// list) as the desired state, and converge (errors in single calls are
+    /// logged and retried by later `converge` calls; only failing to read
+    /// the datapath's peers is an error).
+    pub async fn start(mut dp: D, own: Own, initial: Vec<Record>) -> Result<Self, DatapathError> {
         let programmed = dp
             .peers()
             .await?
@@ -92,7 +108,7 @@ impl<D: Datapath> Reconciler<D> {
             .collect::<BTreeMap<_, _>>();
         if !programmed.is_empty() {
             log::info!(
-                "the {} datapath already holds {} peer(s); reconciling them with etcd",
+                "the {} datapath already holds {} peer(s); reconciling them with the leases",
                 dp.mode(),
                 programmed.len()
             );
@@ -100,14 +116,15 @@ impl<D: Datapath> Reconciler<D> {
         let mut r = Reconciler {
             dp,
             own,
-            leases: BTreeMap::new(),
+            claims: BTreeMap::new(),
+            by_subnet: BTreeMap::new(),
             programmed,
             reported: BTreeMap::new(),
             rejected: BTreeMap::new(),
             refused: BTreeMap::new(),
             dirty: BTreeSet::new(),
         };
-        r.apply(&[WatchEvent::Reset(snapshot.clone())]);
+        r.apply(&[LeaseEvent::Reset(initial)]);
         r.converge().await;
         Ok(r)
     }
@@ -134,15 +151,14 @@ impl<D: Datapath> Reconciler<D> {
     /// Every subnet known on either side may need a look.
     fn mark_all(&mut self) {
         self.dirty
-            .extend(self.leases.keys().chain(self.programmed.keys()));
+            .extend(self.by_subnet.keys().chain(self.programmed.keys()));
     }
 
-    /// The peer etcd says `subnet` should be, if any (never our own).
+    /// The peer the leases say `subnet` should be, if any (never our own).
     fn desired_for(&self, subnet: Ipv4Net) -> Option<Peer> {
-        self.leases
-            .get(&subnet)
-            .filter(|p| subnet != self.own.subnet && p.public_ip != self.own.public_ip)
-            .copied()
+        let (_, key) = self.by_subnet.get(&subnet)?.first()?;
+        let p = self.claims.get(key)?.peer;
+        (subnet != self.own.subnet && p.public_ip != self.own.public_ip).then_some(p)
     }
 
     /// What we believe the datapath holds.
@@ -150,7 +166,7 @@ impl<D: Datapath> Reconciler<D> {
         &self.programmed
     }
 
-    /// The leases in etcd that fail the checks, by key, with the reason.
+    /// The leases that fail the checks, by key, with the reason.
     pub fn rejected(&self) -> &BTreeMap<String, (Ipv4Net, Rejection)> {
         &self.rejected
     }
@@ -166,68 +182,92 @@ impl<D: Datapath> Reconciler<D> {
         self.dirty.is_empty()
     }
 
-    /// Fold watch events into the desired state (no datapath calls).
-    pub fn apply(&mut self, events: &[WatchEvent]) {
+    /// Fold lease events into the desired state (no datapath calls).
+    pub fn apply(&mut self, events: &[LeaseEvent]) {
         for ev in events {
             match ev {
-                WatchEvent::Put(e) => self.put(e),
-                WatchEvent::Delete { key } => match lease::parse_subnet_key(key) {
-                    Ok((subnet, _)) => {
-                        self.leases.remove(&subnet);
-                        self.reported.remove(key);
-                        self.rejected.remove(key);
-                        self.dirty.insert(subnet);
-                    }
-                    Err(why) => log::debug!("ignoring deletion of {key}: {why}"),
-                },
-                WatchEvent::Reset(snapshot) => {
-                    let mut fresh = BTreeMap::new();
-                    let keys: BTreeSet<&str> =
-                        snapshot.entries.iter().map(|e| e.key.as_str()).collect();
+                LeaseEvent::Put(rec) => self.put(rec),
+                LeaseEvent::Delete { key } => {
+                    self.set_claim(key, None);
+                    self.reported.remove(key);
+                    self.rejected.remove(key);
+                }
+                LeaseEvent::Reset(records) => {
+                    let keys: BTreeSet<&str> = records.iter().map(|r| r.key.as_str()).collect();
                     self.rejected.retain(|k, _| keys.contains(k.as_str()));
-                    for e in &snapshot.entries {
-                        match self.decode(e) {
-                            Decoded::Peer(p) => {
-                                fresh.insert(p.subnet, p);
-                            }
-                            Decoded::NotVxlan(_) | Decoded::Rejected(_) => {}
-                            // Skipped: keep what we had for that subnet.
-                            Decoded::Malformed(Some(subnet)) => {
-                                if let Some(p) = self.leases.get(&subnet) {
-                                    fresh.insert(subnet, *p);
-                                }
-                            }
-                            Decoded::Malformed(None) => {}
-                        }
+                    self.reported.retain(|k, _| keys.contains(k.as_str()));
+                    let gone: Vec<String> = self
+                        .claims
+                        .keys()
+                        .filter(|k| !keys.contains(k.as_str()))
+                        .cloned()
+                        .collect();
+                    for k in gone {
+                        self.set_claim(&k, None);
                     }
-                    // A re-list may change anything: look at every subnet
-                    // known before or after it.
-                    self.mark_all();
-                    self.leases = fresh;
+                    // A malformed record keeps what it held before.
+                    for rec in records {
+                        self.put(rec);
+                    }
+                    // A re-list may change anything (and at start, what the
+                    // datapath holds without a lease must go).
                     self.mark_all();
                 }
             }
         }
     }
 
-    fn put(&mut self, e: &Entry) {
-        match self.decode(e) {
-            Decoded::Peer(p) => {
-                self.leases.insert(p.subnet, p);
-                self.dirty.insert(p.subnet);
-            }
-            // The subnet is no longer a VXLAN peer (or no longer a sound one).
-            Decoded::NotVxlan(subnet) | Decoded::Rejected(subnet) => {
-                self.leases.remove(&subnet);
-                self.dirty.insert(subnet);
-            }
-            Decoded::Malformed(_) => {}
+    fn put(&mut self, rec: &Record) {
+        match self.decode(rec) {
+            Decoded::Peer(peer) => self.set_claim(
+                &rec.key,
+                Some(Claimant {
+                    peer,
+                    rank: rec.rank,
+                }),
+            ),
+            // No longer a VXLAN peer (or no longer a sound one).
+            Decoded::Gone => self.set_claim(&rec.key, None),
+            Decoded::Malformed => {}
         }
     }
 
-    fn decode(&mut self, e: &Entry) -> Decoded {
-        match lease::decode(&e.key, &e.value) {
-            Ok(l) => match l.backend {
+    /// Replaces what `key` claims; the subnets it claimed and claims are
+    /// looked at by the next `converge`.
+    fn set_claim(&mut self, key: &str, claim: Option<Claimant>) {
+        if let Some(old) = self.claims.get(key).copied() {
+            if claim == Some(old) {
+                return;
+            }
+            self.claims.remove(key);
+            let subnet = old.peer.subnet;
+            if let Some(set) = self.by_subnet.get_mut(&subnet) {
+                set.remove(&(old.rank, key.to_owned()));
+                if set.is_empty() {
+                    self.by_subnet.remove(&subnet);
+                }
+            }
+            self.dirty.insert(subnet);
+        }
+        let Some(c) = claim else { return };
+        let subnet = c.peer.subnet;
+        self.claims.insert(key.to_owned(), c);
+        let set = self.by_subnet.entry(subnet).or_default();
+        set.insert((c.rank, key.to_owned()));
+        if let Some((_, holder)) = set.first()
+            && holder != key
+            && subnet != self.own.subnet
+        {
+            log::warn!(
+                "{key} claims subnet {subnet}, which {holder} (older) holds: not programmed while {holder} holds it"
+            );
+        }
+        self.dirty.insert(subnet);
+    }
+
+    fn decode(&mut self, rec: &Record) -> Decoded {
+        match &rec.claim {
+            Claim::Lease(l) => match l.backend {
                 Backend::Vxlan { vni, vtep_mac } => {
                     // Our own lease is the lease keeper's to judge.
                     let verdict = if l.subnet == self.own.subnet {
@@ -236,33 +276,38 @@ impl<D: Datapath> Reconciler<D> {
                         lease_check::check(&self.own.trust(), l.subnet, l.public_ip, vtep_mac, vni)
                     };
                     if let Err(why) = verdict {
-                        if self.first_report(e) {
+                        if self.first_report(rec) {
                             log::warn!(
                                 "rejecting lease {} (PublicIP {}, VtepMAC {vtep_mac}): {why}; it is not programmed until its value changes",
-                                e.key,
+                                rec.key,
                                 l.public_ip
                             );
                         }
-                        self.rejected.insert(e.key.clone(), (l.subnet, why));
-                        return Decoded::Rejected(l.subnet);
+                        self.rejected.insert(rec.key.clone(), (l.subnet, why));
+                        return Decoded::Gone;
                     }
-                    self.rejected.remove(&e.key);
+                    self.rejected.remove(&rec.key);
                     Decoded::Peer(Peer {
                         subnet: l.subnet,
                         public_ip: l.public_ip,
                         vtep_mac,
                     })
                 }
-                Backend::Other(t) => {
-                    log::debug!("ignoring lease {} of backend type {t:?}", e.key);
-                    Decoded::NotVxlan(l.subnet)
+                Backend::Other(ref t) => {
+                    log::debug!("ignoring lease {} of backend type {t:?}", rec.key);
+                    self.rejected.remove(&rec.key);
+                    Decoded::Gone
                 }
             },
-            Err(err) => {
-                if self.first_report(e) {
+            Claim::None => {
+                self.rejected.remove(&rec.key);
+                Decoded::Gone
+            }
+            Claim::Malformed(err) => {
+                if self.first_report(rec) {
                     log::warn!("skipping malformed lease: {err}");
                 }
-                Decoded::Malformed(lease::parse_subnet_key(&e.key).ok().map(|(s, _)| s))
+                Decoded::Malformed
             }
         }
     }
@@ -301,12 +346,12 @@ impl<D: Datapath> Reconciler<D> {
         Ok(drifted)
     }
 
-    /// Whether `e`'s value is reported for the first time under its key.
-    fn first_report(&mut self, e: &Entry) -> bool {
-        if self.reported.get(&e.key) == Some(&e.value) {
+    /// Whether `rec`'s value is reported for the first time under its key.
+    fn first_report(&mut self, rec: &Record) -> bool {
+        if self.reported.get(&rec.key) == Some(&rec.raw) {
             return false;
         }
-        self.reported.insert(e.key.clone(), e.value.clone());
+        self.reported.insert(rec.key.clone(), rec.raw.clone());
         true
     }
 
@@ -413,10 +458,11 @@ const PER_PEER_LOG_LIMIT: usize = 16;
 
 enum Decoded {
     Peer(Peer),
-    NotVxlan(Ipv4Net),
-    /// Parsed, but failed [`lease_check`].
-    Rejected(Ipv4Net),
-    Malformed(Option<Ipv4Net>),
+    /// Not a sound VXLAN lease (another backend, no lease at all, or one
+    /// that failed [`lease_check`]): whatever the key held goes.
+    Gone,
+    /// Cannot be decoded: what the key held stays.
+    Malformed,
 }
 
 #[cfg(test)]
@@ -424,9 +470,19 @@ mod tests {
     use super::*;
     use crate::{
         datapath::{Mode, NodeSpec, NodeState},
-        lease::encode_vxlan,
-        mac::MacAddr,
+        flannel::{
+            lease::{self, encode_vxlan},
+            mac::MacAddr,
+        },
+        subnet::etcd::{
+            Entry, Snapshot,
+            watch::{WatchEvent, lease_events},
+        },
     };
+
+    fn apply(r: &mut Reconciler<FakeDp>, events: &[WatchEvent]) {
+        r.apply(&lease_events(events));
+    }
 
     /// An in-memory datapath that records calls and can be told to fail.
     #[derive(Default)]
@@ -547,7 +603,7 @@ mod tests {
                 entry(&peer("10.0.2.0/24", 2)),
                 entry(&peer("10.0.3.0/24", 3)),
             ]);
-            let mut r = Reconciler::start(dp, own(), &s).await.unwrap();
+            let mut r = Reconciler::start(dp, own(), s.records()).await.unwrap();
             assert_eq!(
                 held(&mut r),
                 vec![peer("10.0.2.0/24", 2), peer("10.0.3.0/24", 3)]
@@ -577,7 +633,7 @@ mod tests {
                     .map(entry)
                     .collect(),
             );
-            let mut r = Reconciler::start(FakeDp::default(), own(), &s)
+            let mut r = Reconciler::start(FakeDp::default(), own(), s.records())
                 .await
                 .unwrap();
             assert_eq!(held(&mut r), vec![good]);
@@ -595,20 +651,23 @@ mod tests {
             // A good peer turned impossible is removed; mended, it comes back.
             let mut broken = good;
             broken.vtep_mac = MacAddr([0; 6]);
-            r.apply(&[WatchEvent::Put(entry(&broken))]);
+            apply(&mut r, &[WatchEvent::Put(entry(&broken))]);
             assert!(r.converge().await);
             assert!(held(&mut r).is_empty());
-            r.apply(&[
-                WatchEvent::Put(entry(&good)),
-                WatchEvent::Delete {
-                    key: entry(&zero_ip).key,
-                },
-            ]);
+            apply(
+                &mut r,
+                &[
+                    WatchEvent::Put(entry(&good)),
+                    WatchEvent::Delete {
+                        key: entry(&zero_ip).key,
+                    },
+                ],
+            );
             assert!(r.converge().await);
             assert_eq!(held(&mut r), vec![good]);
             assert_eq!(r.rejected().len(), 3);
             // A re-list that no longer holds them forgets them.
-            r.apply(&[WatchEvent::Reset(snap(vec![entry(&good)]))]);
+            apply(&mut r, &[WatchEvent::Reset(snap(vec![entry(&good)]))]);
             assert!(r.rejected().is_empty());
         });
     }
@@ -618,7 +677,7 @@ mod tests {
         block_on(async {
             let (a, b) = (peer("10.0.2.0/24", 2), peer("10.0.3.0/24", 3));
             let s = snap(vec![entry(&a), entry(&b)]);
-            let mut r = Reconciler::start(FakeDp::default(), own(), &s)
+            let mut r = Reconciler::start(FakeDp::default(), own(), s.records())
                 .await
                 .unwrap();
             assert_eq!(r.recheck().await.unwrap(), 0);
@@ -644,13 +703,16 @@ mod tests {
                 })
                 .collect();
             let s = snap(peers.iter().map(entry).collect());
-            let mut r = Reconciler::start(FakeDp::default(), own(), &s)
+            let mut r = Reconciler::start(FakeDp::default(), own(), s.records())
                 .await
                 .unwrap();
             assert_eq!(held(&mut r).len(), 100);
             r.datapath().calls.clear();
             // One new peer among 100: one call.
-            r.apply(&[WatchEvent::Put(entry(&peer("10.0.200.0/24", 200)))]);
+            apply(
+                &mut r,
+                &[WatchEvent::Put(entry(&peer("10.0.200.0/24", 200)))],
+            );
             assert!(r.converge().await);
             assert_eq!(r.datapath().calls, vec!["add 10.0.200.0/24"]);
             // A subnet that moves to another node within one batch (deleted,
@@ -659,12 +721,15 @@ mod tests {
             r.datapath().calls.clear();
             let mut moved = peers[0];
             moved.public_ip = Ipv4Addr::new(192, 168, 9, 9);
-            r.apply(&[
-                WatchEvent::Delete {
-                    key: entry(&peers[0]).key,
-                },
-                WatchEvent::Put(entry(&moved)),
-            ]);
+            apply(
+                &mut r,
+                &[
+                    WatchEvent::Delete {
+                        key: entry(&peers[0]).key,
+                    },
+                    WatchEvent::Put(entry(&moved)),
+                ],
+            );
             assert!(r.converge().await);
             assert_eq!(r.datapath().calls, vec!["add 10.0.2.0/24"]);
             assert_eq!(r.datapath().peers[&moved.subnet], moved);
@@ -675,26 +740,29 @@ mod tests {
     #[test]
     fn put_and_delete_events() {
         block_on(async {
-            let mut r = Reconciler::start(FakeDp::default(), own(), &snap(vec![]))
+            let mut r = Reconciler::start(FakeDp::default(), own(), vec![])
                 .await
                 .unwrap();
-            r.apply(&[WatchEvent::Put(entry(&peer("10.0.4.0/24", 4)))]);
+            apply(&mut r, &[WatchEvent::Put(entry(&peer("10.0.4.0/24", 4)))]);
             assert!(r.converge().await);
             assert_eq!(held(&mut r), vec![peer("10.0.4.0/24", 4)]);
             // A changed VtepMAC replaces the peer.
             let mut changed = peer("10.0.4.0/24", 4);
             changed.vtep_mac = mac(44);
-            r.apply(&[WatchEvent::Put(entry(&changed))]);
+            apply(&mut r, &[WatchEvent::Put(entry(&changed))]);
             assert!(r.converge().await);
             assert_eq!(held(&mut r), vec![changed]);
             // A renewal (same value) costs no datapath call.
             let calls = r.datapath().calls.len();
-            r.apply(&[WatchEvent::Put(entry(&changed))]);
+            apply(&mut r, &[WatchEvent::Put(entry(&changed))]);
             assert!(r.converge().await);
             assert_eq!(r.datapath().calls.len(), calls);
-            r.apply(&[WatchEvent::Delete {
-                key: lease::lease_key(P, net("10.0.4.0/24")),
-            }]);
+            apply(
+                &mut r,
+                &[WatchEvent::Delete {
+                    key: lease::lease_key(P, net("10.0.4.0/24")),
+                }],
+            );
             assert!(r.converge().await);
             assert!(held(&mut r).is_empty());
         });
@@ -725,29 +793,35 @@ mod tests {
                     mod_revision: 1,
                 },
             ]);
-            let mut r = Reconciler::start(FakeDp::default(), own(), &s)
+            let mut r = Reconciler::start(FakeDp::default(), own(), s.records())
                 .await
                 .unwrap();
             assert_eq!(held(&mut r), vec![peer("10.0.7.0/24", 7)]);
 
             // A peer whose lease turns malformed keeps working; one that
             // switches to another backend is removed.
-            r.apply(&[
-                WatchEvent::Put(raw("10.0.7.0/24", "{garbage")),
-                WatchEvent::Put(entry(&peer("10.0.8.0/24", 8))),
-            ]);
+            apply(
+                &mut r,
+                &[
+                    WatchEvent::Put(raw("10.0.7.0/24", "{garbage")),
+                    WatchEvent::Put(entry(&peer("10.0.8.0/24", 8))),
+                ],
+            );
             assert!(r.converge().await);
             assert_eq!(
                 held(&mut r),
                 vec![peer("10.0.7.0/24", 7), peer("10.0.8.0/24", 8)]
             );
-            r.apply(&[WatchEvent::Reset(snap(vec![
-                raw("10.0.7.0/24", "{garbage"),
-                raw(
-                    "10.0.8.0/24",
-                    r#"{"PublicIP":"192.168.0.8","BackendType":"udp"}"#,
-                ),
-            ]))]);
+            apply(
+                &mut r,
+                &[WatchEvent::Reset(snap(vec![
+                    raw("10.0.7.0/24", "{garbage"),
+                    raw(
+                        "10.0.8.0/24",
+                        r#"{"PublicIP":"192.168.0.8","BackendType":"udp"}"#,
+                    ),
+                ]))],
+            );
             assert!(r.converge().await);
             assert_eq!(held(&mut r), vec![peer("10.0.7.0/24", 7)]);
         });
@@ -760,15 +834,18 @@ mod tests {
                 entry(&peer("10.0.2.0/24", 2)),
                 entry(&peer("10.0.3.0/24", 3)),
             ]);
-            let mut r = Reconciler::start(FakeDp::default(), own(), &s)
+            let mut r = Reconciler::start(FakeDp::default(), own(), s.records())
                 .await
                 .unwrap();
             r.datapath().calls.clear();
             // After a compaction: 10.0.2.0 left, 10.0.4.0 joined, 10.0.3.0 unchanged.
-            r.apply(&[WatchEvent::Reset(snap(vec![
-                entry(&peer("10.0.3.0/24", 3)),
-                entry(&peer("10.0.4.0/24", 4)),
-            ]))]);
+            apply(
+                &mut r,
+                &[WatchEvent::Reset(snap(vec![
+                    entry(&peer("10.0.3.0/24", 3)),
+                    entry(&peer("10.0.4.0/24", 4)),
+                ]))],
+            );
             assert!(r.converge().await);
             assert_eq!(
                 r.datapath().calls,
@@ -786,7 +863,7 @@ mod tests {
                 entry(&peer("10.0.2.0/24", 2)),
                 entry(&peer("10.0.3.0/24", 3)),
             ]);
-            let mut r = Reconciler::start(dp, own(), &s).await.unwrap();
+            let mut r = Reconciler::start(dp, own(), s.records()).await.unwrap();
             assert!(!r.is_converged());
             assert_eq!(held(&mut r), vec![peer("10.0.3.0/24", 3)]);
             assert!(!r.converge().await);
@@ -812,7 +889,7 @@ mod tests {
                 entry(&peer("10.0.3.0/24", 3)),
                 entry(&peer("10.0.4.0/24", 4)),
             ]);
-            let mut r = Reconciler::start(dp, own(), &s).await.unwrap();
+            let mut r = Reconciler::start(dp, own(), s.records()).await.unwrap();
             let refused =
                 |r: &Reconciler<FakeDp>| -> Vec<Ipv4Net> { r.refused().keys().copied().collect() };
             assert_eq!(held(&mut r), vec![peer("10.0.2.0/24", 2)]);
@@ -830,14 +907,20 @@ mod tests {
             assert_eq!(refused(&r), [net("10.0.3.0/24"), net("10.0.4.0/24")]);
             // One leaves etcd: no longer listed. The programmed one leaves:
             // its room goes to the other.
-            r.apply(&[WatchEvent::Delete {
-                key: lease::lease_key(P, net("10.0.4.0/24")),
-            }]);
+            apply(
+                &mut r,
+                &[WatchEvent::Delete {
+                    key: lease::lease_key(P, net("10.0.4.0/24")),
+                }],
+            );
             assert!(!r.converge().await);
             assert_eq!(refused(&r), [net("10.0.3.0/24")]);
-            r.apply(&[WatchEvent::Delete {
-                key: lease::lease_key(P, net("10.0.2.0/24")),
-            }]);
+            apply(
+                &mut r,
+                &[WatchEvent::Delete {
+                    key: lease::lease_key(P, net("10.0.2.0/24")),
+                }],
+            );
             assert!(r.converge().await);
             assert!(refused(&r).is_empty());
             assert_eq!(held(&mut r), vec![peer("10.0.3.0/24", 3)]);
@@ -848,7 +931,7 @@ mod tests {
     fn moving_our_own_subnet() {
         block_on(async {
             let s = snap(vec![entry(&peer("10.0.2.0/24", 2))]);
-            let mut r = Reconciler::start(FakeDp::default(), own(), &s)
+            let mut r = Reconciler::start(FakeDp::default(), own(), s.records())
                 .await
                 .unwrap();
             // We lost 10.0.1.0/24 and re-acquired 10.0.5.0/24; another node
@@ -857,13 +940,16 @@ mod tests {
                 subnet: net("10.0.5.0/24"),
                 ..own()
             });
-            r.apply(&[
-                WatchEvent::Put(entry(&peer("10.0.1.0/24", 50))),
-                WatchEvent::Put(raw(
-                    "10.0.5.0/24",
-                    &encode_vxlan(Ipv4Addr::new(192, 168, 0, 1), 1, mac(1)),
-                )),
-            ]);
+            apply(
+                &mut r,
+                &[
+                    WatchEvent::Put(entry(&peer("10.0.1.0/24", 50))),
+                    WatchEvent::Put(raw(
+                        "10.0.5.0/24",
+                        &encode_vxlan(Ipv4Addr::new(192, 168, 0, 1), 1, mac(1)),
+                    )),
+                ],
+            );
             assert!(r.converge().await);
             assert_eq!(
                 held(&mut r),
@@ -880,9 +966,66 @@ mod tests {
                 "10.0.9.0/24",
                 &encode_vxlan(Ipv4Addr::new(192, 168, 0, 1), 1, mac(1)),
             )]);
-            let mut r = Reconciler::start(FakeDp::default(), own(), &s)
+            let mut r = Reconciler::start(FakeDp::default(), own(), s.records())
                 .await
                 .unwrap();
+            assert!(held(&mut r).is_empty());
+        });
+    }
+
+    fn node_record(name: &str, p: &Peer, rank: i64) -> Record {
+        Record {
+            key: format!("node/{name}"),
+            raw: format!("{p:?}").into_bytes(),
+            claim: Claim::Lease(lease::Lease {
+                subnet: p.subnet,
+                ipv6_subnet: None,
+                public_ip: p.public_ip,
+                public_ipv6: None,
+                backend: Backend::Vxlan {
+                    vni: Some(1),
+                    vtep_mac: p.vtep_mac,
+                },
+            }),
+            rank,
+        }
+    }
+
+    #[test]
+    fn of_two_records_claiming_one_subnet_the_older_keeps_it() {
+        block_on(async {
+            let holder = peer("10.0.2.0/24", 2);
+            let mut thief = peer("10.0.2.0/24", 3);
+            thief.public_ip = Ipv4Addr::new(192, 168, 0, 33);
+            let mut r = Reconciler::start(
+                FakeDp::default(),
+                own(),
+                vec![node_record("b", &holder, 100)],
+            )
+            .await
+            .unwrap();
+            // A newer node with the same podCIDR changes nothing.
+            r.apply(&[LeaseEvent::Put(node_record("a", &thief, 200))]);
+            assert!(r.converge().await);
+            assert_eq!(held(&mut r), vec![holder]);
+            // Nor does a re-list that lists the newer one first.
+            r.apply(&[LeaseEvent::Reset(vec![
+                node_record("a", &thief, 200),
+                node_record("b", &holder, 100),
+            ])]);
+            assert!(r.converge().await);
+            assert_eq!(held(&mut r), vec![holder]);
+            // The holder leaves: the claimant gets the subnet.
+            r.apply(&[LeaseEvent::Delete {
+                key: "node/b".into(),
+            }]);
+            assert!(r.converge().await);
+            assert_eq!(held(&mut r), vec![thief]);
+            // A node that stops being a lease (annotations removed) goes.
+            let mut gone = node_record("a", &thief, 200);
+            gone.claim = Claim::None;
+            r.apply(&[LeaseEvent::Put(gone)]);
+            assert!(r.converge().await);
             assert!(held(&mut r).is_empty());
         });
     }

@@ -10,7 +10,7 @@ use std::{fmt, net::Ipv4Addr};
 
 use ipnet::Ipv4Net;
 
-use crate::mac::MacAddr;
+use crate::flannel::mac::MacAddr;
 
 /// This node's side of the checks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -1,6 +1,7 @@
-//! Exponential backoff with jitter, for every retry of etcd.
+//! Exponential backoff with jitter, for every retry of the subnet manager
+//! (etcd or the API server).
 //!
-//! The jitter matters when etcd comes back: every agent of the cluster lost
+//! The jitter matters when the store comes back: every agent of the cluster lost
 //! it at the same moment, and without jitter they would all come back in
 //! the same instant, every time.
 

@@ -10,10 +10,10 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 
 use ipnet::{Ipv4Net, Ipv6Net};
 
-use crate::config::parse_ipv4;
 use crate::datapath::Peer;
-use crate::gojson::{Field, GoObject, GoValue};
-use crate::mac::MacAddr;
+use crate::flannel::config::parse_ipv4;
+use crate::flannel::gojson::{Field, GoObject, GoValue};
+use crate::flannel::mac::MacAddr;
 
 /// The directory of leases below the prefix.
 pub const SUBNETS_DIR: &str = "subnets";
@@ -123,7 +123,7 @@ impl Lease {
     }
 }
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 #[error("lease {key}: {reason}")]
 pub struct LeaseError {
     pub key: String,
@@ -182,33 +182,49 @@ pub fn decode(key: &str, value: &[u8]) -> Result<Lease, LeaseError> {
         }
         Field::Absent => return Err(err("BackendData is missing".into())),
     };
-    let vni = match data.field("VNI") {
-        Field::Absent => None,
-        Field::Present(v) => Some(
-            v.as_u64()
-                .and_then(|n| u32::try_from(n).ok())
-                .ok_or_else(|| err(format!("BackendData.VNI {} is not a VNI", v.to_json())))?,
-        ),
-    };
-    let vtep_mac = match data.field("VtepMAC") {
-        Field::Absent => return Err(err("BackendData.VtepMAC is missing".into())),
-        Field::Present(v) => v
-            .as_str()
-            .and_then(|s| s.parse::<MacAddr>().ok())
-            .ok_or_else(|| {
-                err(format!(
-                    "BackendData.VtepMAC {} is not a MAC address",
-                    v.to_json()
-                ))
-            })?,
-    };
+    let backend = vxlan_data(data, "BackendData.").map_err(err)?;
     Ok(Lease {
         subnet,
         ipv6_subnet,
         public_ip,
         public_ipv6,
-        backend: Backend::Vxlan { vni, vtep_mac },
+        backend,
     })
+}
+
+/// The VXLAN backend's data as flanneld writes it (`{"VNI":1,"VtepMAC":
+/// "..."}`), from a Node's `backend-data` annotation; errors name the
+/// field.
+pub fn vxlan_backend(data: &[u8]) -> Result<Backend, String> {
+    let doc = GoObject::parse(data).map_err(|e| e.to_string())?;
+    vxlan_data(&doc, "")
+}
+
+/// `VNI` and `VtepMAC` of a VXLAN lease's data; `field` prefixes the
+/// field names in errors.
+fn vxlan_data(data: &GoObject, field: &str) -> Result<Backend, String> {
+    let err = |s: String| s;
+    let vni = match data.field("VNI") {
+        Field::Absent => None,
+        Field::Present(v) => Some(
+            v.as_u64()
+                .and_then(|n| u32::try_from(n).ok())
+                .ok_or_else(|| err(format!("{field}VNI {} is not a VNI", v.to_json())))?,
+        ),
+    };
+    let vtep_mac = match data.field("VtepMAC") {
+        Field::Absent => return Err(err(format!("{field}VtepMAC is missing"))),
+        Field::Present(v) => v
+            .as_str()
+            .and_then(|s| s.parse::<MacAddr>().ok())
+            .ok_or_else(|| {
+                err(format!(
+                    "{field}VtepMAC {} is not a MAC address",
+                    v.to_json()
+                ))
+            })?,
+    };
+    Ok(Backend::Vxlan { vni, vtep_mac })
 }
 
 #[cfg(test)]

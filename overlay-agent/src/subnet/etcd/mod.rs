@@ -20,13 +20,14 @@ use etcd_client::{
 };
 use ipnet::Ipv4Net;
 
-use self::{backoff::Backoff, failure::Failure};
+use self::failure::Failure;
+use crate::subnet::backoff::Backoff;
+use crate::subnet::{Claim, Record};
 use crate::{
-    config::{ConfigError, NetworkConfig},
-    lease,
+    flannel::config::{ConfigError, NetworkConfig},
+    flannel::lease,
 };
 
-pub mod backoff;
 pub mod failure;
 pub mod own;
 pub mod watch;
@@ -197,6 +198,27 @@ impl Entry {
     }
     pub fn is_reservation(&self) -> bool {
         self.lease_id == 0
+    }
+
+    /// The lease as the reconciler sees it. The key is the subnet, so no
+    /// two entries claim one subnet and the rank never matters.
+    pub fn record(&self) -> Record {
+        let claim = match lease::decode(&self.key, &self.value) {
+            Ok(l) => Claim::Lease(l),
+            Err(e) => Claim::Malformed(e),
+        };
+        Record {
+            key: self.key.clone(),
+            raw: self.value.clone(),
+            claim,
+            rank: 0,
+        }
+    }
+}
+
+impl Snapshot {
+    pub fn records(&self) -> Vec<Record> {
+        self.entries.iter().map(Entry::record).collect()
     }
 }
 

@@ -28,7 +28,7 @@ use std::{
 
 use ipnet::Ipv4Net;
 
-use crate::subnet_env;
+use crate::flannel::subnet_env;
 
 /// Where docker's unit reads its options from (`-d`).
 pub const DEFAULT_DOCKER_ENV: &str = "/run/docker_opts.env";

@@ -12,12 +12,13 @@ use std::{
 
 use ipnet::Ipv4Net;
 
-use super::{Entry, EtcdError, Registry, backoff::Backoff};
+use super::{Entry, EtcdError, Registry};
+use crate::subnet::backoff::Backoff;
 use crate::{
-    alloc::{self, AllocError, Choice, Existing},
-    config::NetworkConfig,
-    lease::{self, Backend},
-    mac::MacAddr,
+    flannel::config::NetworkConfig,
+    flannel::lease::{self, Backend},
+    flannel::mac::MacAddr,
+    subnet::alloc::{self, AllocError, Choice, Existing},
 };
 
 /// flannel's `subnetTTL`.

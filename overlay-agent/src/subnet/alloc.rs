@@ -12,7 +12,7 @@ use std::net::Ipv4Addr;
 use ipnet::Ipv4Net;
 use rand::Rng;
 
-use crate::config::NetworkConfig;
+use crate::flannel::config::NetworkConfig;
 
 /// A key found under `<prefix>/subnets/`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
