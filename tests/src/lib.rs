@@ -30,6 +30,7 @@ pub mod etcd;
 pub mod frames;
 pub mod http;
 pub mod interrupt;
+pub mod kube_api;
 pub mod lab;
 pub mod machine;
 pub mod netns;
