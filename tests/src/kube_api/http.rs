@@ -122,12 +122,15 @@ pub(super) async fn handle(
     let path = req.uri().path().to_owned();
     let query = parse_query(req.uri().query().unwrap_or(""));
     let q = |k: &str| query.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
-    let watching = matches!(q("watch"), Some("true" | "1"));
+    let watching = q("watch").is_some_and(parse_bool);
     let route = route(&path);
     let (verb, pattern) = accounting(&route, req.method(), watching);
     shared.count(&verb, &pattern);
 
-    let (fault, delay) = shared.next_fault();
+    let (fault, delay) = shared.next_fault(matches!(
+        route,
+        Route::Collection { .. } | Route::Item { .. }
+    ));
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
@@ -200,7 +203,7 @@ pub(super) async fn handle(
                             selector,
                             from,
                             timeout,
-                            bookmarks: q("allowWatchBookmarks") == Some("true"),
+                            bookmarks: q("allowWatchBookmarks").is_some_and(parse_bool),
                             as_table,
                         };
                         response(200, "application/json", watch::body(shared.clone(), req))
@@ -581,6 +584,12 @@ fn api_v1() -> Value {
 fn parse_json(body: &Bytes) -> Result<Value, ApiError> {
     serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_request(format!("couldn't decode the body as JSON: {e}")))
+}
+
+/// Booleans as Go's `strconv.ParseBool` reads them: the python client
+/// sends `watch=True`.
+fn parse_bool(s: &str) -> bool {
+    matches!(s, "1" | "t" | "T" | "true" | "TRUE" | "True")
 }
 
 fn parse_query(q: &str) -> Vec<(String, String)> {

@@ -119,7 +119,8 @@ pub(crate) struct Stats {
 
 #[derive(Default)]
 pub(crate) struct Faults {
-    /// Answer this many next requests with `fail_code`.
+    /// Answer this many next requests on nodes or pods (not discovery,
+    /// which clients cache or skip) with `fail_code`.
     fail_next: u32,
     fail_code: u16,
     /// Wait this long before answering each request.
@@ -166,9 +167,9 @@ impl Shared {
     }
 
     /// The fault to inject into the next request, if any, and the delay.
-    fn next_fault(&self) -> (Option<u16>, Duration) {
+    fn next_fault(&self, resource: bool) -> (Option<u16>, Duration) {
         let mut f = self.faults.lock().expect("faults lock");
-        let code = (f.fail_next > 0).then(|| {
+        let code = (resource && f.fail_next > 0).then(|| {
             f.fail_next -= 1;
             f.fail_code
         });
@@ -362,11 +363,20 @@ impl KubeApi {
         self.put_node(simple_node(name, pod_cidr))
     }
 
+    /// A running pod on `node_name` (what flannel reads: `spec.nodeName`).
     pub fn put_pod(&self, ns: &str, name: &str, node_name: &str) -> Result<Value> {
         self.put(
             Resource::Pod,
             ns,
-            json!({"metadata": {"name": name, "namespace": ns}, "spec": {"nodeName": node_name}}),
+            // `containers` is required: the python client refuses a pod spec without it.
+            json!({
+                "metadata": {"name": name, "namespace": ns},
+                "spec": {
+                    "nodeName": node_name,
+                    "containers": [{"name": "main", "image": "ghcr.io/flannel-io/flannel:v0.28.9"}]
+                },
+                "status": {"phase": "Running"}
+            }),
         )
     }
 
@@ -485,8 +495,9 @@ impl KubeApi {
 
     // ---- faults ----
 
-    /// Answers the next `n` requests with `code` (500: InternalError; any
-    /// code gets a Status body).
+    /// Answers the next `n` requests on nodes or pods with `code` (500:
+    /// InternalError, others ServiceUnavailable; a Status body either way).
+    /// Discovery is never failed: kubectl hides discovery errors.
     pub fn fail_next(&self, n: u32, code: u16) {
         let mut f = self.shared.faults.lock().expect("faults lock");
         f.fail_next = n;
@@ -529,7 +540,20 @@ pub fn simple_node(name: &str, pod_cidr: &str) -> Value {
                 "lastHeartbeatTime": status::now_rfc3339(),
                 "lastTransitionTime": status::now_rfc3339()
             }],
-            "nodeInfo": {"kubeletVersion": "v1.33.0", "osImage": "stand-in", "architecture": "amd64", "operatingSystem": "linux"}
+            // Every field the API marks required: the python client refuses
+            // a NodeSystemInfo without them.
+            "nodeInfo": {
+                "machineID": format!("{:032x}", name.len()),
+                "systemUUID": status::new_uid(0),
+                "bootID": status::new_uid(1),
+                "kernelVersion": "6.1.0",
+                "osImage": "stand-in",
+                "containerRuntimeVersion": "containerd://2.0.0",
+                "kubeletVersion": "v1.33.0",
+                "kubeProxyVersion": "v1.33.0",
+                "operatingSystem": "linux",
+                "architecture": "amd64"
+            }
         }
     })
 }
