@@ -19,6 +19,7 @@
 //! - [`route_watch`]: a namespace's vxlan routes as netlink announces them, timestamped;
 //! - [`rx_csum`]: a sender whose packets arrive as if a NIC had verified their checksums;
 //! - [`interrupt`]: Ctrl-C and SIGTERM for the benchmark binaries;
+//! - [`kube_api`]: a Kubernetes API server stand-in (nodes, pods; LIST/WATCH/PATCH) for kube mode;
 //! - [`machine`]: where a benchmark ran (commit, CPU, kernel), for the reports.
 
 pub mod agent;

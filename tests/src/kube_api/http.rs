@@ -294,6 +294,9 @@ pub(super) async fn handle(
     Ok(answer.unwrap_or_else(|e| error(&e)))
 }
 
+/// A change to a stored object (one patch flavour applied to it).
+type Change = dyn FnOnce(&mut Value) -> Result<(), ApiError>;
+
 fn patch(
     shared: &Shared,
     res: Resource,
@@ -305,7 +308,7 @@ fn patch(
 ) -> Result<Value, ApiError> {
     let patch = parse_json(body)?;
     let mime = content_type.split(';').next().unwrap_or("").trim();
-    let apply: Box<dyn FnOnce(&mut Value) -> Result<(), ApiError>> = match mime {
+    let apply: Box<Change> = match mime {
         "application/strategic-merge-patch+json" => Box::new(move |o| strategic_merge(o, &patch)),
         "application/merge-patch+json" => Box::new(move |o| {
             merge_patch(o, &patch);
@@ -540,9 +543,9 @@ fn age(created: &str) -> String {
         (Some(c), Some(n)) => {
             let d = (n - c).max(0);
             match d {
-                ..120 => format!("{d}s"),
-                ..7200 => format!("{}m", d / 60),
-                ..172_800 => format!("{}h", d / 3600),
+                0..120 => format!("{d}s"),
+                120..7200 => format!("{}m", d / 60),
+                7200..172_800 => format!("{}h", d / 3600),
                 _ => format!("{}d", d / 86_400),
             }
         }

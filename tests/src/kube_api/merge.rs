@@ -191,7 +191,7 @@ pub fn json_patch(target: &mut Value, ops: &Value) -> Result<(), ApiError> {
             "add" | "replace" | "test" => {
                 let value = op.get("value").cloned().ok_or_else(|| bad("no value"))?;
                 match kind {
-                    "add" => add(&mut doc, path, value).map_err(|e| bad(e))?,
+                    "add" => add(&mut doc, path, value).map_err(&bad)?,
                     "replace" => *doc.pointer_mut(path).ok_or_else(|| bad("no such path"))? = value,
                     _ => {
                         if doc.pointer(path) != Some(&value) {
@@ -214,7 +214,7 @@ pub fn json_patch(target: &mut Value, ops: &Value) -> Result<(), ApiError> {
                     doc.pointer(from).cloned()
                 };
                 let value = value.ok_or_else(|| bad("no such from path"))?;
-                add(&mut doc, path, value).map_err(|e| bad(e))?;
+                add(&mut doc, path, value).map_err(&bad)?;
             }
             _ => return Err(bad("unknown operation")),
         }
