@@ -21,6 +21,7 @@
 //! - [`route_watch`]: a namespace's vxlan routes as netlink announces them, timestamped;
 //! - [`rx_csum`]: a sender whose packets arrive as if a NIC had verified their checksums;
 //! - [`interrupt`]: Ctrl-C and SIGTERM for the benchmark binaries;
+//! - [`kube_api`]: a Kubernetes API server stand-in (nodes, pods; LIST/WATCH/PATCH) for kube mode;
 //! - [`machine`]: where a benchmark ran (commit, CPU, kernel), for the reports.
 
 pub mod agent;
@@ -33,6 +34,7 @@ pub mod etcd;
 pub mod frames;
 pub mod http;
 pub mod interrupt;
+pub mod kube_api;
 pub mod lab;
 pub mod machine;
 pub mod netns;
