@@ -179,7 +179,15 @@ pub fn delete_filter(
 
 /// The qdiscs of the device `ifindex` (root, children, ingress/clsact).
 pub fn qdiscs(ifindex: u32) -> Result<Vec<Qdisc>, TcNetlinkError> {
-    let req = request(RTM_GETQDISC, NLM_F_REQUEST | NLM_F_DUMP, ifindex, 0, 0, 0, &[]);
+    let req = request(
+        RTM_GETQDISC,
+        NLM_F_REQUEST | NLM_F_DUMP,
+        ifindex,
+        0,
+        0,
+        0,
+        &[],
+    );
     let mut out = Vec::new();
     exchange(&req, |ty, body| {
         if ty != RTM_NEWQDISC {
@@ -506,7 +514,11 @@ mod tests {
     #[test]
     fn a_bpf_filter_has_its_name_read() {
         let mut options = Vec::new();
-        push_attr(&mut options, TCA_BPF_NAME, &nul_terminated("vxlan_ingress_tc"));
+        push_attr(
+            &mut options,
+            TCA_BPF_NAME,
+            &nul_terminated("vxlan_ingress_tc"),
+        );
         let f = parse_filter(&body("bpf", &options, 8472, 1)).unwrap();
         assert_eq!(f.bpf_name.as_deref(), Some("vxlan_ingress_tc"));
         assert_eq!((f.priority, f.handle, f.protocol), (8472, 1, 0x0300));
