@@ -12,7 +12,8 @@
 //! before the agent starts, more are added while it runs.
 //!
 //! With `--tc-attach=legacy` and `tcx`: the eBPF datapath starts (no
-//! fallback) and carries traffic, a `kill -9` and a new start replace ours,
+//! fallback) and carries traffic (the pod whose veth has foreign filters is
+//! left to the host's path, as any pod whose veth may be shaped is), a `kill -9` and a new start replace ours,
 //! `cleanup` removes ours, and every foreign filter keeps its priority,
 //! handle and kind throughout, and its traffic: the mirror devices' transmit
 //! counters grow.
@@ -310,8 +311,25 @@ fn foreign_filters_of_every_kind_coexist(tag: &str, mode: &str) -> Result<()> {
             log.contains("eBPF datapath on") && !log.contains("falling back"),
             "{what}: not on the eBPF datapath:\n{log}"
         );
+        // Any filter not ours on a pod veth might shape or police its pod:
+        // that pod stays on the host's path (see pod_shaping.rs), and the
+        // datapath runs everywhere else.
+        ensure!(
+            log.contains("vc (#") && log.contains("is shaped"),
+            "{what}: the pod with foreign filters was not left to the host's path:\n{log}"
+        );
+        within(Duration::from_secs(5), "nothing of ours on vc", || {
+            attachments(&h1).is_ok_and(|a| {
+                a.tcx_on("vc", "ingress").is_empty() && a.tcx_on("vc", "egress").is_empty()
+            }) && !ours_present(&h1, "vc", "ingress", "veth_from_pod").unwrap_or(true)
+                && !ours_present(&h1, "vc", "egress", "veth_to_pod").unwrap_or(true)
+        })
+        .with_context(|| format!("{what}: {:?}", attachments(&h1)))?;
         if mode == "legacy" {
             for (dev, dir_, program, _) in SITES {
+                if dev == "vc" {
+                    continue;
+                }
                 if let Some(program) = program {
                     within(Duration::from_secs(5), "our filter", || {
                         ours_present(&h1, dev, dir_, program).unwrap_or(false)
@@ -325,11 +343,9 @@ fn foreign_filters_of_every_kind_coexist(tag: &str, mode: &str) -> Result<()> {
                 }
             }
         } else {
-            within(Duration::from_secs(5), "TCX on vc", || {
+            within(Duration::from_secs(5), "TCX on eth0 and flannel.1", || {
                 attachments(&h1).is_ok_and(|a| {
-                    a.tcx_on("vc", "ingress").len() == 1
-                        && a.tcx_on("vc", "egress").len() == 1
-                        && a.tcx_on("eth0", "ingress").len() == 1
+                    a.tcx_on("eth0", "ingress").len() == 1
                         && a.tcx_on("flannel.1", "egress").len() == 1
                 })
             })
