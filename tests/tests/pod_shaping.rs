@@ -219,7 +219,7 @@ fn shaped_pods_keep_their_limits_and_unshaped_ones_the_fast_path() -> Result<()>
     );
     for (what, rate) in [("out of the pod", out), ("into the pod", into)] {
         ensure!(
-            rate <= 2.0 * LIMIT && rate >= LIMIT / 2.0,
+            (LIMIT / 2.0..=2.0 * LIMIT).contains(&rate),
             "{what}: {rate:.1} Mbit/s is not within 2x of {LIMIT} Mbit/s"
         );
     }
