@@ -117,7 +117,9 @@ impl TcNetlinkError {
 }
 
 /// The filters on `hook` of the device `ifindex`; empty when it has no
-/// clsact or ingress qdisc.
+/// clsact or ingress qdisc. The kernel sends a header (handle 0, no
+/// options) before each priority's filters: those are left out, since they
+/// are no filters of their own.
 pub fn filters(ifindex: u32, hook: TcHook) -> Result<Vec<TcFilter>, TcNetlinkError> {
     let op = || format!("list the {hook:?} filters of #{ifindex}");
     let req = request(
@@ -133,6 +135,7 @@ pub fn filters(ifindex: u32, hook: TcHook) -> Result<Vec<TcFilter>, TcNetlinkErr
     exchange(&req, |ty, body| {
         if ty == RTM_NEWTFILTER
             && let Some(f) = parse_filter(body)
+            && f.handle != 0
         {
             out.push(f);
         }
