@@ -218,7 +218,25 @@ pub enum EbpfError {
         program: &'static str,
         interface: String,
         #[source]
-        source: aya::programs::tc::TcError,
+        source: crate::netlink::tc::TcNetlinkError,
+    },
+    #[error("eBPF: listing the clsact filters of {interface} failed")]
+    ListFilters {
+        interface: String,
+        #[source]
+        source: crate::netlink::tc::TcNetlinkError,
+    },
+    /// Another filter sits at our priority and handle: replacing it would
+    /// destroy someone else's filter, so we leave it and fail instead.
+    #[error(
+        "eBPF: {program} cannot take its clsact place on {interface} (pref 8472 handle 1): another tool's {kind} filter{} holds it",
+        name.as_ref().map(|n| format!(" {n}")).unwrap_or_default()
+    )]
+    LegacySlotTaken {
+        program: &'static str,
+        interface: String,
+        kind: String,
+        name: Option<String>,
     },
     #[error("eBPF: map {map}: {op} failed")]
     Map {
@@ -276,7 +294,10 @@ impl EbpfError {
             | EbpfError::ReadObject { .. }
             | EbpfError::KernelTooOld { .. } => EbpfFailure::Load,
             EbpfError::Verifier { .. } => EbpfFailure::Verifier,
-            EbpfError::Attach { .. } | EbpfError::Detach { .. } => EbpfFailure::Attach,
+            EbpfError::Attach { .. }
+            | EbpfError::Detach { .. }
+            | EbpfError::ListFilters { .. }
+            | EbpfError::LegacySlotTaken { .. } => EbpfFailure::Attach,
             EbpfError::Map { .. }
             | EbpfError::MapFull { .. }
             | EbpfError::Pin { .. }

@@ -14,7 +14,11 @@
 //! egress), pinned as `links/veth_from_pod-<ifindex>` and
 //! `links/veth_to_pod-<ifindex>` so they survive the agent like the others.
 
-use std::{collections::BTreeMap, fmt, str::FromStr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    str::FromStr,
+};
 
 use aya::{
     Ebpf,
@@ -37,7 +41,10 @@ use super::{
 };
 use crate::{
     ipmasq,
-    netlink::pods::{PodNetwork, PodVeth},
+    netlink::{
+        pods::{PodNetwork, PodVeth},
+        tc::{self, TC_H_ROOT, TcHook},
+    },
 };
 
 /// `--fast-path`.
@@ -136,6 +143,9 @@ struct PodLinks {
 pub struct PodAttachments {
     bridge: Option<String>,
     attached: BTreeMap<u32, PodLinks>,
+    /// Veths left to the host's path because something shapes them (see
+    /// [`shaping`]), to log only the changes.
+    shaped: BTreeSet<u32>,
 }
 
 impl PodAttachments {
@@ -158,7 +168,43 @@ impl PodAttachments {
             }
             self.bridge = bridge;
         }
-        let wanted: BTreeMap<u32, &PodVeth> = net.veths.iter().map(|v| (v.ifindex, v)).collect();
+        // A shaped pod stays on the host's path both ways: no program on its
+        // veth, no POD_VETHS entry (so nothing is delivered into it with
+        // redirect_peer), no approvals through it.
+        let mut shaped = BTreeMap::new();
+        for veth in &net.veths {
+            if let Some(why) = shaping(veth) {
+                shaped.insert(veth.ifindex, why);
+            }
+        }
+        for (ifindex, why) in &shaped {
+            if !self.shaped.contains(ifindex) {
+                let name = net.veths.iter().find(|v| v.ifindex == *ifindex);
+                info!(
+                    "fast path: {} (#{ifindex}) is shaped ({why}): its pod takes the host's path, where the shaping applies",
+                    name.map_or("?", |v| v.name.as_str())
+                );
+            }
+        }
+        for ifindex in &self.shaped {
+            if !shaped.contains_key(ifindex)
+                && let Some(v) = net.veths.iter().find(|v| v.ifindex == *ifindex)
+            {
+                info!("fast path: {} (#{ifindex}) is no longer shaped", v.name);
+            }
+        }
+        let newly_shaped: Vec<&PodVeth> = net
+            .veths
+            .iter()
+            .filter(|v| shaped.contains_key(&v.ifindex) && !self.shaped.contains(&v.ifindex))
+            .collect();
+        self.shaped = shaped.keys().copied().collect();
+        let wanted: BTreeMap<u32, &PodVeth> = net
+            .veths
+            .iter()
+            .filter(|v| !shaped.contains_key(&v.ifindex))
+            .map(|v| (v.ifindex, v))
+            .collect();
         let gone: Vec<u32> = self
             .attached
             .keys()
@@ -176,9 +222,16 @@ impl PodAttachments {
             }
             forget_veth(ebpf, ifindex, pins)?;
         }
+        // What an earlier run left on a veth that is shaped now (a legacy
+        // filter is no pin, and its POD_VETHS entry and approvals live in
+        // pinned maps) would still deliver into the pod past its shaping.
+        for veth in newly_shaped {
+            detach_legacy_filters(&veth.name)?;
+            forget_veth(ebpf, veth.ifindex, pins)?;
+        }
         if let Some(pins) = pins {
             for ifindex in stale_pinned_veths(pins) {
-                if !wanted.contains_key(&ifindex) {
+                if !wanted.contains_key(&ifindex) && !shaped.contains_key(&ifindex) {
                     info!("fast path: the pod veth #{ifindex} is gone: removing its pins");
                     forget_veth(ebpf, ifindex, Some(pins))?;
                 }
@@ -294,6 +347,49 @@ fn attach(
             pin: pin.as_deref(),
         },
     )
+}
+
+/// Why the pod behind `veth` must stay on the host's path, if it must:
+/// something shapes or filters its traffic on the veth, which the fast path
+/// would skip. `bpf_redirect_peer` into the pod never transmits on the
+/// veth, so its root qdisc (the CNI bandwidth plugin's `tbf`) never sees
+/// that traffic; `veth_from_pod` runs on TCX ingress before any clsact or
+/// ingress-qdisc filter (the plugin's `mirred` to an `ifb` with a `tbf`).
+/// So: a root qdisc other than the default `noqueue`, or any filter on the
+/// veth's ingress or egress hook that is not one of ours. A veth whose
+/// state cannot be read is treated as shaped: the host's path is always
+/// correct, only slower.
+fn shaping(veth: &PodVeth) -> Option<String> {
+    match tc::qdiscs(veth.ifindex) {
+        Ok(qdiscs) => {
+            if let Some(q) = qdiscs
+                .iter()
+                .find(|q| q.parent == TC_H_ROOT && q.kind != "noqueue")
+            {
+                return Some(format!("root qdisc {}", q.kind));
+            }
+        }
+        // The veth went: the next sync sees it gone.
+        Err(e) if e.is_not_found() => return None,
+        Err(e) => return Some(format!("its qdiscs cannot be read: {e}")),
+    }
+    for hook in [TcHook::Ingress, TcHook::Egress] {
+        match tc::filters(veth.ifindex, hook) {
+            Ok(filters) => {
+                if let Some(f) = filters.iter().find(|f| {
+                    !tc_attach::is_any_of_ours(f, &[PROG_VETH_FROM_POD, PROG_VETH_TO_POD])
+                }) {
+                    return Some(format!(
+                        "a {} filter at pref {} on its {hook:?} hook",
+                        f.kind, f.priority
+                    ));
+                }
+            }
+            Err(e) if e.is_not_found() => {}
+            Err(e) => return Some(format!("its filters cannot be read: {e}")),
+        }
+    }
+    None
 }
 
 /// Removes our legacy filters from the veth `name`, if it is still there.

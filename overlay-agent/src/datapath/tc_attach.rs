@@ -28,6 +28,7 @@ use aya::programs::{
 use log::info;
 
 use super::ebpf::{EbpfError, Hook};
+use crate::netlink::tc::{self as netlink_tc, TcFilter, TcHook};
 
 /// `--tc-attach`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -167,7 +168,7 @@ pub fn attach(
             Ok(TcLink::Tcx(link))
         }
         TcApi::Legacy => {
-            let link = attach_legacy(prog, target).map_err(attach_err)?;
+            let link = attach_legacy(prog, target)?;
             if let Some(pin) = target.pin {
                 match std::fs::remove_file(pin) {
                     Ok(()) => info!(
@@ -253,54 +254,101 @@ fn attach_tcx(
 fn attach_legacy(
     prog: &mut SchedClassifier,
     target: &Target<'_>,
-) -> Result<SchedClassifierLink, ProgramError> {
+) -> Result<SchedClassifierLink, EbpfError> {
+    let attach_err = |source: ProgramError| EbpfError::Attach {
+        program: target.program,
+        interface: target.interface.to_owned(),
+        hook: Hook::tc(TcApi::Legacy, target.hook),
+        source,
+    };
     match tc::qdisc_add_clsact(target.interface) {
         Ok(()) => {}
         Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {}
-        Err(e) => return Err(e.into()),
+        Err(e) => return Err(attach_err(e.into())),
     }
-    let existing = SchedClassifierLink::attached(
-        target.interface,
-        target.hook,
-        LEGACY_PRIORITY,
-        LEGACY_HANDLE,
-        None,
-    )
-    .map_err(TcError::IoError)?;
-    // Without NLM_F_CREATE the kernel only changes an existing filter.
-    let id = match prog.attach_to_link(existing) {
-        Ok(id) => {
+    // What holds our place (priority and handle), read with our own
+    // listing, which no other tool's filter can make fail.
+    let hook = tc_hook(target.hook);
+    let held = netlink_tc::filters(target.ifindex, hook)
+        .map_err(|source| EbpfError::ListFilters {
+            interface: target.interface.to_owned(),
+            source,
+        })?
+        .into_iter()
+        .find(|f| f.chain == 0 && f.priority == LEGACY_PRIORITY && f.handle == LEGACY_HANDLE_RAW);
+    let id = match held {
+        Some(f) if is_ours(&f, target.program) => {
+            let existing = SchedClassifierLink::attached(
+                target.interface,
+                target.hook,
+                LEGACY_PRIORITY,
+                LEGACY_HANDLE,
+                None,
+            )
+            .map_err(|e| attach_err(TcError::IoError(e).into()))?;
+            // Without NLM_F_CREATE the kernel only changes an existing filter.
+            let id = prog.attach_to_link(existing).map_err(attach_err)?;
             info!(
                 "{}: replaced our clsact filter on {} in place",
                 target.program, target.interface
             );
             id
         }
-        Err(e) if errno(&e) == Some(libc::ENOENT) => prog.attach_with_options(
-            target.interface,
-            target.hook,
-            TcAttachOptions::Netlink(NlOptions {
-                priority: LEGACY_PRIORITY,
-                handle: LEGACY_HANDLE,
-                classid: None,
-            }),
-        )?,
-        Err(e) => return Err(e),
+        Some(f) => {
+            return Err(EbpfError::LegacySlotTaken {
+                program: target.program,
+                interface: target.interface.to_owned(),
+                kind: f.kind,
+                name: f.bpf_name,
+            });
+        }
+        None => prog
+            .attach_with_options(
+                target.interface,
+                target.hook,
+                TcAttachOptions::Netlink(NlOptions {
+                    priority: LEGACY_PRIORITY,
+                    handle: LEGACY_HANDLE,
+                    classid: None,
+                }),
+            )
+            .map_err(attach_err)?,
     };
-    prog.take_link(id)
+    prog.take_link(id).map_err(attach_err)
 }
 
-fn errno(e: &ProgramError) -> Option<i32> {
-    match e {
-        ProgramError::TcError(TcError::NetlinkError(e)) => e.raw_os_error(),
-        ProgramError::TcError(TcError::IoError(e)) => e.raw_os_error(),
-        _ => None,
+/// Our legacy filter's handle as the kernel reports it.
+const LEGACY_HANDLE_RAW: u32 = 1;
+
+fn tc_hook(hook: TcAttachType) -> TcHook {
+    match hook {
+        TcAttachType::Egress => TcHook::Egress,
+        // Custom parents are not used by us; ingress is the other hook.
+        TcAttachType::Ingress | TcAttachType::Custom(_) => TcHook::Ingress,
     }
 }
 
-/// Removes the legacy filters named `program` from `hook` of `interface`.
-/// `Ok(false)` when there were none, the interface has no clsact qdisc, or
-/// the interface is gone.
+/// A filter is ours when all of it says so: kind `bpf`, our priority and
+/// handle in chain 0, and the program's name. Another tool's `bpf` filter
+/// with the same program name at another place, or anything else at our
+/// place, is not.
+pub fn is_ours(filter: &TcFilter, program: &str) -> bool {
+    filter.kind == "bpf"
+        && filter.chain == 0
+        && filter.priority == LEGACY_PRIORITY
+        && filter.handle == LEGACY_HANDLE_RAW
+        && filter.bpf_name.as_deref() == Some(program)
+}
+
+/// Whether `filter` is one of the filters our `programs` would be.
+pub fn is_any_of_ours(filter: &TcFilter, programs: &[&str]) -> bool {
+    programs.iter().any(|p| is_ours(filter, p))
+}
+
+/// Removes our legacy filter of `program` from `hook` of `interface` (see
+/// [`is_ours`]); every other filter there stays where it is. `Ok(false)`
+/// when there was none, the interface has no clsact qdisc, or the interface
+/// is gone.
 pub fn detach_legacy(
     interface: &str,
     hook: TcAttachType,
@@ -311,24 +359,33 @@ pub fn detach_legacy(
         interface: interface.to_owned(),
         source,
     };
-    match tc::qdisc_detach_program(interface, hook, program) {
-        Ok(()) => Ok(true),
-        Err(TcError::IoError(e))
-            if e.kind() == std::io::ErrorKind::NotFound
-                || matches!(e.raw_os_error(), Some(libc::ENODEV | libc::ENOENT)) =>
-        {
-            Ok(false)
+    let Some(ifindex) = ifindex(interface) else {
+        return Ok(false);
+    };
+    let hook = tc_hook(hook);
+    let listed = match netlink_tc::filters(ifindex, hook) {
+        Ok(listed) => listed,
+        Err(e) if e.is_not_found() => return Ok(false),
+        Err(e) => return Err(detach_err(e)),
+    };
+    let mut removed = false;
+    for filter in listed.iter().filter(|f| is_ours(f, program)) {
+        match netlink_tc::delete_filter(ifindex, hook, filter) {
+            Ok(gone) => removed |= gone,
+            Err(e) if e.is_not_found() => {}
+            Err(e) => return Err(detach_err(e)),
         }
-        Err(TcError::NetlinkError(e))
-            if matches!(
-                e.raw_os_error(),
-                Some(libc::ENODEV | libc::ENOENT | libc::EINVAL)
-            ) =>
-        {
-            Ok(false)
-        }
-        Err(e) => Err(detach_err(e)),
     }
+    Ok(removed)
+}
+
+/// The ifindex of `interface` in the calling thread's namespace, `None`
+/// when there is no such interface.
+fn ifindex(interface: &str) -> Option<u32> {
+    let name = std::ffi::CString::new(interface).ok()?;
+    // SAFETY: name is a valid NUL-terminated string.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    (index != 0).then_some(index)
 }
 
 /// Removes every legacy filter of ours (`programs`: each program with its

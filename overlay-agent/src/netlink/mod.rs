@@ -16,6 +16,7 @@ pub mod entry_table;
 pub mod events;
 pub mod peer_entries;
 pub mod pods;
+pub mod tc;
 pub mod vxlan_device;
 
 use std::io;
