@@ -22,6 +22,7 @@
 //! - [`rx_csum`]: a sender whose packets arrive as if a NIC had verified their checksums;
 //! - [`interrupt`]: Ctrl-C and SIGTERM for the benchmark binaries;
 //! - [`kube_api`]: a Kubernetes API server stand-in (nodes, pods; LIST/WATCH/PATCH) for kube mode;
+//! - [`kube_cluster`]: Kubernetes-mode clusters: hosts, the API stand-in, Nodes, agents as the DaemonSet runs them, a flanneld node;
 //! - [`machine`]: where a benchmark ran (commit, CPU, kernel), for the reports.
 
 pub mod agent;
@@ -35,6 +36,7 @@ pub mod frames;
 pub mod http;
 pub mod interrupt;
 pub mod kube_api;
+pub mod kube_cluster;
 pub mod lab;
 pub mod machine;
 pub mod netns;
