@@ -11,6 +11,9 @@ use crate::subnet::etcd::own::LeaseTiming;
 
 const ETCD: &str = "etcd (the subnet store)";
 const KUBE: &str = "Kubernetes (--kube-subnet-mgr)";
+/// flanneld's `--net-config-path` default (kube-flannel.yml mounts its
+/// ConfigMap there).
+pub const DEFAULT_NET_CONFIG_PATH: &str = "/etc/kube-flannel/net-conf.json";
 const NETWORK: &str = "Network and interface";
 const LEASE: &str = "Subnet lease";
 const HEALTH: &str = "Health";
@@ -122,22 +125,21 @@ pub struct Cli {
     pub kubeconfig_file: Option<PathBuf>,
 
     /// Kubernetes annotation prefix. Can contain single slash "/", otherwise
-    /// it will be appended at the end.
-    #[arg(long, env = "FLANNELD_KUBE_ANNOTATION_PREFIX",
-          default_value = crate::subnet::kube::annotations::DEFAULT_PREFIX, help_heading = KUBE)]
-    pub kube_annotation_prefix: String,
+    /// it will be appended at the end [default: flannel.alpha.coreos.com].
+    #[arg(long, env = "FLANNELD_KUBE_ANNOTATION_PREFIX", help_heading = KUBE)]
+    pub kube_annotation_prefix: Option<String>,
 
     /// Path to the network configuration file to use (with
-    /// --kube-subnet-mgr; etcd mode reads <etcd-prefix>/config).
-    #[arg(long, env = "FLANNELD_NET_CONFIG_PATH",
-          default_value = "/etc/kube-flannel/net-conf.json", help_heading = KUBE)]
-    pub net_config_path: PathBuf,
+    /// --kube-subnet-mgr; etcd mode reads <etcd-prefix>/config) [default:
+    /// /etc/kube-flannel/net-conf.json].
+    #[arg(long, env = "FLANNELD_NET_CONFIG_PATH", help_heading = KUBE)]
+    pub net_config_path: Option<PathBuf>,
 
-    /// Set NodeNetworkUnavailable after ready.
-    #[arg(long, env = "FLANNELD_SET_NODE_NETWORK_UNAVAILABLE", default_value = "true",
-          num_args = 0..=1, default_missing_value = "true", require_equals = true,
-          value_parser = parse_go_bool, help_heading = KUBE)]
-    pub set_node_network_unavailable: bool,
+    /// Set NodeNetworkUnavailable after ready [default: true].
+    #[arg(long, env = "FLANNELD_SET_NODE_NETWORK_UNAVAILABLE", num_args = 0..=1,
+          default_missing_value = "true", require_equals = true, value_parser = parse_go_bool,
+          help_heading = KUBE)]
+    pub set_node_network_unavailable: Option<bool>,
 
     /// Interface to use (IP or name) for inter-host communication. Can be
     /// specified multiple times to check each option in order. Returns the
@@ -398,10 +400,45 @@ impl Cli {
         crate::subnet::kube::KubeOptions {
             api_url: self.kube_api_url.clone(),
             kubeconfig: self.kubeconfig_file.clone(),
-            annotation_prefix: self.kube_annotation_prefix.clone(),
-            net_config_path: self.net_config_path.clone(),
-            set_node_network_unavailable: self.set_node_network_unavailable,
+            annotation_prefix: self
+                .kube_annotation_prefix
+                .clone()
+                .unwrap_or_else(|| crate::subnet::kube::annotations::DEFAULT_PREFIX.to_owned()),
+            net_config_path: self
+                .net_config_path
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_NET_CONFIG_PATH)),
+            set_node_network_unavailable: self.set_node_network_unavailable.unwrap_or(true),
         }
+    }
+
+    /// Kubernetes flags given without `--kube-subnet-mgr`: one line each
+    /// (flanneld ignores them silently).
+    pub fn kube_flag_warnings(&self) -> Vec<String> {
+        if self.kube_subnet_mgr {
+            return Vec::new();
+        }
+        [
+            (self.kube_api_url.is_some(), "--kube-api-url"),
+            (self.kubeconfig_file.is_some(), "--kubeconfig-file"),
+            (
+                self.kube_annotation_prefix.is_some(),
+                "--kube-annotation-prefix",
+            ),
+            (self.net_config_path.is_some(), "--net-config-path"),
+            (
+                self.set_node_network_unavailable.is_some(),
+                "--set-node-network-unavailable",
+            ),
+        ]
+        .into_iter()
+        .filter(|(given, _)| *given)
+        .map(|(_, flag)| {
+            format!(
+                "{flag} has no effect here: it only matters with --kube-subnet-mgr (leases and config come from etcd)"
+            )
+        })
+        .collect()
     }
 
     pub fn iface_selector(&self) -> crate::iface::Selector {
@@ -679,13 +716,16 @@ mod tests {
         assert_eq!(parse(&["-v", "5"]).compat.log_filter(), Some("trace"));
         let kube = parse(&["--kube-subnet-mgr"]);
         assert!(kube.validate().is_ok());
-        assert!(kube.kube_subnet_mgr && kube.set_node_network_unavailable);
-        assert_eq!(kube.kube_annotation_prefix, "flannel.alpha.coreos.com");
+        let opts = kube.kube_options();
+        assert!(kube.kube_subnet_mgr && opts.set_node_network_unavailable);
+        assert_eq!(opts.annotation_prefix, "flannel.alpha.coreos.com");
         assert_eq!(
-            kube.net_config_path,
+            opts.net_config_path,
             PathBuf::from("/etc/kube-flannel/net-conf.json")
         );
-        assert!(!c.set_node_network_unavailable);
+        assert!(kube.kube_flag_warnings().is_empty());
+        assert!(!c.kube_options().set_node_network_unavailable);
+        assert_eq!(c.kube_flag_warnings().len(), 5);
         let v = parse_err(&["--version"]);
         assert!(v.contains(env!("CARGO_PKG_VERSION")), "{v}");
     }

@@ -26,7 +26,12 @@ fn main() -> ExitCode {
         logger.parse_filters(level);
     }
     logger.init();
-    for warning in cli.compat.warnings() {
+    for warning in cli
+        .compat
+        .warnings()
+        .into_iter()
+        .chain(cli.kube_flag_warnings())
+    {
         log::warn!("{warning}");
     }
     if let Err(e) = cli.validate() {

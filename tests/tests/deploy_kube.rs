@@ -144,7 +144,7 @@ fn configmap_parses_with_the_agent_and_is_the_conflist_pods_are_made_from() -> R
     let net = cm["data"]["net-conf.json"]
         .as_str()
         .context("net-conf.json")?;
-    let config = overlay_agent::flannel::config::NetworkConfig::parse(net.as_bytes())
+    let config = overlay_agent::flannel::config::NetworkConfig::parse_kube(net.as_bytes())
         .map_err(|e| anyhow::anyhow!("net-conf.json: {e}"))?;
     ensure!(config.network.to_string() == "10.244.0.0/16");
     ensure!(

@@ -2,7 +2,8 @@
 //! that does nothing here is accepted with one warning naming it (also from
 //! its `FLANNELD_*` variable), klog's `-v=2` turns on debug logging,
 //! `--iface-can-reach` picks the interface of the route to that address,
-//! and `--kube-subnet-mgr` stops the agent with a clear error.
+//! and `--kube-subnet-mgr` without any way to the API server (no flags, not
+//! in a pod) stops the agent with a clear error.
 
 use std::time::Duration;
 
@@ -92,7 +93,8 @@ fn a_flanneld_command_line_starts_the_agent() -> Result<()> {
     );
     drop(a1);
 
-    // --kube-subnet-mgr would take leases from elsewhere: a clear error.
+    // --kube-subnet-mgr outside a pod and without --kube-api-url or
+    // --kubeconfig-file cannot reach any API server: a clear error.
     let mut a2 = Agent::start(
         &dir,
         "h2",
@@ -103,9 +105,11 @@ fn a_flanneld_command_line_starts_the_agent() -> Result<()> {
     within(Duration::from_secs(10), "the agent exits", || {
         a2.exited().is_some()
     })?;
-    ensure!(a2.exited() == Some(2), "exit code {:?}", a2.exited());
+    ensure!(a2.exited() == Some(1), "exit code {:?}", a2.exited());
     ensure!(
-        a2.log().contains("--kube-subnet-mgr is not supported"),
+        a2.log().contains(
+            "neither --kube-api-url nor --kubeconfig-file was given, and the in-cluster configuration cannot be used"
+        ),
         "{}",
         a2.log()
     );

@@ -15,7 +15,7 @@ pub async fn cleanup(cli: &Cli, args: &CleanupArgs) -> Result<()> {
     // --vni do: the net-conf file in Kubernetes mode, else ask etcd, briefly.
     let config_vni = match args.vni {
         Some(_) => None,
-        None if cli.kube_subnet_mgr => std::fs::read(&cli.net_config_path)
+        None if cli.kube_subnet_mgr => std::fs::read(cli.kube_options().net_config_path)
             .ok()
             .and_then(|t| NetworkConfig::parse_kube(&t).ok())
             .map(|c| c.backend.vni),

@@ -81,7 +81,7 @@ pub async fn run_until(
         log::info!(
             "overlay-agent {}: Kubernetes subnet manager, net-conf {}, datapath {:?}",
             env!("CARGO_PKG_VERSION"),
-            cli.net_config_path.display(),
+            cli.kube_options().net_config_path.display(),
             cli.datapath
         );
     } else {

@@ -120,7 +120,7 @@ pub async fn run(
                 }),
                 side: tokio::spawn(set_network_available(
                     mgr.clone(),
-                    cli.set_node_network_unavailable,
+                    cli.kube_options().set_node_network_unavailable,
                 )),
             };
             let own = kube_own(&config, &configured.ext, held.vtep_mac());
