@@ -36,6 +36,11 @@ pub const MAP_POD_VETHS: &str = "POD_VETHS";
 /// Program names as the eBPF object defines them.
 pub const PROG_EGRESS: &str = "vxlan_egress";
 pub const PROG_INGRESS_XDP: &str = "vxlan_ingress_xdp";
+/// The XDP program for kernels that refuse `bpf_xdp_adjust_meta` to XDP
+/// programs: it drops VXLAN from strangers and leaves the rest, whole, to
+/// `vxlan_ingress_tc`. It attaches in `vxlan_ingress_xdp`'s place (same
+/// pinned link).
+pub const PROG_INGRESS_XDP_FILTER: &str = "vxlan_ingress_xdp_filter";
 pub const PROG_INGRESS_TC: &str = "vxlan_ingress_tc";
 /// The fast path's programs on a pod's host-side veth: TCX ingress (what
 /// the pod sends) and TCX egress (what the host delivers to it).

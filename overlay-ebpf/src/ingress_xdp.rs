@@ -2,6 +2,10 @@
 //! and decapsulates ours before an skb exists; marks what it decapsulated so
 //! that `vxlan_ingress_tc` delivers it into `flannel.<VNI>`.
 //!
+//! `vxlan_ingress_xdp_filter` is the same without decapsulating, for kernels
+//! that refuse `bpf_xdp_adjust_meta` to XDP programs (so no mark could tell
+//! TC what was decapsulated): it drops strangers, and TC decapsulates ours.
+//!
 //! Frames it passes unmarked are classified again by `vxlan_ingress_tc`, which
 //! counts them; counting them here too would count every frame twice.
 
@@ -27,6 +31,16 @@ use crate::{
 
 #[xdp]
 pub fn vxlan_ingress_xdp(ctx: XdpContext) -> u32 {
+    ingress(&ctx, true)
+}
+
+#[xdp]
+pub fn vxlan_ingress_xdp_filter(ctx: XdpContext) -> u32 {
+    ingress(&ctx, false)
+}
+
+#[inline(always)]
+fn ingress(ctx: &XdpContext, decap: bool) -> u32 {
     let data = ctx.data();
     let data_end = ctx.data_end();
     let Some(cfg) = NODE_CONFIG.get(0) else {
@@ -54,10 +68,12 @@ pub fn vxlan_ingress_xdp(ctx: XdpContext) -> u32 {
             count(reason, len);
             XDP_DROP
         }
+        // Left whole to TC, which decapsulates and counts it.
+        IngressVerdict::Decap { .. } if !decap => XDP_PASS,
         IngressVerdict::Decap { .. } => {
             // Read before the head moves: the outer header is gone after.
             let source = [window[26], window[27], window[28], window[29]];
-            decapsulate(&ctx, len, source)
+            decapsulate(ctx, len, source)
         }
     }
 }

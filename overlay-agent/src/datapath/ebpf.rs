@@ -35,8 +35,8 @@ use log::{debug, info, warn};
 use overlay_common::{
     consts::{
         MAP_COUNTERS, MAP_KNOWN_VTEPS, MAP_NODE_CONFIG, MAP_PEER_STATS, MAP_REMOTE_SUBNETS,
-        MAX_PEERS, PROG_EGRESS, PROG_INGRESS_TC, PROG_INGRESS_XDP, PROG_VETH_FROM_POD,
-        PROG_VETH_TO_POD,
+        MAX_PEERS, PROG_EGRESS, PROG_INGRESS_TC, PROG_INGRESS_XDP, PROG_INGRESS_XDP_FILTER,
+        PROG_VETH_FROM_POD, PROG_VETH_TO_POD,
     },
     counters::{Counter, Reason},
     maps::{KnownVtep, NodeConfig, PeerTraffic, RemoteVtep},
@@ -753,11 +753,11 @@ impl Loaded {
         classifier(&mut ebpf, PROG_INGRESS_TC)?
             .load()
             .map_err(|e| EbpfError::load(PROG_INGRESS_TC, e))?;
-        if options.ingress == IngressMode::XdpAndTc {
-            xdp(&mut ebpf)?
-                .load()
-                .map_err(|e| EbpfError::load(PROG_INGRESS_XDP, e))?;
-        }
+        let xdp_program = if options.ingress == IngressMode::XdpAndTc {
+            Some(load_xdp(&mut ebpf)?)
+        } else {
+            None
+        };
         let api = options.tc_attach.resolve(kernel);
         let fast = start_fast_path(&mut ebpf, options.fast_path, subnet, pins)?;
         if options.ingress == IngressMode::Tc
@@ -787,7 +787,13 @@ impl Loaded {
             &mut links,
         )?;
         let ingress_xdp = if options.ingress == IngressMode::XdpAndTc {
-            Some(attach_xdp(&mut ebpf, device, options.xdp_mode, pins)?)
+            Some(attach_xdp(
+                &mut ebpf,
+                xdp_program.unwrap_or(PROG_INGRESS_XDP),
+                device,
+                options.xdp_mode,
+                pins,
+            )?)
         } else {
             None
         };
@@ -902,19 +908,39 @@ fn attach_tc(
     program_id(prog.info(), target.program)
 }
 
-/// Attaches `vxlan_ingress_xdp` to the underlay. Without pins, aya keeps the
-/// link (it goes with this process). With pins: swaps the program into the
-/// pinned link still attached to the underlay (atomic), or attaches a new
-/// link and pins it. Returns the program id.
+/// Loads the XDP program that decapsulates and marks for TC; where the
+/// kernel refuses it (some kernels do not let XDP programs call
+/// `bpf_xdp_adjust_meta`, which the mark needs), the one that only drops
+/// strangers and leaves decapsulation to TC, with one line saying why.
+/// Returns the name of the program loaded.
+fn load_xdp(ebpf: &mut Ebpf) -> Result<&'static str, EbpfError> {
+    let first = match xdp(ebpf, PROG_INGRESS_XDP)?.load() {
+        Ok(()) => return Ok(PROG_INGRESS_XDP),
+        Err(e) => EbpfError::load(PROG_INGRESS_XDP, e),
+    };
+    xdp(ebpf, PROG_INGRESS_XDP_FILTER)?
+        .load()
+        .map_err(|e| EbpfError::load(PROG_INGRESS_XDP_FILTER, e))?;
+    warn!(
+        "{first}; using {PROG_INGRESS_XDP_FILTER} instead: XDP drops VXLAN from strangers and TC decapsulates"
+    );
+    Ok(PROG_INGRESS_XDP_FILTER)
+}
+
+/// Attaches the XDP program `name` to the underlay. Without pins, aya keeps
+/// the link (it goes with this process). With pins: swaps the program into
+/// the pinned link still attached to the underlay (atomic), or attaches a
+/// new link and pins it. Returns the program id.
 fn attach_xdp(
     ebpf: &mut Ebpf,
+    name: &'static str,
     device: &VxlanDevice,
     mode: XdpMode,
     pins: Option<&PinLayout>,
 ) -> Result<u32, EbpfError> {
-    let prog = xdp(ebpf)?;
+    let prog = xdp(ebpf, name)?;
     let attach_err = |source| EbpfError::Attach {
-        program: PROG_INGRESS_XDP,
+        program: name,
         interface: device.underlay.clone(),
         hook: Hook::Xdp,
         source,
@@ -936,10 +962,7 @@ fn attach_xdp(
                     let link = XdpLink::try_from(FdLink::from(pinned))
                         .map_err(link_err(live.clone(), "open as an XDP link"))?;
                     prog.attach_to_link(link).map_err(attach_err)?;
-                    info!(
-                        "{PROG_INGRESS_XDP}: swapped into the pinned link {}",
-                        live.display()
-                    );
+                    info!("{name}: swapped into the pinned link {}", live.display());
                 }
                 None => {
                     let id = prog.attach_to_if_index(ifindex, mode).map_err(attach_err)?;
@@ -955,7 +978,7 @@ fn attach_xdp(
             }
         }
     }
-    program_id(prog.info(), PROG_INGRESS_XDP)
+    program_id(prog.info(), name)
 }
 
 pub(super) fn classifier<'a>(
@@ -971,12 +994,12 @@ pub(super) fn classifier<'a>(
         })
 }
 
-fn xdp(ebpf: &mut Ebpf) -> Result<&mut Xdp, EbpfError> {
-    ebpf.program_mut(PROG_INGRESS_XDP)
-        .ok_or(EbpfError::MissingProgram(PROG_INGRESS_XDP))?
+fn xdp<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, EbpfError> {
+    ebpf.program_mut(name)
+        .ok_or(EbpfError::MissingProgram(name))?
         .try_into()
         .map_err(|source| EbpfError::Program {
-            program: PROG_INGRESS_XDP,
+            program: name,
             source,
         })
 }
