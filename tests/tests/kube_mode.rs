@@ -316,7 +316,7 @@ fn nodes_come_and_go_hostile_ones_are_skipped_and_the_api_server_may_fail() -> R
     // A watch that expired: history compacted while the agents were cut
     // off, so their resourceVersion is gone (410 in the stream); the
     // re-list's removals are synthesised.
-    let lists_before = c.api.requests("LIST", "nodes");
+    let lists_before = c.api.requests("list", "nodes");
     c.api.stop();
     c.api.delete_node("during")?;
     c.api.compact();
@@ -325,7 +325,7 @@ fn nodes_come_and_go_hostile_ones_are_skipped_and_the_api_server_may_fail() -> R
         route_to(c, i, "10.244.26.0/24").is_none()
     })?;
     ensure!(
-        c.api.requests("LIST", "nodes") > lists_before,
+        c.api.requests("list", "nodes") > lists_before,
         "no re-list after the watch expired"
     );
     for a in &mut agents {

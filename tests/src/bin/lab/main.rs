@@ -164,7 +164,7 @@ fn up(args: UpArgs) -> Result<()> {
             std::thread::sleep(Duration::from_millis(200));
             ticks += 1;
             // The flanneld stand-in follows the Nodes, as its watch would.
-            if let Some(lab) = kube_lab.as_ref().filter(|_| ticks % 10 == 0)
+            if let Some(lab) = kube_lab.as_ref().filter(|_| ticks.is_multiple_of(10))
                 && let Err(e) = lab.sync_flanneld()
             {
                 eprintln!("lab: flanneld stand-in: {e:#}");
