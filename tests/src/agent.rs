@@ -34,13 +34,22 @@ pub fn sh(args: &[&str]) -> Result<String> {
 pub struct Hosts {
     tag: String,
     n: usize,
+    /// Host 1's underlay address; host `i` has this plus `i - 1`.
+    first_ip: std::net::Ipv4Addr,
+    /// Whether these namespaces are ours to delete on drop.
+    owned: bool,
 }
 
 impl Hosts {
     /// `test` tells the namespaces of tests running in parallel apart.
     pub fn new(test: &str, n: usize) -> Result<Hosts> {
         let tag = format!("h3ctl{test}{}", std::process::id() % 100_000);
-        let h = Hosts { tag, n };
+        let h = Hosts {
+            tag,
+            n,
+            first_ip: std::net::Ipv4Addr::new(10, 98, 0, 1),
+            owned: true,
+        };
         let sw = h.sw();
         sh(&["ip", "netns", "add", &sw])?;
         sh(&["ip", "-n", &sw, "link", "add", "br0", "type", "bridge"])?;
@@ -69,6 +78,17 @@ impl Hosts {
         }
         Ok(h)
     }
+    /// Hosts someone else built and removes (the `lab` binary's fixed
+    /// `ovlab-h<i>`): namespaces `<tag>-h<i>` and `<tag>-sw`, host `i` at
+    /// `first_ip` plus `i - 1`. Nothing is deleted on drop.
+    pub fn adopt(tag: &str, n: usize, first_ip: std::net::Ipv4Addr) -> Hosts {
+        Hosts {
+            tag: tag.to_owned(),
+            n,
+            first_ip,
+            owned: false,
+        }
+    }
     pub fn sw(&self) -> String {
         format!("{}-sw", self.tag)
     }
@@ -76,7 +96,7 @@ impl Hosts {
         format!("{}-h{i}", self.tag)
     }
     pub fn ip(&self, i: usize) -> String {
-        format!("10.98.0.{i}")
+        std::net::Ipv4Addr::from(u32::from(self.first_ip) + i as u32 - 1).to_string()
     }
     /// A one-member etcd inside host `i`, listening on its address.
     pub fn etcd(&self, i: usize) -> Result<Etcd> {
@@ -119,6 +139,9 @@ impl Hosts {
 
 impl Drop for Hosts {
     fn drop(&mut self) {
+        if !self.owned {
+            return;
+        }
         for i in 1..=self.n {
             let _ = sh(&["ip", "netns", "del", &self.ns(i)]);
         }

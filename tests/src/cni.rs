@@ -396,6 +396,8 @@ pub struct PodOpts {
     pub conflist: Option<String>,
     /// The node's CNI state directory; `<subnet.env>.cni` when `None`.
     pub data_dir: Option<PathBuf>,
+    /// The pod's network namespace name; `cni-<pid>-<n>-<name>` when `None`.
+    pub netns: Option<String>,
 }
 
 /// A pod sandbox's network: its namespace and what the plugins made for it.
@@ -441,7 +443,10 @@ impl Pod {
         let pid = std::process::id();
         // The pid tells apart tests in other processes, the counter tests
         // (threads) of this one.
-        let netns = format!("cni-{pid}-{n}-{name}");
+        let netns = opts
+            .netns
+            .clone()
+            .unwrap_or_else(|| format!("cni-{pid}-{n}-{name}"));
         let container_id = container_id(&netns);
         let conflist: Value =
             serde_json::from_str(opts.conflist.as_deref().unwrap_or(KUBE_FLANNEL_CNI_CONF))

@@ -47,19 +47,53 @@ pub struct KubeCluster {
     pub bpffs: Bpffs,
 }
 
+/// What [`KubeCluster::start_with`] builds on.
+pub struct KubeClusterSpec {
+    pub hosts: Hosts,
+    /// The API stand-in (its `netns`, `ip`, TLS and token).
+    pub api: KubeApiSpec,
+    /// The `overlay-agent` binary.
+    pub bin: PathBuf,
+    /// Where the kubeconfig, net-conf.json, subnet files and pins go (and
+    /// the API's scratch directory, under `api`); inside the API's scratch
+    /// directory when `None`.
+    pub dir: Option<PathBuf>,
+}
+
 impl KubeCluster {
     /// `n` hosts, the API stand-in on host 1, and no Nodes yet.
     pub fn start(test: &str, n: usize) -> Result<KubeCluster> {
         let bin = crate::binaries::agent()?;
         let hosts = Hosts::new(test, n)?;
-        let api = KubeApi::start(KubeApiSpec {
+        let api = KubeApiSpec {
             netns: Some(hosts.ns(1)),
             ip: Some(hosts.ip(1)),
             tls: true,
             token: Some(format!("token-{}", std::process::id())),
             ..KubeApiSpec::default()
-        })?;
-        let dir = api.dir().join("cluster");
+        };
+        Self::start_with(KubeClusterSpec {
+            hosts,
+            api,
+            bin,
+            dir: None,
+        })
+    }
+
+    /// A cluster on given hosts with a given API stand-in (the `lab`
+    /// binary's fixed namespaces and directory), no Nodes yet.
+    pub fn start_with(spec: KubeClusterSpec) -> Result<KubeCluster> {
+        let KubeClusterSpec {
+            hosts,
+            mut api,
+            bin,
+            dir,
+        } = spec;
+        if let Some(d) = &dir {
+            api.dir.get_or_insert_with(|| d.join("api"));
+        }
+        let api = KubeApi::start(api)?;
+        let dir = dir.unwrap_or_else(|| api.dir().join("cluster"));
         std::fs::create_dir_all(&dir)?;
         let kubeconfig = api.kubeconfig(&dir.join("kubeconfig"))?;
         let net_conf = dir.join("net-conf.json");

@@ -37,13 +37,13 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// The lab: etcd, two agents (eBPF, kernel) and a flanneld stand-in in namespaces.
+    /// The lab: etcd (or the Kubernetes API stand-in: `up --kube`), two agents and a flanneld stand-in.
     ///
     /// `lab [up]` builds it, prints the leases and the ping matrix and stays up until
     /// Ctrl-C; `lab up --once` exits non-zero unless every pair pings; `lab status`
     /// and `lab down` work from another terminal (see `cargo xtask lab -- --help`).
     Lab {
-        /// `up [--once] [--ingress tc|xdp]`, `status` or `down` (default: up).
+        /// `up [--kube] [--once] [--ingress tc|xdp]`, `status` or `down` (default: up).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },

@@ -79,6 +79,9 @@ pub struct KubeApiSpec {
     /// How many events are kept for watches; a watch from an older
     /// resourceVersion gets 410 Expired.
     pub history: usize,
+    /// The scratch directory (certificates; removed on drop); a fresh one
+    /// under the temporary directory when `None`.
+    pub dir: Option<PathBuf>,
 }
 
 impl Default for KubeApiSpec {
@@ -92,6 +95,7 @@ impl Default for KubeApiSpec {
             bookmark_interval: Duration::from_secs(60),
             default_watch_timeout: Duration::from_secs(1800),
             history: 100_000,
+            dir: None,
         }
     }
 }
@@ -205,11 +209,13 @@ impl KubeApi {
         let addr: SocketAddr = format!("{ip}:{port}")
             .parse()
             .with_context(|| format!("bad listen address {ip}:{port}"))?;
-        let dir = std::env::temp_dir().join(format!(
-            "overlay-tests-kube-api-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
+        let dir = spec.dir.clone().unwrap_or_else(|| {
+            std::env::temp_dir().join(format!(
+                "overlay-tests-kube-api-{}-{}",
+                std::process::id(),
+                COUNTER.fetch_add(1, Ordering::Relaxed)
+            ))
+        });
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let tls = if spec.tls {

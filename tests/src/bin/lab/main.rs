@@ -4,7 +4,12 @@
 //! stand-in on the third, each with a bridge and a container addressed from
 //! the host's lease. `up` prints the leases and the ping matrix and stays up
 //! until interrupted; `status` and `down` work from another terminal.
+//!
+//! `up --kube` is the Kubernetes variant (`kube.rs`): the API stand-in
+//! instead of etcd, agents with `--kube-subnet-mgr`, pods made by the CNI
+//! plugins.
 
+mod kube;
 mod nodes;
 mod report;
 mod topo;
@@ -19,18 +24,23 @@ use std::{
 use anyhow::{Context, Result, bail, ensure};
 
 const USAGE: &str = "\
-usage: lab [up [--once] [--ingress tc|xdp] [--agent PATH]] | status | down
+usage: lab [up [--kube] [--once] [--ingress tc|xdp] [--agent PATH]] | status | down
 
   up       (default) build the lab, print the leases and the ping matrix, and
            stay up until Ctrl-C or SIGTERM, then tear everything down
+    --kube           the Kubernetes variant: the API stand-in (TLS, token) instead
+                     of etcd, Nodes node1..3 (podCIDRs 10.244.<i>.0/24), the agents
+                     with --kube-subnet-mgr, pods made by the CNI plugins; prints
+                     the Nodes and a kubeconfig for this machine's kubectl
     --once           print, then tear down; exit 1 unless all 6 pairs pass
     --ingress tc|xdp the eBPF agent's --ebpf-ingress (tc, or xdp+tc)
     --agent PATH     the overlay-agent binary (default: next to this binary)
-  status   the leases, each node's mode and subnet, and the ping matrix
+  status   the leases (or Nodes), each node's mode and subnet, and the ping matrix
   down     remove everything the lab made (processes, namespaces ovlab-*,
            /run/overlay-lab), also after a crash
 
-State lives in /run/overlay-lab; namespaces are ovlab-{sw,etcd,h1..3,c1..3}.";
+State lives in /run/overlay-lab; namespaces are ovlab-{sw,etcd,h1..3,c1..3}
+(ovlab-api instead of ovlab-etcd with --kube, c1..3 being the pods).";
 
 static STOP: AtomicBool = AtomicBool::new(false);
 
@@ -39,6 +49,7 @@ extern "C" fn on_signal(_: libc::c_int) {
 }
 
 struct UpArgs {
+    kube: bool,
     once: bool,
     ingress: String,
     agent: PathBuf,
@@ -76,6 +87,7 @@ fn dispatch() -> Result<()> {
 
 fn parse_up(args: &[String]) -> Result<UpArgs> {
     let mut up = UpArgs {
+        kube: false,
         once: false,
         ingress: "tc".into(),
         agent: std::env::current_exe()?
@@ -87,6 +99,7 @@ fn parse_up(args: &[String]) -> Result<UpArgs> {
     while let Some(a) = it.next() {
         match a.as_str() {
             "--once" => up.once = true,
+            "--kube" => up.kube = true,
             "--ingress" => {
                 up.ingress = match it.next().map(String::as_str) {
                     Some("tc") => "tc".into(),
@@ -107,6 +120,11 @@ fn up(args: UpArgs) -> Result<()> {
         "no agent binary at {} (`cargo xtask lab` builds it; or pass --agent)",
         args.agent.display()
     );
+    topo::set_variant(if args.kube {
+        topo::Variant::Kube
+    } else {
+        topo::Variant::Etcd
+    });
     let existing = topo::existing_namespaces()?;
     ensure!(
         existing.is_empty() && !topo::state_dir().exists(),
@@ -127,16 +145,30 @@ fn up(args: UpArgs) -> Result<()> {
         topo::state_dir().join("up.pid"),
         std::process::id().to_string(),
     )?;
+    topo::record_variant()?;
 
     let mut children = Vec::new();
-    let result = bring_up(&args, &mut children);
+    let mut kube_lab = None;
+    let result = if args.kube {
+        bring_up_kube(&args, &mut children, &mut kube_lab)
+    } else {
+        bring_up(&args, &mut children)
+    };
     if result.is_ok() && !args.once {
         println!(
             "\nthe lab is up. From another terminal: `cargo xtask lab status`, `cargo xtask lab down`.\n\
              Ctrl-C (or SIGTERM) tears it down."
         );
+        let mut ticks = 0u32;
         while !STOP.load(Ordering::SeqCst) {
             std::thread::sleep(Duration::from_millis(200));
+            ticks += 1;
+            // The flanneld stand-in follows the Nodes, as its watch would.
+            if let Some(lab) = kube_lab.as_ref().filter(|_| ticks.is_multiple_of(10))
+                && let Err(e) = lab.sync_flanneld()
+            {
+                eprintln!("lab: flanneld stand-in: {e:#}");
+            }
             // `down` from another terminal removed the lab under us.
             if !topo::state_dir().exists() {
                 println!("the lab was taken down from elsewhere");
@@ -148,15 +180,102 @@ fn up(args: UpArgs) -> Result<()> {
         eprintln!("lab: {e:#}");
     }
     println!("\ntearing down");
-    let cleanup = teardown(children);
+    if let Some(lab) = kube_lab.as_mut() {
+        // CNI DEL of each pod while its host and subnet.env are still there.
+        let n = lab.pods.len();
+        for pod in lab.pods.drain(..) {
+            if let Err(e) = pod.remove() {
+                eprintln!("lab: {e:#}");
+            }
+        }
+        println!("{n} pod(s) deleted with the CNI plugins (DEL)");
+    }
+    let cleanup = teardown(children, kube_lab);
     result.and(cleanup)
 }
 
+fn interrupted() -> Result<()> {
+    ensure!(!STOP.load(Ordering::SeqCst), "interrupted");
+    Ok(())
+}
+
+/// The Kubernetes variant (see `kube.rs`).
+fn bring_up_kube(
+    args: &UpArgs,
+    children: &mut Vec<Child>,
+    slot: &mut Option<kube::KubeLab>,
+) -> Result<()> {
+    topo::build_underlay()?;
+    let lab = slot.insert(kube::KubeLab::start(&args.agent)?);
+    let port = lab.expose()?;
+    println!(
+        "Kubernetes API stand-in up at {} (namespace {}, TLS + bearer token), this machine reaches it at https://127.0.0.1:{port};\n  \
+         Nodes {} with podCIDRs {} (kube-flannel's net-conf.json: 10.244.0.0/16, /24 each)",
+        lab.cluster.api.url(),
+        topo::API_NS,
+        topo::NODES.map(|n| n.node_name()).join(", "),
+        topo::NODES
+            .map(|n| overlay_tests::kube_cluster::KubeCluster::pod_cidr(n.index as usize))
+            .join(", "),
+    );
+    interrupted()?;
+
+    let stand_in_node = topo::NODES[2];
+    let f = lab.start_flanneld(&stand_in_node)?;
+    println!(
+        "h3: flanneld stand-in: {} {} (MTU {}), {} annotated as flanneld annotates it",
+        f.peer.device, f.peer.vtep_mac, f.peer.mtu, f.name
+    );
+    for node in &topo::NODES[..2] {
+        let mut child = lab.start_agent(node, &args.ingress)?;
+        let env = nodes::wait_for_lease(node, &mut child);
+        children.push(child);
+        let env = env?;
+        println!(
+            "h{}: {} (NODE_NAME={}): podCIDR {} ({})",
+            node.index,
+            node.role.describe(),
+            node.node_name(),
+            env.subnet(),
+            node.subnet_file().display()
+        );
+        interrupted()?;
+    }
+    let programmed = kube::sync_until(lab, 2, Duration::from_secs(30))?;
+    println!(
+        "h3: flanneld stand-in programmed {programmed} Node(s) from their annotations with iproute2"
+    );
+    if programmed < 2 {
+        eprintln!("lab: the agents' Nodes are not both annotated after 30 s");
+    }
+    for node in topo::NODES {
+        let pod = lab.add_pod(&node)?;
+        println!(
+            "h{}: pod {} {}/{} in {} (CNI: flannel -> bridge {} + host-local, portmap; veth {})",
+            node.index, pod.name, pod.ip, pod.prefix_len, pod.netns, pod.bridge, pod.host_veth
+        );
+        interrupted()?;
+    }
+
+    let matrix = report::matrix_within(Duration::from_secs(15));
+    println!();
+    kube::print_nodes()?;
+    println!();
+    report::print_nodes()?;
+    println!();
+    report::print_matrix(&matrix);
+    println!();
+    kube::print_kubectl_hint();
+    ensure!(
+        matrix.all_pass() || !args.once,
+        "{} of {} directed pairs fail",
+        matrix.failures(),
+        matrix.cells.len()
+    );
+    Ok(())
+}
+
 fn bring_up(args: &UpArgs, children: &mut Vec<Child>) -> Result<()> {
-    let interrupted = || -> Result<()> {
-        ensure!(!STOP.load(Ordering::SeqCst), "interrupted");
-        Ok(())
-    };
     topo::build_underlay()?;
     children.push(nodes::start_etcd()?);
     let config_key = format!("{}/config", topo::ETCD_PREFIX);
@@ -217,9 +336,10 @@ fn bring_up(args: &UpArgs, children: &mut Vec<Child>) -> Result<()> {
     Ok(())
 }
 
-/// Stops our own children (so they are reaped, not left as zombies), then
+/// Stops our own children (so they are reaped, not left as zombies), stops
+/// the Kubernetes variant's API stand-in and unmounts its bpffs, then
 /// removes whatever is left by name.
-fn teardown(children: Vec<Child>) -> Result<()> {
+fn teardown(children: Vec<Child>, kube_lab: Option<kube::KubeLab>) -> Result<()> {
     for mut c in children {
         // SAFETY: kill(2) on a child we have not reaped.
         unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGTERM) };
@@ -233,6 +353,7 @@ fn teardown(children: Vec<Child>) -> Result<()> {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+    drop(kube_lab);
     let removed = topo::remove_everything(Duration::from_secs(3))?;
     println!(
         "removed {}; no {}* namespace or process is left",
@@ -263,13 +384,22 @@ fn status() -> Result<()> {
         ),
     }
     println!();
-    if let Err(e) = report::print_leases() {
+    let kube = topo::variant() == topo::Variant::Kube;
+    if kube {
+        if let Err(e) = kube::print_nodes() {
+            println!("  cannot read the Nodes from the API stand-in: {e:#}");
+        }
+    } else if let Err(e) = report::print_leases() {
         println!("  cannot read the leases: {e:#}");
     }
     println!();
     report::print_nodes()?;
     println!();
     report::print_matrix(&report::matrix());
+    if kube {
+        println!();
+        kube::print_kubectl_hint();
+    }
     Ok(())
 }
 

@@ -41,7 +41,7 @@ pub fn leases() -> Result<Vec<(String, String)>> {
         .collect())
 }
 
-fn spawn_logged(mut cmd: Command, log: &Path) -> Result<Child> {
+pub fn spawn_logged(mut cmd: Command, log: &Path) -> Result<Child> {
     let f = fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
     cmd.stdin(Stdio::null())
         .stdout(f.try_clone()?)

@@ -1,5 +1,6 @@
-//! What the lab shows: the leases in etcd, each node, and the container-to-
-//! container ping matrix.
+//! What the lab shows: the leases in etcd (the Nodes in the Kubernetes
+//! variant: `kube.rs`), each node, and the container-to-container (pod-to-
+//! pod) ping matrix.
 
 use std::{
     net::Ipv4Addr,
@@ -11,7 +12,7 @@ use overlay_tests::{cmd, stats};
 
 use crate::{
     nodes,
-    topo::{self, NODES, Node, Role, SubnetEnv},
+    topo::{self, NODES, Node, Role, SubnetEnv, Variant},
 };
 
 /// Pings per directed pair; a pair passes when every one is answered.
@@ -36,18 +37,29 @@ fn pid_of(node: &Node) -> Option<i32> {
 
 /// One line per node (plus what is attached where eBPF runs).
 pub fn print_nodes() -> Result<()> {
-    println!("nodes:");
+    let v = topo::variant();
+    println!("hosts:");
     for n in NODES {
         let env = SubnetEnv::read(&n);
-        let lease = match &env {
-            Ok(e) => format!(
-                "lease {}, cni0 {}, container {} (MTU {})",
+        let workload = match n.workload_ip() {
+            Some(ip) => ip.to_string(),
+            None => "none".into(),
+        };
+        let lease = match (&env, v) {
+            (Ok(e), Variant::Etcd) => format!(
+                "lease {}, cni0 {}, container {workload} (MTU {})",
                 e.subnet(),
                 e.gateway,
-                e.container_ip(),
                 e.mtu
             ),
-            Err(e) => format!("no lease: {e:#}"),
+            (Ok(e), Variant::Kube) => format!(
+                "{} podCIDR {}, cni0 {}, pod {workload} (MTU {})",
+                n.node_name(),
+                e.subnet(),
+                e.gateway,
+                e.mtu
+            ),
+            (Err(e), _) => format!("no lease: {e:#}"),
         };
         let process = match (n.role, pid_of(&n)) {
             (Role::FlanneldStandIn, _) => String::new(),
@@ -75,7 +87,10 @@ pub fn print_nodes() -> Result<()> {
             .map(|(dev, id)| format!("{dev}: id {id}"))
             .collect();
         if att.is_empty() {
-            println!("      no BPF program attached (flannel.100 is a kernel vxlan device)");
+            println!(
+                "      no BPF program attached (flannel.{} is a kernel vxlan device)",
+                v.vni()
+            );
         } else {
             println!("      TCX [{}] XDP [{}]", tcx.join("; "), xdp.join("; "));
         }
@@ -127,12 +142,9 @@ impl Matrix {
     }
 }
 
-/// Pings every container from every other one.
+/// Pings every container (pod) from every other one.
 pub fn matrix() -> Matrix {
-    let ips: Vec<(Node, Option<Ipv4Addr>)> = NODES
-        .iter()
-        .map(|n| (*n, SubnetEnv::read(n).ok().map(|e| e.container_ip())))
-        .collect();
+    let ips: Vec<(Node, Option<Ipv4Addr>)> = NODES.iter().map(|n| (*n, n.workload_ip())).collect();
     let mut cells = Vec::new();
     for (from, _) in &ips {
         for (to, ip) in &ips {
@@ -160,13 +172,19 @@ pub fn matrix_within(limit: Duration) -> Matrix {
 }
 
 pub fn print_matrix(m: &Matrix) {
+    let v = topo::variant();
     let label = |n: &Node| {
-        let ip = SubnetEnv::read(n)
-            .map(|e| e.container_ip().to_string())
-            .unwrap_or_else(|_| "?".into());
-        format!("c{} {} ({})", n.index, ip, n.role.short())
+        let ip = n
+            .workload_ip()
+            .map(|ip| ip.to_string())
+            .unwrap_or_else(|| "?".into());
+        format!("{}{} {} ({})", v.workload(), n.index, ip, n.role.short())
     };
-    println!("ping matrix, container to container ({PINGS} pings each; pass = all answered):");
+    let what = match v {
+        Variant::Etcd => "container to container",
+        Variant::Kube => "pod to pod",
+    };
+    println!("ping matrix, {what} ({PINGS} pings each; pass = all answered):");
     print!("  {:<30}", "from \\ to");
     for n in NODES {
         print!("{:<30}", label(&n));

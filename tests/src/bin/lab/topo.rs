@@ -11,6 +11,10 @@
 //!      |                     |                     |
 //!  [ovlab-sw] br0 ---------------------------------------- [ovlab-etcd] eth0 .205.2
 //! ```
+//!
+//! The Kubernetes variant (`up --kube`) is the same underlay with the API
+//! stand-in in `ovlab-api` (.205.2:6443) instead of etcd, Nodes node1..3,
+//! and pods made by the CNI plugins in `ovlab-c1..3`.
 
 use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
 
@@ -34,8 +38,74 @@ pub const VNI: u32 = 100;
 pub const PORT: u16 = 8472;
 /// The stand-in's lease: the one seed 001's first flanneld got.
 pub const STAND_IN_SUBNET: &str = "10.15.64.0/20";
+/// The Kubernetes variant's control plane: the API stand-in (inside `up`).
+pub const API_NS: &str = "ovlab-api";
+pub const API_PORT: u16 = 6443;
+/// kube-flannel's default VNI (net-conf.json names none).
+pub const KUBE_VNI: u32 = 1;
 pub const UNDERLAY_DEV: &str = "eth0";
 pub const BRIDGE_DEV: &str = "cni0";
+
+/// Which lab runs: seed 001's etcd lab, or the Kubernetes one (`up --kube`).
+/// `up` records it in the state directory for `status`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Variant {
+    Etcd,
+    Kube,
+}
+
+static VARIANT: std::sync::OnceLock<Variant> = std::sync::OnceLock::new();
+
+fn variant_file() -> PathBuf {
+    state_dir().join("variant")
+}
+
+/// Sets this process's variant (once): `up` from its flags, records it.
+pub fn set_variant(v: Variant) {
+    let _ = VARIANT.set(v);
+}
+
+pub fn record_variant() -> Result<()> {
+    let text = match variant() {
+        Variant::Etcd => "etcd",
+        Variant::Kube => "kube",
+    };
+    std::fs::write(variant_file(), text).context("recording the lab's variant")
+}
+
+/// The variant set by `up`, or else the one the running lab recorded
+/// (etcd when none is recorded).
+pub fn variant() -> Variant {
+    *VARIANT.get_or_init(|| match std::fs::read_to_string(variant_file()) {
+        Ok(s) if s.trim() == "kube" => Variant::Kube,
+        _ => Variant::Etcd,
+    })
+}
+
+impl Variant {
+    /// The namespace of the control plane (etcd or the API stand-in), at [`ETCD_IP`].
+    pub fn control_ns(self) -> &'static str {
+        match self {
+            Variant::Etcd => ETCD_NS,
+            Variant::Kube => API_NS,
+        }
+    }
+
+    pub fn vni(self) -> u32 {
+        match self {
+            Variant::Etcd => VNI,
+            Variant::Kube => KUBE_VNI,
+        }
+    }
+
+    /// What the ping matrix calls a container.
+    pub fn workload(self) -> &'static str {
+        match self {
+            Variant::Etcd => "c",
+            Variant::Kube => "pod",
+        }
+    }
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
@@ -49,10 +119,15 @@ pub enum Role {
 
 impl Role {
     pub fn describe(self) -> &'static str {
-        match self {
-            Role::Ebpf => "overlay-agent --datapath ebpf",
-            Role::Kernel => "overlay-agent --datapath kernel",
-            Role::FlanneldStandIn => "flanneld stand-in (iproute2 + etcdctl)",
+        match (variant(), self) {
+            (Variant::Etcd, Role::Ebpf) => "overlay-agent --datapath ebpf",
+            (Variant::Etcd, Role::Kernel) => "overlay-agent --datapath kernel",
+            (Variant::Etcd, Role::FlanneldStandIn) => "flanneld stand-in (iproute2 + etcdctl)",
+            (Variant::Kube, Role::Ebpf) => "overlay-agent --kube-subnet-mgr --datapath ebpf",
+            (Variant::Kube, Role::Kernel) => "overlay-agent --kube-subnet-mgr --datapath kernel",
+            (Variant::Kube, Role::FlanneldStandIn) => {
+                "flanneld stand-in (iproute2 + Node annotations)"
+            }
         }
     }
 
@@ -100,8 +175,32 @@ impl Node {
     pub fn dir(&self) -> PathBuf {
         state_dir().join(format!("h{}", self.index))
     }
+    /// subnet.env; in the Kubernetes variant where the cluster keeps it
+    /// (`kube/h<i>.env`, the CNI plugins' state in `kube/h<i>.env.cni`).
     pub fn subnet_file(&self) -> PathBuf {
-        self.dir().join("subnet.env")
+        match variant() {
+            Variant::Etcd => self.dir().join("subnet.env"),
+            Variant::Kube => kube_dir().join(format!("h{}.env", self.index)),
+        }
+    }
+    /// Node name in the Kubernetes variant.
+    pub fn node_name(&self) -> String {
+        format!("node{}", self.index)
+    }
+    /// The container's (or pod's) eth0 address, as it is now.
+    pub fn workload_ip(&self) -> Option<Ipv4Addr> {
+        let out = cmd::ip(
+            &self.container_ns(),
+            &["-4", "-o", "addr", "show", "dev", "eth0"],
+        )
+        .ok()?;
+        out.split_whitespace()
+            .skip_while(|w| *w != "inet")
+            .nth(1)?
+            .split('/')
+            .next()?
+            .parse()
+            .ok()
     }
     pub fn pin_dir(&self) -> PathBuf {
         self.dir().join("bpf")
@@ -116,6 +215,17 @@ impl Node {
 
 pub fn state_dir() -> PathBuf {
     PathBuf::from(STATE_DIR)
+}
+
+/// The Kubernetes variant's cluster directory: the agents' kubeconfig,
+/// net-conf.json, subnet files, the pins' bpffs, the API's certificates.
+pub fn kube_dir() -> PathBuf {
+    state_dir().join("kube")
+}
+
+/// The kubeconfig for the machine's kubectl (through `up`'s loopback port).
+pub fn machine_kubeconfig() -> PathBuf {
+    state_dir().join("kubeconfig")
 }
 
 /// Namespaces of the lab that exist right now.
@@ -163,14 +273,16 @@ fn plug(ns: &str, port: &str, addr: Ipv4Addr) -> Result<()> {
     Ok(())
 }
 
-/// The underlay: switch, etcd's namespace, and the three hosts (no overlay,
-/// no containers yet: those wait for the leases).
+/// The underlay: switch, the control plane's namespace (etcd's or the API
+/// stand-in's), and the three hosts (no overlay, no containers yet: those
+/// wait for the leases).
 pub fn build_underlay() -> Result<()> {
     add_netns(SWITCH_NS)?;
     cmd::ip(SWITCH_NS, &["link", "add", "br0", "type", "bridge"])?;
     cmd::ip(SWITCH_NS, &["link", "set", "br0", "up"])?;
-    add_netns(ETCD_NS)?;
-    plug(ETCD_NS, "etcd", ETCD_IP)?;
+    let control = variant().control_ns();
+    add_netns(control)?;
+    plug(control, "ctl", ETCD_IP)?;
     for n in NODES {
         let ns = n.ns();
         add_netns(&ns)?;
@@ -327,6 +439,13 @@ pub fn remove_everything(grace: Duration) -> Result<Vec<String>> {
         }
     }
     let dir = state_dir();
+    // The Kubernetes variant's bpffs (pins), left mounted if `up` crashed.
+    for m in mounts_under(&dir) {
+        match cmd::run(None, &["umount", "-l", &m]) {
+            Ok(_) => removed.push(format!("mount {m}")),
+            Err(e) => failures.push(format!("{e:#}")),
+        }
+    }
     if dir.exists() {
         std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
         removed.push(format!("{}", dir.display()));
@@ -339,4 +458,19 @@ pub fn remove_everything(grace: Duration) -> Result<Vec<String>> {
         failures.join("; ")
     );
     Ok(removed)
+}
+
+/// Mount points at or below `dir`, deepest first.
+fn mounts_under(dir: &std::path::Path) -> Vec<String> {
+    let prefix = dir.to_string_lossy().into_owned();
+    let mut m: Vec<String> = std::fs::read_to_string("/proc/self/mounts")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .filter(|p| *p == prefix || p.starts_with(&format!("{prefix}/")))
+        .map(str::to_owned)
+        .collect();
+    m.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    m.dedup();
+    m
 }
