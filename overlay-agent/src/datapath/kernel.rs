@@ -393,7 +393,9 @@ fn install_guard(port: u16) -> Option<VtepGuard> {
     match VtepGuard::install(port) {
         Ok(g) => Some(g),
         Err(e @ GuardError::NftMissing(_)) => {
-            warn!("{e}: VXLAN from unknown sources reaches the kernel's vxlan socket (as under flannel)");
+            warn!(
+                "{e}: VXLAN from unknown sources reaches the kernel's vxlan socket (as under flannel)"
+            );
             None
         }
         Err(e) => {

@@ -409,7 +409,10 @@ mod tests {
         format!("add element inet overlay-vtep vteps {{ {ip} }}\n")
     }
     fn del(ip: &str) -> String {
-        format!("{}delete element inet overlay-vtep vteps {{ {ip} }}\n", add(ip))
+        format!(
+            "{}delete element inet overlay-vtep vteps {{ {ip} }}\n",
+            add(ip)
+        )
     }
 
     #[test]
@@ -421,7 +424,11 @@ mod tests {
         assert_eq!(take(), vec![add("192.168.1.1")]);
         g.admit(ip("192.168.1.1")).unwrap();
         g.commit(net("10.5.2.0/24"), ip("192.168.1.1")).unwrap();
-        assert_eq!(take(), Vec::<String>::new(), "a second user changes nothing");
+        assert_eq!(
+            take(),
+            Vec::<String>::new(),
+            "a second user changes nothing"
+        );
         g.release(&peer("10.5.1.0/24", "192.168.1.1")).unwrap();
         assert_eq!(take(), Vec::<String>::new(), "one user is left");
         g.release(&peer("10.5.2.0/24", "192.168.1.1")).unwrap();
