@@ -113,6 +113,23 @@ fn drops(victim: &Member) -> Result<u64> {
     Ok(ebpf + nft.unknown_vtep + nft.spoofed_source)
 }
 
+/// Turns reverse-path filtering off on every interface of `ns`. The lab's
+/// hosts filter strictly (RHEL's default), which already drops a datagram
+/// whose source routes out of another interface; many distributions filter
+/// loosely or not at all (the source is routable, so it passes), and then
+/// only the guard's own reverse-path rule stands in the way.
+fn no_rp_filter(ns: &str) -> Result<()> {
+    cmd::run(
+        Some(ns),
+        &[
+            "sh",
+            "-c",
+            "for f in /proc/sys/net/ipv4/conf/*/rp_filter; do echo 0 > $f; done",
+        ],
+    )
+    .map(drop)
+}
+
 /// A namespace of this test's own (the host behind the victim's second
 /// NIC), removed when dropped.
 struct OwnNs(String);
@@ -195,6 +212,7 @@ fn attack(name: &str, kind: Kind, other: Kind) -> Result<Vec<Outcome>> {
         ],
     )?;
 
+    no_rp_filter(&vns)?;
     traffic::ping(&legit.host.container_ns, victim.host.container_ip, 3)?;
     traffic::ping(&ours.host.container_ns, victim.host.container_ip, 3)?;
 
@@ -380,14 +398,12 @@ fn direct_peer_stays_trusted(name: &str, flavor: Flavor) -> Result<()> {
         route.contains(&format!("via {}", h2.underlay_ip)),
         "not a direct route: {route}"
     );
-    // The reference peer answers over VXLAN; the plain packets it gets from
-    // us arrive on eth0 with a source its route sends into flannel.1.
-    for key in ["all", "eth0"] {
-        cmd::run(
-            Some(&h2.ns),
-            &["sysctl", "-qw", &format!("net.ipv4.conf.{key}.rp_filter=0")],
-        )?;
-    }
+    // Asymmetric on purpose: the plain packets the reference peer gets from
+    // us arrive on eth0 with a source its route sends into flannel.1, and
+    // its VXLAN answers arrive here on flannel.1 with a source we route via
+    // eth0, which strict reverse-path filtering drops on both sides.
+    no_rp_filter(&h1.ns)?;
+    no_rp_filter(&h2.ns)?;
     let h1_node_peer = overlay_agent::datapath::Peer {
         subnet: h1.subnet,
         public_ip: h1.underlay_ip,
