@@ -19,7 +19,7 @@ use crate::{
     datapath::{
         ebpf::{TC_PROGRAMS, read_node_config},
         pins::PinLayout,
-        tc_attach,
+        tc_attach, vtep_guard,
     },
     inspect, ipmasq,
     netlink::{Netlink, NetlinkError},
@@ -43,6 +43,8 @@ pub enum CleanupError {
     Netlink(#[from] NetlinkError),
     #[error(transparent)]
     Iptables(#[from] ipmasq::IptablesError),
+    #[error(transparent)]
+    Guard(#[from] vtep_guard::GuardError),
     #[error("the iptables thread died")]
     IptablesThread(#[source] tokio::task::JoinError),
 }
@@ -207,6 +209,16 @@ pub async fn run(pins: &PinLayout, opts: &Options) -> Result<Vec<String>, Cleanu
         .await
         .map_err(CleanupError::IptablesThread)??;
     removed.extend(rules);
+    if tokio::task::spawn_blocking(vtep_guard::remove)
+        .await
+        .map_err(CleanupError::IptablesThread)??
+    {
+        removed.push(format!(
+            "nft table {} {} (the VXLAN port's guard)",
+            vtep_guard::FAMILY,
+            vtep_guard::TABLE
+        ));
+    }
     Ok(removed)
 }
 

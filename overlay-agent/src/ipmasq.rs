@@ -13,7 +13,7 @@
 //! not stall the reconciler. Every run has a deadline, including those the
 //! datapath's set-up makes where it runs (the fast path's mangle rule).
 
-mod exec;
+pub(crate) mod exec;
 mod keeper;
 pub mod nft;
 pub mod restore;

@@ -82,14 +82,24 @@ pub fn classify_ingress(
     if cfg.configured == 0 {
         return Pass(Reason::PassNotConfigured);
     }
-    // Not addressed to our VXLAN socket: untouched, whatever it is (the kernel
-    // drops what is malformed).
+    // Not UDP over IPv4: untouched, whatever it is (the kernel drops what is
+    // malformed).
     if pkt.len < INGRESS_TAIL_OFFSET as u32
         || u16::from_be_bytes([w[12], w[13]]) != ETH_P_IP
         || w[14] >> 4 != 4
         || w[23] != IPPROTO_UDP
-        || [w[30], w[31], w[32], w[33]] != cfg.local_ip
     {
+        return Pass(Reason::PassNotOurs);
+    }
+    let dst = [w[30], w[31], w[32], w[33]];
+    let to_us = dst == cfg.local_ip;
+    // The kernel's vxlan socket listens on every address, so VXLAN sent to
+    // a multicast group or the limited broadcast reaches it too: the sender
+    // is checked for those as well. Other destinations are either another
+    // local address (which the program cannot tell from transit traffic;
+    // the host firewall's input chain checks those, see the agent's
+    // `vtep_guard`) or not for this node at all, and are left alone.
+    if !to_us && !is_multicast_or_broadcast(dst) {
         return Pass(Reason::PassNotOurs);
     }
     let header_len = u32::from(w[14] & 0x0f) * 4;
@@ -99,7 +109,11 @@ pub fn classify_ingress(
     if frag_offset != 0 {
         // A later fragment has no UDP header to look at. Without the first
         // fragment (checked below) the kernel cannot reassemble it.
-        return Pass(Reason::PassOuterIpUnusual);
+        return Pass(if to_us {
+            Reason::PassOuterIpUnusual
+        } else {
+            Reason::PassNotOurs
+        });
     }
     if header_len < IPV4_HDR_LEN as u32
         || pkt.len < ETH_HDR_LEN as u32 + header_len + UDP_HDR_LEN as u32
@@ -112,6 +126,11 @@ pub fn classify_ingress(
     // we accept it only from nodes that hold a lease.
     if !known_vtep([w[26], w[27], w[28], w[29]]) {
         return Drop(Reason::DropUnknownVtep);
+    }
+    if !to_us {
+        // A peer's VXLAN to a group or broadcast (flannel never sends any):
+        // the kernel device handles it as it would under flannel.
+        return Pass(Reason::PassNotOurs);
     }
     if header_len != IPV4_HDR_LEN as u32 || more_fragments {
         // From a peer, but not at the offsets we decapsulate: the kernel's
@@ -161,6 +180,12 @@ pub fn classify_ingress(
     let mut inner_eth = [0u8; ETH_HDR_LEN];
     inner_eth.copy_from_slice(&w[ie..ie + ETH_HDR_LEN]);
     Decap { inner_eth }
+}
+
+/// 224.0.0.0/4 and 255.255.255.255, whose datagrams the kernel delivers to a
+/// socket bound to the wildcard address.
+const fn is_multicast_or_broadcast(ip: [u8; 4]) -> bool {
+    ip[0] & 0xf0 == 0xe0 || (ip[0] == 0xff && ip[1] == 0xff && ip[2] == 0xff && ip[3] == 0xff)
 }
 
 /// What decapsulation removes: everything between the outer and the inner
@@ -326,6 +351,48 @@ mod tests {
                 "{name}"
             );
         }
+    }
+
+    #[test]
+    fn strangers_are_dropped_also_when_sending_to_a_group_or_broadcast() {
+        let (w, pkt) = from_peer(84);
+        for (name, dst) in [
+            ("us", LOCAL_IP),
+            ("all-hosts", [224, 0, 0, 1]),
+            ("a group", [239, 1, 2, 3]),
+            ("broadcast", [255, 255, 255, 255]),
+        ] {
+            let mut w = w;
+            w[30..34].copy_from_slice(&dst);
+            assert_eq!(
+                classify_ingress(&w, pkt, &node(), false, |_| false),
+                IngressVerdict::Drop(Reason::DropUnknownVtep),
+                "{name}"
+            );
+            if dst != LOCAL_IP {
+                // A peer's goes to the kernel, undecapsulated.
+                assert_eq!(
+                    classify(&w, pkt),
+                    IngressVerdict::Pass(Reason::PassNotOurs),
+                    "{name}"
+                );
+                // As does a later fragment, which has no port to check.
+                let mut later = w;
+                later[20..22].copy_from_slice(&0x00b9u16.to_be_bytes());
+                assert_eq!(
+                    classify_ingress(&later, pkt, &node(), false, |_| false),
+                    IngressVerdict::Pass(Reason::PassNotOurs),
+                    "{name}"
+                );
+            }
+        }
+        // Another unicast address: transit, or a local one the host firewall checks.
+        let mut other = w;
+        other[30..34].copy_from_slice(&[192, 168, 64, 200]);
+        assert_eq!(
+            classify_ingress(&other, pkt, &node(), false, |_| false),
+            IngressVerdict::Pass(Reason::PassNotOurs)
+        );
     }
 
     #[test]

@@ -371,6 +371,12 @@ impl<D: Datapath> Reconciler<D> {
         };
         let (mut added, mut removed) = (0usize, 0usize);
         let mut ok = true;
+        // Many changes: the datapath's per-change side effects (the nft set
+        // of known VTEPs) are applied once, at the end.
+        let batch = pending.len() > PER_PEER_LOG_LIMIT;
+        if batch {
+            self.dp.begin_batch();
+        }
         let mut adds = Vec::new();
         for &subnet in &pending {
             let want = self.desired_for(subnet);
@@ -440,6 +446,11 @@ impl<D: Datapath> Reconciler<D> {
                     log::error!("programming peer {subnet} failed (will retry): {e}");
                 }
             }
+        }
+        if batch && let Err(e) = self.dp.end_batch().await {
+            // The datapath rebuilds its set at the next change or recheck.
+            ok = false;
+            log::error!("applying the batch of peer changes failed: {}", e.reason());
         }
         if level == log::Level::Debug {
             log::info!(

@@ -1385,6 +1385,14 @@ impl Datapath for EbpfDatapath {
         Ok(agreed)
     }
 
+    fn begin_batch(&mut self) {
+        self.kernel.begin_batch();
+    }
+
+    async fn end_batch(&mut self) -> Result<(), DatapathError> {
+        self.kernel.end_batch().await
+    }
+
     /// Detaches the programs (dropping their links, removing their pins and
     /// legacy filters), removes the pinned maps, then deletes the device.
     async fn teardown(&mut self) -> Result<(), DatapathError> {

@@ -6,9 +6,12 @@
 use std::collections::{BTreeMap, HashSet};
 
 use ipnet::Ipv4Net;
-use log::info;
+use log::{info, warn};
 
-use super::{Datapath, DatapathError, Mode, NodeSpec, NodeState, Peer};
+use super::{
+    Datapath, DatapathError, Mode, NodeSpec, NodeState, Peer,
+    vtep_guard::{GuardError, VtepGuard},
+};
 use crate::netlink::{
     EntryTable, Netlink, ProgrammedPeer, VxlanDevice, direct_route::has_direct_route,
     peer_entries::Device,
@@ -45,6 +48,11 @@ struct State {
     /// set up and whenever the peers are read back, then kept in step with
     /// every change, so a peer event dumps nothing.
     entries: EntryTable,
+    /// The VXLAN port, for the guard.
+    port: u16,
+    /// The nft set of known VTEPs guarding the kernel's VXLAN socket;
+    /// `None` while it could not be installed (retried by [`Datapath::peers`]).
+    guard: Option<VtepGuard>,
 }
 
 impl KernelDatapath {
@@ -82,6 +90,11 @@ impl KernelDatapath {
         self.state.as_mut().ok_or(DatapathError::NotSetUp)
     }
 
+    /// Whether the nft guard of the VXLAN port is installed.
+    pub fn guarded(&self) -> bool {
+        self.state.as_ref().is_some_and(|s| s.guard.is_some())
+    }
+
     /// Whether `subnet` is programmed as a direct peer.
     pub fn is_direct(&self, subnet: Ipv4Net) -> bool {
         self.state
@@ -94,8 +107,33 @@ impl KernelDatapath {
     /// old kind's in place (same prefix, same table), so the subnet stays
     /// routed while a peer moves between the two, and what is left of the
     /// old kind goes after.
+    ///
+    /// The peer's PublicIP enters the guard's set first, so its VXLAN is
+    /// accepted by the time we send to it. A direct peer's too: DirectRouting
+    /// is decided by each node for itself (`ip route get`), so the peer may
+    /// well see us through a gateway and send us VXLAN; it holds a lease, so
+    /// it is a VTEP like any other (the eBPF datapath's KNOWN_VTEPS agrees).
     pub async fn add_peer_kind(&mut self, peer: &Peer) -> Result<PeerKind, DatapathError> {
         let state = self.state_mut()?;
+        if let Some(g) = state.guard.as_mut() {
+            g.admit(peer.public_ip)?;
+        }
+        let programmed = Self::program(state, peer).await;
+        let state = self.state_mut()?;
+        if let Some(g) = state.guard.as_mut() {
+            match &programmed {
+                Ok(_) => g.commit(peer.subnet, peer.public_ip)?,
+                Err(_) => {
+                    if let Err(e) = g.failed(peer.public_ip) {
+                        warn!("taking {} out of the VTEP set: {e}", peer.public_ip);
+                    }
+                }
+            }
+        }
+        programmed
+    }
+
+    async fn program(state: &mut State, peer: &Peer) -> Result<PeerKind, DatapathError> {
         let direct = state.direct_routing
             && state
                 .netlink
@@ -231,12 +269,15 @@ impl Datapath for KernelDatapath {
             vtep_mac: device.mac,
             mtu: device.mtu,
         };
+        let port = device.port;
         self.state = Some(State {
             netlink,
             device,
             direct_routing: node.direct_routing,
             direct,
             entries,
+            port,
+            guard: install_guard(port),
         });
         Ok(node_state)
     }
@@ -271,6 +312,9 @@ impl Datapath for KernelDatapath {
         vxlan?;
         direct?;
         state.direct.remove(&peer.subnet);
+        if let Some(g) = state.guard.as_mut() {
+            g.release(peer)?;
+        }
         Ok(())
     }
 
@@ -301,7 +345,29 @@ impl Datapath for KernelDatapath {
             );
             peers.sort_by_key(|p| (p.subnet.network(), p.subnet.prefix_len()));
         }
+        // The guard follows what is really programmed: its table and set
+        // are loaded again in one transaction (drift repair), and a guard
+        // that could not be installed is tried again.
+        if state.guard.is_none() {
+            state.guard = install_guard(state.port);
+        }
+        if let Some(g) = state.guard.as_mut() {
+            g.rebuild(&peers)?;
+        }
         Ok(peers)
+    }
+
+    fn begin_batch(&mut self) {
+        if let Some(g) = self.state.as_mut().and_then(|s| s.guard.as_mut()) {
+            g.begin_batch();
+        }
+    }
+
+    async fn end_batch(&mut self) -> Result<(), DatapathError> {
+        if let Some(g) = self.state.as_mut().and_then(|s| s.guard.as_mut()) {
+            g.end_batch()?;
+        }
+        Ok(())
     }
 
     /// Deletes `flannel.<VNI>`; the kernel removes its neighbours, FDB entries
@@ -315,6 +381,29 @@ impl Datapath for KernelDatapath {
             self.state = Some(state);
             return Err(e.into());
         }
+        super::vtep_guard::remove()?;
         Ok(())
+    }
+}
+
+/// Installs the guard of the VXLAN port, or says why not and carries on:
+/// without nft (or nf_tables) the overlay still works as flannel's does, and
+/// the eBPF datapath still checks VXLAN arriving on the underlay.
+fn install_guard(port: u16) -> Option<VtepGuard> {
+    match VtepGuard::install(port) {
+        Ok(g) => Some(g),
+        Err(e @ GuardError::NftMissing(_)) => {
+            warn!(
+                "{e}: VXLAN from unknown sources reaches the kernel's vxlan socket (as under flannel)"
+            );
+            None
+        }
+        Err(e) => {
+            warn!(
+                "{}: VXLAN from unknown sources reaches the kernel's vxlan socket until it can be installed",
+                DatapathError::from(e).reason()
+            );
+            None
+        }
     }
 }

@@ -17,6 +17,7 @@ pub mod fastpath;
 pub mod kernel;
 pub mod pins;
 pub mod tc_attach;
+pub mod vtep_guard;
 pub mod vtep_users;
 
 /// What a node needs to bring its side of the overlay up.
@@ -102,6 +103,9 @@ pub enum DatapathError {
     /// capacity: the peer was not added, and nothing of it is in the maps.
     #[error("map {map} is full ({capacity} entries)")]
     MapFull { map: &'static str, capacity: u32 },
+    /// The host-firewall guard of the VXLAN port (nft table `inet overlay-vtep`).
+    #[error(transparent)]
+    Guard(#[from] vtep_guard::GuardError),
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -174,6 +178,14 @@ pub trait Datapath {
     async fn sync_pods(&mut self) -> Result<(), DatapathError> {
         Ok(())
     }
+    /// Many peer changes follow (start-up, a re-list): side effects that
+    /// cost a process per change (the VTEP set of [`vtep_guard`]) are
+    /// collected until [`Datapath::end_batch`], which applies them at once.
+    fn begin_batch(&mut self) {}
+    /// Applies what was collected since [`Datapath::begin_batch`].
+    async fn end_batch(&mut self) -> Result<(), DatapathError> {
+        Ok(())
+    }
 }
 
 /// Either datapath behind one type, chosen at run time (the agent's
@@ -236,6 +248,18 @@ impl Datapath for AnyDatapath {
         match self {
             AnyDatapath::Ebpf(d) => d.sync_pods().await,
             AnyDatapath::Kernel(d) => d.sync_pods().await,
+        }
+    }
+    fn begin_batch(&mut self) {
+        match self {
+            AnyDatapath::Ebpf(d) => d.begin_batch(),
+            AnyDatapath::Kernel(d) => d.begin_batch(),
+        }
+    }
+    async fn end_batch(&mut self) -> Result<(), DatapathError> {
+        match self {
+            AnyDatapath::Ebpf(d) => d.end_batch().await,
+            AnyDatapath::Kernel(d) => d.end_batch().await,
         }
     }
 }

@@ -33,6 +33,11 @@ impl VtepUsers {
         self.count.contains_key(&ip)
     }
 
+    /// The public IPs in use, each once.
+    pub fn ips(&self) -> impl Iterator<Item = Ipv4Addr> + '_ {
+        self.count.keys().copied()
+    }
+
     /// How many peer subnets the table holds.
     pub fn len(&self) -> usize {
         self.by_subnet.len()
