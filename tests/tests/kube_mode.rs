@@ -33,6 +33,16 @@ use serde_json::{Value, json};
 
 const READY: Duration = Duration::from_secs(60);
 
+/// flanneld's annotations for a Node, as the object's `annotations`.
+fn annotations_json(mac: &str, ip: &str) -> Value {
+    Value::Object(
+        flannel_annotations(mac, ip)
+            .into_iter()
+            .map(|(k, v)| (k, json!(v)))
+            .collect(),
+    )
+}
+
 /// `ip neigh`/`ip route` on host `i`.
 fn ip(c: &KubeCluster, i: usize, args: &[&str]) -> String {
     let mut a = vec!["ip", "-n"];
@@ -184,11 +194,11 @@ fn nodes_come_and_go_hostile_ones_are_skipped_and_the_api_server_may_fail() -> R
 
     // A node added, its MAC changed, then deleted.
     let node9 = |mac: &str| {
-        let mut a = serde_json::Map::new();
-        for (k, v) in flannel_annotations(mac, "10.98.0.9") {
-            a.insert(k, json!(v));
-        }
-        node_with("node9", &["10.244.9.0/24"], Value::Object(a))
+        node_with(
+            "node9",
+            &["10.244.9.0/24"],
+            annotations_json(mac, "10.98.0.9"),
+        )
     };
     c.api.put_node(node9("0a:00:00:00:00:09"))?;
     on_both(&c, "node9 programmed", &|c, i| {
@@ -208,13 +218,7 @@ fn nodes_come_and_go_hostile_ones_are_skipped_and_the_api_server_may_fail() -> R
     // Hostile Nodes: no annotations at all (flanneld panics, #969), garbage
     // annotations, another node's podCIDR (node2's, newer: node2 keeps it),
     // three podCIDRs. None reaches the datapath; node2 keeps working.
-    let good = |mac: &str, ip: &str| {
-        let mut a = serde_json::Map::new();
-        for (k, v) in flannel_annotations(mac, ip) {
-            a.insert(k, json!(v));
-        }
-        Value::Object(a)
-    };
+    let good = annotations_json;
     c.api
         .put_node(node_with("bare", &["10.244.20.0/24"], json!(null)))?;
     let mut garbage = good("0a:00:00:00:00:21", "not-an-ip");

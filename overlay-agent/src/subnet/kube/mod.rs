@@ -120,7 +120,19 @@ impl KubeManager {
     /// Writes `changes` into our Node's annotations (strategic merge through
     /// the status subresource, as flanneld), returning the updated Node.
     pub async fn annotate(&self, changes: &[(String, String)]) -> Result<Node, KubeError> {
-        let body = annotations::patch_body(changes);
+        self.patch_status(
+            annotations::patch_body(changes),
+            format!(
+                "annotating node {:?} (PATCH nodes/{}/status)",
+                self.node_name, self.node_name
+            ),
+        )
+        .await
+    }
+
+    /// A strategic-merge PATCH of `nodes/<ours>/status`: the one write
+    /// flanneld's ClusterRole allows on Nodes.
+    async fn patch_status(&self, body: serde_json::Value, what: String) -> Result<Node, KubeError> {
         self.nodes
             .patch_status(
                 &self.node_name,
@@ -128,28 +140,21 @@ impl KubeManager {
                 &Patch::Strategic(body),
             )
             .await
-            .map_err(KubeError::api(format!(
-                "annotating node {:?} (PATCH nodes/{}/status)",
-                self.node_name, self.node_name
-            )))
+            .map_err(KubeError::api(what))
     }
 
     /// `NetworkUnavailable=False`, reason `FlannelIsUp`, merged by `type`
     /// into our Node's conditions (flanneld's `CompleteLease`).
     pub async fn set_network_available(&self) -> Result<(), KubeError> {
         let now = rfc3339(SystemTime::now());
-        let body = network_available_patch(&now);
-        self.nodes
-            .patch_status(
-                &self.node_name,
-                &PatchParams::default(),
-                &Patch::Strategic(body),
-            )
-            .await
-            .map_err(KubeError::api(format!(
+        self.patch_status(
+            network_available_patch(&now),
+            format!(
                 "setting NetworkUnavailable=False on node {:?}",
                 self.node_name
-            )))?;
+            ),
+        )
+        .await?;
         Ok(())
     }
 }
