@@ -255,7 +255,7 @@ impl Datapath for KernelDatapath {
                 BTreeMap::new(),
             ),
         };
-        let device = netlink.ensure_vxlan_device(node).await?;
+        let device = netlink.ensure_vxlan_device(&node.vxlan_device()).await?;
         // Adopted or re-created, the device has what it has: learn it.
         let entries = netlink
             .learn_entries(Device {

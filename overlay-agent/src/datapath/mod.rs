@@ -10,7 +10,14 @@ use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
 
-use crate::flannel::mac::MacAddr;
+/// Another node's lease as the datapath needs it. It lives with the lease
+/// (the bottom layer, which `netlink` uses too); re-exported here for the
+/// datapaths' callers. Nothing below `datapath` may use this path.
+pub use crate::flannel::lease::Peer;
+use crate::{
+    flannel::mac::MacAddr,
+    netlink::{DeviceError, VxlanDeviceSpec},
+};
 
 pub mod ebpf;
 pub mod fastpath;
@@ -48,6 +55,34 @@ pub struct NodeSpec {
     pub direct_routing: bool,
 }
 
+impl NodeSpec {
+    /// What `flannel.<VNI>` must be, for [`crate::netlink`] (which knows
+    /// nothing of the datapath): every field but `direct_routing`.
+    pub fn vxlan_device(&self) -> VxlanDeviceSpec {
+        let NodeSpec {
+            vni,
+            port,
+            public_ip,
+            local_ip,
+            underlay,
+            subnet,
+            mtu,
+            vtep_mac,
+            direct_routing: _,
+        } = self;
+        VxlanDeviceSpec {
+            vni: *vni,
+            port: *port,
+            public_ip: *public_ip,
+            local_ip: *local_ip,
+            underlay: underlay.clone(),
+            subnet: *subnet,
+            mtu: *mtu,
+            vtep_mac: *vtep_mac,
+        }
+    }
+}
+
 /// What `setup` created, for the lease and for subnet.env.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NodeState {
@@ -58,14 +93,6 @@ pub struct NodeState {
     pub vtep_mac: MacAddr,
     /// The device's MTU (FLANNEL_MTU).
     pub mtu: u32,
-}
-
-/// Another node's lease as the datapath needs it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct Peer {
-    pub subnet: Ipv4Net,
-    pub public_ip: Ipv4Addr,
-    pub vtep_mac: MacAddr,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -112,6 +139,17 @@ pub enum DatapathError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// The device layer's errors keep their variant and their text.
+impl From<DeviceError> for DatapathError {
+    fn from(e: DeviceError) -> Self {
+        match e {
+            DeviceError::Netlink(e) => DatapathError::Netlink(e),
+            DeviceError::NoSuchInterface(name) => DatapathError::NoSuchInterface(name),
+            DeviceError::InvalidSpec(why) => DatapathError::InvalidSpec(why),
+        }
+    }
 }
 
 impl From<ebpf::EbpfError> for DatapathError {
@@ -261,5 +299,55 @@ impl Datapath for AnyDatapath {
             AnyDatapath::Ebpf(d) => d.end_batch().await,
             AnyDatapath::Kernel(d) => d.end_batch().await,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_errors_keep_their_variant_and_text() {
+        let invalid = crate::netlink::vxlan_device::checked_device_name(1 << 24).unwrap_err();
+        let text = invalid.reason();
+        assert_eq!(
+            text,
+            "invalid node spec: VNI 16777216 does not fit in 24 bits"
+        );
+        let mapped = DatapathError::from(invalid);
+        assert!(matches!(mapped, DatapathError::InvalidSpec(_)));
+        assert_eq!(mapped.reason(), text);
+
+        let missing = DatapathError::from(DeviceError::NoSuchInterface("eth9".into()));
+        assert!(matches!(&missing, DatapathError::NoSuchInterface(n) if n == "eth9"));
+        assert_eq!(missing.reason(), "interface eth9 not found");
+    }
+
+    #[test]
+    fn the_device_spec_is_the_node_spec_without_direct_routing() {
+        let node = NodeSpec {
+            vni: 4096,
+            port: 4789,
+            public_ip: "203.0.113.7".parse().unwrap(),
+            local_ip: "192.168.64.3".parse().unwrap(),
+            underlay: "eth0".into(),
+            subnet: "10.5.52.0/24".parse().unwrap(),
+            mtu: Some(9000),
+            vtep_mac: Some("c6:d2:32:6f:8f:44".parse().unwrap()),
+            direct_routing: true,
+        };
+        assert_eq!(
+            node.vxlan_device(),
+            VxlanDeviceSpec {
+                vni: 4096,
+                port: 4789,
+                public_ip: node.public_ip,
+                local_ip: node.local_ip,
+                underlay: "eth0".into(),
+                subnet: node.subnet,
+                mtu: Some(9000),
+                vtep_mac: node.vtep_mac,
+            }
+        );
     }
 }

@@ -10,7 +10,6 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 
 use ipnet::{Ipv4Net, Ipv6Net};
 
-use crate::datapath::Peer;
 use crate::flannel::config::parse_ipv4;
 use crate::flannel::gojson::{Field, GoObject, GoValue};
 use crate::flannel::mac::MacAddr;
@@ -96,6 +95,16 @@ pub struct Lease {
     pub public_ip: Ipv4Addr,
     pub public_ipv6: Option<Ipv6Addr>,
     pub backend: Backend,
+}
+
+/// Another node's VXLAN lease as the datapath needs it: where its subnet
+/// goes (`PublicIP`) and through which VTEP (`VtepMAC`). [`Lease::peer`] makes
+/// one; `crate::datapath` re-exports it for the datapaths and their callers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Peer {
+    pub subnet: Ipv4Net,
+    pub public_ip: Ipv4Addr,
+    pub vtep_mac: MacAddr,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

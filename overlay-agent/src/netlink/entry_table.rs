@@ -13,7 +13,7 @@ use std::{
     net::Ipv4Addr,
 };
 
-use crate::{datapath::Peer, flannel::mac::MacAddr};
+use crate::flannel::{lease::Peer, mac::MacAddr};
 
 /// The permanent neighbours (gateway -> MAC) and unicast FDB entries
 /// (MAC -> destinations) of one device.

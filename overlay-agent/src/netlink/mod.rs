@@ -29,7 +29,7 @@ use rtnetlink::{
 
 pub use entry_table::EntryTable;
 pub use peer_entries::ProgrammedPeer;
-pub use vxlan_device::{VxlanDevice, VxlanDeviceConfig, VxlanLinkAttrs};
+pub use vxlan_device::{VxlanDevice, VxlanDeviceConfig, VxlanDeviceSpec, VxlanLinkAttrs};
 
 /// A failed rtnetlink request, naming the operation (e.g. `replace FDB entry
 /// 02:..:01 dst 192.168.1.2 dev flannel.1`) and the kernel's answer. The
@@ -78,6 +78,40 @@ impl NetlinkError {
     /// A route lookup found no route (`ip route get` says unreachable).
     pub fn is_unreachable(&self) -> bool {
         matches!(self.errno(), Some(libc::ENETUNREACH | libc::EHOSTUNREACH))
+    }
+}
+
+/// Why the `flannel.<VNI>` device could not be set up (or a spec for it was
+/// refused before anything was touched): this layer's own error, which the
+/// datapath maps into its `DatapathError` variants of the same names and
+/// texts (`From<DeviceError> for DatapathError`).
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    /// An rtnetlink request failed (the message names the operation).
+    #[error(transparent)]
+    Netlink(#[from] NetlinkError),
+    #[error("interface {0} not found")]
+    NoSuchInterface(String),
+    /// The spec asks for what the kernel cannot make (VNI, name, MTU).
+    #[error("invalid node spec: {0}")]
+    InvalidSpec(String),
+}
+
+impl DeviceError {
+    /// This error and its causes on one line (`a: b: c`), as
+    /// `DatapathError::reason` renders the same error.
+    pub fn reason(&self) -> String {
+        let mut parts = vec![self.to_string()];
+        let mut cause = std::error::Error::source(self);
+        while let Some(e) = cause {
+            let text = e.to_string();
+            // Transparent wrappers repeat their inner error's text.
+            if parts.last().is_none_or(|last| !last.ends_with(&text)) {
+                parts.push(text);
+            }
+            cause = e.source();
+        }
+        parts.join(": ").replace('\n', " ")
     }
 }
 

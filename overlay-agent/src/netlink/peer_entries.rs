@@ -27,10 +27,7 @@ use rtnetlink::{
 };
 
 use super::{Netlink, NetlinkError, entry_table::EntryTable};
-use crate::{
-    datapath::{DatapathError, Peer},
-    flannel::mac::MacAddr,
-};
+use crate::flannel::{lease::Peer, mac::MacAddr};
 
 /// The next hop flannel routes a peer's subnet through: its network address,
 /// which is also the address on the peer's `flannel.<VNI>`.
@@ -102,7 +99,7 @@ impl Netlink {
         dev: Device<'_>,
         entries: &mut EntryTable,
         peer: &Peer,
-    ) -> Result<(), DatapathError> {
+    ) -> Result<(), NetlinkError> {
         let gateway = peer_gateway(peer.subnet);
         let old_mac = entries.neighbour(gateway);
 
@@ -110,7 +107,7 @@ impl Netlink {
         entries.set_neighbour(gateway, peer.vtep_mac);
         if let Err(e) = self.replace_fdb(dev, peer.vtep_mac, peer.public_ip).await {
             self.undo_neighbour(dev, entries, gateway).await;
-            return Err(e.into());
+            return Err(e);
         }
         entries.replace_fdb(peer.vtep_mac, peer.public_ip);
         if let Err(e) = self.replace_route(dev, peer.subnet, gateway).await {
@@ -125,7 +122,7 @@ impl Netlink {
                 }
                 self.cleanup(undo);
             }
-            return Err(e.into());
+            return Err(e);
         }
 
         for mac in entries.stale_fdb_macs(peer, old_mac) {
@@ -157,13 +154,10 @@ impl Netlink {
         dev: Device<'_>,
         entries: &mut EntryTable,
         peer: &Peer,
-    ) -> Result<(), DatapathError> {
+    ) -> Result<(), NetlinkError> {
         let mut results = self.remove_neighbour_and_fdb(dev, entries, peer).await;
         results.push(self.delete_route(dev, peer.subnet).await);
-        results
-            .into_iter()
-            .collect::<Result<(), _>>()
-            .map_err(Into::into)
+        results.into_iter().collect()
     }
 
     /// The neighbour and FDB part of [`Netlink::remove_peer`], leaving the
@@ -214,7 +208,7 @@ impl Netlink {
     pub async fn programmed_peers(
         &self,
         dev: Device<'_>,
-    ) -> Result<(Vec<ProgrammedPeer>, EntryTable), DatapathError> {
+    ) -> Result<(Vec<ProgrammedPeer>, EntryTable), NetlinkError> {
         let routes = self.peer_routes(dev).await?;
         let entries = self.learn_entries(dev).await?;
         Ok((join_entries(&routes, &entries), entries))

@@ -17,11 +17,8 @@ use rtnetlink::{
     },
 };
 
-use super::{LinkSummary, Netlink, NetlinkError, peer_entries::Device};
-use crate::{
-    datapath::{DatapathError, NodeSpec},
-    flannel::mac::MacAddr,
-};
+use super::{DeviceError, LinkSummary, Netlink, NetlinkError, peer_entries::Device};
+use crate::flannel::mac::MacAddr;
 
 /// Linux interface names hold at most IFNAMSIZ - 1 bytes.
 const MAX_IFNAME_LEN: usize = 15;
@@ -35,31 +32,31 @@ pub fn device_name(vni: u32) -> String {
     format!("flannel.{vni}")
 }
 
-/// The device MTU: `Backend.MTU` when configured, else the underlay's, minus
-/// the VXLAN overhead (50), as flannel computes it.
 /// [`device_name`], if the kernel can create a vxlan device of that VNI
 /// under that name.
-pub fn checked_device_name(vni: u32) -> Result<String, DatapathError> {
+pub fn checked_device_name(vni: u32) -> Result<String, DeviceError> {
     if vni > MAX_VNI {
-        return Err(DatapathError::InvalidSpec(format!(
+        return Err(DeviceError::InvalidSpec(format!(
             "VNI {vni} does not fit in 24 bits"
         )));
     }
     let name = device_name(vni);
     if name.len() > MAX_IFNAME_LEN {
-        return Err(DatapathError::InvalidSpec(format!(
+        return Err(DeviceError::InvalidSpec(format!(
             "device name {name} is longer than {MAX_IFNAME_LEN} bytes (VNI too large)"
         )));
     }
     Ok(name)
 }
 
-pub fn device_mtu(configured: Option<u32>, underlay_mtu: u32) -> Result<u32, DatapathError> {
+/// The device MTU: `Backend.MTU` when configured, else the underlay's, minus
+/// the VXLAN overhead (50), as flannel computes it.
+pub fn device_mtu(configured: Option<u32>, underlay_mtu: u32) -> Result<u32, DeviceError> {
     let base = configured.unwrap_or(underlay_mtu);
     base.checked_sub(VXLAN_MTU_OVERHEAD)
         .filter(|mtu| *mtu >= MIN_IPV4_MTU)
         .ok_or_else(|| {
-            DatapathError::InvalidSpec(format!(
+            DeviceError::InvalidSpec(format!(
                 "MTU {base} leaves less than {MIN_IPV4_MTU} bytes after the {VXLAN_MTU_OVERHEAD}-byte VXLAN overhead"
             ))
         })
@@ -76,7 +73,29 @@ pub fn effective_port(port: u16) -> u16 {
     if port == 0 { DEFAULT_VXLAN_PORT } else { port }
 }
 
-/// Everything the device must look like, computed from the node spec and the
+/// What the device is asked to be: the datapath's node spec, less what only
+/// the datapath uses (the datapath builds it from its `NodeSpec`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VxlanDeviceSpec {
+    /// VXLAN network identifier (`Backend.VNI`).
+    pub vni: u32,
+    /// UDP destination port (`Backend.Port`, 8472 when 0).
+    pub port: u16,
+    /// The node's PublicIP: the stable VTEP MAC derives from it.
+    pub public_ip: Ipv4Addr,
+    /// The underlay interface's address: the device's `local`.
+    pub local_ip: Ipv4Addr,
+    /// The underlay interface (`dev`).
+    pub underlay: String,
+    /// This node's lease; the device's address is its network address /32.
+    pub subnet: Ipv4Net,
+    /// `Backend.MTU` when set; otherwise the underlay's MTU. The device gets this minus 50.
+    pub mtu: Option<u32>,
+    /// Use this VTEP MAC instead of the stable derived one.
+    pub vtep_mac: Option<MacAddr>,
+}
+
+/// Everything the device must look like, computed from the spec and the
 /// underlay interface (pure, so it is unit-tested).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VxlanDeviceConfig {
@@ -100,8 +119,8 @@ pub struct VxlanDeviceConfig {
 }
 
 impl VxlanDeviceConfig {
-    pub fn new(spec: &NodeSpec, underlay: &LinkSummary) -> Result<Self, DatapathError> {
-        let NodeSpec {
+    pub fn new(spec: &VxlanDeviceSpec, underlay: &LinkSummary) -> Result<Self, DeviceError> {
+        let VxlanDeviceSpec {
             vni,
             port,
             public_ip,
@@ -110,7 +129,6 @@ impl VxlanDeviceConfig {
             subnet,
             mtu,
             vtep_mac,
-            direct_routing: _,
         } = spec;
         let name = checked_device_name(*vni)?;
         Ok(Self {
@@ -252,18 +270,21 @@ pub struct VxlanDevice {
 
 impl Netlink {
     /// Looks up the underlay named in the spec.
-    pub async fn underlay(&self, name: &str) -> Result<LinkSummary, DatapathError> {
+    pub async fn underlay(&self, name: &str) -> Result<LinkSummary, DeviceError> {
         let msg = self
             .link_by_name(name)
             .await?
-            .ok_or_else(|| DatapathError::NoSuchInterface(name.to_owned()))?;
+            .ok_or_else(|| DeviceError::NoSuchInterface(name.to_owned()))?;
         Ok(LinkSummary::from_message(&msg))
     }
 
     /// Creates `flannel.<VNI>` as flanneld does, or adopts a compatible existing
     /// one (keeping its ifindex, MAC and entries), or deletes and re-creates an
     /// incompatible one; then ensures its MTU, its /32 address and that it is up.
-    pub async fn ensure_vxlan_device(&self, spec: &NodeSpec) -> Result<VxlanDevice, DatapathError> {
+    pub async fn ensure_vxlan_device(
+        &self,
+        spec: &VxlanDeviceSpec,
+    ) -> Result<VxlanDevice, DeviceError> {
         let underlay = self.underlay(&spec.underlay).await?;
         let cfg = VxlanDeviceConfig::new(spec, &underlay)?;
 
@@ -303,7 +324,7 @@ impl Netlink {
         let link = self
             .link_by_name(&cfg.name)
             .await?
-            .ok_or_else(|| DatapathError::NoSuchInterface(cfg.name.clone()))?;
+            .ok_or_else(|| DeviceError::NoSuchInterface(cfg.name.clone()))?;
         let ifindex = link.header.index;
         self.ensure_only_address(ifindex, &cfg.name, cfg.address)
             .await?;
@@ -331,7 +352,7 @@ impl Netlink {
         })
     }
 
-    async fn create_vxlan(&self, cfg: &VxlanDeviceConfig) -> Result<(), DatapathError> {
+    async fn create_vxlan(&self, cfg: &VxlanDeviceConfig) -> Result<(), DeviceError> {
         let msg = LinkVxlan::new(&cfg.name, cfg.vni)
             .dev(cfg.underlay_ifindex)
             .local(cfg.local)
@@ -358,7 +379,7 @@ impl Netlink {
         &self,
         cfg: &VxlanDeviceConfig,
         link: &LinkSummary,
-    ) -> Result<(), DatapathError> {
+    ) -> Result<(), DeviceError> {
         let mut change = LinkUnspec::new_with_index(link.ifindex);
         let mut what = Vec::new();
         if link.mtu != cfg.mtu {
@@ -401,7 +422,7 @@ impl Netlink {
         ifindex: u32,
         name: &str,
         address: Ipv4Addr,
-    ) -> Result<(), DatapathError> {
+    ) -> Result<(), DeviceError> {
         let mut req = self.handle.address().get().set_link_index_filter(ifindex);
         req.message_mut().header.family = AddressFamily::Inet;
         let existing: Vec<AddressMessage> =
@@ -452,8 +473,8 @@ mod tests {
 
     use super::*;
 
-    fn spec() -> NodeSpec {
-        NodeSpec {
+    fn spec() -> VxlanDeviceSpec {
+        VxlanDeviceSpec {
             vni: 1,
             port: 0,
             public_ip: "192.168.64.3".parse().unwrap(),
@@ -462,7 +483,6 @@ mod tests {
             subnet: "10.5.52.0/24".parse().unwrap(),
             mtu: None,
             vtep_mac: None,
-            direct_routing: false,
         }
     }
 
@@ -507,7 +527,7 @@ mod tests {
     #[test]
     fn config_honours_spec_overrides() {
         let mac: MacAddr = "c6:d2:32:6f:8f:44".parse().unwrap();
-        let s = NodeSpec {
+        let s = VxlanDeviceSpec {
             vni: 4096,
             port: 4789,
             mtu: Some(9000),
@@ -527,7 +547,7 @@ mod tests {
 
     #[test]
     fn behind_nat_the_device_is_local_to_the_interface_address() {
-        let s = NodeSpec {
+        let s = VxlanDeviceSpec {
             public_ip: "203.0.113.7".parse().unwrap(),
             local_ip: "192.168.64.3".parse().unwrap(),
             ..spec()
@@ -552,18 +572,18 @@ mod tests {
 
     #[test]
     fn rejects_vnis_that_do_not_fit() {
-        let too_big = NodeSpec {
+        let too_big = VxlanDeviceSpec {
             vni: 1 << 24,
             ..spec()
         };
         assert!(VxlanDeviceConfig::new(&too_big, &underlay()).is_err());
         // 8 digits make a 16-byte interface name.
-        let too_long = NodeSpec {
+        let too_long = VxlanDeviceSpec {
             vni: 16_000_000,
             ..spec()
         };
         assert!(VxlanDeviceConfig::new(&too_long, &underlay()).is_err());
-        let fits = NodeSpec {
+        let fits = VxlanDeviceSpec {
             vni: 9_999_999,
             ..spec()
         };
