@@ -13,11 +13,15 @@
 //! - the host: [`netlink`], [`iface`], [`ipmasq`], [`notify`], [`netns`];
 //! - the operator's side: [`cli`], [`health`], [`inspect`] (`status`),
 //!   [`cleanup`], and the subcommands on top of them, [`commands`].
+//!
+//! A layer imports only from below: `flannel` from nothing else, the host
+//! from `flannel`, `subnet` and `datapath` from those two; the host's errors
+//! are its own types, which `datapath` maps into `DatapathError`. A test
+//! (`layering`) scans the sources for imports against the flow.
 
 pub mod cleanup;
 pub mod cli;
 pub mod commands;
-pub mod compat_flags;
 pub mod daemon;
 pub mod datapath;
 pub mod flannel;
@@ -25,6 +29,8 @@ pub mod health;
 pub mod iface;
 pub mod inspect;
 pub mod ipmasq;
+#[cfg(test)]
+mod layering;
 pub mod netlink;
 pub mod netns;
 pub mod notify;

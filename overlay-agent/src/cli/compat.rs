@@ -5,7 +5,7 @@
 
 use clap::Args;
 
-use crate::cli::parse_go_bool;
+use super::values::parse_go_bool;
 
 const KUBE: &str = "flanneld's IPv6 and logging flags (accepted for compatibility)";
 
