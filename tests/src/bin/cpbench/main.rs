@@ -211,11 +211,15 @@ fn main() -> Result<()> {
         let doc = root.join("docs/control-plane-benchmark.md");
         let previous = std::fs::read_to_string(&doc).unwrap_or_default();
         let notes = report::notes_of(&previous);
-        std::fs::write(&doc, report::document(&rows, &herds, &ctx, notes))
-            .with_context(|| format!("writing {}", doc.display()))?;
+        let kept = report::kept_herd(&previous);
+        std::fs::write(
+            &doc,
+            report::document(&rows, &herds, &ctx, notes, kept.as_deref()),
+        )
+        .with_context(|| format!("writing {}", doc.display()))?;
         update_readme(
             &root.join("README.md"),
-            &report::readme_section(&rows, &herds, &ctx),
+            &report::readme_section(&rows, &herds, &ctx, kept.as_deref()),
         )?;
         eprintln!("wrote {} and README.md", doc.display());
     }

@@ -321,10 +321,42 @@ pub fn notes_of(previous: &str) -> Option<&str> {
     Some(&previous[a..b + NOTES_END.len()])
 }
 
-/// docs/control-plane-benchmark.md; `notes` kept from the previous one.
-pub fn document(rows: &[Row], herds: &[HerdRow], ctx: &Context, notes: Option<&str>) -> String {
+const KEPT_HERD: &str = "Not re-run by this run (`--herd`): kept from the previous document";
+
+/// The herd figure of a previous document (its table, method and when it
+/// was measured), for a run without `--herd`.
+pub fn kept_herd(previous: &str) -> Option<String> {
+    let start = previous.find("\n## Herd\n")? + "\n## Herd\n".len();
+    let rest = &previous[start..];
+    let body = rest.find("\n## ").map_or(rest, |e| &rest[..e]).trim();
+    if !body.contains("| agents |") {
+        return None;
+    }
+    if body.starts_with(KEPT_HERD) {
+        return Some(body.to_owned());
+    }
+    let measured = previous
+        .lines()
+        .find(|l| l.starts_with("Measured "))
+        .and_then(|l| l.split(" by `cargo").next())
+        .unwrap_or("measured earlier");
+    Some(format!("{KEPT_HERD} ({measured}).\n\n{body}"))
+}
+
+/// docs/control-plane-benchmark.md; `notes` and, without a herd in this
+/// run, the herd figure (`kept`) carried over from the previous one.
+pub fn document(
+    rows: &[Row],
+    herds: &[HerdRow],
+    ctx: &Context,
+    notes: Option<&str>,
+    kept: Option<&str>,
+) -> String {
     let herd = if herds.is_empty() {
-        "\n## Herd\n\nNot measured in this run (`--herd`).\n".to_owned()
+        match kept {
+            Some(k) => format!("\n## Herd\n\n{k}\n"),
+            None => "\n## Herd\n\nNot measured in this run (`--herd`).\n".to_owned(),
+        }
     } else {
         format!("\n## Herd\n\n{}\n{HERD_METHOD}\n", herd_table(herds))
     };
@@ -361,9 +393,23 @@ pub const README_START: &str = "<!-- cpbench:start -->";
 pub const README_END: &str = "<!-- cpbench:end -->";
 
 /// The README's section between the markers, markers included.
-pub fn readme_section(rows: &[Row], herds: &[HerdRow], ctx: &Context) -> String {
+pub fn readme_section(
+    rows: &[Row],
+    herds: &[HerdRow],
+    ctx: &Context,
+    kept: Option<&str>,
+) -> String {
     let herd = if herds.is_empty() {
-        String::new()
+        match kept {
+            Some(k) => {
+                let table: Vec<&str> = k.lines().filter(|l| l.starts_with('|')).collect();
+                format!(
+                    "\nThe herd, not re-run with the table above (see the document):\n\n{}\n",
+                    table.join("\n")
+                )
+            }
+            None => String::new(),
+        }
     } else {
         format!("\n{}", herd_table(herds))
     };
@@ -381,6 +427,23 @@ pub fn readme_section(rows: &[Row], herds: &[HerdRow], ctx: &Context) -> String 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn notes_and_the_herd_are_carried_over() {
+        let previous = "# T\n\nMeasured 2026-12-02 at commit `abc` by `cargo xtask cpbench` on X.\n\n## Notes\n\n<!-- cpbench:notes:start -->\nhand\n<!-- cpbench:notes:end -->\n\n## Herd\n\n| agents | leases |\n|---|---|\n| 20 | 5,000 |\n\nThe herd: ...\n";
+        assert_eq!(
+            notes_of(previous),
+            Some("<!-- cpbench:notes:start -->\nhand\n<!-- cpbench:notes:end -->")
+        );
+        let kept = kept_herd(previous).unwrap();
+        assert!(kept.starts_with(KEPT_HERD));
+        assert!(kept.contains("(Measured 2026-12-02 at commit `abc`)"));
+        assert!(kept.ends_with("The herd: ..."));
+        // Kept again by the next run without --herd: not wrapped twice.
+        let again = format!("# T\n\n## Herd\n\n{kept}\n");
+        assert_eq!(kept_herd(&again).unwrap(), kept);
+        assert_eq!(kept_herd("## Herd\n\nNot measured in this run.\n"), None);
+    }
 
     #[test]
     fn thousands_are_grouped() {
