@@ -36,15 +36,18 @@ pub const NET_CONF: &str = r#"{
   }
 }"#;
 
+/// Fields drop in this order: the bpffs is unmounted before the stand-in
+/// removes its directory, which holds the mount point (mounted, it made
+/// that removal fail half-way and leave the directory behind).
 pub struct KubeCluster {
+    /// A bpffs outside the hosts' mount namespaces, for the agents' pins.
+    pub bpffs: Bpffs,
     pub hosts: Hosts,
     pub api: KubeApi,
     pub bin: PathBuf,
     pub dir: PathBuf,
     pub kubeconfig: PathBuf,
     pub net_conf: PathBuf,
-    /// A bpffs outside the hosts' mount namespaces, for the agents' pins.
-    pub bpffs: Bpffs,
 }
 
 impl KubeCluster {
