@@ -20,7 +20,7 @@ use serde_json::{Value, json};
 use crate::{
     agent::{Agent, Bpffs, Hosts},
     kube_api::{KubeApi, KubeApiSpec, simple_node},
-    lab,
+    lab, peers,
     reference::ReferencePeer,
 };
 
@@ -36,15 +36,18 @@ pub const NET_CONF: &str = r#"{
   }
 }"#;
 
+/// Fields drop in this order: the bpffs is unmounted before the stand-in
+/// removes its directory, which holds the mount point (mounted, it made
+/// that removal fail half-way and leave the directory behind).
 pub struct KubeCluster {
+    /// A bpffs outside the hosts' mount namespaces, for the agents' pins.
+    pub bpffs: Bpffs,
     pub hosts: Hosts,
     pub api: KubeApi,
     pub bin: PathBuf,
     pub dir: PathBuf,
     pub kubeconfig: PathBuf,
     pub net_conf: PathBuf,
-    /// A bpffs outside the hosts' mount namespaces, for the agents' pins.
-    pub bpffs: Bpffs,
 }
 
 /// What [`KubeCluster::start_with`] builds on.
@@ -225,6 +228,35 @@ pub fn flannel_annotations(mac: &str, public_ip: &str) -> BTreeMap<String, Optio
         (format!("{PREFIX}/kube-subnet-manager"), Some("true".into())),
         (format!("{PREFIX}/public-ip"), Some(public_ip.into())),
     ])
+}
+
+/// A net-conf.json with room for [`peers::MAX`] peer podCIDRs (`/24`s in
+/// 10.0.0.0/8), for thousands of Nodes made with [`peer_node`]; the agent's
+/// own Node takes [`SCALE_OWN_CIDR`], outside every peer's.
+pub const SCALE_NET_CONF: &str = r#"{"Network": "10.0.0.0/8", "Backend": {"Type": "vxlan"}}"#;
+
+/// The podCIDR of the agent's own Node next to [`peer_node`]s.
+pub const SCALE_OWN_CIDR: &str = "10.200.0.0/24";
+
+/// The name of peer `i`'s Node.
+pub fn peer_name(i: usize) -> String {
+    format!("peer{i}")
+}
+
+/// Peer `i` of [`peers`] as a Node of a flanneld (kube subnet manager):
+/// podCIDR [`peers::subnet`], public-ip [`peers::public_ip`], VtepMAC
+/// [`peers::vtep_mac`], VNI 1.
+pub fn peer_node(i: usize) -> Value {
+    let annotations: serde_json::Map<String, Value> =
+        flannel_annotations(&peers::vtep_mac(i), &peers::public_ip(i).to_string())
+            .into_iter()
+            .filter_map(|(k, v)| Some((k, Value::String(v?))))
+            .collect();
+    node_with(
+        &peer_name(i),
+        &[&peers::subnet(i).to_string()],
+        Value::Object(annotations),
+    )
 }
 
 /// A flanneld stand-in node.

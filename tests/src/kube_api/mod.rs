@@ -437,6 +437,17 @@ impl KubeApi {
         })
     }
 
+    /// Deletes many nodes under one lock (DELETED events in that order).
+    pub fn delete_nodes_bulk<S: AsRef<str>>(&self, names: &[S]) -> Result<()> {
+        self.shared.with_store(|s| {
+            for n in names {
+                s.delete(Resource::Node, "", n.as_ref())
+                    .map_err(|e| anyhow!(e.message))?;
+            }
+            Ok(())
+        })
+    }
+
     pub fn node(&self, name: &str) -> Option<Value> {
         self.shared
             .with_store(|s| s.get(Resource::Node, "", name).map(|v| (*v).clone()))

@@ -17,9 +17,35 @@ use crate::{etcd_requests, interrupted, proc_stats, report::Row};
 /// Leases added in one burst (a few transactions), then deleted in one.
 pub const BURST: usize = 1000;
 /// How long the idle agent is watched.
-const IDLE: Duration = Duration::from_secs(5);
+pub const IDLE: Duration = Duration::from_secs(5);
 /// Between two single events, so each is applied on its own.
-const EVENT_GAP: Duration = Duration::from_millis(30);
+pub const EVENT_GAP: Duration = Duration::from_millis(30);
+
+/// Where the agent's peers come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Manager {
+    /// Leases in etcd (flannel's default).
+    Etcd,
+    /// Nodes of a Kubernetes API server (`--kube-subnet-mgr`).
+    Kube,
+}
+
+impl Manager {
+    pub fn parse(s: &str) -> Result<Manager> {
+        Ok(match s {
+            "etcd" => Manager::Etcd,
+            "kube" => Manager::Kube,
+            _ => bail!("unknown subnet manager {s:?} (etcd, kube)"),
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Manager::Etcd => "etcd",
+            Manager::Kube => "kube",
+        }
+    }
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Datapath {
@@ -43,7 +69,7 @@ impl Datapath {
         }
     }
 
-    fn flag(self) -> &'static str {
+    pub fn flag(self) -> &'static str {
         match self {
             Datapath::Ebpf => "--datapath=ebpf",
             Datapath::Kernel => "--datapath=kernel",
@@ -91,8 +117,10 @@ pub fn run(n: usize, datapath: Datapath, events: usize) -> Result<Row> {
         // Whatever the agent still does once all is programmed settles first.
         std::thread::sleep(Duration::from_secs(1));
         let idle_from = agent_cpu(pid)?;
+        let idle_requests_from = etcd_requests::started(&url)?;
         sleep_unless_interrupted(IDLE)?;
         let idle_cpu = agent_cpu(pid)? - idle_from;
+        let idle_requests = etcd_requests::started(&url)? - idle_requests_from;
 
         let requests_before = etcd_requests::started(&url)?;
         let mut adds = Vec::new();
@@ -144,6 +172,7 @@ pub fn run(n: usize, datapath: Datapath, events: usize) -> Result<Row> {
         Ok(Row {
             n,
             datapath: datapath.name(),
+            manager: Manager::Etcd.name(),
             cold_s: cold.as_secs_f64(),
             cold_cpu_s: cold_cpu,
             add_ms: percentiles(&mut adds),
@@ -154,6 +183,9 @@ pub fn run(n: usize, datapath: Datapath, events: usize) -> Result<Row> {
             rss_mib: rss,
             start_requests,
             requests_per_event: per_event,
+            idle_requests,
+            request_kinds: String::new(),
+            phases: String::new(),
             resyncs,
         })
     });
@@ -163,12 +195,12 @@ pub fn run(n: usize, datapath: Datapath, events: usize) -> Result<Row> {
 
 /// A bound for the cold start only a hang exceeds (the current main needs
 /// about 20 s for 5,000 peers).
-fn cold_limit(n: usize) -> Duration {
+pub fn cold_limit(n: usize) -> Duration {
     Duration::from_secs(60) + Duration::from_millis(30 * n as u64)
 }
 
 /// The agent's CPU seconds, once `ip netns exec` and `sh` have exec'd it.
-fn agent_cpu(pid: u32) -> Result<f64> {
+pub fn agent_cpu(pid: u32) -> Result<f64> {
     let comm = proc_stats::comm(pid);
     if comm != "overlay-agent" {
         bail!("pid {pid} is {comm:?}, not the agent");
@@ -178,7 +210,7 @@ fn agent_cpu(pid: u32) -> Result<f64> {
 
 /// Runs `step` in short slices until it succeeds, `limit` passes, the agent
 /// exits or Ctrl-C arrives.
-fn wait(
+pub fn wait(
     agent: &mut Agent,
     limit: Duration,
     mut step: impl FnMut(Duration) -> Result<Instant>,
@@ -203,7 +235,7 @@ fn wait(
     }
 }
 
-fn sleep_unless_interrupted(d: Duration) -> Result<()> {
+pub fn sleep_unless_interrupted(d: Duration) -> Result<()> {
     let t0 = Instant::now();
     while t0.elapsed() < d {
         if interrupted() {
@@ -214,13 +246,13 @@ fn sleep_unless_interrupted(d: Duration) -> Result<()> {
     Ok(())
 }
 
-fn tail(s: &str, n: usize) -> String {
+pub fn tail(s: &str, n: usize) -> String {
     let lines: Vec<&str> = s.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 /// (p50, p99) in milliseconds, nearest rank.
-fn percentiles(samples: &mut [Duration]) -> (f64, f64) {
+pub fn percentiles(samples: &mut [Duration]) -> (f64, f64) {
     samples.sort();
     let rank = |p: f64| {
         let i = ((p * samples.len() as f64).ceil() as usize).clamp(1, samples.len()) - 1;

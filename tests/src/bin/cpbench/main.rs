@@ -1,11 +1,14 @@
-//! `cargo xtask cpbench`: the control plane at N peers. For each N and
-//! datapath, one host, a real etcd holding N leases of other nodes and the
-//! release agent: cold start, single add/delete latency, a burst of 1,000,
-//! CPU, peak RSS and etcd requests (see [`report::METHOD`]).
+//! `cargo xtask cpbench`: the control plane at N peers. For each N,
+//! datapath and subnet manager, one host, a real etcd holding N leases of
+//! other nodes (or the Kubernetes API stand-in holding N Nodes of other
+//! flanneld nodes) and the release agent: cold start, single add/delete
+//! latency, a burst of 1,000, CPU, peak RSS and requests to etcd or the API
+//! (see [`report::METHOD`] and [`report::KUBE_METHOD`]).
 
 mod case;
 mod etcd_requests;
 mod herd;
+mod kube_case;
 mod proc_stats;
 mod report;
 
@@ -14,15 +17,18 @@ use std::time::Instant;
 
 use anyhow::{Context as _, Result, bail};
 
-use case::Datapath;
+use case::{Datapath, Manager};
 use report::{Context, Row};
 
 const USAGE: &str = "\
-usage: cpbench [--quick] [--peers LIST] [--datapaths LIST] [--events N] [--write]
-               [--herd | --herd-only] [--herd-agents N] [--herd-peers N]
+usage: cpbench [--quick] [--peers LIST] [--datapaths LIST] [--subnet-managers LIST]
+               [--events N] [--write] [--herd | --herd-only] [--herd-agents N] [--herd-peers N]
 
   --peers LIST      comma-separated peer counts (default 1000,5000,10000)
   --datapaths LIST  comma-separated: ebpf,kernel (default both)
+  --subnet-managers LIST
+                    comma-separated: etcd (leases in etcd), kube (Nodes of a Kubernetes
+                    API server stand-in, --kube-subnet-mgr) (default both)
   --events N        single adds and single deletes timed per case (default 20)
   --quick           smoke run: 500 peers, eBPF only
   --herd            then the herd figure: agents in their own namespaces on one etcd
@@ -37,6 +43,7 @@ usage: cpbench [--quick] [--peers LIST] [--datapaths LIST] [--events N] [--write
 struct Args {
     peers: Vec<usize>,
     datapaths: Vec<Datapath>,
+    managers: Vec<Manager>,
     events: usize,
     write: bool,
     herd: bool,
@@ -49,6 +56,7 @@ fn parse_args(args: &[String]) -> Result<Option<Args>> {
     let mut a = Args {
         peers: vec![1000, 5000, 10_000],
         datapaths: vec![Datapath::Ebpf, Datapath::Kernel],
+        managers: vec![Manager::Etcd, Manager::Kube],
         events: 20,
         write: false,
         herd: false,
@@ -93,6 +101,12 @@ fn parse_args(args: &[String]) -> Result<Option<Args>> {
                     .map(Datapath::parse)
                     .collect::<Result<_>>()?;
             }
+            "--subnet-managers" | "--subnet-manager" => {
+                a.managers = value()?
+                    .split(',')
+                    .map(|s| Manager::parse(s.trim()))
+                    .collect::<Result<_>>()?;
+            }
             other => bail!("unknown argument {other:?}\n{USAGE}"),
         }
     }
@@ -101,8 +115,12 @@ fn parse_args(args: &[String]) -> Result<Option<Args>> {
         a.datapaths = vec![Datapath::Ebpf];
     }
     let room = overlay_tests::peers::MAX - a.events - case::BURST;
-    if a.peers.iter().any(|&n| n == 0 || n > room) || a.datapaths.is_empty() || a.events == 0 {
-        bail!("peers must be 1..={room}, and datapaths and events non-empty");
+    if a.peers.iter().any(|&n| n == 0 || n > room)
+        || a.datapaths.is_empty()
+        || a.managers.is_empty()
+        || a.events == 0
+    {
+        bail!("peers must be 1..={room}, and datapaths, subnet managers and events non-empty");
     }
     if a.write && !a.cases {
         bail!("--write replaces the whole table: it needs the cases, not --herd-only");
@@ -129,10 +147,7 @@ fn main() -> Result<()> {
         bail!("the benchmark builds network namespaces: run it as root (cargo xtask cpbench)");
     }
     catch_signals();
-    let load_before = std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|l| l.split_whitespace().next().map(str::to_owned))
-        .unwrap_or_default();
+    let load_before = load_average();
     let started = Instant::now();
     let mut rows: Vec<Row> = Vec::new();
     let peers = if args.cases {
@@ -142,18 +157,28 @@ fn main() -> Result<()> {
     };
     for &n in &peers {
         for &dp in &args.datapaths {
-            eprintln!("cpbench: {n} peers, {} datapath", dp.name());
-            let row = case::run(n, dp, args.events)
-                .with_context(|| format!("{n} peers, {} datapath", dp.name()))?;
-            if row.resyncs > 0 {
-                eprintln!(
-                    "  (the route watch overflowed {} time(s) and re-read the table)",
-                    row.resyncs
+            for &mgr in &args.managers {
+                let what = format!(
+                    "{n} peers, {} datapath, {} subnet manager",
+                    dp.name(),
+                    mgr.name()
                 );
-            }
-            rows.push(row);
-            if interrupted() {
-                bail!("interrupted");
+                eprintln!("cpbench: {what}");
+                let row = match mgr {
+                    Manager::Etcd => case::run(n, dp, args.events),
+                    Manager::Kube => kube_case::run(n, dp, args.events),
+                }
+                .with_context(|| what.clone())?;
+                if row.resyncs > 0 {
+                    eprintln!(
+                        "  (the route watch overflowed {} time(s) and re-read the table)",
+                        row.resyncs
+                    );
+                }
+                rows.push(row);
+                if interrupted() {
+                    bail!("interrupted");
+                }
             }
         }
     }
@@ -169,7 +194,13 @@ fn main() -> Result<()> {
         herds.push(herd::run(args.herd_agents, args.herd_peers, dp).context("the herd")?);
     }
     if !rows.is_empty() {
-        print!("{}\n{}", report::table(&rows), report::targets(&rows));
+        print!(
+            "{}\n{}\n{}\n{}",
+            report::table(&rows),
+            report::targets(&rows),
+            report::kube_targets(&rows),
+            report::kube_details(&rows)
+        );
     }
     if !herds.is_empty() {
         print!("\n{}", report::herd_table(&herds));
@@ -178,11 +209,17 @@ fn main() -> Result<()> {
         let ctx = context(&args, started.elapsed().as_secs_f64(), load_before);
         let root = workspace_root();
         let doc = root.join("docs/control-plane-benchmark.md");
-        std::fs::write(&doc, report::document(&rows, &herds, &ctx))
-            .with_context(|| format!("writing {}", doc.display()))?;
+        let previous = std::fs::read_to_string(&doc).unwrap_or_default();
+        let notes = report::notes_of(&previous);
+        let kept = report::kept_herd(&previous);
+        std::fs::write(
+            &doc,
+            report::document(&rows, &herds, &ctx, notes, kept.as_deref()),
+        )
+        .with_context(|| format!("writing {}", doc.display()))?;
         update_readme(
             &root.join("README.md"),
-            &report::readme_section(&rows, &herds, &ctx),
+            &report::readme_section(&rows, &herds, &ctx, kept.as_deref()),
         )?;
         eprintln!("wrote {} and README.md", doc.display());
     }
@@ -209,6 +246,14 @@ fn update_readme(path: &Path, section: &str) -> Result<()> {
     std::fs::write(path, updated).context("writing README.md")
 }
 
+/// `/proc/loadavg`'s 1-minute figure.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_owned))
+        .unwrap_or_default()
+}
+
 fn context(args: &Args, wall_s: f64, load_before: String) -> Context {
     Context {
         date: machine::utc_now(),
@@ -219,5 +264,6 @@ fn context(args: &Args, wall_s: f64, load_before: String) -> Context {
         events: args.events,
         wall_s,
         load_before,
+        load_after: load_average(),
     }
 }

@@ -5,10 +5,12 @@ use std::fmt::Write as _;
 
 use crate::herd::HerdRow;
 
-/// One (peers, datapath) measurement.
+/// One (peers, datapath, subnet manager) measurement.
 pub struct Row {
     pub n: usize,
     pub datapath: &'static str,
+    /// `etcd` or `kube`.
+    pub manager: &'static str,
     pub cold_s: f64,
     pub cold_cpu_s: f64,
     /// (p50, p99) ms from the etcd write to the route.
@@ -18,10 +20,17 @@ pub struct Row {
     pub burst_delete_s: f64,
     pub idle_cpu_s: f64,
     pub rss_mib: f64,
-    /// etcd requests from the agent's start to all programmed.
+    /// Requests to etcd (gRPC calls and streams) or the API server (HTTP
+    /// requests) from the agent's start to all programmed.
     pub start_requests: f64,
-    /// The agent's etcd requests per single lease event.
+    /// The agent's requests per single lease or Node event.
     pub requests_per_event: f64,
+    /// The agent's requests in the 5 idle seconds.
+    pub idle_requests: f64,
+    /// The start's requests by kind (kube: `list nodes 20, ...`).
+    pub request_kinds: String,
+    /// When each step of the cold start was seen (kube).
+    pub phases: String,
     /// Times the route watch's socket overflowed and was re-read.
     pub resyncs: u64,
 }
@@ -43,14 +52,15 @@ fn mark(ok: bool) -> &'static str {
 /// The measurements, one line per case.
 pub fn table(rows: &[Row]) -> String {
     let mut out = String::from(
-        "| N peers | datapath | cold start to N programmed | agent CPU in cold start | add p50 / p99 | delete p50 / p99 | burst of 1,000 adds / deletes | agent CPU idle 5 s | peak RSS | etcd requests: start / per event |\n|---|---|---|---|---|---|---|---|---|---|\n",
+        "| N peers | datapath | subnet manager | cold start to N programmed | agent CPU in cold start | add p50 / p99 | delete p50 / p99 | burst of 1,000 adds / deletes | agent CPU idle 5 s | peak RSS | requests to etcd or the API: start / per event / idle 5 s |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in rows {
         let _ = writeln!(
             out,
-            "| {} | {} | {:.2} s | {:.2} s | {:.1} / {:.1} ms | {:.1} / {:.1} ms | {:.2} / {:.2} s | {:.2} s | {:.1} MiB | {:.0} / {:.2} |",
+            "| {} | {} | {} | {:.2} s | {:.2} s | {:.1} / {:.1} ms | {:.1} / {:.1} ms | {:.2} / {:.2} s | {:.2} s | {:.1} MiB | {:.0} / {:.2} / {:.0} |",
             thousands(r.n),
             r.datapath,
+            r.manager,
             r.cold_s,
             r.cold_cpu_s,
             r.add_ms.0,
@@ -63,6 +73,7 @@ pub fn table(rows: &[Row]) -> String {
             r.rss_mib,
             r.start_requests,
             r.requests_per_event,
+            r.idle_requests,
         );
     }
     out
@@ -71,11 +82,15 @@ pub fn table(rows: &[Row]) -> String {
 /// Each row against the targets (stated for 10,000 peers: a smaller N that
 /// misses one misses it at 10,000 too, one that meets it says little).
 pub fn targets(rows: &[Row]) -> String {
+    let rows: Vec<&Row> = rows.iter().filter(|r| r.manager == "etcd").collect();
+    if rows.is_empty() {
+        return "Issue 10's targets (etcd): no etcd case was measured in this run.\n".to_owned();
+    }
     let mut out = format!(
-        "Targets (issue 10, stated for {} peers): cold start ≤ {COLD_EBPF_S} s eBPF / ≤ {COLD_KERNEL_S} s kernel, one event ≤ {EVENT_P99_MS} ms p99, a burst of 1,000 ≤ {BURST_S} s, peak RSS ≤ {RSS_MIB} MiB, idle CPU ≈ 0 (≤ {IDLE_CPU_S} s in 5 s).\n\n| N peers | datapath | cold start | event p99 | burst | RSS | idle CPU |\n|---|---|---|---|---|---|---|\n",
+        "Targets (issue 10, etcd, stated for {} peers): cold start ≤ {COLD_EBPF_S} s eBPF / ≤ {COLD_KERNEL_S} s kernel, one event ≤ {EVENT_P99_MS} ms p99, a burst of 1,000 ≤ {BURST_S} s, peak RSS ≤ {RSS_MIB} MiB, idle CPU ≈ 0 (≤ {IDLE_CPU_S} s in 5 s).\n\n| N peers | datapath | cold start | event p99 | burst | RSS | idle CPU |\n|---|---|---|---|---|---|---|\n",
         thousands(TARGET_PEERS)
     );
-    for r in rows {
+    for r in &rows {
         let cold = if r.datapath == "eBPF" {
             COLD_EBPF_S
         } else {
@@ -99,6 +114,86 @@ pub fn targets(rows: &[Row]) -> String {
             out,
             "\nNo case of {} peers was measured in this run.",
             thousands(TARGET_PEERS)
+        );
+    }
+    out
+}
+
+/// Issue 16's bound on the kube cold start, against etcd's in the same run.
+const KUBE_COLD_RATIO: f64 = 1.25;
+/// "Nothing per second that grows with N": at most this many requests per
+/// event (a watch re-opened now and then, not a poll or a re-list).
+const KUBE_REQUESTS_PER_EVENT: f64 = 0.1;
+
+/// The kube rows against issue 16's targets: cold start within 1.25x of
+/// etcd mode's (same N and datapath, same run), one event ≤ 5 ms p99, RSS
+/// ≤ 64 MiB, and nothing per second that grows with N (idle CPU ≈ 0, no
+/// request while idle, ~0 per event).
+pub fn kube_targets(rows: &[Row]) -> String {
+    let kube: Vec<&Row> = rows.iter().filter(|r| r.manager == "kube").collect();
+    if kube.is_empty() {
+        return "Issue 16's targets (kube): no kube case was measured in this run.\n".to_owned();
+    }
+    let mut out = format!(
+        "Targets (issue 16, the Kubernetes subnet manager, stated for {} Nodes): cold start ≤ {KUBE_COLD_RATIO}× etcd mode's cold start in the same run (same N, same datapath), one event ≤ {EVENT_P99_MS} ms p99, peak RSS ≤ {RSS_MIB} MiB, nothing per second that grows with N (idle CPU ≤ {IDLE_CPU_S} s in 5 s, no request to the API while idle, ≤ {KUBE_REQUESTS_PER_EVENT} per event: a watch, not polling).\n\n| N Nodes | datapath | cold start: kube / etcd | event p99 | RSS | nothing per second growing with N |\n|---|---|---|---|---|---|\n",
+        thousands(TARGET_PEERS)
+    );
+    for r in &kube {
+        let etcd = rows
+            .iter()
+            .find(|e| e.manager == "etcd" && e.n == r.n && e.datapath == r.datapath);
+        let cold = match etcd {
+            Some(e) => {
+                let ratio = r.cold_s / e.cold_s;
+                format!(
+                    "{:.2} / {:.2} s = {ratio:.2}×, {}",
+                    r.cold_s,
+                    e.cold_s,
+                    mark(ratio <= KUBE_COLD_RATIO)
+                )
+            }
+            None => format!("{:.2} s, no etcd case in this run", r.cold_s),
+        };
+        let event = r.add_ms.1.max(r.delete_ms.1);
+        let quiet = r.idle_cpu_s <= IDLE_CPU_S
+            && r.idle_requests == 0.0
+            && r.requests_per_event <= KUBE_REQUESTS_PER_EVENT;
+        let _ = writeln!(
+            out,
+            "| {} | {} | {cold} | {event:.1} ms, {} | {:.1} MiB, {} | {:.2} CPU s, {:.0} requests idle, {:.2} per event: {} |",
+            thousands(r.n),
+            r.datapath,
+            mark(event <= EVENT_P99_MS),
+            r.rss_mib,
+            mark(r.rss_mib <= RSS_MIB),
+            r.idle_cpu_s,
+            r.idle_requests,
+            r.requests_per_event,
+            mark(quiet),
+        );
+    }
+    if !kube.iter().any(|r| r.n >= TARGET_PEERS) {
+        let _ = writeln!(
+            out,
+            "\nNo kube case of {} Nodes was measured in this run.",
+            thousands(TARGET_PEERS)
+        );
+    }
+    out
+}
+
+/// The kube cases' requests during the cold start by kind, and when each
+/// step of their cold start was seen.
+pub fn kube_details(rows: &[Row]) -> String {
+    let mut out = String::new();
+    for r in rows.iter().filter(|r| r.manager == "kube") {
+        let _ = writeln!(
+            out,
+            "- {} Nodes, {}: requests in the cold start: {}; steps from spawning the agent: {}.",
+            thousands(r.n),
+            r.datapath,
+            r.request_kinds,
+            r.phases
         );
     }
     out
@@ -172,6 +267,8 @@ pub struct Context {
     /// `/proc/loadavg`'s 1-minute figure when the run began: the machine may
     /// be shared, and every figure here is a wall-clock time.
     pub load_before: String,
+    /// The same when it ended.
+    pub load_after: String,
 }
 
 pub const METHOD: &str = "\
@@ -193,25 +290,102 @@ subtracting the benchmark's own write. On the eBPF datapath the route is what is
 the agent writes a peer's map entries just after its kernel entries on an add, so the \
 route comes first, and removes them just before on a delete, so the route goes last.";
 
-/// docs/control-plane-benchmark.md.
-pub fn document(rows: &[Row], herds: &[HerdRow], ctx: &Context) -> String {
+pub const KUBE_METHOD: &str = "\
+With the Kubernetes subnet manager (`subnet manager` kube) the same host holds, instead of \
+etcd, the harness's Kubernetes API stand-in (`overlay_tests::kube_api`: HTTPS with a \
+bearer token, in the benchmark's process on its own 2-thread runtime, on the host's \
+address) with our own Node (podCIDR 10.200.0.0/24) and N Nodes of other flanneld nodes \
+(podCIDRs, PublicIPs and VtepMACs as the etcd leases; flannel's annotations \
+`kube-subnet-manager`, `backend-type` vxlan, `backend-data` `{\"VNI\":1,\"VtepMAC\":...}`, \
+`public-ip`), net-conf.json `{\"Network\": \"10.0.0.0/8\", \"Backend\": {\"Type\": \"vxlan\"}}`, \
+and the release agent started as the DaemonSet starts it (`--kube-subnet-mgr \
+--kubeconfig-file --net-config-path`, `NODE_NAME`; without `--ip-masq`, as the etcd case). \
+Single adds and deletes are a Node written to or deleted from the stand-in's store (one \
+watch event each), the burst 1,000 Nodes stored at once and then deleted at once. Requests \
+are the HTTP requests the stand-in answered (LIST pages, WATCHes opened, GETs, PATCHes; \
+not events on an open watch): during the cold start, per single event and in the 5 idle \
+seconds. The steps of each kube cold start are sampled every 10 ms: the agent's log \
+(connected, own Node read, `running` logged), the stand-in's counters (first LIST, first \
+WATCH, which kube-runtime's watcher opens once its paged LIST is done) and the route watch \
+(first and N-th route).";
+
+/// Carried over from the previous document by `--write`: what was found
+/// by hand (profiles, logs) stays next to the figures it explains.
+pub const NOTES_START: &str = "<!-- cpbench:notes:start -->";
+pub const NOTES_END: &str = "<!-- cpbench:notes:end -->";
+
+/// The notes block (markers included) of a previous document, if any.
+pub fn notes_of(previous: &str) -> Option<&str> {
+    let a = previous.find(NOTES_START)?;
+    let b = previous[a..].find(NOTES_END)? + a;
+    Some(&previous[a..b + NOTES_END.len()])
+}
+
+const KEPT_HERD: &str = "Not re-run by this run (`--herd`): kept from the previous document";
+
+/// The herd figure of a previous document (its table, method and when it
+/// was measured), for a run without `--herd`.
+pub fn kept_herd(previous: &str) -> Option<String> {
+    let start = previous.find("\n## Herd\n")? + "\n## Herd\n".len();
+    let rest = &previous[start..];
+    let body = rest.find("\n## ").map_or(rest, |e| &rest[..e]).trim();
+    if !body.contains("| agents |") {
+        return None;
+    }
+    if body.starts_with(KEPT_HERD) {
+        return Some(body.to_owned());
+    }
+    let measured = previous
+        .lines()
+        .find(|l| l.starts_with("Measured "))
+        .and_then(|l| l.split(" by `cargo").next())
+        .unwrap_or("measured earlier");
+    Some(format!("{KEPT_HERD} ({measured}).\n\n{body}"))
+}
+
+/// docs/control-plane-benchmark.md; `notes` and, without a herd in this
+/// run, the herd figure (`kept`) carried over from the previous one.
+pub fn document(
+    rows: &[Row],
+    herds: &[HerdRow],
+    ctx: &Context,
+    notes: Option<&str>,
+    kept: Option<&str>,
+) -> String {
     let herd = if herds.is_empty() {
-        "\n## Herd\n\nNot measured in this run (`--herd`).\n".to_owned()
+        match kept {
+            Some(k) => format!("\n## Herd\n\n{k}\n"),
+            None => "\n## Herd\n\nNot measured in this run (`--herd`).\n".to_owned(),
+        }
     } else {
         format!("\n## Herd\n\n{}\n{HERD_METHOD}\n", herd_table(herds))
     };
+    let managers: Vec<&str> = ["etcd", "kube"]
+        .into_iter()
+        .filter(|m| rows.iter().any(|r| r.manager == *m))
+        .collect();
+    let details = kube_details(rows);
+    let details = if details.is_empty() {
+        String::new()
+    } else {
+        format!("\n### The kube cold starts\n\n{details}")
+    };
+    let notes = notes.map_or(String::new(), |n| format!("\n## Notes\n\n{n}\n"));
     format!(
-        "# Control-plane benchmark\n\nMeasured {} at commit `{}` by `cargo xtask cpbench` on {} ({} cores, kernel {}, load average {} when it began); {} single events of each kind per case, {:.0} s in all.\n\n{}\n\n## Method\n\n{METHOD}\n\n## Targets\n\n{}{herd}",
+        "# Control-plane benchmark\n\nMeasured {} at commit `{}` by `cargo xtask cpbench` on {} ({} cores, kernel {}, load average {} when it began, {} when it ended); subnet managers measured: {}; {} single events of each kind per case, {:.0} s in all.\n\n{}\n\n## Method\n\n{METHOD}\n\n{KUBE_METHOD}\n\n## Targets\n\n{}\n{}{details}{notes}{herd}",
         ctx.date,
         ctx.commit,
         ctx.cpu,
         ctx.cores,
         ctx.kernel,
         ctx.load_before,
+        ctx.load_after,
+        managers.join(", "),
         ctx.events,
         ctx.wall_s,
         table(rows),
-        targets(rows)
+        targets(rows),
+        kube_targets(rows),
     )
 }
 
@@ -219,9 +393,23 @@ pub const README_START: &str = "<!-- cpbench:start -->";
 pub const README_END: &str = "<!-- cpbench:end -->";
 
 /// The README's section between the markers, markers included.
-pub fn readme_section(rows: &[Row], herds: &[HerdRow], ctx: &Context) -> String {
+pub fn readme_section(
+    rows: &[Row],
+    herds: &[HerdRow],
+    ctx: &Context,
+    kept: Option<&str>,
+) -> String {
     let herd = if herds.is_empty() {
-        String::new()
+        match kept {
+            Some(k) => {
+                let table: Vec<&str> = k.lines().filter(|l| l.starts_with('|')).collect();
+                format!(
+                    "\nThe herd, not re-run with the table above (see the document):\n\n{}\n",
+                    table.join("\n")
+                )
+            }
+            None => String::new(),
+        }
     } else {
         format!("\n{}", herd_table(herds))
     };
@@ -239,6 +427,23 @@ pub fn readme_section(rows: &[Row], herds: &[HerdRow], ctx: &Context) -> String 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn notes_and_the_herd_are_carried_over() {
+        let previous = "# T\n\nMeasured 2026-12-02 at commit `abc` by `cargo xtask cpbench` on X.\n\n## Notes\n\n<!-- cpbench:notes:start -->\nhand\n<!-- cpbench:notes:end -->\n\n## Herd\n\n| agents | leases |\n|---|---|\n| 20 | 5,000 |\n\nThe herd: ...\n";
+        assert_eq!(
+            notes_of(previous),
+            Some("<!-- cpbench:notes:start -->\nhand\n<!-- cpbench:notes:end -->")
+        );
+        let kept = kept_herd(previous).unwrap();
+        assert!(kept.starts_with(KEPT_HERD));
+        assert!(kept.contains("(Measured 2026-12-02 at commit `abc`)"));
+        assert!(kept.ends_with("The herd: ..."));
+        // Kept again by the next run without --herd: not wrapped twice.
+        let again = format!("# T\n\n## Herd\n\n{kept}\n");
+        assert_eq!(kept_herd(&again).unwrap(), kept);
+        assert_eq!(kept_herd("## Herd\n\nNot measured in this run.\n"), None);
+    }
 
     #[test]
     fn thousands_are_grouped() {
