@@ -14,6 +14,7 @@ use crate::flannel::mac::MacAddr;
 
 pub mod ebpf;
 pub mod fastpath;
+pub mod host_policy;
 pub mod kernel;
 pub mod pins;
 pub mod tc_attach;
