@@ -25,7 +25,7 @@ use std::{fmt, io, net::Ipv4Addr};
 
 use rtnetlink::{
     RouteMessageBuilder,
-    packet_route::route::{RouteAttribute, RouteMessage, RouteType},
+    packet_route::route::{RouteAttribute, RouteFlags, RouteMessage, RouteType},
 };
 
 use crate::netlink::{Netlink, NetlinkError};
@@ -304,10 +304,12 @@ pub async fn route_conflict(
     peer: Ipv4Addr,
     underlay_ifindex: u32,
 ) -> Result<Option<RouteConflict>, NetlinkError> {
-    let msg = RouteMessageBuilder::<Ipv4Addr>::new()
+    let mut msg = RouteMessageBuilder::<Ipv4Addr>::new()
         .destination_prefix(peer, 32)
         .source_prefix(local, 32)
         .build();
+    // Without it the kernel reports every lookup as from `main`.
+    msg.header.flags |= RouteFlags::LookupTable;
     let req = nl.handle().route().get(msg);
     let routes = match Netlink::collect::<RouteMessage>(req.execute(), || {
         format!("route get {peer} from {local}")
