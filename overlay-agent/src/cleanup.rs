@@ -3,7 +3,9 @@
 //! the pinned links (detaching the programs), our legacy clsact filters and
 //! the maps, the `flannel.<VNI>`
 //! device of its VNI (its address, routes, neighbour and FDB entries go
-//! with it) and the FLANNEL-* chains with the jumps to them. The lease in
+//! with it) and the FLANNEL-* chains with the jumps to them. The value
+//! `nf_conntrack_tcp_be_liberal` had before the fast path set it, recorded
+//! next to the pins, is put back. The lease in
 //! etcd and subnet.env stay, so the node keeps its subnet if the agent
 //! comes back.
 //!
@@ -186,6 +188,12 @@ pub async fn run(pins: &PinLayout, opts: &Options) -> Result<Vec<String>, Cleanu
     }
 
     let mut removed = Vec::new();
+    // Before the pins go: the record lives in their directory.
+    if let Some(v) = crate::datapath::fastpath::restore_be_liberal(pins) {
+        removed.push(format!(
+            "the fast path's nf_conntrack_tcp_be_liberal = 1 (restored to {v})"
+        ));
+    }
     for p in pins.remove_all().map_err(|source| CleanupError::Pins {
         dir: pins.root().display().to_string(),
         source,

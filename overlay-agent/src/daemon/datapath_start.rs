@@ -112,7 +112,7 @@ fn remove_ebpf_leftovers(cli: &Cli, spec: &NodeSpec) {
             layout.root().display()
         ),
     }
-    fastpath::release_host(spec.subnet);
+    fastpath::release_host(spec.subnet, Some(&layout));
 }
 
 /// bpffs's `statfs` magic.

@@ -16,7 +16,12 @@
 //! them and swaps new programs in atomically; [`Datapath::teardown`] removes
 //! the pins and so detaches.
 
-use std::{collections::BTreeSet, fmt, net::Ipv4Addr, path::PathBuf};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::Ipv4Addr,
+    path::PathBuf,
+};
 
 use aya::{
     Ebpf, EbpfLoader,
@@ -45,6 +50,7 @@ use overlay_common::{
 use super::{
     Datapath, DatapathError, Mode, NodeSpec, NodeState, Peer,
     fastpath::{self, FastPathMode, PodAttachments},
+    host_policy::{self, HostPolicyConflict, HostPolicyError},
     kernel::{KernelDatapath, PeerKind},
     pins::{MAPS, PinLayout, declared_shapes},
     tc_attach::{self, TcApi, TcAttachMode, TcLink},
@@ -176,6 +182,9 @@ pub enum EbpfFailure {
     Attach,
     /// Reading or writing a map failed.
     Map,
+    /// The host has policy (xfrm, policy routing) the programs would skip,
+    /// or it could not be checked.
+    HostPolicy,
 }
 
 /// Why the eBPF datapath could not be set up or updated. `Display` names the
@@ -282,6 +291,14 @@ pub enum EbpfError {
     /// ENOSPC from the LPM trie). Becomes [`DatapathError::MapFull`].
     #[error("eBPF: map {map} is full ({capacity} entries)")]
     MapFull { map: &'static str, capacity: u32 },
+    /// The host applies policy to node-to-node traffic that the programs'
+    /// outer packets would skip (see [`host_policy`]).
+    #[error("eBPF: the host's policy for node traffic would be skipped")]
+    HostPolicy(#[source] HostPolicyConflict),
+    /// The host's xfrm policies or a peer's route could not be read: the
+    /// eBPF datapath does not start on a guess.
+    #[error("eBPF: checking the host's xfrm policies and routes failed")]
+    HostPolicyCheck(#[source] HostPolicyError),
 }
 
 impl EbpfError {
@@ -304,6 +321,7 @@ impl EbpfError {
             | EbpfError::Link { .. }
             | EbpfError::Cpus(_) => EbpfFailure::Map,
             EbpfError::FastPathHost(_) => EbpfFailure::Attach,
+            EbpfError::HostPolicy(_) | EbpfError::HostPolicyCheck(_) => EbpfFailure::HostPolicy,
         }
     }
 
@@ -456,6 +474,10 @@ pub struct EbpfDatapath {
     kernel: KernelDatapath,
     /// Boxed: the aya object and the fast path's state are large.
     loaded: Option<Box<Loaded>>,
+    /// Peers added while host policy (xfrm, policy routing) covers them:
+    /// kernel entries only, no REMOTE_SUBNETS entry, so their traffic takes
+    /// the kernel's vxlan device (see `add_peer`).
+    kernel_only: BTreeMap<Ipv4Net, HostPolicyConflict>,
 }
 
 #[derive(Debug)]
@@ -485,7 +507,14 @@ impl EbpfDatapath {
             options,
             kernel: KernelDatapath::new(),
             loaded: None,
+            kernel_only: BTreeMap::new(),
         }
+    }
+
+    /// Peers left to the kernel's vxlan device because host policy covers
+    /// them, with what covers them.
+    pub fn kernel_only_peers(&self) -> &BTreeMap<Ipv4Net, HostPolicyConflict> {
+        &self.kernel_only
     }
 
     pub fn options(&self) -> &EbpfOptions {
@@ -573,7 +602,7 @@ impl EbpfDatapath {
                 DatapathError::from(undo).reason()
             );
         }
-        fastpath::release_host(subnet);
+        fastpath::release_host(subnet, self.options.pins.as_ref());
     }
 
     fn loaded(&self) -> Result<&Loaded, DatapathError> {
@@ -846,7 +875,7 @@ fn start_fast_path(
                 .load()
                 .map_err(|e| EbpfError::load(program, e))?;
         }
-        fastpath::prepare_host(subnet).map_err(EbpfError::FastPathHost)
+        fastpath::prepare_host(subnet, pins).map_err(EbpfError::FastPathHost)
     })();
     match attempt {
         Ok(()) => {
@@ -1281,6 +1310,30 @@ impl Datapath for EbpfDatapath {
             .await?
             .into_iter()
             .partition(|p| self.kernel.is_direct(p.subnet));
+        // Host policy the programs would skip keeps them off altogether: the
+        // xfrm policies, and the routes of the peers an adopted device holds
+        // (later peers are checked as they come, in add_peer).
+        let device = self.kernel.device().ok_or(DatapathError::NotSetUp)?;
+        let nl = self.kernel.netlink().ok_or(DatapathError::NotSetUp)?;
+        let peer_ips: Vec<Ipv4Addr> = peers.iter().map(|p| p.public_ip).collect();
+        let checked = host_policy::check_start(
+            nl,
+            device.local,
+            device.port,
+            device.underlay_ifindex,
+            &peer_ips,
+        )
+        .await;
+        let refusal = match checked {
+            Ok(None) => None,
+            Ok(Some(conflict)) => Some(EbpfError::HostPolicy(conflict)),
+            Err(e) => Some(EbpfError::HostPolicyCheck(e)),
+        };
+        if let Some(e) = refusal {
+            self.give_up(node.subnet);
+            return Err(e.into());
+        }
+        self.kernel_only.clear();
         let device = self.kernel.device().ok_or(DatapathError::NotSetUp)?;
         let started = Loaded::start(&self.options, device, node.subnet, &peers, &direct);
         let loaded = match started {
@@ -1340,14 +1393,71 @@ impl Datapath for EbpfDatapath {
     /// entry (it may still send us VXLAN, when it does not see us as direct)
     /// but no REMOTE_SUBNETS entry, so neither egress nor the fast path
     /// encapsulates toward it: its packets take the kernel's route.
+    ///
+    /// A vxlan peer that host policy covers (an xfrm policy toward its
+    /// PublicIP, or a route to it from another table or through another
+    /// interface: see [`host_policy`]) is left to the kernel: its kernel
+    /// entries, no REMOTE_SUBNETS entry, so `vxlan_egress` and the fast path
+    /// pass its packets to the kernel's device, which encapsulates them and
+    /// sends them through xfrm and the routing rules, as flannel does. It is
+    /// logged, counted ([`Self::kernel_only_peers`]) and reported as
+    /// programmed: refusing it instead would leave its subnet without a
+    /// route, and its pods' packets would follow the default route
+    /// unencapsulated. Under xfrm it gets no KNOWN_VTEPS entry either, so
+    /// clear VXLAN from it is dropped at TC ingress and only what the kernel
+    /// decrypts gets in; a route conflict keeps KNOWN_VTEPS, as a direct
+    /// peer does. The decision is taken when the peer is added: a policy
+    /// that appears or goes later takes effect at the next restart.
     async fn add_peer(&mut self, peer: &Peer) -> Result<(), DatapathError> {
         self.loaded()?;
         let kind = self.kernel.add_peer_kind(peer).await?;
+        let conflict = match kind {
+            PeerKind::Vxlan => {
+                let device = self.kernel.device().ok_or(DatapathError::NotSetUp)?;
+                let nl = self.kernel.netlink().ok_or(DatapathError::NotSetUp)?;
+                host_policy::check_peer(
+                    nl,
+                    device.local,
+                    device.port,
+                    device.underlay_ifindex,
+                    peer.public_ip,
+                )
+                .await
+                .map_err(EbpfError::HostPolicyCheck)?
+            }
+            PeerKind::Direct => None,
+        };
         let capacity = self.options.peer_capacity;
-        let Loaded { ebpf, users, .. } = self.loaded_mut()?;
-        match kind {
-            PeerKind::Vxlan => insert_peer(ebpf, users, peer, capacity)?,
-            PeerKind::Direct => insert_direct_peer(ebpf, users, peer, capacity)?,
+        let Loaded { ebpf, users, .. } =
+            self.loaded.as_deref_mut().ok_or(DatapathError::NotSetUp)?;
+        match (kind, &conflict) {
+            (PeerKind::Vxlan, None) => insert_peer(ebpf, users, peer, capacity)?,
+            (PeerKind::Vxlan, Some(HostPolicyConflict::Xfrm(_))) => {
+                remove_peer_entries(ebpf, users, peer)?;
+            }
+            (PeerKind::Vxlan, Some(HostPolicyConflict::Route { .. })) | (PeerKind::Direct, _) => {
+                insert_direct_peer(ebpf, users, peer, capacity)?;
+            }
+        }
+        match conflict {
+            Some(c) => {
+                if self.kernel_only.get(&peer.subnet) != Some(&c) {
+                    log::error!(
+                        "peer {} via {}: {c}: its traffic takes the kernel's vxlan device (through xfrm and the routing rules), not the eBPF programs",
+                        peer.subnet,
+                        peer.public_ip
+                    );
+                }
+                self.kernel_only.insert(peer.subnet, c);
+            }
+            None => {
+                if self.kernel_only.remove(&peer.subnet).is_some() {
+                    info!(
+                        "peer {} via {}: no host policy covers it any more: back on the eBPF programs",
+                        peer.subnet, peer.public_ip
+                    );
+                }
+            }
         }
         Ok(())
     }
@@ -1355,8 +1465,10 @@ impl Datapath for EbpfDatapath {
     /// Removes the peer from the maps first (so egress stops encapsulating to
     /// it), then its kernel entries.
     async fn remove_peer(&mut self, peer: &Peer) -> Result<(), DatapathError> {
-        let Loaded { ebpf, users, .. } = self.loaded_mut()?;
+        let Loaded { ebpf, users, .. } =
+            self.loaded.as_deref_mut().ok_or(DatapathError::NotSetUp)?;
         remove_peer_entries(ebpf, users, peer)?;
+        self.kernel_only.remove(&peer.subnet);
         self.kernel.remove_peer(peer).await
     }
 
@@ -1368,12 +1480,16 @@ impl Datapath for EbpfDatapath {
         let in_trie: std::collections::HashSet<Ipv4Net> =
             in_maps.iter().map(|p| p.subnet).collect();
         for peer in in_kernel {
-            let mapped = if self.kernel.is_direct(peer.subnet) {
+            let kernel_only = self.kernel_only.get(&peer.subnet);
+            let mapped = if self.kernel.is_direct(peer.subnet) || kernel_only.is_some() {
                 !in_trie.contains(&peer.subnet)
             } else {
                 in_maps.contains(&peer)
             };
-            if mapped && self.knows_vtep(peer.public_ip)? {
+            // A peer left to the kernel under xfrm has no KNOWN_VTEPS entry.
+            let vtep_ok = matches!(kernel_only, Some(HostPolicyConflict::Xfrm(_)))
+                || self.knows_vtep(peer.public_ip)?;
+            if mapped && vtep_ok {
                 agreed.push(peer);
             } else {
                 warn!(
@@ -1397,7 +1513,7 @@ impl Datapath for EbpfDatapath {
     /// legacy filters), removes the pinned maps, then deletes the device.
     async fn teardown(&mut self) -> Result<(), DatapathError> {
         if let Some(fast) = self.loaded.take().and_then(|l| l.fast) {
-            fastpath::release_host(fast.subnet);
+            fastpath::release_host(fast.subnet, self.options.pins.as_ref());
         }
         remove_attachments(self.options.pins.as_ref())?;
         self.kernel.teardown().await

@@ -9,6 +9,13 @@
 //! tracking the segment that renews an approval (and the FIN at the end)
 //! would be out of its window and INVALID.
 //!
+//! The sysctl is per network namespace but covers every TCP flow in it, so
+//! the value it had before the fast path set it is recorded next to the
+//! pins ([`BeLiberal`]), once: a hitless restart finds the record and does
+//! not take the fast path's own 1 for the previous value. Turning the fast
+//! path off (`--fast-path=off`, the kernel datapath, a failed start) and
+//! `overlay-agent cleanup` put the recorded value back.
+//!
 //! Pod veths are those enslaved to the bridge that holds an address of our
 //! subnet. Each gets `veth_from_pod` (TCX ingress) and `veth_to_pod` (TCX
 //! egress), pinned as `links/veth_from_pod-<ifindex>` and
@@ -85,27 +92,114 @@ impl FromStr for FastPathMode {
 /// The sysctl the fast path needs (per network namespace).
 const BE_LIBERAL: &str = "/proc/sys/net/netfilter/nf_conntrack_tcp_be_liberal";
 
-/// Installs the host's part (mangle rule, liberal TCP window tracking) for
-/// `subnet`. The error says what failed, for the `auto` log line.
-pub fn prepare_host(subnet: Ipv4Net) -> Result<(), String> {
-    match std::fs::read_to_string(BE_LIBERAL) {
-        Ok(v) if v.trim() == "1" => {}
-        Ok(_) => {
-            std::fs::write(BE_LIBERAL, "1").map_err(|e| format!("setting {BE_LIBERAL}: {e}"))?;
-            info!("fast path: set {BE_LIBERAL} = 1 (conntrack does not see every TCP segment)");
+/// Where the value `nf_conntrack_tcp_be_liberal` had before the fast path
+/// set it is kept: a directory `nf_conntrack_tcp_be_liberal-was-<value>`
+/// in the pin directory. bpffs holds no regular files (only pins and
+/// directories), and a directory name is enough for one small number; it
+/// lives and goes with the pins, per network namespace as the sysctl.
+#[derive(Clone, Debug)]
+pub struct BeLiberal {
+    root: std::path::PathBuf,
+}
+
+const RECORD_PREFIX: &str = "nf_conntrack_tcp_be_liberal-was-";
+
+impl BeLiberal {
+    pub fn new(pins: &PinLayout) -> Self {
+        Self {
+            root: pins.root().to_owned(),
         }
-        Err(e) => return Err(format!("reading {BE_LIBERAL}: {e}")),
+    }
+
+    /// The recorded previous value, if any.
+    pub fn recorded(&self) -> Option<String> {
+        std::fs::read_dir(&self.root)
+            .ok()?
+            .filter_map(Result::ok)
+            .filter_map(|e| e.file_name().into_string().ok())
+            .find_map(|n| n.strip_prefix(RECORD_PREFIX).map(str::to_owned))
+    }
+
+    /// Records `value` unless a record exists (the first run's value wins).
+    fn record(&self, value: &str) -> std::io::Result<()> {
+        if self.recorded().is_some() {
+            return Ok(());
+        }
+        std::fs::create_dir_all(&self.root)?;
+        std::fs::create_dir(self.root.join(format!("{RECORD_PREFIX}{value}")))
+    }
+
+    /// Puts the recorded value back and removes the record (and the pin
+    /// directory, if that leaves it empty). Returns the value restored.
+    pub fn restore(&self) -> std::io::Result<Option<String>> {
+        let Some(value) = self.recorded() else {
+            return Ok(None);
+        };
+        std::fs::write(BE_LIBERAL, &value)?;
+        std::fs::remove_dir(self.root.join(format!("{RECORD_PREFIX}{value}")))?;
+        // Empty now unless pins remain (which keep it for the datapath).
+        let _ = std::fs::remove_dir(&self.root);
+        Ok(Some(value))
+    }
+}
+
+/// Installs the host's part (mangle rule, liberal TCP window tracking) for
+/// `subnet`; with `pins`, first records the sysctl's value unless a record
+/// exists (see [`BeLiberal`]). The error says what failed, for the `auto`
+/// log line.
+pub fn prepare_host(subnet: Ipv4Net, pins: Option<&PinLayout>) -> Result<(), String> {
+    let current =
+        std::fs::read_to_string(BE_LIBERAL).map_err(|e| format!("reading {BE_LIBERAL}: {e}"))?;
+    let current = current.trim();
+    match pins {
+        Some(pins) => BeLiberal::new(pins).record(current).map_err(|e| {
+            format!(
+                "recording {BE_LIBERAL}'s value under {}: {e}",
+                pins.root().display()
+            )
+        })?,
+        // Unpinned, nothing outlives the agent to restore it from.
+        None if current != "1" => warn!(
+            "fast path: running unpinned, so {BE_LIBERAL}'s previous value {current} is not recorded and will not be restored"
+        ),
+        None => {}
+    }
+    if current != "1" {
+        std::fs::write(BE_LIBERAL, "1").map_err(|e| format!("setting {BE_LIBERAL}: {e}"))?;
+        info!(
+            "fast path: set {BE_LIBERAL} = 1 (was {current}; conntrack does not see every TCP segment)"
+        );
     }
     ipmasq::ensure(&ipmasq::fast_path_rules(subnet))
         .map_err(|e| format!("installing the mangle rule: {e}"))?;
     Ok(())
 }
 
-/// Removes the mangle rule and its chain (the sysctl stays: something else
-/// may rely on it).
-pub fn release_host(subnet: Ipv4Net) {
+/// Removes the mangle rule and its chain, and with `pins` puts back the
+/// value `nf_conntrack_tcp_be_liberal` had before the fast path set it
+/// (nothing when no record exists: then the fast path did not change it,
+/// or another run's record is elsewhere).
+pub fn release_host(subnet: Ipv4Net, pins: Option<&PinLayout>) {
     if let Err(e) = ipmasq::remove(&ipmasq::fast_path_rules(subnet)) {
         warn!("fast path: removing the mangle rule: {e}");
+    }
+    if let Some(pins) = pins {
+        restore_be_liberal(pins);
+    }
+}
+
+/// [`BeLiberal::restore`], logged.
+pub fn restore_be_liberal(pins: &PinLayout) -> Option<String> {
+    match BeLiberal::new(pins).restore() {
+        Ok(Some(v)) => {
+            info!("fast path off: restored {BE_LIBERAL} = {v}");
+            Some(v)
+        }
+        Ok(None) => None,
+        Err(e) => {
+            warn!("fast path off: restoring {BE_LIBERAL}: {e}");
+            None
+        }
     }
 }
 
@@ -288,7 +382,7 @@ pub fn remove_leftovers(
     if !removed.is_empty() {
         info!("fast path: removed legacy clsact filters {removed:?}");
     }
-    release_host(subnet);
+    release_host(subnet, pins);
     Ok(())
 }
 

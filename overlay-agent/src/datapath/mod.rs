@@ -21,6 +21,7 @@ use crate::{
 
 pub mod ebpf;
 pub mod fastpath;
+pub mod host_policy;
 pub mod kernel;
 pub mod pins;
 pub mod tc_attach;

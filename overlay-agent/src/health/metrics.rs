@@ -119,6 +119,14 @@ pub fn render(
         s.peers_rejected_map_full
     );
 
+    header(
+        &mut out,
+        "overlay_peers_host_policy",
+        "gauge",
+        "Peers the eBPF datapath leaves to the kernel's vxlan device because host policy (xfrm, policy routing) covers them.",
+    );
+    let _ = writeln!(out, "overlay_peers_host_policy {}", s.peers_host_policy);
+
     if let Some(c) = &s.counters {
         header(
             &mut out,
@@ -369,9 +377,9 @@ mod tests {
 
         let without = render(&s, None, "0.1.0", 1_700_000_000);
         assert!(!without.contains("overlay_peer_"), "{without}");
-        assert_eq!(samples(&without), 79, "{without}");
+        assert_eq!(samples(&without), 80, "{without}");
         let with = render(&s, Some(&peers), "0.1.0", 1_700_000_000);
-        assert_eq!(samples(&with), 79 + PER_PEER_SERIES * peers.len(), "{with}");
+        assert_eq!(samples(&with), 80 + PER_PEER_SERIES * peers.len(), "{with}");
         for line in [
             "overlay_peer_tx_packets_total{subnet=\"10.5.2.0/24\",public_ip=\"192.168.64.2\"} 2",
             "overlay_peer_tx_bytes_total{subnet=\"10.5.3.0/24\",public_ip=\"192.168.64.3\"} 300",
@@ -386,12 +394,12 @@ mod tests {
         // Asked for, with no peer yet: the families, no samples.
         let none_yet = render(&s, Some(&[]), "0.1.0", 1_700_000_000);
         assert!(none_yet.contains("# TYPE overlay_peer_tx_packets_total counter\n"));
-        assert_eq!(samples(&none_yet), 79);
+        assert_eq!(samples(&none_yet), 80);
 
         // The kernel datapath has no eBPF counters by reason.
         s.mode = Some(Mode::Kernel);
         s.counters = None;
-        assert_eq!(samples(&render(&s, None, "0.1.0", 1_700_000_000)), 27);
+        assert_eq!(samples(&render(&s, None, "0.1.0", 1_700_000_000)), 28);
     }
 
     #[test]
@@ -465,6 +473,9 @@ overlay_peers_programmed 1
 # HELP overlay_peers_rejected Other nodes' subnets the datapath refused and keeps retrying, by reason (map_full: a peer map is at capacity).
 # TYPE overlay_peers_rejected gauge
 overlay_peers_rejected{reason=\"map_full\"} 2
+# HELP overlay_peers_host_policy Peers the eBPF datapath leaves to the kernel's vxlan device because host policy (xfrm, policy routing) covers them.
+# TYPE overlay_peers_host_policy gauge
+overlay_peers_host_policy 0
 # HELP overlay_datapath_packets_total Packets the eBPF programs handled, by verdict reason.
 # TYPE overlay_datapath_packets_total counter
 ",

@@ -114,6 +114,9 @@ pub struct HealthState {
     pub peers_programmed: usize,
     /// Peers in etcd the datapath refused because a peer map is full.
     pub peers_rejected_map_full: usize,
+    /// Peers left to the kernel's vxlan device because host policy covers
+    /// them (eBPF datapath only).
+    pub peers_host_policy: usize,
     /// eBPF datapath only.
     pub counters: Option<Counters>,
     /// With `--metrics-per-peer` on the eBPF datapath: where `/metrics`

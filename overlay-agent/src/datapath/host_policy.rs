@@ -1,0 +1,478 @@
+//! Host policy the eBPF datapath would skip, detected.
+//!
+//! The eBPF programs send outer VXLAN packets with `bpf_redirect_neigh` on
+//! the underlay and take incoming ones at TC ingress, so the outer packets
+//! never meet the host's xfrm (IPsec) policies, and the egress side never
+//! meets policy routing or a route through another interface. Where flannel
+//! would send ESP, the eBPF datapath would send clear VXLAN, silently. So:
+//!
+//! - **xfrm**: any policy in the `in` or `out` direction whose selector could
+//!   match an outer VXLAN packet between our underlay address and another
+//!   address (see [`XfrmPolicy::covers`]) keeps the eBPF datapath off. The
+//!   policies come from a `XFRM_MSG_GETPOLICY` dump on a NETLINK_XFRM socket
+//!   (raw, through libc: no xfrm crate is needed for one dump).
+//! - **routing**: a peer's PublicIP whose route (`ip route get <peer> from
+//!   <underlay address>`, which goes through the `ip rule`s) comes from a
+//!   table other than `main`, leaves through another interface than the
+//!   underlay, or is not a unicast route, is [`RouteConflict`]. The lookup
+//!   uses mark 0, so `fwmark` rules are not seen.
+//!
+//! At start-up the xfrm check and the route of every peer already on the
+//! device stop the eBPF datapath ([`super::ebpf::EbpfError::HostPolicy`]);
+//! a peer added later is checked in `add_peer` (see there).
+
+use std::{fmt, io, net::Ipv4Addr};
+
+use rtnetlink::{
+    RouteMessageBuilder,
+    packet_route::route::{RouteAttribute, RouteFlags, RouteMessage, RouteType},
+};
+
+use crate::netlink::{Netlink, NetlinkError};
+
+/// What of the host's policy the eBPF datapath would skip.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum HostPolicyConflict {
+    #[error(
+        "xfrm (IPsec) policy {0} covers VXLAN between the nodes, and the eBPF datapath's outer packets skip xfrm (they would leave in clear)"
+    )]
+    Xfrm(XfrmPolicy),
+    #[error("peer {peer}: {why}, and the eBPF datapath sends straight out of the underlay")]
+    Route { peer: Ipv4Addr, why: RouteConflict },
+}
+
+/// Why a peer's route is not one the eBPF datapath follows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RouteConflict {
+    /// An `ip rule` chose another table than `main`.
+    Table(u32),
+    /// The route leaves through another interface.
+    Interface(u32),
+    /// A blackhole, unreachable or prohibit route (or another non-unicast type).
+    Kind(RouteType),
+}
+
+impl fmt::Display for RouteConflict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RouteConflict::Table(t) => {
+                write!(
+                    f,
+                    "its PublicIP is routed by policy rules (table {t}, not main)"
+                )
+            }
+            RouteConflict::Interface(i) => {
+                write!(
+                    f,
+                    "its PublicIP is routed through interface #{i}, not the underlay"
+                )
+            }
+            RouteConflict::Kind(k) => write!(f, "its PublicIP has a {k:?} route"),
+        }
+    }
+}
+
+/// Failures of the checks themselves.
+#[derive(Debug, thiserror::Error)]
+pub enum HostPolicyError {
+    #[error("dumping the xfrm policies (NETLINK_XFRM)")]
+    Xfrm(#[source] io::Error),
+    #[error(transparent)]
+    Route(#[from] NetlinkError),
+}
+
+/// `XFRM_POLICY_IN` / `_OUT` / `_FWD`.
+const DIR_IN: u8 = 0;
+const DIR_OUT: u8 = 1;
+
+/// One xfrm policy, as far as the checks need it (`struct xfrm_userpolicy_info`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct XfrmPolicy {
+    /// `AF_INET`, `AF_INET6`, or 0 (any).
+    pub family: u16,
+    pub src: Ipv4Addr,
+    pub src_len: u8,
+    pub dst: Ipv4Addr,
+    pub dst_len: u8,
+    /// IP protocol, 0 for any.
+    pub proto: u8,
+    /// Destination port and mask, host order.
+    pub dport: u16,
+    pub dport_mask: u16,
+    pub dir: u8,
+    pub index: u32,
+}
+
+impl fmt::Display for XfrmPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let dir = match self.dir {
+            DIR_IN => "in",
+            DIR_OUT => "out",
+            _ => "fwd",
+        };
+        write!(
+            f,
+            "src {}/{} dst {}/{} dir {dir}",
+            self.src, self.src_len, self.dst, self.dst_len
+        )?;
+        if self.proto != 0 {
+            write!(f, " proto {}", self.proto)?;
+        }
+        if self.dport_mask != 0 {
+            write!(f, " dport {}", self.dport)?;
+        }
+        write!(f, " (index {})", self.index)
+    }
+}
+
+fn contains(net: Ipv4Addr, len: u8, ip: Ipv4Addr) -> bool {
+    if len == 0 {
+        return true;
+    }
+    let mask = u32::MAX << (32 - u32::from(len.min(32)));
+    u32::from(net) & mask == u32::from(ip) & mask
+}
+
+impl XfrmPolicy {
+    /// Whether this policy could match an outer VXLAN packet (UDP to `port`)
+    /// between `local` and `peer`, or, without a peer, between `local` and
+    /// any other address: deliberately broad, since a policy we miss means
+    /// clear text where ESP was meant. IPv6 selectors and `fwd` policies
+    /// cannot match our outer packets; source ports are not looked at
+    /// (ours vary per flow).
+    pub fn covers(&self, local: Ipv4Addr, port: u16, peer: Option<Ipv4Addr>) -> bool {
+        if self.family != libc::AF_INET as u16 && self.family != 0 {
+            return false;
+        }
+        if self.proto != 0 && self.proto != libc::IPPROTO_UDP as u8 {
+            return false;
+        }
+        if self.dport_mask != 0 && self.dport & self.dport_mask != port & self.dport_mask {
+            return false;
+        }
+        let (ours, ours_len, theirs, theirs_len) = match self.dir {
+            DIR_OUT => (self.src, self.src_len, self.dst, self.dst_len),
+            DIR_IN => (self.dst, self.dst_len, self.src, self.src_len),
+            _ => return false,
+        };
+        if !contains(ours, ours_len, local) {
+            return false;
+        }
+        match peer {
+            Some(peer) => contains(theirs, theirs_len, peer),
+            // Anything but exactly ourselves.
+            None => !(theirs_len >= 32 && theirs == local),
+        }
+    }
+}
+
+/// The first policy that [`XfrmPolicy::covers`] the traffic, if any.
+pub fn xfrm_conflict(
+    policies: &[XfrmPolicy],
+    local: Ipv4Addr,
+    port: u16,
+    peer: Option<Ipv4Addr>,
+) -> Option<HostPolicyConflict> {
+    policies
+        .iter()
+        .find(|p| p.covers(local, port, peer))
+        .map(|p| HostPolicyConflict::Xfrm(*p))
+}
+
+const NETLINK_XFRM: libc::c_int = 6;
+const XFRM_MSG_NEWPOLICY: u16 = 0x13;
+const XFRM_MSG_GETPOLICY: u16 = 0x15;
+/// `sizeof(struct xfrm_userpolicy_info)` on every 64-bit and 32-bit ABI we
+/// build for (the struct ends 8-aligned).
+const USERPOLICY_INFO_LEN: usize = 168;
+const NLMSG_HDR_LEN: usize = 16;
+
+/// Parses one `struct xfrm_userpolicy_info` (the selector at offset 0, `dir`
+/// at 160).
+fn parse_policy(b: &[u8]) -> Option<XfrmPolicy> {
+    if b.len() < USERPOLICY_INFO_LEN {
+        return None;
+    }
+    let ip = |o: usize| Ipv4Addr::new(b[o], b[o + 1], b[o + 2], b[o + 3]);
+    let be16 = |o: usize| u16::from_be_bytes([b[o], b[o + 1]]);
+    Some(XfrmPolicy {
+        dst: ip(0),
+        src: ip(16),
+        dport: be16(32),
+        dport_mask: be16(34),
+        family: u16::from_ne_bytes([b[40], b[41]]),
+        dst_len: b[42],
+        src_len: b[43],
+        proto: b[44],
+        index: u32::from_ne_bytes([b[156], b[157], b[158], b[159]]),
+        dir: b[160],
+    })
+}
+
+/// `ip xfrm policy list`, over NETLINK_XFRM: every policy of this network
+/// namespace.
+pub fn xfrm_policies() -> io::Result<Vec<XfrmPolicy>> {
+    // SAFETY: plain socket(2); the fd is owned right away.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            NETLINK_XFRM,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh descriptor nothing else owns.
+    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    use std::os::fd::AsRawFd;
+    let raw = fd.as_raw_fd();
+    // nlmsghdr + a zeroed 4-byte family header (the kernel's policy dump
+    // reads no request payload).
+    let mut req = [0u8; NLMSG_HDR_LEN + 4];
+    let req_len = req.len() as u32;
+    req[0..4].copy_from_slice(&req_len.to_ne_bytes());
+    req[4..6].copy_from_slice(&XFRM_MSG_GETPOLICY.to_ne_bytes());
+    let flags = (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16;
+    req[6..8].copy_from_slice(&flags.to_ne_bytes());
+    req[8..12].copy_from_slice(&1u32.to_ne_bytes());
+    let mut kernel: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+    kernel.nl_family = libc::AF_NETLINK as u16;
+    // SAFETY: `req` and `kernel` are valid for the lengths given.
+    let sent = unsafe {
+        libc::sendto(
+            raw,
+            req.as_ptr().cast(),
+            req.len(),
+            0,
+            (&raw const kernel).cast(),
+            std::mem::size_of::<libc::sockaddr_nl>() as u32,
+        )
+    };
+    if sent < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        // SAFETY: `buf` is writable for its length.
+        let n = unsafe { libc::recv(raw, buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        let mut msgs = &buf[..n as usize];
+        while msgs.len() >= NLMSG_HDR_LEN {
+            let len = u32::from_ne_bytes([msgs[0], msgs[1], msgs[2], msgs[3]]) as usize;
+            let kind = u16::from_ne_bytes([msgs[4], msgs[5]]);
+            if len < NLMSG_HDR_LEN || len > msgs.len() {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "truncated netlink message",
+                ));
+            }
+            let payload = &msgs[NLMSG_HDR_LEN..len];
+            match kind {
+                k if k == libc::NLMSG_DONE as u16 => return Ok(out),
+                k if k == libc::NLMSG_ERROR as u16 => {
+                    let code = payload
+                        .get(0..4)
+                        .map_or(0, |c| i32::from_ne_bytes([c[0], c[1], c[2], c[3]]));
+                    if code == 0 {
+                        return Ok(out);
+                    }
+                    return Err(io::Error::from_raw_os_error(-code));
+                }
+                XFRM_MSG_NEWPOLICY => out.extend(parse_policy(payload)),
+                _ => {}
+            }
+            let aligned = (len + 3) & !3;
+            msgs = &msgs[aligned.min(msgs.len())..];
+        }
+    }
+}
+
+/// Whether the route to `peer` from `local` is one the eBPF datapath
+/// follows: from table `main`, through the underlay, unicast. `None` also
+/// when there is no route at all (the kernel datapath would fail as well).
+pub async fn route_conflict(
+    nl: &Netlink,
+    local: Ipv4Addr,
+    peer: Ipv4Addr,
+    underlay_ifindex: u32,
+) -> Result<Option<RouteConflict>, NetlinkError> {
+    let mut msg = RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(peer, 32)
+        .source_prefix(local, 32)
+        .build();
+    // Without it the kernel reports every lookup as from `main`.
+    msg.header.flags |= RouteFlags::LookupTable;
+    let req = nl.handle().route().get(msg);
+    let routes = match Netlink::collect::<RouteMessage>(req.execute(), || {
+        format!("route get {peer} from {local}")
+    })
+    .await
+    {
+        Ok(routes) => routes,
+        Err(e) if e.is_unreachable() => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    Ok(routes
+        .first()
+        .and_then(|r| judge_route(r, underlay_ifindex)))
+}
+
+/// `RT_TABLE_MAIN`.
+const TABLE_MAIN: u32 = 254;
+
+fn judge_route(r: &RouteMessage, underlay_ifindex: u32) -> Option<RouteConflict> {
+    let mut table = u32::from(r.header.table);
+    let mut oif = None;
+    for a in &r.attributes {
+        match a {
+            RouteAttribute::Table(t) => table = *t,
+            RouteAttribute::Oif(i) => oif = Some(*i),
+            _ => {}
+        }
+    }
+    if r.header.kind != RouteType::Unicast {
+        return Some(RouteConflict::Kind(r.header.kind));
+    }
+    if table != TABLE_MAIN {
+        return Some(RouteConflict::Table(table));
+    }
+    match oif {
+        Some(i) if i != underlay_ifindex => Some(RouteConflict::Interface(i)),
+        _ => None,
+    }
+}
+
+/// The start-up check: xfrm policies between `local` and anyone, then the
+/// route of each of `peers`. The first conflict found, if any.
+pub async fn check_start(
+    nl: &Netlink,
+    local: Ipv4Addr,
+    port: u16,
+    underlay_ifindex: u32,
+    peers: &[Ipv4Addr],
+) -> Result<Option<HostPolicyConflict>, HostPolicyError> {
+    let policies = xfrm_policies().map_err(HostPolicyError::Xfrm)?;
+    if let Some(c) = xfrm_conflict(&policies, local, port, None) {
+        return Ok(Some(c));
+    }
+    for &peer in peers {
+        if let Some(why) = route_conflict(nl, local, peer, underlay_ifindex).await? {
+            return Ok(Some(HostPolicyConflict::Route { peer, why }));
+        }
+    }
+    Ok(None)
+}
+
+/// The check for one peer being added: xfrm policies between `local` and
+/// it, then its route.
+pub async fn check_peer(
+    nl: &Netlink,
+    local: Ipv4Addr,
+    port: u16,
+    underlay_ifindex: u32,
+    peer: Ipv4Addr,
+) -> Result<Option<HostPolicyConflict>, HostPolicyError> {
+    let policies = xfrm_policies().map_err(HostPolicyError::Xfrm)?;
+    if let Some(c) = xfrm_conflict(&policies, local, port, Some(peer)) {
+        return Ok(Some(c));
+    }
+    Ok(route_conflict(nl, local, peer, underlay_ifindex)
+        .await?
+        .map(|why| HostPolicyConflict::Route { peer, why }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: Ipv4Addr = Ipv4Addr::new(192, 168, 64, 2);
+    const B: Ipv4Addr = Ipv4Addr::new(192, 168, 64, 3);
+
+    fn policy(src: Ipv4Addr, src_len: u8, dst: Ipv4Addr, dst_len: u8, dir: u8) -> XfrmPolicy {
+        XfrmPolicy {
+            family: libc::AF_INET as u16,
+            src,
+            src_len,
+            dst,
+            dst_len,
+            proto: 0,
+            dport: 0,
+            dport_mask: 0,
+            dir,
+            index: 1,
+        }
+    }
+
+    #[test]
+    fn node_to_node_policies_count_both_ways() {
+        let out = policy(A, 32, B, 32, DIR_OUT);
+        assert!(out.covers(A, 8472, None));
+        assert!(out.covers(A, 8472, Some(B)));
+        assert!(!out.covers(A, 8472, Some(Ipv4Addr::new(192, 168, 64, 9))));
+        let inbound = policy(B, 32, A, 32, DIR_IN);
+        assert!(inbound.covers(A, 8472, None));
+        assert!(inbound.covers(A, 8472, Some(B)));
+        // Another node's pair, and fwd policies, are not ours.
+        assert!(!policy(B, 32, A, 32, DIR_OUT).covers(A, 8472, None));
+        assert!(!policy(A, 32, B, 32, 2).covers(A, 8472, None));
+        // A whole-subnet or match-all policy covers us.
+        assert!(policy(A, 24, A, 24, DIR_OUT).covers(A, 8472, Some(B)));
+        let any = XfrmPolicy {
+            family: 0,
+            ..policy(Ipv4Addr::UNSPECIFIED, 0, Ipv4Addr::UNSPECIFIED, 0, DIR_OUT)
+        };
+        assert!(any.covers(A, 8472, None));
+        // Only ourselves: loopback-ish, no node traffic.
+        assert!(!policy(A, 32, A, 32, DIR_OUT).covers(A, 8472, None));
+    }
+
+    #[test]
+    fn protocol_and_port_selectors_are_honoured() {
+        let mut p = policy(A, 32, B, 32, DIR_OUT);
+        p.proto = libc::IPPROTO_UDP as u8;
+        p.dport = 8472;
+        p.dport_mask = 0xffff;
+        assert!(p.covers(A, 8472, None));
+        assert!(!p.covers(A, 4789, None));
+        p.dport = 500; // an IKE bypass
+        assert!(!p.covers(A, 8472, None));
+        p.proto = libc::IPPROTO_TCP as u8;
+        p.dport_mask = 0;
+        assert!(!p.covers(A, 8472, None));
+        let v6 = XfrmPolicy {
+            family: libc::AF_INET6 as u16,
+            ..policy(Ipv4Addr::UNSPECIFIED, 0, Ipv4Addr::UNSPECIFIED, 0, DIR_OUT)
+        };
+        assert!(!v6.covers(A, 8472, None));
+    }
+
+    #[test]
+    fn userpolicy_info_is_parsed_at_the_kernel_offsets() {
+        let mut b = vec![0u8; USERPOLICY_INFO_LEN];
+        b[0..4].copy_from_slice(&B.octets());
+        b[16..20].copy_from_slice(&A.octets());
+        b[32..34].copy_from_slice(&8472u16.to_be_bytes());
+        b[34..36].copy_from_slice(&0xffffu16.to_be_bytes());
+        b[40..42].copy_from_slice(&(libc::AF_INET as u16).to_ne_bytes());
+        b[42] = 32;
+        b[43] = 24;
+        b[44] = 17;
+        b[156..160].copy_from_slice(&7u32.to_ne_bytes());
+        b[160] = DIR_OUT;
+        let p = parse_policy(&b).unwrap();
+        assert_eq!((p.src, p.src_len, p.dst, p.dst_len), (A, 24, B, 32));
+        assert_eq!((p.proto, p.dport, p.dport_mask), (17, 8472, 0xffff));
+        assert_eq!((p.dir, p.index), (DIR_OUT, 7));
+        assert!(parse_policy(&b[..100]).is_none());
+        let text = HostPolicyConflict::Xfrm(p).to_string();
+        assert!(text.contains("xfrm") && text.contains("dir out"), "{text}");
+    }
+}

@@ -1,0 +1,365 @@
+//! Host policy the eBPF datapath would skip, detected (issue 17 item 6):
+//! xfrm policies between the nodes and policy routing to a peer keep the
+//! eBPF datapath off (`--datapath auto` falls back with one line naming
+//! why, `--datapath ebpf` refuses to start); and the fast path puts back
+//! the `nf_conntrack_tcp_be_liberal` it found, on `--fast-path=off` and on
+//! `cleanup`.
+
+use std::{
+    path::Path,
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use anyhow::{Result, ensure};
+use overlay_tests::{
+    agent::{Agent, Bpffs, Cluster, Containers, add_container, sh, within},
+    capture::Capture,
+    netns::{sysctl, sysctl_get},
+};
+
+const CONFIG: &str = r#"{"Network": "10.0.0.0/16", "SubnetLen": 24, "SubnetMin": "10.0.1.0","SubnetMax": "10.0.20.0", "Backend": {"Type": "vxlan"}}"#;
+
+const FELL_BACK: &str = "falling back to the kernel datapath";
+const EBPF_ON: &str = "eBPF datapath on";
+
+/// Waits for the agent to exit; its exit code.
+fn exit_code(agent: &mut Agent) -> Result<i32> {
+    let mut code = None;
+    within(Duration::from_secs(20), "the agent exits", || {
+        code = agent.exited();
+        code.is_some()
+    })?;
+    Ok(code.unwrap_or(0))
+}
+
+/// Frames in `pcap` that tcpdump's `filter` selects.
+fn count(pcap: &Path, filter: &str) -> Result<usize> {
+    let mut args = vec!["tcpdump", "-nr", pcap.to_str().unwrap_or_default()];
+    args.extend(filter.split_whitespace());
+    Ok(sh(&args)?.lines().filter(|l| !l.trim().is_empty()).count())
+}
+
+/// Static transport-mode ESP between `a` and `b` on host `ns` (`out` is
+/// the direction from `a`). Returns false when this kernel has no ESP
+/// (CONFIG_INET_ESP unset): the policies are still installed, and then no
+/// outer VXLAN between the nodes leaves at all on the kernel's path.
+fn ipsec(ns: &str, a: &str, b: &str) -> Result<bool> {
+    let mut esp = true;
+    for (src, dst) in [(a, b), (b, a)] {
+        // The same SPI for one direction on both hosts.
+        let spi = if src < dst { "0x1001" } else { "0x1002" };
+        esp &= sh(&[
+            "ip",
+            "-n",
+            ns,
+            "xfrm",
+            "state",
+            "add",
+            "src",
+            src,
+            "dst",
+            dst,
+            "proto",
+            "esp",
+            "spi",
+            spi,
+            "reqid",
+            "1",
+            "mode",
+            "transport",
+            "enc",
+            "cbc(aes)",
+            "0x0102030405060708090a0b0c0d0e0f10",
+            "auth",
+            "hmac(sha256)",
+            "0x0102030405060708090a0b0c0d0e0f100102030405060708090a0b0c0d0e0f10",
+        ])
+        .is_ok();
+    }
+    // UDP to the VXLAN port only: etcd (TCP, on host 1) stays reachable
+    // whether or not the kernel can do ESP.
+    for (src, dst, dir) in [(a, b, "out"), (b, a, "in")] {
+        sh(&[
+            "ip",
+            "-n",
+            ns,
+            "xfrm",
+            "policy",
+            "add",
+            "src",
+            src,
+            "dst",
+            dst,
+            "proto",
+            "udp",
+            "dport",
+            "8472",
+            "dir",
+            dir,
+            "tmpl",
+            "src",
+            src,
+            "dst",
+            dst,
+            "proto",
+            "esp",
+            "reqid",
+            "1",
+            "mode",
+            "transport",
+        ])?;
+    }
+    Ok(esp)
+}
+
+fn flush_ipsec(ns: &str) -> Result<()> {
+    sh(&["ip", "-n", ns, "xfrm", "policy", "flush"])?;
+    sh(&["ip", "-n", ns, "xfrm", "state", "flush"])?;
+    Ok(())
+}
+
+fn ping(c: &str, ip: &str, n: u32) -> bool {
+    let n = n.to_string();
+    sh(&[
+        "ip", "netns", "exec", c, "ping", "-c", &n, "-i", "0.2", "-W", "1", ip,
+    ])
+    .is_ok_and(|out| out.contains(&format!("{n} received")))
+}
+
+#[test]
+#[ignore = "needs root, network namespaces, etcd and eBPF: run `cargo xtask test`"]
+fn xfrm_policies_between_the_nodes_keep_the_ebpf_datapath_off() -> Result<()> {
+    let cluster = Cluster::start("hpx", 2, CONFIG)?;
+    let Cluster { hosts, etcd, bin } = &cluster;
+    let dir = etcd.dir().to_path_buf();
+    let bpf1 = Bpffs::mount(dir.join("bpf1"))?;
+    let pin_dir = format!("--bpf-pin-dir={}", bpf1.0.join("overlay").display());
+    let (h1, h2) = (hosts.ns(1), hosts.ns(2));
+    let (ip1, ip2) = (hosts.ip(1), hosts.ip(2));
+    let esp = ipsec(&h1, &ip1, &ip2)? & ipsec(&h2, &ip2, &ip1)?;
+    if !esp {
+        eprintln!(
+            "this kernel has no ESP: checking that nothing leaves in clear instead of ESP on the wire"
+        );
+    }
+
+    let mut a2 = Agent::start(
+        &dir,
+        "h2",
+        &h2,
+        bin,
+        &cluster.args(2, &["--datapath=kernel"]),
+    )?;
+    a2.wait_for("running: lease", Duration::from_secs(20))?;
+    let auto = cluster.args(1, &["--datapath=auto", &pin_dir]);
+    let mut a1 = Agent::start(&dir, "h1-auto", &h1, bin, &auto)?;
+    a1.wait_for("running: lease", Duration::from_secs(20))?;
+    let log = a1.log();
+    let line = log.lines().find(|l| l.contains(FELL_BACK));
+    ensure!(
+        line.is_some_and(|l| l.contains("xfrm")) && !log.contains(EBPF_ON),
+        "auto did not fall back naming xfrm:\n{log}"
+    );
+
+    let (c1, _) = add_container(hosts, 1, &dir.join("h1.env"))?;
+    let mut containers = Containers(vec![c1.clone()]);
+    let (c2, cip2) = add_container(hosts, 2, &dir.join("h2.env"))?;
+    containers.0.push(c2);
+    let pcap = dir.join("xfrm.pcap");
+    let capture = Capture::start(&hosts.sw(), "p1", "esp or udp port 8472", &pcap)?;
+    let reached = ping(&c1, &cip2, 5);
+    let pcap = capture.stop()?;
+    let (esp_frames, clear) = (count(&pcap, "esp")?, count(&pcap, "udp port 8472")?);
+    ensure!(clear == 0, "{clear} clear VXLAN frames on the wire");
+    if esp {
+        ensure!(reached, "the pods do not reach each other over ESP");
+        ensure!(esp_frames > 0, "no ESP on the wire");
+    } else {
+        ensure!(
+            !reached,
+            "the pods reach each other, yet no ESP was possible"
+        );
+    }
+    a1.kill9()?;
+
+    let ebpf = cluster.args(1, &["--datapath=ebpf", &pin_dir]);
+    let mut refused = Agent::start(&dir, "h1-ebpf", &h1, bin, &ebpf)?;
+    let code = exit_code(&mut refused)?;
+    let log = refused.log();
+    ensure!(
+        code != 0 && log.contains("--datapath ebpf") && log.contains("xfrm"),
+        "--datapath ebpf did not refuse naming xfrm (exit {code}):\n{log}"
+    );
+
+    flush_ipsec(&h1)?;
+    flush_ipsec(&h2)?;
+    let mut a1 = Agent::start(&dir, "h1-clear", &h1, bin, &auto)?;
+    a1.wait_for("running: lease", Duration::from_secs(20))?;
+    ensure!(
+        a1.log().contains(EBPF_ON) && !a1.log().contains(FELL_BACK),
+        "without the policies auto is not eBPF:\n{}",
+        a1.log()
+    );
+    within(Duration::from_secs(10), "c1 reaches c2", || {
+        ping(&c1, &cip2, 1)
+    })?;
+    drop((a1, a2));
+    drop(containers);
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs root, network namespaces, etcd and eBPF: run `cargo xtask test`"]
+fn a_peer_routed_by_policy_rules_keeps_the_ebpf_datapath_off() -> Result<()> {
+    let cluster = Cluster::start("hpr", 2, CONFIG)?;
+    let Cluster { hosts, etcd, bin } = &cluster;
+    let dir = etcd.dir().to_path_buf();
+    let bpf1 = Bpffs::mount(dir.join("bpf1"))?;
+    let pin_dir = format!("--bpf-pin-dir={}", bpf1.0.join("overlay").display());
+    let (h1, h2) = (hosts.ns(1), hosts.ns(2));
+    let ip2 = hosts.ip(2);
+    // Host 2 through table 100 (still out of eth0, so the node works).
+    sh(&[
+        "ip", "-n", &h1, "route", "add", &ip2, "dev", "eth0", "table", "100",
+    ])?;
+    sh(&[
+        "ip", "-n", &h1, "rule", "add", "to", &ip2, "lookup", "100", "pref", "100",
+    ])?;
+
+    let mut a2 = Agent::start(
+        &dir,
+        "h2",
+        &h2,
+        bin,
+        &cluster.args(2, &["--datapath=kernel"]),
+    )?;
+    a2.wait_for("running: lease", Duration::from_secs(20))?;
+    // 1. A fresh start knows no peer yet: eBPF comes up, and host 2, added
+    // then, is left to the kernel's device with one error line.
+    let auto = cluster.args(1, &["--datapath=auto", &pin_dir]);
+    let mut a1 = Agent::start(&dir, "h1-fresh", &h1, bin, &auto)?;
+    a1.wait_for("running: lease", Duration::from_secs(20))?;
+    a1.wait_for("takes the kernel's vxlan device", Duration::from_secs(10))?;
+    let log = a1.log();
+    ensure!(
+        log.contains(EBPF_ON) && log.contains("table 100"),
+        "the peer was not left to the kernel naming table 100:\n{log}"
+    );
+    let (c1, _) = add_container(hosts, 1, &dir.join("h1.env"))?;
+    let mut containers = Containers(vec![c1.clone()]);
+    let (c2, cip2) = add_container(hosts, 2, &dir.join("h2.env"))?;
+    containers.0.push(c2);
+    within(Duration::from_secs(10), "c1 reaches c2", || {
+        ping(&c1, &cip2, 1)
+    })?;
+    a1.kill9()?;
+
+    // 2. Restarted, the adopted device holds host 2: auto falls back.
+    let mut a1 = Agent::start(&dir, "h1-restart", &h1, bin, &auto)?;
+    a1.wait_for("running: lease", Duration::from_secs(20))?;
+    let log = a1.log();
+    let line = log.lines().find(|l| l.contains(FELL_BACK));
+    ensure!(
+        line.is_some_and(|l| l.contains("table 100") && l.contains(&ip2)),
+        "auto did not fall back naming the policy route:\n{log}"
+    );
+    ensure!(
+        ping(&c1, &cip2, 3),
+        "c1 does not reach c2 on the kernel datapath"
+    );
+    a1.kill9()?;
+    let ebpf = cluster.args(1, &["--datapath=ebpf", &pin_dir]);
+    let mut refused = Agent::start(&dir, "h1-ebpf", &h1, bin, &ebpf)?;
+    let code = exit_code(&mut refused)?;
+    let log = refused.log();
+    ensure!(
+        code != 0 && log.contains("--datapath ebpf") && log.contains("table 100"),
+        "--datapath ebpf did not refuse naming the policy route (exit {code}):\n{log}"
+    );
+
+    // 3. Without the rule, a restart is eBPF again.
+    sh(&["ip", "-n", &h1, "rule", "del", "pref", "100"])?;
+    let mut a1 = Agent::start(&dir, "h1-norule", &h1, bin, &auto)?;
+    a1.wait_for("running: lease", Duration::from_secs(20))?;
+    ensure!(a1.log().contains(EBPF_ON), "{}", a1.log());
+    within(Duration::from_secs(10), "c1 reaches c2", || {
+        ping(&c1, &cip2, 1)
+    })?;
+    drop((a1, a2));
+    drop(containers);
+    Ok(())
+}
+
+const BE_LIBERAL: &str = "net.netfilter.nf_conntrack_tcp_be_liberal";
+
+#[test]
+#[ignore = "needs root, network namespaces, etcd and eBPF: run `cargo xtask test`"]
+fn the_fast_path_puts_be_liberal_back() -> Result<()> {
+    let cluster = Cluster::start("hpl", 1, CONFIG)?;
+    let Cluster { hosts, etcd, bin } = &cluster;
+    let dir = etcd.dir().to_path_buf();
+    let bpf1 = Bpffs::mount(dir.join("bpf1"))?;
+    let pins = bpf1.0.join("overlay");
+    let pin_dir = format!("--bpf-pin-dir={}", pins.display());
+    let h1 = hosts.ns(1);
+    let record = pins.join("nf_conntrack_tcp_be_liberal-was-0");
+    sysctl(&h1, &[(BE_LIBERAL, "0")])?;
+
+    let on = cluster.args(1, &["--datapath=ebpf", "--fast-path=on", &pin_dir]);
+    let mut a1 = Agent::start(&dir, "h1-on", &h1, bin, &on)?;
+    a1.wait_for("running: lease", Duration::from_secs(20))?;
+    ensure!(sysctl_get(&h1, BE_LIBERAL)? == "1", "{}", a1.log());
+    ensure!(record.is_dir(), "no record at {}", record.display());
+    a1.kill9()?;
+    // A hitless restart finds 1, and keeps the record of 0.
+    let mut a1 = Agent::start(&dir, "h1-on-again", &h1, bin, &on)?;
+    a1.wait_for("running: lease", Duration::from_secs(20))?;
+    ensure!(sysctl_get(&h1, BE_LIBERAL)? == "1", "{}", a1.log());
+    ensure!(
+        record.is_dir() && !pins.join("nf_conntrack_tcp_be_liberal-was-1").exists(),
+        "the restart recorded its own 1"
+    );
+    a1.kill9()?;
+
+    let off = cluster.args(1, &["--datapath=ebpf", "--fast-path=off", &pin_dir]);
+    let mut a1 = Agent::start(&dir, "h1-off", &h1, bin, &off)?;
+    a1.wait_for("running: lease", Duration::from_secs(20))?;
+    ensure!(
+        sysctl_get(&h1, BE_LIBERAL)? == "0",
+        "not restored by --fast-path=off:\n{}",
+        a1.log()
+    );
+    ensure!(!record.exists(), "the record stayed");
+    a1.kill9()?;
+
+    // cleanup puts it back too.
+    let mut a1 = Agent::start(&dir, "h1-on-3", &h1, bin, &on)?;
+    a1.wait_for("running: lease", Duration::from_secs(20))?;
+    ensure!(sysctl_get(&h1, BE_LIBERAL)? == "1", "{}", a1.log());
+    a1.kill9()?;
+    let out = Command::new("ip")
+        .args(["netns", "exec", &h1])
+        .arg(bin)
+        .arg(format!("--etcd-endpoints={}", etcd.endpoints()))
+        .arg(&pin_dir)
+        .arg("cleanup")
+        .stdin(Stdio::null())
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "cleanup failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let said = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        sysctl_get(&h1, BE_LIBERAL)? == "0" && said.contains("restored to 0"),
+        "cleanup did not restore it:\n{said}"
+    );
+    ensure!(
+        !pins.exists(),
+        "the pin directory stayed: {}",
+        pins.display()
+    );
+    Ok(())
+}
