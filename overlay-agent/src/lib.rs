@@ -10,7 +10,8 @@
 //! - [`daemon`]: the agent itself, its stages from config to the running
 //!   loop, and the reconciler that drives a datapath from the leases;
 //! - [`datapath`]: the eBPF and kernel-vxlan datapaths behind one interface;
-//! - the host: [`netlink`], [`iface`], [`ipmasq`], [`notify`], [`netns`];
+//! - the host: [`netlink`], [`iface`], [`ipmasq`], [`notify`], [`netns`],
+//!   [`instance_lock`] (one agent per pin directory and subnet file);
 //! - the operator's side: [`cli`], [`health`], [`inspect`] (`status`),
 //!   [`cleanup`], and the subcommands on top of them, [`commands`].
 
@@ -24,6 +25,7 @@ pub mod flannel;
 pub mod health;
 pub mod iface;
 pub mod inspect;
+pub mod instance_lock;
 pub mod ipmasq;
 pub mod netlink;
 pub mod netns;
