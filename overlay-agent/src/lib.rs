@@ -13,6 +13,7 @@
 //! - the host: [`netlink`], [`iface`], [`ipmasq`], [`notify`], [`netns`],
 //!   [`instance_lock`] (one agent per pin directory and subnet file);
 //! - the operator's side: [`cli`], [`health`], [`inspect`] (`status`),
+//!   [`printable`] (strings from etcd or the API server, escaped for logs),
 //!   [`cleanup`], and the subcommands on top of them, [`commands`].
 
 pub mod cleanup;
@@ -30,4 +31,5 @@ pub mod ipmasq;
 pub mod netlink;
 pub mod netns;
 pub mod notify;
+pub mod printable;
 pub mod subnet;
