@@ -23,7 +23,9 @@ use crate::{
         pins::PinLayout,
         tc_attach, vtep_guard,
     },
-    inspect, ipmasq,
+    inspect,
+    instance_lock::{self, Holder},
+    ipmasq,
     netlink::{Netlink, NetlinkError},
 };
 
@@ -60,6 +62,11 @@ pub enum Refusal {
         list(.pids)
     )]
     FlanneldRuns { pids: Vec<u32> },
+    #[error(
+        "an overlay-agent ({holder}) runs with pin directory {dir}; nothing was removed \
+         (stop it first, or pass --force to remove its state while it runs)"
+    )]
+    AgentRuns { dir: String, holder: Holder },
     #[error("the pinned state says VNI {pinned} but --vni says {flag}; nothing was removed")]
     VniDisagrees { pinned: u32, flag: u32 },
     #[error(
@@ -91,6 +98,10 @@ pub struct Facts {
     pub links: Vec<String>,
     /// flanneld processes running.
     pub flanneld: Vec<u32>,
+    /// The agent holding the pin directory's lock, if one runs.
+    pub agent: Option<Holder>,
+    /// The pin directory.
+    pub pin_dir: String,
     /// `--force`.
     pub force: bool,
 }
@@ -99,6 +110,14 @@ pub struct Facts {
 /// pins name the VNI the agent programmed; `--vni` may only confirm it;
 /// without pins `--vni` wins over etcd's config.
 pub fn decide(f: &Facts) -> Result<Option<String>, Refusal> {
+    if let Some(holder) = f.agent
+        && !f.force
+    {
+        return Err(Refusal::AgentRuns {
+            dir: f.pin_dir.clone(),
+            holder,
+        });
+    }
     if !f.flanneld.is_empty() && !f.force {
         return Err(Refusal::FlanneldRuns {
             pids: f.flanneld.clone(),
@@ -177,9 +196,18 @@ pub async fn run(pins: &PinLayout, opts: &Options) -> Result<Vec<String>, Cleanu
         config_vni: opts.config_vni,
         links,
         flanneld: flanneld_pids(Path::new("/proc")),
+        // Probed, not held: cleanup never keeps an agent from starting.
+        agent: instance_lock::pin_dir_holder(pins.root()),
+        pin_dir: pins.root().display().to_string(),
         force: opts.force,
     };
     let device = decide(&facts)?;
+    if let Some(holder) = facts.agent {
+        log::warn!(
+            "--force: removing the state of the overlay-agent that runs ({holder}) under {}",
+            facts.pin_dir
+        );
+    }
     if !facts.flanneld.is_empty() {
         log::warn!(
             "--force: removing ours although flanneld runs (pid {})",
@@ -324,6 +352,26 @@ mod tests {
         // --force does not make a guess.
         f.pinned_vni = None;
         assert!(matches!(decide(&f), Err(Refusal::UnknownVni { .. })));
+    }
+
+    #[test]
+    fn a_running_agent_is_a_refusal_naming_its_pid_unless_forced() {
+        let mut f = Facts {
+            pinned_vni: Some(1),
+            links: links(),
+            agent: Some(Holder(Some(4242))),
+            pin_dir: "/sys/fs/bpf/overlay".into(),
+            ..Facts::default()
+        };
+        let refusal = decide(&f).unwrap_err();
+        let msg = refusal.to_string();
+        assert!(
+            msg.contains("an overlay-agent (pid 4242) runs with pin directory /sys/fs/bpf/overlay"),
+            "{msg}"
+        );
+        assert!(msg.contains("--force"), "{msg}");
+        f.force = true;
+        assert_eq!(decide(&f), Ok(Some("flannel.1".into())));
     }
 
     #[test]

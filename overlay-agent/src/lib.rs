@@ -10,8 +10,10 @@
 //! - [`daemon`]: the agent itself, its stages from config to the running
 //!   loop, and the reconciler that drives a datapath from the leases;
 //! - [`datapath`]: the eBPF and kernel-vxlan datapaths behind one interface;
-//! - the host: [`netlink`], [`iface`], [`ipmasq`], [`notify`], [`netns`];
+//! - the host: [`netlink`], [`iface`], [`ipmasq`], [`notify`], [`netns`],
+//!   [`instance_lock`] (one agent per pin directory and subnet file);
 //! - the operator's side: [`cli`], [`health`], [`inspect`] (`status`),
+//!   [`printable`] (strings from etcd or the API server, escaped for logs),
 //!   [`cleanup`], and the subcommands on top of them, [`commands`].
 //!
 //! A layer imports only from below: `flannel` from nothing else, the host
@@ -28,10 +30,12 @@ pub mod flannel;
 pub mod health;
 pub mod iface;
 pub mod inspect;
+pub mod instance_lock;
 pub mod ipmasq;
 #[cfg(test)]
 mod layering;
 pub mod netlink;
 pub mod netns;
 pub mod notify;
+pub mod printable;
 pub mod subnet;

@@ -69,6 +69,30 @@ pub enum TcAttachChoice {
 }
 
 /// flanneld-compatible VXLAN overlay agent with an eBPF datapath.
+/// A flag's value that must never be printed (`--etcd-password`): its
+/// `Debug` says `<redacted>`, so `{cli:?}` in a log or a panic message
+/// does not leak it. Read it with [`Secret::expose`].
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<String> for Secret {
+    fn from(s: String) -> Self {
+        Secret(s)
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
 #[derive(Clone, Debug, Parser, PartialEq, Eq)]
 #[command(
     name = "overlay-agent",
@@ -110,7 +134,7 @@ pub struct Cli {
 
     /// Password for BasicAuth to etcd.
     #[arg(long, env = "FLANNELD_ETCD_PASSWORD", hide_env_values = true, help_heading = ETCD)]
-    pub etcd_password: Option<String>,
+    pub etcd_password: Option<Secret>,
 
     /// Contact the Kubernetes API for subnet assignment instead of etcd.
     #[arg(long, env = "FLANNELD_KUBE_SUBNET_MGR", default_value = "false", num_args = 0..=1,
@@ -352,7 +376,11 @@ impl Cli {
         o.cert_file = self.etcd_certfile.clone();
         o.key_file = self.etcd_keyfile.clone();
         o.username = self.etcd_username.clone().filter(|s| !s.is_empty());
-        o.password = self.etcd_password.clone().filter(|s| !s.is_empty());
+        o.password = self
+            .etcd_password
+            .as_ref()
+            .map(|s| s.expose().to_owned())
+            .filter(|s| !s.is_empty());
         o
     }
 
@@ -633,6 +661,20 @@ mod tests {
 
     /// Every flag of flanneld v0.28.9's command line (and klog's usual ones),
     /// in flanneld's single-dash spelling, is accepted.
+    #[test]
+    fn debug_of_the_flags_redacts_the_etcd_password() {
+        let _g = ENV.lock().unwrap_or_else(|e| e.into_inner());
+        let c = parse(&["-etcd-username=root", "-etcd-password=hunter2"]);
+        assert_eq!(
+            c.etcd_password.as_ref().map(Secret::expose),
+            Some("hunter2")
+        );
+        let d = format!("{c:?} {c:#?} {:?}", c.etcd_options());
+        assert!(!d.contains("hunter2"), "{d}");
+        assert!(d.contains("etcd_password: Some(<redacted>)"), "{d}");
+        assert_eq!(c.etcd_options().password.as_deref(), Some("hunter2"));
+    }
+
     #[test]
     fn every_flanneld_flag_is_accepted() {
         let _g = ENV.lock().unwrap_or_else(|e| e.into_inner());

@@ -1,6 +1,7 @@
 //! `overlay-agent status`: the pinned state, our lease, and the leases in
 //! etcd (or the Nodes, with `--kube-subnet-mgr`) we refuse to program.
 
+use crate::printable::printable;
 use std::net::Ipv4Addr;
 
 use anyhow::{Context, Result};
@@ -127,7 +128,11 @@ async fn rejected_leases(
             vni: config.backend.vni,
         };
         if let Err(why) = lease_check::check(&trust, l.subnet, l.public_ip, vtep_mac, vni) {
-            out.push(format!("{}: {why} ({})", entry.key, why.label()));
+            out.push(format!(
+                "{}: {why} ({})",
+                printable(&entry.key),
+                why.label()
+            ));
         }
     }
     Ok(out)
@@ -177,13 +182,17 @@ async fn kube_rejected(cli: &Cli) -> Result<Vec<String>, String> {
         }
         let rec = node_lease::record(node, &mgr.names);
         match rec.claim {
-            Claim::Malformed(e) => out.push(format!("{}: malformed: {}", rec.key, e.reason)),
+            Claim::Malformed(e) => out.push(format!(
+                "{}: malformed: {}",
+                printable(&rec.key),
+                printable(&e.reason)
+            )),
             Claim::Lease(l) => {
                 if let lease::Backend::Vxlan { vni, vtep_mac } = l.backend
                     && let Err(why) =
                         lease_check::check(&trust, l.subnet, l.public_ip, vtep_mac, vni)
                 {
-                    out.push(format!("{}: {why} ({})", rec.key, why.label()));
+                    out.push(format!("{}: {why} ({})", printable(&rec.key), why.label()));
                 }
             }
             Claim::None => {}

@@ -34,8 +34,10 @@ use anyhow::{Context, Result};
 pub use running::Stopped;
 
 use crate::{
-    cli::Cli,
+    cli::{Cli, DatapathChoice},
+    datapath::pins::PinLayout,
     health::{self, Health, Phase},
+    instance_lock::{InstanceLock, LockError},
 };
 
 /// How a run ended when it was told to stop.
@@ -93,6 +95,9 @@ pub async fn run_until(
             cli.datapath
         );
     }
+    // Held until this returns (or the process dies): a second agent on the
+    // same pins or subnet file stops here, before it touches etcd or the host.
+    let _locks = lock_instance(cli)?;
     tokio::pin!(shutdown);
     let waiting = async {
         let configured = startup::configure(cli, health).await?;
@@ -109,6 +114,44 @@ pub async fn run_until(
     running::run(cli, health, programmed, shutdown)
         .await
         .map(Exit::Stopped)
+}
+
+/// The locks of [`crate::instance_lock`]: `<subnet-file>.lock` (its
+/// directory created, as the subnet file's would be), and the pin directory
+/// when there is one. It is created first unless the datapath is the
+/// kernel's: that one only removes pins, so it needs the lock only where
+/// pins may exist. A pin directory that cannot be created (no bpffs at the
+/// default place) holds nothing to share: the agent runs unpinned.
+fn lock_instance(cli: &Cli) -> Result<InstanceLock> {
+    let mut locks = InstanceLock::default();
+    let unwritable = || {
+        format!(
+            "--subnet-file {}: cannot write there",
+            cli.subnet_file.display()
+        )
+    };
+    if let Some(dir) = cli
+        .subnet_file
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+    {
+        std::fs::create_dir_all(dir).with_context(unwritable)?;
+    }
+    match locks.lock_subnet_file(&cli.subnet_file) {
+        Err(e @ LockError::Held { .. }) => return Err(e.into()),
+        r => r.with_context(unwritable)?,
+    }
+    let pins = PinLayout::chosen(cli.bpf_pin_dir.as_deref());
+    let dir = pins.root();
+    if cli.datapath != DatapathChoice::Kernel {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    if dir.is_dir() {
+        locks.lock_pin_dir(dir)?;
+    } else {
+        log::debug!("no pin directory {} to lock", dir.display());
+    }
+    Ok(locks)
 }
 
 fn stopped_early(health: &Health) -> Exit {

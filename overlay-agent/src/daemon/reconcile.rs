@@ -14,6 +14,7 @@
 //! that claim one subnet (two Nodes with one podCIDR) never both reach the
 //! datapath: the older keeps it, the other is logged and waits.
 
+use crate::printable::printable;
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
@@ -258,6 +259,7 @@ impl<D: Datapath> Reconciler<D> {
             && holder != key
             && subnet != self.own.subnet
         {
+            let (key, holder) = (printable(key), printable(holder));
             log::warn!(
                 "{key} claims subnet {subnet}, which {holder} (older) holds: not programmed while {holder} holds it"
             );
@@ -279,7 +281,7 @@ impl<D: Datapath> Reconciler<D> {
                         if self.first_report(rec) {
                             log::warn!(
                                 "rejecting lease {} (PublicIP {}, VtepMAC {vtep_mac}): {why}; it is not programmed until its value changes",
-                                rec.key,
+                                printable(&rec.key),
                                 l.public_ip
                             );
                         }
@@ -294,7 +296,10 @@ impl<D: Datapath> Reconciler<D> {
                     })
                 }
                 Backend::Other(ref t) => {
-                    log::debug!("ignoring lease {} of backend type {t:?}", rec.key);
+                    log::debug!(
+                        "ignoring lease {} of backend type {t:?}",
+                        printable(&rec.key)
+                    );
                     self.rejected.remove(&rec.key);
                     Decoded::Gone
                 }

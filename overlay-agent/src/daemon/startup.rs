@@ -166,6 +166,9 @@ pub async fn configure(cli: &Cli, health: &Health) -> Result<Configured> {
         )
     } else {
         let opts = cli.etcd_options();
+        if let Some(warning) = opts.cleartext_credentials_warning() {
+            log::warn!("{warning}");
+        }
         let reg = retry("connecting to etcd", || Registry::connect(&opts)).await?;
         let config = wait_config(&reg, health).await?;
         (Source::Etcd(reg), config)

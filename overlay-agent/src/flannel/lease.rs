@@ -6,6 +6,7 @@
 //! `{"PublicIP":"192.168.64.3","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"c6:d2:32:6f:8f:44"}}`
 //! Older flanneld versions wrote neither `PublicIPv6` nor `VNI`.
 
+use crate::printable::printable;
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use ipnet::{Ipv4Net, Ipv6Net};
@@ -133,7 +134,8 @@ impl Lease {
 }
 
 #[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
-#[error("lease {key}: {reason}")]
+// Key and reason carry what a node wrote: escaped for logs and `status`.
+#[error("lease {}: {}", printable(.key), printable(.reason))]
 pub struct LeaseError {
     pub key: String,
     pub reason: String,

@@ -49,38 +49,57 @@ impl SubnetEnv {
 /// created, as flanneld does) and takes a new file. Checked before a lease
 /// is taken, so a path the agent cannot write costs no lease.
 pub fn check_writable(path: &Path) -> io::Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
+    let dir = dir_of(path);
     fs::create_dir_all(&dir)?;
-    let probe = dir.join(format!(".subnet-env.probe.{}", std::process::id()));
-    fs::File::create(&probe)?;
+    let (probe, _) = create_fresh(&dir, ".subnet-env.probe", 0o600)?;
     fs::remove_file(&probe)
 }
 
-pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
-    let dir = match path.parent() {
+fn dir_of(path: &Path) -> PathBuf {
+    match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
-    };
+    }
+}
+
+/// A new file `<prefix>.<random>` in `dir`, created by this call. The
+/// directory may be writable by others (`/run/flannel` on a host, a shared
+/// hostPath): with `O_CREAT|O_EXCL|O_NOFOLLOW` a file or symlink planted
+/// under the name makes the open fail rather than write through it, and the
+/// random name makes planting one a guess (a taken name is retried).
+fn create_fresh(dir: &Path, prefix: &str, mode: u32) -> io::Result<(PathBuf, fs::File)> {
+    let mut last = None;
+    for _ in 0..16 {
+        let tmp = dir.join(format!("{prefix}.{:016x}", rand::random::<u64>()));
+        match fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&tmp)
+        {
+            Ok(f) => return Ok((tmp, f)),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => last = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| io::Error::from(io::ErrorKind::AlreadyExists)))
+}
+
+/// Writes `data` to `path` atomically and without following symlinks: a
+/// fresh temp file in the same directory ([`create_fresh`]), fsync, rename
+/// over `path` (which replaces a symlink there rather than writing through
+/// it), fsync the directory.
+pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
+    let dir = dir_of(path);
     fs::create_dir_all(&dir)?;
     let name = path
         .file_name()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp.{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
+    let (tmp, mut f) = create_fresh(&dir, &format!(".{}.tmp", name.to_string_lossy()), mode)?;
     let result = (|| {
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&tmp)?;
-        // The umask must not narrow what consumers may read.
+        // The umask must not narrow what consumers may read; fchmod on our
+        // own new file.
         f.set_permissions(fs::Permissions::from_mode(mode))?;
         f.write_all(data)?;
         f.sync_all()?;
@@ -227,6 +246,51 @@ mod tests {
             read_previous_subnet(&path),
             Some("10.0.15.0/24".parse().unwrap())
         );
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn planted_symlinks_are_never_written_through() {
+        let dir = tmpdir("symlink");
+        let run = dir.join("run");
+        fs::create_dir_all(&run).unwrap();
+        let outside = dir.join("outside");
+        fs::write(&outside, "precious\n").unwrap();
+        let path = run.join("subnet.env");
+        // The names the previous version used (pid-based), planted ahead.
+        let pid = std::process::id();
+        for planted in [
+            format!(".subnet.env.tmp.{pid}"),
+            format!(".subnet-env.probe.{pid}"),
+        ] {
+            std::os::unix::fs::symlink(&outside, run.join(planted)).unwrap();
+        }
+        check_writable(&path).unwrap();
+        let env = SubnetEnv {
+            network: "10.0.0.0/16".parse().unwrap(),
+            subnet: "10.0.14.0/24".parse().unwrap(),
+            mtu: 1450,
+            ip_masq: true,
+        };
+        env.write(&path).unwrap();
+        assert_eq!(fs::read_to_string(&outside).unwrap(), "precious\n");
+        assert_eq!(fs::read_to_string(&path).unwrap(), env.render());
+        // A symlink at the target itself is replaced, not followed.
+        fs::remove_file(&path).unwrap();
+        std::os::unix::fs::symlink(&outside, &path).unwrap();
+        env.write(&path).unwrap();
+        assert!(!fs::symlink_metadata(&path).unwrap().is_symlink());
+        assert_eq!(fs::read_to_string(&outside).unwrap(), "precious\n");
+        // A name taken by a symlink is refused by the exclusive open.
+        let taken = run.join("taken");
+        std::os::unix::fs::symlink(&outside, &taken).unwrap();
+        let e = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&taken)
+            .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AlreadyExists);
         fs::remove_dir_all(&dir).unwrap();
     }
 

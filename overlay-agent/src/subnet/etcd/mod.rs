@@ -64,6 +64,27 @@ impl fmt::Debug for EtcdOptions {
 }
 
 impl EtcdOptions {
+    /// The warning to log when the username and password would travel in
+    /// clear: credentials given and an `http://` endpoint (or one without a
+    /// scheme, which etcd-client dials as plain http).
+    pub fn cleartext_credentials_warning(&self) -> Option<String> {
+        let credentials = self.username.as_ref().is_some_and(|u| !u.is_empty())
+            || self.password.as_ref().is_some_and(|p| !p.is_empty());
+        let plain: Vec<&str> = self
+            .endpoints
+            .iter()
+            .map(|e| e.trim())
+            .filter(|e| !e.starts_with("https://"))
+            .collect();
+        (credentials && !plain.is_empty()).then(|| {
+            format!(
+                "--etcd-username/--etcd-password are sent in clear to {} (not https://): \
+                 anyone on the path can read them",
+                plain.join(", ")
+            )
+        })
+    }
+
     pub fn new(endpoints: Vec<String>, prefix: impl Into<String>) -> EtcdOptions {
         EtcdOptions {
             endpoints,
@@ -694,4 +715,55 @@ fn tls_options(opts: &EtcdOptions) -> Result<Option<TlsOptions>, EtcdError> {
         tls = tls.identity(id);
     }
     Ok(Some(tls))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(endpoints: &[&str], user: Option<&str>, password: Option<&str>) -> EtcdOptions {
+        let mut o = EtcdOptions::new(endpoints.iter().map(|e| e.to_string()).collect(), "/p");
+        o.username = user.map(String::from);
+        o.password = password.map(String::from);
+        o
+    }
+
+    #[test]
+    fn debug_never_shows_the_password() {
+        let o = opts(&["https://e:2379"], Some("root"), Some("hunter2"));
+        let d = format!("{o:?} {o:#?}");
+        assert!(!d.contains("hunter2"), "{d}");
+        assert!(d.contains("<redacted>") && d.contains("root"), "{d}");
+    }
+
+    #[test]
+    fn credentials_over_plain_http_are_warned_about() {
+        let w = opts(
+            &["https://a:2379", "http://b:2379"],
+            Some("root"),
+            Some("hunter2"),
+        )
+        .cleartext_credentials_warning()
+        .expect("a warning");
+        assert!(w.contains("sent in clear to http://b:2379"), "{w}");
+        assert!(!w.contains("hunter2") && !w.contains("https://a"), "{w}");
+        // No scheme: etcd-client dials plain http.
+        assert!(
+            opts(&["b:2379"], Some("u"), None)
+                .cleartext_credentials_warning()
+                .is_some()
+        );
+        assert_eq!(
+            opts(&["https://a:2379"], Some("u"), Some("p")).cleartext_credentials_warning(),
+            None
+        );
+        assert_eq!(
+            opts(&["http://a:2379"], None, None).cleartext_credentials_warning(),
+            None
+        );
+        assert_eq!(
+            opts(&["http://a:2379"], Some(""), Some("")).cleartext_credentials_warning(),
+            None
+        );
+    }
 }

@@ -5,6 +5,7 @@
 //! overwritten without a lease on acquisition and never given one on renewal
 //! (flannel turns them into 24 h leases, its issue #1329).
 
+use crate::printable::printable;
 use std::{
     net::Ipv4Addr,
     time::{Duration, Instant},
@@ -281,8 +282,8 @@ pub async fn renew(
         if e.value != own.value.as_bytes() {
             return Ok(Renewal::Lost(format!(
                 "{} now holds {}",
-                e.key,
-                String::from_utf8_lossy(&e.value)
+                printable(&e.key),
+                printable(&String::from_utf8_lossy(&e.value))
             )));
         }
         if e.is_reservation() {
@@ -332,8 +333,8 @@ pub async fn update_mac(
     if e.value != own.value.as_bytes() {
         return Ok(Renewal::Lost(format!(
             "{} now holds {}",
-            e.key,
-            String::from_utf8_lossy(&e.value)
+            printable(&e.key),
+            printable(&String::from_utf8_lossy(&e.value))
         )));
     }
     if !reg
