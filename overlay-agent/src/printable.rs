@@ -57,16 +57,4 @@ mod tests {
         // A backslash stays: only what a terminal acts on is escaped.
         assert_eq!(printable("a\\b"), "a\\b");
     }
-
-    #[test]
-    fn lease_errors_print_escaped() {
-        let e = crate::flannel::lease::decode(
-            "/coreos.com/network/subnets/10.0.1.0-24\nINFO forged",
-            b"{\"PublicIP\":\"10.0.0.1\"}",
-        )
-        .unwrap_err();
-        let shown = e.to_string();
-        assert!(!shown.contains('\n'), "{shown}");
-        assert!(shown.contains("10.0.1.0-24\\x0aINFO forged"), "{shown}");
-    }
 }

@@ -399,4 +399,16 @@ mod tests {
         .unwrap_err();
         assert!(e.to_string().contains("bogus"));
     }
+
+    #[test]
+    fn lease_errors_print_escaped() {
+        let e = decode(
+            "/coreos.com/network/subnets/10.0.1.0-24\nINFO forged",
+            b"{\"PublicIP\":\"10.0.0.1\"}",
+        )
+        .unwrap_err();
+        let shown = e.to_string();
+        assert!(!shown.contains('\n'), "{shown}");
+        assert!(shown.contains("10.0.1.0-24\\x0aINFO forged"), "{shown}");
+    }
 }
