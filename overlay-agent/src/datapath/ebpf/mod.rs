@@ -1,0 +1,693 @@
+//! The eBPF datapath: TC egress encapsulation, XDP/TC ingress decapsulation.
+//!
+//! It keeps everything the kernel datapath programs (`flannel.<VNI>`, its
+//! address, and per peer the neighbour, FDB entry and route: routing must still
+//! select the device, and what the programs pass to the kernel must still
+//! work), then fills the maps and attaches the programs:
+//! `vxlan_egress` on TCX egress of `flannel.<VNI>`, `vxlan_ingress_tc` on TCX
+//! ingress of the underlay and, in [`IngressMode::XdpAndTc`],
+//! `vxlan_ingress_xdp` on the underlay. With the fast path on
+//! ([`EbpfOptions::fast_path`], see [`super::fastpath`]) `veth_from_pod` and
+//! `veth_to_pod` go on every pod veth, followed by [`Datapath::sync_pods`].
+//!
+//! Without a pin directory the links live as long as this value: dropping it
+//! detaches the programs. With one ([`EbpfOptions::pins`], see [`super::pins`])
+//! maps and links are pinned and outlive the agent; a later `setup` reopens
+//! them and swaps new programs in atomically; [`Datapath::teardown`] removes
+//! the pins and so detaches.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::Ipv4Addr,
+    path::PathBuf,
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{
+        Array, HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues, lpm_trie::Key,
+        lpm_trie::LpmTrie,
+    },
+    programs::{
+        ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        links::{FdLink, LinkError, PinnedLink},
+        xdp::XdpLink,
+    },
+};
+use ipnet::Ipv4Net;
+use log::{debug, info, warn};
+use overlay_common::{
+    consts::{
+        MAP_COUNTERS, MAP_KNOWN_VTEPS, MAP_NODE_CONFIG, MAP_PEER_STATS, MAP_REMOTE_SUBNETS,
+        MAX_PEERS, PROG_EGRESS, PROG_INGRESS_TC, PROG_INGRESS_XDP, PROG_INGRESS_XDP_FILTER,
+        PROG_VETH_FROM_POD, PROG_VETH_TO_POD,
+    },
+    counters::{Counter, Reason},
+    maps::{KnownVtep, NodeConfig, PeerTraffic, RemoteVtep},
+};
+
+use super::{
+    Datapath, DatapathError, Mode, NodeSpec, NodeState, Peer,
+    fastpath::{self, FastPathMode, PodAttachments},
+    host_policy::{self, HostPolicyConflict, HostPolicyError},
+    kernel::{KernelDatapath, PeerKind},
+    pins::{MAPS, PinLayout, declared_shapes},
+    tc_attach::{self, TcApi, TcAttachMode, TcLink},
+    vtep_users::VtepUsers,
+};
+use crate::{flannel::mac::MacAddr, netlink::VxlanDevice};
+
+mod attach;
+mod error;
+mod loader;
+mod maps;
+
+pub use attach::*;
+pub use error::*;
+use loader::*;
+pub use maps::*;
+
+/// The eBPF object built by `build.rs` from `overlay-ebpf`, embedded so the
+/// agent binary is self-contained.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/overlay"));
+
+/// The oldest kernel the eBPF datapath runs on: encapsulation needs
+/// `BPF_F_ADJ_ROOM_ENCAP_L2_ETH` (5.13), which an older kernel refuses only
+/// at run time, packet by packet; the other helpers are older
+/// (`bpf_csum_level` 5.7, `bpf_redirect_neigh` and `bpf_redirect_peer` 5.10).
+pub const MIN_KERNEL: (u32, u32) = (5, 13);
+
+/// Where ingress decapsulation happens.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum IngressMode {
+    /// `vxlan_ingress_tc` alone on TCX ingress of the underlay.
+    #[default]
+    Tc,
+    /// `vxlan_ingress_xdp` on the underlay decapsulates and marks, and
+    /// `vxlan_ingress_tc` redirects the marked frames into `flannel.<VNI>`.
+    /// On a veth, XDP disables GSO on its peer.
+    XdpAndTc,
+}
+
+impl fmt::Display for IngressMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            IngressMode::Tc => "tc",
+            IngressMode::XdpAndTc => "xdp+tc",
+        })
+    }
+}
+
+/// How to run the eBPF datapath.
+#[derive(Clone, Debug)]
+pub struct EbpfOptions {
+    pub ingress: IngressMode,
+    /// XDP attach mode for [`IngressMode::XdpAndTc`]; the default lets the
+    /// kernel use the driver's native XDP when it has one.
+    pub xdp_mode: XdpMode,
+    /// Pin maps and links here so they outlive this process (hitless
+    /// restarts); `None` ties them to this value's lifetime.
+    pub pins: Option<PinLayout>,
+    /// Load this eBPF object instead of the embedded one (an upgrade test, or
+    /// an operator trying a rebuilt program without rebuilding the agent).
+    pub object: Option<PathBuf>,
+    /// `--fast-path`: whether established pod traffic may skip the host.
+    pub fast_path: FastPathMode,
+    /// `--tc-attach`: TCX links or legacy clsact filters.
+    pub tc_attach: TcAttachMode,
+    /// How many peers the maps hold: the `max_entries` the loader gives
+    /// REMOTE_SUBNETS, KNOWN_VTEPS and PEER_STATS (default [`MAX_PEERS`], what
+    /// the object declares). A peer beyond it is refused with
+    /// [`DatapathError::MapFull`] and nothing of it enters the maps. Tests
+    /// set it small to fill the maps.
+    pub peer_capacity: u32,
+}
+
+impl Default for EbpfOptions {
+    fn default() -> Self {
+        EbpfOptions {
+            ingress: IngressMode::default(),
+            xdp_mode: XdpMode::default(),
+            pins: None,
+            object: None,
+            fast_path: FastPathMode::default(),
+            tc_attach: TcAttachMode::default(),
+            peer_capacity: MAX_PEERS,
+        }
+    }
+}
+
+impl EbpfOptions {
+    /// The loader's `max_entries` overrides.
+    fn capacities(&self) -> [(&'static str, u32); 3] {
+        [MAP_REMOTE_SUBNETS, MAP_KNOWN_VTEPS, MAP_PEER_STATS].map(|m| (m, self.peer_capacity))
+    }
+}
+
+/// The attach point of a program, for error messages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hook {
+    TcxEgress,
+    TcxIngress,
+    ClsactEgress,
+    ClsactIngress,
+    Xdp,
+}
+
+impl Hook {
+    /// The hook of a TC attach type under `api`.
+    pub fn tc(api: TcApi, attach: TcAttachType) -> Hook {
+        match (api, attach == TcAttachType::Egress) {
+            (TcApi::Tcx, true) => Hook::TcxEgress,
+            (TcApi::Tcx, false) => Hook::TcxIngress,
+            (TcApi::Legacy, true) => Hook::ClsactEgress,
+            (TcApi::Legacy, false) => Hook::ClsactIngress,
+        }
+    }
+}
+
+impl fmt::Display for Hook {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Hook::TcxEgress => "TCX egress",
+            Hook::TcxIngress => "TCX ingress",
+            Hook::ClsactEgress => "clsact egress",
+            Hook::ClsactIngress => "clsact ingress",
+            Hook::Xdp => "XDP",
+        })
+    }
+}
+
+/// The eBPF datapath. Like [`KernelDatapath`], create it anywhere and call
+/// [`Datapath::setup`] on a thread inside the node's network namespace, within
+/// a tokio runtime; keep it alive as long as the programs should stay attached.
+#[derive(Debug)]
+pub struct EbpfDatapath {
+    options: EbpfOptions,
+    kernel: KernelDatapath,
+    /// Boxed: the aya object and the fast path's state are large.
+    loaded: Option<Box<Loaded>>,
+    /// Peers added while host policy (xfrm, policy routing) covers them:
+    /// kernel entries only, no REMOTE_SUBNETS entry, so their traffic takes
+    /// the kernel's vxlan device (see `add_peer`).
+    kernel_only: BTreeMap<Ipv4Net, HostPolicyConflict>,
+}
+
+impl EbpfDatapath {
+    pub fn new(options: EbpfOptions) -> Self {
+        Self {
+            options,
+            kernel: KernelDatapath::new(),
+            loaded: None,
+            kernel_only: BTreeMap::new(),
+        }
+    }
+
+    /// Peers left to the kernel's vxlan device because host policy covers
+    /// them, with what covers them.
+    pub fn kernel_only_peers(&self) -> &BTreeMap<Ipv4Net, HostPolicyConflict> {
+        &self.kernel_only
+    }
+
+    pub fn options(&self) -> &EbpfOptions {
+        &self.options
+    }
+
+    /// The device as set up.
+    pub fn device(&self) -> Option<&VxlanDevice> {
+        self.kernel.device()
+    }
+
+    /// The pod subnet the fast path serves, while it is on.
+    pub fn fast_path_subnet(&self) -> Option<Ipv4Net> {
+        self.loaded.as_ref()?.fast.as_ref().map(|f| f.subnet)
+    }
+
+    /// Ids of the loaded and attached programs.
+    pub fn program_ids(&self) -> Option<ProgramIds> {
+        self.loaded.as_ref().map(|l| l.ids)
+    }
+
+    /// COUNTERS summed over all CPUs, for every [`Reason`].
+    pub fn counters(&self) -> Result<Counters, DatapathError> {
+        let loaded = self.loaded()?;
+        let map = loaded
+            .ebpf
+            .map(MAP_COUNTERS)
+            .ok_or(EbpfError::MissingMap(MAP_COUNTERS))?;
+        Ok(read_counters(map)?)
+    }
+
+    /// PEER_STATS summed over all CPUs, by public IP.
+    pub fn peer_counters(
+        &self,
+    ) -> Result<std::collections::HashMap<Ipv4Addr, PeerCounters>, DatapathError> {
+        let loaded = self.loaded()?;
+        let map = loaded
+            .ebpf
+            .map(MAP_PEER_STATS)
+            .ok_or(EbpfError::MissingMap(MAP_PEER_STATS))?;
+        Ok(read_peer_counters(map)?)
+    }
+
+    /// Our map `name`, for a reader that takes its own handle on it
+    /// (`health::peers`: `/metrics` reads the peer maps when scraped).
+    pub fn map(&self, name: &'static str) -> Result<&aya::maps::Map, DatapathError> {
+        let loaded = self.loaded()?;
+        Ok(loaded.ebpf.map(name).ok_or(EbpfError::MissingMap(name))?)
+    }
+
+    /// The peers in REMOTE_SUBNETS, sorted by subnet.
+    pub fn map_peers(&self) -> Result<Vec<Peer>, DatapathError> {
+        let loaded = self.loaded()?;
+        let map = loaded
+            .ebpf
+            .map(MAP_REMOTE_SUBNETS)
+            .ok_or(EbpfError::MissingMap(MAP_REMOTE_SUBNETS))?;
+        Ok(read_remote_subnets(map)?)
+    }
+
+    /// Whether KNOWN_VTEPS holds `ip`.
+    pub fn knows_vtep(&self, ip: Ipv4Addr) -> Result<bool, DatapathError> {
+        let loaded = self.loaded()?;
+        let map = loaded
+            .ebpf
+            .map(MAP_KNOWN_VTEPS)
+            .ok_or(EbpfError::MissingMap(MAP_KNOWN_VTEPS))?;
+        let vteps: HashMap<&MapData, [u8; 4], KnownVtep> =
+            HashMap::try_from(map).map_err(|e| EbpfError::map(MAP_KNOWN_VTEPS, "open", e))?;
+        match vteps.get(&ip.octets(), 0) {
+            Ok(_) => Ok(true),
+            Err(e) if is_missing(&e) => Ok(false),
+            Err(e) => Err(EbpfError::map(MAP_KNOWN_VTEPS, format!("look up {ip}"), e).into()),
+        }
+    }
+
+    /// A start failed: what this attempt attached (or an earlier run pinned)
+    /// would keep filtering with maps nobody maintains once we give up, so it
+    /// goes; the kernel's vxlan driver then serves the device as it is.
+    fn give_up(&mut self, subnet: Ipv4Net) {
+        self.loaded = None;
+        if let Err(undo) = remove_attachments(self.options.pins.as_ref()) {
+            warn!(
+                "after a failed start: {}",
+                DatapathError::from(undo).reason()
+            );
+        }
+        fastpath::release_host(subnet, self.options.pins.as_ref());
+    }
+
+    fn loaded(&self) -> Result<&Loaded, DatapathError> {
+        self.loaded.as_deref().ok_or(DatapathError::NotSetUp)
+    }
+
+    fn loaded_mut(&mut self) -> Result<&mut Loaded, DatapathError> {
+        self.loaded.as_deref_mut().ok_or(DatapathError::NotSetUp)
+    }
+}
+
+impl Datapath for EbpfDatapath {
+    fn mode(&self) -> Mode {
+        Mode::Ebpf
+    }
+
+    /// Sets up the device as the kernel datapath does, then loads the object,
+    /// fills NODE_CONFIG and the peer maps from the peers already programmed in
+    /// the kernel (an adopted device keeps its peers), and attaches. On error
+    /// the device and its entries remain for the kernel datapath to adopt,
+    /// and nothing of ours stays attached: whatever failed (the maps, the
+    /// verifier, an attach half-way, or with `--fast-path=on` a pod veth),
+    /// every pin and legacy filter of ours is removed (see
+    /// [`remove_attachments`]), since no program may keep filtering with maps
+    /// nobody maintains.
+    async fn setup(&mut self, node: &NodeSpec) -> Result<NodeState, DatapathError> {
+        // Detach a previous instance before the device may be re-created.
+        self.loaded = None;
+        let state = self.kernel.setup(node).await?;
+        // Direct peers (known from an earlier setup of this datapath) get
+        // no REMOTE_SUBNETS entry, only their KNOWN_VTEPS one.
+        let (direct, peers): (Vec<Peer>, Vec<Peer>) = self
+            .kernel
+            .peers()
+            .await?
+            .into_iter()
+            .partition(|p| self.kernel.is_direct(p.subnet));
+        // Host policy the programs would skip keeps them off altogether: the
+        // xfrm policies, and the routes of the peers an adopted device holds
+        // (later peers are checked as they come, in add_peer).
+        let device = self.kernel.device().ok_or(DatapathError::NotSetUp)?;
+        let nl = self.kernel.netlink().ok_or(DatapathError::NotSetUp)?;
+        let peer_ips: Vec<Ipv4Addr> = peers.iter().map(|p| p.public_ip).collect();
+        let checked = host_policy::check_start(
+            nl,
+            device.local,
+            device.port,
+            device.underlay_ifindex,
+            &peer_ips,
+        )
+        .await;
+        let refusal = match checked {
+            Ok(None) => None,
+            Ok(Some(conflict)) => Some(EbpfError::HostPolicy(conflict)),
+            Err(e) => Some(EbpfError::HostPolicyCheck(e)),
+        };
+        if let Some(e) = refusal {
+            self.give_up(node.subnet);
+            return Err(e.into());
+        }
+        self.kernel_only.clear();
+        let device = self.kernel.device().ok_or(DatapathError::NotSetUp)?;
+        let started = Loaded::start(&self.options, device, node.subnet, &peers, &direct);
+        let loaded = match started {
+            Ok(loaded) => loaded,
+            Err(e) => {
+                self.give_up(node.subnet);
+                return Err(e.into());
+            }
+        };
+        info!(
+            "eBPF datapath on {} (ingress {} on {}, TC via {}, fast path {}): programs {:?}, {} peers in the maps",
+            device.name,
+            self.options.ingress,
+            device.underlay,
+            loaded.api,
+            if loaded.fast.is_some() { "on" } else { "off" },
+            loaded.ids,
+            peers.len()
+        );
+        self.loaded = Some(Box::new(loaded));
+        // A pod veth that cannot be attached keeps the host's path; only
+        // `--fast-path=on` makes that fatal. The next link event retries.
+        if let Err(e) = self.sync_pods().await {
+            if self.options.fast_path == FastPathMode::On {
+                self.give_up(node.subnet);
+                return Err(e);
+            }
+            warn!("fast path: attaching to the pod veths: {}", e.reason());
+        }
+        Ok(state)
+    }
+
+    /// Attaches the fast path to the pod veths that appeared and detaches it
+    /// from those that left (a no-op while the fast path is off).
+    async fn sync_pods(&mut self) -> Result<(), DatapathError> {
+        let Some(subnet) = self.loaded()?.fast.as_ref().map(|f| f.subnet) else {
+            return Ok(());
+        };
+        let nl = self.kernel.netlink().ok_or(DatapathError::NotSetUp)?;
+        let net = nl.pod_network(subnet).await?;
+        let pins = self.options.pins.clone();
+        let loaded = self.loaded_mut()?;
+        if let Some(fast) = loaded.fast.as_mut() {
+            fast.pods
+                .sync(&mut loaded.ebpf, loaded.api, &net, pins.as_ref())?;
+        }
+        Ok(())
+    }
+
+    /// The kernel entries first, then the maps. A peer the maps have no
+    /// room for ([`DatapathError::MapFull`]) keeps its kernel entries, so its
+    /// subnet still routes into `flannel.<VNI>` (the kernel device
+    /// encapsulates what the programs pass), but none of its map entries: its
+    /// VXLAN is dropped as from an unknown VTEP until a retry finds room.
+    ///
+    /// A direct peer (DirectRouting) gets its kernel route and a KNOWN_VTEPS
+    /// entry (it may still send us VXLAN, when it does not see us as direct)
+    /// but no REMOTE_SUBNETS entry, so neither egress nor the fast path
+    /// encapsulates toward it: its packets take the kernel's route.
+    ///
+    /// A vxlan peer that host policy covers (an xfrm policy toward its
+    /// PublicIP, or a route to it from another table or through another
+    /// interface: see [`host_policy`]) is left to the kernel: its kernel
+    /// entries, no REMOTE_SUBNETS entry, so `vxlan_egress` and the fast path
+    /// pass its packets to the kernel's device, which encapsulates them and
+    /// sends them through xfrm and the routing rules, as flannel does. It is
+    /// logged, counted ([`Self::kernel_only_peers`]) and reported as
+    /// programmed: refusing it instead would leave its subnet without a
+    /// route, and its pods' packets would follow the default route
+    /// unencapsulated. Under xfrm it gets no KNOWN_VTEPS entry either, so
+    /// clear VXLAN from it is dropped at TC ingress and only what the kernel
+    /// decrypts gets in; a route conflict keeps KNOWN_VTEPS, as a direct
+    /// peer does. The decision is taken when the peer is added: a policy
+    /// that appears or goes later takes effect at the next restart.
+    async fn add_peer(&mut self, peer: &Peer) -> Result<(), DatapathError> {
+        self.loaded()?;
+        let kind = self.kernel.add_peer_kind(peer).await?;
+        let conflict = match kind {
+            PeerKind::Vxlan => {
+                let device = self.kernel.device().ok_or(DatapathError::NotSetUp)?;
+                let nl = self.kernel.netlink().ok_or(DatapathError::NotSetUp)?;
+                host_policy::check_peer(
+                    nl,
+                    device.local,
+                    device.port,
+                    device.underlay_ifindex,
+                    peer.public_ip,
+                )
+                .await
+                .map_err(EbpfError::HostPolicyCheck)?
+            }
+            PeerKind::Direct => None,
+        };
+        let capacity = self.options.peer_capacity;
+        let Loaded { ebpf, users, .. } =
+            self.loaded.as_deref_mut().ok_or(DatapathError::NotSetUp)?;
+        match (kind, &conflict) {
+            (PeerKind::Vxlan, None) => insert_peer(ebpf, users, peer, capacity)?,
+            (PeerKind::Vxlan, Some(HostPolicyConflict::Xfrm(_))) => {
+                remove_peer_entries(ebpf, users, peer)?;
+            }
+            (PeerKind::Vxlan, Some(HostPolicyConflict::Route { .. })) | (PeerKind::Direct, _) => {
+                insert_direct_peer(ebpf, users, peer, capacity)?;
+            }
+        }
+        match conflict {
+            Some(c) => {
+                if self.kernel_only.get(&peer.subnet) != Some(&c) {
+                    log::error!(
+                        "peer {} via {}: {c}: its traffic takes the kernel's vxlan device (through xfrm and the routing rules), not the eBPF programs",
+                        peer.subnet,
+                        peer.public_ip
+                    );
+                }
+                self.kernel_only.insert(peer.subnet, c);
+            }
+            None => {
+                if self.kernel_only.remove(&peer.subnet).is_some() {
+                    info!(
+                        "peer {} via {}: no host policy covers it any more: back on the eBPF programs",
+                        peer.subnet, peer.public_ip
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes the peer from the maps first (so egress stops encapsulating to
+    /// it), then its kernel entries.
+    async fn remove_peer(&mut self, peer: &Peer) -> Result<(), DatapathError> {
+        let Loaded { ebpf, users, .. } =
+            self.loaded.as_deref_mut().ok_or(DatapathError::NotSetUp)?;
+        remove_peer_entries(ebpf, users, peer)?;
+        self.kernel_only.remove(&peer.subnet);
+        self.kernel.remove_peer(peer).await
+    }
+
+    /// Peers whose kernel entries are complete and whose map entries agree.
+    async fn peers(&mut self) -> Result<Vec<Peer>, DatapathError> {
+        let in_maps: std::collections::HashSet<Peer> = self.map_peers()?.into_iter().collect();
+        let in_kernel = self.kernel.peers().await?;
+        let mut agreed = Vec::with_capacity(in_kernel.len());
+        let in_trie: std::collections::HashSet<Ipv4Net> =
+            in_maps.iter().map(|p| p.subnet).collect();
+        for peer in in_kernel {
+            let kernel_only = self.kernel_only.get(&peer.subnet);
+            let mapped = if self.kernel.is_direct(peer.subnet) || kernel_only.is_some() {
+                !in_trie.contains(&peer.subnet)
+            } else {
+                in_maps.contains(&peer)
+            };
+            // A peer left to the kernel under xfrm has no KNOWN_VTEPS entry.
+            let vtep_ok = matches!(kernel_only, Some(HostPolicyConflict::Xfrm(_)))
+                || self.knows_vtep(peer.public_ip)?;
+            if mapped && vtep_ok {
+                agreed.push(peer);
+            } else {
+                warn!(
+                    "peer {} is in the kernel but not (or differently) in the maps",
+                    peer.subnet
+                );
+            }
+        }
+        Ok(agreed)
+    }
+
+    fn begin_batch(&mut self) {
+        self.kernel.begin_batch();
+    }
+
+    async fn end_batch(&mut self) -> Result<(), DatapathError> {
+        self.kernel.end_batch().await
+    }
+
+    /// Detaches the programs (dropping their links, removing their pins and
+    /// legacy filters), removes the pinned maps, then deletes the device.
+    async fn teardown(&mut self) -> Result<(), DatapathError> {
+        if let Some(fast) = self.loaded.take().and_then(|l| l.fast) {
+            fastpath::release_host(fast.subnet, self.options.pins.as_ref());
+        }
+        remove_attachments(self.options.pins.as_ref())?;
+        self.kernel.teardown().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::netlink::vxlan_device::DeviceOrigin;
+
+    fn device() -> VxlanDevice {
+        VxlanDevice {
+            name: "flannel.1".into(),
+            ifindex: 7,
+            mac: "02:11:22:33:44:55".parse().unwrap(),
+            mtu: 1450,
+            vni: 1,
+            port: 8472,
+            local: "192.168.64.3".parse().unwrap(),
+            address: "10.5.52.0".parse().unwrap(),
+            underlay: "eth0".into(),
+            underlay_ifindex: 2,
+            underlay_mtu: 1500,
+            origin: DeviceOrigin::Created,
+        }
+    }
+
+    fn peer() -> Peer {
+        Peer {
+            subnet: "10.5.53.0/24".parse().unwrap(),
+            public_ip: "192.168.64.4".parse().unwrap(),
+            vtep_mac: "c6:d2:32:6f:8f:44".parse().unwrap(),
+        }
+    }
+
+    #[test]
+    fn node_config_has_every_field() {
+        assert_eq!(
+            node_config(&device()),
+            NodeConfig {
+                vni: 1,
+                local_ip: [192, 168, 64, 3],
+                underlay_ifindex: 2,
+                vxlan_ifindex: 7,
+                underlay_mtu: 1500,
+                vtep_mac: [0x02, 0x11, 0x22, 0x33, 0x44, 0x55],
+                port: 8472,
+                configured: 1,
+            }
+        );
+    }
+
+    #[test]
+    fn peer_map_entries_are_in_network_order() {
+        let key = subnet_key("10.5.53.9/24".parse().unwrap());
+        assert_eq!(key.prefix_len(), 24);
+        assert_eq!(key.data(), [10, 5, 53, 0]);
+        let v = remote_vtep(&peer());
+        assert_eq!(v.public_ip, [192, 168, 64, 4]);
+        assert_eq!(v.vtep_mac, [0xc6, 0xd2, 0x32, 0x6f, 0x8f, 0x44]);
+        assert_eq!(known_vtep(&peer()).vtep_mac, v.vtep_mac);
+        assert_eq!(
+            peer_from_entry(&subnet_key(peer().subnet), &v),
+            Some(peer())
+        );
+    }
+
+    #[test]
+    fn per_cpu_counters_are_summed() {
+        let per_cpu = [
+            Counter {
+                packets: 3,
+                bytes: 300,
+            },
+            Counter {
+                packets: 0,
+                bytes: 0,
+            },
+            Counter {
+                packets: 4,
+                bytes: 1000,
+            },
+        ];
+        assert_eq!(
+            sum_per_cpu(&per_cpu),
+            Counter {
+                packets: 7,
+                bytes: 1300
+            }
+        );
+        let counters = Counters {
+            totals: vec![
+                (Reason::Encapsulated, sum_per_cpu(&per_cpu)),
+                (Reason::Decapsulated, Counter::default()),
+            ],
+        };
+        assert_eq!(counters.get(Reason::Encapsulated).packets, 7);
+        assert_eq!(counters.get(Reason::DropWrongVni), Counter::default());
+        assert_eq!(counters.to_string(), "encapsulated=7p/1300B");
+    }
+
+    #[test]
+    fn verifier_summary_is_one_line_with_the_last_words() {
+        let err = std::io::Error::from_raw_os_error(libc::EACCES);
+        let log = "0: (bf) r6 = r1\n1: (61) r2 = *(u32 *)(r6 +76)\ninvalid access to packet, off=0 size=4\nprocessed 12 insns (limit 1000000)\n\n";
+        let s = verifier_summary(&err, log);
+        assert!(!s.contains('\n'));
+        assert!(
+            s.ends_with("verifier: invalid access to packet, off=0 size=4"),
+            "{s}"
+        );
+        assert!(verifier_summary(&err, "").ends_with("no verifier log"));
+    }
+
+    #[test]
+    fn errors_are_classified_and_one_line() {
+        let missing = EbpfError::MissingProgram(PROG_EGRESS);
+        assert_eq!(missing.failure(), EbpfFailure::Load);
+        assert_eq!(
+            missing.to_string(),
+            "eBPF: the object has no program vxlan_egress"
+        );
+        let attach = EbpfError::Attach {
+            program: PROG_INGRESS_XDP,
+            interface: "eth0".into(),
+            hook: Hook::Xdp,
+            source: ProgramError::UnknownInterface {
+                name: "eth0".into(),
+            },
+        };
+        assert_eq!(attach.failure(), EbpfFailure::Attach);
+        assert_eq!(
+            attach.to_string(),
+            "eBPF: attaching vxlan_ingress_xdp to eth0 (XDP) failed"
+        );
+        let as_datapath: DatapathError = attach.into();
+        assert_eq!(as_datapath.ebpf_failure(), Some(EbpfFailure::Attach));
+        assert_eq!(
+            as_datapath.reason(),
+            "eBPF: attaching vxlan_ingress_xdp to eth0 (XDP) failed: unknown network interface eth0"
+        );
+        let not_ebpf = DatapathError::NoSuchInterface("eth9".into());
+        assert_eq!(not_ebpf.ebpf_failure(), None);
+        assert_eq!(not_ebpf.reason(), "interface eth9 not found");
+    }
+
+    #[test]
+    fn the_datapath_can_move_between_threads() {
+        fn assert_send<T: Send>() {}
+        assert_send::<EbpfDatapath>();
+        assert_send::<KernelDatapath>();
+    }
+}
