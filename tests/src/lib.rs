@@ -17,6 +17,7 @@
 //!   kube-flannel's conflist, flannel's meta-plugin reading subnet.env;
 //! - [`stats`]: device statistics and attached BPF programs;
 //! - [`http`]: the agent's health and metrics endpoints;
+//! - [`peer_check`]: a host with thousands of peers converged to exactly the expected entries, once each;
 //! - [`peers`]: thousands of flannel-format leases of other nodes, written in transactions;
 //! - [`route_watch`]: a namespace's vxlan routes as netlink announces them, timestamped;
 //! - [`rx_csum`]: a sender whose packets arrive as if a NIC had verified their checksums;
@@ -42,6 +43,7 @@ pub mod machine;
 pub mod netns;
 pub mod node;
 pub mod overlay;
+pub mod peer_check;
 pub mod peers;
 pub mod reference;
 pub mod route_watch;

@@ -17,24 +17,21 @@
 
 use std::{
     collections::BTreeSet,
-    path::Path,
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Result, bail, ensure};
 use overlay_tests::{
-    agent::{Agent, sh},
     kube_api::simple_node,
     kube_cluster::{KubeCluster, SCALE_NET_CONF, SCALE_OWN_CIDR, node_with, peer_name, peer_node},
-    peers,
+    peer_check,
     route_watch::RouteWatch,
 };
 use serde_json::{Value, json};
 
 const N: usize = 2000;
-/// Convergence fails when no route came or went for this long...
-const STALL: Duration = Duration::from_secs(30);
-/// ... or after this long in all.
+/// Convergence fails when no route came or went for 30 s (`peer_check`),
+/// or after this long in all.
 const LIMIT: Duration = Duration::from_secs(300);
 /// How long the stand-in waits before answering each request while the
 /// first list runs: kube-runtime lists in pages of 500, so the 2,000 Nodes
@@ -90,7 +87,10 @@ fn scale(datapath: &str) -> Result<()> {
     let t0 = Instant::now();
     while c.api.requests("list", "nodes") < 2 {
         if let Some(code) = agent.exited() {
-            bail!("the agent exited ({code}):\n{}", tail(&agent.log()));
+            bail!(
+                "the agent exited ({code}):\n{}",
+                peer_check::tail(&agent.log())
+            );
         }
         ensure!(t0.elapsed() < LIMIT, "the agent never listed the Nodes");
         std::thread::sleep(Duration::from_millis(2));
@@ -109,14 +109,14 @@ fn scale(datapath: &str) -> Result<()> {
 
     eprintln!("changes made during the list at {:?}", t0.elapsed());
     let mut expected: BTreeSet<usize> = (0..10).chain(20..N + 10).collect();
-    converge(&ns, &watch, &mut agent, &expected, datapath, &pins)?;
+    peer_check::converge(&ns, &watch, &mut agent, &expected, datapath, &pins, LIMIT)?;
     eprintln!("converged at {:?}", t0.elapsed());
     let log = agent.log();
     ensure!(
         log.lines()
             .any(|l| l.contains("skipping malformed lease") && l.contains("node/malformed")),
         "the malformed Node was not logged with its name:\n{}",
-        tail(&log)
+        peer_check::tail(&log)
     );
     // One paged list, then a watch: the changes came from the watch.
     let lists = c.api.requests("list", "nodes");
@@ -132,7 +132,7 @@ fn scale(datapath: &str) -> Result<()> {
     c.api.put_node(peer_node(N + 10))?;
     expected.remove(&30);
     expected.insert(N + 10);
-    converge(&ns, &watch, &mut agent, &expected, datapath, &pins)?;
+    peer_check::converge(&ns, &watch, &mut agent, &expected, datapath, &pins, LIMIT)?;
     eprintln!("one delete and one add applied at {:?}", t0.elapsed());
     ensure!(
         c.api.requests("list", "nodes") == lists,
@@ -142,151 +142,4 @@ fn scale(datapath: &str) -> Result<()> {
     drop(watch);
     drop(agent);
     Ok(())
-}
-
-/// Waits until the routes are `expected` (by the watch, then by `ip
-/// route`), then checks every other per-peer entry once.
-fn converge(
-    ns: &str,
-    watch: &RouteWatch,
-    agent: &mut Agent,
-    expected: &BTreeSet<usize>,
-    datapath: &str,
-    pins: &Path,
-) -> Result<()> {
-    let t0 = Instant::now();
-    let want: BTreeSet<String> = expected
-        .iter()
-        .map(|&i| peers::subnet(i).to_string())
-        .collect();
-    let mut progress = (watch.count(), Instant::now());
-    loop {
-        if let Some(code) = agent.exited() {
-            bail!("the agent exited ({code}):\n{}", tail(&agent.log()));
-        }
-        let count_ok = watch.count() == want.len()
-            && expected.iter().all(|&i| watch.contains(peers::subnet(i)));
-        if count_ok && routes(ns)? == want {
-            break;
-        }
-        if watch.count() != progress.0 {
-            progress = (watch.count(), Instant::now());
-        }
-        if t0.elapsed() > LIMIT || progress.1.elapsed() > STALL {
-            let got = routes(ns)?;
-            bail!(
-                "routes not converged (no change for {:?}, {:?} in all): {} present, {} expected; missing {:?}, extra {:?}\n{}",
-                progress.1.elapsed(),
-                t0.elapsed(),
-                got.len(),
-                want.len(),
-                want.difference(&got).take(5).collect::<Vec<_>>(),
-                got.difference(&want).take(5).collect::<Vec<_>>(),
-                tail(&agent.log())
-            );
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    let limit = Duration::from_secs(10);
-    let public_ips: BTreeSet<String> = expected
-        .iter()
-        .map(|&i| peers::public_ip(i).to_string())
-        .collect();
-    eventually(limit, "one FDB entry per peer", || {
-        let fdb = sh(&["bridge", "-n", ns, "fdb", "show", "dev", "flannel.1"])?;
-        let dsts: Vec<String> = fdb
-            .lines()
-            .filter_map(|l| {
-                l.split_once(" dst ")?
-                    .1
-                    .split_whitespace()
-                    .next()
-                    .map(str::to_owned)
-            })
-            .collect();
-        let unique: BTreeSet<String> = dsts.iter().cloned().collect();
-        Ok((
-            dsts.len() == unique.len() && unique == public_ips,
-            format!("{} entries, {} distinct", dsts.len(), unique.len()),
-        ))
-    })?;
-    let macs: BTreeSet<String> = expected.iter().map(|&i| peers::vtep_mac(i)).collect();
-    eventually(limit, "one neighbour per peer", || {
-        let neigh = sh(&["ip", "-n", ns, "neigh", "show", "dev", "flannel.1"])?;
-        let found: Vec<String> = neigh
-            .lines()
-            .filter_map(|l| {
-                l.split_once(" lladdr ")?
-                    .1
-                    .split_whitespace()
-                    .next()
-                    .map(str::to_owned)
-            })
-            .collect();
-        let unique: BTreeSet<String> = found.iter().cloned().collect();
-        Ok((
-            found.len() == expected.len() && unique == macs,
-            format!("{} entries, {} distinct MACs", found.len(), unique.len()),
-        ))
-    })?;
-    if datapath == "ebpf" {
-        for (map, n) in [
-            ("REMOTE_SUBNETS", expected.len()),
-            ("KNOWN_VTEPS", public_ips.len()),
-        ] {
-            eventually(limit, &format!("{n} {map} entries"), || {
-                let got = map_entries(&pins.join(map))?;
-                Ok((got == n, format!("{got} entries")))
-            })?;
-        }
-    }
-    Ok(())
-}
-
-/// The destinations of the routes on `flannel.1`.
-fn routes(ns: &str) -> Result<BTreeSet<String>> {
-    let out = sh(&["ip", "-n", ns, "route", "show", "dev", "flannel.1"])?;
-    Ok(out
-        .lines()
-        .filter_map(|l| l.split_whitespace().next())
-        .filter(|d| d.contains('/'))
-        .map(str::to_owned)
-        .collect())
-}
-
-fn map_entries(pin: &Path) -> Result<usize> {
-    let out = sh(&[
-        "bpftool",
-        "-j",
-        "map",
-        "dump",
-        "pinned",
-        pin.to_str().context("pin path")?,
-    ])?;
-    let v: Value = serde_json::from_str(&out)?;
-    Ok(v.as_array().context("a JSON array")?.len())
-}
-
-/// Retries `check` (true when done, and what it saw) until `limit`.
-fn eventually(
-    limit: Duration,
-    what: &str,
-    mut check: impl FnMut() -> Result<(bool, String)>,
-) -> Result<()> {
-    let t0 = Instant::now();
-    loop {
-        let (ok, seen) = check()?;
-        if ok {
-            return Ok(());
-        }
-        if t0.elapsed() > limit {
-            bail!("{what}: not within {limit:?} ({seen})");
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-fn tail(s: &str) -> String {
-    let lines: Vec<&str> = s.lines().collect();
-    lines[lines.len().saturating_sub(30)..].join("\n")
 }

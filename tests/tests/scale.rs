@@ -13,26 +13,21 @@
 //! Runs both datapaths, one test each. The bounds are on progress (no
 //! change for 30 s), not on speed.
 
-use std::{
-    collections::BTreeSet,
-    path::Path,
-    time::{Duration, Instant},
-};
+use std::{collections::BTreeSet, time::Duration};
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Result, ensure};
 use etcd_client::{Client, PutOptions};
 use overlay_tests::{
-    agent::{Agent, Bpffs, Cluster, sh},
-    netns, peers,
+    agent::{Agent, Bpffs, Cluster},
+    netns, peer_check, peers,
     route_watch::RouteWatch,
 };
 
 const N: usize = 5000;
-/// Convergence fails when no route came or went for this long (the
-/// unoptimized agent of the test profile at issue 10's start took minutes
-/// for 5,000 peers, steadily: a bound on progress, not on speed)...
-const STALL: Duration = Duration::from_secs(30);
-/// ... or after this long in all.
+/// Convergence fails when no route came or went for 30 s (the unoptimized
+/// agent of the test profile at issue 10's start took minutes for 5,000
+/// peers, steadily: a bound on progress, not on speed; see `peer_check`)...
+/// or after this long in all.
 const LIMIT: Duration = Duration::from_secs(600);
 /// Below 10.200.0.0 (the agent's range) and above every peer index used.
 const MALFORMED_KEY: &str = "/coreos.com/network/subnets/10.199.255.0-24";
@@ -118,7 +113,7 @@ fn scale(datapath: &str) -> Result<()> {
         ],
     )?;
     let mut expected: BTreeSet<usize> = (0..10).chain(20..N + 10).collect();
-    converge(&ns, &watch, &mut agent, &expected, datapath, &pins)?;
+    peer_check::converge(&ns, &watch, &mut agent, &expected, datapath, &pins, LIMIT)?;
     let log = agent.log();
     ensure!(
         log.lines()
@@ -134,7 +129,7 @@ fn scale(datapath: &str) -> Result<()> {
     )?;
     expected.remove(&30);
     expected.insert(N + 10);
-    converge(&ns, &watch, &mut agent, &expected, datapath, &pins)?;
+    peer_check::converge(&ns, &watch, &mut agent, &expected, datapath, &pins, LIMIT)?;
 
     if datapath == "ebpf" {
         agent.kill9()?;
@@ -151,160 +146,12 @@ fn scale(datapath: &str) -> Result<()> {
         ensure!(
             agent.log().contains("swapped into the pinned link"),
             "the restarted agent did not take over the pins:\n{}",
-            tail(&agent.log())
+            peer_check::tail(&agent.log())
         );
-        converge(&ns, &watch, &mut agent, &expected, datapath, &pins)?;
+        peer_check::converge(&ns, &watch, &mut agent, &expected, datapath, &pins, LIMIT)?;
     }
     drop(watch);
     drop(agent);
     drop(bpf);
     Ok(())
-}
-
-/// Waits until the routes are `expected` (by the watch, then by `ip
-/// route`), then checks every other per-peer entry once.
-fn converge(
-    ns: &str,
-    watch: &RouteWatch,
-    agent: &mut Agent,
-    expected: &BTreeSet<usize>,
-    datapath: &str,
-    pins: &Path,
-) -> Result<()> {
-    let t0 = Instant::now();
-    let want: BTreeSet<String> = expected
-        .iter()
-        .map(|&i| peers::subnet(i).to_string())
-        .collect();
-    let mut progress = (watch.count(), Instant::now());
-    loop {
-        if let Some(code) = agent.exited() {
-            bail!("the agent exited ({code}):\n{}", tail(&agent.log()));
-        }
-        let count_ok = watch.count() == want.len()
-            && expected.iter().all(|&i| watch.contains(peers::subnet(i)));
-        if count_ok && routes(ns)? == want {
-            break;
-        }
-        if watch.count() != progress.0 {
-            progress = (watch.count(), Instant::now());
-        }
-        if t0.elapsed() > LIMIT || progress.1.elapsed() > STALL {
-            let got = routes(ns)?;
-            bail!(
-                "routes not converged (no change for {:?}, {:?} in all): {} present, {} expected; missing {:?}, extra {:?}\n{}",
-                progress.1.elapsed(),
-                t0.elapsed(),
-                got.len(),
-                want.len(),
-                want.difference(&got).take(5).collect::<Vec<_>>(),
-                got.difference(&want).take(5).collect::<Vec<_>>(),
-                tail(&agent.log())
-            );
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    // Routes, once each, came first; the rest may follow in the same pass.
-    let limit = Duration::from_secs(10);
-    let public_ips: BTreeSet<String> = expected
-        .iter()
-        .map(|&i| peers::public_ip(i).to_string())
-        .collect();
-    eventually(limit, "one FDB entry per peer", || {
-        let fdb = sh(&["bridge", "-n", ns, "fdb", "show", "dev", "flannel.1"])?;
-        let dsts: Vec<String> = fdb
-            .lines()
-            .filter_map(|l| {
-                l.split_once(" dst ")?
-                    .1
-                    .split_whitespace()
-                    .next()
-                    .map(str::to_owned)
-            })
-            .collect();
-        let unique: BTreeSet<String> = dsts.iter().cloned().collect();
-        Ok((
-            dsts.len() == unique.len() && unique == public_ips,
-            format!("{} entries, {} distinct", dsts.len(), unique.len()),
-        ))
-    })?;
-    let macs: BTreeSet<String> = expected.iter().map(|&i| peers::vtep_mac(i)).collect();
-    eventually(limit, "one neighbour per peer", || {
-        let neigh = sh(&["ip", "-n", ns, "neigh", "show", "dev", "flannel.1"])?;
-        let found: Vec<String> = neigh
-            .lines()
-            .filter_map(|l| {
-                l.split_once(" lladdr ")?
-                    .1
-                    .split_whitespace()
-                    .next()
-                    .map(str::to_owned)
-            })
-            .collect();
-        let unique: BTreeSet<String> = found.iter().cloned().collect();
-        Ok((
-            found.len() == expected.len() && unique == macs,
-            format!("{} entries, {} distinct MACs", found.len(), unique.len()),
-        ))
-    })?;
-    if datapath == "ebpf" {
-        for (map, n) in [
-            ("REMOTE_SUBNETS", expected.len()),
-            ("KNOWN_VTEPS", public_ips.len()),
-        ] {
-            eventually(limit, &format!("{n} {map} entries"), || {
-                let got = map_entries(&pins.join(map))?;
-                Ok((got == n, format!("{got} entries")))
-            })?;
-        }
-    }
-    Ok(())
-}
-
-/// The destinations of the routes on `flannel.1`.
-fn routes(ns: &str) -> Result<BTreeSet<String>> {
-    let out = sh(&["ip", "-n", ns, "route", "show", "dev", "flannel.1"])?;
-    Ok(out
-        .lines()
-        .filter_map(|l| l.split_whitespace().next())
-        .filter(|d| d.contains('/'))
-        .map(str::to_owned)
-        .collect())
-}
-
-fn map_entries(pin: &Path) -> Result<usize> {
-    let out = sh(&[
-        "bpftool",
-        "-j",
-        "map",
-        "dump",
-        "pinned",
-        pin.to_str().context("pin path")?,
-    ])?;
-    let v: serde_json::Value = serde_json::from_str(&out)?;
-    Ok(v.as_array().context("a JSON array")?.len())
-}
-
-/// Retries `check` (true when done, and what it saw) until `limit`.
-fn eventually(
-    limit: Duration,
-    what: &str,
-    mut check: impl FnMut() -> Result<(bool, String)>,
-) -> Result<()> {
-    let t0 = Instant::now();
-    loop {
-        let (ok, seen) = check()?;
-        if ok {
-            return Ok(());
-        }
-        if t0.elapsed() > limit {
-            bail!("{what}: not within {limit:?} ({seen})");
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-fn tail(s: &str) -> String {
-    let lines: Vec<&str> = s.lines().collect();
-    lines[lines.len().saturating_sub(30)..].join("\n")
 }
