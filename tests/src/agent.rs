@@ -375,6 +375,39 @@ pub fn add_container(hosts: &Hosts, i: usize, env: &Path) -> Result<(String, Str
     Ok((c, ip))
 }
 
+/// Another container on host `host`'s bridge, for tests that need more than
+/// one per host: `<host>-c<n>` with veth `v<n>`, address `.n` of the
+/// host's subnet (from `env`), MTU 1450, default route via `.1`.
+pub fn add_pod(host: &str, env: &Path, n: u8) -> Result<(String, String)> {
+    let subnet = subnet_of(env)?;
+    let prefix = subnet.rsplit_once('.').context("subnet")?.0.to_owned();
+    let (ip, gw) = (format!("{prefix}.{n}"), format!("{prefix}.1"));
+    let pod = format!("{host}-c{n}");
+    let veth = format!("v{n}");
+    sh(&["ip", "netns", "add", &pod])?;
+    sh(&[
+        "ip", "-n", host, "link", "add", &veth, "mtu", "1450", "type", "veth", "peer", "name",
+        "eth0", "netns", &pod,
+    ])?;
+    sh(&[
+        "ip", "-n", host, "link", "set", &veth, "master", "cni0", "up",
+    ])?;
+    sh(&[
+        "ip",
+        "-n",
+        &pod,
+        "addr",
+        "add",
+        &format!("{ip}/24"),
+        "dev",
+        "eth0",
+    ])?;
+    sh(&["ip", "-n", &pod, "link", "set", "eth0", "mtu", "1450", "up"])?;
+    sh(&["ip", "-n", &pod, "link", "set", "lo", "up"])?;
+    sh(&["ip", "-n", &pod, "route", "add", "default", "via", &gw])?;
+    Ok((pod, ip))
+}
+
 /// Container namespaces, deleted on drop.
 pub struct Containers(pub Vec<String>);
 

@@ -8,7 +8,7 @@ use std::{path::Path, time::Duration};
 
 use anyhow::{Context, Result, ensure};
 use overlay_tests::{
-    agent::{Agent, Bpffs, Cluster, Containers, add_container, sh, subnet_of, within},
+    agent::{Agent, Bpffs, Cluster, Containers, add_container, add_pod, sh, within},
     stats::attachments,
 };
 
@@ -42,37 +42,6 @@ fn dump(pins: &Path, map: &str) -> Result<serde_json::Value> {
         path.to_str().context("pin path")?,
     ])?;
     Ok(serde_json::from_str(&out)?)
-}
-
-/// A second pod on host `i`'s bridge: `<host>-c<n>` with veth `v<n>`,
-/// address `.n` of the host's subnet.
-fn add_pod(host: &str, env: &Path, n: u8) -> Result<(String, String)> {
-    let subnet = subnet_of(env)?; // 10.0.X.0
-    let prefix = subnet.rsplit_once('.').context("subnet")?.0.to_owned();
-    let (ip, gw) = (format!("{prefix}.{n}"), format!("{prefix}.1"));
-    let pod = format!("{host}-c{n}");
-    let veth = format!("v{n}");
-    sh(&["ip", "netns", "add", &pod])?;
-    sh(&[
-        "ip", "-n", host, "link", "add", &veth, "mtu", "1450", "type", "veth", "peer", "name",
-        "eth0", "netns", &pod,
-    ])?;
-    sh(&[
-        "ip", "-n", host, "link", "set", &veth, "master", "cni0", "up",
-    ])?;
-    sh(&[
-        "ip",
-        "-n",
-        &pod,
-        "addr",
-        "add",
-        &format!("{ip}/24"),
-        "dev",
-        "eth0",
-    ])?;
-    sh(&["ip", "-n", &pod, "link", "set", "eth0", "mtu", "1450", "up"])?;
-    sh(&["ip", "-n", &pod, "route", "add", "default", "via", &gw])?;
-    Ok((pod, ip))
 }
 
 fn ping(from: &str, to: &str, count: &str) -> Result<String> {

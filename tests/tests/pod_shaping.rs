@@ -20,7 +20,7 @@ use std::{path::Path, time::Duration};
 
 use anyhow::{Context, Result, ensure};
 use overlay_tests::{
-    agent::{Agent, Bpffs, Cluster, Containers, add_container, sh, subnet_of, within},
+    agent::{Agent, Bpffs, Cluster, Containers, add_container, add_pod, sh, within},
     cmd::Background,
     stats::attachments,
 };
@@ -29,38 +29,6 @@ const CONFIG: &str = r#"{"Network": "10.0.0.0/16", "SubnetLen": 24, "SubnetMin":
 
 /// The limit the plugin is asked for, in Mbit/s.
 const LIMIT: f64 = 50.0;
-
-/// A second pod on host `host`'s bridge: `<host>-c<n>` with veth `v<n>`,
-/// address `.n` of the host's subnet.
-fn add_pod(host: &str, env: &Path, n: u8) -> Result<(String, String)> {
-    let subnet = subnet_of(env)?;
-    let prefix = subnet.rsplit_once('.').context("subnet")?.0.to_owned();
-    let (ip, gw) = (format!("{prefix}.{n}"), format!("{prefix}.1"));
-    let pod = format!("{host}-c{n}");
-    let veth = format!("v{n}");
-    sh(&["ip", "netns", "add", &pod])?;
-    sh(&[
-        "ip", "-n", host, "link", "add", &veth, "mtu", "1450", "type", "veth", "peer", "name",
-        "eth0", "netns", &pod,
-    ])?;
-    sh(&[
-        "ip", "-n", host, "link", "set", &veth, "master", "cni0", "up",
-    ])?;
-    sh(&[
-        "ip",
-        "-n",
-        &pod,
-        "addr",
-        "add",
-        &format!("{ip}/24"),
-        "dev",
-        "eth0",
-    ])?;
-    sh(&["ip", "-n", &pod, "link", "set", "eth0", "mtu", "1450", "up"])?;
-    sh(&["ip", "-n", &pod, "link", "set", "lo", "up"])?;
-    sh(&["ip", "-n", &pod, "route", "add", "default", "via", &gw])?;
-    Ok((pod, ip))
-}
 
 /// What the bandwidth plugin creates for a pod: tbf on the veth (into the
 /// pod), ingress qdisc + u32 redirect to an ifb with a tbf (out of it).
