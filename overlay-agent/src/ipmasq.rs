@@ -15,13 +15,14 @@
 
 pub(crate) mod exec;
 mod keeper;
+pub mod mark_users;
 pub mod nft;
 pub mod restore;
 
 use std::sync::Mutex;
 
 use ipnet::Ipv4Net;
-use overlay_common::fastpath::FAST_PATH_MARK;
+use overlay_common::fastpath::DEFAULT_FAST_PATH_MARK;
 
 pub use exec::IptablesError;
 pub use keeper::{RuleKeeper, Wanted};
@@ -135,12 +136,14 @@ pub fn forward_rules(network: Ipv4Net) -> Vec<Rule> {
 
 /// The fast path's approvals: mangle `FLANNEL-FASTPATH`, jumped to from
 /// POSTROUTING (after the filter table's FORWARD and OUTPUT verdicts, before
-/// NAT), marks packets from and to our pods whose conntrack entry is
-/// ESTABLISHED and not NATed. The programs turn such marked packets into
-/// approvals; nothing else reads the bit.
-pub fn fast_path_rules(subnet: Ipv4Net) -> Vec<Rule> {
+/// NAT), first clears the `mark` bit (`--fast-path-mark`) whoever set it
+/// before, then sets it on packets from and to our pods whose conntrack
+/// entry is ESTABLISHED and not NATed. The programs turn such marked packets
+/// into approvals and clear the bit.
+pub fn fast_path_rules(subnet: Ipv4Net, mark: u32) -> Vec<Rule> {
     let pod = subnet.to_string();
-    let mark = format!("{FAST_PATH_MARK:#x}/{FAST_PATH_MARK:#x}");
+    let set = format!("{mark:#x}/{mark:#x}");
+    let clear = format!("0x0/{mark:#x}");
     let c = ["-m", "comment", "--comment", "flanneld fast path"];
     let approve = |dir: &str| -> Vec<String> {
         [dir, &pod]
@@ -157,7 +160,7 @@ pub fn fast_path_rules(subnet: Ipv4Net) -> Vec<Rule> {
                 "SNAT,DNAT",
             ])
             .chain(c)
-            .chain(["-j", "MARK", "--set-xmark", &mark])
+            .chain(["-j", "MARK", "--set-xmark", &set])
             .map(str::to_owned)
             .collect()
     };
@@ -168,6 +171,15 @@ pub fn fast_path_rules(subnet: Ipv4Net) -> Vec<Rule> {
             c.iter()
                 .copied()
                 .chain(["-j", FAST_PATH_CHAIN])
+                .map(str::to_owned)
+                .collect(),
+        ),
+        Rule::new(
+            "mangle",
+            FAST_PATH_CHAIN,
+            c.iter()
+                .copied()
+                .chain(["-j", "MARK", "--set-xmark", &clear])
                 .map(str::to_owned)
                 .collect(),
         ),
@@ -203,7 +215,8 @@ pub fn remove(rules: &[Rule]) -> Result<Vec<String>, IptablesError> {
 /// nftables mode. Returns what it removed.
 pub fn remove_all() -> Result<Vec<String>, IptablesError> {
     let mut removed = remove_flanneld_s()?;
-    removed.extend(remove(&fast_path_rules(ANY))?);
+    // Whatever bit the chain marks: removal takes the jump and the chain.
+    removed.extend(remove(&fast_path_rules(ANY, DEFAULT_FAST_PATH_MARK))?);
     if nft::remove()? {
         removed.push(format!("nft table ip {}", nft::TABLE));
     }
@@ -301,8 +314,8 @@ mod tests {
     }
 
     #[test]
-    fn fast_path_rules_mark_established_unnated_pod_traffic() {
-        let got: Vec<String> = fast_path_rules("10.0.13.0/24".parse().unwrap())
+    fn fast_path_rules_clear_the_bit_then_mark_established_unnated_pod_traffic() {
+        let got: Vec<String> = fast_path_rules("10.0.13.0/24".parse().unwrap(), 0x1000)
             .iter()
             .map(line)
             .collect();
@@ -310,8 +323,9 @@ mod tests {
             got,
             vec![
                 "-t mangle -A POSTROUTING -m comment --comment flanneld fast path -j FLANNEL-FASTPATH",
-                "-t mangle -A FLANNEL-FASTPATH -s 10.0.13.0/24 -m conntrack --ctstate ESTABLISHED -m conntrack ! --ctstate SNAT,DNAT -m comment --comment flanneld fast path -j MARK --set-xmark 0x100000/0x100000",
-                "-t mangle -A FLANNEL-FASTPATH -d 10.0.13.0/24 -m conntrack --ctstate ESTABLISHED -m conntrack ! --ctstate SNAT,DNAT -m comment --comment flanneld fast path -j MARK --set-xmark 0x100000/0x100000",
+                "-t mangle -A FLANNEL-FASTPATH -m comment --comment flanneld fast path -j MARK --set-xmark 0x0/0x1000",
+                "-t mangle -A FLANNEL-FASTPATH -s 10.0.13.0/24 -m conntrack --ctstate ESTABLISHED -m conntrack ! --ctstate SNAT,DNAT -m comment --comment flanneld fast path -j MARK --set-xmark 0x1000/0x1000",
+                "-t mangle -A FLANNEL-FASTPATH -d 10.0.13.0/24 -m conntrack --ctstate ESTABLISHED -m conntrack ! --ctstate SNAT,DNAT -m comment --comment flanneld fast path -j MARK --set-xmark 0x1000/0x1000",
             ]
         );
     }

@@ -32,6 +32,7 @@ pub const MAP_PEER_STATS: &str = "PEER_STATS";
 pub const MAP_FAST_CONFIG: &str = "FAST_CONFIG";
 pub const MAP_FAST_FLOWS: &str = "FAST_FLOWS";
 pub const MAP_POD_VETHS: &str = "POD_VETHS";
+pub const MAP_POD_ADDRS: &str = "POD_ADDRS";
 
 /// Program names as the eBPF object defines them.
 pub const PROG_EGRESS: &str = "vxlan_egress";
@@ -57,6 +58,9 @@ pub const MAX_PEERS: u32 = 16384;
 pub const MAX_FAST_FLOWS: u32 = 65536;
 /// Capacity of the pod-veth set (pods on one node).
 pub const MAX_POD_VETHS: u32 = 4096;
+/// Entries of `POD_ADDRS` (pod address -> veth): several addresses per pod
+/// veth, and least recently used ones go first.
+pub const MAX_POD_ADDRS: u32 = 16384;
 
 /// Outer TTL: the kernel vxlan device flannel creates has no `ttl` set and so
 /// uses the route's hop limit, which is the default 64.

@@ -80,13 +80,29 @@ pub enum Reason {
     /// `veth_from_pod`: the destination is not a remote pod subnet (a
     /// service address before DNAT, the host, the internet, a local pod).
     PassFastNotRemote = 25,
+    /// Ingress (TC): VXLAN from a known VTEP whose inner source lies in a
+    /// subnet another VTEP serves: one node (or anyone spoofing its underlay
+    /// address) impersonating another node's pods. On the fast path also an
+    /// approved flow's packet from a VTEP other than the one the approval
+    /// names.
+    DropSourceVtepMismatch = 26,
+    /// Fast path: an inner source the host's path would refuse as a martian
+    /// or a spoof: toward a pod, an address of this node (its pod subnet's
+    /// network, gateway or broadcast address) or of our own pod subnet from
+    /// a remote VTEP; from a pod, a node address or an address the host
+    /// delivers to another pod's veth.
+    DropFastSpoofedSource = 27,
+    /// `veth_from_pod`: an approved flow whose source address the host has
+    /// not yet delivered anything to through this veth (a new pod on a
+    /// reused address): the host's path decides, and binds it.
+    PassFastUnbound = 28,
 }
 
 impl Reason {
     /// Number of slots in the counter array (room left to append reasons).
     pub const SLOTS: u32 = 32;
 
-    pub const ALL: [Reason; 26] = [
+    pub const ALL: [Reason; 29] = [
         Reason::Encapsulated,
         Reason::Decapsulated,
         Reason::PassNotIpv4,
@@ -113,6 +129,9 @@ impl Reason {
         Reason::PassFastTcpControl,
         Reason::PassFastUnusual,
         Reason::PassFastNotRemote,
+        Reason::DropSourceVtepMismatch,
+        Reason::DropFastSpoofedSource,
+        Reason::PassFastUnbound,
     ];
 
     /// Stable snake_case name used in logs, `status` output and metrics labels.
@@ -144,6 +163,9 @@ impl Reason {
             Reason::PassFastTcpControl => "pass_fast_tcp_control",
             Reason::PassFastUnusual => "pass_fast_unusual",
             Reason::PassFastNotRemote => "pass_fast_not_remote",
+            Reason::DropSourceVtepMismatch => "drop_source_vtep_mismatch",
+            Reason::DropFastSpoofedSource => "drop_fast_spoofed_source",
+            Reason::PassFastUnbound => "pass_fast_unbound",
         }
     }
 
@@ -162,6 +184,8 @@ impl Reason {
                 | Reason::DropNotConfigured
                 | Reason::DropAdjustFailed
                 | Reason::DropRedirectFailed
+                | Reason::DropSourceVtepMismatch
+                | Reason::DropFastSpoofedSource
         )
     }
 }

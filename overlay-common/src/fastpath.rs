@@ -4,21 +4,34 @@
 //!
 //! Only flows the host's firewall has already let through take it. The host
 //! records its decision itself: a mangle POSTROUTING rule of the agent's
-//! (`FLANNEL-FASTPATH`) marks packets of ESTABLISHED, non-NATed conntrack
-//! entries with [`FAST_PATH_MARK`]; the programs on the slow path's last hop
-//! (`veth_to_pod` on a pod's veth, `vxlan_egress` on `flannel.<VNI>`) turn a
-//! marked packet into an approval of its flow, valid for
-//! [`APPROVAL_TTL_NS`]. While it is valid the flow's packets skip the host;
-//! then one packet goes the host's way again and, if the firewall still
-//! accepts it, renews the approval. TCP SYN, FIN and RST never take the fast
-//! path (and end an approval), so conntrack sees every state change.
+//! (`FLANNEL-FASTPATH`) first clears the fast path's mark bit
+//! ([`FastPathConfig::mark`], [`DEFAULT_FAST_PATH_MARK`] unless
+//! `--fast-path-mark` says otherwise), then sets it on packets of
+//! ESTABLISHED, non-NATed conntrack entries; the programs on the slow
+//! path's last hop (`veth_to_pod` on a pod's veth, `vxlan_egress` on
+//! `flannel.<VNI>`) turn a marked packet into an approval of its flow, valid
+//! for [`APPROVAL_TTL_NS`]. While it is valid the flow's packets skip the
+//! host; then one packet goes the host's way again and, if the firewall still
+//! accepts it, renews the approval. TCP SYN, FIN and RST (and segments
+//! without ACK) never take the fast path (and end an approval), so conntrack
+//! sees every state change.
+//!
+//! An approval is bound to who may use it, as the host's path would bind
+//! the packets: toward a pod it names the VTEP serving the flow's source
+//! (the REMOTE_SUBNETS entry when it was approved), and the fast path takes
+//! VXLAN on it only from that VTEP; from a pod, the source address must be
+//! one the host delivers to that same veth (`POD_ADDRS`, learnt by
+//! `veth_to_pod` from the host's own deliveries). The node's own addresses
+//! in the pod subnet are never pods.
 
 use crate::consts::{ETH_HDR_LEN, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, IPV4_HDR_LEN};
 
-/// The `skb->mark` bit the agent's mangle rule sets on packets of flows that
-/// may take the fast path. Chosen clear of kube-proxy's 0x4000/0x8000 and of
-/// Calico's and Cilium's defaults; only this bit is set or cleared.
-pub const FAST_PATH_MARK: u32 = 0x0010_0000;
+/// The default `skb->mark` bit of the fast path's approvals
+/// (`--fast-path-mark` picks another). Outside the bits others claim:
+/// Calico's default mark mask 0xffff0000, kube-proxy's 0x4000 and 0x8000,
+/// Cilium's identity (upper 16 bits), magic (0x0f00) and cluster id (0x00ff)
+/// bits, and Istio's 0x539 and 0x200-0x240.
+pub const DEFAULT_FAST_PATH_MARK: u32 = 0x0000_1000;
 
 /// How long one slow-path approval lets a flow's packets skip the host. It
 /// bounds how long a firewall rule added later takes to apply to a flow
@@ -39,6 +52,7 @@ const ICMP_ECHO_REQUEST: u8 = 8;
 const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
 
 /// Bytes of the transport header the programs look at: TCP up to its flags
 /// (offset 13), UDP's ports, ICMP's type, code, checksum and echo id.
@@ -56,8 +70,9 @@ pub const POD_WINDOW_LEN: usize = ETH_HDR_LEN + FLOW_WINDOW_LEN;
 pub type PodWindow = [u8; POD_WINDOW_LEN];
 
 /// Key of `FAST_FLOWS`: one direction of one flow, as its packets carry it.
-/// Ports in network order; ICMP echo uses the identifier as `sport` and 0 as
-/// `dport` (requests and replies of one ping share it).
+/// Ports in network order; ICMP echo uses the identifier as `sport` and the
+/// type as `dport`'s first byte, so a reply's approval never admits a
+/// request (conntrack tracks a request toward a pod as a new flow).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FlowKey {
@@ -72,7 +87,7 @@ pub struct FlowKey {
 }
 
 /// Value of `FAST_FLOWS`: when the host last approved the flow and, toward a
-/// pod, where the host delivered it.
+/// pod, where the host delivered it and which VTEP may send it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FastFlow {
@@ -85,6 +100,11 @@ pub struct FastFlow {
     /// path (its own and its gateway's).
     pub pod_mac: [u8; 6],
     pub gw_mac: [u8; 6],
+    /// Toward a pod: the public IPv4 (network order) of the VTEP serving the
+    /// flow's source when it was approved; VXLAN on the flow from any other
+    /// outer source does not take the fast path. Zero from a pod.
+    pub vtep: [u8; 4],
+    pub _pad: u32,
 }
 
 /// The single entry of `FAST_CONFIG`.
@@ -97,18 +117,42 @@ pub struct FastPathConfig {
     /// addresses are pods behind our veths.
     pub pod_subnet: [u8; 4],
     pub pod_prefix_len: u32,
+    /// The single `skb->mark` bit of approvals (`--fast-path-mark`).
+    pub mark: u32,
+    /// The pod bridge's address in the subnet (network order; zero while no
+    /// bridge holds one): the node's, never a pod's.
+    pub gateway: [u8; 4],
     pub _pad: u32,
 }
 
 impl FastPathConfig {
     /// Whether `ip` (network order) is in this node's pod subnet.
-    pub fn is_local_pod(&self, ip: [u8; 4]) -> bool {
+    pub fn in_pod_subnet(&self, ip: [u8; 4]) -> bool {
         let bits = self.pod_prefix_len.min(32);
         if bits == 0 {
             return true;
         }
         let mask = u32::MAX << (32 - bits);
         u32::from_be_bytes(ip) & mask == u32::from_be_bytes(self.pod_subnet) & mask
+    }
+
+    /// Whether `ip` is the node's own in the pod subnet: the subnet's network
+    /// address (`flannel.<VNI>`'s), its broadcast address, or the bridge's.
+    pub fn is_node_address(&self, ip: [u8; 4]) -> bool {
+        let bits = self.pod_prefix_len.min(32);
+        let host_mask = if bits == 0 {
+            u32::MAX
+        } else {
+            u32::MAX >> bits
+        };
+        let host = u32::from_be_bytes(ip) & host_mask;
+        host == 0 || host == host_mask || (self.gateway != [0; 4] && ip == self.gateway)
+    }
+
+    /// Whether `ip` (network order) may be a pod behind one of our veths:
+    /// in the pod subnet and not one of the node's addresses there.
+    pub fn is_local_pod(&self, ip: [u8; 4]) -> bool {
+        self.in_pod_subnet(ip) && !self.is_node_address(ip)
     }
 }
 
@@ -122,7 +166,8 @@ pub const fn approval_valid(approved_ns: u64, now_ns: u64) -> bool {
 pub struct Flow {
     /// Key of the flow with `dir` left 0: the caller sets its direction.
     pub key: FlowKey,
-    /// TCP with SYN, FIN or RST: conntrack must see it.
+    /// TCP with SYN, FIN or RST, or without ACK (conntrack would call the
+    /// last INVALID): conntrack must see it.
     pub tcp_control: bool,
     /// The IPv4 TTL, for [`decrement_ttl`].
     pub ttl: u8,
@@ -179,11 +224,11 @@ pub fn parse_flow(w: &FlowWindow, l3_len: u32) -> Result<Flow, NotAFlow> {
         IPPROTO_TCP => (
             [w[l4], w[l4 + 1]],
             [w[l4 + 2], w[l4 + 3]],
-            w[l4 + 13] & (TCP_SYN | TCP_FIN | TCP_RST) != 0,
+            w[l4 + 13] & (TCP_SYN | TCP_FIN | TCP_RST) != 0 || w[l4 + 13] & TCP_ACK == 0,
         ),
         IPPROTO_UDP => ([w[l4], w[l4 + 1]], [w[l4 + 2], w[l4 + 3]], false),
         IPPROTO_ICMP if w[l4] == ICMP_ECHO_REQUEST || w[l4] == ICMP_ECHO_REPLY => {
-            ([w[l4 + 4], w[l4 + 5]], [0, 0], false)
+            ([w[l4 + 4], w[l4 + 5]], [w[l4], 0], false)
         }
         _ => return Err(NotAFlow::Unusual),
     };
@@ -276,17 +321,25 @@ mod tests {
             l4[0] = ty;
             l4[4..6].copy_from_slice(&[0x12, 0x34]);
             let f = parse_flow(&packet(IPPROTO_ICMP, l4), 100).unwrap();
-            assert_eq!((f.key.sport, f.key.dport), ([0x12, 0x34], [0, 0]));
+            // A reply's approval must not admit requests: the type is keyed.
+            assert_eq!((f.key.sport, f.key.dport), ([0x12, 0x34], [ty, 0]));
         }
     }
 
     #[test]
-    fn tcp_syn_fin_rst_are_control() {
-        for flags in [0x02, 0x12, 0x01, 0x11, 0x04, 0x14] {
-            assert!(parse_flow(&tcp(flags), 100).unwrap().tcp_control);
+    fn tcp_syn_fin_rst_and_segments_without_ack_are_control() {
+        // SYN, FIN, RST with or without ACK; no flags, PSH or URG alone.
+        for flags in [0x02, 0x12, 0x01, 0x11, 0x04, 0x14, 0x00, 0x08, 0x20] {
+            assert!(
+                parse_flow(&tcp(flags), 100).unwrap().tcp_control,
+                "{flags:#x}"
+            );
         }
-        for flags in [0x10, 0x18, 0x08] {
-            assert!(!parse_flow(&tcp(flags), 100).unwrap().tcp_control);
+        for flags in [0x10, 0x18, 0x30] {
+            assert!(
+                !parse_flow(&tcp(flags), 100).unwrap().tcp_control,
+                "{flags:#x}"
+            );
         }
     }
 
@@ -352,14 +405,25 @@ mod tests {
 
     #[test]
     fn local_pods_and_approval_age() {
-        let cfg = FastPathConfig {
+        let mut cfg = FastPathConfig {
             enabled: 1,
             pod_subnet: [10, 244, 1, 0],
             pod_prefix_len: 24,
+            mark: DEFAULT_FAST_PATH_MARK,
+            gateway: [0; 4],
             _pad: 0,
         };
         assert!(cfg.is_local_pod([10, 244, 1, 5]));
+        assert!(cfg.is_local_pod([10, 244, 1, 1]));
         assert!(!cfg.is_local_pod([10, 244, 2, 5]));
+        // flannel.<VNI>'s address and the broadcast address are the node's.
+        for node in [[10, 244, 1, 0], [10, 244, 1, 255]] {
+            assert!(cfg.in_pod_subnet(node) && !cfg.is_local_pod(node));
+        }
+        cfg.gateway = [10, 244, 1, 1];
+        assert!(cfg.is_node_address([10, 244, 1, 1]));
+        assert!(!cfg.is_local_pod([10, 244, 1, 1]));
+        assert!(cfg.is_local_pod([10, 244, 1, 2]));
         assert!(approval_valid(10, 10 + APPROVAL_TTL_NS - 1));
         assert!(!approval_valid(10, 10 + APPROVAL_TTL_NS));
         // A stamp later than now (never with one monotonic clock) is not valid.
@@ -369,7 +433,7 @@ mod tests {
     #[test]
     fn layouts_have_no_hidden_padding() {
         assert_eq!(core::mem::size_of::<FlowKey>(), 16);
-        assert_eq!(core::mem::size_of::<FastFlow>(), 24);
-        assert_eq!(core::mem::size_of::<FastPathConfig>(), 16);
+        assert_eq!(core::mem::size_of::<FastFlow>(), 32);
+        assert_eq!(core::mem::size_of::<FastPathConfig>(), 24);
     }
 }

@@ -73,6 +73,7 @@ pub fn vxlan_egress(ctx: TcContext) -> i32 {
     });
     match verdict {
         EgressVerdict::Pass(reason) => {
+            fast::clear_mark(&ctx);
             count(reason, len);
             TCX_NEXT
         }

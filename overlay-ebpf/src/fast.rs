@@ -10,16 +10,15 @@ use overlay_common::{
     consts::{ETH_HDR_LEN, ETH_P_IP},
     counters::Reason,
     fastpath::{
-        DIR_FROM_POD, DIR_TO_POD, FAST_PATH_MARK, FLOW_WINDOW_LEN, FastFlow, FastPathConfig, Flow,
-        FlowKey, FlowWindow, IPV4_TTL_OFFSET, MIN_FLOW_LEN, approval_valid, decrement_ttl,
-        parse_flow,
+        DIR_FROM_POD, DIR_TO_POD, FLOW_WINDOW_LEN, FastFlow, FastPathConfig, Flow, FlowKey,
+        FlowWindow, IPV4_TTL_OFFSET, MIN_FLOW_LEN, approval_valid, decrement_ttl, parse_flow,
     },
     ingress::{INGRESS_WINDOW_LEN, IngressWindow},
 };
 
 use crate::{
     count::{count, count_peer_rx},
-    maps::{FAST_CONFIG, FAST_FLOWS, POD_VETHS},
+    maps::{FAST_CONFIG, FAST_FLOWS, POD_VETHS, serving_vtep},
     skb,
 };
 
@@ -32,12 +31,12 @@ pub fn config() -> Option<&'static FastPathConfig> {
 /// Whether the host's mangle rule marked this packet's flow as accepted;
 /// the mark bit is cleared so nothing after us sees it.
 #[inline(always)]
-pub fn take_mark(ctx: &TcContext) -> bool {
+pub fn take_mark(ctx: &TcContext, cfg: &FastPathConfig) -> bool {
     let mark = unsafe { (*ctx.skb.skb).mark };
-    if mark & FAST_PATH_MARK == 0 {
+    if mark & cfg.mark == 0 {
         return false;
     }
-    ctx.set_mark(mark & !FAST_PATH_MARK);
+    ctx.set_mark(mark & !cfg.mark);
     true
 }
 
@@ -77,6 +76,16 @@ pub fn approval(key: &FlowKey) -> Option<FastFlow> {
     approval_valid(flow.approved_ns, now_ns()).then_some(flow)
 }
 
+/// Clears the approval bit of a packet that approves nothing here, so it
+/// leaves the node (or reaches the kernel's vxlan device, whose route lookup
+/// sees the mark) as the host's rules left it.
+#[inline(always)]
+pub fn clear_mark(ctx: &TcContext) {
+    if let Some(cfg) = config() {
+        take_mark(ctx, cfg);
+    }
+}
+
 /// Ends the approval of a flow whose TCP state is changing.
 #[inline(always)]
 pub fn revoke(key: &FlowKey) {
@@ -90,7 +99,7 @@ pub fn approve_from_pod(ctx: &TcContext, len: u32) {
     let Some(cfg) = config() else {
         return;
     };
-    if !take_mark(ctx) {
+    if !take_mark(ctx, cfg) {
         return;
     }
     let Some(w) = load_flow_window(ctx, ETH_HDR_LEN as u32) else {
@@ -113,6 +122,12 @@ pub fn approve_from_pod(ctx: &TcContext, len: u32) {
 /// decapsulate (a GSO aggregate included): delivers an approved flow's
 /// packet straight into its pod. `None` when the fast path does not take it
 /// (nothing changed; the caller carries on as without a fast path).
+///
+/// The inner source is checked as the host's path would: one of this
+/// node's addresses or of our own pod subnet (a martian or a spoof under
+/// the host's path) is dropped; VXLAN on an approved flow from a VTEP other
+/// than the one the approval names is dropped too, unless that VTEP serves
+/// the source now (a peer that moved: the host's path decides and renews).
 #[inline(always)]
 pub fn deliver_to_pod(ctx: &TcContext, outer: &IngressWindow, len: u32) -> Option<i32> {
     let cfg = config()?;
@@ -124,6 +139,10 @@ pub fn deliver_to_pod(ctx: &TcContext, outer: &IngressWindow, len: u32) -> Optio
             return None;
         }
     };
+    if cfg.in_pod_subnet(flow.key.src) {
+        count(Reason::DropFastSpoofedSource, len);
+        return Some(TC_ACT_SHOT);
+    }
     let key = flow.with_dir(DIR_TO_POD);
     if flow.tcp_control {
         revoke(&key);
@@ -134,6 +153,16 @@ pub fn deliver_to_pod(ctx: &TcContext, outer: &IngressWindow, len: u32) -> Optio
         count(Reason::PassFastUnapproved, len);
         return None;
     };
+    let sender = outer_source(outer);
+    if sender != pod.vtep {
+        if serving_vtep(flow.key.src) == Some(sender) {
+            revoke(&key);
+            count(Reason::PassFastUnapproved, len);
+            return None;
+        }
+        count(Reason::DropSourceVtepMismatch, len);
+        return Some(TC_ACT_SHOT);
+    }
     if POD_VETHS.get_ptr(pod.ifindex).is_none() {
         // Approved through a veth the agent no longer knows (the pod went).
         revoke(&key);
@@ -145,19 +174,19 @@ pub fn deliver_to_pod(ctx: &TcContext, outer: &IngressWindow, len: u32) -> Optio
     if !skb::strip_vxlan(ctx) {
         return None;
     }
-    Some(finish_delivery(ctx, &flow, &pod, outer, len))
+    Some(finish_delivery(ctx, &flow, &pod, sender, len))
+}
+
+/// The outer IPv4 source (the sending VTEP) in the ingress window.
+#[inline(always)]
+pub fn outer_source(w: &IngressWindow) -> [u8; 4] {
+    [w[26], w[27], w[28], w[29]]
 }
 
 /// After decapsulation: the frame as the pod's gateway would have sent it
 /// (its MACs, TTL one lower), then into the pod's namespace.
 #[inline(always)]
-fn finish_delivery(
-    ctx: &TcContext,
-    flow: &Flow,
-    pod: &FastFlow,
-    outer: &IngressWindow,
-    len: u32,
-) -> i32 {
+fn finish_delivery(ctx: &TcContext, flow: &Flow, pod: &FastFlow, sender: [u8; 4], len: u32) -> i32 {
     let mut eth = [0u8; ETH_HDR_LEN];
     eth[0..6].copy_from_slice(&pod.pod_mac);
     eth[6..12].copy_from_slice(&pod.gw_mac);
@@ -179,6 +208,6 @@ fn finish_delivery(
         return TC_ACT_SHOT;
     }
     count(Reason::FastIngress, len);
-    count_peer_rx([outer[26], outer[27], outer[28], outer[29]], len);
+    count_peer_rx(sender, len);
     TC_ACT_REDIRECT
 }

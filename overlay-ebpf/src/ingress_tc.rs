@@ -21,8 +21,8 @@ use overlay_common::{
 
 use crate::{
     count::{count, count_peer_rx},
-    fast,
-    maps::{KNOWN_VTEPS, NODE_CONFIG},
+    fast::{self, outer_source},
+    maps::{KNOWN_VTEPS, NODE_CONFIG, serving_vtep},
     skb::{self, TCX_NEXT},
 };
 
@@ -72,10 +72,14 @@ pub fn vxlan_ingress_tc(ctx: TcContext) -> i32 {
     });
     match verdict {
         IngressVerdict::Pass(reason) => {
-            if reason == Reason::PassGsoTunnel
-                && let Some(verdict) = fast::deliver_to_pod(&ctx, &window, len)
-            {
-                return verdict;
+            if reason == Reason::PassGsoTunnel {
+                if let Some(verdict) = fast::deliver_to_pod(&ctx, &window, len) {
+                    return verdict;
+                }
+                if impersonates_another_node(&ctx, &window) {
+                    count(Reason::DropSourceVtepMismatch, len);
+                    return TC_ACT_SHOT;
+                }
             }
             count(reason, len);
             if reason == Reason::PassGsoTunnel {
@@ -92,6 +96,10 @@ pub fn vxlan_ingress_tc(ctx: TcContext) -> i32 {
         IngressVerdict::Decap { inner_eth } => {
             if let Some(verdict) = fast::deliver_to_pod(&ctx, &window, len) {
                 return verdict;
+            }
+            if impersonates_another_node(&ctx, &window) {
+                count(Reason::DropSourceVtepMismatch, len);
+                return TC_ACT_SHOT;
             }
             if !skb::strip_vxlan(&ctx) {
                 count(Reason::PassAdjustRefused, len);
@@ -132,10 +140,19 @@ fn deliver(cfg: &NodeConfig, len: u32, success: Option<Reason>) -> i32 {
     TC_ACT_REDIRECT
 }
 
-/// The outer IPv4 source (the sending VTEP) in the classification window.
+/// Whether VXLAN from a known VTEP carries an inner IPv4 source that
+/// REMOTE_SUBNETS says another VTEP serves. flannel's device delivers such a
+/// packet (`rp_filter` on `flannel.<VNI>` accepts any overlay source), so
+/// one node could speak as any other node's pods; we drop it. Sources no
+/// vxlan peer serves (a DirectRouting peer's pods, addresses outside the
+/// overlay) are left to the host, as under flannel.
 #[inline(always)]
-fn outer_source(w: &IngressWindow) -> [u8; 4] {
-    [w[26], w[27], w[28], w[29]]
+fn impersonates_another_node(ctx: &TcContext, outer: &IngressWindow) -> bool {
+    // The inner frame's EtherType was checked (IPv4) by the classifier.
+    let Some(src) = skb::load_at::<4>(ctx, INGRESS_WINDOW_LEN as u32 + 12) else {
+        return false;
+    };
+    matches!(serving_vtep(src), Some(vtep) if vtep != outer_source(outer))
 }
 
 /// True if `vxlan_ingress_xdp` left its mark in the XDP metadata.

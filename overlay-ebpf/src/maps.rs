@@ -3,11 +3,11 @@
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, lpm_trie::Key},
     macros::btf_map,
 };
 use overlay_common::{
-    consts::{MAX_FAST_FLOWS, MAX_PEERS, MAX_POD_VETHS},
+    consts::{MAX_FAST_FLOWS, MAX_PEERS, MAX_POD_ADDRS, MAX_POD_VETHS},
     counters::{Counter, Reason},
     fastpath::{FastFlow, FastPathConfig, FlowKey},
     maps::{KnownVtep, NodeConfig, PeerTraffic, RemoteVtep},
@@ -63,3 +63,19 @@ pub static FAST_FLOWS: LruHashMap<FlowKey, FastFlow, { MAX_FAST_FLOWS as usize }
 /// an approval recorded before.
 #[btf_map]
 pub static POD_VETHS: HashMap<u32, u32, { MAX_POD_VETHS as usize }> = HashMap::new();
+
+/// Pod address (network order) -> the veth the host's bridge last delivered
+/// it to, learnt by `veth_to_pod` from the host's own deliveries (its ARP
+/// and bridge decisions). `veth_from_pod` puts a packet on the fast path
+/// only from the veth its source address is bound to, so one pod cannot
+/// borrow another's approved flow.
+#[btf_map]
+pub static POD_ADDRS: LruHashMap<[u8; 4], u32, { MAX_POD_ADDRS as usize }> = LruHashMap::new();
+
+/// The VTEP (public IPv4) serving a remote pod address, if a vxlan peer's
+/// subnet holds it. Direct peers (DirectRouting) and peers left to the
+/// kernel have no REMOTE_SUBNETS entry, so their sources answer `None`.
+#[inline(always)]
+pub fn serving_vtep(ip: [u8; 4]) -> Option<[u8; 4]> {
+    REMOTE_SUBNETS.get(&Key::new(32, ip)).map(|r| r.public_ip)
+}

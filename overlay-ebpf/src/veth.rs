@@ -2,19 +2,26 @@
 //!
 //! `veth_from_pod` (TCX ingress: what the pod sends) encapsulates an
 //! approved flow's packet to a remote pod and sends it straight out of the
-//! underlay, skipping `cni0`, routing and `flannel.<VNI>`. `veth_to_pod`
-//! (TCX egress: what the host's bridge delivers) turns packets the host's
-//! mangle rule marked into approvals for `vxlan_ingress_tc`. Everything else
-//! continues down the hook's chain untouched.
+//! underlay, skipping `cni0`, routing and `flannel.<VNI>`; only from the veth
+//! the host delivers the packet's source address to. `veth_to_pod` (TCX
+//! egress: what the host's bridge delivers) records which veth each pod
+//! address is delivered to, and turns packets the host's mangle rule marked
+//! into approvals for `vxlan_ingress_tc`, naming the VTEP that serves the
+//! flow's source. Everything else continues down the hook's chain untouched,
+//! except a packet from a pod with a source the host would refuse (a node
+//! address, or another pod's address on an approved flow): it is dropped
+//! and counted.
 
-use aya_ebpf::{btf_maps::lpm_trie::Key, macros::classifier, programs::TcContext};
+use aya_ebpf::{
+    bindings::TC_ACT_SHOT, btf_maps::lpm_trie::Key, macros::classifier, programs::TcContext,
+};
 use overlay_common::{
     consts::{ETH_HDR_LEN, ETH_P_IP},
     counters::Reason,
     egress::{EgressPacket, EgressVerdict, EgressWindow, classify_egress},
     fastpath::{
-        DIR_FROM_POD, DIR_TO_POD, FastFlow, FlowWindow, MIN_FLOW_LEN, POD_WINDOW_LEN, PodWindow,
-        decrement_ttl, parse_flow,
+        DIR_FROM_POD, DIR_TO_POD, FastFlow, FastPathConfig, FlowWindow, MIN_FLOW_LEN,
+        POD_WINDOW_LEN, PodWindow, decrement_ttl, parse_flow,
     },
 };
 
@@ -22,7 +29,7 @@ use crate::{
     count::count,
     egress::encapsulate,
     fast,
-    maps::{NODE_CONFIG, REMOTE_SUBNETS},
+    maps::{NODE_CONFIG, POD_ADDRS, POD_VETHS, REMOTE_SUBNETS, serving_vtep},
     skb::{self, TCX_NEXT},
 };
 
@@ -83,12 +90,18 @@ pub fn veth_from_pod(ctx: TcContext) -> i32 {
         return TCX_NEXT;
     };
     let flow = match parse_flow(flow_part(&w), len - ETH_HDR_LEN as u32) {
-        Ok(flow) if fast_cfg.is_local_pod(flow.key.src) => flow,
+        Ok(flow) if fast_cfg.in_pod_subnet(flow.key.src) => flow,
         _ => {
             count(Reason::PassFastUnusual, len);
             return TCX_NEXT;
         }
     };
+    if fast_cfg.is_node_address(flow.key.src) {
+        // A pod sending as the node (flannel.<VNI>'s or the bridge's
+        // address): the host's path drops it as a martian.
+        count(Reason::DropFastSpoofedSource, len);
+        return TC_ACT_SHOT;
+    }
     let pkt = EgressPacket {
         len,
         gso: skb::is_gso(&ctx),
@@ -117,6 +130,20 @@ pub fn veth_from_pod(ctx: TcContext) -> i32 {
         count(Reason::PassFastUnapproved, len);
         return TCX_NEXT;
     }
+    let me = unsafe { (*ctx.skb.skb).ifindex };
+    match bound_veth(flow.key.src) {
+        Some(bound) if bound == me => {}
+        Some(bound) if POD_VETHS.get_ptr(bound).is_some() => {
+            // Another live pod's address: on the host's path this would
+            // meet the bridge's and the firewall's anti-spoofing.
+            count(Reason::DropFastSpoofedSource, len);
+            return TC_ACT_SHOT;
+        }
+        _ => {
+            count(Reason::PassFastUnbound, len);
+            return TCX_NEXT;
+        }
+    }
     encapsulate(
         &ctx,
         cfg,
@@ -135,25 +162,55 @@ pub fn veth_to_pod(ctx: TcContext) -> i32 {
         return TCX_NEXT;
     };
     count(Reason::SlowToPod, len);
-    if !fast::take_mark(&ctx) {
-        return TCX_NEXT;
-    }
+    let marked = fast::take_mark(&ctx, fast_cfg);
     let Some(w) = ipv4_window(&ctx, len, false) else {
         return TCX_NEXT;
     };
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    bind_pod_address(fast_cfg, &w, ifindex);
+    if !marked {
+        return TCX_NEXT;
+    }
     let Ok(flow) = parse_flow(flow_part(&w), len - ETH_HDR_LEN as u32) else {
         return TCX_NEXT;
     };
     if flow.tcp_control || !fast_cfg.is_local_pod(flow.key.dst) {
         return TCX_NEXT;
     }
+    // Only overlay flows: the fast path takes VXLAN on this flow from the
+    // VTEP serving its source, and nothing else (a flow from the host or a
+    // local pod never arrives as VXLAN).
+    let Some(vtep) = serving_vtep(flow.key.src) else {
+        return TCX_NEXT;
+    };
     let mut pod = FastFlow {
         approved_ns: fast::now_ns(),
-        ifindex: unsafe { (*ctx.skb.skb).ifindex },
+        ifindex,
+        vtep,
         ..FastFlow::default()
     };
     pod.pod_mac.copy_from_slice(&w[0..6]);
     pod.gw_mac.copy_from_slice(&w[6..12]);
     fast::approve(&flow.with_dir(DIR_TO_POD), &pod, len);
     TCX_NEXT
+}
+
+/// Records that the host delivers the packet's destination address to this
+/// veth (its own ARP and bridge decisions), written only when it changes.
+#[inline(always)]
+fn bind_pod_address(cfg: &FastPathConfig, w: &PodWindow, ifindex: u32) {
+    let at = ETH_HDR_LEN + 16;
+    let dst = [w[at], w[at + 1], w[at + 2], w[at + 3]];
+    if !cfg.is_local_pod(dst) {
+        return;
+    }
+    if bound_veth(dst) != Some(ifindex) {
+        let _ = POD_ADDRS.insert(&dst, &ifindex, 0);
+    }
+}
+
+/// The veth `ip` is bound to in `POD_ADDRS`.
+#[inline(always)]
+fn bound_veth(ip: [u8; 4]) -> Option<u32> {
+    POD_ADDRS.get_ptr(&ip).map(|p| unsafe { *p })
 }

@@ -306,7 +306,10 @@ fn ensure_reads_back_what_it_wrote_and_restores_the_order() -> Result<()> {
         let pod = "10.0.13.0/24".parse().unwrap();
         let mut r = ipmasq::masq_rules(net, pod, true);
         r.extend(ipmasq::forward_rules(net));
-        r.extend(ipmasq::fast_path_rules(pod));
+        r.extend(ipmasq::fast_path_rules(
+            pod,
+            overlay_common::fastpath::DEFAULT_FAST_PATH_MARK,
+        ));
         r
     };
     let first = netns::run_in(&h1, move || Ok(ipmasq::ensure(&rules())?))?;
@@ -317,7 +320,7 @@ fn ensure_reads_back_what_it_wrote_and_restores_the_order() -> Result<()> {
                 "iptables -t nat POSTROUTING jump to FLANNEL-POSTRTG",
                 "iptables -t filter chain FLANNEL-FWD (2 rules)",
                 "iptables -t filter FORWARD jump to FLANNEL-FWD",
-                "iptables -t mangle chain FLANNEL-FASTPATH (2 rules)",
+                "iptables -t mangle chain FLANNEL-FASTPATH (3 rules)",
                 "iptables -t mangle POSTROUTING jump to FLANNEL-FASTPATH",
             ],
         "{first:?}"

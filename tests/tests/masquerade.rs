@@ -190,7 +190,7 @@ fn masquerading(mode: Mode) -> Result<()> {
         &h1,
         "mangle",
         "FLANNEL-FASTPATH",
-        "--set-xmark 0x100000/0x100000",
+        "--set-xmark 0x1000/0x1000",
     )?;
 
     // Restarted in the other mode, the agent removes this mode's rules and
@@ -344,7 +344,7 @@ fn check_rules(ns: &str, mode: Mode, pod: &str) -> Result<()> {
     }
     let mangle = iptables("mangle", Some("FLANNEL-FASTPATH"))?;
     ensure!(
-        mangle.contains("--set-xmark 0x100000/0x100000"),
+        mangle.contains("--set-xmark 0x1000/0x1000"),
         "the fast path's rule is missing:\n{mangle}"
     );
     Ok(())

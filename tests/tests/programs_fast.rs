@@ -25,21 +25,25 @@
 
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, PerCpuHashMap, PerCpuValues},
+    maps::{
+        Array, HashMap, PerCpuHashMap, PerCpuValues,
+        lpm_trie::{Key, LpmTrie},
+    },
     programs::SchedClassifier,
     util::nr_cpus,
 };
 use overlay_common::{
     consts::{
-        MAP_FAST_CONFIG, MAP_FAST_FLOWS, MAP_PEER_STATS, MAP_POD_VETHS, PROG_EGRESS,
-        PROG_INGRESS_TC, PROG_VETH_FROM_POD, PROG_VETH_TO_POD,
+        MAP_FAST_CONFIG, MAP_FAST_FLOWS, MAP_KNOWN_VTEPS, MAP_PEER_STATS, MAP_POD_ADDRS,
+        MAP_POD_VETHS, MAP_REMOTE_SUBNETS, PROG_EGRESS, PROG_INGRESS_TC, PROG_VETH_FROM_POD,
+        PROG_VETH_TO_POD,
     },
     counters::Reason,
     fastpath::{
-        APPROVAL_TTL_NS, DIR_FROM_POD, DIR_TO_POD, FAST_PATH_MARK, FastFlow, FastPathConfig,
-        FlowKey,
+        APPROVAL_TTL_NS, DEFAULT_FAST_PATH_MARK, DIR_FROM_POD, DIR_TO_POD, FastFlow,
+        FastPathConfig, FlowKey,
     },
-    maps::PeerTraffic,
+    maps::{KnownVtep, PeerTraffic, RemoteVtep},
 };
 use overlay_tests::frames::*;
 
@@ -54,6 +58,13 @@ const POD_SUBNET: ([u8; 4], u32) = ([10, 244, 1, 0], 24);
 const POD_VETH: u32 = 4242;
 
 const IPPROTO_GRE: u8 = 47;
+
+/// The approval bit the agent configures by default.
+const FAST_PATH_MARK: u32 = DEFAULT_FAST_PATH_MARK;
+/// The pod bridge's address (the pods' gateway): the node's.
+const GATEWAY: [u8; 4] = [10, 244, 1, 1];
+/// `skb->ifindex` of a test-run on the loopback device (context ifindex 0).
+const LO: u32 = 1;
 
 // ---------------------------------------------------------------------------
 // The programs, loaded from the object the agent embeds.
@@ -77,6 +88,8 @@ fn fast_on() -> FastPathConfig {
         enabled: 1,
         pod_subnet: POD_SUBNET.0,
         pod_prefix_len: POD_SUBNET.1,
+        mark: FAST_PATH_MARK,
+        gateway: GATEWAY,
         _pad: 0,
     }
 }
@@ -150,6 +163,11 @@ impl Programs {
         self.run(PROG_VETH_FROM_POD, frame, 0, 0)
     }
 
+    /// `veth_from_pod` on the host-side veth `ifindex`.
+    fn veth_from_pod_on(&self, frame: &[u8], ifindex: u32) -> Run {
+        self.run(PROG_VETH_FROM_POD, frame, 0, ifindex)
+    }
+
     fn veth_to_pod(&self, frame: &[u8], mark: u32, ifindex: u32) -> Run {
         self.run(PROG_VETH_TO_POD, frame, mark, ifindex)
     }
@@ -168,13 +186,30 @@ impl Programs {
         flows.insert(key, value, 0).unwrap();
     }
 
-    /// An approval from a pod, as `vxlan_egress` records it, stamped `ns`.
+    /// An approval from a pod, as `vxlan_egress` records it, stamped `ns`,
+    /// and its source bound to the loopback device test-runs use (as
+    /// `veth_to_pod` learns it from the host's deliveries).
     fn approve_from_pod(&mut self, packet: &[u8], ns: u64) {
         let value = FastFlow {
             approved_ns: ns,
             ..FastFlow::default()
         };
         self.approve(key_of(packet, DIR_FROM_POD), value);
+        self.bind(packet[12..16].try_into().unwrap(), LO);
+    }
+
+    /// Binds a pod address to a veth in `POD_ADDRS`.
+    fn bind(&mut self, ip: [u8; 4], ifindex: u32) {
+        let mut addrs: HashMap<_, [u8; 4], u32> =
+            HashMap::try_from(self.ebpf.map_mut(MAP_POD_ADDRS).unwrap()).unwrap();
+        addrs.insert(ip, ifindex, 0).unwrap();
+    }
+
+    /// The veth `ip` is bound to in `POD_ADDRS`.
+    fn bound(&self, ip: [u8; 4]) -> Option<u32> {
+        let addrs: HashMap<_, [u8; 4], u32> =
+            HashMap::try_from(self.ebpf.map(MAP_POD_ADDRS).unwrap()).unwrap();
+        addrs.get(&ip, 0).ok()
     }
 
     /// An approval toward a pod, as `veth_to_pod` records it, stamped `ns`.
@@ -232,6 +267,8 @@ fn to_pod_approval(ns: u64) -> FastFlow {
         ifindex: POD_VETH,
         pod_mac: POD_MAC,
         gw_mac: GW_MAC,
+        vtep: PEER_IP,
+        _pad: 0,
     }
 }
 
@@ -340,12 +377,13 @@ fn packets_to_pod() -> Vec<(&'static str, Vec<u8>)> {
 }
 
 /// The flow key of an IPv4 packet, as the programs should derive it: ports in
-/// network order, ICMP echo's identifier as the source port.
+/// network order, ICMP echo's identifier as the source port and its type as
+/// the destination port's first byte.
 fn key_of(packet: &[u8], dir: u8) -> FlowKey {
     let l4 = usize::from(packet[0] & 0x0f) * 4;
     let proto = packet[9];
     let (sport, dport) = if proto == IPPROTO_ICMP {
-        ([packet[l4 + 4], packet[l4 + 5]], [0, 0])
+        ([packet[l4 + 4], packet[l4 + 5]], [packet[l4], 0])
     } else {
         (
             [packet[l4], packet[l4 + 1]],
@@ -885,9 +923,14 @@ fn veth_to_pod_turns_marked_packets_into_approvals() {
                     ifindex: VethNs::IFINDEX,
                     pod_mac: POD_MAC,
                     gw_mac: GW_MAC,
+                    // The VTEP serving the flow's source.
+                    vtep: PEER_IP,
+                    _pad: 0,
                 },
                 "{name}"
             );
+            // The host delivers the pod's address to this veth.
+            assert_eq!(p.bound(LOCAL_POD), Some(VethNs::IFINDEX), "{name}");
             tally.add(Reason::SlowToPod, &frame);
             tally.add(Reason::FastApproval, &frame);
         }
@@ -909,6 +952,8 @@ fn veth_to_pod_renews_an_approval() {
             ifindex: 77,
             pod_mac: [2, 0, 0, 0, 0, 0x77],
             gw_mac: [2, 0, 0, 0, 0, 0x78],
+            vtep: [192, 168, 99, 9],
+            _pad: 0,
         };
         p.approve(key, old);
         let frame = frame_to_pod(&packet);
@@ -919,8 +964,8 @@ fn veth_to_pod_renews_an_approval() {
         assert!(flow.approved_ns >= before);
         // Where the host delivered it last is what counts.
         assert_eq!(
-            (flow.ifindex, flow.pod_mac, flow.gw_mac),
-            (VethNs::IFINDEX, POD_MAC, GW_MAC)
+            (flow.ifindex, flow.pod_mac, flow.gw_mac, flow.vtep),
+            (VethNs::IFINDEX, POD_MAC, GW_MAC, PEER_IP)
         );
         let mut tally = Tally::default();
         tally.add(Reason::SlowToPod, &frame);
@@ -964,6 +1009,39 @@ fn veth_to_pod_approves_only_marked_packets_of_usual_flows() {
                 FAST_PATH_MARK,
             ),
             ("ttl 1", frame_to_pod(&ttl1), FAST_PATH_MARK),
+            // Not an overlay flow: no VTEP serves the source, so no VXLAN
+            // may ever carry it (the host, a local pod, the internet).
+            (
+                "from the host",
+                frame_to_pod(&tcp_packet(GATEWAY, LOCAL_POD, (80, 43210), TCP_ACK)),
+                FAST_PATH_MARK,
+            ),
+            (
+                "from a local pod",
+                frame_to_pod(&tcp_packet(
+                    [10, 244, 1, 9],
+                    LOCAL_POD,
+                    (80, 43210),
+                    TCP_ACK,
+                )),
+                FAST_PATH_MARK,
+            ),
+            (
+                "from outside the overlay",
+                frame_to_pod(&tcp_packet([192, 0, 2, 7], LOCAL_POD, (80, 43210), TCP_ACK)),
+                FAST_PATH_MARK,
+            ),
+            (
+                "to the gateway",
+                frame_to_pod(&to_other(GATEWAY)),
+                FAST_PATH_MARK,
+            ),
+            // A segment without ACK: conntrack would call it INVALID.
+            (
+                "psh only",
+                frame_to_pod(&tcp_to_pod(TCP_PSH)),
+                FAST_PATH_MARK,
+            ),
             (
                 "arp",
                 eth([0xff; 6], GW_MAC, ETH_P_ARP, &arp_request()),
@@ -1278,7 +1356,10 @@ fn slow_path_approvals_open_the_fast_path_both_ways() {
 
         // First packets: the host's way, and marked by its mangle rule.
         let frame = pod_frame(&out);
-        assert_eq!(p.veth_from_pod(&frame).verdict, TCX_NEXT);
+        assert_eq!(
+            p.veth_from_pod_on(&frame, VethNs::IFINDEX).verdict,
+            TCX_NEXT
+        );
         tally.add(Reason::PassFastUnapproved, &frame);
         let routed = flannel_frame(&forwarded(&out));
         let slow = p.egress(&routed, FAST_PATH_MARK);
@@ -1303,7 +1384,7 @@ fn slow_path_approvals_open_the_fast_path_both_ways() {
         p.add_pod_veth(VethNs::IFINDEX);
 
         // Next packets: the fast path, with the bytes the slow path sent.
-        let run = p.veth_from_pod(&frame);
+        let run = p.veth_from_pod_on(&frame, VethNs::IFINDEX);
         assert_eq!(run.verdict, TC_ACT_REDIRECT);
         assert_encapsulated("from the pod", &frame, &forwarded(&out), &run.out);
         assert_eq!(
@@ -1319,4 +1400,252 @@ fn slow_path_approvals_open_the_fast_path_both_ways() {
         tally.add(Reason::FastIngress, &vx);
         tally.check(&p);
     });
+}
+
+// ---------------------------------------------------------------------------
+// Who may use an approval (the trust boundary).
+
+/// Another node: a known VTEP that serves 10.244.3.0/24.
+const OTHER_VTEP: [u8; 4] = [192, 168, 64, 4];
+
+impl Programs {
+    /// Makes [`OTHER_VTEP`] a known VTEP; with `serves`, REMOTE_SUBNETS then
+    /// says it serves `serves`/24.
+    fn add_other_vtep(&mut self, serves: Option<[u8; 4]>) {
+        let mut vteps: HashMap<_, [u8; 4], KnownVtep> =
+            HashMap::try_from(self.ebpf.map_mut(MAP_KNOWN_VTEPS).unwrap()).unwrap();
+        let known = KnownVtep {
+            vtep_mac: PEER_VTEP_MAC,
+            _pad: [0; 2],
+        };
+        vteps.insert(OTHER_VTEP, known, 0).unwrap();
+        if let Some(subnet) = serves {
+            let mut subnets: LpmTrie<_, [u8; 4], RemoteVtep> =
+                LpmTrie::try_from(self.ebpf.map_mut(MAP_REMOTE_SUBNETS).unwrap()).unwrap();
+            let vtep = RemoteVtep {
+                vtep_mac: PEER_VTEP_MAC,
+                _pad: [0; 2],
+                public_ip: OTHER_VTEP,
+            };
+            subnets.insert(&Key::new(24, subnet), vtep, 0).unwrap();
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs root, network namespaces and eBPF: run `cargo xtask test`"]
+fn tc_ingress_takes_an_approved_flow_only_from_the_vtep_serving_its_source() {
+    let mut p = Programs::load();
+    p.add_pod_veth(POD_VETH);
+    p.add_other_vtep(None);
+    let packet = tcp_to_pod(TCP_PSH | TCP_ACK);
+    let key = key_of(&packet, DIR_TO_POD);
+    p.approve_to_pod(&packet, now_ns());
+    let inner = inner_frame_to_us(&packet);
+    let mut tally = Tally::default();
+
+    // Another node (or anyone spoofing its underlay address) injecting
+    // into the flow with the remote pod's source: dropped, counted, and the
+    // approval stays for the VTEP it names.
+    let forged = from_underlay(OTHER_VTEP, VNI, &inner);
+    let run = p.ingress_tc(&forged);
+    assert_eq!(run.verdict, TC_ACT_SHOT, "another VTEP on the flow");
+    tally.add(Reason::DropSourceVtepMismatch, &forged);
+    assert!(p.flow(&key).is_some(), "the approval stays");
+
+    // The flow's own VTEP still gets through the fast path.
+    let good = from_peer(&inner);
+    assert_eq!(p.ingress_tc(&good).verdict, TC_ACT_REDIRECT);
+    tally.add(Reason::FastIngress, &good);
+
+    // The source's subnet moved to the other VTEP (a peer with a new
+    // PublicIP): the host's path decides, and the approval is renewed there.
+    {
+        let mut subnets: LpmTrie<_, [u8; 4], RemoteVtep> =
+            LpmTrie::try_from(p.ebpf.map_mut(MAP_REMOTE_SUBNETS).unwrap()).unwrap();
+        let moved = RemoteVtep {
+            vtep_mac: PEER_VTEP_MAC,
+            _pad: [0; 2],
+            public_ip: OTHER_VTEP,
+        };
+        subnets
+            .insert(&Key::new(REMOTE_SUBNET.1, REMOTE_SUBNET.0), moved, 0)
+            .unwrap();
+    }
+    let run = p.ingress_tc(&forged);
+    assert_eq!(run.verdict, TC_ACT_REDIRECT, "a moved peer");
+    assert_eq!(run.out, inner, "decapsulated into flannel");
+    tally.add(Reason::PassFastUnapproved, &forged);
+    tally.add(Reason::Decapsulated, &forged);
+    assert_eq!(p.flow(&key), None, "the old VTEP's approval ended");
+    tally.check(&p);
+}
+
+#[test]
+#[ignore = "needs root, network namespaces and eBPF: run `cargo xtask test`"]
+fn tc_ingress_drops_inner_sources_of_our_own_subnet() {
+    let mut p = Programs::load();
+    p.add_pod_veth(POD_VETH);
+    let mut tally = Tally::default();
+    // A local pod's address, the gateway's, flannel.<VNI>'s: from a remote
+    // VTEP each is a spoof (the host's path would call it a martian).
+    for src in [[10, 244, 1, 9], GATEWAY, [10, 244, 1, 0]] {
+        let packet = tcp_packet(src, LOCAL_POD, (80, 43210), TCP_ACK);
+        // Even with an approval for it (which veth_to_pod never records).
+        p.approve_to_pod(&packet, now_ns());
+        let frame = from_peer(&inner_frame_to_us(&packet));
+        let run = p.ingress_tc(&frame);
+        assert_eq!(run.verdict, TC_ACT_SHOT, "{src:?}");
+        tally.add(Reason::DropFastSpoofedSource, &frame);
+    }
+    tally.check(&p);
+}
+
+#[test]
+#[ignore = "needs root, network namespaces and eBPF: run `cargo xtask test`"]
+fn an_echo_reply_approval_does_not_admit_echo_requests() {
+    let mut p = Programs::load();
+    p.add_pod_veth(POD_VETH);
+    let (s, d) = (REMOTE_POD, LOCAL_POD);
+    let reply = Ip::new(IPPROTO_ICMP, s, d).packet(&icmp(0, 0x77, 1, &payload(56)));
+    let request = Ip::new(IPPROTO_ICMP, s, d).packet(&icmp(8, 0x77, 2, &payload(56)));
+    p.approve_to_pod(&reply, now_ns());
+    let mut tally = Tally::default();
+    let frame = from_peer(&inner_frame_to_us(&request));
+    let run = p.ingress_tc(&frame);
+    assert_eq!(run.verdict, TC_ACT_REDIRECT);
+    assert_eq!(
+        run.out,
+        inner_frame_to_us(&request),
+        "into flannel, not the pod"
+    );
+    tally.add(Reason::PassFastUnapproved, &frame);
+    tally.add(Reason::Decapsulated, &frame);
+    let frame = from_peer(&inner_frame_to_us(&reply));
+    assert_eq!(p.ingress_tc(&frame).verdict, TC_ACT_REDIRECT);
+    tally.add(Reason::FastIngress, &frame);
+    tally.check(&p);
+}
+
+#[test]
+#[ignore = "needs root, network namespaces and eBPF: run `cargo xtask test`"]
+fn veth_from_pod_takes_a_flow_only_from_the_veth_its_source_is_bound_to() {
+    let mut p = Programs::load();
+    let packet = tcp_from_pod(TCP_ACK);
+    let frame = pod_frame(&packet);
+    let mut tally = Tally::default();
+
+    // Bound to this veth (the loopback device under test-run): fast.
+    p.approve_from_pod(&packet, now_ns());
+    assert_eq!(p.veth_from_pod(&frame).verdict, TC_ACT_REDIRECT);
+    tally.add(Reason::FastEgress, &frame);
+
+    // The host delivers the address to another live pod's veth: a second
+    // pod borrowing the first one's approved flow. Dropped.
+    p.add_pod_veth(POD_VETH);
+    p.bind(LOCAL_POD, POD_VETH);
+    let run = p.veth_from_pod(&frame);
+    assert_eq!(run.verdict, TC_ACT_SHOT, "another pod's address");
+    assert_eq!(run.out, frame);
+    tally.add(Reason::DropFastSpoofedSource, &frame);
+
+    // Bound to a veth that went (a new pod on a reused address): the
+    // host's path decides.
+    p.bind(LOCAL_POD, 9999);
+    assert_eq!(p.veth_from_pod(&frame).verdict, TCX_NEXT, "stale binding");
+    tally.add(Reason::PassFastUnbound, &frame);
+    tally.check(&p);
+}
+
+#[test]
+#[ignore = "needs root, network namespaces and eBPF: run `cargo xtask test`"]
+fn veth_from_pod_drops_the_nodes_addresses_as_sources() {
+    let mut p = Programs::load();
+    let mut tally = Tally::default();
+    for src in [GATEWAY, [10, 244, 1, 0], [10, 244, 1, 255]] {
+        let packet = tcp_packet(src, REMOTE_POD, (43210, 80), TCP_ACK);
+        // Even approved (a host flow to a remote pod, which vxlan_egress no
+        // longer approves) and bound.
+        p.approve_from_pod(&packet, now_ns());
+        let frame = pod_frame(&packet);
+        let run = p.veth_from_pod(&frame);
+        assert_eq!(run.verdict, TC_ACT_SHOT, "{src:?}");
+        tally.add(Reason::DropFastSpoofedSource, &frame);
+
+        // And vxlan_egress does not approve the host's own flows.
+        let routed = flannel_frame(&forwarded(&packet));
+        let before = p.flows().len();
+        assert_eq!(p.egress(&routed, FAST_PATH_MARK).verdict, TC_ACT_REDIRECT);
+        tally.add(Reason::Encapsulated, &routed);
+        assert_eq!(p.flows().len(), before, "{src:?}: nothing approved");
+    }
+    tally.check(&p);
+}
+
+#[test]
+#[ignore = "needs root, network namespaces and eBPF: run `cargo xtask test`"]
+fn only_the_configured_mark_bit_approves_and_it_is_always_cleared() {
+    let ns = VethNs::new("markbit");
+    ns.run(|| {
+        let other_bit = 0x0000_2000;
+        let p = Programs::load_with(Some(FastPathConfig {
+            mark: other_bit,
+            ..fast_on()
+        }));
+        let packet = tcp_to_pod(TCP_ACK);
+        let frame = frame_to_pod(&packet);
+        // The default bit means nothing now, and is left alone.
+        let run = p.veth_to_pod(&frame, FAST_PATH_MARK, VethNs::IFINDEX);
+        assert_eq!(run.mark, FAST_PATH_MARK);
+        assert_eq!(p.flows(), vec![]);
+        let run = p.veth_to_pod(&frame, other_bit | 0x4000, VethNs::IFINDEX);
+        assert_eq!(run.mark, 0x4000, "our bit cleared, kube-proxy's kept");
+        assert!(p.flow(&key_of(&packet, DIR_TO_POD)).is_some());
+
+        // vxlan_egress clears the bit of what it passes to the kernel too
+        // (the vxlan device's route lookup sees the mark).
+        let local = flannel_frame(&tcp_packet(LOCAL_POD, [10, 244, 9, 9], (1, 2), TCP_ACK));
+        let run = p.egress(&local, other_bit | 0x4000);
+        assert_eq!(run.verdict, TCX_NEXT, "no route: the kernel's");
+        assert_eq!(run.mark, 0x4000);
+    });
+}
+
+#[test]
+#[ignore = "needs root, network namespaces and eBPF: run `cargo xtask test`"]
+fn tc_ingress_drops_a_node_speaking_for_another_nodes_pods_on_the_host_path_too() {
+    // Fast path off: what flannel's device would deliver (rp_filter on
+    // flannel.<VNI> accepts any overlay source) is dropped here.
+    let mut p = Programs::load_with(None);
+    p.add_other_vtep(Some([10, 244, 3, 0]));
+    let mut tally = Tally::default();
+    let packet = tcp_to_pod(TCP_SYN);
+    let inner = inner_frame_to_us(&packet);
+    let forged = from_underlay(OTHER_VTEP, VNI, &inner);
+    assert_eq!(p.ingress_tc(&forged).verdict, TC_ACT_SHOT, "impersonation");
+    tally.add(Reason::DropSourceVtepMismatch, &forged);
+
+    // The other VTEP's own pods, the serving VTEP, and sources no vxlan
+    // peer serves (a DirectRouting peer's pods, the internet) get in.
+    let own = tcp_packet([10, 244, 3, 8], LOCAL_POD, (80, 43210), TCP_SYN);
+    let outside = tcp_packet([192, 0, 2, 7], LOCAL_POD, (80, 43210), TCP_SYN);
+    for (name, frame, want) in [
+        (
+            "its own pod",
+            from_underlay(OTHER_VTEP, VNI, &inner_frame_to_us(&own)),
+            inner_frame_to_us(&own),
+        ),
+        ("the serving VTEP", from_peer(&inner), inner.clone()),
+        (
+            "outside the overlay",
+            from_underlay(OTHER_VTEP, VNI, &inner_frame_to_us(&outside)),
+            inner_frame_to_us(&outside),
+        ),
+    ] {
+        let run = p.ingress_tc(&frame);
+        assert_eq!(run.verdict, TC_ACT_REDIRECT, "{name}");
+        assert_eq!(run.out, want, "{name}: decapsulated into flannel");
+        tally.add(Reason::Decapsulated, &frame);
+    }
+    tally.check(&p);
 }

@@ -7,8 +7,11 @@ use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
 
 use clap::{ArgAction, Parser, ValueEnum};
 
-pub use self::values::{HumanDuration, parse_duration, parse_go_bool, parse_minutes};
+pub use self::values::{
+    HumanDuration, parse_duration, parse_go_bool, parse_mark_bit, parse_minutes,
+};
 use crate::subnet::etcd::own::LeaseTiming;
+use overlay_common::fastpath::DEFAULT_FAST_PATH_MARK;
 
 pub mod compat;
 pub mod values;
@@ -262,6 +265,15 @@ pub struct Cli {
     #[arg(long, env = "FLANNELD_FAST_PATH", value_enum, default_value = "auto",
           help_heading = DATAPATH)]
     pub fast_path: FastPathChoice,
+
+    /// The skb mark bit (one bit, in hex or decimal) with which the host's mangle
+    /// rule approves flows for the fast path. Pick one no other software on
+    /// the node sets (Calico, kube-proxy, Cilium, Istio keep clear of the
+    /// default); the agent clears it before deciding and warns at start-up
+    /// about other rules that can set it (eBPF datapath only).
+    #[arg(long, env = "FLANNELD_FAST_PATH_MARK", default_value_t = DEFAULT_FAST_PATH_MARK,
+          value_parser = parse_mark_bit, help_heading = DATAPATH)]
+    pub fast_path_mark: u32,
 
     /// How the TC programs attach: TCX links or legacy clsact filters (eBPF
     /// datapath only; see the README's "Kernels").

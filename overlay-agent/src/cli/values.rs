@@ -47,3 +47,34 @@ pub fn parse_minutes(s: &str) -> Result<HumanDuration, String> {
     }
     parse_duration(s)
 }
+
+/// `--fast-path-mark`: one bit of `skb->mark`, in hex (`0x1000`) or decimal.
+pub fn parse_mark_bit(s: &str) -> Result<u32, String> {
+    let v = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => s.parse(),
+    }
+    .map_err(|e| format!("{s:?} is not a number: {e}"))?;
+    if v.count_ones() != 1 {
+        return Err(format!(
+            "{s:?} must be a single bit (such as 0x1000), got {} bits set",
+            v.count_ones()
+        ));
+    }
+    Ok(v)
+}
+
+#[cfg(test)]
+mod mark_tests {
+    use super::*;
+
+    #[test]
+    fn a_mark_is_one_bit_in_hex_or_decimal() {
+        assert_eq!(parse_mark_bit("0x1000"), Ok(0x1000));
+        assert_eq!(parse_mark_bit("0X2000"), Ok(0x2000));
+        assert_eq!(parse_mark_bit("4096"), Ok(0x1000));
+        for bad in ["0", "0x3000", "0xffff0000", "mark", "", "0x"] {
+            assert!(parse_mark_bit(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -73,6 +73,7 @@ fn ebpf_options(cli: &Cli) -> EbpfOptions {
             FastPathChoice::On => FastPathMode::On,
             FastPathChoice::Off => FastPathMode::Off,
         },
+        fast_path_mark: cli.fast_path_mark,
         tc_attach: match cli.tc_attach {
             TcAttachChoice::Auto => TcAttachMode::Auto,
             TcAttachChoice::Tcx => TcAttachMode::Tcx,

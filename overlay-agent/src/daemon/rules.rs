@@ -47,8 +47,8 @@ pub fn flanneld_rules(
 /// repairs it like flanneld's own.
 pub fn fast_path_rules(dp: &AnyDatapath) -> Vec<Rule> {
     dp.as_ebpf()
-        .and_then(EbpfDatapath::fast_path_subnet)
-        .map(ipmasq::fast_path_rules)
+        .and_then(EbpfDatapath::fast_path_settings)
+        .map(|s| ipmasq::fast_path_rules(s.subnet, s.mark))
         .unwrap_or_default()
 }
 

@@ -24,6 +24,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
+    net::Ipv4Addr,
     str::FromStr,
 };
 
@@ -38,7 +39,7 @@ use overlay_common::{
     consts::{
         MAP_FAST_CONFIG, MAP_FAST_FLOWS, MAP_POD_VETHS, PROG_VETH_FROM_POD, PROG_VETH_TO_POD,
     },
-    fastpath::{DIR_TO_POD, FastFlow, FastPathConfig, FlowKey},
+    fastpath::{DEFAULT_FAST_PATH_MARK, DIR_TO_POD, FastFlow, FastPathConfig, FlowKey},
 };
 
 use super::{
@@ -147,7 +148,7 @@ impl BeLiberal {
 /// `subnet`; with `pins`, first records the sysctl's value unless a record
 /// exists (see [`BeLiberal`]). The error says what failed, for the `auto`
 /// log line.
-pub fn prepare_host(subnet: Ipv4Net, pins: Option<&PinLayout>) -> Result<(), String> {
+pub fn prepare_host(subnet: Ipv4Net, mark: u32, pins: Option<&PinLayout>) -> Result<(), String> {
     let current =
         std::fs::read_to_string(BE_LIBERAL).map_err(|e| format!("reading {BE_LIBERAL}: {e}"))?;
     let current = current.trim();
@@ -170,8 +171,13 @@ pub fn prepare_host(subnet: Ipv4Net, pins: Option<&PinLayout>) -> Result<(), Str
             "fast path: set {BE_LIBERAL} = 1 (was {current}; conntrack does not see every TCP segment)"
         );
     }
-    ipmasq::ensure(&ipmasq::fast_path_rules(subnet))
+    ipmasq::ensure(&ipmasq::fast_path_rules(subnet, mark))
         .map_err(|e| format!("installing the mangle rule: {e}"))?;
+    for rule in ipmasq::mark_users::find(mark) {
+        warn!(
+            "fast path: another rule can set the approval bit {mark:#x} ({rule}); our chain clears the bit before it decides, but a rule after it in mangle POSTROUTING would approve flows the firewall never saw established: pick a free bit with --fast-path-mark"
+        );
+    }
     Ok(())
 }
 
@@ -180,7 +186,8 @@ pub fn prepare_host(subnet: Ipv4Net, pins: Option<&PinLayout>) -> Result<(), Str
 /// (nothing when no record exists: then the fast path did not change it,
 /// or another run's record is elsewhere).
 pub fn release_host(subnet: Ipv4Net, pins: Option<&PinLayout>) {
-    if let Err(e) = ipmasq::remove(&ipmasq::fast_path_rules(subnet)) {
+    // Removal takes the jump and the whole chain, whatever bit it marks.
+    if let Err(e) = ipmasq::remove(&ipmasq::fast_path_rules(subnet, DEFAULT_FAST_PATH_MARK)) {
         warn!("fast path: removing the mangle rule: {e}");
     }
     if let Some(pins) = pins {
@@ -203,18 +210,31 @@ pub fn restore_be_liberal(pins: &PinLayout) -> Option<String> {
     }
 }
 
-/// Turns the programs' side on (`subnet` is ours) or off.
-pub fn configure(ebpf: &mut Ebpf, subnet: Option<Ipv4Net>) -> Result<(), EbpfError> {
+/// What the programs need to know of the fast path while it is on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FastSettings {
+    /// Our pod subnet.
+    pub subnet: Ipv4Net,
+    /// The approval bit (`--fast-path-mark`).
+    pub mark: u32,
+    /// The pod bridge's address in the subnet, once a bridge holds one.
+    pub gateway: Option<Ipv4Addr>,
+}
+
+/// Turns the programs' side on (with `settings`) or off.
+pub fn configure(ebpf: &mut Ebpf, settings: Option<FastSettings>) -> Result<(), EbpfError> {
     let map = ebpf
         .map_mut(MAP_FAST_CONFIG)
         .ok_or(EbpfError::MissingMap(MAP_FAST_CONFIG))?;
     let mut config: Array<&mut MapData, FastPathConfig> =
         Array::try_from(map).map_err(|e| EbpfError::map(MAP_FAST_CONFIG, "open", e))?;
-    let value = match subnet {
+    let value = match settings {
         Some(s) => FastPathConfig {
             enabled: 1,
-            pod_subnet: s.network().octets(),
-            pod_prefix_len: u32::from(s.prefix_len()),
+            pod_subnet: s.subnet.network().octets(),
+            pod_prefix_len: u32::from(s.subnet.prefix_len()),
+            mark: s.mark,
+            gateway: s.gateway.map_or([0; 4], |g| g.octets()),
             _pad: 0,
         },
         None => FastPathConfig::default(),

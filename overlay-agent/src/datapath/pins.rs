@@ -36,14 +36,14 @@ use aya::maps::{MapError, MapInfo, MapType};
 use log::warn;
 use overlay_common::consts::{
     MAP_COUNTERS, MAP_FAST_CONFIG, MAP_FAST_FLOWS, MAP_KNOWN_VTEPS, MAP_NODE_CONFIG,
-    MAP_PEER_STATS, MAP_POD_VETHS, MAP_REMOTE_SUBNETS,
+    MAP_PEER_STATS, MAP_POD_ADDRS, MAP_POD_VETHS, MAP_REMOTE_SUBNETS,
 };
 
 /// Where the operator's pins live when `--bpf-pin-dir` is not given.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/overlay";
 
 /// Every map of the object, pinned under these names.
-pub const MAPS: [&str; 8] = [
+pub const MAPS: [&str; 9] = [
     MAP_REMOTE_SUBNETS,
     MAP_KNOWN_VTEPS,
     MAP_NODE_CONFIG,
@@ -52,6 +52,7 @@ pub const MAPS: [&str; 8] = [
     MAP_FAST_CONFIG,
     MAP_FAST_FLOWS,
     MAP_POD_VETHS,
+    MAP_POD_ADDRS,
 ];
 
 /// What a program built for a map relies on: its type (a hash is not an LRU
@@ -372,7 +373,8 @@ mod tests {
                 "PEER_STATS",
                 "FAST_CONFIG",
                 "FAST_FLOWS",
-                "POD_VETHS"
+                "POD_VETHS",
+                "POD_ADDRS"
             ]
         );
     }

@@ -377,9 +377,15 @@ mod tests {
 
         let without = render(&s, None, "0.1.0", 1_700_000_000);
         assert!(!without.contains("overlay_peer_"), "{without}");
-        assert_eq!(samples(&without), 80, "{without}");
+        // Packets and bytes per counter reason, and 28 other series.
+        let base = 28 + 2 * overlay_common::counters::Reason::ALL.len();
+        assert_eq!(samples(&without), base, "{without}");
         let with = render(&s, Some(&peers), "0.1.0", 1_700_000_000);
-        assert_eq!(samples(&with), 80 + PER_PEER_SERIES * peers.len(), "{with}");
+        assert_eq!(
+            samples(&with),
+            base + PER_PEER_SERIES * peers.len(),
+            "{with}"
+        );
         for line in [
             "overlay_peer_tx_packets_total{subnet=\"10.5.2.0/24\",public_ip=\"192.168.64.2\"} 2",
             "overlay_peer_tx_bytes_total{subnet=\"10.5.3.0/24\",public_ip=\"192.168.64.3\"} 300",
@@ -394,7 +400,7 @@ mod tests {
         // Asked for, with no peer yet: the families, no samples.
         let none_yet = render(&s, Some(&[]), "0.1.0", 1_700_000_000);
         assert!(none_yet.contains("# TYPE overlay_peer_tx_packets_total counter\n"));
-        assert_eq!(samples(&none_yet), 80);
+        assert_eq!(samples(&none_yet), base);
 
         // The kernel datapath has no eBPF counters by reason.
         s.mode = Some(Mode::Kernel);

@@ -25,6 +25,9 @@ pub struct PodNetwork {
     /// The bridge's name and ifindex; `None` while no bridge holds an address
     /// of the subnet (no pod has started yet).
     pub bridge: Option<(String, u32)>,
+    /// The bridge's (lowest) address inside the subnet: the pods' gateway,
+    /// the node's own address there.
+    pub gateway: Option<Ipv4Addr>,
     /// Sorted by ifindex.
     pub veths: Vec<PodVeth>,
 }
@@ -74,6 +77,11 @@ pub fn pod_network(
         return PodNetwork::default();
     };
     let index = bridge.header.index;
+    let gateway = addresses
+        .iter()
+        .filter(|(i, ip)| *i == index && subnet.contains(ip))
+        .map(|(_, ip)| *ip)
+        .min();
     let mut veths: Vec<PodVeth> = links
         .iter()
         .filter(|l| controller(l) == Some(index) && kind(l) == Some(&InfoKind::Veth))
@@ -85,6 +93,7 @@ pub fn pod_network(
     veths.sort();
     PodNetwork {
         bridge: Some((name(bridge), index)),
+        gateway,
         veths,
     }
 }
@@ -146,6 +155,7 @@ mod tests {
         ];
         let net = pod_network(&links, &addresses, "10.5.1.0/24".parse().unwrap());
         assert_eq!(net.bridge, Some(("cni0".into(), 4)));
+        assert_eq!(net.gateway, Some(Ipv4Addr::new(10, 5, 1, 1)));
         assert_eq!(
             net.veths,
             vec![

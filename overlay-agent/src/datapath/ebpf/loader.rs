@@ -20,7 +20,8 @@ pub(super) struct Loaded {
 
 #[derive(Debug)]
 pub(super) struct FastState {
-    pub(super) subnet: Ipv4Net,
+    /// What FAST_CONFIG holds (the gateway follows the pod bridge).
+    pub(super) settings: FastSettings,
     pub(super) pods: PodAttachments,
 }
 
@@ -119,7 +120,13 @@ impl Loaded {
             None
         };
         let api = options.tc_attach.resolve(kernel);
-        let fast = start_fast_path(&mut ebpf, options.fast_path, subnet, pins)?;
+        let fast = start_fast_path(
+            &mut ebpf,
+            options.fast_path,
+            subnet,
+            options.fast_path_mark,
+            pins,
+        )?;
         if options.ingress == IngressMode::Tc
             && let Some(pins) = pins
         {
@@ -192,6 +199,7 @@ pub(super) fn start_fast_path(
     ebpf: &mut Ebpf,
     mode: FastPathMode,
     subnet: Ipv4Net,
+    mark: u32,
     pins: Option<&PinLayout>,
 ) -> Result<Option<FastState>, EbpfError> {
     if mode == FastPathMode::Off {
@@ -206,13 +214,19 @@ pub(super) fn start_fast_path(
                 .load()
                 .map_err(|e| EbpfError::load(program, e))?;
         }
-        fastpath::prepare_host(subnet, pins).map_err(EbpfError::FastPathHost)
+        fastpath::prepare_host(subnet, mark, pins).map_err(EbpfError::FastPathHost)
     })();
     match attempt {
         Ok(()) => {
-            fastpath::configure(ebpf, Some(subnet))?;
-            Ok(Some(FastState {
+            // The gateway comes with the first look at the pod bridge.
+            let settings = FastSettings {
                 subnet,
+                mark,
+                gateway: None,
+            };
+            fastpath::configure(ebpf, Some(settings))?;
+            Ok(Some(FastState {
+                settings,
                 pods: PodAttachments::default(),
             }))
         }

@@ -44,12 +44,13 @@ use overlay_common::{
         PROG_VETH_FROM_POD, PROG_VETH_TO_POD,
     },
     counters::{Counter, Reason},
+    fastpath::DEFAULT_FAST_PATH_MARK,
     maps::{KnownVtep, NodeConfig, PeerTraffic, RemoteVtep},
 };
 
 use super::{
     Datapath, DatapathError, Mode, NodeSpec, NodeState, Peer,
-    fastpath::{self, FastPathMode, PodAttachments},
+    fastpath::{self, FastPathMode, FastSettings, PodAttachments},
     host_policy::{self, HostPolicyConflict, HostPolicyError},
     kernel::{KernelDatapath, PeerKind},
     pins::{MAPS, PinLayout, declared_shapes},
@@ -114,6 +115,8 @@ pub struct EbpfOptions {
     pub object: Option<PathBuf>,
     /// `--fast-path`: whether established pod traffic may skip the host.
     pub fast_path: FastPathMode,
+    /// `--fast-path-mark`: the single mark bit of the fast path's approvals.
+    pub fast_path_mark: u32,
     /// `--tc-attach`: TCX links or legacy clsact filters.
     pub tc_attach: TcAttachMode,
     /// How many peers the maps hold: the `max_entries` the loader gives
@@ -132,6 +135,7 @@ impl Default for EbpfOptions {
             pins: None,
             object: None,
             fast_path: FastPathMode::default(),
+            fast_path_mark: DEFAULT_FAST_PATH_MARK,
             tc_attach: TcAttachMode::default(),
             peer_capacity: MAX_PEERS,
         }
@@ -221,7 +225,12 @@ impl EbpfDatapath {
 
     /// The pod subnet the fast path serves, while it is on.
     pub fn fast_path_subnet(&self) -> Option<Ipv4Net> {
-        self.loaded.as_ref()?.fast.as_ref().map(|f| f.subnet)
+        self.fast_path_settings().map(|s| s.subnet)
+    }
+
+    /// The fast path's settings while it is on.
+    pub fn fast_path_settings(&self) -> Option<FastSettings> {
+        self.loaded.as_ref()?.fast.as_ref().map(|f| f.settings)
     }
 
     /// Ids of the loaded and attached programs.
@@ -392,7 +401,7 @@ impl Datapath for EbpfDatapath {
     /// Attaches the fast path to the pod veths that appeared and detaches it
     /// from those that left (a no-op while the fast path is off).
     async fn sync_pods(&mut self) -> Result<(), DatapathError> {
-        let Some(subnet) = self.loaded()?.fast.as_ref().map(|f| f.subnet) else {
+        let Some(subnet) = self.fast_path_subnet() else {
             return Ok(());
         };
         let nl = self.kernel.netlink().ok_or(DatapathError::NotSetUp)?;
@@ -400,6 +409,12 @@ impl Datapath for EbpfDatapath {
         let pins = self.options.pins.clone();
         let loaded = self.loaded_mut()?;
         if let Some(fast) = loaded.fast.as_mut() {
+            // The bridge's address is the node's, never a pod's: the
+            // programs learn it when a bridge holds it (or another address).
+            if fast.settings.gateway != net.gateway {
+                fast.settings.gateway = net.gateway;
+                fastpath::configure(&mut loaded.ebpf, Some(fast.settings))?;
+            }
             fast.pods
                 .sync(&mut loaded.ebpf, loaded.api, &net, pins.as_ref())?;
         }
@@ -536,7 +551,7 @@ impl Datapath for EbpfDatapath {
     /// legacy filters), removes the pinned maps, then deletes the device.
     async fn teardown(&mut self) -> Result<(), DatapathError> {
         if let Some(fast) = self.loaded.take().and_then(|l| l.fast) {
-            fastpath::release_host(fast.subnet, self.options.pins.as_ref());
+            fastpath::release_host(fast.settings.subnet, self.options.pins.as_ref());
         }
         remove_attachments(self.options.pins.as_ref())?;
         self.kernel.teardown().await
