@@ -74,8 +74,9 @@ pub enum Reason {
     /// RST, which conntrack must see; the flow's approval ends.
     PassFastTcpControl = 23,
     /// A fast-path hook left the packet to the host's path: IP options, a
-    /// fragment, TTL 1, a protocol other than TCP, UDP and ICMP echo, or a
-    /// pod that is not behind one of our veths.
+    /// fragment, TTL 1, a protocol other than TCP, UDP and ICMP echo, a
+    /// pod that is not behind one of our veths, or a packet longer than its
+    /// veth's MTU.
     PassFastUnusual = 24,
     /// `veth_from_pod`: the destination is not a remote pod subnet (a
     /// service address before DNAT, the host, the internet, a local pod).

@@ -163,9 +163,17 @@ pub fn deliver_to_pod(ctx: &TcContext, outer: &IngressWindow, len: u32) -> Optio
         count(Reason::DropSourceVtepMismatch, len);
         return Some(TC_ACT_SHOT);
     }
-    if POD_VETHS.get_ptr(pod.ifindex).is_none() {
+    let Some(mtu) = POD_VETHS.get_ptr(pod.ifindex).map(|m| unsafe { *m }) else {
         // Approved through a veth the agent no longer knows (the pod went).
         revoke(&key);
+        count(Reason::PassFastUnusual, len);
+        return None;
+    };
+    // Longer than the pod's MTU (a node with a larger one sent it): the
+    // host's path treats it as without the fast path, fragmenting it or
+    // answering "fragmentation needed". (An aggregate's segments are the
+    // sender's MSS; the pod's stack takes it whole.)
+    if len - inner_ip > mtu && !skb::is_gso(ctx) {
         count(Reason::PassFastUnusual, len);
         return None;
     }

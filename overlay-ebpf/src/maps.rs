@@ -58,9 +58,9 @@ pub static FAST_CONFIG: Array<FastPathConfig, 1> = Array::new();
 pub static FAST_FLOWS: LruHashMap<FlowKey, FastFlow, { MAX_FAST_FLOWS as usize }> =
     LruHashMap::new();
 
-/// ifindex of every pod veth the agent attached to. `vxlan_ingress_tc`
-/// delivers only through these, so a veth that went never gets traffic from
-/// an approval recorded before.
+/// ifindex of every pod veth the agent attached to -> its MTU.
+/// `vxlan_ingress_tc` delivers only through these, so a veth that went never
+/// gets traffic from an approval recorded before, and only what fits.
 #[btf_map]
 pub static POD_VETHS: HashMap<u32, u32, { MAX_POD_VETHS as usize }> = HashMap::new();
 

@@ -205,12 +205,12 @@ fn bind_pod_address(cfg: &FastPathConfig, w: &PodWindow, ifindex: u32) {
         return;
     }
     if bound_veth(dst) != Some(ifindex) {
-        let _ = POD_ADDRS.insert(&dst, &ifindex, 0);
+        let _ = POD_ADDRS.insert(dst, ifindex, 0);
     }
 }
 
 /// The veth `ip` is bound to in `POD_ADDRS`.
 #[inline(always)]
 fn bound_veth(ip: [u8; 4]) -> Option<u32> {
-    POD_ADDRS.get_ptr(&ip).map(|p| unsafe { *p })
+    POD_ADDRS.get_ptr(ip).map(|p| unsafe { *p })
 }

@@ -63,6 +63,8 @@ const IPPROTO_GRE: u8 = 47;
 const FAST_PATH_MARK: u32 = DEFAULT_FAST_PATH_MARK;
 /// The pod bridge's address (the pods' gateway): the node's.
 const GATEWAY: [u8; 4] = [10, 244, 1, 1];
+/// The pods' MTU (the underlay's less VXLAN's 50 bytes).
+const POD_MTU: u32 = 1450;
 /// `skb->ifindex` of a test-run on the loopback device (context ifindex 0).
 const LO: u32 = 1;
 
@@ -217,10 +219,15 @@ impl Programs {
         self.approve(key_of(packet, DIR_TO_POD), to_pod_approval(ns));
     }
 
+    /// Lists a pod veth as the agent does, with the lab's pod MTU.
     fn add_pod_veth(&mut self, ifindex: u32) {
+        self.add_pod_veth_mtu(ifindex, POD_MTU);
+    }
+
+    fn add_pod_veth_mtu(&mut self, ifindex: u32, mtu: u32) {
         let mut veths: HashMap<_, u32, u32> =
             HashMap::try_from(self.ebpf.map_mut(MAP_POD_VETHS).unwrap()).unwrap();
-        veths.insert(ifindex, 1, 0).unwrap();
+        veths.insert(ifindex, mtu, 0).unwrap();
     }
 
     fn flow(&self, key: &FlowKey) -> Option<FastFlow> {
@@ -1647,5 +1654,32 @@ fn tc_ingress_drops_a_node_speaking_for_another_nodes_pods_on_the_host_path_too(
         assert_eq!(run.out, want, "{name}: decapsulated into flannel");
         tally.add(Reason::Decapsulated, &frame);
     }
+    tally.check(&p);
+}
+
+#[test]
+#[ignore = "needs root, network namespaces and eBPF: run `cargo xtask test`"]
+fn tc_ingress_leaves_a_packet_longer_than_the_pods_mtu_to_the_host() {
+    let mut p = Programs::load();
+    let packet = tcp_to_pod(TCP_PSH | TCP_ACK);
+    p.approve_to_pod(&packet, now_ns());
+    let frame = from_peer(&inner_frame_to_us(&packet));
+    let mut tally = Tally::default();
+    // The pod's veth takes one byte less than the packet: the host's path.
+    p.add_pod_veth_mtu(POD_VETH, packet.len() as u32 - 1);
+    let run = p.ingress_tc(&frame);
+    assert_eq!(run.verdict, TC_ACT_REDIRECT);
+    assert_eq!(
+        run.out,
+        inner_frame_to_us(&packet),
+        "into flannel, not the pod"
+    );
+    tally.add(Reason::PassFastUnusual, &frame);
+    tally.add(Reason::Decapsulated, &frame);
+    // Exactly its MTU: straight to the pod.
+    p.add_pod_veth_mtu(POD_VETH, packet.len() as u32);
+    let run = p.ingress_tc(&frame);
+    assert_eq!(run.out, frame_to_pod(&forwarded(&packet)), "delivered");
+    tally.add(Reason::FastIngress, &frame);
     tally.check(&p);
 }

@@ -248,6 +248,8 @@ pub fn configure(ebpf: &mut Ebpf, settings: Option<FastSettings>) -> Result<(), 
 #[derive(Debug)]
 struct PodLinks {
     name: String,
+    /// What POD_VETHS holds for it.
+    mtu: u32,
     /// Dropped (and, when pinned, unpinned) to detach.
     _links: [TcLink; 2],
 }
@@ -352,7 +354,16 @@ impl PodAttachments {
             }
         }
         for veth in wanted.values() {
-            if self.attached.contains_key(&veth.ifindex) {
+            if let Some(links) = self.attached.get_mut(&veth.ifindex) {
+                // The programs compare a packet's length with it.
+                if links.mtu != veth.mtu {
+                    pod_veths(ebpf)?
+                        .insert(veth.ifindex, veth.mtu, 0)
+                        .map_err(|e| {
+                            EbpfError::map(MAP_POD_VETHS, format!("update {}", veth.ifindex), e)
+                        })?;
+                    links.mtu = veth.mtu;
+                }
                 continue;
             }
             let from = attach(
@@ -371,14 +382,17 @@ impl PodAttachments {
                 TcAttachType::Egress,
                 pins,
             )?;
-            pod_veths(ebpf)?.insert(veth.ifindex, 1, 0).map_err(|e| {
-                EbpfError::map(MAP_POD_VETHS, format!("insert {}", veth.ifindex), e)
-            })?;
+            pod_veths(ebpf)?
+                .insert(veth.ifindex, veth.mtu, 0)
+                .map_err(|e| {
+                    EbpfError::map(MAP_POD_VETHS, format!("insert {}", veth.ifindex), e)
+                })?;
             info!("fast path: attached to {} (#{})", veth.name, veth.ifindex);
             self.attached.insert(
                 veth.ifindex,
                 PodLinks {
                     name: veth.name.clone(),
+                    mtu: veth.mtu,
                     _links: [from, to],
                 },
             );

@@ -7,7 +7,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use ipnet::Ipv4Net;
 use rtnetlink::packet_route::{
     address::AddressAttribute,
-    link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage},
+    link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage, State},
 };
 
 use super::{Netlink, NetlinkError};
@@ -17,6 +17,10 @@ use super::{Netlink, NetlinkError};
 pub struct PodVeth {
     pub ifindex: u32,
     pub name: String,
+    /// The veth's MTU: a longer packet takes the host's path, which treats
+    /// it as without the fast path (fragments it or answers "fragmentation
+    /// needed").
+    pub mtu: u32,
 }
 
 /// The pods' bridge and its veths, as the kernel has them now.
@@ -47,6 +51,39 @@ fn controller(msg: &LinkMessage) -> Option<u32> {
     msg.attributes.iter().find_map(|a| match a {
         LinkAttribute::Controller(i) => Some(*i),
         _ => None,
+    })
+}
+
+fn mtu(msg: &LinkMessage) -> u32 {
+    msg.attributes
+        .iter()
+        .find_map(|a| match a {
+            LinkAttribute::Mtu(m) => Some(*m),
+            _ => None,
+        })
+        .unwrap_or(0)
+}
+
+/// Whether the veth's peer lives in another network namespace (the kernel
+/// names that namespace in IFLA_LINK_NETNSID). A pair with both ends here
+/// is no pod's: `bpf_redirect_peer` drops what it would send into it.
+fn peer_elsewhere(msg: &LinkMessage) -> bool {
+    msg.attributes
+        .iter()
+        .any(|a| matches!(a, LinkAttribute::LinkNetNsId(_)))
+}
+
+/// Whether the veth can carry traffic: with its peer down the host side has
+/// no carrier, and `bpf_redirect_peer` would drop (after our program counted
+/// a delivery) what it sends into it.
+fn carrier(msg: &LinkMessage) -> bool {
+    !msg.attributes.iter().any(|a| {
+        matches!(
+            a,
+            LinkAttribute::OperState(
+                State::Down | State::LowerLayerDown | State::NotPresent | State::Dormant
+            )
+        )
     })
 }
 
@@ -84,10 +121,16 @@ pub fn pod_network(
         .min();
     let mut veths: Vec<PodVeth> = links
         .iter()
-        .filter(|l| controller(l) == Some(index) && kind(l) == Some(&InfoKind::Veth))
+        .filter(|l| {
+            controller(l) == Some(index)
+                && kind(l) == Some(&InfoKind::Veth)
+                && peer_elsewhere(l)
+                && carrier(l)
+        })
         .map(|l| PodVeth {
             ifindex: l.header.index,
             name: name(l),
+            mtu: mtu(l),
         })
         .collect();
     veths.sort();
@@ -134,6 +177,14 @@ mod tests {
         if let Some(master) = master {
             m.attributes.push(LinkAttribute::Controller(master));
         }
+        m.attributes.push(LinkAttribute::Mtu(1450));
+        m
+    }
+
+    /// A veth whose peer is in another namespace, as a pod's is.
+    fn pod_veth(index: u32, name: &str, master: u32) -> LinkMessage {
+        let mut m = link(index, name, InfoKind::Veth, Some(master));
+        m.attributes.push(LinkAttribute::LinkNetNsId(index as i32));
         m
     }
 
@@ -143,10 +194,19 @@ mod tests {
             link(2, "eth0", InfoKind::Veth, None),
             link(3, "docker0", InfoKind::Bridge, None),
             link(4, "cni0", InfoKind::Bridge, None),
-            link(9, "vethb", InfoKind::Veth, Some(4)),
-            link(7, "vetha", InfoKind::Veth, Some(4)),
-            link(8, "vethd", InfoKind::Veth, Some(3)),
+            pod_veth(9, "vethb", 4),
+            pod_veth(7, "vetha", 4),
+            pod_veth(8, "vethd", 3),
             link(10, "dummy", InfoKind::Dummy, Some(4)),
+            // Both ends in the host: no pod behind it.
+            link(11, "vethhost", InfoKind::Veth, Some(4)),
+            // Its pod's end is down.
+            {
+                let mut m = pod_veth(12, "vethdown", 4);
+                m.attributes
+                    .push(LinkAttribute::OperState(State::LowerLayerDown));
+                m
+            },
         ];
         let addresses = vec![
             (2, Ipv4Addr::new(192, 168, 64, 2)),
@@ -161,11 +221,13 @@ mod tests {
             vec![
                 PodVeth {
                     ifindex: 7,
-                    name: "vetha".into()
+                    name: "vetha".into(),
+                    mtu: 1450,
                 },
                 PodVeth {
                     ifindex: 9,
-                    name: "vethb".into()
+                    name: "vethb".into(),
+                    mtu: 1450,
                 },
             ]
         );
