@@ -186,6 +186,16 @@ impl DatapathError {
         parts.join(": ").replace('\n', " ")
     }
 
+    /// Whether `--datapath auto` must not fall back to the kernel datapath
+    /// after this error: the pin directory holds a newer build's maps, with
+    /// its programs attached through them. The kernel datapath would first
+    /// remove those pins (which detaches the newer build that nobody asked
+    /// to remove), or else run under programs nobody maintains; the agent
+    /// stops instead, and the operator chooses.
+    pub fn forbids_fallback(&self) -> bool {
+        matches!(self, DatapathError::Ebpf(e) if matches!(**e, ebpf::EbpfError::PinLayout(_)))
+    }
+
     /// The eBPF failure class, when this is an eBPF error.
     pub fn ebpf_failure(&self) -> Option<ebpf::EbpfFailure> {
         match self {

@@ -19,6 +19,10 @@ pub enum EbpfFailure {
     /// The host has policy (xfrm, policy routing) the programs would skip,
     /// or it could not be checked.
     HostPolicy,
+    /// The pinned maps are of a newer layout (or one that cannot be read):
+    /// nothing was touched, and nothing may be (see
+    /// [`DatapathError::forbids_fallback`]).
+    PinLayout,
 }
 
 /// Why the eBPF datapath could not be set up or updated. `Display` names the
@@ -133,6 +137,10 @@ pub enum EbpfError {
     /// eBPF datapath does not start on a guess.
     #[error("eBPF: checking the host's xfrm policies and routes failed")]
     HostPolicyCheck(#[source] HostPolicyError),
+    /// The pin directory holds maps this build must not use (a downgrade).
+    /// Returned before anything was changed.
+    #[error("eBPF: refusing the pinned state")]
+    PinLayout(#[source] LayoutError),
 }
 
 impl EbpfError {
@@ -156,6 +164,7 @@ impl EbpfError {
             | EbpfError::Cpus(_) => EbpfFailure::Map,
             EbpfError::FastPathHost(_) => EbpfFailure::Attach,
             EbpfError::HostPolicy(_) | EbpfError::HostPolicyCheck(_) => EbpfFailure::HostPolicy,
+            EbpfError::PinLayout(_) => EbpfFailure::PinLayout,
         }
     }
 
