@@ -137,6 +137,10 @@ pub enum EbpfError {
     /// eBPF datapath does not start on a guess.
     #[error("eBPF: checking the host's xfrm policies and routes failed")]
     HostPolicyCheck(#[source] HostPolicyError),
+    /// Pod veths the fast path could not attach to or forget, each named
+    /// with its error; the others were brought in line.
+    #[error("eBPF: fast path")]
+    PodVeths(#[from] fastpath::PodSyncError),
     /// The pin directory holds maps this build must not use (a downgrade).
     /// Returned before anything was changed.
     #[error("eBPF: refusing the pinned state")]
@@ -162,7 +166,7 @@ impl EbpfError {
             | EbpfError::Pin { .. }
             | EbpfError::Link { .. }
             | EbpfError::Cpus(_) => EbpfFailure::Map,
-            EbpfError::FastPathHost(_) => EbpfFailure::Attach,
+            EbpfError::FastPathHost(_) | EbpfError::PodVeths(_) => EbpfFailure::Attach,
             EbpfError::HostPolicy(_) | EbpfError::HostPolicyCheck(_) => EbpfFailure::HostPolicy,
             EbpfError::PinLayout(_) => EbpfFailure::PinLayout,
         }

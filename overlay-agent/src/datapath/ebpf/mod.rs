@@ -387,7 +387,8 @@ impl Datapath for EbpfDatapath {
         );
         self.loaded = Some(Box::new(loaded));
         // A pod veth that cannot be attached keeps the host's path; only
-        // `--fast-path=on` makes that fatal. The next link event retries.
+        // `--fast-path=on` makes that fatal. The next link event or
+        // periodic recheck retries.
         if let Err(e) = self.sync_pods().await {
             if self.options.fast_path == FastPathMode::On {
                 self.give_up(node.subnet);
@@ -410,7 +411,8 @@ impl Datapath for EbpfDatapath {
         let loaded = self.loaded_mut()?;
         if let Some(fast) = loaded.fast.as_mut() {
             fast.pods
-                .sync(&mut loaded.ebpf, loaded.api, &net, pins.as_ref())?;
+                .sync(&mut loaded.ebpf, loaded.api, &net, pins.as_ref())
+                .map_err(EbpfError::from)?;
         }
         Ok(())
     }
