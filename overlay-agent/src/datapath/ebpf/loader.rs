@@ -97,8 +97,8 @@ impl Loaded {
         }
         let mut ebpf = loader.load(object).map_err(EbpfError::Object)?;
         // First: the maps just created are ours from here on. A start that
-        // dies before this leaves them with LAYOUT 0, which the next start
-        // treats as unversioned and migrates.
+        // dies before this leaves them with LAYOUT 0 (or none pinned yet),
+        // which the next start treats as unversioned and migrates.
         record_layout(&mut ebpf)?;
         {
             let map = ebpf
