@@ -9,7 +9,7 @@ use overlay_common::{
         MAP_COUNTERS, MAP_NODE_CONFIG, MAP_PEER_STATS, MAP_REMOTE_SUBNETS, PROG_EGRESS,
         PROG_INGRESS_TC, PROG_INGRESS_XDP, PROG_VETH_FROM_POD, PROG_VETH_TO_POD,
     },
-    maps::NodeConfig,
+    maps::{MAP_LAYOUT_VERSION, NodeConfig},
 };
 
 use crate::{
@@ -19,7 +19,7 @@ use crate::{
             Counters, EbpfError, PeerCounters, read_counters, read_node_config, read_peer_counters,
             read_remote_subnets,
         },
-        pins::{LinkInfo, PinLayout, link_info, obj_get},
+        pins::{LayoutError, LinkInfo, PinLayout, PinnedLayout, link_info, obj_get},
     },
     flannel::mac::MacAddr,
 };
@@ -40,6 +40,15 @@ pub enum InspectError {
     },
     #[error(transparent)]
     Read(Box<EbpfError>),
+    #[error(transparent)]
+    Layout(#[from] LayoutError),
+    /// Maps of a newer build: this build would misread them.
+    #[error(
+        "the pinned maps under {} have layout version {found}, newer than this build's {}: read them with the newer build's `status`",
+        dir.display(),
+        MAP_LAYOUT_VERSION
+    )]
+    NewerLayout { dir: PathBuf, found: u32 },
 }
 
 impl From<EbpfError> for InspectError {
@@ -51,6 +60,9 @@ impl From<EbpfError> for InspectError {
 /// Everything the pins hold.
 #[derive(Debug)]
 pub struct PinnedState {
+    /// The layout the maps record: read as this build's own layout even
+    /// when it is an older one (their sizes matched when they were opened).
+    pub layout: PinnedLayout,
     pub node: NodeConfig,
     /// (program, link) for each pinned link.
     /// The pinned links by pin name (a fast-path veth link's name ends in
@@ -78,6 +90,15 @@ pub fn read(layout: &PinLayout) -> Result<Option<PinnedState>, InspectError> {
     if !layout.map(MAP_NODE_CONFIG).exists() {
         return Ok(None);
     }
+    let pinned = layout.pinned_layout()?;
+    if let PinnedLayout::Version(found) = pinned
+        && found > MAP_LAYOUT_VERSION
+    {
+        return Err(InspectError::NewerLayout {
+            dir: layout.root().to_owned(),
+            found,
+        });
+    }
     let node = read_node_config(&open(layout, MAP_NODE_CONFIG)?)?;
     let mut names: Vec<String> = [PROG_EGRESS, PROG_INGRESS_TC, PROG_INGRESS_XDP]
         .into_iter()
@@ -104,6 +125,7 @@ pub fn read(layout: &PinLayout) -> Result<Option<PinnedState>, InspectError> {
         links.push((program, info));
     }
     Ok(Some(PinnedState {
+        layout: pinned,
         node,
         links,
         peers: read_remote_subnets(&open(layout, MAP_REMOTE_SUBNETS)?)?,
@@ -164,6 +186,14 @@ pub fn render(
         n.vxlan_ifindex,
         MacAddr(n.vtep_mac)
     );
+    if st.layout != PinnedLayout::Version(MAP_LAYOUT_VERSION) {
+        let _ = writeln!(
+            out,
+            "maps:      {}, read as this build's layout version {MAP_LAYOUT_VERSION} (an agent \
+             of this build replaces them when it starts)",
+            st.layout
+        );
+    }
     for (program, link) in &st.links {
         let attached = if link.ifindex == 0 {
             "DETACHED (device gone)".to_owned()

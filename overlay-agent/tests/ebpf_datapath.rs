@@ -21,6 +21,7 @@ use overlay_agent::{
 use overlay_common::{
     consts::{PROG_EGRESS, PROG_INGRESS_TC, PROG_INGRESS_XDP},
     counters::Reason,
+    maps::MAP_LAYOUT_VERSION,
 };
 
 #[test]
@@ -585,10 +586,11 @@ fn pinned_links_outlive_the_datapath_and_take_new_programs() -> Result<()> {
         ..EbpfOptions::default()
     };
 
-    // Older builds' maps, each unfit in one way: replaced on setup. PEER_STATS
-    // has the right sizes but is preallocated (as before BPF_F_NO_PREALLOC),
-    // KNOWN_VTEPS the right sizes but another type, NODE_CONFIG another
-    // value size.
+    // Maps recorded with this build's layout version but each unfit in one
+    // way (the shape check, not the version, replaces them on setup):
+    // PEER_STATS has the right sizes but is preallocated (as before
+    // BPF_F_NO_PREALLOC), KNOWN_VTEPS the right sizes but another type,
+    // NODE_CONFIG another value size.
     std::fs::create_dir_all(layout.root())?;
     for (name, def) in [
         (
@@ -597,13 +599,23 @@ fn pinned_links_outlive_the_datapath_and_take_new_programs() -> Result<()> {
         ),
         ("KNOWN_VTEPS", "type lru_hash key 4 value 8 entries 16384"),
         ("NODE_CONFIG", "type array key 4 value 8 entries 1"),
+        ("LAYOUT", "type array key 4 value 4 entries 1"),
     ] {
         cmd(&format!(
             "bpftool map create {} {def} name {name}",
             layout.map(name).display()
         ))?;
     }
-    let old_ids = pinned_map_ids(&layout)?;
+    let [v0, v1, v2, v3] = MAP_LAYOUT_VERSION.to_ne_bytes();
+    cmd(&format!(
+        "bpftool map update pinned {} key 0 0 0 0 value {v0} {v1} {v2} {v3}",
+        layout.map("LAYOUT").display()
+    ))?;
+    let layout_id = aya::maps::MapInfo::from_pin(layout.map("LAYOUT"))?.id();
+    let old_ids: Vec<(String, u32)> = pinned_map_ids(&layout)?
+        .into_iter()
+        .filter(|(name, _)| name != "LAYOUT")
+        .collect();
 
     let first_options = options.clone();
     let wa = a.worker(move || EbpfDatapath::new(first_options))?;
@@ -621,6 +633,10 @@ fn pinned_links_outlive_the_datapath_and_take_new_programs() -> Result<()> {
         );
     }
     expect_pinned_maps_as_declared(&layout)?;
+    ensure!(
+        aya::maps::MapInfo::from_pin(layout.map("LAYOUT"))?.id() == layout_id,
+        "the layout record of the same version was replaced"
+    );
     let peer_stats = MapShape::of_pin(&layout.map("PEER_STATS"))?;
     ensure!(
         peer_stats.flags & BPF_F_NO_PREALLOC != 0,

@@ -33,6 +33,9 @@ pub const MAP_FAST_CONFIG: &str = "FAST_CONFIG";
 pub const MAP_FAST_FLOWS: &str = "FAST_FLOWS";
 pub const MAP_POD_VETHS: &str = "POD_VETHS";
 pub const MAP_POD_ADDRS: &str = "POD_ADDRS";
+/// Index 0: the [`crate::maps::MAP_LAYOUT_VERSION`] of the build that created
+/// the pinned maps. Only the agent reads and writes it.
+pub const MAP_LAYOUT: &str = "LAYOUT";
 
 /// Program names as the eBPF object defines them.
 pub const PROG_EGRESS: &str = "vxlan_egress";

@@ -64,6 +64,13 @@ pub static FAST_FLOWS: LruHashMap<FlowKey, FastFlow, { MAX_FAST_FLOWS as usize }
 #[btf_map]
 pub static POD_VETHS: HashMap<u32, u32, { MAX_POD_VETHS as usize }> = HashMap::new();
 
+/// Index 0: the `MAP_LAYOUT_VERSION` of the build that created these maps,
+/// written by the agent right after it creates them. No program reads it:
+/// it is declared here so that it is created and pinned with the maps it
+/// describes, and goes with them.
+#[btf_map]
+pub static LAYOUT: Array<u32, 1> = Array::new();
+
 /// Pod address (network order) -> the veth the host's bridge last delivered
 /// it to, learnt by `veth_to_pod` from the host's own deliveries (its ARP
 /// and bridge decisions). `veth_from_pod` puts a packet on the fast path

@@ -18,6 +18,23 @@ use crate::{
     },
 };
 
+/// Why the eBPF datapath did not start.
+struct Unavailable {
+    why: String,
+    /// False when the kernel datapath must not take over either (see
+    /// [`crate::datapath::DatapathError::forbids_fallback`]).
+    may_fall_back: bool,
+}
+
+impl From<String> for Unavailable {
+    fn from(why: String) -> Self {
+        Unavailable {
+            why,
+            may_fall_back: true,
+        }
+    }
+}
+
 pub async fn start_datapath(cli: &Cli, spec: &NodeSpec) -> Result<(AnyDatapath, NodeState)> {
     let options = ebpf_options(cli);
     let try_ebpf = || async {
@@ -44,17 +61,26 @@ pub async fn start_datapath(cli: &Cli, spec: &NodeSpec) -> Result<(AnyDatapath, 
         let mut dp = EbpfDatapath::new(options);
         match dp.setup(spec).await {
             Ok(state) => Ok((AnyDatapath::Ebpf(dp), state)),
-            Err(e) => Err(e.reason()),
+            Err(e) => Err(Unavailable {
+                why: e.reason(),
+                may_fall_back: !e.forbids_fallback(),
+            }),
         }
     };
     match cli.datapath {
         DatapathChoice::Ebpf => try_ebpf()
             .await
-            .map_err(|why| anyhow!("eBPF datapath (--datapath ebpf): {why}")),
+            .map_err(|e| anyhow!("eBPF datapath (--datapath ebpf): {}", e.why)),
         DatapathChoice::Kernel => kernel_datapath(cli, spec).await,
         DatapathChoice::Auto => match try_ebpf().await {
             Ok(v) => Ok(v),
-            Err(why) => {
+            Err(Unavailable {
+                why,
+                may_fall_back: false,
+            }) => Err(anyhow!(
+                "eBPF datapath (--datapath auto, not falling back to the kernel datapath): {why}"
+            )),
+            Err(Unavailable { why, .. }) => {
                 log::warn!("eBPF datapath unavailable, falling back to the kernel datapath: {why}");
                 kernel_datapath(cli, spec).await
             }

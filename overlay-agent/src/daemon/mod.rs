@@ -21,6 +21,7 @@ mod config_watch;
 mod datapath_start;
 mod health_refresh;
 pub mod lease_feed;
+mod link_feed;
 pub mod reconcile;
 mod retry;
 mod rules;

@@ -16,6 +16,7 @@ use super::{
     config_watch::ConfigWatch,
     health_refresh::refresh_health,
     lease_feed::LeaseFeed,
+    link_feed::{LinkFeed, RESUBSCRIBE},
     reconcile::{Own, Reconciler},
     retry::retry,
     startup::{Held, Programmed, Source, kube_own},
@@ -174,18 +175,9 @@ pub async fn run(
         Err(e) => log::warn!("{e}: {}", e.source),
     }
 
-    // Pod veths come and go: the fast path follows them. Without the
-    // subscription (it only fails if netlink does) it stays on the veths
-    // that existed at start-up, which the log says.
-    let mut link_changes = match events::link_changes() {
-        Ok(rx) => Some(rx),
-        Err(e) => {
-            log::warn!(
-                "cannot follow link changes ({e}): pods started from now on use the host's path"
-            );
-            None
-        }
-    };
+    // Pod veths come and go: the fast path follows them by link events,
+    // and at every recheck (which also retries veths a sync failed on).
+    let mut link_feed = LinkFeed::start(events::link_changes, &RESUBSCRIBE);
     let mut retry = tokio::time::interval(Duration::from_secs(5));
     let mut health_tick = tokio::time::interval(Duration::from_secs(1));
     let mut recheck = tokio::time::interval(cli.recheck_interval.0);
@@ -211,6 +203,9 @@ pub async fn run(
                 if let Err(e) = rec.recheck().await {
                     log::warn!("re-reading the datapath's peers: {}", e.reason());
                 }
+                if let Err(e) = rec.datapath().sync_pods().await {
+                    log::warn!("fast path: following the pod veths: {}", e.reason());
+                }
             }
             _ = health_tick.tick() => {
                 refresh_health(health, &mut rec, &held, &feed, cli.metrics_per_peer);
@@ -233,7 +228,7 @@ pub async fn run(
                 }
                 held = new;
             }
-            Some(()) = async { link_changes.as_mut()?.recv().await }, if link_changes.is_some() => {
+            () = link_feed.changed() => {
                 // A pod's veth is created, then moved and renamed, then put
                 // on the bridge: let a burst settle before reading the state.
                 tokio::time::sleep(Duration::from_millis(50)).await;

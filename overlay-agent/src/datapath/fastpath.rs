@@ -244,6 +244,98 @@ pub fn configure(ebpf: &mut Ebpf, settings: Option<FastSettings>) -> Result<(), 
         .map_err(|e| EbpfError::map(MAP_FAST_CONFIG, "set entry 0", e))
 }
 
+/// What failed for one pod veth in a [`PodAttachments::sync`].
+#[derive(Debug, thiserror::Error)]
+#[error("pod veth {}", VethName(name.as_deref(), *ifindex))]
+pub struct VethError {
+    /// `None` for a veth known only by the ifindex in its pins' names.
+    pub name: Option<String>,
+    pub ifindex: u32,
+    #[source]
+    pub source: EbpfError,
+}
+
+/// `vethX (#7)`, or `#7` without a name.
+struct VethName<'a>(Option<&'a str>, u32);
+
+impl fmt::Display for VethName<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(name) => write!(f, "{name} (#{})", self.1),
+            None => write!(f, "#{}", self.1),
+        }
+    }
+}
+
+/// The pod veths a [`PodAttachments::sync`] could not bring in line, each
+/// with its own error; the sync carried on with the others. A later sync
+/// tries them again.
+#[derive(Debug)]
+pub struct PodSyncError {
+    pub veths: Vec<VethError>,
+}
+
+impl fmt::Display for PodSyncError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} pod veth(s) not in line: ", self.veths.len())?;
+        for (i, veth) in self.veths.iter().enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            // No single source to follow: each veth's causes are spelled out.
+            f.write_str(&super::one_line(veth))?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for PodSyncError {}
+
+/// Collects the errors of one sync, per veth.
+#[derive(Default)]
+struct Failures(Vec<VethError>);
+
+impl Failures {
+    /// Records `result`'s error against the veth; true when it succeeded.
+    fn check(&mut self, name: Option<&str>, ifindex: u32, result: Result<(), EbpfError>) -> bool {
+        match result {
+            Ok(()) => true,
+            Err(source) => {
+                self.0.push(VethError {
+                    name: name.map(str::to_owned),
+                    ifindex,
+                    source,
+                });
+                false
+            }
+        }
+    }
+
+    /// [`Failures::check`] for a result with a value: the value, if any.
+    fn check_value<T>(
+        &mut self,
+        name: Option<&str>,
+        ifindex: u32,
+        result: Result<T, EbpfError>,
+    ) -> Option<T> {
+        match result {
+            Ok(v) => Some(v),
+            Err(e) => {
+                self.check(name, ifindex, Err(e));
+                None
+            }
+        }
+    }
+
+    fn into_result(self) -> Result<(), PodSyncError> {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(PodSyncError { veths: self.0 })
+        }
+    }
+}
+
 /// The two links of one pod veth.
 #[derive(Debug)]
 struct PodLinks {
@@ -268,14 +360,19 @@ impl PodAttachments {
     /// Brings the attachments in line with `net`: detaches from veths that
     /// left (and forgets what was learnt through them), attaches to new
     /// ones. With `pins`, also removes pins of veths that left while no agent
-    /// ran.
+    /// ran. A veth that fails does not stop the others (a new pod's veth
+    /// usually has the highest ifindex, so it would always come after a
+    /// failing one): every veth is tried, and the failures come back
+    /// together, each naming its veth. Those not attached stay out of
+    /// `self.attached`, so the next sync tries them again.
     pub fn sync(
         &mut self,
         ebpf: &mut Ebpf,
         api: TcApi,
         net: &PodNetwork,
         pins: Option<&PinLayout>,
-    ) -> Result<(), EbpfError> {
+    ) -> Result<(), PodSyncError> {
+        let mut failures = Failures::default();
         let bridge = net.bridge.as_ref().map(|(n, _)| n.clone());
         if bridge != self.bridge {
             match &bridge {
@@ -328,28 +425,37 @@ impl PodAttachments {
             .copied()
             .collect();
         for ifindex in gone {
+            let mut name = None;
             if let Some(links) = self.attached.remove(&ifindex) {
                 info!("fast path: {} (#{ifindex}) left", links.name);
                 // A pinned legacy filter stays until removed; on a veth
                 // that was deleted it went with the veth.
                 if api == TcApi::Legacy && pins.is_some() {
-                    detach_legacy_filters(&links.name)?;
+                    let detached = detach_legacy_filters(&links.name);
+                    failures.check(Some(&links.name), ifindex, detached);
                 }
+                name = Some(links.name);
             }
-            forget_veth(ebpf, ifindex, pins)?;
+            // Forgotten even when the filters could not be removed: no
+            // delivery through a veth that left.
+            let forgotten = forget_veth(ebpf, ifindex, pins);
+            failures.check(name.as_deref(), ifindex, forgotten);
         }
         // What an earlier run left on a veth that is shaped now (a legacy
         // filter is no pin, and its POD_VETHS entry and approvals live in
         // pinned maps) would still deliver into the pod past its shaping.
         for veth in newly_shaped {
-            detach_legacy_filters(&veth.name)?;
-            forget_veth(ebpf, veth.ifindex, pins)?;
+            let detached = detach_legacy_filters(&veth.name);
+            failures.check(Some(&veth.name), veth.ifindex, detached);
+            let forgotten = forget_veth(ebpf, veth.ifindex, pins);
+            failures.check(Some(&veth.name), veth.ifindex, forgotten);
         }
         if let Some(pins) = pins {
             for ifindex in stale_pinned_veths(pins) {
                 if !wanted.contains_key(&ifindex) && !shaped.contains_key(&ifindex) {
                     info!("fast path: the pod veth #{ifindex} is gone: removing its pins");
-                    forget_veth(ebpf, ifindex, Some(pins))?;
+                    let forgotten = forget_veth(ebpf, ifindex, Some(pins));
+                    failures.check(None, ifindex, forgotten);
                 }
             }
         }
@@ -357,48 +463,63 @@ impl PodAttachments {
             if let Some(links) = self.attached.get_mut(&veth.ifindex) {
                 // The programs compare a packet's length with it.
                 if links.mtu != veth.mtu {
-                    pod_veths(ebpf)?
-                        .insert(veth.ifindex, veth.mtu, 0)
-                        .map_err(|e| {
+                    let updated = pod_veths(ebpf).and_then(|mut m| {
+                        m.insert(veth.ifindex, veth.mtu, 0).map_err(|e| {
                             EbpfError::map(MAP_POD_VETHS, format!("update {}", veth.ifindex), e)
-                        })?;
-                    links.mtu = veth.mtu;
+                        })
+                    });
+                    if failures.check(Some(&veth.name), veth.ifindex, updated) {
+                        links.mtu = veth.mtu;
+                    }
                 }
                 continue;
             }
-            let from = attach(
-                ebpf,
-                api,
-                PROG_VETH_FROM_POD,
-                veth,
-                TcAttachType::Ingress,
-                pins,
-            )?;
-            let to = attach(
-                ebpf,
-                api,
-                PROG_VETH_TO_POD,
-                veth,
-                TcAttachType::Egress,
-                pins,
-            )?;
-            pod_veths(ebpf)?
-                .insert(veth.ifindex, veth.mtu, 0)
-                .map_err(|e| {
-                    EbpfError::map(MAP_POD_VETHS, format!("insert {}", veth.ifindex), e)
-                })?;
-            info!("fast path: attached to {} (#{})", veth.name, veth.ifindex);
-            self.attached.insert(
-                veth.ifindex,
-                PodLinks {
-                    name: veth.name.clone(),
-                    mtu: veth.mtu,
-                    _links: [from, to],
-                },
-            );
+            let attached = attach_both(ebpf, api, veth, pins);
+            let name = Some(veth.name.as_str());
+            if let Some(links) = failures.check_value(name, veth.ifindex, attached) {
+                info!("fast path: attached to {} (#{})", veth.name, veth.ifindex);
+                self.attached.insert(
+                    veth.ifindex,
+                    PodLinks {
+                        name: veth.name.clone(),
+                        mtu: veth.mtu,
+                        _links: links,
+                    },
+                );
+            }
         }
-        Ok(())
+        failures.into_result()
     }
+}
+
+/// Both programs on `veth`, then its POD_VETHS entry (only then may
+/// `vxlan_ingress_tc` deliver through it).
+fn attach_both(
+    ebpf: &mut Ebpf,
+    api: TcApi,
+    veth: &PodVeth,
+    pins: Option<&PinLayout>,
+) -> Result<[TcLink; 2], EbpfError> {
+    let from = attach(
+        ebpf,
+        api,
+        PROG_VETH_FROM_POD,
+        veth,
+        TcAttachType::Ingress,
+        pins,
+    )?;
+    let to = attach(
+        ebpf,
+        api,
+        PROG_VETH_TO_POD,
+        veth,
+        TcAttachType::Egress,
+        pins,
+    )?;
+    pod_veths(ebpf)?
+        .insert(veth.ifindex, veth.mtu, 0)
+        .map_err(|e| EbpfError::map(MAP_POD_VETHS, format!("insert {}", veth.ifindex), e))?;
+    Ok([from, to])
 }
 
 /// The fast path is off: detaches from every pod veth a previous run pinned
@@ -570,4 +691,70 @@ fn pod_veths(ebpf: &mut Ebpf) -> Result<HashMap<&mut MapData, u32, u32>, EbpfErr
         .map_mut(MAP_POD_VETHS)
         .ok_or(EbpfError::MissingMap(MAP_POD_VETHS))?;
     HashMap::try_from(map).map_err(|e| EbpfError::map(MAP_POD_VETHS, "open", e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::datapath::DatapathError;
+
+    #[test]
+    fn a_sync_collects_every_veth_error_and_names_each_veth() {
+        let mut failures = Failures::default();
+        assert!(failures.check(Some("v2"), 7, Ok(())));
+        assert!(!failures.check(
+            Some("v3"),
+            8,
+            Err(EbpfError::MissingProgram(PROG_VETH_FROM_POD))
+        ));
+        // A veth known only from its pins' names.
+        let denied = std::io::Error::from_raw_os_error(libc::EACCES);
+        let gone = EbpfError::Pin {
+            path: "/sys/fs/bpf/overlay/links/veth_to_pod-9".into(),
+            op: "remove",
+            source: denied,
+        };
+        assert_eq!(failures.check_value::<()>(None, 9, Err(gone)), None);
+        assert_eq!(failures.check_value(Some("v4"), 10, Ok(4)), Some(4));
+        let err = failures.into_result().unwrap_err();
+        let named: Vec<(Option<&str>, u32)> = err
+            .veths
+            .iter()
+            .map(|v| (v.name.as_deref(), v.ifindex))
+            .collect();
+        assert_eq!(named, [(Some("v3"), 8), (None, 9)]);
+        let reason = DatapathError::from(EbpfError::from(err)).reason();
+        assert_eq!(
+            reason,
+            "eBPF: fast path: 2 pod veth(s) not in line: \
+             pod veth v3 (#8): eBPF: the object has no program veth_from_pod; \
+             pod veth #9: eBPF: pin /sys/fs/bpf/overlay/links/veth_to_pod-9: remove failed: \
+             Permission denied (os error 13)"
+        );
+        assert!(Failures::default().into_result().is_ok());
+    }
+
+    #[test]
+    fn a_veths_verifier_error_is_one_line_without_the_log() {
+        let source = aya::programs::ProgramError::LoadError {
+            io_error: std::io::Error::from_raw_os_error(libc::EACCES),
+            verifier_log: aya_obj::VerifierLog::new(
+                "0: (bf) r6 = r1\ninvalid access to packet\n".into(),
+            ),
+        };
+        let e = EbpfError::load(PROG_VETH_TO_POD, source);
+        let err = PodSyncError {
+            veths: vec![VethError {
+                name: Some("v5".into()),
+                ifindex: 5,
+                source: e,
+            }],
+        };
+        let text = err.to_string();
+        assert!(!text.contains("0: (bf)"), "{text}");
+        assert!(
+            text.ends_with("verifier: invalid access to packet"),
+            "{text}"
+        );
+    }
 }

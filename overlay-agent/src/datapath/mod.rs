@@ -168,22 +168,17 @@ impl DatapathError {
     /// reason given when falling back to the kernel datapath. A verifier log is
     /// left out: its last line is already in [`ebpf::EbpfError::Verifier`].
     pub fn reason(&self) -> String {
-        let mut parts = vec![self.to_string()];
-        let verifier = matches!(self, DatapathError::Ebpf(e) if matches!(**e, ebpf::EbpfError::Verifier { .. }));
-        let mut cause = if verifier {
-            None
-        } else {
-            std::error::Error::source(self)
-        };
-        while let Some(e) = cause {
-            let text = e.to_string();
-            // Transparent wrappers repeat their inner error's text.
-            if parts.last().is_none_or(|last| !last.ends_with(&text)) {
-                parts.push(text);
-            }
-            cause = e.source();
-        }
-        parts.join(": ").replace('\n', " ")
+        one_line(self)
+    }
+
+    /// Whether `--datapath auto` must not fall back to the kernel datapath
+    /// after this error: the pin directory holds a newer build's maps, with
+    /// its programs attached through them. The kernel datapath would first
+    /// remove those pins (which detaches the newer build that nobody asked
+    /// to remove), or else run under programs nobody maintains; the agent
+    /// stops instead, and the operator chooses.
+    pub fn forbids_fallback(&self) -> bool {
+        matches!(self, DatapathError::Ebpf(e) if matches!(**e, ebpf::EbpfError::PinLayout(_)))
     }
 
     /// The eBPF failure class, when this is an eBPF error.
@@ -193,6 +188,30 @@ impl DatapathError {
             _ => None,
         }
     }
+}
+
+/// An error and its causes on one line (`a: b: c`), for logs and for
+/// [`DatapathError::reason`]. A verifier log is left out: its last line is
+/// already in [`ebpf::EbpfError::Verifier`]'s own text.
+pub fn one_line(e: &(dyn std::error::Error + 'static)) -> String {
+    let is_verifier = |e: &(dyn std::error::Error + 'static)| {
+        let ebpf = match e.downcast_ref::<DatapathError>() {
+            Some(DatapathError::Ebpf(inner)) => Some(&**inner),
+            _ => e.downcast_ref::<ebpf::EbpfError>(),
+        };
+        matches!(ebpf, Some(ebpf::EbpfError::Verifier { .. }))
+    };
+    let mut parts = vec![e.to_string()];
+    let mut cause = if is_verifier(e) { None } else { e.source() };
+    while let Some(e) = cause {
+        let text = e.to_string();
+        // Transparent wrappers repeat their inner error's text.
+        if parts.last().is_none_or(|last| !last.ends_with(&text)) {
+            parts.push(text);
+        }
+        cause = if is_verifier(e) { None } else { e.source() };
+    }
+    parts.join(": ").replace('\n', " ")
 }
 
 /// The calls both datapaths answer. The reconciler drives them with the same

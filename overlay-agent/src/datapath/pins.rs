@@ -12,6 +12,7 @@
 //! <dir>/FAST_CONFIG      array[1]: fast path on/off, this node's pod subnet
 //! <dir>/FAST_FLOWS       LRU hash: flow + direction -> approval (time, pod veth, MACs)
 //! <dir>/POD_VETHS        hash: ifindex of every pod veth the fast path is attached to
+//! <dir>/LAYOUT           array[1]: the layout version of the maps above
 //! <dir>/links/vxlan_egress       TCX egress link on flannel.<VNI>
 //! <dir>/links/vxlan_ingress_tc   TCX ingress link on the underlay
 //! <dir>/links/vxlan_ingress_xdp  XDP link on the underlay (xdp+tc only)
@@ -24,6 +25,15 @@
 //! restarted agent reopens the maps (aya's `map_pin_path`) and swaps its
 //! freshly loaded programs into the pinned links with `BPF_LINK_UPDATE`, an
 //! atomic replacement: no packet ever meets an empty hook.
+//!
+//! A map is reused only by a build that reads it as the build that created
+//! it wrote it. Its shape (type, sizes, capacity, flags) is checked against
+//! the object's declaration, but a field can change its meaning and keep
+//! its size, so the maps also carry the version of their layout
+//! (`overlay_common::maps::MAP_LAYOUT_VERSION`) in `LAYOUT`, see
+//! [`PinLayout::layout_plan`]: the same version is reused, an older one (or
+//! none) gets a new set of maps, and a newer one stops the agent before it
+//! touches anything.
 
 use std::{
     ffi::CString,
@@ -32,10 +42,10 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use aya::maps::{MapError, MapInfo, MapType};
+use aya::maps::{Array, Map, MapData, MapError, MapInfo, MapType};
 use log::warn;
 use overlay_common::consts::{
-    MAP_COUNTERS, MAP_FAST_CONFIG, MAP_FAST_FLOWS, MAP_KNOWN_VTEPS, MAP_NODE_CONFIG,
+    MAP_COUNTERS, MAP_FAST_CONFIG, MAP_FAST_FLOWS, MAP_KNOWN_VTEPS, MAP_LAYOUT, MAP_NODE_CONFIG,
     MAP_PEER_STATS, MAP_POD_ADDRS, MAP_POD_VETHS, MAP_REMOTE_SUBNETS,
 };
 
@@ -43,7 +53,7 @@ use overlay_common::consts::{
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/overlay";
 
 /// Every map of the object, pinned under these names.
-pub const MAPS: [&str; 9] = [
+pub const MAPS: [&str; 10] = [
     MAP_REMOTE_SUBNETS,
     MAP_KNOWN_VTEPS,
     MAP_NODE_CONFIG,
@@ -53,7 +63,93 @@ pub const MAPS: [&str; 9] = [
     MAP_FAST_FLOWS,
     MAP_POD_VETHS,
     MAP_POD_ADDRS,
+    MAP_LAYOUT,
 ];
+
+/// The shape of `LAYOUT` (array of one u32). Every build that records a
+/// layout version records it in a map of this shape; a `LAYOUT` of another
+/// shape comes from a later build that changed how it records it.
+const LAYOUT_SHAPE: MapShape = MapShape {
+    map_type: aya_obj::generated::bpf_map_type::BPF_MAP_TYPE_ARRAY as u32,
+    key_size: 4,
+    value_size: 4,
+    max_entries: 1,
+    flags: 0,
+};
+
+/// What the pins say about the layout of their maps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PinnedLayout {
+    /// No map is pinned: nothing to reuse.
+    Empty,
+    /// Maps are pinned but no version is recorded: they were made by a
+    /// build from before layout versions, or by a start that died between
+    /// creating the maps and recording the version (`LAYOUT` holds 0).
+    Unversioned,
+    /// `LAYOUT` holds this version.
+    Version(u32),
+}
+
+impl std::fmt::Display for PinnedLayout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PinnedLayout::Empty => f.write_str("no maps"),
+            PinnedLayout::Unversioned => f.write_str("no layout version"),
+            PinnedLayout::Version(v) => write!(f, "layout version {v}"),
+        }
+    }
+}
+
+/// What a start does with the pinned maps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LayoutPlan {
+    /// Nothing pinned: the maps are created and pinned.
+    Fresh,
+    /// Our own layout: every map whose shape still matches is reused (a
+    /// hitless restart keeps the peers, counters and approvals).
+    Reuse,
+    /// An older layout (or none recorded): no map of the old set is
+    /// reused. A new set is created and pinned in its place; the programs
+    /// attached now keep the old maps (their fds hold them) until their
+    /// links are swapped, so old programs only ever see old maps and new
+    /// programs new ones.
+    Migrate { from: PinnedLayout },
+}
+
+/// Why the pinned maps cannot be used by this build. Nothing under the pin
+/// directory has been changed when one of these is returned.
+#[derive(Debug, thiserror::Error)]
+pub enum LayoutError {
+    /// A downgrade: the maps were made by a newer build. Running our
+    /// programs against them would misread them, and replacing them would
+    /// detach a newer build's datapath that nobody asked to remove.
+    #[error(
+        "the pinned maps under {} have layout version {found}, newer than this build's {ours} (a downgrade): not starting, so that no program of this build runs against maps of another layout, and leaving the pins and the programs attached through them as they are; {}",
+        dir.display(),
+        remedy(dir)
+    )]
+    Newer { dir: PathBuf, found: u32, ours: u32 },
+    /// `LAYOUT` exists with another shape: only a later build could have
+    /// made it.
+    #[error(
+        "the layout record {} is not one this build knows ({differences}), so it comes from a newer build: not starting, and leaving the pins and their programs as they are; {}",
+        path.display(),
+        remedy(dir)
+    )]
+    UnknownRecord {
+        dir: PathBuf,
+        path: PathBuf,
+        differences: String,
+    },
+    /// The record could not be read: which build made the maps is unknown,
+    /// so nothing is replaced either.
+    #[error("reading the layout record {} failed: not starting over pins of unknown layout", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: MapError,
+    },
+}
 
 /// What a program built for a map relies on: its type (a hash is not an LRU
 /// hash, a per-CPU map holds one value per CPU), key and value sizes, capacity
@@ -192,6 +288,64 @@ impl PinLayout {
         self.links_dir().join(program)
     }
 
+    /// What the pins record about their maps' layout (see [`PinnedLayout`]).
+    pub fn pinned_layout(&self) -> Result<PinnedLayout, LayoutError> {
+        let path = self.map(MAP_LAYOUT);
+        if !path.exists() {
+            let any = MAPS.iter().any(|name| self.map(name).exists());
+            return Ok(if any {
+                PinnedLayout::Unversioned
+            } else {
+                PinnedLayout::Empty
+            });
+        }
+        let read_err = |source| LayoutError::Read {
+            path: path.clone(),
+            source,
+        };
+        let shape = MapShape::of_pin(&path).map_err(read_err)?;
+        let differences = shape.differences(&LAYOUT_SHAPE);
+        if !differences.is_empty() {
+            return Err(LayoutError::UnknownRecord {
+                dir: self.root.clone(),
+                path,
+                differences: differences.join(", "),
+            });
+        }
+        let map = MapData::from_pin(&path)
+            .and_then(Map::from_map_data)
+            .map_err(read_err)?;
+        let record: Array<&MapData, u32> = Array::try_from(&map).map_err(read_err)?;
+        Ok(match record.get(&0, 0).map_err(read_err)? {
+            0 => PinnedLayout::Unversioned,
+            v => PinnedLayout::Version(v),
+        })
+    }
+
+    /// What a start of a build with layout version `ours` does with the
+    /// pinned maps: see [`LayoutPlan`]; a newer layout is a [`LayoutError`].
+    /// Changes nothing.
+    pub fn layout_plan(&self, ours: u32) -> Result<LayoutPlan, LayoutError> {
+        plan(self.root(), self.pinned_layout()?, ours)
+    }
+
+    /// Unpins every map (not the links), so that the next load creates a new
+    /// set: [`LayoutPlan::Migrate`]. Programs attached now keep the maps
+    /// they use until they are detached or replaced. Returns the maps it
+    /// unpinned.
+    pub fn unpin_maps(&self) -> io::Result<Vec<&'static str>> {
+        std::fs::create_dir_all(self.links_dir())?;
+        let mut unpinned = Vec::new();
+        for name in MAPS {
+            match std::fs::remove_file(self.map(name)) {
+                Ok(()) => unpinned.push(name),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(unpinned)
+    }
+
     /// Creates the directories and unpins every map that does not have the
     /// shape `declared` gives it (an upgrade that changed a map's type, flags,
     /// sizes or capacity): the new map is then created, filled and pinned, and
@@ -263,6 +417,34 @@ impl PinLayout {
         }
         Ok(removed)
     }
+}
+
+/// What the operator can do about the pins of a newer build under `dir`.
+fn remedy(dir: &Path) -> String {
+    format!(
+        "start the newer build again, or remove its state first with its \
+         `overlay-agent --bpf-pin-dir={} cleanup` (or remove the pins under that directory, \
+         which detaches its programs)",
+        dir.display()
+    )
+}
+
+/// [`PinLayout::layout_plan`] for what the pins under `dir` record.
+fn plan(dir: &Path, pinned: PinnedLayout, ours: u32) -> Result<LayoutPlan, LayoutError> {
+    Ok(match pinned {
+        PinnedLayout::Empty => LayoutPlan::Fresh,
+        PinnedLayout::Version(v) if v == ours => LayoutPlan::Reuse,
+        PinnedLayout::Version(found) if found > ours => {
+            return Err(LayoutError::Newer {
+                dir: dir.to_owned(),
+                found,
+                ours,
+            });
+        }
+        from @ (PinnedLayout::Unversioned | PinnedLayout::Version(_)) => {
+            LayoutPlan::Migrate { from }
+        }
+    })
 }
 
 /// What the kernel says about a link (`struct bpf_link_info`).
@@ -374,7 +556,8 @@ mod tests {
                 "FAST_CONFIG",
                 "FAST_FLOWS",
                 "POD_VETHS",
-                "POD_ADDRS"
+                "POD_ADDRS",
+                "LAYOUT"
             ]
         );
     }
@@ -471,6 +654,50 @@ mod tests {
         let small = |name| small.iter().find(|(n, _)| *n == name).unwrap().1;
         assert_eq!(small(MAP_KNOWN_VTEPS).max_entries, 3);
         assert_eq!(small(MAP_REMOTE_SUBNETS).max_entries, MAX_PEERS);
+    }
+
+    #[test]
+    fn the_layout_version_decides_reuse_migration_or_refusal() {
+        let dir = Path::new("/sys/fs/bpf/overlay");
+        assert_eq!(
+            plan(dir, PinnedLayout::Empty, 3).unwrap(),
+            LayoutPlan::Fresh
+        );
+        assert_eq!(
+            plan(dir, PinnedLayout::Version(3), 3).unwrap(),
+            LayoutPlan::Reuse
+        );
+        for from in [PinnedLayout::Unversioned, PinnedLayout::Version(2)] {
+            assert_eq!(plan(dir, from, 3).unwrap(), LayoutPlan::Migrate { from });
+        }
+        let newer = plan(dir, PinnedLayout::Version(4), 3).unwrap_err();
+        assert!(
+            matches!(
+                newer,
+                LayoutError::Newer {
+                    found: 4,
+                    ours: 3,
+                    ..
+                }
+            ),
+            "{newer:?}"
+        );
+        let text = newer.to_string();
+        for needed in [
+            "/sys/fs/bpf/overlay",
+            "layout version 4",
+            "this build's 3",
+            "--bpf-pin-dir=/sys/fs/bpf/overlay cleanup",
+        ] {
+            assert!(text.contains(needed), "{needed:?} missing from: {text}");
+        }
+    }
+
+    #[test]
+    fn the_layout_record_has_the_shape_the_object_declares() {
+        let declared = declared_shapes(crate::datapath::ebpf::EBPF_OBJECT, &[]).unwrap();
+        let layout = declared.iter().find(|(n, _)| *n == MAP_LAYOUT).unwrap().1;
+        assert_eq!(layout, LAYOUT_SHAPE);
     }
 
     #[test]

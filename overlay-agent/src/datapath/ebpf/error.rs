@@ -19,6 +19,10 @@ pub enum EbpfFailure {
     /// The host has policy (xfrm, policy routing) the programs would skip,
     /// or it could not be checked.
     HostPolicy,
+    /// The pinned maps are of a newer layout (or one that cannot be read):
+    /// nothing was touched, and nothing may be (see
+    /// [`DatapathError::forbids_fallback`]).
+    PinLayout,
 }
 
 /// Why the eBPF datapath could not be set up or updated. `Display` names the
@@ -133,6 +137,14 @@ pub enum EbpfError {
     /// eBPF datapath does not start on a guess.
     #[error("eBPF: checking the host's xfrm policies and routes failed")]
     HostPolicyCheck(#[source] HostPolicyError),
+    /// Pod veths the fast path could not attach to or forget, each named
+    /// with its error; the others were brought in line.
+    #[error("eBPF: fast path")]
+    PodVeths(#[from] fastpath::PodSyncError),
+    /// The pin directory holds maps this build must not use (a downgrade).
+    /// Returned before anything was changed.
+    #[error("eBPF: refusing the pinned state")]
+    PinLayout(#[source] LayoutError),
 }
 
 impl EbpfError {
@@ -154,8 +166,9 @@ impl EbpfError {
             | EbpfError::Pin { .. }
             | EbpfError::Link { .. }
             | EbpfError::Cpus(_) => EbpfFailure::Map,
-            EbpfError::FastPathHost(_) => EbpfFailure::Attach,
+            EbpfError::FastPathHost(_) | EbpfError::PodVeths(_) => EbpfFailure::Attach,
             EbpfError::HostPolicy(_) | EbpfError::HostPolicyCheck(_) => EbpfFailure::HostPolicy,
+            EbpfError::PinLayout(_) => EbpfFailure::PinLayout,
         }
     }
 

@@ -26,13 +26,19 @@ pub(super) struct FastState {
 }
 
 impl Loaded {
-    /// Parses the object (reopening pinned maps), fills the maps with the
-    /// vxlan `peers` and the `direct` ones (DirectRouting), removes what
-    /// else reopened maps hold, loads every program, and only then attaches
-    /// them (ingress first), so a verifier rejection attaches nothing and
-    /// leaves pinned links on the old programs.
+    /// Parses the object (reopening pinned maps, as `plan` says), fills the
+    /// maps with the vxlan `peers` and the `direct` ones (DirectRouting),
+    /// removes what else reopened maps hold, loads every program, and only
+    /// then attaches them (ingress first), so a verifier rejection attaches
+    /// nothing and leaves pinned links on the old programs.
+    ///
+    /// Everything written before the links are swapped goes into maps the
+    /// old programs read too only under [`LayoutPlan::Reuse`], where both
+    /// builds read them alike; under [`LayoutPlan::Migrate`] every map is
+    /// new, and a map whose shape changed is new under either.
     pub(super) fn start(
         options: &EbpfOptions,
+        plan: LayoutPlan,
         device: &VxlanDevice,
         subnet: Ipv4Net,
         peers: &[Peer],
@@ -61,13 +67,27 @@ impl Loaded {
         let pins = options.pins.as_ref();
         let mut pin_paths = Vec::new();
         if let Some(pins) = pins {
-            let declared =
-                declared_shapes(object, &capacities).map_err(|e| EbpfError::Object(e.into()))?;
-            let replaced = pins
-                .prepare(&declared)
-                .map_err(pin_err(pins.root().to_owned(), "prepare"))?;
-            if !replaced.is_empty() {
-                info!("pinned maps {replaced:?} had another layout: created anew");
+            match plan {
+                LayoutPlan::Migrate { from } => {
+                    pins.unpin_maps()
+                        .map_err(pin_err(pins.root().to_owned(), "unpin the maps"))?;
+                    info!(
+                        "pinned maps under {} have {from}; this build uses {MAP_LAYOUT_VERSION}: \
+                         migrating to new maps (the old programs keep the old ones until their \
+                         links are swapped)",
+                        pins.root().display()
+                    );
+                }
+                LayoutPlan::Fresh | LayoutPlan::Reuse => {
+                    let declared = declared_shapes(object, &capacities)
+                        .map_err(|e| EbpfError::Object(e.into()))?;
+                    let replaced = pins
+                        .prepare(&declared)
+                        .map_err(pin_err(pins.root().to_owned(), "prepare"))?;
+                    if !replaced.is_empty() {
+                        info!("pinned maps {replaced:?} had another shape: created anew");
+                    }
+                }
             }
             for name in MAPS {
                 pin_paths.push((name, pins.map(name)));
@@ -77,6 +97,10 @@ impl Loaded {
             loader.map_pin_path(name, path.as_path());
         }
         let mut ebpf = loader.load(object).map_err(EbpfError::Object)?;
+        // First: the maps just created are ours from here on. A start that
+        // dies before this leaves them with LAYOUT 0 (or none pinned yet),
+        // which the next start treats as unversioned and migrates.
+        record_layout(&mut ebpf)?;
         {
             let map = ebpf
                 .map_mut(MAP_NODE_CONFIG)

@@ -80,6 +80,19 @@ pub fn node_config(device: &VxlanDevice) -> NodeConfig {
     }
 }
 
+/// Records this build's [`MAP_LAYOUT_VERSION`] in LAYOUT (see
+/// [`LayoutPlan`]).
+pub(super) fn record_layout(ebpf: &mut Ebpf) -> Result<(), EbpfError> {
+    let map = ebpf
+        .map_mut(MAP_LAYOUT)
+        .ok_or(EbpfError::MissingMap(MAP_LAYOUT))?;
+    let mut record: Array<&mut MapData, u32> =
+        Array::try_from(map).map_err(|e| EbpfError::map(MAP_LAYOUT, "open", e))?;
+    record
+        .set(0, MAP_LAYOUT_VERSION, 0)
+        .map_err(|e| EbpfError::map(MAP_LAYOUT, "set entry 0", e))
+}
+
 /// The REMOTE_SUBNETS key for a subnet: its prefix, network order.
 pub fn subnet_key(subnet: Ipv4Net) -> Key<[u8; 4]> {
     Key::new(u32::from(subnet.prefix_len()), subnet.network().octets())

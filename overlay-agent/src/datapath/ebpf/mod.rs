@@ -39,13 +39,13 @@ use ipnet::Ipv4Net;
 use log::{debug, info, warn};
 use overlay_common::{
     consts::{
-        MAP_COUNTERS, MAP_KNOWN_VTEPS, MAP_NODE_CONFIG, MAP_PEER_STATS, MAP_REMOTE_SUBNETS,
-        MAX_PEERS, PROG_EGRESS, PROG_INGRESS_TC, PROG_INGRESS_XDP, PROG_INGRESS_XDP_FILTER,
-        PROG_VETH_FROM_POD, PROG_VETH_TO_POD,
+        MAP_COUNTERS, MAP_KNOWN_VTEPS, MAP_LAYOUT, MAP_NODE_CONFIG, MAP_PEER_STATS,
+        MAP_REMOTE_SUBNETS, MAX_PEERS, PROG_EGRESS, PROG_INGRESS_TC, PROG_INGRESS_XDP,
+        PROG_INGRESS_XDP_FILTER, PROG_VETH_FROM_POD, PROG_VETH_TO_POD,
     },
     counters::{Counter, Reason},
     fastpath::DEFAULT_FAST_PATH_MARK,
-    maps::{KnownVtep, NodeConfig, PeerTraffic, RemoteVtep},
+    maps::{KnownVtep, MAP_LAYOUT_VERSION, NodeConfig, PeerTraffic, RemoteVtep},
 };
 
 use super::{
@@ -53,7 +53,7 @@ use super::{
     fastpath::{self, FastPathMode, FastSettings, PodAttachments},
     host_policy::{self, HostPolicyConflict, HostPolicyError},
     kernel::{KernelDatapath, PeerKind},
-    pins::{MAPS, PinLayout, declared_shapes},
+    pins::{LayoutError, LayoutPlan, MAPS, PinLayout, declared_shapes},
     tc_attach::{self, TcApi, TcAttachMode, TcLink},
     vtep_users::VtepUsers,
 };
@@ -331,6 +331,15 @@ impl Datapath for EbpfDatapath {
     /// [`remove_attachments`]), since no program may keep filtering with maps
     /// nobody maintains.
     async fn setup(&mut self, node: &NodeSpec) -> Result<NodeState, DatapathError> {
+        // Before anything is touched, the device included: pins of a newer
+        // layout (a downgrade) stop the start here and stay as they are,
+        // with the programs attached through them (no `give_up`).
+        let plan = match &self.options.pins {
+            Some(pins) => pins
+                .layout_plan(MAP_LAYOUT_VERSION)
+                .map_err(EbpfError::PinLayout)?,
+            None => LayoutPlan::Fresh,
+        };
         // Detach a previous instance before the device may be re-created.
         self.loaded = None;
         let state = self.kernel.setup(node).await?;
@@ -367,7 +376,7 @@ impl Datapath for EbpfDatapath {
         }
         self.kernel_only.clear();
         let device = self.kernel.device().ok_or(DatapathError::NotSetUp)?;
-        let started = Loaded::start(&self.options, device, node.subnet, &peers, &direct);
+        let started = Loaded::start(&self.options, plan, device, node.subnet, &peers, &direct);
         let loaded = match started {
             Ok(loaded) => loaded,
             Err(e) => {
@@ -387,7 +396,8 @@ impl Datapath for EbpfDatapath {
         );
         self.loaded = Some(Box::new(loaded));
         // A pod veth that cannot be attached keeps the host's path; only
-        // `--fast-path=on` makes that fatal. The next link event retries.
+        // `--fast-path=on` makes that fatal. The next link event or
+        // periodic recheck retries.
         if let Err(e) = self.sync_pods().await {
             if self.options.fast_path == FastPathMode::On {
                 self.give_up(node.subnet);
@@ -416,7 +426,8 @@ impl Datapath for EbpfDatapath {
                 fastpath::configure(&mut loaded.ebpf, Some(fast.settings))?;
             }
             fast.pods
-                .sync(&mut loaded.ebpf, loaded.api, &net, pins.as_ref())?;
+                .sync(&mut loaded.ebpf, loaded.api, &net, pins.as_ref())
+                .map_err(EbpfError::from)?;
         }
         Ok(())
     }
