@@ -117,12 +117,28 @@ fn run_agent(args: &[String]) -> Result<()> {
     Err(run::exec(&mut cmd))
 }
 
+/// The release agent, quietly: cargo's own output shows only on errors and
+/// warnings (the eBPF crate's build output only when it fails; see
+/// overlay-agent/build.rs).
 fn build() -> Result<()> {
-    run::status(run::cargo().args(["build", "--release", "--package", "overlay-agent"]))?;
     let bin = release_agent();
+    let what = if bin.exists() {
+        "build: the release agent (eBPF object embedded)".to_owned()
+    } else {
+        "build: the release agent (eBPF object embedded; a first build takes about 5 minutes on 2 cores)".to_owned()
+    };
+    run::stage(&what, || {
+        run::status(run::cargo().args([
+            "build",
+            "--quiet",
+            "--release",
+            "--package",
+            "overlay-agent",
+        ]))
+    })?;
     if let Ok(meta) = std::fs::metadata(&bin) {
         eprintln!(
-            "built {} ({:.1} MiB)",
+            "xtask: built {} ({:.1} MiB)",
             bin.display(),
             meta.len() as f64 / (1 << 20) as f64
         );
@@ -139,6 +155,19 @@ fn exec_tool(bin: &str, args: &[String], build_agent: bool) -> Result<()> {
     if build_agent {
         build()?;
     }
+    // Built first, so the time it takes is reported and `cargo run` only
+    // starts it.
+    run::stage(&format!("build: the {bin} tool"), || {
+        run::status(run::cargo().args([
+            "build",
+            "--quiet",
+            "--release",
+            "--package",
+            "overlay-tests",
+            "--bin",
+            bin,
+        ]))
+    })?;
     let mut cmd = run::cargo();
     cmd.args([
         "run",

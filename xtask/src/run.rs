@@ -24,6 +24,20 @@ pub fn display(cmd: &Command) -> String {
     s
 }
 
+/// Runs one stage of a command between two lines of its own: what it
+/// does, then how long it took (or that it failed, and after how long).
+pub fn stage<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    let t0 = std::time::Instant::now();
+    eprintln!("xtask: {what} ...");
+    let out = f();
+    let secs = t0.elapsed().as_secs_f64();
+    match &out {
+        Ok(_) => eprintln!("xtask: {what}: done in {secs:.1} s"),
+        Err(_) => eprintln!("xtask: {what}: failed after {secs:.1} s"),
+    }
+    out
+}
+
 /// Runs a command with inherited stdio and fails unless it exits 0.
 pub fn status(cmd: &mut Command) -> Result<()> {
     let line = display(cmd);

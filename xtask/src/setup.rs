@@ -28,6 +28,28 @@ struct Plan {
 }
 
 impl Plan {
+    /// A rough time for installing the plan on this machine kind (2 cores),
+    /// from fresh-machine runs: apt's fetch and unpack, pip, rustup's
+    /// downloads, and bpf-linker's build against LLVM, which dominates.
+    fn estimate_secs(&self) -> u64 {
+        let mut secs = 0;
+        if !self.packages.is_empty() {
+            secs += 60 + 4 * self.packages.len() as u64;
+        }
+        if !self.python.is_empty() {
+            secs += 30;
+        }
+        if self.rust.nightly {
+            secs += 60;
+        }
+        secs +=
+            20 * (self.rust.stable_components.len() + self.rust.nightly_components.len()) as u64;
+        if self.rust.bpf_linker.is_some() {
+            secs += 360;
+        }
+        secs
+    }
+
     fn inspect() -> Result<Self> {
         let wanted: Vec<&str> = apt::PACKAGES.iter().map(|(name, _)| *name).collect();
         Ok(Self {
@@ -114,6 +136,10 @@ pub fn ensure() -> Result<()> {
     for t in &todo {
         eprintln!("  - {t}");
     }
+    eprintln!(
+        "setup: installing it takes about {} minutes on 2 cores (estimated; the times are reported as they go)",
+        plan.estimate_secs().div_ceil(60).max(1)
+    );
     if !run::is_root() {
         bail!("setup must run as root to install the above (apt-get, mount)");
     }

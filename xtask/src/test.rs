@@ -18,21 +18,29 @@ const EBPF_CRATE: &str = "overlay-ebpf";
 
 pub fn run(filters: &[String]) -> Result<()> {
     let mut failed = Vec::new();
-    let mut step = |name: &str, result: Result<()>| {
-        if let Err(e) = result {
-            eprintln!("xtask test: step `{name}` failed: {e:#}");
-            failed.push(name.to_owned());
+    let mut took = Vec::new();
+    let mut step = |name: &str, f: &mut dyn FnMut() -> Result<()>| {
+        let t0 = std::time::Instant::now();
+        eprintln!("xtask test: {name} ...");
+        let result = f();
+        let secs = t0.elapsed().as_secs_f64();
+        took.push((name.to_owned(), secs, result.is_ok()));
+        match result {
+            Ok(()) => eprintln!("xtask test: {name}: ok in {secs:.1} s"),
+            Err(e) => {
+                eprintln!("xtask test: step `{name}` failed after {secs:.1} s: {e:#}");
+                failed.push(name.to_owned());
+            }
         }
     };
 
-    step(
-        "fmt",
-        run::status(run::cargo().args(["fmt", "--all", "--check"])),
-    );
-    step(
-        "clippy (host)",
+    step("fmt", &mut || {
+        run::status(run::cargo().args(["fmt", "--all", "--check"]))
+    });
+    step("clippy (host)", &mut || {
         run::status(run::cargo().args([
             "clippy",
+            "--quiet",
             "--workspace",
             "--exclude",
             EBPF_CRATE,
@@ -40,12 +48,22 @@ pub fn run(filters: &[String]) -> Result<()> {
             "--",
             "-D",
             "warnings",
-        ])),
-    );
-    step("clippy (bpf)", run::status(&mut clippy_bpf()));
-    let (totals, failures, tested) = cargo_test(filters);
-    step("cargo test", tested);
+        ]))
+    });
+    step("clippy (bpf)", &mut || run::status(&mut clippy_bpf()));
+    let mut outcome = None;
+    step("cargo test", &mut || {
+        let (totals, failures, tested) = cargo_test(filters);
+        outcome = Some((totals, failures));
+        tested
+    });
+    let (totals, failures) = outcome.unwrap_or_default();
 
+    eprintln!("\nxtask test: time per step");
+    for (name, secs, ok) in &took {
+        let mark = if *ok { "ok" } else { "FAILED" };
+        eprintln!("  {name:<14} {secs:>7.1} s  {mark}");
+    }
     if !failures.is_empty() {
         // Again at the end, where a truncated CI log still shows it.
         println!("\n=== why the failed tests failed ===");
@@ -79,6 +97,7 @@ fn clippy_bpf() -> Command {
     let mut cmd = run::rustup_run(NIGHTLY, "cargo");
     cmd.args([
         "clippy",
+        "--quiet",
         "--package",
         EBPF_CRATE,
         "--target",
