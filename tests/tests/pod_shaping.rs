@@ -251,3 +251,55 @@ fn shaped_pods_keep_their_limits_and_unshaped_ones_the_fast_path() -> Result<()>
     drop(containers);
     Ok(())
 }
+
+/// The same shapes on the kernel datapath (flannel's path, no fast path):
+/// the limits hold both ways there too, as the issue asks of both datapaths.
+#[test]
+#[ignore = "needs root, network namespaces, etcd and iperf3: run `cargo xtask test`"]
+fn shaped_pods_keep_their_limits_on_the_kernel_datapath() -> Result<()> {
+    let cluster = Cluster::start("bwk", 2, CONFIG)?;
+    let Cluster { hosts, etcd, bin } = &cluster;
+    let dir = etcd.dir().to_path_buf();
+    let (h1, h2) = (hosts.ns(1), hosts.ns(2));
+    let mut a1 = Agent::start(
+        &dir,
+        "h1",
+        &h1,
+        bin,
+        &cluster.args(1, &["--datapath=kernel"]),
+    )?;
+    let mut a2 = Agent::start(
+        &dir,
+        "h2",
+        &h2,
+        bin,
+        &cluster.args(2, &["--datapath=kernel"]),
+    )?;
+    a1.wait_for("running: lease", Duration::from_secs(20))?;
+    a2.wait_for("running: lease", Duration::from_secs(20))?;
+    let env1 = dir.join("h1.env");
+    let (c1, _) = add_container(hosts, 1, &env1)?;
+    let mut containers = Containers(vec![c1.clone()]);
+    let (c2, ip2) = add_container(hosts, 2, &dir.join("h2.env"))?;
+    containers.0.push(c2.clone());
+    let _server = Background::spawn(Some(&c2), &["iperf3", "-s"])?;
+    within(Duration::from_secs(5), "c1 reaches c2", || {
+        sh(&["ip", "netns", "exec", &c1, "ping", "-c1", "-W1", &ip2]).is_ok()
+    })?;
+    shape(&h1, "vc", "ifb1")?;
+    let out = iperf(&c1, &ip2, false)?;
+    let into = iperf(&c1, &ip2, true)?;
+    eprintln!(
+        "kernel datapath, shaped at {LIMIT} Mbit/s: out {out:.1} Mbit/s, in {into:.1} Mbit/s"
+    );
+    for (what, rate) in [("out of the pod", out), ("into the pod", into)] {
+        ensure!(
+            (LIMIT / 2.0..=2.0 * LIMIT).contains(&rate),
+            "{what}: {rate:.1} Mbit/s is not within 2x of {LIMIT} Mbit/s"
+        );
+    }
+    unshape(&h1, "vc", "ifb1")?;
+    drop((a1, a2));
+    drop(containers);
+    Ok(())
+}
