@@ -20,6 +20,7 @@ use crate::{
             read_remote_subnets,
         },
         pins::{LayoutError, LinkInfo, PinLayout, PinnedLayout, link_info, obj_get},
+        vtep_guard::{self, GuardCounters},
     },
     flannel::mac::MacAddr,
 };
@@ -238,9 +239,36 @@ pub fn render(
     out
 }
 
+/// The host firewall's part of the known-VTEP check (nft table `inet
+/// overlay-vtep`, both datapaths): its drop counters, for `status`.
+pub fn render_guard(guard: Result<Option<GuardCounters>, String>) -> String {
+    let table = format!("nft table {} {}", vtep_guard::FAMILY, vtep_guard::TABLE);
+    match guard {
+        Ok(Some(c)) => format!(
+            "\nhost firewall ({table}): drop_unknown_vtep {} packets, drop_spoofed_source {} packets\n",
+            c.unknown_vtep, c.spoofed_source
+        ),
+        Ok(None) => format!("\nhost firewall: no {table} (no agent has set it up here)\n"),
+        Err(e) => format!("\nhost firewall ({table}): unknown ({e})\n"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_guard_line_names_its_table_and_counters() {
+        let c = GuardCounters {
+            unknown_vtep: 7,
+            spoofed_source: 2,
+        };
+        assert_eq!(
+            render_guard(Ok(Some(c))),
+            "\nhost firewall (nft table inet overlay-vtep): drop_unknown_vtep 7 packets, drop_spoofed_source 2 packets\n"
+        );
+        assert!(render_guard(Ok(None)).contains("no nft table inet overlay-vtep"));
+    }
 
     #[test]
     fn without_pins_says_so_and_still_shows_the_lease() {

@@ -15,6 +15,7 @@ use anyhow::{Context, Result, ensure};
 use overlay_tests::{
     agent::{Agent, Cluster, sh, subnet_of, within},
     http::{get, sample, scrape},
+    netns,
 };
 
 const CONFIG: &str = r#"{"Network": "10.0.0.0/16", "SubnetLen": 24, "SubnetMin": "10.0.1.0","SubnetMax": "10.0.20.0", "Backend": {"Type": "vxlan"}}"#;
@@ -129,9 +130,67 @@ fn readiness_notification_and_metrics_follow_the_agent() -> Result<()> {
     // h2's arrival was a watch event, reconciled once at least.
     ensure!(sample(&after, "overlay_reconcile_duration_seconds_count")? >= 1.0);
 
+    // The host firewall's known-VTEP drops: VXLAN from a stranger's address
+    // to a secondary address of h1 (which the programs leave to nft).
+    let base: std::net::Ipv4Addr = ip1.parse()?;
+    let [a, b, c, _] = base.octets();
+    let (secondary, stranger) = (format!("{a}.{b}.{c}.201"), format!("{a}.{b}.{c}.202"));
+    sh(&[
+        "ip",
+        "-n",
+        &h1,
+        "addr",
+        "add",
+        &format!("{secondary}/32"),
+        "dev",
+        "eth0",
+    ])?;
+    sh(&[
+        "ip",
+        "-n",
+        &hosts.ns(2),
+        "addr",
+        "add",
+        &format!("{stranger}/32"),
+        "dev",
+        "eth0",
+    ])?;
+    sh(&[
+        "ip",
+        "-n",
+        &hosts.ns(2),
+        "route",
+        "add",
+        &format!("{secondary}/32"),
+        "dev",
+        "eth0",
+        "src",
+        &stranger,
+    ])?;
+    let guard = "overlay_vtep_guard_drops_total{reason=\"unknown_vtep\"}";
+    let before_guard = sample(&scrape(&h1, &ip1, PORT)?, guard)?;
+    let (to, from) = (secondary.clone(), stranger.clone());
+    netns::run_in(&hosts.ns(2), move || {
+        let s = std::net::UdpSocket::bind(format!("{from}:0"))?;
+        for _ in 0..3 {
+            s.send_to(&[0x08, 0, 0, 0, 0, 0, 1, 0, 0xaa], format!("{to}:8472"))?;
+        }
+        Ok(())
+    })?;
+    within(Duration::from_secs(5), "the nft drops in /metrics", || {
+        scrape(&h1, &ip1, PORT)
+            .and_then(|m| sample(&m, guard))
+            .is_ok_and(|v| v >= before_guard + 3.0)
+    })?;
+
     // The kernel datapath has no eBPF counters, and says so by omission.
     let m2 = scrape(&hosts.ns(2), &hosts.ip(2), PORT)?;
     ensure!(sample(&m2, "overlay_datapath_mode{mode=\"kernel\"}")? == 1.0);
+    // The host firewall's part is there on both datapaths.
+    ensure!(
+        sample(&m2, guard).is_ok(),
+        "the kernel datapath lacks {guard}"
+    );
     ensure!(
         !m2.keys()
             .any(|k| k.starts_with("overlay_datapath_packets_total")),

@@ -195,6 +195,12 @@ fn kill_9_restart_and_upgrade_lose_no_packet_then_cleanup_removes_everything() -
         Ok(text)
     };
     let running = status("agent running")?;
+    ensure!(
+        running.contains(
+            "host firewall (nft table inet overlay-vtep): drop_unknown_vtep 0 packets, drop_spoofed_source 0 packets"
+        ),
+        "status lacks the host firewall's drop counters:\n{running}"
+    );
     let subnet2 = overlay_tests::agent::subnet_of(&dir.join("h2.env"))?;
     let peer_line = running
         .lines()

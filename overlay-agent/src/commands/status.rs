@@ -28,6 +28,7 @@ pub async fn status(cli: &Cli) -> Result<()> {
     if cli.kube_subnet_mgr {
         let lease = kube_lease(cli).await;
         print!("{}", inspect::render(&layout, state.as_ref(), lease));
+        print!("{}", guard_report().await);
         match kube_rejected(cli).await {
             Ok(rejected) if rejected.is_empty() => {}
             Ok(rejected) => {
@@ -70,6 +71,7 @@ pub async fn status(cli: &Cli) -> Result<()> {
     }
     .await;
     print!("{}", inspect::render(&layout, state.as_ref(), lease));
+    print!("{}", guard_report().await);
     match rejected_leases(cli, public_ip).await {
         Ok(rejected) if rejected.is_empty() => {}
         Ok(rejected) => {
@@ -199,4 +201,13 @@ async fn kube_rejected(cli: &Cli) -> Result<Vec<String>, String> {
         }
     }
     Ok(out)
+}
+
+/// The host firewall's drop counters (one `nft` run, off the runtime).
+async fn guard_report() -> String {
+    let guard = tokio::task::spawn_blocking(crate::datapath::vtep_guard::counters)
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()));
+    inspect::render_guard(guard)
 }

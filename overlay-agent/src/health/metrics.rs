@@ -222,6 +222,24 @@ pub fn render(
         );
     }
 
+    if let Some(g) = &s.vtep_guard {
+        header(
+            &mut out,
+            "overlay_vtep_guard_drops_total",
+            "counter",
+            "VXLAN for our port dropped by the host firewall (nft table inet overlay-vtep, both datapaths), by reason.",
+        );
+        for (reason, n) in [
+            ("unknown_vtep", g.unknown_vtep),
+            ("spoofed_source", g.spoofed_source),
+        ] {
+            let _ = writeln!(
+                out,
+                "overlay_vtep_guard_drops_total{{reason=\"{reason}\"}} {n}"
+            );
+        }
+    }
+
     let name = "overlay_reconcile_duration_seconds";
     header(
         &mut out,
@@ -406,6 +424,26 @@ mod tests {
         s.mode = Some(Mode::Kernel);
         s.counters = None;
         assert_eq!(samples(&render(&s, None, "0.1.0", 1_700_000_000)), 28);
+    }
+
+    #[test]
+    fn the_host_firewalls_drops_appear_when_read() {
+        let s = HealthState {
+            vtep_guard: Some(crate::datapath::vtep_guard::GuardCounters {
+                unknown_vtep: 3,
+                spoofed_source: 1,
+            }),
+            ..HealthState::default()
+        };
+        let text = render(&s, None, "0.1.0", 1_700_000_000);
+        for line in [
+            "# TYPE overlay_vtep_guard_drops_total counter",
+            "overlay_vtep_guard_drops_total{reason=\"unknown_vtep\"} 3",
+            "overlay_vtep_guard_drops_total{reason=\"spoofed_source\"} 1",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+        }
+        assert!(!render(&HealthState::default(), None, "0.1.0", 0).contains("vtep_guard"));
     }
 
     #[test]

@@ -69,7 +69,12 @@ pub fn respond(request: &str, health: &Health) -> (&'static str, &'static str, S
             Some(why) => ("503 Service Unavailable", TEXT, format!("not ready: {why}")),
         },
         "/metrics" => {
-            let state = health.lock().clone();
+            let mut state = health.lock().clone();
+            // One `nft` run per scrape, off the runtime like the rest.
+            state.vtep_guard = crate::datapath::vtep_guard::counters()
+                .map_err(|e| log::debug!("/metrics: reading the nft drop counters: {e}"))
+                .ok()
+                .flatten();
             // Read outside the lock: however many peers there are, the
             // main loop's refresh never waits for a scrape.
             let peers = state.peer_maps.as_ref().and_then(|m| {

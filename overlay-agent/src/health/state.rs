@@ -125,6 +125,9 @@ pub struct HealthState {
     pub reconcile: Histogram,
     /// Leases in etcd that fail the checks of `lease_check`, by reason.
     pub leases_rejected: std::collections::BTreeMap<crate::subnet::lease_check::Rejection, usize>,
+    /// The host firewall's known-VTEP drops (nft), read when `/metrics` is
+    /// scraped; `None` when the table is not there or could not be read.
+    pub vtep_guard: Option<crate::datapath::vtep_guard::GuardCounters>,
 }
 
 /// Shared between the main loop (writer) and the HTTP server (reader).
