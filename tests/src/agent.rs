@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 
 use crate::etcd::{Etcd, EtcdSpec};
 
@@ -456,4 +456,23 @@ impl Drop for Internet {
     fn drop(&mut self) {
         let _ = sh(&["ip", "netns", "del", &self.ns]);
     }
+}
+
+/// `overlay-agent <args> status` in namespace `ns`: what it printed, or an
+/// error with what it said on stderr.
+pub fn status(ns: &str, bin: &Path, args: &[String]) -> Result<String> {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", ns])
+        .arg(bin)
+        .args(args)
+        .arg("status")
+        .output()
+        .context("running overlay-agent status")?;
+    ensure!(
+        out.status.success(),
+        "overlay-agent status failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }

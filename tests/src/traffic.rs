@@ -68,6 +68,26 @@ fn parse_ping_received(summary: &str) -> Option<u32> {
         .ok()
 }
 
+/// ping's closing summary in `out` ("2400 packets transmitted, 2400
+/// received, ...") as (transmitted, received).
+pub fn ping_summary(out: &str) -> Result<(u64, u64)> {
+    let line = out
+        .lines()
+        .find(|l| l.contains("packets transmitted"))
+        .with_context(|| format!("no ping summary:\n{out}"))?;
+    let nums: Vec<u64> = line
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|s| !s.is_empty())
+        .take(2)
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("ping summary {line:?}"))?;
+    match nums[..] {
+        [sent, received] => Ok((sent, received)),
+        _ => bail!("ping summary {line:?}"),
+    }
+}
+
 /// A deterministic pseudo-random byte stream (xorshift64*), so the payload is
 /// not compressible or trivially repetitive and both ends can be checked.
 pub struct PayloadStream {

@@ -83,20 +83,6 @@ fn link_pins(pins: &Path) -> Vec<PathBuf> {
         .unwrap_or_default()
 }
 
-fn ping_loss(out: &str) -> Result<(u64, u64)> {
-    let line = out
-        .lines()
-        .find(|l| l.contains("packets transmitted"))
-        .with_context(|| format!("no ping summary:\n{out}"))?;
-    let nums: Vec<u64> = line
-        .split(|c: char| !c.is_ascii_digit())
-        .filter(|s| !s.is_empty())
-        .take(2)
-        .map(|s| s.parse().unwrap_or(0))
-        .collect();
-    Ok((nums[0], nums[1]))
-}
-
 #[test]
 #[ignore = "needs root, network namespaces, etcd and eBPF: run `cargo xtask test`"]
 fn legacy_filters_interoperate_restart_upgrade_switch_and_leave_nothing() -> Result<()> {
@@ -208,7 +194,8 @@ fn legacy_filters_interoperate_restart_upgrade_switch_and_leave_nothing() -> Res
         after_upgrade != after_restart.1,
         "the upgrade did not swap the program"
     );
-    let (sent, received) = ping_loss(&ping.wait_output(Duration::from_secs(30))?)?;
+    let (sent, received) =
+        overlay_tests::traffic::ping_summary(&ping.wait_output(Duration::from_secs(30))?)?;
     ensure!(
         sent == 1200 && received == 1200,
         "pings lost across the restarts: {received} of {sent}"

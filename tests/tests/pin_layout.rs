@@ -120,21 +120,6 @@ fn stamp_layout(pins: &Path, version: u32) -> Result<()> {
     Ok(())
 }
 
-/// "2400 packets transmitted, 2400 received" as the two numbers.
-fn ping_summary(out: &str) -> Result<(u64, u64)> {
-    let line = out
-        .lines()
-        .find(|l| l.contains("packets transmitted"))
-        .with_context(|| format!("no ping summary:\n{out}"))?;
-    let nums: Vec<u64> = line
-        .split(|c: char| !c.is_ascii_digit())
-        .filter(|s| !s.is_empty())
-        .take(2)
-        .map(|s| s.parse().unwrap())
-        .collect();
-    Ok((nums[0], nums[1]))
-}
-
 #[test]
 #[ignore = "needs root, network namespaces, etcd and eBPF: run `cargo xtask test`"]
 fn maps_of_an_older_layout_are_migrated_and_a_newer_layout_stops_the_agent() -> Result<()> {
@@ -222,27 +207,22 @@ fn maps_of_an_older_layout_are_migrated_and_a_newer_layout_stops_the_agent() -> 
             .values()
             .all(|id| sh(&["bpftool", "map", "show", "id", &id.to_string()]).is_err())
     })?;
-    let (sent, received) = ping_summary(&ping.wait_output(Duration::from_secs(20))?)?;
+    let (sent, received) =
+        overlay_tests::traffic::ping_summary(&ping.wait_output(Duration::from_secs(20))?)?;
     ensure!(
         sent == 800 && received == 800,
         "pings lost across the migration: {received}/{sent}"
     );
-    let status = Command::new("ip")
-        .args(["netns", "exec", &hosts.ns(1)])
-        .arg(bin)
-        .args([
-            format!("--etcd-endpoints={}", etcd.endpoints()),
-            format!("-iface={}", hosts.ip(1)),
-            format!("--bpf-pin-dir={}", pins1.display()),
-            "status".into(),
-        ])
-        .output()?;
-    let text = String::from_utf8_lossy(&status.stdout);
+    let status_args = [
+        format!("--etcd-endpoints={}", etcd.endpoints()),
+        format!("-iface={}", hosts.ip(1)),
+        format!("--bpf-pin-dir={}", pins1.display()),
+    ];
+    let text = overlay_tests::agent::status(&hosts.ns(1), bin, &status_args)?;
     let subnet2 = overlay_tests::agent::subnet_of(&dir.join("h2.env"))?;
     ensure!(
-        status.status.success() && text.contains(&format!("{subnet2}/24")),
-        "status does not show the peer {subnet2}/24:\n{text}\n{}",
-        String::from_utf8_lossy(&status.stderr)
+        text.contains(&format!("{subnet2}/24")),
+        "status does not show the peer {subnet2}/24:\n{text}"
     );
     ensure!(!text.contains("maps:"), "{text}");
 

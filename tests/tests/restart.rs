@@ -175,24 +175,14 @@ fn kill_9_restart_and_upgrade_lose_no_packet_then_cleanup_removes_everything() -
     );
 
     // 4. status and bpftool read the pins while the agent runs...
+    let status_args = [
+        format!("--etcd-endpoints={}", etcd.endpoints()),
+        format!("-iface={}", hosts.ip(1)),
+        format!("--bpf-pin-dir={}", pins1.display()),
+    ];
     let status = |what: &str| -> Result<String> {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &hosts.ns(1)])
-            .arg(bin)
-            .args([
-                format!("--etcd-endpoints={}", etcd.endpoints()),
-                format!("-iface={}", hosts.ip(1)),
-                format!("--bpf-pin-dir={}", pins1.display()),
-                "status".into(),
-            ])
-            .output()?;
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        ensure!(
-            out.status.success(),
-            "status ({what}) failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(text)
+        overlay_tests::agent::status(&hosts.ns(1), bin, &status_args)
+            .with_context(|| format!("status ({what})"))
     };
     let running = status("agent running")?;
     ensure!(
