@@ -108,6 +108,16 @@ pub struct Peer {
     pub vtep_mac: MacAddr,
 }
 
+/// The IPv6 side of a dual-stack VXLAN lease, as the `flannel-v6.<VNI>`
+/// device needs it: the peer's IPv6 subnet, its `PublicIPv6` and the MAC of
+/// its own v6 VTEP (`BackendV6Data.VtepMAC`, distinct from the v4 one).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Peer6 {
+    pub subnet: Ipv6Net,
+    pub public_ip: Ipv6Addr,
+    pub vtep_mac: MacAddr,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Backend {
     Vxlan {
