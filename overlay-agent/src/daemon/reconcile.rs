@@ -1002,6 +1002,7 @@ mod tests {
                     vni: Some(1),
                     vtep_mac: p.vtep_mac,
                 },
+                vtep_mac_v6: None,
             }),
             rank,
         }

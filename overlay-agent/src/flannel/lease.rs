@@ -4,14 +4,16 @@
 //! flanneld `subnets/10.5.52.0-24&fd00:1::-64`.
 //! Value, as flanneld's VXLAN backend writes it:
 //! `{"PublicIP":"192.168.64.3","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"c6:d2:32:6f:8f:44"}}`
-//! Older flanneld versions wrote neither `PublicIPv6` nor `VNI`.
+//! and for dual stack `PublicIPv6` holds the node's IPv6 and
+//! `"BackendV6Data":{"VNI":1,"VtepMAC":"..."}` follows (the v6 VTEP has its
+//! own MAC). Older flanneld versions wrote neither `PublicIPv6` nor `VNI`.
 
 use crate::printable::printable;
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use ipnet::{Ipv4Net, Ipv6Net};
 
-use crate::flannel::config::parse_ipv4;
+use crate::flannel::config::{parse_ipv4, parse_ipv6};
 use crate::flannel::gojson::{Field, GoObject, GoValue};
 use crate::flannel::mac::MacAddr;
 
@@ -23,12 +25,46 @@ pub fn subnet_key(subnet: Ipv4Net) -> String {
     format!("{}-{}", subnet.addr(), subnet.prefix_len())
 }
 
-/// `<prefix>/subnets/10.5.52.0-24`.
-pub fn lease_key(prefix: &str, subnet: Ipv4Net) -> String {
+/// `10.5.52.0-24&fc00:0:0:1::-64`: the last component of a dual-stack
+/// lease key (flannel's `MakeSubnetKey`; the IPv6 part in RFC 5952 text as
+/// Go prints it), or [`subnet_key`] without an IPv6 subnet.
+pub fn dual_subnet_key(subnet: Ipv4Net, ipv6: Option<Ipv6Net>) -> String {
+    match ipv6 {
+        None => subnet_key(subnet),
+        Some(v6) => format!("{}&{}-{}", subnet_key(subnet), v6.addr(), v6.prefix_len()),
+    }
+}
+
+/// The subnets a lease key names: the IPv4 one, and the IPv6 one of a
+/// dual-stack lease.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LeaseSubnets {
+    pub v4: Ipv4Net,
+    pub v6: Option<Ipv6Net>,
+}
+
+impl From<Ipv4Net> for LeaseSubnets {
+    fn from(v4: Ipv4Net) -> Self {
+        LeaseSubnets { v4, v6: None }
+    }
+}
+
+impl std::fmt::Display for LeaseSubnets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.v6 {
+            None => write!(f, "{}", self.v4),
+            Some(v6) => write!(f, "{} and {v6}", self.v4),
+        }
+    }
+}
+
+/// `<prefix>/subnets/10.5.52.0-24` (or `...-24&fc00:0:0:1::-64`).
+pub fn lease_key(prefix: &str, subnets: impl Into<LeaseSubnets>) -> String {
+    let subnets = subnets.into();
     format!(
         "{}/{SUBNETS_DIR}/{}",
         prefix.trim_end_matches('/'),
-        subnet_key(subnet)
+        dual_subnet_key(subnets.v4, subnets.v6)
     )
 }
 
@@ -82,9 +118,30 @@ fn parse_key_net(s: &str) -> Option<(&str, u8)> {
 
 /// Our own lease value, byte for byte as flanneld's VXLAN backend writes it.
 pub fn encode_vxlan(public_ip: Ipv4Addr, vni: u32, vtep_mac: MacAddr) -> String {
-    format!(
-        r#"{{"PublicIP":"{public_ip}","PublicIPv6":null,"BackendType":"vxlan","BackendData":{{"VNI":{vni},"VtepMAC":"{vtep_mac}"}}}}"#
-    )
+    encode_vxlan_dual(public_ip, vni, vtep_mac, None)
+}
+
+/// Our own lease value with, for dual stack, the node's IPv6 and the MAC
+/// of its `flannel-v6.<VNI>` (Go's field order: `PublicIP`, `PublicIPv6`,
+/// `BackendType`, `BackendData`, `BackendV6Data`).
+pub fn encode_vxlan_dual(
+    public_ip: Ipv4Addr,
+    vni: u32,
+    vtep_mac: MacAddr,
+    v6: Option<(Ipv6Addr, MacAddr)>,
+) -> String {
+    let data = |mac: MacAddr| format!(r#"{{"VNI":{vni},"VtepMAC":"{mac}"}}"#);
+    match v6 {
+        None => format!(
+            r#"{{"PublicIP":"{public_ip}","PublicIPv6":null,"BackendType":"vxlan","BackendData":{}}}"#,
+            data(vtep_mac)
+        ),
+        Some((public_ipv6, mac6)) => format!(
+            r#"{{"PublicIP":"{public_ip}","PublicIPv6":"{public_ipv6}","BackendType":"vxlan","BackendData":{},"BackendV6Data":{}}}"#,
+            data(vtep_mac),
+            data(mac6)
+        ),
+    }
 }
 
 /// A lease read from etcd.
@@ -96,6 +153,8 @@ pub struct Lease {
     pub public_ip: Ipv4Addr,
     pub public_ipv6: Option<Ipv6Addr>,
     pub backend: Backend,
+    /// `BackendV6Data.VtepMAC` of a VXLAN lease, when present.
+    pub vtep_mac_v6: Option<MacAddr>,
 }
 
 /// Another node's VXLAN lease as the datapath needs it: where its subnet
@@ -141,6 +200,19 @@ impl Lease {
             Backend::Other(_) => None,
         }
     }
+
+    /// The IPv6 side of a dual-stack VXLAN lease; `None` when the lease has
+    /// no IPv6 subnet, or lacks its `PublicIPv6` or `BackendV6Data`.
+    pub fn peer6(&self) -> Option<Peer6> {
+        match self.backend {
+            Backend::Vxlan { .. } => Some(Peer6 {
+                subnet: self.ipv6_subnet?,
+                public_ip: self.public_ipv6?,
+                vtep_mac: self.vtep_mac_v6?,
+            }),
+            Backend::Other(_) => None,
+        }
+    }
 }
 
 #[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
@@ -168,14 +240,14 @@ pub fn decode(key: &str, value: &[u8]) -> Result<Lease, LeaseError> {
             .and_then(parse_ipv4)
             .ok_or_else(|| err(format!("PublicIP {} is not an IPv4 address", v.to_json())))?,
     };
-    let public_ipv6 = match doc.field("PublicIPv6") {
-        Field::Absent => None,
-        Field::Present(v) => Some(
-            v.as_str()
-                .and_then(|s| s.parse::<Ipv6Addr>().ok())
-                .ok_or_else(|| err(format!("PublicIPv6 {} is not an IPv6 address", v.to_json())))?,
-        ),
-    };
+    let public_ipv6 =
+        match doc.field("PublicIPv6") {
+            // Go marshals a nil *IP as null, which reads as absent.
+            Field::Absent => None,
+            Field::Present(v) => Some(v.as_str().and_then(parse_ipv6).ok_or_else(|| {
+                err(format!("PublicIPv6 {} is not an IPv6 address", v.to_json()))
+            })?),
+        };
     let backend_type = match doc.field("BackendType") {
         Field::Absent => String::new(),
         Field::Present(v) => v
@@ -191,6 +263,7 @@ pub fn decode(key: &str, value: &[u8]) -> Result<Lease, LeaseError> {
             public_ip,
             public_ipv6,
             backend: Backend::Other(backend_type),
+            vtep_mac_v6: None,
         });
     }
     let data = match doc.field("BackendData") {
@@ -204,12 +277,26 @@ pub fn decode(key: &str, value: &[u8]) -> Result<Lease, LeaseError> {
         Field::Absent => return Err(err("BackendData is missing".into())),
     };
     let backend = vxlan_data(data, "BackendData.").map_err(err)?;
+    let vtep_mac_v6 = match doc.field("BackendV6Data") {
+        Field::Absent => None,
+        Field::Present(GoValue::Object(o)) => match vxlan_data(o, "BackendV6Data.").map_err(err)? {
+            Backend::Vxlan { vtep_mac, .. } => Some(vtep_mac),
+            Backend::Other(_) => None,
+        },
+        Field::Present(v) => {
+            return Err(err(format!(
+                "BackendV6Data is {}, expected an object",
+                v.kind()
+            )));
+        }
+    };
     Ok(Lease {
         subnet,
         ipv6_subnet,
         public_ip,
         public_ipv6,
         backend,
+        vtep_mac_v6,
     })
 }
 
@@ -372,6 +459,102 @@ mod tests {
                 vtep_mac: mac
             }
         );
+    }
+
+    /// B.2's dual-stack value, as flanneld's json.Marshal writes it.
+    const FLANNEL_DUAL_VALUE: &str = r#"{"PublicIP":"192.168.64.3","PublicIPv6":"2001:db8::3","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"c6:d2:32:6f:8f:44"},"BackendV6Data":{"VNI":1,"VtepMAC":"7a:01:9e:55:20:0b"}}"#;
+
+    #[test]
+    fn dual_stack_keys_and_values_are_flannel_s() {
+        let v6: Ipv6Net = "fc00:0:0:1::/64".parse().unwrap();
+        assert_eq!(
+            dual_subnet_key(net("10.5.34.0/24"), Some(v6)),
+            "10.5.34.0-24&fc00:0:0:1::-64"
+        );
+        assert_eq!(dual_subnet_key(net("10.5.34.0/24"), None), "10.5.34.0-24");
+        // Go's RFC 5952 text: lower case, the longest zero run compressed.
+        let v6: Ipv6Net = "2001:DB8:0:0:1:0:0:0/80".parse().unwrap();
+        assert_eq!(
+            dual_subnet_key(net("10.5.34.0/24"), Some(v6)),
+            "10.5.34.0-24&2001:db8:0:0:1::-80"
+        );
+        let key = dual_subnet_key(net("10.5.34.0/24"), Some(v6));
+        assert_eq!(
+            parse_subnet_key(&key).unwrap(),
+            (net("10.5.34.0/24"), Some(v6))
+        );
+
+        let v = encode_vxlan_dual(
+            "192.168.64.3".parse().unwrap(),
+            1,
+            "c6:d2:32:6f:8f:44".parse().unwrap(),
+            Some((
+                "2001:db8::3".parse().unwrap(),
+                "7a:01:9e:55:20:0b".parse().unwrap(),
+            )),
+        );
+        assert_eq!(v, FLANNEL_DUAL_VALUE);
+        assert_eq!(
+            encode_vxlan_dual(
+                "192.168.64.3".parse().unwrap(),
+                1,
+                "c6:d2:32:6f:8f:44".parse().unwrap(),
+                None
+            ),
+            FLANNEL_VALUE
+        );
+    }
+
+    #[test]
+    fn decodes_dual_stack_leases() {
+        let l = decode(
+            "/coreos.com/network/subnets/10.5.34.0-24&fc00:0:0:1::-64",
+            FLANNEL_DUAL_VALUE.as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(l.peer().unwrap().vtep_mac.to_string(), "c6:d2:32:6f:8f:44");
+        assert_eq!(
+            l.peer6().unwrap(),
+            Peer6 {
+                subnet: "fc00:0:0:1::/64".parse().unwrap(),
+                public_ip: "2001:db8::3".parse().unwrap(),
+                vtep_mac: "7a:01:9e:55:20:0b".parse().unwrap(),
+            }
+        );
+        // A v4-only lease (an older node) has no IPv6 side.
+        let l = decode("/p/subnets/10.5.52.0-24", FLANNEL_VALUE.as_bytes()).unwrap();
+        assert_eq!(l.peer6(), None);
+        assert!(l.peer().is_some());
+        // A v6 key whose value lacks the v6 parts is v4 only to the datapath.
+        let l = decode(
+            "/p/subnets/10.5.52.0-24&fc00::-64",
+            FLANNEL_VALUE.as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(l.ipv6_subnet, Some("fc00::/64".parse().unwrap()));
+        assert_eq!(l.peer6(), None);
+        // Malformed v6 parts name the field.
+        for (value, field) in [
+            (
+                r#"{"PublicIP":"192.168.64.3","PublicIPv6":"10.0.0.1","BackendType":"vxlan","BackendData":{"VtepMAC":"c6:d2:32:6f:8f:44"}}"#,
+                "PublicIPv6",
+            ),
+            (
+                r#"{"PublicIP":"192.168.64.3","PublicIPv6":"::ffff:10.0.0.1","BackendType":"vxlan","BackendData":{"VtepMAC":"c6:d2:32:6f:8f:44"}}"#,
+                "PublicIPv6",
+            ),
+            (
+                r#"{"PublicIP":"192.168.64.3","BackendType":"vxlan","BackendData":{"VtepMAC":"c6:d2:32:6f:8f:44"},"BackendV6Data":{"VtepMAC":"xx"}}"#,
+                "BackendV6Data.VtepMAC",
+            ),
+            (
+                r#"{"PublicIP":"192.168.64.3","BackendType":"vxlan","BackendData":{"VtepMAC":"c6:d2:32:6f:8f:44"},"BackendV6Data":[]}"#,
+                "BackendV6Data",
+            ),
+        ] {
+            let e = decode("/p/subnets/10.5.52.0-24&fc00::-64", value.as_bytes()).unwrap_err();
+            assert!(e.reason.starts_with(field), "{value}: {e}");
+        }
     }
 
     #[test]

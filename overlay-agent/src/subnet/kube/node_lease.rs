@@ -149,6 +149,7 @@ fn lease_of(node: &Node, a: &BTreeMap<String, String>, names: &Names) -> Result<
         public_ip,
         public_ipv6: None,
         backend,
+        vtep_mac_v6: None,
     })
 }
 
