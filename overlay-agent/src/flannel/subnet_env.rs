@@ -10,7 +10,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SubnetEnv {
@@ -22,19 +22,31 @@ pub struct SubnetEnv {
     pub mtu: u32,
     /// FLANNEL_IPMASQ.
     pub ip_masq: bool,
+    /// FLANNEL_IPV6_NETWORK and our IPv6 lease, for dual stack.
+    pub ipv6: Option<(Ipv6Net, Ipv6Net)>,
 }
 
 impl SubnetEnv {
-    /// The file's contents, byte for byte as flanneld writes them (IPv4 only).
+    /// The file's contents, byte for byte as flanneld writes them: the
+    /// IPv6 lines (`WriteSubnetFile`'s order) only for dual stack.
     pub fn render(&self) -> String {
         let first = Ipv4Net::new(
             u32::from(self.subnet.network()).wrapping_add(1).into(),
             self.subnet.prefix_len(),
         )
         .expect("same prefix length");
-        format!(
-            "FLANNEL_NETWORK={}\nFLANNEL_SUBNET={first}\nFLANNEL_MTU={}\nFLANNEL_IPMASQ={}\n",
-            self.network, self.mtu, self.ip_masq
+        let mut out = format!("FLANNEL_NETWORK={}\nFLANNEL_SUBNET={first}\n", self.network);
+        if let Some((network, subnet)) = self.ipv6 {
+            let first = Ipv6Net::new(
+                u128::from(subnet.network()).wrapping_add(1).into(),
+                subnet.prefix_len(),
+            )
+            .expect("same prefix length");
+            out += &format!("FLANNEL_IPV6_NETWORK={network}\nFLANNEL_IPV6_SUBNET={first}\n");
+        }
+        out + &format!(
+            "FLANNEL_MTU={}\nFLANNEL_IPMASQ={}\n",
+            self.mtu, self.ip_masq
         )
     }
 
@@ -145,6 +157,25 @@ pub fn parse_env(text: &str) -> HashMap<String, String> {
 /// bits cleared), or `None` if the file is missing or holds no single valid
 /// IPv4 CIDR there, as in flanneld (which logs and carries on).
 pub fn read_previous_subnet(path: &Path) -> Option<Ipv4Net> {
+    read_previous(path, "FLANNEL_SUBNET", "an IPv4 CIDR", |v| {
+        v.parse::<Ipv4Net>().ok().map(|n| n.trunc())
+    })
+}
+
+/// The IPv6 subnet remembered in a previous subnet.env
+/// (FLANNEL_IPV6_SUBNET), read as [`read_previous_subnet`] reads the IPv4 one.
+pub fn read_previous_ipv6_subnet(path: &Path) -> Option<Ipv6Net> {
+    read_previous(path, "FLANNEL_IPV6_SUBNET", "an IPv6 CIDR", |v| {
+        v.parse::<Ipv6Net>().ok().map(|n| n.trunc())
+    })
+}
+
+fn read_previous<N>(
+    path: &Path,
+    var: &str,
+    what: &str,
+    parse: impl Fn(&str) -> Option<N>,
+) -> Option<N> {
     let text = match fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return None,
@@ -154,24 +185,22 @@ pub fn read_previous_subnet(path: &Path) -> Option<Ipv4Net> {
         }
     };
     let vars = parse_env(&text);
-    let value = vars.get("FLANNEL_SUBNET")?;
+    let value = vars.get(var)?;
     if value.contains(',') {
         log::warn!(
-            "{}: FLANNEL_SUBNET={value} has more than one entry; ignoring it",
+            "{}: {var}={value} has more than one entry; ignoring it",
             path.display()
         );
         return None;
     }
-    match value.parse::<Ipv4Net>() {
-        Ok(n) => Some(n.trunc()),
-        Err(_) => {
-            log::warn!(
-                "{}: FLANNEL_SUBNET={value} is not an IPv4 CIDR; ignoring it",
-                path.display()
-            );
-            None
-        }
+    let parsed = parse(value);
+    if parsed.is_none() {
+        log::warn!(
+            "{}: {var}={value} is not {what}; ignoring it",
+            path.display()
+        );
     }
+    parsed
 }
 
 #[cfg(test)]
@@ -194,6 +223,7 @@ mod tests {
             subnet: "10.0.13.0/24".parse().unwrap(),
             mtu: 1450,
             ip_masq: true,
+            ipv6: None,
         };
         assert_eq!(
             env.render(),
@@ -204,9 +234,31 @@ mod tests {
             subnet: "10.15.64.0/20".parse().unwrap(),
             mtu: 1450,
             ip_masq: false,
+            ipv6: None,
         };
         assert!(env.render().contains("FLANNEL_SUBNET=10.15.64.1/20\n"));
         assert!(env.render().ends_with("FLANNEL_IPMASQ=false\n"));
+    }
+
+    #[test]
+    fn renders_dual_stack_like_flannel_s_documentation() {
+        // Documentation/configuration.md's dual-stack subnet.env.
+        let env = SubnetEnv {
+            network: "10.42.0.0/16".parse().unwrap(),
+            subnet: "10.42.0.0/24".parse().unwrap(),
+            mtu: 1450,
+            ip_masq: true,
+            ipv6: Some((
+                "2001:cafe:42::/56".parse().unwrap(),
+                "2001:cafe:42::/64".parse().unwrap(),
+            )),
+        };
+        assert_eq!(
+            env.render(),
+            "FLANNEL_NETWORK=10.42.0.0/16\nFLANNEL_SUBNET=10.42.0.1/24\n\
+             FLANNEL_IPV6_NETWORK=2001:cafe:42::/56\nFLANNEL_IPV6_SUBNET=2001:cafe:42::1/64\n\
+             FLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n"
+        );
     }
 
     #[test]
@@ -219,6 +271,7 @@ mod tests {
             subnet: "10.0.14.0/24".parse().unwrap(),
             mtu: 1450,
             ip_masq: true,
+            ipv6: None,
         };
         env.write(&path).unwrap();
         assert_eq!(fs::read_to_string(&path).unwrap(), env.render());
@@ -271,6 +324,7 @@ mod tests {
             subnet: "10.0.14.0/24".parse().unwrap(),
             mtu: 1450,
             ip_masq: true,
+            ipv6: None,
         };
         env.write(&path).unwrap();
         assert_eq!(fs::read_to_string(&outside).unwrap(), "precious\n");
@@ -291,6 +345,30 @@ mod tests {
             .open(&taken)
             .unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::AlreadyExists);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn reads_the_previous_ipv6_subnet() {
+        let dir = tmpdir("read6");
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("subnet.env");
+        for (text, want) in [
+            (
+                "FLANNEL_IPV6_SUBNET=2001:cafe:42::1/64\n",
+                Some("2001:cafe:42::/64"),
+            ),
+            ("FLANNEL_SUBNET=10.0.13.1/24\n", None),
+            ("FLANNEL_IPV6_SUBNET=10.0.13.1/24\n", None),
+            ("FLANNEL_IPV6_SUBNET=fc00::1/64,fc00:1::1/64\n", None),
+        ] {
+            fs::write(&path, text).unwrap();
+            assert_eq!(
+                read_previous_ipv6_subnet(&path),
+                want.map(|w| w.parse().unwrap()),
+                "{text}"
+            );
+        }
         fs::remove_dir_all(&dir).unwrap();
     }
 
