@@ -6,11 +6,14 @@
 //! from (it would also enter the set of VTEPs our ingress trusts), or a
 //! VtepMAC the kernel refuses as a neighbour or FDB entry.
 
-use std::{fmt, net::Ipv4Addr};
+use std::{
+    fmt,
+    net::{Ipv4Addr, Ipv6Addr},
+};
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 
-use crate::flannel::mac::MacAddr;
+use crate::flannel::{lease::Peer6, mac::MacAddr};
 
 /// This node's side of the checks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -23,6 +26,17 @@ pub struct Trust {
     pub own_public_ip: Ipv4Addr,
     /// Our VNI: a lease that names another one belongs to another overlay.
     pub vni: u32,
+}
+
+/// This node's side of the checks on a dual-stack lease's IPv6 half.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Trust6 {
+    /// The config's `IPv6Network`.
+    pub network: Ipv6Net,
+    /// The config's `IPv6SubnetLen`.
+    pub subnet_len: u8,
+    /// Our own `PublicIPv6`.
+    pub own_public_ip: Ipv6Addr,
 }
 
 /// Why a lease is not programmed.
@@ -100,12 +114,44 @@ pub fn check(
     if public_ip == trust.own_public_ip {
         return Err(Rejection::OwnPublicIp);
     }
+    check_mac(vtep_mac)?;
+    if vni.is_some_and(|v| v != trust.vni) {
+        return Err(Rejection::Vni);
+    }
+    Ok(())
+}
+
+/// Checks the IPv6 half of a dual-stack lease against `trust` with the same
+/// reasons as the IPv4 half: a subnet of `IPv6SubnetLen` inside
+/// `IPv6Network`, a `PublicIPv6` that is global unicast (Go's
+/// `IsGlobalUnicast`: ULAs included) and not ours, a unicast VTEP MAC.
+pub fn check6(trust: &Trust6, peer: &Peer6) -> Result<(), Rejection> {
+    let subnet = peer.subnet;
+    if subnet.prefix_len() != trust.subnet_len {
+        return Err(Rejection::PrefixLen);
+    }
+    if !trust.network.contains(&subnet) || subnet.prefix_len() <= trust.network.prefix_len() {
+        return Err(Rejection::OutsideNetwork);
+    }
+    let ip = peer.public_ip;
+    if ip.is_unspecified()
+        || ip.is_loopback()
+        || ip.is_multicast()
+        || ip.is_unicast_link_local()
+        || ip.to_ipv4_mapped().is_some()
+    {
+        return Err(Rejection::PublicIp);
+    }
+    if ip == trust.own_public_ip {
+        return Err(Rejection::OwnPublicIp);
+    }
+    check_mac(peer.vtep_mac)
+}
+
+fn check_mac(vtep_mac: MacAddr) -> Result<(), Rejection> {
     let m = vtep_mac.0;
     if m == [0; 6] || m[0] & 1 == 1 {
         return Err(Rejection::VtepMac);
-    }
-    if vni.is_some_and(|v| v != trust.vni) {
-        return Err(Rejection::Vni);
     }
     Ok(())
 }
@@ -211,6 +257,54 @@ mod tests {
                 MAC.parse().unwrap(),
                 None
             ),
+            Err(OutsideNetwork)
+        );
+    }
+
+    #[test]
+    fn ipv6_halves_are_checked_with_the_same_reasons() {
+        use Rejection::*;
+        let trust = Trust6 {
+            network: "fc00::/48".parse().unwrap(),
+            subnet_len: 64,
+            own_public_ip: "fd01::1".parse().unwrap(),
+        };
+        let peer = |subnet: &str, ip: &str, mac: &str| Peer6 {
+            subnet: subnet.parse().unwrap(),
+            public_ip: ip.parse().unwrap(),
+            vtep_mac: mac.parse().unwrap(),
+        };
+        assert_eq!(
+            check6(&trust, &peer("fc00:0:0:7::/64", "fd01::2", MAC)),
+            Ok(())
+        );
+        assert_eq!(
+            check6(&trust, &peer("fc00:0:0:7::/64", "2001:db8::2", MAC)),
+            Ok(())
+        );
+        for (subnet, ip, mac, want) in [
+            ("fc00:0:0:7::/80", "fd01::2", MAC, PrefixLen),
+            ("fc01:0:0:7::/64", "fd01::2", MAC, OutsideNetwork),
+            ("fc00:0:0:7::/64", "::", MAC, PublicIp),
+            ("fc00:0:0:7::/64", "::1", MAC, PublicIp),
+            ("fc00:0:0:7::/64", "ff02::1", MAC, PublicIp),
+            ("fc00:0:0:7::/64", "fe80::2", MAC, PublicIp),
+            ("fc00:0:0:7::/64", "::ffff:192.168.0.2", MAC, PublicIp),
+            ("fc00:0:0:7::/64", "fd01::1", MAC, OwnPublicIp),
+            ("fc00:0:0:7::/64", "fd01::2", "33:33:00:00:00:01", VtepMac),
+        ] {
+            assert_eq!(
+                check6(&trust, &peer(subnet, ip, mac)),
+                Err(want),
+                "{subnet} {ip} {mac}"
+            );
+        }
+        let whole = Trust6 {
+            subnet_len: 48,
+            ..trust
+        };
+        assert_eq!(
+            check6(&whole, &peer("fc00::/48", "fd01::2", MAC)),
             Err(OutsideNetwork)
         );
     }
