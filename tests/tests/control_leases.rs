@@ -33,6 +33,7 @@ fn node(i: u8) -> NodeIdentity {
         public_ip,
         vni: 1,
         vtep_mac: MacAddr::stable_for(public_ip, 1),
+        ipv6: None,
     }
 }
 

@@ -63,6 +63,8 @@ pub struct Configured {
 }
 
 /// Our lease, as the subnet manager holds it.
+// One per agent, moved rarely: boxing the etcd variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug)]
 pub enum Held {
     Etcd {
@@ -397,6 +399,7 @@ async fn etcd_lease(cli: &Cli, reg: &Registry, configured: &Configured) -> Resul
         public_ip: ext.public_ip,
         vni: config.backend.vni,
         vtep_mac: MacAddr::stable_for(ext.public_ip, config.backend.vni),
+        ipv6: None,
     };
     let lease = retry("acquiring a subnet lease", || {
         own::acquire(reg, config, &node, previous, &timing)
@@ -599,6 +602,7 @@ fn write_subnet_env(
         subnet,
         mtu,
         ip_masq,
+        ipv6: None,
     }
     .write(path)
     .with_context(|| format!("writing {}", path.display()))?;

@@ -7,17 +7,22 @@
 //! with a transaction; when it loses a race it calls [`plan`] again with the
 //! lost subnet in `avoid`.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use rand::Rng;
 
-use crate::flannel::config::NetworkConfig;
+use crate::flannel::{
+    config::{Ipv6Range, NetworkConfig},
+    lease::LeaseSubnets,
+};
 
 /// A key found under `<prefix>/subnets/`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Existing {
     pub subnet: Ipv4Net,
+    /// The IPv6 subnet of a dual-stack key.
+    pub ipv6: Option<Ipv6Net>,
     /// `None` when the value could not be decoded: the subnet is still taken.
     pub public_ip: Option<Ipv4Addr>,
     /// The key has no etcd lease attached: an operator's permanent reservation.
@@ -27,7 +32,8 @@ pub struct Existing {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Choice {
     /// Our PublicIP already holds this subnet: overwrite the value in place
-    /// (a reservation stays a reservation).
+    /// (a reservation stays a reservation). The key's IPv6 subnet, if it
+    /// has one, is [`Plan::ipv6`].
     Reuse { subnet: Ipv4Net, reservation: bool },
     /// Create the subnet named in the previous subnet.env.
     Previous(Ipv4Net),
@@ -48,9 +54,35 @@ impl Choice {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Plan {
     pub choice: Choice,
+    /// The IPv6 subnet: the reused key's, or one chosen beside a new IPv4
+    /// subnet when the config enables IPv6.
+    pub ipv6: Option<Ipv6Net>,
     /// Leases (not reservations) with our PublicIP that no longer fit the
     /// config: flannel deletes them before allocating, and so do we.
-    pub stale: Vec<Ipv4Net>,
+    pub stale: Vec<LeaseSubnets>,
+}
+
+impl Plan {
+    /// The key's subnets.
+    pub fn subnets(&self) -> LeaseSubnets {
+        LeaseSubnets {
+            v4: self.choice.subnet(),
+            v6: self.ipv6,
+        }
+    }
+}
+
+/// The subnets remembered in the previous subnet.env.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Previous {
+    pub v4: Option<Ipv4Net>,
+    pub v6: Option<Ipv6Net>,
+}
+
+impl From<Option<Ipv4Net>> for Previous {
+    fn from(v4: Option<Ipv4Net>) -> Self {
+        Previous { v4, v6: None }
+    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -62,6 +94,16 @@ pub enum AllocError {
     Exhausted {
         min: Ipv4Addr,
         max: Ipv4Addr,
+        len: u8,
+        total: u64,
+    },
+    #[error(
+        "no free IPv6 subnet: all {total} /{len} subnets in [{min}, {max}] are leased, reserved \
+         or were lost to other nodes"
+    )]
+    ExhaustedV6 {
+        min: Ipv6Addr,
+        max: Ipv6Addr,
         len: u8,
         total: u64,
     },
@@ -84,18 +126,26 @@ pub fn plan(
     config: &NetworkConfig,
     existing: &[Existing],
     public_ip: Ipv4Addr,
-    previous: Option<Ipv4Net>,
+    previous: Previous,
     avoid: &[Ipv4Net],
     rng: &mut impl Rng,
 ) -> Result<Plan, AllocError> {
     let mut stale = Vec::new();
     for e in existing.iter().filter(|e| e.public_ip == Some(public_ip)) {
-        if config.fits(e.subnet) {
+        // flannel's isIPv6SubnetConfigCompat: with IPv6 on, the lease must
+        // hold a fitting IPv6 subnet too (a v4-only lease is replaced).
+        let ipv6_fits = match (&config.ipv6, e.ipv6) {
+            (None, _) => true,
+            (Some(range), Some(v6)) => range.fits(v6),
+            (Some(_), None) => false,
+        };
+        if config.fits(e.subnet) && ipv6_fits {
             return Ok(Plan {
                 choice: Choice::Reuse {
                     subnet: e.subnet,
                     reservation: e.reservation,
                 },
+                ipv6: e.ipv6,
                 stale,
             });
         }
@@ -109,23 +159,37 @@ pub fn plan(
                 max: config.subnet_max,
             });
         }
-        stale.push(e.subnet);
+        stale.push(LeaseSubnets {
+            v4: e.subnet,
+            v6: e.ipv6,
+        });
     }
 
     // Leases being deleted as stale are free again.
-    let taken: Vec<Ipv4Net> = existing
-        .iter()
+    let live = || {
+        existing
+            .iter()
+            .filter(|e| !stale.iter().any(|s| s.v4 == e.subnet && s.v6 == e.ipv6))
+    };
+    let taken: Vec<Ipv4Net> = live()
         .map(|e| e.subnet)
-        .filter(|s| !stale.contains(s))
         .chain(avoid.iter().copied())
         .collect();
+    let ipv6 = match &config.ipv6 {
+        None => None,
+        Some(range) => {
+            let taken6: Vec<Ipv6Net> = live().filter_map(|e| e.ipv6).collect();
+            Some(plan_ipv6(range, &taken6, previous.v6, rng)?)
+        }
+    };
 
-    if let Some(prev) = previous
+    if let Some(prev) = previous.v4
         && config.fits(prev)
         && !taken.iter().any(|t| overlaps(*t, prev))
     {
         return Ok(Plan {
             choice: Choice::Previous(prev),
+            ipv6,
             stale,
         });
     }
@@ -138,6 +202,7 @@ pub fn plan(
     })?;
     Ok(Plan {
         choice: Choice::Random(subnet),
+        ipv6,
         stale,
     })
 }
@@ -146,34 +211,88 @@ fn overlaps(a: Ipv4Net, b: Ipv4Net) -> bool {
     a.contains(&b.network()) || b.contains(&a.network())
 }
 
-/// A uniformly random subnet in [SubnetMin, SubnetMax] that overlaps nothing
-/// in `taken`. Works on index ranges, so a /8 cut into /30s costs no more
-/// than a /16 cut into /24s.
-fn pick_free(config: &NetworkConfig, taken: &[Ipv4Net], rng: &mut impl Rng) -> Option<Ipv4Net> {
-    let min = u64::from(u32::from(config.subnet_min));
-    let size = u64::from(config.subnet_size());
-    let count = config.subnet_count();
-
-    // Subnet indexes [lo, hi] that each taken range touches.
-    let mut blocked: Vec<(u64, u64)> = taken
+/// The IPv6 half of a dual-stack lease, chosen on its own as flannel's
+/// `allocateSubnet` does: the one remembered in subnet.env
+/// (FLANNEL_IPV6_SUBNET) if it fits and is free, else a random free one.
+/// `taken` holds the IPv6 subnets of the other leases.
+pub fn plan_ipv6(
+    range: &Ipv6Range,
+    taken: &[Ipv6Net],
+    previous: Option<Ipv6Net>,
+    rng: &mut impl Rng,
+) -> Result<Ipv6Net, AllocError> {
+    if let Some(prev) = previous
+        && range.fits(prev)
+        && !taken
+            .iter()
+            .any(|t| t.contains(&prev.network()) || prev.contains(&t.network()))
+    {
+        return Ok(prev);
+    }
+    let host_bits = 128 - u32::from(range.subnet_len);
+    let min = u128::from(range.subnet_min);
+    let count = ((u128::from(range.subnet_max) - min) >> host_bits) + 1;
+    let blocked = taken
         .iter()
-        .filter_map(|t| {
-            let start = u64::from(u32::from(t.network()));
-            let end = u64::from(u32::from(t.broadcast()));
-            let last = min + count * size - 1;
+        .map(|t| (u128::from(t.network()), u128::from(t.broadcast())));
+    let addr =
+        pick_free_index(min, host_bits, count, blocked, rng).ok_or(AllocError::ExhaustedV6 {
+            min: range.subnet_min,
+            max: range.subnet_max,
+            len: range.subnet_len,
+            total: range.subnet_count(),
+        })?;
+    Ok(Ipv6Net::new(Ipv6Addr::from(addr), range.subnet_len).expect("valid prefix length"))
+}
+
+/// A uniformly random subnet in [SubnetMin, SubnetMax] that overlaps nothing
+/// in `taken`.
+fn pick_free(config: &NetworkConfig, taken: &[Ipv4Net], rng: &mut impl Rng) -> Option<Ipv4Net> {
+    let blocked = taken.iter().map(|t| {
+        (
+            u128::from(u32::from(t.network())),
+            u128::from(u32::from(t.broadcast())),
+        )
+    });
+    let addr = pick_free_index(
+        u128::from(u32::from(config.subnet_min)),
+        32 - u32::from(config.subnet_len),
+        u128::from(config.subnet_count()),
+        blocked,
+        rng,
+    )?;
+    // Inside [SubnetMin, SubnetMax], so inside the 32-bit space.
+    Some(Ipv4Net::new(Ipv4Addr::from(addr as u32), config.subnet_len).expect("valid prefix length"))
+}
+
+/// The start of a uniformly random subnet among `count` subnets of
+/// `2^host_bits` addresses from `min` that touches no `(first, last)`
+/// address range in `blocked`. Works on index ranges, so a /8 cut into /30s
+/// (or an IPv6 /32 into /64s) costs no more than a /16 cut into /24s.
+fn pick_free_index(
+    min: u128,
+    host_bits: u32,
+    count: u128,
+    blocked: impl Iterator<Item = (u128, u128)>,
+    rng: &mut impl Rng,
+) -> Option<u128> {
+    let last = min + ((count << host_bits) - 1);
+    // Subnet indexes [lo, hi] that each taken range touches.
+    let mut blocked: Vec<(u128, u128)> = blocked
+        .filter_map(|(start, end)| {
             if end < min || start > last {
                 return None;
             }
-            let lo = start.saturating_sub(min) / size;
-            let hi = ((end - min) / size).min(count - 1);
+            let lo = start.saturating_sub(min) >> host_bits;
+            let hi = ((end - min) >> host_bits).min(count - 1);
             Some((lo, hi))
         })
         .collect();
     blocked.sort_unstable();
 
     // Free index ranges between the (merged) blocked ones.
-    let mut free: Vec<(u64, u64)> = Vec::new();
-    let mut next = 0u64;
+    let mut free: Vec<(u128, u128)> = Vec::new();
+    let mut next = 0u128;
     for (lo, hi) in blocked {
         if lo > next {
             free.push((next, lo - 1));
@@ -183,7 +302,7 @@ fn pick_free(config: &NetworkConfig, taken: &[Ipv4Net], rng: &mut impl Rng) -> O
     if next < count {
         free.push((next, count - 1));
     }
-    let total: u64 = free.iter().map(|(lo, hi)| hi - lo + 1).sum();
+    let total: u128 = free.iter().map(|(lo, hi)| hi - lo + 1).sum();
     if total == 0 {
         return None;
     }
@@ -191,8 +310,7 @@ fn pick_free(config: &NetworkConfig, taken: &[Ipv4Net], rng: &mut impl Rng) -> O
     for (lo, hi) in free {
         let n = hi - lo + 1;
         if k < n {
-            let addr = Ipv4Addr::from((min + (lo + k) * size) as u32);
-            return Some(Ipv4Net::new(addr, config.subnet_len).expect("valid prefix length"));
+            return Some(min + ((lo + k) << host_bits));
         }
         k -= n;
     }
@@ -206,6 +324,12 @@ mod tests {
 
     fn cfg(s: &str) -> NetworkConfig {
         NetworkConfig::parse(s.as_bytes()).unwrap()
+    }
+    fn dual(ipv6_fields: &str) -> NetworkConfig {
+        let mut c = NetworkConfig::parse_with_ipv6_for_tests(ipv6_fields);
+        c.subnet_min = ip("10.0.1.0");
+        c.subnet_max = ip("10.0.20.0");
+        c
     }
     fn seed004() -> NetworkConfig {
         cfg(
@@ -221,8 +345,15 @@ mod tests {
     fn lease(subnet: &str, public_ip: &str) -> Existing {
         Existing {
             subnet: net(subnet),
+            ipv6: None,
             public_ip: Some(ip(public_ip)),
             reservation: false,
+        }
+    }
+    fn prev(s: &str) -> Previous {
+        Previous {
+            v4: Some(net(s)),
+            v6: None,
         }
     }
     fn rng() -> StdRng {
@@ -240,7 +371,7 @@ mod tests {
             &c,
             &existing,
             ip("10.211.55.10"),
-            Some(net("10.0.5.0/24")),
+            prev("10.0.5.0/24"),
             &[],
             &mut rng(),
         )
@@ -260,7 +391,15 @@ mod tests {
         let c = seed004();
         let mut r = lease("10.0.7.0/24", "10.211.55.10");
         r.reservation = true;
-        let p = plan(&c, &[r], ip("10.211.55.10"), None, &[], &mut rng()).unwrap();
+        let p = plan(
+            &c,
+            &[r],
+            ip("10.211.55.10"),
+            Previous::default(),
+            &[],
+            &mut rng(),
+        )
+        .unwrap();
         assert_eq!(
             p.choice,
             Choice::Reuse {
@@ -282,12 +421,15 @@ mod tests {
             &c,
             &existing,
             ip("10.211.55.10"),
-            Some(net("10.0.2.0/24")),
+            prev("10.0.2.0/24"),
             &[],
             &mut rng(),
         )
         .unwrap();
-        assert_eq!(p.stale, vec![net("10.0.30.0/24"), net("10.0.2.0/25")]);
+        assert_eq!(
+            p.stale,
+            vec![net("10.0.30.0/24").into(), net("10.0.2.0/25").into()]
+        );
         // The stale /25 no longer blocks the remembered /24.
         assert_eq!(p.choice, Choice::Previous(net("10.0.2.0/24")));
     }
@@ -297,7 +439,15 @@ mod tests {
         let c = seed004();
         let mut r = lease("10.0.30.0/24", "10.211.55.10");
         r.reservation = true;
-        let e = plan(&c, &[r], ip("10.211.55.10"), None, &[], &mut rng()).unwrap_err();
+        let e = plan(
+            &c,
+            &[r],
+            ip("10.211.55.10"),
+            Previous::default(),
+            &[],
+            &mut rng(),
+        )
+        .unwrap_err();
         assert!(matches!(e, AllocError::ReservationDoesNotFit { .. }));
     }
 
@@ -306,32 +456,33 @@ mod tests {
         let c = seed004();
         let other = [lease("10.0.13.0/24", "10.211.55.99")];
         let me = ip("10.211.55.10");
-        let p = plan(&c, &[], me, Some(net("10.0.13.0/24")), &[], &mut rng()).unwrap();
+        let p = plan(&c, &[], me, prev("10.0.13.0/24"), &[], &mut rng()).unwrap();
         assert_eq!(p.choice, Choice::Previous(net("10.0.13.0/24")));
         // Held by someone else: random instead, and not that one.
-        let p = plan(&c, &other, me, Some(net("10.0.13.0/24")), &[], &mut rng()).unwrap();
+        let p = plan(&c, &other, me, prev("10.0.13.0/24"), &[], &mut rng()).unwrap();
         assert!(matches!(p.choice, Choice::Random(s) if s != net("10.0.13.0/24")));
         // Lost in a race: avoided.
         let p = plan(
             &c,
             &[],
             me,
-            Some(net("10.0.13.0/24")),
+            prev("10.0.13.0/24"),
             &[net("10.0.13.0/24")],
             &mut rng(),
         )
         .unwrap();
         assert!(matches!(p.choice, Choice::Random(s) if s != net("10.0.13.0/24")));
         // Outside [SubnetMin, SubnetMax]: ignored.
-        let p = plan(&c, &[], me, Some(net("10.0.0.0/24")), &[], &mut rng()).unwrap();
+        let p = plan(&c, &[], me, prev("10.0.0.0/24"), &[], &mut rng()).unwrap();
         assert!(matches!(p.choice, Choice::Random(_)));
         // Malformed lease value still occupies its subnet.
         let bad = Existing {
             subnet: net("10.0.13.0/24"),
+            ipv6: None,
             public_ip: None,
             reservation: false,
         };
-        let p = plan(&c, &[bad], me, Some(net("10.0.13.0/24")), &[], &mut rng()).unwrap();
+        let p = plan(&c, &[bad], me, prev("10.0.13.0/24"), &[], &mut rng()).unwrap();
         assert!(matches!(p.choice, Choice::Random(s) if s != net("10.0.13.0/24")));
     }
 
@@ -347,7 +498,15 @@ mod tests {
         let mut seen = std::collections::BTreeSet::new();
         let mut r = rng();
         for _ in 0..200 {
-            let p = plan(&c, &existing, ip("10.211.55.10"), None, &[], &mut r).unwrap();
+            let p = plan(
+                &c,
+                &existing,
+                ip("10.211.55.10"),
+                Previous::default(),
+                &[],
+                &mut r,
+            )
+            .unwrap();
             seen.insert(p.choice.subnet());
         }
         assert_eq!(
@@ -362,7 +521,15 @@ mod tests {
         let existing: Vec<Existing> = (1..=20)
             .map(|i| lease(&format!("10.0.{i}.0/24"), "192.0.2.1"))
             .collect();
-        let e = plan(&c, &existing, ip("10.211.55.10"), None, &[], &mut rng()).unwrap_err();
+        let e = plan(
+            &c,
+            &existing,
+            ip("10.211.55.10"),
+            Previous::default(),
+            &[],
+            &mut rng(),
+        )
+        .unwrap_err();
         assert_eq!(
             e,
             AllocError::Exhausted {
@@ -378,7 +545,7 @@ mod tests {
             &c,
             &[lease("10.0.0.0/16", "192.0.2.1")],
             ip("10.211.55.10"),
-            None,
+            Previous::default(),
             &[],
             &mut rng(),
         );
@@ -389,7 +556,15 @@ mod tests {
     fn large_spaces_are_cheap() {
         let c = cfg(r#"{"Network":"10.0.0.0/8","SubnetLen":30,"Backend":{"Type":"vxlan"}}"#);
         assert_eq!(c.subnet_count(), (1 << 22) - 1);
-        let p = plan(&c, &[], ip("192.0.2.1"), None, &[], &mut rng()).unwrap();
+        let p = plan(
+            &c,
+            &[],
+            ip("192.0.2.1"),
+            Previous::default(),
+            &[],
+            &mut rng(),
+        )
+        .unwrap();
         let s = p.choice.subnet();
         assert!(c.fits(s), "{s}");
         // The edges are reachable and the first subnet never is.
@@ -417,7 +592,114 @@ mod tests {
             lease("10.255.255.240/29", "192.0.2.9"),
             lease("10.255.255.248/30", "192.0.2.9"),
         ];
-        let p = plan(&c, &all_but_last, ip("192.0.2.1"), None, &[], &mut rng()).unwrap();
+        let p = plan(
+            &c,
+            &all_but_last,
+            ip("192.0.2.1"),
+            Previous::default(),
+            &[],
+            &mut rng(),
+        )
+        .unwrap();
         assert_eq!(p.choice, Choice::Random(net("10.255.255.252/30")));
+    }
+
+    fn range6(s: &str) -> Ipv6Range {
+        NetworkConfig::parse_with_ipv6_for_tests(s).ipv6.unwrap()
+    }
+
+    fn net6(s: &str) -> Ipv6Net {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn ipv6_previous_then_random_free() {
+        let r = range6(r#""IPv6Network":"fc00::/48","IPv6SubnetMax":"fc00:0:0:4::""#);
+        // Remembered and free: kept.
+        let prev = net6("fc00:0:0:3::/64");
+        assert_eq!(plan_ipv6(&r, &[], Some(prev), &mut rng()).unwrap(), prev);
+        // Taken by another lease, or not fitting: a random free one instead.
+        let taken = [net6("fc00:0:0:3::/64"), net6("fc00:0:0:1::/64")];
+        let mut seen = std::collections::BTreeSet::new();
+        let mut g = rng();
+        for _ in 0..100 {
+            seen.insert(plan_ipv6(&r, &taken, Some(prev), &mut g).unwrap());
+        }
+        assert_eq!(
+            seen.into_iter().collect::<Vec<_>>(),
+            vec![net6("fc00:0:0:2::/64"), net6("fc00:0:0:4::/64")]
+        );
+        assert_ne!(
+            plan_ipv6(&r, &[], Some(net6("fc00:0:0:3::/80")), &mut rng()).unwrap(),
+            net6("fc00:0:0:3::/80")
+        );
+        // All four taken (one through a covering /62): a clear error.
+        let e = plan_ipv6(
+            &r,
+            &[net6("fc00::/62"), net6("fc00:0:0:4::/64")],
+            None,
+            &mut rng(),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("all 4 /64"), "{e}");
+    }
+
+    #[test]
+    fn dual_stack_leases_are_reused_only_whole() {
+        let c = dual(r#""IPv6Network":"fc00::/48""#);
+        let me = ip("10.211.55.10");
+        let mut own = lease("10.0.13.0/24", "10.211.55.10");
+        // A v4-only lease of ours (IPv6 just turned on) is replaced, as
+        // flannel does: a new pair, the old key deleted.
+        let p = plan(&c, &[own], me, prev("10.0.13.0/24"), &[], &mut rng()).unwrap();
+        assert_eq!(p.stale, vec![net("10.0.13.0/24").into()]);
+        assert_eq!(p.choice, Choice::Previous(net("10.0.13.0/24")));
+        assert!(c.ipv6.unwrap().fits(p.ipv6.unwrap()));
+        // A fitting dual-stack lease is reused whole.
+        own.ipv6 = Some(net6("fc00:0:0:9::/64"));
+        let p = plan(&c, &[own], me, Previous::default(), &[], &mut rng()).unwrap();
+        assert_eq!(
+            p.subnets(),
+            LeaseSubnets {
+                v4: net("10.0.13.0/24"),
+                v6: Some(net6("fc00:0:0:9::/64"))
+            }
+        );
+        assert!(p.stale.is_empty());
+        // Its IPv6 half outside the range: stale.
+        own.ipv6 = Some(net6("fc01:0:0:9::/64"));
+        let p = plan(&c, &[own], me, Previous::default(), &[], &mut rng()).unwrap();
+        assert_eq!(p.stale.len(), 1);
+        // Other nodes' IPv6 subnets are not handed out again; the
+        // remembered one is kept when free.
+        let mut other = lease("10.0.14.0/24", "10.211.55.11");
+        other.ipv6 = Some(net6("fc00:0:0:5::/64"));
+        let previous = Previous {
+            v4: None,
+            v6: Some(net6("fc00:0:0:5::/64")),
+        };
+        let p = plan(&c, &[other], me, previous, &[], &mut rng()).unwrap();
+        assert_ne!(p.ipv6, Some(net6("fc00:0:0:5::/64")));
+        let previous = Previous {
+            v4: None,
+            v6: Some(net6("fc00:0:0:6::/64")),
+        };
+        let p = plan(&c, &[other], me, previous, &[], &mut rng()).unwrap();
+        assert_eq!(p.ipv6, Some(net6("fc00:0:0:6::/64")));
+        // Without IPv6 in the config a dual-stack key of ours is reused as it
+        // is (the key cannot change), and nothing IPv6 is chosen.
+        own.ipv6 = Some(net6("fc00:0:0:9::/64"));
+        let p = plan(&seed004(), &[own], me, Previous::default(), &[], &mut rng()).unwrap();
+        assert_eq!(p.ipv6, Some(net6("fc00:0:0:9::/64")));
+        let p = plan(&seed004(), &[], me, Previous::default(), &[], &mut rng()).unwrap();
+        assert_eq!(p.ipv6, None);
+    }
+
+    #[test]
+    fn ipv6_large_spaces_are_cheap() {
+        // 2^64 - 1 /64s in a /0-sized index space would overflow u64.
+        let r = range6(r#""IPv6Network":"fc00::/8","IPv6SubnetLen":72"#);
+        let s = plan_ipv6(&r, &[net6("fc00::/9")], None, &mut rng()).unwrap();
+        assert!(r.fits(s) && !net6("fc00::/9").contains(&s.network()), "{s}");
     }
 }

@@ -25,7 +25,7 @@ use crate::subnet::backoff::Backoff;
 use crate::subnet::{Claim, Record};
 use crate::{
     flannel::config::{ConfigError, NetworkConfig},
-    flannel::lease,
+    flannel::lease::{self, LeaseSubnets},
 };
 
 pub mod failure;
@@ -215,7 +215,13 @@ pub struct Entry {
 
 impl Entry {
     pub fn subnet(&self) -> Option<Ipv4Net> {
-        lease::parse_subnet_key(&self.key).ok().map(|(n, _)| n)
+        self.subnets().map(|s| s.v4)
+    }
+    /// Both subnets of the key (the IPv6 one for a dual-stack lease).
+    pub fn subnets(&self) -> Option<LeaseSubnets> {
+        lease::parse_subnet_key(&self.key)
+            .ok()
+            .map(|(v4, v6)| LeaseSubnets { v4, v6 })
     }
     pub fn is_reservation(&self) -> bool {
         self.lease_id == 0
@@ -366,8 +372,8 @@ impl Registry {
     pub fn config_key(&self) -> String {
         lease::config_key(&self.prefix)
     }
-    pub fn lease_key(&self, subnet: Ipv4Net) -> String {
-        lease::lease_key(&self.prefix, subnet)
+    pub fn lease_key(&self, subnets: impl Into<LeaseSubnets>) -> String {
+        lease::lease_key(&self.prefix, subnets)
     }
     pub fn subnets_prefix(&self) -> String {
         lease::subnets_prefix(&self.prefix)
@@ -515,13 +521,19 @@ impl Registry {
     }
 
     /// One lease key, if it exists.
-    pub async fn get_lease(&self, subnet: Ipv4Net) -> Result<Option<Entry>, EtcdError> {
+    pub async fn get_lease(
+        &self,
+        subnet: impl Into<LeaseSubnets>,
+    ) -> Result<Option<Entry>, EtcdError> {
         Ok(self.lease_snapshot(subnet).await?.entries.pop())
     }
 
     /// One lease key as a snapshot: etcd's revision, and the key's entry
     /// unless it is gone.
-    pub async fn lease_snapshot(&self, subnet: Ipv4Net) -> Result<Snapshot, EtcdError> {
+    pub async fn lease_snapshot(
+        &self,
+        subnet: impl Into<LeaseSubnets>,
+    ) -> Result<Snapshot, EtcdError> {
         let key = self.lease_key(subnet);
         let resp = self
             .call("get", &key, |mut c| {
@@ -574,7 +586,7 @@ impl Registry {
     /// `If(Version(key) == 0) Then(Put(key, value, lease))`: true if we created it.
     pub async fn create(
         &self,
-        subnet: Ipv4Net,
+        subnet: impl Into<LeaseSubnets>,
         value: &str,
         lease_id: i64,
     ) -> Result<bool, EtcdError> {
@@ -596,7 +608,7 @@ impl Registry {
     /// it without a lease (a reservation stays one).
     pub async fn replace(
         &self,
-        subnet: Ipv4Net,
+        subnet: impl Into<LeaseSubnets>,
         seen_mod_revision: i64,
         value: &str,
         lease_id: i64,
@@ -621,7 +633,7 @@ impl Registry {
     /// Delete a key only if nobody changed it since we read it.
     pub async fn delete_if_unchanged(
         &self,
-        subnet: Ipv4Net,
+        subnet: impl Into<LeaseSubnets>,
         seen_mod_revision: i64,
     ) -> Result<bool, EtcdError> {
         let key = self.lease_key(subnet);

@@ -7,19 +7,19 @@
 
 use crate::printable::printable;
 use std::{
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     time::{Duration, Instant},
 };
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 
 use super::{Entry, EtcdError, Registry};
 use crate::subnet::backoff::Backoff;
 use crate::{
     flannel::config::NetworkConfig,
-    flannel::lease::{self, Backend},
+    flannel::lease::{self, Backend, LeaseSubnets},
     flannel::mac::MacAddr,
-    subnet::alloc::{self, AllocError, Choice, Existing},
+    subnet::alloc::{self, AllocError, Choice, Existing, Previous},
 };
 
 /// flannel's `subnetTTL`.
@@ -56,11 +56,36 @@ pub struct NodeIdentity {
     pub vni: u32,
     /// The MAC to publish when we have no lease to take one from.
     pub vtep_mac: MacAddr,
+    /// For dual stack: the node's IPv6 and its v6 VTEP's MAC.
+    pub ipv6: Option<NodeIpv6>,
+}
+
+/// What a dual-stack node publishes about its IPv6 side (`PublicIPv6` and
+/// `BackendV6Data.VtepMAC`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NodeIpv6 {
+    pub public_ip: Ipv6Addr,
+    pub vtep_mac: MacAddr,
+}
+
+/// Our lease value as flanneld writes it.
+fn encode(public_ip: Ipv4Addr, vni: u32, vtep_mac: MacAddr, ipv6: Option<NodeIpv6>) -> String {
+    lease::encode_vxlan_dual(
+        public_ip,
+        vni,
+        vtep_mac,
+        ipv6.map(|v6| (v6.public_ip, v6.vtep_mac)),
+    )
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OwnLease {
     pub subnet: Ipv4Net,
+    /// The IPv6 subnet named by our key, for a dual-stack lease.
+    pub ipv6_subnet: Option<Ipv6Net>,
+    /// What we publish about our IPv6 side (its MAC taken over like
+    /// `vtep_mac`); `None` when IPv6 is off.
+    pub ipv6: Option<NodeIpv6>,
     pub public_ip: Ipv4Addr,
     pub vni: u32,
     /// Published; taken over from the lease we reused so that peers'
@@ -82,6 +107,14 @@ pub struct OwnLease {
 }
 
 impl OwnLease {
+    /// The subnets our key names.
+    pub fn subnets(&self) -> LeaseSubnets {
+        LeaseSubnets {
+            v4: self.subnet,
+            v6: self.ipv6_subnet,
+        }
+    }
+
     pub fn is_reservation(&self) -> bool {
         self.lease_id == 0
     }
@@ -120,9 +153,10 @@ pub async fn acquire(
     reg: &Registry,
     config: &NetworkConfig,
     node: &NodeIdentity,
-    previous: Option<Ipv4Net>,
+    previous: impl Into<Previous>,
     timing: &LeaseTiming,
 ) -> Result<OwnLease, AcquireError> {
+    let previous = previous.into();
     let mut avoid: Vec<Ipv4Net> = Vec::new();
     let mut races = 0;
     loop {
@@ -131,10 +165,11 @@ pub async fn acquire(
             .entries
             .iter()
             .filter_map(|e| {
-                let subnet = e.subnet()?;
+                let subnets = e.subnets()?;
                 let public_ip = lease::decode(&e.key, &e.value).ok().map(|l| l.public_ip);
                 Some(Existing {
-                    subnet,
+                    subnet: subnets.v4,
+                    ipv6: subnets.v6,
                     public_ip,
                     reservation: e.is_reservation(),
                 })
@@ -148,8 +183,12 @@ pub async fn acquire(
             &avoid,
             &mut rand::rng(),
         )?;
-        let entry_for =
-            |subnet: Ipv4Net| snapshot.entries.iter().find(|e| e.subnet() == Some(subnet));
+        let entry_for = |subnets: LeaseSubnets| {
+            snapshot
+                .entries
+                .iter()
+                .find(|e| e.subnets() == Some(subnets))
+        };
         for stale in &plan.stale {
             if let Some(e) = entry_for(*stale) {
                 log::info!(
@@ -162,20 +201,29 @@ pub async fn acquire(
         }
 
         let subnet = plan.choice.subnet();
+        let subnets = plan.subnets();
         match plan.choice {
             Choice::Reuse { reservation, .. } => {
-                let Some(e) = entry_for(subnet) else {
+                let Some(e) = entry_for(subnets) else {
                     continue;
                 };
-                // Keep the MAC peers already know.
-                let vtep_mac = match lease::decode(&e.key, &e.value) {
-                    Ok(lease::Lease {
-                        backend: Backend::Vxlan { vtep_mac, .. },
-                        ..
-                    }) => vtep_mac,
-                    _ => node.vtep_mac,
+                // Keep the MACs peers already know.
+                let (vtep_mac, ipv6) = match lease::decode(&e.key, &e.value) {
+                    Ok(
+                        l @ lease::Lease {
+                            backend: Backend::Vxlan { vtep_mac, .. },
+                            ..
+                        },
+                    ) => (
+                        vtep_mac,
+                        node.ipv6.map(|v6| NodeIpv6 {
+                            vtep_mac: l.vtep_mac_v6.unwrap_or(v6.vtep_mac),
+                            ..v6
+                        }),
+                    ),
+                    _ => (node.vtep_mac, node.ipv6),
                 };
-                let value = lease::encode_vxlan(node.public_ip, node.vni, vtep_mac);
+                let value = encode(node.public_ip, node.vni, vtep_mac, ipv6);
                 let (lease_id, expires) = if reservation {
                     (0, None)
                 } else {
@@ -183,17 +231,19 @@ pub async fn acquire(
                     (id, Some(Instant::now() + ttl))
                 };
                 if reg
-                    .replace(subnet, e.mod_revision, &value, lease_id)
+                    .replace(subnets, e.mod_revision, &value, lease_id)
                     .await?
                 {
-                    let mod_revision = current_mod_revision(reg, subnet).await?;
+                    let mod_revision = current_mod_revision(reg, subnets).await?;
                     log::info!(
-                        "reusing {} lease {subnet} for PublicIP {}",
+                        "reusing {} lease {subnets} for PublicIP {}",
                         if reservation { "reserved" } else { "our" },
                         node.public_ip
                     );
                     return Ok(OwnLease {
                         subnet,
+                        ipv6_subnet: subnets.v6,
+                        ipv6,
                         public_ip: node.public_ip,
                         vni: node.vni,
                         vtep_mac,
@@ -209,13 +259,13 @@ pub async fn acquire(
                 reg.revoke(lease_id).await;
             }
             Choice::Previous(_) | Choice::Random(_) => {
-                let value = lease::encode_vxlan(node.public_ip, node.vni, node.vtep_mac);
+                let value = encode(node.public_ip, node.vni, node.vtep_mac, node.ipv6);
                 let (lease_id, ttl) = reg.grant(timing.ttl).await?;
                 let expires = Instant::now() + ttl;
-                if reg.create(subnet, &value, lease_id).await? {
-                    let mod_revision = current_mod_revision(reg, subnet).await?;
+                if reg.create(subnets, &value, lease_id).await? {
+                    let mod_revision = current_mod_revision(reg, subnets).await?;
                     log::info!(
-                        "allocated lease {subnet} ({}) for PublicIP {}",
+                        "allocated lease {subnets} ({}) for PublicIP {}",
                         if matches!(plan.choice, Choice::Previous(_)) {
                             "the subnet we held before"
                         } else {
@@ -225,6 +275,8 @@ pub async fn acquire(
                     );
                     return Ok(OwnLease {
                         subnet,
+                        ipv6_subnet: subnets.v6,
+                        ipv6: node.ipv6,
                         public_ip: node.public_ip,
                         vni: node.vni,
                         vtep_mac: node.vtep_mac,
@@ -248,7 +300,7 @@ pub async fn acquire(
     }
 }
 
-async fn current_mod_revision(reg: &Registry, subnet: Ipv4Net) -> Result<i64, EtcdError> {
+async fn current_mod_revision(reg: &Registry, subnet: LeaseSubnets) -> Result<i64, EtcdError> {
     Ok(reg.get_lease(subnet).await?.map_or(0, |e| e.mod_revision))
 }
 
@@ -273,10 +325,10 @@ pub async fn renew(
         if attempt > 0 {
             tokio::time::sleep(backoff.next_delay()).await;
         }
-        let Some(e) = reg.get_lease(own.subnet).await? else {
+        let Some(e) = reg.get_lease(own.subnets()).await? else {
             return Ok(Renewal::Lost(format!(
                 "{} was deleted",
-                reg.lease_key(own.subnet)
+                reg.lease_key(own.subnets())
             )));
         };
         if e.value != own.value.as_bytes() {
@@ -298,7 +350,7 @@ pub async fn renew(
         let (id, ttl) = reg.grant(timing.ttl).await?;
         let expires = Instant::now() + ttl;
         if reg
-            .replace(own.subnet, e.mod_revision, &own.value, id)
+            .replace(own.subnets(), e.mod_revision, &own.value, id)
             .await?
         {
             if e.lease_id != id {
@@ -306,13 +358,13 @@ pub async fn renew(
             }
             own.lease_id = id;
             own.expires = Some(expires);
-            own.mod_revision = current_mod_revision(reg, own.subnet).await?;
+            own.mod_revision = current_mod_revision(reg, own.subnets()).await?;
             return Ok(Renewal::Renewed);
         }
         reg.revoke(id).await;
     }
     Err(EtcdError::Contention {
-        key: reg.lease_key(own.subnet),
+        key: reg.lease_key(own.subnets()),
     })
 }
 
@@ -323,11 +375,11 @@ pub async fn update_mac(
     own: &mut OwnLease,
     vtep_mac: MacAddr,
 ) -> Result<Renewal, EtcdError> {
-    let value = lease::encode_vxlan(own.public_ip, own.vni, vtep_mac);
-    let Some(e) = reg.get_lease(own.subnet).await? else {
+    let value = encode(own.public_ip, own.vni, vtep_mac, own.ipv6);
+    let Some(e) = reg.get_lease(own.subnets()).await? else {
         return Ok(Renewal::Lost(format!(
             "{} was deleted",
-            reg.lease_key(own.subnet)
+            reg.lease_key(own.subnets())
         )));
     };
     if e.value != own.value.as_bytes() {
@@ -338,7 +390,7 @@ pub async fn update_mac(
         )));
     }
     if !reg
-        .replace(own.subnet, e.mod_revision, &value, e.lease_id)
+        .replace(own.subnets(), e.mod_revision, &value, e.lease_id)
         .await?
     {
         return Ok(Renewal::Lost(format!(
@@ -349,13 +401,13 @@ pub async fn update_mac(
     own.value = value;
     own.vtep_mac = vtep_mac;
     own.lease_id = e.lease_id;
-    own.mod_revision = current_mod_revision(reg, own.subnet).await?;
+    own.mod_revision = current_mod_revision(reg, own.subnets()).await?;
     Ok(Renewal::Renewed)
 }
 
 /// Whether a watched entry is our own key still holding our value.
 pub fn is_ours(own: &OwnLease, entry: &Entry) -> bool {
-    entry.subnet() == Some(own.subnet) && entry.value == own.value.as_bytes()
+    entry.subnets() == Some(own.subnets()) && entry.value == own.value.as_bytes()
 }
 
 /// What [`reclaim`] found.
@@ -377,7 +429,7 @@ pub async fn reclaim(
     own: &OwnLease,
     timing: &LeaseTiming,
 ) -> Result<Reclaim, EtcdError> {
-    let current = reg.get_lease(own.subnet).await?;
+    let current = reg.get_lease(own.subnets()).await?;
     if let Some(e) = &current
         && let Ok(l) = lease::decode(&e.key, &e.value)
         && l.public_ip != own.public_ip
@@ -386,9 +438,9 @@ pub async fn reclaim(
     }
     let (id, ttl) = reg.grant(timing.ttl).await?;
     let placed = match &current {
-        None => reg.create(own.subnet, &own.value, id).await?,
+        None => reg.create(own.subnets(), &own.value, id).await?,
         Some(e) => {
-            reg.replace(own.subnet, e.mod_revision, &own.value, id)
+            reg.replace(own.subnets(), e.mod_revision, &own.value, id)
                 .await?
         }
     };
@@ -399,7 +451,7 @@ pub async fn reclaim(
     let mut own = own.clone();
     own.lease_id = id;
     own.expires = Some(Instant::now() + ttl);
-    own.mod_revision = current_mod_revision(reg, own.subnet).await?;
+    own.mod_revision = current_mod_revision(reg, own.subnets()).await?;
     own.conflict = None;
     Ok(Reclaim::Reclaimed(own))
 }
@@ -436,12 +488,12 @@ impl Keeper {
             own.mod_revision
         } else {
             self.reg
-                .lease_snapshot(own.subnet)
+                .lease_snapshot(own.subnets())
                 .await
                 .map_or(0, |s| s.revision)
         };
         let mut watcher =
-            super::watch::LeaseWatcher::lease_key(self.reg.clone(), own.subnet, start_rev);
+            super::watch::LeaseWatcher::lease_key(self.reg.clone(), own.subnets(), start_rev);
         let mut next_renewal = own.renew_at(&self.timing);
         let mut renew_backoff = Backoff::new(Duration::from_secs(1), self.timing.retry);
         loop {
@@ -531,7 +583,7 @@ fn own_key_lost(
     events: &[super::watch::WatchEvent],
 ) -> Option<String> {
     use super::watch::WatchEvent;
-    let key = reg.lease_key(own.subnet);
+    let key = reg.lease_key(own.subnets());
     let mut verdict = None;
     for ev in events {
         match ev {

@@ -11,8 +11,8 @@ use std::sync::{
     atomic::{AtomicBool, Ordering},
 };
 
+use crate::flannel::lease::LeaseSubnets;
 use etcd_client::{EventType, WatchOptions, WatchStream};
-use ipnet::Ipv4Net;
 
 use super::{Entry, EtcdError, Registry, Snapshot};
 use crate::subnet::{LeaseEvent, backoff::Backoff};
@@ -48,7 +48,7 @@ enum Scope {
     Subnets,
     /// One lease key: the lease keeper's, which must not wake for every
     /// peer's event.
-    Key(Ipv4Net),
+    Key(LeaseSubnets),
 }
 
 pub struct LeaseWatcher {
@@ -73,8 +73,12 @@ impl LeaseWatcher {
     /// Watch only `subnet`'s lease key, from just after `revision`; a
     /// [`WatchEvent::Reset`] after a compaction holds that key alone (or
     /// nothing, when it is gone).
-    pub fn lease_key(reg: Registry, subnet: Ipv4Net, revision: i64) -> LeaseWatcher {
-        LeaseWatcher::scoped(reg, Scope::Key(subnet), revision)
+    pub fn lease_key(
+        reg: Registry,
+        subnet: impl Into<LeaseSubnets>,
+        revision: i64,
+    ) -> LeaseWatcher {
+        LeaseWatcher::scoped(reg, Scope::Key(subnet.into()), revision)
     }
 
     fn scoped(reg: Registry, scope: Scope, snapshot_revision: i64) -> LeaseWatcher {
