@@ -21,8 +21,9 @@
 //! device's MTU is flannel's number clamped as the kernel clamps it
 //! ([`kernel_device_mtu`]), so that an adopted device is not "corrected" to
 //! an MTU the kernel refuses. Pods given `FLANNEL_MTU` (underlay - 50) can
-//! send IPv6 packets 20 bytes too big for the device; the node answers them
-//! with "packet too big", as a flannel node does.
+//! send IPv6 packets up to 20 bytes too big for the device, exactly as on a
+//! flannel node (what their senders then get, presumably an ICMPv6 "packet
+//! too big" from the forwarding node, is not tested here).
 
 use std::net::{IpAddr, Ipv4Addr};
 
