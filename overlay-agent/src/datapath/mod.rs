@@ -80,6 +80,9 @@ impl NodeSpec {
             subnet: *subnet,
             mtu: *mtu,
             vtep_mac: *vtep_mac,
+            // Read but not applied to the IPv4 device (see daemon::startup).
+            learning: false,
+            gbp: false,
         }
     }
 }
@@ -367,6 +370,8 @@ mod tests {
                 subnet: node.subnet,
                 mtu: Some(9000),
                 vtep_mac: node.vtep_mac,
+                learning: false,
+                gbp: false,
             }
         );
     }

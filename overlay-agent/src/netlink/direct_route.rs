@@ -2,25 +2,29 @@
 //! reaches without a gateway (the same L2 segment) gets a plain route
 //! `<subnet> via <PublicIP> dev <underlay>` instead of the neighbour, FDB
 //! entry and vxlan route of [`super::peer_entries`].
+//!
+//! The same for a dual-stack peer's IPv6 side: `<v6 subnet> via
+//! <PublicIPv6> dev <underlay>` when `ip -6 route get <PublicIPv6>` finds it
+//! on-link. Every function is generic over the [`IpFamily`].
 
-use std::{collections::HashSet, net::Ipv4Addr};
+use std::{collections::HashSet, net::IpAddr};
 
-use ipnet::Ipv4Net;
-use rtnetlink::{
-    RouteMessageBuilder,
-    packet_route::route::{
-        RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope, RouteType,
-    },
+use rtnetlink::packet_route::route::{
+    RouteAttribute, RouteMessage, RouteProtocol, RouteScope, RouteType,
 };
 
-use super::{Netlink, NetlinkError, peer_entries::Device};
+use super::{
+    Netlink, NetlinkError,
+    family::{IpFamily, route_address, route_to, with_gateway},
+    peer_entries::Device,
+};
 
 /// What `ip route get <ip>` answers, as far as directness needs it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RouteHop {
     pub kind: RouteType,
     pub oif: Option<u32>,
-    pub gateway: Option<Ipv4Addr>,
+    pub gateway: Option<IpAddr>,
 }
 
 impl RouteHop {
@@ -43,7 +47,7 @@ fn hop(r: &RouteMessage) -> RouteHop {
     for a in &r.attributes {
         match a {
             RouteAttribute::Oif(i) => hop.oif = Some(*i),
-            RouteAttribute::Gateway(RouteAddress::Inet(ip)) => hop.gateway = Some(*ip),
+            RouteAttribute::Gateway(addr) => hop.gateway = route_address(addr),
             _ => {}
         }
     }
@@ -53,10 +57,9 @@ fn hop(r: &RouteMessage) -> RouteHop {
 impl Netlink {
     /// `ip route get <ip>` (one RTM_GETROUTE, no dump). `None` when the kernel
     /// has no route to it.
-    pub async fn route_get(&self, ip: Ipv4Addr) -> Result<Option<RouteHop>, NetlinkError> {
-        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
-            .destination_prefix(ip, 32)
-            .build();
+    pub async fn route_get<A: IpFamily>(&self, ip: A) -> Result<Option<RouteHop>, NetlinkError> {
+        let host = A::net(ip, A::HOST_PREFIX_LEN).expect("a host prefix fits its family");
+        let msg = route_to::<A>(host).build();
         let req = self.handle.route().get(msg);
         match Netlink::collect::<RouteMessage>(req.execute(), || format!("route get {ip}")).await {
             Ok(routes) => Ok(routes.first().map(hop)),
@@ -69,11 +72,11 @@ impl Netlink {
     /// `ip route replace <subnet> via <via> dev <underlay>` (protocol `boot`,
     /// as flannel's netlink library sends it). It replaces a vxlan route for
     /// the same subnet in place, and the other way round.
-    pub async fn replace_direct_route(
+    pub async fn replace_direct_route<A: IpFamily>(
         &self,
         underlay: Device<'_>,
-        subnet: Ipv4Net,
-        via: Ipv4Addr,
+        subnet: A::Net,
+        via: A,
     ) -> Result<(), NetlinkError> {
         self.replace_gateway_route(underlay, subnet, via, false)
             .await
@@ -82,25 +85,23 @@ impl Netlink {
     /// `ip route del <subnet> via <via> dev <underlay>`; absent is fine. The
     /// gateway is named so that no other route of the underlay for the
     /// prefix is touched.
-    pub async fn delete_direct_route(
+    pub async fn delete_direct_route<A: IpFamily>(
         &self,
         underlay: Device<'_>,
-        subnet: Ipv4Net,
-        via: Ipv4Addr,
+        subnet: A::Net,
+        via: A,
     ) -> Result<(), NetlinkError> {
-        let mut msg = RouteMessageBuilder::<Ipv4Addr>::new()
-            .destination_prefix(subnet.network(), subnet.prefix_len())
+        let msg = with_gateway(route_to::<A>(subnet), via)
             .output_interface(underlay.ifindex)
             .protocol(RouteProtocol::Unspec)
             .scope(RouteScope::NoWhere)
             .build();
-        msg.attributes
-            .push(RouteAttribute::Gateway(RouteAddress::Inet(via)));
         let result = self.handle.route().del(msg).execute().await.map_err(|e| {
             NetlinkError::new(
                 format!(
-                    "delete route {} via {via} dev {}",
-                    subnet.trunc(),
+                    "delete route {}/{} via {via} dev {}",
+                    A::network(subnet),
+                    A::prefix_len(subnet),
                     underlay.name
                 ),
                 e,
@@ -116,16 +117,20 @@ impl Netlink {
 /// Whether `routes` (an underlay's `(subnet, gateway)` routes, as
 /// [`Netlink::peer_routes`] lists them, in a set so that checking every
 /// direct peer is one pass) hold the direct route for `subnet`.
-pub fn has_direct_route(
-    routes: &HashSet<(Ipv4Net, Ipv4Addr)>,
-    subnet: Ipv4Net,
-    via: Ipv4Addr,
+pub fn has_direct_route<A: IpFamily>(
+    routes: &HashSet<(A::Net, A)>,
+    subnet: A::Net,
+    via: A,
 ) -> bool {
     routes.contains(&(subnet, via))
 }
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv4Addr;
+
+    use ipnet::Ipv4Net;
+
     use super::*;
 
     fn hop(kind: RouteType, oif: Option<u32>, gateway: Option<&str>) -> RouteHop {

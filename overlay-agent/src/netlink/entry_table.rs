@@ -13,27 +13,40 @@ use std::{
     net::Ipv4Addr,
 };
 
-use crate::flannel::{lease::Peer, mac::MacAddr};
+use super::family::IpFamily;
+use crate::flannel::mac::MacAddr;
 
 /// The permanent neighbours (gateway -> MAC) and unicast FDB entries
-/// (MAC -> destinations) of one device.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct EntryTable {
-    neighbours: HashMap<Ipv4Addr, MacAddr>,
+/// (MAC -> destinations) of one device, of family `A` (`flannel.<VNI>`'s
+/// are IPv4, `flannel-v6.<VNI>`'s IPv6).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EntryTable<A: IpFamily = Ipv4Addr> {
+    neighbours: HashMap<A, MacAddr>,
     /// How many neighbours have each MAC (no zero counts).
     mac_users: HashMap<MacAddr, u32>,
     /// Each FDB entry's remotes in the kernel's order: `replace` changes the
     /// first, `del ... dst` removes one, `del` without `dst` all of them.
-    fdb: HashMap<MacAddr, Vec<Ipv4Addr>>,
+    fdb: HashMap<MacAddr, Vec<A>>,
     /// The FDB entries no neighbour uses, by destination: the candidates for
     /// removal once a peer's MAC moves, found without scanning the FDB.
-    unused_by_dst: HashMap<Ipv4Addr, BTreeSet<MacAddr>>,
+    unused_by_dst: HashMap<A, BTreeSet<MacAddr>>,
 }
 
-impl EntryTable {
+impl<A: IpFamily> Default for EntryTable<A> {
+    fn default() -> Self {
+        Self {
+            neighbours: HashMap::new(),
+            mac_users: HashMap::new(),
+            fdb: HashMap::new(),
+            unused_by_dst: HashMap::new(),
+        }
+    }
+}
+
+impl<A: IpFamily> EntryTable<A> {
     /// The table for a device whose dump listed these entries.
-    pub fn from_dump(neighbours: &[(Ipv4Addr, MacAddr)], fdb: &[(MacAddr, Ipv4Addr)]) -> Self {
-        let mut table = EntryTable::default();
+    pub fn from_dump(neighbours: &[(A, MacAddr)], fdb: &[(MacAddr, A)]) -> Self {
+        let mut table = Self::default();
         for &(mac, dst) in fdb {
             table.change_fdb(mac, |remotes| {
                 if !remotes.contains(&dst) {
@@ -58,31 +71,31 @@ impl EntryTable {
     }
 
     /// The MAC of the neighbour `ip`.
-    pub fn neighbour(&self, ip: Ipv4Addr) -> Option<MacAddr> {
+    pub fn neighbour(&self, ip: A) -> Option<MacAddr> {
         self.neighbours.get(&ip).copied()
     }
 
     /// The destinations of `mac`'s FDB entry, first remote first (empty when
     /// there is none).
-    pub fn fdb_destinations(&self, mac: MacAddr) -> &[Ipv4Addr] {
+    pub fn fdb_destinations(&self, mac: MacAddr) -> &[A] {
         self.fdb.get(&mac).map_or(&[], Vec::as_slice)
     }
 
     /// The first destination of `mac`'s FDB entry: where the vxlan driver
     /// sends a frame for it.
-    pub fn fdb_destination(&self, mac: MacAddr) -> Option<Ipv4Addr> {
+    pub fn fdb_destination(&self, mac: MacAddr) -> Option<A> {
         self.fdb_destinations(mac).first().copied()
     }
 
     /// Whether a neighbour other than `ip` has `mac`.
-    pub fn used_by_other(&self, mac: MacAddr, ip: Ipv4Addr) -> bool {
+    pub fn used_by_other(&self, mac: MacAddr, ip: A) -> bool {
         let users = self.mac_users.get(&mac).copied().unwrap_or(0);
         let own = u32::from(self.neighbour(ip) == Some(mac));
         users > own
     }
 
     /// The neighbour `ip` now has `mac` (`ip neigh replace` succeeded).
-    pub fn set_neighbour(&mut self, ip: Ipv4Addr, mac: MacAddr) {
+    pub fn set_neighbour(&mut self, ip: A, mac: MacAddr) {
         let old = self.neighbours.insert(ip, mac);
         if old == Some(mac) {
             return;
@@ -94,7 +107,7 @@ impl EntryTable {
     }
 
     /// The neighbour `ip` is gone (deleted, or found missing).
-    pub fn remove_neighbour(&mut self, ip: Ipv4Addr) {
+    pub fn remove_neighbour(&mut self, ip: A) {
         if let Some(old) = self.neighbours.remove(&ip) {
             self.change_users(old, |n| *n -= 1);
         }
@@ -104,7 +117,7 @@ impl EntryTable {
     /// does it, an entry that already has a remote for `dst` is left alone,
     /// otherwise its first remote becomes `dst` (the entry is created when
     /// there was none).
-    pub fn replace_fdb(&mut self, mac: MacAddr, dst: Ipv4Addr) {
+    pub fn replace_fdb(&mut self, mac: MacAddr, dst: A) {
         self.change_fdb(mac, |remotes| {
             if remotes.contains(&dst) {
                 return;
@@ -118,7 +131,7 @@ impl EntryTable {
 
     /// `bridge fdb del <mac> [dst <dst>]` succeeded (or found nothing):
     /// without `dst` the whole entry is gone, with it that one remote.
-    pub fn remove_fdb(&mut self, mac: MacAddr, dst: Option<Ipv4Addr>) {
+    pub fn remove_fdb(&mut self, mac: MacAddr, dst: Option<A>) {
         self.change_fdb(mac, |remotes| match dst {
             Some(dst) => remotes.retain(|d| *d != dst),
             None => remotes.clear(),
@@ -131,17 +144,14 @@ impl EntryTable {
     /// the entry is for the peer's MAC or some neighbour still uses it.
     /// flannel leaves them (a known source of stale entries when a peer's
     /// MAC changes); we remove them.
-    pub fn stale_fdb_macs(&self, peer: &Peer, old_mac: Option<MacAddr>) -> BTreeSet<MacAddr> {
-        let by_dst = self
-            .unused_by_dst
-            .get(&peer.public_ip)
-            .into_iter()
-            .flatten();
+    pub fn stale_fdb_macs(&self, peer: &A::Peer, old_mac: Option<MacAddr>) -> BTreeSet<MacAddr> {
+        let (_, public_ip, vtep_mac) = A::peer_parts(peer);
+        let by_dst = self.unused_by_dst.get(&public_ip).into_iter().flatten();
         let old = old_mac.filter(|mac| self.unused(*mac));
         by_dst
             .copied()
             .chain(old)
-            .filter(|mac| *mac != peer.vtep_mac)
+            .filter(|mac| *mac != vtep_mac)
             .collect()
     }
 
@@ -160,7 +170,7 @@ impl EntryTable {
         });
     }
 
-    fn change_fdb(&mut self, mac: MacAddr, f: impl FnOnce(&mut Vec<Ipv4Addr>)) {
+    fn change_fdb(&mut self, mac: MacAddr, f: impl FnOnce(&mut Vec<A>)) {
         self.reindexed(mac, |t| {
             let remotes = t.fdb.entry(mac).or_default();
             f(remotes);
@@ -193,7 +203,7 @@ impl EntryTable {
         }
     }
 
-    fn unused_destinations(&self, mac: MacAddr) -> Vec<Ipv4Addr> {
+    fn unused_destinations(&self, mac: MacAddr) -> Vec<A> {
         if self.unused(mac) {
             self.fdb_destinations(mac).to_vec()
         } else {
@@ -205,6 +215,7 @@ impl EntryTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::flannel::lease::Peer;
 
     fn mac(last: u8) -> MacAddr {
         MacAddr([0x02, 0, 0, 0, 0, last])

@@ -3,6 +3,12 @@
 //! ([`peer_entries`]), with the device's neighbours and FDB entries mirrored in
 //! memory ([`entry_table`]) so that no peer event dumps them.
 //!
+//! A dual-stack node has a second device, `flannel-v6.<VNI>`, with the same
+//! three entries per peer in IPv6: the device, the entries, their table and
+//! DirectRouting are generic over the address family ([`family::IpFamily`],
+//! implemented by `Ipv4Addr` and `Ipv6Addr`); the IPv4 types are the
+//! defaults (`VxlanDeviceSpec` is `VxlanDeviceSpec<Ipv4Addr>`).
+//!
 //! Both datapaths use this module: the kernel datapath relies on these entries
 //! to move packets, the eBPF datapath keeps them so that routing selects
 //! `flannel.<VNI>` and whatever its programs pass to the kernel still works.
@@ -14,6 +20,7 @@
 pub mod direct_route;
 pub mod entry_table;
 pub mod events;
+pub mod family;
 pub mod peer_entries;
 pub mod pods;
 pub mod tc;
@@ -28,6 +35,7 @@ use rtnetlink::{
 };
 
 pub use entry_table::EntryTable;
+pub use family::IpFamily;
 pub use peer_entries::ProgrammedPeer;
 pub use vxlan_device::{VxlanDevice, VxlanDeviceConfig, VxlanDeviceSpec, VxlanLinkAttrs};
 

@@ -4,65 +4,73 @@
 //! 3. route `<subnet> via <subnet .0> dev flannel.<VNI> onlink`
 //!
 //! The route comes last because the kernel would otherwise ARP for the gateway.
+//!
+//! The same three, of the other family, for a dual-stack peer's IPv6 side
+//! ([`Peer6`](crate::flannel::lease::Peer6)) on `flannel-v6.<VNI>`:
+//! `ip -6 neigh replace <subnet>:: lladdr <v6 VtepMAC> dev flannel-v6.<VNI>
+//! nud permanent`, `bridge fdb replace <v6 VtepMAC> dev flannel-v6.<VNI> dst
+//! <PublicIPv6> self permanent`, `ip -6 route replace <subnet> via <subnet>::
+//! dev flannel-v6.<VNI> onlink`. Every function here is generic over the
+//! [`IpFamily`]: the family of the peer (or of the table) picks it.
 
 use std::{
     collections::BTreeSet,
     net::{IpAddr, Ipv4Addr},
 };
 
-use ipnet::Ipv4Net;
 use log::{info, warn};
-use rtnetlink::{
-    RouteMessageBuilder,
-    packet_route::{
-        AddressFamily,
-        neighbour::{
-            NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
-        },
-        route::{
-            RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope,
-            RouteType,
-        },
+use rtnetlink::packet_route::{
+    AddressFamily,
+    neighbour::{
+        NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
     },
+    route::{RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType},
 };
 
-use super::{Netlink, NetlinkError, entry_table::EntryTable};
-use crate::flannel::{lease::Peer, mac::MacAddr};
+use super::{
+    Netlink, NetlinkError,
+    entry_table::EntryTable,
+    family::{IpFamily, neighbour_address, route_address, route_message, route_to, with_gateway},
+};
+use crate::flannel::mac::MacAddr;
 
 /// The next hop flannel routes a peer's subnet through: its network address,
-/// which is also the address on the peer's `flannel.<VNI>`.
-pub fn peer_gateway(subnet: Ipv4Net) -> Ipv4Addr {
-    subnet.network()
+/// which is also the address on the peer's `flannel.<VNI>` (`flannel-v6.<VNI>`).
+pub fn peer_gateway<A: IpFamily>(subnet: A::Net) -> A {
+    A::network(subnet)
 }
 
 /// A peer route found on the device, with whatever neighbour and FDB entry
 /// back it. `vtep_mac`/`public_ip` are `None` when that entry is missing.
+/// `ProgrammedPeer` is `flannel.<VNI>`'s, `ProgrammedPeer<Ipv6Addr>`
+/// `flannel-v6.<VNI>`'s.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ProgrammedPeer {
-    pub subnet: Ipv4Net,
-    pub gateway: Ipv4Addr,
+pub struct ProgrammedPeer<A: IpFamily = Ipv4Addr> {
+    pub subnet: A::Net,
+    pub gateway: A,
     pub vtep_mac: Option<MacAddr>,
-    pub public_ip: Option<Ipv4Addr>,
+    pub public_ip: Option<A>,
 }
 
-impl ProgrammedPeer {
-    /// The peer, if all three entries are there and the route is flannel's.
-    pub fn peer(&self) -> Option<Peer> {
-        if self.gateway != peer_gateway(self.subnet) {
+impl<A: IpFamily> ProgrammedPeer<A> {
+    /// The peer ([`Peer`](crate::flannel::lease::Peer) or
+    /// [`Peer6`](crate::flannel::lease::Peer6)), if all three entries are
+    /// there and the route is flannel's.
+    pub fn peer(&self) -> Option<A::Peer> {
+        if self.gateway != peer_gateway::<A>(self.subnet) {
             return None;
         }
-        Some(Peer {
-            subnet: self.subnet,
-            public_ip: self.public_ip?,
-            vtep_mac: self.vtep_mac?,
-        })
+        Some(A::make_peer(self.subnet, self.public_ip?, self.vtep_mac?))
     }
 }
 
 /// Joins routes (subnet via gateway) with the device's neighbours (IP ->
 /// MAC) and FDB entries (MAC -> public IP) into peers, sorted by subnet.
-pub fn join_entries(routes: &[(Ipv4Net, Ipv4Addr)], entries: &EntryTable) -> Vec<ProgrammedPeer> {
-    let mut peers: Vec<ProgrammedPeer> = routes
+pub fn join_entries<A: IpFamily>(
+    routes: &[(A::Net, A)],
+    entries: &EntryTable<A>,
+) -> Vec<ProgrammedPeer<A>> {
+    let mut peers: Vec<ProgrammedPeer<A>> = routes
         .iter()
         .map(|&(subnet, gateway)| {
             let vtep_mac = entries.neighbour(gateway);
@@ -75,7 +83,7 @@ pub fn join_entries(routes: &[(Ipv4Net, Ipv4Addr)], entries: &EntryTable) -> Vec
             }
         })
         .collect();
-    peers.sort_by_key(|p| (p.subnet.network(), p.subnet.prefix_len()));
+    peers.sort_by_key(|p| (A::network(p.subnet), A::prefix_len(p.subnet)));
     peers
 }
 
@@ -94,31 +102,30 @@ impl Netlink {
     /// what the neighbour had before and what is stale (no dump), and
     /// records every change the kernel accepted. Three requests, plus one
     /// per stale entry.
-    pub async fn replace_peer(
+    pub async fn replace_peer<A: IpFamily>(
         &self,
         dev: Device<'_>,
-        entries: &mut EntryTable,
-        peer: &Peer,
+        entries: &mut EntryTable<A>,
+        peer: &A::Peer,
     ) -> Result<(), NetlinkError> {
-        let gateway = peer_gateway(peer.subnet);
+        let (subnet, public_ip, vtep_mac) = A::peer_parts(peer);
+        let gateway = peer_gateway::<A>(subnet);
         let old_mac = entries.neighbour(gateway);
 
-        self.replace_neighbour(dev, gateway, peer.vtep_mac).await?;
-        entries.set_neighbour(gateway, peer.vtep_mac);
-        if let Err(e) = self.replace_fdb(dev, peer.vtep_mac, peer.public_ip).await {
+        self.replace_neighbour(dev, gateway, vtep_mac).await?;
+        entries.set_neighbour(gateway, vtep_mac);
+        if let Err(e) = self.replace_fdb(dev, vtep_mac, public_ip).await {
             self.undo_neighbour(dev, entries, gateway).await;
             return Err(e);
         }
-        entries.replace_fdb(peer.vtep_mac, peer.public_ip);
-        if let Err(e) = self.replace_route(dev, peer.subnet, gateway).await {
+        entries.replace_fdb(vtep_mac, public_ip);
+        if let Err(e) = self.replace_route(dev, subnet, gateway).await {
             self.undo_neighbour(dev, entries, gateway).await;
             // Another peer's neighbour may share the MAC: its entry stays.
-            if !entries.used_by_other(peer.vtep_mac, gateway) {
-                let undo = self
-                    .delete_fdb(dev, peer.vtep_mac, Some(peer.public_ip))
-                    .await;
+            if !entries.used_by_other(vtep_mac, gateway) {
+                let undo = self.delete_fdb(dev, vtep_mac, Some(public_ip)).await;
                 if undo.is_ok() {
-                    entries.remove_fdb(peer.vtep_mac, Some(peer.public_ip));
+                    entries.remove_fdb(vtep_mac, Some(public_ip));
                 }
                 self.cleanup(undo);
             }
@@ -127,17 +134,22 @@ impl Netlink {
 
         for mac in entries.stale_fdb_macs(peer, old_mac) {
             info!(
-                "{}: removing stale FDB entry {mac} (peer {} now uses {})",
-                dev.name, peer.subnet, peer.vtep_mac
+                "{}: removing stale FDB entry {mac} (peer {subnet} now uses {vtep_mac})",
+                dev.name
             );
-            self.delete_fdb(dev, mac, None).await?;
+            self.delete_fdb::<A>(dev, mac, None).await?;
             entries.remove_fdb(mac, None);
         }
         Ok(())
     }
 
     /// Removes the neighbour a failed [`Netlink::replace_peer`] left.
-    async fn undo_neighbour(&self, dev: Device<'_>, entries: &mut EntryTable, gateway: Ipv4Addr) {
+    async fn undo_neighbour<A: IpFamily>(
+        &self,
+        dev: Device<'_>,
+        entries: &mut EntryTable<A>,
+        gateway: A,
+    ) {
         let undo = self.delete_neighbour(dev, gateway).await;
         if undo.is_ok() {
             entries.remove_neighbour(gateway);
@@ -149,14 +161,14 @@ impl Netlink {
     /// an error; every removal is attempted and the first failure is returned.
     /// The FDB entry is removed for the peer's MAC and for the MAC the kernel's
     /// neighbour actually held, unless another neighbour still uses it.
-    pub async fn remove_peer(
+    pub async fn remove_peer<A: IpFamily>(
         &self,
         dev: Device<'_>,
-        entries: &mut EntryTable,
-        peer: &Peer,
+        entries: &mut EntryTable<A>,
+        peer: &A::Peer,
     ) -> Result<(), NetlinkError> {
         let mut results = self.remove_neighbour_and_fdb(dev, entries, peer).await;
-        results.push(self.delete_route(dev, peer.subnet).await);
+        results.push(self.delete_route::<A>(dev, A::peer_parts(peer).0).await);
         results.into_iter().collect()
     }
 
@@ -165,15 +177,16 @@ impl Netlink {
     /// replaced. Returns the result of every removal; `entries` (the
     /// device's table) says which MAC the neighbour held and whether another
     /// neighbour uses it, and records what was removed.
-    pub async fn remove_neighbour_and_fdb(
+    pub async fn remove_neighbour_and_fdb<A: IpFamily>(
         &self,
         dev: Device<'_>,
-        entries: &mut EntryTable,
-        peer: &Peer,
+        entries: &mut EntryTable<A>,
+        peer: &A::Peer,
     ) -> Vec<Result<(), NetlinkError>> {
-        let gateway = peer_gateway(peer.subnet);
+        let (subnet, _, vtep_mac) = A::peer_parts(peer);
+        let gateway = peer_gateway::<A>(subnet);
         let kernel_mac = entries.neighbour(gateway);
-        let macs: BTreeSet<MacAddr> = [Some(peer.vtep_mac), kernel_mac]
+        let macs: BTreeSet<MacAddr> = [Some(vtep_mac), kernel_mac]
             .into_iter()
             .flatten()
             .filter(|mac| !entries.used_by_other(*mac, gateway))
@@ -185,7 +198,7 @@ impl Netlink {
         }
         let mut results = vec![deleted];
         for mac in macs {
-            let deleted = self.delete_fdb(dev, mac, None).await;
+            let deleted = self.delete_fdb::<A>(dev, mac, None).await;
             if deleted.is_ok() {
                 entries.remove_fdb(mac, None);
             }
@@ -196,7 +209,10 @@ impl Netlink {
 
     /// The device's neighbours and FDB entries, one dump each: the table
     /// peer events then keep up to date.
-    pub async fn learn_entries(&self, dev: Device<'_>) -> Result<EntryTable, NetlinkError> {
+    pub async fn learn_entries<A: IpFamily>(
+        &self,
+        dev: Device<'_>,
+    ) -> Result<EntryTable<A>, NetlinkError> {
         let neighbours = self.neighbours(dev).await?;
         let fdb = self.fdb_entries(dev).await?;
         Ok(EntryTable::from_dump(&neighbours, &fdb))
@@ -205,10 +221,10 @@ impl Netlink {
     /// Peers as the kernel has them: every route through the device with a
     /// gateway, joined with the device's permanent neighbours and FDB
     /// entries; and the table those entries make (one dump of each).
-    pub async fn programmed_peers(
+    pub async fn programmed_peers<A: IpFamily>(
         &self,
         dev: Device<'_>,
-    ) -> Result<(Vec<ProgrammedPeer>, EntryTable), NetlinkError> {
+    ) -> Result<(Vec<ProgrammedPeer<A>>, EntryTable<A>), NetlinkError> {
         let routes = self.peer_routes(dev).await?;
         let entries = self.learn_entries(dev).await?;
         Ok((join_entries(&routes, &entries), entries))
@@ -221,15 +237,15 @@ impl Netlink {
     }
 
     /// `ip neigh replace <ip> lladdr <mac> dev <dev> nud permanent`.
-    pub async fn replace_neighbour(
+    pub async fn replace_neighbour<A: IpFamily>(
         &self,
         dev: Device<'_>,
-        ip: Ipv4Addr,
+        ip: A,
         mac: MacAddr,
     ) -> Result<(), NetlinkError> {
         self.handle
             .neighbours()
-            .add(dev.ifindex, IpAddr::V4(ip))
+            .add(dev.ifindex, ip.into())
             .kind(RouteType::Unicast)
             .state(NeighbourState::Permanent)
             .link_layer_address(&mac.0)
@@ -247,18 +263,18 @@ impl Netlink {
     /// `bridge fdb replace <mac> dev <dev> dst <ip> self permanent`. For a MAC
     /// already in the FDB, replace changes its destination (the vxlan driver
     /// replaces the entry's first remote).
-    pub async fn replace_fdb(
+    pub async fn replace_fdb<A: IpFamily>(
         &self,
         dev: Device<'_>,
         mac: MacAddr,
-        dst: Ipv4Addr,
+        dst: A,
     ) -> Result<(), NetlinkError> {
         self.handle
             .neighbours()
             .add_bridge(dev.ifindex, &mac.0)
             .flags(NeighbourFlags::Own)
             .state(NeighbourState::Permanent)
-            .destination(IpAddr::V4(dst))
+            .destination(dst.into())
             .replace()
             .execute()
             .await
@@ -272,11 +288,11 @@ impl Netlink {
 
     /// `ip route replace <subnet> via <gateway> dev <dev> onlink` (protocol
     /// `boot`, as flannel's netlink library sends it).
-    pub async fn replace_route(
+    pub async fn replace_route<A: IpFamily>(
         &self,
         dev: Device<'_>,
-        subnet: Ipv4Net,
-        gateway: Ipv4Addr,
+        subnet: A::Net,
+        gateway: A,
     ) -> Result<(), NetlinkError> {
         self.replace_gateway_route(dev, subnet, gateway, true).await
     }
@@ -284,17 +300,15 @@ impl Netlink {
     /// `ip route replace <subnet> via <gateway> dev <dev> [onlink]`, protocol
     /// `boot`: the vxlan route (onlink, via the peer's device address) and
     /// DirectRouting's route (via the peer's PublicIP on the underlay).
-    pub(super) async fn replace_gateway_route(
+    pub(super) async fn replace_gateway_route<A: IpFamily>(
         &self,
         dev: Device<'_>,
-        subnet: Ipv4Net,
-        gateway: Ipv4Addr,
+        subnet: A::Net,
+        gateway: A,
         onlink: bool,
     ) -> Result<(), NetlinkError> {
-        let mut builder = RouteMessageBuilder::<Ipv4Addr>::new()
-            .destination_prefix(subnet.network(), subnet.prefix_len())
-            .gateway(gateway)
-            .output_interface(dev.ifindex);
+        let mut builder =
+            with_gateway(route_to::<A>(subnet), gateway).output_interface(dev.ifindex);
         if onlink {
             builder = builder.onlink();
         }
@@ -311,8 +325,9 @@ impl Netlink {
             .map_err(|e| {
                 NetlinkError::new(
                     format!(
-                        "replace route {} via {gateway} dev {}{}",
-                        subnet.trunc(),
+                        "replace route {}/{} via {gateway} dev {}{}",
+                        A::network(subnet),
+                        A::prefix_len(subnet),
                         dev.name,
                         if onlink { " onlink" } else { "" }
                     ),
@@ -322,16 +337,18 @@ impl Netlink {
     }
 
     /// `ip neigh del <ip> dev <dev>`; absent is fine.
-    pub async fn delete_neighbour(
+    pub async fn delete_neighbour<A: IpFamily>(
         &self,
         dev: Device<'_>,
-        ip: Ipv4Addr,
+        ip: A,
     ) -> Result<(), NetlinkError> {
         let mut msg = NeighbourMessage::default();
-        msg.header.family = AddressFamily::Inet;
+        msg.header.family = A::FAMILY;
         msg.header.ifindex = dev.ifindex;
         msg.attributes
-            .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)));
+            .push(NeighbourAttribute::Destination(NeighbourAddress::from(
+                Into::<IpAddr>::into(ip),
+            )));
         ignore_not_found(
             self.handle
                 .neighbours()
@@ -346,11 +363,11 @@ impl Netlink {
 
     /// `bridge fdb del <mac> dev <dev> [dst <ip>] self`; without `dst` the whole
     /// entry for the MAC goes. Absent is fine.
-    pub async fn delete_fdb(
+    pub async fn delete_fdb<A: IpFamily>(
         &self,
         dev: Device<'_>,
         mac: MacAddr,
-        dst: Option<Ipv4Addr>,
+        dst: Option<A>,
     ) -> Result<(), NetlinkError> {
         let mut msg = NeighbourMessage::default();
         msg.header.family = AddressFamily::Bridge;
@@ -360,7 +377,9 @@ impl Netlink {
             .push(NeighbourAttribute::LinkLayerAddress(mac.0.to_vec()));
         if let Some(dst) = dst {
             msg.attributes
-                .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(dst)));
+                .push(NeighbourAttribute::Destination(NeighbourAddress::from(
+                    Into::<IpAddr>::into(dst),
+                )));
         }
         let shown = dst.map_or_else(String::new, |d| format!(" dst {d}"));
         ignore_not_found(
@@ -376,32 +395,36 @@ impl Netlink {
     }
 
     /// `ip route del <subnet> dev <dev>`; absent is fine.
-    pub async fn delete_route(&self, dev: Device<'_>, subnet: Ipv4Net) -> Result<(), NetlinkError> {
+    pub async fn delete_route<A: IpFamily>(
+        &self,
+        dev: Device<'_>,
+        subnet: A::Net,
+    ) -> Result<(), NetlinkError> {
         // Scope "nowhere" and protocol 0 match any route for the prefix on the device.
-        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
-            .destination_prefix(subnet.network(), subnet.prefix_len())
+        let msg = route_to::<A>(subnet)
             .output_interface(dev.ifindex)
             .protocol(RouteProtocol::Unspec)
             .scope(RouteScope::NoWhere)
             .build();
         ignore_not_found(self.handle.route().del(msg).execute().await.map_err(|e| {
             NetlinkError::new(
-                format!("delete route {} dev {}", subnet.trunc(), dev.name),
+                format!(
+                    "delete route {}/{} dev {}",
+                    A::network(subnet),
+                    A::prefix_len(subnet),
+                    dev.name
+                ),
                 e,
             )
         }))
     }
 
-    /// Permanent IPv4 neighbours on the device.
-    pub async fn neighbours(
+    /// Permanent neighbours of family `A` on the device.
+    pub async fn neighbours<A: IpFamily>(
         &self,
         dev: Device<'_>,
-    ) -> Result<Vec<(Ipv4Addr, MacAddr)>, NetlinkError> {
-        let req = self
-            .handle
-            .neighbours()
-            .get()
-            .set_address_family(AddressFamily::Inet);
+    ) -> Result<Vec<(A, MacAddr)>, NetlinkError> {
+        let req = self.handle.neighbours().get().set_address_family(A::FAMILY);
         let all: Vec<NeighbourMessage> =
             Netlink::collect(req.execute(), || format!("list neighbours of {}", dev.name)).await?;
         Ok(all
@@ -413,11 +436,12 @@ impl Netlink {
             .collect())
     }
 
-    /// Unicast FDB entries with a destination on the device (MAC -> dst).
-    pub async fn fdb_entries(
+    /// Unicast FDB entries with a destination of family `A` on the device
+    /// (MAC -> dst).
+    pub async fn fdb_entries<A: IpFamily>(
         &self,
         dev: Device<'_>,
-    ) -> Result<Vec<(MacAddr, Ipv4Addr)>, NetlinkError> {
+    ) -> Result<Vec<(MacAddr, A)>, NetlinkError> {
         let req = self
             .handle
             .neighbours()
@@ -433,15 +457,13 @@ impl Netlink {
             .collect())
     }
 
-    /// Routes in the main table leaving through the device via a gateway.
-    pub async fn peer_routes(
+    /// Routes of family `A` in the main table leaving through the device via
+    /// a gateway.
+    pub async fn peer_routes<A: IpFamily>(
         &self,
         dev: Device<'_>,
-    ) -> Result<Vec<(Ipv4Net, Ipv4Addr)>, NetlinkError> {
-        let req = self
-            .handle
-            .route()
-            .get(RouteMessageBuilder::<Ipv4Addr>::new().build());
+    ) -> Result<Vec<(A::Net, A)>, NetlinkError> {
+        let req = self.handle.route().get(route_message::<A>().build());
         let all: Vec<RouteMessage> =
             Netlink::collect(req.execute(), || format!("list routes of {}", dev.name)).await?;
         Ok(all
@@ -458,13 +480,9 @@ fn ignore_not_found(result: Result<(), NetlinkError>) -> Result<(), NetlinkError
     }
 }
 
-fn neighbour_ip(n: &NeighbourMessage) -> Option<Ipv4Addr> {
+fn neighbour_ip<A: IpFamily>(n: &NeighbourMessage) -> Option<A> {
     n.attributes.iter().find_map(|a| match a {
-        NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => Some(*ip),
-        // The FDB (AF_BRIDGE) reports its IPv4 destination as raw bytes.
-        NeighbourAttribute::Destination(NeighbourAddress::Other(bytes)) => {
-            <[u8; 4]>::try_from(&bytes[..]).ok().map(Ipv4Addr::from)
-        }
+        NeighbourAttribute::Destination(addr) => A::from_ip(neighbour_address(addr)?),
         _ => None,
     })
 }
@@ -478,7 +496,7 @@ fn neighbour_mac(n: &NeighbourMessage) -> Option<MacAddr> {
     })
 }
 
-fn route_via(r: &RouteMessage, ifindex: u32) -> Option<(Ipv4Net, Ipv4Addr)> {
+fn route_via<A: IpFamily>(r: &RouteMessage, ifindex: u32) -> Option<(A::Net, A)> {
     let table = r
         .attributes
         .iter()
@@ -491,26 +509,33 @@ fn route_via(r: &RouteMessage, ifindex: u32) -> Option<(Ipv4Net, Ipv4Addr)> {
         return None;
     }
     let mut oif = None;
-    let mut dst = Ipv4Addr::UNSPECIFIED;
+    // No destination attribute: the default route.
+    let mut dst = None;
     let mut gateway = None;
     for a in &r.attributes {
         match a {
             RouteAttribute::Oif(i) => oif = Some(*i),
-            RouteAttribute::Destination(RouteAddress::Inet(ip)) => dst = *ip,
-            RouteAttribute::Gateway(RouteAddress::Inet(ip)) => gateway = Some(*ip),
+            RouteAttribute::Destination(addr) => dst = route_address(addr).and_then(A::from_ip),
+            RouteAttribute::Gateway(addr) => gateway = route_address(addr).and_then(A::from_ip),
             _ => {}
         }
     }
     if oif != Some(ifindex) {
         return None;
     }
-    let subnet = Ipv4Net::new(dst, r.header.destination_prefix_length).ok()?;
+    let subnet = A::net(
+        dst.unwrap_or(A::UNSPECIFIED),
+        r.header.destination_prefix_length,
+    )?;
     Some((subnet, gateway?))
 }
 
 #[cfg(test)]
 mod tests {
+    use ipnet::Ipv4Net;
+
     use super::*;
+    use crate::flannel::lease::Peer;
 
     fn mac(last: u8) -> MacAddr {
         MacAddr([0x02, 0, 0, 0, 0, last])
@@ -524,8 +549,14 @@ mod tests {
 
     #[test]
     fn gateway_is_the_subnet_network_address() {
-        assert_eq!(peer_gateway(net("10.5.52.0/24")), ip("10.5.52.0"));
-        assert_eq!(peer_gateway(net("10.5.52.9/24")), ip("10.5.52.0"));
+        assert_eq!(
+            peer_gateway::<Ipv4Addr>(net("10.5.52.0/24")),
+            ip("10.5.52.0")
+        );
+        assert_eq!(
+            peer_gateway::<Ipv4Addr>(net("10.5.52.9/24")),
+            ip("10.5.52.0")
+        );
     }
 
     #[test]
