@@ -12,7 +12,7 @@ const KUBE: &str = "flanneld's IPv6 and logging flags (accepted for compatibilit
 /// The flags flanneld has and this agent does not act on.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Args)]
 pub struct CompatFlags {
-    /// IPv6 accessible by other nodes (IPv6 is not served: ignored).
+    /// IPv6 accessible by other nodes (IPv6 is not served yet: ignored).
     #[arg(long, env = "FLANNELD_PUBLIC_IPV6", help_heading = KUBE)]
     pub public_ipv6: Option<String>,
 
@@ -59,7 +59,7 @@ impl CompatFlags {
         given(
             self.public_ipv6.is_some(),
             "--public-ipv6",
-            "this agent serves IPv4 only",
+            "IPv6 is not served yet (see EnableIPv6)",
         );
         given(
             self.ip_blackhole_route.is_some(),
