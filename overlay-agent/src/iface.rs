@@ -5,9 +5,11 @@
 //! that address), else the interface holding `--public-ip`, else the default
 //! route's interface. The
 //! interface's first IPv4 address is the VTEP's local address; `--public-ip`
-//! (if given) is what the lease publishes.
+//! (if given) is what the lease publishes. For dual stack the interface's
+//! IPv6 address is picked as flanneld's `GetInterfaceIP6Addrs` orders them
+//! ([`pick_ipv6`]); `--public-ipv6` (if given) wins.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use futures::TryStreamExt;
 use rtnetlink::{
@@ -24,6 +26,8 @@ pub struct Selector {
     pub public_ip: Option<Ipv4Addr>,
     /// `--iface-can-reach`.
     pub can_reach: Option<Ipv4Addr>,
+    /// `--public-ipv6`.
+    pub public_ipv6: Option<Ipv6Addr>,
 }
 
 /// A main-table route as [`route_to`] needs it.
@@ -54,6 +58,33 @@ pub struct Candidate {
     pub mtu: u32,
     /// IPv4 addresses in kernel order.
     pub addrs: Vec<Ipv4Addr>,
+    /// IPv6 addresses in kernel order, with their `IFA_F_*` flags.
+    pub addrs6: Vec<(Ipv6Addr, u32)>,
+}
+
+/// `IFA_F_TEMPORARY` (privacy addresses; `IFA_F_SECONDARY`'s value).
+const IFA_F_TEMPORARY: u32 = 0x01;
+const IFA_F_DEPRECATED: u32 = 0x20;
+const IFA_F_PERMANENT: u32 = 0x80;
+
+/// The interface's IPv6 address for the overlay, as flanneld orders them
+/// (`compareAddrs`): not deprecated, permanent before dynamic, stable before
+/// temporary (a privacy address expires, flannel issue #2293). Only global
+/// unicast addresses (ULAs included) count: a link-local one cannot be a
+/// VTEP's address across a routed underlay.
+pub fn pick_ipv6(addrs: &[(Ipv6Addr, u32)]) -> Option<Ipv6Addr> {
+    addrs
+        .iter()
+        .filter(|(ip, flags)| {
+            flags & IFA_F_DEPRECATED == 0
+                && !(ip.is_unspecified()
+                    || ip.is_loopback()
+                    || ip.is_multicast()
+                    || ip.is_unicast_link_local()
+                    || ip.to_ipv4_mapped().is_some())
+        })
+        .min_by_key(|(_, flags)| (flags & IFA_F_PERMANENT == 0, flags & IFA_F_TEMPORARY != 0))
+        .map(|(ip, _)| *ip)
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -65,6 +96,10 @@ pub struct ExternalInterface {
     pub ip: Ipv4Addr,
     /// What peers send to: `--public-ip`, or `ip`.
     pub public_ip: Ipv4Addr,
+    /// For dual stack, what peers send IPv6 VXLAN to (and the v6 device's
+    /// `local`, as flanneld since v0.27.4): `--public-ipv6`, else the
+    /// interface's IPv6 ([`pick_ipv6`]); `None` when it has none.
+    pub public_ipv6: Option<Ipv6Addr>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -107,6 +142,7 @@ pub fn choose(
             mtu: c.mtu,
             ip,
             public_ip: sel.public_ip.unwrap_or(ip),
+            public_ipv6: sel.public_ipv6.or_else(|| pick_ipv6(&c.addrs6)),
         })
     };
 
@@ -185,24 +221,33 @@ pub async fn find(nl: &Netlink, sel: &Selector) -> Result<ExternalInterface, Ifa
                 ifindex: s.ifindex,
                 mtu: s.mtu,
                 addrs: Vec::new(),
+                addrs6: Vec::new(),
             }
         })
         .collect();
     for a in &addrs {
         let mut local = None;
         let mut address = None;
+        let mut address6 = None;
+        // The header holds the flags' low byte; the attribute all of them.
+        let mut flags = u32::from(a.header.flags.bits());
         for attr in &a.attributes {
             match attr {
                 AddressAttribute::Local(IpAddr::V4(ip)) => local = Some(*ip),
                 AddressAttribute::Address(IpAddr::V4(ip)) => address = Some(*ip),
+                AddressAttribute::Address(IpAddr::V6(ip)) => address6 = Some(*ip),
+                AddressAttribute::Flags(f) => flags = f.bits(),
                 _ => {}
             }
         }
-        if let (Some(ip), Some(c)) = (
-            local.or(address),
-            all.iter_mut().find(|c| c.ifindex == a.header.index),
-        ) {
+        let Some(c) = all.iter_mut().find(|c| c.ifindex == a.header.index) else {
+            continue;
+        };
+        if let Some(ip) = local.or(address) {
             c.addrs.push(ip);
+        }
+        if let Some(ip) = address6 {
+            c.addrs6.push((ip, flags));
         }
     }
     let default = routes
@@ -286,6 +331,10 @@ mod tests {
                 ifindex: 2,
                 mtu: 1500,
                 addrs: vec!["10.211.55.10".parse().unwrap()],
+                addrs6: vec![
+                    ("fe80::1".parse().unwrap(), IFA_F_PERMANENT),
+                    ("fd00:55::10".parse().unwrap(), IFA_F_PERMANENT),
+                ],
             },
             Candidate {
                 name: "enp0s8".into(),
@@ -295,12 +344,14 @@ mod tests {
                     "192.168.205.10".parse().unwrap(),
                     "192.168.205.99".parse().unwrap(),
                 ],
+                addrs6: vec![],
             },
             Candidate {
                 name: "dummy0".into(),
                 ifindex: 4,
                 mtu: 1500,
                 addrs: vec![],
+                addrs6: vec![],
             },
         ]
     }
@@ -332,6 +383,7 @@ mod tests {
             regexes: regexes.iter().map(|s| s.to_string()).collect(),
             public_ip: public.map(|p| p.parse().unwrap()),
             can_reach: None,
+            public_ipv6: None,
         }
     }
 
@@ -390,5 +442,35 @@ mod tests {
         let e = choose(&inv(), &sel(&["eth0"], &[], Some("203.0.113.7")), None).unwrap();
         assert_eq!(e.ip.to_string(), "10.211.55.10");
         assert_eq!(e.public_ip.to_string(), "203.0.113.7");
+    }
+
+    #[test]
+    fn the_ipv6_address_is_flanneld_s_choice() {
+        let e = choose(&inv(), &sel(&["eth0"], &[], None), None).unwrap();
+        assert_eq!(e.public_ipv6, Some("fd00:55::10".parse().unwrap()));
+        let e = choose(&inv(), &sel(&["enp0s8"], &[], None), None).unwrap();
+        assert_eq!(e.public_ipv6, None);
+        let mut s = sel(&["enp0s8"], &[], None);
+        s.public_ipv6 = Some("2001:db8::7".parse().unwrap());
+        assert_eq!(
+            choose(&inv(), &s, None).unwrap().public_ipv6,
+            Some("2001:db8::7".parse().unwrap())
+        );
+        let a = |ip: &str, flags| (ip.parse::<Ipv6Addr>().unwrap(), flags);
+        // Permanent before dynamic, stable before temporary, never deprecated
+        // or link-local.
+        let got = pick_ipv6(&[
+            a("fe80::1", IFA_F_PERMANENT),
+            a("2001:db8::dead", IFA_F_DEPRECATED | IFA_F_PERMANENT),
+            a("2001:db8::7e3", IFA_F_TEMPORARY),
+            a("2001:db8::1", 0),
+            a("2001:db8::2", IFA_F_PERMANENT),
+        ]);
+        assert_eq!(got, Some("2001:db8::2".parse().unwrap()));
+        assert_eq!(
+            pick_ipv6(&[a("2001:db8::7e3", IFA_F_TEMPORARY), a("2001:db8::1", 0)]),
+            Some("2001:db8::1".parse().unwrap())
+        );
+        assert_eq!(pick_ipv6(&[a("fe80::1", IFA_F_PERMANENT)]), None);
     }
 }

@@ -194,6 +194,7 @@ fn a_vtep_stays_known_while_a_vxlan_or_a_direct_peer_uses_it() -> Result<()> {
             subnet: format!("10.77.{n}.0/24").parse()?,
             public_ip: ip.parse()?,
             vtep_mac: format!("02:42:00:00:02:{n:02x}").parse()?,
+            v6: None,
         })
     };
     let route = |how: &str| cmd(&format!("ip -n {} route replace 10.200.0.0/24 {how}", a.ns));
@@ -759,6 +760,7 @@ fn a_full_peer_map_refuses_a_peer_whole_and_keeps_the_others() -> Result<()> {
             subnet: format!("10.77.{n}.0/24").parse()?,
             public_ip: ip.parse()?,
             vtep_mac: format!("02:42:00:00:00:{n:02x}").parse()?,
+            v6: None,
         })
     };
     let try_add = |peer: Peer| wa.run(move |dp, rt| rt.block_on(dp.add_peer(&peer)));

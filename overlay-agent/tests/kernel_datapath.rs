@@ -216,6 +216,7 @@ fn kernel_datapath_adopts_a_device_flanneld_created() -> Result<()> {
         subnet: "10.77.2.0/24".parse()?,
         public_ip: "192.168.77.2".parse()?,
         vtep_mac: "02:42:00:00:00:02".parse()?,
+        v6: None,
     };
     ensure!(peers(&wa)? == vec![expected], "{:?}", peers(&wa)?);
     wa.run(|dp, rt| rt.block_on(dp.teardown()))?;
@@ -248,6 +249,7 @@ fn kernel_datapath_removes_stale_fdb_entries_and_keeps_shared_ones() -> Result<(
         subnet: "10.77.2.0/24".parse()?,
         public_ip: "192.168.77.2".parse()?,
         vtep_mac: mac(1)?,
+        v6: None,
     };
     let p2 = Peer {
         subnet: "10.77.3.0/24".parse()?,

@@ -545,6 +545,7 @@ fn v6_device_and_peers_interoperate_with_flannel_configured_by_iproute2() -> Res
         subnet: b.subnet.parse()?,
         public_ip: b.public_ip.parse()?,
         vtep_mac: B_MAC4.parse()?,
+        v6: None,
     };
     wa.run(move |s, rt| rt.block_on(s.dp.add_peer(&peer4_b)))?;
     let peer_b = peer6_b()?;

@@ -293,6 +293,7 @@ impl FlannelNode {
                     .context("public-ip")?
                     .parse()?,
                 vtep_mac: data["VtepMAC"].as_str().context("VtepMAC")?.parse()?,
+                v6: None,
             };
             self.peer.add_peer(&peer)?;
             n += 1;

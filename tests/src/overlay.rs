@@ -139,6 +139,7 @@ impl Member {
                     subnet: host.subnet,
                     public_ip: host.underlay_ip,
                     vtep_mac: state.vtep_mac,
+                    v6: None,
                 };
                 (Backend::Node(node), lease, state.device)
             }

@@ -112,6 +112,7 @@ impl ReferencePeer {
             subnet: self.subnet,
             public_ip: self.public_ip,
             vtep_mac: self.vtep_mac,
+            v6: None,
         }
     }
 

@@ -94,6 +94,7 @@ fn our_datapaths_program_what_flanneld_programs() -> anyhow::Result<()> {
         subnet: "10.5.77.0/24".parse()?,
         public_ip: "192.168.64.77".parse()?,
         vtep_mac: "0e:11:22:33:44:55".parse()?,
+        v6: None,
     };
     for m in [&reference, &fallback, &ebpf] {
         m.add_peer(&remote)?;

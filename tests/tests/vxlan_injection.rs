@@ -408,6 +408,7 @@ fn direct_peer_stays_trusted(name: &str, flavor: Flavor) -> Result<()> {
         subnet: h1.subnet,
         public_ip: h1.underlay_ip,
         vtep_mac: state.vtep_mac,
+        v6: None,
     };
     reference.add_peer(&h1_node_peer)?;
     let set = |ns: &str| {

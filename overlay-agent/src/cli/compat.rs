@@ -12,9 +12,10 @@ const KUBE: &str = "flanneld's IPv6 and logging flags (accepted for compatibilit
 /// The flags flanneld has and this agent does not act on.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Args)]
 pub struct CompatFlags {
-    /// IPv6 accessible by other nodes (IPv6 is not served yet: ignored).
+    /// IPv6 accessible by other nodes, for dual stack (`EnableIPv6` in the
+    /// network config; without it, ignored with a warning).
     #[arg(long, env = "FLANNELD_PUBLIC_IPV6", help_heading = KUBE)]
-    pub public_ipv6: Option<String>,
+    pub public_ipv6: Option<std::net::Ipv6Addr>,
 
     /// Add a blackhole route for the local pod subnet (not implemented:
     /// ignored with a warning).
@@ -56,11 +57,6 @@ impl CompatFlags {
                 out.push(format!("{flag} has no effect here: {why}"));
             }
         };
-        given(
-            self.public_ipv6.is_some(),
-            "--public-ipv6",
-            "IPv6 is not served yet (see EnableIPv6)",
-        );
         given(
             self.ip_blackhole_route.is_some(),
             "--ip-blackhole-route",
@@ -114,15 +110,13 @@ mod tests {
     fn only_given_flags_warn() {
         assert!(CompatFlags::default().warnings().is_empty());
         let c = CompatFlags {
-            public_ipv6: Some("2001:db8::1".into()),
+            public_ipv6: Some("2001:db8::1".parse().unwrap()),
             ip_blackhole_route: Some(true),
             ..CompatFlags::default()
         };
         let w = c.warnings();
-        assert_eq!(w.len(), 2, "{w:?}");
-        assert!(
-            w.iter()
-                .any(|l| l.starts_with("--public-ipv6 has no effect"))
-        );
+        // --public-ipv6 is judged against the network config, later.
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].starts_with("--ip-blackhole-route has no effect"));
     }
 }

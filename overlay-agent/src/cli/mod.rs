@@ -447,6 +447,7 @@ impl Cli {
             regexes: self.iface_regex.clone(),
             public_ip: self.public_ip,
             can_reach: self.iface_can_reach,
+            public_ipv6: self.compat.public_ipv6,
         }
     }
 }
@@ -726,7 +727,7 @@ mod tests {
         assert!(c.validate().is_ok(), "{:?}", c.validate());
         assert_eq!(c.iface_can_reach, Some("10.0.0.1".parse().unwrap()));
         assert_eq!(c.compat.log_filter(), Some("debug"));
-        assert_eq!(c.compat.warnings().len(), 5, "{:?}", c.compat.warnings());
+        assert_eq!(c.compat.warnings().len(), 4, "{:?}", c.compat.warnings());
         assert_eq!(parse(&["-v", "5"]).compat.log_filter(), Some("trace"));
         let kube = parse(&["--kube-subnet-mgr"]);
         assert!(kube.validate().is_ok());

@@ -293,6 +293,7 @@ impl<D: Datapath> Reconciler<D> {
                         subnet: l.subnet,
                         public_ip: l.public_ip,
                         vtep_mac,
+                        v6: None,
                     })
                 }
                 Backend::Other(ref t) => {
@@ -564,6 +565,7 @@ mod tests {
             subnet: net(subnet),
             public_ip: Ipv4Addr::new(192, 168, 0, i),
             vtep_mac: mac(i),
+            v6: None,
         }
     }
     fn entry(p: &Peer) -> Entry {
@@ -716,6 +718,7 @@ mod tests {
                     subnet: Ipv4Net::new(Ipv4Addr::new(10, 0, i, 0), 24).unwrap(),
                     public_ip: Ipv4Addr::new(192, 168, 1, i),
                     vtep_mac: mac(i),
+                    v6: None,
                 })
                 .collect();
             let s = snap(peers.iter().map(entry).collect());

@@ -391,6 +391,7 @@ mod tests {
             subnet: net(subnet),
             public_ip: ip(public_ip),
             vtep_mac: crate::flannel::mac::MacAddr([2, 0, 0, 0, 0, 1]),
+            v6: None,
         }
     }
 

@@ -165,6 +165,9 @@ pub struct Peer {
     pub subnet: Ipv4Net,
     pub public_ip: Ipv4Addr,
     pub vtep_mac: MacAddr,
+    /// The lease's IPv6 side, when this node and the peer are both dual
+    /// stack (the reconciler sets it; the IPv4 datapath ignores it).
+    pub v6: Option<Peer6>,
 }
 
 /// The IPv6 side of a dual-stack VXLAN lease, as the `flannel-v6.<VNI>`
@@ -196,6 +199,7 @@ impl Lease {
                 subnet: self.subnet,
                 public_ip: self.public_ip,
                 vtep_mac,
+                v6: None,
             }),
             Backend::Other(_) => None,
         }
@@ -429,6 +433,7 @@ mod tests {
                 subnet: net("10.15.64.0/20"),
                 public_ip: "192.168.205.10".parse().unwrap(),
                 vtep_mac: "82:53:2e:6a:a9:43".parse().unwrap(),
+                v6: None,
             }
         );
         assert_eq!(

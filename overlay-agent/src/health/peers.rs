@@ -147,6 +147,7 @@ mod tests {
             subnet: subnet.parse().unwrap(),
             public_ip: ip.parse().unwrap(),
             vtep_mac: "02:00:00:00:00:01".parse().unwrap(),
+            v6: None,
         };
         let counted = PeerCounters {
             public_ip: "192.168.64.4".parse().unwrap(),

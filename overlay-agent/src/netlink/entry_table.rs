@@ -231,6 +231,7 @@ mod tests {
             subnet: ipnet::Ipv4Net::new(ip(gw), 24).unwrap(),
             public_ip: dst(d),
             vtep_mac: mac(m),
+            v6: None,
         }
     }
 

@@ -119,6 +119,7 @@ impl IpFamily for Ipv4Addr {
             subnet,
             public_ip,
             vtep_mac,
+            v6: None,
         }
     }
 }

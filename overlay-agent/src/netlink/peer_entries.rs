@@ -589,7 +589,8 @@ mod tests {
             Some(Peer {
                 subnet: net("10.5.52.0/24"),
                 public_ip: ip("192.168.1.2"),
-                vtep_mac: mac(2)
+                vtep_mac: mac(2),
+                v6: None,
             })
         );
         assert!(peers[1].peer().is_some());

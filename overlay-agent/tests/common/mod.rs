@@ -44,6 +44,7 @@ impl LabNode {
             subnet: self.subnet.parse()?,
             public_ip: self.public_ip.parse()?,
             vtep_mac,
+            v6: None,
         })
     }
 

@@ -119,6 +119,7 @@ pub(super) fn peer_from_entry(key: &Key<[u8; 4]>, value: &RemoteVtep) -> Option<
         subnet: Ipv4Net::new(Ipv4Addr::from(key.data()), prefix).ok()?,
         public_ip: Ipv4Addr::from(value.public_ip),
         vtep_mac: MacAddr(value.vtep_mac),
+        v6: None,
     })
 }
 

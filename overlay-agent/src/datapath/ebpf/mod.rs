@@ -596,6 +596,7 @@ mod tests {
             subnet: "10.5.53.0/24".parse().unwrap(),
             public_ip: "192.168.64.4".parse().unwrap(),
             vtep_mac: "c6:d2:32:6f:8f:44".parse().unwrap(),
+            v6: None,
         }
     }
 
