@@ -234,12 +234,17 @@ pub async fn run(pins: &PinLayout, opts: &Options) -> Result<Vec<String>, Cleanu
     {
         removed.push(format!("clsact filter {program} on {interface}"));
     }
-    if let Some(name) = device
-        && nl.delete_link_by_name(&name).await?
-    {
-        removed.push(format!(
-            "device {name} (with its routes, neighbour and FDB entries)"
-        ));
+    // A dual-stack node's IPv6 twin goes with it.
+    let twin = device
+        .as_deref()
+        .and_then(|d| d.strip_prefix("flannel."))
+        .map(|vni| format!("flannel-v6.{vni}"));
+    for name in device.into_iter().chain(twin) {
+        if nl.delete_link_by_name(&name).await? {
+            removed.push(format!(
+                "device {name} (with its routes, neighbour and FDB entries)"
+            ));
+        }
     }
     let rules = tokio::task::spawn_blocking(ipmasq::remove_all)
         .await

@@ -168,6 +168,7 @@ fn a_vtep_stays_known_while_a_vxlan_or_a_direct_peer_uses_it() -> Result<()> {
     let wa = a.worker(|| EbpfDatapath::new(EbpfOptions::default()))?;
     let spec = NodeSpec {
         direct_routing: true,
+        ipv6: None,
         ..a.spec()
     };
     wa.run(move |dp, rt| rt.block_on(dp.setup(&spec)))

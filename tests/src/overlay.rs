@@ -134,6 +134,7 @@ impl Member {
                     mtu: None,
                     vtep_mac: None,
                     direct_routing: false,
+                    ipv6: None,
                 })?;
                 let lease = Peer {
                     subnet: host.subnet,

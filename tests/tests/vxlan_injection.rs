@@ -390,6 +390,7 @@ fn direct_peer_stays_trusted(name: &str, flavor: Flavor) -> Result<()> {
         mtu: None,
         vtep_mac: None,
         direct_routing: true,
+        ipv6: None,
     })?;
     let reference = ReferencePeer::setup(h2, overlay.vni, overlay.port)?;
     node.add_peer(&reference.as_peer())?;

@@ -27,7 +27,7 @@ use crate::{
     flannel::lease::Backend,
     subnet::{
         Claim, LeaseEvent, Record,
-        lease_check::{self, Rejection, Trust},
+        lease_check::{self, Rejection, Trust, Trust6},
     },
 };
 
@@ -39,6 +39,9 @@ pub struct Own {
     pub vni: u32,
     /// The config's `Network`, which every peer's subnet must lie in.
     pub network: Ipv4Net,
+    /// For a dual-stack node, what a peer lease's IPv6 half is checked
+    /// against; `None`: peers are programmed on IPv4 only.
+    pub ipv6: Option<Trust6>,
 }
 
 impl Own {
@@ -272,10 +275,20 @@ impl<D: Datapath> Reconciler<D> {
             Claim::Lease(l) => match l.backend {
                 Backend::Vxlan { vni, vtep_mac } => {
                     // Our own lease is the lease keeper's to judge.
-                    let verdict = if l.subnet == self.own.subnet {
+                    let ours = l.subnet == self.own.subnet;
+                    // A dual-stack node programs a peer's IPv6 half too; a
+                    // peer without one (an IPv4-only node) is served on
+                    // IPv4. A broken IPv6 half rejects the whole lease, as
+                    // flanneld skips it.
+                    let v6 = self.own.ipv6.zip(l.peer6()).filter(|_| !ours);
+                    let verdict = if ours {
                         Ok(())
                     } else {
                         lease_check::check(&self.own.trust(), l.subnet, l.public_ip, vtep_mac, vni)
+                            .and_then(|()| match v6 {
+                                Some((trust6, p6)) => lease_check::check6(&trust6, &p6),
+                                None => Ok(()),
+                            })
                     };
                     if let Err(why) = verdict {
                         if self.first_report(rec) {
@@ -293,7 +306,7 @@ impl<D: Datapath> Reconciler<D> {
                         subnet: l.subnet,
                         public_ip: l.public_ip,
                         vtep_mac,
-                        v6: None,
+                        v6: v6.map(|(_, p6)| p6),
                     })
                 }
                 Backend::Other(ref t) => {
@@ -590,6 +603,7 @@ mod tests {
             public_ip: Ipv4Addr::new(192, 168, 0, 1),
             vni: 1,
             network: net("10.0.0.0/16"),
+            ipv6: None,
         }
     }
     fn snap(entries: Vec<Entry>) -> Snapshot {

@@ -31,6 +31,7 @@ use crate::{
         Claim, LeaseEvent,
         etcd::own::{AcquireError, Keeper},
         kube::{KubeManager, node_lease},
+        lease_check::Trust6,
     },
 };
 
@@ -146,6 +147,14 @@ pub async fn run(
         public_ip: held.public_ip(),
         vni: config.backend.vni,
         network: config.network,
+        ipv6: config
+            .ipv6
+            .zip(held.etcd_lease().and_then(|l| l.ipv6))
+            .map(|(range, v6)| Trust6 {
+                network: range.network,
+                subnet_len: range.subnet_len,
+                own_public_ip: v6.public_ip,
+            }),
     };
     let dp_mode = dp.mode();
     let mut rec = Reconciler::start(dp, own, snapshot).await.map_err(|e| {

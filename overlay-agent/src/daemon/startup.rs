@@ -10,7 +10,7 @@
 use std::{net::Ipv4Addr, path::Path, time::Duration};
 
 use anyhow::{Context, Result, anyhow, bail};
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use k8s_openapi::api::core::v1::Node;
 
 use super::{
@@ -20,7 +20,7 @@ use super::{
 };
 use crate::{
     cli::Cli,
-    datapath::{AnyDatapath, NodeSpec, NodeState},
+    datapath::{AnyDatapath, NodeSpec, NodeSpec6, NodeState},
     flannel::config::NetworkConfig,
     flannel::mac::MacAddr,
     flannel::subnet_env::{self, SubnetEnv},
@@ -28,10 +28,10 @@ use crate::{
     iface::{self, ExternalInterface},
     ipmasq::RuleKeeper,
     netlink::{Netlink, vxlan_device},
-    subnet::alloc::Choice,
+    subnet::alloc::{Choice, Previous},
     subnet::etcd::{
         EtcdError, Registry,
-        own::{self, LeaseTiming, NodeIdentity, OwnLease, Renewal},
+        own::{self, LeaseTiming, NodeIdentity, NodeIpv6, OwnLease, Renewal},
     },
     subnet::kube::{
         KubeManager,
@@ -100,6 +100,14 @@ impl Held {
         match self {
             Held::Etcd { lease, .. } => lease.vtep_mac,
             Held::Kube { vtep_mac, .. } => *vtep_mac,
+        }
+    }
+
+    /// Our IPv6 subnet, for dual stack.
+    pub fn ipv6_subnet(&self) -> Option<Ipv6Net> {
+        match self {
+            Held::Etcd { lease, .. } => lease.ipv6.and(lease.ipv6_subnet),
+            Held::Kube { .. } => None,
         }
     }
 
@@ -197,10 +205,25 @@ pub async fn configure(cli: &Cli, health: &Health) -> Result<Configured> {
         );
     }
 
+    if config.ipv6.is_none()
+        && let Some(ip) = selector.public_ipv6.take()
+    {
+        log::warn!(
+            "--public-ipv6 {ip} has no effect here: the network config does not enable IPv6 \
+             (EnableIPv6)"
+        );
+    }
     let nl = Netlink::connect().context("opening a netlink socket")?;
     let ext = iface::find(&nl, &selector)
         .await
         .context("choosing the external interface")?;
+    if config.ipv6.is_some() && ext.public_ipv6.is_none() {
+        bail!(
+            "the network config enables IPv6 but interface {} has no global IPv6 address: \
+             give it one, or --public-ipv6",
+            ext.name
+        );
+    }
     log::info!(
         "using interface {} ({}), PublicIP {}, MTU {}",
         ext.name,
@@ -399,7 +422,16 @@ async fn etcd_lease(cli: &Cli, reg: &Registry, configured: &Configured) -> Resul
         public_ip: ext.public_ip,
         vni: config.backend.vni,
         vtep_mac: MacAddr::stable_for(ext.public_ip, config.backend.vni),
-        ipv6: None,
+        ipv6: config.ipv6.and(ext.public_ipv6).map(|public_ip| NodeIpv6 {
+            public_ip,
+            vtep_mac: MacAddr::stable_for(public_ip, config.backend.vni),
+        }),
+    };
+    let previous = Previous {
+        v4: previous,
+        v6: config
+            .ipv6
+            .and_then(|_| subnet_env::read_previous_ipv6_subnet(&cli.subnet_file)),
     };
     let lease = retry("acquiring a subnet lease", || {
         own::acquire(reg, config, &node, previous, &timing)
@@ -429,7 +461,7 @@ pub async fn program(cli: &Cli, health: &Health, mut leased: Leased) -> Result<P
         let (dp, state) = start_datapath(cli, &spec).await?;
         match (source, &mut leased.held) {
             (Source::Etcd(reg), Held::Etcd { lease, .. }) => {
-                publish_etcd_mac(reg, lease, &state.device, state.vtep_mac).await?;
+                publish_etcd_mac(reg, lease, &state).await?;
             }
             (Source::Kube { mgr, node }, Held::Kube { vtep_mac, .. }) => {
                 *vtep_mac = state.vtep_mac;
@@ -441,6 +473,7 @@ pub async fn program(cli: &Cli, health: &Health, mut leased: Leased) -> Result<P
             &cli.subnet_file,
             config,
             leased.held.subnet(),
+            leased.held.ipv6_subnet(),
             state.mtu,
             cli.ip_masq,
         )?;
@@ -478,25 +511,27 @@ pub async fn program(cli: &Cli, health: &Health, mut leased: Leased) -> Result<P
     })
 }
 
-/// The device kept another MAC than the lease says (adopted): the lease
-/// says the device's.
-async fn publish_etcd_mac(
-    reg: &Registry,
-    lease: &mut OwnLease,
-    device: &str,
-    mac: MacAddr,
-) -> Result<()> {
-    if mac == lease.vtep_mac {
+/// The devices kept other MACs than the lease says (adopted): the lease
+/// says the devices'.
+async fn publish_etcd_mac(reg: &Registry, lease: &mut OwnLease, state: &NodeState) -> Result<()> {
+    let mac = state.vtep_mac;
+    let mac6 = state.ipv6.as_ref().map(|(_, m)| *m);
+    if mac == lease.vtep_mac && mac6 == lease.ipv6.map(|v6| v6.vtep_mac) {
         return Ok(());
     }
     log::info!(
-        "{device} has MAC {mac}; publishing it in lease {}",
-        lease.subnet
+        "{} has MAC {mac}{}; publishing it in lease {}",
+        state.device,
+        state
+            .ipv6
+            .as_ref()
+            .map_or(String::new(), |(d, m)| format!(", {d} {m}")),
+        lease.subnets()
     );
     let (renewal, updated) = retry("publishing the VTEP MAC", || {
         let mut lease = lease.clone();
         async move {
-            let r = own::update_mac(reg, &mut lease, mac).await?;
+            let r = own::update_mac(reg, &mut lease, mac, mac6).await?;
             Ok::<_, EtcdError>((r, lease))
         }
     })
@@ -570,6 +605,19 @@ fn node_spec(config: &NetworkConfig, ext: &ExternalInterface, held: &Held) -> No
         mtu: config.backend.mtu,
         vtep_mac: Some(held.vtep_mac()),
         direct_routing: config.backend.direct_routing,
+        ipv6: match held {
+            Held::Etcd { lease, .. } => {
+                lease
+                    .ipv6
+                    .zip(lease.ipv6_subnet)
+                    .map(|(v6, subnet)| NodeSpec6 {
+                        public_ip: v6.public_ip,
+                        subnet,
+                        vtep_mac: Some(v6.vtep_mac),
+                    })
+            }
+            Held::Kube { .. } => None,
+        },
     }
 }
 
@@ -581,7 +629,7 @@ async fn release_new_lease(reg: &Registry, lease: &OwnLease) {
         return;
     }
     match reg
-        .delete_if_unchanged(lease.subnet, lease.mod_revision)
+        .delete_if_unchanged(lease.subnets(), lease.mod_revision)
         .await
     {
         Ok(true) => log::info!("released lease {} taken in this run", lease.subnet),
@@ -594,6 +642,7 @@ fn write_subnet_env(
     path: &Path,
     config: &NetworkConfig,
     subnet: Ipv4Net,
+    ipv6_subnet: Option<Ipv6Net>,
     mtu: u32,
     ip_masq: bool,
 ) -> Result<()> {
@@ -602,7 +651,7 @@ fn write_subnet_env(
         subnet,
         mtu,
         ip_masq,
-        ipv6: None,
+        ipv6: config.ipv6.map(|r| r.network).zip(ipv6_subnet),
     }
     .write(path)
     .with_context(|| format!("writing {}", path.display()))?;

@@ -3,7 +3,10 @@
 //! With `Backend.DirectRouting`, a peer on the underlay's own segment gets a
 //! plain route instead (see [`crate::netlink::direct_route`]).
 
-use std::collections::{BTreeMap, HashSet};
+use std::{
+    collections::{BTreeMap, HashSet},
+    net::Ipv6Addr,
+};
 
 use ipnet::Ipv4Net;
 use log::{info, warn};
@@ -12,9 +15,12 @@ use super::{
     Datapath, DatapathError, Mode, NodeSpec, NodeState, Peer,
     vtep_guard::{GuardError, VtepGuard},
 };
-use crate::netlink::{
-    EntryTable, Netlink, ProgrammedPeer, VxlanDevice, direct_route::has_direct_route,
-    peer_entries::Device,
+use crate::{
+    flannel::lease::Peer6,
+    netlink::{
+        EntryTable, Netlink, ProgrammedPeer, VxlanDevice, direct_route::has_direct_route,
+        peer_entries::Device,
+    },
 };
 
 /// How a peer was programmed.
@@ -53,6 +59,51 @@ struct State {
     /// The nft set of known VTEPs guarding the kernel's VXLAN socket;
     /// `None` while it could not be installed (retried by [`Datapath::peers`]).
     guard: Option<VtepGuard>,
+    /// `flannel-v6.<VNI>` of a dual-stack node.
+    v6: Option<Side6>,
+}
+
+/// A dual-stack node's `flannel-v6.<VNI>` and what it holds. Its peers are
+/// always VXLAN (DirectRouting applies to IPv4 peers only).
+#[derive(Debug)]
+struct Side6 {
+    device: VxlanDevice<Ipv6Addr>,
+    entries: EntryTable<Ipv6Addr>,
+    /// The IPv6 side programmed for each peer, by the peer's IPv4 subnet:
+    /// the kernel's entries do not say which lease they belong to.
+    by_subnet: BTreeMap<Ipv4Net, Peer6>,
+}
+
+impl Side6 {
+    fn dev(&self) -> Device<'_> {
+        Device {
+            ifindex: self.device.ifindex,
+            name: &self.device.name,
+        }
+    }
+
+    /// Makes the device hold `peer`'s IPv6 side (or none), taking out the
+    /// entries of the side it held before.
+    async fn program(&mut self, netlink: &Netlink, peer: &Peer) -> Result<(), DatapathError> {
+        let old = self.by_subnet.get(&peer.subnet).copied();
+        if let Some(old) = old.filter(|o| Some(*o) != peer.v6) {
+            let dev = Device {
+                ifindex: self.device.ifindex,
+                name: &self.device.name,
+            };
+            netlink.remove_peer(dev, &mut self.entries, &old).await?;
+            self.by_subnet.remove(&peer.subnet);
+        }
+        if let Some(p6) = peer.v6 {
+            let dev = Device {
+                ifindex: self.device.ifindex,
+                name: &self.device.name,
+            };
+            netlink.replace_peer(dev, &mut self.entries, &p6).await?;
+            self.by_subnet.insert(peer.subnet, p6);
+        }
+        Ok(())
+    }
 }
 
 impl KernelDatapath {
@@ -118,7 +169,13 @@ impl KernelDatapath {
         if let Some(g) = state.guard.as_mut() {
             g.admit(peer.public_ip)?;
         }
-        let programmed = Self::program(state, peer).await;
+        let mut programmed = Self::program(state, peer).await;
+        if programmed.is_ok()
+            && let Some(side) = state.v6.as_mut()
+            && let Err(e) = side.program(&state.netlink, peer).await
+        {
+            programmed = Err(e);
+        }
         let state = self.state_mut()?;
         if let Some(g) = state.guard.as_mut() {
             match &programmed {
@@ -244,14 +301,20 @@ impl Datapath for KernelDatapath {
     }
 
     async fn setup(&mut self, node: &NodeSpec) -> Result<NodeState, DatapathError> {
-        // A second setup keeps the socket and what it knows of direct peers.
-        let (netlink, direct) = match self.state.take() {
-            Some(state) => (state.netlink, state.direct),
+        // A second setup keeps the socket and what it knows of direct peers
+        // and of IPv6 sides.
+        let (netlink, direct, by_subnet) = match self.state.take() {
+            Some(state) => (
+                state.netlink,
+                state.direct,
+                state.v6.map(|s| s.by_subnet).unwrap_or_default(),
+            ),
             None => (
                 Netlink::connect().map_err(|source| DatapathError::Io {
                     what: "opening an rtnetlink socket".into(),
                     source,
                 })?,
+                BTreeMap::new(),
                 BTreeMap::new(),
             ),
         };
@@ -263,11 +326,29 @@ impl Datapath for KernelDatapath {
                 name: &device.name,
             })
             .await?;
+        let v6 = match node.vxlan_device6() {
+            None => None,
+            Some(spec) => {
+                let device = netlink.ensure_vxlan_device(&spec).await?;
+                let entries = netlink
+                    .learn_entries(Device {
+                        ifindex: device.ifindex,
+                        name: &device.name,
+                    })
+                    .await?;
+                Some(Side6 {
+                    device,
+                    entries,
+                    by_subnet,
+                })
+            }
+        };
         let node_state = NodeState {
             device: device.name.clone(),
             ifindex: device.ifindex,
             vtep_mac: device.mac,
             mtu: device.mtu,
+            ipv6: v6.as_ref().map(|s| (s.device.name.clone(), s.device.mac)),
         };
         let port = device.port;
         self.state = Some(State {
@@ -278,6 +359,7 @@ impl Datapath for KernelDatapath {
             entries,
             port,
             guard: install_guard(port),
+            v6,
         });
         Ok(node_state)
     }
@@ -309,8 +391,25 @@ impl Datapath for KernelDatapath {
                 direct = direct.and(r);
             }
         }
+        let mut v6 = Ok(());
+        if let Some(side) = state.v6.as_mut()
+            && let Some(old) = side.by_subnet.get(&peer.subnet).copied()
+        {
+            let dev = Device {
+                ifindex: side.device.ifindex,
+                name: &side.device.name,
+            };
+            v6 = state
+                .netlink
+                .remove_peer(dev, &mut side.entries, &old)
+                .await;
+            if v6.is_ok() {
+                side.by_subnet.remove(&peer.subnet);
+            }
+        }
         vxlan?;
         direct?;
+        v6?;
         state.direct.remove(&peer.subnet);
         if let Some(g) = state.guard.as_mut() {
             g.release(peer)?;
@@ -329,6 +428,17 @@ impl Datapath for KernelDatapath {
         let (programmed, entries) = state.netlink.programmed_peers(state.dev()).await?;
         state.entries = entries;
         let mut peers: Vec<Peer> = programmed.iter().filter_map(ProgrammedPeer::peer).collect();
+        // A peer's IPv6 side counts while all three of its entries are on
+        // flannel-v6.<VNI>.
+        let mut held6: HashSet<Peer6> = HashSet::new();
+        if let Some(side) = state.v6.as_mut() {
+            let (programmed6, entries6) = state.netlink.programmed_peers(side.dev()).await?;
+            side.entries = entries6;
+            held6 = programmed6
+                .iter()
+                .filter_map(ProgrammedPeer::<Ipv6Addr>::peer)
+                .collect();
+        }
         if !state.direct.is_empty() {
             let routes: HashSet<_> = state
                 .netlink
@@ -344,6 +454,15 @@ impl Datapath for KernelDatapath {
                     .copied(),
             );
             peers.sort_by_key(|p| (p.subnet.network(), p.subnet.prefix_len()));
+        }
+        if let Some(side) = state.v6.as_ref() {
+            for p in &mut peers {
+                p.v6 = side
+                    .by_subnet
+                    .get(&p.subnet)
+                    .filter(|p6| held6.contains(*p6))
+                    .copied();
+            }
         }
         // The guard follows what is really programmed: its table and set
         // are loaded again in one transaction (drift repair), and a guard
@@ -376,7 +495,12 @@ impl Datapath for KernelDatapath {
         let Some(state) = self.state.take() else {
             return Ok(());
         };
-        let result = state.netlink.delete_link_by_name(&state.device.name).await;
+        let mut result = state.netlink.delete_link_by_name(&state.device.name).await;
+        if let Some(side) = &state.v6
+            && result.is_ok()
+        {
+            result = state.netlink.delete_link_by_name(&side.device.name).await;
+        }
         if let Err(e) = result {
             self.state = Some(state);
             return Err(e.into());

@@ -6,9 +6,9 @@
 //! ([`ebpf::EbpfDatapath`]). The reconciler (and the tests) drive either through
 //! [`Datapath`] with the same calls.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 
 /// Another node's lease as the datapath needs it. It lives with the lease
 /// (the bottom layer, which `netlink` uses too); re-exported here for the
@@ -54,6 +54,20 @@ pub struct NodeSpec {
     /// without a gateway gets `<subnet> via <PublicIP> dev <underlay>`
     /// instead of VXLAN.
     pub direct_routing: bool,
+    /// Dual stack: `flannel-v6.<VNI>` beside `flannel.<VNI>`.
+    pub ipv6: Option<NodeSpec6>,
+}
+
+/// What a dual-stack node needs for its IPv6 side.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NodeSpec6 {
+    /// `PublicIPv6`: what peers send IPv6 VXLAN to, and the v6 device's
+    /// `local` (as flanneld since v0.27.4).
+    pub public_ip: Ipv6Addr,
+    /// Our IPv6 lease.
+    pub subnet: Ipv6Net,
+    /// The MAC our lease publishes for the v6 VTEP, if it has one.
+    pub vtep_mac: Option<MacAddr>,
 }
 
 impl NodeSpec {
@@ -70,6 +84,7 @@ impl NodeSpec {
             mtu,
             vtep_mac,
             direct_routing: _,
+            ipv6: _,
         } = self;
         VxlanDeviceSpec {
             vni: *vni,
@@ -85,6 +100,23 @@ impl NodeSpec {
             gbp: false,
         }
     }
+
+    /// What `flannel-v6.<VNI>` must be, for a dual-stack node.
+    pub fn vxlan_device6(&self) -> Option<VxlanDeviceSpec<Ipv6Addr>> {
+        let v6 = self.ipv6?;
+        Some(VxlanDeviceSpec {
+            vni: self.vni,
+            port: self.port,
+            public_ip: v6.public_ip,
+            local_ip: v6.public_ip,
+            underlay: self.underlay.clone(),
+            subnet: v6.subnet,
+            mtu: self.mtu,
+            vtep_mac: v6.vtep_mac,
+            learning: false,
+            gbp: false,
+        })
+    }
 }
 
 /// What `setup` created, for the lease and for subnet.env.
@@ -97,6 +129,9 @@ pub struct NodeState {
     pub vtep_mac: MacAddr,
     /// The device's MTU (FLANNEL_MTU).
     pub mtu: u32,
+    /// `flannel-v6.<VNI>`'s name and MAC (published as
+    /// `BackendV6Data.VtepMAC`), for a dual-stack node.
+    pub ipv6: Option<(String, MacAddr)>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -358,6 +393,7 @@ mod tests {
             mtu: Some(9000),
             vtep_mac: Some("c6:d2:32:6f:8f:44".parse().unwrap()),
             direct_routing: true,
+            ipv6: None,
         };
         assert_eq!(
             node.vxlan_device(),

@@ -121,7 +121,7 @@ fn field_err(field: &'static str, problem: impl Into<String>) -> ConfigError {
 impl NetworkConfig {
     /// Parse and validate the value of `<prefix>/config`.
     pub fn parse(text: &[u8]) -> Result<NetworkConfig, ConfigError> {
-        NetworkConfig::parse_with(text, true)?.served()
+        NetworkConfig::parse_with(text, true)
     }
 
     /// Parse and validate `net-conf.json` in Kubernetes mode, where flanneld
@@ -141,14 +141,15 @@ impl NetworkConfig {
         NetworkConfig::parse_with(text.as_bytes(), true).expect("valid test config")
     }
 
-    /// The config, if this agent can serve it. Dual stack is read and
-    /// checked, but no datapath carries IPv6 yet: refused by name, so the
-    /// agent waits it out without touching the host.
+    /// The config, if this agent can serve it in Kubernetes mode. Dual
+    /// stack is served with etcd only so far: refused by name, so the agent
+    /// waits it out without touching the host.
     fn served(self) -> Result<NetworkConfig, ConfigError> {
         if self.ipv6.is_some() {
             return Err(field_err(
                 "EnableIPv6",
-                "dual stack is not served by overlay-agent yet; expected false or absent",
+                "dual stack is served with the etcd subnet manager only so far; expected false \
+                 or absent in Kubernetes mode",
             ));
         }
         Ok(self)
@@ -1082,16 +1083,17 @@ mod tests {
     }
 
     #[test]
-    fn dual_stack_is_refused_by_name_until_served() {
+    fn dual_stack_is_refused_by_name_in_kube_mode() {
         let text = v6(r#""IPv6Network":"fc00::/48""#);
-        for result in [
-            NetworkConfig::parse(text.as_bytes()),
-            NetworkConfig::parse_kube(text.as_bytes()),
-        ] {
-            match result {
-                Err(ConfigError::Field { field, .. }) => assert_eq!(field, "EnableIPv6"),
-                other => panic!("{other:?}"),
-            }
+        assert!(
+            NetworkConfig::parse(text.as_bytes())
+                .unwrap()
+                .ipv6
+                .is_some()
+        );
+        match NetworkConfig::parse_kube(text.as_bytes()) {
+            Err(ConfigError::Field { field, .. }) => assert_eq!(field, "EnableIPv6"),
+            other => panic!("{other:?}"),
         }
         // A broken IPv6 field is named before that.
         match NetworkConfig::parse(

@@ -42,10 +42,15 @@ impl MacAddr {
     /// lease publishes and peers' neighbour/FDB entries stay valid. flannel picks
     /// a random MAC each time the device is created, which is a known source of
     /// stale entries on peers.
-    pub fn stable_for(public_ip: std::net::Ipv4Addr, vni: u32) -> MacAddr {
+    /// An IPv6 address gives the MAC of the node's `flannel-v6.<VNI>`.
+    pub fn stable_for(public_ip: impl Into<std::net::IpAddr>, vni: u32) -> MacAddr {
+        let octets: Vec<u8> = match public_ip.into() {
+            std::net::IpAddr::V4(ip) => ip.octets().to_vec(),
+            std::net::IpAddr::V6(ip) => ip.octets().to_vec(),
+        };
         // FNV-1a over the inputs: small, deterministic and dependency-free.
         let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for b in public_ip.octets().iter().chain(vni.to_be_bytes().iter()) {
+        for b in octets.iter().chain(vni.to_be_bytes().iter()) {
             h ^= u64::from(*b);
             h = h.wrapping_mul(0x0100_0000_01b3);
         }
@@ -70,10 +75,18 @@ mod tests {
 
     #[test]
     fn stable_mac_is_deterministic_local_unicast() {
-        let ip = "192.168.64.3".parse().unwrap();
+        let ip: std::net::Ipv4Addr = "192.168.64.3".parse().unwrap();
         let a = MacAddr::stable_for(ip, 1);
         assert_eq!(a, MacAddr::stable_for(ip, 1));
         assert_ne!(a, MacAddr::stable_for(ip, 2));
         assert_eq!(a.0[0] & 0x03, 0x02);
+        // Peers hold this MAC: it must not change between versions.
+        assert_eq!(a.to_string(), "c2:30:e3:df:fc:f7");
+        // The v6 VTEP's differs from the v4 one's, and is stable too.
+        let ip6: std::net::Ipv6Addr = "fd00::3".parse().unwrap();
+        let b = MacAddr::stable_for(ip6, 1);
+        assert_eq!(b, MacAddr::stable_for(ip6, 1));
+        assert_ne!(b, a);
+        assert_eq!(b.0[0] & 0x03, 0x02);
     }
 }

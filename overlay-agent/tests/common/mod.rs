@@ -36,6 +36,7 @@ impl LabNode {
             mtu: None,
             vtep_mac: None,
             direct_routing: false,
+            ipv6: None,
         }
     }
 

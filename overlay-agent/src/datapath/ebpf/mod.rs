@@ -331,6 +331,12 @@ impl Datapath for EbpfDatapath {
     /// [`remove_attachments`]), since no program may keep filtering with maps
     /// nobody maintains.
     async fn setup(&mut self, node: &NodeSpec) -> Result<NodeState, DatapathError> {
+        if node.ipv6.is_some() {
+            // Before anything is touched: `--datapath auto` falls back.
+            return Err(DatapathError::InvalidSpec(
+                "dual stack (EnableIPv6) is served by the kernel datapath only so far".into(),
+            ));
+        }
         // Before anything is touched, the device included: pins of a newer
         // layout (a downgrade) stop the start here and stay as they are,
         // with the programs attached through them (no `give_up`).

@@ -368,14 +368,20 @@ pub async fn renew(
     })
 }
 
-/// Publish a new VTEP MAC in our lease (after the datapath reported a
-/// different one than the lease holds), keeping lease or reservation.
+/// Publish new VTEP MACs in our lease (after the datapath reported other
+/// ones than the lease holds: `vtep_mac_v6` is the v6 device's, for dual
+/// stack), keeping lease or reservation.
 pub async fn update_mac(
     reg: &Registry,
     own: &mut OwnLease,
     vtep_mac: MacAddr,
+    vtep_mac_v6: Option<MacAddr>,
 ) -> Result<Renewal, EtcdError> {
-    let value = encode(own.public_ip, own.vni, vtep_mac, own.ipv6);
+    let ipv6 = own.ipv6.map(|v6| NodeIpv6 {
+        vtep_mac: vtep_mac_v6.unwrap_or(v6.vtep_mac),
+        ..v6
+    });
+    let value = encode(own.public_ip, own.vni, vtep_mac, ipv6);
     let Some(e) = reg.get_lease(own.subnets()).await? else {
         return Ok(Renewal::Lost(format!(
             "{} was deleted",
@@ -400,6 +406,7 @@ pub async fn update_mac(
     }
     own.value = value;
     own.vtep_mac = vtep_mac;
+    own.ipv6 = ipv6;
     own.lease_id = e.lease_id;
     own.mod_revision = current_mod_revision(reg, own.subnets()).await?;
     Ok(Renewal::Renewed)
