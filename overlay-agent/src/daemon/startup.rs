@@ -498,7 +498,7 @@ pub async fn program(cli: &Cli, health: &Health, mut leased: Leased) -> Result<P
         }
     };
     let random_fully = random_fully(cli, config).await;
-    let mut wanted = flanneld_rules(cli, config, leased.held.subnet(), random_fully);
+    let mut wanted = flanneld_rules(cli, config, leased.held.subnet(), random_fully, None);
     wanted.iptables.extend(fast_path_rules(&dp));
     let rules = RuleKeeper::start(Duration::from_secs(cli.iptables_resync))
         .context("starting the iptables thread")?;

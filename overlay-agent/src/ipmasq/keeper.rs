@@ -9,22 +9,41 @@ use std::{
     time::Duration,
 };
 
+use ipnet::{Ipv4Net, Ipv6Net};
 use tokio::sync::oneshot;
 
 use super::{
-    Rule, ensure,
+    Family, Net, Rule, ensure,
     nft::{self, NftRules},
     remove, remove_flanneld_s,
 };
 
-/// What the agent wants installed: iptables rules (flanneld's in iptables
-/// mode, the fast path's in both) and, in nftables mode, flanneld's table.
+/// What the agent wants installed: iptables and ip6tables rules (flanneld's
+/// in iptables mode, the fast path's in both) and, in nftables mode,
+/// flanneld's tables.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Wanted {
     pub iptables: Vec<Rule>,
     /// `Some` in nftables mode (`EnableNFTables`): then flanneld's iptables
-    /// chains are removed; `None`: the nft table is.
-    pub nft: Option<NftRules>,
+    /// and ip6tables chains are removed; `None`: the nft table is.
+    pub nft: Option<NftRules<Ipv4Net>>,
+    /// Table `ip6 flannel-ipv6`, in nftables mode with an `IPv6Network`;
+    /// `None`: the table is removed.
+    pub nft6: Option<NftRules<Ipv6Net>>,
+}
+
+impl Wanted {
+    /// Whether flanneld's rules are nft tables (`EnableNFTables`).
+    pub fn nft_mode(&self) -> bool {
+        self.nft.is_some() || self.nft6.is_some()
+    }
+
+    fn has_nft(&self, family: Family) -> bool {
+        match family {
+            Family::Ipv4 => self.nft.is_some(),
+            Family::Ipv6 => self.nft6.is_some(),
+        }
+    }
 }
 
 /// A set of rules to keep, and who waits for its first application.
@@ -78,58 +97,49 @@ fn keep(rx: &mpsc::Receiver<Keep>, resync: Duration) {
                 let gone: Vec<Rule> = kept
                     .iptables
                     .iter()
-                    .filter(|old| !wanted.iptables.iter().any(|r| r.table == old.table))
+                    .filter(|old| {
+                        !wanted
+                            .iptables
+                            .iter()
+                            .any(|r| (r.family, r.table) == (old.family, old.table))
+                    })
                     .cloned()
                     .collect();
                 if !gone.is_empty() {
                     log_removed(remove(&gone), "the rules no longer wanted");
                 }
-                remove_other_manager(wanted.nft.is_some());
+                remove_unwanted(&wanted);
                 kept = wanted;
-                match ensure(&kept.iptables) {
-                    Ok(changes) if !changes.is_empty() => {
-                        log::info!("installed {}", changes.join(", "));
-                    }
-                    Ok(_) => {}
-                    Err(e) => log::error!("iptables: {e} (retrying at the next resync)"),
-                }
+                ensure_each_family(&kept.iptables, |changes| {
+                    log::info!("installed {}", changes.join(", "));
+                });
                 if let Some(r) = &kept.nft
                     && load_nft(r)
                 {
-                    log::info!("installed nft table ip {}", nft::TABLE);
+                    log::info!("installed {}", nft::describe(Family::Ipv4));
+                }
+                if let Some(r) = &kept.nft6
+                    && load_nft(r)
+                {
+                    log::info!("installed {}", nft::describe(Family::Ipv6));
                 }
                 for w in waiting {
                     let _ = w.send(());
                 }
             }
             Err(RecvTimeoutError::Timeout) => {
-                match ensure(&kept.iptables) {
-                    Ok(changes) if !changes.is_empty() => log::warn!(
+                ensure_each_family(&kept.iptables, |changes| {
+                    log::warn!(
                         "iptables rules were missing or out of order; replaced {} (one \
                          iptables-restore per table)",
                         changes.join(", ")
-                    ),
-                    Ok(_) => {}
-                    Err(e) => log::error!("iptables: {e} (retrying at the next resync)"),
-                }
+                    );
+                });
                 if let Some(r) = &kept.nft {
-                    match nft::current() {
-                        // Compared with what nft prints for what we load, not
-                        // with a listing taken after loading: a change made
-                        // between our load and our listing would be taken
-                        // for ours.
-                        Ok(Some(now)) if now == nft::listed_text(r) => {}
-                        Ok(_) => {
-                            if load_nft(r) {
-                                log::warn!(
-                                    "nft table ip {} was missing or changed; loaded it again \
-                                     (one nft transaction)",
-                                    nft::TABLE
-                                );
-                            }
-                        }
-                        Err(e) => log::error!("nft: {e} (retrying at the next resync)"),
-                    }
+                    resync_nft(r);
+                }
+                if let Some(r) = &kept.nft6 {
+                    resync_nft(r);
                 }
             }
             Err(RecvTimeoutError::Disconnected) => return,
@@ -137,8 +147,47 @@ fn keep(rx: &mpsc::Receiver<Keep>, resync: Duration) {
     }
 }
 
+/// [`ensure`]s each family's rules on its own: a failing ip6tables does not
+/// keep iptables' rules from being repaired. `changed` hears of what was.
+fn ensure_each_family(rules: &[Rule], changed: impl Fn(&[String])) {
+    for family in [Family::Ipv4, Family::Ipv6] {
+        let of: Vec<Rule> = rules
+            .iter()
+            .filter(|r| r.family == family)
+            .cloned()
+            .collect();
+        if of.is_empty() {
+            continue;
+        }
+        match ensure(&of) {
+            Ok(changes) if !changes.is_empty() => changed(&changes),
+            Ok(_) => {}
+            Err(e) => log::error!("{}: {e} (retrying at the next resync)", family.iptables()),
+        }
+    }
+}
+
+/// Loads the table again if it is missing or differs from `r`'s.
+fn resync_nft<N: Net>(r: &NftRules<N>) {
+    match nft::current(N::FAMILY) {
+        // Compared with what nft prints for what we load, not with a
+        // listing taken after loading: a change made between our load and
+        // our listing would be taken for ours.
+        Ok(Some(now)) if now == nft::listed_text(r) => {}
+        Ok(_) => {
+            if load_nft(r) {
+                log::warn!(
+                    "{} was missing or changed; loaded it again (one nft transaction)",
+                    nft::describe(N::FAMILY)
+                );
+            }
+        }
+        Err(e) => log::error!("nft: {e} (retrying at the next resync)"),
+    }
+}
+
 /// Loads the table; whether that worked (why not is logged).
-fn load_nft(r: &NftRules) -> bool {
+fn load_nft<N: Net>(r: &NftRules<N>) -> bool {
     match nft::load(&nft::apply_script(r)) {
         Ok(()) => true,
         Err(e) => {
@@ -148,19 +197,25 @@ fn load_nft(r: &NftRules) -> bool {
     }
 }
 
-/// flanneld removes the rules of the traffic manager it is not using.
-fn remove_other_manager(nft_mode: bool) {
-    if nft_mode {
+/// flanneld removes the rules of the traffic manager it is not using: in
+/// nftables mode its iptables and ip6tables chains, in iptables mode its nft
+/// tables. And an nft table `wanted` no longer has (no `IPv6Network` now).
+fn remove_unwanted(wanted: &Wanted) {
+    if wanted.nft_mode() {
         log_removed(
             remove_flanneld_s(),
             "flanneld's iptables rules (nftables mode)",
         );
-        return;
     }
-    match nft::remove() {
-        Ok(true) => log::info!("removed nft table ip {} (iptables mode)", nft::TABLE),
-        Ok(false) => {}
-        Err(e) => log::error!("nft: removing table ip {}: {e}", nft::TABLE),
+    for family in [Family::Ipv4, Family::Ipv6] {
+        if wanted.has_nft(family) {
+            continue;
+        }
+        match nft::remove(family) {
+            Ok(true) => log::info!("removed {}", nft::describe(family)),
+            Ok(false) => {}
+            Err(e) => log::error!("nft: removing {}: {e}", nft::describe(family)),
+        }
     }
 }
 

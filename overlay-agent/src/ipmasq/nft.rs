@@ -2,7 +2,9 @@
 //! flannel-ipv4` with chain `postrtg` (nat, postrouting, srcnat) holding the
 //! masquerade rules of `--ip-masq` and chain `forward` (filter, forward,
 //! filter) holding the accepts of `--iptables-forward-rules`, the same rules
-//! in the same order as flanneld's `pkg/trafficmngr/nftables`.
+//! in the same order as flanneld's `pkg/trafficmngr/nftables`; with an
+//! `IPv6Network`, table `ip6 flannel-ipv6` with the same chains for the IPv6
+//! network and subnet.
 //!
 //! Every change is one `nft -f -` run, which nft commits as one kernel
 //! transaction: the table is declared (so the delete cannot fail), deleted
@@ -10,10 +12,15 @@
 
 use ipnet::Ipv4Net;
 
-use super::exec::{self, IptablesError};
+use super::{
+    Family, Net,
+    exec::{self, IptablesError},
+};
 
-/// flanneld's IPv4 table; the agent serves IPv4 only, so no `flannel-ipv6`.
+/// flanneld's IPv4 table.
 pub const TABLE: &str = "flannel-ipv4";
+/// flanneld's IPv6 table.
+pub const TABLE6: &str = "flannel-ipv6";
 /// The chains, as flanneld names them.
 pub const MASQ_CHAIN: &str = "postrtg";
 pub const FORWARD_CHAIN: &str = "forward";
@@ -21,11 +28,33 @@ pub const FORWARD_CHAIN: &str = "forward";
 /// mark, not only the bit as the iptables rule does).
 pub const KUBE_PROXY_MARK: &str = "0x4000";
 
-/// What the table holds; a table with no chain is still flanneld's table.
+/// flanneld's table of `family`.
+pub fn table(family: Family) -> &'static str {
+    match family {
+        Family::Ipv4 => TABLE,
+        Family::Ipv6 => TABLE6,
+    }
+}
+
+/// nft's name of `family` (`ip`, `ip6`): of the table and of its matches.
+pub fn nft_family(family: Family) -> &'static str {
+    match family {
+        Family::Ipv4 => "ip",
+        Family::Ipv6 => "ip6",
+    }
+}
+
+/// `nft table ip flannel-ipv4`: how the log and `cleanup` name the table.
+pub fn describe(family: Family) -> String {
+    format!("nft table {} {}", nft_family(family), table(family))
+}
+
+/// What the table of `N`'s family holds; a table with no chain is still
+/// flanneld's table.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct NftRules {
-    pub network: Ipv4Net,
-    pub subnet: Ipv4Net,
+pub struct NftRules<N: Net = Ipv4Net> {
+    pub network: N,
+    pub subnet: N,
     /// `--ip-masq`: chain `postrtg`.
     pub masq: bool,
     pub random_fully: bool,
@@ -35,9 +64,13 @@ pub struct NftRules {
 
 /// The table's definition, as [`apply_script`] loads it. `nft list table`
 /// prints it the same way but for the mark (`0x00004000`).
-pub fn table_text(r: &NftRules) -> String {
+pub fn table_text<N: Net>(r: &NftRules<N>) -> String {
+    let family = N::FAMILY;
+    let ip = nft_family(family);
+    let name = table(family);
     let net = r.network.to_string();
     let pod = r.subnet.to_string();
+    let multicast = family.multicast();
     let masq = if r.random_fully {
         "masquerade fully-random"
     } else {
@@ -52,12 +85,14 @@ pub fn table_text(r: &NftRules) -> String {
             &[
                 // kube-proxy's marked packets: no double NAT.
                 format!("meta mark {KUBE_PROXY_MARK} return"),
-                // Nothing inside the overlay is rewritten.
-                format!("ip saddr {pod} ip daddr {net} return"),
-                format!("ip saddr {net} ip daddr {pod} return"),
-                format!("ip saddr != {pod} ip daddr {net} return"),
-                format!("ip saddr {net} ip daddr != 224.0.0.0/4 {masq}"),
-                format!("ip saddr != {net} ip daddr {net} {masq}"),
+                // Nothing inside the overlay is rewritten. The third rule is
+                // flanneld's nft one (`!= subnet`, `network`), not its
+                // iptables one (`! -s network -d subnet`).
+                format!("{ip} saddr {pod} {ip} daddr {net} return"),
+                format!("{ip} saddr {net} {ip} daddr {pod} return"),
+                format!("{ip} saddr != {pod} {ip} daddr {net} return"),
+                format!("{ip} saddr {net} {ip} daddr != {multicast} {masq}"),
+                format!("{ip} saddr != {net} {ip} daddr {net} {masq}"),
             ],
         ));
     }
@@ -67,13 +102,13 @@ pub fn table_text(r: &NftRules) -> String {
             "chain to accept flannel traffic",
             "type filter hook forward priority filter; policy accept;",
             &[
-                format!("ip saddr {net} accept"),
-                format!("ip daddr {net} accept"),
+                format!("{ip} saddr {net} accept"),
+                format!("{ip} daddr {net} accept"),
             ],
         ));
     }
     format!(
-        "table ip {TABLE} {{\n\tcomment \"rules for {TABLE}\"\n{}}}\n",
+        "table {ip} {name} {{\n\tcomment \"rules for {name}\"\n{}}}\n",
         chains.join("\n")
     )
 }
@@ -91,7 +126,7 @@ fn chain(name: &str, comment: &str, hook: &str, rules: &[String]) -> String {
 
 /// The table as `nft list table` (nft 1.0) prints it once [`apply_script`]
 /// loaded it: as [`table_text`], but nft writes the mark in full.
-pub fn listed_text(r: &NftRules) -> String {
+pub fn listed_text<N: Net>(r: &NftRules<N>) -> String {
     let mark =
         u32::from_str_radix(KUBE_PROXY_MARK.trim_start_matches("0x"), 16).expect("a hex mark");
     table_text(r).replace(
@@ -101,13 +136,14 @@ pub fn listed_text(r: &NftRules) -> String {
 }
 
 /// The `nft -f` input that replaces the table with `r`'s in one transaction.
-pub fn apply_script(r: &NftRules) -> String {
-    format!("{}{}", removal_script(), table_text(r))
+pub fn apply_script<N: Net>(r: &NftRules<N>) -> String {
+    format!("{}{}", removal_script(N::FAMILY), table_text(r))
 }
 
-/// The `nft -f` input that removes the table, there or not.
-pub fn removal_script() -> String {
-    format!("table ip {TABLE} {{}}\ndelete table ip {TABLE}\n")
+/// The `nft -f` input that removes `family`'s table, there or not.
+pub fn removal_script(family: Family) -> String {
+    let (ip, name) = (nft_family(family), table(family));
+    format!("table {ip} {name} {{}}\ndelete table {ip} {name}\n")
 }
 
 /// Loads `script` as one transaction.
@@ -115,19 +151,21 @@ pub fn load(script: &str) -> Result<(), IptablesError> {
     exec::run("nft", &["-f", "-"], Some(script)).map(drop)
 }
 
-/// The table as nft lists it, `None` when it is not there.
-pub fn current() -> Result<Option<String>, IptablesError> {
-    let tables = exec::run("nft", &["list", "tables", "ip"], None)?;
-    let name = format!("table ip {TABLE}");
-    if !tables.lines().any(|l| l.trim() == name) {
+/// `family`'s table as nft lists it, `None` when it is not there.
+pub fn current(family: Family) -> Result<Option<String>, IptablesError> {
+    let (ip, name) = (nft_family(family), table(family));
+    let tables = exec::run("nft", &["list", "tables", ip], None)?;
+    let line = format!("table {ip} {name}");
+    if !tables.lines().any(|l| l.trim() == line) {
         return Ok(None);
     }
-    exec::run("nft", &["list", "table", "ip", TABLE], None).map(Some)
+    exec::run("nft", &["list", "table", ip, name], None).map(Some)
 }
 
-/// Removes the table; whether it was there. A host without nft has none.
-pub fn remove() -> Result<bool, IptablesError> {
-    let there = match current() {
+/// Removes `family`'s table; whether it was there. A host without nft has
+/// none.
+pub fn remove(family: Family) -> Result<bool, IptablesError> {
+    let there = match current(family) {
         Ok(listed) => listed.is_some(),
         Err(IptablesError::Spawn { source, .. })
             if source.kind() == std::io::ErrorKind::NotFound =>
@@ -137,13 +175,14 @@ pub fn remove() -> Result<bool, IptablesError> {
         Err(e) => return Err(e),
     };
     if there {
-        load(&removal_script())?;
+        load(&removal_script(family))?;
     }
     Ok(there)
 }
 
 /// Whether the kernel takes `masquerade fully-random` (checked with `nft
-/// -c`, which commits nothing), as flanneld checks it.
+/// -c`, which commits nothing), as flanneld checks it: once, in an `ip`
+/// table, for both families.
 pub fn supports_random_fully() -> bool {
     let probe = "table ip flannel-random-fully-probe {\n\tchain probe {\n\t\t\
                  type nat hook postrouting priority srcnat;\n\t\t\
@@ -230,8 +269,106 @@ mod tests {
         ));
         assert!(s.ends_with(&table_text(&r)));
         assert_eq!(
-            removal_script(),
+            removal_script(Family::Ipv4),
             "table ip flannel-ipv4 {}\ndelete table ip flannel-ipv4\n"
         );
+    }
+
+    fn rules6(random_fully: bool) -> NftRules<ipnet::Ipv6Net> {
+        NftRules {
+            network: "fd00:10::/48".parse().unwrap(),
+            subnet: "fd00:10:0:13::/64".parse().unwrap(),
+            masq: true,
+            random_fully,
+            forward: true,
+        }
+    }
+
+    /// B.5's golden `nft list chain ip6 flannel-ipv6 postrtg` and `forward`
+    /// (flannel's e2e/rules.go form) with N = fd00:10::/48 and S =
+    /// fd00:10:0:13::/64. Rule 4 is nft's (`!= S`, `N`), not iptables'.
+    pub(crate) const POSTRTG6_GOLDEN: &str = "table ip6 flannel-ipv6 {
+\tchain postrtg {
+\t\tcomment \"chain to manage traffic masquerading by flannel\"
+\t\ttype nat hook postrouting priority srcnat; policy accept;
+\t\tmeta mark 0x00004000 return
+\t\tip6 saddr fd00:10:0:13::/64 ip6 daddr fd00:10::/48 return
+\t\tip6 saddr fd00:10::/48 ip6 daddr fd00:10:0:13::/64 return
+\t\tip6 saddr != fd00:10:0:13::/64 ip6 daddr fd00:10::/48 return
+\t\tip6 saddr fd00:10::/48 ip6 daddr != ff00::/8 masquerade fully-random
+\t\tip6 saddr != fd00:10::/48 ip6 daddr fd00:10::/48 masquerade fully-random
+\t}
+}";
+    pub(crate) const FORWARD6_GOLDEN: &str = "table ip6 flannel-ipv6 {
+\tchain forward {
+\t\tcomment \"chain to accept flannel traffic\"
+\t\ttype filter hook forward priority filter; policy accept;
+\t\tip6 saddr fd00:10::/48 accept
+\t\tip6 daddr fd00:10::/48 accept
+\t}
+}";
+
+    /// What `nft list chain <family> <table> <chain>` prints of the table
+    /// `listed` (as `nft list table` prints it): the table line, the chain,
+    /// the closing brace, without the table's comment or other chains.
+    fn chain_of(listed: &str, name: &str) -> String {
+        let mut lines = listed.lines();
+        let head = lines.next().unwrap().to_owned();
+        let start = format!("\tchain {name} {{");
+        let body: Vec<&str> = lines
+            .skip_while(|l| *l != start)
+            .take_while(|l| *l != "\t}")
+            .collect();
+        format!("{head}\n{}\n\t}}\n}}", body.join("\n"))
+    }
+
+    #[test]
+    fn the_ipv6_table_is_flanneld_s_golden_one() {
+        let listed = listed_text(&rules6(true));
+        assert_eq!(chain_of(&listed, MASQ_CHAIN), POSTRTG6_GOLDEN);
+        assert_eq!(chain_of(&listed, FORWARD_CHAIN), FORWARD6_GOLDEN);
+        assert!(
+            listed.starts_with("table ip6 flannel-ipv6 {\n\tcomment \"rules for flannel-ipv6\"\n"),
+            "{listed}"
+        );
+        // What is loaded says the mark as flanneld writes it.
+        assert!(table_text(&rules6(true)).contains("\t\tmeta mark 0x4000 return\n"),);
+        let plain = listed_text(&rules6(false));
+        assert_eq!(
+            chain_of(&plain, MASQ_CHAIN),
+            POSTRTG6_GOLDEN.replace(" fully-random", "")
+        );
+    }
+
+    #[test]
+    fn the_ipv4_listing_still_matches_flanneld_s_e2e_golden() {
+        let listed = listed_text(&rules(true, true, true));
+        assert_eq!(
+            chain_of(&listed, MASQ_CHAIN),
+            "table ip flannel-ipv4 {\n\tchain postrtg {\n\
+             \t\tcomment \"chain to manage traffic masquerading by flannel\"\n\
+             \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
+             \t\tmeta mark 0x00004000 return\n\
+             \t\tip saddr 10.0.13.0/24 ip daddr 10.0.0.0/16 return\n\
+             \t\tip saddr 10.0.0.0/16 ip daddr 10.0.13.0/24 return\n\
+             \t\tip saddr != 10.0.13.0/24 ip daddr 10.0.0.0/16 return\n\
+             \t\tip saddr 10.0.0.0/16 ip daddr != 224.0.0.0/4 masquerade fully-random\n\
+             \t\tip saddr != 10.0.0.0/16 ip daddr 10.0.0.0/16 masquerade fully-random\n\
+             \t}\n}"
+        );
+    }
+
+    #[test]
+    fn the_ipv6_scripts_name_the_ip6_table() {
+        let s = apply_script(&rules6(true));
+        assert!(s.starts_with(
+            "table ip6 flannel-ipv6 {}\ndelete table ip6 flannel-ipv6\ntable ip6 flannel-ipv6 {\n"
+        ));
+        assert_eq!(
+            removal_script(Family::Ipv6),
+            "table ip6 flannel-ipv6 {}\ndelete table ip6 flannel-ipv6\n"
+        );
+        assert_eq!(describe(Family::Ipv6), "nft table ip6 flannel-ipv6");
+        assert_eq!(describe(Family::Ipv4), "nft table ip flannel-ipv4");
     }
 }

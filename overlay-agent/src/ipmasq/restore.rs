@@ -10,7 +10,7 @@
 
 use std::collections::BTreeSet;
 
-use super::{Rule, is_ours};
+use super::{Family, Rule, is_ours};
 
 /// The chains and rules of one table.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -73,12 +73,18 @@ pub struct Restore {
     pub changes: Vec<String>,
 }
 
-/// The input that makes `table` hold `rules` (those whose table it is):
+/// The input that makes `family`'s `table` hold `rules` (those whose family
+/// and table it is):
 /// each of our chains exactly these rules in this order (declared, which
 /// empties it, then appended), each jump from a built-in chain present
 /// (appended only if missing). `None` when the table already holds them.
-pub fn repair(table: &str, rules: &[Rule], current: &TableState) -> Option<Restore> {
-    let rules: Vec<&Rule> = rules.iter().filter(|r| r.table == table).collect();
+pub fn repair(
+    family: Family,
+    table: &str,
+    rules: &[Rule],
+    current: &TableState,
+) -> Option<Restore> {
+    let rules = of_table(family, table, rules);
     let mut lines = Vec::new();
     let mut changes = Vec::new();
     for chain in our_chains(&rules) {
@@ -94,7 +100,8 @@ pub fn repair(table: &str, rules: &[Rule], current: &TableState) -> Option<Resto
         lines.push(format!(":{chain} - [0:0]"));
         lines.extend(want.iter().map(|spec| append(chain, spec)));
         changes.push(format!(
-            "iptables -t {table} chain {chain} ({} rules)",
+            "{} -t {table} chain {chain} ({} rules)",
+            family.iptables(),
             want.len()
         ));
     }
@@ -107,11 +114,16 @@ pub fn repair(table: &str, rules: &[Rule], current: &TableState) -> Option<Resto
     transaction(table, lines, changes)
 }
 
-/// The input that removes from `table` every copy of the jumps among
+/// The input that removes from `family`'s `table` every copy of the jumps among
 /// `rules`, then our chains they name (emptied, then deleted); `None` when
 /// none of it is there.
-pub fn removal(table: &str, rules: &[Rule], current: &TableState) -> Option<Restore> {
-    let rules: Vec<&Rule> = rules.iter().filter(|r| r.table == table).collect();
+pub fn removal(
+    family: Family,
+    table: &str,
+    rules: &[Rule],
+    current: &TableState,
+) -> Option<Restore> {
+    let rules = of_table(family, table, rules);
     let mut lines = Vec::new();
     let mut changes = Vec::new();
     for jump in rules.iter().filter(|r| !is_ours(r.chain)) {
@@ -124,10 +136,17 @@ pub fn removal(table: &str, rules: &[Rule], current: &TableState) -> Option<Rest
         if current.has_chain(chain) {
             lines.push(format!(":{chain} - [0:0]"));
             lines.push(format!("-X {chain}"));
-            changes.push(format!("iptables -t {table} chain {chain}"));
+            changes.push(format!("{} -t {table} chain {chain}", family.iptables()));
         }
     }
     transaction(table, lines, changes)
+}
+
+fn of_table<'a>(family: Family, table: &str, rules: &'a [Rule]) -> Vec<&'a Rule> {
+    rules
+        .iter()
+        .filter(|r| r.family == family && r.table == table)
+        .collect()
 }
 
 fn transaction(table: &str, lines: Vec<String>, changes: Vec<String>) -> Option<Restore> {
@@ -160,7 +179,8 @@ fn append(chain: &str, spec: &[String]) -> String {
 
 fn describe_jump(jump: &Rule) -> String {
     format!(
-        "iptables -t {} {} jump to {}",
+        "{} -t {} {} jump to {}",
+        jump.family.iptables(),
         jump.table,
         jump.chain,
         jump.spec.last().map_or("", String::as_str)
@@ -235,9 +255,10 @@ mod tests {
     use crate::ipmasq::{forward_rules, masq_rules};
 
     const NET: &str = "10.0.0.0/16";
+    const V4: Family = Family::Ipv4;
 
     fn fwd() -> Vec<Rule> {
-        forward_rules(NET.parse().unwrap())
+        forward_rules::<ipnet::Ipv4Net>(NET.parse().unwrap())
     }
 
     /// What iptables-save prints once `rules` are in place (built by hand,
@@ -267,7 +288,7 @@ mod tests {
     #[test]
     fn a_fresh_table_gets_the_chain_its_rules_and_the_jump_in_one_transaction() {
         let current = TableState::parse(&saved_filter(&[], &[]), "filter");
-        let r = repair("filter", &fwd(), &current).expect("a repair");
+        let r = repair(V4, "filter", &fwd(), &current).expect("a repair");
         assert_eq!(
             r.input,
             "*filter\n\
@@ -290,12 +311,17 @@ mod tests {
     fn a_table_that_holds_the_rules_needs_nothing() {
         let saved = saved_filter(&["-j DOCKER-USER", JUMP], &[FROM, TO]);
         let current = TableState::parse(&saved, "filter");
-        assert_eq!(repair("filter", &fwd(), &current), None);
+        assert_eq!(repair(V4, "filter", &fwd(), &current), None);
         // Rules of other tables are not this table's business.
         assert_eq!(
             repair(
+                V4,
                 "filter",
-                &masq_rules(NET.parse().unwrap(), "10.0.3.0/24".parse().unwrap(), true),
+                &masq_rules::<ipnet::Ipv4Net>(
+                    NET.parse().unwrap(),
+                    "10.0.3.0/24".parse().unwrap(),
+                    true
+                ),
                 &current
             ),
             None
@@ -311,7 +337,7 @@ mod tests {
             &[FROM, FROM, TO][..],
         ] {
             let current = TableState::parse(&saved_filter(&[JUMP], chain), "filter");
-            let r = repair("filter", &fwd(), &current).expect("a repair");
+            let r = repair(V4, "filter", &fwd(), &current).expect("a repair");
             // The jump is there: it is not added again, and FORWARD is not
             // touched at all (no flush, no delete).
             assert_eq!(
@@ -327,9 +353,46 @@ mod tests {
     }
 
     #[test]
+    fn each_family_restores_only_its_own_rules() {
+        let mut rules = fwd();
+        rules.extend(forward_rules::<ipnet::Ipv6Net>(
+            "fd00:10::/48".parse().unwrap(),
+        ));
+        // The IPv4 table holds the IPv4 rules: the IPv6 ones are not its.
+        let v4 = TableState::parse(&saved_filter(&[JUMP], &[FROM, TO]), "filter");
+        assert_eq!(repair(V4, "filter", &rules, &v4), None);
+        let empty = TableState::parse(&saved_filter(&[], &[]), "filter");
+        let r = repair(Family::Ipv6, "filter", &rules, &empty).expect("a repair");
+        assert_eq!(
+            r.input,
+            "*filter\n\
+             :FLANNEL-FWD - [0:0]\n\
+             -A FLANNEL-FWD -s fd00:10::/48 -m comment --comment \"flanneld forward\" -j ACCEPT\n\
+             -A FLANNEL-FWD -d fd00:10::/48 -m comment --comment \"flanneld forward\" -j ACCEPT\n\
+             -A FORWARD -m comment --comment \"flanneld forward\" -j FLANNEL-FWD\n\
+             COMMIT\n"
+        );
+        assert_eq!(
+            r.changes,
+            [
+                "ip6tables -t filter chain FLANNEL-FWD (2 rules)",
+                "ip6tables -t filter FORWARD jump to FLANNEL-FWD"
+            ]
+        );
+        let r = removal(Family::Ipv6, "filter", &rules, &v4).expect("a removal");
+        assert_eq!(
+            r.changes,
+            [
+                "ip6tables -t filter FORWARD jump to FLANNEL-FWD",
+                "ip6tables -t filter chain FLANNEL-FWD"
+            ]
+        );
+    }
+
+    #[test]
     fn only_a_missing_jump_is_appended() {
         let current = TableState::parse(&saved_filter(&["-j DOCKER-USER"], &[FROM, TO]), "filter");
-        let r = repair("filter", &fwd(), &current).expect("a repair");
+        let r = repair(V4, "filter", &fwd(), &current).expect("a repair");
         assert_eq!(
             r.input,
             "*filter\n-A FORWARD -m comment --comment \"flanneld forward\" -j FLANNEL-FWD\nCOMMIT\n"
@@ -339,7 +402,7 @@ mod tests {
     #[test]
     fn removal_deletes_every_copy_of_the_jump_then_our_chain() {
         let current = TableState::parse(&saved_filter(&[JUMP, JUMP], &[FROM, TO]), "filter");
-        let r = removal("filter", &fwd(), &current).expect("a removal");
+        let r = removal(V4, "filter", &fwd(), &current).expect("a removal");
         assert_eq!(
             r.input,
             "*filter\n\
@@ -358,7 +421,7 @@ mod tests {
             ]
         );
         let clean = TableState::parse(&saved_filter(&["-j DOCKER-USER"], &[]), "filter");
-        assert_eq!(removal("filter", &fwd(), &clean), None);
+        assert_eq!(removal(V4, "filter", &fwd(), &clean), None);
     }
 
     #[test]
