@@ -498,7 +498,12 @@ pub async fn program(cli: &Cli, health: &Health, mut leased: Leased) -> Result<P
         }
     };
     let random_fully = random_fully(cli, config).await;
-    let mut wanted = flanneld_rules(cli, config, leased.held.subnet(), random_fully, None);
+    // flanneld keys its IPv6 rules on IPv6Network (with our IPv6 subnet).
+    let v6 = config
+        .ipv6
+        .map(|r| r.network)
+        .zip(leased.held.ipv6_subnet());
+    let mut wanted = flanneld_rules(cli, config, leased.held.subnet(), random_fully, v6);
     wanted.iptables.extend(fast_path_rules(&dp));
     let rules = RuleKeeper::start(Duration::from_secs(cli.iptables_resync))
         .context("starting the iptables thread")?;

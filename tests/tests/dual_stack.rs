@@ -1,0 +1,296 @@
+//! Dual stack (flannel's `EnableIPv6`) end to end on the kernel datapath:
+//! two agents on a dual-stack underlay take dual-stack leases (flannel's key
+//! and JSON), write subnet.env's IPv6 lines, set up `flannel-v6.<VNI>`, and
+//! their containers reach each other over IPv6 and IPv4; `--datapath auto`
+//! lands on the kernel datapath with one line saying why; a peer's lease
+//! without an IPv6 half (an IPv4-only node) is served on IPv4; a killed and
+//! restarted agent loses no ping6 of a stream through it; `--ip-masq`
+//! keeps flannel's ip6tables rules.
+
+use std::{
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use anyhow::{Context, Result, ensure};
+use overlay_tests::agent::{Agent, Cluster, Containers, Hosts, add_container, sh, within};
+
+const PREFIX: &str = "/coreos.com/network";
+const CONFIG: &str = r#"{"EnableIPv6":true,"Network":"10.0.0.0/16","SubnetMin":"10.0.1.0","SubnetMax":"10.0.16.0","IPv6Network":"fd10:0:0::/48","IPv6SubnetMax":"fd10:0:0:10::","Backend":{"Type":"vxlan"}}"#;
+
+/// Host `i`'s IPv6 underlay address.
+fn ip6(i: usize) -> String {
+    format!("fd98::{i}")
+}
+
+/// IPv6 on the underlay (no DAD, so it is usable at once) and forwarding.
+fn dual_stack_underlay(hosts: &Hosts, n: usize) -> Result<()> {
+    for i in 1..=n {
+        let ns = hosts.ns(i);
+        sh(&[
+            "ip",
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{}/64", ip6(i)),
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &ns,
+            "sysctl",
+            "-qw",
+            "net.ipv6.conf.all.forwarding=1",
+        ])?;
+    }
+    Ok(())
+}
+
+/// A value of `env`'s file.
+fn env_var(env: &std::path::Path, key: &str) -> Result<String> {
+    let text = std::fs::read_to_string(env)?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}=")))
+        .map(str::to_owned)
+        .with_context(|| format!("{key} not in {}:\n{text}", env.display()))
+}
+
+/// Gives container `c` (behind `cni0` on `host`) the IPv6 address `::2` of
+/// the host's IPv6 subnet, with `cni0` at `::1` as its gateway, as flannel's
+/// CNI plugin would from FLANNEL_IPV6_SUBNET.
+fn add_ipv6(host: &str, c: &str, env: &std::path::Path) -> Result<String> {
+    let gw = env_var(env, "FLANNEL_IPV6_SUBNET")?; // fd10:0:0:X::1/64
+    let (gw_ip, len) = gw.split_once('/').context("FLANNEL_IPV6_SUBNET")?;
+    let ip = format!("{}2", gw_ip.trim_end_matches('1'));
+    sh(&["ip", "-n", host, "addr", "add", &gw, "dev", "cni0", "nodad"])?;
+    sh(&[
+        "ip",
+        "-n",
+        c,
+        "addr",
+        "add",
+        &format!("{ip}/{len}"),
+        "dev",
+        "eth0",
+        "nodad",
+    ])?;
+    sh(&["ip", "-n", c, "-6", "route", "add", "default", "via", gw_ip])?;
+    Ok(ip)
+}
+
+fn ping6(ns: &str, dst: &str) -> bool {
+    sh(&[
+        "ip", "netns", "exec", ns, "ping", "-6", "-c", "1", "-W", "1", dst,
+    ])
+    .is_ok()
+}
+
+#[test]
+#[ignore = "needs root, network namespaces and eBPF: run `cargo xtask test`"]
+fn two_dual_stack_agents_reach_each_other_over_both_families() -> Result<()> {
+    let Cluster { hosts, etcd, bin } = Cluster::start("ds", 2, CONFIG)?;
+    dual_stack_underlay(&hosts, 2)?;
+    let dir = etcd.dir().to_path_buf();
+    let env = |i: usize| dir.join(format!("h{i}.env"));
+    let args = |i: usize, dp: &str| -> Vec<String> {
+        vec![
+            format!("--etcd-endpoints={}", etcd.endpoints()),
+            format!("--iface={}", hosts.ip(i)),
+            format!("--subnet-file={}", env(i).display()),
+            format!("--datapath={dp}"),
+            "--ip-masq".into(),
+        ]
+    };
+    let mut a1 = Agent::start(&dir, "h1", &hosts.ns(1), &bin, &args(1, "kernel"))?;
+    let mut a2 = Agent::start(&dir, "h2", &hosts.ns(2), &bin, &args(2, "auto"))?;
+    a1.wait_for("running: lease", Duration::from_secs(20))?;
+    a2.wait_for("running: lease", Duration::from_secs(20))?;
+    // auto: the eBPF datapath carries IPv4 only, so the kernel's does.
+    ensure!(
+        a2.log()
+            .contains("dual stack (EnableIPv6) is served by the kernel datapath only"),
+        "{}",
+        a2.log()
+    );
+
+    // subnet.env in flanneld's order, with the IPv6 lines.
+    for i in 1..=2 {
+        let text = std::fs::read_to_string(env(i))?;
+        let keys: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.split_once('=').map(|(k, _)| k))
+            .collect();
+        ensure!(
+            keys == [
+                "FLANNEL_NETWORK",
+                "FLANNEL_SUBNET",
+                "FLANNEL_IPV6_NETWORK",
+                "FLANNEL_IPV6_SUBNET",
+                "FLANNEL_MTU",
+                "FLANNEL_IPMASQ"
+            ],
+            "{text}"
+        );
+        ensure!(text.contains("FLANNEL_IPV6_NETWORK=fd10::/48\n"), "{text}");
+    }
+
+    // The lease: flannel's dual-stack key and value, byte for byte, with
+    // the MACs the two devices really have.
+    let subnet1 = env_var(&env(1), "FLANNEL_SUBNET")?.replace(".1/", ".0-");
+    let subnet6 = env_var(&env(1), "FLANNEL_IPV6_SUBNET")?.replace("::1/", "::-");
+    let key = format!("{PREFIX}/subnets/{subnet1}&{subnet6}");
+    let value = etcd.get(&key)?.with_context(|| {
+        format!(
+            "no key {key}; keys: {}",
+            etcd.etcdctl(&["get", "--prefix", "--keys-only", PREFIX])
+                .unwrap_or_default()
+        )
+    })?;
+    let mac = |dev: &str| -> Result<String> {
+        let out = sh(&["ip", "-n", &hosts.ns(1), "-o", "link", "show", dev])?;
+        out.split_whitespace()
+            .skip_while(|w| *w != "link/ether")
+            .nth(1)
+            .map(str::to_owned)
+            .context("no MAC")
+    };
+    let want = format!(
+        r#"{{"PublicIP":"{}","PublicIPv6":"{}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{}"}},"BackendV6Data":{{"VNI":1,"VtepMAC":"{}"}}}}"#,
+        hosts.ip(1),
+        ip6(1),
+        mac("flannel.1")?,
+        mac("flannel-v6.1")?
+    );
+    ensure!(value == want, "lease value\n{value}\nexpected\n{want}");
+
+    // flannel-v6.1 as flanneld makes it, and host 2 as its peer.
+    let dev = sh(&[
+        "ip",
+        "-n",
+        &hosts.ns(1),
+        "-d",
+        "link",
+        "show",
+        "flannel-v6.1",
+    ])?;
+    ensure!(
+        dev.contains(&format!("local {}", ip6(1))) && dev.contains("dstport 8472"),
+        "{dev}"
+    );
+    let subnet6_2 = env_var(&env(2), "FLANNEL_IPV6_SUBNET")?.replace("::1/", "::/");
+    let gw6_2 = subnet6_2.split_once('/').context("subnet")?.0.to_owned();
+    let routes6 = sh(&[
+        "ip",
+        "-n",
+        &hosts.ns(1),
+        "-6",
+        "route",
+        "show",
+        "dev",
+        "flannel-v6.1",
+    ])?;
+    ensure!(
+        routes6.contains(&format!("{subnet6_2} via {gw6_2}")) && routes6.contains("onlink"),
+        "{routes6}"
+    );
+
+    // Containers on both sides, both families, both ways.
+    let (c1, v4_1) = add_container(&hosts, 1, &env(1))?;
+    let (c2, v4_2) = add_container(&hosts, 2, &env(2))?;
+    let _containers = Containers(vec![c1.clone(), c2.clone()]);
+    let v6_1 = add_ipv6(&hosts.ns(1), &c1, &env(1))?;
+    let v6_2 = add_ipv6(&hosts.ns(2), &c2, &env(2))?;
+    within(Duration::from_secs(5), "c1 -> c2 over IPv6", || {
+        ping6(&c1, &v6_2)
+    })?;
+    within(Duration::from_secs(5), "c2 -> c1 over IPv6", || {
+        ping6(&c2, &v6_1)
+    })?;
+    within(Duration::from_secs(5), "c1 -> c2 over IPv4", || {
+        sh(&[
+            "ip", "netns", "exec", &c1, "ping", "-c", "1", "-W", "1", &v4_2,
+        ])
+        .is_ok()
+    })?;
+
+    // --ip-masq: flannel's ip6tables rules for IPv6Network and our subnet.
+    let nat6 = sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &hosts.ns(1),
+        "ip6tables",
+        "-t",
+        "nat",
+        "-S",
+        "FLANNEL-POSTRTG",
+    ])?;
+    let s6 = env_var(&env(1), "FLANNEL_IPV6_SUBNET")?.replace("::1/", "::/");
+    ensure!(
+        nat6.contains(&format!(
+            "-A FLANNEL-POSTRTG -s {s6} -d fd10::/48 -m comment --comment \"flanneld masq\" -j RETURN"
+        )) && nat6.contains("! -d ff00::/8"),
+        "{nat6}"
+    );
+
+    // A peer whose lease has no IPv6 half (an IPv4-only node) is served on
+    // IPv4 only.
+    etcd.put(
+        &format!("{PREFIX}/subnets/10.0.19.0-24"),
+        r#"{"PublicIP":"10.98.0.9","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"02:00:00:00:00:09"}}"#,
+    )?;
+    within(Duration::from_secs(3), "the IPv4-only peer's route", || {
+        hosts
+            .routes(1)
+            .contains("10.0.19.0/24 via 10.0.19.0 dev flannel.1 onlink")
+    })?;
+    let fdb6 = sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &hosts.ns(1),
+        "bridge",
+        "fdb",
+        "show",
+        "dev",
+        "flannel-v6.1",
+    ])?;
+    ensure!(!fdb6.contains("02:00:00:00:00:09"), "{fdb6}");
+
+    // kill -9 and a restart of agent 1 under a ping6 stream from c2 to c1:
+    // the devices and entries stay, the new agent adopts them.
+    let stream = Command::new("ip")
+        .args([
+            "netns", "exec", &c2, "ping", "-6", "-i", "0.05", "-c", "200", "-W", "1", &v6_1,
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    std::thread::sleep(Duration::from_secs(2));
+    a1.kill9()?;
+    let mut a1 = Agent::start(&dir, "h1-again", &hosts.ns(1), &bin, &args(1, "kernel"))?;
+    a1.wait_for("running: lease", Duration::from_secs(20))?;
+    let out = stream.wait_with_output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let summary = text
+        .lines()
+        .find(|l| l.contains("packets transmitted"))
+        .unwrap_or("no summary");
+    ensure!(
+        summary.contains("200 packets transmitted, 200 received"),
+        "ping6 through the restart: {summary}\n{}",
+        a1.log()
+    );
+    ensure!(
+        etcd.get(&key)?.as_deref() == Some(want.as_str()),
+        "the lease changed on restart"
+    );
+    drop(a2);
+    Ok(())
+}
