@@ -5,7 +5,9 @@
 //! lands on the kernel datapath with one line saying why; a peer's lease
 //! without an IPv6 half (an IPv4-only node) is served on IPv4; a killed and
 //! restarted agent loses no ping6 of a stream through it; `--ip-masq`
-//! keeps flannel's ip6tables rules.
+//! keeps flannel's ip6tables rules. A third host is a flanneld stand-in:
+//! its devices made with iproute2 as flanneld makes them, its lease written
+//! as flanneld writes it, our leases programmed with flanneld's commands.
 
 use std::{
     process::{Command, Stdio},
@@ -93,8 +95,8 @@ fn ping6(ns: &str, dst: &str) -> bool {
 #[test]
 #[ignore = "needs root, network namespaces and eBPF: run `cargo xtask test`"]
 fn two_dual_stack_agents_reach_each_other_over_both_families() -> Result<()> {
-    let Cluster { hosts, etcd, bin } = Cluster::start("ds", 2, CONFIG)?;
-    dual_stack_underlay(&hosts, 2)?;
+    let Cluster { hosts, etcd, bin } = Cluster::start("ds", 3, CONFIG)?;
+    dual_stack_underlay(&hosts, 3)?;
     let dir = etcd.dir().to_path_buf();
     let env = |i: usize| dir.join(format!("h{i}.env"));
     let args = |i: usize, dp: &str| -> Vec<String> {
@@ -151,14 +153,15 @@ fn two_dual_stack_agents_reach_each_other_over_both_families() -> Result<()> {
                 .unwrap_or_default()
         )
     })?;
-    let mac = |dev: &str| -> Result<String> {
-        let out = sh(&["ip", "-n", &hosts.ns(1), "-o", "link", "show", dev])?;
+    let mac_on = |i: usize, dev: &str| -> Result<String> {
+        let out = sh(&["ip", "-n", &hosts.ns(i), "-o", "link", "show", dev])?;
         out.split_whitespace()
             .skip_while(|w| *w != "link/ether")
             .nth(1)
             .map(str::to_owned)
             .context("no MAC")
     };
+    let mac = |dev: &str| mac_on(1, dev);
     let want = format!(
         r#"{{"PublicIP":"{}","PublicIPv6":"{}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{}"}},"BackendV6Data":{{"VNI":1,"VtepMAC":"{}"}}}}"#,
         hosts.ip(1),
@@ -167,6 +170,17 @@ fn two_dual_stack_agents_reach_each_other_over_both_families() -> Result<()> {
         mac("flannel-v6.1")?
     );
     ensure!(value == want, "lease value\n{value}\nexpected\n{want}");
+    // `status` names both subnets of our lease.
+    let shown = overlay_tests::agent::status(&hosts.ns(1), &bin, &args(1, "kernel"))?;
+    let both = format!(
+        "{} and {}",
+        subnet1.replace('-', "/"),
+        subnet6.replace('-', "/")
+    );
+    ensure!(
+        shown.contains(&both),
+        "status does not show {both}:\n{shown}"
+    );
 
     // flannel-v6.1 as flanneld makes it, and host 2 as its peer.
     let dev = sh(&[
@@ -184,20 +198,18 @@ fn two_dual_stack_agents_reach_each_other_over_both_families() -> Result<()> {
     );
     let subnet6_2 = env_var(&env(2), "FLANNEL_IPV6_SUBNET")?.replace("::1/", "::/");
     let gw6_2 = subnet6_2.split_once('/').context("subnet")?.0.to_owned();
-    let routes6 = sh(&[
-        "ip",
-        "-n",
-        &hosts.ns(1),
-        "-6",
-        "route",
-        "show",
-        "dev",
-        "flannel-v6.1",
-    ])?;
-    ensure!(
-        routes6.contains(&format!("{subnet6_2} via {gw6_2}")) && routes6.contains("onlink"),
-        "{routes6}"
-    );
+    // Host 2's lease reaches host 1 by the watch.
+    let peer_route = format!("{subnet6_2} via {gw6_2} dev flannel-v6.1");
+    within(
+        Duration::from_secs(5),
+        "host 2's IPv6 route on host 1",
+        || {
+            sh(&["ip", "-n", &hosts.ns(1), "-6", "route", "show"]).is_ok_and(|r| {
+                r.lines()
+                    .any(|l| l.starts_with(&peer_route) && l.contains("onlink"))
+            })
+        },
+    )?;
 
     // Containers on both sides, both families, both ways.
     let (c1, v4_1) = add_container(&hosts, 1, &env(1))?;
@@ -217,6 +229,121 @@ fn two_dual_stack_agents_reach_each_other_over_both_families() -> Result<()> {
         ])
         .is_ok()
     })?;
+
+    // Host 3 is a flanneld node: devices, lease and entries as flanneld's.
+    let h3 = hosts.ns(3);
+    let ip3 = |args: &[&str]| -> Result<String> {
+        let mut v = vec!["ip", "-n", h3.as_str()];
+        v.extend_from_slice(args);
+        sh(&v)
+    };
+    let (mac3, mac3_6) = ("02:f1:a0:00:00:03", "02:f1:a6:00:00:03");
+    // flanneld asks for MTU - 50 when it creates each device; the kernel
+    // gives the v6 one MTU - 70 (and refuses 1450 later).
+    for (dev, local) in [("flannel.1", hosts.ip(3)), ("flannel-v6.1", ip6(3))] {
+        ip3(&[
+            "link",
+            "add",
+            dev,
+            "mtu",
+            "1450",
+            "type",
+            "vxlan",
+            "id",
+            "1",
+            "local",
+            &local,
+            "dev",
+            "eth0",
+            "dstport",
+            "8472",
+            "nolearning",
+        ])?;
+    }
+    for (dev, mac, addr) in [
+        ("flannel.1", mac3, "10.0.17.0/32"),
+        ("flannel-v6.1", mac3_6, "fd10:0:0:11::/128"),
+    ] {
+        ip3(&["link", "set", dev, "address", mac])?;
+        ip3(&["addr", "add", addr, "dev", dev, "nodad"])?;
+        ip3(&["link", "set", dev, "up"])?;
+    }
+    etcd.put(
+        &format!("{PREFIX}/subnets/10.0.17.0-24&fd10:0:0:11::-64"),
+        &format!(
+            r#"{{"PublicIP":"{}","PublicIPv6":"{}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{mac3}"}},"BackendV6Data":{{"VNI":1,"VtepMAC":"{mac3_6}"}}}}"#,
+            hosts.ip(3),
+            ip6(3)
+        ),
+    )?;
+    for i in 1..=2 {
+        let sub4 = env_var(&env(i), "FLANNEL_SUBNET")?.replace(".1/", ".0/");
+        let gw4 = sub4.split_once('/').context("subnet")?.0.to_owned();
+        let sub6 = env_var(&env(i), "FLANNEL_IPV6_SUBNET")?.replace("::1/", "::/");
+        let gw6 = sub6.split_once('/').context("subnet")?.0.to_owned();
+        for (dev, gw, sub, mac, dst) in [
+            (
+                "flannel.1",
+                &gw4,
+                &sub4,
+                mac_on(i, "flannel.1")?,
+                hosts.ip(i),
+            ),
+            (
+                "flannel-v6.1",
+                &gw6,
+                &sub6,
+                mac_on(i, "flannel-v6.1")?,
+                ip6(i),
+            ),
+        ] {
+            ip3(&[
+                "neigh",
+                "replace",
+                gw,
+                "lladdr",
+                &mac,
+                "dev",
+                dev,
+                "nud",
+                "permanent",
+            ])?;
+            sh(&[
+                "ip",
+                "netns",
+                "exec",
+                &h3,
+                "bridge",
+                "fdb",
+                "replace",
+                &mac,
+                "dev",
+                dev,
+                "dst",
+                &dst,
+                "self",
+                "permanent",
+            ])?;
+            ip3(&["route", "replace", sub, "via", gw, "dev", dev, "onlink"])?;
+        }
+    }
+    let env3 = dir.join("h3.env");
+    std::fs::write(
+        &env3,
+        "FLANNEL_NETWORK=10.0.0.0/16\nFLANNEL_SUBNET=10.0.17.1/24\n\
+         FLANNEL_IPV6_NETWORK=fd10::/48\nFLANNEL_IPV6_SUBNET=fd10:0:0:11::1/64\n\
+         FLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n",
+    )?;
+    let (c3, _) = add_container(&hosts, 3, &env3)?;
+    let _c3 = Containers(vec![c3.clone()]);
+    let v6_3 = add_ipv6(&h3, &c3, &env3)?;
+    for (from, to) in [(&c3, &v6_1), (&c3, &v6_2), (&c1, &v6_3), (&c2, &v6_3)] {
+        within(
+            Duration::from_secs(5),
+            &format!("{from} -> {to} (flanneld stand-in)"),
+            || ping6(from, to),
+        )?;
+    }
 
     // --ip-masq: flannel's ip6tables rules for IPv6Network and our subnet.
     let nat6 = sh(&[

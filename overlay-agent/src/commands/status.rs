@@ -63,7 +63,12 @@ pub async fn status(cli: &Cli) -> Result<()> {
             };
             return Ok(Some(LeaseStatus {
                 key: entry.key,
-                subnet: l.subnet.to_string(),
+                // Both families of a dual-stack lease.
+                subnet: lease::LeaseSubnets {
+                    v4: l.subnet,
+                    v6: l.ipv6_subnet,
+                }
+                .to_string(),
                 ttl_seconds,
             }));
         }
