@@ -424,7 +424,7 @@ async fn etcd_lease(cli: &Cli, reg: &Registry, configured: &Configured) -> Resul
         vtep_mac: MacAddr::stable_for(ext.public_ip, config.backend.vni),
         ipv6: config.ipv6.and(ext.public_ipv6).map(|public_ip| NodeIpv6 {
             public_ip,
-            vtep_mac: MacAddr::stable_for(public_ip, config.backend.vni),
+            vtep_mac: MacAddr::stable_for_ipv6(public_ip, config.backend.vni),
         }),
     };
     let previous = Previous {

@@ -42,12 +42,17 @@ impl MacAddr {
     /// lease publishes and peers' neighbour/FDB entries stay valid. flannel picks
     /// a random MAC each time the device is created, which is a known source of
     /// stale entries on peers.
-    /// An IPv6 address gives the MAC of the node's `flannel-v6.<VNI>`.
-    pub fn stable_for(public_ip: impl Into<std::net::IpAddr>, vni: u32) -> MacAddr {
-        let octets: Vec<u8> = match public_ip.into() {
-            std::net::IpAddr::V4(ip) => ip.octets().to_vec(),
-            std::net::IpAddr::V6(ip) => ip.octets().to_vec(),
-        };
+    pub fn stable_for(public_ip: std::net::Ipv4Addr, vni: u32) -> MacAddr {
+        Self::stable_from(&public_ip.octets(), vni)
+    }
+
+    /// [`MacAddr::stable_for`] of the node's `flannel-v6.<VNI>`, from its
+    /// public IPv6.
+    pub fn stable_for_ipv6(public_ip: std::net::Ipv6Addr, vni: u32) -> MacAddr {
+        Self::stable_from(&public_ip.octets(), vni)
+    }
+
+    fn stable_from(octets: &[u8], vni: u32) -> MacAddr {
         // FNV-1a over the inputs: small, deterministic and dependency-free.
         let mut h: u64 = 0xcbf2_9ce4_8422_2325;
         for b in octets.iter().chain(vni.to_be_bytes().iter()) {
@@ -75,7 +80,7 @@ mod tests {
 
     #[test]
     fn stable_mac_is_deterministic_local_unicast() {
-        let ip: std::net::Ipv4Addr = "192.168.64.3".parse().unwrap();
+        let ip = "192.168.64.3".parse().unwrap();
         let a = MacAddr::stable_for(ip, 1);
         assert_eq!(a, MacAddr::stable_for(ip, 1));
         assert_ne!(a, MacAddr::stable_for(ip, 2));
@@ -84,8 +89,8 @@ mod tests {
         assert_eq!(a.to_string(), "c2:30:e3:df:fc:f7");
         // The v6 VTEP's differs from the v4 one's, and is stable too.
         let ip6: std::net::Ipv6Addr = "fd00::3".parse().unwrap();
-        let b = MacAddr::stable_for(ip6, 1);
-        assert_eq!(b, MacAddr::stable_for(ip6, 1));
+        let b = MacAddr::stable_for_ipv6(ip6, 1);
+        assert_eq!(b, MacAddr::stable_for_ipv6(ip6, 1));
         assert_ne!(b, a);
         assert_eq!(b.0[0] & 0x03, 0x02);
     }
