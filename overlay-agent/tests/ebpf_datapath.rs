@@ -43,7 +43,7 @@ fn ebpf_datapath_attaches_fills_maps_and_carries_traffic() -> Result<()> {
         state_a.device == "flannel.1" && state_a.mtu == 1450,
         "{state_a:?}"
     );
-    ensure!(state_a.vtep_mac == MacAddr::stable_for(a.public_ip.parse()?, 1));
+    ensure!(state_a.vtep_mac == MacAddr::stable_for(a.public_ip.parse::<std::net::Ipv4Addr>()?, 1));
 
     let peer_a = a.peer(state_a.vtep_mac)?;
     let peer_b = b.peer(state_b.vtep_mac)?;

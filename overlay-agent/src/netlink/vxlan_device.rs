@@ -667,7 +667,7 @@ mod tests {
         assert_eq!(cfg.address, "10.5.52.0".parse::<Ipv4Addr>().unwrap());
         assert_eq!(
             cfg.mac,
-            MacAddr::stable_for("192.168.64.3".parse().unwrap(), 1)
+            MacAddr::stable_for("192.168.64.3".parse::<std::net::Ipv4Addr>().unwrap(), 1)
         );
         assert!(!cfg.mac_required);
         assert_eq!(cfg.underlay_ifindex, 2);
@@ -713,7 +713,7 @@ mod tests {
         // The MAC follows the node's identity in etcd, its PublicIP.
         assert_eq!(
             cfg.mac,
-            MacAddr::stable_for("203.0.113.7".parse().unwrap(), 1)
+            MacAddr::stable_for("203.0.113.7".parse::<std::net::Ipv4Addr>().unwrap(), 1)
         );
     }
 
