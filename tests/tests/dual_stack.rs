@@ -229,6 +229,12 @@ fn two_dual_stack_agents_reach_each_other_over_both_families() -> Result<()> {
         ])
         .is_ok()
     })?;
+    within(Duration::from_secs(5), "c2 -> c1 over IPv4", || {
+        sh(&[
+            "ip", "netns", "exec", &c2, "ping", "-c", "1", "-W", "1", &v4_1,
+        ])
+        .is_ok()
+    })?;
 
     // Host 3 is a flanneld node: devices, lease and entries as flanneld's.
     let h3 = hosts.ns(3);
