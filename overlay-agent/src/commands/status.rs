@@ -150,9 +150,17 @@ async fn kube_lease(cli: &Cli) -> Result<Option<LeaseStatus>, String> {
     let mgr = briefly(KubeManager::connect(&cli.kube_options())).await?;
     let node = briefly(mgr.node()).await?;
     let subnet = node_lease::ipv4_pod_cidr(&node).map_err(|e| e.to_string())?;
+    // Dual stack: the IPv6 podCIDR too, when the network config enables it.
+    let dual = std::fs::read(&cli.kube_options().net_config_path)
+        .ok()
+        .and_then(|t| NetworkConfig::parse_kube(&t).ok())
+        .is_some_and(|c| c.ipv6.is_some());
+    let v6 = dual
+        .then(|| node_lease::ipv6_pod_cidr(&node).ok())
+        .flatten();
     Ok(Some(LeaseStatus {
         key: node_lease::key(&mgr.node_name),
-        subnet: subnet.to_string(),
+        subnet: lease::LeaseSubnets { v4: subnet, v6 }.to_string(),
         ttl_seconds: None,
     }))
 }
@@ -182,12 +190,24 @@ async fn kube_rejected(cli: &Cli) -> Result<Vec<String>, String> {
         own_public_ip: own_ip,
         vni: config.backend.vni,
     };
+    // Dual stack: the IPv6 half checked as the agent checks it.
+    let trust6 = config.ipv6.map(|range| lease_check::Trust6 {
+        network: range.network,
+        subnet_len: node_lease::ipv6_pod_cidr(&own).map_or(64, |s| s.prefix_len()),
+        own_public_ip: own
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(&mgr.names.public_ipv6))
+            .and_then(|ip| ip.parse().ok())
+            .unwrap_or(std::net::Ipv6Addr::UNSPECIFIED),
+    });
     let mut out = Vec::new();
     for node in &list.items {
         if node.metadata.name.as_deref() == Some(mgr.node_name.as_str()) {
             continue;
         }
-        let rec = node_lease::record(node, &mgr.names);
+        let rec = node_lease::record(node, &mgr.names, config.ipv6.is_some());
         match rec.claim {
             Claim::Malformed(e) => out.push(format!(
                 "{}: malformed: {}",
@@ -195,11 +215,14 @@ async fn kube_rejected(cli: &Cli) -> Result<Vec<String>, String> {
                 printable(&e.reason)
             )),
             Claim::Lease(l) => {
-                if let lease::Backend::Vxlan { vni, vtep_mac } = l.backend
-                    && let Err(why) =
+                if let lease::Backend::Vxlan { vni, vtep_mac } = l.backend {
+                    let v6 = trust6.zip(l.peer6());
+                    if let Err(why) =
                         lease_check::check(&trust, l.subnet, l.public_ip, vtep_mac, vni)
-                {
-                    out.push(format!("{}: {why} ({})", printable(&rec.key), why.label()));
+                            .and_then(|()| v6.map_or(Ok(()), |(t, p)| lease_check::check6(&t, &p)))
+                    {
+                        out.push(format!("{}: {why} ({})", printable(&rec.key), why.label()));
+                    }
                 }
             }
             Claim::None => {}

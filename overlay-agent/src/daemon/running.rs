@@ -125,7 +125,7 @@ pub async fn run(
                     cli.kube_options().set_node_network_unavailable,
                 )),
             };
-            let own = kube_own(&config, &configured.ext, held.vtep_mac());
+            let own = kube_own(&config, &held);
             let mut feed = LeaseFeed::kube(mgr.clone(), own);
             let first = match feed.next().await {
                 Some(events) => first_list(events),
@@ -147,13 +147,19 @@ pub async fn run(
         public_ip: held.public_ip(),
         vni: config.backend.vni,
         network: config.network,
+        // Dual stack (either subnet manager): a peer's IPv6 half is checked
+        // against IPv6Network and our IPv6 subnet's length (IPv6SubnetLen;
+        // in Kubernetes mode the node CIDR mask size, as for IPv4).
         ipv6: config
             .ipv6
-            .zip(held.etcd_lease().and_then(|l| l.ipv6))
-            .map(|(range, v6)| Trust6 {
+            .zip(held.ipv6_subnet().zip(held.public_ipv6()))
+            .map(|(range, (subnet, public_ip))| Trust6 {
                 network: range.network,
-                subnet_len: range.subnet_len,
-                own_public_ip: v6.public_ip,
+                subnet_len: match &held {
+                    Held::Etcd { .. } => range.subnet_len,
+                    Held::Kube { .. } => subnet.prefix_len(),
+                },
+                own_public_ip: public_ip,
             }),
     };
     let dp_mode = dp.mode();

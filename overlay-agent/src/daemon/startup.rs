@@ -7,7 +7,11 @@
 //! kept). A stage that fails after the host or etcd were touched undoes
 //! what this run did.
 
-use std::{net::Ipv4Addr, path::Path, time::Duration};
+use std::{
+    net::{Ipv4Addr, Ipv6Addr},
+    path::Path,
+    time::Duration,
+};
 
 use anyhow::{Context, Result, anyhow, bail};
 use ipnet::{Ipv4Net, Ipv6Net};
@@ -35,8 +39,8 @@ use crate::{
     },
     subnet::kube::{
         KubeManager,
-        annotations::{self, stored_mac},
-        node_lease::ipv4_pod_cidr,
+        annotations::{self, stored_mac, stored_mac_v6},
+        node_lease::{ipv4_pod_cidr, ipv6_pod_cidr},
     },
 };
 
@@ -77,7 +81,17 @@ pub enum Held {
         subnet: Ipv4Net,
         public_ip: Ipv4Addr,
         vtep_mac: MacAddr,
+        /// Dual stack: our Node's IPv6 podCIDR and what we publish for it.
+        ipv6: Option<KubeIpv6>,
     },
+}
+
+/// The IPv6 side of our lease in Kubernetes mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KubeIpv6 {
+    pub subnet: Ipv6Net,
+    pub public_ip: Ipv6Addr,
+    pub vtep_mac: MacAddr,
 }
 
 impl Held {
@@ -107,7 +121,15 @@ impl Held {
     pub fn ipv6_subnet(&self) -> Option<Ipv6Net> {
         match self {
             Held::Etcd { lease, .. } => lease.ipv6.and(lease.ipv6_subnet),
-            Held::Kube { .. } => None,
+            Held::Kube { ipv6, .. } => ipv6.map(|v6| v6.subnet),
+        }
+    }
+
+    /// Our PublicIPv6, for dual stack.
+    pub fn public_ipv6(&self) -> Option<Ipv6Addr> {
+        match self {
+            Held::Etcd { lease, .. } => lease.ipv6_subnet.and(lease.ipv6).map(|v6| v6.public_ip),
+            Held::Kube { ipv6, .. } => ipv6.map(|v6| v6.public_ip),
         }
     }
 
@@ -166,6 +188,27 @@ pub async fn configure(cli: &Cli, health: &Health) -> Result<Configured> {
                 mgr.names.node_public_ip
             );
             selector.public_ip = Some(ip);
+        }
+        // And node-public-ipv6 over --public-ipv6, for dual stack.
+        if config.ipv6.is_some()
+            && let Some(ip) = node
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(&mgr.names.node_public_ipv6))
+                .filter(|v| !v.is_empty())
+        {
+            let ip: Ipv6Addr = ip.parse().with_context(|| {
+                format!(
+                    "node {}: annotation {} {ip:?} is not an IPv6 address",
+                    mgr.node_name, mgr.names.node_public_ipv6
+                )
+            })?;
+            log::info!(
+                "using public IPv6 {ip} from node annotation {}",
+                mgr.names.node_public_ipv6
+            );
+            selector.public_ipv6 = Some(ip);
         }
         (
             Source::Kube {
@@ -393,11 +436,51 @@ fn kube_lease(mgr: &KubeManager, node: &Node, configured: &Configured) -> Result
     // us across restarts and a re-created device.
     let vtep_mac = stored_mac(annotations, &mgr.names)
         .unwrap_or_else(|| MacAddr::stable_for(ext.public_ip, config.backend.vni));
-    log::info!("lease: node {:?} podCIDR {subnet}", mgr.node_name);
+    // Dual stack: the IPv6 podCIDR must be assigned too and lie inside
+    // IPv6Network (flanneld's AcquireLease; its vxlan backend fails later
+    // with "IPv6 is enabled but the lease has no IPv6" where we stop here).
+    let ipv6 = match (config.ipv6, ext.public_ipv6) {
+        (None, _) => None,
+        (Some(_), None) => bail!("the network config enables IPv6 but there is no public IPv6"),
+        (Some(range), Some(public_ip)) => {
+            let subnet = ipv6_pod_cidr(node).map_err(|e| {
+                anyhow!(
+                    "node {:?}: {e}: IPv6 is enabled (EnableIPv6) but the node has no IPv6 pod CIDR: \
+                     assign one (kube-controller-manager --cluster-cidr with an IPv6 range) or disable IPv6",
+                    mgr.node_name
+                )
+            })?;
+            let net = range.network;
+            if !net.contains(&subnet) || subnet.prefix_len() < net.prefix_len() {
+                bail!(
+                    "subnet {:?} specified in the flannel net config doesn't contain {:?} IPv6 PodCIDR of the {:?} node",
+                    net.to_string(),
+                    subnet.to_string(),
+                    mgr.node_name
+                );
+            }
+            let vtep_mac = stored_mac_v6(annotations, &mgr.names)
+                .unwrap_or_else(|| MacAddr::stable_for_ipv6(public_ip, config.backend.vni));
+            Some(KubeIpv6 {
+                subnet,
+                public_ip,
+                vtep_mac,
+            })
+        }
+    };
+    match ipv6 {
+        None => log::info!("lease: node {:?} podCIDR {subnet}", mgr.node_name),
+        Some(v6) => log::info!(
+            "lease: node {:?} podCIDRs {subnet} and {}",
+            mgr.node_name,
+            v6.subnet
+        ),
+    }
     Ok(Held::Kube {
         subnet,
         public_ip: ext.public_ip,
         vtep_mac,
+        ipv6,
     })
 }
 
@@ -463,9 +546,14 @@ pub async fn program(cli: &Cli, health: &Health, mut leased: Leased) -> Result<P
             (Source::Etcd(reg), Held::Etcd { lease, .. }) => {
                 publish_etcd_mac(reg, lease, &state).await?;
             }
-            (Source::Kube { mgr, node }, Held::Kube { vtep_mac, .. }) => {
-                *vtep_mac = state.vtep_mac;
-                publish_annotations(mgr, node, config, ext, state.vtep_mac).await?;
+            (Source::Kube { mgr, node }, held @ Held::Kube { .. }) => {
+                if let Held::Kube { vtep_mac, ipv6, .. } = held {
+                    *vtep_mac = state.vtep_mac;
+                    if let (Some(v6), Some((_, mac))) = (ipv6.as_mut(), &state.ipv6) {
+                        v6.vtep_mac = *mac;
+                    }
+                }
+                publish_annotations(mgr, node, config, held).await?;
             }
             _ => unreachable!("the lease comes from the configured source"),
         }
@@ -555,12 +643,11 @@ async fn publish_annotations(
     mgr: &KubeManager,
     node: &Node,
     config: &NetworkConfig,
-    ext: &ExternalInterface,
-    mac: MacAddr,
+    held: &Held,
 ) -> Result<()> {
     let empty = Default::default();
     let current = node.metadata.annotations.as_ref().unwrap_or(&empty);
-    let own = kube_own(config, ext, mac);
+    let own = kube_own(config, held);
     if let Some(o) = current
         .get(&mgr.names.public_ip_overwrite)
         .filter(|o| !o.is_empty())
@@ -568,6 +655,16 @@ async fn publish_annotations(
         log::info!(
             "Overriding public ip with '{o}' from node annotation '{}'",
             mgr.names.public_ip_overwrite
+        );
+    }
+    if own.ipv6.is_some()
+        && let Some(o) = current
+            .get(&mgr.names.public_ipv6_overwrite)
+            .filter(|o| !o.is_empty())
+    {
+        log::info!(
+            "Overriding public ipv6 with '{o}' from node annotation '{}'",
+            mgr.names.public_ipv6_overwrite
         );
     }
     let changes = annotations::changes(current, &mgr.names, &own);
@@ -587,12 +684,21 @@ async fn publish_annotations(
     Ok(())
 }
 
-/// What our Node publishes about us.
-pub fn kube_own(config: &NetworkConfig, ext: &ExternalInterface, mac: MacAddr) -> annotations::Own {
+/// What our Node publishes about us: the devices' MACs and our public
+/// addresses, as our lease holds them.
+pub fn kube_own(config: &NetworkConfig, held: &Held) -> annotations::Own {
+    let ipv6 = match held {
+        Held::Kube { ipv6, .. } => ipv6.map(|v6| annotations::Own6 {
+            vtep_mac: v6.vtep_mac,
+            public_ip: v6.public_ip,
+        }),
+        Held::Etcd { .. } => None,
+    };
     annotations::Own {
         vni: config.backend.vni,
-        vtep_mac: mac,
-        public_ip: ext.public_ip,
+        vtep_mac: held.vtep_mac(),
+        public_ip: held.public_ip(),
+        ipv6,
     }
 }
 
@@ -621,7 +727,11 @@ fn node_spec(config: &NetworkConfig, ext: &ExternalInterface, held: &Held) -> No
                         vtep_mac: Some(v6.vtep_mac),
                     })
             }
-            Held::Kube { .. } => None,
+            Held::Kube { ipv6, .. } => ipv6.map(|v6| NodeSpec6 {
+                public_ip: v6.public_ip,
+                subnet: v6.subnet,
+                vtep_mac: Some(v6.vtep_mac),
+            }),
         },
     }
 }

@@ -141,17 +141,11 @@ impl NetworkConfig {
         NetworkConfig::parse_with(text.as_bytes(), true).expect("valid test config")
     }
 
-    /// The config, if this agent can serve it in Kubernetes mode. Dual
-    /// stack is served with etcd only so far: refused by name, so the agent
-    /// waits it out without touching the host.
+    /// The config, if this agent can serve it in Kubernetes mode: IPv4
+    /// and dual stack (the IPv6 podCIDR inside `IPv6Network`). IPv6-only
+    /// (`EnableIPv4: false`) is refused by [`NetworkConfig::parse_with`]
+    /// in both modes.
     fn served(self) -> Result<NetworkConfig, ConfigError> {
-        if self.ipv6.is_some() {
-            return Err(field_err(
-                "EnableIPv6",
-                "dual stack is served with the etcd subnet manager only so far; expected false \
-                 or absent in Kubernetes mode",
-            ));
-        }
         Ok(self)
     }
 
@@ -1083,16 +1077,15 @@ mod tests {
     }
 
     #[test]
-    fn dual_stack_is_refused_by_name_in_kube_mode() {
+    fn dual_stack_is_served_in_kube_mode() {
         let text = v6(r#""IPv6Network":"fc00::/48""#);
-        assert!(
-            NetworkConfig::parse(text.as_bytes())
-                .unwrap()
-                .ipv6
-                .is_some()
-        );
-        match NetworkConfig::parse_kube(text.as_bytes()) {
-            Err(ConfigError::Field { field, .. }) => assert_eq!(field, "EnableIPv6"),
+        let c = NetworkConfig::parse_kube(text.as_bytes()).unwrap();
+        assert_eq!(c.ipv6.unwrap().network, "fc00::/48".parse().unwrap());
+        // IPv6-only stays refused, by name.
+        match NetworkConfig::parse_kube(
+            br#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fc00::/48","Backend":{"Type":"vxlan"}}"#,
+        ) {
+            Err(ConfigError::Field { field, .. }) => assert_eq!(field, "EnableIPv4"),
             other => panic!("{other:?}"),
         }
         // A broken IPv6 field is named before that.

@@ -3,7 +3,10 @@
 //! `--kube-annotation-prefix`, the values flanneld writes, and which of
 //! them a start must write. Pure: no API calls here.
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, Ipv6Addr},
+};
 
 use crate::{
     flannel::gojson::{Field, GoObject},
@@ -29,12 +32,19 @@ pub enum PrefixError {
 pub struct Names {
     pub subnet_manager: String,
     pub backend_data: String,
+    /// The `flannel-v6.<VNI>` device's VNI and MAC, for dual stack.
+    pub backend_v6_data: String,
     pub backend_type: String,
     pub public_ip: String,
+    pub public_ipv6: String,
     /// Set by operators: replaces the `public-ip` this node publishes.
     pub public_ip_overwrite: String,
+    /// Set by operators: replaces the `public-ipv6` this node publishes.
+    pub public_ipv6_overwrite: String,
     /// Set by operators: replaces `--public-ip` before the interface is chosen.
     pub node_public_ip: String,
+    /// Set by operators: replaces `--public-ipv6` before the interface is chosen.
+    pub node_public_ipv6: String,
 }
 
 impl Names {
@@ -56,10 +66,14 @@ impl Names {
         Ok(Names {
             subnet_manager: key("kube-subnet-manager"),
             backend_data: key("backend-data"),
+            backend_v6_data: key("backend-v6-data"),
             backend_type: key("backend-type"),
             public_ip: key("public-ip"),
+            public_ipv6: key("public-ipv6"),
             public_ip_overwrite: key("public-ip-overwrite"),
+            public_ipv6_overwrite: key("public-ipv6-overwrite"),
             node_public_ip: key("node-public-ip"),
+            node_public_ipv6: key("node-public-ipv6"),
         })
     }
 }
@@ -101,7 +115,17 @@ pub fn backend_data(vni: u32, mac: MacAddr) -> String {
 /// `GetStoredMacAddresses`, which reads the raw JSON by string slicing;
 /// here it is parsed).
 pub fn stored_mac(annotations: &BTreeMap<String, String>, names: &Names) -> Option<MacAddr> {
-    let doc = GoObject::parse(annotations.get(&names.backend_data)?.as_bytes()).ok()?;
+    mac_in(annotations.get(&names.backend_data)?)
+}
+
+/// The `flannel-v6.<VNI>` MAC a previous run published in
+/// `backend-v6-data` (flannel's `GetStoredMacAddresses`, IPv6 half).
+pub fn stored_mac_v6(annotations: &BTreeMap<String, String>, names: &Names) -> Option<MacAddr> {
+    mac_in(annotations.get(&names.backend_v6_data)?)
+}
+
+fn mac_in(data: &str) -> Option<MacAddr> {
+    let doc = GoObject::parse(data.as_bytes()).ok()?;
     match doc.field("VtepMAC") {
         Field::Present(v) => v.as_str()?.parse().ok(),
         Field::Absent => None,
@@ -115,27 +139,50 @@ pub struct Own {
     pub vtep_mac: MacAddr,
     /// The lease's PublicIP (`--public-ip`, or the interface's address).
     pub public_ip: Ipv4Addr,
+    /// Dual stack: what this node publishes about its IPv6 side.
+    pub ipv6: Option<Own6>,
+}
+
+/// The IPv6 side of a dual-stack node: `flannel-v6.<VNI>`'s MAC and the
+/// lease's PublicIPv6 (`--public-ipv6`, `node-public-ipv6`, or the
+/// interface's address).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Own6 {
+    pub vtep_mac: MacAddr,
+    pub public_ip: Ipv6Addr,
 }
 
 /// The annotations a start must write, as `(key, value)`: empty when the
 /// node already carries them all (flanneld's "unchanged, skip"). Only
 /// changed keys are listed, as the two-way merge patch flanneld computes.
-/// `public-ip-overwrite`, when set, is what `public-ip` says.
+/// `public-ip-overwrite`, when set, is what `public-ip` says. Dual stack
+/// adds `backend-v6-data` and `public-ipv6` (`public-ipv6-overwrite` when
+/// set), after the IPv4 ones as flanneld's patch lists them.
 pub fn changes(
     current: &BTreeMap<String, String>,
     names: &Names,
     own: &Own,
 ) -> Vec<(String, String)> {
-    let public_ip = match current.get(&names.public_ip_overwrite) {
+    let overwritten = |key: &String, ours: String| match current.get(key) {
         Some(o) if !o.is_empty() => o.clone(),
-        _ => own.public_ip.to_string(),
+        _ => ours,
     };
-    let wanted = [
+    let mut wanted = vec![
         (&names.backend_type, BACKEND_TYPE.to_owned()),
         (&names.backend_data, backend_data(own.vni, own.vtep_mac)),
-        (&names.public_ip, public_ip),
+        (
+            &names.public_ip,
+            overwritten(&names.public_ip_overwrite, own.public_ip.to_string()),
+        ),
         (&names.subnet_manager, "true".to_owned()),
     ];
+    if let Some(v6) = own.ipv6 {
+        wanted.push((&names.backend_v6_data, backend_data(own.vni, v6.vtep_mac)));
+        wanted.push((
+            &names.public_ipv6,
+            overwritten(&names.public_ipv6_overwrite, v6.public_ip.to_string()),
+        ));
+    }
     wanted
         .into_iter()
         .filter(|(k, v)| current.get(*k) != Some(v))
@@ -214,6 +261,17 @@ mod tests {
             vni: 1,
             vtep_mac: "0a:1b:2c:3d:4e:5f".parse().unwrap(),
             public_ip: Ipv4Addr::new(192, 168, 1, 10),
+            ipv6: None,
+        }
+    }
+
+    fn own_dual() -> Own {
+        Own {
+            ipv6: Some(Own6 {
+                vtep_mac: "0a:1b:2c:3d:4e:60".parse().unwrap(),
+                public_ip: "2001:db8::10".parse().unwrap(),
+            }),
+            ..own()
         }
     }
 
@@ -288,5 +346,93 @@ mod tests {
         );
         a.insert(n.backend_data.clone(), "garbage".into());
         assert_eq!(stored_mac(&a, &n), None);
+    }
+
+    #[test]
+    fn dual_stack_adds_flannels_ipv6_annotations() {
+        let n = names();
+        assert_eq!(
+            n.backend_v6_data,
+            "flannel.alpha.coreos.com/backend-v6-data"
+        );
+        assert_eq!(n.public_ipv6, "flannel.alpha.coreos.com/public-ipv6");
+        assert_eq!(
+            n.public_ipv6_overwrite,
+            "flannel.alpha.coreos.com/public-ipv6-overwrite"
+        );
+        assert_eq!(
+            n.node_public_ipv6,
+            "flannel.alpha.coreos.com/node-public-ipv6"
+        );
+        let all = changes(&BTreeMap::new(), &n, &own_dual());
+        let got: Vec<(&str, &str)> = all.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        assert_eq!(
+            got,
+            [
+                ("flannel.alpha.coreos.com/backend-type", "vxlan"),
+                (
+                    "flannel.alpha.coreos.com/backend-data",
+                    r#"{"VNI":1,"VtepMAC":"0a:1b:2c:3d:4e:5f"}"#
+                ),
+                ("flannel.alpha.coreos.com/public-ip", "192.168.1.10"),
+                ("flannel.alpha.coreos.com/kube-subnet-manager", "true"),
+                (
+                    "flannel.alpha.coreos.com/backend-v6-data",
+                    r#"{"VNI":1,"VtepMAC":"0a:1b:2c:3d:4e:60"}"#
+                ),
+                ("flannel.alpha.coreos.com/public-ipv6", "2001:db8::10"),
+            ]
+        );
+        // RFC 5952 text, as Go's net.IP.String().
+        let mut long = own_dual();
+        long.ipv6.as_mut().unwrap().public_ip =
+            "2001:0db8:0000:0000:0000:0000:0000:0010".parse().unwrap();
+        assert_eq!(changes(&BTreeMap::new(), &n, &long)[5].1, "2001:db8::10");
+        // Written once, then nothing; the v6 side alone is noticed.
+        let mut current: BTreeMap<String, String> = all.into_iter().collect();
+        assert!(changes(&current, &n, &own_dual()).is_empty());
+        let mut moved = own_dual();
+        moved.ipv6.as_mut().unwrap().public_ip = "2001:db8::11".parse().unwrap();
+        assert_eq!(
+            changes(&current, &n, &moved),
+            [(n.public_ipv6.clone(), "2001:db8::11".into())]
+        );
+        // The operator's public-ipv6-overwrite is what public-ipv6 says.
+        current.insert(n.public_ipv6_overwrite.clone(), "2001:db8::99".into());
+        assert_eq!(
+            changes(&current, &n, &own_dual()),
+            [(n.public_ipv6.clone(), "2001:db8::99".into())]
+        );
+        // An IPv4-only node never writes the IPv6 annotations.
+        assert!(
+            changes(&BTreeMap::new(), &n, &own())
+                .iter()
+                .all(|(k, _)| !k.contains("v6"))
+        );
+    }
+
+    #[test]
+    fn the_v6_mac_is_restored_from_our_backend_v6_data() {
+        let n = names();
+        let mut a = BTreeMap::new();
+        a.insert(
+            n.backend_data.clone(),
+            r#"{"VNI":1,"VtepMAC":"0a:1b:2c:3d:4e:5f"}"#.into(),
+        );
+        assert_eq!(stored_mac_v6(&a, &n), None);
+        a.insert(
+            n.backend_v6_data.clone(),
+            r#"{"VNI":1,"VtepMAC":"0a:1b:2c:3d:4e:60"}"#.into(),
+        );
+        assert_eq!(
+            stored_mac_v6(&a, &n),
+            Some("0a:1b:2c:3d:4e:60".parse().unwrap())
+        );
+        assert_eq!(
+            stored_mac(&a, &n),
+            Some("0a:1b:2c:3d:4e:5f".parse().unwrap())
+        );
+        a.insert(n.backend_v6_data.clone(), "null".into());
+        assert_eq!(stored_mac_v6(&a, &n), None);
     }
 }

@@ -66,13 +66,13 @@ pub async fn run(
                 republish_if_changed(&mgr, &own, &node);
                 listing
                     .get_or_insert_with(Vec::new)
-                    .push(node_lease::record(&node, &mgr.names));
+                    .push(node_lease::record(&node, &mgr.names, own.ipv6.is_some()));
                 continue;
             }
             watcher::Event::InitDone => LeaseEvent::Reset(listing.take().unwrap_or_default()),
             watcher::Event::Apply(node) => {
                 republish_if_changed(&mgr, &own, &node);
-                LeaseEvent::Put(node_lease::record(&node, &mgr.names))
+                LeaseEvent::Put(node_lease::record(&node, &mgr.names, own.ipv6.is_some()))
             }
             watcher::Event::Delete(node) => LeaseEvent::Delete {
                 key: node_lease::key(node.metadata.name.as_deref().unwrap_or_default()),
