@@ -511,11 +511,16 @@ fn daemonset_capabilities_are_each_needed() -> Result<()> {
         n.run_detached(&run.without_cap(cap))?;
         let outcome = n.wait_ready(&run, "running: lease", 1);
         let log = n.docker.logs(&run.name);
-        let why = log
-            .lines()
-            .find(|l| {
-                (l.contains("ERROR") || l.contains("datapath")) && !l.contains("running: lease")
+        let lines: Vec<&str> = log.lines().collect();
+        let why = lines
+            .iter()
+            .find(|l| l.contains("ERROR"))
+            .or_else(|| {
+                lines
+                    .iter()
+                    .find(|l| l.contains("falling back to the kernel datapath"))
             })
+            .copied()
             .unwrap_or("(no error line)")
             .to_owned();
         match outcome {
