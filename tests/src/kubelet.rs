@@ -117,6 +117,21 @@ pub struct Node {
     /// neither BPF nor PERFMON): left out of `--cap-add` and listed in
     /// [`Run::not_granted`], so a test can say what it did not run.
     pub runtime_lacks: Vec<String>,
+    /// The API server a pod with a service account reaches (kube mode):
+    /// the kubelet mounts the account's token and CA at
+    /// `/var/run/secrets/kubernetes.io/serviceaccount` and sets
+    /// `KUBERNETES_SERVICE_HOST`/`_PORT`, what in-cluster clients read.
+    /// `None`: no token is mounted (the etcd-mode agent uses none).
+    pub api: Option<ApiAccess>,
+}
+
+/// What a pod's in-cluster configuration is made of.
+#[derive(Clone, Debug)]
+pub struct ApiAccess {
+    pub host: String,
+    pub port: u16,
+    pub token: String,
+    pub ca: PathBuf,
 }
 
 impl Node {
@@ -279,6 +294,21 @@ pub fn translate(manifest: &Manifest, node: &Node, name: &str) -> Result<Run> {
             bail!("env {key}: {e:?} is not translated");
         };
         env.push((key, value));
+    }
+    // The service account's token, as the kubelet projects it.
+    if let (Some(sa), Some(api)) = (pod["serviceAccountName"].as_str(), &node.api) {
+        let dir = node.root.join("serviceaccount").join(&pod_name);
+        fs::create_dir_all(&dir)?;
+        fs::write(dir.join("token"), &api.token)?;
+        fs::copy(&api.ca, dir.join("ca.crt"))
+            .with_context(|| format!("the API's CA {} (account {sa})", api.ca.display()))?;
+        fs::write(dir.join("namespace"), &namespace)?;
+        args.push(format!(
+            "--mount=type=bind,source={},target=/var/run/secrets/kubernetes.io/serviceaccount,readonly",
+            dir.display()
+        ));
+        env.insert(0, ("KUBERNETES_SERVICE_HOST".into(), api.host.clone()));
+        env.insert(1, ("KUBERNETES_SERVICE_PORT".into(), api.port.to_string()));
     }
     for (k, v) in &env {
         args.push(format!("--env={k}={v}"));

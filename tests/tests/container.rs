@@ -23,6 +23,11 @@
 //!   kube-flannel adds, can go too. Docker 20.10 knows neither BPF nor
 //!   PERFMON: it cannot grant them, so they are not tested by dropping
 //!   (SYS_ADMIN stands in for both on the kernel's side).
+//! - `kube_mode_daemonset_container_annotates_its_node_and_carries_pods`:
+//!   the Kubernetes-mode manifest (`kube-flannel-overlay.yml`) against the
+//!   API stand-in, with the in-cluster configuration a kubelet gives the
+//!   pod: the agent finds its Node through its Pod, annotates it, and pods
+//!   on two hosts reach each other.
 
 use std::{
     collections::BTreeMap,
@@ -38,7 +43,8 @@ use overlay_tests::{
     docker::{Dockerd, HostDirs},
     etcd::Etcd,
     image::{self, Image},
-    kubelet::{self, Manifest, Node, Run},
+    kube_api::{KubeApi, KubeApiSpec},
+    kubelet::{self, ApiAccess, Manifest, Node, Run},
     traffic::ping_summary,
 };
 
@@ -86,11 +92,30 @@ impl Drop for SharedBpffs {
 }
 
 impl KubeNode {
+    /// Node `i` of the etcd-mode manifest: the Secret's endpoints are `etcd`'s.
     fn start(
         hosts: &Hosts,
         i: usize,
         dir: &Path,
         etcd: &Etcd,
+        manifest: &Manifest,
+        image: &Image,
+    ) -> Result<KubeNode> {
+        let mut secrets = BTreeMap::new();
+        secrets.insert(
+            ("overlay-etcd".to_owned(), "endpoints".to_owned()),
+            etcd.endpoints(),
+        );
+        Self::start_with(hosts, i, dir, secrets, None, manifest, image)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn start_with(
+        hosts: &Hosts,
+        i: usize,
+        dir: &Path,
+        secrets: BTreeMap<(String, String), String>,
+        api: Option<ApiAccess>,
         manifest: &Manifest,
         image: &Image,
     ) -> Result<KubeNode> {
@@ -101,11 +126,6 @@ impl KubeNode {
         // Shared with every iptables user of this machine, as on a node.
         host_paths.insert("/run/xtables.lock".to_owned(), "/run/xtables.lock".into());
         host_paths.insert("/lib/modules".to_owned(), "/lib/modules".into());
-        let mut secrets = BTreeMap::new();
-        secrets.insert(
-            ("overlay-etcd".to_owned(), "endpoints".to_owned()),
-            etcd.endpoints(),
-        );
         let node = Node {
             name: format!("node{i}"),
             ip: hosts.ip(i).parse()?,
@@ -114,6 +134,7 @@ impl KubeNode {
             secrets,
             images: BTreeMap::new(),
             runtime_lacks: Vec::new(),
+            api,
         };
         // A short path: dockerd's socket lives in it.
         let docker_dir = std::env::temp_dir().join(format!("ovct{}h{i}", std::process::id()));
@@ -127,7 +148,7 @@ impl KubeNode {
         let t0 = Instant::now();
         docker.load(&image.tarball)?;
         let mut node = node;
-        let wanted = kubelet::translate(manifest, &node, AGENT)?.image;
+        let wanted = kubelet::translate(manifest, &node, &main_container(manifest)?)?.image;
         docker.docker(&["tag", &image.tag, &wanted])?;
         // What this runtime cannot grant, asked of it (docker 20.10 refuses
         // names it does not know, e.g. "unknown capability: CAP_PERFMON").
@@ -181,7 +202,7 @@ impl KubeNode {
 
     /// The init containers that use our image, in order, each to completion.
     fn run_init_containers(&self, manifest: &Manifest) -> Result<()> {
-        let ours = kubelet::translate(manifest, &self.node, AGENT)?.image;
+        let ours = kubelet::translate(manifest, &self.node, &main_container(manifest)?)?.image;
         for name in kubelet::container_names(manifest, "initContainers")? {
             let run = kubelet::translate(manifest, &self.node, &name)?;
             if run.image != ours {
@@ -276,6 +297,13 @@ impl KubeNode {
         args.push("status");
         self.docker.docker(&args)
     }
+}
+
+/// The pod's (only) container.
+fn main_container(manifest: &Manifest) -> Result<String> {
+    let names = kubelet::container_names(manifest, "containers")?;
+    ensure!(names.len() == 1, "containers {names:?}");
+    Ok(names[0].clone())
 }
 
 /// Hosts, etcd in host 1 and the image, the bindings dropping in reverse.
@@ -425,6 +453,7 @@ fn daemonset_container_carries_pods_through_restart_and_upgrade() -> Result<()> 
         secrets: n1.node.secrets.clone(),
         images: BTreeMap::new(),
         runtime_lacks: n1.node.runtime_lacks.clone(),
+        api: None,
     };
     upgraded_node.images.insert(AGENT.to_owned(), newer.clone());
     let upgraded = kubelet::translate(&manifest, &upgraded_node, AGENT)?;
@@ -545,6 +574,118 @@ fn daemonset_capabilities_are_each_needed() -> Result<()> {
     );
     n.docker.stop()?;
     drop(n);
+    host_dirs.remove()?;
+    Ok(())
+}
+
+/// The Kubernetes-mode manifest (`kube-flannel-overlay.yml`, flannel's
+/// names) on two hosts against the API stand-in (TLS, a bearer token, on
+/// host 1): each container gets the in-cluster configuration a kubelet
+/// gives it (the service account's token and CA mounted, the API's address
+/// in `KUBERNETES_SERVICE_HOST`/`_PORT`), finds its Node through its own
+/// Pod (`POD_NAME`, `POD_NAMESPACE`), runs the eBPF datapath, publishes its
+/// lease in the Node's annotations, and pods on the two hosts reach each
+/// other.
+#[test]
+#[ignore = "needs root, network namespaces, eBPF, docker.io and the image: run `cargo xtask test`"]
+fn kube_mode_daemonset_container_annotates_its_node_and_carries_pods() -> Result<()> {
+    let manifest = Manifest::deploy("kube-flannel-overlay.yml")?;
+    let image = image::built()?;
+    let hosts = Hosts::new("ck", 2)?;
+    // As on a node: a default route, which the manifest's agent (no
+    // --iface) takes its interface from, as flanneld does.
+    for i in 1..=2 {
+        sh(&[
+            "ip",
+            "-n",
+            &hosts.ns(i),
+            "route",
+            "add",
+            "default",
+            "dev",
+            "eth0",
+        ])?;
+    }
+    let api = KubeApi::start(KubeApiSpec {
+        netns: Some(hosts.ns(1)),
+        ip: Some(hosts.ip(1)),
+        tls: true,
+        token: Some(format!("token-{}", std::process::id())),
+        ..KubeApiSpec::default()
+    })?;
+    let access = ApiAccess {
+        host: api.addr().ip().to_string(),
+        port: api.addr().port(),
+        token: api.token().context("token")?.to_owned(),
+        ca: api.ca_path().context("CA")?.to_owned(),
+    };
+    let dir = api.dir().join("nodes");
+    let ds = manifest.daemonset()?;
+    let namespace = ds["metadata"]["namespace"].as_str().context("namespace")?;
+    let container = main_container(&manifest)?;
+    let host_dirs = HostDirs::note();
+    let mut nodes = Vec::new();
+    let mut runs = Vec::new();
+    for i in 1..=2 {
+        let name = format!("node{i}");
+        api.put_simple_node(&name, &format!("10.244.{i}.0/24"))?;
+        let n = KubeNode::start_with(
+            &hosts,
+            i,
+            &dir,
+            BTreeMap::new(),
+            Some(access.clone()),
+            &manifest,
+            &image,
+        )?;
+        // The DaemonSet controller's Pod on this node, which the agent reads.
+        api.put_pod(namespace, &n.node.pod_name(&manifest)?, &name)?;
+        n.run_init_containers(&manifest)?;
+        let run = kubelet::translate(&manifest, &n.node, &container)?;
+        n.run_detached(&run.args)?;
+        nodes.push(n);
+        runs.push(run);
+    }
+    for (i, (n, run)) in nodes.iter().zip(&runs).enumerate() {
+        let took = n.wait_ready(run, EBPF_RUNNING, 1)?;
+        eprintln!("{}: ready in {:.1} s", n.node.name, took.as_secs_f64());
+        let node = api.node(&n.node.name).context("Node")?;
+        let public_ip = &node["metadata"]["annotations"]["flannel.alpha.coreos.com/public-ip"];
+        ensure!(
+            public_ip == hosts.ip(i + 1).as_str(),
+            "{}: public-ip annotation {public_ip:?}:\n{}",
+            n.node.name,
+            n.docker.logs(&run.name)
+        );
+    }
+    let (c1, ip1) = add_container(&hosts, 1, &nodes[0].subnet_env())?;
+    let mut pods = Containers(vec![c1.clone()]);
+    let (c2, ip2) = add_container(&hosts, 2, &nodes[1].subnet_env())?;
+    pods.0.push(c2.clone());
+    ensure!(
+        ip1.starts_with("10.244.1.") && ip2.starts_with("10.244.2."),
+        "{ip1} {ip2}"
+    );
+    for (from, to) in [(&c1, &ip2), (&c2, &ip1)] {
+        within(
+            Duration::from_secs(15),
+            &format!("{from} reaches {to}"),
+            || sh(&["ip", "netns", "exec", from, "ping", "-c1", "-W1", to]).is_ok(),
+        )?;
+        let out = sh(&[
+            "ip", "netns", "exec", from, "ping", "-c5", "-i0.2", "-W2", to,
+        ])?;
+        ensure!(out.contains(" 0% packet loss"), "{from} -> {to}:\n{out}");
+    }
+    let status = nodes[1].status(&runs[1])?;
+    ensure!(
+        status.contains("10.244.2.0/24") && status.contains("10.244.1.0/24"),
+        "{status}"
+    );
+    drop(pods);
+    for mut n in nodes {
+        n.docker.stop()?;
+    }
     host_dirs.remove()?;
     Ok(())
 }
