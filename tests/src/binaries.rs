@@ -50,20 +50,7 @@ fn build_agent() -> Result<PathBuf> {
     if target.ends_with("release") {
         cmd.arg("--release");
     }
-    // `cargo test` runs us with the test crate's CARGO_PKG_* and
-    // CARGO_MANIFEST_*, which ring's build script declares it depends on:
-    // passed on, they make this build and the next `cargo test` rebuild ring
-    // and everything above it, in turn.
-    for (name, _) in std::env::vars_os() {
-        let n = name.to_string_lossy();
-        if n.starts_with("CARGO_PKG_")
-            || n.starts_with("CARGO_MANIFEST_")
-            || n == "CARGO_CRATE_NAME"
-            || n == "CARGO_PRIMARY_PACKAGE"
-        {
-            cmd.env_remove(&name);
-        }
-    }
+    scrub_cargo_env(&mut cmd);
     // Quiet unless it fails: cargo replays the eBPF build script's warnings
     // on every call, which buried the test failures in CI's output.
     let out = cmd.output().context("building overlay-agent")?;
@@ -75,6 +62,24 @@ fn build_agent() -> Result<PathBuf> {
         );
     }
     Ok(bin)
+}
+
+/// Removes the variables `cargo test` gives a test that a cargo started
+/// from it must not see: the test crate's CARGO_PKG_* and CARGO_MANIFEST_*,
+/// which ring's build script declares it depends on: passed on, they make
+/// this build and the next `cargo test` rebuild ring and everything above
+/// it, in turn.
+pub fn scrub_cargo_env(cmd: &mut Command) {
+    for (name, _) in std::env::vars_os() {
+        let n = name.to_string_lossy();
+        if n.starts_with("CARGO_PKG_")
+            || n.starts_with("CARGO_MANIFEST_")
+            || n == "CARGO_CRATE_NAME"
+            || n == "CARGO_PRIMARY_PACKAGE"
+        {
+            cmd.env_remove(&name);
+        }
+    }
 }
 
 /// The eBPF object the agent embeds, as built for this profile: the

@@ -252,6 +252,24 @@ impl Dockerd {
         Ok(())
     }
 
+    /// `docker logs <container>`: what it wrote to stdout and stderr.
+    pub fn logs(&self, container: &str) -> String {
+        match self.cli(&["logs", container]).stdin(Stdio::null()).output() {
+            Ok(o) => format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            ),
+            Err(e) => format!("(docker logs {container}: {e})"),
+        }
+    }
+
+    /// `docker load` of a tarball `docker save` wrote (the runtime image).
+    pub fn load(&self, tarball: &Path) -> Result<()> {
+        self.docker(&["load", "--quiet", "--input", &tarball.to_string_lossy()])
+            .map(drop)
+    }
+
     /// The last `n` lines of dockerd's log.
     pub fn log_tail(&self, n: usize) -> String {
         let text = fs::read_to_string(self.dir.join("dockerd.log")).unwrap_or_default();

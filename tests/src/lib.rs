@@ -13,6 +13,8 @@
 //! - [`agent`]: hosts on one bridge and `overlay-agent` processes in them;
 //! - [`binaries`]: the agent binary, built on demand for tests that run it;
 //! - [`docker`]: a real dockerd in a host's namespace, with a busybox image;
+//! - [`image`]: the runtime image `cargo xtask image` builds, for that dockerd to load;
+//! - [`kubelet`]: a manifest's pod template translated to `docker run`, as a kubelet would run it;
 //! - [`cni`]: pods made as a Kubernetes node makes them: the CNI plugins from
 //!   kube-flannel's conflist, flannel's meta-plugin reading subnet.env;
 //! - [`stats`]: device statistics and attached BPF programs;
@@ -35,9 +37,11 @@ pub mod docker;
 pub mod etcd;
 pub mod frames;
 pub mod http;
+pub mod image;
 pub mod interrupt;
 pub mod kube_api;
 pub mod kube_cluster;
+pub mod kubelet;
 pub mod lab;
 pub mod machine;
 pub mod netns;

@@ -60,7 +60,7 @@ fn daemonset_has_host_network_capabilities_mounts_and_probes() -> Result<()> {
 
     let caps = strs(&agent["securityContext"]["capabilities"]["add"]);
     let privileged = agent["securityContext"]["privileged"] == true;
-    for cap in ["NET_ADMIN", "NET_RAW", "BPF", "PERFMON"] {
+    for cap in ["NET_ADMIN", "BPF", "PERFMON", "SYS_ADMIN"] {
         ensure!(
             privileged || caps.iter().any(|c| c == cap),
             "capability {cap} missing: {caps:?}"
@@ -326,6 +326,36 @@ fn image_is_multi_stage_and_ships_the_binary_where_the_manifest_runs_it() -> Res
         .find(|l| l.starts_with("COPY --from="))
         .context("no COPY from the build stage")?;
     ensure!(copy.ends_with(" /opt/bin/overlay-agent"), "{copy}");
+    ensure!(
+        dockerfile.contains("ENTRYPOINT [\"/opt/bin/overlay-agent\"]"),
+        "the Dockerfile's entrypoint is not the agent"
+    );
+    // The same runtime layout as `cargo xtask image`: its packages in the
+    // runtime stage, the agent as entrypoint at the same path.
+    let xtask = std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../xtask/src/image.rs"),
+    )?;
+    let list = xtask
+        .split_once("pub const PACKAGES: &[&str] = &[")
+        .and_then(|(_, rest)| rest.split_once("];"))
+        .context("PACKAGES in xtask/src/image.rs")?
+        .0;
+    let runtime = dockerfile
+        .rsplit_once("\nFROM ")
+        .context("no runtime stage")?
+        .1;
+    for pkg in list
+        .split(',')
+        .map(|p| p.trim().trim_matches('"'))
+        .filter(|p| !p.is_empty())
+    {
+        ensure!(
+            runtime.split_whitespace().any(|w| w == pkg),
+            "the Dockerfile's runtime stage lacks {pkg}, which `cargo xtask image` installs"
+        );
+    }
+    ensure!(xtask.contains("COPY overlay-agent /opt/bin/overlay-agent"));
+    ensure!(xtask.contains("ENTRYPOINT [\\\"/opt/bin/overlay-agent\\\"]"));
     let docs = manifests()?;
     let ds = kind(&docs, "DaemonSet")?;
     let command = strs(&ds["spec"]["template"]["spec"]["containers"][0]["command"]);
@@ -385,5 +415,216 @@ fn network_config_init_script_puts_only_when_absent() -> Result<()> {
     ensure!(
         etcd.get("/coreos.com/network/config")?.as_deref() == Some(r#"{"Network":"10.9.0.0/16"}"#)
     );
+    Ok(())
+}
+
+/// A systemd `EnvironmentFile=`: `KEY=VALUE` lines, `#` and `;` comments,
+/// one pair of surrounding quotes removed.
+fn environment_file(text: &str) -> Vec<(String, String)> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#') && !l.starts_with(';'))
+        .filter_map(|l| {
+            let (k, v) = l.split_once('=')?;
+            let v = v.trim();
+            let v = v
+                .strip_prefix('"')
+                .and_then(|v| v.strip_suffix('"'))
+                .or_else(|| v.strip_prefix('\'').and_then(|v| v.strip_suffix('\'')))
+                .unwrap_or(v);
+            Some((k.trim().to_owned(), v.to_owned()))
+        })
+        .collect()
+}
+
+/// A command line of the unit as systemd expands it: `$VAR` becomes the
+/// variable's words (none when it is empty), `${VAR}` one word.
+fn systemd_words(line: &str, env: &[(String, String)]) -> Vec<String> {
+    let get = |k: &str| {
+        env.iter()
+            .rev()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    };
+    let mut words = Vec::new();
+    for w in line.split_whitespace() {
+        if let Some(k) = w.strip_prefix("${").and_then(|w| w.strip_suffix('}')) {
+            words.push(get(k));
+        } else if let Some(k) = w.strip_prefix('$') {
+            words.extend(get(k).split_whitespace().map(str::to_owned));
+        } else {
+            words.push(w.to_owned());
+        }
+    }
+    words
+}
+
+/// The unit's `ExecStart=` run for real, as systemd would run it, in each
+/// of two lab hosts: a clean environment holding the variables of
+/// `deploy/systemd/overlay-agent.env` (the unit's `EnvironmentFile=`) with
+/// what must differ in the lab changed (etcd's address, a bpffs and a
+/// subnet file of the test's, via the same `FLANNELD_*` variables),
+/// `$FLANNEL_OPTIONS` expanded as systemd expands it, and a
+/// `NOTIFY_SOCKET` (the unit is `Type=notify`): each agent reports
+/// `READY=1`, takes its lease from etcd, and pods behind the two hosts
+/// reach each other. Not run here: `ExecStartPost=` (it writes
+/// `/run/docker_opts.env` on the machine; `docker.rs` runs it with `-d`),
+/// and systemd itself (not this machine's init).
+#[test]
+#[ignore = "needs root, network namespaces, etcd and eBPF: run `cargo xtask test`"]
+fn systemd_exec_start_with_its_environment_file_takes_a_lease_and_carries_traffic() -> Result<()> {
+    use overlay_tests::agent::{Agent, Bpffs, Cluster, Containers, add_container, sh, within};
+    use std::os::unix::net::UnixDatagram;
+    use std::time::{Duration, Instant};
+
+    let unit = deploy("systemd/overlay-agent.service")?;
+    let keys = unit_keys(&unit);
+    let get = |k: &str| {
+        keys.get(&("Service".to_owned(), k.to_owned()))
+            .and_then(|v| v.first().cloned())
+            .with_context(|| format!("the unit has no {k}="))
+    };
+    ensure!(get("Type")? == "notify");
+    let env_file = get("EnvironmentFile")?;
+    ensure!(
+        env_file.trim_start_matches('-') == "/etc/default/overlay-agent",
+        "EnvironmentFile={env_file}"
+    );
+    let exec_start = get("ExecStart")?;
+    let shipped = environment_file(&deploy("systemd/overlay-agent.env")?);
+
+    let cluster = Cluster::start(
+        "sd",
+        2,
+        r#"{"Network": "10.0.0.0/16", "Backend": {"Type": "vxlan"}}"#,
+    )?;
+    let Cluster { hosts, etcd, bin } = &cluster;
+    let dir = etcd.dir().to_path_buf();
+    let mut agents = Vec::new();
+    let mut bpffs = Vec::new();
+    for i in 1..=2 {
+        let b = Bpffs::mount(dir.join(format!("bpf{i}")))?;
+        // The lab's /etc/default/overlay-agent: the shipped file, changed
+        // only where this machine differs from a node.
+        let mut env = shipped.clone();
+        let lab = [
+            ("FLANNELD_ETCD_ENDPOINTS", etcd.endpoints()),
+            (
+                "FLANNELD_BPF_PIN_DIR",
+                b.0.join("overlay").display().to_string(),
+            ),
+            (
+                "FLANNELD_SUBNET_FILE",
+                dir.join(format!("h{i}.env")).display().to_string(),
+            ),
+        ];
+        for (k, v) in lab {
+            env.retain(|(n, _)| n != k);
+            env.push((k.to_owned(), v));
+        }
+        bpffs.push(b);
+        let iface = env.iter().find(|(k, _)| k == "FLANNELD_IFACE");
+        ensure!(
+            iface.is_some_and(|(_, v)| v == "eth0"),
+            "the shipped FLANNELD_IFACE is the lab hosts' underlay eth0: {iface:?}"
+        );
+        let words = systemd_words(&exec_start, &env);
+        ensure!(words[0] == "/opt/bin/overlay-agent", "{words:?}");
+        let notify_path = dir.join(format!("notify-h{i}.sock"));
+        let notify = UnixDatagram::bind(&notify_path)?;
+        notify.set_read_timeout(Some(Duration::from_millis(200)))?;
+        let log = dir.join(format!("systemd-h{i}.log"));
+        let f = std::fs::File::create(&log)?;
+        eprintln!("h{i}: ExecStart={exec_start} -> {words:?} with {env:?}");
+        let child = std::process::Command::new("ip")
+            .args(["netns", "exec", &hosts.ns(i)])
+            // /opt/bin/overlay-agent is this build's agent.
+            .arg(bin)
+            .args(&words[1..])
+            .env_clear()
+            .env(
+                "PATH",
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            )
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .env("NOTIFY_SOCKET", &notify_path)
+            .stdin(std::process::Stdio::null())
+            .stdout(f.try_clone()?)
+            .stderr(f)
+            .spawn()?;
+        let mut agent = Agent { child, log };
+        let t0 = Instant::now();
+        let mut buf = [0u8; 512];
+        loop {
+            if let Ok(n) = notify.recv(&mut buf)
+                && String::from_utf8_lossy(&buf[..n])
+                    .lines()
+                    .any(|l| l == "READY=1")
+            {
+                break;
+            }
+            if let Some(code) = agent.exited() {
+                anyhow::bail!("h{i}: the agent exited ({code}):\n{}", agent.log());
+            }
+            ensure!(
+                t0.elapsed() < Duration::from_secs(30),
+                "h{i}: no READY=1 within 30 s:\n{}",
+                agent.log()
+            );
+        }
+        eprintln!("h{i}: READY=1 after {:.1} s", t0.elapsed().as_secs_f64());
+        agents.push(agent);
+    }
+    let leases = etcd.etcdctl(&["get", "--prefix", "/coreos.com/network/subnets/"])?;
+    for i in 1..=2 {
+        ensure!(
+            leases.contains(&format!("\"PublicIP\":\"{}\"", hosts.ip(i))),
+            "no lease of host {i}:\n{leases}"
+        );
+    }
+    let (c1, ip1) = add_container(hosts, 1, &dir.join("h1.env"))?;
+    let mut pods = Containers(vec![c1.clone()]);
+    let (c2, ip2) = add_container(hosts, 2, &dir.join("h2.env"))?;
+    pods.0.push(c2.clone());
+    for (from, to) in [(&c1, &ip2), (&c2, &ip1)] {
+        within(
+            Duration::from_secs(15),
+            &format!("{from} reaches {to}"),
+            || sh(&["ip", "netns", "exec", from, "ping", "-c1", "-W1", to]).is_ok(),
+        )?;
+        let out = sh(&[
+            "ip", "netns", "exec", from, "ping", "-c5", "-i0.2", "-W2", to,
+        ])?;
+        ensure!(out.contains(" 0% packet loss"), "{from} -> {to}:\n{out}");
+    }
+    // Health where the environment file puts it.
+    let healthz = format!(
+        "http://{}:{}/healthz",
+        shipped
+            .iter()
+            .find(|(k, _)| k == "FLANNELD_HEALTHZ_IP")
+            .map(|(_, v)| v.as_str())
+            .unwrap_or_default(),
+        shipped
+            .iter()
+            .find(|(k, _)| k == "FLANNELD_HEALTHZ_PORT")
+            .map(|(_, v)| v.as_str())
+            .unwrap_or_default()
+    );
+    sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &hosts.ns(1),
+        "curl",
+        "-sf",
+        "--max-time",
+        "2",
+        &healthz,
+    ])?;
+    drop(pods);
+    drop(agents);
+    drop(bpffs);
     Ok(())
 }

@@ -231,7 +231,7 @@ fn daemonset_has_what_ebpf_needs_as_the_etcd_manifest_has_it() -> Result<()> {
         caps == etcd_caps,
         "{caps:?} vs the etcd manifest's {etcd_caps:?}"
     );
-    for cap in ["NET_ADMIN", "NET_RAW", "BPF", "PERFMON"] {
+    for cap in ["NET_ADMIN", "BPF", "PERFMON", "SYS_ADMIN"] {
         ensure!(caps.iter().any(|c| c == cap), "{cap} missing: {caps:?}");
     }
     // The fast path's sysctl, set by the same privileged init container.

@@ -1,6 +1,7 @@
 //! Project tasks. Built with the machine's stable Rust before anything else is
 //! installed, so it depends on nothing of ours and on little else.
 
+mod image;
 mod run;
 mod setup;
 mod test;
@@ -24,7 +25,15 @@ enum Cmd {
     Setup,
     /// Set up if needed, then build the release agent (the eBPF object is embedded in it).
     Build,
-    /// Set up if needed; fmt, clippy (host and BPF), and every test including the root-only ones.
+    /// Set up if needed, build the release agent, and the runtime image with this machine's
+    /// dockerd and no registry (debootstrap'd Debian base + the agent at /opt/bin/overlay-agent),
+    /// saved as target/image/overlay-agent-<hash>.tar; cached while nothing changes.
+    Image {
+        /// Package this agent binary instead of building the release agent.
+        #[arg(long)]
+        agent: Option<std::path::PathBuf>,
+    },
+    /// Set up if needed; fmt, clippy (host and BPF), the image, and every test including the root-only ones.
     Test {
         /// Only run tests whose names contain one of these (passed to the test binaries).
         filters: Vec<String>,
@@ -79,6 +88,18 @@ fn dispatch(cmd: Cmd) -> Result<()> {
             setup::ensure()?;
             build()
         }
+        Cmd::Image { agent } => {
+            run::require_root("`cargo xtask image` (debootstrap, dockerd)")?;
+            setup::ensure()?;
+            let agent = match agent {
+                Some(a) => a,
+                None => {
+                    build()?;
+                    release_agent()
+                }
+            };
+            image::build(&agent)
+        }
         Cmd::Test { filters } => {
             run::require_root("`cargo xtask test` (the end-to-end tests)")?;
             setup::ensure()?;
@@ -99,11 +120,14 @@ fn dispatch(cmd: Cmd) -> Result<()> {
     }
 }
 
-fn release_agent() -> std::path::PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
+fn target_dir() -> std::path::PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
         .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| run::workspace_root().join("target"));
-    target.join("release/overlay-agent")
+        .unwrap_or_else(|| run::workspace_root().join("target"))
+}
+
+fn release_agent() -> std::path::PathBuf {
+    target_dir().join("release/overlay-agent")
 }
 
 /// Replaces xtask with the release agent, so signals (Ctrl-C, systemd's

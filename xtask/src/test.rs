@@ -1,5 +1,6 @@
 //! `cargo xtask test`: formatting, lints (host crates, and the eBPF crate for
-//! its real target), then every test including the root-only end-to-end ones.
+//! its real target), the runtime image (`cargo xtask image`), then every test
+//! including the root-only end-to-end ones.
 //!
 //! All steps run even when an earlier one fails, so one CI log shows every
 //! problem; the command fails if any step failed or if no test ran.
@@ -51,6 +52,12 @@ pub fn run(filters: &[String]) -> Result<()> {
         ]))
     });
     step("clippy (bpf)", &mut || run::status(&mut clippy_bpf()));
+    // Before the tests, so its time is counted here (the container tests
+    // find it cached; they build it themselves if it is missing).
+    step("image", &mut || {
+        crate::build()?;
+        crate::image::build(&crate::release_agent())
+    });
     let mut outcome = None;
     step("cargo test", &mut || {
         let (totals, failures, tested) = cargo_test(filters);

@@ -58,6 +58,10 @@ pub const PACKAGES: &[(&str, &str)] = &[
         "dockerd 20.10 and its CLI, run in lab hosts with mk-docker-opts' options (tests/tests/docker.rs)",
     ),
     (
+        "debootstrap",
+        "the image's Debian base, from this machine's apt sources (`cargo xtask image`; no registry is reachable)",
+    ),
+    (
         "busybox-static",
         "a static busybox, the one binary of the image docker.rs imports (no registry is reachable)",
     ),
