@@ -89,6 +89,31 @@ impl Hosts {
             owned: false,
         }
     }
+    /// Host `i`'s IPv6 underlay address, once [`Hosts::add_ipv6`] gave it.
+    pub fn ip6(&self, i: usize) -> String {
+        format!("fd98::{i}")
+    }
+    /// Makes the underlay dual stack: every host gets its [`Hosts::ip6`]
+    /// (no DAD, so it is usable at once) and forwards IPv6.
+    pub fn add_ipv6(&self) -> Result<()> {
+        for i in 1..=self.n {
+            let ns = self.ns(i);
+            let addr = format!("{}/64", self.ip6(i));
+            sh(&[
+                "ip", "-n", &ns, "addr", "add", &addr, "dev", "eth0", "nodad",
+            ])?;
+            sh(&[
+                "ip",
+                "netns",
+                "exec",
+                &ns,
+                "sysctl",
+                "-qw",
+                "net.ipv6.conf.all.forwarding=1",
+            ])?;
+        }
+        Ok(())
+    }
     pub fn sw(&self) -> String {
         format!("{}-sw", self.tag)
     }
@@ -406,6 +431,16 @@ pub fn add_pod(host: &str, env: &Path, n: u8) -> Result<(String, String)> {
     sh(&["ip", "-n", &pod, "link", "set", "lo", "up"])?;
     sh(&["ip", "-n", &pod, "route", "add", "default", "via", &gw])?;
     Ok((pod, ip))
+}
+
+/// The MAC address of `dev` in namespace `ns`.
+pub fn link_mac(ns: &str, dev: &str) -> Result<String> {
+    let out = sh(&["ip", "-n", ns, "-o", "link", "show", dev])?;
+    out.split_whitespace()
+        .skip_while(|w| *w != "link/ether")
+        .nth(1)
+        .map(str::to_owned)
+        .with_context(|| format!("no MAC for {dev} in {ns}: {out}"))
 }
 
 /// Container namespaces, deleted on drop.

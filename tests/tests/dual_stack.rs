@@ -15,43 +15,10 @@ use std::{
 };
 
 use anyhow::{Context, Result, ensure};
-use overlay_tests::agent::{Agent, Cluster, Containers, Hosts, add_container, sh, within};
+use overlay_tests::agent::{Agent, Cluster, Containers, add_container, link_mac, sh, within};
 
 const PREFIX: &str = "/coreos.com/network";
 const CONFIG: &str = r#"{"EnableIPv6":true,"Network":"10.0.0.0/16","SubnetMin":"10.0.1.0","SubnetMax":"10.0.16.0","IPv6Network":"fd10:0:0::/48","IPv6SubnetMax":"fd10:0:0:10::","Backend":{"Type":"vxlan"}}"#;
-
-/// Host `i`'s IPv6 underlay address.
-fn ip6(i: usize) -> String {
-    format!("fd98::{i}")
-}
-
-/// IPv6 on the underlay (no DAD, so it is usable at once) and forwarding.
-fn dual_stack_underlay(hosts: &Hosts, n: usize) -> Result<()> {
-    for i in 1..=n {
-        let ns = hosts.ns(i);
-        sh(&[
-            "ip",
-            "-n",
-            &ns,
-            "addr",
-            "add",
-            &format!("{}/64", ip6(i)),
-            "dev",
-            "eth0",
-            "nodad",
-        ])?;
-        sh(&[
-            "ip",
-            "netns",
-            "exec",
-            &ns,
-            "sysctl",
-            "-qw",
-            "net.ipv6.conf.all.forwarding=1",
-        ])?;
-    }
-    Ok(())
-}
 
 /// A value of `env`'s file.
 fn env_var(env: &std::path::Path, key: &str) -> Result<String> {
@@ -96,7 +63,7 @@ fn ping6(ns: &str, dst: &str) -> bool {
 #[ignore = "needs root, network namespaces and eBPF: run `cargo xtask test`"]
 fn two_dual_stack_agents_reach_each_other_over_both_families() -> Result<()> {
     let Cluster { hosts, etcd, bin } = Cluster::start("ds", 3, CONFIG)?;
-    dual_stack_underlay(&hosts, 3)?;
+    hosts.add_ipv6()?;
     let dir = etcd.dir().to_path_buf();
     let env = |i: usize| dir.join(format!("h{i}.env"));
     let args = |i: usize, dp: &str| -> Vec<String> {
@@ -153,19 +120,12 @@ fn two_dual_stack_agents_reach_each_other_over_both_families() -> Result<()> {
                 .unwrap_or_default()
         )
     })?;
-    let mac_on = |i: usize, dev: &str| -> Result<String> {
-        let out = sh(&["ip", "-n", &hosts.ns(i), "-o", "link", "show", dev])?;
-        out.split_whitespace()
-            .skip_while(|w| *w != "link/ether")
-            .nth(1)
-            .map(str::to_owned)
-            .context("no MAC")
-    };
+    let mac_on = |i: usize, dev: &str| link_mac(&hosts.ns(i), dev);
     let mac = |dev: &str| mac_on(1, dev);
     let want = format!(
         r#"{{"PublicIP":"{}","PublicIPv6":"{}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{}"}},"BackendV6Data":{{"VNI":1,"VtepMAC":"{}"}}}}"#,
         hosts.ip(1),
-        ip6(1),
+        hosts.ip6(1),
         mac("flannel.1")?,
         mac("flannel-v6.1")?
     );
@@ -193,7 +153,7 @@ fn two_dual_stack_agents_reach_each_other_over_both_families() -> Result<()> {
         "flannel-v6.1",
     ])?;
     ensure!(
-        dev.contains(&format!("local {}", ip6(1))) && dev.contains("dstport 8472"),
+        dev.contains(&format!("local {}", hosts.ip6(1))) && dev.contains("dstport 8472"),
         "{dev}"
     );
     let subnet6_2 = env_var(&env(2), "FLANNEL_IPV6_SUBNET")?.replace("::1/", "::/");
@@ -242,7 +202,7 @@ fn two_dual_stack_agents_reach_each_other_over_both_families() -> Result<()> {
     let (mac3, mac3_6) = ("02:f1:a0:00:00:03", "02:f1:a6:00:00:03");
     // flanneld asks for MTU - 50 when it creates each device; the kernel
     // gives the v6 one MTU - 70 (and refuses 1450 later).
-    for (dev, local) in [("flannel.1", hosts.ip(3)), ("flannel-v6.1", ip6(3))] {
+    for (dev, local) in [("flannel.1", hosts.ip(3)), ("flannel-v6.1", hosts.ip6(3))] {
         ip3(&[
             "link",
             "add",
@@ -275,7 +235,7 @@ fn two_dual_stack_agents_reach_each_other_over_both_families() -> Result<()> {
         &format!(
             r#"{{"PublicIP":"{}","PublicIPv6":"{}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{mac3}"}},"BackendV6Data":{{"VNI":1,"VtepMAC":"{mac3_6}"}}}}"#,
             hosts.ip(3),
-            ip6(3)
+            hosts.ip6(3)
         ),
     )?;
     for i in 1..=2 {
@@ -296,7 +256,7 @@ fn two_dual_stack_agents_reach_each_other_over_both_families() -> Result<()> {
                 &gw6,
                 &sub6,
                 mac_on(i, "flannel-v6.1")?,
-                ip6(i),
+                hosts.ip6(i),
             ),
         ] {
             ip3(&[

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use overlay_tests::{
-    agent::{Agent, sh, within},
+    agent::{Agent, link_mac, sh, within},
     cni::{Pod, PodOpts},
     kube_cluster::{KubeCluster, PREFIX, flannel_annotations, node_with},
 };
@@ -38,41 +38,8 @@ const NET_CONF: &str = r#"{
   }
 }"#;
 
-/// Host `i`'s IPv6 underlay address.
-fn ip6(i: usize) -> String {
-    format!("fd98::{i}")
-}
-
 fn pod_cidr6(i: usize) -> String {
     format!("fd10:244:0:{i}::/64")
-}
-
-/// IPv6 on the underlay (no DAD, so it is usable at once) and forwarding.
-fn dual_stack_underlay(c: &KubeCluster, n: usize) -> Result<()> {
-    for i in 1..=n {
-        let ns = c.hosts.ns(i);
-        sh(&[
-            "ip",
-            "-n",
-            &ns,
-            "addr",
-            "add",
-            &format!("{}/64", ip6(i)),
-            "dev",
-            "eth0",
-            "nodad",
-        ])?;
-        sh(&[
-            "ip",
-            "netns",
-            "exec",
-            &ns,
-            "sysctl",
-            "-qw",
-            "net.ipv6.conf.all.forwarding=1",
-        ])?;
-    }
-    Ok(())
 }
 
 /// Node `node<i>` as kubelet registers it in a dual-stack cluster.
@@ -92,12 +59,7 @@ fn ip(c: &KubeCluster, i: usize, args: &[&str]) -> String {
 }
 
 fn mac_of(c: &KubeCluster, i: usize, dev: &str) -> Result<String> {
-    let out = ip(c, i, &["-o", "link", "show", dev]);
-    out.split_whitespace()
-        .skip_while(|w| *w != "link/ether")
-        .nth(1)
-        .map(str::to_owned)
-        .with_context(|| format!("no {dev} on host {i}: {out}"))
+    link_mac(&c.hosts.ns(i), dev)
 }
 
 fn ping(ns: &str, dst: &str, v6: bool) -> bool {
@@ -119,7 +81,7 @@ fn start(c: &KubeCluster, i: usize, datapath: &str) -> Result<Agent> {
 fn dual_stack_nodes_publish_flannels_annotations_and_pods_reach_each_other_over_ipv6() -> Result<()>
 {
     let c = KubeCluster::start("kds", 2)?;
-    dual_stack_underlay(&c, 2)?;
+    c.hosts.add_ipv6()?;
     // Node 2 publishes a second address of its interface, by annotation.
     sh(&[
         "ip",
@@ -141,7 +103,7 @@ fn dual_stack_nodes_publish_flannels_annotations_and_pods_reach_each_other_over_
         if i == 2 {
             "fd98::22".to_owned()
         } else {
-            ip6(i)
+            c.hosts.ip6(i)
         }
     };
 

@@ -18,7 +18,7 @@ use super::{
 use crate::{
     flannel::lease::Peer6,
     netlink::{
-        EntryTable, Netlink, ProgrammedPeer, VxlanDevice, direct_route::has_direct_route,
+        EntryTable, IpFamily, Netlink, ProgrammedPeer, VxlanDevice, direct_route::has_direct_route,
         peer_entries::Device,
     },
 };
@@ -75,31 +75,20 @@ struct Side6 {
 }
 
 impl Side6 {
-    fn dev(&self) -> Device<'_> {
-        Device {
-            ifindex: self.device.ifindex,
-            name: &self.device.name,
-        }
-    }
-
     /// Makes the device hold `peer`'s IPv6 side (or none), taking out the
     /// entries of the side it held before.
     async fn program(&mut self, netlink: &Netlink, peer: &Peer) -> Result<(), DatapathError> {
         let old = self.by_subnet.get(&peer.subnet).copied();
         if let Some(old) = old.filter(|o| Some(*o) != peer.v6) {
-            let dev = Device {
-                ifindex: self.device.ifindex,
-                name: &self.device.name,
-            };
-            netlink.remove_peer(dev, &mut self.entries, &old).await?;
+            netlink
+                .remove_peer(vxlan_of(&self.device), &mut self.entries, &old)
+                .await?;
             self.by_subnet.remove(&peer.subnet);
         }
         if let Some(p6) = peer.v6 {
-            let dev = Device {
-                ifindex: self.device.ifindex,
-                name: &self.device.name,
-            };
-            netlink.replace_peer(dev, &mut self.entries, &p6).await?;
+            netlink
+                .replace_peer(vxlan_of(&self.device), &mut self.entries, &p6)
+                .await?;
             self.by_subnet.insert(peer.subnet, p6);
         }
         Ok(())
@@ -259,8 +248,8 @@ impl Parts<'_> {
     }
 }
 
-/// `flannel.<VNI>`, for the netlink calls.
-fn vxlan_of(device: &VxlanDevice) -> Device<'_> {
+/// `flannel.<VNI>` (or `flannel-v6.<VNI>`), for the netlink calls.
+fn vxlan_of<A: IpFamily>(device: &VxlanDevice<A>) -> Device<'_> {
     Device {
         ifindex: device.ifindex,
         name: &device.name,
@@ -320,22 +309,12 @@ impl Datapath for KernelDatapath {
         };
         let device = netlink.ensure_vxlan_device(&node.vxlan_device()).await?;
         // Adopted or re-created, the device has what it has: learn it.
-        let entries = netlink
-            .learn_entries(Device {
-                ifindex: device.ifindex,
-                name: &device.name,
-            })
-            .await?;
+        let entries = netlink.learn_entries(vxlan_of(&device)).await?;
         let v6 = match node.vxlan_device6() {
             None => None,
             Some(spec) => {
                 let device = netlink.ensure_vxlan_device(&spec).await?;
-                let entries = netlink
-                    .learn_entries(Device {
-                        ifindex: device.ifindex,
-                        name: &device.name,
-                    })
-                    .await?;
+                let entries = netlink.learn_entries(vxlan_of(&device)).await?;
                 Some(Side6 {
                     device,
                     entries,
@@ -395,13 +374,9 @@ impl Datapath for KernelDatapath {
         if let Some(side) = state.v6.as_mut()
             && let Some(old) = side.by_subnet.get(&peer.subnet).copied()
         {
-            let dev = Device {
-                ifindex: side.device.ifindex,
-                name: &side.device.name,
-            };
             v6 = state
                 .netlink
-                .remove_peer(dev, &mut side.entries, &old)
+                .remove_peer(vxlan_of(&side.device), &mut side.entries, &old)
                 .await;
             if v6.is_ok() {
                 side.by_subnet.remove(&peer.subnet);
@@ -432,7 +407,10 @@ impl Datapath for KernelDatapath {
         // flannel-v6.<VNI>.
         let mut held6: HashSet<Peer6> = HashSet::new();
         if let Some(side) = state.v6.as_mut() {
-            let (programmed6, entries6) = state.netlink.programmed_peers(side.dev()).await?;
+            let (programmed6, entries6) = state
+                .netlink
+                .programmed_peers(vxlan_of(&side.device))
+                .await?;
             side.entries = entries6;
             held6 = programmed6
                 .iter()
