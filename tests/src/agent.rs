@@ -433,6 +433,23 @@ pub fn add_pod(host: &str, env: &Path, n: u8) -> Result<(String, String)> {
     Ok((pod, ip))
 }
 
+/// Each `(from, to)`: container `from` reaches address `to` within 15 s,
+/// then 5 pings 0.2 s apart all come back.
+pub fn pings_both_ways(pairs: &[(&str, &str)]) -> Result<()> {
+    for (from, to) in pairs {
+        within(
+            Duration::from_secs(15),
+            &format!("{from} reaches {to}"),
+            || sh(&["ip", "netns", "exec", from, "ping", "-c1", "-W1", to]).is_ok(),
+        )?;
+        let out = sh(&[
+            "ip", "netns", "exec", from, "ping", "-c5", "-i0.2", "-W2", to,
+        ])?;
+        ensure!(out.contains(" 0% packet loss"), "{from} -> {to}:\n{out}");
+    }
+    Ok(())
+}
+
 /// The MAC address of `dev` in namespace `ns`.
 pub fn link_mac(ns: &str, dev: &str) -> Result<String> {
     let out = sh(&["ip", "-n", ns, "-o", "link", "show", dev])?;

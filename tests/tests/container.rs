@@ -39,7 +39,7 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 use overlay_tests::{
-    agent::{Containers, Hosts, add_container, sh, within},
+    agent::{Containers, Hosts, add_container, pings_both_ways, sh},
     docker::{Dockerd, HostDirs},
     etcd::Etcd,
     image::{self, Image},
@@ -373,17 +373,7 @@ fn daemonset_container_carries_pods_through_restart_and_upgrade() -> Result<()> 
     let mut pods = Containers(vec![c1.clone()]);
     let (c2, ip2) = add_container(&hosts, 2, &nodes[1].subnet_env())?;
     pods.0.push(c2.clone());
-    for (from, to) in [(&c1, &ip2), (&c2, &ip1)] {
-        within(
-            Duration::from_secs(15),
-            &format!("{from} reaches {to}"),
-            || sh(&["ip", "netns", "exec", from, "ping", "-c1", "-W1", to]).is_ok(),
-        )?;
-        let out = sh(&[
-            "ip", "netns", "exec", from, "ping", "-c5", "-i0.2", "-W2", to,
-        ])?;
-        ensure!(out.contains(" 0% packet loss"), "{from} -> {to}:\n{out}");
-    }
+    pings_both_ways(&[(&c1, &ip2), (&c2, &ip1)].map(|(a, b)| (a.as_str(), b.as_str())))?;
 
     let status = nodes[0].status(&runs[0])?;
     eprintln!("overlay-agent status through docker exec on node1:\n{status}");
@@ -666,17 +656,7 @@ fn kube_mode_daemonset_container_annotates_its_node_and_carries_pods() -> Result
         ip1.starts_with("10.244.1.") && ip2.starts_with("10.244.2."),
         "{ip1} {ip2}"
     );
-    for (from, to) in [(&c1, &ip2), (&c2, &ip1)] {
-        within(
-            Duration::from_secs(15),
-            &format!("{from} reaches {to}"),
-            || sh(&["ip", "netns", "exec", from, "ping", "-c1", "-W1", to]).is_ok(),
-        )?;
-        let out = sh(&[
-            "ip", "netns", "exec", from, "ping", "-c5", "-i0.2", "-W2", to,
-        ])?;
-        ensure!(out.contains(" 0% packet loss"), "{from} -> {to}:\n{out}");
-    }
+    pings_both_ways(&[(&c1, &ip2), (&c2, &ip1)].map(|(a, b)| (a.as_str(), b.as_str())))?;
     let status = nodes[1].status(&runs[1])?;
     ensure!(
         status.contains("10.244.2.0/24") && status.contains("10.244.1.0/24"),

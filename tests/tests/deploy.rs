@@ -474,7 +474,7 @@ fn systemd_words(line: &str, env: &[(String, String)]) -> Vec<String> {
 #[test]
 #[ignore = "needs root, network namespaces, etcd and eBPF: run `cargo xtask test`"]
 fn systemd_exec_start_with_its_environment_file_takes_a_lease_and_carries_traffic() -> Result<()> {
-    use overlay_tests::agent::{Agent, Bpffs, Cluster, Containers, add_container, sh, within};
+    use overlay_tests::agent::{Agent, Bpffs, Cluster, Containers, add_container, sh};
     use std::os::unix::net::UnixDatagram;
     use std::time::{Duration, Instant};
 
@@ -587,17 +587,9 @@ fn systemd_exec_start_with_its_environment_file_takes_a_lease_and_carries_traffi
     let mut pods = Containers(vec![c1.clone()]);
     let (c2, ip2) = add_container(hosts, 2, &dir.join("h2.env"))?;
     pods.0.push(c2.clone());
-    for (from, to) in [(&c1, &ip2), (&c2, &ip1)] {
-        within(
-            Duration::from_secs(15),
-            &format!("{from} reaches {to}"),
-            || sh(&["ip", "netns", "exec", from, "ping", "-c1", "-W1", to]).is_ok(),
-        )?;
-        let out = sh(&[
-            "ip", "netns", "exec", from, "ping", "-c5", "-i0.2", "-W2", to,
-        ])?;
-        ensure!(out.contains(" 0% packet loss"), "{from} -> {to}:\n{out}");
-    }
+    overlay_tests::agent::pings_both_ways(
+        &[(&c1, &ip2), (&c2, &ip1)].map(|(a, b)| (a.as_str(), b.as_str())),
+    )?;
     // Health where the environment file puts it.
     let healthz = format!(
         "http://{}:{}/healthz",
