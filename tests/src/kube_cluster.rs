@@ -64,6 +64,15 @@ pub struct KubeClusterSpec {
 }
 
 impl KubeCluster {
+    /// `ip -n <host i> <args>`'s output (routes, neighbours, links), empty
+    /// when the command fails.
+    pub fn ip(&self, i: usize, args: &[&str]) -> String {
+        let ns = self.hosts.ns(i);
+        let mut a = vec!["ip", "-n", ns.as_str()];
+        a.extend_from_slice(args);
+        crate::agent::sh(&a).unwrap_or_default()
+    }
+
     /// `n` hosts, the API stand-in on host 1, and no Nodes yet.
     pub fn start(test: &str, n: usize) -> Result<KubeCluster> {
         let bin = crate::binaries::agent()?;

@@ -50,14 +50,6 @@ fn dual_node(i: usize) -> Value {
     n
 }
 
-fn ip(c: &KubeCluster, i: usize, args: &[&str]) -> String {
-    let mut a = vec!["ip", "-n"];
-    let ns = c.hosts.ns(i);
-    a.push(&ns);
-    a.extend_from_slice(args);
-    sh(&a).unwrap_or_default()
-}
-
 fn mac_of(c: &KubeCluster, i: usize, dev: &str) -> Result<String> {
     link_mac(&c.hosts.ns(i), dev)
 }
@@ -136,7 +128,7 @@ fn dual_stack_nodes_publish_flannels_annotations_and_pods_reach_each_other_over_
                 got.get(k)
             );
         }
-        let dev = ip(&c, i, &["-d", "link", "show", "flannel-v6.1"]);
+        let dev = c.ip(i, &["-d", "link", "show", "flannel-v6.1"]);
         ensure!(
             dev.contains(&format!("local {} ", public6(i))),
             "host {i}: {dev}"
@@ -186,7 +178,7 @@ fn dual_stack_nodes_publish_flannels_annotations_and_pods_reach_each_other_over_
     within(Duration::from_secs(10), "the IPv6 peers", || {
         (1..=2).all(|i| {
             let j = 3 - i;
-            let route = ip(&c, i, &["-6", "route", "show", &pod_cidr6(j)]);
+            let route = c.ip(i, &["-6", "route", "show", &pod_cidr6(j)]);
             let fdb = sh(&[
                 "bridge",
                 "-n",
@@ -249,15 +241,16 @@ fn dual_stack_nodes_publish_flannels_annotations_and_pods_reach_each_other_over_
     ))?;
     within(Duration::from_secs(10), "the whole dual-stack node", || {
         (1..=2).all(|i| {
-            !ip(&c, i, &["route", "show", "10.244.10.0/24"]).is_empty()
-                && ip(&c, i, &["-6", "route", "show", "fd10:244:0:10::/64"])
+            !c.ip(i, &["route", "show", "10.244.10.0/24"]).is_empty()
+                && c.ip(i, &["-6", "route", "show", "fd10:244:0:10::/64"])
                     .contains("dev flannel-v6.1")
         })
     })?;
     for i in 1..=2 {
         ensure!(
-            ip(&c, i, &["route", "show", "10.244.9.0/24"]).is_empty()
-                && ip(&c, i, &["-6", "route", "show", "fd10:244:0:9::/64"]).is_empty(),
+            c.ip(i, &["route", "show", "10.244.9.0/24"]).is_empty()
+                && c.ip(i, &["-6", "route", "show", "fd10:244:0:9::/64"])
+                    .is_empty(),
             "host {i} programmed the half node"
         );
     }

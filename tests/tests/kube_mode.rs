@@ -43,18 +43,9 @@ fn annotations_json(mac: &str, ip: &str) -> Value {
     )
 }
 
-/// `ip neigh`/`ip route` on host `i`.
-fn ip(c: &KubeCluster, i: usize, args: &[&str]) -> String {
-    let mut a = vec!["ip", "-n"];
-    let ns = c.hosts.ns(i);
-    a.push(&ns);
-    a.extend_from_slice(args);
-    sh(&a).unwrap_or_default()
-}
-
 /// The route flannel programs for a peer's subnet, if host `i` has it.
 fn route_to(c: &KubeCluster, i: usize, cidr: &str) -> Option<String> {
-    ip(c, i, &["route", "show", cidr])
+    c.ip(i, &["route", "show", cidr])
         .lines()
         .next()
         .map(str::to_owned)
@@ -62,7 +53,7 @@ fn route_to(c: &KubeCluster, i: usize, cidr: &str) -> Option<String> {
 
 /// flannel.1's MAC on host `i`.
 fn device_mac(c: &KubeCluster, i: usize) -> Result<String> {
-    let out = ip(c, i, &["-o", "link", "show", "flannel.1"]);
+    let out = c.ip(i, &["-o", "link", "show", "flannel.1"]);
     out.split_whitespace()
         .skip_while(|w| *w != "link/ether")
         .nth(1)
@@ -72,7 +63,7 @@ fn device_mac(c: &KubeCluster, i: usize) -> Result<String> {
 
 /// The neighbour entry for a peer's `.0` address on host `i`.
 fn neigh(c: &KubeCluster, i: usize, addr: &str) -> String {
-    ip(c, i, &["neigh", "show", addr, "dev", "flannel.1"])
+    c.ip(i, &["neigh", "show", addr, "dev", "flannel.1"])
 }
 
 /// The fast path's counters on host `i` (eBPF, pins under the cluster's bpffs).
