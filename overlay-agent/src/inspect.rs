@@ -6,18 +6,19 @@ use std::{collections::HashMap, fmt::Write as _, net::Ipv4Addr, path::PathBuf};
 use aya::maps::{Map, MapData};
 use overlay_common::{
     consts::{
-        MAP_COUNTERS, MAP_NODE_CONFIG, MAP_PEER_STATS, MAP_REMOTE_SUBNETS, PROG_EGRESS,
-        PROG_INGRESS_TC, PROG_INGRESS_XDP, PROG_VETH_FROM_POD, PROG_VETH_TO_POD,
+        MAP_COUNTERS, MAP_NODE_CONFIG, MAP_NODE_CONFIG6, MAP_PEER_STATS, MAP_REMOTE_SUBNETS,
+        MAP_REMOTE_SUBNETS6, PROG_EGRESS, PROG_EGRESS6, PROG_INGRESS_TC, PROG_INGRESS_XDP,
+        PROG_VETH_FROM_POD, PROG_VETH_TO_POD,
     },
-    maps::{MAP_LAYOUT_VERSION, NodeConfig},
+    maps::{MAP_LAYOUT_VERSION, NodeConfig, NodeConfig6},
 };
 
 use crate::{
     datapath::{
         Peer,
         ebpf::{
-            Counters, EbpfError, PeerCounters, read_counters, read_node_config, read_peer_counters,
-            read_remote_subnets,
+            Counters, EbpfError, PeerCounters, read_counters, read_node_config, read_node_config6,
+            read_peer_counters, read_remote_subnets, read_remote_subnets6,
         },
         pins::{LayoutError, LinkInfo, PinLayout, PinnedLayout, link_info, obj_get},
         vtep_guard::{self, GuardCounters},
@@ -65,6 +66,9 @@ pub struct PinnedState {
     /// when it is an older one (their sizes matched when they were opened).
     pub layout: PinnedLayout,
     pub node: NodeConfig,
+    /// A dual-stack node's IPv6 side and how many peers' IPv6 subnets the
+    /// maps hold (`None` on an IPv4-only node, or pins from before them).
+    pub node6: Option<(NodeConfig6, usize)>,
     /// (program, link) for each pinned link.
     /// The pinned links by pin name (a fast-path veth link's name ends in
     /// its veth's ifindex).
@@ -101,7 +105,17 @@ pub fn read(layout: &PinLayout) -> Result<Option<PinnedState>, InspectError> {
         });
     }
     let node = read_node_config(&open(layout, MAP_NODE_CONFIG)?)?;
-    let mut names: Vec<String> = [PROG_EGRESS, PROG_INGRESS_TC, PROG_INGRESS_XDP]
+    let node6 = match layout.map(MAP_NODE_CONFIG6).exists() {
+        true => Some(read_node_config6(&open(layout, MAP_NODE_CONFIG6)?)?)
+            .filter(|c| c.configured != 0)
+            .map(|c| -> Result<_, InspectError> {
+                let peers = read_remote_subnets6(&open(layout, MAP_REMOTE_SUBNETS6)?)?;
+                Ok((c, peers.len()))
+            })
+            .transpose()?,
+        false => None,
+    };
+    let mut names: Vec<String> = [PROG_EGRESS, PROG_EGRESS6, PROG_INGRESS_TC, PROG_INGRESS_XDP]
         .into_iter()
         .map(str::to_owned)
         .collect();
@@ -128,6 +142,7 @@ pub fn read(layout: &PinLayout) -> Result<Option<PinnedState>, InspectError> {
     Ok(Some(PinnedState {
         layout: pinned,
         node,
+        node6,
         links,
         peers: read_remote_subnets(&open(layout, MAP_REMOTE_SUBNETS)?)?,
         traffic: read_peer_counters(&open(layout, MAP_PEER_STATS)?)?,
@@ -187,6 +202,15 @@ pub fn render(
         n.vxlan_ifindex,
         MacAddr(n.vtep_mac)
     );
+    if let Some((n6, peers)) = &st.node6 {
+        let _ = writeln!(
+            out,
+            "ipv6:      local {}, flannel-v6 ifindex {}, VTEP MAC {}, {peers} peers' IPv6 subnets",
+            std::net::Ipv6Addr::from(n6.local_ip),
+            n6.vxlan_ifindex,
+            MacAddr(n6.vtep_mac)
+        );
+    }
     if st.layout != PinnedLayout::Version(MAP_LAYOUT_VERSION) {
         let _ = writeln!(
             out,

@@ -1,4 +1,5 @@
-//! The Internet checksum (RFC 1071) as the outer IPv4 header needs it.
+//! The Internet checksum (RFC 1071) as the outer IPv4 header and the outer
+//! UDP header over IPv6 need it.
 
 use crate::consts::IPV4_HDR_LEN;
 
@@ -28,9 +29,41 @@ pub fn ipv4_header_checksum_ok(header: &[u8; IPV4_HDR_LEN]) -> bool {
     ipv4_header_checksum(header) == stored
 }
 
+/// Adds `bytes` (an even number) to the one's-complement sum `sum` as
+/// big-endian 16-bit words. Unfolded: the caller adds fewer than 65536
+/// words before [`fold`].
+#[inline(always)]
+pub fn sum_words<const N: usize>(mut sum: u32, bytes: &[u8; N]) -> u32 {
+    let mut i = 0;
+    while i + 1 < N {
+        sum += u32::from(u16::from_be_bytes([bytes[i], bytes[i + 1]]));
+        i += 2;
+    }
+    sum
+}
+
+/// [`sum_words`] over `bytes[from..to]` (both even, `to <= N`).
+#[inline(always)]
+pub fn sum_words_in<const N: usize>(mut sum: u32, bytes: &[u8; N], from: usize, to: usize) -> u32 {
+    let mut i = from;
+    while i + 1 < to && i + 1 < N {
+        sum += u32::from(u16::from_be_bytes([bytes[i], bytes[i + 1]]));
+        i += 2;
+    }
+    sum
+}
+
+/// The IPv6 pseudo-header (RFC 8200 section 8.1) of an upper-layer packet
+/// of `len` bytes and protocol `next_header` between `src` and `dst`, added
+/// to `sum`.
+#[inline(always)]
+pub fn ipv6_pseudo_sum(sum: u32, src: &[u8; 16], dst: &[u8; 16], len: u32, next_header: u8) -> u32 {
+    sum_words(sum_words(sum, src), dst) + (len >> 16) + (len & 0xffff) + u32::from(next_header)
+}
+
 /// Folds a 32-bit one's-complement sum into 16 bits (twice is enough for
 /// up to 65536 added 16-bit words).
-const fn fold(sum: u32) -> u16 {
+pub const fn fold(sum: u32) -> u16 {
     let sum = (sum & 0xffff) + (sum >> 16);
     let sum = (sum & 0xffff) + (sum >> 16);
     sum as u16

@@ -7,18 +7,24 @@ pub const DEFAULT_VNI: u32 = 1;
 /// Outer Ethernet (14) is reused; what is added in front of the inner frame:
 /// outer IPv4 (20) + UDP (8) + VXLAN (8) + inner Ethernet (14).
 pub const VXLAN_ENCAP_LEN: u32 = 20 + 8 + 8 + 14;
+/// The same over IPv6 (`flannel-v6.<VNI>`): outer IPv6 (40) + UDP (8) +
+/// VXLAN (8) + inner Ethernet (14).
+pub const VXLAN6_ENCAP_LEN: u32 = 40 + 8 + 8 + 14;
 /// What flannel subtracts from the underlay MTU for the `flannel.<VNI>` device.
 pub const VXLAN_MTU_OVERHEAD: u32 = 50;
 
 pub const ETH_HDR_LEN: usize = 14;
 pub const IPV4_HDR_LEN: usize = 20;
+pub const IPV6_HDR_LEN: usize = 40;
 pub const UDP_HDR_LEN: usize = 8;
 pub const VXLAN_HDR_LEN: usize = 8;
 
 pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_IPV6: u16 = 0x86dd;
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_ICMPV6: u8 = 58;
 /// VXLAN flags byte with only the I (valid VNI) bit set.
 pub const VXLAN_FLAG_I: u8 = 0x08;
 
@@ -33,12 +39,19 @@ pub const MAP_FAST_CONFIG: &str = "FAST_CONFIG";
 pub const MAP_FAST_FLOWS: &str = "FAST_FLOWS";
 pub const MAP_POD_VETHS: &str = "POD_VETHS";
 pub const MAP_POD_ADDRS: &str = "POD_ADDRS";
+/// A dual-stack node's IPv6 side: its settings, the peers' IPv6 subnets and
+/// their `PublicIPv6`s.
+pub const MAP_NODE_CONFIG6: &str = "NODE_CONFIG6";
+pub const MAP_REMOTE_SUBNETS6: &str = "REMOTE_SUBNETS6";
+pub const MAP_KNOWN_VTEPS6: &str = "KNOWN_VTEPS6";
 /// Index 0: the [`crate::maps::MAP_LAYOUT_VERSION`] of the build that created
 /// the pinned maps. Only the agent reads and writes it.
 pub const MAP_LAYOUT: &str = "LAYOUT";
 
 /// Program names as the eBPF object defines them.
 pub const PROG_EGRESS: &str = "vxlan_egress";
+/// TC egress of `flannel-v6.<VNI>` on a dual-stack node.
+pub const PROG_EGRESS6: &str = "vxlan_egress6";
 pub const PROG_INGRESS_XDP: &str = "vxlan_ingress_xdp";
 /// The XDP program for kernels that refuse `bpf_xdp_adjust_meta` to XDP
 /// programs: it drops VXLAN from strangers and leaves the rest, whole, to

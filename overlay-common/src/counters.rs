@@ -36,7 +36,9 @@ pub enum Reason {
     DropMalformed = 10,
     /// Ingress: the inner frame is not addressed to our VTEP MAC.
     DropWrongInnerMac = 11,
-    /// Ingress: the inner frame is not IPv4 (e.g. ARP); the kernel's vxlan device gets it as under flannel.
+    /// Ingress: the inner frame is not of the device's family (IPv4 in
+    /// VXLAN over IPv4, IPv6 over IPv6: e.g. ARP); the kernel's vxlan device
+    /// gets it as under flannel.
     PassInnerNotIpv4 = 12,
     /// Reserved: the programs pass (see [`Reason::PassNotConfigured`]) rather than
     /// drop while unconfigured. Kept so that the indices after it stay stable.
@@ -97,13 +99,31 @@ pub enum Reason {
     /// not yet delivered anything to through this veth (a new pod on a
     /// reused address): the host's path decides, and binds it.
     PassFastUnbound = 28,
+    /// Egress (`vxlan_egress6` on `flannel-v6.<VNI>`): an IPv6 packet
+    /// encapsulated in outer IPv6 and sent out of the underlay NIC.
+    Encapsulated6 = 29,
+    /// Ingress: IPv6 VXLAN decapsulated and delivered on `flannel-v6.<VNI>`.
+    Decapsulated6 = 30,
+    /// Egress, IPv6: a GSO aggregate, left to `flannel-v6.<VNI>`'s kernel
+    /// device. Every segment needs its own outer UDP checksum over IPv6, and
+    /// the tunnel GSO type `bpf_skb_adjust_room` sets has no checksum
+    /// variant, so segments built from our header would all carry the
+    /// first one's.
+    PassGso6 = 31,
+    /// IPv6 the programs do not handle at fixed offsets, left to the kernel:
+    /// egress, an inner packet with extension headers, an upper layer
+    /// without a pseudo-header checksum (the outer checksum is derived from
+    /// the inner one), a zero UDP checksum, or a length that disagrees with
+    /// the frame's; ingress, an outer IPv6 header followed by extension
+    /// headers.
+    PassIpv6Unusual = 32,
 }
 
 impl Reason {
     /// Number of slots in the counter array (room left to append reasons).
-    pub const SLOTS: u32 = 32;
+    pub const SLOTS: u32 = 48;
 
-    pub const ALL: [Reason; 29] = [
+    pub const ALL: [Reason; 33] = [
         Reason::Encapsulated,
         Reason::Decapsulated,
         Reason::PassNotIpv4,
@@ -133,6 +153,10 @@ impl Reason {
         Reason::DropSourceVtepMismatch,
         Reason::DropFastSpoofedSource,
         Reason::PassFastUnbound,
+        Reason::Encapsulated6,
+        Reason::Decapsulated6,
+        Reason::PassGso6,
+        Reason::PassIpv6Unusual,
     ];
 
     /// Stable snake_case name used in logs, `status` output and metrics labels.
@@ -167,6 +191,10 @@ impl Reason {
             Reason::DropSourceVtepMismatch => "drop_source_vtep_mismatch",
             Reason::DropFastSpoofedSource => "drop_fast_spoofed_source",
             Reason::PassFastUnbound => "pass_fast_unbound",
+            Reason::Encapsulated6 => "encapsulated_ipv6",
+            Reason::Decapsulated6 => "decapsulated_ipv6",
+            Reason::PassGso6 => "pass_gso_ipv6",
+            Reason::PassIpv6Unusual => "pass_ipv6_unusual",
         }
     }
 

@@ -23,10 +23,12 @@ pub struct EgressPacket {
     pub gso: bool,
 }
 
+/// `P`: what encapsulation needs, [`EncapPlan`] for IPv4 and
+/// [`crate::encap6::EncapPlan6`] for IPv6.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum EgressVerdict {
+pub enum EgressVerdict<P = EncapPlan> {
     /// Encapsulate toward this VTEP and send out of the underlay.
-    Encap(EncapPlan),
+    Encap(P),
     /// Leave the frame to the kernel (`TC_ACT_OK`): flannel's vxlan device sends it.
     Pass(Reason),
     /// Drop it (`TC_ACT_SHOT`).

@@ -55,7 +55,8 @@ pub struct IngressPacket {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum IngressVerdict {
-    /// Remove the outer 50 bytes and deliver on `flannel.<VNI>`. The inner
+    /// Remove the outer headers (50 bytes, 70 over IPv6) and deliver on
+    /// `flannel.<VNI>` (`flannel-v6.<VNI>`). The inner
     /// Ethernet header is given so that TC (which keeps the outer Ethernet
     /// header's position) can write it in front of the inner packet.
     Decap { inner_eth: [u8; ETH_HDR_LEN] },
@@ -77,7 +78,7 @@ pub fn classify_ingress(
     decap_gso: bool,
     known_vtep: impl FnOnce([u8; 4]) -> bool,
 ) -> IngressVerdict {
-    use IngressVerdict::{Decap, Drop, Pass};
+    use IngressVerdict::{Drop, Pass};
 
     if cfg.configured == 0 {
         return Pass(Reason::PassNotConfigured);
@@ -148,7 +149,42 @@ pub fn classify_ingress(
         return Drop(Reason::DropMalformed);
     }
 
-    let vx = VXLAN_OFFSET;
+    classify_vxlan(
+        w,
+        VXLAN_OFFSET,
+        Inner {
+            vni: cfg.vni,
+            ethertype: ETH_P_IP,
+            vtep_mac: cfg.vtep_mac,
+        },
+        pkt.gso && !decap_gso,
+    )
+}
+
+/// What the inner frame of our VXLAN must be: our VNI, the family the
+/// device carries, framed to the device's MAC.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Inner {
+    pub vni: u32,
+    pub ethertype: u16,
+    pub vtep_mac: [u8; 6],
+}
+
+/// The VXLAN header at `vx` in `w` and the inner Ethernet header right
+/// behind it, from a known VTEP to our address and port (both families).
+/// `gso_to_kernel`: a GSO aggregate the caller leaves to the kernel device.
+#[inline(always)]
+pub(crate) fn classify_vxlan<const N: usize>(
+    w: &[u8; N],
+    vx: usize,
+    inner: Inner,
+    gso_to_kernel: bool,
+) -> IngressVerdict {
+    use IngressVerdict::{Decap, Drop, Pass};
+
+    if vx + VXLAN_HDR_LEN + ETH_HDR_LEN > N {
+        return Drop(Reason::DropMalformed);
+    }
     if w[vx] & VXLAN_FLAG_I == 0 {
         return Drop(Reason::DropWrongVni);
     }
@@ -159,21 +195,21 @@ pub fn classify_ingress(
         return Drop(Reason::DropMalformed);
     }
     let vni = u32::from_be_bytes([0, w[vx + 4], w[vx + 5], w[vx + 6]]);
-    if vni != cfg.vni {
+    if vni != inner.vni {
         return Drop(Reason::DropWrongVni);
     }
 
-    let ie = INNER_ETH_OFFSET;
-    if u16::from_be_bytes([w[ie + 12], w[ie + 13]]) != ETH_P_IP {
+    let ie = vx + VXLAN_HDR_LEN;
+    if u16::from_be_bytes([w[ie + 12], w[ie + 13]]) != inner.ethertype {
         // ARP and the like: the kernel device handles them as under flannel.
         return Pass(Reason::PassInnerNotIpv4);
     }
-    if [w[ie], w[ie + 1], w[ie + 2], w[ie + 3], w[ie + 4], w[ie + 5]] != cfg.vtep_mac {
+    if [w[ie], w[ie + 1], w[ie + 2], w[ie + 3], w[ie + 4], w[ie + 5]] != inner.vtep_mac {
         // The kernel device would deliver it as PACKET_OTHERHOST and IP would
         // drop it; do the same, visibly.
         return Drop(Reason::DropWrongInnerMac);
     }
-    if pkt.gso && !decap_gso {
+    if gso_to_kernel {
         return Pass(Reason::PassGsoTunnel);
     }
 

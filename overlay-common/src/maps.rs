@@ -22,7 +22,7 @@
 /// Appending a `Reason` in the spare counter slots needs no bump: the
 /// indices before it keep their meaning. `layout_is_pinned_to_its_version`
 /// fails when a layout changed without a bump.
-pub const MAP_LAYOUT_VERSION: u32 = 2;
+pub const MAP_LAYOUT_VERSION: u32 = 3;
 
 /// Value of the remote-subnet LPM trie (key: IPv4 prefix in network order):
 /// where to send packets for that subnet.
@@ -68,6 +68,48 @@ pub struct NodeConfig {
     pub configured: u32,
 }
 
+/// Value of REMOTE_SUBNETS6 (key: a dual-stack peer's IPv6 subnet, network
+/// order): where its IPv6 pods are.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RemoteVtep6 {
+    /// The peer's `flannel-v6.<VNI>` MAC (`BackendV6Data.VtepMAC`).
+    pub vtep_mac: [u8; 6],
+    pub _pad: [u8; 2],
+    /// The peer's `PublicIPv6`: the outer destination address.
+    pub public_ip: [u8; 16],
+    /// The peer's `PublicIP`: its PEER_STATS key, so one node's traffic
+    /// is counted under one name whichever family carries it.
+    pub peer: [u8; 4],
+}
+
+/// Value of KNOWN_VTEPS6 (key: a dual-stack peer's `PublicIPv6`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KnownVtep6 {
+    /// The peer's v6 VTEP MAC.
+    pub vtep_mac: [u8; 6],
+    pub _pad: [u8; 2],
+    /// The peer's `PublicIP` (its PEER_STATS key).
+    pub peer: [u8; 4],
+}
+
+/// The single entry of NODE_CONFIG6: a dual-stack node's IPv6 side. The
+/// VNI, the port and the underlay are NODE_CONFIG's.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NodeConfig6 {
+    /// This node's `PublicIPv6`: outer source, ingress destination.
+    pub local_ip: [u8; 16],
+    /// ifindex of `flannel-v6.<VNI>`.
+    pub vxlan_ifindex: u32,
+    /// `flannel-v6.<VNI>`'s MAC: the inner source MAC.
+    pub vtep_mac: [u8; 6],
+    pub _pad: [u8; 2],
+    /// Non-zero on a dual-stack node once the agent has filled it in.
+    pub configured: u32,
+}
+
 /// Value of the per-peer traffic map (key: the peer's public IPv4, network
 /// order), one per CPU. The agent creates the entry when it learns the peer
 /// and removes it when the peer leaves; the programs only add to it, so a
@@ -107,6 +149,9 @@ mod pod {
     unsafe impl aya::Pod for super::RemoteVtep {}
     unsafe impl aya::Pod for super::KnownVtep {}
     unsafe impl aya::Pod for super::NodeConfig {}
+    unsafe impl aya::Pod for super::RemoteVtep6 {}
+    unsafe impl aya::Pod for super::KnownVtep6 {}
+    unsafe impl aya::Pod for super::NodeConfig6 {}
     unsafe impl aya::Pod for crate::fastpath::FlowKey {}
     unsafe impl aya::Pod for crate::fastpath::FastFlow {}
     unsafe impl aya::Pod for crate::fastpath::FastPathConfig {}
@@ -131,6 +176,9 @@ mod tests {
         assert_eq!(size_of::<KnownVtep>(), 8);
         assert_eq!(size_of::<NodeConfig>(), 32);
         assert_eq!(size_of::<PeerTraffic>(), 32);
+        assert_eq!(size_of::<RemoteVtep6>(), 28);
+        assert_eq!(size_of::<KnownVtep6>(), 12);
+        assert_eq!(size_of::<NodeConfig6>(), 32);
     }
 
     /// One line per map key or value type: its size, then every field as
@@ -182,6 +230,33 @@ mod tests {
                 underlay_mtu,
                 vtep_mac,
                 port,
+                configured,
+            }
+        );
+        layout!(
+            out,
+            RemoteVtep6 {
+                vtep_mac,
+                _pad,
+                public_ip,
+                peer
+            }
+        );
+        layout!(
+            out,
+            KnownVtep6 {
+                vtep_mac,
+                _pad,
+                peer
+            }
+        );
+        layout!(
+            out,
+            NodeConfig6 {
+                local_ip,
+                vxlan_ifindex,
+                vtep_mac,
+                _pad,
                 configured,
             }
         );
@@ -268,13 +343,32 @@ FastPathConfig 24: enabled@0:4 u32 pod_subnet@4:4 [u8; 4] pod_prefix_len@8:4 u32
 DIR_TO_POD=1 DIR_FROM_POD=2
 ",
         ),
+        // Dual stack: NODE_CONFIG6, REMOTE_SUBNETS6 and KNOWN_VTEPS6 are
+        // new, and COUNTERS has 48 slots (it had 32).
+        (
+            3,
+            "\
+RemoteVtep 12: vtep_mac@0:6 [u8; 6] _pad@6:2 [u8; 2] public_ip@8:4 [u8; 4]
+KnownVtep 8: vtep_mac@0:6 [u8; 6] _pad@6:2 [u8; 2]
+NodeConfig 32: vni@0:4 u32 local_ip@4:4 [u8; 4] underlay_ifindex@8:4 u32 vxlan_ifindex@12:4 u32 underlay_mtu@16:4 u32 vtep_mac@20:6 [u8; 6] port@26:2 u16 configured@28:4 u32
+RemoteVtep6 28: vtep_mac@0:6 [u8; 6] _pad@6:2 [u8; 2] public_ip@8:16 [u8; 16] peer@24:4 [u8; 4]
+KnownVtep6 12: vtep_mac@0:6 [u8; 6] _pad@6:2 [u8; 2] peer@8:4 [u8; 4]
+NodeConfig6 32: local_ip@0:16 [u8; 16] vxlan_ifindex@16:4 u32 vtep_mac@20:6 [u8; 6] _pad@26:2 [u8; 2] configured@28:4 u32
+PeerTraffic 32: tx_packets@0:8 u64 tx_bytes@8:8 u64 rx_packets@16:8 u64 rx_bytes@24:8 u64
+Counter 16: packets@0:8 u64 bytes@8:8 u64
+FlowKey 16: src@0:4 [u8; 4] dst@4:4 [u8; 4] sport@8:2 [u8; 2] dport@10:2 [u8; 2] proto@12:1 u8 dir@13:1 u8 _pad@14:2 [u8; 2]
+FastFlow 32: approved_ns@0:8 u64 ifindex@8:4 u32 pod_mac@12:6 [u8; 6] gw_mac@18:6 [u8; 6] vtep@24:4 [u8; 4] _pad@28:4 u32
+FastPathConfig 24: enabled@0:4 u32 pod_subnet@4:4 [u8; 4] pod_prefix_len@8:4 u32 mark@12:4 u32 gateway@16:4 [u8; 4] _pad@20:4 u32
+DIR_TO_POD=1 DIR_FROM_POD=2
+",
+        ),
     ];
 
     /// The `Reason` indices of the newest version (COUNTERS is indexed by
     /// them). Appending keeps a version's indices; renumbering needs a bump,
     /// and the list is then replaced by the new version's.
     const REASONS: &[(u32, &[&str])] = &[(
-        2,
+        3,
         &[
             "encapsulated",
             "decapsulated",
@@ -305,6 +399,10 @@ DIR_TO_POD=1 DIR_FROM_POD=2
             "drop_source_vtep_mismatch",
             "drop_fast_spoofed_source",
             "pass_fast_unbound",
+            "encapsulated_ipv6",
+            "decapsulated_ipv6",
+            "pass_gso_ipv6",
+            "pass_ipv6_unusual",
         ],
     )];
 

@@ -32,7 +32,7 @@ use crate::{
 };
 
 /// `BPF_F_ADJ_ROOM_ENCAP_L2(len)`, a C macro without a binding.
-const fn adj_room_encap_l2(len: u64) -> u64 {
+pub const fn adj_room_encap_l2(len: u64) -> u64 {
     (len & 0xff) << 56
 }
 
@@ -127,14 +127,22 @@ pub fn encapsulate(
             return TC_ACT_SHOT;
         }
     }
+    send_out(cfg, len, success, plan.remote.public_ip)
+}
+
+/// Sends an encapsulated frame out of the underlay, counting `success`
+/// and the bytes to `peer` (its PEER_STATS key).
+#[inline(always)]
+pub fn send_out(cfg: &NodeConfig, len: u32, success: Reason, peer: [u8; 4]) -> i32 {
     // The kernel resolves the next hop on the underlay and writes the outer
-    // MACs (resolving ARP if needed), which bpf_fib_lookup would leave to us.
+    // MACs (resolving ARP or IPv6 neighbours if needed), which
+    // bpf_fib_lookup would leave to us.
     let ret = unsafe { bpf_redirect_neigh(cfg.underlay_ifindex, core::ptr::null_mut(), 0, 0) };
     if ret != i64::from(TC_ACT_REDIRECT) {
         count(Reason::DropRedirectFailed, len);
         return TC_ACT_SHOT;
     }
     count(success, len);
-    count_peer_tx(plan.remote.public_ip, len);
+    count_peer_tx(peer, len);
     TC_ACT_REDIRECT
 }

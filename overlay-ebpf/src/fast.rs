@@ -13,7 +13,7 @@ use overlay_common::{
         DIR_FROM_POD, DIR_TO_POD, FLOW_WINDOW_LEN, FastFlow, FastPathConfig, Flow, FlowKey,
         FlowWindow, IPV4_TTL_OFFSET, MIN_FLOW_LEN, approval_valid, decrement_ttl, parse_flow,
     },
-    ingress::{INGRESS_WINDOW_LEN, IngressWindow},
+    ingress::{DECAP_LEN, INGRESS_WINDOW_LEN, IngressWindow},
 };
 
 use crate::{
@@ -179,7 +179,7 @@ pub fn deliver_to_pod(ctx: &TcContext, outer: &IngressWindow, len: u32) -> Optio
     }
     // An aggregate stays whole: nothing transmits it before the pod's socket
     // receives it.
-    if !skb::strip_vxlan(ctx) {
+    if !skb::strip_vxlan(ctx, DECAP_LEN) {
         return None;
     }
     Some(finish_delivery(ctx, &flow, &pod, sender, len))

@@ -1,7 +1,8 @@
 //! `vxlan_ingress_tc`: TC ingress on the underlay NIC. Delivers what
 //! `vxlan_ingress_xdp` decapsulated into `flannel.<VNI>`, and classifies and
 //! decapsulates by itself everything XDP left alone (no XDP attached, frames
-//! XDP does not look at, GSO aggregates built after XDP).
+//! XDP does not look at, GSO aggregates built after XDP). IPv6 frames go to
+//! `ingress_tc6` (VXLAN over IPv6 for `flannel-v6.<VNI>`).
 
 use aya_ebpf::{
     bindings::{BPF_F_INGRESS, TC_ACT_REDIRECT, TC_ACT_SHOT},
@@ -10,18 +11,18 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use overlay_common::{
-    consts::{ETH_HDR_LEN, UDP_HDR_LEN, XDP_META_DECAPSULATED, XDP_META_LEN},
+    consts::{ETH_HDR_LEN, ETH_P_IPV6, UDP_HDR_LEN, XDP_META_DECAPSULATED, XDP_META_LEN},
     counters::Reason,
     ingress::{
-        INGRESS_TAIL_OFFSET, INGRESS_WINDOW_LEN, IngressPacket, IngressVerdict, IngressWindow,
-        UDP_OFFSET, classify_ingress, outer_l4_offset,
+        DECAP_LEN, INGRESS_TAIL_OFFSET, INGRESS_WINDOW_LEN, IngressPacket, IngressVerdict,
+        IngressWindow, UDP_OFFSET, classify_ingress, outer_l4_offset,
     },
-    maps::NodeConfig,
 };
 
 use crate::{
     count::{count, count_peer_rx},
     fast::{self, outer_source},
+    ingress_tc6,
     maps::{KNOWN_VTEPS, NODE_CONFIG, serving_vtep},
     skb::{self, TCX_NEXT},
 };
@@ -35,7 +36,7 @@ use crate::{
 /// `hw_enc_features`) segments it in software, and pods behind `cni0` received
 /// 1.46 kB packets at 3-4.5 Gbit/s instead of 54 kB aggregates at 12-18 Gbit/s
 /// through the vxlan device (which clears the flag and re-aggregates).
-const DECAP_GSO: bool = false;
+pub const DECAP_GSO: bool = false;
 
 #[classifier]
 pub fn vxlan_ingress_tc(ctx: TcContext) -> i32 {
@@ -44,6 +45,9 @@ pub fn vxlan_ingress_tc(ctx: TcContext) -> i32 {
         count(Reason::PassNotConfigured, len);
         return TCX_NEXT;
     };
+    if ctx.skb.protocol() == u32::from(ETH_P_IPV6.to_be()) {
+        return ingress_tc6::ingress6(&ctx, cfg, len);
+    }
     if decapsulated_by_xdp(&ctx) {
         // XDP has no skb to correct. The one that reaches us (built by the
         // driver after XDP, or the one generic and veth XDP ran on) carries the
@@ -56,7 +60,7 @@ pub fn vxlan_ingress_tc(ctx: TcContext) -> i32 {
         // which is why mlx5 turns CHECKSUM_COMPLETE off under XDP.
         skb::outer_udp_removed(&ctx);
         // XDP counted it as decapsulated; only a failure is left to count.
-        return deliver(cfg, len, None);
+        return deliver(cfg.vxlan_ifindex, len, None);
     }
 
     let Some(window) = load_window(&ctx, len) else {
@@ -101,7 +105,7 @@ pub fn vxlan_ingress_tc(ctx: TcContext) -> i32 {
                 count(Reason::DropSourceVtepMismatch, len);
                 return TC_ACT_SHOT;
             }
-            if !skb::strip_vxlan(&ctx) {
+            if !skb::strip_vxlan(&ctx, DECAP_LEN) {
                 count(Reason::PassAdjustRefused, len);
                 return TCX_NEXT;
             }
@@ -111,7 +115,7 @@ pub fn vxlan_ingress_tc(ctx: TcContext) -> i32 {
                 count(Reason::DropAdjustFailed, len);
                 return TC_ACT_SHOT;
             }
-            let verdict = deliver(cfg, len, Some(Reason::Decapsulated));
+            let verdict = deliver(cfg.vxlan_ifindex, len, Some(Reason::Decapsulated));
             if verdict == TC_ACT_REDIRECT {
                 count_peer_rx(outer_source(&window), len);
             }
@@ -120,15 +124,16 @@ pub fn vxlan_ingress_tc(ctx: TcContext) -> i32 {
     }
 }
 
-/// Hands the (decapsulated) frame to `flannel.<VNI>`'s receive path, so the
-/// stack sees it arriving there: rp_filter, conntrack and `iptables -i
-/// flannel.<VNI>` behave as under flannel.
+/// Hands the (decapsulated) frame to the receive path of `flannel.<VNI>`
+/// (or `flannel-v6.<VNI>`: `ifindex`), so the stack sees it arriving there:
+/// rp_filter, conntrack and `iptables -i flannel.<VNI>` behave as under
+/// flannel.
 #[inline(always)]
-fn deliver(cfg: &NodeConfig, len: u32, success: Option<Reason>) -> i32 {
-    let ret = if cfg.vxlan_ifindex == 0 {
+pub fn deliver(ifindex: u32, len: u32, success: Option<Reason>) -> i32 {
+    let ret = if ifindex == 0 {
         i64::from(TC_ACT_SHOT)
     } else {
-        unsafe { bpf_redirect(cfg.vxlan_ifindex, BPF_F_INGRESS as u64) }
+        unsafe { bpf_redirect(ifindex, BPF_F_INGRESS as u64) }
     };
     if ret != i64::from(TC_ACT_REDIRECT) {
         count(Reason::DropRedirectFailed, len);

@@ -9,8 +9,9 @@ use aya_ebpf::{
 use overlay_common::{
     consts::{MAX_FAST_FLOWS, MAX_PEERS, MAX_POD_ADDRS, MAX_POD_VETHS},
     counters::{Counter, Reason},
+    encap6::Encap6Header,
     fastpath::{FastFlow, FastPathConfig, FlowKey},
-    maps::{KnownVtep, NodeConfig, PeerTraffic, RemoteVtep},
+    maps::{KnownVtep, KnownVtep6, NodeConfig, NodeConfig6, PeerTraffic, RemoteVtep, RemoteVtep6},
 };
 
 /// Remote pod subnet (IPv4 prefix, network order) -> the VTEP that serves it.
@@ -20,6 +21,24 @@ pub static REMOTE_SUBNETS: LpmTrie<[u8; 4], RemoteVtep, { MAX_PEERS as usize }> 
 /// Public IPv4 of every node holding a lease: the only accepted VXLAN sources.
 #[btf_map]
 pub static KNOWN_VTEPS: HashMap<[u8; 4], KnownVtep, { MAX_PEERS as usize }> = HashMap::new();
+
+/// Remote pod IPv6 subnet -> the VTEP that serves it (dual stack).
+#[btf_map]
+pub static REMOTE_SUBNETS6: LpmTrie<[u8; 16], RemoteVtep6, { MAX_PEERS as usize }> = LpmTrie::new();
+
+/// `PublicIPv6` of every dual-stack peer: the only accepted IPv6 VXLAN sources.
+#[btf_map]
+pub static KNOWN_VTEPS6: HashMap<[u8; 16], KnownVtep6, { MAX_PEERS as usize }> = HashMap::new();
+
+/// Index 0: a dual-stack node's IPv6 side (all zero, off, on an IPv4-only node).
+#[btf_map]
+pub static NODE_CONFIG6: Array<NodeConfig6, 1> = Array::new();
+
+/// Per CPU, `vxlan_egress6`'s scratch space for the 72 bytes of outer
+/// headers it writes: on the stack they overflow the 512 bytes BPF allows.
+/// Not pinned, never read by the agent.
+#[btf_map]
+pub static ENCAP6_SCRATCH: PerCpuArray<[u8; Encap6Header::LEN], 1> = PerCpuArray::new();
 
 /// Index 0: this node's settings, written by the agent before it attaches.
 #[btf_map]
@@ -85,4 +104,11 @@ pub static POD_ADDRS: LruHashMap<[u8; 4], u32, { MAX_POD_ADDRS as usize }> = Lru
 #[inline(always)]
 pub fn serving_vtep(ip: [u8; 4]) -> Option<[u8; 4]> {
     REMOTE_SUBNETS.get(&Key::new(32, ip)).map(|r| r.public_ip)
+}
+
+/// The VTEP (`PublicIPv6`) serving a remote IPv6 pod address, if a dual-stack
+/// peer's IPv6 subnet holds it.
+#[inline(always)]
+pub fn serving_vtep6(ip: [u8; 16]) -> Option<[u8; 16]> {
+    REMOTE_SUBNETS6.get(&Key::new(128, ip)).map(|r| r.public_ip)
 }

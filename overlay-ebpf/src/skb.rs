@@ -10,6 +10,7 @@ use aya_ebpf::{
     helpers::generated::{bpf_csum_level, bpf_skb_load_bytes},
     programs::TcContext,
 };
+#[allow(unused_imports)] // named in the docs
 use overlay_common::ingress::DECAP_LEN;
 
 /// `TCX_NEXT` (`TC_ACT_UNSPEC` under legacy clsact): not ours, let the next
@@ -71,8 +72,9 @@ pub fn is_gso(ctx: &TcContext) -> bool {
     unsafe { (*ctx.skb.skb).gso_size != 0 }
 }
 
-/// Removes the outer IPv4/UDP/VXLAN headers and the inner Ethernet header
-/// behind the outer Ethernet header, which stays in front, and then
+/// Removes the outer IP/UDP/VXLAN headers and the inner Ethernet header
+/// (`decap_len` bytes: [`DECAP_LEN`] over IPv4, `VXLAN6_ENCAP_LEN` over
+/// IPv6) behind the outer Ethernet header, which stays in front, and then
 /// [`outer_udp_removed`]. FIXED_GSO: a GSO aggregate keeps its gso_size (the
 /// inner MSS). NO_CSUM_RESET: left to itself the helper turns every
 /// CHECKSUM_UNNECESSARY into CHECKSUM_NONE (Linux 5.8, commit 836e66c218f3
@@ -80,10 +82,10 @@ pub fn is_gso(ctx: &TcContext) -> bool {
 /// also throw away a NIC's verdict on the inner checksum. False if the kernel
 /// refused (nothing changed then).
 #[inline(always)]
-pub fn strip_vxlan(ctx: &TcContext) -> bool {
+pub fn strip_vxlan(ctx: &TcContext, decap_len: u32) -> bool {
     let flags = BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_NO_CSUM_RESET;
     if ctx
-        .adjust_room(-(DECAP_LEN as i32), BPF_ADJ_ROOM_MAC, flags as u64)
+        .adjust_room(-(decap_len as i32), BPF_ADJ_ROOM_MAC, flags as u64)
         .is_err()
     {
         return false;

@@ -4,7 +4,7 @@
 //! the frames that host put on (and received from) the wire.
 
 use std::{
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -189,6 +189,84 @@ pub fn vxlan_frames(pcap: &Path, port: u16) -> Result<Vec<VxlanFrame>> {
             inner_src: inner_ip(1),
             inner_dst: inner_ip(2),
             protocols: cols[12].to_owned(),
+        });
+    }
+    Ok(frames)
+}
+
+/// One VXLAN-over-IPv6 frame as tshark decodes it, with its verdict on the
+/// outer UDP checksum (which IPv6 requires; flannel's kernel peers drop a
+/// datagram whose checksum is 0 or wrong).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Vxlan6Frame {
+    pub outer_src: Ipv6Addr,
+    pub outer_dst: Ipv6Addr,
+    pub hop_limit: u8,
+    pub udp_dst: u16,
+    pub udp_checksum: u16,
+    /// tshark's `udp.checksum.status` on the outer header: 1 good.
+    pub checksum_good: bool,
+    pub vni: u32,
+    pub inner_eth_src: String,
+    pub inner_eth_dst: String,
+    pub protocols: String,
+}
+
+const FIELDS6: &[&str] = &[
+    "ipv6.src",
+    "ipv6.dst",
+    "ipv6.hlim",
+    "udp.dstport",
+    "udp.checksum",
+    "udp.checksum.status",
+    "vxlan.vni",
+    "eth.src",
+    "eth.dst",
+    "frame.protocols",
+];
+
+/// Every frame tshark decodes as VXLAN over IPv6 on UDP `port` in `pcap`,
+/// the outer UDP checksum verified.
+pub fn vxlan6_frames(pcap: &Path, port: u16) -> Result<Vec<Vxlan6Frame>> {
+    let mut args = vec![
+        "-o",
+        "udp.check_checksum:TRUE",
+        "-Y",
+        "vxlan && ipv6",
+        "-T",
+        "fields",
+        "-E",
+        "separator=/t",
+        "-E",
+        "occurrence=a",
+        "-E",
+        "aggregator=,",
+    ];
+    for f in FIELDS6 {
+        args.push("-e");
+        args.push(f);
+    }
+    let out = tshark(pcap, port, &args)?;
+    let mut frames = Vec::new();
+    for line in out.lines().filter(|l| !l.trim().is_empty()) {
+        let cols: Vec<&str> = line.split('\t').collect();
+        ensure!(
+            cols.len() == FIELDS6.len(),
+            "unexpected tshark line {line:?}"
+        );
+        // First occurrence = outer header, second = inner.
+        let nth = |col: usize, i: usize| cols[col].split(',').nth(i).unwrap_or("");
+        frames.push(Vxlan6Frame {
+            outer_src: nth(0, 0).parse().context("outer ipv6.src")?,
+            outer_dst: nth(1, 0).parse().context("outer ipv6.dst")?,
+            hop_limit: parse_u(nth(2, 0), "hop limit")?,
+            udp_dst: parse_u(nth(3, 0), "udp.dstport")?,
+            udp_checksum: parse_u(nth(4, 0), "udp.checksum")?,
+            checksum_good: nth(5, 0) == "1",
+            vni: parse_u(cols[6], "vxlan.vni")?,
+            inner_eth_src: nth(7, 1).to_owned(),
+            inner_eth_dst: nth(8, 1).to_owned(),
+            protocols: cols[9].to_owned(),
         });
     }
     Ok(frames)

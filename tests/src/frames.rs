@@ -315,6 +315,52 @@ pub fn udp(src: [u8; 4], dst: [u8; 4], ports: (u16, u16), payload: &[u8]) -> Vec
     with_l4_checksum(IPPROTO_UDP, src, dst, seg, 6)
 }
 
+/// A whole IPv6 packet (no extension headers, hop limit 64, traffic class
+/// `tc`) of protocol `proto` from `src` to `dst`, whose upper layer `l4`
+/// gets its checksum at `check_at` over the IPv6 pseudo-header (RFC 8200
+/// section 8.1: TCP, UDP and ICMPv6 alike).
+pub fn ipv6(
+    proto: u8,
+    tc: u8,
+    src: [u8; 16],
+    dst: [u8; 16],
+    l4: &[u8],
+    check_at: usize,
+) -> Vec<u8> {
+    let len = l4.len() as u16;
+    let mut seg = l4.to_vec();
+    seg[check_at..check_at + 2].copy_from_slice(&[0, 0]);
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&src);
+    pseudo.extend_from_slice(&dst);
+    pseudo.extend_from_slice(&u32::from(len).to_be_bytes());
+    pseudo.extend_from_slice(&[0, 0, 0, proto]);
+    pseudo.extend_from_slice(&seg);
+    let c = match checksum(&pseudo) {
+        0 if proto == IPPROTO_UDP => 0xffff,
+        c => c,
+    };
+    seg[check_at..check_at + 2].copy_from_slice(&c.to_be_bytes());
+    let mut p = vec![0x60 | tc >> 4, tc << 4, 0, 0];
+    p.extend_from_slice(&len.to_be_bytes());
+    p.extend_from_slice(&[proto, 64]);
+    p.extend_from_slice(&src);
+    p.extend_from_slice(&dst);
+    p.extend_from_slice(&seg);
+    p
+}
+
+/// An IPv6 UDP packet (see [`ipv6`]).
+pub fn ipv6_udp(src: [u8; 16], dst: [u8; 16], ports: (u16, u16), payload: &[u8]) -> Vec<u8> {
+    let mut seg = Vec::new();
+    seg.extend_from_slice(&ports.0.to_be_bytes());
+    seg.extend_from_slice(&ports.1.to_be_bytes());
+    seg.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    seg.extend_from_slice(&[0, 0]);
+    seg.extend_from_slice(payload);
+    ipv6(IPPROTO_UDP, 0, src, dst, &seg, 6)
+}
+
 /// ICMP of type `ty` (8 echo request, 0 echo reply) with an echo header.
 pub fn icmp(ty: u8, id: u16, seq: u16, payload: &[u8]) -> Vec<u8> {
     let mut m = vec![ty, 0, 0, 0];

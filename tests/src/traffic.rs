@@ -9,7 +9,7 @@
 use std::{
     collections::BTreeSet,
     io::{ErrorKind, Read, Write},
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
     os::fd::AsRawFd,
     sync::mpsc,
     time::{Duration, Instant},
@@ -133,11 +133,11 @@ const STALL: Duration = Duration::from_secs(20);
 pub fn tcp_transfer(
     src_ns: &str,
     dst_ns: &str,
-    dst: Ipv4Addr,
+    dst: impl Into<IpAddr>,
     port: u16,
     bytes: u64,
 ) -> Result<TcpReport> {
-    let at = SocketAddrV4::new(dst, port);
+    let at = SocketAddr::new(dst.into(), port);
     tcp_transfer_via(src_ns, dst_ns, at, at, bytes)
 }
 
@@ -147,16 +147,17 @@ pub fn tcp_transfer(
 pub fn tcp_transfer_via(
     src_ns: &str,
     dst_ns: &str,
-    listen: SocketAddrV4,
-    connect: SocketAddrV4,
+    listen: impl Into<SocketAddr>,
+    connect: impl Into<SocketAddr>,
     bytes: u64,
 ) -> Result<TcpReport> {
-    let (dst, port) = (*listen.ip(), listen.port());
+    let (listen, connect): (SocketAddr, SocketAddr) = (listen.into(), connect.into());
+    let (dst, port) = (listen.ip(), listen.port());
     let started = Instant::now();
     let (ready_tx, ready_rx) = mpsc::channel::<()>();
     let receiver = netns::spawn_in(dst_ns, move || {
-        let listener = TcpListener::bind(SocketAddrV4::new(dst, port))
-            .with_context(|| format!("binding {dst}:{port}"))?;
+        let listener =
+            TcpListener::bind(listen).with_context(|| format!("binding {dst}:{port}"))?;
         listener.set_nonblocking(true)?;
         let _ = ready_tx.send(());
         let deadline = Instant::now() + STALL;
@@ -195,7 +196,7 @@ pub fn tcp_transfer_via(
         bail!("TCP receiver never became ready");
     }
     let sender = netns::spawn_in(src_ns, move || {
-        let target = SocketAddr::V4(connect);
+        let target = connect;
         let mut stream = TcpStream::connect_timeout(&target, STALL)
             .with_context(|| format!("connecting to {target}"))?;
         stream.set_write_timeout(Some(STALL))?;
@@ -447,12 +448,13 @@ pub struct UdpListener {
 
 impl UdpListener {
     /// Binds `ip:port` in namespace `ns` and starts counting.
-    pub fn start(ns: &str, ip: Ipv4Addr, port: u16) -> Result<UdpListener> {
+    pub fn start(ns: &str, ip: impl Into<IpAddr>, port: u16) -> Result<UdpListener> {
+        let ip: IpAddr = ip.into();
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = stop.clone();
         let (ready_tx, ready_rx) = mpsc::channel::<()>();
         let thread = netns::spawn_in(ns, move || {
-            let sock = UdpSocket::bind(SocketAddrV4::new(ip, port))
+            let sock = UdpSocket::bind(SocketAddr::new(ip, port))
                 .with_context(|| format!("binding {ip}:{port}"))?;
             sock.set_read_timeout(Some(Duration::from_millis(50)))?;
             let _ = ready_tx.send(());

@@ -1,21 +1,37 @@
-//! Dual stack (flannel's `EnableIPv6`) end to end on the kernel datapath:
-//! two agents on a dual-stack underlay take dual-stack leases (flannel's key
-//! and JSON), write subnet.env's IPv6 lines, set up `flannel-v6.<VNI>`, and
-//! their containers reach each other over IPv6 and IPv4; `--datapath auto`
-//! lands on the kernel datapath with one line saying why; a peer's lease
+//! Dual stack (flannel's `EnableIPv6`) end to end: two agents (kernel
+//! datapath, and `--datapath auto`, which lands on the eBPF one) on a
+//! dual-stack underlay take dual-stack leases (flannel's key and JSON),
+//! write subnet.env's IPv6 lines, set up `flannel-v6.<VNI>`, and their
+//! containers reach each other over IPv6 and IPv4 (ping6, and TCP with a
+//! digest both ways between the eBPF node and each kernel node); on the
+//! wire, the eBPF node's IPv6 VXLAN has hop limit 64, the v6 VTEPs' MACs and
+//! an outer UDP checksum tshark verifies; a peer's lease
 //! without an IPv6 half (an IPv4-only node) is served on IPv4; a killed and
 //! restarted agent loses no ping6 of a stream through it; `--ip-masq`
-//! keeps flannel's ip6tables rules. A third host is a flanneld stand-in:
+//! keeps flannel's ip6tables rules; forged IPv6 VXLAN from an address that
+//! holds no lease reaches the flanneld host's pod and neither of ours (the
+//! guard's `ip6` rule drops and counts it). A third host is a flanneld stand-in:
 //! its devices made with iproute2 as flanneld makes them, its lease written
 //! as flanneld writes it, our leases programmed with flanneld's commands.
 
 use std::{
+    net::{Ipv6Addr, SocketAddr, UdpSocket},
     process::{Command, Stdio},
     time::Duration,
 };
 
 use anyhow::{Context, Result, ensure};
-use overlay_tests::agent::{Agent, Cluster, Containers, add_container, link_mac, sh, within};
+use overlay_agent::{
+    datapath::{pins::PinLayout, vtep_guard},
+    inspect,
+};
+use overlay_common::counters::Reason;
+use overlay_tests::{
+    agent::{Agent, Bpffs, Cluster, Containers, add_container, link_mac, sh, within},
+    capture::{self, Capture},
+    frames, netns,
+    traffic::{self, UdpListener},
+};
 
 const PREFIX: &str = "/coreos.com/network";
 const CONFIG: &str = r#"{"EnableIPv6":true,"Network":"10.0.0.0/16","SubnetMin":"10.0.1.0","SubnetMax":"10.0.16.0","IPv6Network":"fd10:0:0::/48","IPv6SubnetMax":"fd10:0:0:10::","Backend":{"Type":"vxlan"}}"#;
@@ -59,12 +75,74 @@ fn ping6(ns: &str, dst: &str) -> bool {
     .is_ok()
 }
 
+/// Forged datagrams per victim.
+const FORGED: usize = 20;
+const ATTACK_PORT: u16 = 7777;
+
+/// The nft guard's drops of VXLAN on namespace `ns`.
+fn guard_drops(ns: &str) -> Result<u64> {
+    let c = netns::run_in(ns, || Ok(vtep_guard::counters()?))?
+        .with_context(|| format!("no nft table {} on {ns}", vtep_guard::TABLE))?;
+    Ok(c.unknown_vtep + c.spoofed_source)
+}
+
+/// Sends [`FORGED`] VXLAN datagrams over a plain UDP socket from
+/// `from` (namespace, source address) to `victim`:8472, each framed to the
+/// victim's v6 VTEP MAC `mac` and carrying UDP to `pod` (in namespace `c`),
+/// as if another node's pod had sent it; returns how many `pod` received.
+fn forge_ipv6_vxlan(
+    from: &(String, String),
+    victim: &str,
+    mac: &str,
+    c: &str,
+    pod: &str,
+) -> Result<usize> {
+    let pod_ip: Ipv6Addr = pod.parse()?;
+    let mac: Vec<u8> = mac
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16))
+        .collect::<Result<_, _>>()?;
+    let mac: [u8; 6] = mac
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("a MAC of 6 bytes"))?;
+    let inner_src: Ipv6Addr = "fd10:0:0:ee::5".parse()?;
+    let payloads: Vec<Vec<u8>> = (0..FORGED as u32)
+        .map(|seq| {
+            let ip = frames::ipv6_udp(
+                inner_src.octets(),
+                pod_ip.octets(),
+                (5555, ATTACK_PORT),
+                &seq.to_be_bytes(),
+            );
+            let mut p = vec![0x08, 0, 0, 0, 0, 0, 1, 0];
+            p.extend_from_slice(&frames::eth(mac, [0x02, 0, 0, 0, 0x66, 0x66], 0x86dd, &ip));
+            p
+        })
+        .collect();
+    let listener = UdpListener::start(c, pod_ip, ATTACK_PORT)?;
+    let (ns, src) = (from.0.clone(), from.1.parse::<Ipv6Addr>()?);
+    let dst = SocketAddr::new(victim.parse::<Ipv6Addr>()?.into(), 8472);
+    netns::run_in(&ns, move || {
+        let sock = UdpSocket::bind(SocketAddr::new(src.into(), 0))?;
+        for p in payloads {
+            sock.send_to(&p, dst)
+                .with_context(|| format!("sending to {dst}"))?;
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(())
+    })?;
+    std::thread::sleep(Duration::from_millis(500));
+    Ok(listener.finish()?.len())
+}
+
 #[test]
 #[ignore = "needs root, network namespaces and eBPF: run `cargo xtask test`"]
 fn two_dual_stack_agents_reach_each_other_over_both_families() -> Result<()> {
     let Cluster { hosts, etcd, bin } = Cluster::start("ds", 3, CONFIG)?;
     hosts.add_ipv6()?;
     let dir = etcd.dir().to_path_buf();
+    let bpffs = Bpffs::mount(dir.join("bpf"))?;
+    let pins = |i: usize| bpffs.0.join(format!("h{i}"));
     let env = |i: usize| dir.join(format!("h{i}.env"));
     let args = |i: usize, dp: &str| -> Vec<String> {
         vec![
@@ -72,6 +150,7 @@ fn two_dual_stack_agents_reach_each_other_over_both_families() -> Result<()> {
             format!("--iface={}", hosts.ip(i)),
             format!("--subnet-file={}", env(i).display()),
             format!("--datapath={dp}"),
+            format!("--bpf-pin-dir={}", pins(i).display()),
             "--ip-masq".into(),
         ]
     };
@@ -79,10 +158,10 @@ fn two_dual_stack_agents_reach_each_other_over_both_families() -> Result<()> {
     let mut a2 = Agent::start(&dir, "h2", &hosts.ns(2), &bin, &args(2, "auto"))?;
     a1.wait_for("running: lease", Duration::from_secs(20))?;
     a2.wait_for("running: lease", Duration::from_secs(20))?;
-    // auto: the eBPF datapath carries IPv4 only, so the kernel's does.
+    // auto: the eBPF datapath, its programs for IPv4, flannel-v6.1 for IPv6.
     ensure!(
         a2.log()
-            .contains("dual stack (EnableIPv6) is served by the kernel datapath only"),
+            .contains("dual stack: IPv6 pod traffic takes flannel-v6.1, the kernel's vxlan device"),
         "{}",
         a2.log()
     );
@@ -191,6 +270,60 @@ fn two_dual_stack_agents_reach_each_other_over_both_families() -> Result<()> {
             .is_ok()
         })?;
     }
+    // TCP with a digest over IPv6 between the eBPF node and the kernel
+    // node, both ways, and on the wire (host 1's switch port) what host 2's
+    // programs encapsulate: VXLAN over IPv6, hop limit 64, the v6 VTEPs'
+    // MACs, a non-zero outer UDP checksum that tshark verifies. c2 checksums
+    // in software (tx offload off), so the inner checksums are complete on
+    // the veth and the outer one can be checked over the real bytes.
+    sh(&[
+        "ip", "netns", "exec", &c2, "ethtool", "-K", "eth0", "tx", "off",
+    ])?;
+    let pcap = dir.join("v6.pcap");
+    let capture = Capture::start(&hosts.sw(), "p1", "ip6 and udp port 8472", &pcap)?;
+    let v6 = |s: &str| s.parse::<Ipv6Addr>();
+    traffic::tcp_transfer(&c2, &c1, v6(&v6_1)?, 5601, 2 << 20)?;
+    traffic::tcp_transfer(&c1, &c2, v6(&v6_2)?, 5602, 2 << 20)?;
+    within(
+        Duration::from_secs(5),
+        "c2 -> c1 over IPv6 (captured)",
+        || ping6(&c2, &v6_1),
+    )?;
+    let pcap = capture.stop()?;
+    let frames = capture::vxlan6_frames(&pcap, 8472)?;
+    let from2: Vec<_> = frames
+        .iter()
+        .filter(|f| f.outer_src.to_string() == hosts.ip6(2))
+        .collect();
+    let (mac1, mac2) = (mac_on(1, "flannel-v6.1")?, mac_on(2, "flannel-v6.1")?);
+    ensure!(!from2.is_empty(), "no IPv6 VXLAN from host 2 captured");
+    for f in &from2 {
+        ensure!(
+            f.checksum_good
+                && f.udp_checksum != 0
+                && f.hop_limit == 64
+                && f.udp_dst == 8472
+                && f.vni == 1
+                && f.inner_eth_src == mac2
+                && f.inner_eth_dst == mac1,
+            "host 2's IPv6 VXLAN on the wire: {f:?}"
+        );
+    }
+    capture::assert_clean(&pcap, 8472)?;
+    // Host 2's programs carried both families: IPv4 and, without a fast
+    // path, IPv6 on vxlan_egress6 and the IPv6 half of ingress.
+    let counters = inspect::read(&PinLayout::chosen(Some(&pins(2))))?
+        .context("no pinned eBPF state on host 2")?
+        .counters;
+    let n = |r: Reason| counters.get(r).packets;
+    ensure!(
+        n(Reason::Encapsulated) + n(Reason::FastEgress) > 0
+            && n(Reason::Decapsulated) + n(Reason::FastIngress) > 0
+            && n(Reason::Encapsulated6) >= from2.len() as u64
+            && n(Reason::Decapsulated6) > 0,
+        "host 2's counters ({} IPv6 VXLAN frames captured from it): {counters:?}",
+        from2.len()
+    );
 
     // Host 3 is a flanneld node: devices, lease and entries as flanneld's.
     let h3 = hosts.ns(3);
@@ -306,6 +439,48 @@ fn two_dual_stack_agents_reach_each_other_over_both_families() -> Result<()> {
             || ping6(from, to),
         )?;
     }
+    // The eBPF node and flanneld's kernel device, TCP both ways.
+    traffic::tcp_transfer(&c2, &c3, v6(&v6_3)?, 5603, 2 << 20)?;
+    traffic::tcp_transfer(&c3, &c2, v6(&v6_2)?, 5604, 2 << 20)?;
+
+    // Forged IPv6 VXLAN from an underlay address that holds no lease
+    // reaches the flanneld host's pod (the control: its device checks the
+    // VNI only) and neither of ours, whose guard drops and counts it.
+    let forger = |victim: usize| if victim == 3 { 1 } else { 3 };
+    for i in 1..=3 {
+        let src = format!("fd98::9{}", forger(i));
+        sh(&[
+            "ip",
+            "-n",
+            &hosts.ns(forger(i)),
+            "addr",
+            "replace",
+            &format!("{src}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
+    }
+    let before = [guard_drops(&hosts.ns(1))?, guard_drops(&hosts.ns(2))?];
+    let mut received = Vec::new();
+    for (i, c, pod) in [(1, &c1, &v6_1), (2, &c2, &v6_2), (3, &c3, &v6_3)] {
+        let from = (hosts.ns(forger(i)), format!("fd98::9{}", forger(i)));
+        let mac = link_mac(&hosts.ns(i), "flannel-v6.1")?;
+        received.push(forge_ipv6_vxlan(&from, &hosts.ip6(i), &mac, c, pod)?);
+    }
+    let after = [guard_drops(&hosts.ns(1))?, guard_drops(&hosts.ns(2))?];
+    ensure!(
+        received == [0, 0, FORGED]
+            && after[0] >= before[0] + FORGED as u64
+            && after[1] >= before[1] + FORGED as u64,
+        "forged IPv6 VXLAN delivered to the pods of hosts 1-3: {received:?} (want 0, 0, {FORGED}); \
+         the guard's drops on hosts 1 and 2 went from {before:?} to {after:?}"
+    );
+    within(
+        Duration::from_secs(5),
+        "c3 -> c1 after the forgeries",
+        || ping6(&c3, &v6_1),
+    )?;
 
     // --ip-masq: flannel's ip6tables rules for IPv6Network and our subnet.
     let nat6 = sh(&[

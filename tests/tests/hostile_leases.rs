@@ -236,7 +236,13 @@ fn impossible_leases_are_rejected_once_and_healthy_peers_keep_working() -> Resul
         "ip", "netns", "exec", &c1, "ping", "-c3", "-i0.2", "-W1", &ip2,
     ])?;
 
-    let digest = overlay_tests::traffic::tcp_transfer(&c1, &c2, ip2.parse()?, 5201, 4 << 20)?;
+    let digest = overlay_tests::traffic::tcp_transfer(
+        &c1,
+        &c2,
+        ip2.parse::<std::net::Ipv4Addr>()?,
+        5201,
+        4 << 20,
+    )?;
     eprintln!("c1 -> c2 next to the bad leases: {digest:?}");
 
     // A lease overlapping a good peer's subnet (and its neighbour address)

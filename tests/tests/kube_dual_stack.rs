@@ -1,8 +1,9 @@
 //! Dual stack in Kubernetes mode (`--kube-subnet-mgr` with `EnableIPv6`)
-//! on the kernel datapath, on the API stand-in and a dual-stack underlay:
+//! on the API stand-in and a dual-stack underlay:
 //!
 //! - two Nodes with dual-stack `spec.podCIDRs`; our agents (one `kernel`,
-//!   one `auto`, which lands on the kernel datapath) write flanneld's
+//!   one `auto`, which lands on the eBPF datapath, IPv6 through
+//!   `flannel-v6.1`) write flanneld's
 //!   annotations byte for byte, `backend-v6-data` with `flannel-v6.1`'s MAC
 //!   and `public-ipv6` included; node2's `node-public-ipv6` wins over its
 //!   interface's address (the device's `local`, the annotation, the peer's
@@ -103,7 +104,7 @@ fn dual_stack_nodes_publish_flannels_annotations_and_pods_reach_each_other_over_
     let a2 = start(&c, 2, "auto")?;
     ensure!(
         a2.log()
-            .contains("dual stack (EnableIPv6) is served by the kernel datapath only"),
+            .contains("dual stack: IPv6 pod traffic takes flannel-v6.1, the kernel's vxlan device"),
         "{}",
         a2.log()
     );

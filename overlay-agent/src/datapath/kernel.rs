@@ -105,6 +105,11 @@ impl KernelDatapath {
         self.state.as_ref().map(|s| &s.device)
     }
 
+    /// `flannel-v6.<VNI>` as set up, on a dual-stack node.
+    pub fn device6(&self) -> Option<&VxlanDevice<Ipv6Addr>> {
+        self.state.as_ref()?.v6.as_ref().map(|s| &s.device)
+    }
+
     /// The netlink connection, once set up.
     pub fn netlink(&self) -> Option<&Netlink> {
         self.state.as_ref().map(|s| &s.netlink)
@@ -148,7 +153,7 @@ impl KernelDatapath {
     /// routed while a peer moves between the two, and what is left of the
     /// old kind goes after.
     ///
-    /// The peer's PublicIP enters the guard's set first, so its VXLAN is
+    /// The peer's PublicIP (and PublicIPv6) enters the guard's sets first, so its VXLAN is
     /// accepted by the time we send to it. A direct peer's too: DirectRouting
     /// is decided by each node for itself (`ip route get`), so the peer may
     /// well see us through a gateway and send us VXLAN; it holds a lease, so
@@ -156,7 +161,7 @@ impl KernelDatapath {
     pub async fn add_peer_kind(&mut self, peer: &Peer) -> Result<PeerKind, DatapathError> {
         let state = self.state_mut()?;
         if let Some(g) = state.guard.as_mut() {
-            g.admit(peer.public_ip)?;
+            g.admit(peer)?;
         }
         let mut programmed = Self::program(state, peer).await;
         if programmed.is_ok()
@@ -168,9 +173,9 @@ impl KernelDatapath {
         let state = self.state_mut()?;
         if let Some(g) = state.guard.as_mut() {
             match &programmed {
-                Ok(_) => g.commit(peer.subnet, peer.public_ip)?,
+                Ok(_) => g.commit(peer)?,
                 Err(_) => {
-                    if let Err(e) = g.failed(peer.public_ip) {
+                    if let Err(e) = g.failed(peer) {
                         warn!("taking {} out of the VTEP set: {e}", peer.public_ip);
                     }
                 }
@@ -337,7 +342,7 @@ impl Datapath for KernelDatapath {
             direct,
             entries,
             port,
-            guard: install_guard(port),
+            guard: install_guard(port, v6.is_some()),
             v6,
         });
         Ok(node_state)
@@ -446,7 +451,7 @@ impl Datapath for KernelDatapath {
         // are loaded again in one transaction (drift repair), and a guard
         // that could not be installed is tried again.
         if state.guard.is_none() {
-            state.guard = install_guard(state.port);
+            state.guard = install_guard(state.port, state.v6.is_some());
         }
         if let Some(g) = state.guard.as_mut() {
             g.rebuild(&peers)?;
@@ -491,8 +496,8 @@ impl Datapath for KernelDatapath {
 /// Installs the guard of the VXLAN port, or says why not and carries on:
 /// without nft (or nf_tables) the overlay still works as flannel's does, and
 /// the eBPF datapath still checks VXLAN arriving on the underlay.
-fn install_guard(port: u16) -> Option<VtepGuard> {
-    match VtepGuard::install(port) {
+fn install_guard(port: u16, v6: bool) -> Option<VtepGuard> {
+    match VtepGuard::install(port, v6) {
         Ok(g) => Some(g),
         Err(e @ GuardError::NftMissing(_)) => {
             warn!(

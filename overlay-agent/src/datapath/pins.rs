@@ -45,18 +45,22 @@ use std::{
 use aya::maps::{Array, Map, MapData, MapError, MapInfo, MapType};
 use log::warn;
 use overlay_common::consts::{
-    MAP_COUNTERS, MAP_FAST_CONFIG, MAP_FAST_FLOWS, MAP_KNOWN_VTEPS, MAP_LAYOUT, MAP_NODE_CONFIG,
-    MAP_PEER_STATS, MAP_POD_ADDRS, MAP_POD_VETHS, MAP_REMOTE_SUBNETS,
+    MAP_COUNTERS, MAP_FAST_CONFIG, MAP_FAST_FLOWS, MAP_KNOWN_VTEPS, MAP_KNOWN_VTEPS6, MAP_LAYOUT,
+    MAP_NODE_CONFIG, MAP_NODE_CONFIG6, MAP_PEER_STATS, MAP_POD_ADDRS, MAP_POD_VETHS,
+    MAP_REMOTE_SUBNETS, MAP_REMOTE_SUBNETS6,
 };
 
 /// Where the operator's pins live when `--bpf-pin-dir` is not given.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/overlay";
 
 /// Every map of the object, pinned under these names.
-pub const MAPS: [&str; 10] = [
+pub const MAPS: [&str; 13] = [
     MAP_REMOTE_SUBNETS,
     MAP_KNOWN_VTEPS,
     MAP_NODE_CONFIG,
+    MAP_REMOTE_SUBNETS6,
+    MAP_KNOWN_VTEPS6,
+    MAP_NODE_CONFIG6,
     MAP_COUNTERS,
     MAP_PEER_STATS,
     MAP_FAST_CONFIG,
@@ -551,6 +555,9 @@ mod tests {
                 "REMOTE_SUBNETS",
                 "KNOWN_VTEPS",
                 "NODE_CONFIG",
+                "REMOTE_SUBNETS6",
+                "KNOWN_VTEPS6",
+                "NODE_CONFIG6",
                 "COUNTERS",
                 "PEER_STATS",
                 "FAST_CONFIG",

@@ -15,13 +15,20 @@
 //!     counter unknown_vtep { }     # VXLAN from a source that holds no lease
 //!     counter spoofed_source { }   # from a known VTEP's address, on the wrong interface
 //!     set vteps { type ipv4_addr; }  # one element per peer PublicIP
+//!     set vteps6 { type ipv6_addr; } # dual stack: one per peer PublicIPv6
 //!     chain input {
 //!         type filter hook input priority raw; policy accept;
 //!         udp dport 8472 ip saddr != @vteps counter name "unknown_vtep" drop
+//!         udp dport 8472 ip6 saddr != @vteps6 counter name "unknown_vtep" drop
 //!         udp dport 8472 fib saddr . iif oif missing counter name "spoofed_source" drop
 //!     }
 //! }
 //! ```
+//!
+//! The `ip6` rule is there on a dual-stack node only (`flannel-v6.<VNI>`'s
+//! socket listens on IPv6; on an IPv4-only node nothing of ours does). Its
+//! set holds the peers' `PublicIPv6`; a peer whose lease has no IPv6 half
+//! has no element there, and sends us no IPv6 VXLAN.
 //!
 //! The second rule is a reverse-path check for our port only: a pod (which
 //! has CAP_NET_RAW by default) or a host on another segment can put a known
@@ -37,10 +44,8 @@
 use std::{
     collections::{BTreeMap, HashMap},
     fmt::Write as _,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv6Addr},
 };
-
-use ipnet::Ipv4Net;
 
 use super::{Peer, vtep_users::VtepUsers};
 use crate::ipmasq::exec::{self, IptablesError};
@@ -50,6 +55,8 @@ use crate::ipmasq::exec::{self, IptablesError};
 pub const FAMILY: &str = "inet";
 pub const TABLE: &str = "overlay-vtep";
 pub const SET: &str = "vteps";
+/// The peers' `PublicIPv6`, on a dual-stack node.
+pub const SET6: &str = "vteps6";
 pub const CHAIN: &str = "input";
 /// Named counters, one per drop rule.
 pub const COUNTER_UNKNOWN: &str = "unknown_vtep";
@@ -82,18 +89,30 @@ fn nft_err(what: &'static str) -> impl FnOnce(IptablesError) -> GuardError {
 /// The table's definition minus the set's elements, as `add` commands: an
 /// existing set keeps its elements (a restarting agent does not open a
 /// window in which its peers' VXLAN is dropped), the chain is rewritten.
-pub fn setup_script(port: u16) -> String {
+/// `v6`: a dual-stack node, whose IPv6 VXLAN is checked against [`SET6`].
+pub fn setup_script(port: u16, v6: bool) -> String {
     let t = format!("{FAMILY} {TABLE}");
-    format!(
+    let mut s = format!(
         "add table {t} {{ comment \"overlay agent: VXLAN to port {port} only from known VTEPs\"; }}\n\
          add counter {t} {COUNTER_UNKNOWN}\n\
          add counter {t} {COUNTER_SPOOFED}\n\
          add set {t} {SET} {{ type ipv4_addr; comment \"PublicIPs of the peers (one per VTEP)\"; }}\n\
          add chain {t} {CHAIN} {{ type filter hook input priority raw; policy accept; }}\n\
          flush chain {t} {CHAIN}\n\
-         add rule {t} {CHAIN} udp dport {port} ip saddr != @{SET} counter name \"{COUNTER_UNKNOWN}\" drop\n\
-         add rule {t} {CHAIN} udp dport {port} fib saddr . iif oif missing counter name \"{COUNTER_SPOOFED}\" drop\n"
-    )
+         add rule {t} {CHAIN} udp dport {port} ip saddr != @{SET} counter name \"{COUNTER_UNKNOWN}\" drop\n"
+    );
+    if v6 {
+        let _ = write!(
+            s,
+            "add set {t} {SET6} {{ type ipv6_addr; comment \"PublicIPv6s of the peers (one per VTEP)\"; }}\n\
+             add rule {t} {CHAIN} udp dport {port} ip6 saddr != @{SET6} counter name \"{COUNTER_UNKNOWN}\" drop\n"
+        );
+    }
+    let _ = writeln!(
+        s,
+        "add rule {t} {CHAIN} udp dport {port} fib saddr . iif oif missing counter name \"{COUNTER_SPOOFED}\" drop"
+    );
+    s
 }
 
 /// Removes the table, there or not.
@@ -104,34 +123,42 @@ pub fn removal_script() -> String {
 /// Puts `ips` into the set or takes them out. A deletion is preceded by an
 /// add of the same element: nft refuses to delete what is not there, and
 /// both run in one transaction, so the result is "absent" either way.
-pub fn change_script(changes: &BTreeMap<Ipv4Addr, bool>) -> String {
+/// Each address goes to its family's set.
+pub fn change_script(changes: &BTreeMap<IpAddr, bool>) -> String {
     let mut s = String::new();
     let (adds, dels): (Vec<_>, Vec<_>) = changes.iter().partition(|(_, present)| **present);
-    let adds: Vec<Ipv4Addr> = adds.into_iter().map(|(ip, _)| *ip).collect();
-    let dels: Vec<Ipv4Addr> = dels.into_iter().map(|(ip, _)| *ip).collect();
+    let adds: Vec<IpAddr> = adds.into_iter().map(|(ip, _)| *ip).collect();
+    let dels: Vec<IpAddr> = dels.into_iter().map(|(ip, _)| *ip).collect();
     push_elements(&mut s, "add", &adds);
     push_elements(&mut s, "add", &dels);
     push_elements(&mut s, "delete", &dels);
     s
 }
 
-/// The whole table with exactly `ips` in the set, in one transaction: the
+/// The whole table with exactly `ips` in the sets, in one transaction: the
 /// drift repair (also re-creates a table or chain someone deleted).
-pub fn rebuild_script(port: u16, ips: &[Ipv4Addr]) -> String {
-    let mut s = setup_script(port);
+pub fn rebuild_script(port: u16, v6: bool, ips: &[IpAddr]) -> String {
+    let mut s = setup_script(port, v6);
     let _ = writeln!(s, "flush set {FAMILY} {TABLE} {SET}");
+    if v6 {
+        let _ = writeln!(s, "flush set {FAMILY} {TABLE} {SET6}");
+    }
     push_elements(&mut s, "add", ips);
     s
 }
 
-fn push_elements(s: &mut String, verb: &str, ips: &[Ipv4Addr]) {
-    for chunk in ips.chunks(ELEMENTS_PER_LINE) {
-        let list = chunk
-            .iter()
-            .map(Ipv4Addr::to_string)
-            .collect::<Vec<_>>()
-            .join(", ");
-        let _ = writeln!(s, "{verb} element {FAMILY} {TABLE} {SET} {{ {list} }}");
+/// `ips`' elements, IPv4 into [`SET`] and IPv6 into [`SET6`].
+fn push_elements(s: &mut String, verb: &str, ips: &[IpAddr]) {
+    let (v4, v6): (Vec<IpAddr>, Vec<IpAddr>) = ips.iter().partition(|ip| ip.is_ipv4());
+    for (set, ips) in [(SET, v4), (SET6, v6)] {
+        for chunk in ips.chunks(ELEMENTS_PER_LINE) {
+            let list = chunk
+                .iter()
+                .map(IpAddr::to_string)
+                .collect::<Vec<_>>()
+                .join(", ");
+            let _ = writeln!(s, "{verb} element {FAMILY} {TABLE} {set} {{ {list} }}");
+        }
     }
 }
 
@@ -223,7 +250,7 @@ pub fn parse_counters(listed: &str) -> HashMap<String, u64> {
 /// What is waiting for the end of a batch: each IP's final state.
 #[derive(Debug, Default)]
 struct Batch {
-    changes: BTreeMap<Ipv4Addr, bool>,
+    changes: BTreeMap<IpAddr, bool>,
 }
 
 /// The set's keeper: which peer subnets use each VTEP IP, and the set in
@@ -231,7 +258,11 @@ struct Batch {
 #[derive(Debug)]
 pub struct VtepGuard {
     port: u16,
+    /// A dual-stack node: [`SET6`] and its rule are there, and the peers'
+    /// `PublicIPv6` go in.
+    v6: bool,
     users: VtepUsers,
+    users6: VtepUsers<Ipv6Addr>,
     batch: Option<Batch>,
     /// A change failed to load: the next change rebuilds the whole set
     /// instead of trusting it (the drift repair would too).
@@ -246,23 +277,26 @@ fn run_nft(script: &str) -> Result<(), GuardError> {
 
 impl VtepGuard {
     /// Installs the table (keeping the set's elements if it was there).
-    pub fn install(port: u16) -> Result<Self, GuardError> {
-        load(&setup_script(port), "install").or_else(|e| match e {
+    /// `v6`: a dual-stack node (see [`setup_script`]).
+    pub fn install(port: u16, v6: bool) -> Result<Self, GuardError> {
+        load(&setup_script(port, v6), "install").or_else(|e| match e {
             // A table of ours with another layout (another version, a set of
             // another type): start again from nothing, in one transaction.
             GuardError::Nft { .. } => load(
-                &format!("{}{}", removal_script(), setup_script(port)),
+                &format!("{}{}", removal_script(), setup_script(port, v6)),
                 "re-create",
             ),
             e => Err(e),
         })?;
-        Ok(Self::with_runner(port, run_nft))
+        Ok(Self::with_runner(port, v6, run_nft))
     }
 
-    fn with_runner(port: u16, runner: fn(&str) -> Result<(), GuardError>) -> Self {
+    fn with_runner(port: u16, v6: bool, runner: fn(&str) -> Result<(), GuardError>) -> Self {
         VtepGuard {
             port,
+            v6,
             users: VtepUsers::default(),
+            users6: VtepUsers::default(),
             batch: None,
             stale: false,
             runner,
@@ -287,64 +321,112 @@ impl VtepGuard {
         }
     }
 
-    /// Before `ip` is programmed for a peer: VXLAN from it is accepted by
+    /// The public IPs `peer` sends VXLAN from: its `PublicIP` and, on a
+    /// dual-stack node, its `PublicIPv6` when its lease has an IPv6 half.
+    fn ips_of(&self, peer: &Peer) -> Vec<IpAddr> {
+        let v6 = peer.v6.filter(|_| self.v6).map(|p| IpAddr::V6(p.public_ip));
+        std::iter::once(IpAddr::V4(peer.public_ip))
+            .chain(v6)
+            .collect()
+    }
+
+    fn in_use(&self, ip: IpAddr) -> bool {
+        match ip {
+            IpAddr::V4(ip) => self.users.in_use(ip),
+            IpAddr::V6(ip) => self.users6.in_use(ip),
+        }
+    }
+
+    /// Before `peer` is programmed: VXLAN from its addresses is accepted by
     /// the time we send to it.
-    pub fn admit(&mut self, ip: Ipv4Addr) -> Result<(), GuardError> {
-        if self.users.in_use(ip) {
-            return Ok(());
+    pub fn admit(&mut self, peer: &Peer) -> Result<(), GuardError> {
+        for ip in self.ips_of(peer) {
+            if !self.in_use(ip) {
+                self.change(ip, true)?;
+            }
         }
-        self.change(ip, true)
+        Ok(())
     }
 
-    /// `subnet`'s peer is programmed with `ip`: counted; the IP it used
-    /// before leaves the set if no peer uses it any more.
-    pub fn commit(&mut self, subnet: Ipv4Net, ip: Ipv4Addr) -> Result<(), GuardError> {
-        match self.users.set(subnet, ip) {
-            Some(unused) => self.change(unused, false),
-            None => Ok(()),
+    /// `peer` is programmed: counted under its addresses; an address it
+    /// used before (or its IPv6 one, when its lease lost the IPv6 half)
+    /// leaves the set if no peer uses it any more.
+    pub fn commit(&mut self, peer: &Peer) -> Result<(), GuardError> {
+        let mut unused: Vec<IpAddr> = self
+            .users
+            .set(peer.subnet, peer.public_ip)
+            .map(IpAddr::V4)
+            .into_iter()
+            .collect();
+        if self.v6 {
+            let old6 = match peer.v6 {
+                Some(p6) => self.users6.set(peer.subnet, p6.public_ip),
+                None => self.users6.remove(peer.subnet),
+            };
+            unused.extend(old6.map(IpAddr::V6));
         }
-    }
-
-    /// Programming a peer with `ip` failed after [`VtepGuard::admit`]:
-    /// out again unless a programmed peer uses it.
-    pub fn failed(&mut self, ip: Ipv4Addr) -> Result<(), GuardError> {
-        if self.users.in_use(ip) {
-            return Ok(());
-        }
-        self.change(ip, false)
-    }
-
-    /// `peer` is gone: its IP leaves the set with its last user (also one
-    /// the table never counted, e.g. left by an earlier failure).
-    pub fn release(&mut self, peer: &Peer) -> Result<(), GuardError> {
-        let unused = self.users.remove(peer.subnet);
-        let own = Some(peer.public_ip).filter(|ip| !self.users.in_use(*ip) && unused != Some(*ip));
-        for ip in unused.into_iter().chain(own) {
+        for ip in unused {
             self.change(ip, false)?;
         }
         Ok(())
     }
 
-    /// The peers really programmed: the table and the set are rebuilt from
+    /// Programming `peer` failed after [`VtepGuard::admit`]: its addresses
+    /// go out again unless a programmed peer uses them.
+    pub fn failed(&mut self, peer: &Peer) -> Result<(), GuardError> {
+        for ip in self.ips_of(peer) {
+            if !self.in_use(ip) {
+                self.change(ip, false)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// `peer` is gone: its addresses leave the sets with their last user
+    /// (also ones the table never counted, e.g. left by an earlier failure).
+    pub fn release(&mut self, peer: &Peer) -> Result<(), GuardError> {
+        let unused = self.users.remove(peer.subnet);
+        let own = Some(peer.public_ip).filter(|ip| !self.users.in_use(*ip) && unused != Some(*ip));
+        let unused6 = self.users6.remove(peer.subnet);
+        let own6 = peer
+            .v6
+            .filter(|_| self.v6)
+            .map(|p| p.public_ip)
+            .filter(|ip| !self.users6.in_use(*ip) && unused6 != Some(*ip));
+        let gone: Vec<IpAddr> = (unused.into_iter().chain(own).map(IpAddr::V4))
+            .chain(unused6.into_iter().chain(own6).map(IpAddr::V6))
+            .collect();
+        for ip in gone {
+            self.change(ip, false)?;
+        }
+        Ok(())
+    }
+
+    /// The peers really programmed: the table and the sets are rebuilt from
     /// them in one transaction (start-up, and every recheck: drift repair).
     pub fn rebuild(&mut self, peers: &[Peer]) -> Result<(), GuardError> {
         let mut users = VtepUsers::default();
+        let mut users6 = VtepUsers::default();
         for p in peers {
             users.set(p.subnet, p.public_ip);
+            if let Some(p6) = p.v6.filter(|_| self.v6) {
+                users6.set(p.subnet, p6.public_ip);
+            }
         }
         self.users = users;
-        let mut ips: Vec<Ipv4Addr> = peers.iter().map(|p| p.public_ip).collect();
+        self.users6 = users6;
+        let mut ips: Vec<IpAddr> = peers.iter().flat_map(|p| self.ips_of(p)).collect();
         ips.sort_unstable();
         ips.dedup();
         if let Some(b) = self.batch.as_mut() {
             b.changes.clear();
         }
-        let r = (self.runner)(&rebuild_script(self.port, &ips));
+        let r = (self.runner)(&rebuild_script(self.port, self.v6, &ips));
         self.stale = r.is_err();
         r
     }
 
-    fn change(&mut self, ip: Ipv4Addr, present: bool) -> Result<(), GuardError> {
+    fn change(&mut self, ip: IpAddr, present: bool) -> Result<(), GuardError> {
         if let Some(b) = self.batch.as_mut() {
             b.changes.insert(ip, present);
             return Ok(());
@@ -352,19 +434,20 @@ impl VtepGuard {
         self.apply(BTreeMap::from([(ip, present)]))
     }
 
-    fn apply(&mut self, changes: BTreeMap<Ipv4Addr, bool>) -> Result<(), GuardError> {
+    fn apply(&mut self, changes: BTreeMap<IpAddr, bool>) -> Result<(), GuardError> {
         let script = if self.stale {
-            // The set's content is unknown: load all of it. The users table
-            // is already up to date except for admitted, not yet committed IPs.
-            let mut ips: Vec<Ipv4Addr> = changes
+            // The sets' content is unknown: load all of it. The users tables
+            // are already up to date except for admitted, not yet committed IPs.
+            let mut ips: Vec<IpAddr> = changes
                 .iter()
                 .filter(|(_, present)| **present)
                 .map(|(ip, _)| *ip)
-                .chain(self.users.ips())
+                .chain(self.users.ips().map(IpAddr::V4))
+                .chain(self.users6.ips().map(IpAddr::V6))
                 .collect();
             ips.sort_unstable();
             ips.dedup();
-            rebuild_script(self.port, &ips)
+            rebuild_script(self.port, self.v6, &ips)
         } else {
             change_script(&changes)
         };
@@ -376,7 +459,9 @@ impl VtepGuard {
 
 #[cfg(test)]
 mod tests {
-    use std::cell::RefCell;
+    use std::{cell::RefCell, net::Ipv4Addr};
+
+    use ipnet::Ipv4Net;
 
     use super::*;
 
@@ -393,6 +478,12 @@ mod tests {
             vtep_mac: crate::flannel::mac::MacAddr([2, 0, 0, 0, 0, 1]),
             v6: None,
         }
+    }
+
+    /// `p` admitted and programmed, as the kernel datapath does it.
+    fn programmed(g: &mut VtepGuard, p: &Peer) {
+        g.admit(p).unwrap();
+        g.commit(p).unwrap();
     }
 
     // The runner is a plain fn: scripts go to a per-thread log.
@@ -418,13 +509,11 @@ mod tests {
 
     #[test]
     fn an_ip_enters_with_its_first_user_and_leaves_with_its_last() {
-        let mut g = VtepGuard::with_runner(8472, record);
+        let mut g = VtepGuard::with_runner(8472, false, record);
         // Two subnets of one node (or a vxlan and a direct peer) on one IP.
-        g.admit(ip("192.168.1.1")).unwrap();
-        g.commit(net("10.5.1.0/24"), ip("192.168.1.1")).unwrap();
+        programmed(&mut g, &peer("10.5.1.0/24", "192.168.1.1"));
         assert_eq!(take(), vec![add("192.168.1.1")]);
-        g.admit(ip("192.168.1.1")).unwrap();
-        g.commit(net("10.5.2.0/24"), ip("192.168.1.1")).unwrap();
+        programmed(&mut g, &peer("10.5.2.0/24", "192.168.1.1"));
         assert_eq!(
             take(),
             Vec::<String>::new(),
@@ -439,36 +528,40 @@ mod tests {
 
     #[test]
     fn a_moved_peer_takes_its_old_ip_out_and_a_failed_one_leaves_nothing() {
-        let mut g = VtepGuard::with_runner(8472, record);
-        g.admit(ip("192.168.1.1")).unwrap();
-        g.commit(net("10.5.1.0/24"), ip("192.168.1.1")).unwrap();
+        let mut g = VtepGuard::with_runner(8472, false, record);
+        programmed(&mut g, &peer("10.5.1.0/24", "192.168.1.1"));
         take();
         // The node behind 10.5.1.0/24 now has another PublicIP.
-        g.admit(ip("192.168.1.9")).unwrap();
-        g.commit(net("10.5.1.0/24"), ip("192.168.1.9")).unwrap();
+        programmed(&mut g, &peer("10.5.1.0/24", "192.168.1.9"));
         assert_eq!(take(), vec![add("192.168.1.9"), del("192.168.1.1")]);
         // Programming a new peer failed after its IP was admitted.
-        g.admit(ip("192.168.1.7")).unwrap();
-        g.failed(ip("192.168.1.7")).unwrap();
+        let failing = peer("10.5.7.0/24", "192.168.1.7");
+        g.admit(&failing).unwrap();
+        g.failed(&failing).unwrap();
         assert_eq!(take(), vec![add("192.168.1.7"), del("192.168.1.7")]);
         // A failure for an IP in use keeps it.
-        g.failed(ip("192.168.1.9")).unwrap();
+        g.failed(&peer("10.5.8.0/24", "192.168.1.9")).unwrap();
         assert_eq!(take(), Vec::<String>::new());
     }
 
     #[test]
     fn a_batch_is_one_run_whatever_its_size() {
-        let mut g = VtepGuard::with_runner(8472, record);
+        let mut g = VtepGuard::with_runner(8472, false, record);
         g.begin_batch();
         for i in 0..10_000u32 {
             let public = Ipv4Addr::from(0x0a40_0000 + i);
             let subnet = Ipv4Net::new(Ipv4Addr::from(0x0a00_0000 + (i << 8)), 24).unwrap();
-            g.admit(public).unwrap();
-            g.commit(subnet, public).unwrap();
+            let p = Peer {
+                subnet,
+                public_ip: public,
+                ..peer("10.0.0.0/24", "10.0.0.1")
+            };
+            programmed(&mut g, &p);
         }
         // Added and gone again within the batch: only the final state.
-        g.admit(ip("192.168.9.9")).unwrap();
-        g.failed(ip("192.168.9.9")).unwrap();
+        let failing = peer("10.9.9.0/24", "192.168.9.9");
+        g.admit(&failing).unwrap();
+        g.failed(&failing).unwrap();
         assert!(take().is_empty(), "nothing runs before the batch ends");
         g.end_batch().unwrap();
         let scripts = take();
@@ -482,7 +575,7 @@ mod tests {
 
     #[test]
     fn a_rebuild_loads_the_table_and_exactly_the_programmed_ips() {
-        let mut g = VtepGuard::with_runner(4789, record);
+        let mut g = VtepGuard::with_runner(4789, false, record);
         g.rebuild(&[
             peer("10.5.1.0/24", "192.168.1.2"),
             peer("10.5.2.0/24", "192.168.1.1"),
@@ -490,7 +583,7 @@ mod tests {
         ])
         .unwrap();
         let s = take().pop().unwrap();
-        assert!(s.starts_with(&setup_script(4789)), "{s}");
+        assert!(s.starts_with(&setup_script(4789, false)), "{s}");
         assert!(s.ends_with(
             "flush set inet overlay-vtep vteps\n\
              add element inet overlay-vtep vteps { 192.168.1.1, 192.168.1.2 }\n"
@@ -502,13 +595,88 @@ mod tests {
 
     #[test]
     fn the_rules_match_our_port_only() {
-        let s = setup_script(4789);
+        let s = setup_script(4789, false);
         assert!(s.contains(
             "add rule inet overlay-vtep input udp dport 4789 ip saddr != @vteps counter name \"unknown_vtep\" drop\n"
         ));
         assert!(s.contains("udp dport 4789 fib saddr . iif oif missing"));
         assert!(s.contains("flush chain inet overlay-vtep input\n"));
         assert!(!s.contains("flush set"), "set-up keeps the elements");
+    }
+
+    fn dual(subnet: &str, public_ip: &str, public_ipv6: &str) -> Peer {
+        Peer {
+            v6: Some(crate::flannel::lease::Peer6 {
+                subnet: "fd10:0:0:5::/64".parse().unwrap(),
+                public_ip: public_ipv6.parse().unwrap(),
+                vtep_mac: crate::flannel::mac::MacAddr([2, 0, 0, 0, 0, 6]),
+            }),
+            ..peer(subnet, public_ip)
+        }
+    }
+
+    #[test]
+    fn a_dual_stack_node_checks_ipv6_senders_against_their_own_set() {
+        let s = setup_script(8472, true);
+        assert!(s.contains(
+            "add set inet overlay-vtep vteps6 { type ipv6_addr; comment \"PublicIPv6s of the peers (one per VTEP)\"; }\n"
+        ));
+        assert!(s.contains(
+            "add rule inet overlay-vtep input udp dport 8472 ip6 saddr != @vteps6 counter name \"unknown_vtep\" drop\n"
+        ));
+        // The reverse-path rule stays last, after both families' checks.
+        assert!(s.ends_with("fib saddr . iif oif missing counter name \"spoofed_source\" drop\n"));
+        assert!(!setup_script(8472, false).contains("vteps6"));
+
+        let mut g = VtepGuard::with_runner(8472, true, record);
+        programmed(&mut g, &dual("10.5.1.0/24", "192.168.1.1", "2001:db8::1"));
+        assert_eq!(
+            take(),
+            vec![
+                add("192.168.1.1"),
+                "add element inet overlay-vtep vteps6 { 2001:db8::1 }\n".to_owned()
+            ]
+        );
+        // The lease lost its IPv6 half (the node went IPv4-only).
+        programmed(&mut g, &peer("10.5.1.0/24", "192.168.1.1"));
+        assert_eq!(
+            take(),
+            vec![
+                "add element inet overlay-vtep vteps6 { 2001:db8::1 }\n\
+                 delete element inet overlay-vtep vteps6 { 2001:db8::1 }\n"
+                    .to_owned()
+            ]
+        );
+        programmed(&mut g, &dual("10.5.1.0/24", "192.168.1.1", "2001:db8::2"));
+        take();
+        g.release(&dual("10.5.1.0/24", "192.168.1.1", "2001:db8::2"))
+            .unwrap();
+        let gone = take().concat();
+        assert!(gone.contains("delete element inet overlay-vtep vteps { 192.168.1.1 }"));
+        assert!(gone.contains("delete element inet overlay-vtep vteps6 { 2001:db8::2 }"));
+
+        g.rebuild(&[
+            dual("10.5.1.0/24", "192.168.1.1", "2001:db8::1"),
+            peer("10.5.2.0/24", "192.168.1.2"),
+        ])
+        .unwrap();
+        let s = take().pop().unwrap();
+        assert!(
+            s.ends_with(
+                "flush set inet overlay-vtep vteps\n\
+             flush set inet overlay-vtep vteps6\n\
+             add element inet overlay-vtep vteps { 192.168.1.1, 192.168.1.2 }\n\
+             add element inet overlay-vtep vteps6 { 2001:db8::1 }\n"
+            ),
+            "{s}"
+        );
+    }
+
+    #[test]
+    fn an_ipv4_only_guard_ignores_the_peers_ipv6_side() {
+        let mut g = VtepGuard::with_runner(8472, false, record);
+        programmed(&mut g, &dual("10.5.1.0/24", "192.168.1.1", "2001:db8::1"));
+        assert_eq!(take(), vec![add("192.168.1.1")]);
     }
 
     #[test]

@@ -10,31 +10,43 @@
 //! the maps are filled at start-up and changed only after the maps accepted
 //! a change.
 
-use std::{collections::HashMap, net::Ipv4Addr};
+use std::{collections::HashMap, hash::Hash, net::Ipv4Addr};
 
 use ipnet::Ipv4Net;
 
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct VtepUsers {
+/// `A` is the public IP's type: the IPv4 VTEP, or (the nft guard of a
+/// dual-stack node) the IPv6 one. Peers are keyed by their IPv4 subnet
+/// either way, as the reconciler names them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VtepUsers<A: Eq + Hash = Ipv4Addr> {
     /// Each peer subnet in the maps (by its network address) and its public IP.
-    by_subnet: HashMap<Ipv4Net, Ipv4Addr>,
+    by_subnet: HashMap<Ipv4Net, A>,
     /// How many of those subnets use each public IP (no zero counts).
-    count: HashMap<Ipv4Addr, u32>,
+    count: HashMap<A, u32>,
 }
 
-impl VtepUsers {
+impl<A: Eq + Hash> Default for VtepUsers<A> {
+    fn default() -> Self {
+        VtepUsers {
+            by_subnet: HashMap::new(),
+            count: HashMap::new(),
+        }
+    }
+}
+
+impl<A: Copy + Eq + Hash> VtepUsers<A> {
     /// The public IP `subnet`'s peer uses in the maps.
-    pub fn public_ip(&self, subnet: Ipv4Net) -> Option<Ipv4Addr> {
+    pub fn public_ip(&self, subnet: Ipv4Net) -> Option<A> {
         self.by_subnet.get(&subnet.trunc()).copied()
     }
 
     /// Whether some peer in the maps uses `ip`.
-    pub fn in_use(&self, ip: Ipv4Addr) -> bool {
+    pub fn in_use(&self, ip: A) -> bool {
         self.count.contains_key(&ip)
     }
 
     /// The public IPs in use, each once.
-    pub fn ips(&self) -> impl Iterator<Item = Ipv4Addr> + '_ {
+    pub fn ips(&self) -> impl Iterator<Item = A> + '_ {
         self.count.keys().copied()
     }
 
@@ -49,7 +61,7 @@ impl VtepUsers {
 
     /// `subnet`'s peer now uses `ip`. Returns the public IP it used before
     /// when no peer uses that one any more.
-    pub fn set(&mut self, subnet: Ipv4Net, ip: Ipv4Addr) -> Option<Ipv4Addr> {
+    pub fn set(&mut self, subnet: Ipv4Net, ip: A) -> Option<A> {
         let old = self.by_subnet.insert(subnet.trunc(), ip);
         if old == Some(ip) {
             return None;
@@ -60,13 +72,13 @@ impl VtepUsers {
 
     /// `subnet`'s peer left the maps. Returns its public IP when no peer
     /// uses it any more.
-    pub fn remove(&mut self, subnet: Ipv4Net) -> Option<Ipv4Addr> {
+    pub fn remove(&mut self, subnet: Ipv4Net) -> Option<A> {
         let old = self.by_subnet.remove(&subnet.trunc())?;
         self.release(old).then_some(old)
     }
 
     /// Drops one use of `ip`; whether that was the last.
-    fn release(&mut self, ip: Ipv4Addr) -> bool {
+    fn release(&mut self, ip: A) -> bool {
         match self.count.get_mut(&ip) {
             Some(n) if *n > 1 => {
                 *n -= 1;
@@ -94,7 +106,7 @@ mod tests {
 
     #[test]
     fn a_vtep_is_unused_when_its_last_subnet_goes() {
-        let mut u = VtepUsers::default();
+        let mut u = VtepUsers::<Ipv4Addr>::default();
         // One node with two leases (or a vxlan and a direct peer) on one IP.
         assert_eq!(u.set(net("10.5.1.0/24"), ip("192.168.1.1")), None);
         assert_eq!(u.set(net("10.5.2.0/24"), ip("192.168.1.1")), None);
@@ -112,7 +124,7 @@ mod tests {
 
     #[test]
     fn a_move_releases_the_old_ip_only_when_unused() {
-        let mut u = VtepUsers::default();
+        let mut u = VtepUsers::<Ipv4Addr>::default();
         u.set(net("10.5.1.0/24"), ip("192.168.1.1"));
         u.set(net("10.5.2.0/24"), ip("192.168.1.1"));
         // Re-adding the same is no change.
@@ -127,12 +139,12 @@ mod tests {
         assert_eq!(u.remove(net("10.5.1.0/24")), None);
         assert_eq!(u.remove(net("10.5.2.0/24")), Some(ip("192.168.1.9")));
         assert!(u.is_empty());
-        assert_eq!(u, VtepUsers::default());
+        assert_eq!(u, VtepUsers::<Ipv4Addr>::default());
     }
 
     #[test]
     fn subnets_are_keyed_by_their_network() {
-        let mut u = VtepUsers::default();
+        let mut u = VtepUsers::<Ipv4Addr>::default();
         u.set(net("10.5.1.7/24"), ip("192.168.1.1"));
         assert_eq!(u.public_ip(net("10.5.1.0/24")), Some(ip("192.168.1.1")));
         assert_eq!(u.remove(net("10.5.1.0/24")), Some(ip("192.168.1.1")));

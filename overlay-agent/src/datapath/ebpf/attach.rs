@@ -13,9 +13,10 @@ pub(super) fn link_err(path: PathBuf, op: &'static str) -> impl FnOnce(LinkError
 }
 
 /// Every TC program with its hook: legacy filters are found by these names.
-pub const TC_PROGRAMS: [(&str, TcAttachType); 4] = [
+pub const TC_PROGRAMS: [(&str, TcAttachType); 5] = [
     (PROG_INGRESS_TC, TcAttachType::Ingress),
     (PROG_EGRESS, TcAttachType::Egress),
+    (PROG_EGRESS6, TcAttachType::Egress),
     (PROG_VETH_FROM_POD, TcAttachType::Ingress),
     (PROG_VETH_TO_POD, TcAttachType::Egress),
 ];

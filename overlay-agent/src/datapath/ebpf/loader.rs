@@ -9,6 +9,8 @@ pub(super) struct Loaded {
     /// The peers the maps hold, counted by public IP: whether a removal
     /// leaves a VTEP unused is a lookup, not a scan of REMOTE_SUBNETS.
     pub(super) users: VtepUsers,
+    /// The peers' IPv6 sides the maps hold (dual stack).
+    pub(super) sides6: Sides6,
     pub(super) ids: ProgramIds,
     /// What the TC programs attach through.
     pub(super) api: TcApi,
@@ -25,6 +27,14 @@ pub(super) struct FastState {
     pub(super) pods: PodAttachments,
 }
 
+/// The devices the programs serve: `flannel.<VNI>`, and `flannel-v6.<VNI>`
+/// on a dual-stack node.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Devices<'a> {
+    pub(super) v4: &'a VxlanDevice,
+    pub(super) v6: Option<&'a VxlanDevice<Ipv6Addr>>,
+}
+
 impl Loaded {
     /// Parses the object (reopening pinned maps, as `plan` says), fills the
     /// maps with the vxlan `peers` and the `direct` ones (DirectRouting),
@@ -39,11 +49,12 @@ impl Loaded {
     pub(super) fn start(
         options: &EbpfOptions,
         plan: LayoutPlan,
-        device: &VxlanDevice,
+        devices: Devices<'_>,
         subnet: Ipv4Net,
         peers: &[Peer],
         direct: &[Peer],
     ) -> Result<Self, EbpfError> {
+        let device = devices.v4;
         let kernel = tc_attach::kernel_version();
         if kernel < MIN_KERNEL {
             return Err(EbpfError::KernelTooOld { found: kernel });
@@ -111,7 +122,9 @@ impl Loaded {
                 .set(0, node_config(device), 0)
                 .map_err(|e| EbpfError::map(MAP_NODE_CONFIG, "set entry 0", e))?;
         }
+        write_node_config6(&mut ebpf, devices.v6)?;
         let mut users = VtepUsers::default();
+        let mut sides6 = Sides6::default();
         let vxlan = peers.iter().map(|p| (p, PeerKind::Vxlan));
         for (peer, kind) in vxlan.chain(direct.iter().map(|p| (p, PeerKind::Direct))) {
             let inserted = match kind {
@@ -119,7 +132,8 @@ impl Loaded {
                 PeerKind::Direct => {
                     insert_direct_peer(&mut ebpf, &mut users, peer, options.peer_capacity)
                 }
-            };
+            }
+            .and_then(|()| set_peer6(&mut ebpf, &mut sides6, peer, options.peer_capacity));
             match inserted {
                 // The reconciler finds it missing from the maps, retries and
                 // reports it.
@@ -131,10 +145,16 @@ impl Loaded {
         }
         // Reopened maps may hold peers that left while no agent ran.
         prune_maps(&mut ebpf, &users)?;
+        prune_maps6(&mut ebpf, &sides6)?;
 
         classifier(&mut ebpf, PROG_EGRESS)?
             .load()
             .map_err(|e| EbpfError::load(PROG_EGRESS, e))?;
+        if devices.v6.is_some() {
+            classifier(&mut ebpf, PROG_EGRESS6)?
+                .load()
+                .map_err(|e| EbpfError::load(PROG_EGRESS6, e))?;
+        }
         classifier(&mut ebpf, PROG_INGRESS_TC)?
             .load()
             .map_err(|e| EbpfError::load(PROG_INGRESS_TC, e))?;
@@ -151,6 +171,18 @@ impl Loaded {
             options.fast_path_mark,
             pins,
         )?;
+        if devices.v6.is_none()
+            && let Some(pins) = pins
+        {
+            // Dual stack turned off: the pinned link went with the device,
+            // or holds a program on a device nothing programs any more.
+            let link = pins.link(PROG_EGRESS6);
+            match std::fs::remove_file(&link) {
+                Ok(()) => info!("no IPv6: detached the pinned {PROG_EGRESS6}"),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(pin_err(link, "remove")(e)),
+            }
+        }
         if options.ingress == IngressMode::Tc
             && let Some(pins) = pins
         {
@@ -201,11 +233,29 @@ impl Loaded {
             &mut links,
         )?;
 
+        let egress6 = match devices.v6 {
+            Some(device6) => Some(attach_tc(
+                &mut ebpf,
+                api,
+                &tc_attach::Target {
+                    program: PROG_EGRESS6,
+                    interface: &device6.name,
+                    ifindex: device6.ifindex,
+                    hook: TcAttachType::Egress,
+                    pin: pins.map(|p| p.link(PROG_EGRESS6)).as_deref(),
+                },
+                &mut links,
+            )?),
+            None => None,
+        };
+
         Ok(Self {
             ebpf,
             users,
+            sides6,
             ids: ProgramIds {
                 egress,
+                egress6,
                 ingress_tc,
                 ingress_xdp,
             },

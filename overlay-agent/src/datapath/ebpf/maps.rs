@@ -9,6 +9,8 @@ use super::*;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ProgramIds {
     pub egress: u32,
+    /// `vxlan_egress6` on `flannel-v6.<VNI>`, on a dual-stack node.
+    pub egress6: Option<u32>,
     pub ingress_tc: u32,
     pub ingress_xdp: Option<u32>,
 }

@@ -19,7 +19,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     path::PathBuf,
 };
 
@@ -39,9 +39,10 @@ use ipnet::Ipv4Net;
 use log::{debug, info, warn};
 use overlay_common::{
     consts::{
-        MAP_COUNTERS, MAP_KNOWN_VTEPS, MAP_LAYOUT, MAP_NODE_CONFIG, MAP_PEER_STATS,
-        MAP_REMOTE_SUBNETS, MAX_PEERS, PROG_EGRESS, PROG_INGRESS_TC, PROG_INGRESS_XDP,
-        PROG_INGRESS_XDP_FILTER, PROG_VETH_FROM_POD, PROG_VETH_TO_POD,
+        MAP_COUNTERS, MAP_KNOWN_VTEPS, MAP_KNOWN_VTEPS6, MAP_LAYOUT, MAP_NODE_CONFIG,
+        MAP_PEER_STATS, MAP_REMOTE_SUBNETS, MAP_REMOTE_SUBNETS6, MAX_PEERS, PROG_EGRESS,
+        PROG_EGRESS6, PROG_INGRESS_TC, PROG_INGRESS_XDP, PROG_INGRESS_XDP_FILTER,
+        PROG_VETH_FROM_POD, PROG_VETH_TO_POD,
     },
     counters::{Counter, Reason},
     fastpath::DEFAULT_FAST_PATH_MARK,
@@ -63,11 +64,16 @@ mod attach;
 mod error;
 mod loader;
 mod maps;
+mod maps6;
 
 pub use attach::*;
 pub use error::*;
 use loader::*;
 pub use maps::*;
+use maps6::{Sides6, prune_maps6, remove_peer6, set_peer6, write_node_config6};
+pub use maps6::{
+    knows_vtep6, node_config6, read_node_config6, read_remote_subnets6, remote_vtep6, subnet_key6,
+};
 
 /// The eBPF object built by `build.rs` from `overlay-ebpf`, embedded so the
 /// agent binary is self-contained.
@@ -120,7 +126,7 @@ pub struct EbpfOptions {
     /// `--tc-attach`: TCX links or legacy clsact filters.
     pub tc_attach: TcAttachMode,
     /// How many peers the maps hold: the `max_entries` the loader gives
-    /// REMOTE_SUBNETS, KNOWN_VTEPS and PEER_STATS (default [`MAX_PEERS`], what
+    /// REMOTE_SUBNETS, KNOWN_VTEPS, PEER_STATS and the IPv6 ones (default [`MAX_PEERS`], what
     /// the object declares). A peer beyond it is refused with
     /// [`DatapathError::MapFull`] and nothing of it enters the maps. Tests
     /// set it small to fill the maps.
@@ -144,8 +150,15 @@ impl Default for EbpfOptions {
 
 impl EbpfOptions {
     /// The loader's `max_entries` overrides.
-    fn capacities(&self) -> [(&'static str, u32); 3] {
-        [MAP_REMOTE_SUBNETS, MAP_KNOWN_VTEPS, MAP_PEER_STATS].map(|m| (m, self.peer_capacity))
+    fn capacities(&self) -> [(&'static str, u32); 5] {
+        [
+            MAP_REMOTE_SUBNETS,
+            MAP_KNOWN_VTEPS,
+            MAP_PEER_STATS,
+            MAP_REMOTE_SUBNETS6,
+            MAP_KNOWN_VTEPS6,
+        ]
+        .map(|m| (m, self.peer_capacity))
     }
 }
 
@@ -331,12 +344,6 @@ impl Datapath for EbpfDatapath {
     /// [`remove_attachments`]), since no program may keep filtering with maps
     /// nobody maintains.
     async fn setup(&mut self, node: &NodeSpec) -> Result<NodeState, DatapathError> {
-        if node.ipv6.is_some() {
-            // Before anything is touched: `--datapath auto` falls back.
-            return Err(DatapathError::InvalidSpec(
-                "dual stack (EnableIPv6) is served by the kernel datapath only so far".into(),
-            ));
-        }
         // Before anything is touched, the device included: pins of a newer
         // layout (a downgrade) stop the start here and stay as they are,
         // with the programs attached through them (no `give_up`).
@@ -382,7 +389,17 @@ impl Datapath for EbpfDatapath {
         }
         self.kernel_only.clear();
         let device = self.kernel.device().ok_or(DatapathError::NotSetUp)?;
-        let started = Loaded::start(&self.options, plan, device, node.subnet, &peers, &direct);
+        let started = Loaded::start(
+            &self.options,
+            plan,
+            Devices {
+                v4: device,
+                v6: self.kernel.device6(),
+            },
+            node.subnet,
+            &peers,
+            &direct,
+        );
         let loaded = match started {
             Ok(loaded) => loaded,
             Err(e) => {
@@ -400,6 +417,11 @@ impl Datapath for EbpfDatapath {
             loaded.ids,
             peers.len()
         );
+        if let Some((v6_device, _)) = &state.ipv6 {
+            info!(
+                "dual stack: {PROG_EGRESS6} on {v6_device}, IPv6 VXLAN decapsulated by {PROG_INGRESS_TC} (GSO aggregates and IPv6 the programs do not parse take {v6_device}'s kernel path); no fast path for IPv6"
+            );
+        }
         self.loaded = Some(Box::new(loaded));
         // A pod veth that cannot be attached keeps the host's path; only
         // `--fast-path=on` makes that fatal. The next link event or
@@ -483,8 +505,12 @@ impl Datapath for EbpfDatapath {
             PeerKind::Direct => None,
         };
         let capacity = self.options.peer_capacity;
-        let Loaded { ebpf, users, .. } =
-            self.loaded.as_deref_mut().ok_or(DatapathError::NotSetUp)?;
+        let Loaded {
+            ebpf,
+            users,
+            sides6,
+            ..
+        } = self.loaded.as_deref_mut().ok_or(DatapathError::NotSetUp)?;
         match (kind, &conflict) {
             (PeerKind::Vxlan, None) => insert_peer(ebpf, users, peer, capacity)?,
             (PeerKind::Vxlan, Some(HostPolicyConflict::Xfrm(_))) => {
@@ -494,6 +520,9 @@ impl Datapath for EbpfDatapath {
                 insert_direct_peer(ebpf, users, peer, capacity)?;
             }
         }
+        // The IPv6 side is VXLAN whatever the IPv4 side is (DirectRouting
+        // and the host-policy check look at the IPv4 PublicIP).
+        set_peer6(ebpf, sides6, peer, capacity)?;
         match conflict {
             Some(c) => {
                 if self.kernel_only.get(&peer.subnet) != Some(&c) {
@@ -520,16 +549,29 @@ impl Datapath for EbpfDatapath {
     /// Removes the peer from the maps first (so egress stops encapsulating to
     /// it), then its kernel entries.
     async fn remove_peer(&mut self, peer: &Peer) -> Result<(), DatapathError> {
-        let Loaded { ebpf, users, .. } =
-            self.loaded.as_deref_mut().ok_or(DatapathError::NotSetUp)?;
+        let Loaded {
+            ebpf,
+            users,
+            sides6,
+            ..
+        } = self.loaded.as_deref_mut().ok_or(DatapathError::NotSetUp)?;
         remove_peer_entries(ebpf, users, peer)?;
+        remove_peer6(ebpf, sides6, peer)?;
         self.kernel_only.remove(&peer.subnet);
         self.kernel.remove_peer(peer).await
     }
 
-    /// Peers whose kernel entries are complete and whose map entries agree.
+    /// Peers whose kernel entries are complete and whose map entries agree
+    /// (their IPv6 side's too).
     async fn peers(&mut self) -> Result<Vec<Peer>, DatapathError> {
         let in_maps: std::collections::HashSet<Peer> = self.map_peers()?.into_iter().collect();
+        let in_maps6: std::collections::HashSet<(Ipv4Addr, crate::flannel::lease::Peer6)> =
+            match self.kernel.device6() {
+                Some(_) => read_remote_subnets6(self.map(MAP_REMOTE_SUBNETS6)?)?
+                    .into_iter()
+                    .collect(),
+                None => Default::default(),
+            };
         let in_kernel = self.kernel.peers().await?;
         let mut agreed = Vec::with_capacity(in_kernel.len());
         let in_trie: std::collections::HashSet<Ipv4Net> =
@@ -539,12 +581,21 @@ impl Datapath for EbpfDatapath {
             let mapped = if self.kernel.is_direct(peer.subnet) || kernel_only.is_some() {
                 !in_trie.contains(&peer.subnet)
             } else {
-                in_maps.contains(&peer)
+                // The maps hold the IPv4 side; the kernel's entries alone
+                // carry the IPv6 one (checked by the kernel datapath).
+                in_maps.contains(&Peer { v6: None, ..peer })
             };
             // A peer left to the kernel under xfrm has no KNOWN_VTEPS entry.
             let vtep_ok = matches!(kernel_only, Some(HostPolicyConflict::Xfrm(_)))
                 || self.knows_vtep(peer.public_ip)?;
-            if mapped && vtep_ok {
+            let v6_ok = match peer.v6 {
+                Some(p6) => {
+                    in_maps6.contains(&(peer.public_ip, p6))
+                        && knows_vtep6(self.map(MAP_KNOWN_VTEPS6)?, p6.public_ip)?
+                }
+                None => true,
+            };
+            if mapped && vtep_ok && v6_ok {
                 agreed.push(peer);
             } else {
                 warn!(
