@@ -104,7 +104,7 @@ fn dual_stack_nodes_publish_flannels_annotations_and_pods_reach_each_other_over_
     let a2 = start(&c, 2, "auto")?;
     ensure!(
         a2.log()
-            .contains("dual stack: IPv6 pod traffic takes flannel-v6.1, the kernel's vxlan device"),
+            .contains("dual stack: vxlan_egress6 on flannel-v6.1"),
         "{}",
         a2.log()
     );

@@ -72,6 +72,11 @@ struct Side6 {
     /// The IPv6 side programmed for each peer, by the peer's IPv4 subnet:
     /// the kernel's entries do not say which lease they belong to.
     by_subnet: BTreeMap<Ipv4Net, Peer6>,
+    /// The IPv6 sides whose three entries the device held at the last
+    /// read-back, whichever lease they belong to. After a restart
+    /// `by_subnet` is empty until the peers are programmed again; these
+    /// keep the guard (and the eBPF maps) accepting their VXLAN meanwhile.
+    held: Vec<Peer6>,
 }
 
 impl Side6 {
@@ -108,6 +113,15 @@ impl KernelDatapath {
     /// `flannel-v6.<VNI>` as set up, on a dual-stack node.
     pub fn device6(&self) -> Option<&VxlanDevice<Ipv6Addr>> {
         self.state.as_ref()?.v6.as_ref().map(|s| &s.device)
+    }
+
+    /// The IPv6 sides `flannel-v6.<VNI>` held whole at the last read-back
+    /// ([`Datapath::peers`]), by lease or not.
+    pub fn held6(&self) -> &[Peer6] {
+        self.state
+            .as_ref()
+            .and_then(|s| s.v6.as_ref())
+            .map_or(&[], |s| s.held.as_slice())
     }
 
     /// The netlink connection, once set up.
@@ -324,6 +338,7 @@ impl Datapath for KernelDatapath {
                     device,
                     entries,
                     by_subnet,
+                    held: Vec::new(),
                 })
             }
         };
@@ -421,6 +436,7 @@ impl Datapath for KernelDatapath {
                 .iter()
                 .filter_map(ProgrammedPeer::<Ipv6Addr>::peer)
                 .collect();
+            side.held = held6.iter().copied().collect();
         }
         if !state.direct.is_empty() {
             let routes: HashSet<_> = state
@@ -454,7 +470,8 @@ impl Datapath for KernelDatapath {
             state.guard = install_guard(state.port, state.v6.is_some());
         }
         if let Some(g) = state.guard.as_mut() {
-            g.rebuild(&peers)?;
+            let held: Vec<Ipv6Addr> = held6.iter().map(|p| p.public_ip).collect();
+            g.rebuild(&peers, &held)?;
         }
         Ok(peers)
     }

@@ -404,7 +404,10 @@ impl VtepGuard {
 
     /// The peers really programmed: the table and the sets are rebuilt from
     /// them in one transaction (start-up, and every recheck: drift repair).
-    pub fn rebuild(&mut self, peers: &[Peer]) -> Result<(), GuardError> {
+    /// `held6`: the `PublicIPv6`s `flannel-v6.<VNI>` holds entries for,
+    /// also those no peer is known to own yet (after a restart, until the
+    /// leases are programmed again), which stay accepted meanwhile.
+    pub fn rebuild(&mut self, peers: &[Peer], held6: &[Ipv6Addr]) -> Result<(), GuardError> {
         let mut users = VtepUsers::default();
         let mut users6 = VtepUsers::default();
         for p in peers {
@@ -415,7 +418,12 @@ impl VtepGuard {
         }
         self.users = users;
         self.users6 = users6;
-        let mut ips: Vec<IpAddr> = peers.iter().flat_map(|p| self.ips_of(p)).collect();
+        let held6 = held6.iter().filter(|_| self.v6).map(|ip| IpAddr::V6(*ip));
+        let mut ips: Vec<IpAddr> = peers
+            .iter()
+            .flat_map(|p| self.ips_of(p))
+            .chain(held6)
+            .collect();
         ips.sort_unstable();
         ips.dedup();
         if let Some(b) = self.batch.as_mut() {
@@ -576,11 +584,14 @@ mod tests {
     #[test]
     fn a_rebuild_loads_the_table_and_exactly_the_programmed_ips() {
         let mut g = VtepGuard::with_runner(4789, false, record);
-        g.rebuild(&[
-            peer("10.5.1.0/24", "192.168.1.2"),
-            peer("10.5.2.0/24", "192.168.1.1"),
-            peer("10.5.3.0/24", "192.168.1.1"),
-        ])
+        g.rebuild(
+            &[
+                peer("10.5.1.0/24", "192.168.1.2"),
+                peer("10.5.2.0/24", "192.168.1.1"),
+                peer("10.5.3.0/24", "192.168.1.1"),
+            ],
+            &[],
+        )
         .unwrap();
         let s = take().pop().unwrap();
         assert!(s.starts_with(&setup_script(4789, false)), "{s}");
@@ -655,10 +666,18 @@ mod tests {
         assert!(gone.contains("delete element inet overlay-vtep vteps { 192.168.1.1 }"));
         assert!(gone.contains("delete element inet overlay-vtep vteps6 { 2001:db8::2 }"));
 
-        g.rebuild(&[
-            dual("10.5.1.0/24", "192.168.1.1", "2001:db8::1"),
-            peer("10.5.2.0/24", "192.168.1.2"),
-        ])
+        // After a restart: the device still holds 2001:db8::3's entries,
+        // whose lease is not programmed again yet; it stays accepted.
+        g.rebuild(
+            &[
+                dual("10.5.1.0/24", "192.168.1.1", "2001:db8::1"),
+                peer("10.5.2.0/24", "192.168.1.2"),
+            ],
+            &[
+                "2001:db8::1".parse().unwrap(),
+                "2001:db8::3".parse().unwrap(),
+            ],
+        )
         .unwrap();
         let s = take().pop().unwrap();
         assert!(
@@ -666,7 +685,7 @@ mod tests {
                 "flush set inet overlay-vtep vteps\n\
              flush set inet overlay-vtep vteps6\n\
              add element inet overlay-vtep vteps { 192.168.1.1, 192.168.1.2 }\n\
-             add element inet overlay-vtep vteps6 { 2001:db8::1 }\n"
+             add element inet overlay-vtep vteps6 { 2001:db8::1, 2001:db8::3 }\n"
             ),
             "{s}"
         );

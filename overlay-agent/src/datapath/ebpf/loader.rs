@@ -33,6 +33,8 @@ pub(super) struct FastState {
 pub(super) struct Devices<'a> {
     pub(super) v4: &'a VxlanDevice,
     pub(super) v6: Option<&'a VxlanDevice<Ipv6Addr>>,
+    /// The IPv6 sides `flannel-v6.<VNI>` holds (see [`keep_held6`]).
+    pub(super) held6: &'a [crate::flannel::lease::Peer6],
 }
 
 impl Loaded {
@@ -142,6 +144,9 @@ impl Loaded {
                 }
                 other => other?,
             }
+        }
+        if devices.v6.is_some() {
+            keep_held6(&mut ebpf, &mut sides6, devices.held6, options.peer_capacity)?;
         }
         // Reopened maps may hold peers that left while no agent ran.
         prune_maps(&mut ebpf, &users)?;

@@ -21,6 +21,10 @@ use crate::flannel::lease::Peer6;
 pub(super) struct Sides6 {
     pub(super) by_subnet: BTreeMap<Ipv4Net, Peer6>,
     pub(super) users: VtepUsers<Ipv6Addr>,
+    /// IPv6 sides `flannel-v6.<VNI>` held at start-up whose lease was not
+    /// known yet (see [`keep_held6`]): spared by [`prune_maps6`].
+    held: BTreeSet<Ipv6Net>,
+    held_ips: BTreeSet<Ipv6Addr>,
 }
 
 /// The NODE_CONFIG6 entry for `flannel-v6.<VNI>`.
@@ -140,6 +144,55 @@ pub(super) fn set_peer6(
     Ok(())
 }
 
+/// The IPv6 sides `flannel-v6.<VNI>` holds (`held`, read back from the
+/// kernel) that no peer in `sides` owns: after a restart the kernel's
+/// entries do not say which lease they belong to until the peers are
+/// programmed again. They go into the maps meanwhile, counted under no
+/// peer, so that their VXLAN keeps flowing (a restart, or a migration to
+/// new maps, stays hitless for IPv6 too); programming the peer replaces
+/// the entries. One that is full is left out (the kernel device still
+/// carries its traffic out, and the peer's programming retries).
+pub(super) fn keep_held6(
+    ebpf: &mut Ebpf,
+    sides: &mut Sides6,
+    held: &[Peer6],
+    capacity: u32,
+) -> Result<(), EbpfError> {
+    let owned: BTreeSet<Ipv6Net> = sides.by_subnet.values().map(|p| p.subnet).collect();
+    for p6 in held.iter().filter(|p| !owned.contains(&p.subnet)) {
+        let known = KnownVtep6 {
+            vtep_mac: p6.vtep_mac.0,
+            _pad: [0; 2],
+            peer: [0; 4],
+        };
+        let remote = RemoteVtep6 {
+            vtep_mac: p6.vtep_mac.0,
+            _pad: [0; 2],
+            public_ip: p6.public_ip.octets(),
+            peer: [0; 4],
+        };
+        let inserted = known_vteps6(ebpf)?
+            .insert(p6.public_ip.octets(), known, 0)
+            .map_err(|e| insert_err(MAP_KNOWN_VTEPS6, p6.public_ip, capacity, e))
+            .and_then(|()| {
+                remote_subnets6(ebpf)?
+                    .insert(&subnet_key6(p6.subnet), remote, 0)
+                    .map_err(|e| insert_err(MAP_REMOTE_SUBNETS6, p6.subnet, capacity, e))
+            });
+        match inserted {
+            Ok(()) => {
+                sides.held.insert(p6.subnet);
+                sides.held_ips.insert(p6.public_ip);
+            }
+            Err(e @ EbpfError::MapFull { .. }) => {
+                debug!("IPv6 side {} left out: {e}", p6.subnet);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// Takes `peer`'s IPv6 side (the one the maps hold for its subnet) out.
 pub(super) fn remove_peer6(
     ebpf: &mut Ebpf,
@@ -179,7 +232,12 @@ fn forget_vtep6(ebpf: &mut Ebpf, ip: [u8; 16]) -> Result<(), EbpfError> {
 /// Removes what reopened maps hold beyond `sides` (left while no agent
 /// ran): one pass over each map.
 pub(super) fn prune_maps6(ebpf: &mut Ebpf, sides: &Sides6) -> Result<(), EbpfError> {
-    let held: BTreeSet<Ipv6Net> = sides.by_subnet.values().map(|p| p.subnet).collect();
+    let held: BTreeSet<Ipv6Net> = sides
+        .by_subnet
+        .values()
+        .map(|p| p.subnet)
+        .chain(sides.held.iter().copied())
+        .collect();
     let stale: Vec<Ipv6Net> = read_subnets6(&remote_subnets6(ebpf)?)?
         .into_iter()
         .map(|(net, _)| net)
@@ -192,7 +250,10 @@ pub(super) fn prune_maps6(ebpf: &mut Ebpf, sides: &Sides6) -> Result<(), EbpfErr
     let unused: Vec<[u8; 16]> = known_vteps6(ebpf)?
         .keys()
         .filter_map(Result::ok)
-        .filter(|ip| !sides.users.in_use(Ipv6Addr::from(*ip)))
+        .filter(|ip| {
+            let ip = Ipv6Addr::from(*ip);
+            !sides.users.in_use(ip) && !sides.held_ips.contains(&ip)
+        })
         .collect();
     for ip in unused {
         forget_vtep6(ebpf, ip)?;

@@ -70,7 +70,7 @@ pub use attach::*;
 pub use error::*;
 use loader::*;
 pub use maps::*;
-use maps6::{Sides6, prune_maps6, remove_peer6, set_peer6, write_node_config6};
+use maps6::{Sides6, keep_held6, prune_maps6, remove_peer6, set_peer6, write_node_config6};
 pub use maps6::{
     knows_vtep6, node_config6, read_node_config6, read_remote_subnets6, remote_vtep6, subnet_key6,
 };
@@ -395,6 +395,7 @@ impl Datapath for EbpfDatapath {
             Devices {
                 v4: device,
                 v6: self.kernel.device6(),
+                held6: self.kernel.held6(),
             },
             node.subnet,
             &peers,
