@@ -32,7 +32,7 @@ usage: bench [--quick] [--repeats N] [--duration SECS] [--short-repeats N]
   --duration SECS  length of each TCP throughput measurement (default 10)
   --short-repeats N
                    in how many of the rounds (spread evenly) the other figures are
-                   measured (default 5)
+                   measured (default 4)
   --short-duration SECS
                    length of each of the other measurements (default 3)
   --modes LIST     comma-separated: host,plain,kernel,ebpf-fast,ebpf-tc,ebpf-xdp
@@ -81,7 +81,7 @@ fn parse_args(args: &[String]) -> Result<Option<Args>> {
     let mut a = Args {
         repeats: 10,
         secs: 10,
-        short_repeats: 5,
+        short_repeats: 4,
         short_secs: 3,
         pin: true,
         modes: Mode::DEFAULT.to_vec(),
@@ -710,10 +710,13 @@ mod tests {
         let a = args("").unwrap().unwrap();
         assert_eq!(
             (a.repeats, a.secs, a.short_repeats, a.short_secs),
-            (10, 10, 5, 3)
+            (10, 10, 4, 3)
         );
         assert_eq!(a.modes, Mode::DEFAULT);
         assert!(a.pin);
+        let rounds: Vec<u32> = (0..10).filter(|r| a.short_round(*r)).collect();
+        assert_eq!(rounds, [2, 4, 7, 9]);
+        let a = args("--short-repeats 5").unwrap().unwrap();
         let rounds: Vec<u32> = (0..10).filter(|r| a.short_round(*r)).collect();
         assert_eq!(rounds, [1, 3, 5, 7, 9]);
         let a = args("--repeats 3 --short-repeats 9").unwrap().unwrap();
