@@ -321,8 +321,9 @@ fn fmt_ratio(r: Option<Spread>) -> String {
 pub fn table(results: &Results) -> String {
     let modes = results.modes();
     let ebpf: Vec<Mode> = modes.iter().copied().filter(|m| m.is_ebpf()).collect();
-    let mut head =
-        vec!["figure (median; ratios: median of per-round ratios (95 % interval))".to_owned()];
+    let mut head = vec![
+        "figure (median; ratios: median of per-round ratios (interval, see below))".to_owned(),
+    ];
     head.extend(modes.iter().map(|m| m.label().to_owned()));
     for e in &ebpf {
         let tag = if ebpf.len() > 1 {
