@@ -606,8 +606,11 @@ pub fn markdown(results: &Results, ctx: &Context) -> String {
          - XDP on a veth strips GSO from its peer, so the XDP+TC mode's TCP figures show a veth \
            artefact, not what XDP costs on a NIC.\n\
          - The baselines differ in more than the datapath: the host network uses MTU 1500 and no \
-           containers; plain routing has no iptables rules and so no conntrack in the path, while the \
-           overlay modes carry flannel's rules (conntrack on every slow-path packet).\n\
+           containers. Every mode's hosts track connections (a NAT rule that matches no lab traffic \
+           turns conntrack on, as kube-proxy's or flanneld's `--ip-masq` rules do on a real node); \
+           without it only the fast path, whose mangle rule matches on conntrack state, would pay \
+           for conntrack, which made its connection rate look about 20 % worse than the host \
+           path's on this machine.\n\
          - Throughput figures saturate one of the two CPUs; which one depends on the mode (the sender's \
            for UDP, often the receiver's for TCP). A 5–10 % difference is within one run's noise unless \
            its interval says otherwise; the noise table above says how large it was in this run.\n\
