@@ -1,10 +1,15 @@
 //! `cargo xtask bench`: the same two-host lab in every mode (host network,
 //! plain routing, kernel vxlan, eBPF with TC or XDP+TC ingress), measured
-//! interleaved and repeated; medians, ratios, a markdown report, an SVG chart
-//! and `--json`.
+//! interleaved and repeated with the tools pinned to separate CPUs; medians,
+//! ratios paired by round with intervals, the run's noise, the overlay's own
+//! CPU, per-program cost, a markdown report, an SVG chart and `--json`.
 
+mod connrate;
 mod modes;
+mod pin;
+mod progcost;
 mod report;
+mod stats;
 mod svg;
 mod tools;
 
@@ -14,22 +19,34 @@ use std::time::Instant;
 use anyhow::{Context as _, Result, bail};
 
 use modes::{Mode, ModeLab};
+use pin::Pinning;
 use report::{Context, Metric, Results};
 
 const USAGE: &str = "\
-usage: bench [--quick] [--repeats N] [--duration SECS] [--modes LIST] [--figures LIST]
-             [--udp-rate KPPS] [--tcp-rate MBITS] [--rr-flows N] [--out DIR] [--json]
+usage: bench [--quick] [--repeats N] [--duration SECS] [--short-repeats N]
+             [--short-duration SECS] [--modes LIST] [--figures LIST] [--udp-rate KPPS]
+             [--tcp-rate MBITS] [--rr-flows N] [--crr-clients N] [--no-pin] [--out DIR] [--json]
 
-  --repeats N      rounds over all modes (default 5)
-  --duration SECS  length of each measurement (default 3)
-  --modes LIST     comma-separated: host,plain,kernel,ebpf-fast,ebpf-tc,ebpf-xdp (default all)
-  --figures LIST   comma-separated: tcp1,tcp4,udp,tps,rtt,cpu (default all); e.g. one
-                   figure for a long run under `perf record`
+  --repeats N      rounds over all modes; TCP throughput (the headline figures) is
+                   measured in every round (default 10)
+  --duration SECS  length of each TCP throughput measurement (default 10)
+  --short-repeats N
+                   in how many of the rounds (spread evenly) the other figures are
+                   measured (default 4)
+  --short-duration SECS
+                   length of each of the other measurements (default 3)
+  --modes LIST     comma-separated: host,plain,kernel,ebpf-fast,ebpf-tc,ebpf-xdp
+                   (default all but ebpf-xdp)
+  --figures LIST   comma-separated: tcp1,tcp4,udp,tps,crr,rtt,cpu,progs (default all);
+                   e.g. one figure for a long run under `perf record`
   --udp-rate KPPS  offered 64-byte UDP rate of the CPU figure, in thousands of packets
                    per second (default 50; every mode must sustain it)
   --tcp-rate MBITS offered TCP rate of the CPU figure, Mbit/s (default 4000)
   --rr-flows N     concurrent flows of the request/response figure (default 32)
-  --quick          smoke run: 1 repeat of 1 s; writes to target/bench-partial/ unless --out
+  --crr-clients N  concurrent clients of the connection-rate figure (default 32)
+  --no-pin         leave the tools where the scheduler puts them
+  --quick          smoke run: 1 round of 1 s per figure; writes to target/bench-partial/
+                   unless --out
   --out DIR        where benchmark.md and benchmark.svg go (default: docs/ and the table in
                    README.md for a full run, target/bench-partial/ for a quick or partial one)
   --json           print the results as JSON on stdout";
@@ -37,6 +54,9 @@ usage: bench [--quick] [--repeats N] [--duration SECS] [--modes LIST] [--figures
 struct Args {
     repeats: u32,
     secs: u32,
+    short_repeats: u32,
+    short_secs: u32,
+    pin: bool,
     modes: Vec<Mode>,
     figures: Vec<Figure>,
     out: PathBuf,
@@ -45,13 +65,26 @@ struct Args {
     udp_kpps: u32,
     tcp_mbps: u32,
     rr_flows: usize,
+    crr_clients: usize,
+}
+
+impl Args {
+    /// Whether the figures other than TCP throughput are measured in
+    /// `round`: `short_repeats` of the `repeats` rounds, spread evenly.
+    fn short_round(&self, round: u32) -> bool {
+        let (n, k) = (self.repeats, self.short_repeats.min(self.repeats));
+        (round + 1) * k / n > round * k / n
+    }
 }
 
 fn parse_args(args: &[String]) -> Result<Option<Args>> {
     let mut a = Args {
-        repeats: 5,
-        secs: 3,
-        modes: Mode::ALL.to_vec(),
+        repeats: 10,
+        secs: 10,
+        short_repeats: 4,
+        short_secs: 3,
+        pin: true,
+        modes: Mode::DEFAULT.to_vec(),
         figures: Figure::ALL.to_vec(),
         out: workspace_root().join("docs"),
         update_readme: true,
@@ -59,6 +92,7 @@ fn parse_args(args: &[String]) -> Result<Option<Args>> {
         udp_kpps: 50,
         tcp_mbps: 4000,
         rr_flows: 32,
+        crr_clients: 32,
     };
     let mut out = None;
     let mut quick = false;
@@ -69,6 +103,14 @@ fn parse_args(args: &[String]) -> Result<Option<Args>> {
             "-h" | "--help" => return Ok(None),
             "--quick" => quick = true,
             "--json" => a.json = true,
+            "--no-pin" => a.pin = false,
+            "--short-repeats" => {
+                a.short_repeats = value()?.parse().context("--short-repeats")?;
+            }
+            "--short-duration" => {
+                a.short_secs = value()?.parse().context("--short-duration")?;
+            }
+            "--crr-clients" => a.crr_clients = value()?.parse().context("--crr-clients")?,
             "--repeats" => a.repeats = value()?.parse().context("--repeats")?,
             "--duration" => a.secs = value()?.parse().context("--duration")?,
             "--out" => out = Some(PathBuf::from(value()?)),
@@ -93,6 +135,8 @@ fn parse_args(args: &[String]) -> Result<Option<Args>> {
     if quick {
         a.repeats = 1;
         a.secs = 1;
+        a.short_repeats = 1;
+        a.short_secs = 1;
     }
     a.modes.sort();
     a.modes.dedup();
@@ -100,7 +144,8 @@ fn parse_args(args: &[String]) -> Result<Option<Args>> {
     a.figures.dedup();
     // Only a full run (every mode and figure, normal length) may replace the
     // published report and the README table.
-    let partial = a.modes.len() < Mode::ALL.len() || a.figures.len() < Figure::ALL.len();
+    let partial =
+        Mode::DEFAULT.iter().any(|m| !a.modes.contains(m)) || a.figures.len() < Figure::ALL.len();
     match out {
         Some(dir) => {
             a.update_readme = false;
@@ -112,35 +157,56 @@ fn parse_args(args: &[String]) -> Result<Option<Args>> {
         }
         None => {}
     }
-    if a.repeats == 0 || a.secs == 0 || a.modes.is_empty() || a.figures.is_empty() {
-        bail!("repeats, duration, modes and figures must be non-zero");
+    if a.repeats == 0
+        || a.secs == 0
+        || a.short_repeats == 0
+        || a.short_secs == 0
+        || a.modes.is_empty()
+        || a.figures.is_empty()
+    {
+        bail!("repeats, durations, modes and figures must be non-zero");
     }
-    if a.udp_kpps == 0 || a.tcp_mbps == 0 || a.rr_flows == 0 || a.rr_flows > 1000 {
-        bail!("--udp-rate and --tcp-rate must be non-zero, --rr-flows 1..=1000");
+    a.short_repeats = a.short_repeats.min(a.repeats);
+    if a.udp_kpps == 0
+        || a.tcp_mbps == 0
+        || !(1..=1000).contains(&a.rr_flows)
+        || !(1..=1000).contains(&a.crr_clients)
+    {
+        bail!("--udp-rate and --tcp-rate must be non-zero, --rr-flows and --crr-clients 1..=1000");
     }
     Ok(Some(a))
 }
 
-/// What one measurement step runs (the RTT and CPU steps yield two figures each).
+/// What one measurement step runs (the RTT and CPU steps yield two figures
+/// each; `Progs` runs once per eBPF mode after the rounds).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Figure {
     Tcp1,
     Tcp4,
     Udp,
     Tps,
+    Crr,
     Rtt,
     Cpu,
+    Progs,
 }
 
 impl Figure {
-    const ALL: [Figure; 6] = [
+    const ALL: [Figure; 8] = [
         Figure::Tcp1,
         Figure::Tcp4,
         Figure::Udp,
         Figure::Tps,
+        Figure::Crr,
         Figure::Rtt,
         Figure::Cpu,
+        Figure::Progs,
     ];
+
+    /// The headline figures, measured in every round for `--duration`.
+    fn is_headline(self) -> bool {
+        matches!(self, Figure::Tcp1 | Figure::Tcp4)
+    }
 
     fn parse(s: &str) -> Result<Figure> {
         Ok(match s {
@@ -148,18 +214,22 @@ impl Figure {
             "tcp4" => Figure::Tcp4,
             "udp" => Figure::Udp,
             "tps" => Figure::Tps,
+            "crr" => Figure::Crr,
             "rtt" => Figure::Rtt,
             "cpu" => Figure::Cpu,
-            _ => bail!("unknown figure {s:?} (tcp1, tcp4, udp, tps, rtt, cpu)"),
+            "progs" => Figure::Progs,
+            _ => bail!("unknown figure {s:?} (tcp1, tcp4, udp, tps, crr, rtt, cpu, progs)"),
         })
     }
 
     /// About how long one step takes, in seconds, for measurements of `secs`:
     /// each tool also spends about a second starting; the CPU step measures the
-    /// idle machine for `secs`, then runs two loads of `secs` + 2 s.
+    /// idle machine for a while, then runs two loads of `secs` + 2 s; the
+    /// program-cost step runs three loads once per eBPF mode (not per round).
     fn secs(self, secs: u32) -> u32 {
         match self {
-            Figure::Cpu => 3 * secs + 6,
+            Figure::Cpu => report::BACKGROUND_SECS + 2 * secs + 6,
+            Figure::Progs => 0,
             _ => secs + 1,
         }
     }
@@ -183,19 +253,43 @@ fn main() -> Result<()> {
     }
     catch_signals();
     let started = Instant::now();
-    let steps = args.figures.len() as u32;
-    let per_round: u32 = args.figures.iter().map(|f| f.secs(args.secs)).sum();
+    let pin = if args.pin {
+        Pinning::detect()
+    } else {
+        Pinning::NONE
+    };
+    let headline: u32 = args
+        .figures
+        .iter()
+        .filter(|f| f.is_headline())
+        .map(|f| f.secs(args.secs))
+        .sum();
+    let short: u32 = args
+        .figures
+        .iter()
+        .filter(|f| !f.is_headline())
+        .map(|f| f.secs(args.short_secs))
+        .sum();
+    let ebpf_modes = args.modes.iter().filter(|m| m.is_ebpf()).count() as u32;
+    let progs = if args.figures.contains(&Figure::Progs) {
+        ebpf_modes * 3 * (args.short_secs + 3)
+    } else {
+        0
+    };
+    let modes = args.modes.len() as u32;
     eprintln!(
-        "bench: modes {}; {} repeats x {} figures x {} s: about {} s of measuring",
+        "bench: modes {}; TCP throughput {} rounds x {} s, other figures {} rounds x {} s; {}: about {} s of measuring",
         args.modes
             .iter()
             .map(|m| m.name())
             .collect::<Vec<_>>()
             .join(", "),
         args.repeats,
-        steps,
         args.secs,
-        per_round as usize * args.modes.len() * args.repeats as usize
+        args.short_repeats,
+        args.short_secs,
+        pin.describe(),
+        modes * (args.repeats * headline + args.short_repeats * short) + progs
     );
     let load_before = loadavg();
 
@@ -203,7 +297,7 @@ fn main() -> Result<()> {
     let mut labs = Vec::new();
     for mode in &args.modes {
         eprintln!("bench: building the {} lab", mode.name());
-        match ModeLab::build(*mode) {
+        match ModeLab::build(*mode, pin) {
             Ok(l) => labs.push(l),
             Err(e) => {
                 eprintln!("bench: {} lab failed: {e:#}", mode.name());
@@ -219,11 +313,24 @@ fn main() -> Result<()> {
                 break 'rounds;
             }
             let lab = &labs[(i + round as usize) % labs.len()];
-            if let Err(e) = measure(lab, &args, &mut results) {
+            if let Err(e) = measure(lab, &args, round, pin, &mut results) {
                 eprintln!("bench: {} round {}: {e:#}", lab.mode.name(), round + 1);
                 results
                     .errors
                     .push((lab.mode, format!("round {}: {e:#}", round + 1)));
+            }
+        }
+    }
+    if args.figures.contains(&Figure::Progs) {
+        for lab in labs.iter().filter(|l| l.mode.is_ebpf()) {
+            if interrupted() {
+                break;
+            }
+            if let Err(e) = prog_costs(lab, &args, pin, &mut results) {
+                eprintln!("bench: {} program cost: {e:#}", lab.mode.name());
+                results
+                    .errors
+                    .push((lab.mode, format!("program cost: {e:#}")));
             }
         }
     }
@@ -243,15 +350,13 @@ fn main() -> Result<()> {
         bail!("interrupted; labs torn down, nothing written");
     }
 
-    let ctx = context(&args, load_before, started.elapsed().as_secs_f64());
+    let ctx = context(&args, pin, load_before, started.elapsed().as_secs_f64());
     let md = report::markdown(&results, &ctx);
     let chart = svg::chart(
         &results,
         &format!(
-            "Two-host lab, {} (medians of {} run{})",
-            ctx.date,
-            ctx.repeats,
-            if ctx.repeats == 1 { "" } else { "s" }
+            "Two-host lab, {} (medians of {} rounds of TCP, {} of the rest; one run)",
+            ctx.date, ctx.repeats, ctx.short_repeats
         ),
     );
     std::fs::create_dir_all(&args.out)?;
@@ -287,14 +392,30 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-fn measure(lab: &ModeLab, args: &Args, results: &mut Results) -> Result<()> {
-    let secs = args.secs;
+fn measure(
+    lab: &ModeLab,
+    args: &Args,
+    round: u32,
+    pin: Pinning,
+    results: &mut Results,
+) -> Result<()> {
     let ends = lab.endpoints();
     let (c1, dst) = (ends.client_ns.as_str(), ends.server_ip);
+    let short_round = args.short_round(round);
+    let mode = lab.mode;
     // Whatever was measured is printed even when a later figure fails.
-    let mut logged = PrintOnDrop(format!("bench: {:9}", lab.mode.name()));
+    let mut logged = PrintOnDrop(format!("bench: {:9} r{:<2}", mode.name(), round + 1));
     let line = &mut logged.0;
     for figure in &args.figures {
+        if *figure == Figure::Progs || !(figure.is_headline() || short_round) {
+            continue;
+        }
+        let secs = if figure.is_headline() {
+            args.secs
+        } else {
+            args.short_secs
+        };
+        let mut push = |metric, value| results.push(mode, metric, round, value);
         match figure {
             Figure::Tcp1 | Figure::Tcp4 => {
                 let (streams, metric) = if *figure == Figure::Tcp1 {
@@ -302,13 +423,13 @@ fn measure(lab: &ModeLab, args: &Args, results: &mut Results) -> Result<()> {
                 } else {
                     (4, Metric::Tcp4)
                 };
-                let gbps = tools::tcp_gbps(c1, dst, streams, secs)?;
-                results.push(lab.mode, metric, gbps);
+                let gbps = tools::tcp_gbps(c1, dst, streams, secs, pin)?;
+                push(metric, gbps);
                 *line += &format!("  tcp{streams} {gbps:6.2} Gbit/s");
             }
             Figure::Udp => {
-                let (pps, sent_pps) = tools::udp_pps(c1, dst, secs)?;
-                results.push(lab.mode, Metric::Udp64, pps / 1e3);
+                let (pps, sent_pps) = tools::udp_pps(c1, dst, secs, pin)?;
+                push(Metric::Udp64, pps / 1e3);
                 *line += &format!(
                     "  udp64 {:5.0}/{:5.0} kpps rx/tx",
                     pps / 1e3,
@@ -316,74 +437,146 @@ fn measure(lab: &ModeLab, args: &Args, results: &mut Results) -> Result<()> {
                 );
             }
             Figure::Tps => {
-                let tps = tools::rr_tps(&ends, args.rr_flows, secs)?;
-                results.push(lab.mode, Metric::Tps, tps / 1e3);
+                let tps = tools::rr_tps(&ends, args.rr_flows, secs, pin)?;
+                push(Metric::Tps, tps / 1e3);
                 *line += &format!("  rr {:5.1} ktps", tps / 1e3);
             }
+            Figure::Crr => {
+                let c = connrate::conn_rate(&ends, args.crr_clients, secs, pin)?;
+                push(Metric::ConnRate, c.per_sec / 1e3);
+                *results.failed_connections.entry(mode).or_default() += c.failed;
+                *line += &format!("  crr {:5.2} kconn/s", c.per_sec / 1e3);
+                if c.failed > 0 {
+                    *line += &format!(" ({} failed)", c.failed);
+                }
+            }
             Figure::Rtt => {
-                let rtt = tools::rtt(c1, dst, secs)?;
-                results.push(lab.mode, Metric::RttP50, rtt.p50_us);
-                results.push(lab.mode, Metric::RttP99, rtt.p99_us);
+                let rtt = tools::rtt(c1, dst, secs, pin)?;
+                push(Metric::RttP50, rtt.p50_us);
+                push(Metric::RttP99, rtt.p99_us);
                 *line += &format!("  rtt p50 {:6.1} µs p99 {:6.1} µs", rtt.p50_us, rtt.p99_us);
             }
-            Figure::Cpu => {
-                let background = tools::background_busy(secs)?;
-                results.background.push((lab.mode, background));
-                *line += &format!("  idle machine {:2.0} % busy", background * 100.0);
-                if background > MAX_BACKGROUND {
-                    // Other work would swamp (and, subtracted, zero) the figures.
-                    results.errors.push((
-                        lab.mode,
-                        format!(
-                            "CPU step skipped: the machine was {:.0} % busy with no load offered",
-                            background * 100.0
-                        ),
-                    ));
-                    *line += " (CPU step skipped)";
-                    continue;
+            Figure::Cpu => cpu_step(lab, args, round, secs, pin, results, line)?,
+            Figure::Progs => {}
+        }
+    }
+    Ok(())
+}
+
+fn cpu_step(
+    lab: &ModeLab,
+    args: &Args,
+    round: u32,
+    secs: u32,
+    pin: Pinning,
+    results: &mut Results,
+    line: &mut String,
+) -> Result<()> {
+    let ends = lab.endpoints();
+    let mode = lab.mode;
+    let background = tools::background_busy(report::BACKGROUND_SECS)?;
+    results.background.push((mode, background));
+    *line += &format!("  idle machine {:2.0} % busy", background * 100.0);
+    if background > MAX_BACKGROUND {
+        // Other work would swamp (and, subtracted, zero) the figures.
+        results.errors.push((
+            mode,
+            format!(
+                "CPU step skipped: the machine was {:.0} % busy with no load offered",
+                background * 100.0
+            ),
+        ));
+        *line += " (CPU step skipped)";
+        return Ok(());
+    }
+    let offered = f64::from(args.udp_kpps) * 1e3;
+    let udp = tools::udp_cpu(&ends, args.udp_kpps * 1000, secs, background, pin)?;
+    results.push(mode, Metric::CpuUdp, round, udp.cpu_per_mpkt());
+    *line += &format!(
+        "  cpu udp {:5.2} s/Mpkt ({:3.0} kpps, {:2.0} % busy)",
+        udp.cpu_per_mpkt(),
+        udp.rx_pps() / 1e3,
+        udp.busy_fraction * 100.0
+    );
+    if udp.rx_pps() < 0.95 * offered {
+        results.errors.push((
+            mode,
+            format!(
+                "UDP at {} kpps not sustained: {:.0} kpps received",
+                args.udp_kpps,
+                udp.rx_pps() / 1e3
+            ),
+        ));
+    }
+    let offered = f64::from(args.tcp_mbps) / 1e3;
+    let tcp = tools::tcp_cpu(&ends, args.tcp_mbps, secs, background, pin)?;
+    results.push(mode, Metric::CpuTcp, round, tcp.cpu_per_gb());
+    *line += &format!(
+        "  cpu tcp {:5.2} s/GB ({:4.2} Gbit/s, {:2.0} % busy)",
+        tcp.cpu_per_gb(),
+        tcp.rx_gbps(),
+        tcp.busy_fraction * 100.0
+    );
+    // Interface bytes include headers, goodput does not: 0.95 is lenient.
+    if tcp.rx_gbps() < 0.95 * offered {
+        results.errors.push((
+            mode,
+            format!(
+                "TCP at {} Mbit/s not sustained: {:.2} Gbit/s received",
+                args.tcp_mbps,
+                tcp.rx_gbps()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Each eBPF program's ns per run in `lab` under the CPU figure's two fixed
+/// loads and the connection-rate load, with the kernel's run-time
+/// accounting on only for this step.
+fn prog_costs(lab: &ModeLab, args: &Args, pin: Pinning, results: &mut Results) -> Result<()> {
+    let ends = lab.endpoints();
+    let secs = args.short_secs;
+    let hosts: Vec<(usize, Vec<u32>)> = lab
+        .host_namespaces()
+        .into_iter()
+        .map(|(i, ns)| progcost::attached_ids(&ns).map(|ids| (i, ids)))
+        .collect::<Result<_>>()?;
+    anyhow::ensure!(
+        hosts.iter().any(|(_, ids)| !ids.is_empty()),
+        "bpftool net show found no programs attached in the lab's hosts"
+    );
+    let _stats = progcost::StatsOn::enable()?;
+    let loads: [(&'static str, &dyn Fn() -> Result<()>); 3] = [
+        ("UDP 64 B at the CPU figure's rate", &|| {
+            tools::udp_cpu(&ends, args.udp_kpps * 1000, secs, 0.0, pin).map(drop)
+        }),
+        ("one TCP stream at the CPU figure's rate", &|| {
+            tools::tcp_cpu(&ends, args.tcp_mbps, secs, 0.0, pin).map(drop)
+        }),
+        ("connection rate", &|| {
+            connrate::conn_rate(&ends, args.crr_clients, secs, pin).map(drop)
+        }),
+    ];
+    let mut line = format!("bench: {:9} program cost:", lab.mode.name());
+    for (load, run) in loads {
+        line += &format!("\n  {load}:");
+        let before: Vec<_> = hosts
+            .iter()
+            .map(|(i, ids)| (*i, progcost::snapshot(ids)))
+            .collect();
+        run()?;
+        for (i, b) in &before {
+            let ids = &hosts.iter().find(|(h, _)| h == i).expect("same hosts").1;
+            for c in progcost::delta(*i, b, &progcost::snapshot(ids)) {
+                if let Some(ns) = c.ns_per_run() {
+                    line += &format!("  h{} {} {ns:.0} ns", c.host, c.name);
                 }
-                let offered = f64::from(args.udp_kpps) * 1e3;
-                let udp = tools::udp_cpu(&ends, args.udp_kpps * 1000, secs, background)?;
-                results.push(lab.mode, Metric::CpuUdp, udp.cpu_per_mpkt());
-                *line += &format!(
-                    "  cpu udp {:5.2} s/Mpkt ({:3.0} kpps, {:2.0} % busy)",
-                    udp.cpu_per_mpkt(),
-                    udp.rx_pps() / 1e3,
-                    udp.busy_fraction * 100.0
-                );
-                if udp.rx_pps() < 0.95 * offered {
-                    results.errors.push((
-                        lab.mode,
-                        format!(
-                            "UDP at {} kpps not sustained: {:.0} kpps received",
-                            args.udp_kpps,
-                            udp.rx_pps() / 1e3
-                        ),
-                    ));
-                }
-                let offered = f64::from(args.tcp_mbps) / 1e3;
-                let tcp = tools::tcp_cpu(&ends, args.tcp_mbps, secs, background)?;
-                results.push(lab.mode, Metric::CpuTcp, tcp.cpu_per_gb());
-                *line += &format!(
-                    "  cpu tcp {:5.2} s/GB ({:4.2} Gbit/s, {:2.0} % busy)",
-                    tcp.cpu_per_gb(),
-                    tcp.rx_gbps(),
-                    tcp.busy_fraction * 100.0
-                );
-                // Interface bytes include headers, goodput does not: 0.95 is lenient.
-                if tcp.rx_gbps() < 0.95 * offered {
-                    results.errors.push((
-                        lab.mode,
-                        format!(
-                            "TCP at {} Mbit/s not sustained: {:.2} Gbit/s received",
-                            args.tcp_mbps,
-                            tcp.rx_gbps()
-                        ),
-                    ));
-                }
+                results.prog_costs.push((lab.mode, load, c));
             }
         }
     }
+    eprintln!("{line}");
     Ok(())
 }
 
@@ -405,7 +598,7 @@ fn loadavg() -> String {
         .unwrap_or_default()
 }
 
-fn context(args: &Args, load_before: String, wall_secs: f64) -> Context {
+fn context(args: &Args, pin: Pinning, load_before: String, wall_secs: f64) -> Context {
     let sockperf = first_line("sockperf", &["--version"]);
     Context {
         date: machine::utc_now(),
@@ -417,6 +610,9 @@ fn context(args: &Args, load_before: String, wall_secs: f64) -> Context {
         load_after: loadavg(),
         repeats: args.repeats,
         secs: args.secs,
+        short_repeats: args.short_repeats,
+        short_secs: args.short_secs,
+        pinning: pin.describe(),
         tools: format!(
             "{}, {}",
             first_line("iperf3", &["--version"]),
@@ -426,6 +622,7 @@ fn context(args: &Args, load_before: String, wall_secs: f64) -> Context {
         udp_kpps: args.udp_kpps,
         tcp_mbps: args.tcp_mbps,
         rr_flows: args.rr_flows,
+        crr_clients: args.crr_clients,
     }
 }
 
@@ -440,14 +637,19 @@ fn update_readme(results: &Results, ctx: &Context) -> Result<()> {
         bail!("README.md has no {README_START} ... {README_END} section");
     };
     let body = format!(
-        "{README_START}\nMeasured {} on {} ({} cores, kernel {}), commit {}, medians of {} interleaved runs of {} s; details in [docs/benchmark.md](docs/benchmark.md).\n\n{}{README_END}",
+        "{README_START}\nMeasured {} on {} ({} cores, kernel {}, shared with other work: load average {} before, {} after), commit {}, one run: TCP throughput medians of {} interleaved rounds of {} s, the other figures of {} rounds of {} s; {}. Ratios are medians of per-round ratios with a 95 % interval; details, the run's noise and per-program cost in [docs/benchmark.md](docs/benchmark.md).\n\n{}{README_END}",
         ctx.date,
         ctx.cpu,
         ctx.cores,
         ctx.kernel,
+        ctx.load_before,
+        ctx.load_after,
         ctx.commit,
         ctx.repeats,
         ctx.secs,
+        ctx.short_repeats,
+        ctx.short_secs,
+        ctx.pinning,
         report::table(results)
     );
     let updated = format!("{}{body}{}", &readme[..a], &readme[b + README_END.len()..]);
@@ -466,9 +668,11 @@ mod tests {
     fn quick_is_short_and_does_not_touch_docs() {
         let a = args("--quick").unwrap().unwrap();
         assert_eq!((a.repeats, a.secs, a.update_readme), (1, 1, false));
+        assert_eq!((a.short_repeats, a.short_secs), (1, 1));
+        assert!(a.short_round(0));
         assert!(a.out.ends_with("target/bench-partial"));
         let a = args("--repeats 7").unwrap().unwrap();
-        assert_eq!((a.repeats, a.secs, a.update_readme), (7, 3, true));
+        assert_eq!((a.repeats, a.secs, a.update_readme), (7, 10, true));
         assert!(a.out.ends_with("docs"));
         assert!(args("--modes ebpf").is_err());
         assert!(args("--repeats").is_err());
@@ -494,20 +698,60 @@ mod tests {
             .unwrap()
             .unwrap();
         assert!(!a.update_readme);
+        // Adding the experimental XDP mode is not.
+        let a = args("--modes host,plain,kernel,ebpf-fast,ebpf-tc,ebpf-xdp")
+            .unwrap()
+            .unwrap();
+        assert!(a.update_readme);
+    }
+
+    #[test]
+    fn headline_figures_every_round_the_rest_in_evenly_spread_rounds() {
+        let a = args("").unwrap().unwrap();
+        assert_eq!(
+            (a.repeats, a.secs, a.short_repeats, a.short_secs),
+            (10, 10, 4, 3)
+        );
+        assert_eq!(a.modes, Mode::DEFAULT);
+        assert!(a.pin);
+        let rounds: Vec<u32> = (0..10).filter(|r| a.short_round(*r)).collect();
+        assert_eq!(rounds, [2, 4, 7, 9]);
+        let a = args("--short-repeats 5").unwrap().unwrap();
+        let rounds: Vec<u32> = (0..10).filter(|r| a.short_round(*r)).collect();
+        assert_eq!(rounds, [1, 3, 5, 7, 9]);
+        let a = args("--repeats 3 --short-repeats 9").unwrap().unwrap();
+        assert_eq!(a.short_repeats, 3);
+        assert!((0..3).all(|r| a.short_round(r)));
+        let a = args("--repeats 4 --short-repeats 1 --no-pin")
+            .unwrap()
+            .unwrap();
+        assert_eq!((0..4).filter(|r| a.short_round(*r)).count(), 1);
+        assert!(!a.pin);
+        assert!(Figure::Tcp1.is_headline() && !Figure::Crr.is_headline());
+        assert!(args("--short-duration 0").is_err());
     }
 
     #[test]
     fn offered_loads_and_new_figures() {
         let a = args("").unwrap().unwrap();
-        assert_eq!((a.udp_kpps, a.tcp_mbps, a.rr_flows), (50, 4000, 32));
+        assert_eq!(
+            (a.udp_kpps, a.tcp_mbps, a.rr_flows, a.crr_clients),
+            (50, 4000, 32, 32)
+        );
         assert_eq!(a.modes.first(), Some(&Mode::Host));
         assert!(a.update_readme);
-        let a = args("--udp-rate 20 --tcp-rate 500 --rr-flows 8 --figures cpu,tps")
-            .unwrap()
-            .unwrap();
-        assert_eq!((a.udp_kpps, a.tcp_mbps, a.rr_flows), (20, 500, 8));
-        assert_eq!(a.figures, [Figure::Tps, Figure::Cpu]);
+        let a = args(
+            "--udp-rate 20 --tcp-rate 500 --rr-flows 8 --crr-clients 64 --figures cpu,crr,tps",
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            (a.udp_kpps, a.tcp_mbps, a.rr_flows, a.crr_clients),
+            (20, 500, 8, 64)
+        );
+        assert_eq!(a.figures, [Figure::Tps, Figure::Crr, Figure::Cpu]);
         assert!(args("--udp-rate 0").is_err());
         assert!(args("--rr-flows 0").is_err());
+        assert!(args("--crr-clients 0").is_err());
     }
 }

@@ -169,9 +169,9 @@ mod tests {
     #[test]
     fn a_near_zero_base_does_not_blow_up_the_axis() {
         let mut r = Results::default();
-        r.push(Mode::Plain, Metric::CpuTcp, 0.001);
-        r.push(Mode::Kernel, Metric::CpuTcp, 3.5);
-        r.push(Mode::Plain, Metric::Tcp1, 10.0);
+        r.push(Mode::Plain, Metric::CpuTcp, 0, 0.001);
+        r.push(Mode::Kernel, Metric::CpuTcp, 0, 3.5);
+        r.push(Mode::Plain, Metric::Tcp1, 0, 10.0);
         let svg = chart(&r, "t");
         // The grid stops at the cap (300 %) plus headroom, not at 350000 %.
         assert!(svg.contains(">300 %<") && !svg.contains(">500 %<"), "{svg}");
@@ -181,9 +181,9 @@ mod tests {
     #[test]
     fn one_bar_per_measured_value_and_well_formed() {
         let mut r = Results::default();
-        r.push(Mode::Plain, Metric::Tcp1, 10.0);
-        r.push(Mode::Kernel, Metric::Tcp1, 8.0);
-        r.push(Mode::Kernel, Metric::RttP50, 30.0);
+        r.push(Mode::Plain, Metric::Tcp1, 0, 10.0);
+        r.push(Mode::Kernel, Metric::Tcp1, 0, 8.0);
+        r.push(Mode::Kernel, Metric::RttP50, 0, 30.0);
         let svg = chart(&r, "t <1>");
         // Three bars (the RTT one relative to its own group's best, since plain
         // has no RTT) + two legend swatches + background.

@@ -16,6 +16,7 @@ use overlay_tests::cmd::{self, Background};
 use overlay_tests::netns;
 
 use crate::modes::Endpoints;
+use crate::pin::{Pinning, pin_thread};
 
 pub const IPERF_PORT: u16 = 5201;
 pub const SOCKPERF_PORT: u16 = 11111;
@@ -33,32 +34,35 @@ pub struct Servers {
 }
 
 impl Servers {
-    pub fn start(ns: &str, ip: Ipv4Addr) -> Result<Servers> {
+    /// Started on the server's CPU of `pin`.
+    pub fn start(ns: &str, ip: Ipv4Addr, pin: Pinning) -> Result<Servers> {
+        let taskset = Pinning::prefix(pin.server);
+        let pinned = |args: &[&str]| -> Vec<String> {
+            taskset
+                .iter()
+                .cloned()
+                .chain(args.iter().map(|a| (*a).to_owned()))
+                .collect()
+        };
         // The server's reports go nowhere: nobody reads its stdout pipe, which
         // would fill up over a long run (five iperf3 tests per mode and round)
         // and block the server.
-        let iperf = Background::spawn(
-            Some(ns),
-            &[
-                "iperf3",
-                "--server",
-                "--port",
-                &IPERF_PORT.to_string(),
-                "--logfile",
-                "/dev/null",
-            ],
-        )?;
-        let sockperf = Background::spawn(
-            Some(ns),
-            &[
-                "sockperf",
-                "server",
-                "-i",
-                &ip.to_string(),
-                "-p",
-                &SOCKPERF_PORT.to_string(),
-            ],
-        )?;
+        let (iperf_port, sockperf_port, ip) = (
+            IPERF_PORT.to_string(),
+            SOCKPERF_PORT.to_string(),
+            ip.to_string(),
+        );
+        let iperf = pinned(&[
+            "iperf3",
+            "--server",
+            "--port",
+            &iperf_port,
+            "--logfile",
+            "/dev/null",
+        ]);
+        let iperf = Background::spawn(Some(ns), &strs(&iperf))?;
+        let sockperf = pinned(&["sockperf", "server", "-i", &ip, "-p", &sockperf_port]);
+        let sockperf = Background::spawn(Some(ns), &strs(&sockperf))?;
         wait_listening(ns, "-lnt", IPERF_PORT)?;
         wait_listening(ns, "-lnu", SOCKPERF_PORT)?;
         Ok(Servers {
@@ -66,6 +70,10 @@ impl Servers {
             _sockperf: sockperf,
         })
     }
+}
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
 }
 
 /// Polls `ss` in `ns` until something listens on `port`.
@@ -85,11 +93,18 @@ fn wait_listening(ns: &str, kind: &str, port: u16) -> Result<()> {
 }
 
 /// TCP goodput in Gbit/s seen by the receiver, with `streams` parallel streams.
-pub fn tcp_gbps(client_ns: &str, server: Ipv4Addr, streams: u32, secs: u32) -> Result<f64> {
+pub fn tcp_gbps(
+    client_ns: &str,
+    server: Ipv4Addr,
+    streams: u32,
+    secs: u32,
+    pin: Pinning,
+) -> Result<f64> {
     let json = iperf_client(
         client_ns,
         server,
         &["-P", &streams.to_string(), "-t", &secs.to_string()],
+        pin,
     )?;
     parse_tcp_gbps(&json)
 }
@@ -97,7 +112,7 @@ pub fn tcp_gbps(client_ns: &str, server: Ipv4Addr, streams: u32, secs: u32) -> R
 /// 64-byte UDP datagrams per second that reached the receiving socket, with
 /// the sender unthrottled (`-b 0`): what the datapath delivers under overload.
 /// Returns (received, sent) per second.
-pub fn udp_pps(client_ns: &str, server: Ipv4Addr, secs: u32) -> Result<(f64, f64)> {
+pub fn udp_pps(client_ns: &str, server: Ipv4Addr, secs: u32, pin: Pinning) -> Result<(f64, f64)> {
     let json = iperf_client(
         client_ns,
         server,
@@ -110,14 +125,22 @@ pub fn udp_pps(client_ns: &str, server: Ipv4Addr, secs: u32) -> Result<(f64, f64
             "-t",
             &secs.to_string(),
         ],
+        pin,
     )?;
     Ok((parse_udp_pps(&json)?, parse_udp_sent_pps(&json)?))
 }
 
-fn iperf_client(ns: &str, server: Ipv4Addr, extra: &[&str]) -> Result<serde_json::Value> {
+fn iperf_client(
+    ns: &str,
+    server: Ipv4Addr,
+    extra: &[&str],
+    pin: Pinning,
+) -> Result<serde_json::Value> {
     let server = server.to_string();
     let port = IPERF_PORT.to_string();
-    let mut args = vec!["iperf3", "-c", &server, "-p", &port, "-J"];
+    let taskset = Pinning::prefix(pin.client);
+    let mut args = strs(&taskset);
+    args.extend(["iperf3", "-c", &server, "-p", &port, "-J"]);
     args.extend_from_slice(extra);
     // iperf3 -J prints its error inside the JSON and exits 1; read it either way.
     let out = cmd::command(Some(ns), &args)
@@ -328,7 +351,7 @@ impl CpuLoad {
 
 /// Seconds of load before the CPU window opens (connections, slow start,
 /// neighbour entries, the tool's own start-up are all outside the window).
-const WARMUP: Duration = Duration::from_secs(1);
+pub const WARMUP: Duration = Duration::from_secs(1);
 
 /// Runs an iperf3 client with `extra` (its own pacing) for `secs` + 2 s and
 /// measures system-wide CPU time and the receiver's interface counters over
@@ -339,11 +362,14 @@ fn cpu_under_iperf(
     extra: &[String],
     secs: u32,
     background: f64,
+    pin: Pinning,
 ) -> Result<CpuLoad> {
     let server = ends.server_ip.to_string();
     let port = IPERF_PORT.to_string();
     let t = (secs + 2).to_string();
-    let mut args = vec!["iperf3", "-c", &server, "-p", &port, "-J", "-t", &t];
+    let taskset = Pinning::prefix(pin.client);
+    let mut args = strs(&taskset);
+    args.extend(["iperf3", "-c", &server, "-p", &port, "-J", "-t", &t]);
     args.extend(extra.iter().map(String::as_str));
     let what = args.join(" ");
     let cmd = cmd::command(Some(&ends.client_ns), &args);
@@ -398,7 +424,13 @@ fn cpu_under_iperf(
 
 /// 64-byte UDP at `pps` datagrams per second (`iperf3 -u -l 64 -b <bits>`,
 /// the rate counts payload bits).
-pub fn udp_cpu(ends: &Endpoints, pps: u32, secs: u32, background: f64) -> Result<CpuLoad> {
+pub fn udp_cpu(
+    ends: &Endpoints,
+    pps: u32,
+    secs: u32,
+    background: f64,
+    pin: Pinning,
+) -> Result<CpuLoad> {
     let bits = u64::from(pps) * u64::from(UDP_PAYLOAD) * 8;
     cpu_under_iperf(
         ends,
@@ -411,12 +443,25 @@ pub fn udp_cpu(ends: &Endpoints, pps: u32, secs: u32, background: f64) -> Result
         ],
         secs,
         background,
+        pin,
     )
 }
 
 /// One TCP stream paced by iperf3 to `mbps` Mbit/s of goodput.
-pub fn tcp_cpu(ends: &Endpoints, mbps: u32, secs: u32, background: f64) -> Result<CpuLoad> {
-    cpu_under_iperf(ends, &["-b".into(), format!("{mbps}M")], secs, background)
+pub fn tcp_cpu(
+    ends: &Endpoints,
+    mbps: u32,
+    secs: u32,
+    background: f64,
+    pin: Pinning,
+) -> Result<CpuLoad> {
+    cpu_under_iperf(
+        ends,
+        &["-b".into(), format!("{mbps}M")],
+        secs,
+        background,
+        pin,
+    )
 }
 
 /// Transactions per second of 64-byte TCP request/response over `flows`
@@ -426,13 +471,14 @@ pub fn tcp_cpu(ends: &Endpoints, mbps: u32, secs: u32, background: f64) -> Resul
 /// enough flows both are always busy and the rate is bound by the CPU cost of
 /// a transaction (two small packets through the whole path plus the socket
 /// calls), not by how quickly a sleeping thread is woken.
-pub fn rr_tps(ends: &Endpoints, flows: usize, secs: u32) -> Result<f64> {
+pub fn rr_tps(ends: &Endpoints, flows: usize, secs: u32, pin: Pinning) -> Result<f64> {
     ensure!(flows > 0, "no flows");
     let addr = SocketAddrV4::new(ends.server_ip, RR_PORT);
     let (ready_tx, ready_rx) = mpsc::channel::<()>();
     // The server gives up on its own after this, whatever the client does.
     let server_limit = Duration::from_secs(u64::from(secs) + 20);
     let server = netns::spawn_in(&ends.server_ns, move || {
+        pin_thread(pin.server)?;
         let listener = TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
         listener.set_nonblocking(true)?;
         let _ = ready_tx.send(());
@@ -489,6 +535,7 @@ pub fn rr_tps(ends: &Endpoints, flows: usize, secs: u32) -> Result<f64> {
         bail!("request/response server never became ready");
     }
     let client = netns::spawn_in(&ends.client_ns, move || {
+        pin_thread(pin.client)?;
         let mut conns = Vec::with_capacity(flows);
         for _ in 0..flows {
             let s = TcpStream::connect_timeout(&addr.into(), Duration::from_secs(5))
@@ -588,23 +635,28 @@ pub struct Rtt {
     pub p99_us: f64,
 }
 
-pub fn rtt(client_ns: &str, server: Ipv4Addr, secs: u32) -> Result<Rtt> {
-    let out = cmd::run_in(
-        client_ns,
-        &[
-            "sockperf",
-            "ping-pong",
-            "-i",
-            &server.to_string(),
-            "-p",
-            &SOCKPERF_PORT.to_string(),
-            "-m",
-            "64",
-            "-t",
-            &secs.to_string(),
-            "--full-rtt",
-        ],
-    )?;
+pub fn rtt(client_ns: &str, server: Ipv4Addr, secs: u32, pin: Pinning) -> Result<Rtt> {
+    let (server, port, secs) = (
+        server.to_string(),
+        SOCKPERF_PORT.to_string(),
+        secs.to_string(),
+    );
+    let taskset = Pinning::prefix(pin.client);
+    let mut args = strs(&taskset);
+    args.extend([
+        "sockperf",
+        "ping-pong",
+        "-i",
+        &server,
+        "-p",
+        &port,
+        "-m",
+        "64",
+        "-t",
+        &secs,
+        "--full-rtt",
+    ]);
+    let out = cmd::run_in(client_ns, &args)?;
     parse_sockperf(&out)
 }
 
