@@ -42,7 +42,7 @@ pub fn ingress6(ctx: &TcContext, cfg: &NodeConfig, len: u32) -> i32 {
     let verdict = classify_ingress6(&window, pkt, cfg, cfg6, DECAP_GSO, |ip| {
         // A copy: the agent replaces entries whole, and only `peer` (a
         // counter's key) is read from it.
-        sender = KNOWN_VTEPS6.get_ptr(&ip).map(|v| unsafe { *v });
+        sender = KNOWN_VTEPS6.get_ptr(ip).map(|v| unsafe { *v });
         sender.is_some()
     });
     match verdict {
