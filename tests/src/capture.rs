@@ -142,11 +142,20 @@ fn parse_u<T: std::str::FromStr>(s: &str, what: &str) -> Result<T> {
     parsed.with_context(|| format!("parsing {what} from {s:?}"))
 }
 
-/// Every frame tshark decodes as VXLAN on UDP `port` in `pcap`.
-pub fn vxlan_frames(pcap: &Path, port: u16) -> Result<Vec<VxlanFrame>> {
-    let mut args = vec![
+/// `fields` of every frame of `pcap` that `filter` selects, one row of
+/// columns per frame (a field's occurrences joined by `,`), with `extra`
+/// options for tshark.
+fn field_rows(
+    pcap: &Path,
+    port: u16,
+    extra: &[&str],
+    filter: &str,
+    fields: &[&str],
+) -> Result<Vec<Vec<String>>> {
+    let mut args = extra.to_vec();
+    args.extend([
         "-Y",
-        "vxlan",
+        filter,
         "-T",
         "fields",
         "-E",
@@ -155,24 +164,33 @@ pub fn vxlan_frames(pcap: &Path, port: u16) -> Result<Vec<VxlanFrame>> {
         "occurrence=a",
         "-E",
         "aggregator=,",
-    ];
-    for f in FIELDS {
+    ]);
+    for f in fields {
         args.push("-e");
         args.push(f);
     }
     let out = tshark(pcap, port, &args)?;
-    let mut frames = Vec::new();
+    let mut rows = Vec::new();
     for line in out.lines().filter(|l| !l.trim().is_empty()) {
-        let cols: Vec<&str> = line.split('\t').collect();
+        let cols: Vec<String> = line.split('\t').map(str::to_owned).collect();
         ensure!(
-            cols.len() == FIELDS.len(),
+            cols.len() == fields.len(),
             "unexpected tshark line {line:?}"
         );
+        rows.push(cols);
+    }
+    Ok(rows)
+}
+
+/// Every frame tshark decodes as VXLAN on UDP `port` in `pcap`.
+pub fn vxlan_frames(pcap: &Path, port: u16) -> Result<Vec<VxlanFrame>> {
+    let mut frames = Vec::new();
+    for cols in field_rows(pcap, port, &[], "vxlan", FIELDS)? {
         // First occurrence = outer header, second = inner.
         let nth = |col: usize, i: usize| cols[col].split(',').nth(i).unwrap_or("");
         let inner_ip = |col: usize| nth(col, 1).parse::<Ipv4Addr>().ok();
         frames.push(VxlanFrame {
-            number: parse_u(cols[0], "frame number")?,
+            number: parse_u(&cols[0], "frame number")?,
             outer_src: nth(1, 0).parse().context("outer ip.src")?,
             outer_dst: nth(2, 0).parse().context("outer ip.dst")?,
             outer_ttl: parse_u(nth(3, 0), "outer ttl")?,
@@ -180,8 +198,8 @@ pub fn vxlan_frames(pcap: &Path, port: u16) -> Result<Vec<VxlanFrame>> {
             udp_src: parse_u(nth(5, 0), "udp.srcport")?,
             udp_dst: parse_u(nth(6, 0), "udp.dstport")?,
             udp_checksum: parse_u(nth(7, 0), "udp.checksum")?,
-            vxlan_flags: parse_u(cols[8], "vxlan.flags")?,
-            vni: parse_u(cols[9], "vxlan.vni")?,
+            vxlan_flags: parse_u(&cols[8], "vxlan.flags")?,
+            vni: parse_u(&cols[9], "vxlan.vni")?,
             outer_eth_src: nth(10, 0).to_owned(),
             outer_eth_dst: nth(11, 0).to_owned(),
             inner_eth_src: nth(10, 1).to_owned(),
@@ -228,32 +246,9 @@ const FIELDS6: &[&str] = &[
 /// Every frame tshark decodes as VXLAN over IPv6 on UDP `port` in `pcap`,
 /// the outer UDP checksum verified.
 pub fn vxlan6_frames(pcap: &Path, port: u16) -> Result<Vec<Vxlan6Frame>> {
-    let mut args = vec![
-        "-o",
-        "udp.check_checksum:TRUE",
-        "-Y",
-        "vxlan && ipv6",
-        "-T",
-        "fields",
-        "-E",
-        "separator=/t",
-        "-E",
-        "occurrence=a",
-        "-E",
-        "aggregator=,",
-    ];
-    for f in FIELDS6 {
-        args.push("-e");
-        args.push(f);
-    }
-    let out = tshark(pcap, port, &args)?;
+    let checksums = ["-o", "udp.check_checksum:TRUE"];
     let mut frames = Vec::new();
-    for line in out.lines().filter(|l| !l.trim().is_empty()) {
-        let cols: Vec<&str> = line.split('\t').collect();
-        ensure!(
-            cols.len() == FIELDS6.len(),
-            "unexpected tshark line {line:?}"
-        );
+    for cols in field_rows(pcap, port, &checksums, "vxlan && ipv6", FIELDS6)? {
         // First occurrence = outer header, second = inner.
         let nth = |col: usize, i: usize| cols[col].split(',').nth(i).unwrap_or("");
         frames.push(Vxlan6Frame {
@@ -263,7 +258,7 @@ pub fn vxlan6_frames(pcap: &Path, port: u16) -> Result<Vec<Vxlan6Frame>> {
             udp_dst: parse_u(nth(3, 0), "udp.dstport")?,
             udp_checksum: parse_u(nth(4, 0), "udp.checksum")?,
             checksum_good: nth(5, 0) == "1",
-            vni: parse_u(cols[6], "vxlan.vni")?,
+            vni: parse_u(&cols[6], "vxlan.vni")?,
             inner_eth_src: nth(7, 1).to_owned(),
             inner_eth_dst: nth(8, 1).to_owned(),
             protocols: cols[9].to_owned(),
