@@ -314,6 +314,31 @@ impl VtepGuard {
         self.change(ip, false)
     }
 
+    /// [`VtepGuard::commit`] and [`VtepGuard::failed`] for a batch of peers
+    /// admitted together: every programmed peer is counted first, and only
+    /// then do the IPs no peer uses any more leave the set, so that one
+    /// peer's old or failed IP that another peer of the batch now uses
+    /// stays in.
+    pub fn settle(
+        &mut self,
+        programmed: &[(Ipv4Net, Ipv4Addr)],
+        failed: &[Ipv4Addr],
+    ) -> Result<(), GuardError> {
+        let mut out: Vec<Ipv4Addr> = programmed
+            .iter()
+            .filter_map(|&(subnet, ip)| self.users.set(subnet, ip))
+            .collect();
+        out.extend_from_slice(failed);
+        out.sort_unstable();
+        out.dedup();
+        for ip in out {
+            if !self.users.in_use(ip) {
+                self.change(ip, false)?;
+            }
+        }
+        Ok(())
+    }
+
     /// `peer` is gone: its IP leaves the set with its last user (also one
     /// the table never counted, e.g. left by an earlier failure).
     pub fn release(&mut self, peer: &Peer) -> Result<(), GuardError> {

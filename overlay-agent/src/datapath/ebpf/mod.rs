@@ -60,6 +60,7 @@ use super::{
 use crate::{flannel::mac::MacAddr, netlink::VxlanDevice};
 
 mod attach;
+mod batch;
 mod error;
 mod loader;
 mod maps;
@@ -277,6 +278,23 @@ impl EbpfDatapath {
         Ok(read_remote_subnets(map)?)
     }
 
+    /// The public IPs KNOWN_VTEPS holds.
+    pub fn known_vteps(&self) -> Result<std::collections::HashSet<Ipv4Addr>, DatapathError> {
+        let loaded = self.loaded()?;
+        let map = loaded
+            .ebpf
+            .map(MAP_KNOWN_VTEPS)
+            .ok_or(EbpfError::MissingMap(MAP_KNOWN_VTEPS))?;
+        let vteps: HashMap<&MapData, [u8; 4], KnownVtep> =
+            HashMap::try_from(map).map_err(|e| EbpfError::map(MAP_KNOWN_VTEPS, "open", e))?;
+        let mut out = std::collections::HashSet::new();
+        for key in vteps.keys() {
+            let key = key.map_err(|e| EbpfError::map(MAP_KNOWN_VTEPS, "iterate", e))?;
+            out.insert(Ipv4Addr::from(key));
+        }
+        Ok(out)
+    }
+
     /// Whether KNOWN_VTEPS holds `ip`.
     pub fn knows_vtep(&self, ip: Ipv4Addr) -> Result<bool, DatapathError> {
         let loaded = self.loaded()?;
@@ -305,6 +323,55 @@ impl EbpfDatapath {
             );
         }
         fastpath::release_host(subnet, self.options.pins.as_ref());
+    }
+
+    /// A peer's map entries once its kernel entries are in and its host
+    /// policy is known (see [`Datapath::add_peer`]).
+    fn map_peer(
+        &mut self,
+        peer: &Peer,
+        kind: PeerKind,
+        conflict: Option<HostPolicyConflict>,
+    ) -> Result<(), DatapathError> {
+        let capacity = self.options.peer_capacity;
+        let Loaded { ebpf, users, .. } =
+            self.loaded.as_deref_mut().ok_or(DatapathError::NotSetUp)?;
+        match (kind, &conflict) {
+            (PeerKind::Vxlan, None) => insert_peer(ebpf, users, peer, capacity)?,
+            (PeerKind::Vxlan, Some(HostPolicyConflict::Xfrm(_))) => {
+                remove_peer_entries(ebpf, users, peer)?;
+            }
+            (PeerKind::Vxlan, Some(HostPolicyConflict::Route { .. })) | (PeerKind::Direct, _) => {
+                insert_direct_peer(ebpf, users, peer, capacity)?;
+            }
+        }
+        self.note_conflict(peer, conflict);
+        Ok(())
+    }
+
+    /// Keeps [`Self::kernel_only_peers`] in step with a peer's host-policy
+    /// verdict, logging a change.
+    fn note_conflict(&mut self, peer: &Peer, conflict: Option<HostPolicyConflict>) {
+        match conflict {
+            Some(c) => {
+                if self.kernel_only.get(&peer.subnet) != Some(&c) {
+                    log::error!(
+                        "peer {} via {}: {c}: its traffic takes the kernel's vxlan device (through xfrm and the routing rules), not the eBPF programs",
+                        peer.subnet,
+                        peer.public_ip
+                    );
+                }
+                self.kernel_only.insert(peer.subnet, c);
+            }
+            None => {
+                if self.kernel_only.remove(&peer.subnet).is_some() {
+                    info!(
+                        "peer {} via {}: no host policy covers it any more: back on the eBPF programs",
+                        peer.subnet, peer.public_ip
+                    );
+                }
+            }
+        }
     }
 
     fn loaded(&self) -> Result<&Loaded, DatapathError> {
@@ -482,42 +549,74 @@ impl Datapath for EbpfDatapath {
             }
             PeerKind::Direct => None,
         };
+        self.map_peer(peer, kind, conflict)
+    }
+
+    /// [`Datapath::add_peer`] for many peers: their kernel entries as
+    /// pipelined batches ([`KernelDatapath::add_peers_kind`]), the host
+    /// policy of the VXLAN ones checked with one xfrm dump and pipelined
+    /// route lookups ([`host_policy::check_peers`]), then each peer's map
+    /// entries as `add_peer` writes them. One result per peer.
+    async fn add_peers(&mut self, peers: &[Peer]) -> Vec<Result<(), DatapathError>> {
+        if self.loaded().is_err() {
+            return peers.iter().map(|_| Err(DatapathError::NotSetUp)).collect();
+        }
+        let kinds = self.kernel.add_peers_kind(peers).await;
+        let vxlan: Vec<usize> = (0..peers.len())
+            .filter(|&i| matches!(kinds[i], Ok(PeerKind::Vxlan)))
+            .collect();
+        let mut checks: Vec<Option<Result<Option<HostPolicyConflict>, DatapathError>>> =
+            (0..peers.len()).map(|_| None).collect();
+        if !vxlan.is_empty() {
+            let (Some(device), Some(nl)) = (self.kernel.device(), self.kernel.netlink()) else {
+                return peers.iter().map(|_| Err(DatapathError::NotSetUp)).collect();
+            };
+            let ips: Vec<Ipv4Addr> = vxlan.iter().map(|&i| peers[i].public_ip).collect();
+            let verdicts = host_policy::check_peers(
+                nl,
+                device.local,
+                device.port,
+                device.underlay_ifindex,
+                &ips,
+            )
+            .await;
+            for (&i, v) in vxlan.iter().zip(verdicts) {
+                checks[i] = Some(v.map_err(|e| EbpfError::HostPolicyCheck(e).into()));
+            }
+        }
+        let mut results: Vec<Result<(), DatapathError>> = Vec::with_capacity(peers.len());
+        // The VXLAN peers no host policy covers (all of them, normally) go
+        // into the maps as one batch per map; the others one at a time.
+        let mut plain = Vec::new();
+        for (i, ((peer, kind), check)) in peers.iter().zip(kinds).zip(checks).enumerate() {
+            let result = match (kind, check) {
+                (Err(e), _) | (Ok(_), Some(Err(e))) => Err(e),
+                (Ok(PeerKind::Vxlan), Some(Ok(None))) => {
+                    plain.push(i);
+                    Ok(())
+                }
+                (Ok(kind), Some(Ok(conflict))) => self.map_peer(peer, kind, conflict),
+                (Ok(kind), None) => self.map_peer(peer, kind, None),
+            };
+            results.push(result);
+        }
+        let batch: Vec<Peer> = plain.iter().map(|&i| peers[i]).collect();
         let capacity = self.options.peer_capacity;
-        let Loaded { ebpf, users, .. } =
-            self.loaded.as_deref_mut().ok_or(DatapathError::NotSetUp)?;
-        match (kind, &conflict) {
-            (PeerKind::Vxlan, None) => insert_peer(ebpf, users, peer, capacity)?,
-            (PeerKind::Vxlan, Some(HostPolicyConflict::Xfrm(_))) => {
-                remove_peer_entries(ebpf, users, peer)?;
+        let Some(Loaded { ebpf, users, .. }) = self.loaded.as_deref_mut() else {
+            return peers.iter().map(|_| Err(DatapathError::NotSetUp)).collect();
+        };
+        let inserted = batch::insert_peers(ebpf, users, &batch, capacity);
+        for (&i, r) in plain.iter().zip(inserted) {
+            if r.is_ok() {
+                self.note_conflict(&peers[i], None);
             }
-            (PeerKind::Vxlan, Some(HostPolicyConflict::Route { .. })) | (PeerKind::Direct, _) => {
-                insert_direct_peer(ebpf, users, peer, capacity)?;
-            }
+            results[i] = r.map_err(DatapathError::from);
         }
-        match conflict {
-            Some(c) => {
-                if self.kernel_only.get(&peer.subnet) != Some(&c) {
-                    log::error!(
-                        "peer {} via {}: {c}: its traffic takes the kernel's vxlan device (through xfrm and the routing rules), not the eBPF programs",
-                        peer.subnet,
-                        peer.public_ip
-                    );
-                }
-                self.kernel_only.insert(peer.subnet, c);
-            }
-            None => {
-                if self.kernel_only.remove(&peer.subnet).is_some() {
-                    info!(
-                        "peer {} via {}: no host policy covers it any more: back on the eBPF programs",
-                        peer.subnet, peer.public_ip
-                    );
-                }
-            }
-        }
-        Ok(())
+        results
     }
 
     /// Removes the peer from the maps first (so egress stops encapsulating to
+    /// it), then its kernel entries.    /// Removes the peer from the maps first (so egress stops encapsulating to
     /// it), then its kernel entries.
     async fn remove_peer(&mut self, peer: &Peer) -> Result<(), DatapathError> {
         let Loaded { ebpf, users, .. } =
@@ -527,10 +626,36 @@ impl Datapath for EbpfDatapath {
         self.kernel.remove_peer(peer).await
     }
 
+    /// [`Datapath::remove_peer`] for many: each peer's map entries first,
+    /// then the kernel entries of those whose map entries went, as
+    /// pipelined batches ([`Datapath::remove_peers`] of the kernel datapath).
+    async fn remove_peers(&mut self, peers: &[Peer]) -> Vec<Result<(), DatapathError>> {
+        let Some(loaded) = self.loaded.as_deref_mut() else {
+            return peers.iter().map(|_| Err(DatapathError::NotSetUp)).collect();
+        };
+        let mut results: Vec<Result<(), DatapathError>> = Vec::with_capacity(peers.len());
+        for peer in peers {
+            let r = remove_peer_entries(&mut loaded.ebpf, &mut loaded.users, peer);
+            if r.is_ok() {
+                self.kernel_only.remove(&peer.subnet);
+            }
+            results.push(r.map_err(DatapathError::from));
+        }
+        let todo: Vec<usize> = (0..peers.len()).filter(|&i| results[i].is_ok()).collect();
+        let batch: Vec<Peer> = todo.iter().map(|&i| peers[i]).collect();
+        let removed = self.kernel.remove_peers(&batch).await;
+        for (&i, r) in todo.iter().zip(removed) {
+            results[i] = r;
+        }
+        results
+    }
+
     /// Peers whose kernel entries are complete and whose map entries agree.
     async fn peers(&mut self) -> Result<Vec<Peer>, DatapathError> {
         let in_maps: std::collections::HashSet<Peer> = self.map_peers()?.into_iter().collect();
         let in_kernel = self.kernel.peers().await?;
+        // KNOWN_VTEPS read once, not looked up per peer.
+        let known = self.known_vteps()?;
         let mut agreed = Vec::with_capacity(in_kernel.len());
         let in_trie: std::collections::HashSet<Ipv4Net> =
             in_maps.iter().map(|p| p.subnet).collect();
@@ -543,7 +668,7 @@ impl Datapath for EbpfDatapath {
             };
             // A peer left to the kernel under xfrm has no KNOWN_VTEPS entry.
             let vtep_ok = matches!(kernel_only, Some(HostPolicyConflict::Xfrm(_)))
-                || self.knows_vtep(peer.public_ip)?;
+                || known.contains(&peer.public_ip);
             if mapped && vtep_ok {
                 agreed.push(peer);
             } else {
