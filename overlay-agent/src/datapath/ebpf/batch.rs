@@ -23,9 +23,9 @@ use super::*;
 
 /// `BPF_MAP_UPDATE_BATCH` (uapi linux/bpf.h, enum bpf_cmd).
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
-/// `BPF_ANY` / `BPF_NOEXIST` (elem_flags).
+/// `BPF_ANY`: the only element flag a batch update takes besides
+/// `BPF_F_LOCK` (the kernel refuses `BPF_NOEXIST` there with EINVAL).
 const BPF_ANY: u64 = 0;
-const BPF_NOEXIST: u64 = 1;
 
 /// `union bpf_attr`'s `batch` member: the kernel reads this many bytes.
 #[repr(C)]
@@ -87,17 +87,10 @@ fn update_batch(
 
 /// One map's batch: `keys` and `values` hold `count` elements of equal
 /// sizes back to back; each element's outcome, in order. An element the
-/// map refuses fails alone (unless `refused` says that answer is fine) and
-/// the batch goes on after it, from where it stopped: no element is sent
-/// twice.
-fn write_all(
-    map: &MapData,
-    keys: &[u8],
-    values: &[u8],
-    count: usize,
-    elem_flags: u64,
-    refused: impl Fn(&io::Error) -> bool,
-) -> Vec<Result<(), io::Error>> {
+/// map refuses fails alone and the batch goes on after it, from where it
+/// stopped: no element is sent twice. A call refused before any element
+/// (the kernel then leaves `count` as it was) fails every element left.
+fn write_all(map: &MapData, keys: &[u8], values: &[u8], count: usize) -> Vec<Result<(), io::Error>> {
     let mut out: Vec<Result<(), io::Error>> = Vec::with_capacity(count);
     if count == 0 {
         return out;
@@ -105,22 +98,20 @@ fn write_all(
     let (ks, vs) = (keys.len() / count, values.len() / count);
     let mut at = 0;
     while at < count {
-        match update_batch(
-            map,
-            &keys[at * ks..],
-            &values[at * vs..],
-            count - at,
-            elem_flags,
-        ) {
+        match update_batch(map, &keys[at * ks..], &values[at * vs..], count - at, BPF_ANY) {
             Ok(()) => {
                 out.extend((at..count).map(|_| Ok(())));
                 at = count;
             }
+            Err((done, e)) if done >= count - at => {
+                let errno = e.raw_os_error().unwrap_or(libc::EIO);
+                out.extend((at..count).map(|_| Err(io::Error::from_raw_os_error(errno))));
+                at = count;
+            }
             Err((done, e)) => {
-                let failed = (at + done).min(count - 1);
-                out.extend((at..failed).map(|_| Ok(())));
-                out.push(if refused(&e) { Err(e) } else { Ok(()) });
-                at = failed + 1;
+                out.extend((0..done).map(|_| Ok(())));
+                out.push(Err(e));
+                at += done + 1;
             }
         }
     }
@@ -136,7 +127,8 @@ fn syscall_error(e: io::Error) -> MapError {
 }
 
 /// [`insert_peer`] for many vxlan peers: KNOWN_VTEPS for all, then
-/// PEER_STATS, then REMOTE_SUBNETS, each one batch, so every peer's
+/// PEER_STATS (a zeroed entry for each public IP no peer in the maps uses
+/// yet), then REMOTE_SUBNETS, each one batch, so every peer's
 /// ingress entry is in before its egress entry, as one at a time. A peer a
 /// map refuses (full, [`EbpfError::MapFull`], or any error) fails alone and
 /// is taken out of the maps it entered, unless a peer the maps hold uses
@@ -163,10 +155,12 @@ pub(super) fn insert_peers(
                 ebpf: &mut Ebpf,
                 name: &'static str,
                 key: &dyn Fn(&Peer) -> Vec<u8>,
+                keep: &dyn Fn(&Peer) -> bool,
                 value: &dyn Fn(&Peer) -> Vec<u8>,
-                flags: u64,
                 what: &dyn Fn(&Peer) -> String| {
-        let todo: Vec<usize> = (0..peers.len()).filter(|&i| results[i].is_ok()).collect();
+        let todo: Vec<usize> = (0..peers.len())
+            .filter(|&i| results[i].is_ok() && !keep(&peers[i]))
+            .collect();
         let keys: Vec<u8> = todo.iter().flat_map(|&i| key(&peers[i])).collect();
         let values: Vec<u8> = todo.iter().flat_map(|&i| value(&peers[i])).collect();
         let Some(map) = ebpf.map_mut(name) else {
@@ -190,10 +184,7 @@ pub(super) fn insert_peers(
                 return;
             }
         };
-        // A PEER_STATS entry that exists keeps its counts (BPF_NOEXIST).
-        let refused =
-            |e: &io::Error| !(flags == BPF_NOEXIST && e.raw_os_error() == Some(libc::EEXIST));
-        let outcomes = write_all(map, &keys, &values, todo.len(), flags, refused);
+        let outcomes = write_all(map, &keys, &values, todo.len());
         for (&i, outcome) in todo.iter().zip(outcomes) {
             if let Err(e) = outcome {
                 results[i] = Err(insert_err(
@@ -210,10 +201,15 @@ pub(super) fn insert_peers(
         ebpf,
         MAP_KNOWN_VTEPS,
         &|p| p.public_ip.octets().to_vec(),
+        &|_| false,
         &|p| bytes_of(&known_vtep(p)).to_vec(),
-        BPF_ANY,
         &|p| p.public_ip.to_string(),
     );
+    let in_use: std::collections::HashSet<Ipv4Addr> = peers
+        .iter()
+        .map(|p| p.public_ip)
+        .filter(|ip| users.in_use(*ip))
+        .collect();
     let zeros: Vec<u8> = {
         // Per-CPU values: each CPU's value padded to 8 bytes.
         let one = bytes_of(&PeerTraffic::default()).to_vec();
@@ -229,8 +225,11 @@ pub(super) fn insert_peers(
         ebpf,
         MAP_PEER_STATS,
         &|p| p.public_ip.octets().to_vec(),
+        // A public IP a peer in the maps uses has its PEER_STATS entry
+        // (start-up prunes every other): its counts stay. A batch update
+        // cannot say "only if absent" (no BPF_NOEXIST there).
+        &|p| in_use.contains(&p.public_ip),
         &|_| zeros.clone(),
-        BPF_NOEXIST,
         &|p| p.public_ip.to_string(),
     );
     step(
@@ -242,8 +241,8 @@ pub(super) fn insert_peers(
             k.extend_from_slice(&p.subnet.network().octets());
             k
         },
+        &|_| false,
         &|p| bytes_of(&remote_vtep(p)).to_vec(),
-        BPF_ANY,
         &|p| p.subnet.to_string(),
     );
 
