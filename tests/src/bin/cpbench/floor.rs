@@ -33,7 +33,7 @@ struct Namespace(String);
 
 impl Drop for Namespace {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
     }
 }
 
@@ -65,13 +65,17 @@ fn timed_batch(tool: &str, ns: &str, lines: &str, dir: &std::path::Path) -> Resu
 /// Measures the floor for peers `0..n` (the leases the case wrote).
 pub fn measure(n: usize) -> Result<Floor> {
     let name = format!("cpfloor-{}", std::process::id());
-    let _ = Command::new("ip").args(["netns", "del", &name]).status();
+    // One left by an interrupted run (quietly: normally there is none).
+    let _ = Command::new("ip").args(["netns", "del", &name]).output();
     run(&["ip", "netns", "add", &name])?;
     let ns = Namespace(name);
     let ns = ns.0.as_str();
     // The device as the agent makes it: VNI 1, port 8472, no learning, on
     // an underlay holding the local address, with our subnet's .0/32.
-    run(&["ip", "-n", ns, "link", "add", "u0", "type", "dummy"])?;
+    // A veth as the underlay (this kernel has no dummy driver).
+    run(&[
+        "ip", "-n", ns, "link", "add", "u0", "type", "veth", "peer", "name", "u1",
+    ])?;
     run(&[
         "ip",
         "-n",
