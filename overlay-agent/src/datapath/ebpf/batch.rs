@@ -90,7 +90,12 @@ fn update_batch(
 /// map refuses fails alone and the batch goes on after it, from where it
 /// stopped: no element is sent twice. A call refused before any element
 /// (the kernel then leaves `count` as it was) fails every element left.
-fn write_all(map: &MapData, keys: &[u8], values: &[u8], count: usize) -> Vec<Result<(), io::Error>> {
+fn write_all(
+    map: &MapData,
+    keys: &[u8],
+    values: &[u8],
+    count: usize,
+) -> Vec<Result<(), io::Error>> {
     let mut out: Vec<Result<(), io::Error>> = Vec::with_capacity(count);
     if count == 0 {
         return out;
@@ -98,7 +103,13 @@ fn write_all(map: &MapData, keys: &[u8], values: &[u8], count: usize) -> Vec<Res
     let (ks, vs) = (keys.len() / count, values.len() / count);
     let mut at = 0;
     while at < count {
-        match update_batch(map, &keys[at * ks..], &values[at * vs..], count - at, BPF_ANY) {
+        match update_batch(
+            map,
+            &keys[at * ks..],
+            &values[at * vs..],
+            count - at,
+            BPF_ANY,
+        ) {
             Ok(()) => {
                 out.extend((at..count).map(|_| Ok(())));
                 at = count;
