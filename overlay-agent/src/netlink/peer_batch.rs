@@ -243,12 +243,12 @@ impl Netlink {
         let mut stale: BTreeMap<MacAddr, usize> = BTreeMap::new();
         for &i in &done {
             for mac in entries.stale_fdb_macs(&peers[i], by_index[&i]) {
-                if !stale.contains_key(&mac) {
+                if let std::collections::btree_map::Entry::Vacant(slot) = stale.entry(mac) {
                     info!(
                         "{}: removing stale FDB entry {mac} (peer {} now uses {})",
                         dev.name, parts[i].subnet, parts[i].vtep_mac
                     );
-                    stale.insert(mac, i);
+                    slot.insert(i);
                 }
             }
         }
