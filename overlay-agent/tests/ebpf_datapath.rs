@@ -842,3 +842,126 @@ fn a_full_peer_map_refuses_a_peer_whole_and_keeps_the_others() -> Result<()> {
     wb.run(|dp, rt| rt.block_on(dp.teardown()))?;
     Ok(())
 }
+
+/// Peers added and removed as batches (`add_peers`, `remove_peers`: the
+/// reconciler's calls), with the maps written by `BPF_MAP_UPDATE_BATCH`
+/// and room for three peers: the element a map refuses is matched to its
+/// peer, which alone is refused (and leaves nothing in any map), while the
+/// peers before and after it in the batch go in whole; a PEER_STATS entry
+/// that exists is kept, not refused; and the batched entries carry traffic.
+#[test]
+#[ignore = "needs root, network namespaces and eBPF: run `cargo xtask test`"]
+fn batched_peers_fill_the_maps_and_a_refused_one_fails_alone() -> Result<()> {
+    let lab = Lab::new("mb")?;
+    let a = &lab.nodes[0];
+    let b = &lab.nodes[1];
+    let small = EbpfOptions {
+        peer_capacity: 3,
+        ..EbpfOptions::default()
+    };
+    let wa = a.worker(move || EbpfDatapath::new(small))?;
+    let wb = b.worker(|| EbpfDatapath::new(EbpfOptions::default()))?;
+    let state_a = setup(&wa, a)?;
+    let state_b = setup(&wb, b)?;
+    let peer_b = b.peer(state_b.vtep_mac)?;
+    add(&wb, a.peer(state_a.vtep_mac)?)?;
+    let fake = |n: u8, ip: &str| -> Result<Peer> {
+        Ok(Peer {
+            subnet: format!("10.77.{n}.0/24").parse()?,
+            public_ip: ip.parse()?,
+            vtep_mac: format!("02:42:00:00:00:{n:02x}").parse()?,
+            v6: None,
+        })
+    };
+    let batch_add = |peers: Vec<Peer>| -> Vec<String> {
+        wa.run(move |dp, rt| {
+            rt.block_on(dp.add_peers(&peers))
+                .into_iter()
+                .map(|r| match r {
+                    Ok(()) => "ok".to_owned(),
+                    Err(DatapathError::MapFull { map, capacity }) => {
+                        format!("full {map} {capacity}")
+                    }
+                    Err(e) => format!("error {}", e.reason()),
+                })
+                .collect()
+        })
+    };
+    let ips = [
+        "192.168.77.2",
+        "192.168.77.3",
+        "192.168.77.4",
+        "192.168.77.6",
+    ];
+    let maps = || -> Result<MapContents> {
+        wa.run(move |dp, _| -> Result<_> {
+            let in_trie = dp.map_peers()?;
+            let mut stats: Vec<_> = dp.peer_counters()?.into_keys().collect();
+            stats.sort();
+            let mut known = Vec::new();
+            for ip in ips {
+                if dp.knows_vtep(ip.parse()?)? {
+                    known.push(ip.parse()?);
+                }
+            }
+            Ok((known, stats, in_trie))
+        })
+    };
+
+    // KNOWN_VTEPS runs out at the fourth public IP of the batch.
+    let (f3, f4, f6) = (
+        fake(3, "192.168.77.3")?,
+        fake(4, "192.168.77.4")?,
+        fake(6, "192.168.77.6")?,
+    );
+    let got = batch_add(vec![peer_b, f3, f4, f6]);
+    ensure!(
+        got == ["ok", "ok", "ok", "full KNOWN_VTEPS 3"],
+        "first batch: {got:?}"
+    );
+    let (known, stats, trie) = maps()?;
+    ensure!(
+        known == [peer_b.public_ip, f3.public_ip, f4.public_ip]
+            && stats == known
+            && trie == [peer_b, f3, f4],
+        "after the first batch: known {known:?}, stats {stats:?}, trie {trie:?}"
+    );
+    expect_programs_carry(a, &wa, &[(&a.container, "10.77.2.2")])?;
+
+    let removed: Vec<bool> = wa.run(move |dp, rt| {
+        rt.block_on(dp.remove_peers(&[f3, f4]))
+            .iter()
+            .map(Result::is_ok)
+            .collect()
+    });
+    ensure!(removed == [true, true], "{removed:?}");
+
+    // Two more subnets behind peer b's VTEP (its PEER_STATS entry exists:
+    // kept) and a new VTEP: REMOTE_SUBNETS is full at the last one, whose
+    // KNOWN_VTEPS and PEER_STATS entries are taken out again.
+    let behind = |n: u8| Peer {
+        subnet: format!("10.77.{n}.0/24").parse().unwrap(),
+        ..peer_b
+    };
+    let got = batch_add(vec![behind(5), behind(8), f6]);
+    ensure!(
+        got == ["ok", "ok", "full REMOTE_SUBNETS 3"],
+        "second batch: {got:?}"
+    );
+    let (known, stats, trie) = maps()?;
+    ensure!(
+        known == [peer_b.public_ip] && stats == known && trie == [peer_b, behind(5), behind(8)],
+        "after the second batch: known {known:?}, stats {stats:?}, trie {trie:?}"
+    );
+    let mut programmed = peers(&wa)?;
+    programmed.sort_by_key(|p| p.subnet);
+    ensure!(
+        programmed == [peer_b, behind(5), behind(8)],
+        "{programmed:?}"
+    );
+    expect_programs_carry(a, &wa, &[(&a.container, "10.77.2.2")])?;
+
+    wa.run(|dp, rt| rt.block_on(dp.teardown()))?;
+    wb.run(|dp, rt| rt.block_on(dp.teardown()))?;
+    Ok(())
+}

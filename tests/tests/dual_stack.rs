@@ -324,6 +324,14 @@ fn two_dual_stack_agents_reach_each_other_over_both_families() -> Result<()> {
         "host 2's counters ({} IPv6 VXLAN frames captured from it): {counters:?}",
         from2.len()
     );
+    let shown = overlay_tests::agent::status(&hosts.ns(2), &bin, &args(2, "auto"))?;
+    ensure!(
+        shown.contains(&format!(
+            "ipv6:      local {}, flannel-v6 ifindex",
+            hosts.ip6(2)
+        )) && shown.contains("encapsulated_ipv6"),
+        "host 2's status:\n{shown}"
+    );
 
     // Host 3 is a flanneld node: devices, lease and entries as flanneld's.
     let h3 = hosts.ns(3);

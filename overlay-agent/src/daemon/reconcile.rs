@@ -397,6 +397,7 @@ impl<D: Datapath> Reconciler<D> {
             self.dp.begin_batch();
         }
         let mut adds = Vec::new();
+        let mut removes = Vec::new();
         for &subnet in &pending {
             let want = self.desired_for(subnet);
             if self
@@ -407,30 +408,37 @@ impl<D: Datapath> Reconciler<D> {
                 self.refused.remove(&subnet);
             }
             match (want, self.programmed.get(&subnet).copied()) {
-                (None, Some(p)) => match self.dp.remove_peer(&p).await {
-                    Ok(()) => {
-                        log::log!(
-                            level,
-                            "removed peer {} (PublicIP {})",
-                            p.subnet,
-                            p.public_ip
-                        );
-                        self.programmed.remove(&p.subnet);
-                        removed += 1;
-                    }
-                    Err(e) => {
-                        ok = false;
-                        self.dirty.insert(subnet);
-                        log::error!("removing peer {} failed (will retry): {e}", p.subnet);
-                    }
-                },
+                (None, Some(p)) => removes.push(p),
                 (Some(want), have) if have != Some(want) => adds.push(want),
                 _ => {}
             }
         }
-        for p in adds {
+        // All removals as one batch, then all additions as one: the
+        // datapath pipelines them and answers for each peer.
+        let results = self.dp.remove_peers(&removes).await;
+        for (p, result) in removes.iter().zip(results) {
+            match result {
+                Ok(()) => {
+                    log::log!(
+                        level,
+                        "removed peer {} (PublicIP {})",
+                        p.subnet,
+                        p.public_ip
+                    );
+                    self.programmed.remove(&p.subnet);
+                    removed += 1;
+                }
+                Err(e) => {
+                    ok = false;
+                    self.dirty.insert(p.subnet);
+                    log::error!("removing peer {} failed (will retry): {e}", p.subnet);
+                }
+            }
+        }
+        let results = self.dp.add_peers(&adds).await;
+        for (&p, result) in adds.iter().zip(results) {
             let subnet = p.subnet;
-            match self.dp.add_peer(&p).await {
+            match result {
                 Ok(()) => {
                     log::log!(
                         level,

@@ -25,10 +25,13 @@ use std::{fmt, io, net::Ipv4Addr};
 
 use rtnetlink::{
     RouteMessageBuilder,
-    packet_route::route::{RouteAttribute, RouteFlags, RouteMessage, RouteType},
+    packet_route::{
+        RouteNetlinkMessage,
+        route::{RouteAttribute, RouteFlags, RouteMessage, RouteType},
+    },
 };
 
-use crate::netlink::{Netlink, NetlinkError};
+use crate::netlink::{Netlink, NetlinkError, pipeline::Request};
 
 /// What of the host's policy the eBPF datapath would skip.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -304,13 +307,7 @@ pub async fn route_conflict(
     peer: Ipv4Addr,
     underlay_ifindex: u32,
 ) -> Result<Option<RouteConflict>, NetlinkError> {
-    let mut msg = RouteMessageBuilder::<Ipv4Addr>::new()
-        .destination_prefix(peer, 32)
-        .source_prefix(local, 32)
-        .build();
-    // Without it the kernel reports every lookup as from `main`.
-    msg.header.flags |= RouteFlags::LookupTable;
-    let req = nl.handle().route().get(msg);
+    let req = nl.handle().route().get(route_query(local, peer));
     let routes = match Netlink::collect::<RouteMessage>(req.execute(), || {
         format!("route get {peer} from {local}")
     })
@@ -323,6 +320,82 @@ pub async fn route_conflict(
     Ok(routes
         .first()
         .and_then(|r| judge_route(r, underlay_ifindex)))
+}
+
+/// `ip route get <peer> from <local>` as a message.
+fn route_query(local: Ipv4Addr, peer: Ipv4Addr) -> RouteMessage {
+    let mut msg = RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(peer, 32)
+        .source_prefix(local, 32)
+        .build();
+    // Without it the kernel reports every lookup as from `main`.
+    msg.header.flags |= RouteFlags::LookupTable;
+    msg
+}
+
+/// [`check_peer`] for many peers being added at once: one xfrm dump for
+/// all, and their route lookups pipelined ([`Netlink::pipelined`]). One
+/// verdict per peer, in order; a lookup that failed fails that peer alone.
+pub async fn check_peers(
+    nl: &Netlink,
+    local: Ipv4Addr,
+    port: u16,
+    underlay_ifindex: u32,
+    peers: &[Ipv4Addr],
+) -> Vec<Result<Option<HostPolicyConflict>, HostPolicyError>> {
+    if peers.is_empty() {
+        return Vec::new();
+    }
+    let policies = match xfrm_policies() {
+        Ok(p) => p,
+        Err(e) => {
+            // One dump failed for all; each peer gets the error (io::Error
+            // is not Clone: the errno and text are kept).
+            return peers
+                .iter()
+                .map(|_| {
+                    Err(HostPolicyError::Xfrm(io::Error::new(
+                        e.kind(),
+                        e.to_string(),
+                    )))
+                })
+                .collect();
+        }
+    };
+    let requests = peers
+        .iter()
+        .map(|&peer| Request::new(RouteNetlinkMessage::GetRoute(route_query(local, peer)), 0))
+        .collect();
+    let answers = nl.pipelined(requests).await;
+    peers
+        .iter()
+        .zip(answers)
+        .map(|(&peer, answer)| {
+            if let Some(c) = xfrm_conflict(&policies, local, port, Some(peer)) {
+                return Ok(Some(c));
+            }
+            let route = match answer.outcome {
+                Ok(()) => answer.replies.iter().find_map(|m| match m {
+                    RouteNetlinkMessage::NewRoute(r) => Some(r),
+                    _ => None,
+                }),
+                Err(e) => {
+                    let err = NetlinkError::new(
+                        format!("route get {peer} from {local}"),
+                        rtnetlink::Error::NetlinkError(e),
+                    );
+                    if err.is_unreachable() {
+                        None
+                    } else {
+                        return Err(err.into());
+                    }
+                }
+            };
+            Ok(route
+                .and_then(|r| judge_route(r, underlay_ifindex))
+                .map(|why| HostPolicyConflict::Route { peer, why }))
+        })
+        .collect()
 }
 
 /// `RT_TABLE_MAIN`.

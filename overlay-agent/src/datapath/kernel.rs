@@ -100,6 +100,54 @@ impl Side6 {
     }
 }
 
+impl Side6 {
+    /// [`Side6::program`] for the peers of a batch whose result so far is
+    /// `Ok`: the sides they held and no longer hold go first, then their
+    /// new sides, each step as one pipelined batch; a failure becomes that
+    /// peer's result.
+    async fn program_all(
+        &mut self,
+        netlink: &Netlink,
+        peers: &[Peer],
+        results: &mut [Result<(), DatapathError>],
+    ) {
+        let dev = vxlan_of(&self.device);
+        let stale: Vec<(usize, Peer6)> = (0..peers.len())
+            .filter(|&i| results[i].is_ok())
+            .filter_map(|i| {
+                let old = self.by_subnet.get(&peers[i].subnet).copied()?;
+                (Some(old) != peers[i].v6).then_some((i, old))
+            })
+            .collect();
+        let olds: Vec<Peer6> = stale.iter().map(|&(_, o)| o).collect();
+        let removed = netlink
+            .remove_peers(dev, &mut self.entries, &olds, true)
+            .await;
+        for (&(i, _), r) in stale.iter().zip(removed) {
+            match r {
+                Ok(()) => {
+                    self.by_subnet.remove(&peers[i].subnet);
+                }
+                Err(e) => results[i] = Err(e.into()),
+            }
+        }
+        let todo: Vec<(usize, Peer6)> = (0..peers.len())
+            .filter(|&i| results[i].is_ok())
+            .filter_map(|i| Some((i, peers[i].v6?)))
+            .collect();
+        let sides: Vec<Peer6> = todo.iter().map(|&(_, p6)| p6).collect();
+        let replaced = netlink.replace_peers(dev, &mut self.entries, &sides).await;
+        for (&(i, p6), r) in todo.iter().zip(replaced) {
+            match r {
+                Ok(()) => {
+                    self.by_subnet.insert(peers[i].subnet, p6);
+                }
+                Err(e) => results[i] = Err(e.into()),
+            }
+        }
+    }
+}
+
 impl KernelDatapath {
     pub fn new() -> Self {
         Self::default()
@@ -196,6 +244,74 @@ impl KernelDatapath {
             }
         }
         programmed
+    }
+
+    /// [`KernelDatapath::add_peer_kind`] for many peers: their entries go
+    /// in as one batch of pipelined requests per step
+    /// ([`Netlink::replace_peers`]), on `flannel.<VNI>` and then, for the
+    /// IPv6 sides, on `flannel-v6.<VNI>`; each peer gets its own result and
+    /// its own guard verdict. With DirectRouting (or direct peers left from
+    /// it) each peer's kind is its own route lookup's answer, and the peers
+    /// go one at a time as [`KernelDatapath::add_peer_kind`].
+    pub async fn add_peers_kind(&mut self, peers: &[Peer]) -> Vec<Result<PeerKind, DatapathError>> {
+        let state = match self.state_mut() {
+            Ok(s) => s,
+            Err(_) => return peers.iter().map(|_| Err(DatapathError::NotSetUp)).collect(),
+        };
+        if state.direct_routing || !state.direct.is_empty() {
+            let mut results = Vec::with_capacity(peers.len());
+            for p in peers {
+                results.push(self.add_peer_kind(p).await);
+            }
+            return results;
+        }
+        let mut results: Vec<Result<(), DatapathError>> = Vec::with_capacity(peers.len());
+        for p in peers {
+            let admitted = match state.guard.as_mut() {
+                Some(g) => g.admit(p).map_err(DatapathError::from),
+                None => Ok(()),
+            };
+            results.push(admitted);
+        }
+        let todo: Vec<usize> = (0..peers.len()).filter(|&i| results[i].is_ok()).collect();
+        let batch: Vec<Peer> = todo.iter().map(|&i| peers[i]).collect();
+        let (parts, entries) = state.split();
+        let programmed = parts
+            .netlink
+            .replace_peers(parts.dev(), entries, &batch)
+            .await;
+        for (&i, r) in todo.iter().zip(programmed) {
+            results[i] = r.map_err(DatapathError::from);
+        }
+        if let Some(side) = state.v6.as_mut() {
+            side.program_all(&state.netlink, peers, &mut results).await;
+        }
+        if let Some(g) = state.guard.as_mut() {
+            let programmed: Vec<Peer> = peers
+                .iter()
+                .zip(&results)
+                .filter(|(_, r)| r.is_ok())
+                .map(|(p, _)| *p)
+                .collect();
+            // Only the peers admitted above: a refused admit added nothing.
+            let failed: Vec<Peer> = todo
+                .iter()
+                .filter(|&&i| results[i].is_err())
+                .map(|&i| peers[i])
+                .collect();
+            if let Err(e) = g.settle(&programmed, &failed) {
+                // The first programmed peer reports it (and is retried);
+                // the others' entries are in place, and the set is rebuilt
+                // from what is programmed at the next recheck.
+                if let Some(r) = results.iter_mut().find(|r| r.is_ok()) {
+                    *r = Err(e.into());
+                }
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| r.map(|()| PeerKind::Vxlan))
+            .collect()
     }
 
     async fn program(state: &mut State, peer: &Peer) -> Result<PeerKind, DatapathError> {
@@ -365,6 +481,72 @@ impl Datapath for KernelDatapath {
 
     async fn add_peer(&mut self, peer: &Peer) -> Result<(), DatapathError> {
         self.add_peer_kind(peer).await.map(|_| ())
+    }
+
+    async fn add_peers(&mut self, peers: &[Peer]) -> Vec<Result<(), DatapathError>> {
+        self.add_peers_kind(peers)
+            .await
+            .into_iter()
+            .map(|r| r.map(|_| ()))
+            .collect()
+    }
+
+    /// [`Datapath::remove_peer`] for many: the vxlan entries (and the IPv6
+    /// sides) as pipelined batches. With DirectRouting (or direct peers
+    /// left from it) one at a time, as `remove_peer`.
+    async fn remove_peers(&mut self, peers: &[Peer]) -> Vec<Result<(), DatapathError>> {
+        let state = match self.state_mut() {
+            Ok(s) => s,
+            Err(_) => return peers.iter().map(|_| Err(DatapathError::NotSetUp)).collect(),
+        };
+        if state.direct_routing || !state.direct.is_empty() {
+            let mut results = Vec::with_capacity(peers.len());
+            for p in peers {
+                results.push(self.remove_peer(p).await);
+            }
+            return results;
+        }
+        let (parts, entries) = state.split();
+        let mut results: Vec<Result<(), DatapathError>> = parts
+            .netlink
+            .remove_peers(parts.dev(), entries, peers, true)
+            .await
+            .into_iter()
+            .map(|r| r.map_err(DatapathError::from))
+            .collect();
+        if let Some(side) = state.v6.as_mut() {
+            let held: Vec<(usize, Peer6)> = (0..peers.len())
+                .filter_map(|i| Some((i, side.by_subnet.get(&peers[i].subnet).copied()?)))
+                .collect();
+            let olds: Vec<Peer6> = held.iter().map(|&(_, o)| o).collect();
+            let removed = state
+                .netlink
+                .remove_peers(vxlan_of(&side.device), &mut side.entries, &olds, true)
+                .await;
+            for (&(i, _), r) in held.iter().zip(removed) {
+                match r {
+                    Ok(()) => {
+                        side.by_subnet.remove(&peers[i].subnet);
+                    }
+                    // The vxlan side's failure, if any, is reported first.
+                    Err(e) => {
+                        if results[i].is_ok() {
+                            results[i] = Err(e.into());
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(g) = state.guard.as_mut() {
+            for (p, r) in peers.iter().zip(results.iter_mut()) {
+                if r.is_ok()
+                    && let Err(e) = g.release(p)
+                {
+                    *r = Err(e.into());
+                }
+            }
+        }
+        results
     }
 
     /// Removes both kinds: the vxlan entries, and the direct route through

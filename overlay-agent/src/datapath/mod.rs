@@ -264,6 +264,26 @@ pub trait Datapath {
     async fn add_peer(&mut self, peer: &Peer) -> Result<(), DatapathError>;
     /// Forget a peer. Idempotent.
     async fn remove_peer(&mut self, peer: &Peer) -> Result<(), DatapathError>;
+    /// [`Datapath::add_peer`] for many peers (distinct subnets): one result
+    /// per peer, in order. A datapath may program them together (pipelined
+    /// netlink requests, batched map updates); a peer that fails is left
+    /// as `add_peer` leaves a failed peer, and the others are programmed.
+    async fn add_peers(&mut self, peers: &[Peer]) -> Vec<Result<(), DatapathError>> {
+        let mut results = Vec::with_capacity(peers.len());
+        for p in peers {
+            results.push(self.add_peer(p).await);
+        }
+        results
+    }
+    /// [`Datapath::remove_peer`] for many peers (distinct subnets), as
+    /// [`Datapath::add_peers`].
+    async fn remove_peers(&mut self, peers: &[Peer]) -> Vec<Result<(), DatapathError>> {
+        let mut results = Vec::with_capacity(peers.len());
+        for p in peers {
+            results.push(self.remove_peer(p).await);
+        }
+        results
+    }
     /// The peers currently programmed (read back from the kernel or the maps).
     async fn peers(&mut self) -> Result<Vec<Peer>, DatapathError>;
     /// Remove everything `setup` and `add_peer` created.
@@ -326,6 +346,18 @@ impl Datapath for AnyDatapath {
         match self {
             AnyDatapath::Ebpf(d) => d.remove_peer(peer).await,
             AnyDatapath::Kernel(d) => d.remove_peer(peer).await,
+        }
+    }
+    async fn add_peers(&mut self, peers: &[Peer]) -> Vec<Result<(), DatapathError>> {
+        match self {
+            AnyDatapath::Ebpf(d) => d.add_peers(peers).await,
+            AnyDatapath::Kernel(d) => d.add_peers(peers).await,
+        }
+    }
+    async fn remove_peers(&mut self, peers: &[Peer]) -> Vec<Result<(), DatapathError>> {
+        match self {
+            AnyDatapath::Ebpf(d) => d.remove_peers(peers).await,
+            AnyDatapath::Kernel(d) => d.remove_peers(peers).await,
         }
     }
     async fn peers(&mut self) -> Result<Vec<Peer>, DatapathError> {

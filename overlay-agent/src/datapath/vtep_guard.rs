@@ -352,29 +352,38 @@ impl VtepGuard {
     /// used before (or its IPv6 one, when its lease lost the IPv6 half)
     /// leaves the set if no peer uses it any more.
     pub fn commit(&mut self, peer: &Peer) -> Result<(), GuardError> {
-        let mut unused: Vec<IpAddr> = self
-            .users
-            .set(peer.subnet, peer.public_ip)
-            .map(IpAddr::V4)
-            .into_iter()
-            .collect();
-        if self.v6 {
-            let old6 = match peer.v6 {
-                Some(p6) => self.users6.set(peer.subnet, p6.public_ip),
-                None => self.users6.remove(peer.subnet),
-            };
-            unused.extend(old6.map(IpAddr::V6));
-        }
-        for ip in unused {
-            self.change(ip, false)?;
-        }
-        Ok(())
+        self.settle(std::slice::from_ref(peer), &[])
     }
 
     /// Programming `peer` failed after [`VtepGuard::admit`]: its addresses
     /// go out again unless a programmed peer uses them.
     pub fn failed(&mut self, peer: &Peer) -> Result<(), GuardError> {
-        for ip in self.ips_of(peer) {
+        self.settle(&[], std::slice::from_ref(peer))
+    }
+
+    /// [`VtepGuard::commit`] and [`VtepGuard::failed`] for a batch of peers
+    /// admitted together: every programmed peer is counted first, and only
+    /// then do the addresses no peer uses any more leave the sets, so that
+    /// one peer's old or failed address that another peer of the batch now
+    /// uses stays in.
+    pub fn settle(&mut self, programmed: &[Peer], failed: &[Peer]) -> Result<(), GuardError> {
+        let mut out: Vec<IpAddr> = Vec::new();
+        for p in programmed {
+            out.extend(self.users.set(p.subnet, p.public_ip).map(IpAddr::V4));
+            if self.v6 {
+                let old6 = match p.v6 {
+                    Some(p6) => self.users6.set(p.subnet, p6.public_ip),
+                    None => self.users6.remove(p.subnet),
+                };
+                out.extend(old6.map(IpAddr::V6));
+            }
+        }
+        for p in failed {
+            out.extend(self.ips_of(p));
+        }
+        out.sort_unstable();
+        out.dedup();
+        for ip in out {
             if !self.in_use(ip) {
                 self.change(ip, false)?;
             }

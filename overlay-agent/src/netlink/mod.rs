@@ -21,12 +21,14 @@ pub mod direct_route;
 pub mod entry_table;
 pub mod events;
 pub mod family;
+pub mod peer_batch;
 pub mod peer_entries;
+pub mod pipeline;
 pub mod pods;
 pub mod tc;
 pub mod vxlan_device;
 
-use std::io;
+use std::{io, sync::Arc};
 
 use futures::{Stream, TryStreamExt};
 use rtnetlink::{
@@ -157,10 +159,13 @@ impl LinkSummary {
     }
 }
 
-/// An rtnetlink connection bound to the calling thread's network namespace.
+/// An rtnetlink connection bound to the calling thread's network namespace,
+/// and a second socket there for pipelined requests ([`pipeline`]), which
+/// the peers' entries go through in batches.
 #[derive(Clone, Debug)]
 pub struct Netlink {
     handle: Handle,
+    pipeline: Arc<tokio::sync::Mutex<pipeline::Pipeline>>,
 }
 
 impl Netlink {
@@ -169,12 +174,23 @@ impl Netlink {
     /// current-thread runtime is enough). Must be called from within a runtime.
     pub fn connect() -> io::Result<Self> {
         let (connection, handle, _) = rtnetlink::new_connection()?;
+        let pipeline = pipeline::Pipeline::open()?;
         tokio::spawn(connection);
-        Ok(Self { handle })
+        Ok(Self {
+            handle,
+            pipeline: Arc::new(tokio::sync::Mutex::new(pipeline)),
+        })
     }
 
     pub fn handle(&self) -> &Handle {
         &self.handle
+    }
+
+    /// Sends `requests` pipelined and returns each one's answer, in order
+    /// (see [`pipeline::Pipeline::run`]). Callers of one `Netlink` take
+    /// turns: a batch is not interleaved with another.
+    pub async fn pipelined(&self, requests: Vec<pipeline::Request>) -> Vec<pipeline::Answer> {
+        self.pipeline.lock().await.run(requests).await
     }
 
     /// The interface called `name`, or `None` when there is none.

@@ -13,12 +13,8 @@
 //! dev flannel-v6.<VNI> onlink`. Every function here is generic over the
 //! [`IpFamily`]: the family of the peer (or of the table) picks it.
 
-use std::{
-    collections::BTreeSet,
-    net::{IpAddr, Ipv4Addr},
-};
+use std::net::{IpAddr, Ipv4Addr};
 
-use log::{info, warn};
 use rtnetlink::packet_route::{
     AddressFamily,
     neighbour::{
@@ -101,60 +97,16 @@ impl Netlink {
     /// again, as flannel does. `entries` is the device's table: it answers
     /// what the neighbour had before and what is stale (no dump), and
     /// records every change the kernel accepted. Three requests, plus one
-    /// per stale entry.
+    /// per stale entry: a batch of one ([`Netlink::replace_peers`]).
     pub async fn replace_peer<A: IpFamily>(
         &self,
         dev: Device<'_>,
         entries: &mut EntryTable<A>,
         peer: &A::Peer,
     ) -> Result<(), NetlinkError> {
-        let (subnet, public_ip, vtep_mac) = A::peer_parts(peer);
-        let gateway = peer_gateway::<A>(subnet);
-        let old_mac = entries.neighbour(gateway);
-
-        self.replace_neighbour(dev, gateway, vtep_mac).await?;
-        entries.set_neighbour(gateway, vtep_mac);
-        if let Err(e) = self.replace_fdb(dev, vtep_mac, public_ip).await {
-            self.undo_neighbour(dev, entries, gateway).await;
-            return Err(e);
-        }
-        entries.replace_fdb(vtep_mac, public_ip);
-        if let Err(e) = self.replace_route(dev, subnet, gateway).await {
-            self.undo_neighbour(dev, entries, gateway).await;
-            // Another peer's neighbour may share the MAC: its entry stays.
-            if !entries.used_by_other(vtep_mac, gateway) {
-                let undo = self.delete_fdb(dev, vtep_mac, Some(public_ip)).await;
-                if undo.is_ok() {
-                    entries.remove_fdb(vtep_mac, Some(public_ip));
-                }
-                self.cleanup(undo);
-            }
-            return Err(e);
-        }
-
-        for mac in entries.stale_fdb_macs(peer, old_mac) {
-            info!(
-                "{}: removing stale FDB entry {mac} (peer {subnet} now uses {vtep_mac})",
-                dev.name
-            );
-            self.delete_fdb::<A>(dev, mac, None).await?;
-            entries.remove_fdb(mac, None);
-        }
-        Ok(())
-    }
-
-    /// Removes the neighbour a failed [`Netlink::replace_peer`] left.
-    async fn undo_neighbour<A: IpFamily>(
-        &self,
-        dev: Device<'_>,
-        entries: &mut EntryTable<A>,
-        gateway: A,
-    ) {
-        let undo = self.delete_neighbour(dev, gateway).await;
-        if undo.is_ok() {
-            entries.remove_neighbour(gateway);
-        }
-        self.cleanup(undo);
+        one(self
+            .replace_peers(dev, entries, std::slice::from_ref(peer))
+            .await)
     }
 
     /// Removes a peer's neighbour, FDB entry and route. Missing entries are not
@@ -167,44 +119,25 @@ impl Netlink {
         entries: &mut EntryTable<A>,
         peer: &A::Peer,
     ) -> Result<(), NetlinkError> {
-        let mut results = self.remove_neighbour_and_fdb(dev, entries, peer).await;
-        results.push(self.delete_route::<A>(dev, A::peer_parts(peer).0).await);
-        results.into_iter().collect()
+        one(self
+            .remove_peers(dev, entries, std::slice::from_ref(peer), true)
+            .await)
     }
 
     /// The neighbour and FDB part of [`Netlink::remove_peer`], leaving the
     /// route: what is left of a peer whose vxlan route a direct route has
-    /// replaced. Returns the result of every removal; `entries` (the
-    /// device's table) says which MAC the neighbour held and whether another
-    /// neighbour uses it, and records what was removed.
+    /// replaced. Every removal is attempted; the result (one, the first
+    /// failure) is returned in a list, as a batch of one. `entries` (the
+    /// device's table) says which MAC the neighbour held and whether
+    /// another neighbour uses it, and records what was removed.
     pub async fn remove_neighbour_and_fdb<A: IpFamily>(
         &self,
         dev: Device<'_>,
         entries: &mut EntryTable<A>,
         peer: &A::Peer,
     ) -> Vec<Result<(), NetlinkError>> {
-        let (subnet, _, vtep_mac) = A::peer_parts(peer);
-        let gateway = peer_gateway::<A>(subnet);
-        let kernel_mac = entries.neighbour(gateway);
-        let macs: BTreeSet<MacAddr> = [Some(vtep_mac), kernel_mac]
-            .into_iter()
-            .flatten()
-            .filter(|mac| !entries.used_by_other(*mac, gateway))
-            .collect();
-
-        let deleted = self.delete_neighbour(dev, gateway).await;
-        if deleted.is_ok() {
-            entries.remove_neighbour(gateway);
-        }
-        let mut results = vec![deleted];
-        for mac in macs {
-            let deleted = self.delete_fdb::<A>(dev, mac, None).await;
-            if deleted.is_ok() {
-                entries.remove_fdb(mac, None);
-            }
-            results.push(deleted);
-        }
-        results
+        self.remove_peers(dev, entries, std::slice::from_ref(peer), false)
+            .await
     }
 
     /// The device's neighbours and FDB entries, one dump each: the table
@@ -228,12 +161,6 @@ impl Netlink {
         let routes = self.peer_routes(dev).await?;
         let entries = self.learn_entries(dev).await?;
         Ok((join_entries(&routes, &entries), entries))
-    }
-
-    fn cleanup(&self, result: Result<(), NetlinkError>) {
-        if let Err(e) = result {
-            warn!("cleanup after a failed peer update: {e}");
-        }
     }
 
     /// `ip neigh replace <ip> lladdr <mac> dev <dev> nud permanent`.
@@ -471,6 +398,11 @@ impl Netlink {
             .filter_map(|r| route_via(r, dev.ifindex))
             .collect())
     }
+}
+
+/// The result of a batch of one.
+fn one(mut results: Vec<Result<(), NetlinkError>>) -> Result<(), NetlinkError> {
+    results.pop().unwrap_or(Ok(()))
 }
 
 fn ignore_not_found(result: Result<(), NetlinkError>) -> Result<(), NetlinkError> {

@@ -86,7 +86,9 @@ fn remote_subnets6(
     LpmTrie::try_from(map).map_err(|e| EbpfError::map(MAP_REMOTE_SUBNETS6, "open", e))
 }
 
-fn known_vteps6(ebpf: &mut Ebpf) -> Result<HashMap<&mut MapData, [u8; 16], KnownVtep6>, EbpfError> {
+fn known_vteps6_mut(
+    ebpf: &mut Ebpf,
+) -> Result<HashMap<&mut MapData, [u8; 16], KnownVtep6>, EbpfError> {
     let map = ebpf
         .map_mut(MAP_KNOWN_VTEPS6)
         .ok_or(EbpfError::MissingMap(MAP_KNOWN_VTEPS6))?;
@@ -114,7 +116,7 @@ pub(super) fn set_peer6(
             _pad: [0; 2],
             peer: peer.public_ip.octets(),
         };
-        known_vteps6(ebpf)?
+        known_vteps6_mut(ebpf)?
             .insert(ip, known, 0)
             .map_err(|e| insert_err(MAP_KNOWN_VTEPS6, p6.public_ip, capacity, e))?;
         remote_subnets6(ebpf)?
@@ -171,7 +173,7 @@ pub(super) fn keep_held6(
             public_ip: p6.public_ip.octets(),
             peer: [0; 4],
         };
-        let inserted = known_vteps6(ebpf)?
+        let inserted = known_vteps6_mut(ebpf)?
             .insert(p6.public_ip.octets(), known, 0)
             .map_err(|e| insert_err(MAP_KNOWN_VTEPS6, p6.public_ip, capacity, e))
             .and_then(|()| {
@@ -220,7 +222,7 @@ fn remove_remote_subnet6(ebpf: &mut Ebpf, subnet: Ipv6Net) -> Result<(), EbpfErr
 }
 
 fn forget_vtep6(ebpf: &mut Ebpf, ip: [u8; 16]) -> Result<(), EbpfError> {
-    match known_vteps6(ebpf)?.remove(&ip) {
+    match known_vteps6_mut(ebpf)?.remove(&ip) {
         Err(e) if !is_missing(&e) => {
             let op = format!("remove {}", Ipv6Addr::from(ip));
             Err(EbpfError::map(MAP_KNOWN_VTEPS6, op, e))
@@ -247,7 +249,7 @@ pub(super) fn prune_maps6(ebpf: &mut Ebpf, sides: &Sides6) -> Result<(), EbpfErr
         info!("pinned maps: removing {net}, no longer programmed");
         remove_remote_subnet6(ebpf, net)?;
     }
-    let unused: Vec<[u8; 16]> = known_vteps6(ebpf)?
+    let unused: Vec<[u8; 16]> = known_vteps6_mut(ebpf)?
         .keys()
         .filter_map(Result::ok)
         .filter(|ip| {
@@ -298,13 +300,16 @@ pub fn read_remote_subnets6(map: &aya::maps::Map) -> Result<Vec<(Ipv4Addr, Peer6
     Ok(out)
 }
 
-/// Whether KNOWN_VTEPS6 holds `ip` (an open map).
-pub fn knows_vtep6(map: &aya::maps::Map, ip: Ipv6Addr) -> Result<bool, EbpfError> {
+/// The `PublicIPv6`s KNOWN_VTEPS6 holds (an open map), read in one pass.
+pub fn known_vteps6(
+    map: &aya::maps::Map,
+) -> Result<std::collections::HashSet<Ipv6Addr>, EbpfError> {
     let vteps: HashMap<&MapData, [u8; 16], KnownVtep6> =
         HashMap::try_from(map).map_err(|e| EbpfError::map(MAP_KNOWN_VTEPS6, "open", e))?;
-    match vteps.get(&ip.octets(), 0) {
-        Ok(_) => Ok(true),
-        Err(e) if is_missing(&e) => Ok(false),
-        Err(e) => Err(EbpfError::map(MAP_KNOWN_VTEPS6, format!("look up {ip}"), e)),
+    let mut out = std::collections::HashSet::new();
+    for key in vteps.keys() {
+        let key = key.map_err(|e| EbpfError::map(MAP_KNOWN_VTEPS6, "iterate", e))?;
+        out.insert(Ipv6Addr::from(key));
     }
+    Ok(out)
 }

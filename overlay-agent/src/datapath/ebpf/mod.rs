@@ -61,6 +61,7 @@ use super::{
 use crate::{flannel::mac::MacAddr, netlink::VxlanDevice};
 
 mod attach;
+mod batch;
 mod error;
 mod loader;
 mod maps;
@@ -72,7 +73,7 @@ use loader::*;
 pub use maps::*;
 use maps6::{Sides6, keep_held6, prune_maps6, remove_peer6, set_peer6, write_node_config6};
 pub use maps6::{
-    knows_vtep6, node_config6, read_node_config6, read_remote_subnets6, remote_vtep6, subnet_key6,
+    known_vteps6, node_config6, read_node_config6, read_remote_subnets6, remote_vtep6, subnet_key6,
 };
 
 /// The eBPF object built by `build.rs` from `overlay-ebpf`, embedded so the
@@ -290,6 +291,23 @@ impl EbpfDatapath {
         Ok(read_remote_subnets(map)?)
     }
 
+    /// The public IPs KNOWN_VTEPS holds.
+    pub fn known_vteps(&self) -> Result<std::collections::HashSet<Ipv4Addr>, DatapathError> {
+        let loaded = self.loaded()?;
+        let map = loaded
+            .ebpf
+            .map(MAP_KNOWN_VTEPS)
+            .ok_or(EbpfError::MissingMap(MAP_KNOWN_VTEPS))?;
+        let vteps: HashMap<&MapData, [u8; 4], KnownVtep> =
+            HashMap::try_from(map).map_err(|e| EbpfError::map(MAP_KNOWN_VTEPS, "open", e))?;
+        let mut out = std::collections::HashSet::new();
+        for key in vteps.keys() {
+            let key = key.map_err(|e| EbpfError::map(MAP_KNOWN_VTEPS, "iterate", e))?;
+            out.insert(Ipv4Addr::from(key));
+        }
+        Ok(out)
+    }
+
     /// Whether KNOWN_VTEPS holds `ip`.
     pub fn knows_vtep(&self, ip: Ipv4Addr) -> Result<bool, DatapathError> {
         let loaded = self.loaded()?;
@@ -318,6 +336,62 @@ impl EbpfDatapath {
             );
         }
         fastpath::release_host(subnet, self.options.pins.as_ref());
+    }
+
+    /// A peer's map entries once its kernel entries are in and its host
+    /// policy is known (see [`Datapath::add_peer`]).
+    fn map_peer(
+        &mut self,
+        peer: &Peer,
+        kind: PeerKind,
+        conflict: Option<HostPolicyConflict>,
+    ) -> Result<(), DatapathError> {
+        let capacity = self.options.peer_capacity;
+        let Loaded {
+            ebpf,
+            users,
+            sides6,
+            ..
+        } = self.loaded.as_deref_mut().ok_or(DatapathError::NotSetUp)?;
+        match (kind, &conflict) {
+            (PeerKind::Vxlan, None) => insert_peer(ebpf, users, peer, capacity)?,
+            (PeerKind::Vxlan, Some(HostPolicyConflict::Xfrm(_))) => {
+                remove_peer_entries(ebpf, users, peer)?;
+            }
+            (PeerKind::Vxlan, Some(HostPolicyConflict::Route { .. })) | (PeerKind::Direct, _) => {
+                insert_direct_peer(ebpf, users, peer, capacity)?;
+            }
+        }
+        // The IPv6 side is VXLAN whatever the IPv4 side is (DirectRouting
+        // and the host-policy check look at the IPv4 PublicIP).
+        set_peer6(ebpf, sides6, peer, capacity)?;
+        self.note_conflict(peer, conflict);
+        Ok(())
+    }
+
+    /// Keeps [`Self::kernel_only_peers`] in step with a peer's host-policy
+    /// verdict, logging a change.
+    fn note_conflict(&mut self, peer: &Peer, conflict: Option<HostPolicyConflict>) {
+        match conflict {
+            Some(c) => {
+                if self.kernel_only.get(&peer.subnet) != Some(&c) {
+                    log::error!(
+                        "peer {} via {}: {c}: its traffic takes the kernel's vxlan device (through xfrm and the routing rules), not the eBPF programs",
+                        peer.subnet,
+                        peer.public_ip
+                    );
+                }
+                self.kernel_only.insert(peer.subnet, c);
+            }
+            None => {
+                if self.kernel_only.remove(&peer.subnet).is_some() {
+                    info!(
+                        "peer {} via {}: no host policy covers it any more: back on the eBPF programs",
+                        peer.subnet, peer.public_ip
+                    );
+                }
+            }
+        }
     }
 
     fn loaded(&self) -> Result<&Loaded, DatapathError> {
@@ -505,46 +579,82 @@ impl Datapath for EbpfDatapath {
             }
             PeerKind::Direct => None,
         };
+        self.map_peer(peer, kind, conflict)
+    }
+
+    /// [`Datapath::add_peer`] for many peers: their kernel entries as
+    /// pipelined batches ([`KernelDatapath::add_peers_kind`]), the host
+    /// policy of the VXLAN ones checked with one xfrm dump and pipelined
+    /// route lookups ([`host_policy::check_peers`]), then each peer's map
+    /// entries as `add_peer` writes them. One result per peer.
+    async fn add_peers(&mut self, peers: &[Peer]) -> Vec<Result<(), DatapathError>> {
+        if self.loaded().is_err() {
+            return peers.iter().map(|_| Err(DatapathError::NotSetUp)).collect();
+        }
+        let kinds = self.kernel.add_peers_kind(peers).await;
+        let vxlan: Vec<usize> = (0..peers.len())
+            .filter(|&i| matches!(kinds[i], Ok(PeerKind::Vxlan)))
+            .collect();
+        let mut checks: Vec<Option<Result<Option<HostPolicyConflict>, DatapathError>>> =
+            (0..peers.len()).map(|_| None).collect();
+        if !vxlan.is_empty() {
+            let (Some(device), Some(nl)) = (self.kernel.device(), self.kernel.netlink()) else {
+                return peers.iter().map(|_| Err(DatapathError::NotSetUp)).collect();
+            };
+            let ips: Vec<Ipv4Addr> = vxlan.iter().map(|&i| peers[i].public_ip).collect();
+            let verdicts = host_policy::check_peers(
+                nl,
+                device.local,
+                device.port,
+                device.underlay_ifindex,
+                &ips,
+            )
+            .await;
+            for (&i, v) in vxlan.iter().zip(verdicts) {
+                checks[i] = Some(v.map_err(|e| EbpfError::HostPolicyCheck(e).into()));
+            }
+        }
+        let mut results: Vec<Result<(), DatapathError>> = Vec::with_capacity(peers.len());
+        // The VXLAN peers no host policy covers (all of them, normally) go
+        // into the maps as one batch per map; the others one at a time.
+        let mut plain = Vec::new();
+        for (i, ((peer, kind), check)) in peers.iter().zip(kinds).zip(checks).enumerate() {
+            let result = match (kind, check) {
+                (Err(e), _) | (Ok(_), Some(Err(e))) => Err(e),
+                (Ok(PeerKind::Vxlan), Some(Ok(None))) => {
+                    plain.push(i);
+                    Ok(())
+                }
+                (Ok(kind), Some(Ok(conflict))) => self.map_peer(peer, kind, conflict),
+                (Ok(kind), None) => self.map_peer(peer, kind, None),
+            };
+            results.push(result);
+        }
+        let batch: Vec<Peer> = plain.iter().map(|&i| peers[i]).collect();
         let capacity = self.options.peer_capacity;
-        let Loaded {
+        let Some(Loaded {
             ebpf,
             users,
             sides6,
             ..
-        } = self.loaded.as_deref_mut().ok_or(DatapathError::NotSetUp)?;
-        match (kind, &conflict) {
-            (PeerKind::Vxlan, None) => insert_peer(ebpf, users, peer, capacity)?,
-            (PeerKind::Vxlan, Some(HostPolicyConflict::Xfrm(_))) => {
-                remove_peer_entries(ebpf, users, peer)?;
+        }) = self.loaded.as_deref_mut()
+        else {
+            return peers.iter().map(|_| Err(DatapathError::NotSetUp)).collect();
+        };
+        let inserted = batch::insert_peers(ebpf, users, &batch, capacity);
+        // The IPv6 side is VXLAN whatever the IPv4 side is (see map_peer).
+        let inserted: Vec<Result<(), EbpfError>> = plain
+            .iter()
+            .zip(inserted)
+            .map(|(&i, r)| r.and_then(|()| set_peer6(ebpf, sides6, &peers[i], capacity)))
+            .collect();
+        for (&i, r) in plain.iter().zip(inserted) {
+            if r.is_ok() {
+                self.note_conflict(&peers[i], None);
             }
-            (PeerKind::Vxlan, Some(HostPolicyConflict::Route { .. })) | (PeerKind::Direct, _) => {
-                insert_direct_peer(ebpf, users, peer, capacity)?;
-            }
+            results[i] = r.map_err(DatapathError::from);
         }
-        // The IPv6 side is VXLAN whatever the IPv4 side is (DirectRouting
-        // and the host-policy check look at the IPv4 PublicIP).
-        set_peer6(ebpf, sides6, peer, capacity)?;
-        match conflict {
-            Some(c) => {
-                if self.kernel_only.get(&peer.subnet) != Some(&c) {
-                    log::error!(
-                        "peer {} via {}: {c}: its traffic takes the kernel's vxlan device (through xfrm and the routing rules), not the eBPF programs",
-                        peer.subnet,
-                        peer.public_ip
-                    );
-                }
-                self.kernel_only.insert(peer.subnet, c);
-            }
-            None => {
-                if self.kernel_only.remove(&peer.subnet).is_some() {
-                    info!(
-                        "peer {} via {}: no host policy covers it any more: back on the eBPF programs",
-                        peer.subnet, peer.public_ip
-                    );
-                }
-            }
-        }
-        Ok(())
+        results
     }
 
     /// Removes the peer from the maps first (so egress stops encapsulating to
@@ -562,6 +672,31 @@ impl Datapath for EbpfDatapath {
         self.kernel.remove_peer(peer).await
     }
 
+    /// [`Datapath::remove_peer`] for many: each peer's map entries first,
+    /// then the kernel entries of those whose map entries went, as
+    /// pipelined batches ([`Datapath::remove_peers`] of the kernel datapath).
+    async fn remove_peers(&mut self, peers: &[Peer]) -> Vec<Result<(), DatapathError>> {
+        let Some(loaded) = self.loaded.as_deref_mut() else {
+            return peers.iter().map(|_| Err(DatapathError::NotSetUp)).collect();
+        };
+        let mut results: Vec<Result<(), DatapathError>> = Vec::with_capacity(peers.len());
+        for peer in peers {
+            let r = remove_peer_entries(&mut loaded.ebpf, &mut loaded.users, peer)
+                .and_then(|()| remove_peer6(&mut loaded.ebpf, &mut loaded.sides6, peer));
+            if r.is_ok() {
+                self.kernel_only.remove(&peer.subnet);
+            }
+            results.push(r.map_err(DatapathError::from));
+        }
+        let todo: Vec<usize> = (0..peers.len()).filter(|&i| results[i].is_ok()).collect();
+        let batch: Vec<Peer> = todo.iter().map(|&i| peers[i]).collect();
+        let removed = self.kernel.remove_peers(&batch).await;
+        for (&i, r) in todo.iter().zip(removed) {
+            results[i] = r;
+        }
+        results
+    }
+
     /// Peers whose kernel entries are complete and whose map entries agree
     /// (their IPv6 side's too).
     async fn peers(&mut self) -> Result<Vec<Peer>, DatapathError> {
@@ -574,6 +709,12 @@ impl Datapath for EbpfDatapath {
                 None => Default::default(),
             };
         let in_kernel = self.kernel.peers().await?;
+        // KNOWN_VTEPS (and KNOWN_VTEPS6) read once, not looked up per peer.
+        let known = self.known_vteps()?;
+        let known6 = match self.kernel.device6() {
+            Some(_) => known_vteps6(self.map(MAP_KNOWN_VTEPS6)?)?,
+            None => Default::default(),
+        };
         let mut agreed = Vec::with_capacity(in_kernel.len());
         let in_trie: std::collections::HashSet<Ipv4Net> =
             in_maps.iter().map(|p| p.subnet).collect();
@@ -588,11 +729,10 @@ impl Datapath for EbpfDatapath {
             };
             // A peer left to the kernel under xfrm has no KNOWN_VTEPS entry.
             let vtep_ok = matches!(kernel_only, Some(HostPolicyConflict::Xfrm(_)))
-                || self.knows_vtep(peer.public_ip)?;
+                || known.contains(&peer.public_ip);
             let v6_ok = match peer.v6 {
                 Some(p6) => {
-                    in_maps6.contains(&(peer.public_ip, p6))
-                        && knows_vtep6(self.map(MAP_KNOWN_VTEPS6)?, p6.public_ip)?
+                    in_maps6.contains(&(peer.public_ip, p6)) && known6.contains(&p6.public_ip)
                 }
                 None => true,
             };

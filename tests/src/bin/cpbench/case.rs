@@ -187,10 +187,24 @@ pub fn run(n: usize, datapath: Datapath, events: usize) -> Result<Row> {
             request_kinds: String::new(),
             phases: String::new(),
             resyncs,
+            floor: None,
         })
     });
     drop(cluster);
-    row
+    let mut row = row?;
+    // Right after the case, under the same load: the kernel's floor for
+    // the same N entries of each kind.
+    let floor = crate::floor::measure(n).context("measuring the kernel's floor")?;
+    eprintln!(
+        "  kernel floor {:.2} s (neighbours {:.2}, FDB {:.2}, routes {:.2}): cold start {:.2}x",
+        floor.total_s(),
+        floor.neighbours_s,
+        floor.fdb_s,
+        floor.routes_s,
+        row.cold_s / floor.total_s()
+    );
+    row.floor = Some(floor);
+    Ok(row)
 }
 
 /// A bound for the cold start only a hang exceeds (the current main needs

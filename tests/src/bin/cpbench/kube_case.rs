@@ -169,6 +169,7 @@ pub fn run(n: usize, datapath: Datapath, events: usize) -> Result<Row> {
         request_kinds,
         phases,
         resyncs,
+        floor: None,
     })
 }
 

@@ -7,6 +7,7 @@
 
 mod case;
 mod etcd_requests;
+mod floor;
 mod herd;
 mod kube_case;
 mod proc_stats;
@@ -195,8 +196,9 @@ fn main() -> Result<()> {
     }
     if !rows.is_empty() {
         print!(
-            "{}\n{}\n{}\n{}",
+            "{}\n{}\n{}\n{}\n{}",
             report::table(&rows),
+            report::floor_targets(&rows),
             report::targets(&rows),
             report::kube_targets(&rows),
             report::kube_details(&rows)
