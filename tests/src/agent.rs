@@ -253,6 +253,27 @@ impl Drop for Agent {
     }
 }
 
+/// Every agent log (`*.log` but etcd's `m*.log`) in `dir`, each under its
+/// name: the context a failed test's error needs.
+pub fn agent_logs(dir: &Path) -> String {
+    let mut names: Vec<PathBuf> = fs::read_dir(dir)
+        .map(|d| d.filter_map(|e| Some(e.ok()?.path())).collect())
+        .unwrap_or_default();
+    names.retain(|p| {
+        let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        name.ends_with(".log") && !name.starts_with('m')
+    });
+    names.sort();
+    names
+        .iter()
+        .map(|p| {
+            let text = fs::read_to_string(p).unwrap_or_default();
+            format!("--- {} ---\n{text}", p.display())
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// Wait until `f` holds, or fail after `limit` with `what`.
 pub fn within(limit: Duration, what: &str, mut f: impl FnMut() -> bool) -> Result<Duration> {
     let t0 = Instant::now();

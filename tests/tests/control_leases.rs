@@ -96,6 +96,88 @@ async fn racing_acquirers_all_get_distinct_subnets() {
 }
 
 #[tokio::test]
+async fn racing_dual_stack_acquirers_get_distinct_subnets_of_both_families() {
+    // A dual-stack key names both halves, so a create that compares only
+    // its own key lets two nodes hold one IPv4 subnet (with different IPv6
+    // halves), or one IPv6 subnet (with different IPv4 halves). Eight
+    // nodes, eight subnets of each family, all remembering 10.0.1.0/24:
+    // collisions on both halves are all but certain.
+    let (_etcd, reg, cfg) = setup(
+        r#"{"Network":"10.0.0.0/16","SubnetMin":"10.0.1.0","SubnetMax":"10.0.8.0","EnableIPv6":true,"IPv6Network":"fd10::/48","IPv6SubnetLen":64,"IPv6SubnetMin":"fd10:0:0:1::","IPv6SubnetMax":"fd10:0:0:8::","Backend":{"Type":"vxlan"}}"#,
+    )
+    .await;
+    let timing = LeaseTiming::default();
+    for round in 0..3 {
+        let tasks: Vec<_> = (0..8u8)
+            .map(|i| {
+                let reg = reg.clone();
+                let cfg = cfg.clone();
+                let mut n = node(i);
+                n.ipv6 = Some(own::NodeIpv6 {
+                    public_ip: format!("fd98::{}", i + 1).parse().unwrap(),
+                    vtep_mac: MacAddr::stable_for(n.public_ip, 2),
+                });
+                tokio::spawn(async move {
+                    own::acquire(&reg, &cfg, &n, Some(net("10.0.1.0/24")), &timing).await
+                })
+            })
+            .collect();
+        let mut won = Vec::new();
+        for t in tasks {
+            match t.await.unwrap() {
+                Ok(l) => won.push(l),
+                Err(e) => {
+                    let keys: Vec<String> = reg
+                        .list()
+                        .await
+                        .unwrap()
+                        .entries
+                        .into_iter()
+                        .map(|e| e.key)
+                        .collect();
+                    panic!("round {round}: a node got no subnet: {e}; keys now {keys:?}");
+                }
+            }
+        }
+        let keys: Vec<String> = reg
+            .list()
+            .await
+            .unwrap()
+            .entries
+            .into_iter()
+            .map(|e| e.key)
+            .collect();
+        let v4: BTreeSet<Ipv4Net> = won.iter().map(|l| l.subnet).collect();
+        let v6: BTreeSet<_> = won.iter().map(|l| l.ipv6_subnet.unwrap()).collect();
+        assert_eq!(
+            v4.len(),
+            8,
+            "round {round}: IPv4 halves {v4:?}, keys {keys:?}"
+        );
+        assert_eq!(
+            v6.len(),
+            8,
+            "round {round}: IPv6 halves {v6:?}, keys {keys:?}"
+        );
+        // Nothing left behind by the losers: one key per node.
+        assert_eq!(keys.len(), 8, "round {round}: keys {keys:?}");
+        for l in &won {
+            let e = reg.get_lease(l.subnets()).await.unwrap().unwrap();
+            assert_eq!(e.value, l.value.as_bytes());
+        }
+        for l in &won {
+            assert!(
+                reg.delete_if_unchanged(l.subnets(), l.mod_revision)
+                    .await
+                    .unwrap(),
+                "round {round}: {} changed after it was won",
+                l.subnets()
+            );
+        }
+    }
+}
+
+#[tokio::test]
 async fn restart_reuses_subnet_and_vtep_mac() {
     let (_etcd, reg, cfg) =
         setup(r#"{"Network":"10.0.0.0/16","Backend":{"Type":"vxlan","VNI":1}}"#).await;

@@ -16,6 +16,7 @@
 
 use std::{
     net::{Ipv6Addr, SocketAddr, UdpSocket},
+    path::Path,
     process::{Command, Stdio},
     time::Duration,
 };
@@ -27,8 +28,11 @@ use overlay_agent::{
 };
 use overlay_common::counters::Reason;
 use overlay_tests::{
-    agent::{Agent, Bpffs, Cluster, Containers, add_container, link_mac, sh, within},
+    agent::{
+        Agent, Bpffs, Cluster, Containers, Hosts, add_container, agent_logs, link_mac, sh, within,
+    },
     capture::{self, Capture},
+    etcd::Etcd,
     frames, netns,
     traffic::{self, UdpListener},
 };
@@ -139,6 +143,13 @@ fn forge_ipv6_vxlan(
 #[ignore = "needs root, network namespaces and eBPF: run `cargo xtask test`"]
 fn two_dual_stack_agents_reach_each_other_over_both_families() -> Result<()> {
     let Cluster { hosts, etcd, bin } = Cluster::start("ds", 3, CONFIG)?;
+    let dir = etcd.dir().to_path_buf();
+    // The agents' logs go with a failure: on a CI machine they are all
+    // that tells a slow event from a failed one.
+    both_families(&hosts, &etcd, &bin).map_err(|e| e.context(agent_logs(&dir)))
+}
+
+fn both_families(hosts: &Hosts, etcd: &Etcd, bin: &Path) -> Result<()> {
     hosts.add_ipv6()?;
     let dir = etcd.dir().to_path_buf();
     let bpffs = Bpffs::mount(dir.join("bpf"))?;

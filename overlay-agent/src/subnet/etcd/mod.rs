@@ -583,16 +583,29 @@ impl Registry {
         }
     }
 
-    /// `If(Version(key) == 0) Then(Put(key, value, lease))`: true if we created it.
+    /// `If(no key holds the IPv4 subnet) Then(Put(key, value, lease))`: true
+    /// if we created it. The IPv4 subnet's keys are its v4-only key and
+    /// every dual-stack key that starts with it (`<v4>&...`): two nodes
+    /// racing for one IPv4 subnet with different IPv6 halves write two
+    /// different keys, and comparing the key alone (as flanneld does) would
+    /// let both win.
     pub async fn create(
         &self,
         subnet: impl Into<LeaseSubnets>,
         value: &str,
         lease_id: i64,
     ) -> Result<bool, EtcdError> {
-        let key = self.lease_key(subnet);
+        let subnets = subnet.into();
+        let key = self.lease_key(subnets);
+        let v4_key = self.lease_key(subnets.v4);
+        // `&` + 1 is `'`: the range holds exactly the keys `<v4>&...`.
+        let dual = (format!("{v4_key}&"), format!("{v4_key}'"));
         let txn = Txn::new()
-            .when([Compare::version(key.clone(), CompareOp::Equal, 0)])
+            .when([
+                Compare::version(key.clone(), CompareOp::Equal, 0),
+                Compare::version(v4_key, CompareOp::Equal, 0),
+                Compare::version(dual.0, CompareOp::Equal, 0).with_range(dual.1),
+            ])
             .and_then([TxnOp::put(key.clone(), value, put_options(lease_id))]);
         let resp = self
             .call("create", &key, |mut c| {

@@ -28,6 +28,10 @@ pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 3600);
 pub const DEFAULT_RENEW_MARGIN: Duration = Duration::from_secs(3600);
 /// After this many lost creation races in a row, something else is wrong.
 const MAX_RACES: usize = 64;
+/// How long an acquirer that finds the space full while a race may still
+/// give a subnet back (two leases sharing an IPv6 subnet, or a subnet we
+/// lost a race for) waits before it reads the leases again.
+const RACE_PAUSE: Duration = Duration::from_millis(50);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LeaseTiming {
@@ -147,8 +151,10 @@ pub enum AcquireError {
 
 /// Acquire a subnet: reuse our PublicIP's lease if it fits, else the
 /// subnet from the previous subnet.env, else a random free one; each
-/// creation is `If(Version(key) == 0) Then(Put(key, value, lease))`, and a
-/// lost race is retried with another subnet.
+/// creation is `If(no key holds the IPv4 subnet) Then(Put(key, value,
+/// lease))` ([`Registry::create`]), a dual-stack one is then checked for a
+/// node that took the same IPv6 subnet at the same time, and a lost race is
+/// retried with another subnet.
 pub async fn acquire(
     reg: &Registry,
     config: &NetworkConfig,
@@ -175,14 +181,29 @@ pub async fn acquire(
                 })
             })
             .collect();
-        let plan = alloc::plan(
+        let planned = alloc::plan(
             config,
             &existing,
             node.public_ip,
             previous,
             &avoid,
             &mut rand::rng(),
-        )?;
+        );
+        let plan = match planned {
+            // Two keys sharing an IPv6 half are a race in progress, and
+            // one of them goes (see below); a subnet we lost a race for may
+            // have been given up the same way: the space is not exhausted
+            // yet.
+            Err(AllocError::Exhausted { .. } | AllocError::ExhaustedV6 { .. })
+                if (ipv6_shared(&existing) || !avoid.is_empty()) && races < MAX_RACES =>
+            {
+                races += 1;
+                avoid.clear();
+                tokio::time::sleep(RACE_PAUSE).await;
+                continue;
+            }
+            plan => plan?,
+        };
         let entry_for = |subnets: LeaseSubnets| {
             snapshot
                 .entries
@@ -264,6 +285,22 @@ pub async fn acquire(
                 let expires = Instant::now() + ttl;
                 if reg.create(subnets, &value, lease_id).await? {
                     let mod_revision = current_mod_revision(reg, subnets).await?;
+                    if let Some(v6) = subnets.v6
+                        && ipv6_held_by_another(reg, subnets).await?
+                    {
+                        // Keys name both halves, so the create could not
+                        // see a node that raced us for the IPv6 half: the
+                        // one that finds the other yields (both may; each
+                        // then picks again).
+                        reg.delete_if_unchanged(subnets, mod_revision).await?;
+                        reg.revoke(lease_id).await;
+                        races += 1;
+                        log::info!("another node holds {v6} too; trying another subnet");
+                        if races >= MAX_RACES {
+                            return Err(AcquireError::TooManyRaces(races));
+                        }
+                        continue;
+                    }
                     log::info!(
                         "allocated lease {subnets} ({}) for PublicIP {}",
                         if matches!(plan.choice, Choice::Previous(_)) {
@@ -298,6 +335,23 @@ pub async fn acquire(
             }
         }
     }
+}
+
+/// Whether two leases name one IPv6 subnet.
+fn ipv6_shared(existing: &[Existing]) -> bool {
+    let mut seen = std::collections::HashSet::new();
+    existing
+        .iter()
+        .filter_map(|e| e.ipv6)
+        .any(|v6| !seen.insert(v6))
+}
+
+/// Whether a key other than ours names our IPv6 subnet.
+async fn ipv6_held_by_another(reg: &Registry, ours: LeaseSubnets) -> Result<bool, EtcdError> {
+    Ok(reg.list().await?.entries.iter().any(|e| {
+        e.subnets()
+            .is_some_and(|s| s != ours && s.v6.is_some() && s.v6 == ours.v6)
+    }))
 }
 
 async fn current_mod_revision(reg: &Registry, subnet: LeaseSubnets) -> Result<i64, EtcdError> {
