@@ -48,7 +48,10 @@ use std::{
 };
 
 use super::{Peer, vtep_users::VtepUsers};
-use crate::ipmasq::exec::{self, IptablesError};
+use crate::{
+    ipmasq::exec::{self, IptablesError},
+    netlink::nft_elements::{self, ElementsError, SetChange},
+};
 
 /// `inet`: the table is independent of iptables (legacy or nft flavour) and of
 /// flanneld's `ip flannel-ipv4`.
@@ -269,6 +272,34 @@ pub struct VtepGuard {
     stale: bool,
     /// How to run a script (nft; tests record instead).
     runner: fn(&str) -> Result<(), GuardError>,
+    /// How a change of a few elements is made without a script (netlink;
+    /// tests record or refuse instead). When it fails, the change goes
+    /// through `runner` as a script.
+    elements: fn(&BTreeMap<IpAddr, bool>) -> Result<(), ElementsError>,
+    /// `elements` failed before: its failures are said once, at info.
+    elements_failed: bool,
+}
+
+/// A change as set elements over netlink ([`nft_elements`]): one process
+/// less per peer event.
+fn netlink_elements(changes: &BTreeMap<IpAddr, bool>) -> Result<(), ElementsError> {
+    let mut v4 = SetChange {
+        set: SET,
+        ..SetChange::default()
+    };
+    let mut v6 = SetChange {
+        set: SET6,
+        ..SetChange::default()
+    };
+    for (&ip, &present) in changes {
+        let c = if ip.is_ipv4() { &mut v4 } else { &mut v6 };
+        if present {
+            c.add.push(ip);
+        } else {
+            c.remove.push(ip);
+        }
+    }
+    nft_elements::apply(nft_elements::NFPROTO_INET, TABLE, &[v4, v6])
 }
 
 fn run_nft(script: &str) -> Result<(), GuardError> {
@@ -288,9 +319,12 @@ impl VtepGuard {
             ),
             e => Err(e),
         })?;
-        Ok(Self::with_runner(port, v6, run_nft))
+        let mut g = Self::with_runner(port, v6, run_nft);
+        g.elements = netlink_elements;
+        Ok(g)
     }
 
+    /// A guard whose changes all go through `runner` as scripts.
     fn with_runner(port: u16, v6: bool, runner: fn(&str) -> Result<(), GuardError>) -> Self {
         VtepGuard {
             port,
@@ -300,6 +334,8 @@ impl VtepGuard {
             batch: None,
             stale: false,
             runner,
+            elements: |_| Err(ElementsError::NoAnswer),
+            elements_failed: true,
         }
     }
 
@@ -466,7 +502,18 @@ impl VtepGuard {
             ips.dedup();
             rebuild_script(self.port, self.v6, &ips)
         } else {
-            change_script(&changes)
+            match (self.elements)(&changes) {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    if !self.elements_failed {
+                        self.elements_failed = true;
+                        log::info!(
+                            "{FAMILY} {TABLE}: {e}; the change goes through nft -f - (said once)"
+                        );
+                    }
+                    change_script(&changes)
+                }
+            }
         };
         let r = (self.runner)(&script);
         self.stale = r.is_err();
@@ -522,6 +569,44 @@ mod tests {
             "{}delete element inet overlay-vtep vteps {{ {ip} }}\n",
             add(ip)
         )
+    }
+
+    thread_local! {
+        static ELEMENTS: RefCell<Vec<BTreeMap<IpAddr, bool>>> = const { RefCell::new(Vec::new()) };
+    }
+    fn elements_ok(changes: &BTreeMap<IpAddr, bool>) -> Result<(), ElementsError> {
+        ELEMENTS.with(|e| e.borrow_mut().push(changes.clone()));
+        Ok(())
+    }
+
+    #[test]
+    fn a_small_change_goes_as_elements_and_a_failed_one_as_a_script() {
+        let mut g = VtepGuard::with_runner(8472, true, record);
+        g.elements = elements_ok;
+        let mut p = peer("10.5.1.0/24", "192.168.1.1");
+        p.v6 = Some(crate::flannel::lease::Peer6 {
+            subnet: "fd10:0:0:1::/64".parse().unwrap(),
+            public_ip: "fd98::1".parse().unwrap(),
+            vtep_mac: p.vtep_mac,
+        });
+        programmed(&mut g, &p);
+        g.release(&p).unwrap();
+        assert_eq!(take(), Vec::<String>::new(), "no nft process");
+        let v4: IpAddr = "192.168.1.1".parse().unwrap();
+        let v6: IpAddr = "fd98::1".parse().unwrap();
+        assert_eq!(
+            ELEMENTS.with(|e| std::mem::take(&mut *e.borrow_mut())),
+            vec![
+                BTreeMap::from([(v4, true)]),
+                BTreeMap::from([(v6, true)]),
+                BTreeMap::from([(v4, false)]),
+                BTreeMap::from([(v6, false)]),
+            ]
+        );
+        // Refused over netlink: the same change as a script.
+        g.elements = |_| Err(ElementsError::NoAnswer);
+        programmed(&mut g, &peer("10.5.1.0/24", "192.168.1.1"));
+        assert_eq!(take(), vec![add("192.168.1.1")]);
     }
 
     #[test]

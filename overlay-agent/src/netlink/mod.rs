@@ -21,6 +21,7 @@ pub mod direct_route;
 pub mod entry_table;
 pub mod events;
 pub mod family;
+pub mod nft_elements;
 pub mod peer_batch;
 pub mod peer_entries;
 pub mod pipeline;
