@@ -211,6 +211,86 @@ fn xfrm_policies_between_the_nodes_keep_the_ebpf_datapath_off() -> Result<()> {
 
 #[test]
 #[ignore = "needs root, network namespaces, etcd and eBPF: run `cargo xtask test`"]
+fn an_ipv6_xfrm_policy_keeps_a_dual_stack_node_off_ebpf() -> Result<()> {
+    // The eBPF datapath encapsulates IPv6 too (vxlan_egress6), and its
+    // outer IPv6 packets would skip an IPv6 policy just as IPv4 ones skip
+    // an IPv4 policy: the IPv4 side alone must not let it start.
+    const DUAL: &str = r#"{"EnableIPv6":true,"Network":"10.0.0.0/16","SubnetMin":"10.0.1.0","SubnetMax":"10.0.16.0","IPv6Network":"fd10:0:0::/48","IPv6SubnetMax":"fd10:0:0:10::","Backend":{"Type":"vxlan"}}"#;
+    let cluster = Cluster::start("hp6", 2, DUAL)?;
+    let Cluster { hosts, etcd, bin } = &cluster;
+    hosts.add_ipv6()?;
+    let dir = etcd.dir().to_path_buf();
+    let bpf1 = Bpffs::mount(dir.join("bpf1"))?;
+    let pin_dir = format!("--bpf-pin-dir={}", bpf1.0.join("overlay").display());
+    let h1 = hosts.ns(1);
+    let (ip6_1, ip6_2) = (hosts.ip6(1), hosts.ip6(2));
+    // UDP to the VXLAN port between the nodes' IPv6 addresses, as an
+    // operator encrypting the overlay would write it (no SA needed: only
+    // the agent's decision is looked at here).
+    sh(&[
+        "ip",
+        "-n",
+        &h1,
+        "-6",
+        "xfrm",
+        "policy",
+        "add",
+        "src",
+        &ip6_1,
+        "dst",
+        &ip6_2,
+        "proto",
+        "udp",
+        "dport",
+        "8472",
+        "dir",
+        "out",
+        "tmpl",
+        "src",
+        &ip6_1,
+        "dst",
+        &ip6_2,
+        "proto",
+        "esp",
+        "reqid",
+        "1",
+        "mode",
+        "transport",
+    ])?;
+    let auto = cluster.args(1, &["--datapath=auto", &pin_dir]);
+    let mut a1 = Agent::start(&dir, "h1-auto", &h1, bin, &auto)?;
+    a1.wait_for("running: lease", Duration::from_secs(20))?;
+    let log = a1.log();
+    let line = log.lines().find(|l| l.contains(FELL_BACK));
+    ensure!(
+        line.is_some_and(|l| l.contains("xfrm") && l.contains(&ip6_2)) && !log.contains(EBPF_ON),
+        "auto did not fall back naming the IPv6 xfrm policy:\n{log}"
+    );
+    a1.kill9()?;
+
+    let ebpf = cluster.args(1, &["--datapath=ebpf", &pin_dir]);
+    let mut refused = Agent::start(&dir, "h1-ebpf", &h1, bin, &ebpf)?;
+    let code = exit_code(&mut refused)?;
+    let log = refused.log();
+    ensure!(
+        code != 0 && log.contains("--datapath ebpf") && log.contains("xfrm"),
+        "--datapath ebpf did not refuse naming xfrm (exit {code}):\n{log}"
+    );
+
+    // Without it, the same node runs eBPF.
+    flush_ipsec(&h1)?;
+    let mut a1 = Agent::start(&dir, "h1-clear", &h1, bin, &auto)?;
+    a1.wait_for("running: lease", Duration::from_secs(20))?;
+    ensure!(
+        a1.log().contains(EBPF_ON) && !a1.log().contains(FELL_BACK),
+        "without the policy auto is not eBPF:\n{}",
+        a1.log()
+    );
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs root, network namespaces, etcd and eBPF: run `cargo xtask test`"]
 fn a_peer_routed_by_policy_rules_keeps_the_ebpf_datapath_off() -> Result<()> {
     let cluster = Cluster::start("hpr", 2, CONFIG)?;
     let Cluster { hosts, etcd, bin } = &cluster;

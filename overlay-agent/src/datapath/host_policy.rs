@@ -21,7 +21,10 @@
 //! device stop the eBPF datapath ([`super::ebpf::EbpfError::HostPolicy`]);
 //! a peer added later is checked in `add_peer` (see there).
 
-use std::{fmt, io, net::Ipv4Addr};
+use std::{
+    fmt, io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
 
 use rtnetlink::{
     RouteMessageBuilder,
@@ -93,9 +96,10 @@ const DIR_OUT: u8 = 1;
 pub struct XfrmPolicy {
     /// `AF_INET`, `AF_INET6`, or 0 (any).
     pub family: u16,
-    pub src: Ipv4Addr,
+    /// IPv6 in an `AF_INET6` selector, IPv4 otherwise.
+    pub src: IpAddr,
     pub src_len: u8,
-    pub dst: Ipv4Addr,
+    pub dst: IpAddr,
     pub dst_len: u8,
     /// IP protocol, 0 for any.
     pub proto: u8,
@@ -128,23 +132,38 @@ impl fmt::Display for XfrmPolicy {
     }
 }
 
-fn contains(net: Ipv4Addr, len: u8, ip: Ipv4Addr) -> bool {
+fn contains(net: IpAddr, len: u8, ip: IpAddr) -> bool {
     if len == 0 {
         return true;
     }
-    let mask = u32::MAX << (32 - u32::from(len.min(32)));
-    u32::from(net) & mask == u32::from(ip) & mask
+    match (net, ip) {
+        (IpAddr::V4(net), IpAddr::V4(ip)) => {
+            let mask = u32::MAX << (32 - u32::from(len.min(32)));
+            u32::from(net) & mask == u32::from(ip) & mask
+        }
+        (IpAddr::V6(net), IpAddr::V6(ip)) => {
+            let mask = u128::MAX << (128 - u32::from(len.min(128)));
+            u128::from(net) & mask == u128::from(ip) & mask
+        }
+        _ => false,
+    }
 }
 
 impl XfrmPolicy {
     /// Whether this policy could match an outer VXLAN packet (UDP to `port`)
     /// between `local` and `peer`, or, without a peer, between `local` and
     /// any other address: deliberately broad, since a policy we miss means
-    /// clear text where ESP was meant. IPv6 selectors and `fwd` policies
-    /// cannot match our outer packets; source ports are not looked at
-    /// (ours vary per flow).
-    pub fn covers(&self, local: Ipv4Addr, port: u16, peer: Option<Ipv4Addr>) -> bool {
-        if self.family != libc::AF_INET as u16 && self.family != 0 {
+    /// clear text where ESP was meant. `local` says the family (IPv6: the
+    /// outer packets of `flannel-v6.<VNI>`'s peers); a selector of the
+    /// other family and `fwd` policies cannot match our outer packets;
+    /// source ports are not looked at (ours vary per flow).
+    pub fn covers(&self, local: IpAddr, port: u16, peer: Option<IpAddr>) -> bool {
+        let family = if local.is_ipv4() {
+            libc::AF_INET
+        } else {
+            libc::AF_INET6
+        };
+        if self.family != family as u16 && self.family != 0 {
             return false;
         }
         if self.proto != 0 && self.proto != libc::IPPROTO_UDP as u8 {
@@ -164,7 +183,10 @@ impl XfrmPolicy {
         match peer {
             Some(peer) => contains(theirs, theirs_len, peer),
             // Anything but exactly ourselves.
-            None => !(theirs_len >= 32 && theirs == local),
+            None => {
+                let host_len = if local.is_ipv4() { 32 } else { 128 };
+                !(theirs_len >= host_len && theirs == local)
+            }
         }
     }
 }
@@ -172,9 +194,9 @@ impl XfrmPolicy {
 /// The first policy that [`XfrmPolicy::covers`] the traffic, if any.
 pub fn xfrm_conflict(
     policies: &[XfrmPolicy],
-    local: Ipv4Addr,
+    local: IpAddr,
     port: u16,
-    peer: Option<Ipv4Addr>,
+    peer: Option<IpAddr>,
 ) -> Option<HostPolicyConflict> {
     policies
         .iter()
@@ -196,14 +218,24 @@ fn parse_policy(b: &[u8]) -> Option<XfrmPolicy> {
     if b.len() < USERPOLICY_INFO_LEN {
         return None;
     }
-    let ip = |o: usize| Ipv4Addr::new(b[o], b[o + 1], b[o + 2], b[o + 3]);
+    let family = u16::from_ne_bytes([b[40], b[41]]);
+    // `xfrm_address_t`: 16 bytes, of which IPv4 uses the first 4.
+    let ip = |o: usize| -> IpAddr {
+        if family == libc::AF_INET6 as u16 {
+            let mut a = [0u8; 16];
+            a.copy_from_slice(&b[o..o + 16]);
+            Ipv6Addr::from(a).into()
+        } else {
+            Ipv4Addr::new(b[o], b[o + 1], b[o + 2], b[o + 3]).into()
+        }
+    };
     let be16 = |o: usize| u16::from_be_bytes([b[o], b[o + 1]]);
     Some(XfrmPolicy {
         dst: ip(0),
         src: ip(16),
         dport: be16(32),
         dport_mask: be16(34),
-        family: u16::from_ne_bytes([b[40], b[41]]),
+        family,
         dst_len: b[42],
         src_len: b[43],
         proto: b[44],
@@ -371,7 +403,7 @@ pub async fn check_peers(
         .iter()
         .zip(answers)
         .map(|(&peer, answer)| {
-            if let Some(c) = xfrm_conflict(&policies, local, port, Some(peer)) {
+            if let Some(c) = xfrm_conflict(&policies, local.into(), port, Some(peer.into())) {
                 return Ok(Some(c));
             }
             let route = match answer.outcome {
@@ -423,18 +455,23 @@ fn judge_route(r: &RouteMessage, underlay_ifindex: u32) -> Option<RouteConflict>
     }
 }
 
-/// The start-up check: xfrm policies between `local` and anyone, then the
-/// route of each of `peers`. The first conflict found, if any.
+/// The start-up check: xfrm policies between `local` (and, on a
+/// dual-stack node, `local6`) and anyone, then the route of each of
+/// `peers`. The first conflict found, if any.
 pub async fn check_start(
     nl: &Netlink,
     local: Ipv4Addr,
+    local6: Option<Ipv6Addr>,
     port: u16,
     underlay_ifindex: u32,
     peers: &[Ipv4Addr],
 ) -> Result<Option<HostPolicyConflict>, HostPolicyError> {
     let policies = xfrm_policies().map_err(HostPolicyError::Xfrm)?;
-    if let Some(c) = xfrm_conflict(&policies, local, port, None) {
-        return Ok(Some(c));
+    let locals = std::iter::once(IpAddr::V4(local)).chain(local6.map(IpAddr::V6));
+    for local in locals {
+        if let Some(c) = xfrm_conflict(&policies, local, port, None) {
+            return Ok(Some(c));
+        }
     }
     for &peer in peers {
         if let Some(why) = route_conflict(nl, local, peer, underlay_ifindex).await? {
@@ -454,7 +491,7 @@ pub async fn check_peer(
     peer: Ipv4Addr,
 ) -> Result<Option<HostPolicyConflict>, HostPolicyError> {
     let policies = xfrm_policies().map_err(HostPolicyError::Xfrm)?;
-    if let Some(c) = xfrm_conflict(&policies, local, port, Some(peer)) {
+    if let Some(c) = xfrm_conflict(&policies, local.into(), port, Some(peer.into())) {
         return Ok(Some(c));
     }
     Ok(route_conflict(nl, local, peer, underlay_ifindex)
@@ -472,9 +509,9 @@ mod tests {
     fn policy(src: Ipv4Addr, src_len: u8, dst: Ipv4Addr, dst_len: u8, dir: u8) -> XfrmPolicy {
         XfrmPolicy {
             family: libc::AF_INET as u16,
-            src,
+            src: src.into(),
             src_len,
-            dst,
+            dst: dst.into(),
             dst_len,
             proto: 0,
             dport: 0,
@@ -487,24 +524,24 @@ mod tests {
     #[test]
     fn node_to_node_policies_count_both_ways() {
         let out = policy(A, 32, B, 32, DIR_OUT);
-        assert!(out.covers(A, 8472, None));
-        assert!(out.covers(A, 8472, Some(B)));
-        assert!(!out.covers(A, 8472, Some(Ipv4Addr::new(192, 168, 64, 9))));
+        assert!(out.covers(A.into(), 8472, None));
+        assert!(out.covers(A.into(), 8472, Some(B.into())));
+        assert!(!out.covers(A.into(), 8472, Some(Ipv4Addr::new(192, 168, 64, 9).into())));
         let inbound = policy(B, 32, A, 32, DIR_IN);
-        assert!(inbound.covers(A, 8472, None));
-        assert!(inbound.covers(A, 8472, Some(B)));
+        assert!(inbound.covers(A.into(), 8472, None));
+        assert!(inbound.covers(A.into(), 8472, Some(B.into())));
         // Another node's pair, and fwd policies, are not ours.
-        assert!(!policy(B, 32, A, 32, DIR_OUT).covers(A, 8472, None));
-        assert!(!policy(A, 32, B, 32, 2).covers(A, 8472, None));
+        assert!(!policy(B, 32, A, 32, DIR_OUT).covers(A.into(), 8472, None));
+        assert!(!policy(A, 32, B, 32, 2).covers(A.into(), 8472, None));
         // A whole-subnet or match-all policy covers us.
-        assert!(policy(A, 24, A, 24, DIR_OUT).covers(A, 8472, Some(B)));
+        assert!(policy(A, 24, A, 24, DIR_OUT).covers(A.into(), 8472, Some(B.into())));
         let any = XfrmPolicy {
             family: 0,
             ..policy(Ipv4Addr::UNSPECIFIED, 0, Ipv4Addr::UNSPECIFIED, 0, DIR_OUT)
         };
-        assert!(any.covers(A, 8472, None));
+        assert!(any.covers(A.into(), 8472, None));
         // Only ourselves: loopback-ish, no node traffic.
-        assert!(!policy(A, 32, A, 32, DIR_OUT).covers(A, 8472, None));
+        assert!(!policy(A, 32, A, 32, DIR_OUT).covers(A.into(), 8472, None));
     }
 
     #[test]
@@ -513,18 +550,55 @@ mod tests {
         p.proto = libc::IPPROTO_UDP as u8;
         p.dport = 8472;
         p.dport_mask = 0xffff;
-        assert!(p.covers(A, 8472, None));
-        assert!(!p.covers(A, 4789, None));
+        assert!(p.covers(A.into(), 8472, None));
+        assert!(!p.covers(A.into(), 4789, None));
         p.dport = 500; // an IKE bypass
-        assert!(!p.covers(A, 8472, None));
+        assert!(!p.covers(A.into(), 8472, None));
         p.proto = libc::IPPROTO_TCP as u8;
         p.dport_mask = 0;
-        assert!(!p.covers(A, 8472, None));
+        assert!(!p.covers(A.into(), 8472, None));
         let v6 = XfrmPolicy {
             family: libc::AF_INET6 as u16,
             ..policy(Ipv4Addr::UNSPECIFIED, 0, Ipv4Addr::UNSPECIFIED, 0, DIR_OUT)
         };
-        assert!(!v6.covers(A, 8472, None));
+        assert!(!v6.covers(A.into(), 8472, None));
+    }
+
+    #[test]
+    fn ipv6_selectors_cover_the_ipv6_outer_packets() {
+        let a6: Ipv6Addr = "fd98::2".parse().unwrap();
+        let b6: Ipv6Addr = "fd98::3".parse().unwrap();
+        let v6 = |src: Ipv6Addr, src_len, dst: Ipv6Addr, dst_len, dir| XfrmPolicy {
+            family: libc::AF_INET6 as u16,
+            src: src.into(),
+            src_len,
+            dst: dst.into(),
+            dst_len,
+            ..policy(A, 0, A, 0, dir)
+        };
+        let out = v6(a6, 128, b6, 128, DIR_OUT);
+        assert!(out.covers(a6.into(), 8472, None));
+        assert!(out.covers(a6.into(), 8472, Some(b6.into())));
+        assert!(!out.covers(a6.into(), 8472, Some("fd98::9".parse().unwrap())));
+        // Not the IPv4 node's traffic, and not another node's pair.
+        assert!(!out.covers(A.into(), 8472, None));
+        assert!(!v6(b6, 128, a6, 128, DIR_OUT).covers(a6.into(), 8472, None));
+        assert!(v6(a6, 64, a6, 64, DIR_OUT).covers(a6.into(), 8472, None));
+        assert!(!v6(a6, 128, a6, 128, DIR_OUT).covers(a6.into(), 8472, None));
+        // An IPv4 selector does not cover IPv6 packets.
+        assert!(!policy(A, 0, A, 0, DIR_OUT).covers(a6.into(), 8472, None));
+        // Parsed from the kernel's layout: all 16 bytes.
+        let mut b = vec![0u8; USERPOLICY_INFO_LEN];
+        b[0..16].copy_from_slice(&b6.octets());
+        b[16..32].copy_from_slice(&a6.octets());
+        b[40..42].copy_from_slice(&(libc::AF_INET6 as u16).to_ne_bytes());
+        b[42] = 128;
+        b[43] = 128;
+        b[160] = DIR_OUT;
+        let p = parse_policy(&b).unwrap();
+        assert_eq!((p.src, p.dst), (a6.into(), b6.into()));
+        let text = HostPolicyConflict::Xfrm(p).to_string();
+        assert!(text.contains("src fd98::2/128 dst fd98::3/128"), "{text}");
     }
 
     #[test]
@@ -541,7 +615,10 @@ mod tests {
         b[156..160].copy_from_slice(&7u32.to_ne_bytes());
         b[160] = DIR_OUT;
         let p = parse_policy(&b).unwrap();
-        assert_eq!((p.src, p.src_len, p.dst, p.dst_len), (A, 24, B, 32));
+        assert_eq!(
+            (p.src, p.src_len, p.dst, p.dst_len),
+            (A.into(), 24, B.into(), 32)
+        );
         assert_eq!((p.proto, p.dport, p.dport_mask), (17, 8472, 0xffff));
         assert_eq!((p.dir, p.index), (DIR_OUT, 7));
         assert!(parse_policy(&b[..100]).is_none());

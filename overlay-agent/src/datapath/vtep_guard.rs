@@ -37,9 +37,12 @@
 //!
 //! The set holds one element per VTEP public IP (counted by [`VtepUsers`]:
 //! added with its first peer subnet, deleted with its last), so a lookup is
-//! one hash probe however many peers there are. Changes go through `nft -f -`
-//! (one kernel transaction per run); a batch of peer changes (start-up, a
-//! re-list) is one run whatever its size, see [`VtepGuard::begin_batch`].
+//! one hash probe however many peers there are. A change of up to
+//! [`nft_elements::MAX_ELEMENTS`] elements goes over netfilter netlink as one
+//! transaction ([`nft_elements`]: no process per peer event); larger ones,
+//! the table itself, and a change netlink failed go through `nft -f -` (one
+//! transaction per run). A batch of peer changes (start-up, a re-list) is
+//! one change whatever its size, see [`VtepGuard::begin_batch`].
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -501,6 +504,9 @@ impl VtepGuard {
             ips.sort_unstable();
             ips.dedup();
             rebuild_script(self.port, self.v6, &ips)
+        } else if changes.len() > nft_elements::MAX_ELEMENTS {
+            // A start-up's worth: one nft run loads it as fast.
+            change_script(&changes)
         } else {
             match (self.elements)(&changes) {
                 Ok(()) => return Ok(()),

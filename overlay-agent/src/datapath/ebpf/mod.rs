@@ -444,9 +444,11 @@ impl Datapath for EbpfDatapath {
         let device = self.kernel.device().ok_or(DatapathError::NotSetUp)?;
         let nl = self.kernel.netlink().ok_or(DatapathError::NotSetUp)?;
         let peer_ips: Vec<Ipv4Addr> = peers.iter().map(|p| p.public_ip).collect();
+        let local6 = self.kernel.device6().map(|d| d.local);
         let checked = host_policy::check_start(
             nl,
             device.local,
+            local6,
             device.port,
             device.underlay_ifindex,
             &peer_ips,
