@@ -165,8 +165,8 @@ fn both_families(hosts: &Hosts, etcd: &Etcd, bin: &Path) -> Result<()> {
             "--ip-masq".into(),
         ]
     };
-    let mut a1 = Agent::start(&dir, "h1", &hosts.ns(1), &bin, &args(1, "kernel"))?;
-    let mut a2 = Agent::start(&dir, "h2", &hosts.ns(2), &bin, &args(2, "auto"))?;
+    let mut a1 = Agent::start(&dir, "h1", &hosts.ns(1), bin, &args(1, "kernel"))?;
+    let mut a2 = Agent::start(&dir, "h2", &hosts.ns(2), bin, &args(2, "auto"))?;
     a1.wait_for("running: lease", Duration::from_secs(20))?;
     a2.wait_for("running: lease", Duration::from_secs(20))?;
     // auto: the eBPF datapath, its programs for IPv4, flannel-v6.1 for IPv6.
@@ -221,7 +221,7 @@ fn both_families(hosts: &Hosts, etcd: &Etcd, bin: &Path) -> Result<()> {
     );
     ensure!(value == want, "lease value\n{value}\nexpected\n{want}");
     // `status` names both subnets of our lease.
-    let shown = overlay_tests::agent::status(&hosts.ns(1), &bin, &args(1, "kernel"))?;
+    let shown = overlay_tests::agent::status(&hosts.ns(1), bin, &args(1, "kernel"))?;
     let both = format!(
         "{} and {}",
         subnet1.replace('-', "/"),
@@ -262,8 +262,8 @@ fn both_families(hosts: &Hosts, etcd: &Etcd, bin: &Path) -> Result<()> {
     )?;
 
     // Containers on both sides, both families, both ways.
-    let (c1, v4_1) = add_container(&hosts, 1, &env(1))?;
-    let (c2, v4_2) = add_container(&hosts, 2, &env(2))?;
+    let (c1, v4_1) = add_container(hosts, 1, &env(1))?;
+    let (c2, v4_2) = add_container(hosts, 2, &env(2))?;
     let _containers = Containers(vec![c1.clone(), c2.clone()]);
     let v6_1 = add_ipv6(&hosts.ns(1), &c1, &env(1))?;
     let v6_2 = add_ipv6(&hosts.ns(2), &c2, &env(2))?;
@@ -335,7 +335,7 @@ fn both_families(hosts: &Hosts, etcd: &Etcd, bin: &Path) -> Result<()> {
         "host 2's counters ({} IPv6 VXLAN frames captured from it): {counters:?}",
         from2.len()
     );
-    let shown = overlay_tests::agent::status(&hosts.ns(2), &bin, &args(2, "auto"))?;
+    let shown = overlay_tests::agent::status(&hosts.ns(2), bin, &args(2, "auto"))?;
     ensure!(
         shown.contains(&format!(
             "ipv6:      local {}, flannel-v6 ifindex",
@@ -448,7 +448,7 @@ fn both_families(hosts: &Hosts, etcd: &Etcd, bin: &Path) -> Result<()> {
          FLANNEL_IPV6_NETWORK=fd10::/48\nFLANNEL_IPV6_SUBNET=fd10:0:0:11::1/64\n\
          FLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n",
     )?;
-    let (c3, _) = add_container(&hosts, 3, &env3)?;
+    let (c3, _) = add_container(hosts, 3, &env3)?;
     let _c3 = Containers(vec![c3.clone()]);
     let v6_3 = add_ipv6(&h3, &c3, &env3)?;
     for (from, to) in [(&c3, &v6_1), (&c3, &v6_2), (&c1, &v6_3), (&c2, &v6_3)] {
@@ -593,7 +593,7 @@ fn both_families(hosts: &Hosts, etcd: &Etcd, bin: &Path) -> Result<()> {
             old.kill9()?;
         }
         let name = format!("h{i}-again");
-        let mut again = Agent::start(&dir, &name, &hosts.ns(i), &bin, &args(i, datapath))?;
+        let mut again = Agent::start(&dir, &name, &hosts.ns(i), bin, &args(i, datapath))?;
         again.wait_for("running: lease", Duration::from_secs(20))?;
         let out = stream.wait_with_output()?;
         let text = String::from_utf8_lossy(&out.stdout);
