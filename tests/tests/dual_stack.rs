@@ -615,3 +615,107 @@ fn both_families(hosts: &Hosts, etcd: &Etcd, bin: &Path) -> Result<()> {
     drop(agents);
     Ok(())
 }
+
+/// flanneld's DirectRouting for IPv6 (`vxlan_network.go`): a peer whose
+/// `PublicIPv6` the underlay reaches without a gateway gets
+/// `<v6 subnet> via <PublicIPv6> dev <underlay>` and no entries on
+/// `flannel-v6.<VNI>`; its pods' IPv6 crosses the wire unencapsulated.
+#[test]
+#[ignore = "needs root, network namespaces and eBPF: run `cargo xtask test`"]
+fn direct_routing_serves_the_ipv6_sides_on_both_datapaths() -> Result<()> {
+    const DIRECT: &str = r#"{"EnableIPv6":true,"Network":"10.0.0.0/16","SubnetMin":"10.0.1.0","SubnetMax":"10.0.16.0","IPv6Network":"fd10:0:0::/48","IPv6SubnetMax":"fd10:0:0:10::","Backend":{"Type":"vxlan","DirectRouting":true}}"#;
+    let Cluster { hosts, etcd, bin } = Cluster::start("dsr", 2, DIRECT)?;
+    let dir = etcd.dir().to_path_buf();
+    direct_both(&hosts, &etcd, &bin).map_err(|e| e.context(agent_logs(&dir)))
+}
+
+fn direct_both(hosts: &Hosts, etcd: &Etcd, bin: &Path) -> Result<()> {
+    hosts.add_ipv6()?;
+    let dir = etcd.dir().to_path_buf();
+    let bpffs = Bpffs::mount(dir.join("bpf"))?;
+    let env = |i: usize| dir.join(format!("h{i}.env"));
+    let args = |i: usize, dp: &str| -> Vec<String> {
+        vec![
+            format!("--etcd-endpoints={}", etcd.endpoints()),
+            format!("--iface={}", hosts.ip(i)),
+            format!("--subnet-file={}", env(i).display()),
+            format!("--datapath={dp}"),
+            format!("--bpf-pin-dir={}", bpffs.0.join(format!("h{i}")).display()),
+        ]
+    };
+    let mut a1 = Agent::start(&dir, "h1", &hosts.ns(1), bin, &args(1, "kernel"))?;
+    let mut a2 = Agent::start(&dir, "h2", &hosts.ns(2), bin, &args(2, "auto"))?;
+    a1.wait_for("running: lease", Duration::from_secs(20))?;
+    a2.wait_for("running: lease", Duration::from_secs(20))?;
+    ensure!(
+        a2.log().contains("dual stack: vxlan_egress6"),
+        "auto is not eBPF"
+    );
+    let subnet6 = |i: usize| -> Result<String> {
+        Ok(env_var(&env(i), "FLANNEL_IPV6_SUBNET")?.replace("::1/", "::/"))
+    };
+    // Each node routes the other's IPv6 subnet straight to its PublicIPv6.
+    for (me, peer) in [(1, 2), (2, 1)] {
+        let want = format!("{} via {} dev eth0", subnet6(peer)?, hosts.ip6(peer));
+        within(
+            Duration::from_secs(5),
+            &format!("host {me}'s direct IPv6 route to host {peer}"),
+            || {
+                sh(&["ip", "-n", &hosts.ns(me), "-6", "route", "show"])
+                    .is_ok_and(|r| r.lines().any(|l| l.starts_with(&want)))
+            },
+        )?;
+        // Nothing of it on flannel-v6.1: no FDB entry toward the peer, no
+        // neighbour, no route through the device.
+        let fdb = sh(&[
+            "bridge",
+            "-n",
+            &hosts.ns(me),
+            "fdb",
+            "show",
+            "dev",
+            "flannel-v6.1",
+        ])?;
+        ensure!(!fdb.contains(&hosts.ip6(peer)), "host {me}: {fdb}");
+        let routes = sh(&[
+            "ip",
+            "-n",
+            &hosts.ns(me),
+            "-6",
+            "route",
+            "show",
+            "dev",
+            "flannel-v6.1",
+        ])?;
+        ensure!(
+            !routes.contains(&subnet6(peer)?),
+            "host {me}: a vxlan route too: {routes}"
+        );
+    }
+
+    let (c1, _) = add_container(hosts, 1, &env(1))?;
+    let (c2, _) = add_container(hosts, 2, &env(2))?;
+    let _containers = Containers(vec![c1.clone(), c2.clone()]);
+    let v6_1 = add_ipv6(&hosts.ns(1), &c1, &env(1))?;
+    let v6_2 = add_ipv6(&hosts.ns(2), &c2, &env(2))?;
+    let pcap = dir.join("direct6.pcap");
+    let capture = Capture::start(&hosts.sw(), "p1", "ip6", &pcap)?;
+    within(Duration::from_secs(5), "c1 -> c2 over IPv6", || {
+        ping6(&c1, &v6_2)
+    })?;
+    within(Duration::from_secs(5), "c2 -> c1 over IPv6", || {
+        ping6(&c2, &v6_1)
+    })?;
+    let pcap = capture.stop()?;
+    let count = |filter: &str| -> Result<usize> {
+        let mut a = vec!["tcpdump", "-nr", pcap.to_str().unwrap_or_default()];
+        a.extend(filter.split_whitespace());
+        Ok(sh(&a)?.lines().filter(|l| !l.trim().is_empty()).count())
+    };
+    let plain = count(&format!("icmp6 and host {v6_1} and host {v6_2}"))?;
+    let vxlan = count("udp port 8472")?;
+    ensure!(plain >= 4, "{plain} plain ICMPv6 frames between the pods");
+    ensure!(vxlan == 0, "{vxlan} IPv6 VXLAN frames on the wire");
+    drop((a1, a2));
+    Ok(())
+}

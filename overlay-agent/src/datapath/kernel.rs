@@ -8,7 +8,7 @@ use std::{
     net::Ipv6Addr,
 };
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use log::{info, warn};
 
 use super::{
@@ -63,12 +63,19 @@ struct State {
     v6: Option<Side6>,
 }
 
-/// A dual-stack node's `flannel-v6.<VNI>` and what it holds. Its peers are
-/// always VXLAN (DirectRouting applies to IPv4 peers only).
+/// A dual-stack node's `flannel-v6.<VNI>` and what it holds. With
+/// DirectRouting a peer's IPv6 side whose `PublicIPv6` the underlay reaches
+/// without a gateway gets a plain route instead, as flanneld does it
+/// (`<v6 subnet> via <PublicIPv6> dev <underlay>`), decided on its own
+/// (`ip -6 route get`): the two families of one peer may differ.
 #[derive(Debug)]
 struct Side6 {
     device: VxlanDevice<Ipv6Addr>,
     entries: EntryTable<Ipv6Addr>,
+    direct_routing: bool,
+    /// The IPv6 sides programmed as direct routes, by the peer's IPv4
+    /// subnet (not in `by_subnet`).
+    direct: BTreeMap<Ipv4Net, Peer6>,
     /// The IPv6 side programmed for each peer, by the peer's IPv4 subnet:
     /// the kernel's entries do not say which lease they belong to.
     by_subnet: BTreeMap<Ipv4Net, Peer6>,
@@ -81,8 +88,51 @@ struct Side6 {
 
 impl Side6 {
     /// Makes the device hold `peer`'s IPv6 side (or none), taking out the
-    /// entries of the side it held before.
+    /// entries of the side it held before; with DirectRouting a side on the
+    /// underlay's segment gets its direct route instead.
     async fn program(&mut self, netlink: &Netlink, peer: &Peer) -> Result<(), DatapathError> {
+        let direct = match peer.v6 {
+            Some(p6) if self.direct_routing => netlink
+                .route_get(p6.public_ip)
+                .await?
+                .is_some_and(|hop| hop.is_direct(self.device.underlay_ifindex)),
+            _ => false,
+        };
+        let was_direct = self.direct.get(&peer.subnet).copied();
+        if let Some(p6) = peer.v6.filter(|_| direct) {
+            let underlay = underlay_of(&self.device);
+            // Replaces a vxlan route of the same prefix in place.
+            netlink
+                .replace_direct_route(underlay, p6.subnet, p6.public_ip)
+                .await?;
+            if let Some(old) = was_direct.filter(|o| *o != p6) {
+                netlink
+                    .delete_direct_route(underlay, old.subnet, old.public_ip)
+                    .await?;
+            }
+            if let Some(old) = self.by_subnet.get(&peer.subnet).copied() {
+                let dev = vxlan_of(&self.device);
+                if old.subnet == p6.subnet {
+                    for r in netlink
+                        .remove_neighbour_and_fdb(dev, &mut self.entries, &old)
+                        .await
+                    {
+                        r?;
+                    }
+                } else {
+                    netlink.remove_peer(dev, &mut self.entries, &old).await?;
+                }
+                self.by_subnet.remove(&peer.subnet);
+            }
+            if was_direct != Some(p6) {
+                info!(
+                    "peer {}: its IPv6 side {} (PublicIPv6 {}) is on the underlay's segment: direct route",
+                    peer.subnet, p6.subnet, p6.public_ip
+                );
+            }
+            self.direct.insert(peer.subnet, p6);
+            return Ok(());
+        }
         let old = self.by_subnet.get(&peer.subnet).copied();
         if let Some(old) = old.filter(|o| Some(*o) != peer.v6) {
             netlink
@@ -95,6 +145,31 @@ impl Side6 {
                 .replace_peer(vxlan_of(&self.device), &mut self.entries, &p6)
                 .await?;
             self.by_subnet.insert(peer.subnet, p6);
+        }
+        if let Some(old) = was_direct {
+            // Normally gone already: a vxlan route of the same prefix
+            // replaced it.
+            netlink
+                .delete_direct_route(underlay_of(&self.device), old.subnet, old.public_ip)
+                .await?;
+            self.direct.remove(&peer.subnet);
+        }
+        Ok(())
+    }
+
+    /// Takes out `peer`'s IPv6 side, whichever kind it is.
+    async fn remove(&mut self, netlink: &Netlink, peer: &Peer) -> Result<(), DatapathError> {
+        if let Some(old) = self.by_subnet.get(&peer.subnet).copied() {
+            netlink
+                .remove_peer(vxlan_of(&self.device), &mut self.entries, &old)
+                .await?;
+            self.by_subnet.remove(&peer.subnet);
+        }
+        if let Some(old) = self.direct.get(&peer.subnet).copied() {
+            netlink
+                .delete_direct_route(underlay_of(&self.device), old.subnet, old.public_ip)
+                .await?;
+            self.direct.remove(&peer.subnet);
         }
         Ok(())
     }
@@ -258,7 +333,7 @@ impl KernelDatapath {
             Ok(s) => s,
             Err(_) => return peers.iter().map(|_| Err(DatapathError::NotSetUp)).collect(),
         };
-        if state.direct_routing || !state.direct.is_empty() {
+        if state.one_at_a_time() {
             let mut results = Vec::with_capacity(peers.len());
             for p in peers {
                 results.push(self.add_peer_kind(p).await);
@@ -392,7 +467,7 @@ fn vxlan_of<A: IpFamily>(device: &VxlanDevice<A>) -> Device<'_> {
 }
 
 /// The underlay NIC below it.
-fn underlay_of(device: &VxlanDevice) -> Device<'_> {
+fn underlay_of<A: IpFamily>(device: &VxlanDevice<A>) -> Device<'_> {
     Device {
         ifindex: device.underlay_ifindex,
         name: &device.underlay,
@@ -400,6 +475,14 @@ fn underlay_of(device: &VxlanDevice) -> Device<'_> {
 }
 
 impl State {
+    /// DirectRouting (or direct routes left from it): each peer's kind is
+    /// its own route lookup's answer, so peers go one at a time.
+    fn one_at_a_time(&self) -> bool {
+        self.direct_routing
+            || !self.direct.is_empty()
+            || self.v6.as_ref().is_some_and(|s| !s.direct.is_empty())
+    }
+
     fn split(&mut self) -> (Parts<'_>, &mut EntryTable) {
         (
             Parts {
@@ -427,11 +510,14 @@ impl Datapath for KernelDatapath {
     async fn setup(&mut self, node: &NodeSpec) -> Result<NodeState, DatapathError> {
         // A second setup keeps the socket and what it knows of direct peers
         // and of IPv6 sides.
-        let (netlink, direct, by_subnet) = match self.state.take() {
+        let (netlink, direct, (by_subnet, direct6)) = match self.state.take() {
             Some(state) => (
                 state.netlink,
                 state.direct,
-                state.v6.map(|s| s.by_subnet).unwrap_or_default(),
+                state
+                    .v6
+                    .map(|s| (s.by_subnet, s.direct))
+                    .unwrap_or_default(),
             ),
             None => (
                 Netlink::connect().map_err(|source| DatapathError::Io {
@@ -439,7 +525,7 @@ impl Datapath for KernelDatapath {
                     source,
                 })?,
                 BTreeMap::new(),
-                BTreeMap::new(),
+                Default::default(),
             ),
         };
         let device = netlink.ensure_vxlan_device(&node.vxlan_device()).await?;
@@ -453,6 +539,8 @@ impl Datapath for KernelDatapath {
                 Some(Side6 {
                     device,
                     entries,
+                    direct_routing: node.direct_routing,
+                    direct: direct6,
                     by_subnet,
                     held: Vec::new(),
                 })
@@ -499,7 +587,7 @@ impl Datapath for KernelDatapath {
             Ok(s) => s,
             Err(_) => return peers.iter().map(|_| Err(DatapathError::NotSetUp)).collect(),
         };
-        if state.direct_routing || !state.direct.is_empty() {
+        if state.one_at_a_time() {
             let mut results = Vec::with_capacity(peers.len());
             for p in peers {
                 results.push(self.remove_peer(p).await);
@@ -573,16 +661,8 @@ impl Datapath for KernelDatapath {
             }
         }
         let mut v6 = Ok(());
-        if let Some(side) = state.v6.as_mut()
-            && let Some(old) = side.by_subnet.get(&peer.subnet).copied()
-        {
-            v6 = state
-                .netlink
-                .remove_peer(vxlan_of(&side.device), &mut side.entries, &old)
-                .await;
-            if v6.is_ok() {
-                side.by_subnet.remove(&peer.subnet);
-            }
+        if let Some(side) = state.v6.as_mut() {
+            v6 = side.remove(&state.netlink, peer).await;
         }
         vxlan?;
         direct?;
@@ -637,12 +717,26 @@ impl Datapath for KernelDatapath {
             peers.sort_by_key(|p| (p.subnet.network(), p.subnet.prefix_len()));
         }
         if let Some(side) = state.v6.as_ref() {
+            let routes6: HashSet<(Ipv6Net, Ipv6Addr)> = if side.direct.is_empty() {
+                HashSet::new()
+            } else {
+                state
+                    .netlink
+                    .peer_routes(underlay_of(&side.device))
+                    .await?
+                    .into_iter()
+                    .collect()
+            };
             for p in &mut peers {
-                p.v6 = side
+                let vxlan = side
                     .by_subnet
                     .get(&p.subnet)
-                    .filter(|p6| held6.contains(*p6))
-                    .copied();
+                    .filter(|p6| held6.contains(*p6));
+                let direct = side
+                    .direct
+                    .get(&p.subnet)
+                    .filter(|p6| has_direct_route(&routes6, p6.subnet, p6.public_ip));
+                p.v6 = vxlan.or(direct).copied();
             }
         }
         // The guard follows what is really programmed: its table and set
