@@ -45,6 +45,17 @@ async fn setup(config: &str) -> (Etcd, Registry, NetworkConfig) {
     (etcd, reg, cfg)
 }
 
+/// Every key under the subnets prefix, as etcd holds them now.
+async fn keys(reg: &Registry) -> Vec<String> {
+    reg.list()
+        .await
+        .unwrap()
+        .entries
+        .into_iter()
+        .map(|e| e.key)
+        .collect()
+}
+
 /// The lease id attached to a key (0: none), read from etcd.
 async fn lease_of(reg: &Registry, subnet: Ipv4Net) -> Option<i64> {
     reg.get_lease(subnet).await.unwrap().map(|e| e.lease_id)
@@ -127,26 +138,12 @@ async fn racing_dual_stack_acquirers_get_distinct_subnets_of_both_families() {
             match t.await.unwrap() {
                 Ok(l) => won.push(l),
                 Err(e) => {
-                    let keys: Vec<String> = reg
-                        .list()
-                        .await
-                        .unwrap()
-                        .entries
-                        .into_iter()
-                        .map(|e| e.key)
-                        .collect();
+                    let keys = keys(&reg).await;
                     panic!("round {round}: a node got no subnet: {e}; keys now {keys:?}");
                 }
             }
         }
-        let keys: Vec<String> = reg
-            .list()
-            .await
-            .unwrap()
-            .entries
-            .into_iter()
-            .map(|e| e.key)
-            .collect();
+        let keys = keys(&reg).await;
         let v4: BTreeSet<Ipv4Net> = won.iter().map(|l| l.subnet).collect();
         let v6: BTreeSet<_> = won.iter().map(|l| l.ipv6_subnet.unwrap()).collect();
         assert_eq!(

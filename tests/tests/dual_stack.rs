@@ -139,6 +139,21 @@ fn forge_ipv6_vxlan(
     Ok(listener.finish()?.len())
 }
 
+/// Host `i`'s agent flags: etcd, its address as `--iface`, `h<i>.env` next
+/// to etcd's data, the datapath, and pins under `bpf/h<i>`.
+fn agent_args(etcd: &Etcd, hosts: &Hosts, bpf: &Path, i: usize, dp: &str) -> Vec<String> {
+    vec![
+        format!("--etcd-endpoints={}", etcd.endpoints()),
+        format!("--iface={}", hosts.ip(i)),
+        format!(
+            "--subnet-file={}",
+            etcd.dir().join(format!("h{i}.env")).display()
+        ),
+        format!("--datapath={dp}"),
+        format!("--bpf-pin-dir={}", bpf.join(format!("h{i}")).display()),
+    ]
+}
+
 #[test]
 #[ignore = "needs root, network namespaces and eBPF: run `cargo xtask test`"]
 fn two_dual_stack_agents_reach_each_other_over_both_families() -> Result<()> {
@@ -155,15 +170,10 @@ fn both_families(hosts: &Hosts, etcd: &Etcd, bin: &Path) -> Result<()> {
     let bpffs = Bpffs::mount(dir.join("bpf"))?;
     let pins = |i: usize| bpffs.0.join(format!("h{i}"));
     let env = |i: usize| dir.join(format!("h{i}.env"));
-    let args = |i: usize, dp: &str| -> Vec<String> {
-        vec![
-            format!("--etcd-endpoints={}", etcd.endpoints()),
-            format!("--iface={}", hosts.ip(i)),
-            format!("--subnet-file={}", env(i).display()),
-            format!("--datapath={dp}"),
-            format!("--bpf-pin-dir={}", pins(i).display()),
-            "--ip-masq".into(),
-        ]
+    let args = |i: usize, dp: &str| {
+        let mut a = agent_args(etcd, hosts, &bpffs.0, i, dp);
+        a.push("--ip-masq".into());
+        a
     };
     let mut a1 = Agent::start(&dir, "h1", &hosts.ns(1), bin, &args(1, "kernel"))?;
     let mut a2 = Agent::start(&dir, "h2", &hosts.ns(2), bin, &args(2, "auto"))?;
@@ -634,15 +644,7 @@ fn direct_both(hosts: &Hosts, etcd: &Etcd, bin: &Path) -> Result<()> {
     let dir = etcd.dir().to_path_buf();
     let bpffs = Bpffs::mount(dir.join("bpf"))?;
     let env = |i: usize| dir.join(format!("h{i}.env"));
-    let args = |i: usize, dp: &str| -> Vec<String> {
-        vec![
-            format!("--etcd-endpoints={}", etcd.endpoints()),
-            format!("--iface={}", hosts.ip(i)),
-            format!("--subnet-file={}", env(i).display()),
-            format!("--datapath={dp}"),
-            format!("--bpf-pin-dir={}", bpffs.0.join(format!("h{i}")).display()),
-        ]
-    };
+    let args = |i: usize, dp: &str| agent_args(etcd, hosts, &bpffs.0, i, dp);
     let mut a1 = Agent::start(&dir, "h1", &hosts.ns(1), bin, &args(1, "kernel"))?;
     let mut a2 = Agent::start(&dir, "h2", &hosts.ns(2), bin, &args(2, "auto"))?;
     a1.wait_for("running: lease", Duration::from_secs(20))?;

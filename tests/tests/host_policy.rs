@@ -33,6 +33,33 @@ fn exit_code(agent: &mut Agent) -> Result<i32> {
     Ok(code.unwrap_or(0))
 }
 
+/// Host 1's agent with `--datapath ebpf` exits, naming xfrm.
+fn ebpf_refuses_naming_xfrm(cluster: &Cluster, h1: &str, pin_dir: &str) -> Result<()> {
+    let ebpf = cluster.args(1, &["--datapath=ebpf", pin_dir]);
+    let dir = cluster.etcd.dir();
+    let mut refused = Agent::start(dir, "h1-ebpf", h1, &cluster.bin, &ebpf)?;
+    let code = exit_code(&mut refused)?;
+    let log = refused.log();
+    ensure!(
+        code != 0 && log.contains("--datapath ebpf") && log.contains("xfrm"),
+        "--datapath ebpf did not refuse naming xfrm (exit {code}):\n{log}"
+    );
+    Ok(())
+}
+
+/// Host 1's agent with `auto` (flags `auto`), the policies gone: eBPF.
+fn auto_is_ebpf_again(cluster: &Cluster, h1: &str, auto: &[String]) -> Result<Agent> {
+    let dir = cluster.etcd.dir();
+    let mut a1 = Agent::start(dir, "h1-clear", h1, &cluster.bin, auto)?;
+    a1.wait_for("running: lease", Duration::from_secs(20))?;
+    ensure!(
+        a1.log().contains(EBPF_ON) && !a1.log().contains(FELL_BACK),
+        "without the policies auto is not eBPF:\n{}",
+        a1.log()
+    );
+    Ok(a1)
+}
+
 /// Frames in `pcap` that tcpdump's `filter` selects.
 fn count(pcap: &Path, filter: &str) -> Result<usize> {
     let mut args = vec!["tcpdump", "-nr", pcap.to_str().unwrap_or_default()];
@@ -183,24 +210,11 @@ fn xfrm_policies_between_the_nodes_keep_the_ebpf_datapath_off() -> Result<()> {
     }
     a1.kill9()?;
 
-    let ebpf = cluster.args(1, &["--datapath=ebpf", &pin_dir]);
-    let mut refused = Agent::start(&dir, "h1-ebpf", &h1, bin, &ebpf)?;
-    let code = exit_code(&mut refused)?;
-    let log = refused.log();
-    ensure!(
-        code != 0 && log.contains("--datapath ebpf") && log.contains("xfrm"),
-        "--datapath ebpf did not refuse naming xfrm (exit {code}):\n{log}"
-    );
+    ebpf_refuses_naming_xfrm(&cluster, &h1, &pin_dir)?;
 
     flush_ipsec(&h1)?;
     flush_ipsec(&h2)?;
-    let mut a1 = Agent::start(&dir, "h1-clear", &h1, bin, &auto)?;
-    a1.wait_for("running: lease", Duration::from_secs(20))?;
-    ensure!(
-        a1.log().contains(EBPF_ON) && !a1.log().contains(FELL_BACK),
-        "without the policies auto is not eBPF:\n{}",
-        a1.log()
-    );
+    let a1 = auto_is_ebpf_again(&cluster, &h1, &auto)?;
     within(Duration::from_secs(10), "c1 reaches c2", || {
         ping(&c1, &cip2, 1)
     })?;
@@ -268,24 +282,11 @@ fn an_ipv6_xfrm_policy_keeps_a_dual_stack_node_off_ebpf() -> Result<()> {
     );
     a1.kill9()?;
 
-    let ebpf = cluster.args(1, &["--datapath=ebpf", &pin_dir]);
-    let mut refused = Agent::start(&dir, "h1-ebpf", &h1, bin, &ebpf)?;
-    let code = exit_code(&mut refused)?;
-    let log = refused.log();
-    ensure!(
-        code != 0 && log.contains("--datapath ebpf") && log.contains("xfrm"),
-        "--datapath ebpf did not refuse naming xfrm (exit {code}):\n{log}"
-    );
+    ebpf_refuses_naming_xfrm(&cluster, &h1, &pin_dir)?;
 
     // Without it, the same node runs eBPF.
     flush_ipsec(&h1)?;
-    let mut a1 = Agent::start(&dir, "h1-clear", &h1, bin, &auto)?;
-    a1.wait_for("running: lease", Duration::from_secs(20))?;
-    ensure!(
-        a1.log().contains(EBPF_ON) && !a1.log().contains(FELL_BACK),
-        "without the policy auto is not eBPF:\n{}",
-        a1.log()
-    );
+    auto_is_ebpf_again(&cluster, &h1, &auto)?;
     Ok(())
 }
 
