@@ -107,37 +107,44 @@ fn ipsec(ns: &str, a: &str, b: &str) -> Result<bool> {
     // UDP to the VXLAN port only: etcd (TCP, on host 1) stays reachable
     // whether or not the kernel can do ESP.
     for (src, dst, dir) in [(a, b, "out"), (b, a, "in")] {
-        sh(&[
-            "ip",
-            "-n",
-            ns,
-            "xfrm",
-            "policy",
-            "add",
-            "src",
-            src,
-            "dst",
-            dst,
-            "proto",
-            "udp",
-            "dport",
-            "8472",
-            "dir",
-            dir,
-            "tmpl",
-            "src",
-            src,
-            "dst",
-            dst,
-            "proto",
-            "esp",
-            "reqid",
-            "1",
-            "mode",
-            "transport",
-        ])?;
+        vxlan_policy(ns, src, dst, dir)?;
     }
     Ok(esp)
+}
+
+/// A transport-mode ESP policy on host `ns` for UDP to the VXLAN port
+/// from `src` to `dst` (either family), direction `dir`.
+fn vxlan_policy(ns: &str, src: &str, dst: &str, dir: &str) -> Result<()> {
+    sh(&[
+        "ip",
+        "-n",
+        ns,
+        "xfrm",
+        "policy",
+        "add",
+        "src",
+        src,
+        "dst",
+        dst,
+        "proto",
+        "udp",
+        "dport",
+        "8472",
+        "dir",
+        dir,
+        "tmpl",
+        "src",
+        src,
+        "dst",
+        dst,
+        "proto",
+        "esp",
+        "reqid",
+        "1",
+        "mode",
+        "transport",
+    ])?;
+    Ok(())
 }
 
 fn flush_ipsec(ns: &str) -> Result<()> {
@@ -241,36 +248,7 @@ fn an_ipv6_xfrm_policy_keeps_a_dual_stack_node_off_ebpf() -> Result<()> {
     // UDP to the VXLAN port between the nodes' IPv6 addresses, as an
     // operator encrypting the overlay would write it (no SA needed: only
     // the agent's decision is looked at here).
-    sh(&[
-        "ip",
-        "-n",
-        &h1,
-        "-6",
-        "xfrm",
-        "policy",
-        "add",
-        "src",
-        &ip6_1,
-        "dst",
-        &ip6_2,
-        "proto",
-        "udp",
-        "dport",
-        "8472",
-        "dir",
-        "out",
-        "tmpl",
-        "src",
-        &ip6_1,
-        "dst",
-        &ip6_2,
-        "proto",
-        "esp",
-        "reqid",
-        "1",
-        "mode",
-        "transport",
-    ])?;
+    vxlan_policy(&h1, &ip6_1, &ip6_2, "out")?;
     let auto = cluster.args(1, &["--datapath=auto", &pin_dir]);
     let mut a1 = Agent::start(&dir, "h1-auto", &h1, bin, &auto)?;
     a1.wait_for("running: lease", Duration::from_secs(20))?;
