@@ -17,24 +17,27 @@
 //!   underlay, or is not a unicast route, is [`RouteConflict`]. The lookup
 //!   uses mark 0, so `fwmark` rules are not seen.
 //!
-//! At start-up the xfrm check and the route of every peer already on the
-//! device stop the eBPF datapath ([`super::ebpf::EbpfError::HostPolicy`]);
-//! a peer added later is checked in `add_peer` (see there).
+//! Both checks are written once for either family ([`IpFamily`]): a
+//! dual-stack peer's IPv6 side (its `PublicIPv6`, from our IPv6 VTEP
+//! address, `ip -6 route get`) is judged on its own, since `vxlan_egress6`
+//! skips the host's IPv6 policy just as `vxlan_egress` skips the IPv4 one.
+//!
+//! At start-up the xfrm check and the route of every peer (and IPv6 side)
+//! already on the devices stop the eBPF datapath
+//! ([`super::ebpf::EbpfError::HostPolicy`]); a peer added later is checked
+//! in `add_peer`, each of its sides for itself (see there).
 
 use std::{
     fmt, io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
-use rtnetlink::{
-    RouteMessageBuilder,
-    packet_route::{
-        RouteNetlinkMessage,
-        route::{RouteAttribute, RouteFlags, RouteMessage, RouteType},
-    },
+use rtnetlink::packet_route::{
+    RouteNetlinkMessage,
+    route::{RouteAddress, RouteAttribute, RouteFlags, RouteMessage, RouteType},
 };
 
-use crate::netlink::{Netlink, NetlinkError, pipeline::Request};
+use crate::netlink::{IpFamily, Netlink, NetlinkError, family::route_to, pipeline::Request};
 
 /// What of the host's policy the eBPF datapath would skip.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -43,8 +46,11 @@ pub enum HostPolicyConflict {
         "xfrm (IPsec) policy {0} covers VXLAN between the nodes, and the eBPF datapath's outer packets skip xfrm (they would leave in clear)"
     )]
     Xfrm(XfrmPolicy),
-    #[error("peer {peer}: {why}, and the eBPF datapath sends straight out of the underlay")]
-    Route { peer: Ipv4Addr, why: RouteConflict },
+    #[error(
+        "peer {peer}: its {} {why}, and the eBPF datapath sends straight out of the underlay",
+        public_ip_name(*peer)
+    )]
+    Route { peer: IpAddr, why: RouteConflict },
 }
 
 /// Why a peer's route is not one the eBPF datapath follows.
@@ -58,22 +64,27 @@ pub enum RouteConflict {
     Kind(RouteType),
 }
 
+/// The lease field a peer's address is: `PublicIP`, or a dual-stack
+/// peer's `PublicIPv6`.
+fn public_ip_name(peer: IpAddr) -> &'static str {
+    if peer.is_ipv4() {
+        "PublicIP"
+    } else {
+        "PublicIPv6"
+    }
+}
+
+/// Said of the peer's address ("its PublicIP ...").
 impl fmt::Display for RouteConflict {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             RouteConflict::Table(t) => {
-                write!(
-                    f,
-                    "its PublicIP is routed by policy rules (table {t}, not main)"
-                )
+                write!(f, "is routed by policy rules (table {t}, not main)")
             }
             RouteConflict::Interface(i) => {
-                write!(
-                    f,
-                    "its PublicIP is routed through interface #{i}, not the underlay"
-                )
+                write!(f, "is routed through interface #{i}, not the underlay")
             }
-            RouteConflict::Kind(k) => write!(f, "its PublicIP has a {k:?} route"),
+            RouteConflict::Kind(k) => write!(f, "has a {k:?} route"),
         }
     }
 }
@@ -330,13 +341,14 @@ pub fn xfrm_policies() -> io::Result<Vec<XfrmPolicy>> {
     }
 }
 
-/// Whether the route to `peer` from `local` is one the eBPF datapath
-/// follows: from table `main`, through the underlay, unicast. `None` also
-/// when there is no route at all (the kernel datapath would fail as well).
-pub async fn route_conflict(
+/// Whether the route to `peer` from `local` (either family) is one the
+/// eBPF datapath follows: from table `main`, through the underlay, unicast.
+/// `None` also when there is no route at all (the kernel datapath would
+/// fail as well).
+pub async fn route_conflict<A: IpFamily>(
     nl: &Netlink,
-    local: Ipv4Addr,
-    peer: Ipv4Addr,
+    local: A,
+    peer: A,
     underlay_ifindex: u32,
 ) -> Result<Option<RouteConflict>, NetlinkError> {
     let req = nl.handle().route().get(route_query(local, peer));
@@ -354,26 +366,28 @@ pub async fn route_conflict(
         .and_then(|r| judge_route(r, underlay_ifindex)))
 }
 
-/// `ip route get <peer> from <local>` as a message.
-fn route_query(local: Ipv4Addr, peer: Ipv4Addr) -> RouteMessage {
-    let mut msg = RouteMessageBuilder::<Ipv4Addr>::new()
-        .destination_prefix(peer, 32)
-        .source_prefix(local, 32)
-        .build();
+/// `ip route get <peer> from <local>` (`ip -6 ...` for IPv6) as a message.
+fn route_query<A: IpFamily>(local: A, peer: A) -> RouteMessage {
+    let host = |ip: A| A::net(ip, A::HOST_PREFIX_LEN).expect("a host prefix fits its family");
+    let mut msg = route_to::<A>(host(peer)).build();
+    msg.header.source_prefix_length = A::HOST_PREFIX_LEN;
+    msg.attributes
+        .push(RouteAttribute::Source(RouteAddress::from(local.into())));
     // Without it the kernel reports every lookup as from `main`.
     msg.header.flags |= RouteFlags::LookupTable;
     msg
 }
 
-/// [`check_peer`] for many peers being added at once: one xfrm dump for
-/// all, and their route lookups pipelined ([`Netlink::pipelined`]). One
-/// verdict per peer, in order; a lookup that failed fails that peer alone.
-pub async fn check_peers(
+/// [`check_peer`] for many peers (or IPv6 sides) being added at once: one
+/// xfrm dump for all, and their route lookups pipelined
+/// ([`Netlink::pipelined`]). One verdict per peer, in order; a lookup that
+/// failed fails that peer alone.
+pub async fn check_peers<A: IpFamily>(
     nl: &Netlink,
-    local: Ipv4Addr,
+    local: A,
     port: u16,
     underlay_ifindex: u32,
-    peers: &[Ipv4Addr],
+    peers: &[A],
 ) -> Vec<Result<Option<HostPolicyConflict>, HostPolicyError>> {
     if peers.is_empty() {
         return Vec::new();
@@ -425,7 +439,10 @@ pub async fn check_peers(
             };
             Ok(route
                 .and_then(|r| judge_route(r, underlay_ifindex))
-                .map(|why| HostPolicyConflict::Route { peer, why }))
+                .map(|why| HostPolicyConflict::Route {
+                    peer: peer.into(),
+                    why,
+                }))
         })
         .collect()
 }
@@ -457,7 +474,8 @@ fn judge_route(r: &RouteMessage, underlay_ifindex: u32) -> Option<RouteConflict>
 
 /// The start-up check: xfrm policies between `local` (and, on a
 /// dual-stack node, `local6`) and anyone, then the route of each of
-/// `peers`. The first conflict found, if any.
+/// `peers` and (from `local6`) of each of `peers6`, the IPv6 sides
+/// `flannel-v6.<VNI>` holds. The first conflict found, if any.
 pub async fn check_start(
     nl: &Netlink,
     local: Ipv4Addr,
@@ -465,6 +483,7 @@ pub async fn check_start(
     port: u16,
     underlay_ifindex: u32,
     peers: &[Ipv4Addr],
+    peers6: &[Ipv6Addr],
 ) -> Result<Option<HostPolicyConflict>, HostPolicyError> {
     let policies = xfrm_policies().map_err(HostPolicyError::Xfrm)?;
     let locals = std::iter::once(IpAddr::V4(local)).chain(local6.map(IpAddr::V6));
@@ -475,20 +494,29 @@ pub async fn check_start(
     }
     for &peer in peers {
         if let Some(why) = route_conflict(nl, local, peer, underlay_ifindex).await? {
+            let peer = peer.into();
             return Ok(Some(HostPolicyConflict::Route { peer, why }));
+        }
+    }
+    if let Some(local6) = local6 {
+        for &peer in peers6 {
+            if let Some(why) = route_conflict(nl, local6, peer, underlay_ifindex).await? {
+                let peer = peer.into();
+                return Ok(Some(HostPolicyConflict::Route { peer, why }));
+            }
         }
     }
     Ok(None)
 }
 
-/// The check for one peer being added: xfrm policies between `local` and
-/// it, then its route.
-pub async fn check_peer(
+/// The check for one peer (or IPv6 side) being added: xfrm policies
+/// between `local` and it, then its route.
+pub async fn check_peer<A: IpFamily>(
     nl: &Netlink,
-    local: Ipv4Addr,
+    local: A,
     port: u16,
     underlay_ifindex: u32,
-    peer: Ipv4Addr,
+    peer: A,
 ) -> Result<Option<HostPolicyConflict>, HostPolicyError> {
     let policies = xfrm_policies().map_err(HostPolicyError::Xfrm)?;
     if let Some(c) = xfrm_conflict(&policies, local.into(), port, Some(peer.into())) {
@@ -496,11 +524,16 @@ pub async fn check_peer(
     }
     Ok(route_conflict(nl, local, peer, underlay_ifindex)
         .await?
-        .map(|why| HostPolicyConflict::Route { peer, why }))
+        .map(|why| HostPolicyConflict::Route {
+            peer: peer.into(),
+            why,
+        }))
 }
 
 #[cfg(test)]
 mod tests {
+    use rtnetlink::packet_route::AddressFamily;
+
     use super::*;
 
     const A: Ipv4Addr = Ipv4Addr::new(192, 168, 64, 2);
@@ -599,6 +632,56 @@ mod tests {
         assert_eq!((p.src, p.dst), (a6.into(), b6.into()));
         let text = HostPolicyConflict::Xfrm(p).to_string();
         assert!(text.contains("src fd98::2/128 dst fd98::3/128"), "{text}");
+    }
+
+    #[test]
+    fn route_queries_ask_each_family_from_our_address() {
+        let q = route_query(A, B);
+        assert_eq!(q.header.address_family, AddressFamily::Inet);
+        assert_eq!(
+            (
+                q.header.destination_prefix_length,
+                q.header.source_prefix_length
+            ),
+            (32, 32)
+        );
+        assert!(q.header.flags.contains(RouteFlags::LookupTable));
+        let a6: Ipv6Addr = "fd98::1".parse().unwrap();
+        let b6: Ipv6Addr = "fd98::2".parse().unwrap();
+        let q = route_query(a6, b6);
+        assert_eq!(q.header.address_family, AddressFamily::Inet6);
+        assert_eq!(
+            (
+                q.header.destination_prefix_length,
+                q.header.source_prefix_length
+            ),
+            (128, 128)
+        );
+        assert!(q.header.flags.contains(RouteFlags::LookupTable));
+        let attrs = &q.attributes;
+        assert!(attrs.contains(&RouteAttribute::Destination(RouteAddress::Inet6(b6))));
+        assert!(attrs.contains(&RouteAttribute::Source(RouteAddress::Inet6(a6))));
+    }
+
+    #[test]
+    fn route_conflicts_name_the_lease_field_of_their_family() {
+        let v4 = HostPolicyConflict::Route {
+            peer: B.into(),
+            why: RouteConflict::Table(100),
+        };
+        assert_eq!(
+            v4.to_string(),
+            "peer 192.168.64.3: its PublicIP is routed by policy rules (table 100, not main), and the eBPF datapath sends straight out of the underlay"
+        );
+        let v6 = HostPolicyConflict::Route {
+            peer: "fd98::3".parse::<Ipv6Addr>().unwrap().into(),
+            why: RouteConflict::Kind(RouteType::BlackHole),
+        };
+        assert!(
+            v6.to_string()
+                .starts_with("peer fd98::3: its PublicIPv6 has a BlackHole route"),
+            "{v6}"
+        );
     }
 
     #[test]

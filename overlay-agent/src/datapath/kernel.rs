@@ -284,6 +284,15 @@ impl KernelDatapath {
             .is_some_and(|s| s.direct.contains_key(&subnet))
     }
 
+    /// Whether the IPv6 side of the peer with IPv4 subnet `subnet` is
+    /// programmed as a direct route (DirectRouting), not on `flannel-v6.<VNI>`.
+    pub fn is_direct6(&self, subnet: Ipv4Net) -> bool {
+        self.state
+            .as_ref()
+            .and_then(|s| s.v6.as_ref())
+            .is_some_and(|s| s.direct.contains_key(&subnet))
+    }
+
     /// Programs a peer and says which kind it got. With DirectRouting, one
     /// `ip route get <PublicIP>` decides; the new kind's route replaces the
     /// old kind's in place (same prefix, same table), so the subnet stays

@@ -1,8 +1,9 @@
 //! A dual-stack node's IPv6 maps: NODE_CONFIG6, and per peer its IPv6 side
 //! in REMOTE_SUBNETS6 (where its IPv6 pods are) and KNOWN_VTEPS6 (its
 //! `PublicIPv6`, the only accepted source of IPv6 VXLAN). A peer's IPv6 side
-//! is VXLAN whatever its IPv4 side is (DirectRouting is decided for IPv4
-//! only); its traffic counts under its IPv4 `PublicIP` in PEER_STATS.
+//! is mapped whatever its IPv4 side is: host policy is judged for each side
+//! on its own ([`map_side6`]); its traffic counts under its IPv4 `PublicIP`
+//! in PEER_STATS.
 
 use std::net::Ipv6Addr;
 
@@ -106,6 +107,74 @@ pub(super) fn set_peer6(
     peer: &Peer,
     capacity: u32,
 ) -> Result<(), EbpfError> {
+    set_side6(ebpf, sides, peer, capacity, true)
+}
+
+/// `peer`'s IPv6 side as its host-policy verdict (`conflict`, see
+/// [`host_policy`]) allows, as the eBPF datapath's [`Datapath::add_peer`]
+/// does with the IPv4 side: no conflict, both entries ([`set_peer6`]); an
+/// xfrm policy, neither (its clear VXLAN is dropped at TC ingress, only
+/// what the kernel decrypts gets in); a route conflict, KNOWN_VTEPS6 only.
+/// Without a REMOTE_SUBNETS6 entry `vxlan_egress6` passes its packets to
+/// `flannel-v6.<VNI>`, whose kernel entries stay: the kernel encapsulates
+/// them through xfrm and the routing rules, as flannel does.
+pub(super) fn map_side6(
+    ebpf: &mut Ebpf,
+    sides: &mut Sides6,
+    peer: &Peer,
+    conflict: Option<&HostPolicyConflict>,
+    capacity: u32,
+) -> Result<(), EbpfError> {
+    match conflict {
+        None => set_peer6(ebpf, sides, peer, capacity),
+        Some(HostPolicyConflict::Xfrm(_)) => {
+            remove_peer6(ebpf, sides, peer)?;
+            forget_held6(ebpf, sides, peer, true)
+        }
+        Some(HostPolicyConflict::Route { .. }) => {
+            set_side6(ebpf, sides, peer, capacity, false)?;
+            forget_held6(ebpf, sides, peer, false)
+        }
+    }
+}
+
+/// Takes out what [`keep_held6`] put in for `peer`'s IPv6 side after a
+/// restart (its REMOTE_SUBNETS6 entry and, with `vtep`, its KNOWN_VTEPS6
+/// one unless a peer uses it): a side host policy covers must not keep
+/// being encapsulated to under no peer's name.
+fn forget_held6(
+    ebpf: &mut Ebpf,
+    sides: &mut Sides6,
+    peer: &Peer,
+    vtep: bool,
+) -> Result<(), EbpfError> {
+    let Some(p6) = peer.v6 else {
+        return Ok(());
+    };
+    if sides.held.remove(&p6.subnet) {
+        remove_remote_subnet6(ebpf, p6.subnet)?;
+    }
+    // Also when it was never held: an entry an earlier failure left (as
+    // `remove_peer_entries` does for IPv4).
+    if vtep {
+        sides.held_ips.remove(&p6.public_ip);
+        if !sides.users.in_use(p6.public_ip) {
+            forget_vtep6(ebpf, p6.public_ip.octets())?;
+        }
+    }
+    Ok(())
+}
+
+/// [`set_peer6`], with (`encapsulate`) or without the REMOTE_SUBNETS6
+/// entry: without, the side's KNOWN_VTEPS6 entry alone, and a
+/// REMOTE_SUBNETS6 entry it had goes.
+fn set_side6(
+    ebpf: &mut Ebpf,
+    sides: &mut Sides6,
+    peer: &Peer,
+    capacity: u32,
+    encapsulate: bool,
+) -> Result<(), EbpfError> {
     let Some(p6) = peer.v6 else {
         return remove_peer6(ebpf, sides, peer);
     };
@@ -119,6 +188,9 @@ pub(super) fn set_peer6(
         known_vteps6_mut(ebpf)?
             .insert(ip, known, 0)
             .map_err(|e| insert_err(MAP_KNOWN_VTEPS6, p6.public_ip, capacity, e))?;
+        if !encapsulate {
+            return Ok(());
+        }
         remote_subnets6(ebpf)?
             .insert(&subnet_key6(p6.subnet), remote_vtep6(peer, &p6), 0)
             .map_err(|e| insert_err(MAP_REMOTE_SUBNETS6, p6.subnet, capacity, e))
@@ -135,9 +207,13 @@ pub(super) fn set_peer6(
         }
         return Err(e);
     }
-    if let Some(old) = sides.by_subnet.insert(peer.subnet, p6)
-        && old.subnet != p6.subnet
-    {
+    if encapsulate {
+        if let Some(old) = sides.by_subnet.insert(peer.subnet, p6)
+            && old.subnet != p6.subnet
+        {
+            remove_remote_subnet6(ebpf, old.subnet)?;
+        }
+    } else if let Some(old) = sides.by_subnet.remove(&peer.subnet) {
         remove_remote_subnet6(ebpf, old.subnet)?;
     }
     if let Some(unused) = sides.users.set(peer.subnet, p6.public_ip) {

@@ -71,7 +71,9 @@ pub use attach::*;
 pub use error::*;
 use loader::*;
 pub use maps::*;
-use maps6::{Sides6, keep_held6, prune_maps6, remove_peer6, set_peer6, write_node_config6};
+use maps6::{
+    Sides6, keep_held6, map_side6, prune_maps6, remove_peer6, set_peer6, write_node_config6,
+};
 pub use maps6::{
     known_vteps6, node_config6, read_node_config6, read_remote_subnets6, remote_vtep6, subnet_key6,
 };
@@ -210,6 +212,10 @@ pub struct EbpfDatapath {
     /// kernel entries only, no REMOTE_SUBNETS entry, so their traffic takes
     /// the kernel's vxlan device (see `add_peer`).
     kernel_only: BTreeMap<Ipv4Net, HostPolicyConflict>,
+    /// Dual-stack peers whose IPv6 side host policy covers, by the peer's
+    /// IPv4 subnet: judged apart from the IPv4 side, and left to
+    /// `flannel-v6.<VNI>` the same way (see `add_peer`).
+    kernel_only6: BTreeMap<Ipv4Net, HostPolicyConflict>,
 }
 
 impl EbpfDatapath {
@@ -219,6 +225,7 @@ impl EbpfDatapath {
             kernel: KernelDatapath::new(),
             loaded: None,
             kernel_only: BTreeMap::new(),
+            kernel_only6: BTreeMap::new(),
         }
     }
 
@@ -226,6 +233,12 @@ impl EbpfDatapath {
     /// them, with what covers them.
     pub fn kernel_only_peers(&self) -> &BTreeMap<Ipv4Net, HostPolicyConflict> {
         &self.kernel_only
+    }
+
+    /// Dual-stack peers (by IPv4 subnet) whose IPv6 side is left to
+    /// `flannel-v6.<VNI>` because host policy covers it, with what covers it.
+    pub fn kernel_only_peers6(&self) -> &BTreeMap<Ipv4Net, HostPolicyConflict> {
+        &self.kernel_only6
     }
 
     pub fn options(&self) -> &EbpfOptions {
@@ -345,6 +358,7 @@ impl EbpfDatapath {
         peer: &Peer,
         kind: PeerKind,
         conflict: Option<HostPolicyConflict>,
+        conflict6: Option<HostPolicyConflict>,
     ) -> Result<(), DatapathError> {
         let capacity = self.options.peer_capacity;
         let Loaded {
@@ -362,11 +376,98 @@ impl EbpfDatapath {
                 insert_direct_peer(ebpf, users, peer, capacity)?;
             }
         }
-        // The IPv6 side is VXLAN whatever the IPv4 side is (DirectRouting
-        // and the host-policy check look at the IPv4 PublicIP).
-        set_peer6(ebpf, sides6, peer, capacity)?;
+        // The IPv6 side has its own verdict: the IPv4 one says nothing of
+        // the host's IPv6 policy.
+        map_side6(ebpf, sides6, peer, conflict6.as_ref(), capacity)?;
         self.note_conflict(peer, conflict);
+        self.note_conflict6(peer, conflict6);
         Ok(())
+    }
+
+    /// [`Self::note_conflict`] for the peer's IPv6 side
+    /// ([`Self::kernel_only_peers6`]).
+    fn note_conflict6(&mut self, peer: &Peer, conflict: Option<HostPolicyConflict>) {
+        match (conflict, peer.v6) {
+            (Some(c), Some(p6)) => {
+                if self.kernel_only6.get(&peer.subnet) != Some(&c) {
+                    log::error!(
+                        "peer {}: its IPv6 side {} via {}: {c}: its IPv6 traffic takes the kernel's flannel-v6 device (through xfrm and the routing rules), not the eBPF programs",
+                        peer.subnet,
+                        p6.subnet,
+                        p6.public_ip
+                    );
+                }
+                self.kernel_only6.insert(peer.subnet, c);
+            }
+            _ => {
+                if self.kernel_only6.remove(&peer.subnet).is_some() {
+                    info!(
+                        "peer {}: no host policy covers its IPv6 side any more: back on the eBPF programs",
+                        peer.subnet
+                    );
+                }
+            }
+        }
+    }
+
+    /// The host-policy verdict on `peer`'s IPv6 side: xfrm policies between
+    /// our IPv6 VTEP address and its `PublicIPv6`, then `ip -6 route get
+    /// <PublicIPv6> from <ours>`. None without an IPv6 side, and for a
+    /// direct one (DirectRouting: its packets take the underlay's route,
+    /// not `flannel-v6.<VNI>`), as a direct IPv4 side is not checked.
+    async fn check_side6(&self, peer: &Peer) -> Result<Option<HostPolicyConflict>, DatapathError> {
+        let (Some(p6), Some(device)) = (peer.v6, self.kernel.device6()) else {
+            return Ok(None);
+        };
+        if self.kernel.is_direct6(peer.subnet) {
+            return Ok(None);
+        }
+        let nl = self.kernel.netlink().ok_or(DatapathError::NotSetUp)?;
+        Ok(host_policy::check_peer(
+            nl,
+            device.local,
+            device.port,
+            device.underlay_ifindex,
+            p6.public_ip,
+        )
+        .await
+        .map_err(EbpfError::HostPolicyCheck)?)
+    }
+
+    /// [`Self::check_side6`] for many peers: one xfrm dump, pipelined route
+    /// lookups ([`host_policy::check_peers`]). One verdict per peer; those
+    /// whose kernel entries failed (`programmed`) are not looked at.
+    async fn check_sides6(
+        &self,
+        peers: &[Peer],
+        programmed: &[Result<PeerKind, DatapathError>],
+    ) -> Vec<Result<Option<HostPolicyConflict>, DatapathError>> {
+        let mut out: Vec<Result<Option<HostPolicyConflict>, DatapathError>> =
+            peers.iter().map(|_| Ok(None)).collect();
+        let Some(device) = self.kernel.device6() else {
+            return out;
+        };
+        let sides: Vec<(usize, Ipv6Addr)> = peers
+            .iter()
+            .zip(programmed)
+            .enumerate()
+            .filter(|(_, (p, k))| k.is_ok() && !self.kernel.is_direct6(p.subnet))
+            .filter_map(|(i, (p, _))| Some((i, p.v6?.public_ip)))
+            .collect();
+        if sides.is_empty() {
+            return out;
+        }
+        let Some(nl) = self.kernel.netlink() else {
+            return peers.iter().map(|_| Err(DatapathError::NotSetUp)).collect();
+        };
+        let ips: Vec<Ipv6Addr> = sides.iter().map(|&(_, ip)| ip).collect();
+        let verdicts =
+            host_policy::check_peers(nl, device.local, device.port, device.underlay_ifindex, &ips)
+                .await;
+        for (&(i, _), v) in sides.iter().zip(verdicts) {
+            out[i] = v.map_err(|e| EbpfError::HostPolicyCheck(e).into());
+        }
+        out
     }
 
     /// Keeps [`Self::kernel_only_peers`] in step with a peer's host-policy
@@ -445,6 +546,9 @@ impl Datapath for EbpfDatapath {
         let nl = self.kernel.netlink().ok_or(DatapathError::NotSetUp)?;
         let peer_ips: Vec<Ipv4Addr> = peers.iter().map(|p| p.public_ip).collect();
         let local6 = self.kernel.device6().map(|d| d.local);
+        // The IPv6 sides flannel-v6.<VNI> holds, whoever's they are
+        // (keep_held6 maps them all).
+        let peer_ips6: Vec<Ipv6Addr> = self.kernel.held6().iter().map(|p| p.public_ip).collect();
         let checked = host_policy::check_start(
             nl,
             device.local,
@@ -452,6 +556,7 @@ impl Datapath for EbpfDatapath {
             device.port,
             device.underlay_ifindex,
             &peer_ips,
+            &peer_ips6,
         )
         .await;
         let refusal = match checked {
@@ -464,6 +569,7 @@ impl Datapath for EbpfDatapath {
             return Err(e.into());
         }
         self.kernel_only.clear();
+        self.kernel_only6.clear();
         let device = self.kernel.device().ok_or(DatapathError::NotSetUp)?;
         let started = Loaded::start(
             &self.options,
@@ -581,7 +687,8 @@ impl Datapath for EbpfDatapath {
             }
             PeerKind::Direct => None,
         };
-        self.map_peer(peer, kind, conflict)
+        let conflict6 = self.check_side6(peer).await?;
+        self.map_peer(peer, kind, conflict, conflict6)
     }
 
     /// [`Datapath::add_peer`] for many peers: their kernel entries as
@@ -616,19 +723,26 @@ impl Datapath for EbpfDatapath {
                 checks[i] = Some(v.map_err(|e| EbpfError::HostPolicyCheck(e).into()));
             }
         }
+        let checks6 = self.check_sides6(peers, &kinds).await;
         let mut results: Vec<Result<(), DatapathError>> = Vec::with_capacity(peers.len());
         // The VXLAN peers no host policy covers (all of them, normally) go
         // into the maps as one batch per map; the others one at a time.
+        // Either way each IPv6 side goes as its own verdict says.
         let mut plain = Vec::new();
-        for (i, ((peer, kind), check)) in peers.iter().zip(kinds).zip(checks).enumerate() {
-            let result = match (kind, check) {
-                (Err(e), _) | (Ok(_), Some(Err(e))) => Err(e),
-                (Ok(PeerKind::Vxlan), Some(Ok(None))) => {
+        let mut plain6 = Vec::new();
+        let each = peers.iter().zip(kinds).zip(checks).zip(checks6);
+        for (i, (((peer, kind), check), check6)) in each.enumerate() {
+            let result = match (kind, check, check6) {
+                (Err(e), _, _) | (Ok(_), Some(Err(e)), _) | (Ok(_), _, Err(e)) => Err(e),
+                (Ok(PeerKind::Vxlan), Some(Ok(None)), Ok(conflict6)) => {
                     plain.push(i);
+                    plain6.push(conflict6);
                     Ok(())
                 }
-                (Ok(kind), Some(Ok(conflict))) => self.map_peer(peer, kind, conflict),
-                (Ok(kind), None) => self.map_peer(peer, kind, None),
+                (Ok(kind), Some(Ok(conflict)), Ok(conflict6)) => {
+                    self.map_peer(peer, kind, conflict, conflict6)
+                }
+                (Ok(kind), None, Ok(conflict6)) => self.map_peer(peer, kind, None, conflict6),
             };
             results.push(result);
         }
@@ -644,15 +758,19 @@ impl Datapath for EbpfDatapath {
             return peers.iter().map(|_| Err(DatapathError::NotSetUp)).collect();
         };
         let inserted = batch::insert_peers(ebpf, users, &batch, capacity);
-        // The IPv6 side is VXLAN whatever the IPv4 side is (see map_peer).
+        // Each IPv6 side as its own verdict says (see map_peer).
         let inserted: Vec<Result<(), EbpfError>> = plain
             .iter()
             .zip(inserted)
-            .map(|(&i, r)| r.and_then(|()| set_peer6(ebpf, sides6, &peers[i], capacity)))
+            .zip(&plain6)
+            .map(|((&i, r), c6)| {
+                r.and_then(|()| map_side6(ebpf, sides6, &peers[i], c6.as_ref(), capacity))
+            })
             .collect();
-        for (&i, r) in plain.iter().zip(inserted) {
+        for ((&i, r), c6) in plain.iter().zip(inserted).zip(plain6) {
             if r.is_ok() {
                 self.note_conflict(&peers[i], None);
+                self.note_conflict6(&peers[i], c6);
             }
             results[i] = r.map_err(DatapathError::from);
         }
@@ -671,6 +789,7 @@ impl Datapath for EbpfDatapath {
         remove_peer_entries(ebpf, users, peer)?;
         remove_peer6(ebpf, sides6, peer)?;
         self.kernel_only.remove(&peer.subnet);
+        self.kernel_only6.remove(&peer.subnet);
         self.kernel.remove_peer(peer).await
     }
 
@@ -687,6 +806,7 @@ impl Datapath for EbpfDatapath {
                 .and_then(|()| remove_peer6(&mut loaded.ebpf, &mut loaded.sides6, peer));
             if r.is_ok() {
                 self.kernel_only.remove(&peer.subnet);
+                self.kernel_only6.remove(&peer.subnet);
             }
             results.push(r.map_err(DatapathError::from));
         }
@@ -720,6 +840,8 @@ impl Datapath for EbpfDatapath {
         let mut agreed = Vec::with_capacity(in_kernel.len());
         let in_trie: std::collections::HashSet<Ipv4Net> =
             in_maps.iter().map(|p| p.subnet).collect();
+        let in_trie6: std::collections::HashSet<ipnet::Ipv6Net> =
+            in_maps6.iter().map(|(_, p6)| p6.subnet).collect();
         for peer in in_kernel {
             let kernel_only = self.kernel_only.get(&peer.subnet);
             let mapped = if self.kernel.is_direct(peer.subnet) || kernel_only.is_some() {
@@ -732,11 +854,17 @@ impl Datapath for EbpfDatapath {
             // A peer left to the kernel under xfrm has no KNOWN_VTEPS entry.
             let vtep_ok = matches!(kernel_only, Some(HostPolicyConflict::Xfrm(_)))
                 || known.contains(&peer.public_ip);
-            let v6_ok = match peer.v6 {
-                Some(p6) => {
+            // The IPv6 side likewise, by its own verdict.
+            let v6_ok = match (peer.v6, self.kernel_only6.get(&peer.subnet)) {
+                (Some(p6), None) => {
                     in_maps6.contains(&(peer.public_ip, p6)) && known6.contains(&p6.public_ip)
                 }
-                None => true,
+                (Some(p6), Some(c)) => {
+                    !in_trie6.contains(&p6.subnet)
+                        && (matches!(c, HostPolicyConflict::Xfrm(_))
+                            || known6.contains(&p6.public_ip))
+                }
+                (None, _) => true,
             };
             if mapped && vtep_ok && v6_ok {
                 agreed.push(peer);
