@@ -39,6 +39,7 @@ pub fn refresh_health(
     h.peers_programmed = programmed;
     h.peers_rejected_map_full = refused;
     h.peers_host_policy = dp.as_ebpf().map_or(0, |e| e.kernel_only_peers().len());
+    h.peers_host_policy_ipv6 = dp.as_ebpf().map_or(0, |e| e.kernel_only_peers6().len());
     h.counters = counters;
     if metrics_per_peer {
         health::peers::follow(&mut h.peer_maps, dp.as_ebpf());

@@ -126,6 +126,17 @@ pub fn render(
         "Peers the eBPF datapath leaves to the kernel's vxlan device because host policy (xfrm, policy routing) covers them.",
     );
     let _ = writeln!(out, "overlay_peers_host_policy {}", s.peers_host_policy);
+    header(
+        &mut out,
+        "overlay_peers_host_policy_ipv6",
+        "gauge",
+        "Dual-stack peers whose IPv6 side the eBPF datapath leaves to the kernel's flannel-v6 device because host policy (xfrm, policy routing) covers it.",
+    );
+    let _ = writeln!(
+        out,
+        "overlay_peers_host_policy_ipv6 {}",
+        s.peers_host_policy_ipv6
+    );
 
     if let Some(c) = &s.counters {
         header(
@@ -395,8 +406,8 @@ mod tests {
 
         let without = render(&s, None, "0.1.0", 1_700_000_000);
         assert!(!without.contains("overlay_peer_"), "{without}");
-        // Packets and bytes per counter reason, and 28 other series.
-        let base = 28 + 2 * overlay_common::counters::Reason::ALL.len();
+        // Packets and bytes per counter reason, and 29 other series.
+        let base = 29 + 2 * overlay_common::counters::Reason::ALL.len();
         assert_eq!(samples(&without), base, "{without}");
         let with = render(&s, Some(&peers), "0.1.0", 1_700_000_000);
         assert_eq!(
@@ -423,7 +434,7 @@ mod tests {
         // The kernel datapath has no eBPF counters by reason.
         s.mode = Some(Mode::Kernel);
         s.counters = None;
-        assert_eq!(samples(&render(&s, None, "0.1.0", 1_700_000_000)), 28);
+        assert_eq!(samples(&render(&s, None, "0.1.0", 1_700_000_000)), 29);
     }
 
     #[test]
@@ -520,6 +531,9 @@ overlay_peers_rejected{reason=\"map_full\"} 2
 # HELP overlay_peers_host_policy Peers the eBPF datapath leaves to the kernel's vxlan device because host policy (xfrm, policy routing) covers them.
 # TYPE overlay_peers_host_policy gauge
 overlay_peers_host_policy 0
+# HELP overlay_peers_host_policy_ipv6 Dual-stack peers whose IPv6 side the eBPF datapath leaves to the kernel's flannel-v6 device because host policy (xfrm, policy routing) covers it.
+# TYPE overlay_peers_host_policy_ipv6 gauge
+overlay_peers_host_policy_ipv6 0
 # HELP overlay_datapath_packets_total Packets the eBPF programs handled, by verdict reason.
 # TYPE overlay_datapath_packets_total counter
 ",

@@ -117,6 +117,9 @@ pub struct HealthState {
     /// Peers left to the kernel's vxlan device because host policy covers
     /// them (eBPF datapath only).
     pub peers_host_policy: usize,
+    /// Dual-stack peers whose IPv6 side is left to `flannel-v6.<VNI>`
+    /// because host policy covers it (eBPF datapath only).
+    pub peers_host_policy_ipv6: usize,
     /// eBPF datapath only.
     pub counters: Option<Counters>,
     /// With `--metrics-per-peer` on the eBPF datapath: where `/metrics`
