@@ -421,6 +421,38 @@ pub fn add_container(hosts: &Hosts, i: usize, env: &Path) -> Result<(String, Str
     Ok((c, ip))
 }
 
+/// A value of `env`'s file.
+pub fn env_var(env: &Path, key: &str) -> Result<String> {
+    let text = std::fs::read_to_string(env)?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}=")))
+        .map(str::to_owned)
+        .with_context(|| format!("{key} not in {}:\n{text}", env.display()))
+}
+
+/// Gives container `c` (behind `cni0` on `host`) the IPv6 address `::2` of
+/// the host's IPv6 subnet, with `cni0` at `::1` as its gateway, as flannel's
+/// CNI plugin would from FLANNEL_IPV6_SUBNET.
+pub fn add_container_ipv6(host: &str, c: &str, env: &Path) -> Result<String> {
+    let gw = env_var(env, "FLANNEL_IPV6_SUBNET")?; // fd10:0:0:X::1/64
+    let (gw_ip, len) = gw.split_once('/').context("FLANNEL_IPV6_SUBNET")?;
+    let ip = format!("{}2", gw_ip.trim_end_matches('1'));
+    sh(&["ip", "-n", host, "addr", "add", &gw, "dev", "cni0", "nodad"])?;
+    sh(&[
+        "ip",
+        "-n",
+        c,
+        "addr",
+        "add",
+        &format!("{ip}/{len}"),
+        "dev",
+        "eth0",
+        "nodad",
+    ])?;
+    sh(&["ip", "-n", c, "-6", "route", "add", "default", "via", gw_ip])?;
+    Ok(ip)
+}
+
 /// Another container on host `host`'s bridge, for tests that need more than
 /// one per host: `<host>-c<n>` with veth `v<n>`, address `.n` of the
 /// host's subnet (from `env`), MTU 1450, default route via `.1`.

@@ -29,7 +29,8 @@ use overlay_agent::{
 use overlay_common::counters::Reason;
 use overlay_tests::{
     agent::{
-        Agent, Bpffs, Cluster, Containers, Hosts, add_container, agent_logs, link_mac, sh, within,
+        Agent, Bpffs, Cluster, Containers, Hosts, add_container, add_container_ipv6, agent_logs,
+        env_var, link_mac, sh, within,
     },
     capture::{self, Capture},
     etcd::Etcd,
@@ -39,38 +40,6 @@ use overlay_tests::{
 
 const PREFIX: &str = "/coreos.com/network";
 const CONFIG: &str = r#"{"EnableIPv6":true,"Network":"10.0.0.0/16","SubnetMin":"10.0.1.0","SubnetMax":"10.0.16.0","IPv6Network":"fd10:0:0::/48","IPv6SubnetMax":"fd10:0:0:10::","Backend":{"Type":"vxlan"}}"#;
-
-/// A value of `env`'s file.
-fn env_var(env: &std::path::Path, key: &str) -> Result<String> {
-    let text = std::fs::read_to_string(env)?;
-    text.lines()
-        .find_map(|l| l.strip_prefix(&format!("{key}=")))
-        .map(str::to_owned)
-        .with_context(|| format!("{key} not in {}:\n{text}", env.display()))
-}
-
-/// Gives container `c` (behind `cni0` on `host`) the IPv6 address `::2` of
-/// the host's IPv6 subnet, with `cni0` at `::1` as its gateway, as flannel's
-/// CNI plugin would from FLANNEL_IPV6_SUBNET.
-fn add_ipv6(host: &str, c: &str, env: &std::path::Path) -> Result<String> {
-    let gw = env_var(env, "FLANNEL_IPV6_SUBNET")?; // fd10:0:0:X::1/64
-    let (gw_ip, len) = gw.split_once('/').context("FLANNEL_IPV6_SUBNET")?;
-    let ip = format!("{}2", gw_ip.trim_end_matches('1'));
-    sh(&["ip", "-n", host, "addr", "add", &gw, "dev", "cni0", "nodad"])?;
-    sh(&[
-        "ip",
-        "-n",
-        c,
-        "addr",
-        "add",
-        &format!("{ip}/{len}"),
-        "dev",
-        "eth0",
-        "nodad",
-    ])?;
-    sh(&["ip", "-n", c, "-6", "route", "add", "default", "via", gw_ip])?;
-    Ok(ip)
-}
 
 fn ping6(ns: &str, dst: &str) -> bool {
     sh(&[
@@ -275,8 +244,8 @@ fn both_families(hosts: &Hosts, etcd: &Etcd, bin: &Path) -> Result<()> {
     let (c1, v4_1) = add_container(hosts, 1, &env(1))?;
     let (c2, v4_2) = add_container(hosts, 2, &env(2))?;
     let _containers = Containers(vec![c1.clone(), c2.clone()]);
-    let v6_1 = add_ipv6(&hosts.ns(1), &c1, &env(1))?;
-    let v6_2 = add_ipv6(&hosts.ns(2), &c2, &env(2))?;
+    let v6_1 = add_container_ipv6(&hosts.ns(1), &c1, &env(1))?;
+    let v6_2 = add_container_ipv6(&hosts.ns(2), &c2, &env(2))?;
     within(Duration::from_secs(5), "c1 -> c2 over IPv6", || {
         ping6(&c1, &v6_2)
     })?;
@@ -460,7 +429,7 @@ fn both_families(hosts: &Hosts, etcd: &Etcd, bin: &Path) -> Result<()> {
     )?;
     let (c3, _) = add_container(hosts, 3, &env3)?;
     let _c3 = Containers(vec![c3.clone()]);
-    let v6_3 = add_ipv6(&h3, &c3, &env3)?;
+    let v6_3 = add_container_ipv6(&h3, &c3, &env3)?;
     for (from, to) in [(&c3, &v6_1), (&c3, &v6_2), (&c1, &v6_3), (&c2, &v6_3)] {
         within(
             Duration::from_secs(5),
@@ -698,8 +667,8 @@ fn direct_both(hosts: &Hosts, etcd: &Etcd, bin: &Path) -> Result<()> {
     let (c1, _) = add_container(hosts, 1, &env(1))?;
     let (c2, _) = add_container(hosts, 2, &env(2))?;
     let _containers = Containers(vec![c1.clone(), c2.clone()]);
-    let v6_1 = add_ipv6(&hosts.ns(1), &c1, &env(1))?;
-    let v6_2 = add_ipv6(&hosts.ns(2), &c2, &env(2))?;
+    let v6_1 = add_container_ipv6(&hosts.ns(1), &c1, &env(1))?;
+    let v6_2 = add_container_ipv6(&hosts.ns(2), &c2, &env(2))?;
     let pcap = dir.join("direct6.pcap");
     let capture = Capture::start(&hosts.sw(), "p1", "ip6", &pcap)?;
     within(Duration::from_secs(5), "c1 -> c2 over IPv6", || {

@@ -3,17 +3,36 @@
 //! eBPF datapath off (`--datapath auto` falls back with one line naming
 //! why, `--datapath ebpf` refuses to start); and the fast path puts back
 //! the `nf_conntrack_tcp_be_liberal` it found, on `--fast-path=off` and on
-//! `cleanup`.
+//! `cleanup`. A dual-stack peer's IPv6 side that an IPv6 xfrm policy or
+//! policy routing covers is left to `flannel-v6.<VNI>` on its own, while
+//! its IPv4 side and the other peers stay on the eBPF programs.
 
 use std::{
-    path::Path,
+    collections::HashSet,
+    net::{Ipv4Addr, Ipv6Addr},
+    path::{Path, PathBuf},
     process::{Command, Stdio},
     time::Duration,
 };
 
-use anyhow::{Result, ensure};
+use anyhow::{Context, Result, ensure};
+use ipnet::Ipv6Net;
+use overlay_agent::{
+    datapath::{
+        ebpf::{known_vteps6, read_remote_subnets6},
+        pins::PinLayout,
+    },
+    inspect,
+};
+use overlay_common::{
+    consts::{MAP_KNOWN_VTEPS6, MAP_REMOTE_SUBNETS6},
+    counters::Reason,
+};
 use overlay_tests::{
-    agent::{Agent, Bpffs, Cluster, Containers, add_container, sh, within},
+    agent::{
+        Agent, Bpffs, Cluster, Containers, add_container, add_container_ipv6, agent_logs, env_var,
+        sh, within,
+    },
     capture::Capture,
     netns::{sysctl, sysctl_get},
 };
@@ -420,5 +439,311 @@ fn the_fast_path_puts_be_liberal_back() -> Result<()> {
         "the pin directory stayed: {}",
         pins.display()
     );
+    Ok(())
+}
+
+/// A dual-stack network: two agents' IPv6 subnets are /64s of fd10::/48.
+const DUAL: &str = r#"{"EnableIPv6":true,"Network":"10.0.0.0/16","SubnetMin":"10.0.1.0","SubnetMax":"10.0.16.0","IPv6Network":"fd10:0:0::/48","IPv6SubnetMax":"fd10:0:0:10::","Backend":{"Type":"vxlan"}}"#;
+
+/// What host 1's log says of an IPv6 side it leaves to the kernel.
+const KERNEL_ONLY6: &str = "its IPv6 traffic takes the kernel's flannel-v6 device";
+
+/// Host `i`'s IPv6 pod subnet, from its subnet file.
+fn subnet6(dir: &Path, i: usize) -> Result<Ipv6Net> {
+    let gw = env_var(&dir.join(format!("h{i}.env")), "FLANNEL_IPV6_SUBNET")?;
+    Ok(gw.parse::<Ipv6Net>()?.trunc())
+}
+
+/// Host `i`'s IPv4 pod subnet, from its subnet file.
+fn subnet4(dir: &Path, i: usize) -> Result<ipnet::Ipv4Net> {
+    let gw = env_var(&dir.join(format!("h{i}.env")), "FLANNEL_SUBNET")?;
+    Ok(gw.parse::<ipnet::Ipv4Net>()?.trunc())
+}
+
+/// The pinned IPv6 peer maps of the agent whose pins are in `pins`: the
+/// IPv6 subnets REMOTE_SUBNETS6 holds and the `PublicIPv6`s of KNOWN_VTEPS6.
+fn maps6(pins: &Path) -> Result<(HashSet<Ipv6Net>, HashSet<Ipv6Addr>)> {
+    let layout = PinLayout::chosen(Some(pins));
+    let remote = read_remote_subnets6(&inspect::open(&layout, MAP_REMOTE_SUBNETS6)?)?
+        .into_iter()
+        .map(|(_, p6)| p6.subnet)
+        .collect();
+    let known = known_vteps6(&inspect::open(&layout, MAP_KNOWN_VTEPS6)?)?;
+    Ok((remote, known))
+}
+
+/// The pinned maps' IPv4 peers (REMOTE_SUBNETS) of the agent at `pins`.
+fn maps4(pins: &Path) -> Result<Vec<(ipnet::Ipv4Net, Ipv4Addr)>> {
+    let state = inspect::read(&PinLayout::chosen(Some(pins)))?.context("no pinned state")?;
+    Ok(state
+        .peers
+        .iter()
+        .map(|p| (p.subnet, p.public_ip))
+        .collect())
+}
+
+/// `vxlan_egress6`'s encapsulations and its passes for want of a
+/// REMOTE_SUBNETS6 entry, from the pinned counters at `pins`.
+fn egress6(pins: &Path) -> Result<(u64, u64)> {
+    let state = inspect::read(&PinLayout::chosen(Some(pins)))?.context("no pinned state")?;
+    let n = |r: Reason| state.counters.get(r).packets;
+    Ok((n(Reason::Encapsulated6), n(Reason::PassNoRoute)))
+}
+
+fn ping6(c: &str, ip: &str, n: u32) -> bool {
+    let n = n.to_string();
+    sh(&[
+        "ip", "netns", "exec", c, "ping", "-6", "-c", &n, "-i", "0.2", "-W", "1", ip,
+    ])
+    .is_ok_and(|out| out.contains(&format!("{n} received")))
+}
+
+/// A container on each host with an IPv4 and an IPv6 address; their
+/// names and IPv6 addresses.
+fn dual_containers(cluster: &Cluster, n: usize) -> Result<(Containers, Vec<(String, String)>)> {
+    let dir = cluster.etcd.dir();
+    let mut containers = Containers(Vec::new());
+    let mut pods = Vec::new();
+    for i in 1..=n {
+        let env = dir.join(format!("h{i}.env"));
+        let (c, _) = add_container(&cluster.hosts, i, &env)?;
+        containers.0.push(c.clone());
+        let ip6 = add_container_ipv6(&cluster.hosts.ns(i), &c, &env)?;
+        pods.push((c, ip6));
+    }
+    Ok((containers, pods))
+}
+
+/// Host 1's pin directory flag and path.
+fn pins1(dir: &Path) -> Result<(Bpffs, String, PathBuf)> {
+    let bpf1 = Bpffs::mount(dir.join("bpf1"))?;
+    let pins = bpf1.0.join("overlay");
+    let flag = format!("--bpf-pin-dir={}", pins.display());
+    Ok((bpf1, flag, pins))
+}
+
+#[test]
+#[ignore = "needs root, network namespaces, etcd and eBPF: run `cargo xtask test`"]
+fn an_ipv6_policy_route_to_one_peer_leaves_its_ipv6_side_to_the_kernel() -> Result<()> {
+    let cluster = Cluster::start("hp6r", 3, DUAL)?;
+    let dir = cluster.etcd.dir().to_path_buf();
+    policy_route6(&cluster).map_err(|e| e.context(agent_logs(&dir)))
+}
+
+fn policy_route6(cluster: &Cluster) -> Result<()> {
+    let Cluster { hosts, etcd, bin } = cluster;
+    hosts.add_ipv6()?;
+    let dir = etcd.dir().to_path_buf();
+    let (_bpf1, pin_dir, pins) = pins1(&dir)?;
+    let h1 = hosts.ns(1);
+    let (ip6_2, ip6_3) = (hosts.ip6(2), hosts.ip6(3));
+    // Host 2's IPv6 address through table 100 (still out of eth0, so the
+    // kernel's path works); host 3's and host 2's IPv4 one untouched.
+    sh(&[
+        "ip", "-n", &h1, "-6", "route", "add", &ip6_2, "dev", "eth0", "table", "100",
+    ])?;
+    sh(&[
+        "ip", "-n", &h1, "-6", "rule", "add", "to", &ip6_2, "lookup", "100", "pref", "100",
+    ])?;
+    let mut agents = Vec::new();
+    for i in 2..=3 {
+        let args = cluster.args(i, &["--datapath=kernel"]);
+        let mut a = Agent::start(&dir, &format!("h{i}"), &hosts.ns(i), bin, &args)?;
+        a.wait_for("running: lease", Duration::from_secs(20))?;
+        agents.push(a);
+    }
+    // A fresh start holds no peer: eBPF comes up, and the peers, added
+    // then (as one batch), are judged side by side.
+    let auto = cluster.args(1, &["--datapath=auto", &pin_dir]);
+    let mut a1 = Agent::start(&dir, "h1", &h1, bin, &auto)?;
+    a1.wait_for("running: lease", Duration::from_secs(20))?;
+    a1.wait_for(KERNEL_ONLY6, Duration::from_secs(10))?;
+    let log = a1.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains(KERNEL_ONLY6))
+        .unwrap_or_default();
+    ensure!(
+        log.contains(EBPF_ON)
+            && line.contains("table 100")
+            && line.contains(&ip6_2)
+            && !log
+                .lines()
+                .any(|l| l.contains(KERNEL_ONLY6) && l.contains(&ip6_3)),
+        "host 2's IPv6 side was not left to the kernel naming table 100:\n{log}"
+    );
+    ensure!(
+        !log.lines()
+            .any(|l| l.contains("takes the kernel's vxlan device")),
+        "an IPv4 side was left to the kernel too:\n{log}"
+    );
+
+    // The maps: no REMOTE_SUBNETS6 entry for host 2 (its KNOWN_VTEPS6
+    // one stays, as a route conflict keeps KNOWN_VTEPS); host 3's IPv6
+    // side and both IPv4 sides on the programs.
+    let (s6_2, s6_3) = (subnet6(&dir, 2)?, subnet6(&dir, 3)?);
+    within(
+        Duration::from_secs(10),
+        "host 3's IPv6 side in the maps",
+        || maps6(&pins).is_ok_and(|(remote, _)| remote.contains(&s6_3)),
+    )?;
+    let (remote6, known6) = maps6(&pins)?;
+    ensure!(
+        !remote6.contains(&s6_2)
+            && known6.contains(&ip6_2.parse()?)
+            && known6.contains(&ip6_3.parse()?),
+        "REMOTE_SUBNETS6 {remote6:?}, KNOWN_VTEPS6 {known6:?}"
+    );
+    let peers4 = maps4(&pins)?;
+    for i in 2..=3 {
+        let s4 = subnet4(&dir, i)?;
+        ensure!(
+            peers4.iter().any(|(s, _)| *s == s4),
+            "host {i}'s IPv4 side is not in REMOTE_SUBNETS: {peers4:?}"
+        );
+    }
+    // `status` counts the IPv6 subnets the maps hold: host 3's alone.
+    let shown = overlay_tests::agent::status(&h1, bin, &auto)?;
+    ensure!(shown.contains("1 peers' IPv6 subnets"), "{shown}");
+
+    // Pods over IPv6: to host 2 through flannel-v6.1 (vxlan_egress6 passes
+    // them, the kernel encapsulates along table 100), to host 3 through
+    // vxlan_egress6.
+    let (containers, pods) = dual_containers(cluster, 3)?;
+    let (c1, pod2, pod3) = (&pods[0].0, &pods[1].1, &pods[2].1);
+    let before = egress6(&pins)?;
+    within(Duration::from_secs(10), "c1 reaches c2 over IPv6", || {
+        ping6(c1, pod2, 1)
+    })?;
+    ensure!(ping6(c1, pod2, 5), "c1 does not reach c2 over IPv6");
+    let after = egress6(&pins)?;
+    ensure!(
+        after.0 == before.0 && after.1 >= before.1 + 5,
+        "to host 2, vxlan_egress6 (encapsulated, passed) went from {before:?} to {after:?}"
+    );
+    ensure!(ping6(c1, pod3, 5), "c1 does not reach c3 over IPv6");
+    let last = egress6(&pins)?;
+    ensure!(
+        last.0 >= after.0 + 5,
+        "to host 3, vxlan_egress6 (encapsulated, passed) went from {after:?} to {last:?}"
+    );
+
+    // Host 2 leaving takes its record along.
+    drop(a1);
+    drop(agents);
+    drop(containers);
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs root, network namespaces, etcd and eBPF: run `cargo xtask test`"]
+fn an_ipv6_xfrm_policy_toward_a_joining_peer_leaves_its_ipv6_side_to_the_kernel() -> Result<()> {
+    let cluster = Cluster::start("hp6x", 3, DUAL)?;
+    let dir = cluster.etcd.dir().to_path_buf();
+    xfrm_joining6(&cluster).map_err(|e| e.context(agent_logs(&dir)))
+}
+
+fn xfrm_joining6(cluster: &Cluster) -> Result<()> {
+    let Cluster { hosts, etcd, bin } = cluster;
+    hosts.add_ipv6()?;
+    let dir = etcd.dir().to_path_buf();
+    let (_bpf1, pin_dir, pins) = pins1(&dir)?;
+    let (h1, h2) = (hosts.ns(1), hosts.ns(2));
+    let (ip6_1, ip6_2, ip6_3) = (hosts.ip6(1), hosts.ip6(2), hosts.ip6(3));
+
+    let args3 = cluster.args(3, &["--datapath=kernel"]);
+    let mut a3 = Agent::start(&dir, "h3", &hosts.ns(3), bin, &args3)?;
+    a3.wait_for("running: lease", Duration::from_secs(20))?;
+    let auto = cluster.args(1, &["--datapath=auto", &pin_dir]);
+    let mut a1 = Agent::start(&dir, "h1", &h1, bin, &auto)?;
+    a1.wait_for("running: lease", Duration::from_secs(20))?;
+    ensure!(a1.log().contains(EBPF_ON), "{}", a1.log());
+    let s6_3 = subnet6(&dir, 3)?;
+    within(
+        Duration::from_secs(10),
+        "host 3's IPv6 side in the maps",
+        || maps6(&pins).is_ok_and(|(remote, _)| remote.contains(&s6_3)),
+    )?;
+
+    // While host 1 runs eBPF, ESP for IPv6 VXLAN between hosts 1 and 2
+    // (the policies alone where this kernel has no ESP); then host 2 joins.
+    let esp = ipsec(&h1, &ip6_1, &ip6_2)? & ipsec(&h2, &ip6_2, &ip6_1)?;
+    if !esp {
+        eprintln!("this kernel has no ESP: checking that nothing leaves in clear instead");
+    }
+    let args2 = cluster.args(2, &["--datapath=kernel"]);
+    let mut a2 = Agent::start(&dir, "h2", &h2, bin, &args2)?;
+    a2.wait_for("running: lease", Duration::from_secs(20))?;
+    a1.wait_for(KERNEL_ONLY6, Duration::from_secs(10))?;
+    let log = a1.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains(KERNEL_ONLY6))
+        .unwrap_or_default();
+    ensure!(
+        line.contains("xfrm") && line.contains(&ip6_2) && !log.contains(FELL_BACK),
+        "host 2's IPv6 side was not left to the kernel naming xfrm:\n{log}"
+    );
+
+    // Neither IPv6 map holds host 2 (clear VXLAN from it is dropped); its
+    // IPv4 side, which no policy covers, is on the programs.
+    let (remote6, known6) = maps6(&pins)?;
+    ensure!(
+        !remote6.contains(&subnet6(&dir, 2)?)
+            && !known6.contains(&ip6_2.parse()?)
+            && remote6.contains(&s6_3)
+            && known6.contains(&ip6_3.parse()?),
+        "REMOTE_SUBNETS6 {remote6:?}, KNOWN_VTEPS6 {known6:?}"
+    );
+    let s4_2 = subnet4(&dir, 2)?;
+    within(
+        Duration::from_secs(10),
+        "host 2's IPv4 side in REMOTE_SUBNETS",
+        || maps4(&pins).is_ok_and(|p| p.iter().any(|(s, _)| *s == s4_2)),
+    )?;
+
+    // On the wire: nothing in clear between the IPv6 VTEPs of hosts 1 and
+    // 2, ESP where the kernel has it; host 3 still gets eBPF's VXLAN.
+    let (containers, pods) = dual_containers(cluster, 3)?;
+    let (c1, pod2, pod3) = (&pods[0].0, &pods[1].1, &pods[2].1);
+    let pcap = dir.join("xfrm6.pcap");
+    let capture = Capture::start(&hosts.sw(), "p1", "ip6 and (esp or udp port 8472)", &pcap)?;
+    let before = egress6(&pins)?;
+    let reached = ping6(c1, pod2, 5);
+    let after = egress6(&pins)?;
+    let reached3 = ping6(c1, pod3, 3);
+    let last = egress6(&pins)?;
+    let pcap = capture.stop()?;
+    let clear = count(
+        &pcap,
+        &format!("udp port 8472 and host {ip6_1} and host {ip6_2}"),
+    )?;
+    ensure!(
+        clear == 0,
+        "{clear} clear IPv6 VXLAN frames between hosts 1 and 2"
+    );
+    ensure!(
+        after.0 == before.0,
+        "vxlan_egress6 encapsulated toward host 2: {before:?} -> {after:?}"
+    );
+    if esp {
+        ensure!(reached, "the pods do not reach each other over ESP");
+        ensure!(count(&pcap, "esp")? > 0, "no ESP on the wire");
+    } else {
+        ensure!(!reached, "c1 reaches c2, yet no ESP was possible");
+    }
+    ensure!(
+        reached3 && last.0 >= after.0 + 3,
+        "c1 -> c3 over IPv6 (reached: {reached3}), vxlan_egress6: {after:?} -> {last:?}"
+    );
+    ensure!(
+        count(
+            &pcap,
+            &format!("udp port 8472 and src host {ip6_1} and dst host {ip6_3}")
+        )? > 0,
+        "no IPv6 VXLAN from host 1 to host 3 on the wire"
+    );
+    drop((a1, a2, a3));
+    drop(containers);
     Ok(())
 }
