@@ -34,6 +34,7 @@ use overlay_tests::{
         sh, within,
     },
     capture::Capture,
+    http,
     netns::{sysctl, sysctl_get},
 };
 
@@ -554,7 +555,14 @@ fn policy_route6(cluster: &Cluster) -> Result<()> {
     }
     // A fresh start holds no peer: eBPF comes up, and the peers, added
     // then (as one batch), are judged side by side.
-    let auto = cluster.args(1, &["--datapath=auto", &pin_dir]);
+    const PORT: u16 = 9876;
+    let ip1 = hosts.ip(1);
+    let healthz = [
+        format!("--healthz-ip={ip1}"),
+        format!("--healthz-port={PORT}"),
+    ];
+    let mut auto = cluster.args(1, &["--datapath=auto", &pin_dir]);
+    auto.extend(healthz.iter().cloned());
     let mut a1 = Agent::start(&dir, "h1", &h1, bin, &auto)?;
     a1.wait_for("running: lease", Duration::from_secs(20))?;
     a1.wait_for(KERNEL_ONLY6, Duration::from_secs(10))?;
@@ -602,9 +610,22 @@ fn policy_route6(cluster: &Cluster) -> Result<()> {
             "host {i}'s IPv4 side is not in REMOTE_SUBNETS: {peers4:?}"
         );
     }
-    // `status` counts the IPv6 subnets the maps hold: host 3's alone.
-    let shown = overlay_tests::agent::status(&h1, bin, &auto)?;
+    // `status` counts the IPv6 subnets the maps hold: host 3's alone;
+    // /metrics counts host 2's IPv6 side, and no IPv4 side.
+    let shown = overlay_tests::agent::status(&h1, bin, &cluster.args(1, &[&pin_dir]))?;
     ensure!(shown.contains("1 peers' IPv6 subnets"), "{shown}");
+    let gauges = || -> Result<(f64, f64)> {
+        let m = http::scrape(&h1, &ip1, PORT)?;
+        Ok((
+            http::sample(&m, "overlay_peers_host_policy")?,
+            http::sample(&m, "overlay_peers_host_policy_ipv6")?,
+        ))
+    };
+    within(
+        Duration::from_secs(15),
+        "/metrics counts host 2's IPv6 side",
+        || gauges().is_ok_and(|g| g == (0.0, 1.0)),
+    )?;
 
     // Pods over IPv6: to host 2 through flannel-v6.1 (vxlan_egress6 passes
     // them, the kernel encapsulates along table 100), to host 3 through
@@ -628,7 +649,25 @@ fn policy_route6(cluster: &Cluster) -> Result<()> {
         "to host 3, vxlan_egress6 (encapsulated, passed) went from {after:?} to {last:?}"
     );
 
-    // Host 2 leaving takes its record along.
+    // Host 2 leaving (its lease gone) takes its record and its
+    // KNOWN_VTEPS6 entry along.
+    let mut agents = agents.into_iter();
+    agents.next().map(|mut a2| a2.kill9()).transpose()?;
+    let key = format!(
+        "/coreos.com/network/subnets/{}&{}",
+        subnet4(&dir, 2)?.to_string().replace('/', "-"),
+        s6_2.to_string().replace('/', "-")
+    );
+    etcd.delete(&key)?;
+    within(
+        Duration::from_secs(15),
+        "host 2's IPv6 side forgotten",
+        || {
+            gauges().is_ok_and(|g| g == (0.0, 0.0))
+                && maps6(&pins)
+                    .is_ok_and(|(_, known)| !known.iter().any(|ip| ip.to_string() == ip6_2))
+        },
+    )?;
     drop(a1);
     drop(agents);
     drop(containers);
