@@ -666,7 +666,10 @@ impl Datapath for EbpfDatapath {
     /// unencapsulated. Under xfrm it gets no KNOWN_VTEPS entry either, so
     /// clear VXLAN from it is dropped at TC ingress and only what the kernel
     /// decrypts gets in; a route conflict keeps KNOWN_VTEPS, as a direct
-    /// peer does. The decision is taken when the peer is added: a policy
+    /// peer does. A dual-stack peer's IPv6 side is judged apart
+    /// ([`Self::check_side6`]) and, when covered, left to
+    /// `flannel-v6.<VNI>` the same way (see `map_side6`), whatever its IPv4
+    /// side got. The decision is taken when the peer is added: a policy
     /// that appears or goes later takes effect at the next restart.
     async fn add_peer(&mut self, peer: &Peer) -> Result<(), DatapathError> {
         self.loaded()?;
