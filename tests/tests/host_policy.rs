@@ -651,24 +651,53 @@ fn policy_route6(cluster: &Cluster) -> Result<()> {
 
     // Host 2 leaving (its lease gone) takes its record and its
     // KNOWN_VTEPS6 entry along.
-    let mut agents = agents.into_iter();
-    agents.next().map(|mut a2| a2.kill9()).transpose()?;
+    agents[0].kill9()?;
     let key = format!(
         "/coreos.com/network/subnets/{}&{}",
         subnet4(&dir, 2)?.to_string().replace('/', "-"),
         s6_2.to_string().replace('/', "-")
     );
     etcd.delete(&key)?;
+    let forgotten =
+        || maps6(&pins).is_ok_and(|(_, known)| !known.iter().any(|ip| ip.to_string() == ip6_2));
     within(
         Duration::from_secs(15),
         "host 2's IPv6 side forgotten",
-        || {
-            gauges().is_ok_and(|g| g == (0.0, 0.0))
-                && maps6(&pins)
-                    .is_ok_and(|(_, known)| !known.iter().any(|ip| ip.to_string() == ip6_2))
-        },
+        || gauges().is_ok_and(|g| g == (0.0, 0.0)) && forgotten(),
     )?;
-    drop(a1);
+
+    // Host 2 back (one peer added while the node runs): left to the
+    // kernel again.
+    let args2 = cluster.args(2, &["--datapath=kernel"]);
+    agents[0] = Agent::start(&dir, "h2-again", &hosts.ns(2), bin, &args2)?;
+    agents[0].wait_for("running: lease", Duration::from_secs(20))?;
+    within(
+        Duration::from_secs(15),
+        "host 2's IPv6 side judged again",
+        || a1.log().matches(KERNEL_ONLY6).count() >= 2 && gauges().is_ok_and(|g| g == (0.0, 1.0)),
+    )?;
+    let (remote6, _) = maps6(&pins)?;
+    ensure!(
+        !remote6.contains(&subnet6(&dir, 2)?),
+        "REMOTE_SUBNETS6 {remote6:?}"
+    );
+
+    // Restarted, the adopted flannel-v6.1 holds host 2's IPv6 side: auto
+    // falls back, naming its PublicIPv6 and table 100.
+    a1.kill9()?;
+    let mut again = Agent::start(&dir, "h1-restart", &h1, bin, &auto)?;
+    again.wait_for("running: lease", Duration::from_secs(20))?;
+    let log = again.log();
+    let line = log.lines().find(|l| l.contains(FELL_BACK));
+    ensure!(
+        line.is_some_and(|l| l.contains("table 100") && l.contains(&ip6_2)),
+        "auto did not fall back naming host 2's IPv6 route:\n{log}"
+    );
+    ensure!(
+        ping6(c1, pod3, 3),
+        "c1 does not reach c3 on the kernel datapath"
+    );
+    drop((again, a1));
     drop(agents);
     drop(containers);
     Ok(())
