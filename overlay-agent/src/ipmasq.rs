@@ -218,8 +218,10 @@ pub fn forward_rules<N: Net>(network: N) -> Vec<Rule> {
 /// NAT), first clears the `mark` bit (`--fast-path-mark`) whoever set it
 /// before, then sets it on packets from and to our pods whose conntrack
 /// entry is ESTABLISHED and not NATed. The programs turn such marked packets
-/// into approvals and clear the bit.
-pub fn fast_path_rules(subnet: Ipv4Net, mark: u32) -> Vec<Rule> {
+/// into approvals and clear the bit. The same chain in ip6tables, for the
+/// IPv6 pod subnet of a dual-stack node.
+pub fn fast_path_rules<N: Net>(subnet: N, mark: u32) -> Vec<Rule> {
+    let family = N::FAMILY;
     let pod = subnet.to_string();
     let set = format!("{mark:#x}/{mark:#x}");
     let clear = format!("0x0/{mark:#x}");
@@ -245,7 +247,7 @@ pub fn fast_path_rules(subnet: Ipv4Net, mark: u32) -> Vec<Rule> {
     };
     vec![
         Rule::new(
-            Family::Ipv4,
+            family,
             "mangle",
             "POSTROUTING",
             c.iter()
@@ -255,7 +257,7 @@ pub fn fast_path_rules(subnet: Ipv4Net, mark: u32) -> Vec<Rule> {
                 .collect(),
         ),
         Rule::new(
-            Family::Ipv4,
+            family,
             "mangle",
             FAST_PATH_CHAIN,
             c.iter()
@@ -264,8 +266,8 @@ pub fn fast_path_rules(subnet: Ipv4Net, mark: u32) -> Vec<Rule> {
                 .map(str::to_owned)
                 .collect(),
         ),
-        Rule::new(Family::Ipv4, "mangle", FAST_PATH_CHAIN, approve("-s")),
-        Rule::new(Family::Ipv4, "mangle", FAST_PATH_CHAIN, approve("-d")),
+        Rule::new(family, "mangle", FAST_PATH_CHAIN, approve("-s")),
+        Rule::new(family, "mangle", FAST_PATH_CHAIN, approve("-d")),
     ]
 }
 
@@ -300,6 +302,10 @@ pub fn remove_all() -> Result<Vec<String>, IptablesError> {
     let mut removed = remove_flanneld_s()?;
     // Whatever bit the chain marks: removal takes the jump and the chain.
     removed.extend(remove(&fast_path_rules(ANY, DEFAULT_FAST_PATH_MARK))?);
+    removed.extend(remove(&fast_path_rules(
+        Ipv6Net::ANY,
+        DEFAULT_FAST_PATH_MARK,
+    ))?);
     for family in [Family::Ipv4, Family::Ipv6] {
         if nft::remove(family)? {
             removed.push(nft::describe(family));
@@ -415,7 +421,7 @@ mod tests {
 
     #[test]
     fn fast_path_rules_clear_the_bit_then_mark_established_unnated_pod_traffic() {
-        let got: Vec<String> = fast_path_rules("10.0.13.0/24".parse().unwrap(), 0x1000)
+        let got: Vec<String> = fast_path_rules::<Ipv4Net>("10.0.13.0/24".parse().unwrap(), 0x1000)
             .iter()
             .map(line)
             .collect();
@@ -428,6 +434,22 @@ mod tests {
                 "-t mangle -A FLANNEL-FASTPATH -d 10.0.13.0/24 -m conntrack --ctstate ESTABLISHED -m conntrack ! --ctstate SNAT,DNAT -m comment --comment flanneld fast path -j MARK --set-xmark 0x1000/0x1000",
             ]
         );
+    }
+
+    #[test]
+    fn the_ipv6_fast_path_rules_are_the_same_chain_in_ip6tables() {
+        let v6 = fast_path_rules::<Ipv6Net>("fd10:0:0:5::/64".parse().unwrap(), 0x1000);
+        assert!(v6.iter().all(|r| r.family == Family::Ipv6));
+        let got: Vec<String> = v6.iter().map(line).collect();
+        assert_eq!(
+            got[3],
+            "-t mangle -A FLANNEL-FASTPATH -d fd10:0:0:5::/64 -m conntrack --ctstate ESTABLISHED -m conntrack ! --ctstate SNAT,DNAT -m comment --comment flanneld fast path -j MARK --set-xmark 0x1000/0x1000"
+        );
+        let v4: Vec<String> = fast_path_rules::<Ipv4Net>("10.0.13.0/24".parse().unwrap(), 0x1000)
+            .iter()
+            .map(line)
+            .collect();
+        assert_eq!(got[..2], v4[..2]);
     }
 
     #[test]
@@ -514,7 +536,7 @@ mod tests {
         assert!(v4.iter().all(|r| r.family == Family::Ipv4));
         assert!(v4[5].spec.contains(&"224.0.0.0/4".to_owned()));
         assert!(
-            fast_path_rules("10.0.13.0/24".parse().unwrap(), 0x1000)
+            fast_path_rules::<Ipv4Net>("10.0.13.0/24".parse().unwrap(), 0x1000)
                 .iter()
                 .all(|r| r.family == Family::Ipv4)
         );

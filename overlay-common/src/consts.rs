@@ -44,6 +44,10 @@ pub const MAP_POD_ADDRS: &str = "POD_ADDRS";
 pub const MAP_NODE_CONFIG6: &str = "NODE_CONFIG6";
 pub const MAP_REMOTE_SUBNETS6: &str = "REMOTE_SUBNETS6";
 pub const MAP_KNOWN_VTEPS6: &str = "KNOWN_VTEPS6";
+/// The IPv6 side of the fast path (a dual-stack node).
+pub const MAP_FAST_CONFIG6: &str = "FAST_CONFIG6";
+pub const MAP_FAST_FLOWS6: &str = "FAST_FLOWS6";
+pub const MAP_POD_ADDRS6: &str = "POD_ADDRS6";
 /// Index 0: the [`crate::maps::MAP_LAYOUT_VERSION`] of the build that created
 /// the pinned maps. Only the agent reads and writes it.
 pub const MAP_LAYOUT: &str = "LAYOUT";
@@ -63,6 +67,31 @@ pub const PROG_INGRESS_TC: &str = "vxlan_ingress_tc";
 /// the pod sends) and TCX egress (what the host delivers to it).
 pub const PROG_VETH_FROM_POD: &str = "veth_from_pod";
 pub const PROG_VETH_TO_POD: &str = "veth_to_pod";
+/// The IPv6 halves of `vxlan_ingress_tc`, `veth_from_pod` and
+/// `veth_to_pod`: never attached, they run as tail calls from those
+/// programs (through `JUMPS`), each with a stack of its own. One program
+/// holding both families' paths needs more than BPF's 512 bytes.
+pub const PROG_INGRESS_TC6: &str = "vxlan_ingress_tc6";
+pub const PROG_VETH_FROM_POD6: &str = "veth_from_pod6";
+pub const PROG_VETH_TO_POD6: &str = "veth_to_pod6";
+/// `veth_from_pod6`'s second half: encapsulates what it decided to send
+/// (the outer checksum's arithmetic alone needs most of a frame).
+pub const PROG_VETH_ENCAP6: &str = "veth_encap6";
+/// The tail-call table, and each program's index in it.
+pub const MAP_JUMPS: &str = "JUMPS";
+pub const JUMP_INGRESS_TC6: u32 = 0;
+pub const JUMP_VETH_FROM_POD6: u32 = 1;
+pub const JUMP_VETH_TO_POD6: u32 = 2;
+pub const JUMP_VETH_ENCAP6: u32 = 3;
+/// Slots in `JUMPS`.
+pub const JUMP_SLOTS: u32 = 4;
+/// Every tail-called program, by its index in `JUMPS`.
+pub const JUMP_PROGRAMS: [(u32, &str); 4] = [
+    (JUMP_INGRESS_TC6, PROG_INGRESS_TC6),
+    (JUMP_VETH_FROM_POD6, PROG_VETH_FROM_POD6),
+    (JUMP_VETH_TO_POD6, PROG_VETH_TO_POD6),
+    (JUMP_VETH_ENCAP6, PROG_VETH_ENCAP6),
+];
 
 /// Capacity of the remote-subnet and known-VTEP maps (flannel clusters of a few
 /// thousand nodes fit comfortably).

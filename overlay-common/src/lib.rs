@@ -15,6 +15,7 @@ pub mod egress6;
 pub mod encap;
 pub mod encap6;
 pub mod fastpath;
+pub mod fastpath6;
 pub mod flow;
 pub mod ingress;
 pub mod ingress6;

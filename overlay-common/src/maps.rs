@@ -22,7 +22,7 @@
 /// Appending a `Reason` in the spare counter slots needs no bump: the
 /// indices before it keep their meaning. `layout_is_pinned_to_its_version`
 /// fails when a layout changed without a bump.
-pub const MAP_LAYOUT_VERSION: u32 = 3;
+pub const MAP_LAYOUT_VERSION: u32 = 4;
 
 /// Value of the remote-subnet LPM trie (key: IPv4 prefix in network order):
 /// where to send packets for that subnet.
@@ -155,6 +155,9 @@ mod pod {
     unsafe impl aya::Pod for crate::fastpath::FlowKey {}
     unsafe impl aya::Pod for crate::fastpath::FastFlow {}
     unsafe impl aya::Pod for crate::fastpath::FastPathConfig {}
+    unsafe impl aya::Pod for crate::fastpath6::FlowKey6 {}
+    unsafe impl aya::Pod for crate::fastpath6::FastFlow6 {}
+    unsafe impl aya::Pod for crate::fastpath6::FastPathConfig6 {}
 }
 
 #[cfg(test)]
@@ -209,6 +212,7 @@ mod tests {
         use crate::{
             counters::Counter,
             fastpath::{DIR_FROM_POD, DIR_TO_POD, FastFlow, FastPathConfig, FlowKey},
+            fastpath6::{FastFlow6, FastPathConfig6, FlowKey6},
         };
         let mut out = String::new();
         layout!(
@@ -304,6 +308,37 @@ mod tests {
                 _pad,
             }
         );
+        layout!(
+            out,
+            FlowKey6 {
+                src,
+                dst,
+                sport,
+                dport,
+                proto,
+                dir,
+                _pad,
+            }
+        );
+        layout!(
+            out,
+            FastFlow6 {
+                approved_ns,
+                ifindex,
+                pod_mac,
+                gw_mac,
+                vtep,
+            }
+        );
+        layout!(
+            out,
+            FastPathConfig6 {
+                enabled,
+                pod_prefix_len,
+                pod_subnet,
+                gateway,
+            }
+        );
         let _ = writeln!(out, "DIR_TO_POD={DIR_TO_POD} DIR_FROM_POD={DIR_FROM_POD}");
         out
     }
@@ -362,13 +397,35 @@ FastPathConfig 24: enabled@0:4 u32 pod_subnet@4:4 [u8; 4] pod_prefix_len@8:4 u32
 DIR_TO_POD=1 DIR_FROM_POD=2
 ",
         ),
+        // The IPv6 fast path: FAST_CONFIG6, FAST_FLOWS6 and POD_ADDRS6 are
+        // new.
+        (
+            4,
+            "\
+RemoteVtep 12: vtep_mac@0:6 [u8; 6] _pad@6:2 [u8; 2] public_ip@8:4 [u8; 4]
+KnownVtep 8: vtep_mac@0:6 [u8; 6] _pad@6:2 [u8; 2]
+NodeConfig 32: vni@0:4 u32 local_ip@4:4 [u8; 4] underlay_ifindex@8:4 u32 vxlan_ifindex@12:4 u32 underlay_mtu@16:4 u32 vtep_mac@20:6 [u8; 6] port@26:2 u16 configured@28:4 u32
+RemoteVtep6 28: vtep_mac@0:6 [u8; 6] _pad@6:2 [u8; 2] public_ip@8:16 [u8; 16] peer@24:4 [u8; 4]
+KnownVtep6 12: vtep_mac@0:6 [u8; 6] _pad@6:2 [u8; 2] peer@8:4 [u8; 4]
+NodeConfig6 32: local_ip@0:16 [u8; 16] vxlan_ifindex@16:4 u32 vtep_mac@20:6 [u8; 6] _pad@26:2 [u8; 2] configured@28:4 u32
+PeerTraffic 32: tx_packets@0:8 u64 tx_bytes@8:8 u64 rx_packets@16:8 u64 rx_bytes@24:8 u64
+Counter 16: packets@0:8 u64 bytes@8:8 u64
+FlowKey 16: src@0:4 [u8; 4] dst@4:4 [u8; 4] sport@8:2 [u8; 2] dport@10:2 [u8; 2] proto@12:1 u8 dir@13:1 u8 _pad@14:2 [u8; 2]
+FastFlow 32: approved_ns@0:8 u64 ifindex@8:4 u32 pod_mac@12:6 [u8; 6] gw_mac@18:6 [u8; 6] vtep@24:4 [u8; 4] _pad@28:4 u32
+FastPathConfig 24: enabled@0:4 u32 pod_subnet@4:4 [u8; 4] pod_prefix_len@8:4 u32 mark@12:4 u32 gateway@16:4 [u8; 4] _pad@20:4 u32
+FlowKey6 40: src@0:16 [u8; 16] dst@16:16 [u8; 16] sport@32:2 [u8; 2] dport@34:2 [u8; 2] proto@36:1 u8 dir@37:1 u8 _pad@38:2 [u8; 2]
+FastFlow6 40: approved_ns@0:8 u64 ifindex@8:4 u32 pod_mac@12:6 [u8; 6] gw_mac@18:6 [u8; 6] vtep@24:16 [u8; 16]
+FastPathConfig6 40: enabled@0:4 u32 pod_prefix_len@4:4 u32 pod_subnet@8:16 [u8; 16] gateway@24:16 [u8; 16]
+DIR_TO_POD=1 DIR_FROM_POD=2
+",
+        ),
     ];
 
     /// The `Reason` indices of the newest version (COUNTERS is indexed by
     /// them). Appending keeps a version's indices; renumbering needs a bump,
     /// and the list is then replaced by the new version's.
     const REASONS: &[(u32, &[&str])] = &[(
-        3,
+        4,
         &[
             "encapsulated",
             "decapsulated",

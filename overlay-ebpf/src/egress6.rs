@@ -21,12 +21,14 @@ use overlay_common::{
     egress::{EgressPacket, EgressVerdict},
     egress6::{EGRESS6_WINDOW_LEN, Egress6Window, classify_egress6, inner_header},
     encap6::{Encap6Header, EncapPlan6, outer_flow_label, write_encap6_header},
+    fastpath6::IPV6_HOP_LIMIT_OFFSET,
     flow::vxlan_src_port,
 };
 
 use crate::{
     count::count,
     egress::{adj_room_encap_l2, send_out},
+    fast, fast6,
     maps::{ENCAP6_SCRATCH, NODE_CONFIG, NODE_CONFIG6, REMOTE_SUBNETS6},
     skb::{self, TCX_NEXT},
 };
@@ -63,6 +65,13 @@ pub fn vxlan_egress6(ctx: TcContext) -> i32 {
     });
     match verdict {
         EgressVerdict::Pass(reason) => {
+            if reason == Reason::PassGso6 {
+                // Toward a remote pod all the same: the kernel's device
+                // carries it, and the approval serves the flow's packets
+                // that are not aggregates.
+                fast6::approve_from_pod6(&ctx, len);
+            }
+            fast::clear_mark(&ctx);
             count(reason, len);
             TCX_NEXT
         }
@@ -70,7 +79,10 @@ pub fn vxlan_egress6(ctx: TcContext) -> i32 {
             count(reason, len);
             TC_ACT_SHOT
         }
-        EgressVerdict::Encap(plan) => encapsulate6(&ctx, &window, &plan, len),
+        EgressVerdict::Encap(plan) => {
+            fast6::approve_from_pod6(&ctx, len);
+            encapsulate6(&ctx, &window, &plan, len, Reason::Encapsulated6)
+        }
     }
 }
 
@@ -82,10 +94,33 @@ fn flow_hash(ctx: &TcContext) -> u32 {
 }
 
 /// Builds the outer headers (in ENCAP6_SCRATCH), makes room, writes them
-/// and sends the frame out. A function of its own (a BPF-to-BPF call), so
-/// that the classifier's window is not on the stack beside it.
+/// and sends the frame out, counting `success`. For the fast path
+/// (`Reason::FastEgress`: the packet skipped the host's forwarding) the
+/// window's hop limit, which the caller lowered, is written into the inner
+/// header too; the outer checksum is summed over the window's. A function
+/// of its own (a BPF-to-BPF call, at most five arguments), so that the
+/// classifier's window is not on the stack beside it.
 #[inline(never)]
-fn encapsulate6(ctx: &TcContext, window: &Egress6Window, plan: &EncapPlan6, len: u32) -> i32 {
+pub fn encapsulate6(
+    ctx: &TcContext,
+    window: &Egress6Window,
+    plan: &EncapPlan6,
+    len: u32,
+    success: Reason,
+) -> i32 {
+    encapsulate6_inline(ctx, window, plan, len, success)
+}
+
+/// [`encapsulate6`] inlined, for a program whose own frame leaves room for it.
+#[inline(always)]
+pub fn encapsulate6_inline(
+    ctx: &TcContext,
+    window: &Egress6Window,
+    plan: &EncapPlan6,
+    len: u32,
+    success: Reason,
+) -> i32 {
+    let forwarded = success == Reason::FastEgress;
     let (Some(cfg), Some(cfg6), Some(header)) = (
         NODE_CONFIG.get(0),
         NODE_CONFIG6.get(0),
@@ -117,5 +152,15 @@ fn encapsulate6(ctx: &TcContext, window: &Egress6Window, plan: &EncapPlan6, len:
         count(Reason::DropAdjustFailed, len);
         return TC_ACT_SHOT;
     }
-    send_out(cfg, len, Reason::Encapsulated6, plan.remote.peer)
+    if forwarded {
+        let hop = ETH_HDR_LEN + IPV6_HOP_LIMIT_OFFSET;
+        if ctx
+            .store(hop + VXLAN6_ENCAP_LEN as usize, &[window[hop]], 0)
+            .is_err()
+        {
+            count(Reason::DropAdjustFailed, len);
+            return TC_ACT_SHOT;
+        }
+    }
+    send_out(cfg, len, success, plan.remote.peer)
 }

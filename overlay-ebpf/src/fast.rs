@@ -10,8 +10,8 @@ use overlay_common::{
     consts::{ETH_HDR_LEN, ETH_P_IP},
     counters::Reason,
     fastpath::{
-        DIR_FROM_POD, DIR_TO_POD, FLOW_WINDOW_LEN, FastFlow, FastPathConfig, Flow, FlowKey,
-        FlowWindow, IPV4_TTL_OFFSET, MIN_FLOW_LEN, approval_valid, decrement_ttl, parse_flow,
+        DIR_FROM_POD, DIR_TO_POD, FLOW_WINDOW_LEN, FastFlow, FastPathConfig, FlowKey, FlowWindow,
+        IPV4_TTL_OFFSET, MIN_FLOW_LEN, approval_valid, decrement_ttl, parse_flow,
     },
     ingress::{DECAP_LEN, INGRESS_WINDOW_LEN, IngressWindow},
 };
@@ -45,15 +45,25 @@ pub fn take_mark(ctx: &TcContext, cfg: &FastPathConfig) -> bool {
 /// the first [`MIN_FLOW_LEN`] bytes and zeros after them.
 #[inline(always)]
 pub fn load_flow_window(ctx: &TcContext, offset: u32) -> Option<FlowWindow> {
+    load_window::<FLOW_WINDOW_LEN, MIN_FLOW_LEN>(ctx, offset)
+}
+
+/// [`load_flow_window`] for either family: `N` bytes from `offset`, or the
+/// first `MIN` and zeros.
+#[inline(always)]
+pub fn load_window<const N: usize, const MIN: usize>(
+    ctx: &TcContext,
+    offset: u32,
+) -> Option<[u8; N]> {
     let len = ctx.len();
-    if len >= offset + FLOW_WINDOW_LEN as u32 {
-        return skb::load_at::<FLOW_WINDOW_LEN>(ctx, offset);
+    if len >= offset + N as u32 {
+        return skb::load_at::<N>(ctx, offset);
     }
-    if len < offset + MIN_FLOW_LEN as u32 {
+    if len < offset + MIN as u32 {
         return None;
     }
-    let mut w = [0u8; FLOW_WINDOW_LEN];
-    skb::load::<MIN_FLOW_LEN, FLOW_WINDOW_LEN>(ctx, offset as usize, &mut w, 0).then_some(w)
+    let mut w = [0u8; N];
+    skb::load::<MIN, N>(ctx, offset as usize, &mut w, 0).then_some(w)
 }
 
 #[inline(always)]
@@ -182,7 +192,13 @@ pub fn deliver_to_pod(ctx: &TcContext, outer: &IngressWindow, len: u32) -> Optio
     if !skb::strip_vxlan(ctx, DECAP_LEN) {
         return None;
     }
-    Some(finish_delivery(ctx, &flow, &pod, sender, len))
+    let target = PodTarget {
+        ifindex: pod.ifindex,
+        pod_mac: pod.pod_mac,
+        gw_mac: pod.gw_mac,
+    };
+    let forwarded = (ETH_HDR_LEN + IPV4_TTL_OFFSET, decrement_ttl(&flow));
+    Some(into_pod(ctx, &target, ETH_P_IP, forwarded, sender, len))
 }
 
 /// The outer IPv4 source (the sending VTEP) in the ingress window.
@@ -191,19 +207,33 @@ pub fn outer_source(w: &IngressWindow) -> [u8; 4] {
     [w[26], w[27], w[28], w[29]]
 }
 
+/// Where an approved flow toward a pod is delivered, and the MACs the pod
+/// saw on the host's path.
+pub struct PodTarget {
+    pub ifindex: u32,
+    pub pod_mac: [u8; 6],
+    pub gw_mac: [u8; 6],
+}
+
 /// After decapsulation: the frame as the pod's gateway would have sent it
-/// (its MACs, TTL one lower), then into the pod's namespace.
+/// (its MACs, `ethertype`, and `forwarded`'s bytes, the TTL or hop limit one
+/// lower, at its offset), then into the pod's namespace. `peer` is the
+/// sender's PEER_STATS key.
 #[inline(always)]
-fn finish_delivery(ctx: &TcContext, flow: &Flow, pod: &FastFlow, sender: [u8; 4], len: u32) -> i32 {
+pub fn into_pod<T>(
+    ctx: &TcContext,
+    pod: &PodTarget,
+    ethertype: u16,
+    forwarded: (usize, T),
+    peer: [u8; 4],
+    len: u32,
+) -> i32 {
     let mut eth = [0u8; ETH_HDR_LEN];
     eth[0..6].copy_from_slice(&pod.pod_mac);
     eth[6..12].copy_from_slice(&pod.gw_mac);
-    eth[12..14].copy_from_slice(&ETH_P_IP.to_be_bytes());
-    if ctx.store(0, &eth, 0).is_err()
-        || ctx
-            .store(ETH_HDR_LEN + IPV4_TTL_OFFSET, &decrement_ttl(flow), 0)
-            .is_err()
-    {
+    eth[12..14].copy_from_slice(&ethertype.to_be_bytes());
+    let (at, bytes) = forwarded;
+    if ctx.store(0, &eth, 0).is_err() || ctx.store(at, &bytes, 0).is_err() {
         count(Reason::DropAdjustFailed, len);
         return TC_ACT_SHOT;
     }
@@ -216,6 +246,6 @@ fn finish_delivery(ctx: &TcContext, flow: &Flow, pod: &FastFlow, sender: [u8; 4]
         return TC_ACT_SHOT;
     }
     count(Reason::FastIngress, len);
-    count_peer_rx(sender, len);
+    count_peer_rx(peer, len);
     TC_ACT_REDIRECT
 }

@@ -2,7 +2,8 @@
 //! `vxlan_ingress_xdp` decapsulated into `flannel.<VNI>`, and classifies and
 //! decapsulates by itself everything XDP left alone (no XDP attached, frames
 //! XDP does not look at, GSO aggregates built after XDP). IPv6 frames go to
-//! `ingress_tc6` (VXLAN over IPv6 for `flannel-v6.<VNI>`).
+//! `vxlan_ingress_tc6` (`ingress_tc6`: VXLAN over IPv6 for
+//! `flannel-v6.<VNI>`), as a tail call.
 
 use aya_ebpf::{
     bindings::{BPF_F_INGRESS, TC_ACT_REDIRECT, TC_ACT_SHOT},
@@ -11,7 +12,9 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use overlay_common::{
-    consts::{ETH_HDR_LEN, ETH_P_IPV6, UDP_HDR_LEN, XDP_META_DECAPSULATED, XDP_META_LEN},
+    consts::{
+        ETH_HDR_LEN, ETH_P_IPV6, JUMP_INGRESS_TC6, UDP_HDR_LEN, XDP_META_DECAPSULATED, XDP_META_LEN,
+    },
     counters::Reason,
     ingress::{
         DECAP_LEN, INGRESS_TAIL_OFFSET, INGRESS_WINDOW_LEN, IngressPacket, IngressVerdict,
@@ -22,8 +25,7 @@ use overlay_common::{
 use crate::{
     count::{count, count_peer_rx},
     fast::{self, outer_source},
-    ingress_tc6,
-    maps::{KNOWN_VTEPS, NODE_CONFIG, serving_vtep},
+    maps::{JUMPS, KNOWN_VTEPS, NODE_CONFIG, serving_vtep},
     skb::{self, TCX_NEXT},
 };
 
@@ -46,7 +48,11 @@ pub fn vxlan_ingress_tc(ctx: TcContext) -> i32 {
         return TCX_NEXT;
     };
     if ctx.skb.protocol() == u32::from(ETH_P_IPV6.to_be()) {
-        return ingress_tc6::ingress6(&ctx, cfg, len);
+        // No return on success: vxlan_ingress_tc6 runs in our place.
+        unsafe { JUMPS.tail_call(&ctx, JUMP_INGRESS_TC6) };
+        // The agent has not filled JUMPS (yet): the kernel's path.
+        count(Reason::PassNotConfigured, len);
+        return TCX_NEXT;
     }
     if decapsulated_by_xdp(&ctx) {
         // XDP has no skb to correct. The one that reaches us (built by the

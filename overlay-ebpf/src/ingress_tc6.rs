@@ -1,12 +1,14 @@
-//! The IPv6 half of `vxlan_ingress_tc`: VXLAN over IPv6 from a dual-stack
-//! peer, decapsulated into `flannel-v6.<VNI>` (XDP leaves IPv6 alone).
+//! `vxlan_ingress_tc6`, the IPv6 half of `vxlan_ingress_tc` (which
+//! tail-calls it for every IPv6 frame): VXLAN over IPv6 from a dual-stack
+//! peer, decapsulated into `flannel-v6.<VNI>` (XDP leaves IPv6 alone), or
+//! straight into a pod on the fast path.
 //!
 //! The outer UDP checksum is not verified here: what it protects is the
 //! inner frame, whose own TCP, UDP or ICMPv6 checksum the stack still
 //! verifies (decapsulation lowers the checksum level, as over IPv4, so a
 //! NIC's verdict on the outer datagram is never taken for the inner one).
 
-use aya_ebpf::{bindings::TC_ACT_SHOT, programs::TcContext};
+use aya_ebpf::{bindings::TC_ACT_SHOT, macros::classifier, programs::TcContext};
 use overlay_common::{
     consts::{ETH_HDR_LEN, IPV6_HDR_LEN, UDP_HDR_LEN, VXLAN6_ENCAP_LEN},
     counters::Reason,
@@ -14,29 +16,31 @@ use overlay_common::{
     ingress6::{
         INGRESS6_WINDOW_LEN, Ingress6Window, UDP6_OFFSET, classify_ingress6, outer_source6,
     },
-    maps::{KnownVtep6, NodeConfig},
+    maps::KnownVtep6,
 };
 
 use crate::{
     count::{count, count_peer_rx},
+    fast6,
     ingress_tc::{DECAP_GSO, deliver},
-    maps::{KNOWN_VTEPS6, NODE_CONFIG6, serving_vtep6},
+    maps::{KNOWN_VTEPS6, NODE_CONFIG, NODE_CONFIG6, serving_vtep6},
     skb::{self, TCX_NEXT},
 };
 
-#[inline(always)]
-pub fn ingress6(ctx: &TcContext, cfg: &NodeConfig, len: u32) -> i32 {
-    let Some(cfg6) = NODE_CONFIG6.get(0) else {
+#[classifier]
+pub fn vxlan_ingress_tc6(ctx: TcContext) -> i32 {
+    let len = ctx.len();
+    let (Some(cfg), Some(cfg6)) = (NODE_CONFIG.get(0), NODE_CONFIG6.get(0)) else {
         count(Reason::PassNotConfigured, len);
         return TCX_NEXT;
     };
-    let Some(window) = load_window6(ctx, len) else {
+    let Some(window) = load_window6(&ctx, len) else {
         count(Reason::DropMalformed, len);
         return TC_ACT_SHOT;
     };
     let pkt = IngressPacket {
         len,
-        gso: skb::is_gso(ctx),
+        gso: skb::is_gso(&ctx),
     };
     let mut sender: Option<KnownVtep6> = None;
     let verdict = classify_ingress6(&window, pkt, cfg, cfg6, DECAP_GSO, |ip| {
@@ -47,7 +51,12 @@ pub fn ingress6(ctx: &TcContext, cfg: &NodeConfig, len: u32) -> i32 {
     });
     match verdict {
         IngressVerdict::Pass(reason) => {
-            if reason == Reason::PassGsoTunnel && impersonates_another_node6(ctx, &window) {
+            if let (Reason::PassGsoTunnel, Some(s)) = (reason, sender)
+                && let Some(verdict) = fast6::deliver_to_pod6(&ctx, s.peer, len)
+            {
+                return verdict;
+            }
+            if reason == Reason::PassGsoTunnel && impersonates_another_node6(&ctx, &window) {
                 count(Reason::DropSourceVtepMismatch, len);
                 return TC_ACT_SHOT;
             }
@@ -62,11 +71,16 @@ pub fn ingress6(ctx: &TcContext, cfg: &NodeConfig, len: u32) -> i32 {
             TC_ACT_SHOT
         }
         IngressVerdict::Decap { inner_eth } => {
-            if impersonates_another_node6(ctx, &window) {
+            if let Some(s) = sender
+                && let Some(verdict) = fast6::deliver_to_pod6(&ctx, s.peer, len)
+            {
+                return verdict;
+            }
+            if impersonates_another_node6(&ctx, &window) {
                 count(Reason::DropSourceVtepMismatch, len);
                 return TC_ACT_SHOT;
             }
-            if !skb::strip_vxlan(ctx, VXLAN6_ENCAP_LEN) {
+            if !skb::strip_vxlan(&ctx, VXLAN6_ENCAP_LEN) {
                 count(Reason::PassAdjustRefused, len);
                 return TCX_NEXT;
             }

@@ -1,7 +1,7 @@
 //! The overlay's TC and XDP programs. Each entry point copies a fixed header
 //! window out of the packet, lets `overlay_common` decide, applies the
 //! decision and counts it; see `overlay_common::{egress, egress6, ingress, ingress6, encap, encap6,
-//! fastpath}`.
+//! fastpath, fastpath6}`.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
@@ -14,6 +14,8 @@ mod egress6;
 #[cfg(target_arch = "bpf")]
 mod fast;
 #[cfg(target_arch = "bpf")]
+mod fast6;
+#[cfg(target_arch = "bpf")]
 mod ingress_tc;
 #[cfg(target_arch = "bpf")]
 mod ingress_tc6;
@@ -25,6 +27,8 @@ mod maps;
 mod skb;
 #[cfg(target_arch = "bpf")]
 mod veth;
+#[cfg(target_arch = "bpf")]
+mod veth6;
 
 #[cfg(target_arch = "bpf")]
 #[panic_handler]

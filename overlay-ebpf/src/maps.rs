@@ -3,14 +3,18 @@
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, lpm_trie::Key},
+    btf_maps::{
+        Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, ProgramArray,
+        lpm_trie::Key,
+    },
     macros::btf_map,
 };
 use overlay_common::{
-    consts::{MAX_FAST_FLOWS, MAX_PEERS, MAX_POD_ADDRS, MAX_POD_VETHS},
+    consts::{JUMP_SLOTS, MAX_FAST_FLOWS, MAX_PEERS, MAX_POD_ADDRS, MAX_POD_VETHS},
     counters::{Counter, Reason},
     encap6::Encap6Header,
     fastpath::{FastFlow, FastPathConfig, FlowKey},
+    fastpath6::{FastFlow6, FastPathConfig6, FlowKey6},
     maps::{KnownVtep, KnownVtep6, NodeConfig, NodeConfig6, PeerTraffic, RemoteVtep, RemoteVtep6},
 };
 
@@ -97,6 +101,39 @@ pub static LAYOUT: Array<u32, 1> = Array::new();
 /// borrow another's approved flow.
 #[btf_map]
 pub static POD_ADDRS: LruHashMap<[u8; 4], u32, { MAX_POD_ADDRS as usize }> = LruHashMap::new();
+
+/// Index 0: the IPv6 side of the fast path (a dual-stack node); all zero
+/// (off) unless the agent turns it on, and used only while FAST_CONFIG is on.
+#[btf_map]
+pub static FAST_CONFIG6: Array<FastPathConfig6, 1> = Array::new();
+
+/// FAST_FLOWS for IPv6 flows.
+#[btf_map]
+pub static FAST_FLOWS6: LruHashMap<FlowKey6, FastFlow6, { MAX_FAST_FLOWS as usize }> =
+    LruHashMap::new();
+
+/// POD_ADDRS for IPv6 pod addresses (learnt from the host's neighbour
+/// discovery and bridge decisions).
+#[btf_map]
+pub static POD_ADDRS6: LruHashMap<[u8; 16], u32, { MAX_POD_ADDRS as usize }> = LruHashMap::new();
+
+/// `veth_from_pod6`'s frame window and flow key, off its stack, and what
+/// it hands `veth_encap6`: the window (hop limit lowered) and the plan.
+#[repr(C)]
+pub struct FromPod6Scratch {
+    pub window: overlay_common::fastpath6::Pod6Window,
+    pub key: FlowKey6,
+    pub plan: overlay_common::encap6::EncapPlan6,
+}
+
+/// Per CPU, one [`FromPod6Scratch`]. Not pinned, never read by the agent.
+#[btf_map]
+pub static FROM_POD6_SCRATCH: PerCpuArray<FromPod6Scratch, 1> = PerCpuArray::new();
+
+/// The IPv6 programs the IPv4 ones tail-call (`JUMP_*` indices), filled by
+/// the agent before it attaches anything.
+#[btf_map]
+pub static JUMPS: ProgramArray<{ JUMP_SLOTS as usize }> = ProgramArray::new();
 
 /// The VTEP (public IPv4) serving a remote pod address, if a vxlan peer's
 /// subnet holds it. Direct peers (DirectRouting) and peers left to the

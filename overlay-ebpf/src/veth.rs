@@ -10,13 +10,13 @@
 //! flow's source. Everything else continues down the hook's chain untouched,
 //! except a packet from a pod with a source the host would refuse (a node
 //! address, or another pod's address on an approved flow): it is dropped
-//! and counted.
+//! and counted. IPv6 frames are `veth6`'s programs', as tail calls.
 
 use aya_ebpf::{
     bindings::TC_ACT_SHOT, btf_maps::lpm_trie::Key, macros::classifier, programs::TcContext,
 };
 use overlay_common::{
-    consts::{ETH_HDR_LEN, ETH_P_IP},
+    consts::{ETH_HDR_LEN, ETH_P_IP, ETH_P_IPV6, JUMP_VETH_FROM_POD6, JUMP_VETH_TO_POD6},
     counters::Reason,
     egress::{EgressPacket, EgressVerdict, EgressWindow, classify_egress},
     fastpath::{
@@ -29,7 +29,7 @@ use crate::{
     count::count,
     egress::encapsulate,
     fast,
-    maps::{NODE_CONFIG, POD_ADDRS, POD_VETHS, REMOTE_SUBNETS, serving_vtep},
+    maps::{JUMPS, NODE_CONFIG, POD_ADDRS, POD_VETHS, REMOTE_SUBNETS, serving_vtep},
     skb::{self, TCX_NEXT},
 };
 
@@ -86,6 +86,12 @@ pub fn veth_from_pod(ctx: TcContext) -> i32 {
     let (Some(cfg), Some(fast_cfg)) = (NODE_CONFIG.get(0), fast::config()) else {
         return TCX_NEXT;
     };
+    if is_ipv6(&ctx) {
+        // No return on success: veth_from_pod6 runs in our place.
+        unsafe { JUMPS.tail_call(&ctx, JUMP_VETH_FROM_POD6) };
+        count(Reason::PassNotIpv4, len);
+        return TCX_NEXT;
+    }
     let Some(w) = ipv4_window(&ctx, len, true) else {
         return TCX_NEXT;
     };
@@ -161,6 +167,10 @@ pub fn veth_to_pod(ctx: TcContext) -> i32 {
     let Some(fast_cfg) = fast::config() else {
         return TCX_NEXT;
     };
+    if is_ipv6(&ctx) {
+        // veth_to_pod6 counts and takes the mark itself.
+        unsafe { JUMPS.tail_call(&ctx, JUMP_VETH_TO_POD6) };
+    }
     count(Reason::SlowToPod, len);
     let marked = fast::take_mark(&ctx, fast_cfg);
     let Some(w) = ipv4_window(&ctx, len, false) else {
@@ -193,6 +203,12 @@ pub fn veth_to_pod(ctx: TcContext) -> i32 {
     pod.gw_mac.copy_from_slice(&w[6..12]);
     fast::approve(&flow.with_dir(DIR_TO_POD), &pod, len);
     TCX_NEXT
+}
+
+/// Whether the frame is IPv6 (for `veth6`).
+#[inline(always)]
+fn is_ipv6(ctx: &TcContext) -> bool {
+    ctx.skb.protocol() == u32::from(ETH_P_IPV6.to_be())
 }
 
 /// Records that the host delivers the packet's destination address to this

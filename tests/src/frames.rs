@@ -158,6 +158,24 @@ pub fn load_classifier(ebpf: &mut Ebpf, name: &str) {
     prog.load().unwrap_or_else(|e| panic!("load {name}: {e:?}"));
 }
 
+/// Loads every tail-called program and enters it in `JUMPS`, as the agent
+/// does before it attaches anything: the IPv4 programs hand IPv6 frames on
+/// through it.
+pub fn load_jumps(ebpf: &mut Ebpf) {
+    use aya::maps::ProgramArray;
+    use overlay_common::consts::{JUMP_PROGRAMS, MAP_JUMPS};
+    for (index, name) in JUMP_PROGRAMS {
+        load_classifier(ebpf, name);
+        let prog: &SchedClassifier = ebpf.program(name).unwrap().try_into().unwrap();
+        let fd = prog.fd().unwrap().try_clone().unwrap();
+        let mut jumps: ProgramArray<_> =
+            ProgramArray::try_from(ebpf.map_mut(MAP_JUMPS).unwrap()).unwrap();
+        jumps
+            .set(index, &fd, 0)
+            .unwrap_or_else(|e| panic!("JUMPS[{index}] = {name}: {e:?}"));
+    }
+}
+
 /// A test file's loaded object, whatever else it wraps with it: what
 /// [`Tally::check`] reads the counters of.
 pub trait Loaded {

@@ -34,6 +34,7 @@ pub mod capture;
 pub mod cmd;
 pub mod cni;
 pub mod docker;
+pub mod dual_stack;
 pub mod etcd;
 pub mod frames;
 pub mod http;

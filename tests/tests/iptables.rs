@@ -302,8 +302,8 @@ fn ensure_reads_back_what_it_wrote_and_restores_the_order() -> Result<()> {
     let hosts = overlay_tests::agent::Hosts::new("ir", 1)?;
     let h1 = hosts.ns(1);
     let rules = || {
-        let net = "10.0.0.0/16".parse().unwrap();
-        let pod = "10.0.13.0/24".parse().unwrap();
+        let net: ipnet::Ipv4Net = "10.0.0.0/16".parse().unwrap();
+        let pod: ipnet::Ipv4Net = "10.0.13.0/24".parse().unwrap();
         let mut r = ipmasq::masq_rules(net, pod, true);
         r.extend(ipmasq::forward_rules(net));
         r.extend(ipmasq::fast_path_rules(

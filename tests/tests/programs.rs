@@ -66,6 +66,7 @@ impl Programs {
         for name in [PROG_EGRESS, PROG_INGRESS_TC] {
             load_classifier(&mut ebpf, name);
         }
+        load_jumps(&mut ebpf);
         let xdp = load_xdp(&mut ebpf);
         Self { ebpf, xdp }
     }

@@ -131,6 +131,7 @@ impl Programs {
         ] {
             load_classifier(&mut ebpf, name);
         }
+        load_jumps(&mut ebpf);
         Self { ebpf }
     }
 

@@ -11,6 +11,13 @@
 //! one), VXLAN I flag and VNI, inner Ethernet between the v6 VTEP MACs.
 //! The checksum is verified by summing every byte out, independently of
 //! how the program derives it from the headers.
+//!
+//! The IPv6 fast path (`veth_from_pod6`, `veth_encap6`, `veth_to_pod6` and
+//! the fast half of `vxlan_ingress_tc6`, reached from the IPv4 programs by
+//! tail calls as on a node): an approved flow leaves a pod encapsulated as
+//! `vxlan_egress6` would send it, hop limit one lower; a marked delivery to
+//! a pod approves its flow naming the serving VTEP; approved VXLAN is
+//! delivered straight into the pod, as the bridge would have.
 
 use aya::{
     Ebpf,
@@ -19,9 +26,13 @@ use aya::{
 };
 use overlay_common::{
     consts::{
-        MAP_KNOWN_VTEPS6, MAP_NODE_CONFIG6, MAP_REMOTE_SUBNETS6, PROG_EGRESS6, PROG_INGRESS_TC,
+        MAP_FAST_CONFIG, MAP_FAST_CONFIG6, MAP_FAST_FLOWS6, MAP_KNOWN_VTEPS6, MAP_NODE_CONFIG6,
+        MAP_POD_ADDRS6, MAP_POD_VETHS, MAP_REMOTE_SUBNETS6, PROG_EGRESS6, PROG_INGRESS_TC,
+        PROG_VETH_FROM_POD, PROG_VETH_TO_POD,
     },
     counters::Reason,
+    fastpath::{DEFAULT_FAST_PATH_MARK, DIR_FROM_POD, DIR_TO_POD, FastPathConfig},
+    fastpath6::{FastFlow6, FastPathConfig6, FlowKey6},
     maps::{KnownVtep6, NodeConfig6, RemoteVtep6},
 };
 use overlay_tests::frames::*;
@@ -91,10 +102,85 @@ impl Programs {
             };
             known.insert(public, k, 0).unwrap();
         }
-        for name in [PROG_EGRESS6, PROG_INGRESS_TC] {
+        for name in [
+            PROG_EGRESS6,
+            PROG_INGRESS_TC,
+            PROG_VETH_FROM_POD,
+            PROG_VETH_TO_POD,
+        ] {
             load_classifier(&mut ebpf, name);
         }
+        load_jumps(&mut ebpf);
         Self { ebpf }
+    }
+
+    /// [`Self::load`] with the fast path on for both families (our IPv6
+    /// pods: fd10:0:0:5::/64, the bridge at ::1) and one pod veth.
+    fn load_fast() -> Self {
+        let mut p = Self::load();
+        let mut fast: Array<_, FastPathConfig> =
+            Array::try_from(p.ebpf.map_mut(MAP_FAST_CONFIG).unwrap()).unwrap();
+        let cfg = FastPathConfig {
+            enabled: 1,
+            pod_subnet: [10, 244, 1, 0],
+            pod_prefix_len: 24,
+            mark: DEFAULT_FAST_PATH_MARK,
+            gateway: [10, 244, 1, 1],
+            _pad: 0,
+        };
+        fast.set(0, cfg, 0).unwrap();
+        let mut fast6: Array<_, FastPathConfig6> =
+            Array::try_from(p.ebpf.map_mut(MAP_FAST_CONFIG6).unwrap()).unwrap();
+        let mut subnet = [0u8; 16];
+        subnet[..8].copy_from_slice(&LOCAL_POD6[..8]);
+        let mut gateway = subnet;
+        gateway[15] = 1;
+        let cfg6 = FastPathConfig6 {
+            enabled: 1,
+            pod_prefix_len: 64,
+            pod_subnet: subnet,
+            gateway,
+        };
+        fast6.set(0, cfg6, 0).unwrap();
+        let mut veths: HashMap<_, u32, u32> =
+            HashMap::try_from(p.ebpf.map_mut(MAP_POD_VETHS).unwrap()).unwrap();
+        veths.insert(POD_VETH, 1450, 0).unwrap();
+        p
+    }
+
+    /// One test-run with `skb->mark` and `skb->ifindex` set: the verdict,
+    /// the frame out and the mark written back.
+    fn run(&self, name: &str, frame: &[u8], mark: u32, ifindex: u32) -> (u32, Vec<u8>, u32) {
+        let prog: &SchedClassifier = self.ebpf.program(name).unwrap().try_into().unwrap();
+        let ctx = skb_ctx(mark, ifindex, None);
+        let mut ctx_out = [0u8; SKB_CTX_LEN];
+        let (verdict, out) = run_frame(prog, name, frame, Some(&ctx), Some(&mut ctx_out));
+        let mark = u32::from_ne_bytes(ctx_out[SKB_MARK..SKB_MARK + 4].try_into().unwrap());
+        (verdict, out, mark)
+    }
+
+    fn approve(&mut self, key: FlowKey6, value: FastFlow6) {
+        let mut flows: HashMap<_, FlowKey6, FastFlow6> =
+            HashMap::try_from(self.ebpf.map_mut(MAP_FAST_FLOWS6).unwrap()).unwrap();
+        flows.insert(key, value, 0).unwrap();
+    }
+
+    fn flow(&self, key: &FlowKey6) -> Option<FastFlow6> {
+        let flows: HashMap<_, FlowKey6, FastFlow6> =
+            HashMap::try_from(self.ebpf.map(MAP_FAST_FLOWS6).unwrap()).unwrap();
+        flows.get(key, 0).ok()
+    }
+
+    fn bind(&mut self, pod: [u8; 16], ifindex: u32) {
+        let mut addrs: HashMap<_, [u8; 16], u32> =
+            HashMap::try_from(self.ebpf.map_mut(MAP_POD_ADDRS6).unwrap()).unwrap();
+        addrs.insert(pod, ifindex, 0).unwrap();
+    }
+
+    fn bound(&self, pod: [u8; 16]) -> Option<u32> {
+        let addrs: HashMap<_, [u8; 16], u32> =
+            HashMap::try_from(self.ebpf.map(MAP_POD_ADDRS6).unwrap()).unwrap();
+        addrs.get(&pod, 0).ok()
     }
 
     fn tc(&self, name: &str, frame: &[u8], gso: Option<(u32, u32)>) -> (u32, Vec<u8>) {
@@ -110,6 +196,54 @@ impl Programs {
     fn ingress(&self, frame: &[u8]) -> (u32, Vec<u8>) {
         self.tc(PROG_INGRESS_TC, frame, None)
     }
+}
+
+/// The pod's MAC and its gateway's (the bridge's), as the fast path writes
+/// them toward the pod.
+const POD_MAC: [u8; 6] = [0x0a, 0x58, 0x0a, 0xf4, 0x01, 0x05];
+const GW_MAC: [u8; 6] = [0x0a, 0x58, 0x0a, 0xf4, 0x01, 0x01];
+/// The pod's host-side veth.
+const POD_VETH: u32 = 4242;
+/// `skb->ifindex` of a test-run on the loopback device (context ifindex 0).
+const LO: u32 = 1;
+
+/// The `FAST_FLOWS6` key of one of [`pod_packets`]' packets.
+fn key6(packet: &[u8], dir: u8) -> FlowKey6 {
+    let mut key = FlowKey6 {
+        proto: packet[6],
+        dir,
+        ..FlowKey6::default()
+    };
+    key.src.copy_from_slice(&packet[8..24]);
+    key.dst.copy_from_slice(&packet[24..40]);
+    let l4 = &packet[40..];
+    if packet[6] == IPPROTO_ICMPV6 {
+        key.sport = [l4[4], l4[5]];
+        key.dport = [l4[0], 0];
+    } else {
+        key.sport = [l4[0], l4[1]];
+        key.dport = [l4[2], l4[3]];
+    }
+    key
+}
+
+/// The packet one hop later: its hop limit one lower.
+fn forwarded6(packet: &[u8]) -> Vec<u8> {
+    let mut p = packet.to_vec();
+    p[7] -= 1;
+    p
+}
+
+/// A stamp of the monotonic clock the programs read.
+fn now_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec it is given.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime");
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// Inner packets a pod sends: TCP with data, UDP, an ICMPv6 echo request,
@@ -417,4 +551,158 @@ fn ingress6_never_delivers_truncated_or_garbage_frames() {
         assert_eq!(out, frame, "garbage #{i} modified");
     }
     assert_eq!(p.counters().get("decapsulated_ipv6"), None);
+}
+
+#[test]
+#[ignore = "needs root and eBPF: run `cargo xtask test`"]
+fn fast6_veth_from_pod_encapsulates_approved_flows_with_the_hop_limit_lowered() {
+    let mut p = Programs::load_fast();
+    let mut tally = Tally::default();
+    p.bind(LOCAL_POD6, LO);
+    for (name, packet) in pod_packets(LOCAL_POD6, REMOTE_POD6) {
+        let value = FastFlow6 {
+            approved_ns: now_ns(),
+            ..FastFlow6::default()
+        };
+        p.approve(key6(&packet, DIR_FROM_POD), value);
+        let frame = eth(GW_MAC, POD_MAC, ETH_P_IPV6, &packet);
+        let (verdict, out, _) = p.run(PROG_VETH_FROM_POD, &frame, 0, 0);
+        assert_eq!(verdict, TC_ACT_REDIRECT, "{name}");
+        tally.add(Reason::FastEgress, &frame);
+        // What vxlan_egress6 sends for the routed packet: the same outer
+        // headers, the inner packet one hop later, a checksum over it all.
+        assert_eq!(out.len(), frame.len() + 70, "{name}");
+        assert_eq!((out[20], out[21]), (IPPROTO_UDP, 64), "{name}");
+        assert_eq!(out[22..38], LOCAL_IP6, "{name}");
+        assert_eq!(out[38..54], PEER_IP6, "{name}");
+        assert_eq!(out[56..58], PORT.to_be_bytes(), "{name}");
+        assert!(outer_checksum_ok(&out), "{name}: the outer UDP checksum");
+        assert_eq!(out[62..70], [0x08, 0, 0, 0, 0, 0, 1, 0], "{name}: VXLAN");
+        assert_eq!(
+            out[70..84],
+            eth(PEER_VTEP_MAC6, LOCAL_VTEP_MAC6, ETH_P_IPV6, &[])[..],
+            "{name}: inner Ethernet"
+        );
+        assert_eq!(out[84..], forwarded6(&packet)[..], "{name}: inner packet");
+        assert_eq!(out[84 + 7], 63, "{name}: hop limit");
+    }
+    tally.check(&p);
+}
+
+#[test]
+#[ignore = "needs root and eBPF: run `cargo xtask test`"]
+fn fast6_veth_from_pod_leaves_the_host_what_it_may_not_take() {
+    let mut p = Programs::load_fast();
+    let mut tally = Tally::default();
+    let packets = pod_packets(LOCAL_POD6, REMOTE_POD6);
+    let (_, packet) = &packets[0];
+    let frame = eth(GW_MAC, POD_MAC, ETH_P_IPV6, packet);
+    // No approval: the host's path (and its firewall) decides.
+    let (verdict, out, _) = p.run(PROG_VETH_FROM_POD, &frame, 0, 0);
+    assert_eq!((verdict, &out), (TCX_NEXT, &frame), "unapproved");
+    tally.add(Reason::PassFastUnapproved, &frame);
+    // Approved, but its source is bound to no veth: still the host's.
+    let value = FastFlow6 {
+        approved_ns: now_ns(),
+        ..FastFlow6::default()
+    };
+    p.approve(key6(packet, DIR_FROM_POD), value);
+    let (verdict, out, _) = p.run(PROG_VETH_FROM_POD, &frame, 0, 0);
+    assert_eq!((verdict, &out), (TCX_NEXT, &frame), "unbound");
+    tally.add(Reason::PassFastUnbound, &frame);
+    // Bound to another live pod's veth: the bridge would not take it.
+    p.bind(LOCAL_POD6, POD_VETH);
+    let (verdict, _, _) = p.run(PROG_VETH_FROM_POD, &frame, 0, 0);
+    assert_eq!(verdict, TC_ACT_SHOT, "another pod's address");
+    tally.add(Reason::DropFastSpoofedSource, &frame);
+    // The bridge's own address is never a pod's.
+    let mut gateway = LOCAL_POD6;
+    gateway[15] = 1;
+    let (_, node) = &pod_packets(gateway, REMOTE_POD6)[0];
+    let from_node = eth(GW_MAC, POD_MAC, ETH_P_IPV6, node);
+    let (verdict, _, _) = p.run(PROG_VETH_FROM_POD, &from_node, 0, 0);
+    assert_eq!(verdict, TC_ACT_SHOT, "the bridge's address");
+    tally.add(Reason::DropFastSpoofedSource, &from_node);
+    // Neighbour discovery is never a flow.
+    let solicit = vec![135, 0, 0, 0, 0, 0, 0, 0];
+    let ns = ipv6(IPPROTO_ICMPV6, 0, LOCAL_POD6, REMOTE_POD6, &solicit, 2);
+    let nd = eth(GW_MAC, POD_MAC, ETH_P_IPV6, &ns);
+    let (verdict, out, _) = p.run(PROG_VETH_FROM_POD, &nd, 0, 0);
+    assert_eq!((verdict, &out), (TCX_NEXT, &nd), "neighbour solicitation");
+    tally.add(Reason::PassFastUnusual, &nd);
+    tally.check(&p);
+}
+
+#[test]
+#[ignore = "needs root and eBPF: run `cargo xtask test`"]
+fn fast6_veth_to_pod_approves_marked_deliveries_naming_the_vtep() {
+    let p = Programs::load_fast();
+    let mut tally = Tally::default();
+    for (name, packet) in pod_packets(REMOTE_POD6, LOCAL_POD6) {
+        let frame = eth(POD_MAC, GW_MAC, ETH_P_IPV6, &packet);
+        let key = key6(&packet, DIR_TO_POD);
+        // Unmarked: bound, not approved.
+        let (verdict, out, _) = p.run(PROG_VETH_TO_POD, &frame, 0, 0);
+        assert_eq!((verdict, &out), (TCX_NEXT, &frame), "{name}");
+        tally.add(Reason::SlowToPod, &frame);
+        assert_eq!(p.bound(LOCAL_POD6), Some(LO), "{name}: bound");
+        assert_eq!(p.flow(&key), None, "{name}: unmarked");
+        // Marked by the host's rule: approved, and the bit cleared.
+        let mark = DEFAULT_FAST_PATH_MARK | 0x4;
+        let (verdict, out, left) = p.run(PROG_VETH_TO_POD, &frame, mark, 0);
+        assert_eq!((verdict, &out), (TCX_NEXT, &frame), "{name}");
+        assert_eq!(left, 0x4, "{name}: the approval bit cleared, the rest kept");
+        tally.add(Reason::SlowToPod, &frame);
+        tally.add(Reason::FastApproval, &frame);
+        let flow = p
+            .flow(&key)
+            .unwrap_or_else(|| panic!("{name}: no approval"));
+        assert_eq!(
+            (flow.ifindex, flow.pod_mac, flow.gw_mac, flow.vtep),
+            (LO, POD_MAC, GW_MAC, PEER_IP6),
+            "{name}"
+        );
+    }
+    // A marked neighbour advertisement approves nothing.
+    let advert = vec![136, 0, 0, 0, 0, 0, 0, 0];
+    let na = ipv6(IPPROTO_ICMPV6, 0, REMOTE_POD6, LOCAL_POD6, &advert, 2);
+    let frame = eth(POD_MAC, GW_MAC, ETH_P_IPV6, &na);
+    p.run(PROG_VETH_TO_POD, &frame, DEFAULT_FAST_PATH_MARK, 0);
+    tally.add(Reason::SlowToPod, &frame);
+    tally.check(&p);
+}
+
+#[test]
+#[ignore = "needs root and eBPF: run `cargo xtask test`"]
+fn fast6_ingress_delivers_approved_flows_straight_to_the_pod() {
+    let mut p = Programs::load_fast();
+    let mut tally = Tally::default();
+    for (name, packet) in pod_packets(REMOTE_POD6, LOCAL_POD6) {
+        let value = FastFlow6 {
+            approved_ns: now_ns(),
+            ifindex: POD_VETH,
+            pod_mac: POD_MAC,
+            gw_mac: GW_MAC,
+            vtep: PEER_IP6,
+        };
+        p.approve(key6(&packet, DIR_TO_POD), value);
+        let inner = eth(LOCAL_VTEP_MAC6, PEER_VTEP_MAC6, ETH_P_IPV6, &packet);
+        // From the VTEP the approval names: into the pod, as the bridge
+        // would have delivered it one hop later.
+        let frame = from_underlay6(PEER_IP6, VNI, &inner);
+        let (verdict, out, _) = p.run(PROG_INGRESS_TC, &frame, 0, 0);
+        assert_eq!(verdict, TC_ACT_REDIRECT, "{name}");
+        assert_eq!(
+            out,
+            eth(POD_MAC, GW_MAC, ETH_P_IPV6, &forwarded6(&packet)),
+            "{name}"
+        );
+        tally.add(Reason::FastIngress, &frame);
+        // From another known VTEP that does not serve the source: dropped.
+        let frame = from_underlay6(OTHER_IP6, VNI, &inner);
+        let (verdict, _, _) = p.run(PROG_INGRESS_TC, &frame, 0, 0);
+        assert_eq!(verdict, TC_ACT_SHOT, "{name}: another VTEP");
+        tally.add(Reason::DropSourceVtepMismatch, &frame);
+    }
+    tally.check(&p);
 }

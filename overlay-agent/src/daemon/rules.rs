@@ -63,13 +63,18 @@ fn iptables_rules<N: Net>(cli: &Cli, network: N, subnet: N, random_fully: bool) 
     rules
 }
 
-/// The fast path's mangle rule (its datapath installed it), so the resync
-/// repairs it like flanneld's own.
+/// The fast path's mangle rules (its datapath installed them), so the
+/// resync repairs them like flanneld's own: iptables', and ip6tables' on a
+/// dual-stack node.
 pub fn fast_path_rules(dp: &AnyDatapath) -> Vec<Rule> {
-    dp.as_ebpf()
-        .and_then(EbpfDatapath::fast_path_settings)
-        .map(|s| ipmasq::fast_path_rules(s.subnet, s.mark))
-        .unwrap_or_default()
+    let Some(s) = dp.as_ebpf().and_then(EbpfDatapath::fast_path_settings) else {
+        return Vec::new();
+    };
+    let mut rules = ipmasq::fast_path_rules(s.subnet, s.mark);
+    if let Some(subnet6) = s.subnet6 {
+        rules.extend(ipmasq::fast_path_rules(subnet6, s.mark));
+    }
+    rules
 }
 
 /// Whether `--random-fully` (`fully-random`) can be used, per family.

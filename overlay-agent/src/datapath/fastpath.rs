@@ -20,11 +20,16 @@
 //! subnet. Each gets `veth_from_pod` (TCX ingress) and `veth_to_pod` (TCX
 //! egress), pinned as `links/veth_from_pod-<ifindex>` and
 //! `links/veth_to_pod-<ifindex>` so they survive the agent like the others.
+//!
+//! On a dual-stack node IPv6 pod traffic takes the fast path too
+//! (`overlay_common::fastpath6`): the same mangle chain in ip6tables for the
+//! IPv6 pod subnet, and `FAST_CONFIG6` holding that subnet and the bridge's
+//! IPv6 address.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     str::FromStr,
 };
 
@@ -33,13 +38,15 @@ use aya::{
     maps::{Array, HashMap, MapData},
     programs::TcAttachType,
 };
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use log::{info, warn};
 use overlay_common::{
     consts::{
-        MAP_FAST_CONFIG, MAP_FAST_FLOWS, MAP_POD_VETHS, PROG_VETH_FROM_POD, PROG_VETH_TO_POD,
+        MAP_FAST_CONFIG, MAP_FAST_CONFIG6, MAP_FAST_FLOWS, MAP_FAST_FLOWS6, MAP_POD_VETHS,
+        PROG_VETH_FROM_POD, PROG_VETH_TO_POD,
     },
     fastpath::{DEFAULT_FAST_PATH_MARK, DIR_TO_POD, FastFlow, FastPathConfig, FlowKey},
+    fastpath6::{FastFlow6, FastPathConfig6, FlowKey6},
 };
 
 use super::{
@@ -145,10 +152,16 @@ impl BeLiberal {
 }
 
 /// Installs the host's part (mangle rule, liberal TCP window tracking) for
-/// `subnet`; with `pins`, first records the sysctl's value unless a record
-/// exists (see [`BeLiberal`]). The error says what failed, for the `auto`
-/// log line.
-pub fn prepare_host(subnet: Ipv4Net, mark: u32, pins: Option<&PinLayout>) -> Result<(), String> {
+/// `subnet` and, on a dual-stack node, `subnet6` (the ip6tables chain);
+/// with `pins`, first records the sysctl's value unless a record exists
+/// (see [`BeLiberal`]; one sysctl serves both families). The error says
+/// what failed, for the `auto` log line.
+pub fn prepare_host(
+    subnet: Ipv4Net,
+    subnet6: Option<Ipv6Net>,
+    mark: u32,
+    pins: Option<&PinLayout>,
+) -> Result<(), String> {
     let current =
         std::fs::read_to_string(BE_LIBERAL).map_err(|e| format!("reading {BE_LIBERAL}: {e}"))?;
     let current = current.trim();
@@ -173,6 +186,10 @@ pub fn prepare_host(subnet: Ipv4Net, mark: u32, pins: Option<&PinLayout>) -> Res
     }
     ipmasq::ensure(&ipmasq::fast_path_rules(subnet, mark))
         .map_err(|e| format!("installing the mangle rule: {e}"))?;
+    if let Some(subnet6) = subnet6 {
+        ipmasq::ensure(&ipmasq::fast_path_rules(subnet6, mark))
+            .map_err(|e| format!("installing the ip6tables mangle rule: {e}"))?;
+    }
     for rule in ipmasq::mark_users::find(mark) {
         warn!(
             "fast path: another rule can set the approval bit {mark:#x} ({rule}); our chain clears the bit before it decides, but a rule after it in mangle POSTROUTING would approve flows the firewall never saw established: pick a free bit with --fast-path-mark"
@@ -181,7 +198,8 @@ pub fn prepare_host(subnet: Ipv4Net, mark: u32, pins: Option<&PinLayout>) -> Res
     Ok(())
 }
 
-/// Removes the mangle rule and its chain, and with `pins` puts back the
+/// Removes the mangle rule and its chain (in ip6tables too, whether or not
+/// the node is dual-stack now), and with `pins` puts back the
 /// value `nf_conntrack_tcp_be_liberal` had before the fast path set it
 /// (nothing when no record exists: then the fast path did not change it,
 /// or another run's record is elsewhere).
@@ -189,6 +207,10 @@ pub fn release_host(subnet: Ipv4Net, pins: Option<&PinLayout>) {
     // Removal takes the jump and the whole chain, whatever bit it marks.
     if let Err(e) = ipmasq::remove(&ipmasq::fast_path_rules(subnet, DEFAULT_FAST_PATH_MARK)) {
         warn!("fast path: removing the mangle rule: {e}");
+    }
+    let any6 = <Ipv6Net as ipmasq::Net>::ANY;
+    if let Err(e) = ipmasq::remove(&ipmasq::fast_path_rules(any6, DEFAULT_FAST_PATH_MARK)) {
+        warn!("fast path: removing the ip6tables mangle rule: {e}");
     }
     if let Some(pins) = pins {
         restore_be_liberal(pins);
@@ -219,10 +241,19 @@ pub struct FastSettings {
     pub mark: u32,
     /// The pod bridge's address in the subnet, once a bridge holds one.
     pub gateway: Option<Ipv4Addr>,
+    /// A dual-stack node's IPv6 pod subnet: IPv6 flows take the fast path.
+    pub subnet6: Option<Ipv6Net>,
+    /// The pod bridge's IPv6 address in `subnet6`, once it holds one.
+    pub gateway6: Option<Ipv6Addr>,
 }
 
 /// Turns the programs' side on (with `settings`) or off.
 pub fn configure(ebpf: &mut Ebpf, settings: Option<FastSettings>) -> Result<(), EbpfError> {
+    // The programs read FAST_CONFIG6 only while FAST_CONFIG is on: it goes
+    // on last and off first.
+    if settings.is_some() {
+        configure6(ebpf, settings)?;
+    }
     let map = ebpf
         .map_mut(MAP_FAST_CONFIG)
         .ok_or(EbpfError::MissingMap(MAP_FAST_CONFIG))?;
@@ -241,7 +272,32 @@ pub fn configure(ebpf: &mut Ebpf, settings: Option<FastSettings>) -> Result<(), 
     };
     config
         .set(0, value, 0)
-        .map_err(|e| EbpfError::map(MAP_FAST_CONFIG, "set entry 0", e))
+        .map_err(|e| EbpfError::map(MAP_FAST_CONFIG, "set entry 0", e))?;
+    if settings.is_none() {
+        configure6(ebpf, None)?;
+    }
+    Ok(())
+}
+
+/// FAST_CONFIG6: on with the IPv6 pod subnet of a dual-stack node.
+fn configure6(ebpf: &mut Ebpf, settings: Option<FastSettings>) -> Result<(), EbpfError> {
+    let map = ebpf
+        .map_mut(MAP_FAST_CONFIG6)
+        .ok_or(EbpfError::MissingMap(MAP_FAST_CONFIG6))?;
+    let mut config: Array<&mut MapData, FastPathConfig6> =
+        Array::try_from(map).map_err(|e| EbpfError::map(MAP_FAST_CONFIG6, "open", e))?;
+    let value = match settings.and_then(|s| Some((s.subnet6?, s.gateway6))) {
+        Some((subnet6, gateway6)) => FastPathConfig6 {
+            enabled: 1,
+            pod_prefix_len: u32::from(subnet6.prefix_len()),
+            pod_subnet: subnet6.network().octets(),
+            gateway: gateway6.map_or([0; 16], |g| g.octets()),
+        },
+        None => FastPathConfig6::default(),
+    };
+    config
+        .set(0, value, 0)
+        .map_err(|e| EbpfError::map(MAP_FAST_CONFIG6, "set entry 0", e))
 }
 
 /// What failed for one pod veth in a [`PodAttachments::sync`].
@@ -682,6 +738,20 @@ fn forget_veth(ebpf: &mut Ebpf, ifindex: u32, pins: Option<&PinLayout>) -> Resul
         .collect();
     for key in &through {
         let _ = flows.remove(key);
+    }
+    let map = ebpf
+        .map_mut(MAP_FAST_FLOWS6)
+        .ok_or(EbpfError::MissingMap(MAP_FAST_FLOWS6))?;
+    let mut flows6: HashMap<&mut MapData, FlowKey6, FastFlow6> =
+        HashMap::try_from(map).map_err(|e| EbpfError::map(MAP_FAST_FLOWS6, "open", e))?;
+    let through6: Vec<FlowKey6> = flows6
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|(k, v)| k.dir == DIR_TO_POD && v.ifindex == ifindex)
+        .map(|(k, _)| k)
+        .collect();
+    for key in &through6 {
+        let _ = flows6.remove(key);
     }
     Ok(())
 }

@@ -12,6 +12,9 @@
 //! <dir>/FAST_CONFIG      array[1]: fast path on/off, this node's pod subnet
 //! <dir>/FAST_FLOWS       LRU hash: flow + direction -> approval (time, pod veth, MACs)
 //! <dir>/POD_VETHS        hash: ifindex of every pod veth the fast path is attached to
+//! <dir>/POD_ADDRS        LRU hash: pod address -> the veth the host delivers it to
+//! <dir>/FAST_CONFIG6, FAST_FLOWS6, POD_ADDRS6  the same for IPv6 (dual stack)
+//! <dir>/JUMPS            prog array: the IPv6 programs the IPv4 ones tail-call
 //! <dir>/LAYOUT           array[1]: the layout version of the maps above
 //! <dir>/links/vxlan_egress       TCX egress link on flannel.<VNI>
 //! <dir>/links/vxlan_ingress_tc   TCX ingress link on the underlay
@@ -45,16 +48,17 @@ use std::{
 use aya::maps::{Array, Map, MapData, MapError, MapInfo, MapType};
 use log::warn;
 use overlay_common::consts::{
-    MAP_COUNTERS, MAP_FAST_CONFIG, MAP_FAST_FLOWS, MAP_KNOWN_VTEPS, MAP_KNOWN_VTEPS6, MAP_LAYOUT,
-    MAP_NODE_CONFIG, MAP_NODE_CONFIG6, MAP_PEER_STATS, MAP_POD_ADDRS, MAP_POD_VETHS,
-    MAP_REMOTE_SUBNETS, MAP_REMOTE_SUBNETS6,
+    MAP_COUNTERS, MAP_FAST_CONFIG, MAP_FAST_CONFIG6, MAP_FAST_FLOWS, MAP_FAST_FLOWS6, MAP_JUMPS,
+    MAP_KNOWN_VTEPS, MAP_KNOWN_VTEPS6, MAP_LAYOUT, MAP_NODE_CONFIG, MAP_NODE_CONFIG6,
+    MAP_PEER_STATS, MAP_POD_ADDRS, MAP_POD_ADDRS6, MAP_POD_VETHS, MAP_REMOTE_SUBNETS,
+    MAP_REMOTE_SUBNETS6,
 };
 
 /// Where the operator's pins live when `--bpf-pin-dir` is not given.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/overlay";
 
 /// Every map of the object, pinned under these names.
-pub const MAPS: [&str; 13] = [
+pub const MAPS: [&str; 17] = [
     MAP_REMOTE_SUBNETS,
     MAP_KNOWN_VTEPS,
     MAP_NODE_CONFIG,
@@ -67,6 +71,10 @@ pub const MAPS: [&str; 13] = [
     MAP_FAST_FLOWS,
     MAP_POD_VETHS,
     MAP_POD_ADDRS,
+    MAP_FAST_CONFIG6,
+    MAP_FAST_FLOWS6,
+    MAP_POD_ADDRS6,
+    MAP_JUMPS,
     MAP_LAYOUT,
 ];
 
@@ -564,6 +572,10 @@ mod tests {
                 "FAST_FLOWS",
                 "POD_VETHS",
                 "POD_ADDRS",
+                "FAST_CONFIG6",
+                "FAST_FLOWS6",
+                "POD_ADDRS6",
+                "JUMPS",
                 "LAYOUT"
             ]
         );

@@ -2,9 +2,9 @@
 //! subnet (`cni0` under flannel's CNI plugin, `docker0` with
 //! `--bip=$FLANNEL_SUBNET`) and the host-side veths enslaved to it.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use rtnetlink::packet_route::{
     address::AddressAttribute,
     link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage, State},
@@ -32,6 +32,9 @@ pub struct PodNetwork {
     /// The bridge's (lowest) address inside the subnet: the pods' gateway,
     /// the node's own address there.
     pub gateway: Option<Ipv4Addr>,
+    /// The bridge's (lowest) address inside the IPv6 pod subnet of a
+    /// dual-stack node.
+    pub gateway6: Option<Ipv6Addr>,
     /// Sorted by ifindex.
     pub veths: Vec<PodVeth>,
 }
@@ -97,28 +100,38 @@ fn name(msg: &LinkMessage) -> String {
         .unwrap_or_default()
 }
 
-/// From a link dump and the (ifindex, IPv4) address pairs: the bridge with
-/// an address inside `subnet` and its veth ports.
+/// From a link dump and the (ifindex, address) pairs: the bridge with an
+/// IPv4 address inside `subnet` and its veth ports, and its IPv6 address in
+/// `subnet6` (dual stack).
 pub fn pod_network(
     links: &[LinkMessage],
-    addresses: &[(u32, Ipv4Addr)],
+    addresses: &[(u32, IpAddr)],
     subnet: Ipv4Net,
+    subnet6: Option<Ipv6Net>,
 ) -> PodNetwork {
-    let bridge = links.iter().find(|l| {
-        kind(l) == Some(&InfoKind::Bridge)
-            && addresses
-                .iter()
-                .any(|(i, ip)| *i == l.header.index && subnet.contains(ip))
-    });
+    let v4 = |index: u32| {
+        addresses.iter().filter_map(move |(i, ip)| match ip {
+            IpAddr::V4(ip) if *i == index && subnet.contains(ip) => Some(*ip),
+            _ => None,
+        })
+    };
+    let bridge = links
+        .iter()
+        .find(|l| kind(l) == Some(&InfoKind::Bridge) && v4(l.header.index).next().is_some());
     let Some(bridge) = bridge else {
         return PodNetwork::default();
     };
     let index = bridge.header.index;
-    let gateway = addresses
-        .iter()
-        .filter(|(i, ip)| *i == index && subnet.contains(ip))
-        .map(|(_, ip)| *ip)
-        .min();
+    let gateway = v4(index).min();
+    let gateway6 = subnet6.and_then(|subnet6| {
+        addresses
+            .iter()
+            .filter_map(|(i, ip)| match ip {
+                IpAddr::V6(ip) if *i == index && subnet6.contains(ip) => Some(*ip),
+                _ => None,
+            })
+            .min()
+    });
     let mut veths: Vec<PodVeth> = links
         .iter()
         .filter(|l| {
@@ -137,30 +150,36 @@ pub fn pod_network(
     PodNetwork {
         bridge: Some((name(bridge), index)),
         gateway,
+        gateway6,
         veths,
     }
 }
 
 impl Netlink {
     /// One link dump and one address dump: the pods' bridge and veths.
-    pub async fn pod_network(&self, subnet: Ipv4Net) -> Result<PodNetwork, NetlinkError> {
+    pub async fn pod_network(
+        &self,
+        subnet: Ipv4Net,
+        subnet6: Option<Ipv6Net>,
+    ) -> Result<PodNetwork, NetlinkError> {
         let links =
             Self::collect(self.handle.link().get().execute(), || "list links".into()).await?;
         let msgs = Self::collect(self.handle.address().get().execute(), || {
             "list addresses".into()
         })
         .await?;
-        let addresses: Vec<(u32, Ipv4Addr)> = msgs
+        let addresses: Vec<(u32, IpAddr)> = msgs
             .iter()
             .flat_map(|m| {
                 m.attributes.iter().filter_map(move |a| match a {
-                    AddressAttribute::Local(IpAddr::V4(ip))
-                    | AddressAttribute::Address(IpAddr::V4(ip)) => Some((m.header.index, *ip)),
+                    AddressAttribute::Local(ip) | AddressAttribute::Address(ip) => {
+                        Some((m.header.index, *ip))
+                    }
                     _ => None,
                 })
             })
             .collect();
-        Ok(pod_network(&links, &addresses, subnet))
+        Ok(pod_network(&links, &addresses, subnet, subnet6))
     }
 }
 
@@ -208,14 +227,23 @@ mod tests {
                 m
             },
         ];
-        let addresses = vec![
-            (2, Ipv4Addr::new(192, 168, 64, 2)),
-            (3, Ipv4Addr::new(172, 17, 0, 1)),
-            (4, Ipv4Addr::new(10, 5, 1, 1)),
+        let addresses: Vec<(u32, IpAddr)> = vec![
+            (2, Ipv4Addr::new(192, 168, 64, 2).into()),
+            (3, Ipv4Addr::new(172, 17, 0, 1).into()),
+            (4, "fe80::1".parse().unwrap()),
+            (4, "fd10:0:0:5::1".parse().unwrap()),
+            (4, Ipv4Addr::new(10, 5, 1, 1).into()),
+            (3, "fd10:0:0:5::7".parse().unwrap()),
         ];
-        let net = pod_network(&links, &addresses, "10.5.1.0/24".parse().unwrap());
+        let subnet6 = Some("fd10:0:0:5::/64".parse().unwrap());
+        let net = pod_network(&links, &addresses, "10.5.1.0/24".parse().unwrap(), subnet6);
         assert_eq!(net.bridge, Some(("cni0".into(), 4)));
         assert_eq!(net.gateway, Some(Ipv4Addr::new(10, 5, 1, 1)));
+        // Only the bridge's own address in the IPv6 subnet (not its
+        // link-local one, not another bridge's).
+        assert_eq!(net.gateway6, Some("fd10:0:0:5::1".parse().unwrap()));
+        let v4_only = pod_network(&links, &addresses, "10.5.1.0/24".parse().unwrap(), None);
+        assert_eq!(v4_only.gateway6, None);
         assert_eq!(
             net.veths,
             vec![
@@ -232,7 +260,7 @@ mod tests {
             ]
         );
         // No bridge holds an address of the subnet yet: nothing to attach to.
-        let none = pod_network(&links, &addresses, "10.5.2.0/24".parse().unwrap());
+        let none = pod_network(&links, &addresses, "10.5.2.0/24".parse().unwrap(), subnet6);
         assert_eq!(none, PodNetwork::default());
     }
 }

@@ -125,6 +125,36 @@ pub(super) fn attach_xdp(
     program_id(prog.info(), name)
 }
 
+/// Loads the tail-called programs at `slots` of `JUMP_PROGRAMS` and enters
+/// each in JUMPS, so the programs that jump to them find them before they
+/// are attached (and, over reused pins, the attached ones from now on).
+pub(in crate::datapath) fn load_jumps(ebpf: &mut Ebpf, slots: &[u32]) -> Result<(), EbpfError> {
+    for &(index, name) in JUMP_PROGRAMS.iter().filter(|(i, _)| slots.contains(i)) {
+        let prog = classifier(ebpf, name)?;
+        prog.load().map_err(|e| EbpfError::load(name, e))?;
+        let fd = prog
+            .fd()
+            .map_err(|source| EbpfError::Program {
+                program: name,
+                source,
+            })?
+            .try_clone()
+            .map_err(|e| EbpfError::Program {
+                program: name,
+                source: ProgramError::IOError(e),
+            })?;
+        let map = ebpf
+            .map_mut(MAP_JUMPS)
+            .ok_or(EbpfError::MissingMap(MAP_JUMPS))?;
+        let mut jumps: ProgramArray<&mut MapData> =
+            ProgramArray::try_from(map).map_err(|e| EbpfError::map(MAP_JUMPS, "open", e))?;
+        jumps
+            .set(index, &fd, 0)
+            .map_err(|e| EbpfError::map(MAP_JUMPS, format!("set {index} ({name})"), e))?;
+    }
+    Ok(())
+}
+
 pub(in crate::datapath) fn classifier<'a>(
     ebpf: &'a mut Ebpf,
     name: &'static str,

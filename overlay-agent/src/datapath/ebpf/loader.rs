@@ -35,6 +35,8 @@ pub(super) struct Devices<'a> {
     pub(super) v6: Option<&'a VxlanDevice<Ipv6Addr>>,
     /// The IPv6 sides `flannel-v6.<VNI>` holds (see [`keep_held6`]).
     pub(super) held6: &'a [crate::flannel::lease::Peer6],
+    /// Our IPv6 pod subnet, behind `flannel-v6.<VNI>` (the fast path's).
+    pub(super) subnet6: Option<Ipv6Net>,
 }
 
 impl Loaded {
@@ -163,6 +165,7 @@ impl Loaded {
         classifier(&mut ebpf, PROG_INGRESS_TC)?
             .load()
             .map_err(|e| EbpfError::load(PROG_INGRESS_TC, e))?;
+        load_jumps(&mut ebpf, &[JUMP_INGRESS_TC6])?;
         let xdp_program = if options.ingress == IngressMode::XdpAndTc {
             Some(load_xdp(&mut ebpf)?)
         } else {
@@ -172,7 +175,7 @@ impl Loaded {
         let fast = start_fast_path(
             &mut ebpf,
             options.fast_path,
-            subnet,
+            (subnet, devices.v6.and(devices.subnet6)),
             options.fast_path_mark,
             pins,
         )?;
@@ -277,7 +280,7 @@ impl Loaded {
 pub(super) fn start_fast_path(
     ebpf: &mut Ebpf,
     mode: FastPathMode,
-    subnet: Ipv4Net,
+    (subnet, subnet6): (Ipv4Net, Option<Ipv6Net>),
     mark: u32,
     pins: Option<&PinLayout>,
 ) -> Result<Option<FastState>, EbpfError> {
@@ -293,7 +296,11 @@ pub(super) fn start_fast_path(
                 .load()
                 .map_err(|e| EbpfError::load(program, e))?;
         }
-        fastpath::prepare_host(subnet, mark, pins).map_err(EbpfError::FastPathHost)
+        load_jumps(
+            ebpf,
+            &[JUMP_VETH_FROM_POD6, JUMP_VETH_TO_POD6, JUMP_VETH_ENCAP6],
+        )?;
+        fastpath::prepare_host(subnet, subnet6, mark, pins).map_err(EbpfError::FastPathHost)
     })();
     match attempt {
         Ok(()) => {
@@ -302,6 +309,8 @@ pub(super) fn start_fast_path(
                 subnet,
                 mark,
                 gateway: None,
+                subnet6,
+                gateway6: None,
             };
             fastpath::configure(ebpf, Some(settings))?;
             Ok(Some(FastState {

@@ -26,8 +26,8 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{
-        Array, HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues, lpm_trie::Key,
-        lpm_trie::LpmTrie,
+        Array, HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues, ProgramArray,
+        lpm_trie::Key, lpm_trie::LpmTrie,
     },
     programs::{
         ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
@@ -35,11 +35,12 @@ use aya::{
         xdp::XdpLink,
     },
 };
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use log::{debug, info, warn};
 use overlay_common::{
     consts::{
-        MAP_COUNTERS, MAP_KNOWN_VTEPS, MAP_KNOWN_VTEPS6, MAP_LAYOUT, MAP_NODE_CONFIG,
+        JUMP_INGRESS_TC6, JUMP_PROGRAMS, JUMP_VETH_ENCAP6, JUMP_VETH_FROM_POD6, JUMP_VETH_TO_POD6,
+        MAP_COUNTERS, MAP_JUMPS, MAP_KNOWN_VTEPS, MAP_KNOWN_VTEPS6, MAP_LAYOUT, MAP_NODE_CONFIG,
         MAP_PEER_STATS, MAP_REMOTE_SUBNETS, MAP_REMOTE_SUBNETS6, MAX_PEERS, PROG_EGRESS,
         PROG_EGRESS6, PROG_INGRESS_TC, PROG_INGRESS_XDP, PROG_INGRESS_XDP_FILTER,
         PROG_VETH_FROM_POD, PROG_VETH_TO_POD,
@@ -248,11 +249,6 @@ impl EbpfDatapath {
     /// The device as set up.
     pub fn device(&self) -> Option<&VxlanDevice> {
         self.kernel.device()
-    }
-
-    /// The pod subnet the fast path serves, while it is on.
-    pub fn fast_path_subnet(&self) -> Option<Ipv4Net> {
-        self.fast_path_settings().map(|s| s.subnet)
     }
 
     /// The fast path's settings while it is on.
@@ -578,6 +574,7 @@ impl Datapath for EbpfDatapath {
                 v4: device,
                 v6: self.kernel.device6(),
                 held6: self.kernel.held6(),
+                subnet6: node.ipv6.map(|n| n.subnet),
             },
             node.subnet,
             &peers,
@@ -602,7 +599,8 @@ impl Datapath for EbpfDatapath {
         );
         if let Some((v6_device, _)) = &state.ipv6 {
             info!(
-                "dual stack: {PROG_EGRESS6} on {v6_device}, IPv6 VXLAN decapsulated by {PROG_INGRESS_TC} (GSO aggregates and IPv6 the programs do not parse take {v6_device}'s kernel path); no fast path for IPv6"
+                "dual stack: {PROG_EGRESS6} on {v6_device}, IPv6 VXLAN decapsulated by {PROG_INGRESS_TC} (GSO aggregates and IPv6 the programs do not parse take {v6_device}'s kernel path); fast path for IPv6 {}",
+                if loaded.fast.is_some() { "on" } else { "off" }
             );
         }
         self.loaded = Some(Box::new(loaded));
@@ -622,18 +620,19 @@ impl Datapath for EbpfDatapath {
     /// Attaches the fast path to the pod veths that appeared and detaches it
     /// from those that left (a no-op while the fast path is off).
     async fn sync_pods(&mut self) -> Result<(), DatapathError> {
-        let Some(subnet) = self.fast_path_subnet() else {
+        let Some(settings) = self.fast_path_settings() else {
             return Ok(());
         };
         let nl = self.kernel.netlink().ok_or(DatapathError::NotSetUp)?;
-        let net = nl.pod_network(subnet).await?;
+        let net = nl.pod_network(settings.subnet, settings.subnet6).await?;
         let pins = self.options.pins.clone();
         let loaded = self.loaded_mut()?;
         if let Some(fast) = loaded.fast.as_mut() {
             // The bridge's address is the node's, never a pod's: the
             // programs learn it when a bridge holds it (or another address).
-            if fast.settings.gateway != net.gateway {
+            if (fast.settings.gateway, fast.settings.gateway6) != (net.gateway, net.gateway6) {
                 fast.settings.gateway = net.gateway;
+                fast.settings.gateway6 = net.gateway6;
                 fastpath::configure(&mut loaded.ebpf, Some(fast.settings))?;
             }
             fast.pods
