@@ -483,12 +483,18 @@ fn maps4(pins: &Path) -> Result<Vec<(ipnet::Ipv4Net, Ipv4Addr)>> {
         .collect())
 }
 
-/// `vxlan_egress6`'s encapsulations and its passes for want of a
-/// REMOTE_SUBNETS6 entry, from the pinned counters at `pins`.
+/// The programs' IPv6 encapsulations and `vxlan_egress6`'s passes for want
+/// of a REMOTE_SUBNETS6 entry, from the pinned counters at `pins`.
 fn egress6(pins: &Path) -> Result<(u64, u64)> {
     let state = inspect::read(&PinLayout::chosen(Some(pins)))?.context("no pinned state")?;
     let n = |r: Reason| state.counters.get(r).packets;
-    Ok((n(Reason::Encapsulated6), n(Reason::PassNoRoute)))
+    // Encapsulated by the programs: by vxlan_egress6, or (once conntrack
+    // saw the flow established) by the fast path from the pod's veth. Only
+    // IPv6 flows while these are read.
+    Ok((
+        n(Reason::Encapsulated6) + n(Reason::FastEgress),
+        n(Reason::PassNoRoute),
+    ))
 }
 
 fn ping6(c: &str, ip: &str, n: u32) -> bool {
