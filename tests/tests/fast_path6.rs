@@ -8,11 +8,13 @@
 //! leaves the receiver's `flannel-v6.1` flat. Neighbour discovery stays the
 //! host's (the pods keep resolving each other's gateway).
 //!
-//! Policy kept, with ip6tables: a FORWARD DROP for one port on the receiving
-//! node refuses new connections to it while another port works; a DROP
-//! added while an echo stream is on the fast path stops it within a second;
-//! a connection to a DNAT'ed IPv6 service address works and never takes the
-//! fast path on the node that translates it.
+//! Policy kept, with ip6tables: a FORWARD DROP for one port on either node
+//! refuses new connections to it while another port works; short
+//! connections leave no ESTABLISHED conntrack entry; a long echo flow keeps
+//! its conntrack entry past a (shortened) timeout; a DROP added while an
+//! echo stream is on the fast path stops it within a second; a connection
+//! to a DNAT'ed IPv6 service address works and never takes the fast path on
+//! the node that translates it.
 
 use std::{
     net::{Ipv6Addr, SocketAddr, TcpListener, TcpStream},
@@ -48,6 +50,25 @@ impl Node {
         Ok(inspect::read(&PinLayout::chosen(Some(&self.pins)))?
             .with_context(|| format!("no pinned eBPF state on {}", self.ns))?
             .counters)
+    }
+
+    /// `conntrack -L -f ipv6` lines that mention `ip` and contain `word`.
+    fn conntrack(&self, ip: &str, word: &str) -> Result<Vec<String>> {
+        let out = sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &self.ns,
+            "conntrack",
+            "-L",
+            "-f",
+            "ipv6",
+        ])?;
+        Ok(out
+            .lines()
+            .filter(|l| l.contains(ip) && l.contains(word))
+            .map(str::to_owned)
+            .collect())
     }
 
     fn ip6tables(&self, args: &[&str]) -> Result<String> {
@@ -199,21 +220,69 @@ fn fast_path6(hosts: &Hosts, etcd: &Etcd, bin: &Path) -> Result<()> {
         "{through} of {bytes} bytes went through node 2's flannel-v6.1"
     );
 
-    // A FORWARD DROP for one port on node 2 refuses new connections to it;
-    // another port still works (new connections are always the host's).
-    n2.ip6tables(&[
-        "-I", "FORWARD", "-p", "tcp", "--dport", "5702", "-j", "DROP",
-    ])?;
+    // A FORWARD DROP for one port on either node refuses new connections
+    // to it; another port still works (new connections are always the
+    // host's).
     let _listeners = [listen(&c2, &v6_2, 5702)?, listen(&c2, &v6_2, 5703)?];
     let to = |port| -> Result<SocketAddr> { Ok(SocketAddr::new(v6(&v6_2)?.into(), port)) };
+    let drop_5702 = ["FORWARD", "-p", "tcp", "--dport", "5702", "-j", "DROP"];
+    for n in [&n1, &n2] {
+        n.ip6tables(&[&["-I"], &drop_5702[..]].concat())?;
+        ensure!(
+            !connects(&c1, to(5702)?)?,
+            "a connection through {}'s DROP went through",
+            n.ns
+        );
+        ensure!(connects(&c1, to(5703)?)?, "no connection to the open port");
+        n.ip6tables(&[&["-D"], &drop_5702[..]].concat())?;
+    }
     ensure!(
-        !connects(&c1, to(5702)?)?,
-        "a connection to the dropped port went through"
+        connects(&c1, to(5702)?)?,
+        "no connection once the DROPs went"
     );
-    ensure!(connects(&c1, to(5703)?)?, "no connection to the open port");
-    n2.ip6tables(&[
-        "-D", "FORWARD", "-p", "tcp", "--dport", "5702", "-j", "DROP",
-    ])?;
+
+    // Short connections: conntrack saw every FIN, none stays ESTABLISHED.
+    for i in 0..50u16 {
+        traffic::tcp_transfer(&c1, &c2, v6(&v6_2)?, 6000 + i, 2048)?;
+    }
+    for n in [&n1, &n2] {
+        let established = n.conntrack(&v6_2, "ESTABLISHED")?;
+        ensure!(
+            established.is_empty(),
+            "{}: conntrack still has ESTABLISHED entries: {established:#?}",
+            n.ns
+        );
+    }
+
+    // A long echo flow on the fast path keeps its conntrack entry: with the
+    // ICMPv6 timeout at 2 s, 6 s of pings would lose it if the fast path hid
+    // the flow from conntrack; the renewals keep it.
+    for n in [&n1, &n2] {
+        netns::sysctl(&n.ns, &[("net.netfilter.nf_conntrack_icmpv6_timeout", "2")])?;
+    }
+    let before = n2.counters()?;
+    let entries = std::thread::scope(|s| -> Result<Vec<usize>> {
+        let stream = s.spawn(|| ping6_stream(&c1, &v6_2, 120, "0.05"));
+        std::thread::sleep(Duration::from_secs(4));
+        let seen = [&n1, &n2]
+            .iter()
+            .map(|n| Ok(n.conntrack(&v6_2, "icmpv6")?.len()))
+            .collect::<Result<Vec<usize>>>()?;
+        let (sent, received, out) = stream
+            .join()
+            .map_err(|_| anyhow::anyhow!("ping6 thread"))??;
+        ensure!(sent == received, "long echo flow: {out}");
+        Ok(seen)
+    })?;
+    ensure!(
+        entries.iter().all(|&n| n > 0),
+        "the long echo flow's conntrack entry expired while it ran: {entries:?}"
+    );
+    let fast = gained(&before, &n2.counters()?, Reason::FastIngress);
+    ensure!(
+        fast >= 100,
+        "the long echo flow hardly took the fast path: {fast}"
+    );
 
     // A DROP added while an echo stream is on the fast path stops it within
     // a second: the next renewal meets the rule, nothing approves again.
