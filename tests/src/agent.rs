@@ -338,6 +338,24 @@ impl Cluster {
         Ok(c)
     }
 
+    /// [`Cluster::start`], then `body` on it; a failure carries every
+    /// agent's log ([`agent_logs`]). The cluster goes when `body` returns.
+    pub fn run(
+        tag: &str,
+        n: usize,
+        config: &str,
+        body: impl FnOnce(&Cluster) -> Result<()>,
+    ) -> Result<()> {
+        let cluster = Self::start(tag, n, config)?;
+        let dir = cluster.etcd.dir().to_path_buf();
+        let result = body(&cluster).map_err(|e| e.context(agent_logs(&dir)));
+        // etcd stops before the hosts go (see the type's comment).
+        let Cluster { hosts, etcd, bin } = cluster;
+        drop((bin, etcd));
+        drop(hosts);
+        result
+    }
+
     /// The flags every agent here gets (etcd, host `i`'s address as
     /// `-iface`, its subnet file `h<i>.env` next to etcd's data), then `extra`.
     pub fn args(&self, i: usize, extra: &[&str]) -> Vec<String> {

@@ -29,8 +29,8 @@ use overlay_agent::{
 use overlay_common::counters::Reason;
 use overlay_tests::{
     agent::{
-        Agent, Bpffs, Cluster, Containers, Hosts, add_container, add_container_ipv6, agent_logs,
-        env_var, link_mac, sh, within,
+        Agent, Bpffs, Cluster, Containers, Hosts, add_container, add_container_ipv6, env_var,
+        link_mac, sh, within,
     },
     capture::{self, Capture},
     dual_stack::{agent_args, ping6},
@@ -105,11 +105,11 @@ fn forge_ipv6_vxlan(
 #[test]
 #[ignore = "needs root, network namespaces and eBPF: run `cargo xtask test`"]
 fn two_dual_stack_agents_reach_each_other_over_both_families() -> Result<()> {
-    let Cluster { hosts, etcd, bin } = Cluster::start("ds", 3, CONFIG)?;
-    let dir = etcd.dir().to_path_buf();
     // The agents' logs go with a failure: on a CI machine they are all
     // that tells a slow event from a failed one.
-    both_families(&hosts, &etcd, &bin).map_err(|e| e.context(agent_logs(&dir)))
+    Cluster::run("ds", 3, CONFIG, |c| {
+        both_families(&c.hosts, &c.etcd, &c.bin)
+    })
 }
 
 fn both_families(hosts: &Hosts, etcd: &Etcd, bin: &Path) -> Result<()> {
@@ -585,9 +585,7 @@ fn both_families(hosts: &Hosts, etcd: &Etcd, bin: &Path) -> Result<()> {
 #[ignore = "needs root, network namespaces and eBPF: run `cargo xtask test`"]
 fn direct_routing_serves_the_ipv6_sides_on_both_datapaths() -> Result<()> {
     const DIRECT: &str = r#"{"EnableIPv6":true,"Network":"10.0.0.0/16","SubnetMin":"10.0.1.0","SubnetMax":"10.0.16.0","IPv6Network":"fd10:0:0::/48","IPv6SubnetMax":"fd10:0:0:10::","Backend":{"Type":"vxlan","DirectRouting":true}}"#;
-    let Cluster { hosts, etcd, bin } = Cluster::start("dsr", 2, DIRECT)?;
-    let dir = etcd.dir().to_path_buf();
-    direct_both(&hosts, &etcd, &bin).map_err(|e| e.context(agent_logs(&dir)))
+    Cluster::run("dsr", 2, DIRECT, |c| direct_both(&c.hosts, &c.etcd, &c.bin))
 }
 
 fn direct_both(hosts: &Hosts, etcd: &Etcd, bin: &Path) -> Result<()> {

@@ -27,8 +27,7 @@ use overlay_agent::{datapath::ebpf::Counters, datapath::pins::PinLayout, inspect
 use overlay_common::counters::Reason;
 use overlay_tests::{
     agent::{
-        Agent, Bpffs, Cluster, Containers, Hosts, add_container, add_container_ipv6, agent_logs,
-        sh, within,
+        Agent, Bpffs, Cluster, Containers, Hosts, add_container, add_container_ipv6, sh, within,
     },
     dual_stack::{agent_args, ping6},
     etcd::Etcd,
@@ -135,9 +134,7 @@ fn connects(ns: &str, dst: SocketAddr) -> Result<bool> {
 #[test]
 #[ignore = "needs root, network namespaces and eBPF: run `cargo xtask test`"]
 fn ipv6_pod_traffic_takes_the_fast_path_as_the_firewall_allows() -> Result<()> {
-    let Cluster { hosts, etcd, bin } = Cluster::start("fp6", 2, CONFIG)?;
-    let dir = etcd.dir().to_path_buf();
-    fast_path6(&hosts, &etcd, &bin).map_err(|e| e.context(agent_logs(&dir)))
+    Cluster::run("fp6", 2, CONFIG, |c| fast_path6(&c.hosts, &c.etcd, &c.bin))
 }
 
 fn fast_path6(hosts: &Hosts, etcd: &Etcd, bin: &Path) -> Result<()> {

@@ -30,8 +30,7 @@ use overlay_common::{
 };
 use overlay_tests::{
     agent::{
-        Agent, Bpffs, Cluster, Containers, add_container, add_container_ipv6, agent_logs, env_var,
-        sh, within,
+        Agent, Bpffs, Cluster, Containers, add_container, add_container_ipv6, env_var, sh, within,
     },
     capture::Capture,
     http,
@@ -532,9 +531,7 @@ fn pins1(dir: &Path) -> Result<(Bpffs, String, PathBuf)> {
 #[test]
 #[ignore = "needs root, network namespaces, etcd and eBPF: run `cargo xtask test`"]
 fn an_ipv6_policy_route_to_one_peer_leaves_its_ipv6_side_to_the_kernel() -> Result<()> {
-    let cluster = Cluster::start("hp6r", 3, DUAL)?;
-    let dir = cluster.etcd.dir().to_path_buf();
-    policy_route6(&cluster).map_err(|e| e.context(agent_logs(&dir)))
+    Cluster::run("hp6r", 3, DUAL, policy_route6)
 }
 
 fn policy_route6(cluster: &Cluster) -> Result<()> {
@@ -712,9 +709,7 @@ fn policy_route6(cluster: &Cluster) -> Result<()> {
 #[test]
 #[ignore = "needs root, network namespaces, etcd and eBPF: run `cargo xtask test`"]
 fn an_ipv6_xfrm_policy_toward_a_joining_peer_leaves_its_ipv6_side_to_the_kernel() -> Result<()> {
-    let cluster = Cluster::start("hp6x", 3, DUAL)?;
-    let dir = cluster.etcd.dir().to_path_buf();
-    xfrm_joining6(&cluster).map_err(|e| e.context(agent_logs(&dir)))
+    Cluster::run("hp6x", 3, DUAL, xfrm_joining6)
 }
 
 fn xfrm_joining6(cluster: &Cluster) -> Result<()> {

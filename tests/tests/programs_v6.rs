@@ -234,18 +234,6 @@ fn forwarded6(packet: &[u8]) -> Vec<u8> {
     p
 }
 
-/// A stamp of the monotonic clock the programs read.
-fn now_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes into the timespec it is given.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    assert_eq!(rc, 0, "clock_gettime");
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 /// Inner packets a pod sends: TCP with data, UDP, an ICMPv6 echo request,
 /// each with a correct checksum, and a traffic class to carry.
 fn pod_packets(src: [u8; 16], dst: [u8; 16]) -> Vec<(&'static str, Vec<u8>)> {
