@@ -443,14 +443,14 @@ fn main() -> Result<()> {
     let v6 = args.families.contains(&Family::Ipv6).then_some(&v6);
     let md = report::markdown(&results, v6, &ctx);
     // The chart shows the IPv4 rows, or the IPv6 ones of an IPv6-only run.
-    let charted = match v6 {
-        Some(v6) if !args.families.contains(&Family::Ipv4) => v6,
-        _ => &results,
+    let (charted, lab) = match v6 {
+        Some(v6) if !args.families.contains(&Family::Ipv4) => (v6, "Two-host lab, IPv6"),
+        _ => (&results, "Two-host lab"),
     };
     let chart = svg::chart(
         charted,
         &format!(
-            "Two-host lab, {} (medians of {} rounds of TCP, {} of the rest; one run)",
+            "{lab}, {} (medians of {} rounds of TCP, {} of the rest; one run)",
             ctx.date, ctx.repeats, ctx.short_repeats
         ),
     );
