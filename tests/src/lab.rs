@@ -11,14 +11,19 @@
 //!                                                     eth0 192.168.64.100/24)
 //! ```
 //!
+//! A dual-stack lab ([`LabSpec::with_ipv6`]) adds IPv6 to the same wiring
+//! ([`Host6`]): `eth0` fd64::<index>/64, `cni0` fd05:0:0:<index>::1/64, the
+//! container fd05:0:0:<index>::2/64 with its default route via `cni0`. Other
+//! labs have IPv6 disabled in every namespace.
+//!
 //! Every namespace is named `ov<short>-<pid>-<role>` so concurrent labs (other
 //! tests, other people) never collide, and everything is removed when the
 //! [`Lab`] is dropped, also while a failing test unwinds.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use anyhow::{Context, Result, bail, ensure};
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 
 use crate::{cmd, netns};
 
@@ -42,6 +47,8 @@ pub struct LabSpec {
     pub hosts: u8,
     /// Also build an underlay-only namespace (no overlay, no container).
     pub outsider: bool,
+    /// Dual stack: IPv6 on the underlay, `cni0` and the containers ([`Host6`]).
+    pub ipv6: bool,
 }
 
 impl LabSpec {
@@ -50,11 +57,18 @@ impl LabSpec {
             name: name.to_owned(),
             hosts,
             outsider: false,
+            ipv6: false,
         }
     }
 
     pub fn with_outsider(mut self) -> LabSpec {
         self.outsider = true;
+        self
+    }
+
+    /// A dual-stack lab: every host and container also gets its [`Host6`].
+    pub fn with_ipv6(mut self) -> LabSpec {
+        self.ipv6 = true;
         self
     }
 }
@@ -90,6 +104,36 @@ impl Host {
     }
 }
 
+/// The IPv6 side of a host in a dual-stack lab (all addresses `nodad`, so
+/// usable at once).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Host6 {
+    /// fd64::<index>/64 on `eth0`: the host's `PublicIPv6`.
+    pub underlay_ip: Ipv6Addr,
+    /// The host's IPv6 lease: fd05:0:0:<index>::/64.
+    pub subnet: Ipv6Net,
+    /// fd05:0:0:<index>::1 on `cni0` (what flannel's subnet.env calls
+    /// `FLANNEL_IPV6_SUBNET`).
+    pub gateway: Ipv6Addr,
+    /// fd05:0:0:<index>::2 on the container's `eth0`.
+    pub container_ip: Ipv6Addr,
+}
+
+impl Host6 {
+    /// Host `index`'s IPv6 side.
+    pub fn of(index: u8) -> Host6 {
+        let i = u16::from(index);
+        let subnet = Ipv6Net::new(Ipv6Addr::new(0xfd05, 0, 0, i, 0, 0, 0, 0), 64)
+            .expect("a /64 is a valid prefix");
+        Host6 {
+            underlay_ip: Ipv6Addr::new(0xfd64, 0, 0, 0, 0, 0, 0, i),
+            subnet,
+            gateway: Ipv6Addr::new(0xfd05, 0, 0, i, 0, 0, 0, 1),
+            container_ip: Ipv6Addr::new(0xfd05, 0, 0, i, 0, 0, 0, 2),
+        }
+    }
+}
+
 /// The optional underlay-only namespace (a would-be attacker on the same L2).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Outsider {
@@ -106,6 +150,8 @@ pub struct Lab {
     switch_ns: String,
     hosts: Vec<Host>,
     outsider: Option<Outsider>,
+    /// Dual stack (see [`LabSpec::ipv6`]).
+    ipv6: bool,
     /// Namespaces created so far, in creation order (removed in reverse).
     created: Vec<String>,
 }
@@ -155,6 +201,7 @@ impl Lab {
             prefix,
             hosts: Vec::new(),
             outsider: None,
+            ipv6: spec.ipv6,
             created: Vec::new(),
         };
         lab.build_switch()?;
@@ -193,29 +240,52 @@ impl Lab {
         self.outsider.as_ref()
     }
 
+    /// Host `index`'s IPv6 side, in a dual-stack lab.
+    pub fn host6(&self, index: u8) -> Option<Host6> {
+        self.ipv6.then(|| Host6::of(self.host(index).index))
+    }
+
     /// Every namespace this lab created.
     pub fn namespaces(&self) -> &[String] {
         &self.created
     }
 
-    fn add_netns(&mut self, name: String) -> Result<String> {
+    /// A namespace; with `ipv6` (hosts and containers of a dual-stack lab)
+    /// IPv6 stays on, without duplicate address detection.
+    fn add_netns(&mut self, name: String, ipv6: bool) -> Result<String> {
         cmd::run(None, &["ip", "netns", "add", &name])?;
         self.created.push(name.clone());
-        // No IPv6 anywhere, so no router/neighbour solicitations or MLD reports
-        // show up on the vxlan device and its statistics count only our traffic.
-        netns::sysctl(
-            &name,
-            &[
-                ("net.ipv6.conf.all.disable_ipv6", "1"),
-                ("net.ipv6.conf.default.disable_ipv6", "1"),
-            ],
-        )?;
+        if ipv6 {
+            // Set before any device exists, so every one inherits it: its
+            // link-local address is usable at once.
+            netns::sysctl(
+                &name,
+                &[
+                    ("net.ipv6.conf.all.disable_ipv6", "0"),
+                    ("net.ipv6.conf.default.disable_ipv6", "0"),
+                    ("net.ipv6.conf.all.accept_dad", "0"),
+                    ("net.ipv6.conf.default.accept_dad", "0"),
+                ],
+            )?;
+        } else {
+            // No IPv6 anywhere, so no router/neighbour solicitations or MLD
+            // reports show up on the vxlan device and its statistics count
+            // only our traffic. (The switch's bridge forwards IPv6 frames
+            // with IPv6 off in its own namespace.)
+            netns::sysctl(
+                &name,
+                &[
+                    ("net.ipv6.conf.all.disable_ipv6", "1"),
+                    ("net.ipv6.conf.default.disable_ipv6", "1"),
+                ],
+            )?;
+        }
         cmd::ip(&name, &["link", "set", "lo", "up"])?;
         Ok(name)
     }
 
     fn build_switch(&mut self) -> Result<()> {
-        let sw = self.add_netns(self.switch_ns.clone())?;
+        let sw = self.add_netns(self.switch_ns.clone(), false)?;
         cmd::ip(&sw, &["link", "add", SWITCH_BRIDGE, "type", "bridge"])?;
         cmd::ip(&sw, &["link", "set", SWITCH_BRIDGE, "up"])?;
         Ok(())
@@ -261,7 +331,7 @@ impl Lab {
             gateway: Ipv4Addr::new(10, 5, index, 1),
             container_ip: Ipv4Addr::new(10, 5, index, 2),
         };
-        let h = self.add_netns(host.ns.clone())?;
+        let h = self.add_netns(host.ns.clone(), self.ipv6)?;
         netns::sysctl(
             &h,
             &[
@@ -285,7 +355,7 @@ impl Lab {
         )?;
         cmd::ip(&h, &["link", "set", BRIDGE_DEV, "up"])?;
 
-        let c = self.add_netns(host.container_ns.clone())?;
+        let c = self.add_netns(host.container_ns.clone(), self.ipv6)?;
         let mtu = CONTAINER_MTU.to_string();
         cmd::ip(
             &c,
@@ -332,7 +402,39 @@ impl Lab {
             .collect();
         let settings: Vec<(&str, &str)> = per_dev.iter().map(|k| (k.as_str(), "1")).collect();
         netns::sysctl(&h, &settings)?;
+        if self.ipv6 {
+            self.add_ipv6(&host)?;
+        }
         Ok(host)
+    }
+
+    /// The IPv6 side of a dual-stack host ([`Host6`]): forwarding on, the
+    /// addresses of `eth0`, `cni0` and the container, its default route.
+    fn add_ipv6(&self, host: &Host) -> Result<()> {
+        let v6 = Host6::of(host.index);
+        let (h, c) = (host.ns.as_str(), host.container_ns.as_str());
+        netns::sysctl(h, &[("net.ipv6.conf.all.forwarding", "1")])?;
+        let addr = |ns: &str, ip: Ipv6Addr, dev: &str| {
+            cmd::ip(
+                ns,
+                &["addr", "add", &format!("{ip}/64"), "dev", dev, "nodad"],
+            )
+        };
+        addr(h, v6.underlay_ip, UNDERLAY_DEV)?;
+        addr(h, v6.gateway, BRIDGE_DEV)?;
+        addr(c, v6.container_ip, "eth0")?;
+        cmd::ip(
+            c,
+            &[
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &v6.gateway.to_string(),
+            ],
+        )?;
+        Ok(())
     }
 
     fn build_outsider(&mut self) -> Result<Outsider> {
@@ -342,7 +444,7 @@ impl Lab {
             underlay_ip: Ipv4Addr::new(192, 168, 64, 100),
             switch_port: "x".to_owned(),
         };
-        let x = self.add_netns(outsider.ns.clone())?;
+        let x = self.add_netns(outsider.ns.clone(), false)?;
         self.plug_into_switch(&x, &outsider.switch_port, outsider.underlay_ip)?;
         Ok(outsider)
     }
@@ -364,6 +466,22 @@ impl Lab {
                         UNDERLAY_DEV,
                     ],
                 )?;
+                if self.ipv6 {
+                    let theirs = Host6::of(other.index);
+                    cmd::ip(
+                        &h.ns,
+                        &[
+                            "-6",
+                            "route",
+                            "replace",
+                            &theirs.subnet.to_string(),
+                            "via",
+                            &theirs.underlay_ip.to_string(),
+                            "dev",
+                            UNDERLAY_DEV,
+                        ],
+                    )?;
+                }
             }
         }
         Ok(())
@@ -440,5 +558,23 @@ impl Drop for Lab {
         for failure in self.cleanup() {
             eprintln!("lab cleanup: {failure}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv6_side_mirrors_the_ipv4_numbering() {
+        let v6 = Host6::of(2);
+        assert_eq!(v6.underlay_ip.to_string(), "fd64::2");
+        assert_eq!(v6.subnet.to_string(), "fd05:0:0:2::/64");
+        assert_eq!(v6.gateway.to_string(), "fd05:0:0:2::1");
+        assert_eq!(v6.container_ip.to_string(), "fd05:0:0:2::2");
+        assert!(v6.subnet.contains(&v6.gateway) && v6.subnet.contains(&v6.container_ip));
+        assert_ne!(Host6::of(1).subnet, v6.subnet);
+        let spec = LabSpec::new("x", 2);
+        assert!(!spec.ipv6 && spec.with_ipv6().ipv6);
     }
 }

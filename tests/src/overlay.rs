@@ -7,16 +7,16 @@ use std::fmt;
 use anyhow::Result;
 use overlay_agent::{
     datapath::{
-        NodeSpec, Peer,
+        NodeSpec, NodeSpec6, Peer,
         ebpf::{Counters, EbpfOptions, IngressMode},
         fastpath::FastPathMode,
     },
-    flannel::mac::MacAddr,
+    flannel::{lease::Peer6, mac::MacAddr},
 };
 use overlay_common::consts::{DEFAULT_VNI, DEFAULT_VXLAN_PORT};
 
 use crate::{
-    lab::Host,
+    lab::{Host, Host6},
     node::{Flavor, Node},
     reference::ReferencePeer,
 };
@@ -111,6 +111,35 @@ impl Member {
         overlay: Overlay,
         options: EbpfOptions,
     ) -> Result<Member> {
+        Self::join_family(host, None, kind, overlay, options)
+    }
+
+    /// [`Member::join_with`] on a dual-stack host (a lab built with
+    /// [`crate::lab::LabSpec::with_ipv6`]): our datapath also brings up
+    /// `flannel-v6.<VNI>` for `host6`, and the lease carries its IPv6 side
+    /// ([`overlay_agent::flannel::lease::Peer6`]), so [`mesh`] programs
+    /// both families. The reference peer stays IPv4 only.
+    pub fn join_dual_stack(
+        host: &Host,
+        host6: &Host6,
+        kind: Kind,
+        overlay: Overlay,
+        fast_path: FastPathMode,
+    ) -> Result<Member> {
+        let options = EbpfOptions {
+            fast_path,
+            ..EbpfOptions::default()
+        };
+        Self::join_family(host, Some(host6), kind, overlay, options)
+    }
+
+    fn join_family(
+        host: &Host,
+        host6: Option<&Host6>,
+        kind: Kind,
+        overlay: Overlay,
+        options: EbpfOptions,
+    ) -> Result<Member> {
         let (backend, lease, device) = match kind {
             Kind::Reference => {
                 let r = ReferencePeer::setup(host, overlay.vni, overlay.port)?;
@@ -134,13 +163,28 @@ impl Member {
                     mtu: None,
                     vtep_mac: None,
                     direct_routing: false,
-                    ipv6: None,
+                    ipv6: host6.map(|h6| NodeSpec6 {
+                        public_ip: h6.underlay_ip,
+                        subnet: h6.subnet,
+                        vtep_mac: None,
+                    }),
                 })?;
+                let v6 = match (host6, &state.ipv6) {
+                    (Some(h6), Some((_, vtep_mac))) => Some(Peer6 {
+                        subnet: h6.subnet,
+                        public_ip: h6.underlay_ip,
+                        vtep_mac: *vtep_mac,
+                    }),
+                    (Some(_), None) => {
+                        anyhow::bail!("[{}] dual-stack setup brought no IPv6 device up", host.ns)
+                    }
+                    (None, _) => None,
+                };
                 let lease = Peer {
                     subnet: host.subnet,
                     public_ip: host.underlay_ip,
                     vtep_mac: state.vtep_mac,
-                    v6: None,
+                    v6,
                 };
                 (Backend::Node(node), lease, state.device)
             }

@@ -20,8 +20,10 @@ use sha2::{Digest, Sha256};
 
 use crate::{cmd, netns};
 
-/// Pings `dst` from namespace `ns` `count` times; fails unless every reply arrives.
-pub fn ping(ns: &str, dst: Ipv4Addr, count: u32) -> Result<()> {
+/// Pings `dst` (IPv4 or IPv6) from namespace `ns` `count` times; fails
+/// unless every reply arrives.
+pub fn ping(ns: &str, dst: impl Into<IpAddr>, count: u32) -> Result<()> {
+    let dst: IpAddr = dst.into();
     let deadline = (count / 5 + 5).to_string();
     let out = cmd::command(
         Some(ns),

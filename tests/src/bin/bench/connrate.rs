@@ -9,7 +9,7 @@
 //! like the other tools) multiplex all connections, so with enough clients
 //! both are always busy and the rate is bound by what a connection costs.
 
-use std::net::SocketAddrV4;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -53,7 +53,7 @@ pub struct ConnRate {
 /// after half a second of warm-up.
 pub fn conn_rate(ends: &Endpoints, clients: usize, secs: u32, pin: Pinning) -> Result<ConnRate> {
     ensure!(clients > 0, "no clients");
-    let addr = SocketAddrV4::new(ends.server_ip, CRR_PORT);
+    let addr = SocketAddr::new(ends.server_ip, CRR_PORT);
     // The server stops only after the client has finished: connections
     // still in flight when the window closes are answered.
     let stop = Arc::new(AtomicBool::new(false));
@@ -93,7 +93,7 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 async fn serve(
-    addr: SocketAddrV4,
+    addr: SocketAddr,
     stop: Arc<AtomicBool>,
     limit: Duration,
     ready: std::sync::mpsc::Sender<()>,
@@ -128,7 +128,7 @@ async fn serve(
     Ok(())
 }
 
-async fn run_clients(addr: SocketAddrV4, clients: usize, secs: u32) -> Result<ConnRate> {
+async fn run_clients(addr: SocketAddr, clients: usize, secs: u32) -> Result<ConnRate> {
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
@@ -165,7 +165,7 @@ async fn run_clients(addr: SocketAddrV4, clients: usize, secs: u32) -> Result<Co
 }
 
 /// Connect, one request and its response, close.
-async fn one_connection(addr: SocketAddrV4) -> std::io::Result<()> {
+async fn one_connection(addr: SocketAddr) -> std::io::Result<()> {
     let mut s = TcpStream::connect(addr).await?;
     s.set_nodelay(true)?;
     s.write_all(&[0xa5u8; RR_MESSAGE]).await?;

@@ -3,6 +3,8 @@
 //! interleaved and repeated with the tools pinned to separate CPUs; medians,
 //! ratios paired by round with intervals, the run's noise, the overlay's own
 //! CPU, per-program cost, a markdown report, an SVG chart and `--json`.
+//! The IPv6 rows (`--family`) measure the same figures in dual-stack labs
+//! between the IPv6 addresses, reported in a section of their own.
 
 mod connrate;
 mod modes;
@@ -18,14 +20,15 @@ use std::time::Instant;
 
 use anyhow::{Context as _, Result, bail};
 
-use modes::{Mode, ModeLab};
+use modes::{Family, Mode, ModeLab};
 use pin::Pinning;
 use report::{Context, Metric, Results};
 
 const USAGE: &str = "\
 usage: bench [--quick] [--repeats N] [--duration SECS] [--short-repeats N]
              [--short-duration SECS] [--modes LIST] [--figures LIST] [--udp-rate KPPS]
-             [--tcp-rate MBITS] [--rr-flows N] [--crr-clients N] [--no-pin] [--out DIR] [--json]
+             [--tcp-rate MBITS] [--rr-flows N] [--crr-clients N] [--family F] [--no-pin]
+             [--out DIR] [--json]
 
   --repeats N      rounds over all modes; TCP throughput (the headline figures) is
                    measured in every round (default 10)
@@ -44,6 +47,10 @@ usage: bench [--quick] [--repeats N] [--duration SECS] [--short-repeats N]
   --tcp-rate MBITS offered TCP rate of the CPU figure, Mbit/s (default 4000)
   --rr-flows N     concurrent flows of the request/response figure (default 32)
   --crr-clients N  concurrent clients of the connection-rate figure (default 32)
+  --family F       ipv4, ipv6 or both (default both): the IPv6 rows are the same figures
+                   in dual-stack labs between the IPv6 addresses (host, plain, kernel,
+                   ebpf-fast only; no RTT: sockperf 3.7 has no IPv6), reported in their
+                   own section; IPv4 keeps its IPv4-only labs
   --no-pin         leave the tools where the scheduler puts them
   --quick          smoke run: 1 round of 1 s per figure; writes to target/bench-partial/
                    unless --out
@@ -59,6 +66,7 @@ struct Args {
     pin: bool,
     modes: Vec<Mode>,
     figures: Vec<Figure>,
+    families: Vec<Family>,
     out: PathBuf,
     update_readme: bool,
     json: bool,
@@ -86,6 +94,7 @@ fn parse_args(args: &[String]) -> Result<Option<Args>> {
         pin: true,
         modes: Mode::DEFAULT.to_vec(),
         figures: Figure::ALL.to_vec(),
+        families: vec![Family::Ipv4, Family::Ipv6],
         out: workspace_root().join("docs"),
         update_readme: true,
         json: false,
@@ -123,6 +132,7 @@ fn parse_args(args: &[String]) -> Result<Option<Args>> {
                     .map(Figure::parse)
                     .collect::<Result<_>>()?;
             }
+            "--family" => a.families = Family::parse_list(value()?)?,
             "--modes" => {
                 a.modes = value()?
                     .split(',')
@@ -144,8 +154,9 @@ fn parse_args(args: &[String]) -> Result<Option<Args>> {
     a.figures.dedup();
     // Only a full run (every mode and figure, normal length) may replace the
     // published report and the README table.
-    let partial =
-        Mode::DEFAULT.iter().any(|m| !a.modes.contains(m)) || a.figures.len() < Figure::ALL.len();
+    let partial = Mode::DEFAULT.iter().any(|m| !a.modes.contains(m))
+        || a.figures.len() < Figure::ALL.len()
+        || a.families.len() < 2;
     match out {
         Some(dir) => {
             a.update_readme = false;
@@ -174,7 +185,79 @@ fn parse_args(args: &[String]) -> Result<Option<Args>> {
     {
         bail!("--udp-rate and --tcp-rate must be non-zero, --rr-flows and --crr-clients 1..=1000");
     }
+    if a.labs().is_empty() {
+        bail!("none of these modes has IPv6 rows (host, plain, kernel, ebpf-fast)");
+    }
     Ok(Some(a))
+}
+
+impl Args {
+    /// About how many seconds the run measures (what the labs' set-up
+    /// takes comes on top): the figures of every lab in every round (no RTT
+    /// in the IPv6 labs), and the program-cost step of each eBPF lab.
+    fn measuring_secs(&self) -> u32 {
+        let labs = self.labs();
+        let per_lab = |family: Family| -> u32 {
+            let secs = |headline: bool, f: &Figure| -> u32 {
+                if f.is_headline() != headline || (family == Family::Ipv6 && *f == Figure::Rtt) {
+                    0
+                } else if headline {
+                    f.secs(self.secs)
+                } else {
+                    f.secs(self.short_secs)
+                }
+            };
+            let headline: u32 = self.figures.iter().map(|f| secs(true, f)).sum();
+            let short: u32 = self.figures.iter().map(|f| secs(false, f)).sum();
+            self.repeats * headline + self.short_repeats * short
+        };
+        let ebpf_labs = labs.iter().filter(|(m, _)| m.is_ebpf()).count() as u32;
+        let progs = if self.figures.contains(&Figure::Progs) {
+            ebpf_labs * 3 * (self.short_secs + 3)
+        } else {
+            0
+        };
+        labs.iter().map(|(_, f)| per_lab(*f)).sum::<u32>() + progs
+    }
+
+    /// The labs to build, IPv4 ones first: every mode in each family that
+    /// has rows for it.
+    fn labs(&self) -> Vec<(Mode, Family)> {
+        self.families
+            .iter()
+            .flat_map(|f| {
+                self.modes
+                    .iter()
+                    .filter(|m| m.has_family(*f))
+                    .map(|m| (*m, *f))
+            })
+            .collect()
+    }
+}
+
+/// The results of each family: the IPv4 rows and the IPv6 rows are
+/// reported apart (their ratios compare modes of the same family only).
+#[derive(Default)]
+struct ByFamily {
+    v4: Results,
+    v6: Results,
+}
+
+impl ByFamily {
+    fn get_mut(&mut self, family: Family) -> &mut Results {
+        match family {
+            Family::Ipv4 => &mut self.v4,
+            Family::Ipv6 => &mut self.v6,
+        }
+    }
+}
+
+/// How a lab is named in the log: the mode, with `/ipv6` for the IPv6 rows.
+fn tag(mode: Mode, family: Family) -> String {
+    match family {
+        Family::Ipv4 => mode.name().to_owned(),
+        Family::Ipv6 => format!("{}/ipv6", mode.name()),
+    }
 }
 
 /// What one measurement step runs (the RTT and CPU steps yield two figures
@@ -258,30 +341,27 @@ fn main() -> Result<()> {
     } else {
         Pinning::NONE
     };
-    let headline: u32 = args
-        .figures
-        .iter()
-        .filter(|f| f.is_headline())
-        .map(|f| f.secs(args.secs))
-        .sum();
-    let short: u32 = args
-        .figures
-        .iter()
-        .filter(|f| !f.is_headline())
-        .map(|f| f.secs(args.short_secs))
-        .sum();
-    let ebpf_modes = args.modes.iter().filter(|m| m.is_ebpf()).count() as u32;
-    let progs = if args.figures.contains(&Figure::Progs) {
-        ebpf_modes * 3 * (args.short_secs + 3)
-    } else {
-        0
-    };
-    let modes = args.modes.len() as u32;
+    let wanted = args.labs();
+    for f in &args.families {
+        let without: Vec<&str> = args
+            .modes
+            .iter()
+            .filter(|m| !m.has_family(*f))
+            .map(|m| m.name())
+            .collect();
+        if !without.is_empty() {
+            eprintln!(
+                "bench: no {} rows for {} (IPv6: host, plain, kernel, ebpf-fast)",
+                f.name(),
+                without.join(", ")
+            );
+        }
+    }
     eprintln!(
         "bench: modes {}; TCP throughput {} rounds x {} s, other figures {} rounds x {} s; {}: about {} s of measuring",
-        args.modes
+        wanted
             .iter()
-            .map(|m| m.name())
+            .map(|(m, f)| tag(*m, *f))
             .collect::<Vec<_>>()
             .join(", "),
         args.repeats,
@@ -289,19 +369,21 @@ fn main() -> Result<()> {
         args.short_repeats,
         args.short_secs,
         pin.describe(),
-        modes * (args.repeats * headline + args.short_repeats * short) + progs
+        args.measuring_secs()
     );
     let load_before = loadavg();
 
-    let mut results = Results::default();
+    let mut all = ByFamily::default();
     let mut labs = Vec::new();
-    for mode in &args.modes {
-        eprintln!("bench: building the {} lab", mode.name());
-        match ModeLab::build(*mode, pin) {
+    for (mode, family) in wanted {
+        eprintln!("bench: building the {} lab", tag(mode, family));
+        match ModeLab::build(mode, family, pin) {
             Ok(l) => labs.push(l),
             Err(e) => {
-                eprintln!("bench: {} lab failed: {e:#}", mode.name());
-                results.errors.push((*mode, format!("lab setup: {e:#}")));
+                eprintln!("bench: {} lab failed: {e:#}", tag(mode, family));
+                all.get_mut(family)
+                    .errors
+                    .push((mode, format!("lab setup: {e:#}")));
             }
         }
     }
@@ -313,8 +395,13 @@ fn main() -> Result<()> {
                 break 'rounds;
             }
             let lab = &labs[(i + round as usize) % labs.len()];
-            if let Err(e) = measure(lab, &args, round, pin, &mut results) {
-                eprintln!("bench: {} round {}: {e:#}", lab.mode.name(), round + 1);
+            let results = all.get_mut(lab.family);
+            if let Err(e) = measure(lab, &args, round, pin, results) {
+                eprintln!(
+                    "bench: {} round {}: {e:#}",
+                    tag(lab.mode, lab.family),
+                    round + 1
+                );
                 results
                     .errors
                     .push((lab.mode, format!("round {}: {e:#}", round + 1)));
@@ -326,8 +413,9 @@ fn main() -> Result<()> {
             if interrupted() {
                 break;
             }
-            if let Err(e) = prog_costs(lab, &args, pin, &mut results) {
-                eprintln!("bench: {} program cost: {e:#}", lab.mode.name());
+            let results = all.get_mut(lab.family);
+            if let Err(e) = prog_costs(lab, &args, pin, results) {
+                eprintln!("bench: {} program cost: {e:#}", tag(lab.mode, lab.family));
                 results
                     .errors
                     .push((lab.mode, format!("program cost: {e:#}")));
@@ -339,7 +427,7 @@ fn main() -> Result<()> {
     for lab in labs {
         if lab.mode.is_ebpf() {
             for r in lab.reports() {
-                results.counters.push((lab.mode, r));
+                all.get_mut(lab.family).counters.push((lab.mode, r));
             }
         }
         if let Err(e) = lab.destroy() {
@@ -351,11 +439,18 @@ fn main() -> Result<()> {
     }
 
     let ctx = context(&args, pin, load_before, started.elapsed().as_secs_f64());
-    let md = report::markdown(&results, &ctx);
+    let ByFamily { v4: results, v6 } = all;
+    let v6 = args.families.contains(&Family::Ipv6).then_some(&v6);
+    let md = report::markdown(&results, v6, &ctx);
+    // The chart shows the IPv4 rows, or the IPv6 ones of an IPv6-only run.
+    let (charted, lab) = match v6 {
+        Some(v6) if !args.families.contains(&Family::Ipv4) => (v6, "Two-host lab, IPv6"),
+        _ => (&results, "Two-host lab"),
+    };
     let chart = svg::chart(
-        &results,
+        charted,
         &format!(
-            "Two-host lab, {} (medians of {} rounds of TCP, {} of the rest; one run)",
+            "{lab}, {} (medians of {} rounds of TCP, {} of the rest; one run)",
             ctx.date, ctx.repeats, ctx.short_repeats
         ),
     );
@@ -363,13 +458,22 @@ fn main() -> Result<()> {
     std::fs::write(args.out.join("benchmark.md"), &md)?;
     std::fs::write(args.out.join("benchmark.svg"), &chart)?;
     if args.update_readme {
-        update_readme(&results, &ctx)?;
+        update_readme(&results, v6, &ctx)?;
     }
-    eprintln!(
-        "\n{}\n{}",
-        report::table(&results),
-        report::targets(&results)
-    );
+    if args.families.contains(&Family::Ipv4) {
+        eprintln!(
+            "\n{}\n{}",
+            report::table(&results),
+            report::targets(&results)
+        );
+    }
+    if let Some(v6) = v6 {
+        eprintln!(
+            "\nIPv6 rows:\n{}\n{}",
+            report::table(v6),
+            report::targets_for(v6, report::TARGETS6)
+        );
+    }
     eprintln!(
         "bench: wrote {} and benchmark.svg{} in {:.0} s",
         args.out.join("benchmark.md").display(),
@@ -381,12 +485,13 @@ fn main() -> Result<()> {
         ctx.wall_secs
     );
     if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&report::json(&results, &ctx))?
-        );
+        let mut j = report::json(&results, &ctx);
+        if let Some(v6) = v6 {
+            j["ipv6"] = report::json_rows(v6, report::TARGETS6);
+        }
+        println!("{}", serde_json::to_string_pretty(&j)?);
     }
-    if results.samples.is_empty() {
+    if results.samples.is_empty() && v6.is_none_or(|r| r.samples.is_empty()) {
         bail!("nothing was measured");
     }
     Ok(())
@@ -404,10 +509,17 @@ fn measure(
     let short_round = args.short_round(round);
     let mode = lab.mode;
     // Whatever was measured is printed even when a later figure fails.
-    let mut logged = PrintOnDrop(format!("bench: {:9} r{:<2}", mode.name(), round + 1));
+    let mut logged = PrintOnDrop(format!(
+        "bench: {:9} r{:<2}",
+        tag(mode, lab.family),
+        round + 1
+    ));
     let line = &mut logged.0;
     for figure in &args.figures {
         if *figure == Figure::Progs || !(figure.is_headline() || short_round) {
+            continue;
+        }
+        if *figure == Figure::Rtt && !tools::rtt_supported(dst) {
             continue;
         }
         let secs = if figure.is_headline() {
@@ -558,7 +670,7 @@ fn prog_costs(lab: &ModeLab, args: &Args, pin: Pinning, results: &mut Results) -
             connrate::conn_rate(&ends, args.crr_clients, secs, pin).map(drop)
         }),
     ];
-    let mut line = format!("bench: {:9} program cost:", lab.mode.name());
+    let mut line = format!("bench: {:9} program cost:", tag(lab.mode, lab.family));
     for (load, run) in loads {
         line += &format!("\n  {load}:");
         let before: Vec<_> = hosts
@@ -630,7 +742,7 @@ const README_START: &str = "<!-- bench:start -->";
 const README_END: &str = "<!-- bench:end -->";
 
 /// Replaces the benchmark section of README.md with this run's table.
-fn update_readme(results: &Results, ctx: &Context) -> Result<()> {
+fn update_readme(results: &Results, v6: Option<&Results>, ctx: &Context) -> Result<()> {
     let path = workspace_root().join("README.md");
     let readme = std::fs::read_to_string(&path).context("reading README.md")?;
     let (Some(a), Some(b)) = (readme.find(README_START), readme.find(README_END)) else {
@@ -650,7 +762,7 @@ fn update_readme(results: &Results, ctx: &Context) -> Result<()> {
         ctx.short_repeats,
         ctx.short_secs,
         ctx.pinning,
-        report::table(results)
+        report::table(results) + &v6.map(report::readme_ipv6).unwrap_or_default()
     );
     let updated = format!("{}{body}{}", &readme[..a], &readme[b + README_END.len()..]);
     std::fs::write(&path, updated).context("writing README.md")
@@ -729,6 +841,54 @@ mod tests {
         assert!(!a.pin);
         assert!(Figure::Tcp1.is_headline() && !Figure::Crr.is_headline());
         assert!(args("--short-duration 0").is_err());
+    }
+
+    #[test]
+    fn family_chooses_the_rows_and_only_both_is_a_full_run() {
+        let a = args("").unwrap().unwrap();
+        assert_eq!(a.families, [Family::Ipv4, Family::Ipv6]);
+        assert!(a.update_readme);
+        // Every default mode in IPv4; in IPv6 all but the eBPF host path.
+        let labs = a.labs();
+        assert_eq!(labs.len(), 5 + 4);
+        assert_eq!(labs[0], (Mode::Host, Family::Ipv4));
+        assert_eq!(
+            labs[5..],
+            [
+                (Mode::Host, Family::Ipv6),
+                (Mode::Plain, Family::Ipv6),
+                (Mode::Kernel, Family::Ipv6),
+                (Mode::EbpfFast, Family::Ipv6),
+            ]
+        );
+        let a = args("--family ipv4").unwrap().unwrap();
+        assert_eq!(a.families, [Family::Ipv4]);
+        assert_eq!(a.labs().len(), 5);
+        assert!(!a.update_readme && a.out.ends_with("target/bench-partial"));
+        let a = args("--quick --family ipv6 --modes kernel,ebpf-fast,ebpf-tc")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            a.labs(),
+            [(Mode::Kernel, Family::Ipv6), (Mode::EbpfFast, Family::Ipv6)]
+        );
+        assert!(!a.update_readme);
+        assert!(args("--family ipv6 --modes ebpf-tc,ebpf-xdp").is_err());
+        assert!(args("--family v6").is_err());
+        assert!(args("--family").is_err());
+        assert_eq!(tag(Mode::Kernel, Family::Ipv6), "kernel/ipv6");
+        // The IPv4 rows' time is what it was; the IPv6 labs add theirs
+        // (no RTT: 4 rounds x 4 s less per lab).
+        assert_eq!(
+            args("--family ipv4").unwrap().unwrap().measuring_secs(),
+            1736
+        );
+        assert_eq!(
+            args("--family ipv6").unwrap().unwrap().measuring_secs(),
+            4 * (10 * 22 + 4 * (30 - 4)) + 18
+        );
+        assert_eq!(args("").unwrap().unwrap().measuring_secs(), 1736 + 1314);
+        assert_eq!(tag(Mode::Kernel, Family::Ipv4), "kernel");
     }
 
     #[test]

@@ -4,14 +4,18 @@
 //! (what flannel users have), and our eBPF datapath: with the fast path (the
 //! default), and on the host's path (`--fast-path=off`) with TC-only or
 //! XDP+TC ingress.
+//!
+//! Each mode can also be built dual stack for the IPv6 rows ([`Family`]):
+//! the same lab with IPv6 beside IPv4, traffic between the IPv6 addresses.
+//! The IPv4 rows keep their IPv4-only labs.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use anyhow::{Result, bail};
 use overlay_agent::datapath::{ebpf::IngressMode, fastpath::FastPathMode};
 use overlay_tests::{cmd, netns};
 use overlay_tests::{
-    lab::{Lab, LabSpec},
+    lab::{Host6, Lab, LabSpec},
     overlay::{self, Kind, Member, Overlay},
     traffic,
 };
@@ -95,15 +99,62 @@ impl Mode {
     }
 
     /// Lab names are part of namespace names: at most 8 letters/digits.
-    fn lab_name(self) -> &'static str {
-        match self {
-            Mode::Host => "bhost",
-            Mode::Plain => "bplain",
-            Mode::Kernel => "bkernel",
-            Mode::EbpfFast => "bebpffp",
-            Mode::EbpfTc => "bebpftc",
-            Mode::EbpfXdp => "bebpfxdp",
+    fn lab_name(self, family: Family) -> &'static str {
+        match (self, family) {
+            (Mode::Host, Family::Ipv4) => "bhost",
+            (Mode::Plain, Family::Ipv4) => "bplain",
+            (Mode::Kernel, Family::Ipv4) => "bkernel",
+            (Mode::EbpfFast, Family::Ipv4) => "bebpffp",
+            (Mode::EbpfTc, Family::Ipv4) => "bebpftc",
+            (Mode::EbpfXdp, Family::Ipv4) => "bebpfxdp",
+            (Mode::Host, Family::Ipv6) => "bhost6",
+            (Mode::Plain, Family::Ipv6) => "bplain6",
+            (Mode::Kernel, Family::Ipv6) => "bkernel6",
+            (Mode::EbpfFast, Family::Ipv6) => "bebpffp6",
+            (Mode::EbpfTc, Family::Ipv6) => "bebpftc6",
+            (Mode::EbpfXdp, Family::Ipv6) => "bebpfxd6",
         }
+    }
+
+    /// Whether the mode has rows in `family`: IPv6 has the host network,
+    /// plain routing, kernel vxlan (`flannel-v6.<VNI>`) and the eBPF
+    /// datapath with its fast path (the eBPF host-path modes are IPv4 only).
+    pub fn has_family(self, family: Family) -> bool {
+        match family {
+            Family::Ipv4 => true,
+            Family::Ipv6 => matches!(
+                self,
+                Mode::Host | Mode::Plain | Mode::Kernel | Mode::EbpfFast
+            ),
+        }
+    }
+}
+
+/// Which address family a lab's traffic uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Family {
+    /// IPv4-only labs: the report's main rows.
+    Ipv4,
+    /// Dual-stack labs, traffic between the IPv6 addresses: the IPv6 rows.
+    Ipv6,
+}
+
+impl Family {
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::Ipv4 => "ipv4",
+            Family::Ipv6 => "ipv6",
+        }
+    }
+
+    /// `--family`: ipv4, ipv6 or both.
+    pub fn parse_list(s: &str) -> Result<Vec<Family>> {
+        Ok(match s {
+            "ipv4" => vec![Family::Ipv4],
+            "ipv6" => vec![Family::Ipv6],
+            "both" => vec![Family::Ipv4, Family::Ipv6],
+            _ => bail!("unknown family {s:?} (ipv4, ipv6, both)"),
+        })
     }
 }
 
@@ -116,7 +167,29 @@ impl Mode {
 /// it alone: about a third of what the fast path's connections cost more
 /// than the host path's in `perf` (nf_conntrack_in, __nf_conntrack_find_get,
 /// nf_conntrack_tcp_packet, nft_do_chain).
-fn track_connections(ns: &str) -> Result<()> {
+fn track_connections(ns: &str, family: Family) -> Result<()> {
+    if family == Family::Ipv6 {
+        // The same for IPv6 (conntrack is turned on per family), with the
+        // documentation prefix.
+        cmd::run_in(
+            ns,
+            &[
+                "ip6tables",
+                "-t",
+                "nat",
+                "-A",
+                "POSTROUTING",
+                "-d",
+                "2001:db8::/32",
+                "-m",
+                "comment",
+                "--comment",
+                "bench: conntrack on in every mode",
+                "-j",
+                "MASQUERADE",
+            ],
+        )?;
+    }
     cmd::run_in(
         ns,
         &[
@@ -144,7 +217,7 @@ fn track_connections(ns: &str) -> Result<()> {
 pub struct Endpoints {
     pub client_ns: String,
     pub server_ns: String,
-    pub server_ip: Ipv4Addr,
+    pub server_ip: IpAddr,
     pub server_dev: String,
 }
 
@@ -153,23 +226,33 @@ pub struct Endpoints {
 /// Fields drop in order: servers, then the datapaths, then the namespaces.
 pub struct ModeLab {
     pub mode: Mode,
+    pub family: Family,
     servers: Option<Servers>,
     members: Vec<Member>,
     pub lab: Lab,
 }
 
 impl ModeLab {
-    pub fn build(mode: Mode, pin: Pinning) -> Result<ModeLab> {
-        let lab = Lab::build(&LabSpec::new(mode.lab_name(), 2))?;
+    pub fn build(mode: Mode, family: Family, pin: Pinning) -> Result<ModeLab> {
+        if !mode.has_family(family) {
+            bail!("{} has no {} rows", mode.name(), family.name());
+        }
+        let spec = LabSpec::new(mode.lab_name(family), 2);
+        let spec = match family {
+            Family::Ipv4 => spec,
+            Family::Ipv6 => spec.with_ipv6(),
+        };
+        let lab = Lab::build(&spec)?;
         let mut ml = ModeLab {
             mode,
+            family,
             servers: None,
             members: Vec::new(),
             lab,
         };
         let (h1, h2) = (ml.lab.host(1).clone(), ml.lab.host(2).clone());
         for h in [&h1, &h2] {
-            track_connections(&h.ns)?;
+            track_connections(&h.ns, family)?;
         }
         let kind = match mode {
             Mode::Host | Mode::Plain => None,
@@ -184,8 +267,13 @@ impl ModeLab {
             None => ml.lab.route_plain()?,
             Some((kind, fast_path)) => {
                 for h in [&h1, &h2] {
-                    ml.members
-                        .push(Member::join_with(h, kind, Overlay::default(), fast_path)?);
+                    let member = match ml.lab.host6(h.index) {
+                        None => Member::join_with(h, kind, Overlay::default(), fast_path)?,
+                        Some(h6) => {
+                            Member::join_dual_stack(h, &h6, kind, Overlay::default(), fast_path)?
+                        }
+                    };
+                    ml.members.push(member);
                 }
                 overlay::mesh(&ml.members.iter().collect::<Vec<_>>())?;
             }
@@ -198,21 +286,26 @@ impl ModeLab {
         Ok(ml)
     }
 
-    /// Container to container, or host to host for the host-network mode.
+    /// Container to container, or host to host for the host-network mode;
+    /// their IPv6 addresses in a dual-stack lab.
     pub fn endpoints(&self) -> Endpoints {
         let (h1, h2) = (self.lab.host(1), self.lab.host(2));
+        let v6 = self
+            .lab
+            .host6(2)
+            .map(|h: Host6| (IpAddr::from(h.underlay_ip), IpAddr::from(h.container_ip)));
         if self.mode == Mode::Host {
             Endpoints {
                 client_ns: h1.ns.clone(),
                 server_ns: h2.ns.clone(),
-                server_ip: h2.underlay_ip,
+                server_ip: v6.map_or(h2.underlay_ip.into(), |(underlay, _)| underlay),
                 server_dev: h2.underlay_dev.clone(),
             }
         } else {
             Endpoints {
                 client_ns: h1.container_ns.clone(),
                 server_ns: h2.container_ns.clone(),
-                server_ip: h2.container_ip,
+                server_ip: v6.map_or(h2.container_ip.into(), |(_, container)| container),
                 // The container's end of its veth.
                 server_dev: "eth0".to_owned(),
             }

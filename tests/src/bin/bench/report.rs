@@ -142,6 +142,14 @@ pub const TARGETS: &[Target] = &[
     ratio(Metric::Udp64, Mode::Kernel, 1.70),
 ];
 
+/// The targets of issue 18 for the IPv6 rows: the eBPF datapath with its
+/// fast path against kernel vxlan (`flannel-v6.<VNI>`), both over IPv6.
+pub const TARGETS6: &[Target] = &[
+    ratio(Metric::Tcp1, Mode::Kernel, 1.10),
+    ratio(Metric::Tcp4, Mode::Kernel, 1.10),
+    ratio(Metric::Udp64, Mode::Kernel, 1.50),
+];
+
 impl Target {
     fn higher_is_better(&self) -> bool {
         match self.quantity {
@@ -382,12 +390,17 @@ pub fn cpu_table(results: &Results, ctx: &Context) -> String {
     out
 }
 
-/// One line per target and eBPF mode: what was reached (median of the
-/// per-round values and its interval) and whether it is met.
+/// One line per target of issue 20 and eBPF mode: what was reached (median
+/// of the per-round values and its interval) and whether it is met.
 pub fn targets(results: &Results) -> String {
+    targets_for(results, TARGETS)
+}
+
+/// [`targets`] for these targets (e.g. [`TARGETS6`] of the IPv6 rows).
+pub fn targets_for(results: &Results, targets: &[Target]) -> String {
     let mut out = String::from("| target | eBPF mode | reached | met |\n|---|---|---|---|\n");
     for mode in results.modes().into_iter().filter(|m| m.is_ebpf()) {
-        for t in TARGETS {
+        for t in targets {
             let r = t.reached(results, mode);
             let met = r.as_ref().map_or("not measured", |s| t.verdict(s));
             let _ = writeln!(
@@ -445,7 +458,10 @@ pub fn prog_cost_table(results: &Results) -> String {
     out
 }
 
-pub fn markdown(results: &Results, ctx: &Context) -> String {
+/// The report: the IPv4 rows, and with `v6` the IPv6 rows in a section of
+/// their own (only those of an IPv6-only run).
+pub fn markdown(results: &Results, v6: Option<&Results>, ctx: &Context) -> String {
+    let v4 = v6.is_none() || !results.samples.is_empty() || !results.errors.is_empty();
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -466,6 +482,22 @@ pub fn markdown(results: &Results, ctx: &Context) -> String {
         ctx.load_before,
         ctx.load_after,
     );
+    if v4 {
+        v4_sections(&mut out, results, ctx);
+    }
+    if let Some(v6) = v6 {
+        out.push_str(&ipv6_section(v6, ctx));
+    }
+    how_measured(&mut out, v6.is_some(), ctx);
+    if v4 {
+        out.push_str(&samples_table(results));
+    }
+    out
+}
+
+/// The IPv4 rows' table, noise, CPU, program cost, targets, failures and
+/// counters.
+fn v4_sections(out: &mut String, results: &Results, ctx: &Context) {
     out.push_str(&table(results));
     let _ = write!(
         out,
@@ -535,8 +567,12 @@ pub fn markdown(results: &Results, ctx: &Context) -> String {
             let _ = writeln!(out, "- {}: `{}`", mode.name(), c);
         }
     }
+}
+
+fn how_measured(out: &mut String, ipv6: bool, ctx: &Context) {
+    let mut text = String::new();
     let _ = write!(
-        out,
+        text,
         "\n## How it was measured\n\n\
          - One lab per mode, built with the test harness: two hosts (network namespaces) on an underlay \
            bridge in a switch namespace, each host with a bridge `cni0` and one container behind a veth \
@@ -638,6 +674,27 @@ pub fn markdown(results: &Results, ctx: &Context) -> String {
         lb = ctx.load_before,
         la = ctx.load_after,
     );
+    // The IPv6 labs close the list of how it was measured.
+    let limits = "\n## What these figures can and cannot show";
+    if ipv6 && let Some(at) = text.find(limits) {
+        text.insert_str(at, IPV6_METHOD);
+    }
+    out.push_str(&text);
+}
+
+/// The IPv6 labs, for "How it was measured".
+const IPV6_METHOD: &str = "- IPv6 rows: one dual-stack lab per mode (host network, plain routing, kernel vxlan, \
+     eBPF fast path), built like the IPv4 ones plus IPv6 on the underlay (fd64::1 and fd64::2/64), \
+     on `cni0` (fd05:0:0:<host>::1/64) and in the container (fd05:0:0:<host>::2/64, default route via \
+     `cni0`), without duplicate address detection; the datapaths run dual stack (`flannel-v6.1` beside \
+     `flannel.1`, each peer's IPv6 half programmed as a dual-stack lease has it) and the tools use \
+     the IPv6 addresses. These labs are measured in the same rounds as the IPv4 ones, and every host \
+     tracks IPv6 connections too (an ip6tables NAT rule for 2001:db8::/32). Plain routing routes the \
+     other host's IPv6 subnet via its underlay IPv6 address.\n";
+
+/// Every sample by mode, figure and round.
+fn samples_table(results: &Results) -> String {
+    let mut out = String::new();
     out.push_str("\n## Samples\n\n| mode | figure | samples (round: value) |\n|---|---|---|\n");
     for ((mode, metric), v) in &results.samples {
         let v: Vec<String> = v
@@ -655,6 +712,75 @@ pub fn markdown(results: &Results, ctx: &Context) -> String {
     out
 }
 
+/// The IPv6 rows: what they measure, their table, noise, CPU, program
+/// cost, the targets of issue 18, failures, counters and samples.
+pub fn ipv6_section(v6: &Results, ctx: &Context) -> String {
+    let mut out = String::from("\n## IPv6 rows (dual-stack labs)\n\n");
+    out.push_str(
+        "The same figures between the pods' IPv6 addresses (host to host over the underlay's IPv6 for \
+         the host network), each mode in a dual-stack lab of its own: kernel vxlan carries the pods' IPv6 \
+         in `flannel-v6.1` over the underlay's IPv6, the eBPF datapath in its IPv6 programs with the IPv6 \
+         fast path on. Ratios compare modes of these rows only, measured in the same rounds. The RTT rows \
+         are not measured: sockperf 3.7, the tool of that figure, refuses IPv6 addresses.\n\n\
+         MTU: the pods' veths have 1450 bytes in both families, the underlay 1500. That is what flannel gives \
+         pods over IPv6 too (`FLANNEL_MTU` = underlay − 50 for both families, flannel issue #1781, closed \
+         wontfix), although VXLAN over IPv6 costs 70 bytes: the kernel caps `flannel-v6.1` at underlay − 70 \
+         (1430). The lab keeps flannel's 1450 so that the pods are configured as on a flannel node and as \
+         in the IPv4 rows: a full-sized IPv6 packet from a pod does not fit `flannel-v6.1` and gets an \
+         ICMPv6 \"packet too big\" from its node, after which the pod's kernel sends at most 1430 bytes to \
+         that destination (for TCP, segments sized for 1430). The host network and plain routing carry no \
+         encapsulation and so never meet the limit.\n\n\
+         On the sending node, bulk TCP from a pod arrives at the pod's veth as GSO aggregates, which the \
+         IPv6 programs hand to the kernel's `flannel-v6.1` (counter `pass_gso_ipv6`): in the TCP rows the \
+         eBPF datapath's sending side is the kernel's vxlan path, its receiving side the fast path \
+         (`fast_ingress`); single packets (UDP, request/response, ACKs) take the fast path both ways.\n\n",
+    );
+    out.push_str(&table(v6));
+    out.push_str("\n### Noise of the IPv6 rows\n\n");
+    out.push_str(&noise_table(v6));
+    out.push_str("\n### CPU cost at a fixed offered load (IPv6)\n\n");
+    out.push_str(&cpu_table(v6, ctx));
+    if !v6.prog_costs.is_empty() {
+        out.push_str("\n### Per-program cost (IPv6)\n\n");
+        out.push_str(&prog_cost_table(v6));
+        out.push_str(
+            "\nThe IPv6 programs the attached ones reach by tail calls (`veth_from_pod6`, `veth_encap6`, \
+             `veth_to_pod6`, `vxlan_ingress_tc6`) have no attachment of their own: the kernel counts their \
+             time in the program that called them. `vxlan_egress6` is attached to `flannel-v6.1`.\n",
+        );
+    }
+    out.push_str("\n### Targets (issue 18, IPv6)\n\n");
+    out.push_str(&targets_for(v6, TARGETS6));
+    if !v6.errors.is_empty() {
+        out.push_str("\n### Failures during the run (IPv6)\n\n");
+        for (mode, e) in &v6.errors {
+            let _ = writeln!(out, "- {}: {}", mode.name(), e.replace('\n', " "));
+        }
+    }
+    if v6.failed_connections.values().any(|n| *n > 0) {
+        out.push_str("\n### Failed connections (IPv6, connection-rate figure)\n\n");
+        for (mode, n) in &v6.failed_connections {
+            let _ = writeln!(out, "- {}: {n}", mode.name());
+        }
+    }
+    if !v6.counters.is_empty() {
+        out.push_str("\n### eBPF counters after the run (IPv6 labs, proof of path)\n\n");
+        for (mode, c) in &v6.counters {
+            let _ = writeln!(out, "- {}: `{}`", mode.name(), c);
+        }
+    }
+    out.push_str(&samples_table(v6).replace("\n## Samples\n", "\n### Samples (IPv6)\n"));
+    out
+}
+
+/// The IPv6 rows' table for README.md, below the IPv4 one.
+pub fn readme_ipv6(v6: &Results) -> String {
+    format!(
+        "\nIPv6 rows (dual-stack labs, pod to pod over the underlay's IPv6; no RTT: sockperf 3.7 has no IPv6):\n\n{}",
+        table(v6)
+    )
+}
+
 /// How long the idle machine is measured before each CPU step.
 pub const BACKGROUND_SECS: u32 = 2;
 
@@ -669,6 +795,27 @@ fn spread_json(s: Option<Spread>) -> serde_json::Value {
 }
 
 pub fn json(results: &Results, ctx: &Context) -> serde_json::Value {
+    let mut j = serde_json::json!({
+        "date": ctx.date, "commit": ctx.commit, "kernel": ctx.kernel, "cpu": ctx.cpu,
+        "cores": ctx.cores, "repeats": ctx.repeats, "seconds_per_figure": ctx.secs,
+        "short_repeats": ctx.short_repeats, "short_seconds": ctx.short_secs,
+        "pinning": ctx.pinning,
+        "wall_seconds": ctx.wall_secs,
+        "load_average": {"before": ctx.load_before, "after": ctx.load_after},
+        "offered_load": {"udp_64b_kpps": ctx.udp_kpps, "tcp_mbps": ctx.tcp_mbps},
+        "rr_flows": ctx.rr_flows, "crr_clients": ctx.crr_clients,
+    });
+    if let (Some(j), serde_json::Value::Object(rows)) =
+        (j.as_object_mut(), json_rows(results, TARGETS))
+    {
+        j.extend(rows);
+    }
+    j
+}
+
+/// What one family's rows measured, as JSON (medians, ratios, `targets`,
+/// noise, program cost, failures, counters).
+pub fn json_rows(results: &Results, targets: &[Target]) -> serde_json::Value {
     let mut modes = serde_json::Map::new();
     for mode in results.modes() {
         let mut m = serde_json::Map::new();
@@ -713,7 +860,7 @@ pub fn json(results: &Results, ctx: &Context) -> serde_json::Value {
         .into_iter()
         .filter(|m| m.is_ebpf())
         .flat_map(|mode| {
-            TARGETS.iter().map(move |t| {
+            targets.iter().map(move |t| {
                 let r = t.reached(results, mode);
                 serde_json::json!({
                     "mode": mode.name(), "target": t.describe(), "reached": spread_json(r),
@@ -733,14 +880,6 @@ pub fn json(results: &Results, ctx: &Context) -> serde_json::Value {
         })
         .collect();
     serde_json::json!({
-        "date": ctx.date, "commit": ctx.commit, "kernel": ctx.kernel, "cpu": ctx.cpu,
-        "cores": ctx.cores, "repeats": ctx.repeats, "seconds_per_figure": ctx.secs,
-        "short_repeats": ctx.short_repeats, "short_seconds": ctx.short_secs,
-        "pinning": ctx.pinning,
-        "wall_seconds": ctx.wall_secs,
-        "load_average": {"before": ctx.load_before, "after": ctx.load_after},
-        "offered_load": {"udp_64b_kpps": ctx.udp_kpps, "tcp_mbps": ctx.tcp_mbps},
-        "rr_flows": ctx.rr_flows, "crr_clients": ctx.crr_clients,
         "modes": modes, "ratios": ratios, "targets": targets, "host_noise": noise,
         "prog_costs": results.prog_costs.iter().map(|(m, load, c)| serde_json::json!({
             "mode": m.name(), "load": load, "host": c.host, "program": c.name,
@@ -878,7 +1017,7 @@ mod tests {
             t.contains("| eBPF host path (TC) | 6.00 | 0.75× | 0.67× | 1.50 | n/a | n/a |"),
             "{t}"
         );
-        let md = markdown(&r, &ctx());
+        let md = markdown(&r, None, &ctx());
         assert!(md.contains("## CPU cost at a fixed offered load"), "{md}");
         assert!(md.contains("## Noise of this run"), "{md}");
         assert!(md.contains("client on CPU 0, server on CPU 1"), "{md}");
@@ -895,6 +1034,76 @@ mod tests {
             j["ratios"]["kernel"]["cpu_s_per_mpkt_udp64"]
                 .get("vs_kernel")
                 .is_none()
+        );
+    }
+
+    #[test]
+    fn ipv6_rows_have_their_own_section_and_targets() {
+        let mut v4 = Results::default();
+        v4.push(Mode::Kernel, Metric::Tcp1, 0, 10.0);
+        v4.push(Mode::EbpfFast, Metric::Tcp1, 0, 12.0);
+        let mut v6 = Results::default();
+        for round in 0..2 {
+            v6.push(Mode::Kernel, Metric::Tcp1, round, 8.0);
+            v6.push(Mode::EbpfFast, Metric::Tcp1, round, 9.6);
+            v6.push(Mode::Kernel, Metric::Udp64, round, 100.0);
+            v6.push(Mode::EbpfFast, Metric::Udp64, round, 140.0);
+        }
+        v6.counters
+            .push((Mode::EbpfFast, "host 1: pass_gso_ipv6=3p/9B".into()));
+        let t = targets_for(&v6, TARGETS6);
+        assert!(
+            t.contains(
+                "| TCP 1 stream ≥ 1.10× kernel vxlan | ebpf-fast | 1.20× (1.20–1.20) | yes |"
+            ),
+            "{t}"
+        );
+        assert!(
+            t.contains(
+                "| UDP 64 B pps ≥ 1.50× kernel vxlan | ebpf-fast | 1.40× (1.40–1.40) | **no** |"
+            ),
+            "{t}"
+        );
+        assert!(t.contains("TCP 4 streams ≥ 1.10× kernel vxlan | ebpf-fast | n/a | not measured"));
+        assert_eq!(t.lines().count(), 2 + TARGETS6.len());
+        // Without IPv6 rows the report is what it was.
+        let md4 = markdown(&v4, None, &ctx());
+        assert!(!md4.contains("IPv6"), "{md4}");
+        let md = markdown(&v4, Some(&v6), &ctx());
+        assert!(md.starts_with(&md4[..md4.find("\n## How it was measured").unwrap()]));
+        let section = &md[md.find("## IPv6 rows (dual-stack labs)").unwrap()..];
+        assert!(section.contains("### Targets (issue 18, IPv6)"), "{md}");
+        assert!(
+            section.contains("- ebpf-fast: `host 1: pass_gso_ipv6=3p/9B`"),
+            "{md}"
+        );
+        assert!(section.contains("| ebpf-fast | tcp_1_stream_gbps | 1: 9.60, 2: 9.60 |"));
+        assert!(
+            md.contains("- IPv6 rows: one dual-stack lab per mode"),
+            "{md}"
+        );
+        assert!(
+            md.find("- IPv6 rows: one dual-stack lab")
+                < md.find("## What these figures can and cannot show")
+        );
+        // The IPv4 samples stay at the end, under their own heading.
+        assert!(md.ends_with(&samples_table(&v4)));
+        // An IPv6-only run has no IPv4 tables.
+        let md6 = markdown(&Results::default(), Some(&v6), &ctx());
+        assert!(!md6.contains("## Targets (issue 20)"), "{md6}");
+        assert!(md6.contains("## IPv6 rows"), "{md6}");
+        let j = json_rows(&v6, TARGETS6);
+        assert_eq!(
+            j["ratios"]["ebpf-fast"]["tcp_1_stream_gbps"]["vs_kernel"]["median"],
+            1.2
+        );
+        assert_eq!(j["targets"].as_array().unwrap().len(), TARGETS6.len());
+        assert!(readme_ipv6(&v6).contains("| TCP, 1 stream (Gbit/s) |"));
+        let j = json(&v4, &ctx());
+        assert_eq!(j["cores"], 2);
+        assert_eq!(
+            j["ratios"]["ebpf-fast"]["tcp_1_stream_gbps"]["vs_kernel"]["median"],
+            1.2
         );
     }
 

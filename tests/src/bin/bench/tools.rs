@@ -5,7 +5,7 @@
 //! request/response generator with many concurrent flows.
 
 use std::io::{ErrorKind, Read as _, Write as _};
-use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd as _;
 use std::process::Stdio;
 use std::sync::mpsc;
@@ -30,12 +30,18 @@ pub const UDP_PAYLOAD: u32 = 64;
 /// The servers of one lab, running in the receiving container until dropped.
 pub struct Servers {
     _iperf: Background,
-    _sockperf: Background,
+    /// None for IPv6: sockperf 3.7 takes no IPv6 address ("Invalid address").
+    _sockperf: Option<Background>,
+}
+
+/// Whether the RTT figure (sockperf) can be measured toward `ip`.
+pub fn rtt_supported(ip: IpAddr) -> bool {
+    ip.is_ipv4()
 }
 
 impl Servers {
     /// Started on the server's CPU of `pin`.
-    pub fn start(ns: &str, ip: Ipv4Addr, pin: Pinning) -> Result<Servers> {
+    pub fn start(ns: &str, ip: IpAddr, pin: Pinning) -> Result<Servers> {
         let taskset = Pinning::prefix(pin.server);
         let pinned = |args: &[&str]| -> Vec<String> {
             taskset
@@ -47,6 +53,7 @@ impl Servers {
         // The server's reports go nowhere: nobody reads its stdout pipe, which
         // would fill up over a long run (five iperf3 tests per mode and round)
         // and block the server.
+        let addr = ip;
         let (iperf_port, sockperf_port, ip) = (
             IPERF_PORT.to_string(),
             SOCKPERF_PORT.to_string(),
@@ -61,10 +68,15 @@ impl Servers {
             "/dev/null",
         ]);
         let iperf = Background::spawn(Some(ns), &strs(&iperf))?;
-        let sockperf = pinned(&["sockperf", "server", "-i", &ip, "-p", &sockperf_port]);
-        let sockperf = Background::spawn(Some(ns), &strs(&sockperf))?;
         wait_listening(ns, "-lnt", IPERF_PORT)?;
-        wait_listening(ns, "-lnu", SOCKPERF_PORT)?;
+        let sockperf = if rtt_supported(addr) {
+            let sockperf = pinned(&["sockperf", "server", "-i", &ip, "-p", &sockperf_port]);
+            let sockperf = Background::spawn(Some(ns), &strs(&sockperf))?;
+            wait_listening(ns, "-lnu", SOCKPERF_PORT)?;
+            Some(sockperf)
+        } else {
+            None
+        };
         Ok(Servers {
             _iperf: iperf,
             _sockperf: sockperf,
@@ -95,7 +107,7 @@ fn wait_listening(ns: &str, kind: &str, port: u16) -> Result<()> {
 /// TCP goodput in Gbit/s seen by the receiver, with `streams` parallel streams.
 pub fn tcp_gbps(
     client_ns: &str,
-    server: Ipv4Addr,
+    server: IpAddr,
     streams: u32,
     secs: u32,
     pin: Pinning,
@@ -112,7 +124,7 @@ pub fn tcp_gbps(
 /// 64-byte UDP datagrams per second that reached the receiving socket, with
 /// the sender unthrottled (`-b 0`): what the datapath delivers under overload.
 /// Returns (received, sent) per second.
-pub fn udp_pps(client_ns: &str, server: Ipv4Addr, secs: u32, pin: Pinning) -> Result<(f64, f64)> {
+pub fn udp_pps(client_ns: &str, server: IpAddr, secs: u32, pin: Pinning) -> Result<(f64, f64)> {
     let json = iperf_client(
         client_ns,
         server,
@@ -132,7 +144,7 @@ pub fn udp_pps(client_ns: &str, server: Ipv4Addr, secs: u32, pin: Pinning) -> Re
 
 fn iperf_client(
     ns: &str,
-    server: Ipv4Addr,
+    server: IpAddr,
     extra: &[&str],
     pin: Pinning,
 ) -> Result<serde_json::Value> {
@@ -473,7 +485,7 @@ pub fn tcp_cpu(
 /// calls), not by how quickly a sleeping thread is woken.
 pub fn rr_tps(ends: &Endpoints, flows: usize, secs: u32, pin: Pinning) -> Result<f64> {
     ensure!(flows > 0, "no flows");
-    let addr = SocketAddrV4::new(ends.server_ip, RR_PORT);
+    let addr = SocketAddr::new(ends.server_ip, RR_PORT);
     let (ready_tx, ready_rx) = mpsc::channel::<()>();
     // The server gives up on its own after this, whatever the client does.
     let server_limit = Duration::from_secs(u64::from(secs) + 20);
@@ -538,7 +550,7 @@ pub fn rr_tps(ends: &Endpoints, flows: usize, secs: u32, pin: Pinning) -> Result
         pin_thread(pin.client)?;
         let mut conns = Vec::with_capacity(flows);
         for _ in 0..flows {
-            let s = TcpStream::connect_timeout(&addr.into(), Duration::from_secs(5))
+            let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
                 .with_context(|| format!("connecting to {addr}"))?;
             s.set_nodelay(true)?;
             s.set_write_timeout(Some(Duration::from_secs(2)))?;
@@ -635,7 +647,7 @@ pub struct Rtt {
     pub p99_us: f64,
 }
 
-pub fn rtt(client_ns: &str, server: Ipv4Addr, secs: u32, pin: Pinning) -> Result<Rtt> {
+pub fn rtt(client_ns: &str, server: IpAddr, secs: u32, pin: Pinning) -> Result<Rtt> {
     let (server, port, secs) = (
         server.to_string(),
         SOCKPERF_PORT.to_string(),
