@@ -96,11 +96,7 @@ impl Member {
         overlay: Overlay,
         fast_path: FastPathMode,
     ) -> Result<Member> {
-        let options = EbpfOptions {
-            fast_path,
-            ..EbpfOptions::default()
-        };
-        Self::join_with_options(host, kind, overlay, options)
+        Self::join_with_options(host, kind, overlay, with_fast_path(fast_path))
     }
 
     /// [`Member::join`] with these eBPF options (the ingress mode comes from
@@ -126,11 +122,7 @@ impl Member {
         overlay: Overlay,
         fast_path: FastPathMode,
     ) -> Result<Member> {
-        let options = EbpfOptions {
-            fast_path,
-            ..EbpfOptions::default()
-        };
-        Self::join_family(host, Some(host6), kind, overlay, options)
+        Self::join_family(host, Some(host6), kind, overlay, with_fast_path(fast_path))
     }
 
     fn join_family(
@@ -242,4 +234,12 @@ pub fn mesh(members: &[&Member]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The default eBPF options with the fast path set to `fast_path`.
+fn with_fast_path(fast_path: FastPathMode) -> EbpfOptions {
+    EbpfOptions {
+        fast_path,
+        ..EbpfOptions::default()
+    }
 }
